@@ -1,0 +1,742 @@
+//! The certificate authority: key material on disk, token minting and enrollment.
+//!
+//! Files in a proxy state directory:
+//!
+//! | file          | mode | what |
+//! |---------------|------|------|
+//! | `ca.key`      | 0600 | CA private key (ECDSA P-256). Back it up: it cannot be recovered. |
+//! | `ca.crt`      | 0644 | self-signed CA certificate |
+//! | `server.key`  | 0600 | the agent listener's TLS key |
+//! | `server.crt`  | 0644 | the agent listener's certificate, signed by the CA |
+//! | `state.json`  | 0600 | tokens (hashed secrets), issued certificates, agent grants |
+//! | `state.lock`  | 0600 | lock serializing changes between processes |
+//!
+//! `ca.key` is written last by [`Ca::init`]: its presence is what marks the CA as existing,
+//! so an interrupted `init` can simply be run again.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SanType, SerialNumber,
+};
+use ring::rand::{SecureRandom, SystemRandom};
+use time::OffsetDateTime;
+
+use crate::error::{CaError, EnrollError};
+use crate::names::{normalize_host, validate_agent_name};
+use crate::pin::Pin;
+use crate::state::{AgentGrant, CertRecord, State, StateFile, TokenRecord, TokenUse, Unix};
+use crate::token::{Secret, SecretHash, Token, TokenPublic};
+use crate::{fsutil, hex};
+
+pub const CA_KEY_FILE: &str = "ca.key";
+pub const CA_CERT_FILE: &str = "ca.crt";
+pub const SERVER_KEY_FILE: &str = "server.key";
+pub const SERVER_CERT_FILE: &str = "server.crt";
+
+/// Port of the agent listener unless configured otherwise.
+pub const DEFAULT_AGENT_PORT: u16 = 7443;
+/// SPIFFE trust domain unless `--trust-domain` says otherwise.
+pub const DEFAULT_TRUST_DOMAIN: &str = "revproxy.local";
+/// Names in the proxy's server certificate unless `--san` says otherwise.
+pub const DEFAULT_SANS: [&str; 2] = ["localhost", "127.0.0.1"];
+/// How long an enrollment token stays valid by default.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// Longest token lifetime accepted: tokens are meant to be used right away.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Lifetime of agent certificates by default.
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Bounds of agent certificate lifetimes accepted from operators.
+pub const MIN_CERT_TTL: Duration = Duration::from_secs(3600);
+pub const MAX_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// A retried enrollment (same token, same key) this soon after the first gets the same
+/// certificate back instead of "token already used": the first answer may have been lost.
+pub const REISSUE_WINDOW: Duration = Duration::from_secs(5 * 60);
+/// Certificates are valid from this long before they are issued, against clock skew.
+pub const BACKDATE: Duration = Duration::from_secs(60);
+/// Lifetime of the CA certificate.
+pub const CA_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Lifetime of the proxy's server certificate; it is reissued when a third is left.
+pub const SERVER_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Longest accepted CSR, in bytes of PEM.
+pub const MAX_CSR_LEN: usize = 16 * 1024;
+/// Most names one token may grant.
+pub const MAX_HOSTS: usize = 100;
+
+/// Options of `revproxy ca init`.
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    /// DNS names and IP addresses for the proxy's server certificate.
+    pub sans: Vec<String>,
+    /// SPIFFE trust domain of agent identities.
+    pub trust_domain: String,
+    /// Enrollment address put into tokens; defaults to the first SAN and the default port.
+    pub server: Option<String>,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            sans: DEFAULT_SANS.iter().map(|s| s.to_string()).collect(),
+            trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+            server: None,
+        }
+    }
+}
+
+/// What to mint with [`Ca::create_token`].
+#[derive(Clone, Debug)]
+pub struct NewToken {
+    pub agent: String,
+    pub hosts: Vec<String>,
+    pub ttl: Duration,
+    pub cert_ttl: Duration,
+    /// Enrollment address to put into the token instead of the state's default.
+    pub server: Option<String>,
+}
+
+/// A token as `revproxy token list` shows it. Never carries the secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub id: String,
+    pub agent: String,
+    pub hosts: Vec<String>,
+    pub expires: Unix,
+    pub state: TokenState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenState {
+    Unused,
+    Used,
+    Expired,
+    Revoked,
+}
+
+impl TokenState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenState::Unused => "unused",
+            TokenState::Used => "used",
+            TokenState::Expired => "expired",
+            TokenState::Revoked => "revoked",
+        }
+    }
+}
+
+/// An enrollment request as received from an agent.
+#[derive(Debug)]
+pub struct EnrollRequest<'a> {
+    pub token_id: &'a str,
+    pub secret: &'a Secret,
+    pub csr_pem: &'a str,
+}
+
+/// The outcome of a successful enrollment.
+#[derive(Clone, Debug)]
+pub struct Enrolled {
+    pub agent: String,
+    pub identity: String,
+    pub hosts: Vec<String>,
+    pub serial: String,
+    pub not_after: Unix,
+    pub cert_pem: String,
+    pub ca_pem: String,
+    /// True when this answered a retry with the certificate issued before.
+    pub reissued: bool,
+}
+
+/// An open CA: its key in memory, its state on disk.
+pub struct Ca {
+    dir: PathBuf,
+    state: StateFile,
+    key: KeyPair,
+    cert_der: Vec<u8>,
+    cert_pem: String,
+    pin: Pin,
+    trust_domain: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("dir", &self.dir)
+            .field("pin", &self.pin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// Whether `dir` holds a CA.
+    pub fn exists(dir: &Path) -> bool {
+        dir.join(CA_KEY_FILE).exists()
+    }
+
+    /// Creates a new CA, its server certificate and an empty state in `dir`.
+    pub fn init(dir: &Path, opts: &InitOptions, now: OffsetDateTime) -> Result<Ca, CaError> {
+        if Ca::exists(dir) {
+            return Err(CaError::AlreadyInitialized(dir.to_path_buf()));
+        }
+        let trust_domain = normalize_host(&opts.trust_domain)
+            .ok()
+            .filter(|d| !d.starts_with('*'))
+            .ok_or_else(|| {
+                CaError::InvalidInput(format!(
+                    "invalid trust domain {:?}: expected a DNS name like example.org",
+                    opts.trust_domain
+                ))
+            })?;
+        let sans = normalize_sans(&opts.sans)?;
+        let server = match &opts.server {
+            Some(s) => validate_server(s)?,
+            None => default_server(&sans[0]),
+        };
+        fsutil::create_private_dir(dir).map_err(|e| CaError::io(dir, e))?;
+
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("revproxy CA {trust_domain}"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = now - BACKDATE;
+        params.not_after = now + CA_TTL;
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key)?;
+
+        let ca = Ca {
+            dir: dir.to_path_buf(),
+            state: StateFile::new(dir),
+            pin: Pin::from_spki(&key.subject_public_key_info()),
+            cert_der: cert.der().to_vec(),
+            cert_pem: cert.pem(),
+            key,
+            trust_domain: trust_domain.clone(),
+        };
+        ca.write_server_cert(&sans, now)?;
+        ca.write(
+            CA_CERT_FILE,
+            ca.cert_pem.as_bytes(),
+            fsutil::PUBLIC_FILE_MODE,
+        )?;
+        ca.state.create(&State {
+            version: State::VERSION,
+            trust_domain,
+            server,
+            server_sans: sans,
+            ..State::default()
+        })?;
+        // Last: from here on the CA exists.
+        ca.write(
+            CA_KEY_FILE,
+            ca.key.serialize_pem().as_bytes(),
+            fsutil::PRIVATE_FILE_MODE,
+        )?;
+        Ok(ca)
+    }
+
+    /// Opens the CA in `dir`, refusing private files that others can read.
+    pub fn open(dir: &Path) -> Result<Ca, CaError> {
+        if !Ca::exists(dir) {
+            return Err(CaError::NotInitialized(dir.to_path_buf()));
+        }
+        let key_pem = read_private(&dir.join(CA_KEY_FILE))?;
+        let key = KeyPair::from_pem(&key_pem)?;
+        let cert_path = dir.join(CA_CERT_FILE);
+        let cert_pem =
+            std::fs::read_to_string(&cert_path).map_err(|e| CaError::io(&cert_path, e))?;
+        let cert_der =
+            pem_to_der(&cert_pem, "CERTIFICATE").ok_or_else(|| CaError::CorruptState {
+                path: cert_path.clone(),
+                reason: "not a PEM certificate".into(),
+            })?;
+        let pin = Pin::from_cert_der(&cert_der).map_err(|reason| CaError::CorruptState {
+            path: cert_path.clone(),
+            reason,
+        })?;
+        if pin != Pin::from_spki(&key.subject_public_key_info()) {
+            return Err(CaError::CorruptState {
+                path: cert_path,
+                reason: "it does not match ca.key".into(),
+            });
+        }
+        let state = StateFile::new(dir);
+        let trust_domain = state.read()?.trust_domain;
+        Ok(Ca {
+            dir: dir.to_path_buf(),
+            state,
+            key,
+            cert_der,
+            cert_pem,
+            pin,
+            trust_domain,
+        })
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The CA pin agents check the proxy against.
+    pub fn pin(&self) -> Pin {
+        self.pin
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The SPIFFE identity of agent `name`.
+    pub fn identity_of(&self, name: &str) -> String {
+        format!("spiffe://{}/agent/{name}", self.trust_domain)
+    }
+
+    /// The state file, for readers such as the proxy's revocation watch.
+    pub fn state(&self) -> &StateFile {
+        &self.state
+    }
+
+    /// The agent listener's certificate chain (server, then CA) and key, as PEM. Reissues
+    /// the server certificate first if a third or less of its lifetime is left.
+    pub fn server_identity(&self, now: OffsetDateTime) -> Result<(String, String), CaError> {
+        let cert_path = self.dir.join(SERVER_CERT_FILE);
+        let cert_pem =
+            std::fs::read_to_string(&cert_path).map_err(|e| CaError::io(&cert_path, e))?;
+        let (_, not_after) = validity(&cert_pem).ok_or_else(|| CaError::CorruptState {
+            path: cert_path.clone(),
+            reason: "not a PEM certificate".into(),
+        })?;
+        let cert_pem = if not_after - now.unix_timestamp() < (SERVER_CERT_TTL.as_secs() / 3) as i64
+        {
+            let sans = self.state.read()?.server_sans;
+            self.write_server_cert(&sans, now)?
+        } else {
+            cert_pem
+        };
+        let key_pem = read_private(&self.dir.join(SERVER_KEY_FILE))?;
+        Ok((format!("{cert_pem}{}", self.cert_pem), key_pem))
+    }
+
+    /// The enrollment address tokens name by default.
+    pub fn default_server(&self) -> Result<String, CaError> {
+        Ok(self.state.read()?.server)
+    }
+
+    /// Mints a one-time token; returns it whole. Only its secret's hash is stored.
+    pub fn create_token(&self, req: &NewToken, now: OffsetDateTime) -> Result<Token, CaError> {
+        validate_agent_name(&req.agent).map_err(CaError::InvalidInput)?;
+        let hosts = normalize_hosts(&req.hosts)?;
+        if req.ttl.is_zero() || req.ttl > MAX_TOKEN_TTL {
+            return Err(CaError::InvalidInput(format!(
+                "token lifetime must be between 1s and {} days",
+                MAX_TOKEN_TTL.as_secs() / 86400
+            )));
+        }
+        if req.cert_ttl < MIN_CERT_TTL || req.cert_ttl > MAX_CERT_TTL {
+            return Err(CaError::InvalidInput(
+                "certificate lifetime must be between 1h and 7d".into(),
+            ));
+        }
+        let server = req.server.as_deref().map(validate_server).transpose()?;
+        let secret = Secret::generate();
+        let now_s = now.unix_timestamp();
+        self.state.update(|state: &mut State| {
+            let id = loop {
+                let id = random_hex(8);
+                if !state.tokens.iter().any(|t| t.id == id) {
+                    break id;
+                }
+            };
+            state.prune(now_s);
+            state.tokens.push(TokenRecord {
+                id: id.clone(),
+                agent: req.agent.clone(),
+                hosts,
+                secret_sha256: hex::encode(&secret.hash().0),
+                created: now_s,
+                expires: now_s + req.ttl.as_secs() as i64,
+                cert_ttl_secs: req.cert_ttl.as_secs() as i64,
+                revoked: false,
+                used: None,
+            });
+            Ok::<_, CaError>(Token {
+                public: TokenPublic {
+                    server: server.unwrap_or_else(|| state.server.clone()),
+                    pins: vec![self.pin.to_string()],
+                    id,
+                },
+                secret,
+            })
+        })
+    }
+
+    /// All tokens still on record, oldest first.
+    pub fn list_tokens(&self, now: OffsetDateTime) -> Result<Vec<TokenInfo>, CaError> {
+        let now = now.unix_timestamp();
+        Ok(self
+            .state
+            .read()?
+            .tokens
+            .into_iter()
+            .map(|t| TokenInfo {
+                state: token_state(&t, now),
+                id: t.id,
+                agent: t.agent,
+                hosts: t.hosts,
+                expires: t.expires,
+            })
+            .collect())
+    }
+
+    /// Revokes a token so that it can never be used. Revoking a used token is allowed (and
+    /// harmless): it stops a lost-answer retry from fetching the certificate again.
+    pub fn revoke_token(&self, id: &str) -> Result<(), CaError> {
+        self.state.update(|state: &mut State| {
+            let token = state
+                .tokens
+                .iter_mut()
+                .find(|t| t.id == id)
+                .ok_or_else(|| CaError::UnknownToken(id.to_string()))?;
+            token.revoked = true;
+            Ok(())
+        })
+    }
+
+    /// Trades a token and a CSR for an agent certificate.
+    ///
+    /// The token is consumed and the certificate recorded on disk before this returns, so
+    /// of any number of concurrent calls with one token exactly one issues a certificate
+    /// (a retry with the same key within [`REISSUE_WINDOW`] gets that same certificate).
+    /// The names in the CSR are ignored: the certificate carries what the token granted.
+    pub fn enroll(
+        &self,
+        req: &EnrollRequest<'_>,
+        now: OffsetDateTime,
+    ) -> Result<Enrolled, EnrollError> {
+        if req.csr_pem.len() > MAX_CSR_LEN {
+            return Err(EnrollError::BadCsr(format!(
+                "it is larger than {MAX_CSR_LEN} bytes"
+            )));
+        }
+        // Parsing also verifies the CSR's signature: the agent holds the key it names.
+        let csr = CertificateSigningRequestParams::from_pem(req.csr_pem)
+            .map_err(|e| EnrollError::BadCsr(e.to_string()))?;
+        let spki =
+            hex::encode(Pin::from_spki(&csr.public_key.subject_public_key_info()).as_bytes());
+        let presented = req.secret.hash();
+        let now_s = now.unix_timestamp();
+
+        self.state.update(|state: &mut State| {
+            let token = state
+                .tokens
+                .iter()
+                .find(|t| t.id == req.token_id)
+                .ok_or(EnrollError::UnknownToken)?;
+            let stored = hex::decode(&token.secret_sha256)
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .map(SecretHash)
+                .ok_or_else(|| {
+                    EnrollError::Internal(CaError::CorruptState {
+                        path: self.state.path(),
+                        reason: format!("token {} has a malformed secret hash", token.id),
+                    })
+                })?;
+            // The secret is checked before anything about the token's state is revealed.
+            if !stored.matches(&presented) {
+                return Err(EnrollError::WrongSecret);
+            }
+            if token.revoked {
+                return Err(EnrollError::Revoked);
+            }
+            if let Some(used) = &token.used {
+                let retry =
+                    used.spki_sha256 == spki && now_s - used.at <= REISSUE_WINDOW.as_secs() as i64;
+                let earlier = state
+                    .certs
+                    .iter()
+                    .find(|c| c.serial == used.serial && c.revoked_at.is_none());
+                return match earlier {
+                    Some(cert) if retry => Ok(Enrolled {
+                        agent: cert.agent.clone(),
+                        identity: self.identity_of(&cert.agent),
+                        hosts: cert.hosts.clone(),
+                        serial: cert.serial.clone(),
+                        not_after: cert.not_after,
+                        cert_pem: cert.pem.clone(),
+                        ca_pem: self.cert_pem.clone(),
+                        reissued: true,
+                    }),
+                    _ => Err(EnrollError::Used),
+                };
+            }
+            if now_s >= token.expires {
+                return Err(EnrollError::Expired);
+            }
+            let agent = token.agent.clone();
+            let hosts = token.hosts.clone();
+            let ttl = Duration::from_secs(token.cert_ttl_secs.max(0) as u64);
+            let (cert_pem, serial, not_after) =
+                self.issue_agent_cert(&agent, &hosts, &csr.public_key, ttl, now)?;
+
+            let token = state
+                .tokens
+                .iter_mut()
+                .find(|t| t.id == req.token_id)
+                .expect("token found above");
+            token.used = Some(TokenUse {
+                at: now_s,
+                spki_sha256: spki,
+                serial: serial.clone(),
+            });
+            state.prune(now_s);
+            state.certs.push(CertRecord {
+                serial: serial.clone(),
+                agent: agent.clone(),
+                hosts: hosts.clone(),
+                not_before: (now - BACKDATE).unix_timestamp(),
+                not_after,
+                revoked_at: None,
+                pem: cert_pem.clone(),
+            });
+            state.agents.insert(
+                agent.clone(),
+                AgentGrant {
+                    hosts: hosts.clone(),
+                },
+            );
+            Ok(Enrolled {
+                identity: self.identity_of(&agent),
+                agent,
+                hosts,
+                serial,
+                not_after,
+                cert_pem,
+                ca_pem: self.cert_pem.clone(),
+                reissued: false,
+            })
+        })
+    }
+
+    fn issue_agent_cert(
+        &self,
+        agent: &str,
+        hosts: &[String],
+        public_key: &impl PublicKeyData,
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<(String, String, Unix), CaError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, agent);
+        let mut sans = vec![SanType::URI(self.identity_of(agent).try_into()?)];
+        for host in hosts {
+            sans.push(SanType::DnsName(host.clone().try_into()?));
+        }
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ttl;
+        let serial = random_serial();
+        let serial_hex = hex::encode(&serial.to_bytes());
+        params.serial_number = Some(serial);
+        let cert = params.signed_by(public_key, &self.issuer()?)?;
+        Ok((cert.pem(), serial_hex, params.not_after.unix_timestamp()))
+    }
+
+    fn write_server_cert(&self, sans: &[String], now: OffsetDateTime) -> Result<String, CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "revproxy proxy");
+        params.subject_alt_names = sans
+            .iter()
+            .map(|s| match s.parse::<IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => Ok(SanType::DnsName(s.clone().try_into()?)),
+            })
+            .collect::<Result<_, rcgen::Error>>()?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = now - BACKDATE;
+        params.not_after = now + SERVER_CERT_TTL;
+        params.serial_number = Some(random_serial());
+        let cert = params.signed_by(&key, &self.issuer()?)?;
+        // Key before certificate: a crash in between leaves a key whose certificate is the
+        // old one, which `server_identity` detects as mismatched only if we let it; so the
+        // certificate is always reissued together with its key here.
+        self.write(
+            SERVER_KEY_FILE,
+            key.serialize_pem().as_bytes(),
+            fsutil::PRIVATE_FILE_MODE,
+        )?;
+        self.write(
+            SERVER_CERT_FILE,
+            cert.pem().as_bytes(),
+            fsutil::PUBLIC_FILE_MODE,
+        )?;
+        Ok(cert.pem())
+    }
+
+    fn issuer(&self) -> Result<Issuer<'static, &KeyPair>, CaError> {
+        Ok(Issuer::from_ca_cert_der(
+            &self.cert_der.clone().into(),
+            &self.key,
+        )?)
+    }
+
+    fn write(&self, name: &str, contents: &[u8], mode: u32) -> Result<(), CaError> {
+        let path = self.dir.join(name);
+        fsutil::write_atomic(&path, contents, mode).map_err(|e| CaError::io(&path, e))
+    }
+}
+
+fn token_state(t: &TokenRecord, now: Unix) -> TokenState {
+    if t.revoked {
+        TokenState::Revoked
+    } else if t.used.is_some() {
+        TokenState::Used
+    } else if now >= t.expires {
+        TokenState::Expired
+    } else {
+        TokenState::Unused
+    }
+}
+
+fn read_private(path: &Path) -> Result<String, CaError> {
+    if let Some(mode) = fsutil::exposed_mode(path).map_err(|e| CaError::io(path, e))? {
+        return Err(CaError::InsecurePermissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    std::fs::read_to_string(path).map_err(|e| CaError::io(path, e))
+}
+
+fn normalize_hosts(hosts: &[String]) -> Result<Vec<String>, CaError> {
+    if hosts.is_empty() || hosts.len() > MAX_HOSTS {
+        return Err(CaError::InvalidInput(format!(
+            "give between 1 and {MAX_HOSTS} host names with --host"
+        )));
+    }
+    let mut out = Vec::with_capacity(hosts.len());
+    for h in hosts {
+        let h = normalize_host(h).map_err(CaError::InvalidInput)?;
+        if !out.contains(&h) {
+            out.push(h);
+        }
+    }
+    Ok(out)
+}
+
+fn normalize_sans(sans: &[String]) -> Result<Vec<String>, CaError> {
+    if sans.is_empty() {
+        return Err(CaError::InvalidInput("give at least one --san".into()));
+    }
+    sans.iter()
+        .map(|s| match s.parse::<IpAddr>() {
+            Ok(ip) => Ok(ip.to_string()),
+            Err(_) => normalize_host(s)
+                .ok()
+                .filter(|h| !h.starts_with('*'))
+                .ok_or_else(|| {
+                    CaError::InvalidInput(format!(
+                        "invalid --san {s:?}: expected a DNS name or an IP address"
+                    ))
+                }),
+        })
+        .collect()
+}
+
+/// `host:port` for a SAN, bracketing IPv6 addresses.
+fn default_server(san: &str) -> String {
+    match san.parse::<IpAddr>() {
+        Ok(IpAddr::V6(ip)) => format!("[{ip}]:{DEFAULT_AGENT_PORT}"),
+        _ => format!("{san}:{DEFAULT_AGENT_PORT}"),
+    }
+}
+
+/// Checks a `host:port` enrollment address.
+pub fn validate_server(s: &str) -> Result<String, CaError> {
+    let bad = || {
+        CaError::InvalidInput(format!(
+            "invalid server address {s:?}: expected HOST:PORT, e.g. proxy.example.com:{DEFAULT_AGENT_PORT}"
+        ))
+    };
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(bad)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.parse::<IpAddr>().is_err() && normalize_host(host).is_err() {
+        return Err(bad());
+    }
+    Ok(s.to_string())
+}
+
+/// A positive serial of 159 random bits (RFC 5280 allows up to 20 bytes).
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 20];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the OS random number generator failed");
+    bytes[0] = (bytes[0] & 0x7f) | 0x40; // positive, and exactly 20 bytes long
+    SerialNumber::from_slice(&bytes)
+}
+
+fn random_hex(len: usize) -> String {
+    let mut bytes = vec![0u8; len];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the OS random number generator failed");
+    hex::encode(&bytes)
+}
+
+/// Decodes the first PEM block with the given label.
+pub fn pem_to_der(pem: &str, label: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let start = pem.find(&begin)? + begin.len();
+    let stop = start + pem[start..].find(&end)?;
+    let body: String = pem[start..stop].split_whitespace().collect();
+    base64::engine::general_purpose::STANDARD.decode(body).ok()
+}
+
+/// The validity period (not-before, not-after) of the first certificate in `pem`.
+pub fn validity(pem: &str) -> Option<(Unix, Unix)> {
+    use x509_parser::prelude::FromDer;
+    let der = pem_to_der(pem, "CERTIFICATE")?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&der).ok()?;
+    let v = cert.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
+}

@@ -1,0 +1,81 @@
+//! Errors of CA operations. Each message is one sentence that says what to do next.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// An error from managing the CA or its state.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("cannot access {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("a CA already exists in {0}; refusing to overwrite it (move the directory away to start over, and keep a backup of ca.key)")]
+    AlreadyInitialized(PathBuf),
+    #[error("no CA in {0}: run `revproxy ca init --state {0}` first")]
+    NotInitialized(PathBuf),
+    #[error("{path} is accessible by group or others (mode {mode:03o}); run `chmod 600 {path}`")]
+    InsecurePermissions { path: PathBuf, mode: u32 },
+    #[error("the state in {0} is locked by another revproxy process; try again when it is done")]
+    Locked(PathBuf),
+    #[error("{path} is damaged: {reason}")]
+    CorruptState { path: PathBuf, reason: String },
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("no token with id {0:?}; `revproxy token list` shows the ids")]
+    UnknownToken(String),
+    #[error("no certificate with serial or agent {0:?}; `revproxy cert list` shows them")]
+    UnknownCert(String),
+    #[error("certificate operation failed: {0}")]
+    Certificate(#[from] rcgen::Error),
+}
+
+impl CaError {
+    pub(crate) fn io(path: &Path, source: io::Error) -> CaError {
+        CaError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Why an enrollment was refused. The proxy sends the `Display` text to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("the certificate signing request is invalid: {0}")]
+    BadCsr(String),
+    #[error("unknown token: check that you copied the whole token, or ask the operator for a new one with `revproxy token create`")]
+    UnknownToken,
+    #[error("the token's secret is wrong: copy the whole token again, or ask the operator for a new one")]
+    WrongSecret,
+    #[error("token expired: ask the operator for a new one with `revproxy token create`")]
+    Expired,
+    #[error("token already used: ask the operator for a new one with `revproxy token create`")]
+    Used,
+    #[error("token revoked: ask the operator for a new one with `revproxy token create`")]
+    Revoked,
+    #[error(transparent)]
+    Internal(#[from] CaError),
+}
+
+impl EnrollError {
+    /// A stable machine-readable code for the wire protocol.
+    pub fn code(&self) -> &'static str {
+        match self {
+            EnrollError::BadCsr(_) => "bad_csr",
+            EnrollError::UnknownToken => "unknown_token",
+            EnrollError::WrongSecret => "wrong_secret",
+            EnrollError::Expired => "token_expired",
+            EnrollError::Used => "token_used",
+            EnrollError::Revoked => "token_revoked",
+            EnrollError::Internal(_) => "internal",
+        }
+    }
+
+    /// Whether this refusal counts as a failed attempt for rate limiting (a guess).
+    pub fn is_failed_attempt(&self) -> bool {
+        !matches!(self, EnrollError::Internal(_))
+    }
+}

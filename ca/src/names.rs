@@ -1,0 +1,77 @@
+//! Validation of agent names and host names (the names routing selects on).
+
+/// Longest agent name accepted; it becomes a certificate CN and a SPIFFE path segment.
+pub const MAX_AGENT_NAME: usize = 64;
+/// Longest DNS name accepted.
+pub const MAX_HOST_NAME: usize = 253;
+
+/// Checks an agent name: 1 to 64 characters of `A-Z a-z 0-9 . _ -`, not starting with `.`.
+pub fn validate_agent_name(name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if name.is_empty() || name.len() > MAX_AGENT_NAME || !ok_chars || name.starts_with('.') {
+        return Err(format!(
+            "invalid agent name {name:?}: use 1 to {MAX_AGENT_NAME} letters, digits, '.', '_' or '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// Normalizes and checks a host name: lower-cased DNS labels of `a-z 0-9 -`, optionally
+/// preceded by a single `*.` wildcard label (`*.example.com`). A trailing dot is removed.
+pub fn normalize_host(name: &str) -> Result<String, String> {
+    let lower = name.trim_end_matches('.').to_ascii_lowercase();
+    let bad = || {
+        format!(
+            "invalid host name {name:?}: expected a DNS name like app.example.com or *.example.com"
+        )
+    };
+    if lower.is_empty() || lower.len() > MAX_HOST_NAME {
+        return Err(bad());
+    }
+    let rest = lower.strip_prefix("*.").unwrap_or(&lower);
+    let labels_ok = rest.split('.').all(|label| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    });
+    // A bare "*.com"-style wildcard over a single label is too broad to grant.
+    if !labels_ok || (rest.len() != lower.len() && !rest.contains('.')) {
+        return Err(bad());
+    }
+    Ok(lower)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_names() {
+        assert!(validate_agent_name("web-1").is_ok());
+        assert!(validate_agent_name("a.b_c").is_ok());
+        for bad in ["", ".x", "a/b", "a b", &"x".repeat(65)] {
+            assert!(validate_agent_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn host_names() {
+        assert_eq!(
+            normalize_host("App.Example.COM.").unwrap(),
+            "app.example.com"
+        );
+        assert_eq!(normalize_host("*.example.com").unwrap(), "*.example.com");
+        assert_eq!(normalize_host("localhost").unwrap(), "localhost");
+        for bad in [
+            "", "*.com", "a..b", "-a.b", "a_b.c", "*", "a.*.b", "x.*", "é.com",
+        ] {
+            assert!(normalize_host(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The proxy's persistent state: tokens, issued certificates and agent grants.
+//!
+//! Stored as `state.json` in the state directory and changed only inside
+//! [`StateFile::update`], which holds an exclusive lock on `state.lock` (an `flock`, so it
+//! excludes other processes and other handles in this process alike), re-reads the file,
+//! applies the change, and writes it back crash-safe before the lock is released. A change
+//! that is reported as done is on disk.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::CaError;
+use crate::fsutil;
+
+/// File name of the state document.
+pub const STATE_FILE: &str = "state.json";
+/// File name of the lock file.
+pub const LOCK_FILE: &str = "state.lock";
+/// How long to wait for another process holding the lock.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Records of expired certificates and spent tokens are dropped this long after they stop
+/// mattering, so the state stays small over years of renewals.
+pub const RETENTION_SECS: i64 = 7 * 24 * 3600;
+
+/// Seconds since the Unix epoch.
+pub type Unix = i64;
+
+/// The whole state document.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    /// Format version of this document.
+    pub version: u32,
+    /// SPIFFE trust domain of agent identities.
+    pub trust_domain: String,
+    /// Default enrollment address written into tokens (`host:port`).
+    pub server: String,
+    /// DNS names and IP addresses of the proxy's server certificate.
+    pub server_sans: Vec<String>,
+    /// Enrollment tokens by creation order.
+    pub tokens: Vec<TokenRecord>,
+    /// Certificates issued to agents.
+    pub certs: Vec<CertRecord>,
+    /// What each agent is currently allowed to serve, by agent name.
+    pub agents: BTreeMap<String, AgentGrant>,
+}
+
+/// One enrollment token. The secret itself is never stored.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRecord {
+    pub id: String,
+    pub agent: String,
+    pub hosts: Vec<String>,
+    /// Hex SHA-256 of the secret.
+    pub secret_sha256: String,
+    pub created: Unix,
+    pub expires: Unix,
+    /// Lifetime of the certificate this token buys, in seconds.
+    pub cert_ttl_secs: i64,
+    pub revoked: bool,
+    pub used: Option<TokenUse>,
+}
+
+/// When and by which key a token was spent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenUse {
+    pub at: Unix,
+    /// Hex SHA-256 of the CSR's SubjectPublicKeyInfo: a retry with the same key gets the
+    /// same certificate back.
+    pub spki_sha256: String,
+    /// Serial of the certificate issued.
+    pub serial: String,
+}
+
+/// One issued agent certificate.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertRecord {
+    /// Hex serial number.
+    pub serial: String,
+    pub agent: String,
+    pub hosts: Vec<String>,
+    pub not_before: Unix,
+    pub not_after: Unix,
+    pub revoked_at: Option<Unix>,
+    /// The certificate, kept to answer a retried enrollment.
+    pub pem: String,
+}
+
+/// The names an agent may serve now (an operator may narrow this without reissuing).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentGrant {
+    pub hosts: Vec<String>,
+}
+
+impl State {
+    /// Current document format.
+    pub const VERSION: u32 = 1;
+
+    /// Drops records that can no longer matter: certificates expired for a week (revocation
+    /// of an expired certificate changes nothing) and tokens expired or spent a week ago.
+    pub fn prune(&mut self, now: Unix) {
+        let horizon = now - RETENTION_SECS;
+        self.certs.retain(|c| c.not_after > horizon);
+        self.tokens.retain(|t| {
+            let ended = t.used.as_ref().map_or(t.expires, |u| u.at.min(t.expires));
+            ended > horizon
+        });
+    }
+}
+
+/// Handle on `state.json` and its lock in one state directory.
+#[derive(Clone, Debug)]
+pub struct StateFile {
+    dir: PathBuf,
+}
+
+impl StateFile {
+    pub fn new(dir: &Path) -> StateFile {
+        StateFile {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    /// Reads the state under a lock.
+    pub fn read(&self) -> Result<State, CaError> {
+        let _lock = self.lock()?;
+        self.load()
+    }
+
+    /// Applies `change` to the current state and makes the result durable, all under the
+    /// lock. If `change` fails, nothing is written.
+    pub fn update<T, E>(&self, change: impl FnOnce(&mut State) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<CaError>,
+    {
+        let _lock = self.lock()?;
+        let mut state = self.load()?;
+        let out = change(&mut state)?;
+        self.store(&state)?;
+        Ok(out)
+    }
+
+    /// Writes a new state without reading the old one (for `ca init`).
+    pub(crate) fn create(&self, state: &State) -> Result<(), CaError> {
+        let _lock = self.lock()?;
+        self.store(state)
+    }
+
+    fn load(&self) -> Result<State, CaError> {
+        let path = self.path();
+        let bytes = std::fs::read(&path).map_err(|e| CaError::io(&path, e))?;
+        let state: State = serde_json::from_slice(&bytes).map_err(|e| CaError::CorruptState {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if state.version != State::VERSION {
+            return Err(CaError::CorruptState {
+                path,
+                reason: format!(
+                    "format version {} is not {} (written by another revproxy version?)",
+                    state.version,
+                    State::VERSION
+                ),
+            });
+        }
+        Ok(state)
+    }
+
+    fn store(&self, state: &State) -> Result<(), CaError> {
+        let path = self.path();
+        let bytes = serde_json::to_vec_pretty(state).expect("state serializes");
+        fsutil::write_atomic(&path, &bytes, fsutil::PRIVATE_FILE_MODE)
+            .map_err(|e| CaError::io(&path, e))
+    }
+
+    fn lock(&self) -> Result<File, CaError> {
+        let path = self.dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(fsutil::PRIVATE_FILE_MODE)
+            .open(&path)
+            .map_err(|e| CaError::io(&path, e))?;
+        let deadline = Instant::now() + LOCK_TIMEOUT;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(file),
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                Err(TryLockError::WouldBlock) => return Err(CaError::Locked(self.dir.clone())),
+                Err(TryLockError::Error(e)) => return Err(CaError::io(&path, e)),
+            }
+        }
+    }
+}
+
+impl From<CaError> for io::Error {
+    fn from(e: CaError) -> io::Error {
+        io::Error::other(e)
+    }
+}
