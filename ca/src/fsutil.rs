@@ -67,6 +67,49 @@ pub fn exposed_mode(path: &Path) -> io::Result<Option<u32>> {
     Ok((mode & 0o077 != 0).then_some(mode))
 }
 
+/// Name of the journal that [`replace_all`] writes before it starts renaming.
+pub const COMMIT_FILE: &str = "replace.commit";
+
+/// Replaces several files in `dir` as one unit: after a crash, either all old or all new
+/// files are in place once [`recover`] has run (every reader of the set calls it first).
+///
+/// Each new file is first written durably as `NAME.new`; then a commit journal listing
+/// the names is written atomically; only then are the `.new` files renamed into place.
+pub fn replace_all(dir: &Path, files: &[(&str, &[u8], u32)]) -> io::Result<()> {
+    recover(dir)?;
+    for (name, contents, mode) in files {
+        write_atomic(&dir.join(format!("{name}.new")), contents, *mode)?;
+    }
+    let names: Vec<&str> = files.iter().map(|(name, _, _)| *name).collect();
+    write_atomic(
+        &dir.join(COMMIT_FILE),
+        names.join("\n").as_bytes(),
+        PRIVATE_FILE_MODE,
+    )?;
+    recover(dir)
+}
+
+/// Finishes an interrupted [`replace_all`] in `dir`, if its journal says one was committed.
+pub fn recover(dir: &Path) -> io::Result<()> {
+    let journal = dir.join(COMMIT_FILE);
+    let names = match fs::read_to_string(&journal) {
+        Ok(names) => names,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for name in names.lines().filter(|n| !n.is_empty() && !n.contains('/')) {
+        match fs::rename(dir.join(format!("{name}.new")), dir.join(name)) {
+            Ok(()) => {}
+            // Already renamed before the crash.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    sync_dir(dir)?;
+    fs::remove_file(&journal)?;
+    sync_dir(dir)
+}
+
 fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -88,6 +131,30 @@ mod tests {
         assert_eq!(exposed_mode(&path).unwrap(), None);
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1, "no temp file is left behind");
+    }
+
+    #[test]
+    fn replace_all_swaps_a_set_and_recovery_finishes_an_interrupted_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        replace_all(d, &[("a", b"a1", 0o600), ("b", b"b1", 0o644)]).unwrap();
+        assert_eq!(fs::read(d.join("a")).unwrap(), b"a1");
+        assert_eq!(fs::read(d.join("b")).unwrap(), b"b1");
+
+        // Simulate a crash after the journal was written and one rename happened.
+        write_atomic(&d.join("a.new"), b"a2", 0o600).unwrap();
+        write_atomic(&d.join("b.new"), b"b2", 0o644).unwrap();
+        write_atomic(&d.join(COMMIT_FILE), b"a\nb", 0o600).unwrap();
+        fs::rename(d.join("a.new"), d.join("a")).unwrap();
+        recover(d).unwrap();
+        assert_eq!(fs::read(d.join("a")).unwrap(), b"a2");
+        assert_eq!(fs::read(d.join("b")).unwrap(), b"b2");
+        assert!(!d.join(COMMIT_FILE).exists());
+
+        // A crash before the journal: the old set stays, the leftovers are ignored.
+        write_atomic(&d.join("a.new"), b"a3", 0o600).unwrap();
+        recover(d).unwrap();
+        assert_eq!(fs::read(d.join("a")).unwrap(), b"a2");
     }
 
     #[test]

@@ -1,0 +1,214 @@
+//! `revproxy-agent enroll`: trade a one-time token for a certificate.
+//!
+//! The key is generated here and never leaves the machine; only a CSR does. The proxy is
+//! accepted only if its chain ends in a CA matching a pin in the token, so a man in the
+//! middle learns nothing and can issue nothing. If the answer is lost in transit the
+//! request is retried with the same CSR, which the proxy answers with the same certificate.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, PublicKeyData};
+use revproxy_ca::{Pin, Token};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tracing::{info, warn};
+
+use super::identity::{cert_hosts, Identity, IdentityError};
+use crate::enroll_wire::{EnrollBody, EnrollReply, ErrorReply, ENROLL_PATH, MAX_RESPONSE_BODY};
+use crate::tls::{self, TlsError};
+
+/// Time allowed to open the TCP connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for one whole attempt: TLS, request and answer.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts made when the network fails (the proxy's refusals are never retried).
+pub const ATTEMPTS: u32 = 3;
+
+/// Why enrollment failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollClientError {
+    #[error("this is not the proxy that issued your token: the server at {server} presented CA {presented}, but the token pins {expected}; check the address, or ask the operator for a new token")]
+    NotOurProxy {
+        server: String,
+        presented: String,
+        expected: String,
+    },
+    #[error("cannot reach the proxy at {server}: {reason}")]
+    Unreachable { server: String, reason: String },
+    #[error("the proxy refused the enrollment: {message}")]
+    Refused {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("the proxy's answer is invalid: {0}")]
+    BadReply(String),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("could not generate the agent key: {0}")]
+    Key(#[from] rcgen::Error),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+impl EnrollClientError {
+    /// The proxy's error code for a refusal (`token_used`, `token_expired`, ...).
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            EnrollClientError::Refused { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    fn is_transient(&self) -> bool {
+        matches!(self, EnrollClientError::Unreachable { .. })
+    }
+}
+
+/// Enrolls with `token` and saves the new identity in `state_dir`, replacing any previous
+/// identity only once the new one is safely on disk.
+pub async fn enroll(token: &Token, state_dir: &Path) -> Result<Identity, EnrollClientError> {
+    Identity::check_dir(state_dir)?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    let csr = params.serialize_request(&key)?.pem()?;
+    let body = serde_json::to_vec(&EnrollBody {
+        token_id: token.public.id.clone(),
+        secret: token.secret.to_base64(),
+        csr,
+    })
+    .expect("request serializes");
+    let body = Bytes::from(body);
+
+    let mut attempt = 1;
+    let (status, reply) = loop {
+        match exchange(token, body.clone()).await {
+            Ok(answer) => break answer,
+            Err(e) if e.is_transient() && attempt < ATTEMPTS => {
+                warn!(error = %e, attempt, "enrollment attempt failed; retrying with the same request");
+                tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    if status != StatusCode::OK {
+        let err: ErrorReply = serde_json::from_slice(&reply).map_err(|_| {
+            EnrollClientError::BadReply(format!("HTTP {status} without an error description"))
+        })?;
+        return Err(EnrollClientError::Refused {
+            status: status.as_u16(),
+            code: err.error,
+            message: err.message,
+        });
+    }
+    let reply: EnrollReply =
+        serde_json::from_slice(&reply).map_err(|e| EnrollClientError::BadReply(e.to_string()))?;
+    let identity = check_reply(token, &key, reply)?;
+    identity.save(state_dir)?;
+    info!(identity = %identity.identity, hosts = ?identity.hosts, "enrolled");
+    Ok(identity)
+}
+
+/// Checks that the certificate is for our key and chains to a pinned CA.
+fn check_reply(
+    token: &Token,
+    key: &KeyPair,
+    reply: EnrollReply,
+) -> Result<Identity, EnrollClientError> {
+    use x509_parser::prelude::*;
+    let bad = |m: &str| EnrollClientError::BadReply(m.to_string());
+    let ca_der = revproxy_ca::pem_to_der(&reply.ca, "CERTIFICATE")
+        .ok_or_else(|| bad("no CA certificate"))?;
+    let (_, ca) =
+        X509Certificate::from_der(&ca_der).map_err(|_| bad("unreadable CA certificate"))?;
+    if !token.pins().contains(&Pin::from_spki(ca.public_key().raw)) {
+        return Err(bad("its CA certificate does not match the token's pin"));
+    }
+    let der = revproxy_ca::pem_to_der(&reply.certificate, "CERTIFICATE")
+        .ok_or_else(|| bad("no certificate"))?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|_| bad("unreadable certificate"))?;
+    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+        return Err(bad("the certificate is not for this agent's key"));
+    }
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|_| bad("the certificate is not signed by the CA"))?;
+    let (hosts, not_after) =
+        cert_hosts(&reply.certificate).ok_or_else(|| bad("unreadable certificate"))?;
+    Ok(Identity {
+        server: token.public.server.clone(),
+        agent: reply.agent,
+        identity: reply.identity,
+        hosts,
+        not_after,
+        cert_pem: reply.certificate,
+        key_pem: key.serialize_pem(),
+        ca_pem: reply.ca,
+    })
+}
+
+/// One attempt: connect, verify the proxy, send the request, read the answer.
+async fn exchange(token: &Token, body: Bytes) -> Result<(StatusCode, Bytes), EnrollClientError> {
+    let server = &token.public.server;
+    let unreachable = |reason: String| EnrollClientError::Unreachable {
+        server: server.clone(),
+        reason,
+    };
+    let config = tls::pinned_client_config(token.pins(), &[tls::ALPN_HTTP1])?;
+    let name = tls::server_name(server).map_err(unreachable)?;
+    let attempt = async {
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(server.as_str()))
+            .await
+            .map_err(|_| unreachable("connection timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let stream = TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| match tls::find_pin_mismatch(&e) {
+                Some(m) => EnrollClientError::NotOurProxy {
+                    server: server.clone(),
+                    presented: m
+                        .presented
+                        .first()
+                        .map_or_else(|| "none".into(), |p| p.to_string()),
+                    expected: token.public.pins.join(", "),
+                },
+                None => unreachable(format!("TLS handshake failed: {e}")),
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let request = Request::post(ENROLL_PATH)
+            .header(http::header::HOST, server.as_str())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .expect("valid request");
+        let exchange = async move {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            let status = response.status();
+            let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BODY)
+                .collect()
+                .await
+                .map_err(|e| unreachable(format!("reading the answer failed: {e}")))?
+                .to_bytes();
+            Ok((status, bytes))
+        };
+        // The connection task ends once the exchange drops its sender.
+        let (answer, _) = tokio::join!(exchange, conn);
+        answer
+    };
+    tokio::time::timeout(ATTEMPT_TIMEOUT, attempt)
+        .await
+        .map_err(|_| unreachable("no answer in time".into()))?
+}

@@ -1,0 +1,201 @@
+//! The agent's identity on disk.
+//!
+//! | file         | mode | what |
+//! |--------------|------|------|
+//! | `agent.key`  | 0600 | the agent's private key; generated here, never sent anywhere |
+//! | `agent.crt`  | 0644 | the agent's certificate, issued by the proxy's CA |
+//! | `ca.crt`     | 0644 | the proxy's CA certificate, pinned at enrollment |
+//! | `agent.json` | 0644 | proxy address, agent name and identity |
+//!
+//! The four files are replaced together with `fsutil::replace_all`, so a crash during a
+//! re-enrollment leaves the old identity or the new one, never a key that does not match
+//! its certificate.
+
+use std::path::{Path, PathBuf};
+
+use revproxy_ca::{fsutil, CaError, Pin};
+use serde::{Deserialize, Serialize};
+
+pub const AGENT_KEY_FILE: &str = "agent.key";
+pub const AGENT_CERT_FILE: &str = "agent.crt";
+pub const CA_CERT_FILE: &str = "ca.crt";
+pub const AGENT_INFO_FILE: &str = "agent.json";
+
+/// An enrolled agent's identity.
+#[derive(Clone)]
+pub struct Identity {
+    /// The proxy's agent address, `host:port`.
+    pub server: String,
+    /// Agent name.
+    pub agent: String,
+    /// SPIFFE identity.
+    pub identity: String,
+    /// Names the certificate authorizes.
+    pub hosts: Vec<String>,
+    /// Expiry, seconds since the Unix epoch.
+    pub not_after: i64,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("server", &self.server)
+            .field("identity", &self.identity)
+            .field("hosts", &self.hosts)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Info {
+    server: String,
+    agent: String,
+    identity: String,
+}
+
+/// Why the identity could not be loaded or saved.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("this agent is not enrolled (no {0}): run `revproxy-agent enroll --token TOKEN` with a token from `revproxy token create`")]
+    NotEnrolled(PathBuf),
+    #[error(
+        "{0} holds a proxy's CA (ca.key); give the agent its own state directory with --state"
+    )]
+    ProxyStateDir(PathBuf),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("cannot access {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is damaged: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
+    move |source| IdentityError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Identity {
+    /// Refuses a directory that is a proxy's state, so the two can never overwrite
+    /// each other's `ca.crt`.
+    pub fn check_dir(dir: &Path) -> Result<(), IdentityError> {
+        if dir.join(revproxy_ca::CA_KEY_FILE).exists() {
+            return Err(IdentityError::ProxyStateDir(dir.to_path_buf()));
+        }
+        Ok(())
+    }
+
+    /// Loads the identity in `dir`, finishing an interrupted save first.
+    pub fn load(dir: &Path) -> Result<Identity, IdentityError> {
+        Identity::check_dir(dir)?;
+        if !dir.join(AGENT_INFO_FILE).exists() {
+            return Err(IdentityError::NotEnrolled(dir.join(AGENT_INFO_FILE)));
+        }
+        fsutil::recover(dir).map_err(io_err(dir))?;
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(io_err(&path))
+        };
+        let key_path = dir.join(AGENT_KEY_FILE);
+        if let Some(mode) = fsutil::exposed_mode(&key_path).map_err(io_err(&key_path))? {
+            return Err(CaError::InsecurePermissions {
+                path: key_path,
+                mode,
+            }
+            .into());
+        }
+        let info_path = dir.join(AGENT_INFO_FILE);
+        let info: Info =
+            serde_json::from_str(&read(AGENT_INFO_FILE)?).map_err(|e| IdentityError::Corrupt {
+                path: info_path,
+                reason: e.to_string(),
+            })?;
+        let cert_pem = read(AGENT_CERT_FILE)?;
+        let cert_path = dir.join(AGENT_CERT_FILE);
+        let (hosts, not_after) = cert_hosts(&cert_pem).ok_or_else(|| IdentityError::Corrupt {
+            path: cert_path,
+            reason: "not a PEM certificate".into(),
+        })?;
+        Ok(Identity {
+            server: info.server,
+            agent: info.agent,
+            identity: info.identity,
+            hosts,
+            not_after,
+            cert_pem,
+            key_pem: read(AGENT_KEY_FILE)?,
+            ca_pem: read(CA_CERT_FILE)?,
+        })
+    }
+
+    /// Saves this identity into `dir`, replacing any previous one as a unit.
+    pub fn save(&self, dir: &Path) -> Result<(), IdentityError> {
+        Identity::check_dir(dir)?;
+        fsutil::create_private_dir(dir).map_err(io_err(dir))?;
+        let info = serde_json::to_vec_pretty(&Info {
+            server: self.server.clone(),
+            agent: self.agent.clone(),
+            identity: self.identity.clone(),
+        })
+        .expect("info serializes");
+        fsutil::replace_all(
+            dir,
+            &[
+                (
+                    AGENT_KEY_FILE,
+                    self.key_pem.as_bytes(),
+                    fsutil::PRIVATE_FILE_MODE,
+                ),
+                (
+                    AGENT_CERT_FILE,
+                    self.cert_pem.as_bytes(),
+                    fsutil::PUBLIC_FILE_MODE,
+                ),
+                (
+                    CA_CERT_FILE,
+                    self.ca_pem.as_bytes(),
+                    fsutil::PUBLIC_FILE_MODE,
+                ),
+                (AGENT_INFO_FILE, &info, fsutil::PUBLIC_FILE_MODE),
+            ],
+        )
+        .map_err(io_err(dir))
+    }
+
+    /// The pin of the CA this agent trusts.
+    pub fn ca_pin(&self) -> Option<Pin> {
+        let der = revproxy_ca::pem_to_der(&self.ca_pem, "CERTIFICATE")?;
+        Pin::from_cert_der(&der).ok()
+    }
+}
+
+/// The DNS names and expiry in a PEM certificate.
+pub(crate) fn cert_hosts(pem: &str) -> Option<(Vec<String>, i64)> {
+    use x509_parser::prelude::*;
+    let der = revproxy_ca::pem_to_der(pem, "CERTIFICATE")?;
+    let (_, cert) = X509Certificate::from_der(&der).ok()?;
+    let hosts = match cert.subject_alternative_name().ok()? {
+        Some(san) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(d) => Some(d.to_string()),
+                _ => None,
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    Some((hosts, cert.validity().not_after.timestamp()))
+}

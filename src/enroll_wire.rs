@@ -1,0 +1,62 @@
+//! The enrollment API on the wire: `POST /v1/enroll` with a JSON body, over TLS on the
+//! agent port (ALPN `http/1.1`). Documented in `docs/protocol.md`.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Path of the enrollment endpoint.
+pub const ENROLL_PATH: &str = "/v1/enroll";
+/// Largest request body the proxy reads.
+pub const MAX_REQUEST_BODY: usize = 64 * 1024;
+/// Largest response body the agent reads.
+pub const MAX_RESPONSE_BODY: usize = 256 * 1024;
+
+/// The agent's request.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollBody {
+    /// The token's public id.
+    pub token_id: String,
+    /// The token's secret, base64url.
+    pub secret: String,
+    /// PKCS#10 certificate signing request, PEM.
+    pub csr: String,
+}
+
+impl fmt::Debug for EnrollBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnrollBody")
+            .field("token_id", &self.token_id)
+            .field("secret", &"***")
+            .finish_non_exhaustive()
+    }
+}
+
+/// The proxy's answer to a successful enrollment (HTTP 200).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EnrollReply {
+    /// Agent name (the certificate's CN).
+    pub agent: String,
+    /// SPIFFE identity (the certificate's URI SAN).
+    pub identity: String,
+    /// Names the agent may serve (the certificate's DNS SANs).
+    pub hosts: Vec<String>,
+    /// Certificate serial, hex.
+    pub serial: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub not_after: i64,
+    /// The agent certificate, PEM.
+    pub certificate: String,
+    /// The CA certificate, PEM.
+    pub ca: String,
+}
+
+/// The body of every error answer (HTTP 4xx/5xx).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// Stable machine-readable code, e.g. `token_used`.
+    pub error: String,
+    /// One sentence for the operator.
+    pub message: String,
+}

@@ -1,0 +1,222 @@
+//! The enrollment endpoint: HTTP/1.1 over TLS on the agent port.
+//!
+//! One request per connection, a 64 KiB body limit, a deadline on the whole exchange, and a
+//! per-source limit on failures. The CA does the deciding (`revproxy_ca::Ca::enroll`); this
+//! layer turns HTTP into a call and the outcome into a status with a one-sentence reason.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use revproxy_ca::{EnrollError, EnrollRequest, Secret};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, info, warn};
+
+use super::Shared;
+use crate::enroll_wire::{EnrollBody, EnrollReply, ErrorReply, ENROLL_PATH, MAX_REQUEST_BODY};
+
+/// Time allowed for the request head to arrive.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for the whole exchange, body and answer included.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on the buffered request head.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Serves one enrollment connection.
+pub(super) async fn serve<S>(shared: Arc<Shared>, io: S, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .keep_alive(false)
+        .max_buf_size(MAX_HEAD)
+        .serve_connection(TokioIo::new(io), service);
+    match tokio::time::timeout(EXCHANGE_TIMEOUT, conn).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(error = %e, "enrollment connection ended with an error"),
+        Err(_) => debug!("enrollment connection timed out"),
+    }
+}
+
+async fn handle(
+    shared: &Shared,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if req.uri().path() != ENROLL_PATH {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no such endpoint; enrollment is POST {ENROLL_PATH}"),
+        );
+    }
+    if req.method() != Method::POST {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("use POST {ENROLL_PATH}"),
+        );
+    }
+    if let Err(wait) = shared
+        .limiter
+        .lock()
+        .expect("limiter lock")
+        .check(peer.ip(), Instant::now())
+    {
+        warn!(%peer, "enrollment refused: too many failed attempts from this address");
+        let mut resp = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "too many failed enrollment attempts from your address; wait {} seconds",
+                wait.as_secs() + 1
+            ),
+        );
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, (wait.as_secs() + 1).into());
+        return resp;
+    }
+    let fail = |status, code: &str, message: String| {
+        shared
+            .limiter
+            .lock()
+            .expect("limiter lock")
+            .record_failure(peer.ip(), Instant::now());
+        warn!(%peer, code, "enrollment refused");
+        error(status, code, message)
+    };
+
+    let body = match Limited::new(req.into_body(), MAX_REQUEST_BODY)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return fail(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "the request body is larger than {} KiB",
+                    MAX_REQUEST_BODY / 1024
+                ),
+            );
+        }
+        Err(e) => {
+            return fail(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("could not read the request body: {e}"),
+            )
+        }
+    };
+    let body: EnrollBody = match serde_json::from_slice(&body) {
+        Ok(body) => body,
+        Err(e) => {
+            return fail(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("the request is not a valid enrollment request: {e}"),
+            )
+        }
+    };
+    let Some(secret) = Secret::from_base64(&body.secret) else {
+        let e = EnrollError::WrongSecret;
+        return fail(status_of(&e), e.code(), e.to_string());
+    };
+
+    let outcome = {
+        let _turn = shared.enroll_gate.lock().await;
+        let ca = shared.ca.clone();
+        let token_id = body.token_id.clone();
+        tokio::task::spawn_blocking(move || {
+            ca.enroll(
+                &EnrollRequest {
+                    token_id: &token_id,
+                    secret: &secret,
+                    csr_pem: &body.csr,
+                },
+                time::OffsetDateTime::now_utc(),
+            )
+        })
+        .await
+    };
+    match outcome {
+        Ok(Ok(done)) => {
+            info!(%peer, token_id = %body.token_id, agent = %done.agent, serial = %done.serial,
+                  retry = done.reissued, "agent enrolled");
+            let reply = EnrollReply {
+                agent: done.agent,
+                identity: done.identity,
+                hosts: done.hosts,
+                serial: done.serial,
+                not_after: done.not_after,
+                certificate: done.cert_pem,
+                ca: done.ca_pem,
+            };
+            json(StatusCode::OK, &reply)
+        }
+        Ok(Err(EnrollError::Internal(e))) => {
+            tracing::error!(%peer, token_id = %body.token_id, error = %e, "enrollment failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the proxy could not complete the enrollment; its log has the details".into(),
+            )
+        }
+        Ok(Err(e)) => {
+            debug!(token_id = %body.token_id, reason = %e);
+            fail(status_of(&e), e.code(), e.to_string())
+        }
+        Err(join) => {
+            tracing::error!(%peer, error = %join, "enrollment task failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the proxy could not complete the enrollment; its log has the details".into(),
+            )
+        }
+    }
+}
+
+fn status_of(e: &EnrollError) -> StatusCode {
+    match e {
+        EnrollError::BadCsr(_) => StatusCode::BAD_REQUEST,
+        EnrollError::WrongSecret => StatusCode::UNAUTHORIZED,
+        EnrollError::Revoked => StatusCode::FORBIDDEN,
+        EnrollError::UnknownToken => StatusCode::NOT_FOUND,
+        EnrollError::Used => StatusCode::CONFLICT,
+        EnrollError::Expired => StatusCode::GONE,
+        EnrollError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn error(status: StatusCode, code: &str, message: String) -> Response<Full<Bytes>> {
+    json(
+        status,
+        &ErrorReply {
+            error: code.into(),
+            message,
+        },
+    )
+}
+
+fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).expect("reply serializes");
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(bytes)))
+        .expect("valid response")
+}
