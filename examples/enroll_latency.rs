@@ -19,7 +19,9 @@ async fn main() -> anyhow::Result<()> {
     let ca = Ca::init(dir.path(), &InitOptions::default(), now)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let proxy = Proxy::builder(dir.path()).agent_listener(listener).build()?;
+    let proxy = Proxy::builder(dir.path())
+        .agent_listener(listener)
+        .build()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(proxy.run(async {
         let _ = stopped.await;
