@@ -6,12 +6,17 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod config;
 pub mod dirs;
 pub mod duration;
 pub mod enroll_wire;
 pub mod logging;
 pub mod proxy;
+pub mod route;
+pub mod signal;
 pub mod tls;
+pub mod tunnel;
 
-pub use proxy::{Proxy, ProxyBuilder, ProxyError};
+pub use agent::{Agent, AgentBuilder};
+pub use proxy::{Proxy, ProxyBuilder, ProxyError, ProxyStatus};
 pub use revproxy_ca as ca;

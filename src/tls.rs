@@ -18,6 +18,11 @@ use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureSchem
 
 /// ALPN id of the enrollment (and later renewal) API: HTTP/1.1.
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// ALPN id of h2 tunnels.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// DER content of the id-kp-serverAuth OID, 1.3.6.1.5.5.7.3.1.
+const EKU_SERVER_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01];
 
 /// Why a TLS setup step failed.
 #[derive(Debug, thiserror::Error)]
@@ -88,23 +93,144 @@ pub fn agent_listener_config(
     Ok(config)
 }
 
+/// The tunnel side of the agent listener: a client certificate is required, must chain to
+/// `ca_der`, be within its validity, carry EKU clientAuth, and not be revoked according to
+/// `is_revoked` (called with the hex serial, at every handshake).
+pub fn tunnel_listener_config(
+    chain_pem: &str,
+    key_pem: &str,
+    ca_der: &[u8],
+    is_revoked: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca_der.to_vec()))?;
+    let inner =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let verifier = Arc::new(RevocationCheckingVerifier { inner, is_revoked });
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            certs_from_pem(chain_pem, "server.crt")?,
+            key_from_pem(key_pem, "server.key")?,
+        )?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
+/// Whether a ClientHello offers ALPN `h2` (a tunnel rather than an enrollment).
+pub fn offers_h2(hello: &rustls::server::ClientHello<'_>) -> bool {
+    hello
+        .alpn()
+        .is_some_and(|mut protocols| protocols.any(|p| p == ALPN_H2))
+}
+
 /// A client configuration that trusts only a CA matching one of `pins`.
 pub fn pinned_client_config(
     pins: Vec<Pin>,
     alpn: &[&[u8]],
 ) -> Result<rustls::ClientConfig, TlsError> {
+    let mut config = pinned_builder(pins)?.with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// A client configuration that trusts only a CA matching one of `pins` and presents the
+/// agent's certificate.
+pub fn agent_client_config(
+    pins: Vec<Pin>,
+    cert_pem: &str,
+    key_pem: &str,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut config = pinned_builder(pins)?.with_client_auth_cert(
+        certs_from_pem(cert_pem, "agent.crt")?,
+        key_from_pem(key_pem, "agent.key")?,
+    )?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+fn pinned_builder(
+    pins: Vec<Pin>,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, TlsError>
+{
     let provider = provider();
     let verifier = Arc::new(PinnedServerVerifier {
         pins,
         provider: provider.clone(),
     });
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous() // not dangerous: the verifier below checks the chain against pinned CAs
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(config)
+        .with_custom_certificate_verifier(verifier))
+}
+
+/// Adds a revocation check to the standard client certificate verification.
+struct RevocationCheckingVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    is_revoked: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+}
+
+impl fmt::Debug for RevocationCheckingVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RevocationCheckingVerifier")
+            .finish_non_exhaustive()
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for RevocationCheckingVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let serial = cert_serial(end_entity).ok_or(rustls::Error::InvalidCertificate(
+            CertificateError::BadEncoding,
+        ))?;
+        if (self.is_revoked)(&serial) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The hex serial of a DER certificate.
+pub fn cert_serial(der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    Some(revproxy_ca::hex::encode(cert.raw_serial()))
 }
 
 /// The server name to send for a `host:port` address (an IP address or a DNS name).
@@ -178,7 +304,8 @@ impl ServerCertVerifier for PinnedServerVerifier {
             &[anchor],
             &[],
             now,
-            webpki::KeyUsage::server_auth(),
+            // Required, not just "if present": a certificate without any EKU is refused.
+            webpki::KeyUsage::required(EKU_SERVER_AUTH),
             None,
             None,
         )

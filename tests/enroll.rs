@@ -216,7 +216,9 @@ async fn a_lost_answer_is_recovered_by_retrying_with_the_same_csr() {
 
 #[tokio::test]
 async fn twenty_concurrent_enrollments_with_one_token_yield_one_certificate() {
-    let proxy = TestProxy::start().await;
+    // All twenty come from 127.0.0.1; lift the per-source limit so it does not interfere.
+    let proxy =
+        TestProxy::start_with(|b| b.enroll_failure_limit(100, Duration::from_secs(60))).await;
     let token = proxy.token(&["app.example.com"]);
     let state = tempfile::tempdir().unwrap();
     let attempts: Vec<_> = (0..20)
@@ -322,4 +324,31 @@ fn a_malformed_token_is_refused_before_any_connection() {
 fn base64_std(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[tokio::test]
+async fn an_agent_killed_before_the_answer_recovers_its_certificate_on_rerun() {
+    let proxy = TestProxy::start().await;
+    let token = proxy.token(&["app.example.com"]);
+    let state = tempfile::tempdir().unwrap();
+    // The first run saved its key, sent the request, and died before reading the answer:
+    // the proxy committed the enrollment.
+    let (key, body) = enroll_body(&token);
+    let pending = serde_json::json!({"token_id": token.public.id, "key": key.serialize_pem()});
+    std::fs::write(
+        state.path().join("enroll-pending.json"),
+        pending.to_string(),
+    )
+    .unwrap();
+    let (status, first) = post_raw(proxy.addr, proxy.pin(), body.into_bytes()).await;
+    assert_eq!(status, 200, "{first}");
+
+    let id = agent::enroll(&token, state.path()).await.unwrap();
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(id.cert_pem, first["certificate"].as_str().unwrap());
+    assert!(
+        !state.path().join("enroll-pending.json").exists(),
+        "the pending key is gone"
+    );
+    proxy.stop().await;
 }

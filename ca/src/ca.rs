@@ -19,9 +19,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
-    SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use time::OffsetDateTime;
@@ -128,6 +127,37 @@ impl TokenState {
     }
 }
 
+/// A certificate as `revproxy cert list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    pub serial: String,
+    pub agent: String,
+    pub hosts: Vec<String>,
+    pub not_before: Unix,
+    pub not_after: Unix,
+    pub state: CertState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertState {
+    Valid,
+    /// Within the last third of its lifetime: renewal is due.
+    Expiring,
+    Expired,
+    Revoked,
+}
+
+impl CertState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertState::Valid => "valid",
+            CertState::Expiring => "expiring",
+            CertState::Expired => "expired",
+            CertState::Revoked => "revoked",
+        }
+    }
+}
+
 /// An enrollment request as received from an agent.
 #[derive(Debug)]
 pub struct EnrollRequest<'a> {
@@ -171,9 +201,12 @@ impl std::fmt::Debug for Ca {
 }
 
 impl Ca {
-    /// Whether `dir` holds a CA.
+    /// Whether `dir` holds a CA, or what is left of one (any of its files): then `init`
+    /// refuses, so a missing `ca.key` is restored from backup rather than replaced.
     pub fn exists(dir: &Path) -> bool {
-        dir.join(CA_KEY_FILE).exists()
+        [CA_KEY_FILE, CA_CERT_FILE, crate::state::STATE_FILE]
+            .iter()
+            .any(|f| dir.join(f).exists())
     }
 
     /// Creates a new CA, its server certificate and an empty state in `dir`.
@@ -196,6 +229,12 @@ impl Ca {
             None => default_server(&sans[0]),
         };
         fsutil::create_private_dir(dir).map_err(|e| CaError::io(dir, e))?;
+        // Two `init`s racing: the lock makes the second see the first's files and refuse.
+        let state_file = StateFile::new(dir);
+        let _lock = state_file.lock()?;
+        if Ca::exists(dir) {
+            return Err(CaError::AlreadyInitialized(dir.to_path_buf()));
+        }
 
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
@@ -216,7 +255,7 @@ impl Ca {
 
         let ca = Ca {
             dir: dir.to_path_buf(),
-            state: StateFile::new(dir),
+            state: state_file.clone(),
             pin: Pin::from_spki(&key.subject_public_key_info()),
             cert_der: cert.der().to_vec(),
             cert_pem: cert.pem(),
@@ -229,7 +268,7 @@ impl Ca {
             ca.cert_pem.as_bytes(),
             fsutil::PUBLIC_FILE_MODE,
         )?;
-        ca.state.create(&State {
+        ca.state.store(&State {
             version: State::VERSION,
             trust_domain,
             server,
@@ -249,6 +288,9 @@ impl Ca {
     pub fn open(dir: &Path) -> Result<Ca, CaError> {
         if !Ca::exists(dir) {
             return Err(CaError::NotInitialized(dir.to_path_buf()));
+        }
+        if !dir.join(CA_KEY_FILE).exists() {
+            return Err(CaError::MissingKey(dir.to_path_buf()));
         }
         let key_pem = read_private(&dir.join(CA_KEY_FILE))?;
         let key = KeyPair::from_pem(&key_pem)?;
@@ -421,6 +463,61 @@ impl Ca {
         })
     }
 
+    /// Every certificate still on record, oldest first.
+    pub fn list_certs(&self, now: OffsetDateTime) -> Result<Vec<CertInfo>, CaError> {
+        let now = now.unix_timestamp();
+        Ok(self
+            .state
+            .read()?
+            .certs
+            .into_iter()
+            .map(|c| {
+                let third = (c.not_after - c.not_before) / 3;
+                let state = if c.revoked_at.is_some() {
+                    CertState::Revoked
+                } else if now >= c.not_after {
+                    CertState::Expired
+                } else if c.not_after - now <= third {
+                    CertState::Expiring
+                } else {
+                    CertState::Valid
+                };
+                CertInfo {
+                    serial: c.serial,
+                    agent: c.agent,
+                    hosts: c.hosts,
+                    not_before: c.not_before,
+                    not_after: c.not_after,
+                    state,
+                }
+            })
+            .collect())
+    }
+
+    /// Revokes the certificate with serial `what`, or every certificate of agent `what`.
+    /// Returns the serials revoked now (already revoked ones are not repeated).
+    pub fn revoke_certs(&self, what: &str, now: OffsetDateTime) -> Result<Vec<String>, CaError> {
+        let serial = what.to_ascii_lowercase();
+        self.state.update(|state: &mut State| {
+            let matching: Vec<&mut CertRecord> = state
+                .certs
+                .iter_mut()
+                .filter(|c| c.serial == serial || c.agent == what)
+                .collect();
+            if matching.is_empty() {
+                return Err(CaError::UnknownCert(what.to_string()));
+            }
+            let mut revoked = Vec::new();
+            for c in matching {
+                if c.revoked_at.is_none() {
+                    c.revoked_at = Some(now.unix_timestamp());
+                    revoked.push(c.serial.clone());
+                }
+            }
+            Ok(revoked)
+        })
+    }
+
     /// Trades a token and a CSR for an agent certificate.
     ///
     /// The token is consumed and the certificate recorded on disk before this returns, so
@@ -437,11 +534,8 @@ impl Ca {
                 "it is larger than {MAX_CSR_LEN} bytes"
             )));
         }
-        // Parsing also verifies the CSR's signature: the agent holds the key it names.
-        let csr = CertificateSigningRequestParams::from_pem(req.csr_pem)
-            .map_err(|e| EnrollError::BadCsr(e.to_string()))?;
-        let spki =
-            hex::encode(Pin::from_spki(&csr.public_key.subject_public_key_info()).as_bytes());
+        let public_key = csr_public_key(req.csr_pem)?;
+        let spki = hex::encode(Pin::from_spki(&public_key.subject_public_key_info()).as_bytes());
         let presented = req.secret.hash();
         let now_s = now.unix_timestamp();
 
@@ -495,7 +589,7 @@ impl Ca {
             let hosts = token.hosts.clone();
             let ttl = Duration::from_secs(token.cert_ttl_secs.max(0) as u64);
             let (cert_pem, serial, not_after) =
-                self.issue_agent_cert(&agent, &hosts, &csr.public_key, ttl, now)?;
+                self.issue_agent_cert(&agent, &hosts, &public_key, ttl, now)?;
 
             let token = state
                 .tokens
@@ -614,6 +708,48 @@ impl Ca {
         let path = self.dir.join(name);
         fsutil::write_atomic(&path, contents, mode).map_err(|e| CaError::io(&path, e))
     }
+}
+
+/// An agent's public key, taken from a CSR.
+struct CsrKey(Vec<u8>);
+
+impl PublicKeyData for CsrKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// Verifies a PEM CSR's signature (the requester holds the key) and returns its public
+/// key, which must be ECDSA P-256. Everything else in the CSR is ignored.
+fn csr_public_key(pem: &str) -> Result<CsrKey, EnrollError> {
+    use x509_parser::prelude::FromDer;
+    const EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
+    const P256: &str = "1.2.840.10045.3.1.7";
+    let bad = |m: &str| EnrollError::BadCsr(m.to_string());
+    let der = pem_to_der(pem, "CERTIFICATE REQUEST")
+        .ok_or_else(|| bad("it is not a PEM CERTIFICATE REQUEST"))?;
+    let (rest, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+        .map_err(|_| bad("it is not a valid PKCS#10 request"))?;
+    if !rest.is_empty() {
+        return Err(bad("it has trailing bytes"));
+    }
+    csr.verify_signature()
+        .map_err(|_| bad("its signature does not verify"))?;
+    let spki = &csr.certification_request_info.subject_pki;
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok())
+        .map(|o| o.to_id_string());
+    if spki.algorithm.algorithm.to_id_string() != EC_PUBLIC_KEY || curve.as_deref() != Some(P256) {
+        return Err(bad("its key is not ECDSA P-256"));
+    }
+    Ok(CsrKey(spki.subject_public_key.data.to_vec()))
 }
 
 fn token_state(t: &TokenRecord, now: Unix) -> TokenState {

@@ -14,6 +14,8 @@ pub enum CaError {
     },
     #[error("a CA already exists in {0}; refusing to overwrite it (move the directory away to start over, and keep a backup of ca.key)")]
     AlreadyInitialized(PathBuf),
+    #[error("{0} holds a CA certificate and state but no ca.key: restore ca.key from your backup (a new CA would lock out every enrolled agent)")]
+    MissingKey(PathBuf),
     #[error("no CA in {0}: run `revproxy ca init --state {0}` first")]
     NotInitialized(PathBuf),
     #[error("{path} is accessible by group or others (mode {mode:03o}); run `chmod 600 {path}`")]

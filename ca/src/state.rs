@@ -154,12 +154,6 @@ impl StateFile {
         Ok(out)
     }
 
-    /// Writes a new state without reading the old one (for `ca init`).
-    pub(crate) fn create(&self, state: &State) -> Result<(), CaError> {
-        let _lock = self.lock()?;
-        self.store(state)
-    }
-
     fn load(&self) -> Result<State, CaError> {
         let path = self.path();
         let bytes = std::fs::read(&path).map_err(|e| CaError::io(&path, e))?;
@@ -180,14 +174,16 @@ impl StateFile {
         Ok(state)
     }
 
-    fn store(&self, state: &State) -> Result<(), CaError> {
+    /// Writes `state`; the caller holds the lock.
+    pub(crate) fn store(&self, state: &State) -> Result<(), CaError> {
         let path = self.path();
         let bytes = serde_json::to_vec_pretty(state).expect("state serializes");
         fsutil::write_atomic(&path, &bytes, fsutil::PRIVATE_FILE_MODE)
             .map_err(|e| CaError::io(&path, e))
     }
 
-    fn lock(&self) -> Result<File, CaError> {
+    /// Takes the exclusive lock; it is released when the file is dropped.
+    pub(crate) fn lock(&self) -> Result<File, CaError> {
         let path = self.dir.join(LOCK_FILE);
         let file = OpenOptions::new()
             .read(true)

@@ -75,7 +75,8 @@ impl EnrollClientError {
 /// identity only once the new one is safely on disk.
 pub async fn enroll(token: &Token, state_dir: &Path) -> Result<Identity, EnrollClientError> {
     Identity::check_dir(state_dir)?;
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let pending = Pending::new(state_dir);
+    let key = pending.key_for(&token.public.id)?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     let csr = params.serialize_request(&key)?.pem()?;
@@ -96,9 +97,16 @@ pub async fn enroll(token: &Token, state_dir: &Path) -> Result<Identity, EnrollC
                 tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
                 attempt += 1;
             }
-            Err(e) => return Err(e),
+            // The proxy may have answered into the void: keep the pending key so that
+            // running `enroll` again with this token can fetch that certificate.
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => {
+                pending.clear();
+                return Err(e);
+            }
         }
     };
+    pending.clear();
     if status != StatusCode::OK {
         let err: ErrorReply = serde_json::from_slice(&reply).map_err(|_| {
             EnrollClientError::BadReply(format!("HTTP {status} without an error description"))
@@ -115,6 +123,66 @@ pub async fn enroll(token: &Token, state_dir: &Path) -> Result<Identity, EnrollC
     identity.save(state_dir)?;
     info!(identity = %identity.identity, hosts = ?identity.hosts, "enrolled");
     Ok(identity)
+}
+
+/// The key of an enrollment whose answer has not arrived yet, kept (0600) so that a rerun
+/// with the same token uses the same key and gets the same certificate back.
+struct Pending {
+    dir: std::path::PathBuf,
+}
+
+/// File name of the pending enrollment key.
+const PENDING_FILE: &str = "enroll-pending.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PendingKey {
+    token_id: String,
+    key: String,
+}
+
+impl Pending {
+    fn new(dir: &Path) -> Pending {
+        Pending {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The key saved for `token_id`, or a new one, saved before anything is sent.
+    fn key_for(&self, token_id: &str) -> Result<KeyPair, EnrollClientError> {
+        let path = self.dir.join(PENDING_FILE);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Ok(saved) = serde_json::from_str::<PendingKey>(&text) {
+                if saved.token_id == token_id {
+                    if let Ok(key) = KeyPair::from_pem(&saved.key) {
+                        info!(
+                            "reusing the key of an earlier, unfinished enrollment with this token"
+                        );
+                        return Ok(key);
+                    }
+                }
+            }
+        }
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let saved = serde_json::to_vec(&PendingKey {
+            token_id: token_id.to_string(),
+            key: key.serialize_pem(),
+        })
+        .expect("pending key serializes");
+        let io = |source| {
+            EnrollClientError::Identity(IdentityError::Io {
+                path: path.clone(),
+                source,
+            })
+        };
+        revproxy_ca::fsutil::create_private_dir(&self.dir).map_err(io)?;
+        revproxy_ca::fsutil::write_atomic(&path, &saved, revproxy_ca::fsutil::PRIVATE_FILE_MODE)
+            .map_err(io)?;
+        Ok(key)
+    }
+
+    fn clear(&self) {
+        let _ = std::fs::remove_file(self.dir.join(PENDING_FILE));
+    }
 }
 
 /// Checks that the certificate is for our key and chains to a pinned CA.

@@ -99,10 +99,13 @@ impl Identity {
     /// Loads the identity in `dir`, finishing an interrupted save first.
     pub fn load(dir: &Path) -> Result<Identity, IdentityError> {
         Identity::check_dir(dir)?;
+        // Finish an interrupted save first: the info file is the last one it renames.
+        if dir.exists() {
+            fsutil::recover(dir).map_err(io_err(dir))?;
+        }
         if !dir.join(AGENT_INFO_FILE).exists() {
             return Err(IdentityError::NotEnrolled(dir.join(AGENT_INFO_FILE)));
         }
-        fsutil::recover(dir).map_err(io_err(dir))?;
         let read = |name: &str| {
             let path = dir.join(name);
             std::fs::read_to_string(&path).map_err(io_err(&path))

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use revproxy::ca::Token;
+use revproxy::config::{self, AgentConfig};
 
 #[derive(Parser)]
 #[command(
@@ -36,11 +37,37 @@ enum Command {
         #[arg(long, env = "REVPROXY_STATE", value_name = "DIR")]
         state: Option<PathBuf>,
     },
+    /// Connect to the proxy and serve the mapped names until stopped.
+    Run {
+        /// State directory [default: per-user data directory, e.g. ~/.local/share/revproxy-agent]
+        #[arg(long, env = "REVPROXY_STATE", value_name = "DIR")]
+        state: Option<PathBuf>,
+        /// TOML configuration file (flags override it)
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Tunnel transport [default: h2]
+        #[arg(long, value_enum)]
+        transport: Option<TransportArg>,
+        /// Serve NAME from the backend at HOST:PORT (repeatable)
+        #[arg(long = "map", value_name = "NAME=HOST:PORT")]
+        maps: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TransportArg {
+    H2,
+    Quic,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    revproxy::logging::init("warn");
+    let level = if matches!(cli.command, Command::Run { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    revproxy::logging::init(level);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err((status, e)) => {
@@ -50,7 +77,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
+type Failure = (u8, anyhow::Error);
+
+fn usage(e: impl Into<anyhow::Error>) -> Failure {
+    (2, e.into())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Runtime::new()
+        .context("cannot start the async runtime")
+        .map_err(|e| (1, e))
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Enroll { token, state } => {
             let text = if token == "-" {
@@ -59,21 +98,15 @@ fn run(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
                     .take(64 * 1024)
                     .read_to_string(&mut s)
                     .map_err(|e| {
-                        (
-                            2,
-                            anyhow::Error::new(e).context("cannot read the token from stdin"),
-                        )
+                        usage(anyhow::Error::new(e).context("cannot read the token from stdin"))
                     })?;
                 s
             } else {
                 token
             };
-            let token = Token::parse(&text).map_err(|e| (2, e.into()))?;
+            let token = Token::parse(&text).map_err(usage)?;
             let dir = state.unwrap_or_else(revproxy::dirs::agent_state_dir);
-            let runtime = tokio::runtime::Runtime::new()
-                .context("cannot start the async runtime")
-                .map_err(|e| (1, e))?;
-            let id = runtime
+            let id = runtime()?
                 .block_on(revproxy::agent::enroll(&token, &dir))
                 .map_err(|e| (1, e.into()))?;
             println!("enrolled as {}", id.identity);
@@ -83,6 +116,59 @@ fn run(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
                 revproxy::logging::rfc3339(id.not_after)
             );
             println!("state: {}", dir.display());
+            if let Some(host) = id.hosts.first() {
+                println!(
+                    "next: revproxy-agent run --state {} --map {host}=HOST:PORT",
+                    dir.display()
+                );
+            }
+        }
+        Command::Run {
+            state,
+            config: file,
+            transport,
+            maps,
+        } => {
+            let file = match &file {
+                Some(path) => AgentConfig::load(path).map_err(usage)?,
+                None => AgentConfig::default(),
+            };
+            let transport = match transport {
+                Some(TransportArg::H2) => Some(config::Transport::H2),
+                Some(TransportArg::Quic) => Some(config::Transport::Quic),
+                None => file.transport,
+            };
+            config::check_transport(transport).map_err(usage)?;
+            let dir = state
+                .or(file.state)
+                .unwrap_or_else(revproxy::dirs::agent_state_dir);
+            // --map entries override [[service]] entries for the same name.
+            let mut services: Vec<(String, String)> = Vec::new();
+            for s in &file.service {
+                services.push(config::parse_map(&format!("{}={}", s.host, s.to)).map_err(usage)?);
+            }
+            for m in &maps {
+                let (name, to) = config::parse_map(m).map_err(usage)?;
+                services.retain(|(n, _)| *n != name);
+                services.push((name, to));
+            }
+            let mut builder = revproxy::Agent::builder(&dir);
+            for (name, to) in &services {
+                builder = builder.service(name, to);
+            }
+            if let Some(server) = &file.server {
+                builder = builder.server(server);
+            }
+            if let Some(grace) = file.drain_grace {
+                builder = builder.drain_grace(grace);
+            }
+            let agent = builder.build().map_err(|e| match e {
+                revproxy::agent::AgentError::Identity(_) | revproxy::agent::AgentError::Tls(_) => {
+                    (1, e.into())
+                }
+                _ => usage(e),
+            })?;
+            runtime()?.block_on(agent.run(revproxy::logging::shutdown_signal()));
         }
     }
     Ok(())

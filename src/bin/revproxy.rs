@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use revproxy::ca::{self, Ca, CaError, InitOptions, NewToken};
+use revproxy::config::ProxyConfig;
 use revproxy::duration::parse_duration;
 use revproxy::Proxy;
 
@@ -31,8 +32,28 @@ enum Command {
     /// Mint, list and revoke one-time enrollment tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// List and revoke issued agent certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Run the proxy (creating a CA first if the state directory has none).
     Serve(ServeArgs),
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// List issued certificates with their state.
+    List {
+        #[command(flatten)]
+        state: StateArg,
+    },
+    /// Revoke a certificate by serial, or every certificate of an agent.
+    Revoke {
+        #[command(flatten)]
+        state: StateArg,
+        /// Serial (hex, as `cert list` shows it) or agent name
+        #[arg(value_name = "SERIAL_OR_AGENT")]
+        what: String,
+    },
 }
 
 #[derive(Args)]
@@ -103,9 +124,18 @@ enum TokenCommand {
 struct ServeArgs {
     #[command(flatten)]
     state: StateArg,
-    /// Address of the agent listener (enrollment and tunnels)
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:7443")]
-    agents: SocketAddr,
+    /// TOML configuration file (flags override it)
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address of the agent listener (enrollment and tunnels) [default: 0.0.0.0:7443]
+    #[arg(long, value_name = "ADDR")]
+    agents: Option<SocketAddr>,
+    /// Public listener that routes on TLS SNI
+    #[arg(long, value_name = "ADDR")]
+    sni: Option<SocketAddr>,
+    /// Public listener that routes on the HTTP Host header
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
 }
 
 /// An error with the exit status it deserves: 1 for runtime failures, 2 for bad input.
@@ -206,6 +236,33 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ca::open(&state.dir())?.revoke_token(&id)?;
             eprintln!("token {id} revoked");
         }
+        Command::Cert(CertCommand::List { state }) => {
+            let ca = Ca::open(&state.dir())?;
+            println!(
+                "{:<40}  {:<20}  {:<8}  {:<20}  {:<20}  HOSTS",
+                "SERIAL", "AGENT", "STATE", "NOT BEFORE", "NOT AFTER"
+            );
+            for c in ca.list_certs(now)? {
+                println!(
+                    "{:<40}  {:<20}  {:<8}  {:<20}  {:<20}  {}",
+                    c.serial,
+                    c.agent,
+                    c.state.as_str(),
+                    revproxy::logging::rfc3339(c.not_before),
+                    revproxy::logging::rfc3339(c.not_after),
+                    c.hosts.join(",")
+                );
+            }
+        }
+        Command::Cert(CertCommand::Revoke { state, what }) => {
+            let revoked = Ca::open(&state.dir())?.revoke_certs(&what, now)?;
+            if revoked.is_empty() {
+                eprintln!("already revoked: {what}");
+            }
+            for serial in revoked {
+                eprintln!("revoked {serial}");
+            }
+        }
         Command::Serve(args) => serve(args)?,
     }
     Ok(())
@@ -220,7 +277,29 @@ fn print_init_notes(ca: &Ca) {
 }
 
 fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let dir = args.state.dir();
+    let usage = |e: anyhow::Error| Failure {
+        status: 2,
+        error: e,
+    };
+    let mut config = match &args.config {
+        Some(path) => ProxyConfig::load(path).map_err(|e| usage(e.into()))?,
+        None => ProxyConfig::default(),
+    };
+    // Flags override the file.
+    config.agents = args.agents.or(config.agents);
+    config.sni = args.sni.or(config.sni);
+    config.http = args.http.or(config.http);
+    config.validate().map_err(|e| usage(e.into()))?;
+    let listeners = config.listeners().map_err(|e| usage(e.into()))?;
+    let routes = config.routes().map_err(|e| usage(e.into()))?;
+    let dir = args
+        .state
+        .state
+        .clone()
+        .or(config.state.clone())
+        .unwrap_or_else(revproxy::dirs::proxy_state_dir);
+    let agents_addr = config.agents.unwrap_or(DEFAULT_AGENTS);
+
     if !Ca::exists(&dir) {
         let ca = Ca::init(
             &dir,
@@ -231,11 +310,32 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let agents = tokio::net::TcpListener::bind(args.agents)
-            .await
-            .with_context(|| format!("cannot listen for agents on {}", args.agents))?;
-        let proxy = Proxy::builder(&dir).agent_listener(agents).build()?;
+        let bind = |addr: SocketAddr| async move {
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))
+        };
+        let mut builder = Proxy::builder(&dir).agent_listener(bind(agents_addr).await?);
+        for (addr, kind) in listeners {
+            builder = builder.listener(bind(addr).await?, kind);
+        }
+        for (name, addr) in &routes {
+            builder = builder.route(name, addr);
+        }
+        if let Some(t) = config.peek_timeout {
+            builder = builder.peek_timeout(t);
+        }
+        if let Some(g) = config.shutdown_grace {
+            builder = builder.shutdown_grace(g);
+        }
+        let proxy = builder.build()?;
         proxy.run(revproxy::logging::shutdown_signal()).await?;
         Ok::<_, Failure>(())
     })
 }
+
+/// Where agents connect unless told otherwise.
+const DEFAULT_AGENTS: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+    ca::DEFAULT_AGENT_PORT,
+);

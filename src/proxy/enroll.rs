@@ -25,6 +25,8 @@ use crate::enroll_wire::{EnrollBody, EnrollReply, ErrorReply, ENROLL_PATH, MAX_R
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for the whole exchange, body and answer included.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for the enrollment queue before answering 503.
+pub const GATE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on the buffered request head.
 const MAX_HEAD: usize = 16 * 1024;
 
@@ -73,7 +75,7 @@ async fn handle(
         .limiter
         .lock()
         .expect("limiter lock")
-        .check(peer.ip(), Instant::now())
+        .begin(peer.ip(), Instant::now())
     {
         warn!(%peer, "enrollment refused: too many failed attempts from this address");
         let mut resp = error(
@@ -88,12 +90,15 @@ async fn handle(
             .insert(http::header::RETRY_AFTER, (wait.as_secs() + 1).into());
         return resp;
     }
-    let fail = |status, code: &str, message: String| {
+    // The attempt was counted by `begin`; only a success or our own fault gives it back.
+    let forgive = || {
         shared
             .limiter
             .lock()
             .expect("limiter lock")
-            .record_failure(peer.ip(), Instant::now());
+            .forgive(peer.ip())
+    };
+    let fail = |status, code: &str, message: String| {
         warn!(%peer, code, "enrollment refused");
         error(status, code, message)
     };
@@ -131,13 +136,26 @@ async fn handle(
             )
         }
     };
+    // Cheap checks before the queue: a malformed id can name no token, and it must not
+    // reach the log as free text.
+    if !is_token_id(&body.token_id) {
+        let e = EnrollError::UnknownToken;
+        return fail(status_of(&e), e.code(), e.to_string());
+    }
     let Some(secret) = Secret::from_base64(&body.secret) else {
         let e = EnrollError::WrongSecret;
         return fail(status_of(&e), e.code(), e.to_string());
     };
 
     let outcome = {
-        let _turn = shared.enroll_gate.lock().await;
+        let Ok(_turn) = tokio::time::timeout(GATE_TIMEOUT, shared.enroll_gate.lock()).await else {
+            forgive();
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "the proxy is busy with other enrollments; try again in a minute".into(),
+            );
+        };
         let ca = shared.ca.clone();
         let token_id = body.token_id.clone();
         tokio::task::spawn_blocking(move || {
@@ -154,6 +172,9 @@ async fn handle(
     };
     match outcome {
         Ok(Ok(done)) => {
+            forgive();
+            // Our own change: let routing see the new grant now, not at the next poll.
+            shared.state.refresh().await;
             info!(%peer, token_id = %body.token_id, agent = %done.agent, serial = %done.serial,
                   retry = done.reissued, "agent enrolled");
             let reply = EnrollReply {
@@ -168,6 +189,7 @@ async fn handle(
             json(StatusCode::OK, &reply)
         }
         Ok(Err(EnrollError::Internal(e))) => {
+            forgive();
             tracing::error!(%peer, token_id = %body.token_id, error = %e, "enrollment failed");
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -180,6 +202,7 @@ async fn handle(
             fail(status_of(&e), e.code(), e.to_string())
         }
         Err(join) => {
+            forgive();
             tracing::error!(%peer, error = %join, "enrollment task failed");
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -190,10 +213,18 @@ async fn handle(
     }
 }
 
+/// Token ids are 16 lower-case hex digits.
+fn is_token_id(id: &str) -> bool {
+    id.len() == 16
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 fn status_of(e: &EnrollError) -> StatusCode {
     match e {
         EnrollError::BadCsr(_) => StatusCode::BAD_REQUEST,
-        EnrollError::WrongSecret => StatusCode::UNAUTHORIZED,
+        EnrollError::WrongSecret => StatusCode::FORBIDDEN,
         EnrollError::Revoked => StatusCode::FORBIDDEN,
         EnrollError::UnknownToken => StatusCode::NOT_FOUND,
         EnrollError::Used => StatusCode::CONFLICT,

@@ -5,8 +5,13 @@
 //! tests bind `127.0.0.1:0` and know the address before anything runs.
 
 mod enroll;
+mod public;
 pub mod ratelimit;
+pub mod registry;
+mod tunnels;
+pub mod watch;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,18 +22,28 @@ use revproxy_ca::{Ca, CaError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
+pub use public::{ListenerKind, Target};
+pub(crate) use tunnels::keepalive;
+
+use crate::signal::Trigger;
 use crate::tls::{self, TlsError};
 use ratelimit::FailureLimiter;
+use registry::Registry;
+use watch::StateView;
 
 /// Longest time a TLS handshake on the agent port may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most connections on the agent port at once (enrollments and tunnels).
 pub const MAX_AGENT_CONNECTIONS: usize = 4096;
-/// How long open connections get to finish after shutdown starts.
+/// Most public client connections at once, over all public listeners.
+pub const MAX_CLIENT_CONNECTIONS: usize = 65_536;
+/// How long open client connections get to finish after shutdown starts.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a public client may take to send its ClientHello or request head.
+pub const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the proxy could not start or keep running.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +54,8 @@ pub enum ProxyError {
     Tls(#[from] TlsError),
     #[error("no agent listener was given to the proxy builder")]
     NoAgentListener,
+    #[error("invalid route: {0}")]
+    InvalidRoute(String),
     #[error("listener error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -48,14 +65,42 @@ pub enum ProxyError {
 pub struct ProxyBuilder {
     state_dir: PathBuf,
     agents: Option<TcpListener>,
+    public: Vec<(TcpListener, ListenerKind)>,
+    routes: HashMap<String, String>,
     max_enroll_failures: u32,
     enroll_failure_window: Duration,
+    peek_timeout: Duration,
+    shutdown_grace: Duration,
 }
 
 impl ProxyBuilder {
     /// The listener agents connect to (enrollment and tunnels).
     pub fn agent_listener(mut self, listener: TcpListener) -> Self {
         self.agents = Some(listener);
+        self
+    }
+
+    /// A public listener that routes on TLS SNI.
+    pub fn sni_listener(self, listener: TcpListener) -> Self {
+        self.listener(listener, ListenerKind::Sni)
+    }
+
+    /// A public listener that routes on the HTTP `Host` header.
+    pub fn http_listener(self, listener: TcpListener) -> Self {
+        self.listener(listener, ListenerKind::Http)
+    }
+
+    /// A public listener of any kind.
+    pub fn listener(mut self, listener: TcpListener, kind: ListenerKind) -> Self {
+        self.public.push((listener, kind));
+        self
+    }
+
+    /// A static route: `name` goes to the TCP backend `addr` (`host:port`) whenever no live
+    /// agent serves it.
+    pub fn route(mut self, name: &str, addr: &str) -> Self {
+        self.routes
+            .insert(name.to_ascii_lowercase(), addr.to_string());
         self
     }
 
@@ -67,12 +112,41 @@ impl ProxyBuilder {
         self
     }
 
+    /// How long a public client may take to say where it is going ([`PEEK_TIMEOUT`]).
+    pub fn peek_timeout(mut self, timeout: Duration) -> Self {
+        self.peek_timeout = timeout;
+        self
+    }
+
+    /// How long client connections may drain after shutdown starts ([`SHUTDOWN_GRACE`]).
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
     /// Opens the CA and prepares TLS. Nothing is accepted until [`Proxy::run`].
     pub fn build(self) -> Result<Proxy, ProxyError> {
         let agents = self.agents.ok_or(ProxyError::NoAgentListener)?;
+        for (name, addr) in &self.routes {
+            if let Ok(Target::Tcp(_)) | Err(_) = Target::parse(name) {
+                return Err(ProxyError::InvalidRoute(format!(
+                    "{name:?} is not a host name"
+                )));
+            }
+            Target::parse(&format!("tcp://{addr}")).map_err(ProxyError::InvalidRoute)?;
+        }
         let ca = Ca::open(&self.state_dir)?;
+        let state = StateView::load(ca.state().clone())?;
         let (chain, key) = ca.server_identity(time::OffsetDateTime::now_utc())?;
-        let config = tls::agent_listener_config(&chain, &key, ca.cert_der(), &[tls::ALPN_HTTP1])?;
+        let enroll_config =
+            tls::agent_listener_config(&chain, &key, ca.cert_der(), &[tls::ALPN_HTTP1])?;
+        let revocations = state.clone();
+        let tunnel_config = tls::tunnel_listener_config(
+            &chain,
+            &key,
+            ca.cert_der(),
+            Arc::new(move |serial| revocations.get().revoked.contains(serial)),
+        )?;
         Ok(Proxy {
             shared: Arc::new(Shared {
                 ca: Arc::new(ca),
@@ -81,9 +155,17 @@ impl ProxyBuilder {
                     self.max_enroll_failures,
                     self.enroll_failure_window,
                 )),
+                registry: Arc::new(Registry::default()),
+                state,
+                routes: self.routes,
+                peek_timeout: self.peek_timeout,
+                close_tunnels: Trigger::default(),
+                enroll_config: Arc::new(enroll_config),
+                tunnel_config: Arc::new(tunnel_config),
             }),
             agents,
-            acceptor: TlsAcceptor::from(Arc::new(config)),
+            public: self.public,
+            shutdown_grace: self.shutdown_grace,
         })
     }
 }
@@ -95,13 +177,22 @@ struct Shared {
     /// queueing here keeps blocking threads from piling up behind the file lock.
     enroll_gate: tokio::sync::Mutex<()>,
     limiter: Mutex<FailureLimiter>,
+    registry: Arc<Registry>,
+    state: StateView,
+    routes: HashMap<String, String>,
+    peek_timeout: Duration,
+    /// Fired last during shutdown, once client connections have drained.
+    close_tunnels: Trigger,
+    enroll_config: Arc<rustls::ServerConfig>,
+    tunnel_config: Arc<rustls::ServerConfig>,
 }
 
 /// A configured proxy, ready to run.
 pub struct Proxy {
     shared: Arc<Shared>,
     agents: TcpListener,
-    acceptor: TlsAcceptor,
+    public: Vec<(TcpListener, ListenerKind)>,
+    shutdown_grace: Duration,
 }
 
 impl Proxy {
@@ -110,8 +201,12 @@ impl Proxy {
         ProxyBuilder {
             state_dir: state_dir.as_ref().to_path_buf(),
             agents: None,
+            public: Vec::new(),
+            routes: HashMap::new(),
             max_enroll_failures: ratelimit::DEFAULT_MAX_FAILURES,
             enroll_failure_window: ratelimit::DEFAULT_WINDOW,
+            peek_timeout: PEEK_TIMEOUT,
+            shutdown_grace: SHUTDOWN_GRACE,
         }
     }
 
@@ -125,74 +220,169 @@ impl Proxy {
         self.shared.ca.pin()
     }
 
-    /// Serves until `shutdown` completes, then stops accepting and gives open connections
-    /// [`SHUTDOWN_GRACE`] to finish.
+    /// A handle that reports which names live tunnels serve, usable while the proxy runs.
+    pub fn status(&self) -> ProxyStatus {
+        ProxyStatus {
+            registry: self.shared.registry.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` completes. Then it stops accepting, gives client connections
+    /// the shutdown grace period to finish, and closes the tunnels last.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ProxyError> {
         let addr = self.agents.local_addr()?;
         info!(%addr, pin = %self.shared.ca.pin(), "agent listener ready");
-        let permits = Arc::new(Semaphore::new(MAX_AGENT_CONNECTIONS));
-        let mut tasks = JoinSet::new();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => break,
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                accepted = self.agents.accept() => {
-                    let (tcp, peer) = match accepted {
-                        Ok(conn) => conn,
-                        Err(e) => {
-                            // Out of file descriptors and the like: back off instead of spinning.
-                            warn!(error = %e, "accept failed on the agent listener");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    };
-                    let Ok(permit) = permits.clone().try_acquire_owned() else {
-                        warn!(%peer, limit = MAX_AGENT_CONNECTIONS, "agent port at its connection limit; closing");
-                        continue;
-                    };
-                    let shared = self.shared.clone();
-                    let acceptor = self.acceptor.clone();
-                    let span = tracing::debug_span!("agent_conn", %peer);
-                    tasks.spawn(
-                        async move {
-                            handle_agent_conn(shared, acceptor, tcp, peer).await;
-                            drop(permit);
-                        }
-                        .instrument(span),
-                    );
-                }
-            }
+        let stop = Trigger::default();
+        let grace = self.shutdown_grace;
+        let mut loops = JoinSet::new();
+        let clients = Arc::new(Semaphore::new(MAX_CLIENT_CONNECTIONS));
+        for (listener, kind) in self.public {
+            let addr = listener.local_addr()?;
+            info!(%addr, kind = ?kind, "public listener ready");
+            let shared = self.shared.clone();
+            let permits = clients.clone();
+            let span = tracing::info_span!("listener", %addr);
+            loops.spawn(
+                accept_loop(listener, stop.clone(), permits, grace, move |tcp, peer| {
+                    public::serve(shared.clone(), kind.clone(), tcp, peer)
+                })
+                .instrument(span),
+            );
         }
-        info!(
-            open = tasks.len(),
-            "shutting down; draining open connections"
-        );
-        let drain = async { while tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
-            tasks.abort_all();
-        }
+        let watch = tokio::spawn(self.shared.state.clone().watch());
+        let agents = {
+            let shared = self.shared.clone();
+            let permits = Arc::new(Semaphore::new(MAX_AGENT_CONNECTIONS));
+            // Tunnels end on `close_tunnels`, fired after the client connections drained.
+            tokio::spawn(accept_loop(
+                self.agents,
+                stop.clone(),
+                permits,
+                grace + grace,
+                move |tcp, peer| handle_agent_conn(shared.clone(), tcp, peer),
+            ))
+        };
+
+        shutdown.await;
+        info!("shutting down: no new connections; draining open ones");
+        stop.fire();
+        while loops.join_next().await.is_some() {}
+        self.shared.close_tunnels.fire();
+        let _ = agents.await;
+        watch.abort();
         Ok(())
     }
 }
 
-async fn handle_agent_conn(
-    shared: Arc<Shared>,
-    acceptor: TlsAcceptor,
-    tcp: TcpStream,
-    peer: SocketAddr,
-) {
+/// What the running proxy serves, for embedders, health checks and tests.
+#[derive(Clone, Debug)]
+pub struct ProxyStatus {
+    registry: Arc<Registry>,
+}
+
+impl ProxyStatus {
+    /// How many live tunnels serve `name`.
+    pub fn tunnels_for(&self, name: &str) -> usize {
+        self.registry.lookup(name).len()
+    }
+
+    /// Waits until exactly `count` live tunnels serve `name`, or `timeout` passes; returns
+    /// whether it happened.
+    pub async fn wait_for_tunnels(&self, name: &str, count: usize, timeout: Duration) -> bool {
+        let mut changes = self.registry.subscribe();
+        let wait = async {
+            loop {
+                if self.tunnels_for(name) == count {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+}
+
+/// Accepts connections until `stop` fires, running `handle` for each in a tracked task;
+/// then lets them finish for `grace` and aborts the rest.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    stop: Trigger,
+    permits: Arc<Semaphore>,
+    grace: Duration,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    warn!(%peer, "at the connection limit; closing");
+                    continue;
+                };
+                let span = tracing::debug_span!("conn", %peer);
+                let work = handle(tcp, peer);
+                tasks.spawn(async move {
+                    work.await;
+                    drop(permit);
+                }.instrument(span));
+            }
+        }
+    }
+    drop(listener);
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drain).await.is_err() {
+        warn!(
+            open = tasks.len(),
+            "connections still open after the grace period; closing them"
+        );
+        tasks.abort_all();
+    }
+}
+
+async fn handle_agent_conn(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
+    // Look at the ClientHello first: tunnels (ALPN h2) must present a certificate, which
+    // is then checked in the handshake itself; enrollment cannot have one yet.
+    let handshake = async {
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+        let tunnel = tls::offers_h2(&start.client_hello());
+        let config = if tunnel {
+            shared.tunnel_config.clone()
+        } else {
+            shared.enroll_config.clone()
+        };
+        Ok::<_, std::io::Error>((tunnel, start.into_stream(config).await?))
+    };
+    let (tunnel, stream) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(done)) => done,
         Ok(Err(e)) => {
-            debug!(error = %e, "TLS handshake failed on the agent port");
+            debug!(%peer, error = %e, "TLS handshake failed on the agent port");
             return;
         }
         Err(_) => {
-            debug!("TLS handshake timed out on the agent port");
+            debug!(%peer, "TLS handshake timed out on the agent port");
             return;
         }
     };
-    enroll::serve(shared, tls, peer).await;
+    if tunnel {
+        tunnels::serve(shared, stream, peer).await;
+    } else {
+        enroll::serve(shared, stream, peer).await;
+    }
 }

@@ -32,6 +32,22 @@ impl FailureLimiter {
         }
     }
 
+    /// Counts an attempt from `ip` before it is processed, so that concurrent attempts
+    /// cannot all slip past the limit; `Err(wait)` if `ip` is blocked for `wait` more. A
+    /// successful attempt is given back with [`FailureLimiter::forgive`].
+    pub fn begin(&mut self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+        self.check(ip, now)?;
+        self.record_failure(ip, now);
+        Ok(())
+    }
+
+    /// Takes back one attempt counted by [`FailureLimiter::begin`] that did not fail.
+    pub fn forgive(&mut self, ip: IpAddr) {
+        if let Some(entry) = self.entries.get_mut(&source_key(ip)) {
+            entry.0 = entry.0.saturating_sub(1);
+        }
+    }
+
     /// `Err(wait)` if `ip` is blocked for `wait` more.
     pub fn check(&mut self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
         let key = source_key(ip);
@@ -110,6 +126,18 @@ mod tests {
         );
         assert!(l.check(other, t0).is_ok(), "other sources are not affected");
         assert!(l.check(ip, t0 + Duration::from_secs(60)).is_ok());
+    }
+
+    #[test]
+    fn attempts_count_when_they_begin_and_successes_are_forgiven() {
+        let mut l = FailureLimiter::new(2, Duration::from_secs(60));
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let t0 = Instant::now();
+        assert!(l.begin(ip, t0).is_ok());
+        assert!(l.begin(ip, t0).is_ok());
+        assert!(l.begin(ip, t0).is_err(), "two in flight fill the budget");
+        l.forgive(ip);
+        assert!(l.begin(ip, t0).is_ok());
     }
 
     #[test]

@@ -7,20 +7,63 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use revproxy::ca::{Ca, InitOptions, NewToken, Pin, Token};
-use revproxy::{Proxy, ProxyBuilder};
+use revproxy::{Agent, Proxy, ProxyBuilder, ProxyStatus};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// A running proxy. Dropping it shuts the proxy down.
+/// A running proxy with an agent listener, an SNI listener and an HTTP listener.
+/// Dropping it shuts the proxy down.
 pub struct TestProxy {
     pub dir: TempDir,
+    /// The agent listener.
     pub addr: SocketAddr,
+    pub sni: SocketAddr,
+    pub http: SocketAddr,
     /// A second handle on the CA, as an operator's `revproxy token create` would have.
     pub ca: Ca,
+    pub status: ProxyStatus,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+}
+
+/// Logs to the test's captured output; `RUST_LOG` sets the level (default: warn).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+async fn bind(addr: &str) -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind(addr).await.unwrap()
+}
+
+fn launch(
+    dir: &std::path::Path,
+    [agents, sni, http]: [tokio::net::TcpListener; 3],
+    configure: impl FnOnce(ProxyBuilder) -> ProxyBuilder,
+) -> (ProxyStatus, oneshot::Sender<()>, JoinHandle<()>) {
+    let builder = Proxy::builder(dir)
+        .agent_listener(agents)
+        .sni_listener(sni)
+        .http_listener(http)
+        .shutdown_grace(Duration::from_secs(1));
+    let proxy = configure(builder).build().unwrap();
+    let status = proxy.status();
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        proxy
+            .run(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    (status, tx, task)
 }
 
 impl TestProxy {
@@ -29,35 +72,58 @@ impl TestProxy {
     }
 
     pub async fn start_with(configure: impl FnOnce(ProxyBuilder) -> ProxyBuilder) -> TestProxy {
+        init_logging();
         let dir = tempfile::tempdir().unwrap();
-        Ca::init(
-            dir.path(),
-            &InitOptions::default(),
-            time::OffsetDateTime::now_utc(),
-        )
-        .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let proxy = configure(Proxy::builder(dir.path()).agent_listener(listener))
-            .build()
-            .unwrap();
-        let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(async move {
-            proxy
-                .run(async {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
+        let now = time::OffsetDateTime::now_utc();
+        Ca::init(dir.path(), &InitOptions::default(), now).unwrap();
+        let listeners = [
+            bind("127.0.0.1:0").await,
+            bind("127.0.0.1:0").await,
+            bind("127.0.0.1:0").await,
+        ];
+        let addr = listeners[0].local_addr().unwrap();
+        let sni = listeners[1].local_addr().unwrap();
+        let http = listeners[2].local_addr().unwrap();
+        let (status, shutdown, task) = launch(dir.path(), listeners, configure);
         let ca = Ca::open(dir.path()).unwrap();
         TestProxy {
             dir,
             addr,
+            sni,
+            http,
             ca,
-            shutdown: Some(tx),
+            status,
+            shutdown: Some(shutdown),
             task: Some(task),
         }
+    }
+
+    /// Stops the proxy and starts a new one on the same ports and state.
+    pub async fn restart(&mut self) {
+        self.shutdown.take().unwrap().send(()).ok();
+        self.task.take().unwrap().await.unwrap();
+        let listeners = [
+            bind(&self.addr.to_string()).await,
+            bind(&self.sni.to_string()).await,
+            bind(&self.http.to_string()).await,
+        ];
+        let (status, shutdown, task) = launch(self.dir.path(), listeners, |b| b);
+        self.status = status;
+        self.shutdown = Some(shutdown);
+        self.task = Some(task);
+    }
+
+    /// Waits (bounded) until `count` tunnels serve `name`.
+    pub async fn wait_for(&self, name: &str, count: usize) {
+        let ok = self
+            .status
+            .wait_for_tunnels(name, count, Duration::from_secs(10))
+            .await;
+        assert!(
+            ok,
+            "{name} never had {count} tunnel(s); it has {}",
+            self.status.tunnels_for(name)
+        );
     }
 
     /// A token for agent `web-1` that grants `hosts`.
@@ -161,4 +227,132 @@ pub fn enroll_body(token: &Token) -> (rcgen::KeyPair, String) {
         "csr": csr,
     });
     (key, body.to_string())
+}
+
+/// An enrolled agent's state directory.
+pub async fn enroll_agent(proxy: &TestProxy, name: &str, hosts: &[&str]) -> TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let token = proxy.token_for(
+        name,
+        hosts,
+        time::OffsetDateTime::now_utc(),
+        Duration::from_secs(3600),
+    );
+    revproxy::agent::enroll(&token, dir.path()).await.unwrap();
+    dir
+}
+
+/// A running agent. Dropping it stops it.
+pub struct TestAgent {
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestAgent {
+    /// Kills the agent at once, as `kill -9` would: its sockets close, nothing drains.
+    pub fn kill(mut self) {
+        self.task.take().unwrap().abort();
+    }
+
+    /// Asks the agent to shut down gracefully and waits until it has.
+    pub async fn stop(mut self) {
+        self.shutdown.take().unwrap().send(()).ok();
+        self.task.take().unwrap().await.unwrap();
+    }
+
+    /// Asks the agent to shut down and returns the task to await.
+    pub fn begin_stop(mut self) -> JoinHandle<()> {
+        self.shutdown.take().unwrap().send(()).ok();
+        self.task.take().unwrap()
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Starts an agent from `dir` serving `services`.
+pub fn start_agent(dir: &std::path::Path, services: &[(&str, SocketAddr)]) -> TestAgent {
+    start_agent_with(dir, services, |b| b)
+}
+
+pub fn start_agent_with(
+    dir: &std::path::Path,
+    services: &[(&str, SocketAddr)],
+    configure: impl FnOnce(revproxy::AgentBuilder) -> revproxy::AgentBuilder,
+) -> TestAgent {
+    let mut builder = Agent::builder(dir);
+    for (name, addr) in services {
+        builder = builder.service(name, &addr.to_string());
+    }
+    let agent = configure(builder).build().unwrap();
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(agent.run(async {
+        let _ = rx.await;
+    }));
+    TestAgent {
+        shutdown: Some(tx),
+        task: Some(task),
+    }
+}
+
+/// A backend that writes `tag` (if any), then echoes everything it reads; when the reader
+/// is done it shuts down its write side (so half-close is visible end to end).
+pub async fn echo_backend(tag: &'static [u8]) -> SocketAddr {
+    let listener = bind("127.0.0.1:0").await;
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = tcp.into_split();
+                if wr.write_all(tag).await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                let _ = wr.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `data` to `addr` after `prefix`, half-closes, and returns everything read back.
+pub async fn round_trip(addr: SocketAddr, prefix: &[u8], data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (mut rd, mut wr) = tcp.into_split();
+    let mut out = prefix.to_vec();
+    out.extend_from_slice(data);
+    let writer = tokio::spawn(async move {
+        wr.write_all(&out).await?;
+        wr.shutdown().await
+    });
+    let mut back = Vec::new();
+    rd.read_to_end(&mut back).await?;
+    writer.await.unwrap()?;
+    Ok(back)
+}
+
+/// An HTTP/1.1 request head for `host`.
+pub fn http_head(host: &str) -> Vec<u8> {
+    format!("GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: test\r\n\r\n").into_bytes()
 }

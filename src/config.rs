@@ -1,0 +1,297 @@
+//! The TOML configuration files of `revproxy serve` and `revproxy-agent run`.
+//!
+//! Reading a file, parsing text ([`ProxyConfig::from_toml`]) and checking meaning
+//! (`validate`) are kept apart, so that every example in `examples/` can be checked by a
+//! test and a bad file is refused before any port is bound. Unknown keys are errors.
+//! Documented in `docs/configuration.md`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::proxy::Target;
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// `revproxy serve --config FILE`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// State directory (the CA and its records).
+    pub state: Option<PathBuf>,
+    /// Agent listener address (enrollment and tunnels).
+    pub agents: Option<SocketAddr>,
+    /// Shorthand for a `[[listener]]` with `protocol = "sni"`.
+    pub sni: Option<SocketAddr>,
+    /// Shorthand for a `[[listener]]` with `protocol = "http"`.
+    pub http: Option<SocketAddr>,
+    /// Time a client has to send its ClientHello or request head, e.g. "10s".
+    #[serde(default, deserialize_with = "duration")]
+    pub peek_timeout: Option<Duration>,
+    /// Time open connections get to finish on shutdown, e.g. "10s".
+    #[serde(default, deserialize_with = "duration")]
+    pub shutdown_grace: Option<Duration>,
+    /// Public listeners.
+    #[serde(default)]
+    pub listener: Vec<ListenerConfig>,
+    /// Static routes to TCP backends, used when no agent serves the name.
+    #[serde(default)]
+    pub route: Vec<RouteConfig>,
+}
+
+/// One public listener: routes on `protocol`, or sends everything `to` one target.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub listen: SocketAddr,
+    pub protocol: Option<Protocol>,
+    /// A host name served by agents, or `tcp://HOST:PORT`.
+    pub to: Option<String>,
+}
+
+/// What a routing listener peeks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Sni,
+    Http,
+}
+
+/// A static route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub host: String,
+    /// `tcp://HOST:PORT`.
+    pub to: String,
+}
+
+impl ProxyConfig {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
+        let config =
+            ProxyConfig::from_toml(&read(path)?).map_err(|message| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (no validation).
+    pub fn from_toml(text: &str) -> Result<ProxyConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Every listener, with the `sni`/`http` shorthands expanded.
+    pub fn listeners(&self) -> Result<Vec<(SocketAddr, crate::proxy::ListenerKind)>, ConfigError> {
+        use crate::proxy::ListenerKind;
+        let mut out = Vec::new();
+        out.extend(self.sni.map(|a| (a, ListenerKind::Sni)));
+        out.extend(self.http.map(|a| (a, ListenerKind::Http)));
+        for l in &self.listener {
+            let kind = match (&l.protocol, &l.to) {
+                (Some(Protocol::Sni), None) => ListenerKind::Sni,
+                (Some(Protocol::Http), None) => ListenerKind::Http,
+                (None, Some(to)) => ListenerKind::Fixed(
+                    Target::parse(to)
+                        .map_err(|e| ConfigError::Invalid(format!("listener {}: {e}", l.listen)))?,
+                ),
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "listener {} needs exactly one of protocol = \"sni\"|\"http\" or to = NAME|\"tcp://HOST:PORT\"",
+                        l.listen
+                    )))
+                }
+            };
+            out.push((l.listen, kind));
+        }
+        Ok(out)
+    }
+
+    /// Static routes as (name, `host:port`).
+    pub fn routes(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        self.route
+            .iter()
+            .map(|r| {
+                let host = revproxy_ca::names::normalize_host(&r.host)
+                    .map_err(|e| ConfigError::Invalid(format!("route: {e}")))?;
+                match Target::parse(&r.to) {
+                    Ok(Target::Tcp(addr)) => Ok((host, addr)),
+                    _ => Err(ConfigError::Invalid(format!(
+                        "route {host}: to must be tcp://HOST:PORT, not {:?}",
+                        r.to
+                    ))),
+                }
+            })
+            .collect()
+    }
+
+    /// Checks meaning: listener targets, routes, duplicate addresses.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let listeners = self.listeners()?;
+        self.routes()?;
+        let mut addrs: Vec<SocketAddr> = listeners.iter().map(|(a, _)| *a).collect();
+        addrs.extend(self.agents);
+        let mut sorted = addrs.clone();
+        sorted.sort();
+        sorted.dedup();
+        if sorted.len() != addrs.len() {
+            return Err(ConfigError::Invalid(
+                "two listeners share one address".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `revproxy-agent run --config FILE`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// State directory (the enrolled identity).
+    pub state: Option<PathBuf>,
+    /// Proxy address, instead of the one saved at enrollment.
+    pub server: Option<String>,
+    /// Tunnel transport.
+    pub transport: Option<Transport>,
+    /// Time open streams get to finish on shutdown, e.g. "30s".
+    #[serde(default, deserialize_with = "duration")]
+    pub drain_grace: Option<Duration>,
+    /// Names served and their backends.
+    #[serde(default)]
+    pub service: Vec<ServiceConfig>,
+}
+
+/// Tunnel transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    H2,
+    Quic,
+}
+
+/// One served name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Exact name or `*.example.com`.
+    pub host: String,
+    /// Backend `HOST:PORT`.
+    pub to: String,
+}
+
+impl AgentConfig {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let config =
+            AgentConfig::from_toml(&read(path)?).map_err(|message| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (no validation).
+    pub fn from_toml(text: &str) -> Result<AgentConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks meaning.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_transport(self.transport)?;
+        for s in &self.service {
+            parse_map(&format!("{}={}", s.host, s.to))?;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses transports this build cannot run.
+pub fn check_transport(t: Option<Transport>) -> Result<(), ConfigError> {
+    match t {
+        None | Some(Transport::H2) => Ok(()),
+        Some(Transport::Quic) => Err(ConfigError::Invalid(
+            "transport quic is not available in this version yet; use h2".into(),
+        )),
+    }
+}
+
+/// Parses `NAME=HOST:PORT` (a `--map` argument).
+pub fn parse_map(s: &str) -> Result<(String, String), ConfigError> {
+    let bad = |why: String| ConfigError::Invalid(format!("invalid service {s:?}: {why}"));
+    let (name, to) = s
+        .split_once('=')
+        .ok_or_else(|| bad("expected NAME=HOST:PORT".into()))?;
+    let name = revproxy_ca::names::normalize_host(name).map_err(bad)?;
+    match Target::parse(&format!("tcp://{to}")) {
+        Ok(_) => Ok((name, to.to_string())),
+        Err(_) => Err(bad(format!("backend {to:?} is not HOST:PORT"))),
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = Option::<String>::deserialize(d)?;
+    text.map(|t| crate::duration::parse_duration(&t).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(ProxyConfig::from_toml("agent = \"0.0.0.0:1\"").is_err());
+        assert!(ProxyConfig::from_toml("agents = \"nope\"").is_err());
+        assert!(ProxyConfig::from_toml("peek_timeout = \"soon\"").is_err());
+        let both = ProxyConfig::from_toml(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\nprotocol = \"sni\"\nto = \"a.example.com\"",
+        )
+        .unwrap();
+        assert!(both.validate().is_err());
+        let route =
+            ProxyConfig::from_toml("[[route]]\nhost = \"a.example.com\"\nto = \"b.example.com\"")
+                .unwrap();
+        assert!(route.validate().is_err());
+        let dup = ProxyConfig::from_toml("sni = \"127.0.0.1:1\"\nhttp = \"127.0.0.1:1\"").unwrap();
+        assert!(dup.validate().is_err());
+        assert!(
+            AgentConfig::from_toml("[[service]]\nhost = \"a\"\nto = \"b:1\"\nport = 1").is_err()
+        );
+    }
+
+    #[test]
+    fn map_arguments() {
+        assert_eq!(
+            parse_map("App.Example.com=127.0.0.1:8080").unwrap(),
+            ("app.example.com".to_string(), "127.0.0.1:8080".to_string())
+        );
+        assert!(parse_map("app.example.com").is_err());
+        assert!(parse_map("app.example.com=127.0.0.1").is_err());
+        assert!(parse_map("bad_name!=127.0.0.1:1").is_err());
+    }
+}

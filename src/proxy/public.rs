@@ -1,0 +1,325 @@
+//! Public listeners: accept a client, find out where it wants to go (peek SNI or `Host`,
+//! or a fixed target), and join it to a tunnel stream or a static TCP backend.
+//!
+//! The peeked bytes are replayed to the backend exactly. Peeking is bounded in bytes and
+//! in time, so a client that sends nothing, or one byte a second, costs a buffer of at most
+//! [`MAX_PEEK`] for at most the peek timeout.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use super::Shared;
+use crate::route::{http, sni};
+use crate::tunnel;
+
+/// Most bytes read while looking for a name: a 16 KiB ClientHello may come in many small
+/// records, each with a 5-byte header.
+pub const MAX_PEEK: usize = 32 * 1024;
+/// Time allowed to open a stream on a tunnel (the agent dials its backend meanwhile).
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Time allowed to connect to a static `tcp://` backend.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a public listener does with its connections.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// Route on the TLS ClientHello's server name; TLS passes through untouched.
+    Sni,
+    /// Route on the HTTP/1.x `Host` header.
+    Http,
+    /// Send everything to one target.
+    Fixed(Target),
+}
+
+/// Where a connection goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A name served by agents (or by a static route).
+    Name(String),
+    /// A fixed TCP backend, `host:port`.
+    Tcp(String),
+}
+
+impl Target {
+    /// Parses `tcp://HOST:PORT` or a host name.
+    pub fn parse(s: &str) -> Result<Target, String> {
+        match s.strip_prefix("tcp://") {
+            Some(addr) => {
+                let (host, port) = addr
+                    .rsplit_once(':')
+                    .ok_or_else(|| format!("{s:?} needs a port: tcp://HOST:PORT"))?;
+                if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+                    return Err(format!("{s:?} is not tcp://HOST:PORT"));
+                }
+                Ok(Target::Tcp(addr.to_string()))
+            }
+            None => revproxy_ca::names::normalize_host(s).map(Target::Name),
+        }
+    }
+}
+
+/// How a connection's protocol lets us say "no".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reply {
+    Tls,
+    Http,
+    Silent,
+}
+
+/// A TLS fatal alert record: unrecognized_name (112).
+const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112];
+/// A TLS fatal alert record: internal_error (80).
+const ALERT_INTERNAL_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 80];
+
+/// Serves one public connection.
+pub(super) async fn serve(
+    shared: Arc<Shared>,
+    kind: ListenerKind,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+) {
+    let _ = tcp.set_nodelay(true);
+    let (name, peeked, reply) = match &kind {
+        ListenerKind::Fixed(Target::Tcp(addr)) => {
+            forward_tcp(tcp, addr, Bytes::new(), peer).await;
+            return;
+        }
+        ListenerKind::Fixed(Target::Name(name)) => (name.clone(), Bytes::new(), Reply::Silent),
+        ListenerKind::Sni => match peek(&mut tcp, shared.peek_timeout, sni_name).await {
+            Ok((Some(name), bytes)) => (name, bytes, Reply::Tls),
+            Ok((None, _)) => {
+                info!(%peer, "TLS client sent no server name; no route");
+                let _ = tcp.write_all(&ALERT_UNRECOGNIZED_NAME).await;
+                return;
+            }
+            Err(e) => {
+                debug!(%peer, error = %e, "no usable ClientHello; closing");
+                return;
+            }
+        },
+        ListenerKind::Http => match peek(&mut tcp, shared.peek_timeout, http_host).await {
+            Ok((name, bytes)) => (name, bytes, Reply::Http),
+            Err(e) => {
+                debug!(%peer, error = %e, "no usable HTTP request head; closing");
+                if e.answerable {
+                    http_error(&mut tcp, 400, "Bad Request", &e.reason).await;
+                }
+                return;
+            }
+        },
+    };
+
+    let tunnels = shared.registry.lookup(&name);
+    if tunnels.is_empty() {
+        if let Some(addr) = shared.routes.get(&name) {
+            forward_tcp(tcp, addr, peeked, peer).await;
+            return;
+        }
+        let offline = shared.state.get().is_granted_anywhere(&name);
+        if offline {
+            info!(%peer, host = %name, "agent for this name is offline");
+        } else {
+            info!(%peer, host = %name, "no route");
+        }
+        match (reply, offline) {
+            (Reply::Tls, _) => {
+                let _ = tcp.write_all(&ALERT_UNRECOGNIZED_NAME).await;
+            }
+            (Reply::Http, true) => {
+                http_error(
+                    &mut tcp,
+                    503,
+                    "Service Unavailable",
+                    &format!("the agent serving {name} is offline"),
+                )
+                .await;
+            }
+            (Reply::Http, false) => {
+                http_error(
+                    &mut tcp,
+                    502,
+                    "Bad Gateway",
+                    &format!("no route for {name}"),
+                )
+                .await;
+            }
+            (Reply::Silent, _) => {}
+        }
+        return;
+    }
+
+    let mut last_error = None;
+    for t in tunnels {
+        match tokio::time::timeout(OPEN_TIMEOUT, t.open(&name, peer)).await {
+            Ok(Ok((mut send, recv))) => {
+                debug!(%peer, host = %name, agent = %t.agent, tunnel = t.id, "stream open");
+                if !peeked.is_empty() {
+                    if let Err(e) = tunnel::h2::send_all(&mut send, peeked).await {
+                        debug!(%peer, error = %e, "stream failed before the first bytes");
+                        return;
+                    }
+                }
+                match tunnel::h2::splice(tcp, send, recv).await {
+                    Ok((up, down)) => debug!(%peer, host = %name, up, down, "stream done"),
+                    Err(e) => debug!(%peer, host = %name, error = %e, "stream ended with an error"),
+                }
+                return;
+            }
+            Ok(Err(e)) => {
+                if e.tunnel_is_gone() {
+                    // A draining agent: route nothing new to it; its open streams finish.
+                    shared.registry.remove(t.id);
+                }
+                warn!(%peer, host = %name, error = %e, "could not open a stream; trying the next agent");
+                last_error = Some(e.to_string());
+            }
+            Err(_) => {
+                warn!(%peer, host = %name, agent = %t.agent, "agent did not answer in time; trying the next agent");
+                last_error = Some(format!(
+                    "agent {} did not answer within {OPEN_TIMEOUT:?}",
+                    t.agent
+                ));
+            }
+        }
+    }
+    let reason = last_error.unwrap_or_default();
+    match reply {
+        Reply::Tls => {
+            let _ = tcp.write_all(&ALERT_INTERNAL_ERROR).await;
+        }
+        Reply::Http => {
+            http_error(
+                &mut tcp,
+                503,
+                "Service Unavailable",
+                &format!("no agent could serve {name}: {reason}"),
+            )
+            .await
+        }
+        Reply::Silent => {}
+    }
+}
+
+/// Why a peek gave up.
+#[derive(Debug)]
+struct PeekError {
+    reason: String,
+    /// Whether the client spoke the protocol well enough to be told.
+    answerable: bool,
+}
+
+impl std::fmt::Display for PeekError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+/// What a peek parser says about the bytes so far.
+enum Peeked<T> {
+    NeedMore,
+    Done(T),
+}
+
+fn sni_name(buf: &[u8]) -> Result<Peeked<Option<String>>, PeekError> {
+    match sni::peek_sni(buf) {
+        Ok(sni::SniPeek::NeedMore) => Ok(Peeked::NeedMore),
+        Ok(sni::SniPeek::Found(name)) => Ok(Peeked::Done(name)),
+        Err(e) => Err(PeekError {
+            reason: e.to_string(),
+            answerable: false,
+        }),
+    }
+}
+
+fn http_host(buf: &[u8]) -> Result<Peeked<String>, PeekError> {
+    match http::peek_host(buf) {
+        Ok(http::HostPeek::NeedMore) => Ok(Peeked::NeedMore),
+        Ok(http::HostPeek::Found(host)) => Ok(Peeked::Done(host)),
+        Err(e) => Err(PeekError {
+            answerable: !matches!(e, http::HostError::NotHttp),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Reads until `parse` decides, within `timeout` overall and [`MAX_PEEK`] bytes.
+async fn peek<T>(
+    tcp: &mut TcpStream,
+    timeout: Duration,
+    parse: impl Fn(&[u8]) -> Result<Peeked<T>, PeekError>,
+) -> Result<(T, Bytes), PeekError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = BytesMut::with_capacity(2048);
+    loop {
+        if let Peeked::Done(v) = parse(&buf)? {
+            return Ok((v, buf.freeze()));
+        }
+        if buf.len() >= MAX_PEEK {
+            return Err(PeekError {
+                reason: format!("nothing to route on in the first {MAX_PEEK} bytes"),
+                answerable: true,
+            });
+        }
+        buf.reserve(4096.min(MAX_PEEK - buf.len()));
+        let read = tokio::time::timeout_at(deadline, tcp.read_buf(&mut buf)).await;
+        match read {
+            Ok(Ok(0)) => {
+                return Err(PeekError {
+                    reason: "client closed before saying where to go".into(),
+                    answerable: false,
+                })
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(PeekError {
+                    reason: e.to_string(),
+                    answerable: false,
+                })
+            }
+            Err(_) => {
+                return Err(PeekError {
+                    reason: format!("client did not say where to go within {timeout:?}"),
+                    answerable: true,
+                })
+            }
+        }
+    }
+}
+
+async fn http_error(tcp: &mut TcpStream, status: u16, text: &str, reason: &str) {
+    let body = format!("{reason}\n");
+    let response = format!(
+        "HTTP/1.1 {status} {text}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tcp.write_all(response.as_bytes()).await;
+    let _ = tcp.shutdown().await;
+}
+
+async fn forward_tcp(mut client: TcpStream, addr: &str, peeked: Bytes, peer: SocketAddr) {
+    let mut backend = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            warn!(%peer, backend = addr, error = %e, "cannot reach static backend");
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, backend = addr, "static backend did not accept in time");
+            return;
+        }
+    };
+    let _ = backend.set_nodelay(true);
+    if backend.write_all(&peeked).await.is_err() {
+        return;
+    }
+    match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+        Ok((up, down)) => debug!(%peer, backend = addr, up, down, "static route done"),
+        Err(e) => debug!(%peer, backend = addr, error = %e, "static route ended with an error"),
+    }
+}

@@ -1,0 +1,125 @@
+//! A live view of the parts of the proxy state that gate tunnels: revoked certificate
+//! serials and what each agent is granted.
+//!
+//! `revproxy cert revoke` and friends run as separate processes and change `state.json`;
+//! the proxy polls the file's identity (it is replaced by rename on every change) once a
+//! second and reloads it when it changed. The TLS verifier and the tunnel handshake read
+//! the snapshot, never the file.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use revproxy_ca::state::StateFile;
+use tracing::{debug, warn};
+
+/// How often the state file is checked for changes.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the tunnel gate needs to know.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Hex serials of revoked certificates.
+    pub revoked: HashSet<String>,
+    /// Names each agent may currently serve.
+    pub grants: HashMap<String, Vec<String>>,
+}
+
+impl Snapshot {
+    fn load(file: &StateFile) -> Result<Snapshot, revproxy_ca::CaError> {
+        let state = file.read()?;
+        Ok(Snapshot {
+            revoked: state
+                .certs
+                .iter()
+                .filter(|c| c.revoked_at.is_some())
+                .map(|c| c.serial.clone())
+                .collect(),
+            grants: state
+                .agents
+                .into_iter()
+                .map(|(k, v)| (k, v.hosts))
+                .collect(),
+        })
+    }
+
+    /// Whether any agent is granted a pattern that covers `name`.
+    pub fn is_granted_anywhere(&self, name: &str) -> bool {
+        self.grants
+            .values()
+            .flatten()
+            .any(|pattern| crate::route::name_matches(pattern, name))
+    }
+}
+
+/// The shared, refreshed snapshot.
+#[derive(Clone, Debug)]
+pub struct StateView {
+    file: StateFile,
+    current: Arc<RwLock<Arc<Snapshot>>>,
+}
+
+impl StateView {
+    /// Loads the state once.
+    pub fn load(file: StateFile) -> Result<StateView, revproxy_ca::CaError> {
+        let snapshot = Snapshot::load(&file)?;
+        Ok(StateView {
+            file,
+            current: Arc::new(RwLock::new(Arc::new(snapshot))),
+        })
+    }
+
+    /// The current snapshot.
+    pub fn get(&self) -> Arc<Snapshot> {
+        self.current.read().expect("state view lock").clone()
+    }
+
+    /// Reloads the state now (falling back to the last snapshot if it cannot be read).
+    pub async fn refresh(&self) -> Arc<Snapshot> {
+        let file = self.file.clone();
+        match tokio::task::spawn_blocking(move || Snapshot::load(&file)).await {
+            Ok(Ok(snapshot)) => {
+                let snapshot = Arc::new(snapshot);
+                *self.current.write().expect("state view lock") = snapshot.clone();
+                snapshot
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot reload the proxy state; keeping the last good one");
+                self.get()
+            }
+            Err(e) => {
+                warn!(error = %e, "state reload task failed");
+                self.get()
+            }
+        }
+    }
+
+    /// Reloads whenever `state.json` is replaced, until the returned future is dropped.
+    pub async fn watch(self) {
+        let path = self.file.path();
+        let identity = |m: std::fs::Metadata| (m.ino(), m.mtime(), m.mtime_nsec(), m.len());
+        let mut seen = std::fs::metadata(&path).ok().map(identity);
+        let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = tokio::fs::metadata(&path).await.ok().map(identity);
+            if now == seen {
+                continue;
+            }
+            let file = self.file.clone();
+            match tokio::task::spawn_blocking(move || Snapshot::load(&file)).await {
+                Ok(Ok(snapshot)) => {
+                    debug!(revoked = snapshot.revoked.len(), "proxy state reloaded");
+                    *self.current.write().expect("state view lock") = Arc::new(snapshot);
+                    seen = now;
+                }
+                Ok(Err(e)) => {
+                    warn!(error = %e, "cannot reload the proxy state; keeping the last good one")
+                }
+                Err(e) => warn!(error = %e, "state reload task failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,630 @@
+//! The main job, end to end: public clients reach backends behind agents through h2
+//! tunnels, routed by SNI, Host, or a fixed port; and every fault the proxy must survive.
+//! Real proxy, real agents, real TLS, real backends, all on 127.0.0.1:0.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use revproxy::proxy::{ListenerKind, Target};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A TLS server for `name` that echoes; and a client config that trusts it.
+async fn tls_echo_backend(name: &str) -> (SocketAddr, Arc<rustls::ClientConfig>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let provider = revproxy::tls::provider();
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let (mut rd, mut wr) = tokio::io::split(tls);
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                let _ = wr.shutdown().await;
+            });
+        }
+    });
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    (addr, Arc::new(client))
+}
+
+async fn read_all_within(tcp: &mut TcpStream, limit: Duration) -> Vec<u8> {
+    let mut buf = Vec::new();
+    tokio::time::timeout(limit, tcp.read_to_end(&mut buf))
+        .await
+        .expect("the proxy left the connection hanging")
+        .ok();
+    buf
+}
+
+#[tokio::test]
+async fn sni_routes_end_to_end_tls_through_the_tunnel() {
+    let proxy = TestProxy::start().await;
+    let (backend, client_config) = tls_echo_backend("app.example.com").await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)]);
+    proxy.wait_for("app.example.com", 1).await;
+
+    let tcp = TcpStream::connect(proxy.sni).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client_config);
+    let mut tls = connector
+        .connect("app.example.com".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let data = pattern(300_000, 1);
+    tls.write_all(&data).await.unwrap();
+    let mut back = vec![0; data.len()];
+    tls.read_exact(&mut back).await.unwrap();
+    assert!(
+        back == data,
+        "TLS bytes came back intact through SNI routing"
+    );
+}
+
+#[tokio::test]
+async fn host_routing_replays_the_peeked_head_exactly_and_half_closes() {
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)]);
+    proxy.wait_for("app.example.com", 1).await;
+
+    let head =
+        b"POST /upload HTTP/1.1\r\nHost: App.Example.com:8080\r\nContent-Length: 100000\r\n\r\n";
+    let body = pattern(100_000, 2);
+    let back = round_trip(proxy.http, head, &body).await.unwrap();
+    let mut expected = head.to_vec();
+    expected.extend_from_slice(&body);
+    assert!(
+        back == expected,
+        "the backend saw exactly what the client sent, head included"
+    );
+}
+
+#[tokio::test]
+async fn fixed_listeners_and_static_routes() {
+    let backend = echo_backend(b"agent:").await;
+    let static_backend = echo_backend(b"static:").await;
+    let fixed_name = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fixed_tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (name_addr, tcp_addr) = (
+        fixed_name.local_addr().unwrap(),
+        fixed_tcp.local_addr().unwrap(),
+    );
+    let proxy = TestProxy::start_with(move |b| {
+        b.listener(
+            fixed_name,
+            ListenerKind::Fixed(Target::Name("ssh.example.com".into())),
+        )
+        .listener(
+            fixed_tcp,
+            ListenerKind::Fixed(Target::Tcp(static_backend.to_string())),
+        )
+        .route("legacy.example.com", &static_backend.to_string())
+    })
+    .await;
+    let dir = enroll_agent(&proxy, "box", &["ssh.example.com"]).await;
+    let _agent = start_agent(dir.path(), &[("ssh.example.com", backend)]);
+    proxy.wait_for("ssh.example.com", 1).await;
+
+    assert_eq!(
+        round_trip(name_addr, b"", b"hello").await.unwrap(),
+        b"agent:hello"
+    );
+    assert_eq!(
+        round_trip(tcp_addr, b"", b"hello").await.unwrap(),
+        b"static:hello"
+    );
+    let head = http_head("legacy.example.com");
+    let back = round_trip(proxy.http, &head, b"").await.unwrap();
+    assert!(
+        back.starts_with(b"static:GET / HTTP/1.1"),
+        "{}",
+        String::from_utf8_lossy(&back)
+    );
+}
+
+#[tokio::test]
+async fn wildcard_grants_route_one_label() {
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"wild:").await;
+    let dir = enroll_agent(&proxy, "apps", &["*.apps.example.com"]).await;
+    let _agent = start_agent(dir.path(), &[("*.apps.example.com", backend)]);
+    proxy.wait_for("a.apps.example.com", 1).await;
+
+    let back = round_trip(proxy.http, &http_head("blog.apps.example.com"), b"")
+        .await
+        .unwrap();
+    assert!(
+        back.starts_with(b"wild:GET"),
+        "{}",
+        String::from_utf8_lossy(&back)
+    );
+    let back = round_trip(proxy.http, &http_head("a.b.apps.example.com"), b"")
+        .await
+        .unwrap();
+    assert!(
+        back.starts_with(b"HTTP/1.1 502"),
+        "{}",
+        String::from_utf8_lossy(&back)
+    );
+}
+
+#[tokio::test]
+async fn no_route_gets_an_alert_or_a_502_and_an_offline_agent_a_503() {
+    let proxy = TestProxy::start().await;
+    // Granted to an agent that never connects: offline.
+    let _dir = enroll_agent(&proxy, "sleepy", &["sleepy.example.com"]).await;
+
+    let back = round_trip(proxy.http, &http_head("nobody.example.com"), b"")
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&back);
+    assert!(text.starts_with("HTTP/1.1 502 Bad Gateway"), "{text}");
+    assert!(
+        text.ends_with("no route for nobody.example.com\n"),
+        "{text}"
+    );
+
+    let back = round_trip(proxy.http, &http_head("sleepy.example.com"), b"")
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&back);
+    assert!(
+        text.starts_with("HTTP/1.1 503 Service Unavailable"),
+        "{text}"
+    );
+    assert!(text.contains("offline"), "{text}");
+
+    // A real TLS client asking for an unknown name gets unrecognized_name.
+    let (_, client_config) = tls_echo_backend("nobody.example.com").await;
+    let tcp = TcpStream::connect(proxy.sni).await.unwrap();
+    let err = tokio_rustls::TlsConnector::from(client_config)
+        .connect("nobody.example.com".try_into().unwrap(), tcp)
+        .await
+        .unwrap_err();
+    assert!(format!("{err:?}").contains("UnrecognisedName"), "{err:?}");
+}
+
+#[tokio::test]
+async fn several_agents_share_a_name_and_a_killed_one_fails_over() {
+    let proxy = TestProxy::start().await;
+    let backend_a = echo_backend(b"A").await;
+    let backend_b = echo_backend(b"B").await;
+    let dir_a = enroll_agent(&proxy, "a", &["app.example.com"]).await;
+    let dir_b = enroll_agent(&proxy, "b", &["app.example.com"]).await;
+    let agent_a = start_agent(dir_a.path(), &[("app.example.com", backend_a)]);
+    let _agent_b = start_agent(dir_b.path(), &[("app.example.com", backend_b)]);
+    proxy.wait_for("app.example.com", 2).await;
+
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        let back = round_trip(proxy.http, &http_head("app.example.com"), b"")
+            .await
+            .unwrap();
+        seen.insert(back[0]);
+    }
+    assert_eq!(seen.len(), 2, "streams are spread across both agents");
+
+    // A long transfer in flight on agent A (we find one by retrying until A answers).
+    let mut on_a = loop {
+        let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+        tcp.write_all(&http_head("app.example.com")).await.unwrap();
+        let mut tag = [0u8; 1];
+        tcp.read_exact(&mut tag).await.unwrap();
+        if &tag == b"A" {
+            break tcp;
+        }
+    };
+    on_a.write_all(&pattern(100_000, 3)).await.unwrap();
+    agent_a.kill();
+    // Its client sees the connection end, it does not hang.
+    read_all_within(&mut on_a, WAIT).await;
+
+    proxy.wait_for("app.example.com", 1).await;
+    for _ in 0..4 {
+        let back = round_trip(proxy.http, &http_head("app.example.com"), b"")
+            .await
+            .unwrap();
+        assert_eq!(back[0], b'B', "the name failed over to the live agent");
+    }
+}
+
+#[tokio::test]
+async fn the_agent_reconnects_after_a_proxy_restart() {
+    let mut proxy = TestProxy::start().await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)]);
+    proxy.wait_for("app.example.com", 1).await;
+
+    proxy.restart().await;
+    let back_at = Instant::now();
+    proxy.wait_for("app.example.com", 1).await;
+    let back = round_trip(proxy.http, &http_head("app.example.com"), b"x")
+        .await
+        .unwrap();
+    assert!(back.ends_with(b"\r\n\r\nx"));
+    eprintln!(
+        "serving again {:?} after the proxy came back",
+        back_at.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_does_not_stall_the_others() {
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)]);
+    proxy.wait_for("app.example.com", 1).await;
+
+    // The stalled client keeps sending and never reads: its echo piles up until its own
+    // stream's window is full.
+    let mut stalled = TcpStream::connect(proxy.http).await.unwrap();
+    stalled
+        .write_all(&http_head("app.example.com"))
+        .await
+        .unwrap();
+    let flood = tokio::spawn(async move {
+        let chunk = pattern(64 * 1024, 4);
+        let mut sent = 0usize;
+        while sent < 256 * 1024 * 1024 {
+            match tokio::time::timeout(Duration::from_secs(2), stalled.write_all(&chunk)).await {
+                Ok(Ok(())) => sent += chunk.len(),
+                _ => break, // blocked by back pressure: as intended
+            }
+        }
+        (stalled, sent)
+    });
+
+    let http = proxy.http;
+    let transfers: Vec<_> = (0..8)
+        .map(|i| {
+            tokio::spawn(async move {
+                let data = pattern(4 * 1024 * 1024, 10 + i);
+                let back = round_trip(http, &http_head("app.example.com"), &data)
+                    .await
+                    .unwrap();
+                back.ends_with(&data)
+            })
+        })
+        .collect();
+    for t in transfers {
+        let ok = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("a transfer stalled behind the client that never reads")
+            .unwrap();
+        assert!(ok, "bytes arrived intact");
+    }
+    let (_stalled, sent) = flood.await.unwrap();
+    assert!(
+        sent < 256 * 1024 * 1024,
+        "the stalled client was held back by flow control"
+    );
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_connections_of_mixed_sizes_arrive_byte_exact() {
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)]);
+    proxy.wait_for("app.example.com", 1).await;
+
+    let sizes = [1usize, 100, 4 * 1024, 64 * 1024, 1024 * 1024];
+    let http = proxy.http;
+    let clients: Vec<_> = (0..200u64)
+        .map(|i| {
+            // Two connections carry 64 MiB each; the rest cycle through smaller sizes.
+            let size = if i < 2 {
+                64 * 1024 * 1024
+            } else {
+                sizes[i as usize % sizes.len()]
+            };
+            tokio::spawn(async move {
+                let data = pattern(size, i);
+                let head = http_head("app.example.com");
+                let back = round_trip(http, &head, &data).await.unwrap();
+                (
+                    checksum(&back[head.len()..]),
+                    checksum(&data),
+                    back.len() - head.len(),
+                    size,
+                )
+            })
+        })
+        .collect();
+    for c in clients {
+        let (got, want, len, size) = tokio::time::timeout(Duration::from_secs(120), c)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((len, got), (size, want));
+    }
+}
+
+fn checksum(bytes: &[u8]) -> u64 {
+    // FNV-1a: enough to catch a lost, duplicated or reordered byte.
+    bytes.iter().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+#[tokio::test]
+async fn malformed_clients_are_closed_and_everyone_else_is_served() {
+    let proxy = TestProxy::start_with(|b| b.peek_timeout(Duration::from_secs(1))).await;
+    let backend = echo_backend(b"ok:").await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)]);
+    proxy.wait_for("app.example.com", 1).await;
+
+    // A slowloris client on each public port: one byte a second, forever.
+    let slow = |addr: SocketAddr, bytes: &'static [u8]| {
+        tokio::spawn(async move {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            let started = Instant::now();
+            for b in bytes {
+                if tcp.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            read_all_within(&mut tcp, WAIT).await;
+            started.elapsed()
+        })
+    };
+    let slow_sni = slow(
+        proxy.sni,
+        &[
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03, 0, 0, 0, 0, 0, 0, 0,
+        ],
+    );
+    let slow_http = slow(proxy.http, b"GET / HTTP/1.1\r\nHost: app.exa");
+
+    let truncated_hello = [
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    let garbage_lengths = [
+        0x16, 0x03, 0x01, 0x00, 0x30, 0x01, 0x00, 0x00, 0x2c, 0x03, 0x03, 0xff, 0xff, 0xff, 0xff,
+    ];
+    let cases: Vec<(SocketAddr, Vec<u8>)> = vec![
+        (proxy.sni, truncated_hello.to_vec()),
+        (proxy.sni, garbage_lengths.to_vec()),
+        (
+            proxy.sni,
+            b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n".to_vec(),
+        ),
+        (
+            proxy.http,
+            [
+                b"GET / HTTP/1.1\r\nHost: app.example.com\r\nX: ".to_vec(),
+                vec![b'a'; 20 * 1024],
+            ]
+            .concat(),
+        ),
+        (
+            proxy.http,
+            b"GET / HTTP/1.1\r\nHost: a.example.com\r\nHost: app.example.com\r\n\r\n".to_vec(),
+        ),
+        (proxy.http, vec![0x16, 0x03, 0x01, 0x00, 0x10]),
+    ];
+    for (addr, bytes) in cases {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let _ = tcp.write_all(&bytes).await;
+        let _ = tcp.shutdown().await;
+        let reply = read_all_within(&mut tcp, WAIT).await;
+        assert!(
+            !reply.starts_with(b"ok:"),
+            "a malformed client never reaches a backend"
+        );
+        // Meanwhile everyone else is served.
+        let back = round_trip(proxy.http, &http_head("app.example.com"), b"!")
+            .await
+            .unwrap();
+        assert!(back.starts_with(b"ok:GET"));
+    }
+    for s in [slow_sni, slow_http] {
+        let held = s.await.unwrap();
+        assert!(
+            held < Duration::from_secs(5),
+            "a slow client is cut off at the peek timeout ({held:?})"
+        );
+    }
+}
+
+#[tokio::test]
+async fn certificates_from_another_ca_expired_revoked_or_missing_are_refused() {
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"").await;
+
+    // Another CA's agent, pointed at this proxy.
+    let other = TestProxy::start().await;
+    let foreign = enroll_agent(&other, "mallory", &["app.example.com"]).await;
+    let _foreign = start_agent_with(foreign.path(), &[("app.example.com", backend)], |b| {
+        b.server(&proxy.addr.to_string())
+    });
+
+    // An agent whose certificate expired an hour ago.
+    let expired_dir = tempfile::tempdir().unwrap();
+    let three_hours_ago = time::OffsetDateTime::now_utc() - time::Duration::hours(3);
+    let token = proxy
+        .ca
+        .create_token(
+            &revproxy::ca::NewToken {
+                agent: "old".into(),
+                hosts: vec!["app.example.com".into()],
+                ttl: Duration::from_secs(7200),
+                cert_ttl: Duration::from_secs(3600),
+                server: None,
+            },
+            three_hours_ago,
+        )
+        .unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let issued = proxy
+        .ca
+        .enroll(
+            &revproxy::ca::EnrollRequest {
+                token_id: &token.public.id,
+                secret: &token.secret,
+                csr_pem: &csr,
+            },
+            three_hours_ago + time::Duration::minutes(1),
+        )
+        .unwrap();
+    assert!(issued.not_after < time::OffsetDateTime::now_utc().unix_timestamp());
+    revproxy::agent::Identity {
+        server: proxy.addr.to_string(),
+        agent: issued.agent.clone(),
+        identity: issued.identity.clone(),
+        hosts: issued.hosts.clone(),
+        not_after: issued.not_after,
+        cert_pem: issued.cert_pem.clone(),
+        key_pem: key.serialize_pem(),
+        ca_pem: issued.ca_pem.clone(),
+    }
+    .save(expired_dir.path())
+    .unwrap();
+    let _expired = start_agent(expired_dir.path(), &[("app.example.com", backend)]);
+
+    // A revoked agent.
+    let revoked_dir = enroll_agent(&proxy, "fired", &["app.example.com"]).await;
+    proxy
+        .ca
+        .revoke_certs("fired", time::OffsetDateTime::now_utc())
+        .unwrap();
+    let _revoked = start_agent(revoked_dir.path(), &[("app.example.com", backend)]);
+
+    // No certificate at all, asking for a tunnel.
+    let pins = vec![proxy.pin()];
+    let config = revproxy::tls::pinned_client_config(pins, &[revproxy::tls::ALPN_H2]).unwrap();
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let outcome = match tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+    {
+        Err(_) => Vec::new(),
+        Ok(mut tls) => {
+            let mut buf = Vec::new();
+            let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut buf))
+                .await
+                .expect("closed, not hanging");
+            buf
+        }
+    };
+    assert!(outcome.is_empty(), "no tunnel without a certificate");
+
+    // A legitimate agent still gets in; none of the others ever did.
+    let good = enroll_agent(&proxy, "good", &["app.example.com"]).await;
+    let _good = start_agent(good.path(), &[("app.example.com", backend)]);
+    proxy.wait_for("app.example.com", 1).await;
+    for _ in 0..5 {
+        round_trip(proxy.http, &http_head("app.example.com"), b"")
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        proxy.status.tunnels_for("app.example.com"),
+        1,
+        "only the good agent has a tunnel"
+    );
+}
+
+#[tokio::test]
+async fn a_map_name_outside_the_certificate_is_a_startup_error() {
+    let proxy = TestProxy::start().await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let err = revproxy::Agent::builder(dir.path())
+        .service("admin.example.com", "127.0.0.1:1")
+        .build()
+        .err()
+        .expect("refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("does not authorize admin.example.com"),
+        "{text}"
+    );
+    assert!(text.contains("app.example.com"), "{text}");
+}
+
+#[tokio::test]
+async fn a_stopping_agent_drains_open_streams_and_takes_no_new_ones() {
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let agent = start_agent(dir.path(), &[("app.example.com", backend)]);
+    proxy.wait_for("app.example.com", 1).await;
+
+    let mut open = TcpStream::connect(proxy.http).await.unwrap();
+    let head = http_head("app.example.com");
+    open.write_all(&head).await.unwrap();
+    let mut echoed = vec![0; head.len()];
+    open.read_exact(&mut echoed).await.unwrap();
+
+    let stopping = agent.begin_stop();
+    // New clients are told the agent is gone (the first may race the agent's GOAWAY and
+    // be turned away by the agent itself; either way it gets a 503)...
+    let (mut refused, mut tries) = (false, 0);
+    while !refused || proxy.status.tunnels_for("app.example.com") > 0 {
+        tries += 1;
+        assert!(tries < 500, "the draining tunnel kept taking streams");
+        let back = round_trip(proxy.http, &http_head("app.example.com"), b"")
+            .await
+            .unwrap();
+        if back.starts_with(b"HTTP/1.1 503") {
+            refused = true;
+        } else {
+            // Served: the stop has not reached the agent yet. Never after a refusal.
+            assert!(
+                !refused,
+                "served after being refused: {}",
+                String::from_utf8_lossy(&back)
+            );
+        }
+    }
+    // ...while the open stream still works to its end.
+    open.write_all(b"still here").await.unwrap();
+    open.shutdown().await.unwrap();
+    let rest = read_all_within(&mut open, WAIT).await;
+    assert_eq!(rest, b"still here");
+    tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
+}
