@@ -228,13 +228,18 @@ impl Agent {
                     .map_err(|_| "connection timed out".to_string())?
                     .map_err(|e| format!("cannot connect: {e}"))?;
             let _ = tcp.set_nodelay(true);
-            let tls = self
+            let mut tls = self
                 .connector
-                .connect(name, tcp)
+                .connect(name, tunnel::tunnel_io(tcp))
                 .await
                 .map_err(|e| format!("TLS handshake failed: {e}"))?;
             tunnel::h2::server_builder()
-                .handshake::<_, Bytes>(tls)
+                .handshake::<_, Bytes>({
+                    tls.get_mut()
+                        .1
+                        .set_buffer_limit(Some(tunnel::TLS_SEND_BUFFER));
+                    tls
+                })
                 .await
                 .map_err(|e| format!("HTTP/2 handshake failed: {e}"))
         };

@@ -360,7 +360,8 @@ async fn handle_agent_conn(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr
     // Look at the ClientHello first: tunnels (ALPN h2) must present a certificate, which
     // is then checked in the handshake itself; enrollment cannot have one yet.
     let handshake = async {
-        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+        let io = crate::tunnel::tunnel_io(tcp);
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
         let tunnel = tls::offers_h2(&start.client_hello());
         let config = if tunnel {
             shared.tunnel_config.clone()
@@ -372,7 +373,14 @@ async fn handle_agent_conn(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr
     let (tunnel, stream) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(done)) => done,
         Ok(Err(e)) => {
-            debug!(%peer, error = %e, "TLS handshake failed on the agent port");
+            // A refused agent certificate is an operator's business; line noise is not.
+            match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+                Some(
+                    tls_error @ (rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented),
+                ) => warn!(%peer, error = %tls_error, "agent certificate refused"),
+                _ => debug!(%peer, error = %e, "TLS handshake failed on the agent port"),
+            }
             return;
         }
         Err(_) => {

@@ -6,14 +6,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
 use super::registry::Tunnel;
 use super::Shared;
 use crate::route::name_matches;
-use crate::tunnel::{self, PING_INTERVAL, PING_TIMEOUT};
+use crate::tunnel::{self, TunnelIo, PING_INTERVAL, PING_TIMEOUT};
 
 /// Time allowed for the HTTP/2 preface and settings exchange.
 pub const H2_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -25,7 +24,7 @@ struct Peer {
     hosts: Vec<String>,
 }
 
-fn peer_of(tls: &TlsStream<TcpStream>) -> Option<Peer> {
+fn peer_of(tls: &TlsStream<TunnelIo>) -> Option<Peer> {
     use x509_parser::prelude::*;
     let der = tls.get_ref().1.peer_certificates()?.first()?;
     let (_, cert) = X509Certificate::from_der(der).ok()?;
@@ -55,7 +54,7 @@ fn peer_of(tls: &TlsStream<TcpStream>) -> Option<Peer> {
 }
 
 /// Serves one tunnel until it closes, dies, or the proxy shuts down.
-pub(super) async fn serve(shared: Arc<Shared>, tls: TlsStream<TcpStream>, peer: SocketAddr) {
+pub(super) async fn serve(shared: Arc<Shared>, tls: TlsStream<TunnelIo>, peer: SocketAddr) {
     let Some(who) = peer_of(&tls) else {
         warn!(%peer, "tunnel without a readable client certificate; closing");
         return;
@@ -74,6 +73,10 @@ pub(super) async fn serve(shared: Arc<Shared>, tls: TlsStream<TcpStream>, peer: 
         .filter(|h| granted.iter().any(|g| g == *h || name_matches(g, h)))
         .cloned()
         .collect();
+    let mut tls = tls;
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(tunnel::TLS_SEND_BUFFER));
     let handshake = tunnel::h2::client_builder().handshake(tls);
     let (sender, mut conn) = match tokio::time::timeout(H2_HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(pair)) => pair,

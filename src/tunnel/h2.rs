@@ -2,7 +2,8 @@
 //! settings, keep-alive, and the two copy directions between a TCP socket and an h2 stream.
 
 use std::future::poll_fn;
-use std::io;
+use std::io::{self, IoSlice};
+use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -11,17 +12,21 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 /// Per-stream receive window. Bounds what one stream can have in flight (and so the memory
 /// a reader that stopped can pin on the far side) while letting one stream fill a fast
-/// link; see `docs/benchmarks.md` for the measurement behind the value.
-pub const STREAM_WINDOW: u32 = 1024 * 1024;
-/// Per-connection receive window: large, so a few stalled streams cannot starve the rest.
-pub const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+/// link: measured on loopback, 2 MiB gave about 5.3 Gbit/s single-stream and 8 MiB about
+/// 6–7 (see `docs/benchmarks.md`).
+pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+/// Per-connection receive window: large, so stalled streams cannot starve the rest of the
+/// tunnel until 32 of them each hold a full stream window. It also bounds the memory all
+/// stalled streams of one tunnel can pin.
+pub const CONNECTION_WINDOW: u32 = 256 * 1024 * 1024;
 /// Largest DATA frame. Bigger frames mean fewer frame headers and wakeups per byte.
-pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
+pub const MAX_FRAME_SIZE: u32 = 64 * 1024;
 /// Most streams the agent lets one tunnel carry at once.
 pub const MAX_STREAMS: u32 = 16 * 1024;
 /// Bytes read from a socket per step. Only allocated once the socket is readable, so an
-/// idle stream holds no buffer.
-pub const READ_CHUNK: usize = 64 * 1024;
+/// idle stream holds no buffer. Large reads mean fewer wakeups of the connection task per
+/// byte, which is what bounds single-stream throughput (see docs/benchmarks.md).
+pub const READ_CHUNK: usize = 256 * 1024;
 
 /// The h2 client (proxy) settings for a tunnel.
 pub fn client_builder() -> h2::client::Builder {
@@ -76,9 +81,12 @@ pub async fn socket_to_stream(
     send: &mut SendStream<Bytes>,
 ) -> io::Result<u64> {
     let mut total = 0u64;
+    // Empty (unallocated) until the first read; after that, each `reserve` gets the same
+    // allocation back once h2 has written out and dropped the previous chunk.
+    let mut buf = BytesMut::new();
     loop {
         rd.readable().await?;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        buf.reserve(READ_CHUNK);
         match rd.try_read_buf(&mut buf) {
             Ok(0) => {
                 send.send_data(Bytes::new(), true).map_err(h2_io)?;
@@ -86,7 +94,7 @@ pub async fn socket_to_stream(
             }
             Ok(n) => {
                 total += n as u64;
-                send_all(send, buf.freeze()).await?;
+                send_all(send, buf.split().freeze()).await?;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
@@ -97,18 +105,61 @@ pub async fn socket_to_stream(
 /// Copies an h2 stream into a socket until the stream ends, then shuts down the socket's
 /// write side (half-close). Capacity is released only after the bytes were written, which
 /// is what makes a slow reader hold back only its own stream.
+///
+/// DATA frames that have already arrived are gathered (up to [`WRITE_BATCH`] bytes) and
+/// written with one vectored write: a syscall per frame was the largest cost per byte.
 pub async fn stream_to_socket(recv: &mut RecvStream, wr: &mut OwnedWriteHalf) -> io::Result<u64> {
     let mut total = 0u64;
-    while let Some(chunk) = recv.data().await {
-        let chunk = chunk.map_err(h2_io)?;
-        wr.write_all(&chunk).await?;
-        total += chunk.len() as u64;
-        recv.flow_control()
-            .release_capacity(chunk.len())
-            .map_err(h2_io)?;
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut ended = false;
+    while !ended {
+        match recv.data().await {
+            Some(chunk) => batch.push(chunk.map_err(h2_io)?),
+            None => break,
+        }
+        let mut size = batch[0].len();
+        while size < WRITE_BATCH {
+            match poll_fn(|cx| Poll::Ready(recv.poll_data(cx))).await {
+                Poll::Ready(Some(chunk)) => {
+                    let chunk = chunk.map_err(h2_io)?;
+                    size += chunk.len();
+                    batch.push(chunk);
+                }
+                Poll::Ready(None) => {
+                    ended = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        write_all_vectored(wr, &batch).await?;
+        batch.clear();
+        total += size as u64;
+        recv.flow_control().release_capacity(size).map_err(h2_io)?;
     }
     wr.shutdown().await?;
     Ok(total)
+}
+
+/// Most bytes gathered into one write by [`stream_to_socket`].
+pub const WRITE_BATCH: usize = 256 * 1024;
+
+async fn write_all_vectored(wr: &mut OwnedWriteHalf, chunks: &[Bytes]) -> io::Result<()> {
+    // An empty DATA frame (a bare END_STREAM) yields an empty chunk: nothing to write.
+    let mut slices: Vec<IoSlice<'_>> = chunks
+        .iter()
+        .filter(|c| !c.is_empty())
+        .map(|c| IoSlice::new(c))
+        .collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let n = wr.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
 }
 
 /// Pumps both directions between a socket and an h2 stream until both are finished, or
