@@ -374,7 +374,10 @@ async fn handle_agent_conn(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr
         Ok(Ok(done)) => done,
         Ok(Err(e)) => {
             // A refused agent certificate is an operator's business; line noise is not.
-            match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+            match e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            {
                 Some(
                     tls_error @ (rustls::Error::InvalidCertificate(_)
                     | rustls::Error::NoCertificatesPresented),
