@@ -494,12 +494,7 @@ async fn certificates_from_another_ca_expired_revoked_or_missing_are_refused() {
             three_hours_ago,
         )
         .unwrap();
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key)
-        .unwrap()
-        .pem()
-        .unwrap();
+    let (key, csr) = new_csr();
     let issued = proxy
         .ca
         .enroll(

@@ -213,14 +213,20 @@ pub async fn post_raw(addr: SocketAddr, pin: Pin, body: Vec<u8>) -> (u16, String
     (status, body)
 }
 
-/// A valid JSON enrollment body for `token` with a CSR for a fresh key.
-pub fn enroll_body(token: &Token) -> (rcgen::KeyPair, String) {
+/// A fresh agent key and a CSR for it, as PEM.
+pub fn new_csr() -> (rcgen::KeyPair, String) {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let csr = rcgen::CertificateParams::default()
         .serialize_request(&key)
         .unwrap()
         .pem()
         .unwrap();
+    (key, csr)
+}
+
+/// A valid JSON enrollment body for `token` with a CSR for a fresh key.
+pub fn enroll_body(token: &Token) -> (rcgen::KeyPair, String) {
+    let (key, csr) = new_csr();
     let body = serde_json::json!({
         "token_id": token.public.id,
         "secret": token.secret.to_base64(),
