@@ -37,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
         .run(async {
             let _ = tokio::signal::ctrl_c().await;
         })
-        .await;
+        .await?;
     server.abort();
     Ok(())
 }

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 /// Path of the enrollment endpoint.
 pub const ENROLL_PATH: &str = "/v1/enroll";
+/// Path of the renewal endpoint (mTLS: the agent presents its current certificate).
+pub const RENEW_PATH: &str = "/v1/renew";
 /// Largest request body the proxy reads.
 pub const MAX_REQUEST_BODY: usize = 64 * 1024;
 /// Largest response body the agent reads.
@@ -33,7 +35,15 @@ impl fmt::Debug for EnrollBody {
     }
 }
 
-/// The proxy's answer to a successful enrollment (HTTP 200).
+/// The agent's renewal request.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewBody {
+    /// PKCS#10 certificate signing request for the new key, PEM.
+    pub csr: String,
+}
+
+/// The proxy's answer to a successful enrollment or renewal (HTTP 200).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct EnrollReply {
     /// Agent name (the certificate's CN).

@@ -191,9 +191,33 @@ impl rustls::server::danger::ClientCertVerifier for RevocationCheckingVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        let verified = self
+        let verified = match self
             .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            Ok(v) => v,
+            Err(e) => {
+                if let rustls::Error::InvalidCertificate(
+                    CertificateError::Expired
+                    | CertificateError::NotValidYet
+                    | CertificateError::ExpiredContext { .. }
+                    | CertificateError::NotValidYetContext { .. },
+                ) = &e
+                {
+                    // Both clocks' view: the certificate's window and ours.
+                    if let Some((not_before, not_after)) = cert_validity(end_entity) {
+                        tracing::warn!(
+                            serial = cert_serial(end_entity).unwrap_or_default(),
+                            not_before = %crate::logging::rfc3339(not_before),
+                            not_after = %crate::logging::rfc3339(not_after),
+                            proxy_clock = %crate::logging::rfc3339(now.as_secs() as i64),
+                            "agent certificate outside its validity period (check both clocks if this is unexpected)"
+                        );
+                    }
+                }
+                return Err(e);
+            }
+        };
         let serial = cert_serial(end_entity).ok_or(rustls::Error::InvalidCertificate(
             CertificateError::BadEncoding,
         ))?;
@@ -224,6 +248,14 @@ impl rustls::server::danger::ClientCertVerifier for RevocationCheckingVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+}
+
+/// The validity period of a DER certificate, as Unix seconds.
+pub fn cert_validity(der: &[u8]) -> Option<(i64, i64)> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    let v = cert.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
 /// The hex serial of a DER certificate.

@@ -238,3 +238,108 @@ fn commands_without_a_ca_say_how_to_make_one() {
         stderr(&out)
     );
 }
+
+#[test]
+fn certificate_lifetimes_listing_revocation_and_narrowing_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("proxy");
+    let (_serve, addr, _) = serve(&state);
+    for bad in ["30m", "8d", "soon"] {
+        let out = run(
+            PROXY,
+            &[
+                "token",
+                "create",
+                "--name",
+                "a",
+                "--host",
+                "a.example.com",
+                "--cert-ttl",
+                bad,
+            ],
+            &state,
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "--cert-ttl {bad}: {}",
+            stderr(&out)
+        );
+    }
+    let out = run(
+        PROXY,
+        &[
+            "token",
+            "create",
+            "--name",
+            "web-1",
+            "--host",
+            "a.example.com",
+            "--host",
+            "b.example.com",
+            "--cert-ttl",
+            "2h",
+            "--server",
+            &addr,
+        ],
+        &state,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = stdout(&out);
+    let out = run(
+        AGENT,
+        &["enroll", "--token", token.trim()],
+        &tmp.path().join("agent"),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let list = stdout(&run(PROXY, &["cert", "list"], &state));
+    let line = list.lines().find(|l| l.contains("web-1")).expect("listed");
+    assert!(
+        line.contains("valid") && line.contains("a.example.com,b.example.com"),
+        "{list}"
+    );
+    let serial = line.split_whitespace().next().unwrap().to_string();
+    let certs = revproxy::ca::Ca::open(&state)
+        .unwrap()
+        .list_certs(time::OffsetDateTime::now_utc())
+        .unwrap();
+    let span = certs[0].not_after - certs[0].not_before;
+    assert_eq!(span, 2 * 3600 + 60, "2h plus the one-minute backdate");
+
+    let out = run(
+        PROXY,
+        &["agent", "set-hosts", "web-1", "a.example.com"],
+        &state,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("web-1 may now serve: a.example.com"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(
+        PROXY,
+        &["agent", "set-hosts", "nobody", "a.example.com"],
+        &state,
+    );
+    assert_eq!(out.status.code(), Some(1));
+
+    let out = run(PROXY, &["cert", "revoke", &serial], &state);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("revoked {serial}")));
+    let again = run(PROXY, &["cert", "revoke", "web-1"], &state);
+    assert!(
+        stderr(&again).contains("already revoked"),
+        "{}",
+        stderr(&again)
+    );
+    let list = stdout(&run(PROXY, &["cert", "list"], &state));
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with(&serial) && l.contains("revoked")),
+        "{list}"
+    );
+    let out = run(PROXY, &["cert", "revoke", "ffff"], &state);
+    assert_eq!(out.status.code(), Some(1));
+}

@@ -519,7 +519,13 @@ async fn certificates_from_another_ca_expired_revoked_or_missing_are_refused() {
     }
     .save(expired_dir.path())
     .unwrap();
-    let _expired = start_agent(expired_dir.path(), &[("app.example.com", backend)]);
+    // Its own clock is three hours slow, so it believes the certificate is still good and
+    // tries: the proxy, on the right time, must refuse it.
+    let slow_clock = Arc::new(TestClock::default());
+    slow_clock.set_offset(-3 * 3600);
+    let _expired = start_agent_with(expired_dir.path(), &[("app.example.com", backend)], |b| {
+        b.clock(slow_clock)
+    });
 
     // A revoked agent.
     let revoked_dir = enroll_agent(&proxy, "fired", &["app.example.com"]).await;
@@ -621,5 +627,9 @@ async fn a_stopping_agent_drains_open_streams_and_takes_no_new_ones() {
     open.shutdown().await.unwrap();
     let rest = read_all_within(&mut open, WAIT).await;
     assert_eq!(rest, b"still here");
-    tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, stopping)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }

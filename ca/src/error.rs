@@ -28,7 +28,7 @@ pub enum CaError {
     InvalidInput(String),
     #[error("no token with id {0:?}; `revproxy token list` shows the ids")]
     UnknownToken(String),
-    #[error("no certificate with serial or agent {0:?}; `revproxy cert list` shows them")]
+    #[error("no certificate or agent {0:?}; `revproxy cert list` shows them")]
     UnknownCert(String),
     #[error("certificate operation failed: {0}")]
     Certificate(#[from] rcgen::Error),
@@ -58,6 +58,12 @@ pub enum EnrollError {
     Used,
     #[error("token revoked: ask the operator for a new one with `revproxy token create`")]
     Revoked,
+    #[error("this certificate is not known to the proxy; enroll again with a new token")]
+    UnknownCert,
+    #[error("this certificate was revoked; ask the operator for a new token and run `revproxy-agent enroll`")]
+    CertRevoked,
+    #[error("this certificate has expired and cannot be renewed; ask the operator for a new token and run `revproxy-agent enroll`")]
+    CertExpired,
     #[error(transparent)]
     Internal(#[from] CaError),
 }
@@ -72,6 +78,9 @@ impl EnrollError {
             EnrollError::Expired => "token_expired",
             EnrollError::Used => "token_used",
             EnrollError::Revoked => "token_revoked",
+            EnrollError::UnknownCert => "unknown_cert",
+            EnrollError::CertRevoked => "cert_revoked",
+            EnrollError::CertExpired => "cert_expired",
             EnrollError::Internal(_) => "internal",
         }
     }

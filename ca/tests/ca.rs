@@ -164,7 +164,7 @@ fn bad_token_requests_are_refused() {
         mk("a", vec![], 3600, 86400),
         mk("a", vec!["bad_host".into()], 3600, 86400),
         mk("a", ok_hosts.clone(), 0, 86400),
-        mk("a", ok_hosts.clone(), 3600, 60),
+        mk("a", ok_hosts.clone(), 3600, 0),
         mk("a", ok_hosts.clone(), 3600, 30 * 86400),
     ] {
         let err = ca.create_token(&req, now()).unwrap_err();
@@ -363,4 +363,65 @@ fn twenty_concurrent_enrollments_with_one_token_issue_exactly_one_certificate() 
         .filter(|r| matches!(r, Err(EnrollError::Used)))
         .count();
     assert_eq!((ok, used), (1, 19), "{results:?}");
+}
+
+#[test]
+fn renewal_reissues_the_same_identity_and_refuses_revoked_expired_or_unknown_certificates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = new_ca(tmp.path());
+    let t = token(&ca, &["app.example.com"]);
+    let (_, csr_pem) = csr(&[]);
+    let at = now();
+    let first = enroll(&ca, &t, &csr_pem, at).unwrap();
+
+    let (_, renew_csr) = csr(&["evil.example.com"]);
+    let later = at + ::time::Duration::hours(16);
+    let second = ca.renew(&first.serial, &renew_csr, later).unwrap();
+    assert_eq!(
+        (second.agent.as_str(), &second.hosts),
+        ("web-1", &first.hosts)
+    );
+    assert_ne!(second.serial, first.serial);
+    assert_eq!(
+        second.not_after - later.unix_timestamp(),
+        24 * 3600,
+        "same lifetime"
+    );
+
+    let expired = at + ::time::Duration::hours(25);
+    assert!(matches!(
+        ca.renew(&first.serial, &renew_csr, expired),
+        Err(EnrollError::CertExpired)
+    ));
+    assert!(matches!(
+        ca.renew("00", &renew_csr, later),
+        Err(EnrollError::UnknownCert)
+    ));
+    ca.revoke_certs("web-1", later).unwrap();
+    assert!(matches!(
+        ca.renew(&second.serial, &renew_csr, later),
+        Err(EnrollError::CertRevoked)
+    ));
+}
+
+#[test]
+fn grants_can_be_narrowed_for_known_agents_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = new_ca(tmp.path());
+    let t = token(&ca, &["a.example.com", "b.example.com"]);
+    enroll(&ca, &t, &csr(&[]).1, now()).unwrap();
+    assert_eq!(
+        ca.set_hosts("web-1", &["A.example.com".into()]).unwrap(),
+        ["a.example.com"]
+    );
+    let state = ca.state().read().unwrap();
+    assert_eq!(state.agents["web-1"].hosts, ["a.example.com"]);
+    assert!(matches!(
+        ca.set_hosts("ghost", &[]),
+        Err(CaError::UnknownCert(_))
+    ));
+    assert!(matches!(
+        ca.set_hosts("web-1", &["bad host".into()]),
+        Err(CaError::InvalidInput(_))
+    ));
 }

@@ -107,8 +107,20 @@ pub async fn enroll(token: &Token, state_dir: &Path) -> Result<Identity, EnrollC
         }
     };
     pending.clear();
+    let reply = parse_answer(status, &reply)?;
+    let identity = check_reply(&token.pins(), &token.public.server, &key, reply)?;
+    identity.save(state_dir)?;
+    info!(identity = %identity.identity, hosts = ?identity.hosts, "enrolled");
+    Ok(identity)
+}
+
+/// Reads the proxy's answer: the reply on 200, its refusal otherwise.
+pub(super) fn parse_answer(
+    status: StatusCode,
+    reply: &[u8],
+) -> Result<EnrollReply, EnrollClientError> {
     if status != StatusCode::OK {
-        let err: ErrorReply = serde_json::from_slice(&reply).map_err(|_| {
+        let err: ErrorReply = serde_json::from_slice(reply).map_err(|_| {
             EnrollClientError::BadReply(format!("HTTP {status} without an error description"))
         })?;
         return Err(EnrollClientError::Refused {
@@ -117,12 +129,7 @@ pub async fn enroll(token: &Token, state_dir: &Path) -> Result<Identity, EnrollC
             message: err.message,
         });
     }
-    let reply: EnrollReply =
-        serde_json::from_slice(&reply).map_err(|e| EnrollClientError::BadReply(e.to_string()))?;
-    let identity = check_reply(token, &key, reply)?;
-    identity.save(state_dir)?;
-    info!(identity = %identity.identity, hosts = ?identity.hosts, "enrolled");
-    Ok(identity)
+    serde_json::from_slice(reply).map_err(|e| EnrollClientError::BadReply(e.to_string()))
 }
 
 /// The key of an enrollment whose answer has not arrived yet, kept (0600) so that a rerun
@@ -186,8 +193,9 @@ impl Pending {
 }
 
 /// Checks that the certificate is for our key and chains to a pinned CA.
-fn check_reply(
-    token: &Token,
+pub(super) fn check_reply(
+    pins: &[Pin],
+    server: &str,
     key: &KeyPair,
     reply: EnrollReply,
 ) -> Result<Identity, EnrollClientError> {
@@ -197,8 +205,8 @@ fn check_reply(
         .ok_or_else(|| bad("no CA certificate"))?;
     let (_, ca) =
         X509Certificate::from_der(&ca_der).map_err(|_| bad("unreadable CA certificate"))?;
-    if !token.pins().contains(&Pin::from_spki(ca.public_key().raw)) {
-        return Err(bad("its CA certificate does not match the token's pin"));
+    if !pins.contains(&Pin::from_spki(ca.public_key().raw)) {
+        return Err(bad("its CA certificate does not match the pinned CA"));
     }
     let der = revproxy_ca::pem_to_der(&reply.certificate, "CERTIFICATE")
         .ok_or_else(|| bad("no certificate"))?;
@@ -211,7 +219,7 @@ fn check_reply(
     let (hosts, not_after) =
         cert_hosts(&reply.certificate).ok_or_else(|| bad("unreadable certificate"))?;
     Ok(Identity {
-        server: token.public.server.clone(),
+        server: server.to_string(),
         agent: reply.agent,
         identity: reply.identity,
         hosts,
@@ -222,17 +230,29 @@ fn check_reply(
     })
 }
 
-/// One attempt: connect, verify the proxy, send the request, read the answer.
+/// One enrollment attempt.
 async fn exchange(token: &Token, body: Bytes) -> Result<(StatusCode, Bytes), EnrollClientError> {
-    let server = &token.public.server;
+    let config = tls::pinned_client_config(token.pins(), &[tls::ALPN_HTTP1])?;
+    let pins = token.public.pins.join(", ");
+    post(&token.public.server, &pins, config, ENROLL_PATH, body).await
+}
+
+/// One attempt at an agent API call: connect, verify the proxy with `config`, POST `body`
+/// to `path`, read the answer.
+pub(super) async fn post(
+    server: &str,
+    expected_pins: &str,
+    config: rustls::ClientConfig,
+    path: &str,
+    body: Bytes,
+) -> Result<(StatusCode, Bytes), EnrollClientError> {
     let unreachable = |reason: String| EnrollClientError::Unreachable {
-        server: server.clone(),
+        server: server.to_string(),
         reason,
     };
-    let config = tls::pinned_client_config(token.pins(), &[tls::ALPN_HTTP1])?;
     let name = tls::server_name(server).map_err(unreachable)?;
     let attempt = async {
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(server.as_str()))
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(server))
             .await
             .map_err(|_| unreachable("connection timed out".into()))?
             .map_err(|e| unreachable(e.to_string()))?;
@@ -242,20 +262,20 @@ async fn exchange(token: &Token, body: Bytes) -> Result<(StatusCode, Bytes), Enr
             .await
             .map_err(|e| match tls::find_pin_mismatch(&e) {
                 Some(m) => EnrollClientError::NotOurProxy {
-                    server: server.clone(),
+                    server: server.to_string(),
                     presented: m
                         .presented
                         .first()
                         .map_or_else(|| "none".into(), |p| p.to_string()),
-                    expected: token.public.pins.join(", "),
+                    expected: expected_pins.to_string(),
                 },
                 None => unreachable(format!("TLS handshake failed: {e}")),
             })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        let request = Request::post(ENROLL_PATH)
-            .header(http::header::HOST, server.as_str())
+        let request = Request::post(path)
+            .header(http::header::HOST, server)
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))
             .expect("valid request");

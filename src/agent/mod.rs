@@ -3,6 +3,7 @@
 
 mod enroll;
 mod identity;
+pub mod renew;
 mod run;
 
 pub use enroll::{enroll, EnrollClientError};

@@ -163,12 +163,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 builder = builder.drain_grace(grace);
             }
             let agent = builder.build().map_err(|e| match e {
-                revproxy::agent::AgentError::Identity(_) | revproxy::agent::AgentError::Tls(_) => {
-                    (1, e.into())
-                }
+                revproxy::agent::AgentError::Identity(_)
+                | revproxy::agent::AgentError::Tls(_)
+                | revproxy::agent::AgentError::Expired(_) => (1, e.into()),
                 _ => usage(e),
             })?;
-            runtime()?.block_on(agent.run(revproxy::logging::shutdown_signal()));
+            runtime()?
+                .block_on(agent.run(revproxy::logging::shutdown_signal()))
+                .map_err(|e| (1, e.into()))?;
         }
     }
     Ok(())

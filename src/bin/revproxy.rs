@@ -35,8 +35,27 @@ enum Command {
     /// List and revoke issued agent certificates.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Change what an enrolled agent may serve.
+    #[command(subcommand)]
+    Agent(AgentCommand),
     /// Run the proxy (creating a CA first if the state directory has none).
     Serve(ServeArgs),
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Set the names AGENT may serve (only names in its certificate take effect); live
+    /// tunnels follow within seconds, without reconnecting.
+    SetHosts {
+        #[command(flatten)]
+        state: StateArg,
+        /// Agent name
+        #[arg(value_name = "AGENT")]
+        agent: String,
+        /// Names it may serve from now on (none: it serves nothing)
+        #[arg(value_name = "NAME")]
+        hosts: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -104,6 +123,9 @@ enum TokenCommand {
         /// Enrollment address to put in the token [default: the one chosen at `ca init`]
         #[arg(long, value_name = "HOST:PORT")]
         server: Option<String>,
+        /// Lifetime of the certificate the token buys (1h to 7d); renewals keep it
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_cert_ttl)]
+        cert_ttl: Duration,
     },
     /// List tokens with their state; never shows secrets.
     List {
@@ -201,6 +223,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             hosts,
             ttl,
             server,
+            cert_ttl,
         }) => {
             let ca = Ca::open(&state.dir())?;
             let token = ca.create_token(
@@ -208,7 +231,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     agent: name,
                     hosts,
                     ttl,
-                    cert_ttl: ca::DEFAULT_CERT_TTL,
+                    cert_ttl,
                     server,
                 },
                 now,
@@ -262,6 +285,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
             for serial in revoked {
                 eprintln!("revoked {serial}");
             }
+        }
+        Command::Agent(AgentCommand::SetHosts {
+            state,
+            agent,
+            hosts,
+        }) => {
+            let hosts = Ca::open(&state.dir())?.set_hosts(&agent, &hosts)?;
+            let names = if hosts.is_empty() {
+                "nothing".to_string()
+            } else {
+                hosts.join(" ")
+            };
+            eprintln!("{agent} may now serve: {names}");
         }
         Command::Serve(args) => serve(args)?,
     }
@@ -332,6 +368,15 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         proxy.run(revproxy::logging::shutdown_signal()).await?;
         Ok::<_, Failure>(())
     })
+}
+
+/// `--cert-ttl`: a duration between [`ca::MIN_CERT_TTL`] and [`ca::MAX_CERT_TTL`].
+fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < ca::MIN_CERT_TTL || d > ca::MAX_CERT_TTL {
+        return Err(format!("{s} is outside 1h to 7d"));
+    }
+    Ok(d)
 }
 
 /// Where agents connect unless told otherwise.

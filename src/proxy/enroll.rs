@@ -19,7 +19,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
 use super::Shared;
-use crate::enroll_wire::{EnrollBody, EnrollReply, ErrorReply, ENROLL_PATH, MAX_REQUEST_BODY};
+use crate::enroll_wire::{
+    EnrollBody, EnrollReply, ErrorReply, RenewBody, ENROLL_PATH, MAX_REQUEST_BODY, RENEW_PATH,
+};
 
 /// Time allowed for the request head to arrive.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,13 +33,25 @@ pub const GATE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEAD: usize = 16 * 1024;
 
 /// Serves one enrollment connection.
-pub(super) async fn serve<S>(shared: Arc<Shared>, io: S, peer: SocketAddr)
-where
+pub(super) async fn serve<S>(
+    shared: Arc<Shared>,
+    io: S,
+    peer: SocketAddr,
+    client_serial: Option<String>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
+        let client_serial = client_serial.clone();
+        async move {
+            let response = if req.uri().path() == RENEW_PATH {
+                renew(&shared, peer, client_serial.as_deref(), req).await
+            } else {
+                handle(&shared, peer, req).await
+            };
+            Ok::<_, Infallible>(response)
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -221,8 +235,112 @@ fn is_token_id(id: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// `POST /v1/renew`: a fresh certificate for the holder of the presented one.
+async fn renew(
+    shared: &Shared,
+    peer: SocketAddr,
+    client_serial: Option<&str>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::POST {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("use POST {RENEW_PATH}"),
+        );
+    }
+    let Some(serial) = client_serial.map(str::to_string) else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "certificate_required",
+            "renewal needs the agent's current certificate in the TLS handshake".into(),
+        );
+    };
+    let body = match Limited::new(req.into_body(), MAX_REQUEST_BODY)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "the request body is larger than {} KiB",
+                    MAX_REQUEST_BODY / 1024
+                ),
+            )
+        }
+    };
+    let body: RenewBody = match serde_json::from_slice(&body) {
+        Ok(body) => body,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("the request is not a valid renewal request: {e}"),
+            )
+        }
+    };
+    let ca = shared.ca.clone();
+    let outcome = {
+        let Ok(_turn) = tokio::time::timeout(GATE_TIMEOUT, shared.enroll_gate.lock()).await else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "the proxy is busy; try again in a minute".into(),
+            );
+        };
+        let serial = serial.clone();
+        tokio::task::spawn_blocking(move || {
+            ca.renew(&serial, &body.csr, time::OffsetDateTime::now_utc())
+        })
+        .await
+    };
+    match outcome {
+        Ok(Ok(done)) => {
+            info!(%peer, agent = %done.agent, old_serial = %serial, serial = %done.serial, "certificate renewed");
+            json(
+                StatusCode::OK,
+                &EnrollReply {
+                    agent: done.agent,
+                    identity: done.identity,
+                    hosts: done.hosts,
+                    serial: done.serial,
+                    not_after: done.not_after,
+                    certificate: done.cert_pem,
+                    ca: done.ca_pem,
+                },
+            )
+        }
+        Ok(Err(EnrollError::Internal(e))) => {
+            tracing::error!(%peer, error = %e, "renewal failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the proxy could not complete the renewal; its log has the details".into(),
+            )
+        }
+        Ok(Err(e)) => {
+            warn!(%peer, serial = %serial, code = e.code(), "renewal refused");
+            error(status_of(&e), e.code(), e.to_string())
+        }
+        Err(join) => {
+            tracing::error!(%peer, error = %join, "renewal task failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the proxy could not complete the renewal; its log has the details".into(),
+            )
+        }
+    }
+}
+
 fn status_of(e: &EnrollError) -> StatusCode {
     match e {
+        EnrollError::UnknownCert | EnrollError::CertRevoked | EnrollError::CertExpired => {
+            StatusCode::FORBIDDEN
+        }
         EnrollError::BadCsr(_) => StatusCode::BAD_REQUEST,
         EnrollError::WrongSecret => StatusCode::FORBIDDEN,
         EnrollError::Revoked => StatusCode::FORBIDDEN,

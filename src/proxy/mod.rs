@@ -249,7 +249,8 @@ impl Proxy {
                 .instrument(span),
             );
         }
-        let watch = tokio::spawn(self.shared.state.clone().watch());
+        let registry = self.shared.registry.clone();
+        let watch = tokio::spawn(self.shared.state.clone().watch(move |s| registry.apply(s)));
         let agents = {
             let shared = self.shared.clone();
             let permits = Arc::new(Semaphore::new(MAX_AGENT_CONNECTIONS));
@@ -394,6 +395,12 @@ async fn handle_agent_conn(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr
     if tunnel {
         tunnels::serve(shared, stream, peer).await;
     } else {
-        enroll::serve(shared, stream, peer).await;
+        let client_serial = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|der| tls::cert_serial(der));
+        enroll::serve(shared, stream, peer, client_serial).await;
     }
 }

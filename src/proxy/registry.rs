@@ -23,8 +23,8 @@ pub struct Tunnel {
     pub agent: String,
     /// Serial of the certificate the agent connected with, hex.
     pub serial: String,
-    /// Name patterns this tunnel serves.
-    pub hosts: Vec<String>,
+    /// DNS names in the agent's certificate: the most it may ever serve.
+    pub cert_hosts: Vec<String>,
     sender: SendRequest<Bytes>,
     /// Notified to close the tunnel (revocation, shutdown).
     pub close: tokio::sync::Notify,
@@ -35,7 +35,7 @@ impl std::fmt::Debug for Tunnel {
         f.debug_struct("Tunnel")
             .field("id", &self.id)
             .field("agent", &self.agent)
-            .field("hosts", &self.hosts)
+            .field("cert_hosts", &self.cert_hosts)
             .finish_non_exhaustive()
     }
 }
@@ -77,14 +77,14 @@ impl Tunnel {
         id: u64,
         agent: String,
         serial: String,
-        hosts: Vec<String>,
+        cert_hosts: Vec<String>,
         sender: SendRequest<Bytes>,
     ) -> Tunnel {
         Tunnel {
             id,
             agent,
             serial,
-            hosts,
+            cert_hosts,
             sender,
             close: tokio::sync::Notify::new(),
         }
@@ -127,21 +127,58 @@ impl Tunnel {
     }
 }
 
+/// The names of `cert_hosts` that `grant` still covers.
+pub fn granted_hosts(cert_hosts: &[String], grant: &[String]) -> Vec<String> {
+    cert_hosts
+        .iter()
+        .filter(|h| {
+            grant
+                .iter()
+                .any(|g| g == *h || crate::route::name_matches(g, h))
+        })
+        .cloned()
+        .collect()
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Every live tunnel and the names it serves now.
+    tunnels: HashMap<u64, (Arc<Tunnel>, Vec<String>)>,
+    /// Name pattern (exact or `*.suffix`) → tunnels serving it; rebuilt on every change.
+    by_pattern: HashMap<String, Vec<Arc<Tunnel>>>,
+}
+
+impl Inner {
+    fn reindex(&mut self) {
+        self.by_pattern.clear();
+        let mut ids: Vec<&u64> = self.tunnels.keys().collect();
+        ids.sort(); // stable order: oldest tunnel first
+        for id in ids {
+            let (tunnel, hosts) = &self.tunnels[id];
+            for host in hosts {
+                self.by_pattern
+                    .entry(host.clone())
+                    .or_default()
+                    .push(tunnel.clone());
+            }
+        }
+    }
+}
+
 /// All live tunnels.
 #[derive(Debug)]
 pub struct Registry {
-    /// Name pattern (exact or `*.suffix`) → tunnels serving it.
-    by_pattern: RwLock<HashMap<String, Vec<Arc<Tunnel>>>>,
+    inner: RwLock<Inner>,
     next_id: AtomicU64,
     turn: AtomicUsize,
-    /// Bumped on every insert and removal, for whoever waits for a change.
+    /// Bumped on every change, for whoever waits for one.
     changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for Registry {
     fn default() -> Self {
         Registry {
-            by_pattern: RwLock::default(),
+            inner: RwLock::default(),
             next_id: AtomicU64::new(1),
             turn: AtomicUsize::new(0),
             changes: tokio::sync::watch::channel(0).0,
@@ -155,12 +192,12 @@ impl Registry {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub fn insert(&self, tunnel: Arc<Tunnel>) {
-        let mut map = self.by_pattern.write().expect("registry lock");
-        for host in &tunnel.hosts {
-            map.entry(host.clone()).or_default().push(tunnel.clone());
-        }
-        drop(map);
+    /// Registers `tunnel` as serving `hosts`.
+    pub fn insert(&self, tunnel: Arc<Tunnel>, hosts: Vec<String>) {
+        let mut inner = self.inner.write().expect("registry lock");
+        inner.tunnels.insert(tunnel.id, (tunnel, hosts));
+        inner.reindex();
+        drop(inner);
         self.changes.send_modify(|n| *n += 1);
     }
 
@@ -170,22 +207,50 @@ impl Registry {
     }
 
     pub fn remove(&self, id: u64) {
-        let mut map = self.by_pattern.write().expect("registry lock");
-        map.retain(|_, tunnels| {
-            tunnels.retain(|t| t.id != id);
-            !tunnels.is_empty()
-        });
-        drop(map);
+        let mut inner = self.inner.write().expect("registry lock");
+        if inner.tunnels.remove(&id).is_none() {
+            return;
+        }
+        inner.reindex();
+        drop(inner);
         self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Brings live tunnels in line with the proxy state: tunnels of revoked certificates
+    /// are closed, and every tunnel serves what its agent is granted now.
+    pub fn apply(&self, state: &super::watch::Snapshot) {
+        let mut inner = self.inner.write().expect("registry lock");
+        let mut changed = false;
+        inner.tunnels.retain(|_, (tunnel, hosts)| {
+            if state.revoked.contains(&tunnel.serial) {
+                tracing::warn!(agent = %tunnel.agent, serial = %tunnel.serial, tunnel = tunnel.id, "certificate revoked; closing its tunnel");
+                tunnel.close.notify_one();
+                changed = true;
+                return false;
+            }
+            let grant = state.grants.get(&tunnel.agent).map(Vec::as_slice).unwrap_or_default();
+            let now = granted_hosts(&tunnel.cert_hosts, grant);
+            if now != *hosts {
+                tracing::info!(agent = %tunnel.agent, tunnel = tunnel.id, before = ?hosts, after = ?now, "grant changed; tunnel now serves these names");
+                *hosts = now;
+                changed = true;
+            }
+            true
+        });
+        if changed {
+            inner.reindex();
+            drop(inner);
+            self.changes.send_modify(|n| *n += 1);
+        }
     }
 
     /// Every tunnel serving `name`, rotated so that successive calls start at different
     /// tunnels.
     pub fn lookup(&self, name: &str) -> Vec<Arc<Tunnel>> {
-        let map = self.by_pattern.read().expect("registry lock");
-        let mut found: Vec<Arc<Tunnel>> = map.get(name).cloned().unwrap_or_default();
+        let inner = self.inner.read().expect("registry lock");
+        let mut found: Vec<Arc<Tunnel>> = inner.by_pattern.get(name).cloned().unwrap_or_default();
         if let Some((_, parent)) = name.split_once('.') {
-            if let Some(wild) = map.get(&format!("*.{parent}")) {
+            if let Some(wild) = inner.by_pattern.get(&format!("*.{parent}")) {
                 for t in wild {
                     if !found.iter().any(|f| f.id == t.id) {
                         found.push(t.clone());
@@ -193,23 +258,11 @@ impl Registry {
                 }
             }
         }
-        drop(map);
+        drop(inner);
         if found.len() > 1 {
             let start = self.turn.fetch_add(1, Ordering::Relaxed) % found.len();
             found.rotate_left(start);
         }
         found
-    }
-
-    /// Every live tunnel (each once).
-    pub fn all(&self) -> Vec<Arc<Tunnel>> {
-        let map = self.by_pattern.read().expect("registry lock");
-        let mut out: Vec<Arc<Tunnel>> = Vec::new();
-        for t in map.values().flatten() {
-            if !out.iter().any(|o| o.id == t.id) {
-                out.push(t.clone());
-            }
-        }
-        out
     }
 }

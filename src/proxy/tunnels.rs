@@ -11,7 +11,6 @@ use tracing::{debug, info, warn};
 
 use super::registry::Tunnel;
 use super::Shared;
-use crate::route::name_matches;
 use crate::tunnel::{self, TunnelIo, PING_INTERVAL, PING_TIMEOUT};
 
 /// Time allowed for the HTTP/2 preface and settings exchange.
@@ -67,12 +66,7 @@ pub(super) async fn serve(shared: Arc<Shared>, tls: TlsStream<TunnelIo>, peer: S
         return;
     }
     let granted = state.grants.get(&who.agent).cloned().unwrap_or_default();
-    let hosts: Vec<String> = who
-        .hosts
-        .iter()
-        .filter(|h| granted.iter().any(|g| g == *h || name_matches(g, h)))
-        .cloned()
-        .collect();
+    let hosts = super::registry::granted_hosts(&who.hosts, &granted);
     let mut tls = tls;
     tls.get_mut()
         .1
@@ -95,10 +89,10 @@ pub(super) async fn serve(shared: Arc<Shared>, tls: TlsStream<TunnelIo>, peer: S
         id,
         who.agent.clone(),
         who.serial,
-        hosts.clone(),
+        who.hosts,
         sender,
     ));
-    shared.registry.insert(tunnel.clone());
+    shared.registry.insert(tunnel.clone(), hosts.clone());
     info!(%peer, agent = %who.agent, tunnel = id, ?hosts, "tunnel up");
 
     let reason = tokio::select! {

@@ -95,8 +95,9 @@ impl StateView {
         }
     }
 
-    /// Reloads whenever `state.json` is replaced, until the returned future is dropped.
-    pub async fn watch(self) {
+    /// Reloads whenever `state.json` is replaced, and hands every new snapshot to
+    /// `on_change`, until the returned future is dropped.
+    pub async fn watch(self, on_change: impl Fn(&Snapshot)) {
         let path = self.file.path();
         let identity = |m: std::fs::Metadata| (m.ino(), m.mtime(), m.mtime_nsec(), m.len());
         let mut seen = std::fs::metadata(&path).ok().map(identity);
@@ -112,6 +113,7 @@ impl StateView {
             match tokio::task::spawn_blocking(move || Snapshot::load(&file)).await {
                 Ok(Ok(snapshot)) => {
                     debug!(revoked = snapshot.revoked.len(), "proxy state reloaded");
+                    on_change(&snapshot);
                     *self.current.write().expect("state view lock") = Arc::new(snapshot);
                     seen = now;
                 }

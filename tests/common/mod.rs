@@ -251,7 +251,9 @@ pub async fn enroll_agent(proxy: &TestProxy, name: &str, hosts: &[&str]) -> Temp
 /// A running agent. Dropping it stops it.
 pub struct TestAgent {
     shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    task: Option<JoinHandle<Result<(), revproxy::agent::AgentError>>>,
+    /// Sees every renewal of the agent's identity.
+    pub renewals: tokio::sync::watch::Receiver<Arc<revproxy::agent::Identity>>,
 }
 
 impl TestAgent {
@@ -263,11 +265,16 @@ impl TestAgent {
     /// Asks the agent to shut down gracefully and waits until it has.
     pub async fn stop(mut self) {
         self.shutdown.take().unwrap().send(()).ok();
-        self.task.take().unwrap().await.unwrap();
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+
+    /// Waits for the agent to stop by itself and returns why.
+    pub async fn finished(mut self) -> Result<(), revproxy::agent::AgentError> {
+        self.task.take().unwrap().await.unwrap()
     }
 
     /// Asks the agent to shut down and returns the task to await.
-    pub fn begin_stop(mut self) -> JoinHandle<()> {
+    pub fn begin_stop(mut self) -> JoinHandle<Result<(), revproxy::agent::AgentError>> {
         self.shutdown.take().unwrap().send(()).ok();
         self.task.take().unwrap()
     }
@@ -296,6 +303,7 @@ pub fn start_agent_with(
         builder = builder.service(name, &addr.to_string());
     }
     let agent = configure(builder).build().unwrap();
+    let renewals = agent.subscribe();
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(agent.run(async {
         let _ = rx.await;
@@ -303,6 +311,7 @@ pub fn start_agent_with(
     TestAgent {
         shutdown: Some(tx),
         task: Some(task),
+        renewals,
     }
 }
 
@@ -361,4 +370,59 @@ pub async fn round_trip(addr: SocketAddr, prefix: &[u8], data: &[u8]) -> std::io
 /// An HTTP/1.1 request head for `host`.
 pub fn http_head(host: &str) -> Vec<u8> {
     format!("GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: test\r\n\r\n").into_bytes()
+}
+
+/// A wall clock the test moves: real time plus an adjustable offset in seconds, plus a
+/// one-shot jump seen by the next reading only.
+#[derive(Debug, Default)]
+pub struct TestClock {
+    offset: std::sync::atomic::AtomicI64,
+    jump: std::sync::atomic::AtomicI64,
+}
+
+impl TestClock {
+    pub fn set_offset(&self, seconds: i64) {
+        self.offset
+            .store(seconds, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The next reading (only) is `seconds` ahead, as after a suspend.
+    pub fn jump_once(&self, seconds: i64) {
+        self.jump
+            .store(seconds, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl revproxy::agent::renew::Clock for TestClock {
+    fn now(&self) -> i64 {
+        use std::sync::atomic::Ordering::SeqCst;
+        time::OffsetDateTime::now_utc().unix_timestamp()
+            + self.offset.load(SeqCst)
+            + self.jump.swap(0, SeqCst)
+    }
+}
+
+/// An enrolled agent whose certificate lives `cert_ttl` (the library allows short ones).
+pub async fn enroll_agent_with_ttl(
+    proxy: &TestProxy,
+    name: &str,
+    hosts: &[&str],
+    cert_ttl: Duration,
+) -> TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let token = proxy
+        .ca
+        .create_token(
+            &NewToken {
+                agent: name.into(),
+                hosts: hosts.iter().map(|h| h.to_string()).collect(),
+                ttl: Duration::from_secs(3600),
+                cert_ttl,
+                server: Some(proxy.addr.to_string()),
+            },
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+    revproxy::agent::enroll(&token, dir.path()).await.unwrap();
+    dir
 }

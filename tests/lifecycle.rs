@@ -1,0 +1,306 @@
+//! Certificate lifecycle end to end: renewal that never cuts a stream, revocation that
+//! cuts an agent off in seconds, expiry that says how to recover, and narrowing without
+//! reissuing. Short certificate lifetimes and a test clock instead of hours of sleep.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use revproxy::agent::renew::renew_once;
+use revproxy::agent::Identity;
+use revproxy::ca::CertState;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+#[tokio::test]
+async fn renewal_keeps_a_continuous_stream_through_five_generations() {
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent_with_ttl(
+        &proxy,
+        "web-1",
+        &["app.example.com"],
+        Duration::from_secs(60),
+    )
+    .await;
+    let clock = Arc::new(TestClock::default());
+    let agent_clock = clock.clone();
+    let mut agent = start_agent_with(dir.path(), &[("app.example.com", backend)], move |b| {
+        b.clock(agent_clock).renew_check(Duration::from_millis(20))
+    });
+    proxy.wait_for("app.example.com", 1).await;
+    let first = Identity::load(dir.path()).unwrap();
+
+    // A stream that keeps flowing the whole time: write a chunk, read it back, repeat.
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    let head = http_head("app.example.com");
+    stream.write_all(&head).await.unwrap();
+    let mut echoed = vec![0; head.len()];
+    stream.read_exact(&mut echoed).await.unwrap();
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let pump = tokio::spawn(async move {
+        let mut sent = 0u64;
+        let mut i = 0u64;
+        loop {
+            let chunk = pattern(8 * 1024, i);
+            stream.write_all(&chunk).await.unwrap();
+            let mut back = vec![0; chunk.len()];
+            stream.read_exact(&mut back).await.unwrap();
+            assert!(back == chunk, "chunk {i} came back intact");
+            sent += chunk.len() as u64;
+            i += 1;
+            if stop_rx.try_recv().is_ok() {
+                return sent;
+            }
+        }
+    });
+
+    let mut serials = vec![revproxy::tls::cert_serial(
+        &revproxy::ca::pem_to_der(&first.cert_pem, "CERTIFICATE").unwrap(),
+    )
+    .unwrap()];
+    for generation in 2..=6 {
+        // The wall clock jumps past two thirds of the lifetime, once.
+        clock.jump_once(45);
+        tokio::time::timeout(WAIT, agent.renewals.changed())
+            .await
+            .expect("the agent renewed")
+            .unwrap();
+        let renewed = agent.renewals.borrow_and_update().clone();
+        let serial = revproxy::tls::cert_serial(
+            &revproxy::ca::pem_to_der(&renewed.cert_pem, "CERTIFICATE").unwrap(),
+        )
+        .unwrap();
+        assert!(
+            !serials.contains(&serial),
+            "generation {generation} is a new certificate"
+        );
+        serials.push(serial);
+        assert_eq!(renewed.identity, first.identity, "same identity");
+        assert_eq!(renewed.hosts, first.hosts, "same names");
+        assert_ne!(renewed.key_pem, first.key_pem, "a fresh key");
+        assert_eq!(
+            Identity::load(dir.path()).unwrap().cert_pem,
+            renewed.cert_pem,
+            "saved before use"
+        );
+        // New connections work throughout.
+        let back = round_trip(proxy.http, &http_head("app.example.com"), b"new")
+            .await
+            .unwrap();
+        assert!(back.ends_with(b"\r\n\r\nnew"));
+    }
+    stop_tx.send(()).unwrap();
+    let sent = tokio::time::timeout(WAIT, pump).await.unwrap().unwrap();
+    assert!(sent > 0);
+    let certs = proxy.ca.list_certs(now()).unwrap();
+    let ours: Vec<_> = certs.iter().filter(|c| c.agent == "web-1").collect();
+    assert_eq!(ours.len(), 6, "one enrollment and five renewals");
+    agent.renewals.mark_unchanged();
+}
+
+#[tokio::test]
+async fn revoking_an_agent_closes_its_tunnel_within_two_seconds_and_keeps_it_out() {
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"").await;
+    let bad_dir = enroll_agent(&proxy, "bad", &["bad.example.com"]).await;
+    let good_dir = enroll_agent(&proxy, "good", &["good.example.com"]).await;
+    let _bad = start_agent(bad_dir.path(), &[("bad.example.com", backend)]);
+    let _good = start_agent(good_dir.path(), &[("good.example.com", backend)]);
+    proxy.wait_for("bad.example.com", 1).await;
+    proxy.wait_for("good.example.com", 1).await;
+
+    let mut open = TcpStream::connect(proxy.http).await.unwrap();
+    open.write_all(&http_head("bad.example.com")).await.unwrap();
+    let mut first = [0u8; 4];
+    open.read_exact(&mut first).await.unwrap();
+
+    let revoked_at = Instant::now();
+    let serials = proxy.ca.revoke_certs("bad", now()).unwrap();
+    assert_eq!(serials.len(), 1);
+    assert!(
+        proxy
+            .status
+            .wait_for_tunnels("bad.example.com", 0, Duration::from_secs(2))
+            .await,
+        "the revoked agent's tunnel is gone within 2 s"
+    );
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), open.read_to_end(&mut rest))
+        .await
+        .expect("its open stream was cut")
+        .ok();
+    eprintln!("revoked agent cut off after {:?}", revoked_at.elapsed());
+
+    // Its certificate no longer opens a tunnel, nor renews.
+    let id = Identity::load(bad_dir.path()).unwrap();
+    let config = revproxy::tls::agent_client_config(
+        vec![proxy.pin()],
+        &id.cert_pem,
+        &id.key_pem,
+        &[revproxy::tls::ALPN_H2],
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let refused = match tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+    {
+        Err(_) => true,
+        Ok(mut tls) => {
+            let mut buf = [0u8; 1];
+            matches!(
+                tokio::time::timeout(WAIT, tls.read(&mut buf)).await,
+                Ok(Err(_)) | Ok(Ok(0))
+            )
+        }
+    };
+    assert!(refused, "a revoked certificate is refused at the handshake");
+    let err = renew_once(&id, bad_dir.path()).await.unwrap_err();
+    assert_eq!(err.code(), Some("cert_revoked"), "{err}");
+
+    // The other agent is untouched.
+    let back = round_trip(proxy.http, &http_head("good.example.com"), b"ok")
+        .await
+        .unwrap();
+    assert!(back.ends_with(b"ok"));
+    assert_eq!(proxy.status.tunnels_for("good.example.com"), 1);
+    let list = proxy.ca.list_certs(now()).unwrap();
+    assert!(list
+        .iter()
+        .any(|c| c.agent == "bad" && c.state == CertState::Revoked));
+    assert!(list
+        .iter()
+        .any(|c| c.agent == "good" && c.state == CertState::Valid));
+}
+
+#[tokio::test]
+async fn an_expired_certificate_cannot_renew_and_the_agent_says_how_to_re_enroll() {
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent_with_ttl(
+        &proxy,
+        "sleeper",
+        &["app.example.com"],
+        Duration::from_secs(60),
+    )
+    .await;
+    let clock = Arc::new(TestClock::default());
+    let agent_clock = clock.clone();
+    // The machine slept through the whole lifetime: the agent wakes up past expiry.
+    clock.set_offset(0);
+    let agent = start_agent_with(dir.path(), &[("app.example.com", backend)], move |b| {
+        b.clock(agent_clock).renew_check(Duration::from_millis(20))
+    });
+    proxy.wait_for("app.example.com", 1).await;
+    clock.set_offset(3600);
+    let err = tokio::time::timeout(WAIT, agent.finished())
+        .await
+        .expect("the agent stopped")
+        .unwrap_err();
+    let hint = err.to_string();
+    assert!(hint.contains("expired"), "{hint}");
+    assert!(
+        hint.contains("revproxy token create --name sleeper --host app.example.com"),
+        "{hint}"
+    );
+    assert!(
+        hint.contains(&format!(
+            "revproxy-agent enroll --state {}",
+            dir.path().display()
+        )),
+        "{hint}"
+    );
+
+    // Starting it again with the expired certificate fails with the same advice.
+    let expired_clock = Arc::new(TestClock::default());
+    expired_clock.set_offset(3600);
+    let err = revproxy::Agent::builder(dir.path())
+        .service("app.example.com", &backend.to_string())
+        .clock(expired_clock)
+        .build()
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string()
+            .contains("revproxy token create --name sleeper"),
+        "{err}"
+    );
+
+    // The proxy refuses to renew an expired certificate even if asked.
+    let id = Identity::load(dir.path()).unwrap();
+    let later = now() + time::Duration::hours(1);
+    let serial =
+        revproxy::tls::cert_serial(&revproxy::ca::pem_to_der(&id.cert_pem, "CERTIFICATE").unwrap())
+            .unwrap();
+    let (_, csr) = new_csr();
+    let refused = proxy.ca.renew(&serial, &csr, later).unwrap_err();
+    assert_eq!(refused.code(), "cert_expired");
+
+    // Re-enrolling under the same name restores service under the same identity.
+    let token = proxy.token_for(
+        "sleeper",
+        &["app.example.com"],
+        now(),
+        Duration::from_secs(3600),
+    );
+    let again = revproxy::agent::enroll(&token, dir.path()).await.unwrap();
+    assert_eq!(again.identity, id.identity);
+    proxy.wait_for("app.example.com", 0).await;
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)]);
+    proxy.wait_for("app.example.com", 1).await;
+    let back = round_trip(proxy.http, &http_head("app.example.com"), b"back")
+        .await
+        .unwrap();
+    assert!(back.ends_with(b"back"));
+}
+
+#[tokio::test]
+async fn narrowing_an_agent_takes_effect_on_the_next_stream_without_a_reconnect() {
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent(&proxy, "web-1", &["a.example.com", "b.example.com"]).await;
+    let _agent = start_agent(
+        dir.path(),
+        &[("a.example.com", backend), ("b.example.com", backend)],
+    );
+    proxy.wait_for("b.example.com", 1).await;
+
+    // A connection through the tunnel that stays open across the change.
+    let mut open = TcpStream::connect(proxy.http).await.unwrap();
+    let head = http_head("a.example.com");
+    open.write_all(&head).await.unwrap();
+    let mut echoed = vec![0; head.len()];
+    open.read_exact(&mut echoed).await.unwrap();
+
+    proxy
+        .ca
+        .set_hosts("web-1", &["a.example.com".to_string()])
+        .unwrap();
+    proxy.wait_for("b.example.com", 0).await;
+    let back = round_trip(proxy.http, &http_head("b.example.com"), b"")
+        .await
+        .unwrap();
+    assert!(
+        back.starts_with(b"HTTP/1.1 502"),
+        "{}",
+        String::from_utf8_lossy(&back)
+    );
+    let back = round_trip(proxy.http, &http_head("a.example.com"), b"x")
+        .await
+        .unwrap();
+    assert!(back.ends_with(b"x"));
+    // The open stream lived on: the tunnel was never torn down.
+    open.write_all(b"still").await.unwrap();
+    let mut still = [0u8; 5];
+    open.read_exact(&mut still).await.unwrap();
+    assert_eq!(&still, b"still");
+}
