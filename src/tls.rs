@@ -65,14 +65,58 @@ pub fn key_from_pem(pem: &str, what: &str) -> Result<PrivateKeyDer<'static>, Tls
     })
 }
 
+/// The proxy's server certificate, replaceable while the proxy runs (it is renewed when a
+/// third of its lifetime is left, without a restart).
+#[derive(Debug)]
+pub struct ServerCert {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl ServerCert {
+    /// Loads a PEM chain (server certificate first) and its key.
+    pub fn new(chain_pem: &str, key_pem: &str) -> Result<Arc<ServerCert>, TlsError> {
+        Ok(Arc::new(ServerCert {
+            current: std::sync::RwLock::new(Arc::new(certified_key(chain_pem, key_pem)?)),
+        }))
+    }
+
+    /// Serves `chain_pem` and `key_pem` from the next handshake on.
+    pub fn replace(&self, chain_pem: &str, key_pem: &str) -> Result<(), TlsError> {
+        let key = Arc::new(certified_key(chain_pem, key_pem)?);
+        *self.current.write().expect("server cert lock") = key;
+        Ok(())
+    }
+
+    /// The DER of the certificate served now.
+    pub fn current_der(&self) -> Vec<u8> {
+        self.current.read().expect("server cert lock").cert[0].to_vec()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServerCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.read().expect("server cert lock").clone())
+    }
+}
+
+fn certified_key(chain_pem: &str, key_pem: &str) -> Result<rustls::sign::CertifiedKey, TlsError> {
+    Ok(rustls::sign::CertifiedKey::from_der(
+        certs_from_pem(chain_pem, "server.crt")?,
+        key_from_pem(key_pem, "server.key")?,
+        &provider(),
+    )?)
+}
+
 /// The agent listener's server configuration.
 ///
 /// Client certificates chained to `ca_der` are verified when presented but not required at
 /// the TLS layer, because enrollment (which has no certificate yet) shares the port; the
 /// protocols above decide what needs one.
 pub fn agent_listener_config(
-    chain_pem: &str,
-    key_pem: &str,
+    cert: Arc<ServerCert>,
     ca_der: &[u8],
     alpn: &[&[u8]],
 ) -> Result<rustls::ServerConfig, TlsError> {
@@ -85,10 +129,7 @@ pub fn agent_listener_config(
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            certs_from_pem(chain_pem, "server.crt")?,
-            key_from_pem(key_pem, "server.key")?,
-        )?;
+        .with_cert_resolver(cert);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
@@ -97,8 +138,7 @@ pub fn agent_listener_config(
 /// `ca_der`, be within its validity, carry EKU clientAuth, and not be revoked according to
 /// `is_revoked` (called with the hex serial, at every handshake).
 pub fn tunnel_listener_config(
-    chain_pem: &str,
-    key_pem: &str,
+    cert: Arc<ServerCert>,
     ca_der: &[u8],
     is_revoked: Arc<dyn Fn(&str) -> bool + Send + Sync>,
 ) -> Result<rustls::ServerConfig, TlsError> {
@@ -111,10 +151,7 @@ pub fn tunnel_listener_config(
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            certs_from_pem(chain_pem, "server.crt")?,
-            key_from_pem(key_pem, "server.key")?,
-        )?;
+        .with_cert_resolver(cert);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
 }
@@ -419,4 +456,35 @@ pub fn find_pin_mismatch<'a>(
         };
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_renewed_server_certificate_is_served_without_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let ca =
+            revproxy_ca::Ca::init(dir.path(), &revproxy_ca::InitOptions::default(), now).unwrap();
+        let (chain, key) = ca.server_identity(now).unwrap();
+        let served = ServerCert::new(&chain, &key).unwrap();
+        let before = served.current_der();
+        // Ten months on, a third of the year is left: the CA reissues it.
+        let (renewed_chain, renewed_key) =
+            ca.server_identity(now + time::Duration::days(300)).unwrap();
+        assert_ne!(renewed_chain, chain);
+        served.replace(&renewed_chain, &renewed_key).unwrap();
+        let after = served.current_der();
+        assert_ne!(after, before);
+        assert_eq!(
+            after,
+            certs_from_pem(&renewed_chain, "x").unwrap()[0].to_vec()
+        );
+        assert!(
+            served.replace(&renewed_chain, &key).is_err(),
+            "a key that does not match is refused"
+        );
+    }
 }

@@ -138,12 +138,12 @@ impl ProxyBuilder {
         let ca = Ca::open(&self.state_dir)?;
         let state = StateView::load(ca.state().clone())?;
         let (chain, key) = ca.server_identity(time::OffsetDateTime::now_utc())?;
+        let server_cert = tls::ServerCert::new(&chain, &key)?;
         let enroll_config =
-            tls::agent_listener_config(&chain, &key, ca.cert_der(), &[tls::ALPN_HTTP1])?;
+            tls::agent_listener_config(server_cert.clone(), ca.cert_der(), &[tls::ALPN_HTTP1])?;
         let revocations = state.clone();
         let tunnel_config = tls::tunnel_listener_config(
-            &chain,
-            &key,
+            server_cert.clone(),
             ca.cert_der(),
             Arc::new(move |serial| revocations.get().revoked.contains(serial)),
         )?;
@@ -161,6 +161,7 @@ impl ProxyBuilder {
                 peek_timeout: self.peek_timeout,
                 close_tunnels: Trigger::default(),
                 enroll_config: Arc::new(enroll_config),
+                server_cert,
                 tunnel_config: Arc::new(tunnel_config),
             }),
             agents,
@@ -185,6 +186,8 @@ struct Shared {
     close_tunnels: Trigger,
     enroll_config: Arc<rustls::ServerConfig>,
     tunnel_config: Arc<rustls::ServerConfig>,
+    /// The agent listener's certificate, renewed in place.
+    server_cert: Arc<tls::ServerCert>,
 }
 
 /// A configured proxy, ready to run.
@@ -249,6 +252,7 @@ impl Proxy {
                 .instrument(span),
             );
         }
+        let renewal = tokio::spawn(renew_server_cert(self.shared.clone()));
         let registry = self.shared.registry.clone();
         let watch = tokio::spawn(self.shared.state.clone().watch(move |s| registry.apply(s)));
         let agents = {
@@ -271,7 +275,48 @@ impl Proxy {
         self.shared.close_tunnels.fire();
         let _ = agents.await;
         watch.abort();
+        renewal.abort();
         Ok(())
+    }
+}
+
+/// How often the proxy checks whether its own server certificate is due for renewal.
+pub const SERVER_CERT_CHECK: Duration = Duration::from_secs(3600);
+
+/// Reissues the agent listener's certificate when a third of its lifetime is left, and
+/// serves the new one from the next handshake on: a proxy that runs for years never
+/// presents an expired certificate.
+async fn renew_server_cert(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(SERVER_CERT_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is now; `build` has just checked
+    loop {
+        tick.tick().await;
+        let ca = shared.ca.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            ca.server_identity(time::OffsetDateTime::now_utc())
+        })
+        .await;
+        let (chain, key) = match loaded {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot check the server certificate; will try again");
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "server certificate check failed");
+                continue;
+            }
+        };
+        let served = shared.server_cert.current_der();
+        if tls::certs_from_pem(&chain, "server.crt")
+            .is_ok_and(|c| c[0].as_ref() != served.as_slice())
+        {
+            match shared.server_cert.replace(&chain, &key) {
+                Ok(()) => info!("server certificate renewed"),
+                Err(e) => warn!(error = %e, "cannot load the renewed server certificate"),
+            }
+        }
     }
 }
 
