@@ -553,28 +553,8 @@ impl Ca {
             let ttl = Duration::from_secs(
                 (old.not_after - old.not_before - BACKDATE.as_secs() as i64).max(1) as u64,
             );
-            let (cert_pem, serial, not_after) =
-                self.issue_agent_cert(&agent, &hosts, &public_key, ttl, now)?;
-            state.prune(now_s);
-            state.certs.push(CertRecord {
-                serial: serial.clone(),
-                agent: agent.clone(),
-                hosts: hosts.clone(),
-                not_before: (now - BACKDATE).unix_timestamp(),
-                not_after,
-                revoked_at: None,
-                pem: cert_pem.clone(),
-            });
-            Ok(Enrolled {
-                identity: self.identity_of(&agent),
-                agent,
-                hosts,
-                serial,
-                not_after,
-                cert_pem,
-                ca_pem: self.cert_pem.clone(),
-                reissued: false,
-            })
+            self.issue_and_record(state, agent, hosts, &public_key, ttl, now)
+                .map_err(EnrollError::from)
         })
     }
 
@@ -645,19 +625,13 @@ impl Ca {
                 let earlier = state
                     .certs
                     .iter()
-                    .find(|c| c.serial == used.serial && c.revoked_at.is_none());
+                    .find(|c| retry && c.serial == used.serial && c.revoked_at.is_none());
                 return match earlier {
-                    Some(cert) if retry => Ok(Enrolled {
-                        agent: cert.agent.clone(),
-                        identity: self.identity_of(&cert.agent),
-                        hosts: cert.hosts.clone(),
-                        serial: cert.serial.clone(),
-                        not_after: cert.not_after,
-                        cert_pem: cert.pem.clone(),
-                        ca_pem: self.cert_pem.clone(),
+                    Some(cert) => Ok(Enrolled {
                         reissued: true,
+                        ..self.enrolled(cert)
                     }),
-                    _ => Err(EnrollError::Used),
+                    None => Err(EnrollError::Used),
                 };
             }
             if now_s >= token.expires {
@@ -666,9 +640,8 @@ impl Ca {
             let agent = token.agent.clone();
             let hosts = token.hosts.clone();
             let ttl = Duration::from_secs(token.cert_ttl_secs.max(0) as u64);
-            let (cert_pem, serial, not_after) =
-                self.issue_agent_cert(&agent, &hosts, &public_key, ttl, now)?;
-
+            let done =
+                self.issue_and_record(state, agent.clone(), hosts.clone(), &public_key, ttl, now)?;
             let token = state
                 .tokens
                 .iter_mut()
@@ -677,35 +650,53 @@ impl Ca {
             token.used = Some(TokenUse {
                 at: now_s,
                 spki_sha256: spki,
-                serial: serial.clone(),
+                serial: done.serial.clone(),
             });
-            state.prune(now_s);
-            state.certs.push(CertRecord {
-                serial: serial.clone(),
-                agent: agent.clone(),
-                hosts: hosts.clone(),
-                not_before: (now - BACKDATE).unix_timestamp(),
-                not_after,
-                revoked_at: None,
-                pem: cert_pem.clone(),
-            });
-            state.agents.insert(
-                agent.clone(),
-                AgentGrant {
-                    hosts: hosts.clone(),
-                },
-            );
-            Ok(Enrolled {
-                identity: self.identity_of(&agent),
-                agent,
-                hosts,
-                serial,
-                not_after,
-                cert_pem,
-                ca_pem: self.cert_pem.clone(),
-                reissued: false,
-            })
+            state.agents.insert(agent, AgentGrant { hosts });
+            Ok(done)
         })
+    }
+
+    /// Issues an agent certificate and records it in `state` (the caller's `update`
+    /// writes it out before anyone sees the certificate).
+    fn issue_and_record(
+        &self,
+        state: &mut State,
+        agent: String,
+        hosts: Vec<String>,
+        public_key: &impl PublicKeyData,
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<Enrolled, CaError> {
+        let (pem, serial, not_after) =
+            self.issue_agent_cert(&agent, &hosts, public_key, ttl, now)?;
+        state.prune(now.unix_timestamp());
+        let record = CertRecord {
+            serial,
+            agent,
+            hosts,
+            not_before: (now - BACKDATE).unix_timestamp(),
+            not_after,
+            revoked_at: None,
+            pem,
+        };
+        let done = self.enrolled(&record);
+        state.certs.push(record);
+        Ok(done)
+    }
+
+    /// The answer for a recorded certificate.
+    fn enrolled(&self, cert: &CertRecord) -> Enrolled {
+        Enrolled {
+            agent: cert.agent.clone(),
+            identity: self.identity_of(&cert.agent),
+            hosts: cert.hosts.clone(),
+            serial: cert.serial.clone(),
+            not_after: cert.not_after,
+            cert_pem: cert.pem.clone(),
+            ca_pem: self.cert_pem.clone(),
+            reissued: false,
+        }
     }
 
     fn issue_agent_cert(

@@ -191,25 +191,12 @@ async fn handle(
             shared.state.refresh().await;
             info!(%peer, token_id = %body.token_id, agent = %done.agent, serial = %done.serial,
                   retry = done.reissued, "agent enrolled");
-            let reply = EnrollReply {
-                agent: done.agent,
-                identity: done.identity,
-                hosts: done.hosts,
-                serial: done.serial,
-                not_after: done.not_after,
-                certificate: done.cert_pem,
-                ca: done.ca_pem,
-            };
-            json(StatusCode::OK, &reply)
+            json(StatusCode::OK, &reply(done))
         }
         Ok(Err(EnrollError::Internal(e))) => {
             forgive();
             tracing::error!(%peer, token_id = %body.token_id, error = %e, "enrollment failed");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "the proxy could not complete the enrollment; its log has the details".into(),
-            )
+            internal("enrollment")
         }
         Ok(Err(e)) => {
             debug!(token_id = %body.token_id, reason = %e);
@@ -218,11 +205,7 @@ async fn handle(
         Err(join) => {
             forgive();
             tracing::error!(%peer, error = %join, "enrollment task failed");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "the proxy could not complete the enrollment; its log has the details".into(),
-            )
+            internal("enrollment")
         }
     }
 }
@@ -300,26 +283,11 @@ async fn renew(
     match outcome {
         Ok(Ok(done)) => {
             info!(%peer, agent = %done.agent, old_serial = %serial, serial = %done.serial, "certificate renewed");
-            json(
-                StatusCode::OK,
-                &EnrollReply {
-                    agent: done.agent,
-                    identity: done.identity,
-                    hosts: done.hosts,
-                    serial: done.serial,
-                    not_after: done.not_after,
-                    certificate: done.cert_pem,
-                    ca: done.ca_pem,
-                },
-            )
+            json(StatusCode::OK, &reply(done))
         }
         Ok(Err(EnrollError::Internal(e))) => {
             tracing::error!(%peer, error = %e, "renewal failed");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "the proxy could not complete the renewal; its log has the details".into(),
-            )
+            internal("renewal")
         }
         Ok(Err(e)) => {
             warn!(%peer, serial = %serial, code = e.code(), "renewal refused");
@@ -327,13 +295,30 @@ async fn renew(
         }
         Err(join) => {
             tracing::error!(%peer, error = %join, "renewal task failed");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "the proxy could not complete the renewal; its log has the details".into(),
-            )
+            internal("renewal")
         }
     }
+}
+
+fn reply(done: revproxy_ca::Enrolled) -> EnrollReply {
+    EnrollReply {
+        agent: done.agent,
+        identity: done.identity,
+        hosts: done.hosts,
+        serial: done.serial,
+        not_after: done.not_after,
+        certificate: done.cert_pem,
+        ca: done.ca_pem,
+    }
+}
+
+/// A 500 that points at the log (the details are ours, not the client's).
+fn internal(what: &str) -> Response<Full<Bytes>> {
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("the proxy could not complete the {what}; its log has the details"),
+    )
 }
 
 fn status_of(e: &EnrollError) -> StatusCode {
