@@ -1,31 +1,38 @@
 #!/usr/bin/env python3
-"""revproxy benchmark: the same workloads through a direct connection and through revproxy,
-side by side in one run, each figure the median of several alternating repetitions.
+"""revproxy benchmark: the same workloads through a direct connection, through revproxy and
+through rathole (TLS transport), side by side in one run, each figure the median of several
+alternating repetitions.
 
-    python3 bench/run.py            # full run (several minutes)
-    python3 bench/run.py --quick    # smoke run (well under 2 minutes), numbers not meaningful
+    python3 bench/run.py            # full run (about 20 minutes on 2 cores)
+    python3 bench/run.py --quick    # smoke run (under 2 minutes after the build), numbers not meaningful
 
 It builds the release binaries, installs the Debian tools it needs (iperf3, wrk, ab from
-apache2-utils, nginx) if they are missing, starts everything on 127.0.0.1 with ports the
-kernel picks, and prints a Markdown table (figures and ratios to direct) ready for
-docs/benchmarks.md. Everything it starts is stopped when it exits.
+apache2-utils, nginx, openssl) if they are missing, installs rathole with `cargo install
+rathole` if it is absent (a --quick run skips rathole instead, saying so), starts everything
+on 127.0.0.1 with ports the kernel picks, and prints a Markdown table (figures and ratios to
+direct) ready for docs/benchmarks.md. Everything it starts is stopped when it exits.
 """
 
 import argparse
+import array
+import fcntl
 import json
 import os
 import platform
 import re
+import resource
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOLS = {"iperf3": "iperf3", "wrk": "wrk", "ab": "apache2-utils", "nginx": "nginx-light"}
+TOOLS = {"iperf3": "iperf3", "wrk": "wrk", "ab": "apache2-utils", "nginx": "nginx-light", "openssl": "openssl",
+         "ss": "iproute2", "curl": "curl"}
 
 
 def log(msg):
@@ -88,20 +95,51 @@ def build():
     return os.path.join(ROOT, "target", "release")
 
 
+def find_rathole():
+    found = shutil.which("rathole")
+    cargo_bin = os.path.expanduser("~/.cargo/bin/rathole")
+    return found or (cargo_bin if os.path.exists(cargo_bin) else None)
+
+
+def ensure_rathole(quick, wanted):
+    """rathole's binary, installing it with cargo if absent; None (and a clear message) if skipped."""
+    if not wanted:
+        log("rathole skipped (--no-rathole)")
+        return None
+    found = find_rathole()
+    if found:
+        return found
+    if quick:
+        log("rathole is not installed: skipped in --quick mode (a full run installs it with `cargo install rathole`)")
+        return None
+    log("installing rathole with `cargo install rathole` (a few minutes)")
+    # Not --locked: rathole 0.5.0's lock file pins a `time` that no longer builds on current rustc.
+    r = subprocess.run(["cargo", "install", "--quiet", "rathole"])
+    if r.returncode != 0 or not find_rathole():
+        log("`cargo install rathole` failed: rathole skipped")
+        return None
+    return find_rathole()
+
+
 def start_nginx(procs, work, port):
     os.makedirs(f"{work}/www", exist_ok=True)
     with open(f"{work}/www/index.html", "w") as f:
         f.write("x" * 100)
+    # A large sparse file: what the stalled client of the fairness run asks for and never reads.
+    with open(f"{work}/www/big", "wb") as f:
+        f.truncate(8 << 30)
     conf = f"""
 worker_processes 1;
+worker_rlimit_nofile {nofile_limit()};
 daemon off;
 pid {work}/nginx.pid;
 error_log {work}/nginx.err warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections {nofile_limit() - 100}; }}
 http {{
     access_log off;
     keepalive_requests 1000000;
-    server {{ listen 127.0.0.1:{port}; root {work}/www; }}
+    client_header_timeout 600s;
+    server {{ listen 127.0.0.1:{port} backlog=16384; root {work}/www; }}
 }}
 """
     with open(f"{work}/nginx.conf", "w") as f:
@@ -111,8 +149,23 @@ http {{
     wait_port(port)
 
 
+def wait_http(port, what, logs):
+    """Until a request to `port` (Host web.bench) gets a 200 from nginx through the tunnel."""
+    deadline = time.time() + 20
+    r = None
+    while time.time() < deadline:
+        r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: web.bench",
+                            f"http://127.0.0.1:{port}/"], capture_output=True, text=True)
+        if r.stdout == "200":
+            return
+        time.sleep(0.1)
+    tails = "".join(open(f).read()[-2000:] for f in logs if os.path.exists(f))
+    raise RuntimeError(f"{what}: the tunnel did not come up:\n{r.stdout}{r.stderr}{tails}")
+
+
 def start_revproxy(procs, bindir, work, backends):
-    """Proxy + one enrolled agent. `backends` maps name -> port. Returns (http_port, fixed ports by name)."""
+    """Proxy + one enrolled agent, one h2 tunnel. `backends` maps name -> port.
+    Returns the setup: ports for each workload and the pids whose memory is measured."""
     agents, http = free_port(), free_port()
     fixed = {name: free_port() for name in backends}
     state = f"{work}/proxy"
@@ -121,8 +174,8 @@ def start_revproxy(procs, bindir, work, backends):
     with open(f"{work}/proxy.toml", "w") as f:
         f.write(f'agents = "127.0.0.1:{agents}"\nhttp = "127.0.0.1:{http}"\n{listeners}')
     subprocess.run([f"{bindir}/revproxy", "ca", "init", "--state", state], check=True, env=env, capture_output=True)
-    procs.start([f"{bindir}/revproxy", "serve", "--state", state, "--config", f"{work}/proxy.toml"], env=env,
-                stderr=open(f"{work}/proxy.log", "w"))
+    proxy = procs.start([f"{bindir}/revproxy", "serve", "--state", state, "--config", f"{work}/proxy.toml"], env=env,
+                        stderr=open(f"{work}/proxy.log", "w"))
     wait_port(agents)
     hosts = sum((["--host", n] for n in backends), [])
     token = subprocess.run([f"{bindir}/revproxy", "token", "create", "--state", state, "--name", "bench",
@@ -131,21 +184,58 @@ def start_revproxy(procs, bindir, work, backends):
     subprocess.run([f"{bindir}/revproxy-agent", "enroll", "--state", f"{work}/agent", "--token", token],
                    check=True, env=env, capture_output=True)
     maps = sum((["--map", f"{n}=127.0.0.1:{p}"] for n, p in backends.items()), [])
-    procs.start([f"{bindir}/revproxy-agent", "run", "--state", f"{work}/agent"] + maps, env=env,
-                stderr=open(f"{work}/agent.log", "w"))
-    # Ready when a request through the tunnel gets an answer from the backend.
-    deadline = time.time() + 15
-    while time.time() < deadline:
-        r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: web.bench",
-                            f"http://127.0.0.1:{http}/"], capture_output=True, text=True)
-        if r.stdout == "200":
-            return http, fixed
-        time.sleep(0.1)
-    logs = r.stdout + r.stderr + "".join(open(f"{work}/{n}.log").read()[-2000:] for n in ("proxy", "agent"))
-    raise RuntimeError(f"the tunnel did not come up:\n{logs}")
+    agent = procs.start([f"{bindir}/revproxy-agent", "run", "--state", f"{work}/agent"] + maps, env=env,
+                        stderr=open(f"{work}/agent.log", "w"))
+    wait_http(http, "revproxy", [f"{work}/proxy.log", f"{work}/agent.log"])
+    # Plain HTTP workloads go through the Host-routing listener (the realistic path); the idle
+    # and stalled connections use the fixed listener, which opens the stream at accept.
+    return {"iperf": fixed["iperf.bench"], "http": http, "web": fixed["web.bench"], "pids": [proxy.pid, agent.pid]}
 
 
-# --- workloads: each returns a dict of figures ---
+def start_rathole(procs, rathole, work, backends):
+    """rathole server + client with its TLS transport, one service per backend (by port)."""
+    d = f"{work}/rathole"
+    os.makedirs(d)
+
+    def openssl(*args):
+        subprocess.run(["openssl"] + list(args), check=True, capture_output=True, cwd=d)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=bench-ca")
+    openssl("req", *ec, "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=localhost")
+    with open(f"{d}/ext", "w") as f:
+        f.write("subjectAltName=DNS:localhost\n")
+    openssl("x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "srv.crt", "-days", "2", "-extfile", "ext")
+    openssl("pkcs12", "-export", "-out", "id.pfx", "-inkey", "srv.key", "-in", "srv.crt", "-certfile", "ca.crt",
+            "-passout", "pass:bench")
+    control = free_port()
+    public = {name: free_port() for name in backends}
+    server = (f'[server]\nbind_addr = "127.0.0.1:{control}"\n[server.transport]\ntype = "tls"\n'
+              f'[server.transport.tls]\npkcs12 = "{d}/id.pfx"\npkcs12_password = "bench"\n')
+    client = (f'[client]\nremote_addr = "localhost:{control}"\n[client.transport]\ntype = "tls"\n'
+              f'[client.transport.tls]\ntrusted_root = "{d}/ca.crt"\nhostname = "localhost"\n')
+    for name, port in backends.items():
+        svc = name.replace(".", "_")
+        server += f'[server.services.{svc}]\ntoken = "bench-{svc}"\nbind_addr = "127.0.0.1:{public[name]}"\n'
+        client += f'[client.services.{svc}]\ntoken = "bench-{svc}"\nlocal_addr = "127.0.0.1:{port}"\n'
+    for role, text in (("server", server), ("client", client)):
+        with open(f"{d}/{role}.toml", "w") as f:
+            f.write(text)
+    env = dict(os.environ, RUST_LOG="warn")
+    srv = procs.start([rathole, "-s", f"{d}/server.toml"], env=env, stderr=open(f"{d}/server.log", "w"))
+    wait_port(control)
+    cli = procs.start([rathole, "-c", f"{d}/client.toml"], env=env, stderr=open(f"{d}/client.log", "w"))
+    wait_http(public["web.bench"], "rathole", [f"{d}/server.log", f"{d}/client.log"])
+    return {"iperf": public["iperf.bench"], "http": public["web.bench"], "web": public["web.bench"],
+            "pids": [srv.pid, cli.pid]}
+
+
+def nofile_limit():
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# --- workloads: each returns a figure, or a dict of figures ---
 
 def iperf(port, seconds, parallel=1):
     r = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-P", str(parallel), "-J"],
@@ -175,83 +265,193 @@ def wrk(port, host, conns, seconds):
 
 def ab(port, host, conns, requests):
     r = subprocess.run(["ab", "-q", "-n", str(requests), "-c", str(conns), "-H", f"Host: {host}",
-                        f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=300)
+                        f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=600)
     failed = int(re.search(r"Failed requests:\s+(\d+)", r.stdout).group(1))
     if failed:
         raise RuntimeError(f"ab saw {failed} failed requests")
     return float(re.search(r"Requests per second:\s+([\d.]+)", r.stdout).group(1))
 
 
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def established(port):
+    """Established TCP connections whose local port is `port` (the backend's side)."""
+    r = subprocess.run(["ss", "-tnH", "state", "established", f"( sport = :{port} )"],
+                       capture_output=True, text=True, check=True)
+    return len(r.stdout.splitlines())
+
+
+def wait_until(what, cond, timeout):
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def idle_memory(setup, backend_port, count):
+    """KiB of RSS per idle stream, summed over the tunnel's two processes: RSS before and after
+    `count` idle client connections are open end to end (each one accepted by the backend)."""
+    base_conns = established(backend_port)
+    before = sum(rss_kib(p) for p in setup["pids"])
+    socks = []
+    try:
+        for _ in range(count):
+            socks.append(socket.create_connection(("127.0.0.1", setup["web"]), timeout=10))
+        wait_until(f"{count} idle connections at the backend",
+                   lambda: established(backend_port) >= base_conns + count, 120)
+        time.sleep(1)  # let any lazily started per-connection work settle before reading RSS
+        after = sum(rss_kib(p) for p in setup["pids"])
+    finally:
+        for s in socks:
+            s.close()
+    wait_until("the idle connections to close at the backend", lambda: established(backend_port) <= base_conns, 120)
+    return (after - before) / count
+
+
+def fairness(setup, seconds):
+    """8 parallel streams while a 9th client asks for a large file and never reads it."""
+    stalled = socket.create_connection(("127.0.0.1", setup["web"]), timeout=10)
+    try:
+        stalled.sendall(b"GET /big HTTP/1.1\r\nHost: web.bench\r\n\r\n")
+        # Stalled once every buffer on its path is full: its receive queue stops growing.
+        def queued():
+            buf = array.array("i", [0])
+            fcntl.ioctl(stalled.fileno(), termios.FIONREAD, buf)
+            return buf[0]
+
+        last, stable_since = -1, time.time()
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            now = queued()
+            if now != last or now == 0:
+                last, stable_since = now, time.time()
+            elif time.time() - stable_since > 0.5:
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("the stalled client's receive queue never settled")
+        return iperf(setup["iperf"], seconds, 8)
+    finally:
+        stalled.close()
+
+
+def fmt(value):
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short smoke run; numbers are not meaningful")
     ap.add_argument("--repeats", type=int, default=None, help="repetitions per figure (default 3, quick 1)")
+    ap.add_argument("--no-rathole", action="store_true", help="leave rathole out")
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     seconds = 2 if args.quick else 10
     wrk_seconds = 2 if args.quick else 10
     ab_requests = 2000 if args.quick else 20000
+    idle_count = 1000 if args.quick else 10000
+
+    # Every process started from here inherits the raised open-file limit (10,000 idle
+    # connections need as many descriptors in the client, the proxy, the agent and nginx).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < 3 * idle_count:
+        idle_count = max(100, hard // 3)
+        log(f"open-file hard limit is {hard}: measuring memory with {idle_count} idle connections")
 
     ensure_tools()
+    rathole = ensure_rathole(args.quick, not args.no_rathole)
     bindir = build()
     procs = Procs()
     work = tempfile.mkdtemp(prefix="revproxy-bench-")
     os.chmod(work, 0o755)  # nginx workers run as another user and must read www/
+    started = time.time()
     try:
         nginx_port, iperf_port = free_port(), free_port()
         start_nginx(procs, work, nginx_port)
         procs.start(["iperf3", "-s", "-p", str(iperf_port)])
         wait_port(iperf_port)
-        http_port, fixed = start_revproxy(procs, bindir, work, {"web.bench": nginx_port, "iperf.bench": iperf_port})
+        backends = {"web.bench": nginx_port, "iperf.bench": iperf_port}
 
         setups = {
-            "direct": {"iperf": iperf_port, "http": nginx_port},
-            "revproxy h2": {"iperf": fixed["iperf.bench"], "http": http_port},
+            "direct": {"iperf": iperf_port, "http": nginx_port, "web": nginx_port, "pids": []},
+            "revproxy h2": start_revproxy(procs, bindir, work, backends),
         }
+        if rathole:
+            setups["rathole TLS"] = start_rathole(procs, rathole, work, backends)
+
+        def keepalive(conns):
+            def run(s):
+                rps, p50, p99 = wrk(s["http"], "web.bench", conns, wrk_seconds)
+                base = f"keep-alive, {conns} conns"
+                return {f"{base}: req/s": rps, f"{base}: p50 latency (ms)": p50, f"{base}: p99 latency (ms)": p99}
+            return run
+
         figures = [
             ("single-stream throughput (Gbit/s)", lambda s: iperf(s["iperf"], seconds)),
             ("8 parallel streams (Gbit/s)", lambda s: iperf(s["iperf"], seconds, 8)),
-            ("keep-alive, 10 conns: req/s", None),
-            ("keep-alive, 100 conns: req/s", None),
+            ("keep-alive, 10 conns", keepalive(10)),
+            ("keep-alive, 100 conns", keepalive(100)),
             ("new connections/s, concurrency 10", lambda s: ab(s["http"], "web.bench", 10, ab_requests)),
             ("new connections/s, concurrency 100", lambda s: ab(s["http"], "web.bench", 100, ab_requests)),
+            ("memory per idle stream, both ends (KiB)",
+             lambda s: idle_memory(s, nginx_port, idle_count) if s["pids"] else None),
+            ("8 streams while a 9th is stalled (Gbit/s)", lambda s: fairness(s, seconds)),
         ]
         results = {}  # (figure, setup) -> list of values
         for rep in range(repeats):
             for name, fn in figures:
-                for setup, ports in setups.items():  # alternate A B A B
-                    if fn is None:
-                        conns = 10 if "10 conns" in name else 100
-                        rps, p50, p99 = wrk(ports["http"], "web.bench", conns, wrk_seconds)
-                        base = f"keep-alive, {conns} conns"
-                        results.setdefault((f"{base}: req/s", setup), []).append(rps)
-                        results.setdefault((f"{base}: p50 latency (ms)", setup), []).append(p50)
-                        results.setdefault((f"{base}: p99 latency (ms)", setup), []).append(p99)
-                    else:
-                        results.setdefault((name, setup), []).append(fn(ports))
+                for setup, ports in setups.items():  # alternate A B C A B C
+                    value = fn(ports)
+                    for key, v in (value.items() if isinstance(value, dict) else [(name, value)]):
+                        results.setdefault((key, setup), []).append(v)
                     log(f"rep {rep + 1}/{repeats} {name} {setup} done")
+
+        cols = list(setups)
+
+        def median(name, col):
+            values = [v for v in results.get((name, col), []) if v is not None]
+            return statistics.median(values) if values else None
 
         names = []
         for (name, _setup) in results:
             if name not in names:
                 names.append(name)
+        rows = [(name, {c: median(name, c) for c in cols}) for name in names]
+        fair = {}
+        for c in cols:
+            alone, stalled = median("8 parallel streams (Gbit/s)", c), median("8 streams while a 9th is stalled (Gbit/s)", c)
+            fair[c] = stalled / alone if alone and stalled is not None else None
+        rows.append(("fairness: 8 streams with a 9th stalled / without", fair))
+
         kernel = platform.release()
         cores = os.cpu_count()
         version = subprocess.run([f"{bindir}/revproxy", "--version"], capture_output=True, text=True).stdout.strip()
-        tools = {t: subprocess.run([t, "--version"] if t != "ab" else ["ab", "-V"], capture_output=True, text=True).stdout.splitlines()[0]
-                 for t in ("iperf3", "wrk", "ab")}
-        print(f"Machine: {cores} cores, Linux {kernel}. {version}. "
-              f"Median of {repeats} alternating repetition(s); {'QUICK run' if args.quick else f'{seconds}s per iperf3/wrk run, {ab_requests} requests per ab run'}.")
-        print("Tools: " + "; ".join(tools.values()))
+        tools = [subprocess.run([t, "--version"] if t != "ab" else ["ab", "-V"], capture_output=True,
+                                text=True).stdout.splitlines()[0] for t in ("iperf3", "wrk", "ab")]
+        if rathole:
+            tools.append(subprocess.run([rathole, "--version"], capture_output=True, text=True).stdout.strip())
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+        print(f"Machine: {cores} cores ({cpu}), Linux {kernel}. {version}. "
+              f"Median of {repeats} alternating repetition(s); "
+              + ("QUICK run" if args.quick else f"{seconds}s per iperf3/wrk run, {ab_requests} requests per ab run")
+              + f", {idle_count} idle connections for memory. Took {(time.time() - started) / 60:.1f} min.")
+        print("Tools: " + "; ".join(tools))
+        if not rathole:
+            print("rathole: skipped (see the log above).")
         print()
-        cols = list(setups)
-        print("| figure | " + " | ".join(cols) + " | " + " | ".join(f"{c} / direct" for c in cols[1:]) + " |")
-        print("|---|" + "---:|" * (len(cols) * 2 - 1))
-        for name in names:
-            med = {c: statistics.median(results[(name, c)]) for c in cols}
-            cells = [f"{med[c]:.2f}" if med[c] < 100 else f"{med[c]:.0f}" for c in cols]
-            ratios = [f"{med[c] / med['direct']:.2f}" if med["direct"] else "-" for c in cols[1:]]
-            print(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+        others = cols[1:]
+        print("| figure | " + " | ".join(cols) + " | " + " | ".join(f"{c} / direct" for c in others) + " |")
+        print("|---|" + "---:|" * (len(cols) + len(others)))
+        for name, med in rows:
+            ratios = [fmt(med[c] / med["direct"]) if med[c] is not None and med["direct"] else "-" for c in others]
+            print(f"| {name} | " + " | ".join(fmt(med[c]) for c in cols) + " | " + " | ".join(ratios) + " |")
     finally:
         procs.stop()
         shutil.rmtree(work, ignore_errors=True)

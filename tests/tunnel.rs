@@ -264,6 +264,38 @@ async fn several_agents_share_a_name_and_a_killed_one_fails_over() {
 }
 
 #[tokio::test]
+async fn early_bytes_refused_by_one_agent_reach_the_next_intact() {
+    // The proxy sends the peeked head with the CONNECT, before the agent answers. Agent
+    // A's backend refuses connections, so A refuses every stream after receiving those
+    // bytes; each client must still reach B with its head and body exact, once.
+    let proxy = TestProxy::start().await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let backend_b = echo_backend(b"B").await;
+    let dir_a = enroll_agent(&proxy, "a", &["app.example.com"]).await;
+    let dir_b = enroll_agent(&proxy, "b", &["app.example.com"]).await;
+    let _agent_a = start_agent(dir_a.path(), &[("app.example.com", dead)]);
+    let _agent_b = start_agent(dir_b.path(), &[("app.example.com", backend_b)]);
+    proxy.wait_for("app.example.com", 2).await;
+
+    for i in 0..6 {
+        let head = format!(
+            "POST /{i} HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 70000\r\n\r\n"
+        );
+        let body = pattern(70_000, 10 + i);
+        let back = round_trip(proxy.http, head.as_bytes(), &body)
+            .await
+            .unwrap();
+        let mut expected = b"B".to_vec();
+        expected.extend_from_slice(head.as_bytes());
+        expected.extend_from_slice(&body);
+        assert!(back == expected, "connection {i} reached B byte-exact");
+    }
+}
+
+#[tokio::test]
 async fn the_agent_reconnects_after_a_proxy_restart() {
     let mut proxy = TestProxy::start().await;
     let backend = echo_backend(b"").await;

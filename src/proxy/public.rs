@@ -159,15 +159,9 @@ pub(super) async fn serve(
 
     let mut last_error = None;
     for t in tunnels {
-        match tokio::time::timeout(OPEN_TIMEOUT, t.open(&name, peer)).await {
-            Ok(Ok((mut send, recv))) => {
+        match tokio::time::timeout(OPEN_TIMEOUT, t.open(&name, peer, &peeked)).await {
+            Ok(Ok((send, recv))) => {
                 debug!(%peer, host = %name, agent = %t.agent, tunnel = t.id, "stream open");
-                if !peeked.is_empty() {
-                    if let Err(e) = tunnel::h2::send_all(&mut send, peeked).await {
-                        debug!(%peer, error = %e, "stream failed before the first bytes");
-                        return;
-                    }
-                }
                 match tunnel::h2::splice(tcp, send, recv).await {
                     Ok((up, down)) => debug!(%peer, host = %name, up, down, "stream done"),
                     Err(e) => debug!(%peer, host = %name, error = %e, "stream ended with an error"),
