@@ -281,9 +281,8 @@ async fn early_bytes_refused_by_one_agent_reach_the_next_intact() {
     proxy.wait_for("app.example.com", 2).await;
 
     for i in 0..6 {
-        let head = format!(
-            "POST /{i} HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 70000\r\n\r\n"
-        );
+        let head =
+            format!("POST /{i} HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 70000\r\n\r\n");
         let body = pattern(70_000, 10 + i);
         let back = round_trip(proxy.http, head.as_bytes(), &body)
             .await
