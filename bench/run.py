@@ -361,8 +361,9 @@ def main():
     # connections need as many descriptors in the client, the proxy, the agent and nginx).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if hard < 3 * idle_count:
-        idle_count = max(100, hard // 3)
+    # Each process holds one descriptor per idle connection (the client here, proxy, agent, nginx).
+    if hard < idle_count + 1000:
+        idle_count = max(100, hard - 1000)
         log(f"open-file hard limit is {hard}: measuring memory with {idle_count} idle connections")
 
     ensure_tools()
