@@ -22,6 +22,7 @@ import platform
 import re
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -366,6 +367,8 @@ def main():
         idle_count = max(100, hard - 1000)
         log(f"open-file hard limit is {hard}: measuring memory with {idle_count} idle connections")
 
+    # Stopped from outside: still stop everything started (the `finally` below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ensure_tools()
     rathole = ensure_rathole(args.quick, not args.no_rathole)
     bindir = build()
