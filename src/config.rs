@@ -179,11 +179,16 @@ pub struct AgentConfig {
 }
 
 /// Tunnel transport.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
+    /// HTTP/2 over mTLS on TCP.
+    #[default]
     H2,
+    /// QUIC on UDP, same port number.
     Quic,
+    /// QUIC when it works, h2 when it does not; moves back to QUIC when it works again.
+    Auto,
 }
 
 /// One served name.
@@ -215,21 +220,10 @@ impl AgentConfig {
 
     /// Checks meaning.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check_transport(self.transport)?;
         for s in &self.service {
             parse_map(&format!("{}={}", s.host, s.to))?;
         }
         Ok(())
-    }
-}
-
-/// Refuses transports this build cannot run.
-pub fn check_transport(t: Option<Transport>) -> Result<(), ConfigError> {
-    match t {
-        None | Some(Transport::H2) => Ok(()),
-        Some(Transport::Quic) => Err(ConfigError::Invalid(
-            "transport quic is not available in this version yet; use h2".into(),
-        )),
     }
 }
 

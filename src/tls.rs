@@ -20,6 +20,8 @@ use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureSchem
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 /// ALPN id of h2 tunnels.
 pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN of QUIC tunnels (UDP, same port number as the agent listener).
+pub const ALPN_QUIC: &[u8] = b"revproxy-quic/1";
 
 /// DER content of the id-kp-serverAuth OID, 1.3.6.1.5.5.7.3.1.
 const EKU_SERVER_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01];

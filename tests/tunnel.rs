@@ -1,5 +1,5 @@
-//! The main job, end to end: public clients reach backends behind agents through h2
-//! tunnels, routed by SNI, Host, or a fixed port; and every fault the proxy must survive.
+//! The main job, end to end: public clients reach backends behind agents through h2 and
+//! QUIC tunnels (each test runs over both), routed by SNI, Host, or a fixed port; and every fault the proxy must survive.
 //! Real proxy, real agents, real TLS, real backends, all on 127.0.0.1:0.
 
 mod common;
@@ -70,12 +70,11 @@ async fn read_all_within(tcp: &mut TcpStream, limit: Duration) -> Vec<u8> {
     buf
 }
 
-#[tokio::test]
-async fn sni_routes_end_to_end_tls_through_the_tunnel() {
+async fn sni_routes_end_to_end_tls_through_the_tunnel(t: Transport) {
     let proxy = TestProxy::start().await;
     let (backend, client_config) = tls_echo_backend("app.example.com").await;
     let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
-    let _agent = start_agent(dir.path(), &[("app.example.com", backend)]);
+    let _agent = start_agent_on(t, dir.path(), &[("app.example.com", backend)]);
     proxy.wait_for("app.example.com", 1).await;
 
     let tcp = TcpStream::connect(proxy.sni).await.unwrap();
@@ -94,12 +93,11 @@ async fn sni_routes_end_to_end_tls_through_the_tunnel() {
     );
 }
 
-#[tokio::test]
-async fn host_routing_replays_the_peeked_head_exactly_and_half_closes() {
+async fn host_routing_replays_the_peeked_head_exactly_and_half_closes(t: Transport) {
     let proxy = TestProxy::start().await;
     let backend = echo_backend(b"").await;
     let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
-    let _agent = start_agent(dir.path(), &[("app.example.com", backend)]);
+    let _agent = start_agent_on(t, dir.path(), &[("app.example.com", backend)]);
     proxy.wait_for("app.example.com", 1).await;
 
     let head =
@@ -114,8 +112,7 @@ async fn host_routing_replays_the_peeked_head_exactly_and_half_closes() {
     );
 }
 
-#[tokio::test]
-async fn fixed_listeners_and_static_routes() {
+async fn fixed_listeners_and_static_routes(t: Transport) {
     let backend = echo_backend(b"agent:").await;
     let static_backend = echo_backend(b"static:").await;
     let fixed_name = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -137,7 +134,7 @@ async fn fixed_listeners_and_static_routes() {
     })
     .await;
     let dir = enroll_agent(&proxy, "box", &["ssh.example.com"]).await;
-    let _agent = start_agent(dir.path(), &[("ssh.example.com", backend)]);
+    let _agent = start_agent_on(t, dir.path(), &[("ssh.example.com", backend)]);
     proxy.wait_for("ssh.example.com", 1).await;
 
     assert_eq!(
@@ -157,12 +154,11 @@ async fn fixed_listeners_and_static_routes() {
     );
 }
 
-#[tokio::test]
-async fn wildcard_grants_route_one_label() {
+async fn wildcard_grants_route_one_label(t: Transport) {
     let proxy = TestProxy::start().await;
     let backend = echo_backend(b"wild:").await;
     let dir = enroll_agent(&proxy, "apps", &["*.apps.example.com"]).await;
-    let _agent = start_agent(dir.path(), &[("*.apps.example.com", backend)]);
+    let _agent = start_agent_on(t, dir.path(), &[("*.apps.example.com", backend)]);
     proxy.wait_for("a.apps.example.com", 1).await;
 
     let back = round_trip(proxy.http, &http_head("blog.apps.example.com"), b"")
@@ -183,8 +179,7 @@ async fn wildcard_grants_route_one_label() {
     );
 }
 
-#[tokio::test]
-async fn no_route_gets_an_alert_or_a_502_and_an_offline_agent_a_503() {
+async fn no_route_gets_an_alert_or_a_502_and_an_offline_agent_a_503(t: Transport) {
     let proxy = TestProxy::start().await;
     // Granted to an agent that never connects: offline.
     let _dir = enroll_agent(&proxy, "sleepy", &["sleepy.example.com"]).await;
@@ -219,15 +214,14 @@ async fn no_route_gets_an_alert_or_a_502_and_an_offline_agent_a_503() {
     assert!(format!("{err:?}").contains("UnrecognisedName"), "{err:?}");
 }
 
-#[tokio::test]
-async fn several_agents_share_a_name_and_a_killed_one_fails_over() {
+async fn several_agents_share_a_name_and_a_killed_one_fails_over(t: Transport) {
     let proxy = TestProxy::start().await;
     let backend_a = echo_backend(b"A").await;
     let backend_b = echo_backend(b"B").await;
     let dir_a = enroll_agent(&proxy, "a", &["app.example.com"]).await;
     let dir_b = enroll_agent(&proxy, "b", &["app.example.com"]).await;
-    let agent_a = start_agent(dir_a.path(), &[("app.example.com", backend_a)]);
-    let _agent_b = start_agent(dir_b.path(), &[("app.example.com", backend_b)]);
+    let agent_a = start_agent_on(t, dir_a.path(), &[("app.example.com", backend_a)]);
+    let _agent_b = start_agent_on(t, dir_b.path(), &[("app.example.com", backend_b)]);
     proxy.wait_for("app.example.com", 2).await;
 
     let mut seen = std::collections::HashSet::new();
@@ -263,8 +257,7 @@ async fn several_agents_share_a_name_and_a_killed_one_fails_over() {
     }
 }
 
-#[tokio::test]
-async fn early_bytes_refused_by_one_agent_reach_the_next_intact() {
+async fn early_bytes_refused_by_one_agent_reach_the_next_intact(t: Transport) {
     // The proxy sends the peeked head with the CONNECT, before the agent answers. Agent
     // A's backend refuses connections, so A refuses every stream after receiving those
     // bytes; each client must still reach B with its head and body exact, once.
@@ -276,8 +269,8 @@ async fn early_bytes_refused_by_one_agent_reach_the_next_intact() {
     let backend_b = echo_backend(b"B").await;
     let dir_a = enroll_agent(&proxy, "a", &["app.example.com"]).await;
     let dir_b = enroll_agent(&proxy, "b", &["app.example.com"]).await;
-    let _agent_a = start_agent(dir_a.path(), &[("app.example.com", dead)]);
-    let _agent_b = start_agent(dir_b.path(), &[("app.example.com", backend_b)]);
+    let _agent_a = start_agent_on(t, dir_a.path(), &[("app.example.com", dead)]);
+    let _agent_b = start_agent_on(t, dir_b.path(), &[("app.example.com", backend_b)]);
     proxy.wait_for("app.example.com", 2).await;
 
     for i in 0..6 {
@@ -294,12 +287,11 @@ async fn early_bytes_refused_by_one_agent_reach_the_next_intact() {
     }
 }
 
-#[tokio::test]
-async fn the_agent_reconnects_after_a_proxy_restart() {
+async fn the_agent_reconnects_after_a_proxy_restart(t: Transport) {
     let mut proxy = TestProxy::start().await;
     let backend = echo_backend(b"").await;
     let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
-    let _agent = start_agent(dir.path(), &[("app.example.com", backend)]);
+    let _agent = start_agent_on(t, dir.path(), &[("app.example.com", backend)]);
     proxy.wait_for("app.example.com", 1).await;
 
     proxy.restart().await;
@@ -315,12 +307,11 @@ async fn the_agent_reconnects_after_a_proxy_restart() {
     );
 }
 
-#[tokio::test]
-async fn a_client_that_never_reads_does_not_stall_the_others() {
+async fn a_client_that_never_reads_does_not_stall_the_others(t: Transport) {
     let proxy = TestProxy::start().await;
     let backend = echo_backend(b"").await;
     let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
-    let _agent = start_agent(dir.path(), &[("app.example.com", backend)]);
+    let _agent = start_agent_on(t, dir.path(), &[("app.example.com", backend)]);
     proxy.wait_for("app.example.com", 1).await;
 
     // The stalled client keeps sending and never reads: its echo piles up until its own
@@ -368,12 +359,11 @@ async fn a_client_that_never_reads_does_not_stall_the_others() {
     );
 }
 
-#[tokio::test]
-async fn two_hundred_concurrent_connections_of_mixed_sizes_arrive_byte_exact() {
+async fn two_hundred_concurrent_connections_of_mixed_sizes_arrive_byte_exact(t: Transport) {
     let proxy = TestProxy::start().await;
     let backend = echo_backend(b"").await;
     let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
-    let _agent = start_agent(dir.path(), &[("app.example.com", backend)]);
+    let _agent = start_agent_on(t, dir.path(), &[("app.example.com", backend)]);
     proxy.wait_for("app.example.com", 1).await;
 
     let sizes = [1usize, 100, 4 * 1024, 64 * 1024, 1024 * 1024];
@@ -415,12 +405,11 @@ fn checksum(bytes: &[u8]) -> u64 {
     })
 }
 
-#[tokio::test]
-async fn malformed_clients_are_closed_and_everyone_else_is_served() {
+async fn malformed_clients_are_closed_and_everyone_else_is_served(t: Transport) {
     let proxy = TestProxy::start_with(|b| b.peek_timeout(Duration::from_secs(1))).await;
     let backend = echo_backend(b"ok:").await;
     let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
-    let _agent = start_agent(dir.path(), &[("app.example.com", backend)]);
+    let _agent = start_agent_on(t, dir.path(), &[("app.example.com", backend)]);
     proxy.wait_for("app.example.com", 1).await;
 
     // A slowloris client on each public port: one byte a second, forever.
@@ -497,15 +486,14 @@ async fn malformed_clients_are_closed_and_everyone_else_is_served() {
     }
 }
 
-#[tokio::test]
-async fn certificates_from_another_ca_expired_revoked_or_missing_are_refused() {
+async fn certificates_from_another_ca_expired_revoked_or_missing_are_refused(t: Transport) {
     let proxy = TestProxy::start().await;
     let backend = echo_backend(b"").await;
 
     // Another CA's agent, pointed at this proxy.
     let other = TestProxy::start().await;
     let foreign = enroll_agent(&other, "mallory", &["app.example.com"]).await;
-    let _foreign = start_agent_with(foreign.path(), &[("app.example.com", backend)], |b| {
+    let _foreign = start_agent_with_on(t, foreign.path(), &[("app.example.com", backend)], |b| {
         b.server(&proxy.addr.to_string())
     });
 
@@ -554,9 +542,12 @@ async fn certificates_from_another_ca_expired_revoked_or_missing_are_refused() {
     // tries: the proxy, on the right time, must refuse it.
     let slow_clock = Arc::new(TestClock::default());
     slow_clock.set_offset(-3 * 3600);
-    let _expired = start_agent_with(expired_dir.path(), &[("app.example.com", backend)], |b| {
-        b.clock(slow_clock)
-    });
+    let _expired = start_agent_with_on(
+        t,
+        expired_dir.path(),
+        &[("app.example.com", backend)],
+        |b| b.clock(slow_clock),
+    );
 
     // A revoked agent.
     let revoked_dir = enroll_agent(&proxy, "fired", &["app.example.com"]).await;
@@ -564,30 +555,59 @@ async fn certificates_from_another_ca_expired_revoked_or_missing_are_refused() {
         .ca
         .revoke_certs("fired", time::OffsetDateTime::now_utc())
         .unwrap();
-    let _revoked = start_agent(revoked_dir.path(), &[("app.example.com", backend)]);
+    let _revoked = start_agent_on(t, revoked_dir.path(), &[("app.example.com", backend)]);
 
     // No certificate at all, asking for a tunnel.
     let pins = vec![proxy.pin()];
-    let config = revproxy::tls::pinned_client_config(pins, &[revproxy::tls::ALPN_H2]).unwrap();
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let outcome = match tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-    {
-        Err(_) => Vec::new(),
-        Ok(mut tls) => {
-            let mut buf = Vec::new();
-            let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut buf))
+    match t {
+        Transport::H2 => {
+            let config =
+                revproxy::tls::pinned_client_config(pins, &[revproxy::tls::ALPN_H2]).unwrap();
+            let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+            let outcome = match tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect("localhost".try_into().unwrap(), tcp)
                 .await
-                .expect("closed, not hanging");
-            buf
+            {
+                Err(_) => Vec::new(),
+                Ok(mut tls) => {
+                    let mut buf = Vec::new();
+                    let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut buf))
+                        .await
+                        .expect("closed, not hanging");
+                    buf
+                }
+            };
+            assert!(outcome.is_empty(), "no tunnel without a certificate");
         }
-    };
-    assert!(outcome.is_empty(), "no tunnel without a certificate");
+        _ => {
+            let config =
+                revproxy::tls::pinned_client_config(pins, &[revproxy::tls::ALPN_QUIC]).unwrap();
+            let config = quinn::ClientConfig::new(revproxy::tunnel::quic::client_crypto(config));
+            let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            let attempt = endpoint
+                .connect_with(config, proxy.addr, "localhost")
+                .unwrap();
+            let refused = match tokio::time::timeout(WAIT, attempt)
+                .await
+                .expect("not hanging")
+            {
+                Err(e) => e.to_string(),
+                // The handshake may complete on the client before the server's check.
+                Ok(conn) => tokio::time::timeout(WAIT, conn.closed())
+                    .await
+                    .expect("closed, not hanging")
+                    .to_string(),
+            };
+            assert!(
+                refused.contains("certificate"),
+                "refused for the missing certificate: {refused}"
+            );
+        }
+    }
 
     // A legitimate agent still gets in; none of the others ever did.
     let good = enroll_agent(&proxy, "good", &["app.example.com"]).await;
-    let _good = start_agent(good.path(), &[("app.example.com", backend)]);
+    let _good = start_agent_on(t, good.path(), &[("app.example.com", backend)]);
     proxy.wait_for("app.example.com", 1).await;
     for _ in 0..5 {
         round_trip(proxy.http, &http_head("app.example.com"), b"")
@@ -618,12 +638,11 @@ async fn a_map_name_outside_the_certificate_is_a_startup_error() {
     assert!(text.contains("app.example.com"), "{text}");
 }
 
-#[tokio::test]
-async fn a_stopping_agent_drains_open_streams_and_takes_no_new_ones() {
+async fn a_stopping_agent_drains_open_streams_and_takes_no_new_ones(t: Transport) {
     let proxy = TestProxy::start().await;
     let backend = echo_backend(b"").await;
     let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
-    let agent = start_agent(dir.path(), &[("app.example.com", backend)]);
+    let agent = start_agent_on(t, dir.path(), &[("app.example.com", backend)]);
     proxy.wait_for("app.example.com", 1).await;
 
     let mut open = TcpStream::connect(proxy.http).await.unwrap();
@@ -664,3 +683,19 @@ async fn a_stopping_agent_drains_open_streams_and_takes_no_new_ones() {
         .unwrap()
         .unwrap();
 }
+
+over_both_transports!(
+    sni_routes_end_to_end_tls_through_the_tunnel,
+    host_routing_replays_the_peeked_head_exactly_and_half_closes,
+    fixed_listeners_and_static_routes,
+    wildcard_grants_route_one_label,
+    no_route_gets_an_alert_or_a_502_and_an_offline_agent_a_503,
+    several_agents_share_a_name_and_a_killed_one_fails_over,
+    early_bytes_refused_by_one_agent_reach_the_next_intact,
+    the_agent_reconnects_after_a_proxy_restart,
+    a_client_that_never_reads_does_not_stall_the_others,
+    two_hundred_concurrent_connections_of_mixed_sizes_arrive_byte_exact,
+    malformed_clients_are_closed_and_everyone_else_is_served,
+    certificates_from_another_ca_expired_revoked_or_missing_are_refused,
+    a_stopping_agent_drains_open_streams_and_takes_no_new_ones,
+);

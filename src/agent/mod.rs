@@ -10,4 +10,4 @@ pub use enroll::{enroll, EnrollClientError};
 pub use identity::{
     Identity, IdentityError, AGENT_CERT_FILE, AGENT_INFO_FILE, AGENT_KEY_FILE, CA_CERT_FILE,
 };
-pub use run::{Agent, AgentBuilder, AgentError, ServiceMap};
+pub use run::{Agent, AgentBuilder, AgentError, ServiceMap, Transport};

@@ -25,10 +25,13 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use super::identity::{Identity, IdentityError};
 use super::renew::{self, Clock, SystemClock};
+pub use crate::config::Transport;
 use crate::route::name_matches;
 use crate::signal::Trigger;
 use crate::tls::{self, TlsError};
+use crate::tunnel::quic::{self, Answer, StreamHeader};
 use crate::tunnel::{self, CLIENT_ADDR_HEADER, ERROR_HEADER};
+use quinn::VarInt;
 
 /// First reconnect delay.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -44,6 +47,10 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
 /// Longest time between two looks at the wall clock while waiting to renew.
 pub const RENEW_CHECK: Duration = Duration::from_secs(60);
+/// With `--transport auto`: a QUIC handshake that takes longer means "use h2".
+pub const QUIC_FALLBACK_AFTER: Duration = Duration::from_secs(3);
+/// With `--transport auto` on h2: how often QUIC is tried again.
+pub const QUIC_REPROBE: Duration = Duration::from_secs(30);
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +100,9 @@ pub struct AgentBuilder {
     drain_grace: Duration,
     clock: Arc<dyn Clock>,
     renew_check: Duration,
+    transport: Transport,
+    quic_fallback_after: Duration,
+    quic_reprobe: Duration,
 }
 
 impl std::fmt::Debug for dyn Clock {
@@ -129,6 +139,21 @@ impl AgentBuilder {
     /// How often the clock is read while waiting for the renewal time ([`RENEW_CHECK`]).
     pub fn renew_check(mut self, every: Duration) -> Self {
         self.renew_check = every;
+        self
+    }
+
+    /// The tunnel transport ([`Transport::H2`] unless set).
+    pub fn transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// With [`Transport::Auto`]: how long a QUIC handshake may take before the agent
+    /// falls back to h2 ([`QUIC_FALLBACK_AFTER`]), and how often it tries QUIC again while
+    /// on h2 ([`QUIC_REPROBE`]).
+    pub fn quic_fallback(mut self, after: Duration, reprobe: Duration) -> Self {
+        self.quic_fallback_after = after;
+        self.quic_reprobe = reprobe;
         self
     }
 
@@ -178,6 +203,9 @@ impl AgentBuilder {
                 server: self.server.unwrap_or_else(|| identity.server.clone()),
                 services: Arc::new(ServiceMap { entries }),
                 drain_grace: self.drain_grace,
+                transport: self.transport,
+                quic_fallback_after: self.quic_fallback_after,
+                quic_reprobe: self.quic_reprobe,
             }),
             identity: tokio::sync::watch::channel(Arc::new(identity)).0,
             state_dir: self.state_dir,
@@ -214,6 +242,9 @@ struct SessionCtx {
     server: String,
     services: Arc<ServiceMap>,
     drain_grace: Duration,
+    transport: Transport,
+    quic_fallback_after: Duration,
+    quic_reprobe: Duration,
 }
 
 /// A configured agent, ready to run.
@@ -236,6 +267,9 @@ impl Agent {
             drain_grace: DRAIN_GRACE,
             clock: Arc::new(SystemClock),
             renew_check: RENEW_CHECK,
+            transport: Transport::H2,
+            quic_fallback_after: QUIC_FALLBACK_AFTER,
+            quic_reprobe: QUIC_REPROBE,
         }
     }
 
@@ -353,33 +387,40 @@ impl Agent {
     }
 
     /// Keeps one tunnel up until `stop` fires. After a renewal a new tunnel is opened with
-    /// the new certificate and the old one drains: its open streams run to their end.
-    /// Every session task lives in one `JoinSet`, so dropping the agent ends them all.
+    /// the new certificate and the old one drains: its open streams run to their end. With
+    /// [`Transport::Auto`] a QUIC tunnel is tried first, h2 is used when no QUIC handshake
+    /// completes in time, and QUIC is probed again in the background; when a probe
+    /// succeeds, the probe's connection becomes the tunnel and the h2 one drains. Every
+    /// session task lives in one `JoinSet`, so dropping the agent ends them all.
     async fn tunnel_loop(&self, stop: &Trigger) {
         let mut backoff = Backoff::default();
         let mut renewed = self.identity.subscribe();
         let mut sessions = JoinSet::new();
-        // Tunnels on an old certificate, retired as soon as the next tunnel is up (not
-        // before: a client must always find one).
+        // Tunnels on an old certificate or transport, retired as soon as the next tunnel
+        // is up (not before: a client must always find one).
         let to_retire: Arc<std::sync::Mutex<Vec<Trigger>>> = Arc::default();
+        // Auto mode: QUIC did not work at the last attempt, so h2 is in use.
+        let mut on_fallback = false;
+        let mut preconnected: Option<Connected> = None;
         'connect: while !stop.is_fired() {
             let id = renewed.borrow_and_update().clone();
-            let connector = match connector_for(&id) {
-                Ok(c) => c,
-                Err(e) => {
-                    error!(error = %e, "cannot use the agent certificate");
-                    break;
-                }
+            let kind = match self.ctx.transport {
+                Transport::H2 => Kind::H2,
+                Transport::Quic => Kind::Quic,
+                Transport::Auto if on_fallback => Kind::H2,
+                Transport::Auto => Kind::Quic,
             };
             let retire = Trigger::default();
             let established = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let span = tracing::info_span!("tunnel", server = %self.ctx.server);
+            let span =
+                tracing::info_span!("tunnel", server = %self.ctx.server, transport = kind.name());
             let current = sessions
                 .spawn(
                     session(
                         self.ctx.clone(),
-                        connector,
-                        id,
+                        kind,
+                        preconnected.take(),
+                        id.clone(),
                         stop.clone(),
                         retire.clone(),
                         established.clone(),
@@ -388,7 +429,14 @@ impl Agent {
                     .instrument(span),
                 )
                 .id();
+            // While on the h2 fallback, QUIC is tried again every `quic_reprobe`.
+            let probing = self.ctx.transport == Transport::Auto && kind == Kind::H2;
+            let mut probe_at = tokio::time::Instant::now() + self.ctx.quic_reprobe;
             let outcome = loop {
+                let probe = async {
+                    tokio::time::sleep_until(probe_at).await;
+                    connect(&self.ctx, Kind::Quic, &id, self.ctx.quic_fallback_after).await
+                };
                 tokio::select! {
                     Some(done) = sessions.join_next_with_id() => match done {
                         Ok((task, r)) if task == current => break Ok(r),
@@ -401,16 +449,40 @@ impl Agent {
                         backoff.reset();
                         continue 'connect;
                     }
+                    probed = probe, if probing && established.load(std::sync::atomic::Ordering::Relaxed) => match probed {
+                        Ok(conn) => {
+                            info!("QUIC works again: new streams go over QUIC; the h2 tunnel drains");
+                            on_fallback = false;
+                            preconnected = Some(conn);
+                            to_retire.lock().expect("retire list").push(retire.clone());
+                            continue 'connect;
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "QUIC still unavailable; staying on h2");
+                            probe_at = tokio::time::Instant::now() + self.ctx.quic_reprobe;
+                        }
+                    },
                 }
             };
+            let was_up = established.load(std::sync::atomic::Ordering::Relaxed);
             match outcome {
                 Ok(Ok(())) if stop.is_fired() => break,
                 Ok(Ok(())) => info!("tunnel closed by the proxy; reconnecting"),
+                Ok(Err(e))
+                    if self.ctx.transport == Transport::Auto && kind == Kind::Quic && !was_up =>
+                {
+                    // No QUIC handshake: use h2 now, without a pause.
+                    warn!(error = %e, retry_every = ?self.ctx.quic_reprobe, "QUIC unavailable; falling back to h2 and trying QUIC again in the background");
+                    on_fallback = true;
+                    continue;
+                }
                 Ok(Err(e)) => warn!(error = %e, "tunnel failed"),
                 Err(e) => warn!(error = %e, "tunnel task failed"),
             }
-            if established.load(std::sync::atomic::Ordering::Relaxed) {
+            if was_up {
                 backoff.reset();
+                // Auto: a tunnel that was up and failed gets QUIC tried first again.
+                on_fallback = false;
             }
             let delay = backoff.next_delay();
             debug!(?delay, "reconnecting after a pause");
@@ -425,47 +497,147 @@ impl Agent {
     }
 }
 
-/// One connection to the proxy, served until it ends. `retire` (a renewal) stops new
-/// streams and lets open ones finish however long they take; `stop` (shutdown) does the
-/// same with the drain grace as a deadline.
+/// A tunnel transport actually in use (auto resolves to one of these).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    H2,
+    Quic,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::H2 => "h2",
+            Kind::Quic => "quic",
+        }
+    }
+}
+
+type H2Conn = h2::server::Connection<tokio_rustls::client::TlsStream<tunnel::TunnelIo>, Bytes>;
+
+/// A tunnel connection whose handshakes are done.
+enum Connected {
+    H2(Box<H2Conn>),
+    /// The endpoint is kept so that the close is sent before its socket goes.
+    Quic(quinn::Connection, quinn::Endpoint),
+}
+
+fn handshake_error(e: impl std::fmt::Display, id: &Identity) -> String {
+    // Both clocks' view helps with "expired" or "not yet valid" refusals.
+    format!(
+        "TLS handshake failed: {e} (our certificate is valid until {}; this machine's clock says {})",
+        crate::logging::rfc3339(id.not_after),
+        crate::logging::rfc3339(time::OffsetDateTime::now_utc().unix_timestamp()),
+    )
+}
+
+/// Connects to the proxy and completes every handshake within `limit`.
+async fn connect(
+    ctx: &SessionCtx,
+    kind: Kind,
+    id: &Identity,
+    limit: Duration,
+) -> Result<Connected, String> {
+    let attempt = async {
+        match kind {
+            Kind::H2 => connect_h2(ctx, id)
+                .await
+                .map(|c| Connected::H2(Box::new(c))),
+            Kind::Quic => connect_quic(ctx, id).await,
+        }
+    };
+    tokio::time::timeout(limit, attempt)
+        .await
+        .map_err(|_| format!("{} handshake timed out after {limit:?}", kind.name()))?
+}
+
+async fn connect_h2(ctx: &SessionCtx, id: &Identity) -> Result<H2Conn, String> {
+    let connector = connector_for(id).map_err(|e| e.to_string())?;
+    let name = tls::server_name(&ctx.server)?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ctx.server.as_str()))
+        .await
+        .map_err(|_| "connection timed out".to_string())?
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let mut tls = connector
+        .connect(name, tunnel::tunnel_io(tcp))
+        .await
+        .map_err(|e| handshake_error(e, id))?;
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(tunnel::TLS_SEND_BUFFER));
+    tunnel::h2::server_builder()
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(|e| format!("HTTP/2 handshake failed: {e}"))
+}
+
+async fn connect_quic(ctx: &SessionCtx, id: &Identity) -> Result<Connected, String> {
+    let addr = tokio::net::lookup_host(ctx.server.as_str())
+        .await
+        .map_err(|e| format!("cannot resolve {}: {e}", ctx.server))?
+        .next()
+        .ok_or_else(|| format!("{} has no address", ctx.server))?;
+    let pin = id
+        .ca_pin()
+        .ok_or_else(|| "ca.crt is not a PEM certificate".to_string())?;
+    let crypto = tls::agent_client_config(vec![pin], &id.cert_pem, &id.key_pem, &[tls::ALPN_QUIC])
+        .map_err(|e| e.to_string())?;
+    let mut config = quinn::ClientConfig::new(quic::client_crypto(crypto));
+    config.transport_config(Arc::new(quic::transport_config()));
+    let local: SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = quic::udp_socket(local).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| format!("cannot start QUIC: {e}"))?;
+    // The verifier checks the pinned CA, not the name; quinn still wants a valid one.
+    let host = ctx
+        .server
+        .rsplit_once(':')
+        .map_or(ctx.server.as_str(), |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let conn = endpoint
+        .connect_with(config, addr, host)
+        .map_err(|e| format!("cannot connect: {e}"))?
+        .await
+        .map_err(|e| handshake_error(e, id))?;
+    Ok(Connected::Quic(conn, endpoint))
+}
+
+/// One connection to the proxy, served until it ends. `retire` (a renewal, or QUIC back
+/// after a fallback) stops new streams and lets open ones finish however long they take;
+/// `stop` (shutdown) does the same with the drain grace as a deadline.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     ctx: Arc<SessionCtx>,
-    connector: TlsConnector,
+    kind: Kind,
+    preconnected: Option<Connected>,
     id: Arc<Identity>,
     stop: Trigger,
     retire: Trigger,
     established: Arc<std::sync::atomic::AtomicBool>,
     to_retire: Arc<std::sync::Mutex<Vec<Trigger>>>,
 ) -> Result<(), String> {
-    let name = tls::server_name(&ctx.server)?;
-    let connect = async {
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ctx.server.as_str()))
-            .await
-            .map_err(|_| "connection timed out".to_string())?
-            .map_err(|e| format!("cannot connect: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let mut tls = connector.connect(name, tunnel::tunnel_io(tcp)).await.map_err(|e| {
-            // Both clocks' view helps with "expired" or "not yet valid" refusals.
-            format!(
-                "TLS handshake failed: {e} (our certificate is valid until {}; this machine's clock says {})",
-                crate::logging::rfc3339(id.not_after),
-                crate::logging::rfc3339(time::OffsetDateTime::now_utc().unix_timestamp()),
-            )
-        })?;
-        tls.get_mut()
-            .1
-            .set_buffer_limit(Some(tunnel::TLS_SEND_BUFFER));
-        tunnel::h2::server_builder()
-            .handshake::<_, Bytes>(tls)
-            .await
-            .map_err(|e| format!("HTTP/2 handshake failed: {e}"))
+    let limit = match (ctx.transport, kind) {
+        (Transport::Auto, Kind::Quic) => ctx.quic_fallback_after,
+        _ => HANDSHAKE_TIMEOUT + CONNECT_TIMEOUT,
     };
-    let mut conn = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT + CONNECT_TIMEOUT, connect) => {
-            r.map_err(|_| "handshake timed out".to_string())??
-        }
-        () = stop.cancelled() => return Ok(()),
-        () = retire.cancelled() => return Ok(()),
+    let conn = match preconnected {
+        Some(conn) => conn,
+        None => tokio::select! {
+            r = connect(&ctx, kind, &id, limit) => r?,
+            () = stop.cancelled() => return Ok(()),
+            () = retire.cancelled() => return Ok(()),
+        },
     };
     established.store(true, std::sync::atomic::Ordering::Relaxed);
     info!("tunnel up");
@@ -473,36 +645,61 @@ async fn session(
     for old in to_retire.lock().expect("retire list").drain(..) {
         old.fire();
     }
+    match conn {
+        Connected::H2(conn) => serve_h2(&ctx, *conn, stop, retire).await,
+        Connected::Quic(conn, endpoint) => {
+            let r = serve_quic(&ctx, &conn, stop, retire).await;
+            // Let the close reach the proxy before the socket goes (bounded).
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+            r
+        }
+    }
+}
+
+/// Where a tunnel session stands on the way out.
+struct Drain {
+    retiring: bool,
+    until: Option<tokio::time::Instant>,
+}
+
+async fn serve_h2(
+    ctx: &SessionCtx,
+    mut conn: H2Conn,
+    stop: Trigger,
+    retire: Trigger,
+) -> Result<(), String> {
     let keepalive = crate::proxy::keepalive(conn.ping_pong().expect("ping_pong is taken once"));
     tokio::pin!(keepalive);
     let mut streams = JoinSet::new();
-    let mut retiring = false;
-    let mut drain_until: Option<tokio::time::Instant> = None;
+    let mut drain = Drain {
+        retiring: false,
+        until: None,
+    };
     loop {
         tokio::select! {
             accepted = conn.accept() => match accepted {
                 Some(Ok((request, respond))) => {
                     let services = ctx.services.clone();
                     let span = tracing::debug_span!("stream");
-                    streams.spawn(serve_stream(services, request, respond).instrument(span));
+                    streams.spawn(serve_h2_stream(services, request, respond).instrument(span));
                 }
                 Some(Err(e)) => return Err(format!("tunnel error: {e}")),
                 None => break,
             },
             reason = &mut keepalive => return Err(reason),
-            () = retire.cancelled(), if !retiring => {
+            () = retire.cancelled(), if !drain.retiring => {
                 debug!(open = streams.len(), "retiring this tunnel: no new streams");
                 conn.graceful_shutdown();
-                retiring = true;
+                drain.retiring = true;
             }
-            () = stop.cancelled(), if drain_until.is_none() => {
+            () = stop.cancelled(), if drain.until.is_none() => {
                 info!(open = streams.len(), "shutting down: no new streams; draining");
-                if !retiring {
+                if !drain.retiring {
                     conn.graceful_shutdown();
                 }
-                drain_until = Some(tokio::time::Instant::now() + ctx.drain_grace);
+                drain.until = Some(tokio::time::Instant::now() + ctx.drain_grace);
             }
-            () = sleep_until(drain_until), if drain_until.is_some() => {
+            () = sleep_until(drain.until), if drain.until.is_some() => {
                 warn!(open = streams.len(), "streams still open after the grace period; closing them");
                 return Ok(());
             }
@@ -513,6 +710,65 @@ async fn session(
     Ok(())
 }
 
+/// Tells the proxy to route nothing new to this QUIC tunnel (see [`quic::GOAWAY`]).
+async fn quic_goaway(conn: &quinn::Connection) {
+    if let Ok(mut control) = conn.open_uni().await {
+        let _ = control.write_all(quic::GOAWAY).await;
+        let _ = control.finish();
+    }
+}
+
+async fn serve_quic(
+    ctx: &SessionCtx,
+    conn: &quinn::Connection,
+    stop: Trigger,
+    retire: Trigger,
+) -> Result<(), String> {
+    let mut streams = JoinSet::new();
+    let mut drain = Drain {
+        retiring: false,
+        until: None,
+    };
+    loop {
+        if (drain.retiring || drain.until.is_some()) && streams.is_empty() {
+            conn.close(VarInt::from_u32(quic::code::DONE), b"drained");
+            return Ok(());
+        }
+        tokio::select! {
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    let services = ctx.services.clone();
+                    let span = tracing::debug_span!("stream");
+                    streams.spawn(serve_quic_stream(services, send, recv).instrument(span));
+                }
+                Err(quinn::ConnectionError::ApplicationClosed(close)) => {
+                    debug!(reason = %String::from_utf8_lossy(&close.reason), "tunnel closed by the proxy");
+                    return Ok(());
+                }
+                Err(e) => return Err(format!("tunnel error: {e}")),
+            },
+            () = retire.cancelled(), if !drain.retiring => {
+                debug!(open = streams.len(), "retiring this tunnel: no new streams");
+                quic_goaway(conn).await;
+                drain.retiring = true;
+            }
+            () = stop.cancelled(), if drain.until.is_none() => {
+                info!(open = streams.len(), "shutting down: no new streams; draining");
+                if !drain.retiring {
+                    quic_goaway(conn).await;
+                }
+                drain.until = Some(tokio::time::Instant::now() + ctx.drain_grace);
+            }
+            () = sleep_until(drain.until), if drain.until.is_some() => {
+                warn!(open = streams.len(), "streams still open after the grace period; closing them");
+                conn.close(VarInt::from_u32(quic::code::DONE), b"drain grace over");
+                return Ok(());
+            }
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+}
+
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -520,8 +776,32 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+/// A refused stream: the status (HTTP codes on both transports) and a one-line reason.
+type Refusal = (StatusCode, String);
+
+/// Finds the backend for `name` and connects to it.
+async fn dial(services: &ServiceMap, name: &str) -> Result<(TcpStream, String), Refusal> {
+    let Some(addr) = services.lookup(name) else {
+        return Err((
+            StatusCode::NOT_FOUND,
+            format!("this agent serves no {name}"),
+        ));
+    };
+    match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(backend)) => {
+            let _ = backend.set_nodelay(true);
+            Ok((backend, addr.to_string()))
+        }
+        Ok(Err(e)) => Err((StatusCode::BAD_GATEWAY, format!("backend {addr}: {e}"))),
+        Err(_) => Err((
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("backend {addr} did not accept within {DIAL_TIMEOUT:?}"),
+        )),
+    }
+}
+
 /// Serves one `CONNECT`: find the backend, dial it, answer, splice.
-async fn serve_stream(
+async fn serve_h2_stream(
     services: Arc<ServiceMap>,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
@@ -536,7 +816,7 @@ async fn serve_stream(
         .get(CLIENT_ADDR_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<SocketAddr>().ok());
-    let refuse = |respond: &mut SendResponse<Bytes>, status: StatusCode, reason: String| {
+    let refuse = |respond: &mut SendResponse<Bytes>, (status, reason): Refusal| {
         warn!(host = %name, ?client, %status, %reason, "stream refused");
         let response = Response::builder()
             .status(status)
@@ -548,41 +828,60 @@ async fn serve_stream(
     if request.method() != http::Method::CONNECT {
         return refuse(
             &mut respond,
-            StatusCode::METHOD_NOT_ALLOWED,
-            "only CONNECT is served".into(),
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only CONNECT is served".into(),
+            ),
         );
     }
-    let Some(addr) = services.lookup(&name) else {
-        return refuse(
-            &mut respond,
-            StatusCode::NOT_FOUND,
-            format!("this agent serves no {name}"),
-        );
+    let (backend, addr) = match dial(&services, &name).await {
+        Ok(dialed) => dialed,
+        Err(refusal) => return refuse(&mut respond, refusal),
     };
-    let backend = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => {
-            return refuse(
-                &mut respond,
-                StatusCode::BAD_GATEWAY,
-                format!("backend {addr}: {e}"),
-            )
-        }
-        Err(_) => {
-            return refuse(
-                &mut respond,
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("backend {addr} did not accept within {DIAL_TIMEOUT:?}"),
-            )
-        }
-    };
-    let _ = backend.set_nodelay(true);
     let send = match respond.send_response(Response::new(()), false) {
         Ok(send) => send,
         Err(e) => return debug!(error = %e, "stream gone before the answer"),
     };
     debug!(host = %name, ?client, backend = addr, "stream open");
     match tunnel::h2::splice(backend, send, request.into_body()).await {
+        Ok((up, down)) => debug!(host = %name, to_backend = down, from_backend = up, "stream done"),
+        Err(e) => debug!(host = %name, error = %e, "stream ended with an error"),
+    }
+}
+
+/// Serves one QUIC stream: read its header, dial the backend, answer, splice.
+async fn serve_quic_stream(
+    services: Arc<ServiceMap>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let (header, first) = match quic::read_frame(&mut recv, StreamHeader::parse).await {
+        Ok(read) => read,
+        Err(e) => {
+            warn!(error = %e, "bad stream header; resetting the stream");
+            let _ = send.reset(VarInt::from_u32(quic::code::PROTOCOL));
+            return;
+        }
+    };
+    let (name, client) = (header.name, header.client);
+    let (backend, addr) = match dial(&services, &name).await {
+        Ok(dialed) => dialed,
+        Err((status, reason)) => {
+            warn!(host = %name, %client, %status, %reason, "stream refused");
+            let answer = Answer {
+                status: status.as_u16(),
+                reason,
+            };
+            let _ = send.write_all(&answer.encode()).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    if let Err(e) = send.write_all(&Answer::ok().encode()).await {
+        return debug!(error = %e, "stream gone before the answer");
+    }
+    debug!(host = %name, %client, backend = addr, "stream open");
+    match quic::splice(backend, send, recv, first).await {
         Ok((up, down)) => debug!(host = %name, to_backend = down, from_backend = up, "stream done"),
         Err(e) => debug!(host = %name, error = %e, "stream ended with an error"),
     }

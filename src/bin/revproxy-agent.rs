@@ -45,7 +45,7 @@ enum Command {
         /// TOML configuration file (flags override it)
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Tunnel transport [default: h2]
+        /// Tunnel transport: h2 (TCP), quic (UDP), or auto (QUIC, falling back to h2) [default: h2]
         #[arg(long, value_enum)]
         transport: Option<TransportArg>,
         /// Serve NAME from the backend at HOST:PORT (repeatable)
@@ -58,6 +58,7 @@ enum Command {
 enum TransportArg {
     H2,
     Quic,
+    Auto,
 }
 
 fn main() -> ExitCode {
@@ -136,9 +137,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let transport = match transport {
                 Some(TransportArg::H2) => Some(config::Transport::H2),
                 Some(TransportArg::Quic) => Some(config::Transport::Quic),
+                Some(TransportArg::Auto) => Some(config::Transport::Auto),
                 None => file.transport,
             };
-            config::check_transport(transport).map_err(usage)?;
             let dir = state
                 .or(file.state)
                 .unwrap_or_else(revproxy::dirs::agent_state_dir);
@@ -155,6 +156,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let mut builder = revproxy::Agent::builder(&dir);
             for (name, to) in &services {
                 builder = builder.service(name, to);
+            }
+            if let Some(transport) = transport {
+                builder = builder.transport(transport);
             }
             if let Some(server) = &file.server {
                 builder = builder.server(server);

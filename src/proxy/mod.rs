@@ -30,6 +30,7 @@ pub(crate) use tunnels::keepalive;
 
 use crate::signal::Trigger;
 use crate::tls::{self, TlsError};
+use crate::tunnel::quic;
 use ratelimit::FailureLimiter;
 use registry::Registry;
 use watch::StateView;
@@ -71,12 +72,35 @@ pub struct ProxyBuilder {
     enroll_failure_window: Duration,
     peek_timeout: Duration,
     shutdown_grace: Duration,
+    quic: QuicListener,
+}
+
+/// Where the proxy listens for QUIC tunnels.
+#[derive(Debug, Default)]
+enum QuicListener {
+    /// UDP on the agent listener's address (the default).
+    #[default]
+    SamePort,
+    Socket(std::net::UdpSocket),
+    Off,
 }
 
 impl ProxyBuilder {
     /// The listener agents connect to (enrollment and tunnels).
     pub fn agent_listener(mut self, listener: TcpListener) -> Self {
         self.agents = Some(listener);
+        self
+    }
+
+    /// Takes QUIC tunnels on `socket` instead of UDP at the agent listener's address.
+    pub fn quic_listener(mut self, socket: std::net::UdpSocket) -> Self {
+        self.quic = QuicListener::Socket(socket);
+        self
+    }
+
+    /// Takes no QUIC tunnels (agents use h2 only).
+    pub fn without_quic(mut self) -> Self {
+        self.quic = QuicListener::Off;
         self
     }
 
@@ -142,11 +166,42 @@ impl ProxyBuilder {
         let enroll_config =
             tls::agent_listener_config(server_cert.clone(), ca.cert_der(), &[tls::ALPN_HTTP1])?;
         let revocations = state.clone();
-        let tunnel_config = tls::tunnel_listener_config(
-            server_cert.clone(),
-            ca.cert_der(),
-            Arc::new(move |serial| revocations.get().revoked.contains(serial)),
-        )?;
+        let is_revoked: Arc<dyn Fn(&str) -> bool + Send + Sync> =
+            Arc::new(move |serial| revocations.get().revoked.contains(serial));
+        let tunnel_config =
+            tls::tunnel_listener_config(server_cert.clone(), ca.cert_der(), is_revoked.clone())?;
+        let quic = match self.quic {
+            QuicListener::Off => None,
+            QuicListener::SamePort => {
+                Some(quic::udp_socket(agents.local_addr()?).map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "cannot listen for QUIC on udp {}: {e}",
+                            agents.local_addr().map_or("?".into(), |a| a.to_string())
+                        ),
+                    )
+                })?)
+            }
+            QuicListener::Socket(socket) => Some(socket),
+        };
+        let quic = match quic {
+            Some(socket) => {
+                let mut config =
+                    tls::tunnel_listener_config(server_cert.clone(), ca.cert_der(), is_revoked)?;
+                config.alpn_protocols = vec![tls::ALPN_QUIC.to_vec()];
+                let mut server = quinn::ServerConfig::with_crypto(quic::server_crypto(config));
+                server.transport_config(Arc::new(quic::transport_config()));
+                socket.set_nonblocking(true)?;
+                Some(quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    Some(server),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )?)
+            }
+            None => None,
+        };
         Ok(Proxy {
             shared: Arc::new(Shared {
                 ca: Arc::new(ca),
@@ -165,6 +220,7 @@ impl ProxyBuilder {
                 tunnel_config: Arc::new(tunnel_config),
             }),
             agents,
+            quic,
             public: self.public,
             shutdown_grace: self.shutdown_grace,
         })
@@ -194,6 +250,7 @@ struct Shared {
 pub struct Proxy {
     shared: Arc<Shared>,
     agents: TcpListener,
+    quic: Option<quinn::Endpoint>,
     public: Vec<(TcpListener, ListenerKind)>,
     shutdown_grace: Duration,
 }
@@ -210,6 +267,7 @@ impl Proxy {
             enroll_failure_window: ratelimit::DEFAULT_WINDOW,
             peek_timeout: PEEK_TIMEOUT,
             shutdown_grace: SHUTDOWN_GRACE,
+            quic: QuicListener::default(),
         }
     }
 
@@ -268,12 +326,35 @@ impl Proxy {
             ))
         };
 
+        let quic = self.quic.clone().map(|endpoint| {
+            if let Ok(addr) = endpoint.local_addr() {
+                info!(%addr, "QUIC tunnel listener ready (udp)");
+            }
+            tokio::spawn(quic_accept_loop(
+                endpoint,
+                self.shared.clone(),
+                stop.clone(),
+            ))
+        });
+
         shutdown.await;
         info!("shutting down: no new connections; draining open ones");
         stop.fire();
         while loops.join_next().await.is_some() {}
         self.shared.close_tunnels.fire();
         let _ = agents.await;
+        if let Some(quic) = quic {
+            let _ = quic.await;
+        }
+        if let Some(endpoint) = &self.quic {
+            endpoint.close(
+                quinn::VarInt::from_u32(quic::code::CLOSED_BY_PROXY),
+                b"proxy shutting down",
+            );
+            // Let the closes go out and the UDP port be released before returning, so a
+            // restarted proxy can bind it again (bounded: peers that vanished don't ack).
+            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        }
         watch.abort();
         renewal.abort();
         Ok(())
@@ -332,13 +413,42 @@ impl ProxyStatus {
         self.registry.lookup(name).len()
     }
 
+    /// The transports (`"h2"`, `"quic"`) of the live tunnels serving `name`, sorted.
+    pub fn transports_for(&self, name: &str) -> Vec<&'static str> {
+        let mut kinds: Vec<_> = self
+            .registry
+            .lookup(name)
+            .iter()
+            .map(|t| t.transport())
+            .collect();
+        kinds.sort_unstable();
+        kinds
+    }
+
     /// Waits until exactly `count` live tunnels serve `name`, or `timeout` passes; returns
     /// whether it happened.
     pub async fn wait_for_tunnels(&self, name: &str, count: usize, timeout: Duration) -> bool {
+        self.wait_until(|| self.tunnels_for(name) == count, timeout)
+            .await
+    }
+
+    /// Waits until the live tunnels serving `name` run on exactly `transports` (sorted, as
+    /// [`Self::transports_for`] gives them), or `timeout` passes; returns whether it did.
+    pub async fn wait_for_transports(
+        &self,
+        name: &str,
+        transports: &[&str],
+        timeout: Duration,
+    ) -> bool {
+        self.wait_until(|| self.transports_for(name) == transports, timeout)
+            .await
+    }
+
+    async fn wait_until(&self, done: impl Fn() -> bool, timeout: Duration) -> bool {
         let mut changes = self.registry.subscribe();
         let wait = async {
             loop {
-                if self.tunnels_for(name) == count {
+                if done() {
                     return;
                 }
                 if changes.changed().await.is_err() {
@@ -348,6 +458,34 @@ impl ProxyStatus {
         };
         tokio::time::timeout(timeout, wait).await.is_ok()
     }
+}
+
+/// Accepts QUIC tunnels until `stop`, then waits for them to close (they close when the
+/// proxy fires `close_tunnels`). At most [`MAX_AGENT_CONNECTIONS`] at once.
+async fn quic_accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, stop: Trigger) {
+    let permits = Arc::new(Semaphore::new(MAX_AGENT_CONNECTIONS));
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    warn!(peer = %incoming.remote_address(), "at the QUIC connection limit; refusing");
+                    incoming.refuse();
+                    continue;
+                };
+                let shared = shared.clone();
+                tasks.spawn(async move {
+                    tunnels::serve_quic(shared, incoming).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+    endpoint.set_server_config(None);
+    while tasks.join_next().await.is_some() {}
 }
 
 /// Accepts connections until `stop` fires, running `handle` for each in a tracked task;

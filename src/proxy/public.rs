@@ -16,7 +16,6 @@ use tracing::{debug, info, warn};
 
 use super::Shared;
 use crate::route::{http, sni};
-use crate::tunnel;
 
 /// Most bytes read while looking for a name: a 16 KiB ClientHello may come in many small
 /// records, each with a 5-byte header.
@@ -160,9 +159,9 @@ pub(super) async fn serve(
     let mut last_error = None;
     for t in tunnels {
         match tokio::time::timeout(OPEN_TIMEOUT, t.open(&name, peer, &peeked)).await {
-            Ok(Ok((send, recv))) => {
+            Ok(Ok(stream)) => {
                 debug!(%peer, host = %name, agent = %t.agent, tunnel = t.id, "stream open");
-                match tunnel::h2::splice(tcp, send, recv).await {
+                match stream.splice(tcp).await {
                     Ok((up, down)) => debug!(%peer, host = %name, up, down, "stream done"),
                     Err(e) => debug!(%peer, host = %name, error = %e, "stream ended with an error"),
                 }

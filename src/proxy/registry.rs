@@ -14,7 +14,8 @@ use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 
-use crate::tunnel::{CLIENT_ADDR_HEADER, ERROR_HEADER};
+use crate::tunnel::quic::{Answer, StreamHeader};
+use crate::tunnel::{self, CLIENT_ADDR_HEADER, ERROR_HEADER};
 
 /// One live tunnel to an agent.
 pub struct Tunnel {
@@ -25,7 +26,7 @@ pub struct Tunnel {
     pub serial: String,
     /// DNS names in the agent's certificate: the most it may ever serve.
     pub cert_hosts: Vec<String>,
-    sender: SendRequest<Bytes>,
+    link: Link,
     /// Notified to close the tunnel (revocation, shutdown).
     pub close: tokio::sync::Notify,
 }
@@ -40,14 +41,43 @@ impl std::fmt::Debug for Tunnel {
     }
 }
 
+/// How the proxy opens streams on a tunnel.
+pub enum Link {
+    /// HTTP/2 over mTLS: a `CONNECT` per stream.
+    H2(SendRequest<Bytes>),
+    /// QUIC: a bidirectional stream per client, started with a stream header.
+    Quic(quinn::Connection),
+}
+
+/// An open stream, ready to be joined to its client's socket.
+pub enum TunnelStream {
+    H2(SendStream<Bytes>, RecvStream),
+    /// The bytes are what followed the agent's answer in the same read.
+    Quic(quinn::SendStream, quinn::RecvStream, Bytes),
+}
+
+impl TunnelStream {
+    /// Copies both ways until both directions end; returns (bytes up, bytes down).
+    pub async fn splice(self, tcp: tokio::net::TcpStream) -> std::io::Result<(u64, u64)> {
+        match self {
+            TunnelStream::H2(send, recv) => tunnel::h2::splice(tcp, send, recv).await,
+            TunnelStream::Quic(send, recv, first) => {
+                tunnel::quic::splice(tcp, send, recv, first).await
+            }
+        }
+    }
+}
+
 /// Why a stream could not be opened on a tunnel.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("tunnel to agent {agent} failed: {source}")]
+    #[error("tunnel to agent {agent} failed: {reason}")]
     Tunnel {
         agent: String,
-        #[source]
-        source: h2::Error,
+        reason: String,
+        /// The tunnel takes no more streams (GOAWAY, connection lost), as opposed to
+        /// this one stream failing.
+        gone: bool,
     },
     #[error("agent {agent} answered {status}: {reason}")]
     Refused {
@@ -61,14 +91,7 @@ impl OpenError {
     /// Whether the tunnel itself will take no more streams (the agent sent GOAWAY, or the
     /// connection failed), as opposed to this one stream being refused.
     pub fn tunnel_is_gone(&self) -> bool {
-        match self {
-            OpenError::Tunnel { source, .. } => {
-                source.is_go_away()
-                    || source.is_io()
-                    || source.reason() == Some(h2::Reason::REFUSED_STREAM)
-            }
-            OpenError::Refused { .. } => false,
-        }
+        matches!(self, OpenError::Tunnel { gone: true, .. })
     }
 }
 
@@ -78,34 +101,66 @@ impl Tunnel {
         agent: String,
         serial: String,
         cert_hosts: Vec<String>,
-        sender: SendRequest<Bytes>,
+        link: Link,
     ) -> Tunnel {
         Tunnel {
             id,
             agent,
             serial,
             cert_hosts,
-            sender,
+            link,
             close: tokio::sync::Notify::new(),
         }
     }
 
-    /// Opens a stream for a client of `name`: sends `CONNECT`, then `early` (the bytes
-    /// already read from the client) without waiting, and waits for the agent's answer.
-    /// Sending the first bytes with the request saves a tunnel round trip per connection;
-    /// an agent that refuses the stream drops them, so the caller may offer them to the
-    /// next agent. The caller bounds the wait.
+    /// Which transport the tunnel runs on, for logs and status.
+    pub fn transport(&self) -> &'static str {
+        match self.link {
+            Link::H2(_) => "h2",
+            Link::Quic(_) => "quic",
+        }
+    }
+
+    /// Opens a stream for a client of `name` and sends `early` (the bytes already read
+    /// from the client) without waiting, then waits for the agent's answer. Sending the
+    /// first bytes with the request saves a tunnel round trip per connection; an agent
+    /// that refuses the stream drops them, so the caller may offer them to the next
+    /// agent. The caller bounds the wait.
     pub async fn open(
         &self,
         name: &str,
         client: SocketAddr,
         early: &Bytes,
-    ) -> Result<(SendStream<Bytes>, RecvStream), OpenError> {
-        let tunnel_err = |source| OpenError::Tunnel {
+    ) -> Result<TunnelStream, OpenError> {
+        match &self.link {
+            Link::H2(sender) => self.open_h2(sender, name, client, early).await,
+            Link::Quic(conn) => self.open_quic(conn, name, client, early).await,
+        }
+    }
+
+    fn refused(&self, status: StatusCode, reason: String) -> OpenError {
+        OpenError::Refused {
             agent: self.agent.clone(),
-            source,
+            status,
+            reason,
+        }
+    }
+
+    async fn open_h2(
+        &self,
+        sender: &SendRequest<Bytes>,
+        name: &str,
+        client: SocketAddr,
+        early: &Bytes,
+    ) -> Result<TunnelStream, OpenError> {
+        let tunnel_err = |source: h2::Error| OpenError::Tunnel {
+            agent: self.agent.clone(),
+            gone: source.is_go_away()
+                || source.is_io()
+                || source.reason() == Some(h2::Reason::REFUSED_STREAM),
+            reason: source.to_string(),
         };
-        let mut sender = self.sender.clone().ready().await.map_err(tunnel_err)?;
+        let mut sender = sender.clone().ready().await.map_err(tunnel_err)?;
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(name)
@@ -114,7 +169,7 @@ impl Tunnel {
             .expect("a validated name is a valid authority");
         let (response, mut send) = sender.send_request(request, false).map_err(tunnel_err)?;
         // A failure here is the stream being refused or reset: the answer says why.
-        let _ = crate::tunnel::h2::send_all(&mut send, early.clone()).await;
+        let _ = tunnel::h2::send_all(&mut send, early.clone()).await;
         let response = response.await.map_err(tunnel_err)?;
         if response.status() != StatusCode::OK {
             let reason = response
@@ -123,13 +178,44 @@ impl Tunnel {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("no reason given")
                 .to_string();
-            return Err(OpenError::Refused {
-                agent: self.agent.clone(),
-                status: response.status(),
-                reason,
-            });
+            return Err(self.refused(response.status(), reason));
         }
-        Ok((send, response.into_body()))
+        Ok(TunnelStream::H2(send, response.into_body()))
+    }
+
+    async fn open_quic(
+        &self,
+        conn: &quinn::Connection,
+        name: &str,
+        client: SocketAddr,
+        early: &Bytes,
+    ) -> Result<TunnelStream, OpenError> {
+        let failed = |reason: String, gone: bool| OpenError::Tunnel {
+            agent: self.agent.clone(),
+            reason,
+            gone,
+        };
+        let header = StreamHeader {
+            name: name.to_string(),
+            client: client.to_string(),
+        }
+        .encode()
+        .expect("a validated name fits a stream header");
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| failed(e.to_string(), true))?;
+        // Header and first bytes leave together; a refusing agent drops them.
+        let mut chunks = [header, early.clone()];
+        let _ = send.write_all_chunks(&mut chunks).await;
+        let (answer, first) = tunnel::quic::read_frame(&mut recv, Answer::parse)
+            .await
+            .map_err(|e| failed(format!("no answer: {e}"), conn.close_reason().is_some()))?;
+        if answer.status != 200 {
+            let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            return Err(self.refused(status, answer.reason));
+        }
+        Ok(TunnelStream::Quic(send, recv, first))
     }
 }
 

@@ -7,6 +7,7 @@
 //! back its own stream and nothing else.
 
 pub mod h2;
+pub mod quic;
 
 use std::time::Duration;
 

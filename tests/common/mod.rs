@@ -288,6 +288,47 @@ impl Drop for TestAgent {
     }
 }
 
+pub use revproxy::agent::Transport;
+
+/// Runs each named `async fn(Transport)` as two tests, `h2::name` and `quic::name`: the
+/// shared end-to-end suite, over both tunnel transports.
+#[macro_export]
+macro_rules! over_both_transports {
+    ($($test:ident),* $(,)?) => {
+        mod h2 {
+            $(#[tokio::test]
+            async fn $test() {
+                super::$test(revproxy::agent::Transport::H2).await
+            })*
+        }
+        mod quic {
+            $(#[tokio::test]
+            async fn $test() {
+                super::$test(revproxy::agent::Transport::Quic).await
+            })*
+        }
+    };
+}
+
+/// Starts an agent from `dir` serving `services` over `transport`.
+pub fn start_agent_on(
+    transport: Transport,
+    dir: &std::path::Path,
+    services: &[(&str, SocketAddr)],
+) -> TestAgent {
+    start_agent_with(dir, services, |b| b.transport(transport))
+}
+
+/// [`start_agent_with`] over `transport`.
+pub fn start_agent_with_on(
+    transport: Transport,
+    dir: &std::path::Path,
+    services: &[(&str, SocketAddr)],
+    configure: impl FnOnce(revproxy::AgentBuilder) -> revproxy::AgentBuilder,
+) -> TestAgent {
+    start_agent_with(dir, services, |b| configure(b.transport(transport)))
+}
+
 /// Starts an agent from `dir` serving `services`.
 pub fn start_agent(dir: &std::path::Path, services: &[(&str, SocketAddr)]) -> TestAgent {
     start_agent_with(dir, services, |b| b)
