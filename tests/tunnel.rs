@@ -179,7 +179,8 @@ async fn wildcard_grants_route_one_label(t: Transport) {
     );
 }
 
-async fn no_route_gets_an_alert_or_a_502_and_an_offline_agent_a_503(t: Transport) {
+#[tokio::test]
+async fn no_route_gets_an_alert_or_a_502_and_an_offline_agent_a_503() {
     let proxy = TestProxy::start().await;
     // Granted to an agent that never connects: offline.
     let _dir = enroll_agent(&proxy, "sleepy", &["sleepy.example.com"]).await;
@@ -689,7 +690,6 @@ over_both_transports!(
     host_routing_replays_the_peeked_head_exactly_and_half_closes,
     fixed_listeners_and_static_routes,
     wildcard_grants_route_one_label,
-    no_route_gets_an_alert_or_a_502_and_an_offline_agent_a_503,
     several_agents_share_a_name_and_a_killed_one_fails_over,
     early_bytes_refused_by_one_agent_reach_the_next_intact,
     the_agent_reconnects_after_a_proxy_restart,
