@@ -449,7 +449,7 @@ impl Agent {
                         backoff.reset();
                         continue 'connect;
                     }
-                    probed = probe, if probing && established.load(std::sync::atomic::Ordering::Relaxed) => match probed {
+                    probed = probe, if probing => match probed {
                         Ok(conn) => {
                             info!("QUIC works again: new streams go over QUIC; the h2 tunnel drains");
                             on_fallback = false;

@@ -1,0 +1,201 @@
+//! What only QUIC has to survive: UDP blocked on the way to the proxy (`--transport auto`
+//! falls back to h2 and comes back), a dead path (found by the idle timeout), and a changed
+//! client address (migration). A UDP relay in front of the proxy's QUIC socket plays the
+//! network: it forwards, drops everything, or moves the agent to a new source port.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::Notify;
+
+const WAIT: Duration = Duration::from_secs(10);
+const NAME: &str = "app.example.com";
+
+/// A UDP forwarder for one client (the agent) to `upstream`.
+struct Relay {
+    blocked: Arc<AtomicBool>,
+    rebind: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(front: SocketAddr, upstream: SocketAddr, blocked: bool) -> Relay {
+        let front = UdpSocket::bind(front)
+            .await
+            .expect("the relay binds the agent port (udp)");
+        let blocked = Arc::new(AtomicBool::new(blocked));
+        let rebind = Arc::new(Notify::new());
+        let (b, r) = (blocked.clone(), rebind.clone());
+        let task = tokio::spawn(async move {
+            let mut up = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let mut client = None;
+            let (mut from_client, mut from_proxy) = (vec![0u8; 65536], vec![0u8; 65536]);
+            loop {
+                tokio::select! {
+                    Ok((n, addr)) = front.recv_from(&mut from_client) => {
+                        client = Some(addr);
+                        if !b.load(Ordering::SeqCst) {
+                            let _ = up.send_to(&from_client[..n], upstream).await;
+                        }
+                    }
+                    Ok((n, _)) = up.recv_from(&mut from_proxy) => {
+                        if let (false, Some(c)) = (b.load(Ordering::SeqCst), client) {
+                            let _ = front.send_to(&from_proxy[..n], c).await;
+                        }
+                    }
+                    () = r.notified() => {
+                        // As a NAT rebinding would: the proxy now sees another address.
+                        up = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                    }
+                }
+            }
+        });
+        Relay {
+            blocked,
+            rebind,
+            task,
+        }
+    }
+
+    fn block(&self, blocked: bool) {
+        self.blocked.store(blocked, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A proxy whose QUIC socket sits behind a relay on the agent port number.
+async fn proxy_behind_relay(blocked: bool) -> (TestProxy, Relay) {
+    let quic = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let quic_addr = quic.local_addr().unwrap();
+    let proxy = TestProxy::start_with(move |b| b.quic_listener(quic)).await;
+    let relay = Relay::start(proxy.addr, quic_addr, blocked).await;
+    (proxy, relay)
+}
+
+/// A client connection through the HTTP listener with its head echoed back.
+async fn open_stream(proxy: &TestProxy) -> TcpStream {
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    let head = http_head(NAME);
+    tcp.write_all(&head).await.unwrap();
+    let mut echoed = vec![0; head.len()];
+    tcp.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(echoed, head);
+    tcp
+}
+
+/// Writes `data` and reads the same back.
+async fn echo(tcp: &mut TcpStream, data: &[u8]) {
+    tcp.write_all(data).await.unwrap();
+    let mut back = vec![0; data.len()];
+    tokio::time::timeout(WAIT, tcp.read_exact(&mut back))
+        .await
+        .expect("echoed in time")
+        .unwrap();
+    assert!(back == data, "echoed byte-exact");
+}
+
+async fn expect_transports(proxy: &TestProxy, transports: &[&str], within: Duration) {
+    let ok = proxy
+        .status
+        .wait_for_transports(NAME, transports, within)
+        .await;
+    assert!(
+        ok,
+        "expected tunnels {transports:?}, have {:?}",
+        proxy.status.transports_for(NAME)
+    );
+}
+
+#[tokio::test]
+async fn auto_falls_back_to_h2_while_udp_is_blocked_and_returns_to_quic() {
+    let (proxy, relay) = proxy_behind_relay(true).await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
+    let _agent = start_agent_with(dir.path(), &[(NAME, backend)], |b| {
+        b.transport(Transport::Auto)
+            .quic_fallback(Duration::from_millis(500), Duration::from_millis(200))
+    });
+
+    // UDP blocked: served over h2.
+    expect_transports(&proxy, &["h2"], WAIT).await;
+    let mut on_h2 = open_stream(&proxy).await;
+    echo(&mut on_h2, &pattern(100_000, 1)).await;
+
+    // UDP back: the agent opens a QUIC tunnel and retires the h2 one (GOAWAY), which
+    // takes nothing new: the first stream the proxy tries there is refused and goes to
+    // QUIC with its first bytes, and the proxy stops routing to h2 (round robin over two
+    // tunnels tries h2 within three streams)...
+    relay.block(false);
+    expect_transports(&proxy, &["h2", "quic"], WAIT).await;
+    for i in 0..3 {
+        let mut tcp = open_stream(&proxy).await;
+        echo(&mut tcp, &pattern(50_000, 10 + i)).await;
+    }
+    assert_eq!(proxy.status.transports_for(NAME), ["quic"]);
+    // ...but the stream opened on it runs to its end.
+    echo(&mut on_h2, &pattern(100_000, 2)).await;
+    on_h2.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, on_h2.read_to_end(&mut rest))
+        .await
+        .expect("the old stream ends cleanly")
+        .unwrap();
+    assert!(rest.is_empty());
+
+    // UDP blocked again: the QUIC idle timeout finds the dead path within seconds, and the
+    // agent is back on h2 without anyone restarting it.
+    relay.block(true);
+    expect_transports(&proxy, &["h2"], Duration::from_secs(30)).await;
+    let mut tcp = open_stream(&proxy).await;
+    echo(&mut tcp, b"after the fall back").await;
+}
+
+#[tokio::test]
+async fn a_quic_tunnel_survives_a_changed_agent_address() {
+    let (proxy, relay) = proxy_behind_relay(false).await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
+    let _agent = start_agent_on(Transport::Quic, dir.path(), &[(NAME, backend)]);
+    expect_transports(&proxy, &["quic"], WAIT).await;
+
+    let mut open = open_stream(&proxy).await;
+    echo(&mut open, &pattern(200_000, 3)).await;
+    relay.rebind.notify_one();
+    // The open stream carries on over the new path: the tunnel migrated, not reconnected.
+    echo(&mut open, &pattern(200_000, 4)).await;
+    let mut fresh = open_stream(&proxy).await;
+    echo(&mut fresh, b"new stream after migration").await;
+    assert_eq!(proxy.status.transports_for(NAME), ["quic"]);
+}
+
+#[tokio::test]
+async fn quic_without_udp_keeps_retrying_and_connects_once_udp_works() {
+    // `--transport quic` means QUIC only: no fallback, reconnect with backoff until it works.
+    let (proxy, relay) = proxy_behind_relay(true).await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
+    let _agent = start_agent_on(Transport::Quic, dir.path(), &[(NAME, backend)]);
+    // The first attempt cannot complete while UDP is blocked.
+    assert!(
+        !proxy
+            .status
+            .wait_for_tunnels(NAME, 1, Duration::from_millis(500))
+            .await
+    );
+    relay.block(false);
+    expect_transports(&proxy, &["quic"], Duration::from_secs(30)).await;
+    let mut tcp = open_stream(&proxy).await;
+    echo(&mut tcp, b"hello over quic").await;
+}
