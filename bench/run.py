@@ -164,9 +164,11 @@ def wait_http(port, what, logs):
     raise RuntimeError(f"{what}: the tunnel did not come up:\n{r.stdout}{r.stderr}{tails}")
 
 
-def start_revproxy(procs, bindir, work, backends):
-    """Proxy + one enrolled agent, one h2 tunnel. `backends` maps name -> port.
+def start_revproxy(procs, bindir, work, backends, transport="h2"):
+    """Proxy + one enrolled agent, one tunnel over `transport`. `backends` maps name -> port.
     Returns the setup: ports for each workload and the pids whose memory is measured."""
+    work = f"{work}/revproxy-{transport}"
+    os.makedirs(work)
     agents, http = free_port(), free_port()
     fixed = {name: free_port() for name in backends}
     state = f"{work}/proxy"
@@ -185,9 +187,10 @@ def start_revproxy(procs, bindir, work, backends):
     subprocess.run([f"{bindir}/revproxy-agent", "enroll", "--state", f"{work}/agent", "--token", token],
                    check=True, env=env, capture_output=True)
     maps = sum((["--map", f"{n}=127.0.0.1:{p}"] for n, p in backends.items()), [])
-    agent = procs.start([f"{bindir}/revproxy-agent", "run", "--state", f"{work}/agent"] + maps, env=env,
+    agent = procs.start([f"{bindir}/revproxy-agent", "run", "--state", f"{work}/agent", "--transport", transport] + maps,
+                        env=env,
                         stderr=open(f"{work}/agent.log", "w"))
-    wait_http(http, "revproxy", [f"{work}/proxy.log", f"{work}/agent.log"])
+    wait_http(http, f"revproxy {transport}", [f"{work}/proxy.log", f"{work}/agent.log"])
     # Plain HTTP workloads go through the Host-routing listener (the realistic path); the idle
     # and stalled connections use the fixed listener, which opens the stream at accept.
     return {"iperf": fixed["iperf.bench"], "http": http, "web": fixed["web.bench"], "pids": [proxy.pid, agent.pid]}
@@ -401,6 +404,7 @@ def main():
         setups = {
             "direct": {"iperf": iperf_port, "http": nginx_port, "web": nginx_port, "pids": []},
             "revproxy h2": start_revproxy(procs, bindir, work, backends),
+            "revproxy QUIC": start_revproxy(procs, bindir, work, backends, "quic"),
         }
         if rathole:
             setups["rathole TLS"] = start_rathole(procs, rathole, work, backends)
