@@ -20,8 +20,7 @@ fn now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }
 
-#[tokio::test]
-async fn renewal_keeps_a_continuous_stream_through_five_generations() {
+async fn renewal_keeps_a_continuous_stream_through_five_generations(t: Transport) {
     let proxy = TestProxy::start().await;
     let backend = echo_backend(b"").await;
     let dir = enroll_agent_with_ttl(
@@ -33,7 +32,7 @@ async fn renewal_keeps_a_continuous_stream_through_five_generations() {
     .await;
     let clock = Arc::new(TestClock::default());
     let agent_clock = clock.clone();
-    let mut agent = start_agent_with(dir.path(), &[("app.example.com", backend)], move |b| {
+    let mut agent = start_agent_with_on(t, dir.path(), &[("app.example.com", backend)], move |b| {
         b.clock(agent_clock).renew_check(Duration::from_millis(20))
     });
     proxy.wait_for("app.example.com", 1).await;
@@ -106,14 +105,13 @@ async fn renewal_keeps_a_continuous_stream_through_five_generations() {
     assert_eq!(ours.len(), 6, "one enrollment and five renewals");
 }
 
-#[tokio::test]
-async fn revoking_an_agent_closes_its_tunnel_within_two_seconds_and_keeps_it_out() {
+async fn revoking_an_agent_closes_its_tunnel_within_two_seconds_and_keeps_it_out(t: Transport) {
     let proxy = TestProxy::start().await;
     let backend = echo_backend(b"").await;
     let bad_dir = enroll_agent(&proxy, "bad", &["bad.example.com"]).await;
     let good_dir = enroll_agent(&proxy, "good", &["good.example.com"]).await;
-    let _bad = start_agent(bad_dir.path(), &[("bad.example.com", backend)]);
-    let _good = start_agent(good_dir.path(), &[("good.example.com", backend)]);
+    let _bad = start_agent_on(t, bad_dir.path(), &[("bad.example.com", backend)]);
+    let _good = start_agent_on(t, good_dir.path(), &[("good.example.com", backend)]);
     proxy.wait_for("bad.example.com", 1).await;
     proxy.wait_for("good.example.com", 1).await;
 
@@ -262,12 +260,12 @@ async fn an_expired_certificate_cannot_renew_and_the_agent_says_how_to_re_enroll
     assert!(back.ends_with(b"back"));
 }
 
-#[tokio::test]
-async fn narrowing_an_agent_takes_effect_on_the_next_stream_without_a_reconnect() {
+async fn narrowing_an_agent_takes_effect_on_the_next_stream_without_a_reconnect(t: Transport) {
     let proxy = TestProxy::start().await;
     let backend = echo_backend(b"").await;
     let dir = enroll_agent(&proxy, "web-1", &["a.example.com", "b.example.com"]).await;
-    let _agent = start_agent(
+    let _agent = start_agent_on(
+        t,
         dir.path(),
         &[("a.example.com", backend), ("b.example.com", backend)],
     );
@@ -303,3 +301,9 @@ async fn narrowing_an_agent_takes_effect_on_the_next_stream_without_a_reconnect(
     open.read_exact(&mut still).await.unwrap();
     assert_eq!(&still, b"still");
 }
+
+over_both_transports!(
+    renewal_keeps_a_continuous_stream_through_five_generations,
+    revoking_an_agent_closes_its_tunnel_within_two_seconds_and_keeps_it_out,
+    narrowing_an_agent_takes_effect_on_the_next_stream_without_a_reconnect,
+);
