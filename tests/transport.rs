@@ -163,6 +163,41 @@ async fn auto_falls_back_to_h2_while_udp_is_blocked_and_returns_to_quic() {
 }
 
 #[tokio::test]
+async fn revoking_an_agent_also_closes_its_draining_tunnel() {
+    // After QUIC comes back the h2 tunnel drains with a stream still open on it. It takes
+    // no new streams, but it is the agent's all the same: revoking the agent ends it.
+    let (proxy, relay) = proxy_behind_relay(true).await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
+    let _agent = start_agent_with(dir.path(), &[(NAME, backend)], |b| {
+        b.transport(Transport::Auto)
+            .quic_fallback(Duration::from_millis(500), Duration::from_millis(200))
+    });
+    expect_transports(&proxy, &["h2"], WAIT).await;
+    let mut on_h2 = open_stream(&proxy).await;
+    relay.block(false);
+    expect_transports(&proxy, &["h2", "quic"], WAIT).await;
+    for _ in 0..3 {
+        let mut tcp = open_stream(&proxy).await;
+        echo(&mut tcp, b"x").await;
+    }
+    assert_eq!(proxy.status.transports_for(NAME), ["quic"]);
+    echo(&mut on_h2, b"draining, still served").await;
+
+    proxy
+        .ca
+        .revoke_certs("web-1", time::OffsetDateTime::now_utc())
+        .unwrap();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(3), on_h2.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "the draining tunnel's stream was cut by the revocation"
+    );
+    expect_transports(&proxy, &[], WAIT).await;
+}
+
+#[tokio::test]
 async fn a_quic_tunnel_survives_a_changed_agent_address() {
     let (proxy, relay) = proxy_behind_relay(false).await;
     let backend = echo_backend(b"").await;

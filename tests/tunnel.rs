@@ -673,11 +673,29 @@ async fn a_stopping_agent_drains_open_streams_and_takes_no_new_ones(t: Transport
             );
         }
     }
-    // ...while the open stream still works to its end.
-    open.write_all(b"still here").await.unwrap();
-    open.shutdown().await.unwrap();
-    let rest = read_all_within(&mut open, WAIT).await;
-    assert_eq!(rest, b"still here");
+    // ...while the open stream still works to its end, its last bytes included: the
+    // tunnel closes once the stream is done, and that must not cut the tail.
+    let tail = pattern(4 << 20, 7);
+    let (mut rd, mut wr) = open.into_split();
+    let writer = {
+        let tail = tail.clone();
+        tokio::spawn(async move {
+            wr.write_all(&tail).await.unwrap();
+            wr.shutdown().await.unwrap();
+        })
+    };
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, rd.read_to_end(&mut rest))
+        .await
+        .expect("the drained stream ends")
+        .unwrap();
+    assert!(
+        rest == tail,
+        "all {} bytes echoed, got {}",
+        tail.len(),
+        rest.len()
+    );
+    writer.await.unwrap();
     tokio::time::timeout(WAIT, stopping)
         .await
         .unwrap()

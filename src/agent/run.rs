@@ -401,9 +401,17 @@ impl Agent {
         let to_retire: Arc<std::sync::Mutex<Vec<Trigger>>> = Arc::default();
         // Auto mode: QUIC did not work at the last attempt, so h2 is in use.
         let mut on_fallback = false;
-        let mut preconnected: Option<Connected> = None;
+        // Auto mode: the fallback was logged and QUIC has not worked since (log it once).
+        let mut fallback_logged = false;
+        // A QUIC connection a probe made, and the identity it was made with.
+        let mut preconnected: Option<(Connected, Arc<Identity>)> = None;
         'connect: while !stop.is_fired() {
             let id = renewed.borrow_and_update().clone();
+            // A probe that raced a renewal used the old certificate: not that one.
+            let ready = preconnected
+                .take()
+                .filter(|(_, used)| Arc::ptr_eq(used, &id))
+                .map(|(conn, _)| conn);
             let kind = match self.ctx.transport {
                 Transport::H2 => Kind::H2,
                 Transport::Quic => Kind::Quic,
@@ -419,7 +427,7 @@ impl Agent {
                     session(
                         self.ctx.clone(),
                         kind,
-                        preconnected.take(),
+                        ready,
                         id.clone(),
                         stop.clone(),
                         retire.clone(),
@@ -429,14 +437,19 @@ impl Agent {
                     .instrument(span),
                 )
                 .id();
-            // While on the h2 fallback, QUIC is tried again every `quic_reprobe`.
+            // While on the h2 fallback, QUIC is tried again every `quic_reprobe`. The probe
+            // lives across loop turns, so nothing else happening cancels a handshake.
             let probing = self.ctx.transport == Transport::Auto && kind == Kind::H2;
-            let mut probe_at = tokio::time::Instant::now() + self.ctx.quic_reprobe;
+            let new_probe = || {
+                let (ctx, id) = (self.ctx.clone(), id.clone());
+                Box::pin(async move {
+                    tokio::time::sleep(ctx.quic_reprobe).await;
+                    connect(&ctx, Kind::Quic, &id, ctx.quic_fallback_after).await
+                })
+            };
+            let mut probe = new_probe();
+            let mut next_preconnected = None;
             let outcome = loop {
-                let probe = async {
-                    tokio::time::sleep_until(probe_at).await;
-                    connect(&self.ctx, Kind::Quic, &id, self.ctx.quic_fallback_after).await
-                };
                 tokio::select! {
                     Some(done) = sessions.join_next_with_id() => match done {
                         Ok((task, r)) if task == current => break Ok(r),
@@ -449,21 +462,26 @@ impl Agent {
                         backoff.reset();
                         continue 'connect;
                     }
-                    probed = probe, if probing => match probed {
+                    probed = &mut probe, if probing => match probed {
                         Ok(conn) => {
                             info!("QUIC works again: new streams go over QUIC; the h2 tunnel drains");
                             on_fallback = false;
-                            preconnected = Some(conn);
+                            fallback_logged = false;
+                            next_preconnected = Some((conn, id.clone()));
                             to_retire.lock().expect("retire list").push(retire.clone());
-                            continue 'connect;
+                            break Ok(Ok(()));
                         }
                         Err(e) => {
                             debug!(error = %e, "QUIC still unavailable; staying on h2");
-                            probe_at = tokio::time::Instant::now() + self.ctx.quic_reprobe;
+                            probe = new_probe();
                         }
                     },
                 }
             };
+            if next_preconnected.is_some() {
+                preconnected = next_preconnected;
+                continue 'connect;
+            }
             let was_up = established.load(std::sync::atomic::Ordering::Relaxed);
             match outcome {
                 Ok(Ok(())) if stop.is_fired() => break,
@@ -472,9 +490,19 @@ impl Agent {
                     if self.ctx.transport == Transport::Auto && kind == Kind::Quic && !was_up =>
                 {
                     // No QUIC handshake: use h2 now, without a pause.
-                    warn!(error = %e, retry_every = ?self.ctx.quic_reprobe, "QUIC unavailable; falling back to h2 and trying QUIC again in the background");
+                    if fallback_logged {
+                        debug!(error = %e, "QUIC still unavailable; using h2");
+                    } else {
+                        warn!(error = %e, retry_every = ?self.ctx.quic_reprobe, "QUIC unavailable; falling back to h2 and trying QUIC again in the background");
+                        fallback_logged = true;
+                    }
                     on_fallback = true;
                     continue;
+                }
+                Ok(Err(e)) if self.ctx.transport == Transport::Auto && !was_up => {
+                    // h2 did not come up either: next time, QUIC first again.
+                    warn!(error = %e, "tunnel failed");
+                    on_fallback = false;
                 }
                 Ok(Err(e)) => warn!(error = %e, "tunnel failed"),
                 Err(e) => warn!(error = %e, "tunnel task failed"),
@@ -483,6 +511,9 @@ impl Agent {
                 backoff.reset();
                 // Auto: a tunnel that was up and failed gets QUIC tried first again.
                 on_fallback = false;
+                if kind == Kind::Quic {
+                    fallback_logged = false;
+                }
             }
             let delay = backoff.next_delay();
             debug!(?delay, "reconnecting after a pause");
@@ -584,7 +615,7 @@ async fn connect_quic(ctx: &SessionCtx, id: &Identity) -> Result<Connected, Stri
     let crypto = tls::agent_client_config(vec![pin], &id.cert_pem, &id.key_pem, &[tls::ALPN_QUIC])
         .map_err(|e| e.to_string())?;
     let mut config = quinn::ClientConfig::new(quic::client_crypto(crypto));
-    config.transport_config(Arc::new(quic::transport_config()));
+    config.transport_config(Arc::new(quic::transport_config(quic::Role::Agent)));
     let local: SocketAddr = if addr.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
@@ -712,10 +743,14 @@ async fn serve_h2(
 
 /// Tells the proxy to route nothing new to this QUIC tunnel (see [`quic::GOAWAY`]).
 async fn quic_goaway(conn: &quinn::Connection) {
-    if let Ok(mut control) = conn.open_uni().await {
-        let _ = control.write_all(quic::GOAWAY).await;
-        let _ = control.finish();
-    }
+    let send = async {
+        if let Ok(mut control) = conn.open_uni().await {
+            let _ = control.write_all(quic::GOAWAY).await;
+            let _ = control.finish();
+        }
+    };
+    // Bounded: a tunnel too broken to take this is closing anyway.
+    let _ = tokio::time::timeout(Duration::from_secs(1), send).await;
 }
 
 async fn serve_quic(
@@ -855,7 +890,18 @@ async fn serve_quic_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let (header, first) = match quic::read_frame(&mut recv, StreamHeader::parse).await {
+    let header = tokio::time::timeout(
+        quic::HEADER_TIMEOUT,
+        quic::read_frame(&mut recv, StreamHeader::parse),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no stream header in time",
+        ))
+    });
+    let (header, first) = match header {
         Ok(read) => read,
         Err(e) => {
             warn!(error = %e, "bad stream header; resetting the stream");

@@ -191,7 +191,7 @@ impl ProxyBuilder {
                     tls::tunnel_listener_config(server_cert.clone(), ca.cert_der(), is_revoked)?;
                 config.alpn_protocols = vec![tls::ALPN_QUIC.to_vec()];
                 let mut server = quinn::ServerConfig::with_crypto(quic::server_crypto(config));
-                server.transport_config(Arc::new(quic::transport_config()));
+                server.transport_config(Arc::new(quic::transport_config(quic::Role::Proxy)));
                 socket.set_nonblocking(true)?;
                 Some(quinn::Endpoint::new(
                     quinn::EndpointConfig::default(),
@@ -471,6 +471,14 @@ async fn quic_accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, stop: 
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                // A sender must first prove it owns its address (a Retry round trip), so
+                // spoofed packets cost one stateless reply each, not a handshake slot.
+                if !incoming.remote_address_validated() && incoming.may_retry() {
+                    if let Err(e) = incoming.retry() {
+                        e.into_incoming().ignore();
+                    }
+                    continue;
+                }
                 let Ok(permit) = permits.clone().try_acquire_owned() else {
                     warn!(peer = %incoming.remote_address(), "at the QUIC connection limit; refusing");
                     incoming.refuse();

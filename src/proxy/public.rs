@@ -170,7 +170,7 @@ pub(super) async fn serve(
             Ok(Err(e)) => {
                 if e.tunnel_is_gone() {
                     // A draining agent: route nothing new to it; its open streams finish.
-                    shared.registry.remove(t.id);
+                    shared.registry.retire(t.id);
                 }
                 warn!(%peer, host = %name, error = %e, "could not open a stream; trying the next agent");
                 last_error = Some(e.to_string());

@@ -29,6 +29,9 @@ pub struct Tunnel {
     link: Link,
     /// Notified to close the tunnel (revocation, shutdown).
     pub close: tokio::sync::Notify,
+    /// The agent retired this tunnel (GOAWAY): no new streams, but it stays on record so
+    /// that a revocation still closes it and its open streams.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -64,6 +67,18 @@ impl TunnelStream {
             TunnelStream::Quic(send, recv, first) => {
                 tunnel::quic::splice(tcp, send, recv, first).await
             }
+        }
+    }
+}
+
+/// A QUIC stream being opened: reset (and its receive side stopped by its own drop) unless
+/// taken out once the agent accepted it.
+struct ResetOnDrop(Option<quinn::SendStream>);
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Some(send) = &mut self.0 {
+            let _ = send.reset(quinn::VarInt::from_u32(tunnel::quic::code::ABORTED));
         }
     }
 }
@@ -110,6 +125,7 @@ impl Tunnel {
             cert_hosts,
             link,
             close: tokio::sync::Notify::new(),
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -201,10 +217,15 @@ impl Tunnel {
         }
         .encode()
         .expect("a validated name fits a stream header");
-        let (mut send, mut recv) = conn
+        let (send, mut recv) = conn
             .open_bi()
             .await
             .map_err(|e| failed(e.to_string(), true))?;
+        // Until the agent says 200, giving up (an error, or the caller's timeout dropping
+        // this future) resets the stream, so the agent never hands the first bytes to a
+        // backend while the proxy offers them to another agent.
+        let mut opening = ResetOnDrop(Some(send));
+        let send = opening.0.as_mut().expect("set above");
         // Header and first bytes leave together; a refusing agent drops them.
         let mut chunks = [header, early.clone()];
         let _ = send.write_all_chunks(&mut chunks).await;
@@ -215,6 +236,7 @@ impl Tunnel {
             let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
             return Err(self.refused(status, answer.reason));
         }
+        let send = opening.0.take().expect("set above");
         Ok(TunnelStream::Quic(send, recv, first))
     }
 }
@@ -247,6 +269,9 @@ impl Inner {
         ids.sort(); // stable order: oldest tunnel first
         for id in ids {
             let (tunnel, hosts) = &self.tunnels[id];
+            if tunnel.draining.load(Ordering::Relaxed) {
+                continue;
+            }
             for host in hosts {
                 self.by_pattern
                     .entry(host.clone())
@@ -298,6 +323,22 @@ impl Registry {
         self.changes.subscribe()
     }
 
+    /// Routes nothing new to tunnel `id` (its agent retired it, or it failed to open a
+    /// stream); it stays on record, so revocation still reaches it, until [`Self::remove`].
+    pub fn retire(&self, id: u64) {
+        let mut inner = self.inner.write().expect("registry lock");
+        let Some((tunnel, _)) = inner.tunnels.get(&id) else {
+            return;
+        };
+        if tunnel.draining.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        inner.reindex();
+        drop(inner);
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Forgets tunnel `id`: it has closed.
     pub fn remove(&self, id: u64) {
         let mut inner = self.inner.write().expect("registry lock");
         if inner.tunnels.remove(&id).is_none() {

@@ -159,21 +159,26 @@ pub(super) async fn serve_quic(shared: Arc<Shared>, incoming: quinn::Incoming) {
         return;
     };
     let tunnel = register(&shared, who, hosts, Link::Quic(conn.clone()));
+    // Control streams are read on their own (the transport allows the agent two at once),
+    // so a slow one never holds up a revocation or a shutdown.
+    let mut control = tokio::task::JoinSet::new();
     let reason = loop {
         tokio::select! {
             e = conn.closed() => break format!("{e}"),
             uni = conn.accept_uni() => match uni {
-                Ok(mut control) => {
-                    let msg = tokio::time::timeout(quic::HEADER_TIMEOUT, control.read_to_end(16)).await;
-                    if let Ok(Ok(msg)) = msg {
-                        if msg == quic::GOAWAY {
+                Ok(mut stream) => {
+                    let (shared, tunnel) = (shared.clone(), tunnel.clone());
+                    control.spawn(async move {
+                        let read = tokio::time::timeout(quic::HEADER_TIMEOUT, stream.read_to_end(16)).await;
+                        if matches!(read, Ok(Ok(ref msg)) if msg == quic::GOAWAY) {
                             debug!(agent = %tunnel.agent, tunnel = tunnel.id, "agent retires this tunnel: routing nothing new to it");
-                            shared.registry.remove(tunnel.id);
+                            shared.registry.retire(tunnel.id);
                         }
-                    }
+                    });
                 }
                 Err(e) => break format!("{e}"),
             },
+            Some(_) = control.join_next(), if !control.is_empty() => {}
             () = tunnel.close.notified() => {
                 conn.close(VarInt::from_u32(quic::code::CLOSED_BY_PROXY), b"closed by the proxy");
                 break "closed by the proxy".to_string();

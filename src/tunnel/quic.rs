@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 /// The only header version this build speaks.
 pub const VERSION: u8 = 1;
@@ -23,7 +23,8 @@ pub const VERSION: u8 = 1;
 pub const MAX_FRAME: usize = 2048;
 /// Longest reason text in an answer.
 pub const MAX_REASON: usize = 1024;
-/// Time the agent allows for a stream's header, and the proxy for the agent's answer.
+/// Time the agent allows for a stream's header (the proxy bounds the wait for the answer
+/// by its stream-open timeout, which is longer than the agent's backend dial timeout).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Per-stream receive window (same bound as h2's; see `tunnel::h2::STREAM_WINDOW`).
@@ -209,38 +210,50 @@ pub type Parse<T> = fn(&[u8]) -> Result<Option<(T, usize)>, FrameError>;
 /// Reads one frame parsed by `parse` from the start of `recv`, within [`HEADER_TIMEOUT`].
 /// Returns it with the bytes that followed it in the same reads (the first data bytes).
 pub async fn read_frame<T>(recv: &mut RecvStream, parse: Parse<T>) -> io::Result<(T, Bytes)> {
-    let read = async {
-        let mut buf = BytesMut::new();
-        loop {
-            if let Some((frame, used)) = parse(&buf).map_err(io::Error::other)? {
-                buf.advance(used);
-                return Ok((frame, buf.freeze()));
-            }
-            if buf.len() >= MAX_FRAME {
-                return Err(io::Error::other(FrameError::TooLong(buf.len())));
-            }
-            match recv.read_chunk(MAX_FRAME, true).await {
-                Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-                Ok(None) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "stream ended inside its header",
-                    ))
-                }
-                Err(e) => return Err(io::Error::other(e)),
-            }
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some((frame, used)) = parse(&buf).map_err(io::Error::other)? {
+            buf.advance(used);
+            return Ok((frame, buf.freeze()));
         }
-    };
-    tokio::time::timeout(HEADER_TIMEOUT, read)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no stream header in time"))?
+        if buf.len() >= MAX_FRAME {
+            return Err(io::Error::other(FrameError::TooLong(buf.len())));
+        }
+        match recv.read_chunk(MAX_FRAME, true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "stream ended inside its header",
+                ))
+            }
+            Err(e) => return Err(io::Error::other(e)),
+        }
+    }
 }
 
-/// The transport settings of a tunnel, both ends.
-pub fn transport_config() -> quinn::TransportConfig {
+/// Which end of a tunnel a transport configuration is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Opens the client streams; accepts only the agent's control streams.
+    Proxy,
+    /// Accepts client streams; opens only control streams.
+    Agent,
+}
+
+/// The transport settings of a tunnel end. Each side lets its peer open only what the
+/// protocol needs: the proxy takes no bidirectional streams from an agent (so an agent
+/// cannot make it buffer data nobody reads) and at most two control streams; the agent
+/// takes client streams and no control streams. No datagrams either way.
+pub fn transport_config(role: Role) -> quinn::TransportConfig {
+    let (bidi, uni) = match role {
+        Role::Proxy => (0, 2),
+        Role::Agent => (MAX_STREAMS, 0),
+    };
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
-        .max_concurrent_uni_streams(VarInt::from_u32(4))
+    t.max_concurrent_bidi_streams(VarInt::from_u32(bidi))
+        .max_concurrent_uni_streams(VarInt::from_u32(uni))
+        .datagram_receive_buffer_size(None)
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
         .send_window(u64::from(CONNECTION_WINDOW))
@@ -258,7 +271,9 @@ pub fn udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     let recv = grow_buffer(&socket, Buffer::Recv);
     let send = grow_buffer(&socket, Buffer::Send);
-    if recv < UDP_BUFFER || send < UDP_BUFFER {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let capped = recv < UDP_BUFFER || send < UDP_BUFFER;
+    if capped && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
         warn!(
             receive_kib = recv / 1024,
             send_kib = send / 1024,
@@ -266,8 +281,8 @@ pub fn udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
             "the OS capped the QUIC UDP socket buffers; throughput may suffer under load \
              (raise net.core.rmem_max and net.core.wmem_max, e.g. sysctl -w net.core.rmem_max={UDP_BUFFER})"
         );
-    } else {
-        info!(
+    } else if !capped {
+        debug!(
             receive_kib = recv / 1024,
             send_kib = send / 1024,
             "QUIC UDP socket buffers"
@@ -303,8 +318,11 @@ pub const READ_CHUNK: usize = 64 * 1024;
 
 /// Joins `tcp` and a QUIC stream until both directions end. `first` (bytes that came with
 /// the header or answer) goes to `tcp` before anything else. FIN and TCP EOF are
-/// half-closes; an error on either side aborts both. Returns (bytes sent on the stream,
-/// bytes written to `tcp`).
+/// half-closes; after its FIN, a direction waits (bounded) until the peer has acknowledged
+/// every byte, so closing the tunnel right after cannot lose the tail. An error on either
+/// side aborts both: the stream is reset and stopped (code [`code::ABORTED`]), so the far
+/// end never mistakes a broken stream for a complete one. Returns (bytes sent on the
+/// stream, bytes written to `tcp`).
 pub async fn splice(
     tcp: tokio::net::TcpStream,
     mut send: SendStream,
@@ -317,18 +335,14 @@ pub async fn splice(
         let mut buf = BytesMut::new();
         loop {
             buf.reserve(READ_CHUNK);
-            let n = match rd.read_buf(&mut buf).await {
-                Ok(n) => n,
-                Err(e) => {
-                    let _ = send.reset(VarInt::from_u32(code::ABORTED));
-                    return Err(e);
-                }
-            };
-            if n == 0 {
-                let _ = send.finish();
-                return Ok(total);
+            if rd.read_buf(&mut buf).await? == 0 {
+                send.finish().map_err(io::Error::other)?;
+                // Bounded: a peer that never acknowledges is dead and the idle timeout
+                // ends the connection anyway.
+                let _ = tokio::time::timeout(IDLE_TIMEOUT, send.stopped()).await;
+                return Ok::<u64, io::Error>(total);
             }
-            total += n as u64;
+            total += buf.len() as u64;
             send.write_chunk(buf.split().freeze())
                 .await
                 .map_err(io::Error::other)?;
@@ -345,21 +359,36 @@ pub async fn splice(
                 }
                 Ok(None) => {
                     wr.shutdown().await?;
-                    return Ok(total);
+                    return Ok::<u64, io::Error>(total);
                 }
                 Err(e) => return Err(io::Error::other(e)),
             }
         }
     };
-    tokio::pin!(up, down);
-    let (mut sent, mut received) = (None, None);
-    while sent.is_none() || received.is_none() {
-        tokio::select! {
-            r = &mut up, if sent.is_none() => sent = Some(r?),
-            r = &mut down, if received.is_none() => received = Some(r?),
+    let result = {
+        tokio::pin!(up, down);
+        let (mut sent, mut received) = (None, None);
+        loop {
+            if let (Some(s), Some(r)) = (sent, received) {
+                break Ok((s, r));
+            }
+            tokio::select! {
+                r = &mut up, if sent.is_none() => match r {
+                    Ok(n) => sent = Some(n),
+                    Err(e) => break Err(e),
+                },
+                r = &mut down, if received.is_none() => match r {
+                    Ok(n) => received = Some(n),
+                    Err(e) => break Err(e),
+                },
+            }
         }
+    };
+    if result.is_err() {
+        let _ = send.reset(VarInt::from_u32(code::ABORTED));
+        let _ = recv.stop(VarInt::from_u32(code::ABORTED));
     }
-    Ok((sent.unwrap_or(0), received.unwrap_or(0)))
+    result
 }
 
 /// A QUIC endpoint's crypto from a rustls configuration (TLS 1.3 and an AES-GCM suite, as
