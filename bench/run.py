@@ -342,8 +342,10 @@ def fairness(setup, seconds):
             fcntl.ioctl(stalled.fileno(), termios.FIONREAD, buf)
             return buf[0]
 
+        # Give up waiting after 10 s: the client is stalled either way, only its buffers
+        # may still be growing (a tunnel without per-stream flow control fills slowly).
         last, stable_since = -1, time.time()
-        deadline = time.time() + 20
+        deadline = time.time() + 10
         while time.time() < deadline:
             now = queued()
             if now != last or now == 0:
@@ -352,7 +354,7 @@ def fairness(setup, seconds):
                 break
             time.sleep(0.1)
         else:
-            raise RuntimeError("the stalled client's receive queue never settled")
+            log(f"the stalled client's receive queue still changes ({queued()} bytes queued); measuring anyway")
         return iperf(setup["iperf"], seconds, 8)
     finally:
         stalled.close()
