@@ -270,7 +270,10 @@ def wrk(port, host, conns, seconds):
 def ab(port, host, conns, requests):
     r = subprocess.run(["ab", "-q", "-n", str(requests), "-c", str(conns), "-H", f"Host: {host}",
                         f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=600)
-    failed = int(re.search(r"Failed requests:\s+(\d+)", r.stdout).group(1))
+    m = re.search(r"Failed requests:\s+(\d+)", r.stdout)
+    if m is None:
+        raise RuntimeError(f"ab did not finish: {r.stderr.strip()[-300:]}")
+    failed = int(m.group(1))
     if failed:
         raise RuntimeError(f"ab saw {failed} failed requests")
     return float(re.search(r"Requests per second:\s+([\d.]+)", r.stdout).group(1))
@@ -380,11 +383,18 @@ def main():
 
     # Every process started from here inherits the raised open-file limit (10,000 idle
     # connections need as many descriptors in the client, the proxy, the agent and nginx).
+    # rathole holds two descriptors per connection in each process, so root raises the hard
+    # limit too (an unprivileged run keeps its hard limit and may measure fewer).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if os.geteuid() == 0 and hard < 65536:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+        except (ValueError, OSError):
+            pass
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    # Each process holds one descriptor per idle connection (the client here, proxy, agent, nginx).
-    if hard < idle_count + 1000:
-        idle_count = max(100, hard - 1000)
+    if hard < 2 * idle_count + 1000:
+        idle_count = max(100, (hard - 1000) // 2)
         log(f"open-file hard limit is {hard}: measuring memory with {idle_count} idle connections")
 
     # Stopped from outside: still stop everything started (the `finally` below).
@@ -433,7 +443,13 @@ def main():
         for rep in range(repeats):
             for name, fn in figures:
                 for setup, ports in setups.items():  # alternate A B C A B C
-                    value = fn(ports)
+                    try:
+                        value = fn(ports)
+                    except Exception as e:  # one broken setup must not lose the whole run
+                        log(f"rep {rep + 1}/{repeats} {name} {setup} FAILED: {e}")
+                        value = None
+                    if value is None and fn is not None and name.startswith("keep-alive"):
+                        continue
                     for key, v in (value.items() if isinstance(value, dict) else [(name, value)]):
                         results.setdefault((key, setup), []).append(v)
                     log(f"rep {rep + 1}/{repeats} {name} {setup} done")
@@ -461,7 +477,9 @@ def main():
         tools = [subprocess.run([t, "--version"] if t != "ab" else ["ab", "-V"], capture_output=True,
                                 text=True).stdout.splitlines()[0] for t in ("iperf3", "wrk", "ab")]
         if rathole:
-            tools.append(subprocess.run([rathole, "--version"], capture_output=True, text=True).stdout.strip())
+            out = subprocess.run([rathole, "--version"], capture_output=True, text=True).stdout
+            built = re.search(r"Build Version:\s*(\S+)", out)
+            tools.append(f"rathole {built.group(1)}" if built else out.strip().splitlines()[0])
         cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
         print(f"Machine: {cores} cores ({cpu}), Linux {kernel}. {version}. "
               f"Median of {repeats} alternating repetition(s); "
