@@ -118,32 +118,45 @@ async fn expect_transports(proxy: &TestProxy, transports: &[&str], within: Durat
     );
 }
 
-#[tokio::test]
-async fn auto_falls_back_to_h2_while_udp_is_blocked_and_returns_to_quic() {
+/// A proxy behind a blocked relay and an `auto` agent (fast fallback and re-probe) that
+/// has come up over h2.
+/// The agent's state directory is returned to live as long as the agent.
+async fn auto_agent_with_udp_blocked() -> (TestProxy, Relay, TestAgent, tempfile::TempDir) {
     let (proxy, relay) = proxy_behind_relay(true).await;
     let backend = echo_backend(b"").await;
     let dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
-    let _agent = start_agent_with(dir.path(), &[(NAME, backend)], |b| {
+    let agent = start_agent_with(dir.path(), &[(NAME, backend)], |b| {
         b.transport(Transport::Auto)
             .quic_fallback(Duration::from_millis(500), Duration::from_millis(200))
     });
-
-    // UDP blocked: served over h2.
     expect_transports(&proxy, &["h2"], WAIT).await;
-    let mut on_h2 = open_stream(&proxy).await;
-    echo(&mut on_h2, &pattern(100_000, 1)).await;
+    (proxy, relay, agent, dir)
+}
 
-    // UDP back: the agent opens a QUIC tunnel and retires the h2 one (GOAWAY), which
-    // takes nothing new: the first stream the proxy tries there is refused and goes to
-    // QUIC with its first bytes, and the proxy stops routing to h2 (round robin over two
-    // tunnels tries h2 within three streams)...
+/// Unblocks UDP: the agent opens a QUIC tunnel and retires the h2 one (GOAWAY), which
+/// takes nothing new: the first stream the proxy tries there is refused and goes to QUIC
+/// with its first bytes, and the proxy stops routing to h2 (round robin over two tunnels
+/// tries h2 within three streams).
+async fn unblock_and_move_to_quic(proxy: &TestProxy, relay: &Relay) {
     relay.block(false);
-    expect_transports(&proxy, &["h2", "quic"], WAIT).await;
+    expect_transports(proxy, &["h2", "quic"], WAIT).await;
     for i in 0..3 {
-        let mut tcp = open_stream(&proxy).await;
+        let mut tcp = open_stream(proxy).await;
         echo(&mut tcp, &pattern(50_000, 10 + i)).await;
     }
     assert_eq!(proxy.status.transports_for(NAME), ["quic"]);
+}
+
+#[tokio::test]
+async fn auto_falls_back_to_h2_while_udp_is_blocked_and_returns_to_quic() {
+    let (proxy, relay, _agent, _dir) = auto_agent_with_udp_blocked().await;
+
+    // UDP blocked: served over h2.
+    let mut on_h2 = open_stream(&proxy).await;
+    echo(&mut on_h2, &pattern(100_000, 1)).await;
+
+    // UDP back: new streams go over QUIC...
+    unblock_and_move_to_quic(&proxy, &relay).await;
     // ...but the stream opened on it runs to its end.
     echo(&mut on_h2, &pattern(100_000, 2)).await;
     on_h2.shutdown().await.unwrap();
@@ -166,22 +179,9 @@ async fn auto_falls_back_to_h2_while_udp_is_blocked_and_returns_to_quic() {
 async fn revoking_an_agent_also_closes_its_draining_tunnel() {
     // After QUIC comes back the h2 tunnel drains with a stream still open on it. It takes
     // no new streams, but it is the agent's all the same: revoking the agent ends it.
-    let (proxy, relay) = proxy_behind_relay(true).await;
-    let backend = echo_backend(b"").await;
-    let dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
-    let _agent = start_agent_with(dir.path(), &[(NAME, backend)], |b| {
-        b.transport(Transport::Auto)
-            .quic_fallback(Duration::from_millis(500), Duration::from_millis(200))
-    });
-    expect_transports(&proxy, &["h2"], WAIT).await;
+    let (proxy, relay, _agent, _dir) = auto_agent_with_udp_blocked().await;
     let mut on_h2 = open_stream(&proxy).await;
-    relay.block(false);
-    expect_transports(&proxy, &["h2", "quic"], WAIT).await;
-    for _ in 0..3 {
-        let mut tcp = open_stream(&proxy).await;
-        echo(&mut tcp, b"x").await;
-    }
-    assert_eq!(proxy.status.transports_for(NAME), ["quic"]);
+    unblock_and_move_to_quic(&proxy, &relay).await;
     echo(&mut on_h2, b"draining, still served").await;
 
     proxy
