@@ -134,7 +134,9 @@ pub(super) async fn serve(shared: Arc<Shared>, tls: TlsStream<TunnelIo>, peer: S
 /// no new streams are routed to it, and it closes once its streams have finished.
 pub(super) async fn serve_quic(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let peer = incoming.remote_address();
-    let conn = match tokio::time::timeout(H2_HANDSHAKE_TIMEOUT, async { incoming.await }).await {
+    // The TLS handshake inside QUIC gets what the TCP agent listener gives TLS.
+    let conn = match tokio::time::timeout(super::HANDSHAKE_TIMEOUT, async { incoming.await }).await
+    {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             let e = e.to_string();

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, VarInt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tracing::{debug, warn};
 
 /// The only header version this build speaks.
@@ -329,20 +329,27 @@ pub async fn splice(
     mut recv: RecvStream,
     first: Bytes,
 ) -> io::Result<(u64, u64)> {
-    let (mut rd, mut wr) = tcp.into_split();
+    let (rd, mut wr) = tcp.into_split();
     let up = async {
         let mut total = 0u64;
+        // Allocated only once the socket is readable, so an idle stream holds no buffer
+        // (as in `tunnel::h2::socket_to_stream`).
         let mut buf = BytesMut::new();
         loop {
+            rd.readable().await?;
             buf.reserve(READ_CHUNK);
-            if rd.read_buf(&mut buf).await? == 0 {
-                send.finish().map_err(io::Error::other)?;
-                // Bounded: a peer that never acknowledges is dead and the idle timeout
-                // ends the connection anyway.
-                let _ = tokio::time::timeout(IDLE_TIMEOUT, send.stopped()).await;
-                return Ok::<u64, io::Error>(total);
+            match rd.try_read_buf(&mut buf) {
+                Ok(0) => {
+                    send.finish().map_err(io::Error::other)?;
+                    // Bounded: a peer that never acknowledges is dead and the idle
+                    // timeout ends the connection anyway.
+                    let _ = tokio::time::timeout(IDLE_TIMEOUT, send.stopped()).await;
+                    return Ok::<u64, io::Error>(total);
+                }
+                Ok(n) => total += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
             }
-            total += buf.len() as u64;
             send.write_chunk(buf.split().freeze())
                 .await
                 .map_err(io::Error::other)?;
