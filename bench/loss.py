@@ -112,28 +112,6 @@ def start(procs, bindir, work, transport):
     raise RuntimeError(f"{transport} tunnel did not come up: {open(f'{d}/agent.log').read()[-2000:]}")
 
 
-def iperf(port, seconds, parallel):
-    r = sh(*ns(NS_PROXY, "iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-P", str(parallel),
-               "-J"), check=False, timeout=seconds + 60)
-    import json
-    data = json.loads(r.stdout)
-    if "error" in data:
-        raise RuntimeError(f"iperf3: {data['error']}")
-    return data["end"]["sum_received"]["bits_per_second"] / 1e9
-
-
-def wrk(port, seconds):
-    import re
-    r = sh(*ns(NS_PROXY, "wrk", "-t1", "-c10", f"-d{seconds}s", "--latency", "-H", "Host: web.bench",
-               f"http://127.0.0.1:{port}/"), timeout=seconds + 60)
-
-    def pct(p):
-        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", r.stdout, re.M)
-        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
-
-    return pct(50), pct(99)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short smoke run; numbers are not meaningful")
@@ -173,9 +151,10 @@ def main():
             for rep in range(repeats):
                 for t, ports in TRANSPORTS.items():  # alternate h2, quic, h2, quic
                     cell = results.setdefault(loss, {}).setdefault(t, {})
-                    cell.setdefault("single", []).append(iperf(ports["iperf"], seconds, 1))
-                    cell.setdefault("p16", []).append(iperf(ports["iperf"], seconds, 16))
-                    p50, p99 = wrk(ports["http"], seconds)
+                    client = ns(NS_PROXY)
+                    cell.setdefault("single", []).append(bench.iperf(ports["iperf"], seconds, 1, client))
+                    cell.setdefault("p16", []).append(bench.iperf(ports["iperf"], seconds, 16, client))
+                    _, p50, p99 = bench.wrk(ports["http"], "web.bench", 10, seconds, client)
                     cell.setdefault("p50", []).append(p50)
                     cell.setdefault("p99", []).append(p99)
                     bench.log(f"loss {loss}% rep {rep + 1}/{repeats} {t} done")

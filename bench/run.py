@@ -241,8 +241,9 @@ def nofile_limit():
 
 # --- workloads: each returns a figure, or a dict of figures ---
 
-def iperf(port, seconds, parallel=1):
-    r = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-P", str(parallel), "-J"],
+def iperf(port, seconds, parallel=1, wrap=()):
+    """Gbit/s received. `wrap` prefixes the command (e.g. `ip netns exec NS`)."""
+    r = subprocess.run(list(wrap) + ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-P", str(parallel), "-J"],
                        capture_output=True, text=True, timeout=seconds + 30)
     data = json.loads(r.stdout)
     if "error" in data:
@@ -250,8 +251,9 @@ def iperf(port, seconds, parallel=1):
     return data["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
-def wrk(port, host, conns, seconds):
-    r = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-H", f"Host: {host}",
+def wrk(port, host, conns, seconds, wrap=()):
+    """(requests/s, p50 ms, p99 ms). `wrap` as for `iperf`."""
+    r = subprocess.run(list(wrap) + ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-H", f"Host: {host}",
                         f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=seconds + 30)
     out = r.stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
