@@ -1,22 +1,36 @@
 //! revproxy: a TCP proxy that routes by port, HTTP `Host` and TLS SNI to backends behind
 //! NAT, reached through tunnels their agents dial out to.
 //!
-//! The library exposes what the two binaries are made of, so that a Rust program can embed
-//! a [`Proxy`] or an agent: [`agent::enroll`] trades a one-time token for an identity.
+//! The library is what the two binaries are made of, so that a Rust program can embed a
+//! [`Proxy`] (built with [`ProxyBuilder`] over listeners it has bound) or an [`Agent`]
+//! (after [`agent::enroll`] traded a one-time token for an identity). The CA lives in its
+//! own crate, re-exported as [`ca`]; the configuration files are [`config`].
+//!
+//! # Layout
+//!
+//! The data path reads top to bottom, one module per step:
+//!
+//! | module | what |
+//! |---|---|
+//! | `proxy` | accept loop → one public connection (peek → route → open → splice) → replies to refused clients; the registry of live tunnels; the agent port (TLS, enrollment, tunnels), certificate admission, the state view, background tasks |
+//! | `route` | pure: listener kinds and targets, the SNI and HTTP `Host` peeks, name matching |
+//! | `tunnel` | `mod.rs` is the only place that matches on the transport; `h2/` and `quic/` each hold their proxy end, agent end and byte pumps |
+//! | `agent` | enrollment, identity on disk, renewal, the supervisor that keeps a tunnel up, one session, the backend dial |
+//! | `tls` | TLS for the agent port: the proxy's server side, the agent's pinned client side |
+//! | `wire` | pure codecs: enrollment bodies, the QUIC stream header |
+//! | `config` | the TOML files and duration syntax |
+//! | `runtime` | what both programs need from the process: shutdown, the one backoff, logging, directories |
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod config;
-pub mod dirs;
-pub mod duration;
-pub mod enroll_wire;
-pub mod logging;
 pub mod proxy;
-pub mod route;
-pub mod signal;
+mod route;
+pub mod runtime;
 pub mod tls;
-pub mod tunnel;
+mod tunnel;
+mod wire;
 
-pub use agent::{Agent, AgentBuilder};
-pub use proxy::{Proxy, ProxyBuilder, ProxyError, ProxyStatus};
+pub use agent::{Agent, AgentBuilder, AgentError, Transport};
+pub use proxy::{ListenerKind, Proxy, ProxyBuilder, ProxyError, ProxyStatus, Target};
 pub use revproxy_ca as ca;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use revproxy::agent::renew::renew_once;
+use revproxy::agent::renew_once;
 use revproxy::agent::Identity;
 use revproxy::ca::CertState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -32,8 +32,10 @@ async fn renewal_keeps_a_continuous_stream_through_five_generations(t: Transport
     .await;
     let clock = Arc::new(TestClock::default());
     let agent_clock = clock.clone();
-    let mut agent = start_agent_with_on(t, dir.path(), &[("app.example.com", backend)], move |b| {
-        b.clock(agent_clock).renew_check(Duration::from_millis(20))
+    let mut agent = start_agent(dir.path(), &[("app.example.com", backend)], move |b| {
+        b.transport(t)
+            .clock(agent_clock)
+            .renew_check(Duration::from_millis(20))
     });
     proxy.wait_for("app.example.com", 1).await;
     let first = Identity::load(dir.path()).unwrap();
@@ -62,10 +64,13 @@ async fn renewal_keeps_a_continuous_stream_through_five_generations(t: Transport
         }
     });
 
-    let mut serials = vec![revproxy::tls::cert_serial(
-        &revproxy::ca::pem_to_der(&first.cert_pem, "CERTIFICATE").unwrap(),
-    )
-    .unwrap()];
+    let mut serials = vec![
+        revproxy::ca::CertSummary::from_der(
+            &revproxy::ca::pem_to_der(&first.cert_pem, "CERTIFICATE").unwrap(),
+        )
+        .unwrap()
+        .serial,
+    ];
     for generation in 2..=6 {
         // The wall clock jumps past two thirds of the lifetime, once.
         clock.jump_once(45);
@@ -74,10 +79,11 @@ async fn renewal_keeps_a_continuous_stream_through_five_generations(t: Transport
             .expect("the agent renewed")
             .unwrap();
         let renewed = agent.renewals.borrow_and_update().clone();
-        let serial = revproxy::tls::cert_serial(
+        let serial = revproxy::ca::CertSummary::from_der(
             &revproxy::ca::pem_to_der(&renewed.cert_pem, "CERTIFICATE").unwrap(),
         )
-        .unwrap();
+        .unwrap()
+        .serial;
         assert!(
             !serials.contains(&serial),
             "generation {generation} is a new certificate"
@@ -110,8 +116,8 @@ async fn revoking_an_agent_closes_its_tunnel_within_two_seconds_and_keeps_it_out
     let backend = echo_backend(b"").await;
     let bad_dir = enroll_agent(&proxy, "bad", &["bad.example.com"]).await;
     let good_dir = enroll_agent(&proxy, "good", &["good.example.com"]).await;
-    let _bad = start_agent_on(t, bad_dir.path(), &[("bad.example.com", backend)]);
-    let _good = start_agent_on(t, good_dir.path(), &[("good.example.com", backend)]);
+    let _bad = start_agent(bad_dir.path(), &[("bad.example.com", backend)], on(t));
+    let _good = start_agent(good_dir.path(), &[("good.example.com", backend)], on(t));
     proxy.wait_for("bad.example.com", 1).await;
     proxy.wait_for("good.example.com", 1).await;
 
@@ -194,7 +200,7 @@ async fn an_expired_certificate_cannot_renew_and_the_agent_says_how_to_re_enroll
     let agent_clock = clock.clone();
     // The machine slept through the whole lifetime: the agent wakes up past expiry.
     clock.set_offset(0);
-    let agent = start_agent_with(dir.path(), &[("app.example.com", backend)], move |b| {
+    let agent = start_agent(dir.path(), &[("app.example.com", backend)], move |b| {
         b.clock(agent_clock).renew_check(Duration::from_millis(20))
     });
     proxy.wait_for("app.example.com", 1).await;
@@ -235,9 +241,11 @@ async fn an_expired_certificate_cannot_renew_and_the_agent_says_how_to_re_enroll
     // The proxy refuses to renew an expired certificate even if asked.
     let id = Identity::load(dir.path()).unwrap();
     let later = now() + time::Duration::hours(1);
-    let serial =
-        revproxy::tls::cert_serial(&revproxy::ca::pem_to_der(&id.cert_pem, "CERTIFICATE").unwrap())
-            .unwrap();
+    let serial = revproxy::ca::CertSummary::from_der(
+        &revproxy::ca::pem_to_der(&id.cert_pem, "CERTIFICATE").unwrap(),
+    )
+    .unwrap()
+    .serial;
     let (_, csr) = new_csr();
     let refused = proxy.ca.renew(&serial, &csr, later).unwrap_err();
     assert_eq!(refused.code(), "cert_expired");
@@ -252,7 +260,7 @@ async fn an_expired_certificate_cannot_renew_and_the_agent_says_how_to_re_enroll
     let again = revproxy::agent::enroll(&token, dir.path()).await.unwrap();
     assert_eq!(again.identity, id.identity);
     proxy.wait_for("app.example.com", 0).await;
-    let _agent = start_agent(dir.path(), &[("app.example.com", backend)]);
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], |b| b);
     proxy.wait_for("app.example.com", 1).await;
     let back = round_trip(proxy.http, &http_head("app.example.com"), b"back")
         .await
@@ -264,10 +272,10 @@ async fn narrowing_an_agent_takes_effect_on_the_next_stream_without_a_reconnect(
     let proxy = TestProxy::start().await;
     let backend = echo_backend(b"").await;
     let dir = enroll_agent(&proxy, "web-1", &["a.example.com", "b.example.com"]).await;
-    let _agent = start_agent_on(
-        t,
+    let _agent = start_agent(
         dir.path(),
         &[("a.example.com", backend), ("b.example.com", backend)],
+        on(t),
     );
     proxy.wait_for("b.example.com", 1).await;
 

@@ -125,7 +125,7 @@ async fn auto_agent_with_udp_blocked() -> (TestProxy, Relay, TestAgent, tempfile
     let (proxy, relay) = proxy_behind_relay(true).await;
     let backend = echo_backend(b"").await;
     let dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
-    let agent = start_agent_with(dir.path(), &[(NAME, backend)], |b| {
+    let agent = start_agent(dir.path(), &[(NAME, backend)], |b| {
         b.transport(Transport::Auto)
             .quic_fallback(Duration::from_millis(500), Duration::from_millis(200))
     });
@@ -202,7 +202,7 @@ async fn a_quic_tunnel_survives_a_changed_agent_address() {
     let (proxy, relay) = proxy_behind_relay(false).await;
     let backend = echo_backend(b"").await;
     let dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
-    let _agent = start_agent_on(Transport::Quic, dir.path(), &[(NAME, backend)]);
+    let _agent = start_agent(dir.path(), &[(NAME, backend)], on(Transport::Quic));
     expect_transports(&proxy, &["quic"], WAIT).await;
 
     let mut open = open_stream(&proxy).await;
@@ -221,7 +221,7 @@ async fn quic_without_udp_keeps_retrying_and_connects_once_udp_works() {
     let (proxy, relay) = proxy_behind_relay(true).await;
     let backend = echo_backend(b"").await;
     let dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
-    let _agent = start_agent_on(Transport::Quic, dir.path(), &[(NAME, backend)]);
+    let _agent = start_agent(dir.path(), &[(NAME, backend)], on(Transport::Quic));
     // The first attempt cannot complete while UDP is blocked.
     assert!(
         !proxy

@@ -74,7 +74,7 @@ async fn sni_routes_end_to_end_tls_through_the_tunnel(t: Transport) {
     let proxy = TestProxy::start().await;
     let (backend, client_config) = tls_echo_backend("app.example.com").await;
     let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
-    let _agent = start_agent_on(t, dir.path(), &[("app.example.com", backend)]);
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], on(t));
     proxy.wait_for("app.example.com", 1).await;
 
     let tcp = TcpStream::connect(proxy.sni).await.unwrap();
@@ -97,7 +97,7 @@ async fn host_routing_replays_the_peeked_head_exactly_and_half_closes(t: Transpo
     let proxy = TestProxy::start().await;
     let backend = echo_backend(b"").await;
     let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
-    let _agent = start_agent_on(t, dir.path(), &[("app.example.com", backend)]);
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], on(t));
     proxy.wait_for("app.example.com", 1).await;
 
     let head =
@@ -134,7 +134,7 @@ async fn fixed_listeners_and_static_routes(t: Transport) {
     })
     .await;
     let dir = enroll_agent(&proxy, "box", &["ssh.example.com"]).await;
-    let _agent = start_agent_on(t, dir.path(), &[("ssh.example.com", backend)]);
+    let _agent = start_agent(dir.path(), &[("ssh.example.com", backend)], on(t));
     proxy.wait_for("ssh.example.com", 1).await;
 
     assert_eq!(
@@ -158,7 +158,7 @@ async fn wildcard_grants_route_one_label(t: Transport) {
     let proxy = TestProxy::start().await;
     let backend = echo_backend(b"wild:").await;
     let dir = enroll_agent(&proxy, "apps", &["*.apps.example.com"]).await;
-    let _agent = start_agent_on(t, dir.path(), &[("*.apps.example.com", backend)]);
+    let _agent = start_agent(dir.path(), &[("*.apps.example.com", backend)], on(t));
     proxy.wait_for("a.apps.example.com", 1).await;
 
     let back = round_trip(proxy.http, &http_head("blog.apps.example.com"), b"")
@@ -221,8 +221,8 @@ async fn several_agents_share_a_name_and_a_killed_one_fails_over(t: Transport) {
     let backend_b = echo_backend(b"B").await;
     let dir_a = enroll_agent(&proxy, "a", &["app.example.com"]).await;
     let dir_b = enroll_agent(&proxy, "b", &["app.example.com"]).await;
-    let agent_a = start_agent_on(t, dir_a.path(), &[("app.example.com", backend_a)]);
-    let _agent_b = start_agent_on(t, dir_b.path(), &[("app.example.com", backend_b)]);
+    let agent_a = start_agent(dir_a.path(), &[("app.example.com", backend_a)], on(t));
+    let _agent_b = start_agent(dir_b.path(), &[("app.example.com", backend_b)], on(t));
     proxy.wait_for("app.example.com", 2).await;
 
     let mut seen = std::collections::HashSet::new();
@@ -270,8 +270,8 @@ async fn early_bytes_refused_by_one_agent_reach_the_next_intact(t: Transport) {
     let backend_b = echo_backend(b"B").await;
     let dir_a = enroll_agent(&proxy, "a", &["app.example.com"]).await;
     let dir_b = enroll_agent(&proxy, "b", &["app.example.com"]).await;
-    let _agent_a = start_agent_on(t, dir_a.path(), &[("app.example.com", dead)]);
-    let _agent_b = start_agent_on(t, dir_b.path(), &[("app.example.com", backend_b)]);
+    let _agent_a = start_agent(dir_a.path(), &[("app.example.com", dead)], on(t));
+    let _agent_b = start_agent(dir_b.path(), &[("app.example.com", backend_b)], on(t));
     proxy.wait_for("app.example.com", 2).await;
 
     for i in 0..6 {
@@ -292,7 +292,7 @@ async fn the_agent_reconnects_after_a_proxy_restart(t: Transport) {
     let mut proxy = TestProxy::start().await;
     let backend = echo_backend(b"").await;
     let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
-    let _agent = start_agent_on(t, dir.path(), &[("app.example.com", backend)]);
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], on(t));
     proxy.wait_for("app.example.com", 1).await;
 
     proxy.restart().await;
@@ -312,7 +312,7 @@ async fn a_client_that_never_reads_does_not_stall_the_others(t: Transport) {
     let proxy = TestProxy::start().await;
     let backend = echo_backend(b"").await;
     let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
-    let _agent = start_agent_on(t, dir.path(), &[("app.example.com", backend)]);
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], on(t));
     proxy.wait_for("app.example.com", 1).await;
 
     // The stalled client keeps sending and never reads: its echo piles up until its own
@@ -364,7 +364,7 @@ async fn two_hundred_concurrent_connections_of_mixed_sizes_arrive_byte_exact(t: 
     let proxy = TestProxy::start().await;
     let backend = echo_backend(b"").await;
     let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
-    let _agent = start_agent_on(t, dir.path(), &[("app.example.com", backend)]);
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], on(t));
     proxy.wait_for("app.example.com", 1).await;
 
     let sizes = [1usize, 100, 4 * 1024, 64 * 1024, 1024 * 1024];
@@ -410,7 +410,7 @@ async fn malformed_clients_are_closed_and_everyone_else_is_served(t: Transport) 
     let proxy = TestProxy::start_with(|b| b.peek_timeout(Duration::from_secs(1))).await;
     let backend = echo_backend(b"ok:").await;
     let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
-    let _agent = start_agent_on(t, dir.path(), &[("app.example.com", backend)]);
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], on(t));
     proxy.wait_for("app.example.com", 1).await;
 
     // A slowloris client on each public port: one byte a second, forever.
@@ -494,8 +494,8 @@ async fn certificates_from_another_ca_expired_revoked_or_missing_are_refused(t: 
     // Another CA's agent, pointed at this proxy.
     let other = TestProxy::start().await;
     let foreign = enroll_agent(&other, "mallory", &["app.example.com"]).await;
-    let _foreign = start_agent_with_on(t, foreign.path(), &[("app.example.com", backend)], |b| {
-        b.server(&proxy.addr.to_string())
+    let _foreign = start_agent(foreign.path(), &[("app.example.com", backend)], |b| {
+        b.transport(t).server(&proxy.addr.to_string())
     });
 
     // An agent whose certificate expired an hour ago.
@@ -543,12 +543,9 @@ async fn certificates_from_another_ca_expired_revoked_or_missing_are_refused(t: 
     // tries: the proxy, on the right time, must refuse it.
     let slow_clock = Arc::new(TestClock::default());
     slow_clock.set_offset(-3 * 3600);
-    let _expired = start_agent_with_on(
-        t,
-        expired_dir.path(),
-        &[("app.example.com", backend)],
-        |b| b.clock(slow_clock),
-    );
+    let _expired = start_agent(expired_dir.path(), &[("app.example.com", backend)], |b| {
+        b.transport(t).clock(slow_clock)
+    });
 
     // A revoked agent.
     let revoked_dir = enroll_agent(&proxy, "fired", &["app.example.com"]).await;
@@ -556,7 +553,7 @@ async fn certificates_from_another_ca_expired_revoked_or_missing_are_refused(t: 
         .ca
         .revoke_certs("fired", time::OffsetDateTime::now_utc())
         .unwrap();
-    let _revoked = start_agent_on(t, revoked_dir.path(), &[("app.example.com", backend)]);
+    let _revoked = start_agent(revoked_dir.path(), &[("app.example.com", backend)], on(t));
 
     // No certificate at all, asking for a tunnel.
     let pins = vec![proxy.pin()];
@@ -583,7 +580,7 @@ async fn certificates_from_another_ca_expired_revoked_or_missing_are_refused(t: 
         _ => {
             let config =
                 revproxy::tls::pinned_client_config(pins, &[revproxy::tls::ALPN_QUIC]).unwrap();
-            let config = quinn::ClientConfig::new(revproxy::tunnel::quic::client_crypto(config));
+            let config = revproxy::tls::quic_client_config(config);
             let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
             let attempt = endpoint
                 .connect_with(config, proxy.addr, "localhost")
@@ -608,7 +605,7 @@ async fn certificates_from_another_ca_expired_revoked_or_missing_are_refused(t: 
 
     // A legitimate agent still gets in; none of the others ever did.
     let good = enroll_agent(&proxy, "good", &["app.example.com"]).await;
-    let _good = start_agent_on(t, good.path(), &[("app.example.com", backend)]);
+    let _good = start_agent(good.path(), &[("app.example.com", backend)], on(t));
     proxy.wait_for("app.example.com", 1).await;
     for _ in 0..5 {
         round_trip(proxy.http, &http_head("app.example.com"), b"")
@@ -643,7 +640,7 @@ async fn a_stopping_agent_drains_open_streams_and_takes_no_new_ones(t: Transport
     let proxy = TestProxy::start().await;
     let backend = echo_backend(b"").await;
     let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
-    let agent = start_agent_on(t, dir.path(), &[("app.example.com", backend)]);
+    let agent = start_agent(dir.path(), &[("app.example.com", backend)], on(t));
     proxy.wait_for("app.example.com", 1).await;
 
     let mut open = TcpStream::connect(proxy.http).await.unwrap();

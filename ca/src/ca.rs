@@ -1,4 +1,5 @@
-//! The certificate authority: key material on disk, token minting and enrollment.
+//! The certificate authority: key material on disk, token minting, certificate records.
+//! Issuing agent certificates (enrollment, renewal) is in `issue.rs`.
 //!
 //! Files in a proxy state directory:
 //!
@@ -20,16 +21,17 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use time::OffsetDateTime;
 
-use crate::error::{CaError, EnrollError};
-use crate::names::{normalize_host, validate_agent_name};
+use crate::error::CaError;
+use crate::issue::random_serial;
+use crate::names::normalize_host;
 use crate::pin::Pin;
-use crate::state::{AgentGrant, CertRecord, State, StateFile, TokenRecord, TokenUse, Unix};
-use crate::token::{Secret, SecretHash, Token, TokenPublic};
+use crate::state::{State, StateFile, Unix};
+use crate::token::Secret;
 use crate::{fsutil, hex};
 
 pub const CA_KEY_FILE: &str = "ca.key";
@@ -182,13 +184,13 @@ pub struct Enrolled {
 
 /// An open CA: its key in memory, its state on disk.
 pub struct Ca {
-    dir: PathBuf,
-    state: StateFile,
-    key: KeyPair,
-    cert_der: Vec<u8>,
-    cert_pem: String,
-    pin: Pin,
-    trust_domain: String,
+    pub(crate) dir: PathBuf,
+    pub(crate) state: StateFile,
+    pub(crate) key: KeyPair,
+    pub(crate) cert_der: Vec<u8>,
+    pub(crate) cert_pem: String,
+    pub(crate) pin: Pin,
+    pub(crate) trust_domain: String,
 }
 
 impl std::fmt::Debug for Ca {
@@ -302,9 +304,9 @@ impl Ca {
                 path: cert_path.clone(),
                 reason: "not a PEM certificate".into(),
             })?;
-        let pin = Pin::from_cert_der(&cert_der).map_err(|reason| CaError::CorruptState {
+        let pin = Pin::from_cert_der(&cert_der).ok_or_else(|| CaError::CorruptState {
             path: cert_path.clone(),
-            reason,
+            reason: "cannot parse certificate".into(),
         })?;
         if pin != Pin::from_spki(&key.subject_public_key_info()) {
             return Err(CaError::CorruptState {
@@ -383,351 +385,6 @@ impl Ca {
         Ok(self.state.read()?.server)
     }
 
-    /// Mints a one-time token; returns it whole. Only its secret's hash is stored.
-    pub fn create_token(&self, req: &NewToken, now: OffsetDateTime) -> Result<Token, CaError> {
-        validate_agent_name(&req.agent).map_err(CaError::InvalidInput)?;
-        let hosts = normalize_hosts(&req.hosts)?;
-        if req.ttl.is_zero() || req.ttl > MAX_TOKEN_TTL {
-            return Err(CaError::InvalidInput(format!(
-                "token lifetime must be between 1s and {} days",
-                MAX_TOKEN_TTL.as_secs() / 86400
-            )));
-        }
-        // Operators are held to MIN_CERT_TTL by the command line; the library accepts
-        // shorter lifetimes so that tests can run many renewals quickly.
-        if req.cert_ttl.is_zero() || req.cert_ttl > MAX_CERT_TTL {
-            return Err(CaError::InvalidInput(
-                "certificate lifetime must be between 1h and 7d".into(),
-            ));
-        }
-        let server = req.server.as_deref().map(validate_server).transpose()?;
-        let secret = Secret::generate();
-        let now_s = now.unix_timestamp();
-        self.state.update(|state: &mut State| {
-            let id = loop {
-                let id = random_hex(8);
-                if !state.tokens.iter().any(|t| t.id == id) {
-                    break id;
-                }
-            };
-            state.prune(now_s);
-            state.tokens.push(TokenRecord {
-                id: id.clone(),
-                agent: req.agent.clone(),
-                hosts,
-                secret_sha256: hex::encode(&secret.hash().0),
-                created: now_s,
-                expires: now_s + req.ttl.as_secs() as i64,
-                cert_ttl_secs: req.cert_ttl.as_secs() as i64,
-                revoked: false,
-                used: None,
-            });
-            Ok::<_, CaError>(Token {
-                public: TokenPublic {
-                    server: server.unwrap_or_else(|| state.server.clone()),
-                    pins: vec![self.pin.to_string()],
-                    id,
-                },
-                secret,
-            })
-        })
-    }
-
-    /// All tokens still on record, oldest first.
-    pub fn list_tokens(&self, now: OffsetDateTime) -> Result<Vec<TokenInfo>, CaError> {
-        let now = now.unix_timestamp();
-        Ok(self
-            .state
-            .read()?
-            .tokens
-            .into_iter()
-            .map(|t| TokenInfo {
-                state: token_state(&t, now),
-                id: t.id,
-                agent: t.agent,
-                hosts: t.hosts,
-                expires: t.expires,
-            })
-            .collect())
-    }
-
-    /// Revokes a token so that it can never be used. Revoking a used token is allowed (and
-    /// harmless): it stops a lost-answer retry from fetching the certificate again.
-    pub fn revoke_token(&self, id: &str) -> Result<(), CaError> {
-        self.state.update(|state: &mut State| {
-            let token = state
-                .tokens
-                .iter_mut()
-                .find(|t| t.id == id)
-                .ok_or_else(|| CaError::UnknownToken(id.to_string()))?;
-            token.revoked = true;
-            Ok(())
-        })
-    }
-
-    /// Every certificate still on record, oldest first.
-    pub fn list_certs(&self, now: OffsetDateTime) -> Result<Vec<CertInfo>, CaError> {
-        let now = now.unix_timestamp();
-        Ok(self
-            .state
-            .read()?
-            .certs
-            .into_iter()
-            .map(|c| {
-                let third = (c.not_after - c.not_before) / 3;
-                let state = if c.revoked_at.is_some() {
-                    CertState::Revoked
-                } else if now >= c.not_after {
-                    CertState::Expired
-                } else if c.not_after - now <= third {
-                    CertState::Expiring
-                } else {
-                    CertState::Valid
-                };
-                CertInfo {
-                    serial: c.serial,
-                    agent: c.agent,
-                    hosts: c.hosts,
-                    not_before: c.not_before,
-                    not_after: c.not_after,
-                    state,
-                }
-            })
-            .collect())
-    }
-
-    /// Revokes the certificate with serial `what`, or every certificate of agent `what`.
-    /// Returns the serials revoked now (already revoked ones are not repeated).
-    pub fn revoke_certs(&self, what: &str, now: OffsetDateTime) -> Result<Vec<String>, CaError> {
-        let serial = what.to_ascii_lowercase();
-        self.state.update(|state: &mut State| {
-            let matching: Vec<&mut CertRecord> = state
-                .certs
-                .iter_mut()
-                .filter(|c| c.serial == serial || c.agent == what)
-                .collect();
-            if matching.is_empty() {
-                return Err(CaError::UnknownCert(what.to_string()));
-            }
-            let mut revoked = Vec::new();
-            for c in matching {
-                if c.revoked_at.is_none() {
-                    c.revoked_at = Some(now.unix_timestamp());
-                    revoked.push(c.serial.clone());
-                }
-            }
-            Ok(revoked)
-        })
-    }
-
-    /// Issues a fresh certificate for the holder of certificate `serial` (proven by the mTLS
-    /// handshake that carried the request) with the key in `csr_pem`: same agent, same
-    /// names, same lifetime. Refused if that certificate is unknown, revoked or expired.
-    pub fn renew(
-        &self,
-        serial: &str,
-        csr_pem: &str,
-        now: OffsetDateTime,
-    ) -> Result<Enrolled, EnrollError> {
-        if csr_pem.len() > MAX_CSR_LEN {
-            return Err(EnrollError::BadCsr(format!(
-                "it is larger than {MAX_CSR_LEN} bytes"
-            )));
-        }
-        let public_key = csr_public_key(csr_pem)?;
-        let now_s = now.unix_timestamp();
-        self.state.update(|state: &mut State| {
-            let old = state
-                .certs
-                .iter()
-                .find(|c| c.serial == serial)
-                .ok_or(EnrollError::UnknownCert)?;
-            if old.revoked_at.is_some() {
-                return Err(EnrollError::CertRevoked);
-            }
-            if now_s >= old.not_after {
-                return Err(EnrollError::CertExpired);
-            }
-            let agent = old.agent.clone();
-            let hosts = old.hosts.clone();
-            let ttl = Duration::from_secs(
-                (old.not_after - old.not_before - BACKDATE.as_secs() as i64).max(1) as u64,
-            );
-            self.issue_and_record(state, agent, hosts, &public_key, ttl, now)
-                .map_err(EnrollError::from)
-        })
-    }
-
-    /// Sets the names agent `agent` may serve. Live tunnels follow within seconds; names
-    /// outside the agent's certificate stay unserved until it is reissued.
-    pub fn set_hosts(&self, agent: &str, hosts: &[String]) -> Result<Vec<String>, CaError> {
-        let hosts = if hosts.is_empty() {
-            Vec::new()
-        } else {
-            normalize_hosts(hosts)?
-        };
-        self.state.update(|state: &mut State| {
-            let grant = state
-                .agents
-                .get_mut(agent)
-                .ok_or_else(|| CaError::UnknownCert(agent.to_string()))?;
-            grant.hosts = hosts.clone();
-            Ok(hosts)
-        })
-    }
-
-    /// Trades a token and a CSR for an agent certificate.
-    ///
-    /// The token is consumed and the certificate recorded on disk before this returns, so
-    /// of any number of concurrent calls with one token exactly one issues a certificate
-    /// (a retry with the same key within [`REISSUE_WINDOW`] gets that same certificate).
-    /// The names in the CSR are ignored: the certificate carries what the token granted.
-    pub fn enroll(
-        &self,
-        req: &EnrollRequest<'_>,
-        now: OffsetDateTime,
-    ) -> Result<Enrolled, EnrollError> {
-        if req.csr_pem.len() > MAX_CSR_LEN {
-            return Err(EnrollError::BadCsr(format!(
-                "it is larger than {MAX_CSR_LEN} bytes"
-            )));
-        }
-        let public_key = csr_public_key(req.csr_pem)?;
-        let spki = hex::encode(Pin::from_spki(&public_key.subject_public_key_info()).as_bytes());
-        let presented = req.secret.hash();
-        let now_s = now.unix_timestamp();
-
-        self.state.update(|state: &mut State| {
-            let token = state
-                .tokens
-                .iter()
-                .find(|t| t.id == req.token_id)
-                .ok_or(EnrollError::UnknownToken)?;
-            let stored = hex::decode(&token.secret_sha256)
-                .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                .map(SecretHash)
-                .ok_or_else(|| {
-                    EnrollError::Internal(CaError::CorruptState {
-                        path: self.state.path(),
-                        reason: format!("token {} has a malformed secret hash", token.id),
-                    })
-                })?;
-            // The secret is checked before anything about the token's state is revealed.
-            if !stored.matches(&presented) {
-                return Err(EnrollError::WrongSecret);
-            }
-            if token.revoked {
-                return Err(EnrollError::Revoked);
-            }
-            if let Some(used) = &token.used {
-                let retry =
-                    used.spki_sha256 == spki && now_s - used.at <= REISSUE_WINDOW.as_secs() as i64;
-                let earlier = state
-                    .certs
-                    .iter()
-                    .find(|c| retry && c.serial == used.serial && c.revoked_at.is_none());
-                return match earlier {
-                    Some(cert) => Ok(Enrolled {
-                        reissued: true,
-                        ..self.enrolled(cert)
-                    }),
-                    None => Err(EnrollError::Used),
-                };
-            }
-            if now_s >= token.expires {
-                return Err(EnrollError::Expired);
-            }
-            let agent = token.agent.clone();
-            let hosts = token.hosts.clone();
-            let ttl = Duration::from_secs(token.cert_ttl_secs.max(0) as u64);
-            let done =
-                self.issue_and_record(state, agent.clone(), hosts.clone(), &public_key, ttl, now)?;
-            let token = state
-                .tokens
-                .iter_mut()
-                .find(|t| t.id == req.token_id)
-                .expect("token found above");
-            token.used = Some(TokenUse {
-                at: now_s,
-                spki_sha256: spki,
-                serial: done.serial.clone(),
-            });
-            state.agents.insert(agent, AgentGrant { hosts });
-            Ok(done)
-        })
-    }
-
-    /// Issues an agent certificate and records it in `state` (the caller's `update`
-    /// writes it out before anyone sees the certificate).
-    fn issue_and_record(
-        &self,
-        state: &mut State,
-        agent: String,
-        hosts: Vec<String>,
-        public_key: &impl PublicKeyData,
-        ttl: Duration,
-        now: OffsetDateTime,
-    ) -> Result<Enrolled, CaError> {
-        let (pem, serial, not_after) =
-            self.issue_agent_cert(&agent, &hosts, public_key, ttl, now)?;
-        state.prune(now.unix_timestamp());
-        let record = CertRecord {
-            serial,
-            agent,
-            hosts,
-            not_before: (now - BACKDATE).unix_timestamp(),
-            not_after,
-            revoked_at: None,
-            pem,
-        };
-        let done = self.enrolled(&record);
-        state.certs.push(record);
-        Ok(done)
-    }
-
-    /// The answer for a recorded certificate.
-    fn enrolled(&self, cert: &CertRecord) -> Enrolled {
-        Enrolled {
-            agent: cert.agent.clone(),
-            identity: self.identity_of(&cert.agent),
-            hosts: cert.hosts.clone(),
-            serial: cert.serial.clone(),
-            not_after: cert.not_after,
-            cert_pem: cert.pem.clone(),
-            ca_pem: self.cert_pem.clone(),
-            reissued: false,
-        }
-    }
-
-    fn issue_agent_cert(
-        &self,
-        agent: &str,
-        hosts: &[String],
-        public_key: &impl PublicKeyData,
-        ttl: Duration,
-        now: OffsetDateTime,
-    ) -> Result<(String, String, Unix), CaError> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, agent);
-        let mut sans = vec![SanType::URI(self.identity_of(agent).try_into()?)];
-        for host in hosts {
-            sans.push(SanType::DnsName(host.clone().try_into()?));
-        }
-        params.subject_alt_names = sans;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = now - BACKDATE;
-        params.not_after = now + ttl;
-        let serial = random_serial();
-        let serial_hex = hex::encode(&serial.to_bytes());
-        params.serial_number = Some(serial);
-        let cert = params.signed_by(public_key, &self.issuer()?)?;
-        Ok((cert.pem(), serial_hex, params.not_after.unix_timestamp()))
-    }
-
     fn write_server_cert(&self, sans: &[String], now: OffsetDateTime) -> Result<String, CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
@@ -766,7 +423,7 @@ impl Ca {
         Ok(cert.pem())
     }
 
-    fn issuer(&self) -> Result<Issuer<'static, &KeyPair>, CaError> {
+    pub(crate) fn issuer(&self) -> Result<Issuer<'static, &KeyPair>, CaError> {
         Ok(Issuer::from_ca_cert_der(
             &self.cert_der.clone().into(),
             &self.key,
@@ -779,61 +436,7 @@ impl Ca {
     }
 }
 
-/// An agent's public key, taken from a CSR.
-struct CsrKey(Vec<u8>);
-
-impl PublicKeyData for CsrKey {
-    fn der_bytes(&self) -> &[u8] {
-        &self.0
-    }
-
-    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
-        &rcgen::PKCS_ECDSA_P256_SHA256
-    }
-}
-
-/// Verifies a PEM CSR's signature (the requester holds the key) and returns its public
-/// key, which must be ECDSA P-256. Everything else in the CSR is ignored.
-fn csr_public_key(pem: &str) -> Result<CsrKey, EnrollError> {
-    use x509_parser::prelude::FromDer;
-    const EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
-    const P256: &str = "1.2.840.10045.3.1.7";
-    let bad = |m: &str| EnrollError::BadCsr(m.to_string());
-    let der = pem_to_der(pem, "CERTIFICATE REQUEST")
-        .ok_or_else(|| bad("it is not a PEM CERTIFICATE REQUEST"))?;
-    let (rest, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
-        .map_err(|_| bad("it is not a valid PKCS#10 request"))?;
-    if !rest.is_empty() {
-        return Err(bad("it has trailing bytes"));
-    }
-    csr.verify_signature()
-        .map_err(|_| bad("its signature does not verify"))?;
-    let spki = &csr.certification_request_info.subject_pki;
-    let curve = spki
-        .algorithm
-        .parameters
-        .as_ref()
-        .and_then(|p| p.as_oid().ok())
-        .map(|o| o.to_id_string());
-    if spki.algorithm.algorithm.to_id_string() != EC_PUBLIC_KEY || curve.as_deref() != Some(P256) {
-        return Err(bad("its key is not ECDSA P-256"));
-    }
-    Ok(CsrKey(spki.subject_public_key.data.to_vec()))
-}
-
-fn token_state(t: &TokenRecord, now: Unix) -> TokenState {
-    if t.revoked {
-        TokenState::Revoked
-    } else if t.used.is_some() {
-        TokenState::Used
-    } else if now >= t.expires {
-        TokenState::Expired
-    } else {
-        TokenState::Unused
-    }
-}
-
-fn read_private(path: &Path) -> Result<String, CaError> {
+pub(crate) fn read_private(path: &Path) -> Result<String, CaError> {
     if let Some(mode) = fsutil::exposed_mode(path).map_err(|e| CaError::io(path, e))? {
         return Err(CaError::InsecurePermissions {
             path: path.to_path_buf(),
@@ -843,7 +446,7 @@ fn read_private(path: &Path) -> Result<String, CaError> {
     std::fs::read_to_string(path).map_err(|e| CaError::io(path, e))
 }
 
-fn normalize_hosts(hosts: &[String]) -> Result<Vec<String>, CaError> {
+pub(crate) fn normalize_hosts(hosts: &[String]) -> Result<Vec<String>, CaError> {
     if hosts.is_empty() || hosts.len() > MAX_HOSTS {
         return Err(CaError::InvalidInput(format!(
             "give between 1 and {MAX_HOSTS} host names with --host"
@@ -851,7 +454,7 @@ fn normalize_hosts(hosts: &[String]) -> Result<Vec<String>, CaError> {
     }
     let mut out = Vec::with_capacity(hosts.len());
     for h in hosts {
-        let h = normalize_host(h).map_err(CaError::InvalidInput)?;
+        let h = normalize_host(h).map_err(|e| CaError::InvalidInput(e.to_string()))?;
         if !out.contains(&h) {
             out.push(h);
         }
@@ -908,17 +511,7 @@ pub fn validate_server(s: &str) -> Result<String, CaError> {
     Ok(s.to_string())
 }
 
-/// A positive serial of 159 random bits (RFC 5280 allows up to 20 bytes).
-fn random_serial() -> SerialNumber {
-    let mut bytes = [0u8; 20];
-    SystemRandom::new()
-        .fill(&mut bytes)
-        .expect("the OS random number generator failed");
-    bytes[0] = (bytes[0] & 0x7f) | 0x40; // positive, and exactly 20 bytes long
-    SerialNumber::from_slice(&bytes)
-}
-
-fn random_hex(len: usize) -> String {
+pub(crate) fn random_hex(len: usize) -> String {
     let mut bytes = vec![0u8; len];
     SystemRandom::new()
         .fill(&mut bytes)
@@ -939,9 +532,5 @@ pub fn pem_to_der(pem: &str, label: &str) -> Option<Vec<u8>> {
 
 /// The validity period (not-before, not-after) of the first certificate in `pem`.
 pub fn validity(pem: &str) -> Option<(Unix, Unix)> {
-    use x509_parser::prelude::FromDer;
-    let der = pem_to_der(pem, "CERTIFICATE")?;
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&der).ok()?;
-    let v = cert.validity();
-    Some((v.not_before.timestamp(), v.not_after.timestamp()))
+    crate::cert::CertSummary::from_pem(pem).map(|c| (c.not_before, c.not_after))
 }

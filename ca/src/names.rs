@@ -5,28 +5,33 @@ pub const MAX_AGENT_NAME: usize = 64;
 /// Longest DNS name accepted.
 pub const MAX_HOST_NAME: usize = 253;
 
+/// A name that cannot be used; the message says what a valid one looks like.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error(
+        "invalid agent name {0:?}: use 1 to {MAX_AGENT_NAME} letters, digits, '.', '_' or '-'"
+    )]
+    Agent(String),
+    #[error("invalid host name {0:?}: expected a DNS name like app.example.com or *.example.com")]
+    Host(String),
+}
+
 /// Checks an agent name: 1 to 64 characters of `A-Z a-z 0-9 . _ -`, not starting with `.`.
-pub fn validate_agent_name(name: &str) -> Result<(), String> {
+pub fn validate_agent_name(name: &str) -> Result<(), NameError> {
     let ok_chars = name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if name.is_empty() || name.len() > MAX_AGENT_NAME || !ok_chars || name.starts_with('.') {
-        return Err(format!(
-            "invalid agent name {name:?}: use 1 to {MAX_AGENT_NAME} letters, digits, '.', '_' or '-'"
-        ));
+        return Err(NameError::Agent(name.to_string()));
     }
     Ok(())
 }
 
 /// Normalizes and checks a host name: lower-cased DNS labels of `a-z 0-9 -`, optionally
 /// preceded by a single `*.` wildcard label (`*.example.com`). A trailing dot is removed.
-pub fn normalize_host(name: &str) -> Result<String, String> {
+pub fn normalize_host(name: &str) -> Result<String, NameError> {
     let lower = name.trim_end_matches('.').to_ascii_lowercase();
-    let bad = || {
-        format!(
-            "invalid host name {name:?}: expected a DNS name like app.example.com or *.example.com"
-        )
-    };
+    let bad = || NameError::Host(name.to_string());
     if lower.is_empty() || lower.len() > MAX_HOST_NAME {
         return Err(bad());
     }

@@ -4,6 +4,15 @@ use std::fmt;
 
 use ring::digest;
 
+/// A CA pin that does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PinError {
+    #[error("CA pin {0:?} does not start with \"sha256:\"")]
+    Algorithm(String),
+    #[error("CA pin {0:?} is not sha256: followed by 64 hex digits")]
+    Digest(String),
+}
+
 /// The SHA-256 of a certificate's SubjectPublicKeyInfo, printed as `sha256:<64 hex digits>`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Pin([u8; 32]);
@@ -17,12 +26,9 @@ impl Pin {
         Pin(out)
     }
 
-    /// Pins the public key of a DER-encoded certificate.
-    pub fn from_cert_der(der: &[u8]) -> Result<Pin, String> {
-        use x509_parser::prelude::FromDer;
-        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
-            .map_err(|e| format!("cannot parse certificate: {e}"))?;
-        Ok(Pin::from_spki(cert.tbs_certificate.subject_pki.raw))
+    /// Pins the public key of a DER-encoded certificate; `None` if it does not parse.
+    pub fn from_cert_der(der: &[u8]) -> Option<Pin> {
+        crate::cert::CertSummary::from_der(der).map(|c| c.key_pin)
     }
 
     /// The raw 32 bytes.
@@ -31,13 +37,13 @@ impl Pin {
     }
 
     /// Parses `sha256:<hex>`.
-    pub fn parse(s: &str) -> Result<Pin, String> {
+    pub fn parse(s: &str) -> Result<Pin, PinError> {
         let hex = s
             .strip_prefix("sha256:")
-            .ok_or_else(|| format!("CA pin {s:?} does not start with \"sha256:\""))?;
+            .ok_or_else(|| PinError::Algorithm(s.to_string()))?;
         let bytes = crate::hex::decode(hex)
             .filter(|b| b.len() == 32)
-            .ok_or_else(|| format!("CA pin {s:?} is not sha256: followed by 64 hex digits"))?;
+            .ok_or_else(|| PinError::Digest(s.to_string()))?;
         let mut out = [0u8; 32];
         out.copy_from_slice(&bytes);
         Ok(Pin(out))

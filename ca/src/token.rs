@@ -143,7 +143,7 @@ impl Token {
             return Err(TokenParseError::BadPublic("it names no CA pin".into()));
         }
         for pin in &public.pins {
-            Pin::parse(pin).map_err(TokenParseError::BadPublic)?;
+            Pin::parse(pin).map_err(|e| TokenParseError::BadPublic(e.to_string()))?;
         }
         if public.server.is_empty() || public.id.is_empty() {
             return Err(TokenParseError::BadPublic(

@@ -15,20 +15,17 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PublicKeyData};
 use revproxy_ca::{Pin, Token};
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{info, warn};
 
-use super::identity::{cert_hosts, Identity, IdentityError};
-use crate::enroll_wire::{EnrollBody, EnrollReply, ErrorReply, ENROLL_PATH, MAX_RESPONSE_BODY};
+use super::identity::{Identity, IdentityError};
 use crate::tls::{self, TlsError};
+use crate::wire::enroll::{EnrollBody, EnrollReply, ErrorReply, ENROLL_PATH, MAX_RESPONSE_BODY};
 
-/// Time allowed to open the TCP connection.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for one whole attempt: TLS, request and answer.
-pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Attempts made when the network fails (the proxy's refusals are never retried).
-pub const ATTEMPTS: u32 = 3;
+const ATTEMPTS: u32 = 3;
 
 /// Why enrollment failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +61,15 @@ impl EnrollClientError {
             EnrollClientError::Refused { code, .. } => Some(code),
             _ => None,
         }
+    }
+
+    /// Whether the proxy refused for good because of the certificate used (revoked,
+    /// expired, unknown): only a new enrollment helps.
+    pub fn needs_reenrollment(&self) -> bool {
+        matches!(
+            self.code(),
+            Some("cert_revoked" | "cert_expired" | "unknown_cert")
+        )
     }
 
     fn is_transient(&self) -> bool {
@@ -199,25 +205,14 @@ pub(super) fn check_reply(
     key: &KeyPair,
     reply: EnrollReply,
 ) -> Result<Identity, EnrollClientError> {
-    use x509_parser::prelude::*;
-    let bad = |m: &str| EnrollClientError::BadReply(m.to_string());
-    let ca_der = revproxy_ca::pem_to_der(&reply.ca, "CERTIFICATE")
-        .ok_or_else(|| bad("no CA certificate"))?;
-    let (_, ca) =
-        X509Certificate::from_der(&ca_der).map_err(|_| bad("unreadable CA certificate"))?;
-    if !pins.contains(&Pin::from_spki(ca.public_key().raw)) {
-        return Err(bad("its CA certificate does not match the pinned CA"));
-    }
-    let der = revproxy_ca::pem_to_der(&reply.certificate, "CERTIFICATE")
-        .ok_or_else(|| bad("no certificate"))?;
-    let (_, cert) = X509Certificate::from_der(&der).map_err(|_| bad("unreadable certificate"))?;
-    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
-        return Err(bad("the certificate is not for this agent's key"));
-    }
-    cert.verify_signature(Some(ca.public_key()))
-        .map_err(|_| bad("the certificate is not signed by the CA"))?;
-    let (hosts, not_after) =
-        cert_hosts(&reply.certificate).ok_or_else(|| bad("unreadable certificate"))?;
+    let cert = revproxy_ca::cert::check_issued(
+        &reply.certificate,
+        &reply.ca,
+        pins,
+        &key.subject_public_key_info(),
+    )
+    .map_err(|m| EnrollClientError::BadReply(m.to_string()))?;
+    let (hosts, not_after) = (cert.dns_names, cert.not_after);
     Ok(Identity {
         server: server.to_string(),
         agent: reply.agent,
@@ -250,13 +245,11 @@ pub(super) async fn post(
         server: server.to_string(),
         reason,
     };
-    let name = tls::server_name(server).map_err(unreachable)?;
+    let name = tls::server_name(server).map_err(|e| unreachable(e.to_string()))?;
     let attempt = async {
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(server))
+        let tcp = crate::runtime::connect(server)
             .await
-            .map_err(|_| unreachable("connection timed out".into()))?
             .map_err(|e| unreachable(e.to_string()))?;
-        let _ = tcp.set_nodelay(true);
         let stream = TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
             .await

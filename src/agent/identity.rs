@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use revproxy_ca::{fsutil, CaError, Pin};
 use serde::{Deserialize, Serialize};
 
+use crate::tls::{Credentials, TlsError};
+
 pub const AGENT_KEY_FILE: &str = "agent.key";
 pub const AGENT_CERT_FILE: &str = "agent.crt";
 pub const CA_CERT_FILE: &str = "ca.crt";
@@ -179,26 +181,24 @@ impl Identity {
     /// The pin of the CA this agent trusts.
     pub fn ca_pin(&self) -> Option<Pin> {
         let der = revproxy_ca::pem_to_der(&self.ca_pem, "CERTIFICATE")?;
-        Pin::from_cert_der(&der).ok()
+        Pin::from_cert_der(&der)
+    }
+
+    /// What the agent presents on the agent port.
+    pub(crate) fn credentials(&self) -> Result<Credentials<'_>, TlsError> {
+        Ok(Credentials {
+            pin: self.ca_pin().ok_or_else(|| TlsError::Pem {
+                what: CA_CERT_FILE.into(),
+                kind: "certificate",
+            })?,
+            cert_pem: &self.cert_pem,
+            key_pem: &self.key_pem,
+        })
     }
 }
 
 /// The DNS names and expiry in a PEM certificate.
-pub(crate) fn cert_hosts(pem: &str) -> Option<(Vec<String>, i64)> {
-    use x509_parser::prelude::*;
-    let der = revproxy_ca::pem_to_der(pem, "CERTIFICATE")?;
-    let (_, cert) = X509Certificate::from_der(&der).ok()?;
-    let hosts = match cert.subject_alternative_name().ok()? {
-        Some(san) => san
-            .value
-            .general_names
-            .iter()
-            .filter_map(|n| match n {
-                GeneralName::DNSName(d) => Some(d.to_string()),
-                _ => None,
-            })
-            .collect(),
-        None => Vec::new(),
-    };
-    Some((hosts, cert.validity().not_after.timestamp()))
+pub(super) fn cert_hosts(pem: &str) -> Option<(Vec<String>, i64)> {
+    let cert = revproxy_ca::CertSummary::from_pem(pem)?;
+    Some((cert.dns_names, cert.not_after))
 }

@@ -1,13 +1,265 @@
-//! The agent: enrollment now; the tunnel client and backend forwarding build on the
-//! identity stored here.
+//! The agent: runs beside a backend, dials out to the proxy, and serves the streams the
+//! proxy opens down its tunnel.
+//!
+//! [`enroll`] trades a one-time token for an identity (`identity.rs` keeps it on disk).
+//! [`Agent::run`] is two halves side by side: the renewal loop (`renew.rs`, a fresh
+//! certificate at about 2/3 of each lifetime) and the supervisor (`supervisor.rs`, which
+//! keeps one tunnel up: reconnecting with backoff, moving to a renewed certificate or a
+//! better transport). Each tunnel is a session (`session.rs`); each stream in it is dialed
+//! to a backend from the service map (`backend.rs`).
 
+mod backend;
 mod enroll;
 mod identity;
-pub mod renew;
-mod run;
+mod renew;
+mod session;
+mod supervisor;
 
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use revproxy_ca::names::normalize_host;
+use tracing::{error, info};
+
+pub use crate::tunnel::Transport;
 pub use enroll::{enroll, EnrollClientError};
 pub use identity::{
     Identity, IdentityError, AGENT_CERT_FILE, AGENT_INFO_FILE, AGENT_KEY_FILE, CA_CERT_FILE,
 };
-pub use run::{Agent, AgentBuilder, AgentError, ServiceMap, Transport};
+pub use renew::{renew_once, Clock, SystemClock};
+
+use crate::route::name_matches;
+use crate::runtime::shutdown::Trigger;
+use crate::tls::TlsError;
+use backend::{check_backend, ServiceMap};
+use session::SessionCtx;
+
+/// How long open streams may finish after shutdown starts.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
+/// Longest time between two looks at the wall clock while waiting to renew.
+pub const RENEW_CHECK: Duration = Duration::from_secs(60);
+/// With `--transport auto`: a QUIC handshake that takes longer means "use h2".
+pub const QUIC_FALLBACK_AFTER: Duration = Duration::from_secs(3);
+/// With `--transport auto` on h2: how often QUIC is tried again.
+pub const QUIC_REPROBE: Duration = Duration::from_secs(30);
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(
+        "nothing to serve: give at least one --map NAME=HOST:PORT (or [[service]] in the config)"
+    )]
+    NoServices,
+    #[error("invalid service {0}")]
+    InvalidService(String),
+    #[error("this agent's certificate does not authorize {name} (it grants: {granted}); ask the operator for a token with --host {name}")]
+    NotAuthorized { name: String, granted: String },
+    #[error("{0}")]
+    Expired(String),
+}
+
+/// Builds an [`Agent`].
+#[derive(Debug)]
+pub struct AgentBuilder {
+    state_dir: PathBuf,
+    services: Vec<(String, String)>,
+    server: Option<String>,
+    drain_grace: Duration,
+    clock: Arc<dyn Clock>,
+    renew_check: Duration,
+    transport: Transport,
+    quic_fallback_after: Duration,
+    quic_reprobe: Duration,
+}
+
+impl std::fmt::Debug for dyn Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Clock({})", self.now())
+    }
+}
+
+impl AgentBuilder {
+    /// Serves `name` (exact or `*.example.com`) from the backend at `addr` (`host:port`).
+    pub fn service(mut self, name: &str, addr: &str) -> Self {
+        self.services.push((name.to_string(), addr.to_string()));
+        self
+    }
+
+    /// Connects to `addr` instead of the proxy address saved at enrollment.
+    pub fn server(mut self, addr: &str) -> Self {
+        self.server = Some(addr.to_string());
+        self
+    }
+
+    /// How long open streams may finish after shutdown starts ([`DRAIN_GRACE`]).
+    pub fn drain_grace(mut self, grace: Duration) -> Self {
+        self.drain_grace = grace;
+        self
+    }
+
+    /// The wall clock renewal is scheduled by (tests move it instead of sleeping).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// How often the clock is read while waiting for the renewal time ([`RENEW_CHECK`]).
+    pub fn renew_check(mut self, every: Duration) -> Self {
+        self.renew_check = every;
+        self
+    }
+
+    /// The tunnel transport ([`Transport::H2`] unless set).
+    pub fn transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// With [`Transport::Auto`]: how long a QUIC handshake may take before the agent
+    /// falls back to h2 ([`QUIC_FALLBACK_AFTER`]), and how often it tries QUIC again while
+    /// on h2 ([`QUIC_REPROBE`]).
+    pub fn quic_fallback(mut self, after: Duration, reprobe: Duration) -> Self {
+        self.quic_fallback_after = after;
+        self.quic_reprobe = reprobe;
+        self
+    }
+
+    /// Loads the identity and checks every service against the certificate.
+    pub fn build(self) -> Result<Agent, AgentError> {
+        let identity = Identity::load(&self.state_dir)?;
+        let now = self.clock.now();
+        if now >= identity.not_after {
+            return Err(AgentError::Expired(renew::reenroll_hint(
+                &identity,
+                &self.state_dir,
+                "this agent's certificate has expired",
+                now,
+            )));
+        }
+        if self.services.is_empty() {
+            return Err(AgentError::NoServices);
+        }
+        let mut entries = Vec::new();
+        for (name, addr) in self.services {
+            let name =
+                normalize_host(&name).map_err(|e| AgentError::InvalidService(e.to_string()))?;
+            check_backend(&addr)
+                .map_err(|e| AgentError::InvalidService(format!("{name}={addr}: {e}")))?;
+            let authorized = identity
+                .hosts
+                .iter()
+                .any(|h| *h == name || name_matches(h, &name));
+            if !authorized {
+                return Err(AgentError::NotAuthorized {
+                    name,
+                    granted: identity.hosts.join(", "),
+                });
+            }
+            entries.push((name, addr));
+        }
+        if identity.ca_pin().is_none() {
+            return Err(IdentityError::Corrupt {
+                path: self.state_dir.join(CA_CERT_FILE),
+                reason: "not a PEM certificate".into(),
+            }
+            .into());
+        }
+        // Fail now, not at the first connection, if the key and certificate do not load.
+        identity.credentials()?.client_config(crate::tls::ALPN_H2)?;
+        Ok(Agent {
+            ctx: Arc::new(SessionCtx {
+                server: self.server.unwrap_or_else(|| identity.server.clone()),
+                services: Arc::new(ServiceMap::new(entries)),
+                drain_grace: self.drain_grace,
+                transport: self.transport,
+                quic_fallback_after: self.quic_fallback_after,
+                quic_reprobe: self.quic_reprobe,
+            }),
+            identity: tokio::sync::watch::channel(Arc::new(identity)).0,
+            state_dir: self.state_dir,
+            clock: self.clock,
+            renew_check: self.renew_check,
+        })
+    }
+}
+
+/// A configured agent, ready to run.
+pub struct Agent {
+    ctx: Arc<SessionCtx>,
+    /// The current identity; replaced by each renewal.
+    identity: tokio::sync::watch::Sender<Arc<Identity>>,
+    state_dir: PathBuf,
+    clock: Arc<dyn Clock>,
+    renew_check: Duration,
+}
+
+impl Agent {
+    /// Starts building an agent from the identity enrolled in `state_dir`.
+    pub fn builder(state_dir: impl AsRef<Path>) -> AgentBuilder {
+        AgentBuilder {
+            state_dir: state_dir.as_ref().to_path_buf(),
+            services: Vec::new(),
+            server: None,
+            drain_grace: DRAIN_GRACE,
+            clock: Arc::new(SystemClock),
+            renew_check: RENEW_CHECK,
+            transport: Transport::H2,
+            quic_fallback_after: QUIC_FALLBACK_AFTER,
+            quic_reprobe: QUIC_REPROBE,
+        }
+    }
+
+    /// The identity the agent runs as now.
+    pub fn identity(&self) -> Arc<Identity> {
+        self.identity.borrow().clone()
+    }
+
+    /// Sees every renewal of the identity.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<Identity>> {
+        self.identity.subscribe()
+    }
+
+    /// Keeps a tunnel up and the certificate renewed until `shutdown` completes, then
+    /// drains. Returns an error only if the agent cannot go on: its certificate expired or
+    /// was refused for renewal (the message says how to re-enroll).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        let stop = Trigger::default();
+        let id = self.identity();
+        info!(
+            server = %self.ctx.server,
+            identity = %id.identity,
+            not_after = %crate::runtime::rfc3339(id.not_after),
+            "agent starting; certificate valid until not_after"
+        );
+        let mut fatal = None;
+        let renewal = renew::renewal_loop(
+            &self.identity,
+            &self.state_dir,
+            self.clock.as_ref(),
+            self.renew_check,
+        );
+        let supervise = async {
+            tokio::select! {
+                e = renewal => {
+                    error!("{e}");
+                    fatal = Some(e);
+                }
+                () = shutdown => {}
+                () = stop.cancelled() => {}
+            }
+            stop.fire();
+        };
+        tokio::join!(
+            supervisor::keep_tunnel_up(&self.ctx, &self.identity, &stop),
+            supervise
+        );
+        info!("agent stopped");
+        fatal.map_or(Ok(()), Err)
+    }
+}

@@ -1,4 +1,5 @@
-//! Certificate renewal: the agent trades its current certificate (presented in an mTLS
+//! Certificate renewal: the agent's renewal loop (one of the two halves of
+//! [`super::Agent::run`]) and one renewal exchange. The agent trades its current certificate (presented in an mTLS
 //! handshake on the agent port) and a CSR for a fresh key for a new certificate, at about
 //! two thirds of the lifetime, long before anything can expire.
 //!
@@ -6,17 +7,27 @@
 //! re-read at every check, so a machine that slept past the renewal time renews as soon as
 //! it wakes instead of trusting a monotonic timer that stood still.
 
-use std::hash::{BuildHasher, Hasher};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 
+use tracing::{error, info, warn};
+
 use super::enroll::{check_reply, parse_answer, post, EnrollClientError};
 use super::identity::{Identity, IdentityError};
-use crate::enroll_wire::{RenewBody, RENEW_PATH};
+use super::AgentError;
+use crate::runtime::backoff::{random, Backoff};
+use crate::runtime::rfc3339;
 use crate::tls;
+use crate::wire::enroll::{RenewBody, RENEW_PATH};
+
+/// First pause after a failed renewal attempt; it doubles up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest pause between renewal attempts.
+const RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// Seconds since the Unix epoch, as the agent's clock sees it.
 pub trait Clock: Send + Sync + 'static {
@@ -35,7 +46,7 @@ impl Clock for SystemClock {
 
 /// When to renew a certificate valid from `not_before` to `not_after`: at 2/3 of its
 /// lifetime, moved by up to ±3% of it at random so that a fleet does not renew in step.
-pub fn renewal_time(not_before: i64, not_after: i64, random: u64) -> i64 {
+pub(super) fn renewal_time(not_before: i64, not_after: i64, random: u64) -> i64 {
     let lifetime = (not_after - not_before).max(1);
     let jitter_span = lifetime * 6 / 100; // the full ±3% range
     let jitter = if jitter_span > 0 {
@@ -47,24 +58,22 @@ pub fn renewal_time(not_before: i64, not_after: i64, random: u64) -> i64 {
 }
 
 /// When failing renewals turn from warnings into errors: 90% of the lifetime.
-pub fn urgent_time(not_before: i64, not_after: i64) -> i64 {
+pub(super) fn urgent_time(not_before: i64, not_after: i64) -> i64 {
     not_before + (not_after - not_before) * 9 / 10
 }
 
-/// A random number for jitter.
-pub(crate) fn random() -> u64 {
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
-}
-
 /// The validity period of the identity's certificate.
-pub fn validity(identity: &Identity) -> Option<(i64, i64)> {
+pub(super) fn validity(identity: &Identity) -> Option<(i64, i64)> {
     revproxy_ca::validity(&identity.cert_pem)
 }
 
 /// The message for an agent whose certificate is past saving.
-pub fn reenroll_hint(identity: &Identity, state_dir: &Path, why: &str, clock_now: i64) -> String {
+pub(super) fn reenroll_hint(
+    identity: &Identity,
+    state_dir: &Path,
+    why: &str,
+    clock_now: i64,
+) -> String {
     let hosts: String = identity
         .hosts
         .iter()
@@ -75,11 +84,86 @@ pub fn reenroll_hint(identity: &Identity, state_dir: &Path, why: &str, clock_now
          on the proxy run `revproxy token create --name {}{hosts}`, then here \
          `revproxy-agent enroll --state {} --token TOKEN` (the agent keeps its identity)",
         identity.identity,
-        crate::logging::rfc3339(identity.not_after),
-        crate::logging::rfc3339(clock_now),
+        rfc3339(identity.not_after),
+        rfc3339(clock_now),
         identity.agent,
         state_dir.display(),
     )
+}
+
+/// Renews at about 2/3 of each certificate's lifetime, forever; returns only when it
+/// cannot go on.
+pub(super) async fn renewal_loop(
+    identity: &tokio::sync::watch::Sender<Arc<Identity>>,
+    state_dir: &Path,
+    clock: &dyn Clock,
+    renew_check: Duration,
+) -> AgentError {
+    loop {
+        let id = identity.borrow().clone();
+        let Some((not_before, not_after)) = validity(&id) else {
+            return AgentError::Expired("agent.crt is unreadable; enroll again".into());
+        };
+        let renew_at = renewal_time(not_before, not_after, random());
+        // Re-read the wall clock at every check: after a suspend, renew at once.
+        loop {
+            let now = clock.now();
+            if now >= renew_at {
+                break;
+            }
+            let wait = Duration::from_secs((renew_at - now) as u64).min(renew_check);
+            tokio::time::sleep(wait).await;
+        }
+        let mut failures = 0;
+        let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
+        let mut last_error_log: Option<i64> = None;
+        loop {
+            let now = clock.now();
+            if now >= not_after {
+                return AgentError::Expired(reenroll_hint(
+                    &id,
+                    state_dir,
+                    "this agent's certificate expired before it could be renewed",
+                    now,
+                ));
+            }
+            match renew_once(&id, state_dir).await {
+                Ok(new) => {
+                    info!(
+                        serial_not_after = %rfc3339(new.not_after),
+                        "certificate renewed; new tunnels use it"
+                    );
+                    identity.send_replace(Arc::new(new));
+                    break;
+                }
+                Err(e) if e.needs_reenrollment() => {
+                    return AgentError::Expired(reenroll_hint(
+                        &id,
+                        state_dir,
+                        &format!("the proxy refused to renew this agent's certificate: {e}"),
+                        now,
+                    ));
+                }
+                Err(e) => {
+                    failures += 1;
+                    if now >= urgent_time(not_before, not_after) {
+                        // Past 90% of the lifetime: loud, but at most once an hour.
+                        if last_error_log.is_none_or(|t| now - t >= 3600) {
+                            error!(
+                                error = %e,
+                                expires = %rfc3339(not_after),
+                                "certificate renewal keeps failing and the certificate expires soon"
+                            );
+                            last_error_log = Some(now);
+                        }
+                    } else {
+                        warn!(error = %e, attempt = failures, "certificate renewal failed; retrying");
+                    }
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+    }
 }
 
 /// One renewal: a fresh key, a CSR, `POST /v1/renew` over mTLS with the current
@@ -113,11 +197,6 @@ pub async fn renew_once(
     Ok(renewed)
 }
 
-/// Backoff between failed renewal attempts: 1 s doubling up to 5 minutes.
-pub fn retry_delay(failures: u32) -> Duration {
-    Duration::from_secs(1u64 << failures.min(8)).min(Duration::from_secs(300))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,12 +211,5 @@ mod tests {
         }
         assert_eq!(urgent_time(0, 100), 90);
         assert!(renewal_time(0, 100, 5) < urgent_time(0, 100));
-    }
-
-    #[test]
-    fn retry_delays_are_capped() {
-        assert_eq!(retry_delay(0), Duration::from_secs(1));
-        assert_eq!(retry_delay(3), Duration::from_secs(8));
-        assert_eq!(retry_delay(30), Duration::from_secs(256));
     }
 }

@@ -68,7 +68,7 @@ fn main() -> ExitCode {
     } else {
         "warn"
     };
-    revproxy::logging::init(level);
+    revproxy::runtime::logging::init(level);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err((status, e)) => {
@@ -106,7 +106,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 token
             };
             let token = Token::parse(&text).map_err(usage)?;
-            let dir = state.unwrap_or_else(revproxy::dirs::agent_state_dir);
+            let dir = state.unwrap_or_else(revproxy::runtime::dirs::agent_state_dir);
             let id = runtime()?
                 .block_on(revproxy::agent::enroll(&token, &dir))
                 .map_err(|e| (1, e.into()))?;
@@ -114,7 +114,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("names: {}", id.hosts.join(" "));
             println!(
                 "certificate valid until {}",
-                revproxy::logging::rfc3339(id.not_after)
+                revproxy::runtime::rfc3339(id.not_after)
             );
             println!("state: {}", dir.display());
             if let Some(host) = id.hosts.first() {
@@ -142,7 +142,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             let dir = state
                 .or(file.state)
-                .unwrap_or_else(revproxy::dirs::agent_state_dir);
+                .unwrap_or_else(revproxy::runtime::dirs::agent_state_dir);
             // --map entries override [[service]] entries for the same name.
             let mut services: Vec<(String, String)> = Vec::new();
             for s in &file.service {
@@ -173,7 +173,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 _ => usage(e),
             })?;
             runtime()?
-                .block_on(agent.run(revproxy::logging::shutdown_signal()))
+                .block_on(agent.run(revproxy::runtime::shutdown_signal()))
                 .map_err(|e| (1, e.into()))?;
         }
     }

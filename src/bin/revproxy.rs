@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use revproxy::ca::{self, Ca, CaError, InitOptions, NewToken};
+use revproxy::config::parse_duration;
 use revproxy::config::ProxyConfig;
-use revproxy::duration::parse_duration;
 use revproxy::Proxy;
 
 #[derive(Parser)]
@@ -86,7 +86,7 @@ impl StateArg {
     fn dir(&self) -> PathBuf {
         self.state
             .clone()
-            .unwrap_or_else(revproxy::dirs::proxy_state_dir)
+            .unwrap_or_else(revproxy::runtime::dirs::proxy_state_dir)
     }
 }
 
@@ -187,7 +187,7 @@ fn main() -> ExitCode {
     } else {
         "warn"
     };
-    revproxy::logging::init(level);
+    revproxy::runtime::logging::init(level);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
@@ -250,7 +250,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     t.id,
                     t.agent,
                     t.state.as_str(),
-                    revproxy::logging::rfc3339(t.expires),
+                    revproxy::runtime::rfc3339(t.expires),
                     t.hosts.join(",")
                 );
             }
@@ -271,8 +271,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     c.serial,
                     c.agent,
                     c.state.as_str(),
-                    revproxy::logging::rfc3339(c.not_before),
-                    revproxy::logging::rfc3339(c.not_after),
+                    revproxy::runtime::rfc3339(c.not_before),
+                    revproxy::runtime::rfc3339(c.not_after),
                     c.hosts.join(",")
                 );
             }
@@ -333,7 +333,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         .state
         .clone()
         .or(config.state.clone())
-        .unwrap_or_else(revproxy::dirs::proxy_state_dir);
+        .unwrap_or_else(revproxy::runtime::dirs::proxy_state_dir);
     let agents_addr = config.agents.unwrap_or(DEFAULT_AGENTS);
 
     if !Ca::exists(&dir) {
@@ -365,14 +365,14 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
             builder = builder.shutdown_grace(g);
         }
         let proxy = builder.build()?;
-        proxy.run(revproxy::logging::shutdown_signal()).await?;
+        proxy.run(revproxy::runtime::shutdown_signal()).await?;
         Ok::<_, Failure>(())
     })
 }
 
 /// `--cert-ttl`: a duration between [`ca::MIN_CERT_TTL`] and [`ca::MAX_CERT_TTL`].
 fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
+    let d = parse_duration(s).map_err(|e| e.to_string())?;
     if d < ca::MIN_CERT_TTL || d > ca::MAX_CERT_TTL {
         return Err(format!("{s} is outside 1h to 7d"));
     }

@@ -19,16 +19,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
 use super::Shared;
-use crate::enroll_wire::{
+use crate::wire::enroll::{
     EnrollBody, EnrollReply, ErrorReply, RenewBody, ENROLL_PATH, MAX_REQUEST_BODY, RENEW_PATH,
 };
 
 /// Time allowed for the request head to arrive.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for the whole exchange, body and answer included.
-pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for the enrollment queue before answering 503.
-pub const GATE_TIMEOUT: Duration = Duration::from_secs(10);
+const GATE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on the buffered request head.
 const MAX_HEAD: usize = 16 * 1024;
 

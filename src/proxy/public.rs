@@ -1,5 +1,8 @@
-//! Public listeners: accept a client, find out where it wants to go (peek SNI or `Host`,
-//! or a fixed target), and join it to a tunnel stream or a static TCP backend.
+//! One public connection, top to bottom: peek at its first bytes for a name (SNI or
+//! `Host`, or the listener's fixed target) -> route (the registry's live tunnels, then a
+//! static route) -> open a stream on a tunnel (the next agent if one refuses) -> splice.
+//! A connection that cannot be served is told why where its protocol allows
+//! (`replies.rs`).
 //!
 //! The peeked bytes are replayed to the backend exactly. Peeking is bounded in bytes and
 //! in time, so a client that sends nothing, or one byte a second, costs a buffer of at most
@@ -14,70 +17,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use super::replies::{http_error, Reply, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME};
 use super::Shared;
-use crate::route::{http, sni};
+use crate::route::{http, sni, ListenerKind, Target};
+use crate::tunnel::OpenRequest;
 
 /// Most bytes read while looking for a name: a 16 KiB ClientHello may come in many small
 /// records, each with a 5-byte header.
-pub const MAX_PEEK: usize = 32 * 1024;
+pub(super) const MAX_PEEK: usize = 32 * 1024;
 /// Time allowed to open a stream on a tunnel (the agent dials its backend meanwhile).
-pub const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
+pub(super) const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Copy buffer per direction for static `tcp://` routes (tokio's default is 8 KiB, which
 /// costs a syscall pair per 8 KiB).
-pub const STATIC_COPY_BUFFER: usize = 64 * 1024;
-/// Time allowed to connect to a static `tcp://` backend.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What a public listener does with its connections.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ListenerKind {
-    /// Route on the TLS ClientHello's server name; TLS passes through untouched.
-    Sni,
-    /// Route on the HTTP/1.x `Host` header.
-    Http,
-    /// Send everything to one target.
-    Fixed(Target),
-}
-
-/// Where a connection goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Target {
-    /// A name served by agents (or by a static route).
-    Name(String),
-    /// A fixed TCP backend, `host:port`.
-    Tcp(String),
-}
-
-impl Target {
-    /// Parses `tcp://HOST:PORT` or a host name.
-    pub fn parse(s: &str) -> Result<Target, String> {
-        match s.strip_prefix("tcp://") {
-            Some(addr) => {
-                let (host, port) = addr
-                    .rsplit_once(':')
-                    .ok_or_else(|| format!("{s:?} needs a port: tcp://HOST:PORT"))?;
-                if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
-                    return Err(format!("{s:?} is not tcp://HOST:PORT"));
-                }
-                Ok(Target::Tcp(addr.to_string()))
-            }
-            None => revproxy_ca::names::normalize_host(s).map(Target::Name),
-        }
-    }
-}
-
-/// How a connection's protocol lets us say "no".
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Reply {
-    Tls,
-    Http,
-    Silent,
-}
-
-/// A TLS fatal alert record: unrecognized_name (112).
-const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112];
-/// A TLS fatal alert record: internal_error (80).
-const ALERT_INTERNAL_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 80];
+pub(super) const STATIC_COPY_BUFFER: usize = 64 * 1024;
 
 /// Serves one public connection.
 pub(super) async fn serve(
@@ -157,8 +109,13 @@ pub(super) async fn serve(
     }
 
     let mut last_error = None;
+    let request = OpenRequest {
+        name: &name,
+        client: peer,
+        early: &peeked,
+    };
     for t in tunnels {
-        match tokio::time::timeout(OPEN_TIMEOUT, t.open(&name, peer, &peeked)).await {
+        match tokio::time::timeout(OPEN_TIMEOUT, t.open(&request)).await {
             Ok(Ok(stream)) => {
                 debug!(%peer, host = %name, agent = %t.agent, tunnel = t.id, "stream open");
                 match stream.splice(tcp).await {
@@ -172,8 +129,8 @@ pub(super) async fn serve(
                     // A draining agent: route nothing new to it; its open streams finish.
                     shared.registry.retire(t.id);
                 }
-                warn!(%peer, host = %name, error = %e, "could not open a stream; trying the next agent");
-                last_error = Some(e.to_string());
+                warn!(%peer, host = %name, agent = %t.agent, error = %e, "could not open a stream; trying the next agent");
+                last_error = Some(format!("agent {}: {e}", t.agent));
             }
             Err(_) => {
                 warn!(%peer, host = %name, agent = %t.agent, "agent did not answer in time; trying the next agent");
@@ -288,29 +245,14 @@ async fn peek<T>(
     }
 }
 
-async fn http_error(tcp: &mut TcpStream, status: u16, text: &str, reason: &str) {
-    let body = format!("{reason}\n");
-    let response = format!(
-        "HTTP/1.1 {status} {text}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = tcp.write_all(response.as_bytes()).await;
-    let _ = tcp.shutdown().await;
-}
-
 async fn forward_tcp(mut client: TcpStream, addr: &str, peeked: Bytes, peer: SocketAddr) {
-    let mut backend = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => {
+    let mut backend = match crate::runtime::connect(addr).await {
+        Ok(b) => b,
+        Err(e) => {
             warn!(%peer, backend = addr, error = %e, "cannot reach static backend");
             return;
         }
-        Err(_) => {
-            warn!(%peer, backend = addr, "static backend did not accept in time");
-            return;
-        }
     };
-    let _ = backend.set_nodelay(true);
     if backend.write_all(&peeked).await.is_err() {
         return;
     }

@@ -9,22 +9,22 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 /// Failed attempts allowed per source in one window.
-pub const DEFAULT_MAX_FAILURES: u32 = 10;
+pub(super) const DEFAULT_MAX_FAILURES: u32 = 10;
 /// Length of the window.
-pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
+pub(super) const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
 /// Most sources tracked at once.
-pub const MAX_TRACKED: usize = 10_000;
+pub(super) const MAX_TRACKED: usize = 10_000;
 
 /// Counts failures per source within a fixed window.
 #[derive(Debug)]
-pub struct FailureLimiter {
+pub(super) struct FailureLimiter {
     max_failures: u32,
     window: Duration,
     entries: HashMap<IpAddr, (u32, Instant)>,
 }
 
 impl FailureLimiter {
-    pub fn new(max_failures: u32, window: Duration) -> Self {
+    pub(super) fn new(max_failures: u32, window: Duration) -> Self {
         FailureLimiter {
             max_failures,
             window,
@@ -35,21 +35,21 @@ impl FailureLimiter {
     /// Counts an attempt from `ip` before it is processed, so that concurrent attempts
     /// cannot all slip past the limit; `Err(wait)` if `ip` is blocked for `wait` more. A
     /// successful attempt is given back with [`FailureLimiter::forgive`].
-    pub fn begin(&mut self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+    pub(super) fn begin(&mut self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
         self.check(ip, now)?;
         self.record_failure(ip, now);
         Ok(())
     }
 
     /// Takes back one attempt counted by [`FailureLimiter::begin`] that did not fail.
-    pub fn forgive(&mut self, ip: IpAddr) {
+    pub(super) fn forgive(&mut self, ip: IpAddr) {
         if let Some(entry) = self.entries.get_mut(&source_key(ip)) {
             entry.0 = entry.0.saturating_sub(1);
         }
     }
 
     /// `Err(wait)` if `ip` is blocked for `wait` more.
-    pub fn check(&mut self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+    pub(super) fn check(&mut self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
         let key = source_key(ip);
         match self.entries.get(&key) {
             Some(&(count, start)) if now < start + self.window => {
@@ -68,7 +68,7 @@ impl FailureLimiter {
     }
 
     /// Records one failed attempt from `ip`.
-    pub fn record_failure(&mut self, ip: IpAddr, now: Instant) {
+    pub(super) fn record_failure(&mut self, ip: IpAddr, now: Instant) {
         let key = source_key(ip);
         if !self.entries.contains_key(&key) && self.entries.len() >= MAX_TRACKED {
             let window = self.window;

@@ -1,38 +1,402 @@
-//! Tunnel transports and the byte pumps that join a stream to a TCP connection.
+//! Tunnels: one agent↔proxy connection, each client connection riding in it as one
+//! stream. Two transports, each in its own folder holding both of its ends and its byte
+//! pumps: [`h2`] (TCP + mutual TLS + HTTP/2 `CONNECT`, the default) and [`quic`].
 //!
-//! A tunnel is one agent↔proxy connection; each client connection rides in it as one
-//! stream. Over h2 the proxy is the HTTP/2 *client* and sends `CONNECT` (see
-//! `docs/protocol.md`); the agent is the *server*. The copying here releases HTTP/2 flow
-//! control capacity only after bytes were written onward, so a reader that stops holds
-//! back its own stream and nothing else.
+//! This file is the only place that matches on the transport. The proxy sees a tunnel as
+//! a [`Link`] (open a stream for a client) and a [`ProxyConn`] (drive the connection until
+//! it ends); the agent sees an [`AgentConn`] (serve the proxy's streams against its
+//! [`Backends`]) and a [`Choice`] of which transport to dial. Neither names h2 or QUIC.
+//!
+//! Back pressure is per stream on both transports: a pump releases flow-control credit only
+//! after the bytes were written onward, so a reader that stops holds back its own stream.
 
-pub mod h2;
-pub mod quic;
+mod choice;
+pub(crate) mod h2;
+pub(crate) mod quic;
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// Header carrying the public client's address on a `CONNECT`.
-pub const CLIENT_ADDR_HEADER: &str = "x-revproxy-client";
-/// Header carrying a one-line reason on a refused `CONNECT`.
-pub const ERROR_HEADER: &str = "x-revproxy-error";
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn, Instrument};
 
-/// Read buffer under a tunnel's TLS: rustls reads about one record per syscall, so a
-/// large buffer below it cuts the receive syscalls of a busy tunnel several-fold.
-pub const TUNNEL_READ_BUFFER: usize = 256 * 1024;
+pub(crate) use choice::Choice;
 
-/// Plaintext rustls may hold for encryption (its default is 64 KiB): more lets one write
-/// from h2 carry several frames.
-pub const TLS_SEND_BUFFER: usize = 1024 * 1024;
+use crate::runtime::shutdown::Trigger;
+use crate::tls::{Credentials, TlsError};
 
-/// The socket under a tunnel's TLS.
-pub type TunnelIo = tokio::io::BufReader<tokio::net::TcpStream>;
+/// Longest time a tunnel handshake may take on the proxy's side, per step: TLS on the agent
+/// port, the HTTP/2 preface and settings, the QUIC handshake. The agent allows this plus
+/// [`crate::runtime::CONNECT_TIMEOUT`] for a whole connection attempt.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Wraps a tunnel's TCP connection in the read buffer.
-pub fn tunnel_io(tcp: tokio::net::TcpStream) -> TunnelIo {
-    tokio::io::BufReader::with_capacity(TUNNEL_READ_BUFFER, tcp)
+/// The tunnel transport an agent is configured with (`--transport`, `transport = ...`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// HTTP/2 over mTLS on TCP.
+    #[default]
+    H2,
+    /// QUIC on UDP, same port number.
+    Quic,
+    /// QUIC when it works, h2 when it does not; moves back to QUIC when it works again.
+    Auto,
 }
 
-/// Interval between keep-alive PINGs on an idle tunnel, from either side.
-pub const PING_INTERVAL: Duration = Duration::from_secs(10);
-/// A PING unanswered this long means the tunnel is dead.
-pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// A transport actually in use (`auto` resolves to one of these).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    H2,
+    Quic,
+}
+
+impl Kind {
+    /// For logs and status.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kind::H2 => "h2",
+            Kind::Quic => "quic",
+        }
+    }
+}
+
+// ---- The proxy's end ----------------------------------------------------------------
+
+/// What the proxy asks of an agent for one client connection.
+pub(crate) struct OpenRequest<'a> {
+    /// The name the client asked for.
+    pub(crate) name: &'a str,
+    /// The public client's address.
+    pub(crate) client: SocketAddr,
+    /// The bytes already read from the client, sent with the request without waiting for
+    /// the answer (a tunnel round trip less per connection); a refusing agent drops them,
+    /// so the caller may offer them to the next agent.
+    pub(crate) early: &'a Bytes,
+}
+
+/// Why a stream could not be opened on a tunnel.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OpenError {
+    #[error("tunnel failed: {reason}")]
+    Tunnel {
+        reason: String,
+        /// The tunnel takes no more streams (GOAWAY, connection lost), as opposed to
+        /// this one stream failing.
+        gone: bool,
+    },
+    #[error("answered {status}: {reason}")]
+    Refused { status: u16, reason: String },
+}
+
+impl OpenError {
+    /// Whether the tunnel itself will take no more streams (the agent sent GOAWAY, or the
+    /// connection failed), as opposed to this one stream being refused.
+    pub(crate) fn tunnel_is_gone(&self) -> bool {
+        matches!(self, OpenError::Tunnel { gone: true, .. })
+    }
+}
+
+/// How the proxy opens streams on a tunnel.
+pub(crate) enum Link {
+    H2(::h2::client::SendRequest<Bytes>),
+    Quic(quinn::Connection),
+}
+
+/// An open stream, ready to be joined to its client's socket.
+pub(crate) enum TunnelStream {
+    H2(::h2::SendStream<Bytes>, ::h2::RecvStream),
+    /// The bytes are what followed the agent's answer in the same read.
+    Quic(quinn::SendStream, quinn::RecvStream, Bytes),
+}
+
+/// A tunnel connection on the proxy whose handshakes are done, to be driven until it ends.
+pub(crate) enum ProxyConn {
+    H2(Box<h2::proxy::Conn>),
+    Quic(quinn::Connection),
+}
+
+/// Why an agent's tunnel could not be set up on the proxy.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AcceptError {
+    #[error(transparent)]
+    H2(#[from] h2::proxy::HandshakeError),
+    #[error(transparent)]
+    Quic(#[from] quic::proxy::HandshakeError),
+}
+
+impl AcceptError {
+    /// Whether the agent's certificate was refused in the handshake.
+    pub(crate) fn certificate_refused(&self) -> bool {
+        match self {
+            AcceptError::H2(_) => false, // checked by TLS before the h2 handshake
+            AcceptError::Quic(e) => e.certificate_refused(),
+        }
+    }
+}
+
+/// Completes an h2 tunnel on an agent's verified TLS connection.
+pub(crate) async fn accept_h2(
+    tls: tokio_rustls::server::TlsStream<h2::TunnelIo>,
+) -> Result<(Link, ProxyConn), AcceptError> {
+    let (sender, conn) = h2::proxy::handshake(tls).await?;
+    Ok((Link::H2(sender), ProxyConn::H2(Box::new(conn))))
+}
+
+/// Completes a QUIC tunnel; returns it with the agent's (verified) certificate.
+pub(crate) async fn accept_quic(
+    incoming: quinn::Incoming,
+) -> Result<(Link, ProxyConn, Option<Vec<u8>>), AcceptError> {
+    let (conn, der) = quic::proxy::handshake(incoming).await?;
+    Ok((Link::Quic(conn.clone()), ProxyConn::Quic(conn), der))
+}
+
+impl Link {
+    /// Which transport the tunnel runs on.
+    pub(crate) fn kind(&self) -> Kind {
+        match self {
+            Link::H2(_) => Kind::H2,
+            Link::Quic(_) => Kind::Quic,
+        }
+    }
+
+    /// Opens a stream for a client and waits for the agent's answer; the caller bounds
+    /// the wait.
+    pub(crate) async fn open(&self, req: &OpenRequest<'_>) -> Result<TunnelStream, OpenError> {
+        match self {
+            Link::H2(sender) => {
+                let (send, recv) = h2::proxy::open(sender, req).await?;
+                Ok(TunnelStream::H2(send, recv))
+            }
+            Link::Quic(conn) => {
+                let (send, recv, first) = quic::proxy::open(conn, req).await?;
+                Ok(TunnelStream::Quic(send, recv, first))
+            }
+        }
+    }
+}
+
+impl TunnelStream {
+    /// Copies both ways until both directions end; returns (bytes up, bytes down).
+    pub(crate) async fn splice(self, tcp: TcpStream) -> std::io::Result<(u64, u64)> {
+        match self {
+            TunnelStream::H2(send, recv) => h2::splice::splice(tcp, send, recv).await,
+            TunnelStream::Quic(send, recv, first) => {
+                quic::splice::splice(tcp, send, recv, first).await
+            }
+        }
+    }
+}
+
+impl ProxyConn {
+    /// Refuses the tunnel right after its handshake.
+    pub(crate) fn refuse(self) {
+        if let ProxyConn::Quic(conn) = &self {
+            quic::proxy::refuse(conn);
+        }
+    }
+
+    /// Drives the tunnel until the agent closes it, it dies, or `close` completes (then it
+    /// is closed with that reason). `retire` is called when the agent retires the tunnel
+    /// (new streams should go elsewhere; open ones finish). Returns why it ended.
+    pub(crate) async fn drive(
+        self,
+        close: impl Future<Output = &'static str>,
+        retire: impl Fn(),
+    ) -> String {
+        match self {
+            // An h2 agent retires a tunnel with GOAWAY, which the proxy learns from the
+            // next stream it tries to open there.
+            ProxyConn::H2(conn) => h2::proxy::drive(*conn, close).await,
+            ProxyConn::Quic(conn) => quic::proxy::drive(conn, close, retire).await,
+        }
+    }
+}
+
+// ---- The agent's end ----------------------------------------------------------------
+
+/// A refused stream: an HTTP status code (on both transports) and a one-line reason.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub(crate) status: u16,
+    pub(crate) reason: String,
+}
+
+/// What the agent's end of a tunnel does with each stream: find and dial the backend for
+/// a name. Returns the connected backend and its address (for logs).
+pub(crate) trait Backends: Send + Sync + 'static {
+    fn dial(&self, name: &str)
+        -> impl Future<Output = Result<(TcpStream, String), Refusal>> + Send;
+}
+
+/// Why the agent could not connect to the proxy.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    #[error("cannot resolve the proxy's address: {0}")]
+    Resolve(#[source] std::io::Error),
+    #[error("the proxy's address resolves to nothing")]
+    NoAddress,
+    #[error("cannot connect: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("cannot open a UDP socket: {0}")]
+    Udp(#[source] std::io::Error),
+    #[error(transparent)]
+    Config(#[from] TlsError),
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
+    #[error("HTTP/2 handshake failed: {0}")]
+    H2(#[source] ::h2::Error),
+    #[error("{} handshake timed out after {limit:?}", kind.name())]
+    Timeout { kind: Kind, limit: Duration },
+}
+
+impl ConnectError {
+    /// Whether the TLS handshake itself failed (the proxy refused our certificate, or we
+    /// refused its), as opposed to the network.
+    pub(crate) fn is_handshake(&self) -> bool {
+        matches!(self, ConnectError::Tls(_))
+    }
+}
+
+/// Why a tunnel that was up ended badly.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TunnelError {
+    #[error("tunnel error: {0}")]
+    Broken(String),
+}
+
+/// An agent's tunnel whose handshakes are done.
+pub(crate) enum AgentConn {
+    H2(Box<h2::agent::Conn>),
+    Quic(quic::agent::Conn),
+}
+
+/// One stream the proxy opened on an agent's tunnel, not yet answered.
+enum Incoming {
+    H2(h2::agent::Incoming),
+    Quic(quic::agent::Incoming),
+}
+
+/// Dials the proxy at `server` on `kind` and completes every handshake within `limit`.
+pub(crate) async fn connect(
+    kind: Kind,
+    server: &str,
+    creds: &Credentials<'_>,
+    limit: Duration,
+) -> Result<AgentConn, ConnectError> {
+    let attempt = async {
+        Ok(match kind {
+            Kind::H2 => AgentConn::H2(Box::new(h2::agent::connect(server, creds).await?)),
+            Kind::Quic => AgentConn::Quic(quic::agent::connect(server, creds).await?),
+        })
+    };
+    tokio::time::timeout(limit, attempt)
+        .await
+        .map_err(|_| ConnectError::Timeout { kind, limit })?
+}
+
+impl AgentConn {
+    async fn accept(&mut self) -> Result<Option<Incoming>, TunnelError> {
+        Ok(match self {
+            AgentConn::H2(conn) => conn.accept().await?.map(Incoming::H2),
+            AgentConn::Quic(conn) => conn.accept().await?.map(Incoming::Quic),
+        })
+    }
+
+    /// Tells the proxy to route nothing new here.
+    async fn goaway(&mut self) {
+        match self {
+            AgentConn::H2(conn) => conn.goaway(),
+            AgentConn::Quic(conn) => conn.goaway().await,
+        }
+    }
+
+    /// Closes the tunnel once draining is over. An h2 tunnel closes by itself when its
+    /// last stream ends after a GOAWAY; a QUIC one is closed here.
+    fn close(&self, reason: &'static str) {
+        if let AgentConn::Quic(conn) = self {
+            conn.close(reason);
+        }
+    }
+
+    /// Whether draining ends when the last stream does (QUIC) or when the connection says
+    /// so after its GOAWAY (h2, whose `accept` then returns `None`).
+    fn drained_when_idle(&self) -> bool {
+        matches!(self, AgentConn::Quic(_))
+    }
+
+    async fn finish(self) {
+        if let AgentConn::Quic(conn) = self {
+            conn.finish().await;
+        }
+    }
+
+    /// Serves the proxy's streams until the tunnel ends. `retire` (a renewal, or a better
+    /// transport up) stops new streams and lets open ones finish however long they take;
+    /// `stop` (shutdown) does the same with `grace` as a deadline.
+    pub(crate) async fn serve<B: Backends>(
+        mut self,
+        backends: Arc<B>,
+        stop: Trigger,
+        retire: Trigger,
+        grace: Duration,
+    ) -> Result<(), TunnelError> {
+        let mut streams = JoinSet::new();
+        let mut retiring = false;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let result = loop {
+            let draining = retiring || deadline.is_some();
+            if draining && streams.is_empty() && self.drained_when_idle() {
+                self.close("drained");
+                break Ok(());
+            }
+            tokio::select! {
+                accepted = self.accept() => match accepted {
+                    Ok(Some(incoming)) => {
+                        let backends = backends.clone();
+                        let span = tracing::debug_span!("stream");
+                        match incoming {
+                            Incoming::H2(s) => streams.spawn(h2::agent::serve_stream(backends, s).instrument(span)),
+                            Incoming::Quic(s) => streams.spawn(quic::agent::serve_stream(backends, s).instrument(span)),
+                        };
+                    }
+                    // The proxy closed the tunnel, or a graceful shutdown completed.
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                },
+                () = retire.cancelled(), if !retiring => {
+                    debug!(open = streams.len(), "retiring this tunnel: no new streams");
+                    self.goaway().await;
+                    retiring = true;
+                }
+                () = stop.cancelled(), if deadline.is_none() => {
+                    info!(open = streams.len(), "shutting down: no new streams; draining");
+                    if !retiring {
+                        self.goaway().await;
+                    }
+                    deadline = Some(tokio::time::Instant::now() + grace);
+                }
+                () = sleep_until(deadline), if deadline.is_some() => {
+                    warn!(open = streams.len(), "streams still open after the grace period; closing them");
+                    self.close("drain grace over");
+                    break Ok(());
+                }
+                Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            }
+        };
+        drop(streams);
+        self.finish().await;
+        result
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

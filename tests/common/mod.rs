@@ -42,13 +42,27 @@ async fn bind(addr: &str) -> tokio::net::TcpListener {
     tokio::net::TcpListener::bind(addr).await.unwrap()
 }
 
+/// The agent port: TCP on a port the kernel picks, and UDP (QUIC) on the same number. An
+/// agent's QUIC socket elsewhere in the suite may hold that UDP port, so pick again then.
+async fn bind_agent_port() -> (tokio::net::TcpListener, std::net::UdpSocket) {
+    for _ in 0..100 {
+        let tcp = bind("127.0.0.1:0").await;
+        if let Ok(udp) = std::net::UdpSocket::bind(tcp.local_addr().unwrap()) {
+            return (tcp, udp);
+        }
+    }
+    panic!("no port number free on both TCP and UDP");
+}
+
 fn launch(
     dir: &std::path::Path,
     [agents, sni, http]: [tokio::net::TcpListener; 3],
+    quic: std::net::UdpSocket,
     configure: impl FnOnce(ProxyBuilder) -> ProxyBuilder,
 ) -> (ProxyStatus, oneshot::Sender<()>, JoinHandle<()>) {
     let builder = Proxy::builder(dir)
         .agent_listener(agents)
+        .quic_listener(quic)
         .sni_listener(sni)
         .http_listener(http)
         .shutdown_grace(Duration::from_secs(1));
@@ -76,15 +90,12 @@ impl TestProxy {
         let dir = tempfile::tempdir().unwrap();
         let now = time::OffsetDateTime::now_utc();
         Ca::init(dir.path(), &InitOptions::default(), now).unwrap();
-        let listeners = [
-            bind("127.0.0.1:0").await,
-            bind("127.0.0.1:0").await,
-            bind("127.0.0.1:0").await,
-        ];
+        let (agents, quic) = bind_agent_port().await;
+        let listeners = [agents, bind("127.0.0.1:0").await, bind("127.0.0.1:0").await];
         let addr = listeners[0].local_addr().unwrap();
         let sni = listeners[1].local_addr().unwrap();
         let http = listeners[2].local_addr().unwrap();
-        let (status, shutdown, task) = launch(dir.path(), listeners, configure);
+        let (status, shutdown, task) = launch(dir.path(), listeners, quic, configure);
         let ca = Ca::open(dir.path()).unwrap();
         TestProxy {
             dir,
@@ -107,7 +118,8 @@ impl TestProxy {
             bind(&self.sni.to_string()).await,
             bind(&self.http.to_string()).await,
         ];
-        let (status, shutdown, task) = launch(self.dir.path(), listeners, |b| b);
+        let quic = std::net::UdpSocket::bind(self.addr).unwrap();
+        let (status, shutdown, task) = launch(self.dir.path(), listeners, quic, |b| b);
         self.status = status;
         self.shutdown = Some(shutdown);
         self.task = Some(task);
@@ -310,31 +322,14 @@ macro_rules! over_both_transports {
     };
 }
 
-/// Starts an agent from `dir` serving `services` over `transport`.
-pub fn start_agent_on(
-    transport: Transport,
-    dir: &std::path::Path,
-    services: &[(&str, SocketAddr)],
-) -> TestAgent {
-    start_agent_with(dir, services, |b| b.transport(transport))
+/// Configures a test agent to use `transport` (for [`start_agent`]).
+pub fn on(transport: Transport) -> impl FnOnce(revproxy::AgentBuilder) -> revproxy::AgentBuilder {
+    move |b| b.transport(transport)
 }
 
-/// [`start_agent_with`] over `transport`.
-pub fn start_agent_with_on(
-    transport: Transport,
-    dir: &std::path::Path,
-    services: &[(&str, SocketAddr)],
-    configure: impl FnOnce(revproxy::AgentBuilder) -> revproxy::AgentBuilder,
-) -> TestAgent {
-    start_agent_with(dir, services, |b| configure(b.transport(transport)))
-}
-
-/// Starts an agent from `dir` serving `services`.
-pub fn start_agent(dir: &std::path::Path, services: &[(&str, SocketAddr)]) -> TestAgent {
-    start_agent_with(dir, services, |b| b)
-}
-
-pub fn start_agent_with(
+/// Starts an agent from `dir` serving `services`, with whatever else `configure` sets on
+/// its builder (`|b| b` for the defaults, [`on`] for a transport).
+pub fn start_agent(
     dir: &std::path::Path,
     services: &[(&str, SocketAddr)],
     configure: impl FnOnce(revproxy::AgentBuilder) -> revproxy::AgentBuilder,
@@ -434,7 +429,7 @@ impl TestClock {
     }
 }
 
-impl revproxy::agent::renew::Clock for TestClock {
+impl revproxy::agent::Clock for TestClock {
     fn now(&self) -> i64 {
         use std::sync::atomic::Ordering::SeqCst;
         time::OffsetDateTime::now_utc().unix_timestamp()

@@ -2,10 +2,14 @@
 
 use std::time::Duration;
 
+/// A duration that does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid duration {0:?}: use a number and a unit, like 90s, 30m, 1h or 7d")]
+pub struct DurationError(String);
+
 /// Parses a duration made of `<number><unit>` parts, units `s`, `m`, `h`, `d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad =
-        || format!("invalid duration {s:?}: use a number and a unit, like 90s, 30m, 1h or 7d");
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    let bad = || DurationError(s.to_string());
     let mut total: u64 = 0;
     let mut digits = String::new();
     if s.is_empty() {

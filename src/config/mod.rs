@@ -1,4 +1,5 @@
-//! The TOML configuration files of `revproxy serve` and `revproxy-agent run`.
+//! The TOML configuration files of `revproxy serve` and `revproxy-agent run`, and the
+//! duration syntax shared with the command line.
 //!
 //! Reading a file, parsing text ([`ProxyConfig::from_toml`]) and checking meaning
 //! (`validate`) are kept apart, so that every example in `examples/` can be checked by a
@@ -11,7 +12,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::proxy::Target;
+pub use crate::tunnel::Transport;
+pub use duration::{parse_duration, DurationError};
+
+use crate::route::{ListenerKind, Target};
+
+mod duration;
 
 /// A configuration file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -99,8 +105,7 @@ impl ProxyConfig {
     }
 
     /// Every listener, with the `sni`/`http` shorthands expanded.
-    pub fn listeners(&self) -> Result<Vec<(SocketAddr, crate::proxy::ListenerKind)>, ConfigError> {
-        use crate::proxy::ListenerKind;
+    pub fn listeners(&self) -> Result<Vec<(SocketAddr, ListenerKind)>, ConfigError> {
         let mut out = Vec::new();
         out.extend(self.sni.map(|a| (a, ListenerKind::Sni)));
         out.extend(self.http.map(|a| (a, ListenerKind::Http)));
@@ -178,19 +183,6 @@ pub struct AgentConfig {
     pub service: Vec<ServiceConfig>,
 }
 
-/// Tunnel transport.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// HTTP/2 over mTLS on TCP.
-    #[default]
-    H2,
-    /// QUIC on UDP, same port number.
-    Quic,
-    /// QUIC when it works, h2 when it does not; moves back to QUIC when it works again.
-    Auto,
-}
-
 /// One served name.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -233,7 +225,7 @@ pub fn parse_map(s: &str) -> Result<(String, String), ConfigError> {
     let (name, to) = s
         .split_once('=')
         .ok_or_else(|| bad("expected NAME=HOST:PORT".into()))?;
-    let name = revproxy_ca::names::normalize_host(name).map_err(bad)?;
+    let name = revproxy_ca::names::normalize_host(name).map_err(|e| bad(e.to_string()))?;
     match Target::parse(&format!("tcp://{to}")) {
         Ok(_) => Ok((name, to.to_string())),
         Err(_) => Err(bad(format!("backend {to:?} is not HOST:PORT"))),
@@ -249,7 +241,7 @@ fn read(path: &Path) -> Result<String, ConfigError> {
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let text = Option::<String>::deserialize(d)?;
-    text.map(|t| crate::duration::parse_duration(&t).map_err(serde::de::Error::custom))
+    text.map(|t| parse_duration(&t).map_err(serde::de::Error::custom))
         .transpose()
 }
 

@@ -1,5 +1,6 @@
-//! A live view of the parts of the proxy state that gate tunnels: revoked certificate
-//! serials and what each agent is granted.
+//! The proxy's in-memory view of the CA state that gates tunnels: revoked certificate
+//! serials and what each agent is granted. Routing and admission read this snapshot,
+//! never the file.
 //!
 //! `revproxy cert revoke` and friends run as separate processes and change `state.json`;
 //! the proxy polls the file's identity (it is replaced by rename on every change) once a
@@ -15,15 +16,15 @@ use revproxy_ca::state::StateFile;
 use tracing::{debug, warn};
 
 /// How often the state file is checked for changes.
-pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+pub(super) const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the tunnel gate needs to know.
 #[derive(Debug, Default)]
-pub struct Snapshot {
+pub(super) struct Snapshot {
     /// Hex serials of revoked certificates.
-    pub revoked: HashSet<String>,
+    pub(super) revoked: HashSet<String>,
     /// Names each agent may currently serve.
-    pub grants: HashMap<String, Vec<String>>,
+    pub(super) grants: HashMap<String, Vec<String>>,
 }
 
 impl Snapshot {
@@ -45,7 +46,7 @@ impl Snapshot {
     }
 
     /// Whether any agent is granted a pattern that covers `name`.
-    pub fn is_granted_anywhere(&self, name: &str) -> bool {
+    pub(super) fn is_granted_anywhere(&self, name: &str) -> bool {
         self.grants
             .values()
             .flatten()
@@ -55,14 +56,14 @@ impl Snapshot {
 
 /// The shared, refreshed snapshot.
 #[derive(Clone, Debug)]
-pub struct StateView {
+pub(super) struct StateView {
     file: StateFile,
     current: Arc<RwLock<Arc<Snapshot>>>,
 }
 
 impl StateView {
     /// Loads the state once.
-    pub fn load(file: StateFile) -> Result<StateView, revproxy_ca::CaError> {
+    pub(super) fn load(file: StateFile) -> Result<StateView, revproxy_ca::CaError> {
         let snapshot = Snapshot::load(&file)?;
         Ok(StateView {
             file,
@@ -71,12 +72,12 @@ impl StateView {
     }
 
     /// The current snapshot.
-    pub fn get(&self) -> Arc<Snapshot> {
+    pub(super) fn get(&self) -> Arc<Snapshot> {
         self.current.read().expect("state view lock").clone()
     }
 
     /// Reloads the state now (falling back to the last snapshot if it cannot be read).
-    pub async fn refresh(&self) -> Arc<Snapshot> {
+    pub(super) async fn refresh(&self) -> Arc<Snapshot> {
         let file = self.file.clone();
         match tokio::task::spawn_blocking(move || Snapshot::load(&file)).await {
             Ok(Ok(snapshot)) => {
@@ -97,7 +98,7 @@ impl StateView {
 
     /// Reloads whenever `state.json` is replaced, and hands every new snapshot to
     /// `on_change`, until the returned future is dropped.
-    pub async fn watch(self, on_change: impl Fn(&Snapshot)) {
+    pub(super) async fn watch(self, on_change: impl Fn(&Snapshot)) {
         let path = self.file.path();
         let identity = |m: std::fs::Metadata| (m.ino(), m.mtime(), m.mtime_nsec(), m.len());
         let mut seen = std::fs::metadata(&path).ok().map(identity);

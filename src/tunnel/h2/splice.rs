@@ -1,5 +1,5 @@
-//! HTTP/2 tunnel plumbing shared by the proxy (client side) and the agent (server side):
-//! settings, keep-alive, and the two copy directions between a TCP socket and an h2 stream.
+//! The h2 tunnel's byte pumps: a TCP socket joined to one h2 stream, both directions,
+//! used alike by the proxy (client socket) and the agent (backend socket).
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
@@ -10,56 +10,15 @@ use h2::{RecvStream, SendStream};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-/// Per-stream receive window. Bounds what one stream can have in flight (and so the memory
-/// a reader that stopped can pin on the far side) while letting one stream fill a fast
-/// link: measured on loopback, 2 MiB gave about 5.3 Gbit/s single-stream and 8 MiB about
-/// 6–7 (see `docs/benchmarks.md`).
-pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
-/// Per-connection receive window: large, so stalled streams cannot starve the rest of the
-/// tunnel until 32 of them each hold a full stream window. It also bounds the memory all
-/// stalled streams of one tunnel can pin.
-pub const CONNECTION_WINDOW: u32 = 256 * 1024 * 1024;
-/// Largest DATA frame. Bigger frames mean fewer frame headers and wakeups per byte.
-pub const MAX_FRAME_SIZE: u32 = 64 * 1024;
-/// Most streams the agent lets one tunnel carry at once.
-pub const MAX_STREAMS: u32 = 16 * 1024;
+use super::h2_io;
+
 /// Bytes read from a socket per step. Only allocated once the socket is readable, so an
 /// idle stream holds no buffer. Large reads mean fewer wakeups of the connection task per
 /// byte, which is what bounds single-stream throughput (see docs/benchmarks.md).
-pub const READ_CHUNK: usize = 256 * 1024;
-
-/// The h2 client (proxy) settings for a tunnel.
-pub fn client_builder() -> h2::client::Builder {
-    let mut b = h2::client::Builder::new();
-    b.initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME_SIZE)
-        .max_send_buffer_size(STREAM_WINDOW as usize);
-    b
-}
-
-/// The h2 server (agent) settings for a tunnel.
-pub fn server_builder() -> h2::server::Builder {
-    let mut b = h2::server::Builder::new();
-    b.initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME_SIZE)
-        .max_send_buffer_size(STREAM_WINDOW as usize)
-        .max_concurrent_streams(MAX_STREAMS);
-    b
-}
-
-fn h2_io(e: h2::Error) -> io::Error {
-    if e.is_io() {
-        e.into_io()
-            .unwrap_or_else(|| io::Error::other("h2 I/O error"))
-    } else {
-        io::Error::other(e)
-    }
-}
+pub(crate) const READ_CHUNK: usize = 256 * 1024;
 
 /// Sends `bytes` on `send`, waiting for flow-control capacity as the peer grants it.
-pub async fn send_all(send: &mut SendStream<Bytes>, mut bytes: Bytes) -> io::Result<()> {
+pub(crate) async fn send_all(send: &mut SendStream<Bytes>, mut bytes: Bytes) -> io::Result<()> {
     while !bytes.is_empty() {
         send.reserve_capacity(bytes.len());
         let granted = poll_fn(|cx| send.poll_capacity(cx))
@@ -76,7 +35,7 @@ pub async fn send_all(send: &mut SendStream<Bytes>, mut bytes: Bytes) -> io::Res
 }
 
 /// Copies a socket into an h2 stream until EOF, then ends the stream (half-close).
-pub async fn socket_to_stream(
+pub(crate) async fn socket_to_stream(
     rd: &mut OwnedReadHalf,
     send: &mut SendStream<Bytes>,
 ) -> io::Result<u64> {
@@ -108,7 +67,10 @@ pub async fn socket_to_stream(
 ///
 /// DATA frames that have already arrived are gathered (up to [`WRITE_BATCH`] bytes) and
 /// written with one vectored write: a syscall per frame was the largest cost per byte.
-pub async fn stream_to_socket(recv: &mut RecvStream, wr: &mut OwnedWriteHalf) -> io::Result<u64> {
+pub(crate) async fn stream_to_socket(
+    recv: &mut RecvStream,
+    wr: &mut OwnedWriteHalf,
+) -> io::Result<u64> {
     let mut total = 0u64;
     let mut batch: Vec<Bytes> = Vec::new();
     let mut ended = false;
@@ -142,7 +104,7 @@ pub async fn stream_to_socket(recv: &mut RecvStream, wr: &mut OwnedWriteHalf) ->
 }
 
 /// Most bytes gathered into one write by [`stream_to_socket`].
-pub const WRITE_BATCH: usize = 256 * 1024;
+pub(crate) const WRITE_BATCH: usize = 256 * 1024;
 
 async fn write_all_vectored(wr: &mut OwnedWriteHalf, chunks: &[Bytes]) -> io::Result<()> {
     // An empty DATA frame (a bare END_STREAM) yields an empty chunk: nothing to write.
@@ -164,7 +126,7 @@ async fn write_all_vectored(wr: &mut OwnedWriteHalf, chunks: &[Bytes]) -> io::Re
 
 /// Pumps both directions between a socket and an h2 stream until both are finished, or
 /// until either fails (then the other is dropped, which resets the stream).
-pub async fn splice(
+pub(crate) async fn splice(
     tcp: tokio::net::TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,

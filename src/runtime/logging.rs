@@ -1,4 +1,4 @@
-//! Process-level helpers shared by the two binaries: logging setup, signals, time display.
+//! Logging setup for the two programs, and how times appear in logs and messages.
 
 /// Logs to stderr at `default_level` (`info` for servers, `warn` for one-shot commands
 /// whose result is their output); `RUST_LOG` overrides it.
@@ -10,23 +10,6 @@ pub fn init(default_level: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-}
-
-/// Completes on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutdown signal received");
 }
 
 /// RFC 3339 text of a Unix timestamp, in UTC.

@@ -1,0 +1,95 @@
+//! The one X.509 reader: everything revproxy reads out of a certificate, parsed in one
+//! place. The proxy reads who a tunnel belongs to from the verified client certificate,
+//! the agent reads what its own certificate grants and when it expires, and both check an
+//! issued certificate against its CA and key with [`check_issued`].
+
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::FromDer;
+
+use crate::state::Unix;
+use crate::Pin;
+
+/// What a certificate says, as revproxy uses it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertSummary {
+    /// The subject's common name: the agent name of an agent certificate.
+    pub common_name: Option<String>,
+    /// The serial number, lower-case hex, as `cert list` shows it.
+    pub serial: String,
+    /// The DNS names (lower-cased): the names an agent certificate may serve.
+    pub dns_names: Vec<String>,
+    /// The URI names: an agent's SPIFFE identity.
+    pub uris: Vec<String>,
+    /// Start of validity, Unix seconds.
+    pub not_before: Unix,
+    /// End of validity, Unix seconds.
+    pub not_after: Unix,
+    /// Pin of the subject's public key (of a CA certificate: the CA pin).
+    pub key_pin: Pin,
+}
+
+impl CertSummary {
+    /// Reads a DER certificate; `None` if it does not parse.
+    pub fn from_der(der: &[u8]) -> Option<CertSummary> {
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        Some(summarize(&cert))
+    }
+
+    /// Reads the first certificate of a PEM text.
+    pub fn from_pem(pem: &str) -> Option<CertSummary> {
+        CertSummary::from_der(&crate::pem_to_der(pem, "CERTIFICATE")?)
+    }
+}
+
+fn summarize(cert: &X509Certificate<'_>) -> CertSummary {
+    let (mut dns_names, mut uris) = (Vec::new(), Vec::new());
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(d) => dns_names.push(d.to_ascii_lowercase()),
+                GeneralName::URI(u) => uris.push(u.to_string()),
+                _ => {}
+            }
+        }
+    }
+    let validity = cert.validity();
+    CertSummary {
+        common_name: cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string),
+        serial: crate::hex::encode(cert.raw_serial()),
+        dns_names,
+        uris,
+        not_before: validity.not_before.timestamp(),
+        not_after: validity.not_after.timestamp(),
+        key_pin: Pin::from_spki(cert.public_key().raw),
+    }
+}
+
+/// Checks a certificate the proxy issued to us: the CA certificate matches one of `pins`,
+/// the certificate is for the public key `spki` (DER SubjectPublicKeyInfo) and is signed by
+/// that CA. Returns what the certificate says, or which check failed.
+pub fn check_issued(
+    cert_pem: &str,
+    ca_pem: &str,
+    pins: &[Pin],
+    spki: &[u8],
+) -> Result<CertSummary, &'static str> {
+    let ca_der = crate::pem_to_der(ca_pem, "CERTIFICATE").ok_or("no CA certificate")?;
+    let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|_| "unreadable CA certificate")?;
+    if !pins.contains(&Pin::from_spki(ca.public_key().raw)) {
+        return Err("its CA certificate does not match the pinned CA");
+    }
+    let der = crate::pem_to_der(cert_pem, "CERTIFICATE").ok_or("no certificate")?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|_| "unreadable certificate")?;
+    if cert.public_key().raw != spki {
+        return Err("the certificate is not for this agent's key");
+    }
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|_| "the certificate is not signed by the CA")?;
+    Ok(summarize(&cert))
+}

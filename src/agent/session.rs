@@ -1,0 +1,112 @@
+//! One tunnel session: connect to the proxy (unless a probe already did), retire the
+//! tunnels it replaces once it is up, then serve the proxy's streams until the tunnel
+//! ends, is retired, or the agent stops.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tracing::info;
+
+use super::backend::ServiceMap;
+use super::identity::Identity;
+use crate::runtime::rfc3339;
+use crate::runtime::shutdown::Trigger;
+use crate::tunnel::{self, AgentConn, ConnectError, Kind, Transport, TunnelError};
+
+/// What every session of an agent needs, fixed when the agent is built.
+pub(super) struct SessionCtx {
+    /// The proxy's agent address, `host:port`.
+    pub(super) server: String,
+    pub(super) services: Arc<ServiceMap>,
+    pub(super) drain_grace: Duration,
+    pub(super) transport: Transport,
+    pub(super) quic_fallback_after: Duration,
+    pub(super) quic_reprobe: Duration,
+}
+
+/// Why a session ended badly.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SessionError {
+    #[error("{source}{}", clock_note(.source, *.not_after))]
+    Connect {
+        source: ConnectError,
+        /// Expiry of the certificate the attempt used.
+        not_after: i64,
+    },
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+}
+
+/// Both clocks' view, which helps with "expired" or "not yet valid" refusals.
+fn clock_note(e: &ConnectError, not_after: i64) -> String {
+    if !e.is_handshake() {
+        return String::new();
+    }
+    format!(
+        " (our certificate is valid until {}; this machine's clock says {})",
+        rfc3339(not_after),
+        rfc3339(time::OffsetDateTime::now_utc().unix_timestamp()),
+    )
+}
+
+/// Connects to the proxy as `id` on `kind` within `limit`.
+pub(super) async fn connect(
+    ctx: &SessionCtx,
+    kind: Kind,
+    id: &Identity,
+    limit: Duration,
+) -> Result<AgentConn, SessionError> {
+    let failed = |source| SessionError::Connect {
+        source,
+        not_after: id.not_after,
+    };
+    let creds = id
+        .credentials()
+        .map_err(|e| failed(ConnectError::Config(e)))?;
+    tunnel::connect(kind, &ctx.server, &creds, limit)
+        .await
+        .map_err(failed)
+}
+
+/// One tunnel, from connecting to its end.
+pub(super) struct Session {
+    pub(super) ctx: Arc<SessionCtx>,
+    pub(super) kind: Kind,
+    /// Longest a connection attempt may take.
+    pub(super) limit: Duration,
+    /// A connection a background probe already made.
+    pub(super) preconnected: Option<AgentConn>,
+    pub(super) identity: Arc<Identity>,
+    /// Shutdown: drain within the grace period.
+    pub(super) stop: Trigger,
+    /// A newer tunnel is up: take no new streams, let open ones finish.
+    pub(super) retire: Trigger,
+    /// Set once this session's tunnel is up.
+    pub(super) established: Arc<AtomicBool>,
+    /// The retire triggers of older tunnels, fired once this one is up (not before: a
+    /// client must always find a tunnel).
+    pub(super) to_retire: Arc<Mutex<Vec<Trigger>>>,
+}
+
+impl Session {
+    pub(super) async fn run(self) -> Result<(), SessionError> {
+        let conn = match self.preconnected {
+            Some(conn) => conn,
+            None => tokio::select! {
+                r = connect(&self.ctx, self.kind, &self.identity, self.limit) => r?,
+                () = self.stop.cancelled() => return Ok(()),
+                () = self.retire.cancelled() => return Ok(()),
+            },
+        };
+        self.established.store(true, Ordering::Relaxed);
+        info!("tunnel up");
+        for old in self.to_retire.lock().expect("retire list").drain(..) {
+            old.fire();
+        }
+        let services = self.ctx.services.clone();
+        conn.serve(services, self.stop, self.retire, self.ctx.drain_grace)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,140 @@
+//! The supervisor: keeps one tunnel to the proxy up for as long as the agent runs.
+//!
+//! It reconnects with the one backoff after a failure, opens a new tunnel with a renewed
+//! certificate and lets the old one drain (its open streams run to their end), and follows
+//! the transport [`Choice`]: with `--transport auto` a tunnel on the fallback keeps
+//! probing the better transport in the background, and when a probe connects that
+//! connection becomes the tunnel and the old one drains. Every session lives in one
+//! `JoinSet`, so dropping the agent ends them all.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn, Instrument};
+
+use super::identity::Identity;
+use super::session::{connect, Session, SessionCtx};
+use crate::runtime::backoff::Backoff;
+use crate::runtime::shutdown::Trigger;
+use crate::tunnel::{AgentConn, Choice};
+
+/// First reconnect delay.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest reconnect delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Keeps one tunnel up until `stop` fires, always as the current identity.
+pub(super) async fn keep_tunnel_up(
+    ctx: &Arc<SessionCtx>,
+    identity: &watch::Sender<Arc<Identity>>,
+    stop: &Trigger,
+) {
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+    let mut choice = Choice::new(ctx.transport, ctx.quic_fallback_after);
+    let mut renewed = identity.subscribe();
+    let mut sessions = JoinSet::new();
+    // Tunnels on an old certificate or transport, retired as soon as the next tunnel is
+    // up (not before: a client must always find one).
+    let to_retire: Arc<Mutex<Vec<Trigger>>> = Arc::default();
+    // A connection a probe made, and the identity it was made with.
+    let mut preconnected: Option<(AgentConn, Arc<Identity>)> = None;
+    'connect: while !stop.is_fired() {
+        let id = renewed.borrow_and_update().clone();
+        // A probe that raced a renewal used the old certificate: not that one.
+        let ready = preconnected
+            .take()
+            .filter(|(_, used)| Arc::ptr_eq(used, &id))
+            .map(|(conn, _)| conn);
+        let kind = choice.next();
+        let retire = Trigger::default();
+        let established = Arc::new(AtomicBool::new(false));
+        let session = Session {
+            ctx: ctx.clone(),
+            kind,
+            limit: choice.connect_limit(kind),
+            preconnected: ready,
+            identity: id.clone(),
+            stop: stop.clone(),
+            retire: retire.clone(),
+            established: established.clone(),
+            to_retire: to_retire.clone(),
+        };
+        let span = tracing::info_span!("tunnel", server = %ctx.server, transport = kind.name());
+        let current = sessions.spawn(session.run().instrument(span)).id();
+        // A probe lives across loop turns, so nothing else happening cancels a handshake.
+        let probing = choice.probe_while_on(kind);
+        let (probe_kind, probe_limit) = match probing {
+            Some(better) => (better, choice.connect_limit(better)),
+            None => (kind, Duration::ZERO), // never polled
+        };
+        let new_probe = || {
+            let (ctx, id) = (ctx.clone(), id.clone());
+            Box::pin(async move {
+                tokio::time::sleep(ctx.quic_reprobe).await;
+                connect(&ctx, probe_kind, &id, probe_limit).await
+            })
+        };
+        let mut probe = new_probe();
+        let mut next_preconnected = None;
+        let outcome = loop {
+            tokio::select! {
+                Some(done) = sessions.join_next_with_id() => match done {
+                    Ok((task, r)) if task == current => break Ok(r),
+                    Err(e) if e.id() == current => break Err(e),
+                    _ => {} // a retired session finished draining
+                },
+                Ok(()) = renewed.changed() => {
+                    info!("opening a tunnel with the renewed certificate; the old one drains once it is up");
+                    to_retire.lock().expect("retire list").push(retire.clone());
+                    backoff.reset();
+                    continue 'connect;
+                }
+                probed = &mut probe, if probing.is_some() => match probed {
+                    Ok(conn) => {
+                        info!(transport = probe_kind.name(), "this transport works again: new streams use it; the old tunnel drains");
+                        choice.probe_worked();
+                        next_preconnected = Some((conn, id.clone()));
+                        to_retire.lock().expect("retire list").push(retire.clone());
+                        break Ok(Ok(()));
+                    }
+                    Err(e) => {
+                        debug!(transport = probe_kind.name(), error = %e, "still unavailable; staying on the fallback");
+                        probe = new_probe();
+                    }
+                },
+            }
+        };
+        if next_preconnected.is_some() {
+            preconnected = next_preconnected;
+            continue 'connect;
+        }
+        let was_up = established.load(Ordering::Relaxed);
+        match outcome {
+            Ok(Ok(())) if stop.is_fired() => break,
+            Ok(Ok(())) => info!("tunnel closed by the proxy; reconnecting"),
+            Ok(Err(e)) if !was_up => {
+                if choice.failed(kind, &e) {
+                    continue; // the fallback, at once
+                }
+            }
+            Ok(Err(e)) => warn!(error = %e, "tunnel failed"),
+            Err(e) => warn!(error = %e, "tunnel task failed"),
+        }
+        if was_up {
+            backoff.reset();
+            choice.was_up(kind);
+        }
+        let delay = backoff.next_delay();
+        debug!(?delay, "reconnecting after a pause");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            Ok(()) = renewed.changed() => {}
+            () = stop.cancelled() => break,
+        }
+    }
+    // Retired sessions saw `stop` too and end within the drain grace.
+    while sessions.join_next().await.is_some() {}
+}

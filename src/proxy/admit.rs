@@ -1,0 +1,64 @@
+//! Certificate admission: who a tunnel belongs to, and which names it may serve now.
+//!
+//! The TLS layer has already verified the chain, the validity and the revocation list at
+//! the handshake. Here the verified certificate is read (agent name, serial, names) and
+//! checked against a fresh read of the state: the agent may have been revoked or narrowed
+//! since the last reload. A tunnel serves the names its certificate holds *and* the state
+//! still grants.
+
+use std::net::SocketAddr;
+
+use revproxy_ca::CertSummary;
+use tracing::warn;
+
+use super::Shared;
+use crate::route::name_matches;
+
+/// Who is on the other end of a tunnel, from its verified client certificate.
+pub(super) struct Peer {
+    /// Agent name (the certificate's CN).
+    pub(super) agent: String,
+    /// Serial of the certificate, hex.
+    pub(super) serial: String,
+    /// DNS names in the certificate: the most the agent may ever serve.
+    pub(super) cert_hosts: Vec<String>,
+}
+
+/// Reads the agent's certificate `der` and returns who it is and the names to register
+/// its tunnel under, or `None` (logged) to refuse the tunnel.
+pub(super) async fn admit(
+    shared: &Shared,
+    der: Option<&[u8]>,
+    peer: SocketAddr,
+) -> Option<(Peer, Vec<String>)> {
+    let Some(who) = der.and_then(peer_of) else {
+        warn!(%peer, "tunnel without a readable client certificate; closing");
+        return None;
+    };
+    let state = shared.state.refresh().await;
+    if state.revoked.contains(&who.serial) {
+        warn!(%peer, agent = %who.agent, serial = %who.serial, "certificate revoked; closing the tunnel");
+        return None;
+    }
+    let granted = state.grants.get(&who.agent).cloned().unwrap_or_default();
+    let hosts = granted_hosts(&who.cert_hosts, &granted);
+    Some((who, hosts))
+}
+
+fn peer_of(der: &[u8]) -> Option<Peer> {
+    let cert = CertSummary::from_der(der)?;
+    Some(Peer {
+        agent: cert.common_name?,
+        serial: cert.serial,
+        cert_hosts: cert.dns_names,
+    })
+}
+
+/// The names of `cert_hosts` that `grant` still covers.
+pub(super) fn granted_hosts(cert_hosts: &[String], grant: &[String]) -> Vec<String> {
+    cert_hosts
+        .iter()
+        .filter(|h| grant.iter().any(|g| g == *h || name_matches(g, h)))
+        .cloned()
+        .collect()
+}

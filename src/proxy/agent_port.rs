@@ -1,0 +1,201 @@
+//! The agent port: one port number, two protocols. On TCP, a TLS handshake whose ALPN
+//! says what follows: `h2` is a tunnel (a client certificate is required and verified in
+//! the handshake), `http/1.1` is enrollment or renewal (`enroll.rs`). On UDP, QUIC tunnels.
+//! A tunnel is admitted (`admit.rs`), registered, held until it ends, and forgotten.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::LazyConfigAcceptor;
+use tracing::{debug, info, warn};
+
+use super::accept::{self, Acceptor};
+use super::admit::{admit, Peer};
+use super::registry::Tunnel;
+use super::{enroll, Shared, MAX_AGENT_CONNECTIONS};
+use crate::runtime::shutdown::Trigger;
+use crate::tls;
+use crate::tunnel::{self, quic, HANDSHAKE_TIMEOUT};
+
+/// The agent port's listeners.
+pub(super) struct AgentPort {
+    tcp: TcpListener,
+    quic: Option<quinn::Endpoint>,
+}
+
+/// A UDP socket for QUIC tunnels at the agent listener's address.
+pub(super) fn quic_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    quic::udp_socket(addr).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen for QUIC on udp {addr}: {e}"),
+        )
+    })
+}
+
+impl AgentPort {
+    pub(super) fn new(
+        tcp: TcpListener,
+        quic: Option<std::net::UdpSocket>,
+        tunnel_tls: rustls::ServerConfig,
+    ) -> std::io::Result<AgentPort> {
+        let quic = quic
+            .map(|socket| quic::proxy::endpoint(socket, tunnel_tls))
+            .transpose()?;
+        Ok(AgentPort { tcp, quic })
+    }
+
+    pub(super) fn addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// Accepts agents until `stop`, then waits for their connections to end (tunnels close
+    /// when the proxy fires `close_tunnels`, after the client connections drained), at most
+    /// twice `grace`.
+    pub(super) async fn run(self, shared: Arc<Shared>, stop: Trigger, grace: std::time::Duration) {
+        if let Ok(addr) = self.tcp.local_addr() {
+            info!(%addr, pin = %shared.ca.pin(), "agent listener ready");
+        }
+        let tcp = {
+            let shared = shared.clone();
+            let permits = Arc::new(Semaphore::new(MAX_AGENT_CONNECTIONS));
+            let handle = move |tcp, peer| serve_tcp(shared.clone(), tcp, peer);
+            accept::serve(self.tcp, stop.clone(), permits, grace * 2, handle)
+        };
+        let quic = async {
+            let Some(endpoint) = self.quic else { return };
+            if let Ok(addr) = endpoint.local_addr() {
+                info!(%addr, "QUIC tunnel listener ready (udp)");
+            }
+            let permits = Arc::new(Semaphore::new(MAX_AGENT_CONNECTIONS));
+            let handle = move |incoming, peer| serve_quic(shared.clone(), incoming, peer);
+            let acceptor = QuicAcceptor(endpoint.clone());
+            accept::serve(acceptor, stop.clone(), permits, grace * 2, handle).await;
+            quic::proxy::close(&endpoint, "proxy shutting down").await;
+        };
+        tokio::join!(tcp, quic);
+    }
+}
+
+/// The QUIC endpoint as an [`Acceptor`].
+struct QuicAcceptor(quinn::Endpoint);
+
+impl Acceptor for QuicAcceptor {
+    type Conn = quinn::Incoming;
+
+    async fn accept(&mut self) -> Option<(quinn::Incoming, SocketAddr)> {
+        let incoming = quic::proxy::accept(&self.0).await?;
+        let peer = incoming.remote_address();
+        Some((incoming, peer))
+    }
+
+    fn refuse(incoming: quinn::Incoming) {
+        incoming.refuse();
+    }
+
+    fn stop(self) {
+        quic::proxy::stop_accepting(&self.0);
+    }
+}
+
+/// One TCP connection on the agent port: TLS, then a tunnel or an enrollment.
+async fn serve_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    // Look at the ClientHello first: tunnels (ALPN h2) must present a certificate, which
+    // is then checked in the handshake itself; enrollment cannot have one yet.
+    let handshake = async {
+        let io = tunnel::h2::tunnel_io(tcp);
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+        let tunnel = tls::offers_h2(&start.client_hello());
+        let config = if tunnel {
+            shared.tunnel_config.clone()
+        } else {
+            shared.enroll_config.clone()
+        };
+        Ok::<_, std::io::Error>((tunnel, start.into_stream(config).await?))
+    };
+    let (tunnel, stream) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(done)) => done,
+        Ok(Err(e)) => {
+            // A refused agent certificate is an operator's business; line noise is not.
+            match e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            {
+                Some(
+                    tls_error @ (rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented),
+                ) => warn!(%peer, error = %tls_error, "agent certificate refused"),
+                _ => debug!(%peer, error = %e, "TLS handshake failed on the agent port"),
+            }
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "TLS handshake timed out on the agent port");
+            return;
+        }
+    };
+    let der = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .map(|der| der.to_vec());
+    if !tunnel {
+        let client_serial = der
+            .as_deref()
+            .and_then(revproxy_ca::CertSummary::from_der)
+            .map(|c| c.serial);
+        return enroll::serve(shared, stream, peer, client_serial).await;
+    }
+    let Some((who, hosts)) = admit(&shared, der.as_deref(), peer).await else {
+        return;
+    };
+    match tunnel::accept_h2(stream).await {
+        Ok((link, conn)) => hold(&shared, who, hosts, link, conn, peer).await,
+        Err(e) => debug!(%peer, agent = %who.agent, error = %e, "tunnel handshake failed"),
+    }
+}
+
+/// One QUIC connection on the agent port: always a tunnel.
+async fn serve_quic(shared: Arc<Shared>, incoming: quinn::Incoming, peer: SocketAddr) {
+    let (link, conn, der) = match tunnel::accept_quic(incoming).await {
+        Ok(accepted) => accepted,
+        Err(e) if e.certificate_refused() => {
+            return warn!(%peer, error = %e, "agent certificate refused (QUIC)")
+        }
+        Err(e) => return debug!(%peer, error = %e, "QUIC handshake failed"),
+    };
+    let Some((who, hosts)) = admit(&shared, der.as_deref(), peer).await else {
+        return conn.refuse();
+    };
+    hold(&shared, who, hosts, link, conn, peer).await;
+}
+
+/// Registers a tunnel under `hosts` and holds it until it closes, dies, is closed by the
+/// proxy (revocation) or the proxy shuts down; then forgets it.
+async fn hold(
+    shared: &Shared,
+    who: Peer,
+    hosts: Vec<String>,
+    link: tunnel::Link,
+    conn: tunnel::ProxyConn,
+    peer: SocketAddr,
+) {
+    let id = shared.registry.next_id();
+    let tunnel = Arc::new(Tunnel::new(id, who, link));
+    shared.registry.insert(tunnel.clone(), hosts.clone());
+    info!(agent = %tunnel.agent, tunnel = id, transport = tunnel.transport(), ?hosts, "tunnel up");
+    let close = async {
+        tokio::select! {
+            () = tunnel.close.notified() => "closed by the proxy",
+            () = shared.close_tunnels.cancelled() => "proxy shutting down",
+        }
+    };
+    let retire = || shared.registry.retire(id);
+    let reason = conn.drive(close, retire).await;
+    shared.registry.remove(id);
+    info!(%peer, agent = %tunnel.agent, tunnel = id, %reason, "tunnel down");
+}

@@ -1,0 +1,30 @@
+//! What a public client is told when it cannot be served, in its own protocol: a TLS alert
+//! for an SNI client, an HTTP status with a one-line reason for an HTTP client, and
+//! silence on a fixed-target listener (whose protocol we do not know).
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// How a connection's protocol lets us say "no".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Reply {
+    Tls,
+    Http,
+    Silent,
+}
+
+/// A TLS fatal alert record: unrecognized_name (112).
+pub(super) const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112];
+/// A TLS fatal alert record: internal_error (80).
+pub(super) const ALERT_INTERNAL_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 80];
+
+/// Answers an HTTP client with `status` and a one-line `reason`, then closes.
+pub(super) async fn http_error(tcp: &mut TcpStream, status: u16, text: &str, reason: &str) {
+    let body = format!("{reason}\n");
+    let response = format!(
+        "HTTP/1.1 {status} {text}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tcp.write_all(response.as_bytes()).await;
+    let _ = tcp.shutdown().await;
+}

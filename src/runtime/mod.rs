@@ -1,0 +1,33 @@
+//! What both programs need from the process around them, whichever side they run:
+//! shutdown signals, the one reconnect backoff, logging setup, default state directories
+//! and time display. Nothing here knows about tunnels, routing or certificates.
+
+pub(crate) mod backoff;
+pub mod dirs;
+pub mod logging;
+pub(crate) mod shutdown;
+
+pub use logging::rfc3339;
+pub use shutdown::shutdown_signal;
+
+use std::time::Duration;
+
+/// Time allowed to open any outgoing TCP connection: the agent's to the proxy and to its
+/// backends, the proxy's to a static `tcp://` backend.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to `addr` (`host:port`) within [`CONNECT_TIMEOUT`], with Nagle off: every
+/// connection revproxy opens carries interactive traffic. A timeout is an error of kind
+/// `TimedOut`.
+pub(crate) async fn connect(addr: &str) -> std::io::Result<tokio::net::TcpStream> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no connection within {CONNECT_TIMEOUT:?}"),
+            )
+        })??;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}

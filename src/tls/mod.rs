@@ -1,0 +1,85 @@
+//! TLS for the agent port, both ends: `server.rs` is the proxy's (its renewable
+//! certificate, the client-certificate verifier with the revocation check), `client.rs` the
+//! agent's (the pinned-CA verifier). What a certificate says is read by
+//! [`revproxy_ca::CertSummary`], the one X.509 reader.
+//!
+//! One crypto provider (ring) and TLS 1.3 only: both ends are ours, so there is nothing
+//! older to talk to. The agent never uses the system trust store: it accepts the proxy only
+//! if the proxy's chain ends in a CA whose public key matches a pin it holds (from the
+//! token when enrolling, from `ca.crt` afterwards).
+
+mod client;
+mod server;
+
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+pub use client::{agent_client_config, pinned_client_config, quic_client_config};
+pub(crate) use client::{find_pin_mismatch, Credentials};
+pub(crate) use server::{agent_listener_config, offers_h2, tunnel_listener_config, ServerCert};
+
+/// ALPN id of the enrollment (and later renewal) API: HTTP/1.1.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// ALPN id of h2 tunnels.
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN of QUIC tunnels (UDP, same port number as the agent listener).
+pub const ALPN_QUIC: &[u8] = b"revproxy-quic/1";
+
+/// Why a TLS setup step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{what} holds no usable PEM {kind}")]
+    Pem { what: String, kind: &'static str },
+    #[error("TLS configuration failed: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client verifier configuration failed: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("{0:?} is not a valid host name")]
+    ServerName(String),
+}
+
+/// The crypto provider used everywhere in revproxy.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Parses every certificate in a PEM text.
+pub(crate) fn certs_from_pem(
+    pem: &str,
+    what: &str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|_| TlsError::Pem {
+            what: what.into(),
+            kind: "certificate",
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            what: what.into(),
+            kind: "certificate",
+        });
+    }
+    Ok(certs)
+}
+
+/// Parses a PEM private key.
+pub(crate) fn key_from_pem(pem: &str, what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|_| TlsError::Pem {
+        what: what.into(),
+        kind: "private key",
+    })
+}
+
+/// The server name to send for a `host:port` address (an IP address or a DNS name).
+pub(crate) fn server_name(addr: &str) -> Result<ServerName<'static>, TlsError> {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    ServerName::try_from(host.to_string()).map_err(|_| TlsError::ServerName(host.to_string()))
+}

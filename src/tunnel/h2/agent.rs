@@ -1,0 +1,133 @@
+//! The agent's end of an h2 tunnel: the HTTP/2 server. It dials the proxy (TCP, then TLS
+//! with its client certificate), accepts the proxy's `CONNECT`s, and serves each one:
+//! dial the backend, answer, splice.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Request, Response, StatusCode};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, warn};
+
+use super::{keepalive, splice, KeepaliveError, TunnelIo, CLIENT_ADDR_HEADER, ERROR_HEADER};
+use crate::tls::Credentials;
+use crate::tunnel::{Backends, ConnectError, Refusal, TunnelError};
+
+type H2Conn = h2::server::Connection<TlsStream<TunnelIo>, Bytes>;
+
+/// One CONNECT from the proxy, not yet answered.
+pub(crate) type Incoming = (Request<RecvStream>, SendResponse<Bytes>);
+
+/// An h2 tunnel whose handshakes are done.
+pub(crate) struct Conn {
+    conn: H2Conn,
+    /// PINGs the proxy; completes when it stops answering.
+    keepalive: Pin<Box<dyn std::future::Future<Output = KeepaliveError> + Send>>,
+}
+
+/// The h2 server settings of the agent.
+fn builder() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(super::STREAM_WINDOW)
+        .initial_connection_window_size(super::CONNECTION_WINDOW)
+        .max_frame_size(super::MAX_FRAME_SIZE)
+        .max_send_buffer_size(super::STREAM_WINDOW as usize)
+        .max_concurrent_streams(super::MAX_STREAMS);
+    b
+}
+
+/// Dials the proxy at `server` and completes TLS and the HTTP/2 handshake (the caller
+/// bounds the whole).
+pub(crate) async fn connect(server: &str, creds: &Credentials<'_>) -> Result<Conn, ConnectError> {
+    let config = creds.client_config(crate::tls::ALPN_H2)?;
+    let name = crate::tls::server_name(server)?;
+    let tcp = crate::runtime::connect(server)
+        .await
+        .map_err(ConnectError::Connect)?;
+    let mut tls = TlsConnector::from(Arc::new(config))
+        .connect(name, super::tunnel_io(tcp))
+        .await
+        .map_err(|e| ConnectError::Tls(e.to_string()))?;
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
+    let mut conn = builder()
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(ConnectError::H2)?;
+    let ping = conn.ping_pong().expect("ping_pong is taken once");
+    Ok(Conn {
+        conn,
+        keepalive: Box::pin(keepalive(ping)),
+    })
+}
+
+impl Conn {
+    /// The next CONNECT; `None` once the proxy closed the tunnel or a graceful shutdown
+    /// has completed. Also drives the connection and its keep-alive.
+    pub(crate) async fn accept(&mut self) -> Result<Option<Incoming>, TunnelError> {
+        tokio::select! {
+            accepted = self.conn.accept() => match accepted {
+                Some(Ok(incoming)) => Ok(Some(incoming)),
+                Some(Err(e)) => Err(TunnelError::Broken(e.to_string())),
+                None => Ok(None),
+            },
+            e = &mut self.keepalive => Err(TunnelError::Broken(e.to_string())),
+        }
+    }
+
+    /// Takes no new streams: a GOAWAY, after which the open ones run to their end.
+    pub(crate) fn goaway(&mut self) {
+        self.conn.graceful_shutdown();
+    }
+}
+
+/// Serves one `CONNECT`: find the backend, dial it, answer, splice.
+pub(crate) async fn serve_stream<B: Backends>(backends: Arc<B>, (request, mut respond): Incoming) {
+    let name = request
+        .uri()
+        .authority()
+        .map(|a| a.host().to_ascii_lowercase())
+        .unwrap_or_default();
+    let client = request
+        .headers()
+        .get(CLIENT_ADDR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<SocketAddr>().ok());
+    let refuse = |respond: &mut SendResponse<Bytes>, refusal: Refusal| {
+        warn!(host = %name, ?client, status = refusal.status, reason = %refusal.reason, "stream refused");
+        let response = Response::builder()
+            .status(refusal.status)
+            .header(ERROR_HEADER, refusal.reason)
+            .body(())
+            .expect("valid response");
+        let _ = respond.send_response(response, true);
+    };
+    if request.method() != http::Method::CONNECT {
+        return refuse(
+            &mut respond,
+            Refusal {
+                status: StatusCode::METHOD_NOT_ALLOWED.as_u16(),
+                reason: "only CONNECT is served".into(),
+            },
+        );
+    }
+    let (backend, addr) = match backends.dial(&name).await {
+        Ok(dialed) => dialed,
+        Err(refusal) => return refuse(&mut respond, refusal),
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => return debug!(error = %e, "stream gone before the answer"),
+    };
+    debug!(host = %name, ?client, backend = addr, "stream open");
+    match splice::splice(backend, send, request.into_body()).await {
+        Ok((up, down)) => debug!(host = %name, to_backend = down, from_backend = up, "stream done"),
+        Err(e) => debug!(host = %name, error = %e, "stream ended with an error"),
+    }
+}

@@ -1,0 +1,88 @@
+//! The h2 tunnel: TCP + mutual TLS + HTTP/2, with the roles turned around. The agent
+//! dials and is the HTTP/2 *server*; the proxy is the *client* and sends one `CONNECT` per
+//! routed client (`:authority` = the name, [`CLIENT_ADDR_HEADER`] = the client's address,
+//! the client's first bytes in the request body right away). The agent answers `200` once
+//! its backend accepted, or a 4xx/5xx with a reason in [`ERROR_HEADER`]; then bytes flow
+//! both ways in the request and response bodies (`docs/protocol.md`).
+//!
+//! This folder holds both ends: `proxy.rs` (handshake, driving the connection, opening
+//! streams), `agent.rs` (dialing, accepting streams, serving one), `splice.rs` (the byte
+//! pumps). Here: the settings both ends share and the keep-alive PING.
+
+pub(crate) mod agent;
+pub(crate) mod proxy;
+pub(crate) mod splice;
+
+use std::io;
+use std::time::Duration;
+
+/// Per-stream receive window. Bounds what one stream can have in flight (and so the memory
+/// a reader that stopped can pin on the far side) while letting one stream fill a fast
+/// link: measured on loopback, 2 MiB gave about 5.3 Gbit/s single-stream and 8 MiB about
+/// 6–7 (see `docs/benchmarks.md`).
+pub(crate) const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+/// Per-connection receive window: large, so stalled streams cannot starve the rest of the
+/// tunnel until 32 of them each hold a full stream window. It also bounds the memory all
+/// stalled streams of one tunnel can pin.
+pub(crate) const CONNECTION_WINDOW: u32 = 256 * 1024 * 1024;
+/// Largest DATA frame. Bigger frames mean fewer frame headers and wakeups per byte.
+pub(crate) const MAX_FRAME_SIZE: u32 = 64 * 1024;
+/// Most streams the agent lets one tunnel carry at once.
+pub(crate) const MAX_STREAMS: u32 = 16 * 1024;
+/// Header carrying the public client's address on a `CONNECT`.
+pub(crate) const CLIENT_ADDR_HEADER: &str = "x-revproxy-client";
+/// Header carrying a one-line reason on a refused `CONNECT`.
+pub(crate) const ERROR_HEADER: &str = "x-revproxy-error";
+
+/// Interval between keep-alive PINGs on an idle tunnel, from either side.
+pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// A PING unanswered this long means the tunnel is dead.
+pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a keep-alive gave up on the peer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum KeepaliveError {
+    #[error("ping failed: {0}")]
+    Failed(#[source] h2::Error),
+    #[error("no answer to a ping within {PING_TIMEOUT:?}")]
+    NoAnswer,
+}
+
+/// PINGs the peer every [`PING_INTERVAL`]; returns why it stopped answering. Both ends
+/// run one, so each finds a dead path by itself.
+pub(crate) async fn keepalive(mut ping: h2::PingPong) -> KeepaliveError {
+    loop {
+        tokio::time::sleep(PING_INTERVAL).await;
+        match tokio::time::timeout(PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return KeepaliveError::Failed(e),
+            Err(_) => return KeepaliveError::NoAnswer,
+        }
+    }
+}
+
+/// An h2 error as an I/O error, keeping the I/O error inside when there is one.
+pub(crate) fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        e.into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"))
+    } else {
+        io::Error::other(e)
+    }
+}
+
+/// Read buffer under a tunnel's TLS: rustls reads about one record per syscall, so a
+/// large buffer below it cuts the receive syscalls of a busy tunnel several-fold.
+pub(crate) const TUNNEL_READ_BUFFER: usize = 256 * 1024;
+
+/// Plaintext rustls may hold for encryption (its default is 64 KiB): more lets one write
+/// from h2 carry several frames.
+pub(crate) const TLS_SEND_BUFFER: usize = 1024 * 1024;
+
+/// The socket under a tunnel's TLS.
+pub(crate) type TunnelIo = tokio::io::BufReader<tokio::net::TcpStream>;
+
+/// Wraps a tunnel's TCP connection in the read buffer.
+pub(crate) fn tunnel_io(tcp: tokio::net::TcpStream) -> TunnelIo {
+    tokio::io::BufReader::with_capacity(TUNNEL_READ_BUFFER, tcp)
+}

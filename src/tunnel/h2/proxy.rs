@@ -1,0 +1,100 @@
+//! The proxy's end of an h2 tunnel: the HTTP/2 client. The agent port has done TCP and
+//! mutual TLS; this completes the HTTP/2 handshake, drives the connection (and its PINGs)
+//! until it ends, and opens one `CONNECT` stream per routed client.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, StatusCode};
+use tokio_rustls::server::TlsStream;
+
+use super::{keepalive, splice, TunnelIo, CLIENT_ADDR_HEADER, ERROR_HEADER, TLS_SEND_BUFFER};
+use crate::tunnel::{OpenError, OpenRequest, HANDSHAKE_TIMEOUT};
+
+/// The HTTP/2 connection of a tunnel, driven by [`drive`].
+pub(crate) type Conn = h2::client::Connection<TlsStream<TunnelIo>, Bytes>;
+
+/// Why the HTTP/2 handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HandshakeError {
+    #[error("HTTP/2 handshake failed: {0}")]
+    H2(#[from] h2::Error),
+    #[error("HTTP/2 handshake timed out after {HANDSHAKE_TIMEOUT:?}")]
+    Timeout,
+}
+
+/// The h2 client settings of the proxy.
+fn builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(super::STREAM_WINDOW)
+        .initial_connection_window_size(super::CONNECTION_WINDOW)
+        .max_frame_size(super::MAX_FRAME_SIZE)
+        .max_send_buffer_size(super::STREAM_WINDOW as usize);
+    b
+}
+
+/// Completes the HTTP/2 handshake on an agent's TLS connection, within
+/// [`HANDSHAKE_TIMEOUT`].
+pub(crate) async fn handshake(
+    mut tls: TlsStream<TunnelIo>,
+) -> Result<(SendRequest<Bytes>, Conn), HandshakeError> {
+    tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, builder().handshake(tls)).await {
+        Ok(done) => Ok(done?),
+        Err(_) => Err(HandshakeError::Timeout),
+    }
+}
+
+/// Drives the connection until the agent closes it, it stops answering PINGs, or `close`
+/// completes (then the connection is dropped, which closes it). Returns why it ended.
+pub(crate) async fn drive(mut conn: Conn, close: impl Future<Output = &'static str>) -> String {
+    let ping = conn.ping_pong().expect("ping_pong is taken once");
+    tokio::select! {
+        r = &mut conn => match r {
+            Ok(()) => "closed by the agent".to_string(),
+            Err(e) => format!("connection failed: {e}"),
+        },
+        e = keepalive(ping) => e.to_string(),
+        reason = close => reason.to_string(),
+    }
+}
+
+/// Sends a `CONNECT` for `req.name` carrying the client's first bytes, and waits for the
+/// agent's answer (the caller bounds the wait).
+pub(crate) async fn open(
+    sender: &SendRequest<Bytes>,
+    req: &OpenRequest<'_>,
+) -> Result<(SendStream<Bytes>, RecvStream), OpenError> {
+    let tunnel_err = |source: h2::Error| OpenError::Tunnel {
+        gone: source.is_go_away()
+            || source.is_io()
+            || source.reason() == Some(h2::Reason::REFUSED_STREAM),
+        reason: source.to_string(),
+    };
+    let mut sender = sender.clone().ready().await.map_err(tunnel_err)?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(req.name)
+        .header(CLIENT_ADDR_HEADER, req.client.to_string())
+        .body(())
+        .expect("a validated name is a valid authority");
+    let (response, mut send) = sender.send_request(request, false).map_err(tunnel_err)?;
+    // A failure here is the stream being refused or reset: the answer says why.
+    let _ = splice::send_all(&mut send, req.early.clone()).await;
+    let response = response.await.map_err(tunnel_err)?;
+    if response.status() != StatusCode::OK {
+        let reason = response
+            .headers()
+            .get(ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("no reason given")
+            .to_string();
+        return Err(OpenError::Refused {
+            status: response.status().as_u16(),
+            reason,
+        });
+    }
+    Ok((send, response.into_body()))
+}

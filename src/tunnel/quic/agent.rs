@@ -1,0 +1,141 @@
+//! The agent's end of a QUIC tunnel: it dials the proxy with its client certificate,
+//! accepts the streams the proxy opens and serves each one (read the header, dial the
+//! backend, answer, splice); it retires the tunnel with a GOAWAY control stream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::VarInt;
+use tracing::{debug, warn};
+
+use super::{code, read_frame, splice, transport_config, udp_socket, Role, GOAWAY, HEADER_TIMEOUT};
+use crate::tls::Credentials;
+use crate::tunnel::{Backends, ConnectError, TunnelError};
+use crate::wire::stream::{Answer, StreamHeader};
+
+/// One stream the proxy opened, not yet answered.
+pub(crate) type Incoming = (quinn::SendStream, quinn::RecvStream);
+
+/// A QUIC tunnel whose handshake is done. The endpoint is kept so that the close is sent
+/// before its socket goes.
+pub(crate) struct Conn {
+    conn: quinn::Connection,
+    endpoint: quinn::Endpoint,
+}
+
+/// Dials the proxy at `server` over QUIC (the caller bounds the whole).
+pub(crate) async fn connect(server: &str, creds: &Credentials<'_>) -> Result<Conn, ConnectError> {
+    let addr = tokio::net::lookup_host(server)
+        .await
+        .map_err(ConnectError::Resolve)?
+        .next()
+        .ok_or(ConnectError::NoAddress)?;
+    let crypto = creds.client_config(crate::tls::ALPN_QUIC)?;
+    let mut config = crate::tls::quic_client_config(crypto);
+    config.transport_config(Arc::new(transport_config(Role::Agent)));
+    let local: SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = udp_socket(local).map_err(ConnectError::Udp)?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(ConnectError::Udp)?;
+    // The verifier checks the pinned CA, not the name; quinn still wants a valid one.
+    let host = server
+        .rsplit_once(':')
+        .map_or(server, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let conn = endpoint
+        .connect_with(config, addr, host)
+        .map_err(|e| ConnectError::Tls(e.to_string()))?
+        .await
+        .map_err(|e| ConnectError::Tls(e.to_string()))?;
+    Ok(Conn { conn, endpoint })
+}
+
+impl Conn {
+    /// The next stream; `None` once the proxy closed the tunnel.
+    pub(crate) async fn accept(&mut self) -> Result<Option<Incoming>, TunnelError> {
+        match self.conn.accept_bi().await {
+            Ok(incoming) => Ok(Some(incoming)),
+            Err(quinn::ConnectionError::ApplicationClosed(close)) => {
+                debug!(reason = %String::from_utf8_lossy(&close.reason), "tunnel closed by the proxy");
+                Ok(None)
+            }
+            Err(e) => Err(TunnelError::Broken(e.to_string())),
+        }
+    }
+
+    /// Tells the proxy to route nothing new here (see [`GOAWAY`]).
+    pub(crate) async fn goaway(&mut self) {
+        let send = async {
+            if let Ok(mut control) = self.conn.open_uni().await {
+                let _ = control.write_all(GOAWAY).await;
+                let _ = control.finish();
+            }
+        };
+        // Bounded: a tunnel too broken to take this is closing anyway.
+        let _ = tokio::time::timeout(Duration::from_secs(1), send).await;
+    }
+
+    /// Closes the tunnel (its streams are done, or out of time).
+    pub(crate) fn close(&self, reason: &'static str) {
+        self.conn
+            .close(VarInt::from_u32(code::DONE), reason.as_bytes());
+    }
+
+    /// Lets the close reach the proxy before the socket goes (bounded).
+    pub(crate) async fn finish(self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Serves one stream: read its header, dial the backend, answer, splice.
+pub(crate) async fn serve_stream<B: Backends>(backends: Arc<B>, (mut send, mut recv): Incoming) {
+    let header = tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut recv, StreamHeader::parse))
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no stream header in time",
+            ))
+        });
+    let (header, first) = match header {
+        Ok(read) => read,
+        Err(e) => {
+            warn!(error = %e, "bad stream header; resetting the stream");
+            let _ = send.reset(VarInt::from_u32(code::PROTOCOL));
+            return;
+        }
+    };
+    let (name, client) = (header.name, header.client);
+    let (backend, addr) = match backends.dial(&name).await {
+        Ok(dialed) => dialed,
+        Err(refusal) => {
+            warn!(host = %name, %client, status = refusal.status, reason = %refusal.reason, "stream refused");
+            let answer = Answer {
+                status: refusal.status,
+                reason: refusal.reason,
+            };
+            let _ = send.write_all(&answer.encode()).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    if let Err(e) = send.write_all(&Answer::ok().encode()).await {
+        return debug!(error = %e, "stream gone before the answer");
+    }
+    debug!(host = %name, %client, backend = addr, "stream open");
+    match splice::splice(backend, send, recv, first).await {
+        Ok((up, down)) => debug!(host = %name, to_backend = down, from_backend = up, "stream done"),
+        Err(e) => debug!(host = %name, error = %e, "stream ended with an error"),
+    }
+}

@@ -1,0 +1,184 @@
+//! The QUIC tunnel: one QUIC connection (mutual TLS inside) is one tunnel, on UDP at the
+//! agent port's number. The proxy opens one bidirectional stream per routed client and
+//! starts it with a stream header (`wire::stream`); the agent answers with a status; then
+//! the stream carries raw bytes both ways, FIN is a half-close and a reset aborts. The
+//! agent retires a tunnel with [`GOAWAY`] on a unidirectional stream (`docs/protocol.md`).
+//!
+//! This folder holds both ends: `proxy.rs` (endpoint, accepting and driving tunnels,
+//! opening streams), `agent.rs` (dialing, serving streams), `splice.rs` (the byte pump).
+//! Here: settings, error codes, UDP sockets and the header reader both ends share.
+
+pub(crate) mod agent;
+pub(crate) mod proxy;
+pub(crate) mod splice;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use quinn::{RecvStream, VarInt};
+use tracing::{debug, warn};
+
+use crate::wire::stream::{FrameError, Parse, MAX_FRAME};
+
+/// Time the agent allows for a stream's header (the proxy bounds the wait for the answer
+/// by its stream-open timeout, which is longer than the agent's backend dial timeout).
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Per-stream receive window (same bound as h2's; see `tunnel::h2::STREAM_WINDOW`).
+pub(crate) const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+/// Per-connection receive window and send window.
+pub(crate) const CONNECTION_WINDOW: u32 = 256 * 1024 * 1024;
+/// Most client streams one tunnel carries at once.
+pub(crate) const MAX_STREAMS: u32 = 16 * 1024;
+/// An idle tunnel sends a keep-alive this often...
+pub(crate) const KEEPALIVE: Duration = Duration::from_secs(3);
+/// ...and a tunnel that heard nothing for this long is dead (a few lost keep-alives).
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// UDP socket buffer asked of the OS on both ends. Small buffers drop bursts and make
+/// QUIC throughput collapse, so the log says when the OS gives less.
+pub(crate) const UDP_BUFFER: usize = 8 * 1024 * 1024;
+
+/// Sent by the agent on a unidirectional stream to retire a tunnel: route nothing new.
+pub(crate) const GOAWAY: &[u8] = b"goaway";
+
+/// Application error codes on streams and connections.
+pub(crate) mod code {
+    /// Normal close (also: a retired tunnel, once drained).
+    pub(crate) const DONE: u32 = 0;
+    /// A stream aborted because its TCP side failed.
+    pub(crate) const ABORTED: u32 = 1;
+    /// The proxy closes the tunnel: revoked, or shutting down.
+    pub(crate) const CLOSED_BY_PROXY: u32 = 2;
+    /// A malformed header or answer.
+    pub(crate) const PROTOCOL: u32 = 3;
+}
+
+/// Reads one frame parsed by `parse` from the start of `recv`, within [`HEADER_TIMEOUT`].
+/// Returns it with the bytes that followed it in the same reads (the first data bytes).
+pub(crate) async fn read_frame<T>(
+    recv: &mut RecvStream,
+    parse: Parse<T>,
+) -> io::Result<(T, Bytes)> {
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some((frame, used)) = parse(&buf).map_err(io::Error::other)? {
+            buf.advance(used);
+            return Ok((frame, buf.freeze()));
+        }
+        if buf.len() >= MAX_FRAME {
+            return Err(io::Error::other(FrameError::TooLong(buf.len())));
+        }
+        match recv.read_chunk(MAX_FRAME, true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "stream ended inside its header",
+                ))
+            }
+            Err(e) => return Err(io::Error::other(e)),
+        }
+    }
+}
+
+/// Which end of a tunnel a transport configuration is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Opens the client streams; accepts only the agent's control streams.
+    Proxy,
+    /// Accepts client streams; opens only control streams.
+    Agent,
+}
+
+/// The transport settings of a tunnel end. Each side lets its peer open only what the
+/// protocol needs: the proxy takes no bidirectional streams from an agent (so an agent
+/// cannot make it buffer data nobody reads) and at most two control streams; the agent
+/// takes client streams and no control streams. No datagrams either way.
+pub(crate) fn transport_config(role: Role) -> quinn::TransportConfig {
+    let (bidi, uni) = match role {
+        Role::Proxy => (0, 2),
+        Role::Agent => (MAX_STREAMS, 0),
+    };
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(bidi))
+        .max_concurrent_uni_streams(VarInt::from_u32(uni))
+        .datagram_receive_buffer_size(None)
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
+        .send_window(u64::from(CONNECTION_WINDOW))
+        .keep_alive_interval(Some(KEEPALIVE))
+        .max_idle_timeout(Some(
+            IDLE_TIMEOUT.try_into().expect("idle timeout fits a VarInt"),
+        ));
+    t
+}
+
+/// A UDP socket bound to `addr` with [`UDP_BUFFER`]-sized buffers, or as close as the OS
+/// allows.
+pub(crate) fn udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.bind(&addr.into())?;
+    tune_udp_socket(socket.into())
+}
+
+/// Asks for [`UDP_BUFFER`]-sized buffers on an already bound socket (the log says when
+/// the OS allowed less) and makes it non-blocking, as quinn needs.
+pub(crate) fn tune_udp_socket(socket: std::net::UdpSocket) -> io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::from(socket);
+    let recv = grow_buffer(&socket, Buffer::Recv);
+    let send = grow_buffer(&socket, Buffer::Send);
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let capped = recv < UDP_BUFFER || send < UDP_BUFFER;
+    if capped && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        warn!(
+            receive_kib = recv / 1024,
+            send_kib = send / 1024,
+            wanted_kib = UDP_BUFFER / 1024,
+            "the OS capped the QUIC UDP socket buffers; throughput may suffer under load \
+             (raise net.core.rmem_max and net.core.wmem_max, e.g. sysctl -w net.core.rmem_max={UDP_BUFFER})"
+        );
+    } else if !capped {
+        debug!(
+            receive_kib = recv / 1024,
+            send_kib = send / 1024,
+            "QUIC UDP socket buffers"
+        );
+    }
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+#[derive(Clone, Copy)]
+enum Buffer {
+    Recv,
+    Send,
+}
+
+/// Asks for [`UDP_BUFFER`] and returns what the kernel grants (Linux reports twice the
+/// usable size, and caps the request at `net.core.rmem_max` / `wmem_max`).
+fn grow_buffer(socket: &socket2::Socket, which: Buffer) -> usize {
+    let granted = match which {
+        Buffer::Recv => socket
+            .set_recv_buffer_size(UDP_BUFFER)
+            .and_then(|()| socket.recv_buffer_size()),
+        Buffer::Send => socket
+            .set_send_buffer_size(UDP_BUFFER)
+            .and_then(|()| socket.send_buffer_size()),
+    };
+    granted.unwrap_or(0) / if cfg!(target_os = "linux") { 2 } else { 1 }
+}
+
+/// A QUIC endpoint's crypto from a rustls configuration (TLS 1.3 and an AES-GCM suite, as
+/// every configuration from [`crate::tls`] has).
+pub(crate) fn server_crypto(
+    config: rustls::ServerConfig,
+) -> Arc<quinn::crypto::rustls::QuicServerConfig> {
+    Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(config)
+            .expect("the ring provider has the QUIC initial cipher suite"),
+    )
+}

@@ -1,0 +1,200 @@
+//! The proxy's end of QUIC tunnels: the UDP endpoint, accepting connections (address
+//! validation first), the handshake in which the agent's certificate is checked, driving
+//! a tunnel (its GOAWAY control streams) until it ends, and opening one stream per
+//! routed client.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use quinn::{TransportErrorCode, VarInt};
+use rustls::pki_types::CertificateDer;
+use tracing::debug;
+
+use super::{code, read_frame, server_crypto, transport_config, Role, GOAWAY, HEADER_TIMEOUT};
+use crate::tunnel::{OpenError, OpenRequest, HANDSHAKE_TIMEOUT};
+use crate::wire::stream::{Answer, StreamHeader};
+
+/// Why a QUIC tunnel handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HandshakeError {
+    #[error("QUIC handshake failed: {0}")]
+    Failed(#[from] quinn::ConnectionError),
+    #[error("QUIC handshake timed out after {HANDSHAKE_TIMEOUT:?}")]
+    Timeout,
+}
+
+impl HandshakeError {
+    /// Whether the agent's certificate was refused (a TLS certificate alert), which is
+    /// the operator's business, rather than line noise.
+    pub(crate) fn certificate_refused(&self) -> bool {
+        // TLS alerts: bad_certificate .. certificate_unknown, unknown_ca,
+        // certificate_required (RFC 8446 section 6).
+        const ALERTS: [u8; 7] = [42, 43, 44, 45, 46, 48, 116];
+        match self {
+            HandshakeError::Failed(quinn::ConnectionError::TransportError(e)) => ALERTS
+                .iter()
+                .any(|&alert| u64::from(e.code) == u64::from(TransportErrorCode::crypto(alert))),
+            _ => false,
+        }
+    }
+}
+
+/// The proxy's QUIC endpoint on `socket`, with the agent port's TLS configuration.
+pub(crate) fn endpoint(
+    socket: std::net::UdpSocket,
+    mut tls: rustls::ServerConfig,
+) -> std::io::Result<quinn::Endpoint> {
+    tls.alpn_protocols = vec![crate::tls::ALPN_QUIC.to_vec()];
+    let mut server = quinn::ServerConfig::with_crypto(server_crypto(tls));
+    server.transport_config(Arc::new(transport_config(Role::Proxy)));
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// The next connection attempt whose sender proved it owns its address; `None` once the
+/// endpoint is closed. Unproven senders get a stateless Retry, so spoofed packets cost
+/// one reply each, not a handshake slot.
+pub(crate) async fn accept(endpoint: &quinn::Endpoint) -> Option<quinn::Incoming> {
+    loop {
+        let incoming = endpoint.accept().await?;
+        if !incoming.remote_address_validated() && incoming.may_retry() {
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().ignore();
+            }
+            continue;
+        }
+        return Some(incoming);
+    }
+}
+
+/// Stops taking connections, closes every tunnel with `reason`, and waits (bounded) until
+/// the closes went out and the UDP port is released, so a restarted proxy can bind it.
+pub(crate) async fn close(endpoint: &quinn::Endpoint, reason: &'static str) {
+    stop_accepting(endpoint);
+    endpoint.close(VarInt::from_u32(code::CLOSED_BY_PROXY), reason.as_bytes());
+    // Bounded: peers that vanished never acknowledge.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+/// Completes the handshake (the client certificate is verified inside it, revocation
+/// included) within [`HANDSHAKE_TIMEOUT`]; returns the connection and the agent's
+/// certificate.
+pub(crate) async fn handshake(
+    incoming: quinn::Incoming,
+) -> Result<(quinn::Connection, Option<Vec<u8>>), HandshakeError> {
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, async { incoming.await }).await {
+        Ok(conn) => conn?,
+        Err(_) => return Err(HandshakeError::Timeout),
+    };
+    let der = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|certs| certs.first().map(|c| c.to_vec()));
+    Ok((conn, der))
+}
+
+/// Refuses a tunnel after its handshake (the state no longer admits the agent).
+pub(crate) fn refuse(conn: &quinn::Connection) {
+    conn.close(VarInt::from_u32(code::CLOSED_BY_PROXY), b"refused");
+}
+
+/// Holds the tunnel until it closes or `close` completes (then it is closed with that
+/// reason). Control streams are read on their own tasks (the transport allows the agent
+/// two at once), so a slow one never holds up a revocation or a shutdown; on [`GOAWAY`]
+/// `retire` is called. Returns why the tunnel ended.
+pub(crate) async fn drive(
+    conn: quinn::Connection,
+    close: impl Future<Output = &'static str>,
+    retire: impl Fn(),
+) -> String {
+    tokio::pin!(close);
+    let mut control = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            e = conn.closed() => return e.to_string(),
+            uni = conn.accept_uni() => match uni {
+                Ok(mut stream) => {
+                    control.spawn(async move {
+                        let read = tokio::time::timeout(HEADER_TIMEOUT, stream.read_to_end(16)).await;
+                        matches!(read, Ok(Ok(ref msg)) if msg == GOAWAY)
+                    });
+                }
+                Err(e) => return e.to_string(),
+            },
+            Some(done) = control.join_next(), if !control.is_empty() => {
+                if matches!(done, Ok(true)) {
+                    debug!("agent retires this tunnel: routing nothing new to it");
+                    retire();
+                }
+            }
+            reason = &mut close => {
+                conn.close(VarInt::from_u32(code::CLOSED_BY_PROXY), reason.as_bytes());
+                return reason.to_string();
+            }
+        }
+    }
+}
+
+/// A stream being opened: reset (and its receive side stopped by its own drop) unless
+/// taken out once the agent accepted it.
+struct ResetOnDrop(Option<quinn::SendStream>);
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Some(send) = &mut self.0 {
+            let _ = send.reset(VarInt::from_u32(code::ABORTED));
+        }
+    }
+}
+
+/// Opens a stream for `req.name`, sends the header and the client's first bytes together,
+/// and waits for the agent's answer (the caller bounds the wait). Returns the stream and
+/// the bytes that followed the answer.
+pub(crate) async fn open(
+    conn: &quinn::Connection,
+    req: &OpenRequest<'_>,
+) -> Result<(quinn::SendStream, quinn::RecvStream, Bytes), OpenError> {
+    let header = StreamHeader {
+        name: req.name.to_string(),
+        client: req.client.to_string(),
+    }
+    .encode()
+    .expect("a validated name fits a stream header");
+    let (send, mut recv) = conn.open_bi().await.map_err(|e| OpenError::Tunnel {
+        reason: e.to_string(),
+        gone: true,
+    })?;
+    // Until the agent says 200, giving up (an error, or the caller's timeout dropping this
+    // future) resets the stream, so the agent never hands the first bytes to a backend
+    // while the proxy offers them to another agent.
+    let mut opening = ResetOnDrop(Some(send));
+    let send = opening.0.as_mut().expect("set above");
+    // A refusing agent drops the header and first bytes.
+    let mut chunks = [header, req.early.clone()];
+    let _ = send.write_all_chunks(&mut chunks).await;
+    let (answer, first) =
+        read_frame(&mut recv, Answer::parse)
+            .await
+            .map_err(|e| OpenError::Tunnel {
+                reason: format!("no answer: {e}"),
+                gone: conn.close_reason().is_some(),
+            })?;
+    if answer.status != 200 {
+        return Err(OpenError::Refused {
+            status: answer.status,
+            reason: answer.reason,
+        });
+    }
+    let send = opening.0.take().expect("set above");
+    Ok((send, recv, first))
+}
+
+/// Takes no new connections; established tunnels go on.
+pub(crate) fn stop_accepting(endpoint: &quinn::Endpoint) {
+    endpoint.set_server_config(None);
+}

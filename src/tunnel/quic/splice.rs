@@ -1,0 +1,95 @@
+//! The QUIC tunnel's byte pump: a TCP socket joined to one QUIC stream, both directions,
+//! used alike by the proxy (client socket) and the agent (backend socket).
+
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use quinn::{RecvStream, SendStream, VarInt};
+use tokio::io::AsyncWriteExt;
+
+use super::{code, IDLE_TIMEOUT};
+
+/// Bytes read from a TCP socket per step, handed to quinn without another copy.
+pub(crate) const READ_CHUNK: usize = 64 * 1024;
+
+/// Joins `tcp` and a QUIC stream until both directions end. `first` (bytes that came with
+/// the header or answer) goes to `tcp` before anything else. FIN and TCP EOF are
+/// half-closes; after its FIN, a direction waits (bounded) until the peer has acknowledged
+/// every byte, so closing the tunnel right after cannot lose the tail. An error on either
+/// side aborts both: the stream is reset and stopped (code [`code::ABORTED`]), so the far
+/// end never mistakes a broken stream for a complete one. Returns (bytes sent on the
+/// stream, bytes written to `tcp`).
+pub(crate) async fn splice(
+    tcp: tokio::net::TcpStream,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    first: Bytes,
+) -> io::Result<(u64, u64)> {
+    let (rd, mut wr) = tcp.into_split();
+    let up = async {
+        let mut total = 0u64;
+        // Allocated only once the socket is readable, so an idle stream holds no buffer
+        // (as in `tunnel::h2::socket_to_stream`).
+        let mut buf = BytesMut::new();
+        loop {
+            rd.readable().await?;
+            buf.reserve(READ_CHUNK);
+            match rd.try_read_buf(&mut buf) {
+                Ok(0) => {
+                    send.finish().map_err(io::Error::other)?;
+                    // Bounded: a peer that never acknowledges is dead and the idle
+                    // timeout ends the connection anyway.
+                    let _ = tokio::time::timeout(IDLE_TIMEOUT, send.stopped()).await;
+                    return Ok::<u64, io::Error>(total);
+                }
+                Ok(n) => total += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+            send.write_chunk(buf.split().freeze())
+                .await
+                .map_err(io::Error::other)?;
+        }
+    };
+    let down = async {
+        let mut total = first.len() as u64;
+        wr.write_all(&first).await?;
+        loop {
+            match recv.read_chunk(usize::MAX, true).await {
+                Ok(Some(chunk)) => {
+                    total += chunk.bytes.len() as u64;
+                    wr.write_all(&chunk.bytes).await?;
+                }
+                Ok(None) => {
+                    wr.shutdown().await?;
+                    return Ok::<u64, io::Error>(total);
+                }
+                Err(e) => return Err(io::Error::other(e)),
+            }
+        }
+    };
+    let result = {
+        tokio::pin!(up, down);
+        let (mut sent, mut received) = (None, None);
+        loop {
+            if let (Some(s), Some(r)) = (sent, received) {
+                break Ok((s, r));
+            }
+            tokio::select! {
+                r = &mut up, if sent.is_none() => match r {
+                    Ok(n) => sent = Some(n),
+                    Err(e) => break Err(e),
+                },
+                r = &mut down, if received.is_none() => match r {
+                    Ok(n) => received = Some(n),
+                    Err(e) => break Err(e),
+                },
+            }
+        }
+    };
+    if result.is_err() {
+        let _ = send.reset(VarInt::from_u32(code::ABORTED));
+        let _ = recv.stop(VarInt::from_u32(code::ABORTED));
+    }
+    result
+}
