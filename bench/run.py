@@ -5,6 +5,7 @@ alternating repetitions.
 
     python3 bench/run.py            # full run (about 20 minutes on 2 cores)
     python3 bench/run.py --quick    # smoke run (under 2 minutes after the build), numbers not meaningful
+    python3 bench/run.py --baseline DIR   # also the binaries in DIR (an earlier build): before/after
 
 It builds the release binaries, installs the Debian tools it needs (iperf3, wrk, ab from
 apache2-utils, nginx, openssl) if they are missing, installs rathole with `cargo install
@@ -164,10 +165,10 @@ def wait_http(port, what, logs):
     raise RuntimeError(f"{what}: the tunnel did not come up:\n{r.stdout}{r.stderr}{tails}")
 
 
-def start_revproxy(procs, bindir, work, backends, transport="h2"):
+def start_revproxy(procs, bindir, work, backends, transport="h2", label="revproxy"):
     """Proxy + one enrolled agent, one tunnel over `transport`. `backends` maps name -> port.
     Returns the setup: ports for each workload and the pids whose memory is measured."""
-    work = f"{work}/revproxy-{transport}"
+    work = f"{work}/{label}-{transport}"
     os.makedirs(work)
     agents, http = free_port(), free_port()
     fixed = {name: free_port() for name in backends}
@@ -376,6 +377,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="short smoke run; numbers are not meaningful")
     ap.add_argument("--repeats", type=int, default=None, help="repetitions per figure (default 3, quick 1)")
     ap.add_argument("--no-rathole", action="store_true", help="leave rathole out")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also measure the revproxy and revproxy-agent binaries in DIR (an earlier build), "
+                         "side by side with this one: a before/after in one run")
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     seconds = 2 if args.quick else 10
@@ -420,6 +424,10 @@ def main():
             "revproxy h2": start_revproxy(procs, bindir, work, backends),
             "revproxy QUIC": start_revproxy(procs, bindir, work, backends, "quic"),
         }
+        if args.baseline:
+            base = os.path.abspath(args.baseline)
+            setups["baseline h2"] = start_revproxy(procs, base, work, backends, label="baseline")
+            setups["baseline QUIC"] = start_revproxy(procs, base, work, backends, "quic", label="baseline")
         if rathole:
             setups["rathole TLS"] = start_rathole(procs, rathole, work, backends)
 

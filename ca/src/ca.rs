@@ -1,5 +1,6 @@
-//! The certificate authority: key material on disk, token minting, certificate records.
-//! Issuing agent certificates (enrollment, renewal) is in `issue.rs`.
+//! The certificate authority on disk: its key and certificate, the proxy's own server
+//! certificate, and the state file beside them. What operator commands change is in
+//! `records.rs`; issuing agent certificates (enrollment, renewal) is in `issue.rs`.
 //!
 //! Files in a proxy state directory:
 //!

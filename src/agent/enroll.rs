@@ -19,11 +19,16 @@ use tokio_rustls::TlsConnector;
 use tracing::{info, warn};
 
 use super::identity::{Identity, IdentityError};
+use crate::runtime::backoff::Backoff;
 use crate::tls::{self, TlsError};
 use crate::wire::enroll::{EnrollBody, EnrollReply, ErrorReply, ENROLL_PATH, MAX_RESPONSE_BODY};
 
 /// Time allowed for one whole attempt: TLS, request and answer.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// First pause before retrying an attempt the network broke; it doubles up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest pause between attempts.
+const RETRY_MAX: Duration = Duration::from_secs(4);
 /// Attempts made when the network fails (the proxy's refusals are never retried).
 const ATTEMPTS: u32 = 3;
 
@@ -95,12 +100,13 @@ pub async fn enroll(token: &Token, state_dir: &Path) -> Result<Identity, EnrollC
     let body = Bytes::from(body);
 
     let mut attempt = 1;
+    let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
     let (status, reply) = loop {
         match exchange(token, body.clone()).await {
             Ok(answer) => break answer,
             Err(e) if e.is_transient() && attempt < ATTEMPTS => {
                 warn!(error = %e, attempt, "enrollment attempt failed; retrying with the same request");
-                tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+                tokio::time::sleep(backoff.next_delay()).await;
                 attempt += 1;
             }
             // The proxy may have answered into the void: keep the pending key so that

@@ -28,8 +28,12 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -90,18 +94,17 @@ pub struct RouteConfig {
 impl ProxyConfig {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
-        let config =
-            ProxyConfig::from_toml(&read(path)?).map_err(|message| ConfigError::Parse {
-                path: path.to_path_buf(),
-                message,
-            })?;
+        let config = ProxyConfig::from_toml(&read(path)?).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
         config.validate()?;
         Ok(config)
     }
 
     /// Parses TOML text (no validation).
-    pub fn from_toml(text: &str) -> Result<ProxyConfig, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+    pub fn from_toml(text: &str) -> Result<ProxyConfig, toml::de::Error> {
+        toml::from_str(text)
     }
 
     /// Every listener, with the `sni`/`http` shorthands expanded.
@@ -196,18 +199,17 @@ pub struct ServiceConfig {
 impl AgentConfig {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let config =
-            AgentConfig::from_toml(&read(path)?).map_err(|message| ConfigError::Parse {
-                path: path.to_path_buf(),
-                message,
-            })?;
+        let config = AgentConfig::from_toml(&read(path)?).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
         config.validate()?;
         Ok(config)
     }
 
     /// Parses TOML text (no validation).
-    pub fn from_toml(text: &str) -> Result<AgentConfig, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+    pub fn from_toml(text: &str) -> Result<AgentConfig, toml::de::Error> {
+        toml::from_str(text)
     }
 
     /// Checks meaning.

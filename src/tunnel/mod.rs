@@ -394,6 +394,27 @@ impl AgentConn {
     }
 }
 
+// ---- Shared by the pumps of both transports ----------------------------------------
+
+/// Waits until `rd` is readable, then reads what is there into `buf`, growing it by
+/// `chunk` first. The buffer is only allocated once data is there, so an idle stream holds
+/// none; once the previous chunk was split off and dropped downstream, `reserve` gets the
+/// same allocation back. Returns the bytes read, 0 at EOF.
+pub(crate) async fn read_some(
+    rd: &tokio::net::tcp::OwnedReadHalf,
+    buf: &mut bytes::BytesMut,
+    chunk: usize,
+) -> std::io::Result<usize> {
+    loop {
+        rd.readable().await?;
+        buf.reserve(chunk);
+        match rd.try_read_buf(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            read => return read,
+        }
+    }
+}
+
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,

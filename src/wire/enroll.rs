@@ -1,5 +1,6 @@
-//! The enrollment API on the wire: `POST /v1/enroll` with a JSON body, over TLS on the
-//! agent port (ALPN `http/1.1`). Documented in `docs/protocol.md`.
+//! The agent API on the wire: `POST /v1/enroll` (a token and a CSR) and `POST /v1/renew`
+//! (mTLS with the current certificate, and a CSR), JSON bodies over TLS on the agent port
+//! (ALPN `http/1.1`). Documented in `docs/protocol.md`.
 
 use std::fmt;
 

@@ -11,6 +11,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::h2_io;
+use crate::tunnel::read_some;
 
 /// Bytes read from a socket per step. Only allocated once the socket is readable, so an
 /// idle stream holds no buffer. Large reads mean fewer wakeups of the connection task per
@@ -40,23 +41,18 @@ pub(crate) async fn socket_to_stream(
     send: &mut SendStream<Bytes>,
 ) -> io::Result<u64> {
     let mut total = 0u64;
-    // Empty (unallocated) until the first read; after that, each `reserve` gets the same
-    // allocation back once h2 has written out and dropped the previous chunk.
+    // Empty (unallocated) until the first read (see `read_some`).
     let mut buf = BytesMut::new();
     loop {
-        rd.readable().await?;
-        buf.reserve(READ_CHUNK);
-        match rd.try_read_buf(&mut buf) {
-            Ok(0) => {
+        match read_some(rd, &mut buf, READ_CHUNK).await? {
+            0 => {
                 send.send_data(Bytes::new(), true).map_err(h2_io)?;
                 return Ok(total);
             }
-            Ok(n) => {
+            n => {
                 total += n as u64;
                 send_all(send, buf.split().freeze()).await?;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
         }
     }
 }

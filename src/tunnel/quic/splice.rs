@@ -8,6 +8,7 @@ use quinn::{RecvStream, SendStream, VarInt};
 use tokio::io::AsyncWriteExt;
 
 use super::{code, IDLE_TIMEOUT};
+use crate::tunnel::read_some;
 
 /// Bytes read from a TCP socket per step, handed to quinn without another copy.
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
@@ -28,23 +29,18 @@ pub(crate) async fn splice(
     let (rd, mut wr) = tcp.into_split();
     let up = async {
         let mut total = 0u64;
-        // Allocated only once the socket is readable, so an idle stream holds no buffer
-        // (as in `tunnel::h2::socket_to_stream`).
+        // Allocated only once the socket is readable, so an idle stream holds no buffer.
         let mut buf = BytesMut::new();
         loop {
-            rd.readable().await?;
-            buf.reserve(READ_CHUNK);
-            match rd.try_read_buf(&mut buf) {
-                Ok(0) => {
+            match read_some(&rd, &mut buf, READ_CHUNK).await? {
+                0 => {
                     send.finish().map_err(io::Error::other)?;
                     // Bounded: a peer that never acknowledges is dead and the idle
                     // timeout ends the connection anyway.
                     let _ = tokio::time::timeout(IDLE_TIMEOUT, send.stopped()).await;
                     return Ok::<u64, io::Error>(total);
                 }
-                Ok(n) => total += n as u64,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                n => total += n as u64,
             }
             send.write_chunk(buf.split().freeze())
                 .await
