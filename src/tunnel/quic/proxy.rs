@@ -28,9 +28,10 @@ impl HandshakeError {
     /// Whether the agent's certificate was refused (a TLS certificate alert), which is
     /// the operator's business, rather than line noise.
     pub(crate) fn certificate_refused(&self) -> bool {
-        // TLS alerts: bad_certificate .. certificate_unknown, unknown_ca,
-        // certificate_required (RFC 8446 section 6).
-        const ALERTS: [u8; 7] = [42, 43, 44, 45, 46, 48, 116];
+        // The TLS alerts rustls sends for a client certificate it refuses (RFC 8446
+        // section 6): bad_certificate .. certificate_unknown, unknown_ca, access_denied,
+        // decrypt_error (a signature from another CA), certificate_required.
+        const ALERTS: [u8; 9] = [42, 43, 44, 45, 46, 48, 49, 51, 116];
         match self {
             HandshakeError::Failed(quinn::ConnectionError::TransportError(e)) => ALERTS
                 .iter()
