@@ -499,46 +499,15 @@ async fn certificates_from_another_ca_expired_revoked_or_missing_are_refused(t: 
     });
 
     // An agent whose certificate expired an hour ago.
-    let expired_dir = tempfile::tempdir().unwrap();
     let three_hours_ago = time::OffsetDateTime::now_utc() - time::Duration::hours(3);
-    let token = proxy
-        .ca
-        .create_token(
-            &revproxy::ca::NewToken {
-                agent: "old".into(),
-                hosts: vec!["app.example.com".into()],
-                ttl: Duration::from_secs(7200),
-                cert_ttl: Duration::from_secs(3600),
-                server: None,
-            },
-            three_hours_ago,
-        )
-        .unwrap();
-    let (key, csr) = new_csr();
-    let issued = proxy
-        .ca
-        .enroll(
-            &revproxy::ca::EnrollRequest {
-                token_id: &token.public.id,
-                secret: &token.secret,
-                csr_pem: &csr,
-            },
-            three_hours_ago + time::Duration::minutes(1),
-        )
-        .unwrap();
-    assert!(issued.not_after < time::OffsetDateTime::now_utc().unix_timestamp());
-    revproxy::agent::Identity {
-        server: proxy.addr.to_string(),
-        agent: issued.agent.clone(),
-        identity: issued.identity.clone(),
-        hosts: issued.hosts.clone(),
-        not_after: issued.not_after,
-        cert_pem: issued.cert_pem.clone(),
-        key_pem: key.serialize_pem(),
-        ca_pem: issued.ca_pem.clone(),
-    }
-    .save(expired_dir.path())
-    .unwrap();
+    let expired_dir = issue_identity(
+        &proxy.ca,
+        proxy.addr,
+        "old",
+        &["app.example.com"],
+        three_hours_ago,
+        Duration::from_secs(3600),
+    );
     // Its own clock is three hours slow, so it believes the certificate is still good and
     // tries: the proxy, on the right time, must refuse it.
     let slow_clock = Arc::new(TestClock::default());

@@ -1,9 +1,10 @@
 //! Certificate admission: who a tunnel belongs to, and which names it may serve now.
 //!
 //! The TLS layer has already verified the chain, the validity and the revocation list at
-//! the handshake. Here the verified certificate is read (agent name, serial, names) and
-//! checked against a fresh read of the state: the agent may have been revoked or narrowed
-//! since the last reload. A tunnel serves the names its certificate holds *and* the state
+//! the handshake (a full handshake every time: the agent port resumes no session). Here
+//! the verified certificate is read (agent name, serial, names, expiry) and checked against
+//! a fresh read of the state, as an allow-list: its serial must be on record and not
+//! revoked. The agent may have been revoked or narrowed since the last reload. A tunnel serves the names its certificate holds *and* the state
 //! still grants.
 
 use std::net::SocketAddr;
@@ -22,6 +23,8 @@ pub(super) struct Peer {
     pub(super) serial: String,
     /// DNS names in the certificate: the most the agent may ever serve.
     pub(super) cert_hosts: Vec<String>,
+    /// End of the certificate's validity, Unix seconds: the tunnel closes then.
+    pub(super) not_after: i64,
 }
 
 /// Reads the agent's certificate `der` and returns who it is and the names to register
@@ -40,6 +43,11 @@ pub(super) async fn admit(
         warn!(%peer, agent = %who.agent, serial = %who.serial, "certificate revoked; closing the tunnel");
         return None;
     }
+    if !state.live.contains(&who.serial) {
+        warn!(%peer, agent = %who.agent, serial = %who.serial,
+              "certificate not on record (signed by this CA but never issued by this proxy); closing the tunnel");
+        return None;
+    }
     let granted = state.grants.get(&who.agent).cloned().unwrap_or_default();
     let hosts = granted_hosts(&who.cert_hosts, &granted);
     Some((who, hosts))
@@ -51,6 +59,7 @@ fn peer_of(der: &[u8]) -> Option<Peer> {
         agent: cert.common_name?,
         serial: cert.serial,
         cert_hosts: cert.dns_names,
+        not_after: cert.not_after,
     })
 }
 

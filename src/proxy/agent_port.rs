@@ -192,10 +192,25 @@ async fn hold(
         tokio::select! {
             () = tunnel.close.notified() => "closed by the proxy",
             () = shared.close_tunnels.cancelled() => "proxy shutting down",
+            // A renewed agent has moved to its new certificate long before this.
+            () = until_unix(tunnel.not_after) => "certificate expired",
         }
     };
     let retire = || shared.registry.retire(id);
     let reason = conn.drive(close, retire).await;
     shared.registry.remove(id);
     info!(%peer, agent = %tunnel.agent, tunnel = id, %reason, "tunnel down");
+}
+
+/// Completes at the Unix time `at` by the wall clock (re-read every minute at most, so a
+/// clock step is noticed).
+async fn until_unix(at: i64) {
+    loop {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if now >= at {
+            return;
+        }
+        let left = std::time::Duration::from_secs((at - now) as u64);
+        tokio::time::sleep(left.min(std::time::Duration::from_secs(60))).await;
+    }
 }

@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::replies::{http_error, Reply, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME};
+use super::replies::{http_error, ConnId, Reply, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME};
 use super::Shared;
 use crate::route::{http, sni, ListenerKind, Target};
 use crate::tunnel::OpenRequest;
@@ -39,88 +39,101 @@ pub(super) async fn serve(
     peer: SocketAddr,
 ) {
     let _ = tcp.set_nodelay(true);
+    // Logged with every line about this connection and sent with every refusal, so an
+    // operator can find the details a client is not told.
+    let id = ConnId::new();
     let (name, peeked, reply) = match &kind {
         ListenerKind::Fixed(Target::Tcp(addr)) => {
-            forward_tcp(tcp, addr, Bytes::new(), peer).await;
+            let deadline = tokio::time::Instant::now() + crate::runtime::CONNECT_TIMEOUT;
+            if let Some(backend) = connect_static(addr, peer, id, deadline).await {
+                forward_tcp(tcp, backend, addr, Bytes::new(), peer, id).await;
+            }
             return;
         }
         ListenerKind::Fixed(Target::Name(name)) => (name.clone(), Bytes::new(), Reply::Silent),
         ListenerKind::Sni => match peek(&mut tcp, shared.peek_timeout, sni_name).await {
             Ok((Some(name), bytes)) => (name, bytes, Reply::Tls),
             Ok((None, _)) => {
-                info!(%peer, "TLS client sent no server name; no route");
+                info!(%peer, conn = %id, "TLS client sent no server name; no route");
                 let _ = tcp.write_all(&ALERT_UNRECOGNIZED_NAME).await;
                 return;
             }
             Err(e) => {
-                debug!(%peer, error = %e, "no usable ClientHello; closing");
+                debug!(%peer, conn = %id, error = %e, "no usable ClientHello; closing");
                 return;
             }
         },
         ListenerKind::Http => match peek(&mut tcp, shared.peek_timeout, http_host).await {
             Ok((name, bytes)) => (name, bytes, Reply::Http),
             Err(e) => {
-                debug!(%peer, error = %e, "no usable HTTP request head; closing");
+                debug!(%peer, conn = %id, error = %e, "no usable HTTP request head; closing");
                 if e.answerable {
-                    http_error(&mut tcp, 400, "Bad Request", &e.reason).await;
+                    http_error(&mut tcp, 400, "Bad Request", &e.reason, id).await;
                 }
                 return;
             }
         },
     };
 
-    let tunnels = shared.registry.lookup(&name);
-    if tunnels.is_empty() {
-        if let Some(addr) = shared.routes.get(&name) {
-            forward_tcp(tcp, addr, peeked, peer).await;
-            return;
-        }
+    // The most specific match first (DESIGN.md section 5): agents granted the exact name,
+    // then a static route for it, then agents holding a wildcard.
+    let found = shared.registry.lookup(&name);
+    let route = shared.routes.get(&name);
+    if found.is_empty() && route.is_none() {
         let offline = shared.state.get().is_granted_anywhere(&name);
         if offline {
-            info!(%peer, host = %name, "agent for this name is offline");
+            info!(%peer, conn = %id, host = %name, "agent for this name is offline");
         } else {
-            info!(%peer, host = %name, "no route");
+            info!(%peer, conn = %id, host = %name, "no route");
         }
         match (reply, offline) {
             (Reply::Tls, _) => {
                 let _ = tcp.write_all(&ALERT_UNRECOGNIZED_NAME).await;
             }
             (Reply::Http, true) => {
-                http_error(
-                    &mut tcp,
-                    503,
-                    "Service Unavailable",
-                    &format!("the agent serving {name} is offline"),
-                )
-                .await;
+                let reason = format!("{name} is offline");
+                http_error(&mut tcp, 503, "Service Unavailable", &reason, id).await;
             }
             (Reply::Http, false) => {
-                http_error(
-                    &mut tcp,
-                    502,
-                    "Bad Gateway",
-                    &format!("no route for {name}"),
-                )
-                .await;
+                let reason = format!("no route for {name}");
+                http_error(&mut tcp, 502, "Bad Gateway", &reason, id).await;
             }
             (Reply::Silent, _) => {}
         }
         return;
     }
 
-    let mut last_error = None;
+    // One deadline for the whole search, however many agents refuse or stay silent.
+    let deadline = tokio::time::Instant::now() + OPEN_TIMEOUT;
     let request = OpenRequest {
         name: &name,
         client: peer,
         early: &peeked,
     };
-    for t in tunnels {
-        match tokio::time::timeout(OPEN_TIMEOUT, t.open(&request)).await {
+    let candidates = found
+        .exact
+        .iter()
+        .map(Some)
+        .chain(route.map(|_| None))
+        .chain(found.wildcard.iter().map(Some));
+    for candidate in candidates {
+        let Some(t) = candidate else {
+            let addr = route.expect("a static route is a candidate only if there is one");
+            match connect_static(addr, peer, id, deadline).await {
+                Some(backend) => return forward_tcp(tcp, backend, addr, peeked, peer, id).await,
+                None => continue,
+            }
+        };
+        match tokio::time::timeout_at(deadline, t.open(&request)).await {
             Ok(Ok(stream)) => {
-                debug!(%peer, host = %name, agent = %t.agent, tunnel = t.id, "stream open");
+                debug!(%peer, conn = %id, host = %name, agent = %t.agent, tunnel = t.id, "stream open");
                 match stream.splice(tcp).await {
-                    Ok((up, down)) => debug!(%peer, host = %name, up, down, "stream done"),
-                    Err(e) => debug!(%peer, host = %name, error = %e, "stream ended with an error"),
+                    Ok((up, down)) => {
+                        debug!(%peer, conn = %id, host = %name, up, down, "stream done")
+                    }
+                    Err(e) => {
+                        debug!(%peer, conn = %id, host = %name, error = %e, "stream ended with an error")
+                    }
                 }
                 return;
             }
@@ -129,31 +142,23 @@ pub(super) async fn serve(
                     // A draining agent: route nothing new to it; its open streams finish.
                     shared.registry.retire(t.id);
                 }
-                warn!(%peer, host = %name, agent = %t.agent, error = %e, "could not open a stream; trying the next agent");
-                last_error = Some(format!("agent {}: {e}", t.agent));
+                warn!(%peer, conn = %id, host = %name, agent = %t.agent, tunnel = t.id, error = %e, "could not open a stream; trying the next agent");
             }
             Err(_) => {
-                warn!(%peer, host = %name, agent = %t.agent, "agent did not answer in time; trying the next agent");
-                last_error = Some(format!(
-                    "agent {} did not answer within {OPEN_TIMEOUT:?}",
-                    t.agent
-                ));
+                warn!(%peer, conn = %id, host = %name, agent = %t.agent, tunnel = t.id, "no agent answered within {OPEN_TIMEOUT:?}");
+                break;
             }
         }
     }
-    let reason = last_error.unwrap_or_default();
+    // The client learns only that the name cannot be served now; the log above has why,
+    // under the connection id the answer carries.
     match reply {
         Reply::Tls => {
             let _ = tcp.write_all(&ALERT_INTERNAL_ERROR).await;
         }
         Reply::Http => {
-            http_error(
-                &mut tcp,
-                503,
-                "Service Unavailable",
-                &format!("no agent could serve {name}: {reason}"),
-            )
-            .await
+            let reason = format!("{name} cannot be served right now");
+            http_error(&mut tcp, 503, "Service Unavailable", &reason, id).await
         }
         Reply::Silent => {}
     }
@@ -245,14 +250,35 @@ async fn peek<T>(
     }
 }
 
-async fn forward_tcp(mut client: TcpStream, addr: &str, peeked: Bytes, peer: SocketAddr) {
-    let mut backend = match crate::runtime::connect(addr).await {
-        Ok(b) => b,
-        Err(e) => {
-            warn!(%peer, backend = addr, error = %e, "cannot reach static backend");
-            return;
+/// Connects to a static route's backend within the connection's deadline.
+async fn connect_static(
+    addr: &str,
+    peer: SocketAddr,
+    id: ConnId,
+    deadline: tokio::time::Instant,
+) -> Option<TcpStream> {
+    match tokio::time::timeout_at(deadline, crate::runtime::connect(addr)).await {
+        Ok(Ok(backend)) => Some(backend),
+        Ok(Err(e)) => {
+            warn!(%peer, conn = %id, backend = addr, error = %e, "cannot reach static backend");
+            None
         }
-    };
+        Err(_) => {
+            warn!(%peer, conn = %id, backend = addr, "static backend did not accept in time");
+            None
+        }
+    }
+}
+
+/// Joins a client to a static route's backend, the peeked bytes first.
+async fn forward_tcp(
+    mut client: TcpStream,
+    mut backend: TcpStream,
+    addr: &str,
+    peeked: Bytes,
+    peer: SocketAddr,
+    id: ConnId,
+) {
     if backend.write_all(&peeked).await.is_err() {
         return;
     }
@@ -264,7 +290,9 @@ async fn forward_tcp(mut client: TcpStream, addr: &str, peeked: Bytes, peer: Soc
     )
     .await
     {
-        Ok((up, down)) => debug!(%peer, backend = addr, up, down, "static route done"),
-        Err(e) => debug!(%peer, backend = addr, error = %e, "static route ended with an error"),
+        Ok((up, down)) => debug!(%peer, conn = %id, backend = addr, up, down, "static route done"),
+        Err(e) => {
+            debug!(%peer, conn = %id, backend = addr, error = %e, "static route ended with an error")
+        }
     }
 }

@@ -3,8 +3,9 @@
 //! and a [`Link`] to open streams on.
 //!
 //! A tunnel is registered under the DNS names of its agent's certificate that the proxy's
-//! state still grants that agent. Lookups spread streams across every tunnel that serves a
-//! name (round robin), and a failed open lets the caller move to the next one.
+//! state still grants that agent. A lookup finds the tunnels granted the exact name apart
+//! from those granted a covering wildcard (the most specific wins), spreads streams round
+//! robin within each group, and a failed open lets the caller move to the next one.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -23,6 +24,8 @@ pub(super) struct Tunnel {
     pub(super) serial: String,
     /// DNS names in the agent's certificate: the most it may ever serve.
     pub(super) cert_hosts: Vec<String>,
+    /// End of the certificate's validity, Unix seconds.
+    pub(super) not_after: i64,
     link: Link,
     /// Notified to close the tunnel (revocation).
     pub(super) close: tokio::sync::Notify,
@@ -48,6 +51,7 @@ impl Tunnel {
             agent: who.agent,
             serial: who.serial,
             cert_hosts: who.cert_hosts,
+            not_after: who.not_after,
             link,
             close: tokio::sync::Notify::new(),
             draining: AtomicBool::new(false),
@@ -188,27 +192,57 @@ impl Registry {
         }
     }
 
-    /// Every tunnel serving `name`, rotated so that successive calls start at different
-    /// tunnels.
-    pub(super) fn lookup(&self, name: &str) -> Vec<Arc<Tunnel>> {
+    /// The tunnels serving `name`: those granted exactly `name`, and apart from them those
+    /// granted a wildcard that covers it. Each group is rotated so that successive calls
+    /// start at different tunnels (round robin within a group, never across).
+    pub(super) fn lookup(&self, name: &str) -> Found {
         let inner = self.inner.read().expect("registry lock");
-        let mut found: Vec<Arc<Tunnel>> = inner.by_pattern.get(name).cloned().unwrap_or_default();
-        if let Some((_, parent)) = name.split_once('.') {
-            if let Some(wild) = inner.by_pattern.get(&format!("*.{parent}")) {
-                for t in wild {
-                    if !found.iter().any(|f| f.id == t.id) {
-                        found.push(t.clone());
-                    }
-                }
-            }
-        }
+        let exact: Vec<Arc<Tunnel>> = inner.by_pattern.get(name).cloned().unwrap_or_default();
+        let wildcard: Vec<Arc<Tunnel>> = name
+            .split_once('.')
+            .and_then(|(_, parent)| inner.by_pattern.get(&format!("*.{parent}")))
+            .map(|wild| {
+                wild.iter()
+                    .filter(|t| !exact.iter().any(|e| e.id == t.id))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
         drop(inner);
-        if found.len() > 1 {
-            let start = self.turn.fetch_add(1, Ordering::Relaxed) % found.len();
-            found.rotate_left(start);
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        Found {
+            exact: rotated(exact, turn),
+            wildcard: rotated(wildcard, turn),
         }
-        found
     }
+}
+
+/// What [`Registry::lookup`] found, the most specific first.
+#[derive(Debug, Default)]
+pub(super) struct Found {
+    /// Tunnels granted exactly the name.
+    pub(super) exact: Vec<Arc<Tunnel>>,
+    /// Tunnels granted a wildcard covering the name (none of `exact`).
+    pub(super) wildcard: Vec<Arc<Tunnel>>,
+}
+
+impl Found {
+    pub(super) fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.wildcard.is_empty()
+    }
+
+    /// Every tunnel found, the most specific first.
+    pub(super) fn all(&self) -> impl Iterator<Item = &Arc<Tunnel>> {
+        self.exact.iter().chain(&self.wildcard)
+    }
+}
+
+fn rotated(mut tunnels: Vec<Arc<Tunnel>>, turn: usize) -> Vec<Arc<Tunnel>> {
+    if tunnels.len() > 1 {
+        let start = turn % tunnels.len();
+        tunnels.rotate_left(start);
+    }
+    tunnels
 }
 
 /// What the running proxy serves, for embedders, health checks and tests.
@@ -224,7 +258,7 @@ impl ProxyStatus {
 
     /// How many live tunnels serve `name`.
     pub fn tunnels_for(&self, name: &str) -> usize {
-        self.registry.lookup(name).len()
+        self.registry.lookup(name).all().count()
     }
 
     /// The transports (`"h2"`, `"quic"`) of the live tunnels serving `name`, sorted.
@@ -232,7 +266,7 @@ impl ProxyStatus {
         let mut kinds: Vec<_> = self
             .registry
             .lookup(name)
-            .iter()
+            .all()
             .map(|t| t.transport())
             .collect();
         kinds.sort_unstable();

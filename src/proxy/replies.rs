@@ -18,11 +18,39 @@ pub(super) const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x0
 /// A TLS fatal alert record: internal_error (80).
 pub(super) const ALERT_INTERNAL_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 80];
 
-/// Answers an HTTP client with `status` and a one-line `reason`, then closes.
-pub(super) async fn http_error(tcp: &mut TcpStream, status: u16, text: &str, reason: &str) {
+/// Names one public connection in the log and in the answer it gets: random, so it says
+/// nothing about how many connections the proxy serves.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ConnId(u64);
+
+impl ConnId {
+    pub(super) fn new() -> ConnId {
+        ConnId(crate::runtime::backoff::random())
+    }
+}
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// The response header that carries the connection id.
+pub(super) const CONN_ID_HEADER: &str = "revproxy-connection-id";
+
+/// Answers an HTTP client with `status` and a one-line `reason` (never an agent's name, a
+/// backend's address or an error from inside: those go to the log under `id`), then
+/// closes.
+pub(super) async fn http_error(
+    tcp: &mut TcpStream,
+    status: u16,
+    text: &str,
+    reason: &str,
+    id: ConnId,
+) {
     let body = format!("{reason}\n");
     let response = format!(
-        "HTTP/1.1 {status} {text}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {text}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{CONN_ID_HEADER}: {id}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = tcp.write_all(response.as_bytes()).await;

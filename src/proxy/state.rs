@@ -23,6 +23,10 @@ pub(super) const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 pub(super) struct Snapshot {
     /// Hex serials of revoked certificates.
     pub(super) revoked: HashSet<String>,
+    /// Hex serials of the certificates on record and not revoked: the only ones admitted
+    /// (an allow-list: a certificate the CA signed but never recorded, from a copy of the
+    /// CA key, say, is refused).
+    pub(super) live: HashSet<String>,
     /// Names each agent may currently serve.
     pub(super) grants: HashMap<String, Vec<String>>,
 }
@@ -35,6 +39,12 @@ impl Snapshot {
                 .certs
                 .iter()
                 .filter(|c| c.revoked_at.is_some())
+                .map(|c| c.serial.clone())
+                .collect(),
+            live: state
+                .certs
+                .iter()
+                .filter(|c| c.revoked_at.is_none())
                 .map(|c| c.serial.clone())
                 .collect(),
             grants: state

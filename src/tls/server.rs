@@ -76,12 +76,7 @@ pub(crate) fn agent_listener_config(
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(cert);
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(config)
+    server_config(verifier, cert, alpn)
 }
 
 /// The tunnel side of the agent listener: a client certificate is required, must chain to
@@ -98,11 +93,25 @@ pub(crate) fn tunnel_listener_config(
     let inner =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
     let verifier = Arc::new(RevocationCheckingVerifier { inner, is_revoked });
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    server_config(verifier, cert, &[ALPN_H2])
+}
+
+/// A TLS 1.3 server configuration that never resumes a session: a resumed handshake skips
+/// the client certificate verifier, so a certificate that expired or was revoked since the
+/// first handshake would get back in. Every handshake on the agent port is a full one
+/// (the cost, one signature per connection, is paid once per tunnel or enrollment).
+fn server_config(
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    cert: Arc<ServerCert>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(cert);
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
 

@@ -462,3 +462,54 @@ pub async fn enroll_agent_with_ttl(
     revproxy::agent::enroll(&token, dir.path()).await.unwrap();
     dir
 }
+
+/// An identity issued by `ca` directly (no enrollment over the network) at time `at`, with
+/// a certificate valid for `cert_ttl`, saved in a new agent state directory that points at
+/// `server`. For certificates a real agent could not get: already expired, or signed by a
+/// copy of the CA that the proxy never heard of.
+pub fn issue_identity(
+    ca: &Ca,
+    server: SocketAddr,
+    agent: &str,
+    hosts: &[&str],
+    at: time::OffsetDateTime,
+    cert_ttl: Duration,
+) -> TempDir {
+    let token = ca
+        .create_token(
+            &NewToken {
+                agent: agent.into(),
+                hosts: hosts.iter().map(|h| h.to_string()).collect(),
+                ttl: Duration::from_secs(7200),
+                cert_ttl,
+                server: None,
+            },
+            at,
+        )
+        .unwrap();
+    let (key, csr) = new_csr();
+    let issued = ca
+        .enroll(
+            &revproxy::ca::EnrollRequest {
+                token_id: &token.public.id,
+                secret: &token.secret,
+                csr_pem: &csr,
+            },
+            at + time::Duration::minutes(1),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    revproxy::agent::Identity {
+        server: server.to_string(),
+        agent: issued.agent.clone(),
+        identity: issued.identity.clone(),
+        hosts: issued.hosts.clone(),
+        not_after: issued.not_after,
+        cert_pem: issued.cert_pem.clone(),
+        key_pem: key.serialize_pem(),
+        ca_pem: issued.ca_pem.clone(),
+    }
+    .save(dir.path())
+    .unwrap();
+    dir
+}

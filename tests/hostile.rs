@@ -1,0 +1,234 @@
+//! Attacks on the proxy, tried as an attacker would, each over a real proxy on
+//! 127.0.0.1:0: resumed sessions, certificates the CA signed but never recorded or that
+//! expired under a live tunnel, one agent's wildcard taking another agent's exact name,
+//! and internal details in public answers.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use revproxy::Transport;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+/// One TLS handshake on the agent port with `config`; returns how it went.
+async fn handshake(proxy: &TestProxy, config: &Arc<rustls::ClientConfig>) -> rustls::HandshakeKind {
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let kind = tls.get_ref().1.handshake_kind().unwrap();
+    // Read the server's session tickets (they follow the handshake) before closing.
+    let mut tls = tls;
+    let mut buf = [0u8; 1];
+    let _ = tokio::time::timeout(Duration::from_millis(200), tls.read(&mut buf)).await;
+    kind
+}
+
+/// A resumed TLS session skips the certificate verifier, so an agent port that resumes
+/// would let a certificate that expired (or was never valid for a tunnel) back in. Every
+/// handshake there must be a full one, for tunnels and enrollment alike.
+#[tokio::test]
+async fn the_agent_port_never_resumes_a_tls_session() {
+    let proxy = TestProxy::start().await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let id = revproxy::agent::Identity::load(dir.path()).unwrap();
+    let tunnel = Arc::new(
+        revproxy::tls::agent_client_config(
+            vec![proxy.pin()],
+            &id.cert_pem,
+            &id.key_pem,
+            &[revproxy::tls::ALPN_H2],
+        )
+        .unwrap(),
+    );
+    let enroll = Arc::new(
+        revproxy::tls::pinned_client_config(vec![proxy.pin()], &[revproxy::tls::ALPN_HTTP1])
+            .unwrap(),
+    );
+    for config in [tunnel, enroll] {
+        assert_eq!(
+            handshake(&proxy, &config).await,
+            rustls::HandshakeKind::Full
+        );
+        assert_eq!(
+            handshake(&proxy, &config).await,
+            rustls::HandshakeKind::Full,
+            "the second handshake with the same client session store is full too"
+        );
+    }
+}
+
+/// Someone holding a copy of the CA key (an old backup, a second proxy set up by hand) can
+/// sign certificates this proxy never issued. Admission is an allow-list: a serial that is
+/// not on record opens no tunnel.
+async fn a_certificate_signed_by_the_ca_but_never_issued_is_refused(t: Transport) {
+    let proxy = TestProxy::start().await;
+    // The real web-1 is enrolled (and granted app.example.com), but not running.
+    let _real = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let copy = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(proxy.dir.path()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+    }
+    let rogue_ca = revproxy::ca::Ca::open(copy.path()).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let rogue = issue_identity(
+        &rogue_ca,
+        proxy.addr,
+        "web-1",
+        &["app.example.com"],
+        now,
+        Duration::from_secs(3600),
+    );
+    let backend = echo_backend(b"rogue backend\n").await;
+    let agent = start_agent(rogue.path(), &[("app.example.com", backend)], on(t));
+    // It keeps trying; give it time to be refused several times.
+    assert!(
+        !proxy
+            .status
+            .wait_for_tunnels("app.example.com", 1, Duration::from_secs(3))
+            .await,
+        "a certificate the proxy never issued must open no tunnel"
+    );
+    let answer = round_trip(proxy.http, &http_head("app.example.com"), b"")
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(!answer.contains("rogue backend"), "{answer}");
+    drop(agent);
+}
+
+/// A certificate's expiry ends its tunnels: a live tunnel does not outlive the check its
+/// handshake made. (An agent that renews moves to its new certificate long before.)
+async fn a_live_tunnel_closes_when_its_certificate_expires(t: Transport) {
+    let proxy = TestProxy::start().await;
+    let dir = enroll_agent_with_ttl(
+        &proxy,
+        "short",
+        &["app.example.com"],
+        Duration::from_secs(4),
+    )
+    .await;
+    let not_after = revproxy::agent::Identity::load(dir.path())
+        .unwrap()
+        .not_after;
+    // The agent's clock is an hour slow, so it never thinks it is time to renew.
+    let clock = Arc::new(TestClock::default());
+    clock.set_offset(-3600);
+    let backend = echo_backend(b"").await;
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], |b| {
+        b.transport(t).clock(clock)
+    });
+    proxy.wait_for("app.example.com", 1).await;
+    let back = round_trip(proxy.http, &http_head("app.example.com"), b"before")
+        .await
+        .unwrap();
+    assert!(back.ends_with(b"before"));
+    proxy.wait_for("app.example.com", 0).await;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!(
+        now >= not_after,
+        "closed at {now}, before the expiry at {not_after}"
+    );
+    // And it cannot come back with that certificate.
+    assert!(
+        !proxy
+            .status
+            .wait_for_tunnels("app.example.com", 1, Duration::from_secs(2))
+            .await
+    );
+    let answer = round_trip(proxy.http, &http_head("app.example.com"), b"after")
+        .await
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 503"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
+/// Sends `count` requests for `host` and returns what each answered first (its tag).
+async fn tags(proxy: &TestProxy, host: &str, count: usize) -> Vec<String> {
+    let mut seen = Vec::new();
+    for _ in 0..count {
+        let back = round_trip(proxy.http, &http_head(host), b"").await.unwrap();
+        let text = String::from_utf8_lossy(&back).to_string();
+        seen.push(text.split(':').next().unwrap_or_default().to_string());
+    }
+    seen
+}
+
+/// An agent granted `*.example.com` must not take a share of the traffic of another
+/// agent's exact `app.example.com` (DESIGN.md section 5: the most specific match wins);
+/// it still serves the names only it covers.
+async fn an_exact_agent_wins_over_a_wildcard_agent(t: Transport) {
+    let proxy = TestProxy::start().await;
+    let exact = echo_backend(b"exact:").await;
+    let wild = echo_backend(b"wild:").await;
+    let exact_dir = enroll_agent(&proxy, "app", &["app.example.com"]).await;
+    let wild_dir = enroll_agent(&proxy, "catchall", &["*.example.com"]).await;
+    let _exact = start_agent(exact_dir.path(), &[("app.example.com", exact)], on(t));
+    let _wild = start_agent(wild_dir.path(), &[("*.example.com", wild)], on(t));
+    proxy.wait_for("app.example.com", 2).await;
+    proxy.wait_for("other.example.com", 1).await;
+
+    let seen = tags(&proxy, "app.example.com", 12).await;
+    assert!(seen.iter().all(|tag| tag == "exact"), "{seen:?}");
+    let seen = tags(&proxy, "other.example.com", 3).await;
+    assert!(seen.iter().all(|tag| tag == "wild"), "{seen:?}");
+}
+
+/// A static route for the exact name comes before a wildcard agent.
+async fn a_static_route_wins_over_a_wildcard_agent(t: Transport) {
+    let fixed = echo_backend(b"static:").await;
+    let proxy =
+        TestProxy::start_with(move |b| b.route("app.example.com", &fixed.to_string())).await;
+    let wild = echo_backend(b"wild:").await;
+    let wild_dir = enroll_agent(&proxy, "catchall", &["*.example.com"]).await;
+    let _wild = start_agent(wild_dir.path(), &[("*.example.com", wild)], on(t));
+    proxy.wait_for("app.example.com", 1).await;
+
+    let seen = tags(&proxy, "app.example.com", 6).await;
+    assert!(seen.iter().all(|tag| tag == "static"), "{seen:?}");
+}
+
+/// When no agent can serve a name, the client is told that and a connection id, and none
+/// of what the log knows: agent names, backend addresses, errors from inside.
+async fn a_refused_client_learns_nothing_internal(t: Transport) {
+    let proxy = TestProxy::start().await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let dir = enroll_agent(&proxy, "secret-agent-name", &["app.example.com"]).await;
+    let _agent = start_agent(dir.path(), &[("app.example.com", dead)], on(t));
+    proxy.wait_for("app.example.com", 1).await;
+
+    let back = round_trip(proxy.http, &http_head("app.example.com"), b"")
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&back);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(!text.contains("secret-agent-name"), "{text}");
+    assert!(!text.contains(&dead.port().to_string()), "{text}");
+    assert!(!text.to_lowercase().contains("refused"), "{text}");
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("revproxy-connection-id: "))
+        .unwrap_or_else(|| panic!("no connection id in {text}"));
+    assert_eq!(id.len(), 16, "{id}");
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+}
+
+over_both_transports!(
+    a_certificate_signed_by_the_ca_but_never_issued_is_refused,
+    a_live_tunnel_closes_when_its_certificate_expires,
+    an_exact_agent_wins_over_a_wildcard_agent,
+    a_static_route_wins_over_a_wildcard_agent,
+    a_refused_client_learns_nothing_internal,
+);
