@@ -34,3 +34,4 @@ mod wire;
 pub use agent::{Agent, AgentBuilder, AgentError, Transport};
 pub use proxy::{ListenerKind, Proxy, ProxyBuilder, ProxyError, ProxyStatus, Target};
 pub use revproxy_ca as ca;
+pub use tunnel::SEND_TIMEOUT;

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -152,6 +153,91 @@ async fn a_live_tunnel_closes_when_its_certificate_expires(t: Transport) {
     );
 }
 
+/// A hand-made "agent" with a valid certificate that speaks HTTP/2 as the proxy's server
+/// but answers every CONNECT with a header list far past any real one and tries to push a
+/// stream. Returns whether any push went through.
+async fn start_hostile_h2_agent(proxy: &TestProxy, dir: &std::path::Path) -> Arc<AtomicBool> {
+    let id = revproxy::agent::Identity::load(dir).unwrap();
+    let config = revproxy::tls::agent_client_config(
+        vec![proxy.pin()],
+        &id.cert_pem,
+        &id.key_pem,
+        &[revproxy::tls::ALPN_H2],
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let pushed = Arc::new(AtomicBool::new(false));
+    let flag = pushed.clone();
+    tokio::spawn(async move {
+        let mut conn = ::h2::server::handshake(tls).await.unwrap();
+        while let Some(Ok((_request, mut respond))) = conn.accept().await {
+            let push = http::Request::get("https://app.example.com/pushed")
+                .body(())
+                .unwrap();
+            if respond.push_request(push).is_ok() {
+                flag.store(true, Ordering::SeqCst);
+            }
+            let huge = http::Response::builder()
+                .status(200)
+                .header("x-filler", "a".repeat(64 * 1024))
+                .body(())
+                .unwrap();
+            if let Ok(mut body) = respond.send_response(huge, false) {
+                let _ = body.send_data(bytes::Bytes::from_static(b"hostile:"), false);
+            }
+        }
+    });
+    pushed
+}
+
+/// An agent is a machine the operator does not fully control: its tunnel may not push
+/// streams at the proxy, nor answer with a header list that makes it buffer megabytes.
+#[tokio::test]
+async fn a_hostile_agent_can_neither_push_nor_send_huge_headers() {
+    let proxy = TestProxy::start().await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let pushed = start_hostile_h2_agent(&proxy, dir.path()).await;
+    proxy.wait_for("app.example.com", 1).await;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(20),
+        round_trip(proxy.http, &http_head("app.example.com"), b""),
+    )
+    .await
+    .expect("answered")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(!answer.contains("hostile"), "{answer}");
+    assert!(
+        !pushed.load(Ordering::SeqCst),
+        "the proxy accepted a pushed stream"
+    );
+}
+
+/// One certificate may hold only a few tunnels (draining ones included), not every slot of
+/// the agent port.
+async fn one_identity_holds_at_most_a_few_tunnels(t: Transport) {
+    let proxy = TestProxy::start_with(|b| b.max_tunnels_per_agent(3)).await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let agents: Vec<_> = (0..5)
+        .map(|_| start_agent(dir.path(), &[("app.example.com", backend)], on(t)))
+        .collect();
+    proxy.wait_for("app.example.com", 3).await;
+    assert!(
+        !proxy
+            .status
+            .wait_for_tunnels("app.example.com", 4, Duration::from_secs(3))
+            .await,
+        "a fourth tunnel from one identity was let in"
+    );
+    drop(agents);
+}
+
 /// Sends `count` requests for `host` and returns what each answered first (its tag).
 async fn tags(proxy: &TestProxy, host: &str, count: usize) -> Vec<String> {
     let mut seen = Vec::new();
@@ -231,4 +317,5 @@ over_both_transports!(
     an_exact_agent_wins_over_a_wildcard_agent,
     a_static_route_wins_over_a_wildcard_agent,
     a_refused_client_learns_nothing_internal,
+    one_identity_holds_at_most_a_few_tunnels,
 );

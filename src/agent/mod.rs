@@ -71,6 +71,7 @@ pub struct AgentBuilder {
     services: Vec<(String, String)>,
     server: Option<String>,
     drain_grace: Duration,
+    send_timeout: Duration,
     clock: Arc<dyn Clock>,
     renew_check: Duration,
     transport: Transport,
@@ -100,6 +101,13 @@ impl AgentBuilder {
     /// How long open streams may finish after shutdown starts ([`DRAIN_GRACE`]).
     pub fn drain_grace(mut self, grace: Duration) -> Self {
         self.drain_grace = grace;
+        self
+    }
+
+    /// How long a backend may accept no bytes before its stream is reset
+    /// ([`crate::SEND_TIMEOUT`], 60 s).
+    pub fn send_timeout(mut self, timeout: Duration) -> Self {
+        self.send_timeout = timeout;
         self
     }
 
@@ -177,6 +185,7 @@ impl AgentBuilder {
                 server: self.server.unwrap_or_else(|| identity.server.clone()),
                 services: Arc::new(ServiceMap::new(entries)),
                 drain_grace: self.drain_grace,
+                send_timeout: self.send_timeout,
                 transport: self.transport,
                 quic_fallback_after: self.quic_fallback_after,
                 quic_reprobe: self.quic_reprobe,
@@ -207,6 +216,7 @@ impl Agent {
             services: Vec::new(),
             server: None,
             drain_grace: DRAIN_GRACE,
+            send_timeout: crate::tunnel::SEND_TIMEOUT,
             clock: Arc::new(SystemClock),
             renew_check: RENEW_CHECK,
             transport: Transport::H2,

@@ -20,6 +20,8 @@ pub(super) struct SessionCtx {
     pub(super) server: String,
     pub(super) services: Arc<ServiceMap>,
     pub(super) drain_grace: Duration,
+    /// A stream whose backend accepts nothing this long is reset.
+    pub(super) send_timeout: Duration,
     pub(super) transport: Transport,
     pub(super) quic_fallback_after: Duration,
     pub(super) quic_reprobe: Duration,
@@ -105,8 +107,14 @@ impl Session {
             old.fire();
         }
         let services = self.ctx.services.clone();
-        conn.serve(services, self.stop, self.retire, self.ctx.drain_grace)
-            .await?;
+        conn.serve(
+            services,
+            self.stop,
+            self.retire,
+            self.ctx.drain_grace,
+            self.ctx.send_timeout,
+        )
+        .await?;
         Ok(())
     }
 }

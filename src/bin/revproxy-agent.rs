@@ -163,6 +163,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(server) = &file.server {
                 builder = builder.server(server);
             }
+            if let Some(timeout) = file.send_timeout {
+                builder = builder.send_timeout(timeout);
+            }
             if let Some(grace) = file.drain_grace {
                 builder = builder.drain_grace(grace);
             }

@@ -361,6 +361,12 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         if let Some(t) = config.peek_timeout {
             builder = builder.peek_timeout(t);
         }
+        if let Some(t) = config.send_timeout {
+            builder = builder.send_timeout(t);
+        }
+        if let Some(max) = config.max_tunnels_per_agent {
+            builder = builder.max_tunnels_per_agent(max);
+        }
         if let Some(g) = config.shutdown_grace {
             builder = builder.shutdown_grace(g);
         }

@@ -53,6 +53,11 @@ pub struct ProxyConfig {
     /// Time a client has to send its ClientHello or request head, e.g. "10s".
     #[serde(default, deserialize_with = "duration")]
     pub peek_timeout: Option<Duration>,
+    /// Time a client may accept no bytes before its stream is reset, e.g. "60s".
+    #[serde(default, deserialize_with = "duration")]
+    pub send_timeout: Option<Duration>,
+    /// Most tunnels one agent identity may hold at once.
+    pub max_tunnels_per_agent: Option<usize>,
     /// Time open connections get to finish on shutdown, e.g. "10s".
     #[serde(default, deserialize_with = "duration")]
     pub shutdown_grace: Option<Duration>,
@@ -178,6 +183,9 @@ pub struct AgentConfig {
     pub server: Option<String>,
     /// Tunnel transport.
     pub transport: Option<Transport>,
+    /// Time a backend may accept no bytes before its stream is reset, e.g. "60s".
+    #[serde(default, deserialize_with = "duration")]
+    pub send_timeout: Option<Duration>,
     /// Time open streams get to finish on shutdown, e.g. "30s".
     #[serde(default, deserialize_with = "duration")]
     pub drain_grace: Option<Duration>,

@@ -186,7 +186,14 @@ async fn hold(
 ) {
     let id = shared.registry.next_id();
     let tunnel = Arc::new(Tunnel::new(id, who, link));
-    shared.registry.insert(tunnel.clone(), hosts.clone());
+    if let Err(held) =
+        shared
+            .registry
+            .insert(tunnel.clone(), hosts.clone(), shared.max_tunnels_per_agent)
+    {
+        warn!(%peer, agent = %tunnel.agent, held, "agent holds its most tunnels already; refusing another");
+        return conn.refuse();
+    }
     info!(agent = %tunnel.agent, tunnel = id, transport = tunnel.transport(), ?hosts, "tunnel up");
     let close = async {
         tokio::select! {

@@ -54,6 +54,10 @@ use state::StateView;
 pub const MAX_AGENT_CONNECTIONS: usize = 4096;
 /// Most public client connections at once, over all public listeners.
 pub const MAX_CLIENT_CONNECTIONS: usize = 65_536;
+/// Most tunnels one agent identity may hold at once, draining ones included: one, plus a
+/// second while a renewed certificate or a better transport takes over, plus headroom for
+/// a restart or a probe. More from one certificate is someone holding the agent port.
+pub const MAX_TUNNELS_PER_AGENT: usize = 4;
 /// How long open client connections get to finish after shutdown starts.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long a public client may take to send its ClientHello or request head.
@@ -90,6 +94,8 @@ pub struct ProxyBuilder {
     max_enroll_failures: u32,
     enroll_failure_window: Duration,
     peek_timeout: Duration,
+    send_timeout: Duration,
+    max_tunnels_per_agent: usize,
     shutdown_grace: Duration,
     quic: QuicListener,
 }
@@ -162,6 +168,19 @@ impl ProxyBuilder {
         self
     }
 
+    /// How long a client may accept no bytes before its stream is reset and its connection
+    /// closed ([`crate::SEND_TIMEOUT`], 60 s).
+    pub fn send_timeout(mut self, timeout: Duration) -> Self {
+        self.send_timeout = timeout;
+        self
+    }
+
+    /// Most tunnels one agent identity may hold at once ([`MAX_TUNNELS_PER_AGENT`]).
+    pub fn max_tunnels_per_agent(mut self, max: usize) -> Self {
+        self.max_tunnels_per_agent = max;
+        self
+    }
+
     /// How long client connections may drain after shutdown starts ([`SHUTDOWN_GRACE`]).
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.shutdown_grace = grace;
@@ -209,6 +228,8 @@ impl ProxyBuilder {
                 state,
                 routes: self.routes,
                 peek_timeout: self.peek_timeout,
+                send_timeout: self.send_timeout,
+                max_tunnels_per_agent: self.max_tunnels_per_agent,
                 close_tunnels: Trigger::default(),
                 enroll_config: Arc::new(enroll_config),
                 server_cert,
@@ -232,6 +253,9 @@ struct Shared {
     state: StateView,
     routes: HashMap<String, String>,
     peek_timeout: Duration,
+    /// A client that accepts no bytes this long has its stream reset.
+    send_timeout: Duration,
+    max_tunnels_per_agent: usize,
     /// Fired last during shutdown, once client connections have drained.
     close_tunnels: Trigger,
     enroll_config: Arc<rustls::ServerConfig>,
@@ -259,6 +283,8 @@ impl Proxy {
             max_enroll_failures: ratelimit::DEFAULT_MAX_FAILURES,
             enroll_failure_window: ratelimit::DEFAULT_WINDOW,
             peek_timeout: PEEK_TIMEOUT,
+            send_timeout: tunnel::SEND_TIMEOUT,
+            max_tunnels_per_agent: MAX_TUNNELS_PER_AGENT,
             shutdown_grace: SHUTDOWN_GRACE,
             quic: QuicListener::default(),
         }

@@ -124,13 +124,28 @@ impl Registry {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Registers `tunnel` as serving `hosts`.
-    pub(super) fn insert(&self, tunnel: Arc<Tunnel>, hosts: Vec<String>) {
+    /// Registers `tunnel` as serving `hosts`, unless its agent already holds `max`
+    /// tunnels (draining ones included): then returns how many it holds.
+    pub(super) fn insert(
+        &self,
+        tunnel: Arc<Tunnel>,
+        hosts: Vec<String>,
+        max: usize,
+    ) -> Result<(), usize> {
         let mut inner = self.inner.write().expect("registry lock");
+        let held = inner
+            .tunnels
+            .values()
+            .filter(|(t, _)| t.agent == tunnel.agent)
+            .count();
+        if held >= max {
+            return Err(held);
+        }
         inner.tunnels.insert(tunnel.id, (tunnel, hosts));
         inner.reindex();
         drop(inner);
         self.changes.send_modify(|n| *n += 1);
+        Ok(())
     }
 
     /// A receiver that sees every change to the set of tunnels.

@@ -35,6 +35,25 @@ use crate::tls::{Credentials, TlsError};
 /// [`crate::runtime::CONNECT_TIMEOUT`] for a whole connection attempt.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Per-stream receive window, on both transports and both ends. It bounds what one stream
+/// can have in flight, and so the memory a reader that stopped pins on the far side: at
+/// most this much per stalled stream. Measured on loopback (`docs/benchmarks.md`), 2 MiB
+/// gave about 5.3 Gbit/s single-stream and 8 MiB 6-7; 4 MiB keeps most of that.
+pub(crate) const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// Most client streams one tunnel carries at once (the agent advertises it).
+pub(crate) const MAX_STREAMS: u32 = 511;
+/// Per-connection receive window: every stream's full window at once, so no number of
+/// stalled streams (up to [`MAX_STREAMS`]) can use it up and hold back the others. It is
+/// also the most one tunnel's stalled streams can pin: 511 x 4 MiB, just under HTTP/2's
+/// largest window (2^31 - 1 bytes).
+pub(crate) const CONNECTION_WINDOW: u32 = STREAM_WINDOW * MAX_STREAMS;
+/// A stream whose reader (the client on the proxy, the backend on the agent) accepts no
+/// bytes for this long is reset and its socket closed, as nginx's `send_timeout` does.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
+// HTTP/2 windows are at most 2^31 - 1 bytes.
+const _: () = assert!((CONNECTION_WINDOW as u64) < (1 << 31));
+
 /// The tunnel transport an agent is configured with (`--transport`, `transport = ...`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -181,19 +200,24 @@ impl Link {
 }
 
 impl TunnelStream {
-    /// Copies both ways until both directions end; returns (bytes up, bytes down).
-    pub(crate) async fn splice(self, tcp: TcpStream) -> std::io::Result<(u64, u64)> {
+    /// Copies both ways until both directions end, or the client accepts nothing for
+    /// `send_timeout`; returns (bytes up, bytes down).
+    pub(crate) async fn splice(
+        self,
+        tcp: TcpStream,
+        send_timeout: Duration,
+    ) -> std::io::Result<(u64, u64)> {
         match self {
-            TunnelStream::H2(send, recv) => h2::splice::splice(tcp, send, recv).await,
+            TunnelStream::H2(send, recv) => h2::splice::splice(tcp, send, recv, send_timeout).await,
             TunnelStream::Quic(send, recv, first) => {
-                quic::splice::splice(tcp, send, recv, first).await
+                quic::splice::splice(tcp, send, recv, first, send_timeout).await
             }
         }
     }
 }
 
 impl ProxyConn {
-    /// Refuses the tunnel right after its handshake.
+    /// Refuses the tunnel right after its handshake (an h2 one closes as it is dropped).
     pub(crate) fn refuse(self) {
         if let ProxyConn::Quic(conn) = &self {
             quic::proxy::refuse(conn);
@@ -337,13 +361,15 @@ impl AgentConn {
 
     /// Serves the proxy's streams until the tunnel ends. `retire` (a renewal, or a better
     /// transport up) stops new streams and lets open ones finish however long they take;
-    /// `stop` (shutdown) does the same with `grace` as a deadline.
+    /// `stop` (shutdown) does the same with `grace` as a deadline. A stream whose backend
+    /// accepts nothing for `send_timeout` is reset.
     pub(crate) async fn serve<B: Backends>(
         mut self,
         backends: Arc<B>,
         stop: Trigger,
         retire: Trigger,
         grace: Duration,
+        send_timeout: Duration,
     ) -> Result<(), TunnelError> {
         let mut streams = JoinSet::new();
         let mut retiring = false;
@@ -360,8 +386,8 @@ impl AgentConn {
                         let backends = backends.clone();
                         let span = tracing::debug_span!("stream");
                         match incoming {
-                            Incoming::H2(s) => streams.spawn(h2::agent::serve_stream(backends, s).instrument(span)),
-                            Incoming::Quic(s) => streams.spawn(quic::agent::serve_stream(backends, s).instrument(span)),
+                            Incoming::H2(s) => streams.spawn(h2::agent::serve_stream(backends, s, send_timeout).instrument(span)),
+                            Incoming::Quic(s) => streams.spawn(quic::agent::serve_stream(backends, s, send_timeout).instrument(span)),
                         };
                     }
                     // The proxy closed the tunnel, or a graceful shutdown completed.
@@ -413,6 +439,39 @@ pub(crate) async fn read_some(
             read => return read,
         }
     }
+}
+
+/// Runs one socket write, failing with `TimedOut` if it makes no progress within
+/// `timeout` (the send timeout: the reader accepts nothing).
+pub(crate) async fn within<T>(
+    timeout: Duration,
+    write: impl Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    tokio::time::timeout(timeout, write)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the reader accepted nothing for {timeout:?}"),
+            ))
+        })
+}
+
+/// Writes all of `buf`, failing if the socket accepts no byte for `timeout`.
+pub(crate) async fn write_all_within(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    mut buf: &[u8],
+    timeout: Duration,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    while !buf.is_empty() {
+        let n = within(timeout, wr.write(buf)).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

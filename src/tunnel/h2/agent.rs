@@ -37,7 +37,8 @@ fn builder() -> h2::server::Builder {
         .initial_connection_window_size(super::CONNECTION_WINDOW)
         .max_frame_size(super::MAX_FRAME_SIZE)
         .max_send_buffer_size(super::STREAM_WINDOW as usize)
-        .max_concurrent_streams(super::MAX_STREAMS);
+        .max_concurrent_streams(super::MAX_STREAMS)
+        .max_header_list_size(super::MAX_HEADER_LIST);
     b
 }
 
@@ -88,7 +89,11 @@ impl Conn {
 }
 
 /// Serves one `CONNECT`: find the backend, dial it, answer, splice.
-pub(crate) async fn serve_stream<B: Backends>(backends: Arc<B>, (request, mut respond): Incoming) {
+pub(crate) async fn serve_stream<B: Backends>(
+    backends: Arc<B>,
+    (request, mut respond): Incoming,
+    send_timeout: std::time::Duration,
+) {
     let name = request
         .uri()
         .authority()
@@ -126,7 +131,7 @@ pub(crate) async fn serve_stream<B: Backends>(backends: Arc<B>, (request, mut re
         Err(e) => return debug!(error = %e, "stream gone before the answer"),
     };
     debug!(host = %name, ?client, backend = addr, "stream open");
-    match splice::splice(backend, send, request.into_body()).await {
+    match splice::splice(backend, send, request.into_body(), send_timeout).await {
         Ok((up, down)) => debug!(host = %name, to_backend = down, from_backend = up, "stream done"),
         Err(e) => debug!(host = %name, error = %e, "stream ended with an error"),
     }

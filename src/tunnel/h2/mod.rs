@@ -16,19 +16,14 @@ pub(crate) mod splice;
 use std::io;
 use std::time::Duration;
 
-/// Per-stream receive window. Bounds what one stream can have in flight (and so the memory
-/// a reader that stopped can pin on the far side) while letting one stream fill a fast
-/// link: measured on loopback, 2 MiB gave about 5.3 Gbit/s single-stream and 8 MiB about
-/// 6–7 (see `docs/benchmarks.md`).
-pub(crate) const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
-/// Per-connection receive window: large, so stalled streams cannot starve the rest of the
-/// tunnel until 32 of them each hold a full stream window. It also bounds the memory all
-/// stalled streams of one tunnel can pin.
-pub(crate) const CONNECTION_WINDOW: u32 = 256 * 1024 * 1024;
+pub(crate) use super::{CONNECTION_WINDOW, MAX_STREAMS, STREAM_WINDOW};
+
 /// Largest DATA frame. Bigger frames mean fewer frame headers and wakeups per byte.
 pub(crate) const MAX_FRAME_SIZE: u32 = 64 * 1024;
-/// Most streams the agent lets one tunnel carry at once.
-pub(crate) const MAX_STREAMS: u32 = 16 * 1024;
+/// Largest header list either end accepts: a `CONNECT` or its answer carries a name, an
+/// address and a one-line reason, far below this (h2's default is 16 MiB).
+pub(crate) const MAX_HEADER_LIST: u32 = 16 * 1024;
+
 /// Header carrying the public client's address on a `CONNECT`.
 pub(crate) const CLIENT_ADDR_HEADER: &str = "x-revproxy-client";
 /// Header carrying a one-line reason on a refused `CONNECT`.

@@ -25,13 +25,18 @@ pub(crate) enum HandshakeError {
     Timeout,
 }
 
-/// The h2 client settings of the proxy.
+/// The h2 client settings of the proxy. The agent on the other end may be hostile, so it
+/// gets nothing the protocol does not need: no server push and no streams of its own, and
+/// answers with at most [`MAX_HEADER_LIST`] of headers.
 fn builder() -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
     b.initial_window_size(super::STREAM_WINDOW)
         .initial_connection_window_size(super::CONNECTION_WINDOW)
         .max_frame_size(super::MAX_FRAME_SIZE)
-        .max_send_buffer_size(super::STREAM_WINDOW as usize);
+        .max_send_buffer_size(super::STREAM_WINDOW as usize)
+        .enable_push(false)
+        .max_concurrent_streams(0)
+        .max_header_list_size(super::MAX_HEADER_LIST);
     b
 }
 

@@ -4,6 +4,7 @@
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::task::Poll;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -11,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::h2_io;
-use crate::tunnel::read_some;
+use crate::tunnel::{read_some, within};
 
 /// Bytes read from a socket per step. Only allocated once the socket is readable, so an
 /// idle stream holds no buffer. Large reads mean fewer wakeups of the connection task per
@@ -66,6 +67,7 @@ pub(crate) async fn socket_to_stream(
 pub(crate) async fn stream_to_socket(
     recv: &mut RecvStream,
     wr: &mut OwnedWriteHalf,
+    send_timeout: Duration,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut batch: Vec<Bytes> = Vec::new();
@@ -90,7 +92,7 @@ pub(crate) async fn stream_to_socket(
                 Poll::Pending => break,
             }
         }
-        write_all_vectored(wr, &batch).await?;
+        write_all_vectored(wr, &batch, send_timeout).await?;
         batch.clear();
         total += size as u64;
         recv.flow_control().release_capacity(size).map_err(h2_io)?;
@@ -102,7 +104,11 @@ pub(crate) async fn stream_to_socket(
 /// Most bytes gathered into one write by [`stream_to_socket`].
 pub(crate) const WRITE_BATCH: usize = 256 * 1024;
 
-async fn write_all_vectored(wr: &mut OwnedWriteHalf, chunks: &[Bytes]) -> io::Result<()> {
+async fn write_all_vectored(
+    wr: &mut OwnedWriteHalf,
+    chunks: &[Bytes],
+    send_timeout: Duration,
+) -> io::Result<()> {
     // An empty DATA frame (a bare END_STREAM) yields an empty chunk: nothing to write.
     let mut slices: Vec<IoSlice<'_>> = chunks
         .iter()
@@ -111,7 +117,7 @@ async fn write_all_vectored(wr: &mut OwnedWriteHalf, chunks: &[Bytes]) -> io::Re
         .collect();
     let mut slices = &mut slices[..];
     while !slices.is_empty() {
-        let n = wr.write_vectored(slices).await?;
+        let n = within(send_timeout, wr.write_vectored(slices)).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -121,15 +127,17 @@ async fn write_all_vectored(wr: &mut OwnedWriteHalf, chunks: &[Bytes]) -> io::Re
 }
 
 /// Pumps both directions between a socket and an h2 stream until both are finished, or
-/// until either fails (then the other is dropped, which resets the stream).
+/// until either fails or the socket accepts nothing for `send_timeout` (then the other is
+/// dropped, which resets the stream).
 pub(crate) async fn splice(
     tcp: tokio::net::TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
+    send_timeout: Duration,
 ) -> io::Result<(u64, u64)> {
     let (mut rd, mut wr) = tcp.into_split();
     let up = socket_to_stream(&mut rd, &mut send);
-    let down = stream_to_socket(&mut recv, &mut wr);
+    let down = stream_to_socket(&mut recv, &mut wr, send_timeout);
     tokio::pin!(up, down);
     let (mut sent, mut received) = (None, None);
     while sent.is_none() || received.is_none() {

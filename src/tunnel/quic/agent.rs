@@ -99,7 +99,11 @@ impl Conn {
 }
 
 /// Serves one stream: read its header, dial the backend, answer, splice.
-pub(crate) async fn serve_stream<B: Backends>(backends: Arc<B>, (mut send, mut recv): Incoming) {
+pub(crate) async fn serve_stream<B: Backends>(
+    backends: Arc<B>,
+    (mut send, mut recv): Incoming,
+    send_timeout: Duration,
+) {
     let header = tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut recv, StreamHeader::parse))
         .await
         .unwrap_or_else(|_| {
@@ -134,7 +138,7 @@ pub(crate) async fn serve_stream<B: Backends>(backends: Arc<B>, (mut send, mut r
         return debug!(error = %e, "stream gone before the answer");
     }
     debug!(host = %name, %client, backend = addr, "stream open");
-    match splice::splice(backend, send, recv, first).await {
+    match splice::splice(backend, send, recv, first, send_timeout).await {
         Ok((up, down)) => debug!(host = %name, to_backend = down, from_backend = up, "stream done"),
         Err(e) => debug!(host = %name, error = %e, "stream ended with an error"),
     }

@@ -21,18 +21,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use quinn::{RecvStream, VarInt};
 use tracing::{debug, warn};
 
+use super::{CONNECTION_WINDOW, MAX_STREAMS, STREAM_WINDOW};
 use crate::wire::stream::{FrameError, Parse, MAX_FRAME};
 
 /// Time the agent allows for a stream's header (the proxy bounds the wait for the answer
 /// by its stream-open timeout, which is longer than the agent's backend dial timeout).
 pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Per-stream receive window (same bound as h2's; see `tunnel::h2::STREAM_WINDOW`).
-pub(crate) const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
-/// Per-connection receive window and send window.
-pub(crate) const CONNECTION_WINDOW: u32 = 256 * 1024 * 1024;
-/// Most client streams one tunnel carries at once.
-pub(crate) const MAX_STREAMS: u32 = 16 * 1024;
 /// An idle tunnel sends a keep-alive this often...
 pub(crate) const KEEPALIVE: Duration = Duration::from_secs(3);
 /// ...and a tunnel that heard nothing for this long is dead (a few lost keep-alives).

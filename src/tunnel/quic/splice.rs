@@ -2,13 +2,14 @@
 //! used alike by the proxy (client socket) and the agent (backend socket).
 
 use std::io;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::io::AsyncWriteExt;
 
 use super::{code, IDLE_TIMEOUT};
-use crate::tunnel::read_some;
+use crate::tunnel::{read_some, write_all_within};
 
 /// Bytes read from a TCP socket per step, handed to quinn without another copy.
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
@@ -25,6 +26,7 @@ pub(crate) async fn splice(
     mut send: SendStream,
     mut recv: RecvStream,
     first: Bytes,
+    send_timeout: Duration,
 ) -> io::Result<(u64, u64)> {
     let (rd, mut wr) = tcp.into_split();
     let up = async {
@@ -49,12 +51,12 @@ pub(crate) async fn splice(
     };
     let down = async {
         let mut total = first.len() as u64;
-        wr.write_all(&first).await?;
+        write_all_within(&mut wr, &first, send_timeout).await?;
         loop {
             match recv.read_chunk(usize::MAX, true).await {
                 Ok(Some(chunk)) => {
                     total += chunk.bytes.len() as u64;
-                    wr.write_all(&chunk.bytes).await?;
+                    write_all_within(&mut wr, &chunk.bytes, send_timeout).await?;
                 }
                 Ok(None) => {
                     wr.shutdown().await?;

@@ -1,0 +1,186 @@
+//! Clients and backends that stop reading must hold back only their own streams: any
+//! number of them (up to the stream limit) leave every other stream of the tunnel moving,
+//! in both directions and over both transports; and a stream whose reader accepts nothing
+//! for the send timeout is reset and its connection closed.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use revproxy::Transport;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// More stalled streams than the old 256 MiB connection window could hold at 8 MiB each.
+const STALLED: usize = 40;
+
+/// A backend that writes without end to every connection; counts what it wrote.
+async fn firehose() -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let written = Arc::new(AtomicU64::new(0));
+    let counter = written.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let chunk = pattern(64 * 1024, 7);
+                while tcp.write_all(&chunk).await.is_ok() {
+                    counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (addr, written)
+}
+
+/// A backend that accepts and never reads; counts its connections.
+async fn sink() -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::Relaxed);
+            held.push(tcp);
+        }
+    });
+    (addr, accepted)
+}
+
+/// Waits until `counter` stops moving (every stalled stream is full), at most 60 s.
+async fn until_still(counter: &AtomicU64) {
+    let mut last = u64::MAX;
+    for _ in 0..120 {
+        let now = counter.load(Ordering::Relaxed);
+        if now == last {
+            return;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("the stalled streams never filled up");
+}
+
+/// An agent serving `app` (echo), `big` (firehose) and `sink` (never reads).
+async fn setup(
+    t: Transport,
+    configure: impl FnOnce(revproxy::ProxyBuilder) -> revproxy::ProxyBuilder,
+    agent_configure: impl FnOnce(revproxy::AgentBuilder) -> revproxy::AgentBuilder,
+) -> (TestProxy, TestAgent, Arc<AtomicU64>, Arc<AtomicU64>) {
+    let proxy = TestProxy::start_with(configure).await;
+    let echo = echo_backend(b"").await;
+    let (big, written) = firehose().await;
+    let (sink, accepted) = sink().await;
+    let names = ["app.example.com", "big.example.com", "sink.example.com"];
+    let dir = enroll_agent(&proxy, "web-1", &names).await;
+    let agent = start_agent(
+        dir.path(),
+        &[(names[0], echo), (names[1], big), (names[2], sink)],
+        |b| agent_configure(b.transport(t)),
+    );
+    proxy.wait_for("app.example.com", 1).await;
+    std::mem::forget(dir); // the agent runs for the rest of the test
+    (proxy, agent, written, accepted)
+}
+
+/// A 4 MiB round trip through the tunnel must finish, and quickly.
+async fn a_transfer_still_moves(proxy: &TestProxy) {
+    let data = pattern(4 * 1024 * 1024, 99);
+    let back = tokio::time::timeout(
+        Duration::from_secs(15),
+        round_trip(proxy.http, &http_head("app.example.com"), &data),
+    )
+    .await
+    .expect("a transfer stalled behind the streams that stopped reading")
+    .unwrap();
+    assert!(back.ends_with(&data));
+}
+
+async fn stalled_downloads_leave_the_other_streams_moving(t: Transport) {
+    let (proxy, _agent, written, _) = setup(t, |b| b, |b| b).await;
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+        tcp.write_all(&http_head("big.example.com")).await.unwrap();
+        stalled.push(tcp); // never read
+    }
+    until_still(&written).await;
+    a_transfer_still_moves(&proxy).await;
+}
+
+async fn stalled_uploads_leave_the_other_streams_moving(t: Transport) {
+    let (proxy, _agent, _, accepted) = setup(t, |b| b, |b| b).await;
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut uploads = Vec::new();
+    for _ in 0..STALLED {
+        let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+        tcp.write_all(&http_head("sink.example.com")).await.unwrap();
+        let sent = sent.clone();
+        uploads.push(tokio::spawn(async move {
+            let chunk = pattern(64 * 1024, 3);
+            while tcp.write_all(&chunk).await.is_ok() {
+                sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    until_still(&sent).await;
+    assert_eq!(accepted.load(Ordering::Relaxed), STALLED as u64);
+    a_transfer_still_moves(&proxy).await;
+}
+
+/// The proxy resets a stream whose client accepted nothing for the send timeout, and
+/// closes the client; the agent does the same for a backend that stops reading.
+async fn a_stream_nobody_reads_is_reset_after_the_send_timeout(t: Transport) {
+    let timeout = Duration::from_secs(1);
+    let (proxy, _agent, _, _) =
+        setup(t, |b| b.send_timeout(timeout), |b| b.send_timeout(timeout)).await;
+
+    // Download: the client stops reading, then reads again much later: it gets what was
+    // buffered, then the end, not an endless stream.
+    let mut download = TcpStream::connect(proxy.http).await.unwrap();
+    download
+        .write_all(&http_head("big.example.com"))
+        .await
+        .unwrap();
+    tokio::time::sleep(timeout * 4).await;
+    let mut got = 0usize;
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match download.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "still streaming after {got} bytes: never reset"
+    );
+
+    // Upload: the backend never reads; the client's writes fail once the agent gave up.
+    let mut upload = TcpStream::connect(proxy.http).await.unwrap();
+    upload
+        .write_all(&http_head("sink.example.com"))
+        .await
+        .unwrap();
+    let failed = tokio::time::timeout(Duration::from_secs(30), async {
+        let chunk = pattern(64 * 1024, 5);
+        while upload.write_all(&chunk).await.is_ok() {}
+    })
+    .await;
+    assert!(failed.is_ok(), "an upload nobody reads was never reset");
+}
+
+over_both_transports!(
+    stalled_downloads_leave_the_other_streams_moving,
+    stalled_uploads_leave_the_other_streams_moving,
+    a_stream_nobody_reads_is_reset_after_the_send_timeout,
+);
