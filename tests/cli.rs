@@ -343,3 +343,61 @@ fn certificate_lifetimes_listing_revocation_and_narrowing_from_the_command_line(
     let out = run(PROXY, &["cert", "revoke", "ffff"], &state);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// `revproxy serve` raises its soft open-file limit to the hard one: the connection caps
+/// need the descriptors, and a process at 1024 stops accepting long before them.
+#[test]
+fn serve_raises_its_open_file_limit() {
+    let state = tempfile::tempdir().unwrap();
+    let mut child = Serve(
+        Command::new("sh")
+            .args([
+                "-c",
+                "ulimit -Sn 256 && exec \"$0\" serve --agents 127.0.0.1:0",
+                PROXY,
+            ])
+            .env("REVPROXY_STATE", state.path())
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    for line in lines {
+        if line.unwrap().contains("agent listener ready") {
+            break;
+        }
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).unwrap();
+    let files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let (soft, hard) = (files[3], files[4]);
+    assert_eq!(soft, hard, "{limits}");
+    assert_ne!(soft, "256", "{limits}");
+}
+
+/// Whoever can write to the state directory can swap the CA: `revproxy` refuses a
+/// directory that group or others may write to, and says how to fix it.
+#[test]
+fn a_state_directory_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    assert!(run(PROXY, &["ca", "init"], &state).status.success());
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    for args in [
+        &["serve", "--agents", "127.0.0.1:0"][..],
+        &["token", "list"][..],
+    ] {
+        let out = run(PROXY, args, &state);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("chmod 700"), "{}", stderr(&out));
+    }
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(run(PROXY, &["token", "list"], &state).status.success());
+}

@@ -238,6 +238,51 @@ async fn one_identity_holds_at_most_a_few_tunnels(t: Transport) {
     drop(agents);
 }
 
+/// Opens `count` connections to `addr` that send nothing, and one more; returns how long
+/// the proxy took to close that last one (it reads EOF or an error).
+async fn one_more_than(addr: std::net::SocketAddr, count: usize) -> (Vec<TcpStream>, Duration) {
+    let mut idle = Vec::new();
+    for _ in 0..count {
+        idle.push(TcpStream::connect(addr).await.unwrap());
+    }
+    // Let the accept loop take them all before the extra one arrives.
+    let mut extra = TcpStream::connect(addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1];
+    let _ = tokio::time::timeout(Duration::from_secs(30), extra.read(&mut buf)).await;
+    (idle, started.elapsed())
+}
+
+/// One host that opens connections and says nothing may hold a few of the public
+/// listener's slots, not all of them: past its per-source cap it is closed at once.
+#[tokio::test]
+async fn one_source_holds_at_most_its_share_of_public_connections() {
+    let proxy = TestProxy::start_with(|b| b.max_connections_per_source(4)).await;
+    let (idle, closed_after) = one_more_than(proxy.http, 4).await;
+    assert!(
+        closed_after < Duration::from_secs(2),
+        "the fifth connection from one source waited {closed_after:?}"
+    );
+    drop(idle);
+}
+
+/// Connections that never finish a handshake on the agent port count against their
+/// source's cap; once they are gone, a real agent from the same address gets in.
+#[tokio::test]
+async fn one_source_holds_at_most_a_few_agent_port_handshakes() {
+    let proxy = TestProxy::start_with(|b| b.max_handshakes_per_source(4)).await;
+    let (idle, closed_after) = one_more_than(proxy.addr, 4).await;
+    assert!(
+        closed_after < Duration::from_secs(2),
+        "the fifth handshake from one source waited {closed_after:?}"
+    );
+    drop(idle);
+    let backend = echo_backend(b"ok:").await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], |b| b);
+    proxy.wait_for("app.example.com", 1).await;
+}
+
 /// Sends `count` requests for `host` and returns what each answered first (its tag).
 async fn tags(proxy: &TestProxy, host: &str, count: usize) -> Vec<String> {
     let mut seen = Vec::new();

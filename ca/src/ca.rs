@@ -295,6 +295,22 @@ impl Ca {
         if !dir.join(CA_KEY_FILE).exists() {
             return Err(CaError::MissingKey(dir.to_path_buf()));
         }
+        match fsutil::unsafe_dir(dir).map_err(|e| CaError::io(dir, e))? {
+            Some(fsutil::DirProblem::Writable(mode)) => {
+                return Err(CaError::WritableDir {
+                    path: dir.to_path_buf(),
+                    mode,
+                })
+            }
+            Some(fsutil::DirProblem::Owner { owner, me }) => {
+                return Err(CaError::ForeignOwner {
+                    path: dir.to_path_buf(),
+                    owner,
+                    me,
+                })
+            }
+            None => {}
+        }
         let key_pem = read_private(&dir.join(CA_KEY_FILE))?;
         let key = KeyPair::from_pem(&key_pem)?;
         let cert_path = dir.join(CA_CERT_FILE);

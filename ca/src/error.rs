@@ -20,6 +20,10 @@ pub enum CaError {
     NotInitialized(PathBuf),
     #[error("{path} is accessible by group or others (mode {mode:03o}); run `chmod 600 {path}`")]
     InsecurePermissions { path: PathBuf, mode: u32 },
+    #[error("the state directory {path} can be written by group or others (mode {mode:03o}): anyone who can write there can replace the CA; run `chmod 700 {path}`")]
+    WritableDir { path: PathBuf, mode: u32 },
+    #[error("the state directory {path} belongs to user {owner}, not to the user running revproxy ({me}); run revproxy as its owner, or `chown` it")]
+    ForeignOwner { path: PathBuf, owner: u32, me: u32 },
     #[error("the state in {0} is locked by another revproxy process; try again when it is done")]
     Locked(PathBuf),
     #[error("{path} is damaged: {reason}")]

@@ -33,8 +33,17 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    // A leftover temp file from a crash may carry other permissions; start from nothing.
+    // A name of its own, so that two writers of one file (two processes, or a proxy
+    // renewing its certificate while a command runs) never write into each other's file.
+    static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(
+        ".{}.{}-{seq}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    // A leftover temp file from a crashed process with our pid may carry other
+    // permissions; start from nothing.
     match fs::remove_file(&tmp) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -62,6 +71,37 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Returns the mode bits of `path` if group or others may access it, `None` if it is private.
+/// Checks that `dir` is safe to keep a CA in: owned by the user this process runs as, and
+/// writable by nobody else (group and others could swap the files otherwise). Returns the
+/// offending mode or owner.
+pub fn unsafe_dir(dir: &Path) -> io::Result<Option<DirProblem>> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(dir)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Ok(Some(DirProblem::Writable(mode)));
+    }
+    // The process's own directory in /proc belongs to its effective user.
+    if let Ok(me) = fs::metadata("/proc/self").map(|m| m.uid()) {
+        if meta.uid() != me {
+            return Ok(Some(DirProblem::Owner {
+                owner: meta.uid(),
+                me,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// What is wrong with a state directory (see [`unsafe_dir`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirProblem {
+    /// Group or others may write to it (the mode).
+    Writable(u32),
+    /// Someone else owns it.
+    Owner { owner: u32, me: u32 },
+}
+
 pub fn exposed_mode(path: &Path) -> io::Result<Option<u32>> {
     let mode = fs::metadata(path)?.permissions().mode() & 0o777;
     Ok((mode & 0o077 != 0).then_some(mode))

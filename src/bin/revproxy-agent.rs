@@ -175,6 +175,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 | revproxy::agent::AgentError::Expired(_) => (1, e.into()),
                 _ => usage(e),
             })?;
+            if let Err(e) = revproxy::runtime::raise_fd_limit() {
+                tracing::warn!(error = %e, "cannot raise the open-file limit");
+            }
             runtime()?
                 .block_on(agent.run(revproxy::runtime::shutdown_signal()))
                 .map_err(|e| (1, e.into()))?;

@@ -344,6 +344,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         )?;
         print_init_notes(&ca);
     }
+    raise_fd_limit();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let bind = |addr: SocketAddr| async move {
@@ -367,6 +368,12 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         if let Some(max) = config.max_tunnels_per_agent {
             builder = builder.max_tunnels_per_agent(max);
         }
+        if let Some(max) = config.max_connections_per_source {
+            builder = builder.max_connections_per_source(max);
+        }
+        if let Some(max) = config.max_handshakes_per_source {
+            builder = builder.max_handshakes_per_source(max);
+        }
         if let Some(g) = config.shutdown_grace {
             builder = builder.shutdown_grace(g);
         }
@@ -374,6 +381,16 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         proxy.run(revproxy::runtime::shutdown_signal()).await?;
         Ok::<_, Failure>(())
     })
+}
+
+/// Raises the open-file limit (the caps are sized from it), or says why it could not.
+fn raise_fd_limit() {
+    match revproxy::runtime::raise_fd_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file limit; the connection caps are sized to the current one")
+        }
+    }
 }
 
 /// `--cert-ttl`: a duration between [`ca::MIN_CERT_TTL`] and [`ca::MAX_CERT_TTL`].

@@ -58,6 +58,10 @@ pub struct ProxyConfig {
     pub send_timeout: Option<Duration>,
     /// Most tunnels one agent identity may hold at once.
     pub max_tunnels_per_agent: Option<usize>,
+    /// Most public connections one source address may hold at once.
+    pub max_connections_per_source: Option<usize>,
+    /// Most handshakes one source address may have under way on the agent port.
+    pub max_handshakes_per_source: Option<usize>,
     /// Time open connections get to finish on shutdown, e.g. "10s".
     #[serde(default, deserialize_with = "duration")]
     pub shutdown_grace: Option<Duration>,

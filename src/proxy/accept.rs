@@ -1,16 +1,18 @@
 //! The accept loop every listener runs: take a connection, hold a permit for it (a bound
-//! on connections at once), run its handler in a tracked task; on stop, stop accepting,
-//! give open connections a grace period, then abort what is left.
+//! on connections at once) and a slot of its source address (a bound per source, so one
+//! host cannot take every permit), run its handler in a tracked task; on stop, stop
+//! accepting, give open connections a grace period, then abort what is left.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tracing::{warn, Instrument};
+use tracing::{debug, warn, Instrument};
 
 use crate::runtime::shutdown::Trigger;
 
@@ -52,18 +54,69 @@ impl Acceptor for TcpListener {
     }
 }
 
-/// Accepts connections until `stop` fires, at most as many at once as `permits` allows,
-/// running `handle` for each in a tracked task; then lets them finish for `grace` and
-/// aborts the rest.
+/// How many connections each source address has, bounded per source.
+#[derive(Debug)]
+pub(super) struct PerSource {
+    max: usize,
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection's place in its source's count; given back when dropped.
+#[derive(Debug)]
+pub(super) struct SourceSlot {
+    owner: Arc<PerSource>,
+    ip: IpAddr,
+}
+
+impl PerSource {
+    pub(super) fn new(max: usize) -> Arc<PerSource> {
+        Arc::new(PerSource {
+            max,
+            counts: Mutex::default(),
+        })
+    }
+
+    /// A slot for one more connection from `ip`, unless it has `max` already.
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        let mut counts = self.counts.lock().expect("per-source counts");
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(SourceSlot {
+            owner: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut counts = self.owner.counts.lock().expect("per-source counts");
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip); // the map holds only sources with connections
+            }
+        }
+    }
+}
+
+/// Accepts connections until `stop` fires, at most as many at once as `permits` allows and
+/// as `per_source` allows from one address, running `handle` for each in a tracked task
+/// (it gets the source slot, to hold as long as the bound should apply); then lets them
+/// finish for `grace` and aborts the rest.
 pub(super) async fn serve<A, F, Fut>(
     mut acceptor: A,
     stop: Trigger,
     permits: Arc<Semaphore>,
+    per_source: Arc<PerSource>,
     grace: Duration,
     handle: F,
 ) where
     A: Acceptor,
-    F: Fn(A::Conn, SocketAddr) -> Fut,
+    F: Fn(A::Conn, SocketAddr, SourceSlot) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut tasks = JoinSet::new();
@@ -78,8 +131,13 @@ pub(super) async fn serve<A, F, Fut>(
                     A::refuse(conn);
                     continue;
                 };
+                let Some(slot) = per_source.take(peer.ip()) else {
+                    debug!(%peer, max = per_source.max, "at the limit for this source; refusing");
+                    A::refuse(conn);
+                    continue;
+                };
                 let span = tracing::debug_span!("conn", %peer);
-                let work = handle(conn, peer);
+                let work = handle(conn, peer, slot);
                 tasks.spawn(async move {
                     work.await;
                     drop(permit);

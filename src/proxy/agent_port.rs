@@ -11,10 +11,10 @@ use tokio::sync::Semaphore;
 use tokio_rustls::LazyConfigAcceptor;
 use tracing::{debug, info, warn};
 
-use super::accept::{self, Acceptor};
+use super::accept::{self, Acceptor, PerSource, SourceSlot};
 use super::admit::{admit, Peer};
 use super::registry::Tunnel;
-use super::{enroll, Shared, MAX_AGENT_CONNECTIONS};
+use super::{enroll, Limits, Shared};
 use crate::runtime::shutdown::Trigger;
 use crate::tls;
 use crate::tunnel::{self, quic, HANDSHAKE_TIMEOUT};
@@ -54,25 +54,49 @@ impl AgentPort {
     /// Accepts agents until `stop`, then waits for their connections to end (tunnels close
     /// when the proxy fires `close_tunnels`, after the client connections drained), at most
     /// twice `grace`.
-    pub(super) async fn run(self, shared: Arc<Shared>, stop: Trigger, grace: std::time::Duration) {
+    pub(super) async fn run(
+        self,
+        shared: Arc<Shared>,
+        stop: Trigger,
+        grace: std::time::Duration,
+        limits: Limits,
+    ) {
         if let Ok(addr) = self.tcp.local_addr() {
             info!(%addr, pin = %shared.ca.pin(), "agent listener ready");
         }
         let tcp = {
             let shared = shared.clone();
-            let permits = Arc::new(Semaphore::new(MAX_AGENT_CONNECTIONS));
-            let handle = move |tcp, peer| serve_tcp(shared.clone(), tcp, peer);
-            accept::serve(self.tcp, stop.clone(), permits, grace * 2, handle)
+            let permits = Arc::new(Semaphore::new(limits.agents));
+            let per_source = PerSource::new(limits.handshakes_per_source);
+            let handle = move |tcp, peer, slot| serve_tcp(shared.clone(), tcp, peer, slot);
+            accept::serve(
+                self.tcp,
+                stop.clone(),
+                permits,
+                per_source,
+                grace * 2,
+                handle,
+            )
         };
         let quic = async {
             let Some(endpoint) = self.quic else { return };
             if let Ok(addr) = endpoint.local_addr() {
                 info!(%addr, "QUIC tunnel listener ready (udp)");
             }
-            let permits = Arc::new(Semaphore::new(MAX_AGENT_CONNECTIONS));
-            let handle = move |incoming, peer| serve_quic(shared.clone(), incoming, peer);
+            let permits = Arc::new(Semaphore::new(limits.agents));
+            let per_source = PerSource::new(limits.handshakes_per_source);
+            let handle =
+                move |incoming, peer, slot| serve_quic(shared.clone(), incoming, peer, slot);
             let acceptor = QuicAcceptor(endpoint.clone());
-            accept::serve(acceptor, stop.clone(), permits, grace * 2, handle).await;
+            accept::serve(
+                acceptor,
+                stop.clone(),
+                permits,
+                per_source,
+                grace * 2,
+                handle,
+            )
+            .await;
             quic::proxy::close(&endpoint, "proxy shutting down").await;
         };
         tokio::join!(tcp, quic);
@@ -101,7 +125,8 @@ impl Acceptor for QuicAcceptor {
 }
 
 /// One TCP connection on the agent port: TLS, then a tunnel or an enrollment.
-async fn serve_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+/// `handshaking` counts against the source's handshakes until the TLS handshake is over.
+async fn serve_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, handshaking: SourceSlot) {
     let _ = tcp.set_nodelay(true);
     // Look at the ClientHello first: tunnels (ALPN h2) must present a certificate, which
     // is then checked in the handshake itself; enrollment cannot have one yet.
@@ -137,6 +162,7 @@ async fn serve_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
+    drop(handshaking);
     let der = stream
         .get_ref()
         .1
@@ -160,8 +186,15 @@ async fn serve_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
 }
 
 /// One QUIC connection on the agent port: always a tunnel.
-async fn serve_quic(shared: Arc<Shared>, incoming: quinn::Incoming, peer: SocketAddr) {
-    let (link, conn, der) = match tunnel::accept_quic(incoming).await {
+async fn serve_quic(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    peer: SocketAddr,
+    handshaking: SourceSlot,
+) {
+    let accepted = tunnel::accept_quic(incoming).await;
+    drop(handshaking);
+    let (link, conn, der) = match accepted {
         Ok(accepted) => accepted,
         Err(e) if e.certificate_refused() => {
             return warn!(%peer, error = %e, "agent certificate refused (QUIC)")

@@ -18,6 +18,7 @@ use revproxy_ca::{EnrollError, EnrollRequest, Secret};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
+use super::state::Snapshot;
 use super::Shared;
 use crate::wire::enroll::{
     EnrollBody, EnrollReply, ErrorReply, RenewBody, ENROLL_PATH, MAX_REQUEST_BODY, RENEW_PATH,
@@ -29,6 +30,8 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for the enrollment queue before answering 503.
 const GATE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Least time between two state reloads forced by rate-limited enrollment requests.
+const FORCED_RELOAD: Duration = Duration::from_millis(250);
 /// Bound on the buffered request head.
 const MAX_HEAD: usize = 16 * 1024;
 
@@ -85,12 +88,17 @@ async fn handle(
             format!("use POST {ENROLL_PATH}"),
         );
     }
-    if let Err(wait) = shared
+    // Counted before anything else, so that concurrent attempts cannot all slip past the
+    // limit. A source over it is still heard for a token that is open (unused, not
+    // expired, not revoked): the limiter slows down guessing, and must never lock a valid
+    // token out because its holder shares an address (a NAT) with someone who failed.
+    let limited = shared
         .limiter
         .lock()
         .expect("limiter lock")
         .begin(peer.ip(), Instant::now())
-    {
+        .err();
+    let too_many = |wait: Duration| {
         warn!(%peer, "enrollment refused: too many failed attempts from this address");
         let mut resp = error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -102,17 +110,22 @@ async fn handle(
         );
         resp.headers_mut()
             .insert(http::header::RETRY_AFTER, (wait.as_secs() + 1).into());
-        return resp;
-    }
+        resp
+    };
     // The attempt was counted by `begin`; only a success or our own fault gives it back.
     let forgive = || {
-        shared
-            .limiter
-            .lock()
-            .expect("limiter lock")
-            .forgive(peer.ip())
+        if limited.is_none() {
+            shared
+                .limiter
+                .lock()
+                .expect("limiter lock")
+                .forgive(peer.ip())
+        }
     };
     let fail = |status, code: &str, message: String| {
+        if let Some(wait) = limited {
+            return too_many(wait);
+        }
         warn!(%peer, code, "enrollment refused");
         error(status, code, message)
     };
@@ -150,6 +163,15 @@ async fn handle(
             )
         }
     };
+    if let Some(wait) = limited {
+        // A token minted a moment ago by `revproxy token create` may not be in the view
+        // yet; read the state again, but at most a few times a second for all sources.
+        let open = |snapshot: Arc<Snapshot>| snapshot.open_tokens.contains(&body.token_id);
+        if !open(shared.state.get()) && !open(shared.state.refresh_seldom(FORCED_RELOAD).await) {
+            return too_many(wait);
+        }
+        info!(%peer, token_id = %body.token_id, "over the failure limit, but for an open token: processing it");
+    }
     // Cheap checks before the queue: a malformed id can name no token, and it must not
     // reach the log as free text.
     if !is_token_id(&body.token_id) {

@@ -50,10 +50,48 @@ use registry::Registry;
 use state::StateView;
 
 /// Most connections on the agent port at once, per protocol (TCP: enrollments and h2
-/// tunnels; UDP: QUIC tunnels).
+/// tunnels; UDP: QUIC tunnels); lowered to fit the open-file limit.
 pub const MAX_AGENT_CONNECTIONS: usize = 4096;
-/// Most public client connections at once, over all public listeners.
+/// Most public client connections at once, over all public listeners; lowered to fit the
+/// open-file limit.
 pub const MAX_CLIENT_CONNECTIONS: usize = 65_536;
+/// Most public connections one source address may hold at once (a large NAT is one
+/// address, so this is generous; it stops one host from taking every connection slot).
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 1024;
+/// Most TLS or QUIC handshakes one source address may have under way on the agent port at
+/// once; established tunnels do not count, so a fleet behind one NAT is not limited.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 64;
+/// File descriptors kept back from the connection caps for listeners, the state files,
+/// the log and the resolver.
+pub const FD_RESERVE: usize = 64;
+
+/// The connection caps in force, sized from the open-file limit at build time.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    clients: usize,
+    clients_per_source: usize,
+    agents: usize,
+    handshakes_per_source: usize,
+}
+
+impl Limits {
+    /// The configured caps, lowered so that together they fit in `fd_limit` descriptors
+    /// with [`FD_RESERVE`] to spare: past that, accepting fails with EMFILE, which would
+    /// stop the agent port and the state watch along with the public listeners.
+    fn sized(clients_per_source: usize, handshakes_per_source: usize, fd_limit: u64) -> Limits {
+        let usable = (fd_limit as usize).saturating_sub(FD_RESERVE).max(16);
+        // The agent port gets an eighth, the public listeners the rest.
+        let agents = MAX_AGENT_CONNECTIONS.min(usable / 8).max(1);
+        let clients = MAX_CLIENT_CONNECTIONS.min(usable - agents).max(1);
+        Limits {
+            clients,
+            clients_per_source,
+            agents,
+            handshakes_per_source,
+        }
+    }
+}
+
 /// Most tunnels one agent identity may hold at once, draining ones included: one, plus a
 /// second while a renewed certificate or a better transport takes over, plus headroom for
 /// a restart or a probe. More from one certificate is someone holding the agent port.
@@ -96,6 +134,8 @@ pub struct ProxyBuilder {
     peek_timeout: Duration,
     send_timeout: Duration,
     max_tunnels_per_agent: usize,
+    max_connections_per_source: usize,
+    max_handshakes_per_source: usize,
     shutdown_grace: Duration,
     quic: QuicListener,
 }
@@ -175,6 +215,20 @@ impl ProxyBuilder {
         self
     }
 
+    /// Most public connections one source address may hold at once
+    /// ([`MAX_CONNECTIONS_PER_SOURCE`]).
+    pub fn max_connections_per_source(mut self, max: usize) -> Self {
+        self.max_connections_per_source = max;
+        self
+    }
+
+    /// Most handshakes one source address may have under way on the agent port
+    /// ([`MAX_HANDSHAKES_PER_SOURCE`]).
+    pub fn max_handshakes_per_source(mut self, max: usize) -> Self {
+        self.max_handshakes_per_source = max;
+        self
+    }
+
     /// Most tunnels one agent identity may hold at once ([`MAX_TUNNELS_PER_AGENT`]).
     pub fn max_tunnels_per_agent(mut self, max: usize) -> Self {
         self.max_tunnels_per_agent = max;
@@ -216,6 +270,13 @@ impl ProxyBuilder {
             QuicListener::Socket(socket) => Some(tunnel::quic::tune_udp_socket(socket)?),
         };
         let agent_port = AgentPort::new(agents, quic_socket, tunnel_config.clone())?;
+        let fd_limit = crate::runtime::fd_limit();
+        let limits = Limits::sized(
+            self.max_connections_per_source,
+            self.max_handshakes_per_source,
+            fd_limit,
+        );
+        info!(fd_limit, ?limits, "connection caps");
         Ok(Proxy {
             shared: Arc::new(Shared {
                 ca: Arc::new(ca),
@@ -236,6 +297,7 @@ impl ProxyBuilder {
                 tunnel_config: Arc::new(tunnel_config),
             }),
             agent_port,
+            limits,
             public: self.public,
             shutdown_grace: self.shutdown_grace,
         })
@@ -268,6 +330,7 @@ struct Shared {
 pub struct Proxy {
     shared: Arc<Shared>,
     agent_port: AgentPort,
+    limits: Limits,
     public: Vec<(TcpListener, ListenerKind)>,
     shutdown_grace: Duration,
 }
@@ -285,6 +348,8 @@ impl Proxy {
             peek_timeout: PEEK_TIMEOUT,
             send_timeout: tunnel::SEND_TIMEOUT,
             max_tunnels_per_agent: MAX_TUNNELS_PER_AGENT,
+            max_connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
+            max_handshakes_per_source: MAX_HANDSHAKES_PER_SOURCE,
             shutdown_grace: SHUTDOWN_GRACE,
             quic: QuicListener::default(),
         }
@@ -311,24 +376,33 @@ impl Proxy {
         let stop = Trigger::default();
         let grace = self.shutdown_grace;
         let mut public = JoinSet::new();
-        let clients = Arc::new(Semaphore::new(MAX_CLIENT_CONNECTIONS));
+        let clients = Arc::new(Semaphore::new(self.limits.clients));
+        let per_source = accept::PerSource::new(self.limits.clients_per_source);
         for (listener, kind) in self.public {
             let addr = listener.local_addr()?;
             info!(%addr, kind = ?kind, "public listener ready");
             let shared = self.shared.clone();
-            let handle = move |tcp, peer| public::serve(shared.clone(), kind.clone(), tcp, peer);
+            let handle =
+                move |tcp, peer, slot| public::serve(shared.clone(), kind.clone(), tcp, peer, slot);
             let span = tracing::info_span!("listener", %addr);
-            public.spawn(
-                accept::serve(listener, stop.clone(), clients.clone(), grace, handle)
-                    .instrument(span),
+            let loop_ = accept::serve(
+                listener,
+                stop.clone(),
+                clients.clone(),
+                per_source.clone(),
+                grace,
+                handle,
             );
+            public.spawn(loop_.instrument(span));
         }
         let background = background::start(self.shared.clone());
         // Tunnels end on `close_tunnels`, fired after the client connections drained.
-        let agents = tokio::spawn(
-            self.agent_port
-                .run(self.shared.clone(), stop.clone(), grace),
-        );
+        let agents = tokio::spawn(self.agent_port.run(
+            self.shared.clone(),
+            stop.clone(),
+            grace,
+            self.limits,
+        ));
 
         shutdown.await;
         info!("shutting down: no new connections; draining open ones");

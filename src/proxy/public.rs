@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use super::accept::SourceSlot;
 use super::replies::{http_error, ConnId, Reply, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME};
 use super::Shared;
 use crate::route::{http, sni, ListenerKind, Target};
@@ -37,6 +38,8 @@ pub(super) async fn serve(
     kind: ListenerKind,
     mut tcp: TcpStream,
     peer: SocketAddr,
+    // Held for the whole connection: it counts against the per-source limit.
+    _source: SourceSlot,
 ) {
     let _ = tcp.set_nodelay(true);
     // Logged with every line about this connection and sent with every refusal, so an

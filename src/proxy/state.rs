@@ -27,6 +27,9 @@ pub(super) struct Snapshot {
     /// (an allow-list: a certificate the CA signed but never recorded, from a copy of the
     /// CA key, say, is refused).
     pub(super) live: HashSet<String>,
+    /// Ids of the tokens that can still be used (unused, not revoked, not expired when
+    /// loaded): enrollment hears these even from a source over its failure limit.
+    pub(super) open_tokens: HashSet<String>,
     /// Names each agent may currently serve.
     pub(super) grants: HashMap<String, Vec<String>>,
 }
@@ -47,6 +50,15 @@ impl Snapshot {
                 .filter(|c| c.revoked_at.is_none())
                 .map(|c| c.serial.clone())
                 .collect(),
+            open_tokens: {
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                state
+                    .tokens
+                    .iter()
+                    .filter(|t| t.used.is_none() && !t.revoked && t.expires > now)
+                    .map(|t| t.id.clone())
+                    .collect()
+            },
             grants: state
                 .agents
                 .into_iter()
@@ -69,6 +81,8 @@ impl Snapshot {
 pub(super) struct StateView {
     file: StateFile,
     current: Arc<RwLock<Arc<Snapshot>>>,
+    /// When a request last forced a reload (see [`StateView::refresh_seldom`]).
+    forced: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl StateView {
@@ -78,6 +92,7 @@ impl StateView {
         Ok(StateView {
             file,
             current: Arc::new(RwLock::new(Arc::new(snapshot))),
+            forced: Arc::default(),
         })
     }
 
@@ -104,6 +119,21 @@ impl StateView {
                 self.get()
             }
         }
+    }
+
+    /// Reloads now, unless a caller did within `interval` (then the current snapshot): for
+    /// requests from outside that need what another process just wrote, without letting a
+    /// flood of them read the file more than once per `interval`.
+    pub(super) async fn refresh_seldom(&self, interval: Duration) -> Arc<Snapshot> {
+        {
+            let mut forced = self.forced.lock().expect("state view lock");
+            let now = std::time::Instant::now();
+            if forced.is_some_and(|at| now.duration_since(at) < interval) {
+                return self.get();
+            }
+            *forced = Some(now);
+        }
+        self.refresh().await
     }
 
     /// Reloads whenever `state.json` is replaced, and hands every new snapshot to

@@ -31,3 +31,16 @@ pub(crate) async fn connect(addr: &str) -> std::io::Result<tokio::net::TcpStream
     let _ = tcp.set_nodelay(true);
     Ok(tcp)
 }
+
+/// Raises this process's soft limit on open files to its hard limit (often 1024 against
+/// several hundred thousand): the proxy's connection caps and the agent's streams need
+/// the descriptors, and running out stops accepting altogether. Returns the limit now in
+/// force.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
+}
+
+/// The soft limit on open files in force now.
+pub(crate) fn fd_limit() -> u64 {
+    rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
+}
