@@ -112,7 +112,7 @@ async fn a_live_tunnel_closes_when_its_certificate_expires(t: Transport) {
         &proxy,
         "short",
         &["app.example.com"],
-        Duration::from_secs(4),
+        Duration::from_secs(6),
     )
     .await;
     let not_after = revproxy::agent::Identity::load(dir.path())

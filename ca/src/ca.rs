@@ -379,6 +379,9 @@ impl Ca {
     /// The agent listener's certificate chain (server, then CA) and key, as PEM. Reissues
     /// the server certificate first if a third or less of its lifetime is left.
     pub fn server_identity(&self, now: OffsetDateTime) -> Result<(String, String), CaError> {
+        // Under the state lock: the key and the certificate are two files, and another
+        // process reissuing them at the same moment must not interleave its pair with ours.
+        let _lock = self.state.lock()?;
         let cert_path = self.dir.join(SERVER_CERT_FILE);
         let cert_pem =
             std::fs::read_to_string(&cert_path).map_err(|e| CaError::io(&cert_path, e))?;

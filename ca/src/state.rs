@@ -135,9 +135,11 @@ impl StateFile {
         self.dir.join(STATE_FILE)
     }
 
-    /// Reads the state under a lock.
+    /// Reads the state.
     pub fn read(&self) -> Result<State, CaError> {
-        let _lock = self.lock()?;
+        // No lock: `state.json` is only ever replaced whole, by rename, so a reader sees
+        // one complete version or the next. Readers (a proxy under a handshake flood reads
+        // it for every tunnel) therefore never hold up a writer such as `cert revoke`.
         self.load()
     }
 
@@ -212,5 +214,31 @@ impl StateFile {
 impl From<CaError> for io::Error {
     fn from(e: CaError) -> io::Error {
         io::Error::other(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A proxy reads the state for every tunnel it admits; a writer (`revproxy cert revoke`)
+    /// holding the lock must not make those reads wait, nor the reads the writer.
+    #[test]
+    fn reads_take_no_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile::new(dir.path());
+        file.store(&State {
+            version: State::VERSION,
+            ..State::default()
+        })
+        .unwrap();
+        let held = file.lock().unwrap();
+        let started = Instant::now();
+        assert_eq!(file.read().unwrap().version, State::VERSION);
+        assert!(
+            started.elapsed() < LOCK_TIMEOUT / 2,
+            "the read waited for the lock"
+        );
+        drop(held);
     }
 }

@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::accept::SourceSlot;
+use super::registry::Tunnel;
 use super::replies::{http_error, ConnId, Reply, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME};
 use super::Shared;
 use crate::route::{http, sni, ListenerKind, Target};
@@ -31,6 +32,14 @@ pub(super) const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Copy buffer per direction for static `tcp://` routes (tokio's default is 8 KiB, which
 /// costs a syscall pair per 8 KiB).
 pub(super) const STATIC_COPY_BUFFER: usize = 64 * 1024;
+
+/// Where a name may be served, tried in order.
+enum Candidate<'a> {
+    /// A tunnel of an agent granted the name.
+    Agent(&'a Arc<Tunnel>),
+    /// A static `tcp://` route's backend, `host:port`.
+    Static(&'a str),
+}
 
 /// Serves one public connection.
 pub(super) async fn serve(
@@ -113,19 +122,16 @@ pub(super) async fn serve(
         client: peer,
         early: &peeked,
     };
-    let candidates = found
-        .exact
-        .iter()
-        .map(Some)
-        .chain(route.map(|_| None))
-        .chain(found.wildcard.iter().map(Some));
+    let candidates = (found.exact.iter().map(Candidate::Agent))
+        .chain(route.map(|addr| Candidate::Static(addr.as_str())))
+        .chain(found.wildcard.iter().map(Candidate::Agent));
     for candidate in candidates {
-        let Some(t) = candidate else {
-            let addr = route.expect("a static route is a candidate only if there is one");
-            match connect_static(addr, peer, id, deadline).await {
+        let t = match candidate {
+            Candidate::Agent(t) => t,
+            Candidate::Static(addr) => match connect_static(addr, peer, id, deadline).await {
                 Some(backend) => return forward_tcp(tcp, backend, addr, peeked, peer, id).await,
                 None => continue,
-            }
+            },
         };
         match tokio::time::timeout_at(deadline, t.open(&request)).await {
             Ok(Ok(stream)) => {

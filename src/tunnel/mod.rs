@@ -38,14 +38,17 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Per-stream receive window, on both transports and both ends. It bounds what one stream
 /// can have in flight, and so the memory a reader that stopped pins on the far side: at
 /// most this much per stalled stream. Measured on loopback (`docs/benchmarks.md`), 2 MiB
-/// gave about 5.3 Gbit/s single-stream and 8 MiB 6-7; 4 MiB keeps most of that.
-pub(crate) const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-/// Most client streams one tunnel carries at once (the agent advertises it).
-pub(crate) const MAX_STREAMS: u32 = 511;
+/// gave about 5.3 Gbit/s single-stream and 8 MiB 6-7 (over a WAN, 2 MiB allows about
+/// 2 MiB per round trip: 560 Mbit/s at 30 ms).
+pub(crate) const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// Most client streams one tunnel carries at once (the agent advertises it; more wait for
+/// a free one, within the proxy's open deadline).
+pub(crate) const MAX_STREAMS: u32 = 1023;
 /// Per-connection receive window: every stream's full window at once, so no number of
 /// stalled streams (up to [`MAX_STREAMS`]) can use it up and hold back the others. It is
-/// also the most one tunnel's stalled streams can pin: 511 x 4 MiB, just under HTTP/2's
-/// largest window (2^31 - 1 bytes).
+/// also the most one tunnel's stalled streams can pin: 1023 x 2 MiB, just under HTTP/2's
+/// largest window (2^31 - 1 bytes). Window and stream count trade against each other
+/// under that ceiling; this split keeps a thousand concurrent clients per tunnel.
 pub(crate) const CONNECTION_WINDOW: u32 = STREAM_WINDOW * MAX_STREAMS;
 /// A stream whose reader (the client on the proxy, the backend on the agent) accepts no
 /// bytes for this long is reset and its socket closed, as nginx's `send_timeout` does.
