@@ -283,6 +283,32 @@ async fn one_source_holds_at_most_a_few_agent_port_handshakes() {
     proxy.wait_for("app.example.com", 1).await;
 }
 
+/// Enrollment needs no certificate, so finishing TLS proves nothing: connections that
+/// completed TLS and then sit still count against their source until their exchange ends.
+#[tokio::test]
+async fn enrollment_connections_that_sit_after_tls_count_against_their_source() {
+    let proxy = TestProxy::start_with(|b| b.max_handshakes_per_source(4)).await;
+    let config = Arc::new(
+        revproxy::tls::pinned_client_config(vec![proxy.pin()], &[revproxy::tls::ALPN_HTTP1])
+            .unwrap(),
+    );
+    let mut sitting = Vec::new();
+    for _ in 0..4 {
+        let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config.clone())
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        sitting.push(tls); // TLS done; no request ever follows
+    }
+    let (_idle, closed_after) = one_more_than(proxy.addr, 0).await;
+    assert!(
+        closed_after < Duration::from_secs(2),
+        "a fifth connection from one source waited {closed_after:?}"
+    );
+    drop(sitting);
+}
+
 /// Sends `count` requests for `host` and returns what each answered first (its tag).
 async fn tags(proxy: &TestProxy, host: &str, count: usize) -> Vec<String> {
     let mut seen = Vec::new();

@@ -232,6 +232,7 @@ impl Ca {
             None => default_server(&sans[0]),
         };
         fsutil::create_private_dir(dir).map_err(|e| CaError::io(dir, e))?;
+        check_dir(dir)?;
         // Two `init`s racing: the lock makes the second see the first's files and refuse.
         let state_file = StateFile::new(dir);
         let _lock = state_file.lock()?;
@@ -295,22 +296,7 @@ impl Ca {
         if !dir.join(CA_KEY_FILE).exists() {
             return Err(CaError::MissingKey(dir.to_path_buf()));
         }
-        match fsutil::unsafe_dir(dir).map_err(|e| CaError::io(dir, e))? {
-            Some(fsutil::DirProblem::Writable(mode)) => {
-                return Err(CaError::WritableDir {
-                    path: dir.to_path_buf(),
-                    mode,
-                })
-            }
-            Some(fsutil::DirProblem::Owner { owner, me }) => {
-                return Err(CaError::ForeignOwner {
-                    path: dir.to_path_buf(),
-                    owner,
-                    me,
-                })
-            }
-            None => {}
-        }
+        check_dir(dir)?;
         let key_pem = read_private(&dir.join(CA_KEY_FILE))?;
         let key = KeyPair::from_pem(&key_pem)?;
         let cert_path = dir.join(CA_CERT_FILE);
@@ -453,6 +439,23 @@ impl Ca {
     fn write(&self, name: &str, contents: &[u8], mode: u32) -> Result<(), CaError> {
         let path = self.dir.join(name);
         fsutil::write_atomic(&path, contents, mode).map_err(|e| CaError::io(&path, e))
+    }
+}
+
+/// Refuses a state directory that others can write to or that another user owns: whoever
+/// can write there can replace the CA.
+fn check_dir(dir: &Path) -> Result<(), CaError> {
+    match fsutil::unsafe_dir(dir).map_err(|e| CaError::io(dir, e))? {
+        Some(fsutil::DirProblem::Writable(mode)) => Err(CaError::WritableDir {
+            path: dir.to_path_buf(),
+            mode,
+        }),
+        Some(fsutil::DirProblem::Owner { owner, me }) => Err(CaError::ForeignOwner {
+            path: dir.to_path_buf(),
+            owner,
+            me,
+        }),
+        None => Ok(()),
     }
 }
 

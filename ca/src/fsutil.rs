@@ -70,7 +70,6 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Returns the mode bits of `path` if group or others may access it, `None` if it is private.
 /// Checks that `dir` is safe to keep a CA in: owned by the user this process runs as, and
 /// writable by nobody else (group and others could swap the files otherwise). Returns the
 /// offending mode or owner.
@@ -81,14 +80,12 @@ pub fn unsafe_dir(dir: &Path) -> io::Result<Option<DirProblem>> {
     if mode & 0o022 != 0 {
         return Ok(Some(DirProblem::Writable(mode)));
     }
-    // The process's own directory in /proc belongs to its effective user.
-    if let Ok(me) = fs::metadata("/proc/self").map(|m| m.uid()) {
-        if meta.uid() != me {
-            return Ok(Some(DirProblem::Owner {
-                owner: meta.uid(),
-                me,
-            }));
-        }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Ok(Some(DirProblem::Owner {
+            owner: meta.uid(),
+            me,
+        }));
     }
     Ok(None)
 }
@@ -102,6 +99,7 @@ pub enum DirProblem {
     Owner { owner: u32, me: u32 },
 }
 
+/// Returns the mode bits of `path` if group or others may access it, `None` if it is private.
 pub fn exposed_mode(path: &Path) -> io::Result<Option<u32>> {
     let mode = fs::metadata(path)?.permissions().mode() & 0o777;
     Ok((mode & 0o077 != 0).then_some(mode))

@@ -161,6 +161,19 @@ impl ProxyConfig {
 
     /// Checks meaning: listener targets, routes, duplicate addresses.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        positive("send_timeout", self.send_timeout.map(|d| d.as_millis()))?;
+        positive(
+            "max_tunnels_per_agent",
+            self.max_tunnels_per_agent.map(|n| n as u128),
+        )?;
+        positive(
+            "max_connections_per_source",
+            self.max_connections_per_source.map(|n| n as u128),
+        )?;
+        positive(
+            "max_handshakes_per_source",
+            self.max_handshakes_per_source.map(|n| n as u128),
+        )?;
         let listeners = self.listeners()?;
         self.routes()?;
         let mut addrs: Vec<SocketAddr> = listeners.iter().map(|(a, _)| *a).collect();
@@ -226,6 +239,7 @@ impl AgentConfig {
 
     /// Checks meaning.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        positive("send_timeout", self.send_timeout.map(|d| d.as_millis()))?;
         for s in &self.service {
             parse_map(&format!("{}={}", s.host, s.to))?;
         }
@@ -243,6 +257,15 @@ pub fn parse_map(s: &str) -> Result<(String, String), ConfigError> {
     match Target::parse(&format!("tcp://{to}")) {
         Ok(_) => Ok((name, to.to_string())),
         Err(_) => Err(bad(format!("backend {to:?} is not HOST:PORT"))),
+    }
+}
+
+/// A zero here would refuse everything (a cap) or reset every stream at its first pause
+/// (a timeout): refuse the file instead.
+fn positive(key: &str, value: Option<u128>) -> Result<(), ConfigError> {
+    match value {
+        Some(0) => Err(ConfigError::Invalid(format!("{key} must be more than 0"))),
+        _ => Ok(()),
     }
 }
 
@@ -277,6 +300,12 @@ mod tests {
             ProxyConfig::from_toml("[[route]]\nhost = \"a.example.com\"\nto = \"b.example.com\"")
                 .unwrap();
         assert!(route.validate().is_err());
+        for zero in ["send_timeout = \"0s\"", "max_tunnels_per_agent = 0"] {
+            assert!(
+                ProxyConfig::from_toml(zero).unwrap().validate().is_err(),
+                "{zero}"
+            );
+        }
         let dup = ProxyConfig::from_toml("sni = \"127.0.0.1:1\"\nhttp = \"127.0.0.1:1\"").unwrap();
         assert!(dup.validate().is_err());
         assert!(

@@ -54,7 +54,22 @@ impl Acceptor for TcpListener {
     }
 }
 
-/// How many connections each source address has, bounded per source.
+/// Who counts as one source: an IPv4 address (also when it arrives v4-mapped on a
+/// dual-stack listener), or an IPv6 /64, which one host or household usually holds whole.
+pub(super) fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(bits.into())
+            }
+        },
+    }
+}
+
+/// How many connections each source has, bounded per source (see [`source_key`]).
 #[derive(Debug)]
 pub(super) struct PerSource {
     max: usize,
@@ -76,8 +91,9 @@ impl PerSource {
         })
     }
 
-    /// A slot for one more connection from `ip`, unless it has `max` already.
+    /// A slot for one more connection from `ip`'s source, unless it has `max` already.
     fn take(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        let ip = source_key(ip);
         let mut counts = self.counts.lock().expect("per-source counts");
         let count = counts.entry(ip).or_insert(0);
         if *count >= self.max {
@@ -153,5 +169,31 @@ pub(super) async fn serve<A, F, Fut>(
             "connections still open after the grace period; closing them"
         );
         tasks.abort_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_source_is_an_ipv4_address_or_an_ipv6_64() {
+        let per = PerSource::new(2);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let (_x, _y) = (per.take(a).unwrap(), per.take(b).unwrap());
+        assert!(per.take(a).is_none(), "a third from the same /64");
+        assert!(per.take(c).is_some(), "another /64 is another source");
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        let slot = per.take(v4).unwrap();
+        let _m = per.take(mapped).unwrap();
+        assert!(
+            per.take(v4).is_none(),
+            "v4-mapped counts as the same IPv4 address"
+        );
+        drop(slot);
+        assert!(per.take(v4).is_some(), "a slot is given back when dropped");
     }
 }

@@ -125,8 +125,10 @@ impl Acceptor for QuicAcceptor {
 }
 
 /// One TCP connection on the agent port: TLS, then a tunnel or an enrollment.
-/// `handshaking` counts against the source's handshakes until the TLS handshake is over.
-async fn serve_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, handshaking: SourceSlot) {
+/// `unproven` counts against its source until the connection is a registered tunnel or its
+/// enrollment exchange is over: a source cannot hold the port's permits with connections
+/// that finished TLS (enrollment needs no certificate) and then sit.
+async fn serve_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, unproven: SourceSlot) {
     let _ = tcp.set_nodelay(true);
     // Look at the ClientHello first: tunnels (ALPN h2) must present a certificate, which
     // is then checked in the handshake itself; enrollment cannot have one yet.
@@ -162,7 +164,6 @@ async fn serve_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, handsh
             return;
         }
     };
-    drop(handshaking);
     let der = stream
         .get_ref()
         .1
@@ -180,7 +181,7 @@ async fn serve_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, handsh
         return;
     };
     match tunnel::accept_h2(stream).await {
-        Ok((link, conn)) => hold(&shared, who, hosts, link, conn, peer).await,
+        Ok((link, conn)) => hold(&shared, who, hosts, link, conn, peer, unproven).await,
         Err(e) => debug!(%peer, agent = %who.agent, error = %e, "tunnel handshake failed"),
     }
 }
@@ -190,11 +191,9 @@ async fn serve_quic(
     shared: Arc<Shared>,
     incoming: quinn::Incoming,
     peer: SocketAddr,
-    handshaking: SourceSlot,
+    unproven: SourceSlot,
 ) {
-    let accepted = tunnel::accept_quic(incoming).await;
-    drop(handshaking);
-    let (link, conn, der) = match accepted {
+    let (link, conn, der) = match tunnel::accept_quic(incoming).await {
         Ok(accepted) => accepted,
         Err(e) if e.certificate_refused() => {
             return warn!(%peer, error = %e, "agent certificate refused (QUIC)")
@@ -204,11 +203,12 @@ async fn serve_quic(
     let Some((who, hosts)) = admit(&shared, der.as_deref(), peer).await else {
         return conn.refuse();
     };
-    hold(&shared, who, hosts, link, conn, peer).await;
+    hold(&shared, who, hosts, link, conn, peer, unproven).await;
 }
 
 /// Registers a tunnel under `hosts` and holds it until it closes, dies, is closed by the
-/// proxy (revocation) or the proxy shuts down; then forgets it.
+/// proxy (revocation) or the proxy shuts down; then forgets it. The source's slot is given
+/// back once the tunnel is registered (or refused).
 async fn hold(
     shared: &Shared,
     who: Peer,
@@ -216,6 +216,7 @@ async fn hold(
     link: tunnel::Link,
     conn: tunnel::ProxyConn,
     peer: SocketAddr,
+    unproven: SourceSlot,
 ) {
     let id = shared.registry.next_id();
     let tunnel = Arc::new(Tunnel::new(id, who, link));
@@ -227,6 +228,7 @@ async fn hold(
         warn!(%peer, agent = %tunnel.agent, held, "agent holds its most tunnels already; refusing another");
         return conn.refuse();
     }
+    drop(unproven);
     info!(agent = %tunnel.agent, tunnel = id, transport = tunnel.transport(), ?hosts, "tunnel up");
     let close = async {
         tokio::select! {

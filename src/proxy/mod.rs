@@ -55,11 +55,13 @@ pub const MAX_AGENT_CONNECTIONS: usize = 4096;
 /// Most public client connections at once, over all public listeners; lowered to fit the
 /// open-file limit.
 pub const MAX_CLIENT_CONNECTIONS: usize = 65_536;
-/// Most public connections one source address may hold at once (a large NAT is one
-/// address, so this is generous; it stops one host from taking every connection slot).
-pub const MAX_CONNECTIONS_PER_SOURCE: usize = 1024;
-/// Most TLS or QUIC handshakes one source address may have under way on the agent port at
-/// once; established tunnels do not count, so a fleet behind one NAT is not limited.
+/// Most public connections one source (an IPv4 address or an IPv6 /64) may hold at once:
+/// a quarter of one tunnel's streams, so one host can neither take every connection slot
+/// nor fill an agent's tunnel, while a NAT of many users still gets plenty.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 256;
+/// Most connections one source may have on the agent port that are not yet a registered
+/// tunnel (TLS or QUIC handshakes, enrollment exchanges); established tunnels do not
+/// count, so a fleet behind one NAT is not limited.
 pub const MAX_HANDSHAKES_PER_SOURCE: usize = 64;
 /// File descriptors kept back from the connection caps for listeners, the state files,
 /// the log and the resolver.

@@ -6,6 +6,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+
+use super::accept::source_key;
 use std::time::{Duration, Instant};
 
 /// Failed attempts allowed per source in one window.
@@ -90,19 +92,6 @@ impl FailureLimiter {
             *entry = (0, now);
         }
         entry.0 += 1;
-    }
-}
-
-fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let bits = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(bits.into())
-            }
-        },
     }
 }
 

@@ -215,6 +215,7 @@ impl Registry {
         let exact: Vec<Arc<Tunnel>> = inner.by_pattern.get(name).cloned().unwrap_or_default();
         let wildcard: Vec<Arc<Tunnel>> = name
             .split_once('.')
+            .filter(|(label, _)| !label.is_empty()) // as `route::name_matches` has it
             .and_then(|(_, parent)| inner.by_pattern.get(&format!("*.{parent}")))
             .map(|wild| {
                 wild.iter()
