@@ -16,11 +16,7 @@ use tokio::net::TcpStream;
 
 /// One TLS handshake on the agent port with `config`; returns how it went.
 async fn handshake(proxy: &TestProxy, config: &Arc<rustls::ClientConfig>) -> rustls::HandshakeKind {
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(config.clone())
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap();
+    let tls = tls_to_agent_port(proxy, config).await.unwrap();
     let kind = tls.get_ref().1.handshake_kind().unwrap();
     // Read the server's session tickets (they follow the handshake) before closing.
     let mut tls = tls;
@@ -36,16 +32,7 @@ async fn handshake(proxy: &TestProxy, config: &Arc<rustls::ClientConfig>) -> rus
 async fn the_agent_port_never_resumes_a_tls_session() {
     let proxy = TestProxy::start().await;
     let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
-    let id = revproxy::agent::Identity::load(dir.path()).unwrap();
-    let tunnel = Arc::new(
-        revproxy::tls::agent_client_config(
-            vec![proxy.pin()],
-            &id.cert_pem,
-            &id.key_pem,
-            &[revproxy::tls::ALPN_H2],
-        )
-        .unwrap(),
-    );
+    let tunnel = agent_tls(&proxy, dir.path());
     let enroll = Arc::new(
         revproxy::tls::pinned_client_config(vec![proxy.pin()], &[revproxy::tls::ALPN_HTTP1])
             .unwrap(),
@@ -157,17 +144,7 @@ async fn a_live_tunnel_closes_when_its_certificate_expires(t: Transport) {
 /// but answers every CONNECT with a header list far past any real one and tries to push a
 /// stream. Returns whether any push went through.
 async fn start_hostile_h2_agent(proxy: &TestProxy, dir: &std::path::Path) -> Arc<AtomicBool> {
-    let id = revproxy::agent::Identity::load(dir).unwrap();
-    let config = revproxy::tls::agent_client_config(
-        vec![proxy.pin()],
-        &id.cert_pem,
-        &id.key_pem,
-        &[revproxy::tls::ALPN_H2],
-    )
-    .unwrap();
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect("localhost".try_into().unwrap(), tcp)
+    let tls = tls_to_agent_port(proxy, &agent_tls(proxy, dir))
         .await
         .unwrap();
     let pushed = Arc::new(AtomicBool::new(false));
@@ -294,11 +271,7 @@ async fn enrollment_connections_that_sit_after_tls_count_against_their_source() 
     );
     let mut sitting = Vec::new();
     for _ in 0..4 {
-        let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-        let tls = tokio_rustls::TlsConnector::from(config.clone())
-            .connect("localhost".try_into().unwrap(), tcp)
-            .await
-            .unwrap();
+        let tls = tls_to_agent_port(&proxy, &config).await.unwrap();
         sitting.push(tls); // TLS done; no request ever follows
     }
     let (_idle, closed_after) = one_more_than(proxy.addr, 0).await;

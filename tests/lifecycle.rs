@@ -145,18 +145,7 @@ async fn revoking_an_agent_closes_its_tunnel_within_two_seconds_and_keeps_it_out
 
     // Its certificate no longer opens a tunnel, nor renews.
     let id = Identity::load(bad_dir.path()).unwrap();
-    let config = revproxy::tls::agent_client_config(
-        vec![proxy.pin()],
-        &id.cert_pem,
-        &id.key_pem,
-        &[revproxy::tls::ALPN_H2],
-    )
-    .unwrap();
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let refused = match tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-    {
+    let refused = match tls_to_agent_port(&proxy, &agent_tls(&proxy, bad_dir.path())).await {
         Err(_) => true,
         Ok(mut tls) => {
             let mut buf = [0u8; 1];

@@ -513,3 +513,29 @@ pub fn issue_identity(
     .unwrap();
     dir
 }
+
+/// The TLS client configuration of the agent enrolled in `dir`, offering ALPN h2: what a
+/// real agent presents when it opens a tunnel.
+pub fn agent_tls(proxy: &TestProxy, dir: &std::path::Path) -> Arc<rustls::ClientConfig> {
+    let id = revproxy::agent::Identity::load(dir).unwrap();
+    Arc::new(
+        revproxy::tls::agent_client_config(
+            vec![proxy.pin()],
+            &id.cert_pem,
+            &id.key_pem,
+            &[revproxy::tls::ALPN_H2],
+        )
+        .unwrap(),
+    )
+}
+
+/// A TLS handshake with the proxy's agent port under `config`.
+pub async fn tls_to_agent_port(
+    proxy: &TestProxy,
+    config: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await?;
+    tokio_rustls::TlsConnector::from(config.clone())
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+}
