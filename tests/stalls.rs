@@ -179,8 +179,50 @@ async fn a_stream_nobody_reads_is_reset_after_the_send_timeout(t: Transport) {
     assert!(failed.is_ok(), "an upload nobody reads was never reset");
 }
 
+/// With an idle timeout set (it is off by default), a stream that moves no byte either
+/// way for that long is closed: by the proxy for its client, and by the agent for its
+/// backend.
+async fn an_idle_stream_is_closed_after_the_idle_timeout(t: Transport) {
+    let idle = Duration::from_secs(1);
+    for (on_proxy, on_agent) in [(Some(idle), None), (None, Some(idle))] {
+        let (proxy, _agent, _, _) = setup(
+            t,
+            |b| match on_proxy {
+                Some(d) => b.idle_timeout(d),
+                None => b,
+            },
+            |b| match on_agent {
+                Some(d) => b.idle_timeout(d),
+                None => b,
+            },
+        )
+        .await;
+        let mut client = TcpStream::connect(proxy.http).await.unwrap();
+        let head = http_head("app.example.com");
+        client.write_all(&head).await.unwrap();
+        let mut echoed = vec![0u8; head.len()];
+        client.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(echoed, head);
+        // Then nothing either way: the stream must end, not wait forever.
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        let ended =
+            tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest)).await;
+        assert!(
+            ended.is_ok(),
+            "an idle stream was never closed (proxy {on_proxy:?}, agent {on_agent:?})"
+        );
+        assert!(
+            started.elapsed() >= idle / 2,
+            "closed before it was idle: {:?}",
+            started.elapsed()
+        );
+    }
+}
+
 over_both_transports!(
     stalled_downloads_leave_the_other_streams_moving,
     stalled_uploads_leave_the_other_streams_moving,
     a_stream_nobody_reads_is_reset_after_the_send_timeout,
+    an_idle_stream_is_closed_after_the_idle_timeout,
 );

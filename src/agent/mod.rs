@@ -71,7 +71,7 @@ pub struct AgentBuilder {
     services: Vec<(String, String)>,
     server: Option<String>,
     drain_grace: Duration,
-    send_timeout: Duration,
+    stream_limits: crate::tunnel::StreamLimits,
     clock: Arc<dyn Clock>,
     renew_check: Duration,
     transport: Transport,
@@ -107,7 +107,13 @@ impl AgentBuilder {
     /// How long a backend may accept no bytes before its stream is reset
     /// ([`crate::SEND_TIMEOUT`], 60 s).
     pub fn send_timeout(mut self, timeout: Duration) -> Self {
-        self.send_timeout = timeout;
+        self.stream_limits.send_timeout = timeout;
+        self
+    }
+
+    /// Closes a stream that moved no byte either way for `timeout` (off unless set).
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.stream_limits.idle_timeout = Some(timeout);
         self
     }
 
@@ -185,7 +191,7 @@ impl AgentBuilder {
                 server: self.server.unwrap_or_else(|| identity.server.clone()),
                 services: Arc::new(ServiceMap::new(entries)),
                 drain_grace: self.drain_grace,
-                send_timeout: self.send_timeout,
+                stream_limits: self.stream_limits,
                 transport: self.transport,
                 quic_fallback_after: self.quic_fallback_after,
                 quic_reprobe: self.quic_reprobe,
@@ -216,7 +222,7 @@ impl Agent {
             services: Vec::new(),
             server: None,
             drain_grace: DRAIN_GRACE,
-            send_timeout: crate::tunnel::SEND_TIMEOUT,
+            stream_limits: crate::tunnel::StreamLimits::default(),
             clock: Arc::new(SystemClock),
             renew_check: RENEW_CHECK,
             transport: Transport::H2,

@@ -12,7 +12,7 @@ use super::backend::ServiceMap;
 use super::identity::Identity;
 use crate::runtime::rfc3339;
 use crate::runtime::shutdown::Trigger;
-use crate::tunnel::{self, AgentConn, ConnectError, Kind, Transport, TunnelError};
+use crate::tunnel::{self, AgentConn, ConnectError, Kind, StreamLimits, Transport, TunnelError};
 
 /// What every session of an agent needs, fixed when the agent is built.
 pub(super) struct SessionCtx {
@@ -20,8 +20,8 @@ pub(super) struct SessionCtx {
     pub(super) server: String,
     pub(super) services: Arc<ServiceMap>,
     pub(super) drain_grace: Duration,
-    /// A stream whose backend accepts nothing this long is reset.
-    pub(super) send_timeout: Duration,
+    /// Bounds on each stream's backend socket.
+    pub(super) stream_limits: StreamLimits,
     pub(super) transport: Transport,
     pub(super) quic_fallback_after: Duration,
     pub(super) quic_reprobe: Duration,
@@ -112,7 +112,7 @@ impl Session {
             self.stop,
             self.retire,
             self.ctx.drain_grace,
-            self.ctx.send_timeout,
+            self.ctx.stream_limits,
         )
         .await?;
         Ok(())

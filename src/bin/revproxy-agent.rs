@@ -166,6 +166,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(timeout) = file.send_timeout {
                 builder = builder.send_timeout(timeout);
             }
+            if let Some(timeout) = file.idle_timeout {
+                builder = builder.idle_timeout(timeout);
+            }
             if let Some(grace) = file.drain_grace {
                 builder = builder.drain_grace(grace);
             }

@@ -365,6 +365,9 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         if let Some(t) = config.send_timeout {
             builder = builder.send_timeout(t);
         }
+        if let Some(t) = config.idle_timeout {
+            builder = builder.idle_timeout(t);
+        }
         if let Some(max) = config.max_tunnels_per_agent {
             builder = builder.max_tunnels_per_agent(max);
         }

@@ -56,6 +56,9 @@ pub struct ProxyConfig {
     /// Time a client may accept no bytes before its stream is reset, e.g. "60s".
     #[serde(default, deserialize_with = "duration")]
     pub send_timeout: Option<Duration>,
+    /// Time a client's stream may move no byte either way before it is closed (off).
+    #[serde(default, deserialize_with = "duration")]
+    pub idle_timeout: Option<Duration>,
     /// Most tunnels one agent identity may hold at once.
     pub max_tunnels_per_agent: Option<usize>,
     /// Most public connections one source address may hold at once.
@@ -162,6 +165,7 @@ impl ProxyConfig {
     /// Checks meaning: listener targets, routes, duplicate addresses.
     pub fn validate(&self) -> Result<(), ConfigError> {
         positive("send_timeout", self.send_timeout.map(|d| d.as_millis()))?;
+        positive("idle_timeout", self.idle_timeout.map(|d| d.as_millis()))?;
         positive(
             "max_tunnels_per_agent",
             self.max_tunnels_per_agent.map(|n| n as u128),
@@ -203,6 +207,9 @@ pub struct AgentConfig {
     /// Time a backend may accept no bytes before its stream is reset, e.g. "60s".
     #[serde(default, deserialize_with = "duration")]
     pub send_timeout: Option<Duration>,
+    /// Time a stream may move no byte either way before it is closed (off).
+    #[serde(default, deserialize_with = "duration")]
+    pub idle_timeout: Option<Duration>,
     /// Time open streams get to finish on shutdown, e.g. "30s".
     #[serde(default, deserialize_with = "duration")]
     pub drain_grace: Option<Duration>,
@@ -240,6 +247,7 @@ impl AgentConfig {
     /// Checks meaning.
     pub fn validate(&self) -> Result<(), ConfigError> {
         positive("send_timeout", self.send_timeout.map(|d| d.as_millis()))?;
+        positive("idle_timeout", self.idle_timeout.map(|d| d.as_millis()))?;
         for s in &self.service {
             parse_map(&format!("{}={}", s.host, s.to))?;
         }

@@ -134,7 +134,7 @@ pub struct ProxyBuilder {
     max_enroll_failures: u32,
     enroll_failure_window: Duration,
     peek_timeout: Duration,
-    send_timeout: Duration,
+    stream_limits: tunnel::StreamLimits,
     max_tunnels_per_agent: usize,
     max_connections_per_source: usize,
     max_handshakes_per_source: usize,
@@ -213,7 +213,14 @@ impl ProxyBuilder {
     /// How long a client may accept no bytes before its stream is reset and its connection
     /// closed ([`crate::SEND_TIMEOUT`], 60 s).
     pub fn send_timeout(mut self, timeout: Duration) -> Self {
-        self.send_timeout = timeout;
+        self.stream_limits.send_timeout = timeout;
+        self
+    }
+
+    /// Closes a client's stream that moved no byte either way for `timeout` (off unless
+    /// set).
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.stream_limits.idle_timeout = Some(timeout);
         self
     }
 
@@ -291,7 +298,7 @@ impl ProxyBuilder {
                 state,
                 routes: self.routes,
                 peek_timeout: self.peek_timeout,
-                send_timeout: self.send_timeout,
+                stream_limits: self.stream_limits,
                 max_tunnels_per_agent: self.max_tunnels_per_agent,
                 close_tunnels: Trigger::default(),
                 enroll_config: Arc::new(enroll_config),
@@ -317,8 +324,8 @@ struct Shared {
     state: StateView,
     routes: HashMap<String, String>,
     peek_timeout: Duration,
-    /// A client that accepts no bytes this long has its stream reset.
-    send_timeout: Duration,
+    /// Bounds on each public client's socket.
+    stream_limits: tunnel::StreamLimits,
     max_tunnels_per_agent: usize,
     /// Fired last during shutdown, once client connections have drained.
     close_tunnels: Trigger,
@@ -348,7 +355,7 @@ impl Proxy {
             max_enroll_failures: ratelimit::DEFAULT_MAX_FAILURES,
             enroll_failure_window: ratelimit::DEFAULT_WINDOW,
             peek_timeout: PEEK_TIMEOUT,
-            send_timeout: tunnel::SEND_TIMEOUT,
+            stream_limits: tunnel::StreamLimits::default(),
             max_tunnels_per_agent: MAX_TUNNELS_PER_AGENT,
             max_connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
             max_handshakes_per_source: MAX_HANDSHAKES_PER_SOURCE,

@@ -136,7 +136,7 @@ pub(super) async fn serve(
         match tokio::time::timeout_at(deadline, t.open(&request)).await {
             Ok(Ok(stream)) => {
                 debug!(%peer, conn = %id, host = %name, agent = %t.agent, tunnel = t.id, "stream open");
-                match stream.splice(tcp, shared.send_timeout).await {
+                match stream.splice(tcp, shared.stream_limits).await {
                     Ok((up, down)) => {
                         debug!(%peer, conn = %id, host = %name, up, down, "stream done")
                     }

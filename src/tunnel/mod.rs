@@ -54,6 +54,67 @@ pub(crate) const CONNECTION_WINDOW: u32 = STREAM_WINDOW * MAX_STREAMS;
 /// bytes for this long is reset and its socket closed, as nginx's `send_timeout` does.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// What bounds the sockets of one stream, from the proxy's or the agent's configuration.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StreamLimits {
+    /// A socket that accepts no byte this long: the stream is reset ([`SEND_TIMEOUT`]).
+    pub(crate) send_timeout: Duration,
+    /// No byte either way this long: the stream is closed. Off unless configured: an idle
+    /// SSH or database session is not a fault.
+    pub(crate) idle_timeout: Option<Duration>,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits {
+            send_timeout: SEND_TIMEOUT,
+            idle_timeout: None,
+        }
+    }
+}
+
+/// When a stream last moved a byte either way, for the idle timeout: one atomic store per
+/// chunk moved.
+pub(crate) struct Activity {
+    start: tokio::time::Instant,
+    /// Milliseconds from `start` to the last byte moved.
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Activity {
+        Activity {
+            start: tokio::time::Instant::now(),
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes moved just now.
+    pub(crate) fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Completes (with the error to end the stream with) once nothing moved for `limit`;
+    /// never without a limit.
+    pub(crate) async fn idle(&self, limit: Option<Duration>) -> std::io::Error {
+        let Some(limit) = limit else {
+            return std::future::pending().await;
+        };
+        loop {
+            let last = self.last.load(std::sync::atomic::Ordering::Relaxed);
+            let due = self.start + Duration::from_millis(last) + limit;
+            if tokio::time::Instant::now() >= due {
+                return std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no byte either way for {limit:?}"),
+                );
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
 // HTTP/2 windows are at most 2^31 - 1 bytes.
 const _: () = assert!((CONNECTION_WINDOW as u64) < (1 << 31));
 
@@ -203,17 +264,17 @@ impl Link {
 }
 
 impl TunnelStream {
-    /// Copies both ways until both directions end, or the client accepts nothing for
-    /// `send_timeout`; returns (bytes up, bytes down).
+    /// Copies both ways until both directions end, or `limits` end the stream; returns
+    /// (bytes up, bytes down).
     pub(crate) async fn splice(
         self,
         tcp: TcpStream,
-        send_timeout: Duration,
+        limits: StreamLimits,
     ) -> std::io::Result<(u64, u64)> {
         match self {
-            TunnelStream::H2(send, recv) => h2::splice::splice(tcp, send, recv, send_timeout).await,
+            TunnelStream::H2(send, recv) => h2::splice::splice(tcp, send, recv, limits).await,
             TunnelStream::Quic(send, recv, first) => {
-                quic::splice::splice(tcp, send, recv, first, send_timeout).await
+                quic::splice::splice(tcp, send, recv, first, limits).await
             }
         }
     }
@@ -364,15 +425,15 @@ impl AgentConn {
 
     /// Serves the proxy's streams until the tunnel ends. `retire` (a renewal, or a better
     /// transport up) stops new streams and lets open ones finish however long they take;
-    /// `stop` (shutdown) does the same with `grace` as a deadline. A stream whose backend
-    /// accepts nothing for `send_timeout` is reset.
+    /// `stop` (shutdown) does the same with `grace` as a deadline. `limits` bound each
+    /// stream's backend socket.
     pub(crate) async fn serve<B: Backends>(
         mut self,
         backends: Arc<B>,
         stop: Trigger,
         retire: Trigger,
         grace: Duration,
-        send_timeout: Duration,
+        limits: StreamLimits,
     ) -> Result<(), TunnelError> {
         let mut streams = JoinSet::new();
         let mut retiring = false;
@@ -389,8 +450,8 @@ impl AgentConn {
                         let backends = backends.clone();
                         let span = tracing::debug_span!("stream");
                         match incoming {
-                            Incoming::H2(s) => streams.spawn(h2::agent::serve_stream(backends, s, send_timeout).instrument(span)),
-                            Incoming::Quic(s) => streams.spawn(quic::agent::serve_stream(backends, s, send_timeout).instrument(span)),
+                            Incoming::H2(s) => streams.spawn(h2::agent::serve_stream(backends, s, limits).instrument(span)),
+                            Incoming::Quic(s) => streams.spawn(quic::agent::serve_stream(backends, s, limits).instrument(span)),
                         };
                     }
                     // The proxy closed the tunnel, or a graceful shutdown completed.

@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 
 use super::{keepalive, splice, KeepaliveError, TunnelIo, CLIENT_ADDR_HEADER, ERROR_HEADER};
 use crate::tls::Credentials;
-use crate::tunnel::{Backends, ConnectError, Refusal, TunnelError};
+use crate::tunnel::{Backends, ConnectError, Refusal, StreamLimits, TunnelError};
 
 type H2Conn = h2::server::Connection<TlsStream<TunnelIo>, Bytes>;
 
@@ -92,7 +92,7 @@ impl Conn {
 pub(crate) async fn serve_stream<B: Backends>(
     backends: Arc<B>,
     (request, mut respond): Incoming,
-    send_timeout: std::time::Duration,
+    limits: StreamLimits,
 ) {
     let name = request
         .uri()
@@ -131,7 +131,7 @@ pub(crate) async fn serve_stream<B: Backends>(
         Err(e) => return debug!(error = %e, "stream gone before the answer"),
     };
     debug!(host = %name, ?client, backend = addr, "stream open");
-    match splice::splice(backend, send, request.into_body(), send_timeout).await {
+    match splice::splice(backend, send, request.into_body(), limits).await {
         Ok((up, down)) => debug!(host = %name, to_backend = down, from_backend = up, "stream done"),
         Err(e) => debug!(host = %name, error = %e, "stream ended with an error"),
     }

@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::h2_io;
-use crate::tunnel::{read_some, within};
+use crate::tunnel::{read_some, within, Activity, StreamLimits};
 
 /// Bytes read from a socket per step. Only allocated once the socket is readable, so an
 /// idle stream holds no buffer. Large reads mean fewer wakeups of the connection task per
@@ -40,6 +40,7 @@ pub(crate) async fn send_all(send: &mut SendStream<Bytes>, mut bytes: Bytes) -> 
 pub(crate) async fn socket_to_stream(
     rd: &mut OwnedReadHalf,
     send: &mut SendStream<Bytes>,
+    activity: &Activity,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     // Empty (unallocated) until the first read (see `read_some`).
@@ -52,6 +53,7 @@ pub(crate) async fn socket_to_stream(
             }
             n => {
                 total += n as u64;
+                activity.touch();
                 send_all(send, buf.split().freeze()).await?;
             }
         }
@@ -68,6 +70,7 @@ pub(crate) async fn stream_to_socket(
     recv: &mut RecvStream,
     wr: &mut OwnedWriteHalf,
     send_timeout: Duration,
+    activity: &Activity,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut batch: Vec<Bytes> = Vec::new();
@@ -93,6 +96,7 @@ pub(crate) async fn stream_to_socket(
             }
         }
         write_all_vectored(wr, &batch, send_timeout).await?;
+        activity.touch();
         batch.clear();
         total += size as u64;
         recv.flow_control().release_capacity(size).map_err(h2_io)?;
@@ -127,23 +131,26 @@ async fn write_all_vectored(
 }
 
 /// Pumps both directions between a socket and an h2 stream until both are finished, or
-/// until either fails or the socket accepts nothing for `send_timeout` (then the other is
-/// dropped, which resets the stream).
+/// until either fails, the socket accepts nothing for the send timeout, or nothing moves
+/// for the idle timeout (then the other is dropped, which resets the stream).
 pub(crate) async fn splice(
     tcp: tokio::net::TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
-    send_timeout: Duration,
+    limits: StreamLimits,
 ) -> io::Result<(u64, u64)> {
     let (mut rd, mut wr) = tcp.into_split();
-    let up = socket_to_stream(&mut rd, &mut send);
-    let down = stream_to_socket(&mut recv, &mut wr, send_timeout);
-    tokio::pin!(up, down);
+    let activity = Activity::new();
+    let up = socket_to_stream(&mut rd, &mut send, &activity);
+    let down = stream_to_socket(&mut recv, &mut wr, limits.send_timeout, &activity);
+    let idle = activity.idle(limits.idle_timeout);
+    tokio::pin!(up, down, idle);
     let (mut sent, mut received) = (None, None);
     while sent.is_none() || received.is_none() {
         tokio::select! {
             r = &mut up, if sent.is_none() => sent = Some(r?),
             r = &mut down, if received.is_none() => received = Some(r?),
+            e = &mut idle => return Err(e),
         }
     }
     Ok((sent.unwrap_or(0), received.unwrap_or(0)))

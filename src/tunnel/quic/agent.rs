@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 
 use super::{code, read_frame, splice, transport_config, udp_socket, Role, GOAWAY, HEADER_TIMEOUT};
 use crate::tls::Credentials;
-use crate::tunnel::{Backends, ConnectError, TunnelError};
+use crate::tunnel::{Backends, ConnectError, StreamLimits, TunnelError};
 use crate::wire::stream::{Answer, StreamHeader};
 
 /// One stream the proxy opened, not yet answered.
@@ -102,7 +102,7 @@ impl Conn {
 pub(crate) async fn serve_stream<B: Backends>(
     backends: Arc<B>,
     (mut send, mut recv): Incoming,
-    send_timeout: Duration,
+    limits: StreamLimits,
 ) {
     let header = tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut recv, StreamHeader::parse))
         .await
@@ -138,7 +138,7 @@ pub(crate) async fn serve_stream<B: Backends>(
         return debug!(error = %e, "stream gone before the answer");
     }
     debug!(host = %name, %client, backend = addr, "stream open");
-    match splice::splice(backend, send, recv, first, send_timeout).await {
+    match splice::splice(backend, send, recv, first, limits).await {
         Ok((up, down)) => debug!(host = %name, to_backend = down, from_backend = up, "stream done"),
         Err(e) => debug!(host = %name, error = %e, "stream ended with an error"),
     }

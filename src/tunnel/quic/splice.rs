@@ -2,14 +2,13 @@
 //! used alike by the proxy (client socket) and the agent (backend socket).
 
 use std::io;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::io::AsyncWriteExt;
 
 use super::{code, IDLE_TIMEOUT};
-use crate::tunnel::{read_some, write_all_within};
+use crate::tunnel::{read_some, write_all_within, Activity, StreamLimits};
 
 /// Bytes read from a TCP socket per step, handed to quinn without another copy.
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
@@ -26,9 +25,11 @@ pub(crate) async fn splice(
     mut send: SendStream,
     mut recv: RecvStream,
     first: Bytes,
-    send_timeout: Duration,
+    limits: StreamLimits,
 ) -> io::Result<(u64, u64)> {
     let (rd, mut wr) = tcp.into_split();
+    let send_timeout = limits.send_timeout;
+    let activity = Activity::new();
     let up = async {
         let mut total = 0u64;
         // Allocated only once the socket is readable, so an idle stream holds no buffer.
@@ -44,6 +45,7 @@ pub(crate) async fn splice(
                 }
                 n => total += n as u64,
             }
+            activity.touch();
             send.write_chunk(buf.split().freeze())
                 .await
                 .map_err(io::Error::other)?;
@@ -57,6 +59,7 @@ pub(crate) async fn splice(
                 Ok(Some(chunk)) => {
                     total += chunk.bytes.len() as u64;
                     write_all_within(&mut wr, &chunk.bytes, send_timeout).await?;
+                    activity.touch();
                 }
                 Ok(None) => {
                     wr.shutdown().await?;
@@ -67,7 +70,8 @@ pub(crate) async fn splice(
         }
     };
     let result = {
-        tokio::pin!(up, down);
+        let idle = activity.idle(limits.idle_timeout);
+        tokio::pin!(up, down, idle);
         let (mut sent, mut received) = (None, None);
         loop {
             if let (Some(s), Some(r)) = (sent, received) {
@@ -82,6 +86,7 @@ pub(crate) async fn splice(
                     Ok(n) => received = Some(n),
                     Err(e) => break Err(e),
                 },
+                e = &mut idle => break Err(e),
             }
         }
     };
