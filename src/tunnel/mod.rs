@@ -73,17 +73,19 @@ impl Default for StreamLimits {
     }
 }
 
-/// When a stream last moved a byte either way, for the idle timeout: one atomic store per
-/// chunk moved.
+/// When a stream last moved a byte either way, for the idle timeout: one clock read and
+/// one atomic store per chunk moved, and nothing at all when no idle timeout is set.
 pub(crate) struct Activity {
+    limit: Option<Duration>,
     start: tokio::time::Instant,
     /// Milliseconds from `start` to the last byte moved.
     last: std::sync::atomic::AtomicU64,
 }
 
 impl Activity {
-    pub(crate) fn new() -> Activity {
+    pub(crate) fn new(limit: Option<Duration>) -> Activity {
         Activity {
+            limit,
             start: tokio::time::Instant::now(),
             last: std::sync::atomic::AtomicU64::new(0),
         }
@@ -91,14 +93,16 @@ impl Activity {
 
     /// Bytes moved just now.
     pub(crate) fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last.store(ms, std::sync::atomic::Ordering::Relaxed);
+        if self.limit.is_some() {
+            let ms = self.start.elapsed().as_millis() as u64;
+            self.last.store(ms, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
-    /// Completes (with the error to end the stream with) once nothing moved for `limit`;
-    /// never without a limit.
-    pub(crate) async fn idle(&self, limit: Option<Duration>) -> std::io::Error {
-        let Some(limit) = limit else {
+    /// Completes (with the error to end the stream with) once nothing moved for the
+    /// limit; never without one.
+    pub(crate) async fn idle(&self) -> std::io::Error {
+        let Some(limit) = self.limit else {
             return std::future::pending().await;
         };
         loop {

@@ -140,10 +140,10 @@ pub(crate) async fn splice(
     limits: StreamLimits,
 ) -> io::Result<(u64, u64)> {
     let (mut rd, mut wr) = tcp.into_split();
-    let activity = Activity::new();
+    let activity = Activity::new(limits.idle_timeout);
     let up = socket_to_stream(&mut rd, &mut send, &activity);
     let down = stream_to_socket(&mut recv, &mut wr, limits.send_timeout, &activity);
-    let idle = activity.idle(limits.idle_timeout);
+    let idle = activity.idle();
     tokio::pin!(up, down, idle);
     let (mut sent, mut received) = (None, None);
     while sent.is_none() || received.is_none() {

@@ -29,7 +29,7 @@ pub(crate) async fn splice(
 ) -> io::Result<(u64, u64)> {
     let (rd, mut wr) = tcp.into_split();
     let send_timeout = limits.send_timeout;
-    let activity = Activity::new();
+    let activity = Activity::new(limits.idle_timeout);
     let up = async {
         let mut total = 0u64;
         // Allocated only once the socket is readable, so an idle stream holds no buffer.
@@ -70,7 +70,7 @@ pub(crate) async fn splice(
         }
     };
     let result = {
-        let idle = activity.idle(limits.idle_timeout);
+        let idle = activity.idle();
         tokio::pin!(up, down, idle);
         let (mut sent, mut received) = (None, None);
         loop {
