@@ -222,7 +222,8 @@ async fn one_more_than(addr: std::net::SocketAddr, count: usize) -> (Vec<TcpStre
     for _ in 0..count {
         idle.push(TcpStream::connect(addr).await.unwrap());
     }
-    // Let the accept loop take them all before the extra one arrives.
+    // The accept loop takes connections in the order they arrived, so the extra one is
+    // counted after the others.
     let mut extra = TcpStream::connect(addr).await.unwrap();
     let started = std::time::Instant::now();
     let mut buf = [0u8; 1];

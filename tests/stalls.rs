@@ -67,12 +67,23 @@ async fn until_still(counter: &AtomicU64) {
     panic!("the stalled streams never filled up");
 }
 
-/// An agent serving `app` (echo), `big` (firehose) and `sink` (never reads).
+/// A proxy and an agent serving `app` (echo), `big` (firehose) and `sink` (never reads).
+/// Dropping it stops both and removes the agent's state.
+struct Setup {
+    proxy: TestProxy,
+    /// Bytes the firehose wrote.
+    written: Arc<AtomicU64>,
+    /// Connections the sink accepted.
+    accepted: Arc<AtomicU64>,
+    _agent: TestAgent,
+    _dir: tempfile::TempDir,
+}
+
 async fn setup(
     t: Transport,
     configure: impl FnOnce(revproxy::ProxyBuilder) -> revproxy::ProxyBuilder,
     agent_configure: impl FnOnce(revproxy::AgentBuilder) -> revproxy::AgentBuilder,
-) -> (TestProxy, TestAgent, Arc<AtomicU64>, Arc<AtomicU64>) {
+) -> Setup {
     let proxy = TestProxy::start_with(configure).await;
     let echo = echo_backend(b"").await;
     let (big, written) = firehose().await;
@@ -85,8 +96,13 @@ async fn setup(
         |b| agent_configure(b.transport(t)),
     );
     proxy.wait_for("app.example.com", 1).await;
-    std::mem::forget(dir); // the agent runs for the rest of the test
-    (proxy, agent, written, accepted)
+    Setup {
+        proxy,
+        written,
+        accepted,
+        _agent: agent,
+        _dir: dir,
+    }
 }
 
 /// A 4 MiB round trip through the tunnel must finish, and quickly.
@@ -103,19 +119,21 @@ async fn a_transfer_still_moves(proxy: &TestProxy) {
 }
 
 async fn stalled_downloads_leave_the_other_streams_moving(t: Transport) {
-    let (proxy, _agent, written, _) = setup(t, |b| b, |b| b).await;
+    let s = setup(t, |b| b, |b| b).await;
+    let (proxy, written) = (&s.proxy, &s.written);
     let mut stalled = Vec::new();
     for _ in 0..STALLED {
         let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
         tcp.write_all(&http_head("big.example.com")).await.unwrap();
         stalled.push(tcp); // never read
     }
-    until_still(&written).await;
-    a_transfer_still_moves(&proxy).await;
+    until_still(written).await;
+    a_transfer_still_moves(proxy).await;
 }
 
 async fn stalled_uploads_leave_the_other_streams_moving(t: Transport) {
-    let (proxy, _agent, _, accepted) = setup(t, |b| b, |b| b).await;
+    let s = setup(t, |b| b, |b| b).await;
+    let (proxy, accepted) = (&s.proxy, &s.accepted);
     let sent = Arc::new(AtomicU64::new(0));
     let mut uploads = Vec::new();
     for _ in 0..STALLED {
@@ -131,15 +149,15 @@ async fn stalled_uploads_leave_the_other_streams_moving(t: Transport) {
     }
     until_still(&sent).await;
     assert_eq!(accepted.load(Ordering::Relaxed), STALLED as u64);
-    a_transfer_still_moves(&proxy).await;
+    a_transfer_still_moves(proxy).await;
 }
 
 /// The proxy resets a stream whose client accepted nothing for the send timeout, and
 /// closes the client; the agent does the same for a backend that stops reading.
 async fn a_stream_nobody_reads_is_reset_after_the_send_timeout(t: Transport) {
     let timeout = Duration::from_secs(1);
-    let (proxy, _agent, _, _) =
-        setup(t, |b| b.send_timeout(timeout), |b| b.send_timeout(timeout)).await;
+    let s = setup(t, |b| b.send_timeout(timeout), |b| b.send_timeout(timeout)).await;
+    let proxy = &s.proxy;
 
     // Download: the client stops reading, then reads again much later: it gets what was
     // buffered, then the end, not an endless stream.
@@ -185,7 +203,7 @@ async fn a_stream_nobody_reads_is_reset_after_the_send_timeout(t: Transport) {
 async fn an_idle_stream_is_closed_after_the_idle_timeout(t: Transport) {
     let idle = Duration::from_secs(1);
     for (on_proxy, on_agent) in [(Some(idle), None), (None, Some(idle))] {
-        let (proxy, _agent, _, _) = setup(
+        let s = setup(
             t,
             |b| match on_proxy {
                 Some(d) => b.idle_timeout(d),
@@ -197,6 +215,7 @@ async fn an_idle_stream_is_closed_after_the_idle_timeout(t: Transport) {
             },
         )
         .await;
+        let proxy = &s.proxy;
         let mut client = TcpStream::connect(proxy.http).await.unwrap();
         let head = http_head("app.example.com");
         client.write_all(&head).await.unwrap();

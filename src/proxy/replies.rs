@@ -25,7 +25,7 @@ pub(super) struct ConnId(u64);
 
 impl ConnId {
     pub(super) fn new() -> ConnId {
-        ConnId(crate::runtime::backoff::random())
+        ConnId(crate::runtime::random())
     }
 }
 

@@ -1,8 +1,9 @@
 //! The one backoff: capped exponential delays with jitter, for everything that retries
 //! (the agent's reconnects, its renewal attempts).
 
-use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
+
+use super::random;
 
 /// Capped exponential backoff with jitter: each delay is drawn from [d/2, d], and d doubles
 /// from `min` up to `max`. The jitter keeps a fleet that lost its proxy at the same moment
@@ -34,13 +35,6 @@ impl Backoff {
         self.next = (d * 2).min(self.max);
         d / 2 + d.mul_f64((random() % 1000) as f64 / 2000.0)
     }
-}
-
-/// A random number for jitter (not for secrets).
-pub(crate) fn random() -> u64 {
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
 }
 
 #[cfg(test)]

@@ -44,3 +44,11 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
 pub(crate) fn fd_limit() -> u64 {
     rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
 }
+
+/// A random number for jitter and connection ids (not for secrets).
+pub(crate) fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
