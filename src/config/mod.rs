@@ -71,7 +71,8 @@ pub struct ProxyConfig {
     /// Public listeners.
     #[serde(default)]
     pub listener: Vec<ListenerConfig>,
-    /// Static routes to TCP backends, used when no agent serves the name.
+    /// Static routes to TCP backends: after agents granted the exact name, before
+    /// agents holding a wildcard.
     #[serde(default)]
     pub route: Vec<RouteConfig>,
 }

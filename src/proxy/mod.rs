@@ -188,8 +188,8 @@ impl ProxyBuilder {
         self
     }
 
-    /// A static route: `name` goes to the TCP backend `addr` (`host:port`) whenever no live
-    /// agent serves it.
+    /// A static route: `name` goes to the TCP backend `addr` (`host:port`) when no live
+    /// agent is granted exactly `name` (it comes before agents holding a wildcard).
     pub fn route(mut self, name: &str, addr: &str) -> Self {
         self.routes
             .insert(name.to_ascii_lowercase(), addr.to_string());
