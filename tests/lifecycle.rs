@@ -21,7 +21,9 @@ fn now() -> time::OffsetDateTime {
 }
 
 async fn renewal_keeps_a_continuous_stream_through_five_generations(t: Transport) {
-    let proxy = TestProxy::start().await;
+    // Five generations within seconds: the proxy renews at any age here (by default not
+    // before half the lifetime; `renewal_waits_until_the_proxy_says_it_is_due` covers that).
+    let proxy = TestProxy::start_with(|b| b.min_renewal_age_percent(0)).await;
     let backend = echo_backend(b"").await;
     let dir = enroll_agent_with_ttl(
         &proxy,
@@ -236,7 +238,10 @@ async fn an_expired_certificate_cannot_renew_and_the_agent_says_how_to_re_enroll
     .unwrap()
     .serial;
     let (_, csr) = new_csr();
-    let refused = proxy.ca.renew(&serial, &csr, later).unwrap_err();
+    let refused = proxy
+        .ca
+        .renew(&serial, &csr, later, revproxy::ca::MIN_RENEWAL_AGE_PERCENT)
+        .unwrap_err();
     assert_eq!(refused.code(), "cert_expired");
 
     // Re-enrolling under the same name restores service under the same identity.
@@ -255,6 +260,109 @@ async fn an_expired_certificate_cannot_renew_and_the_agent_says_how_to_re_enroll
         .await
         .unwrap();
     assert!(back.ends_with(b"back"));
+}
+
+/// The serial and issue time (not before, less the backdating) of a PEM certificate.
+fn serial_and_issue(pem: &str) -> (String, i64) {
+    let cert = revproxy::ca::CertSummary::from_pem(pem).unwrap();
+    let (not_before, _) = revproxy::ca::validity(pem).unwrap();
+    (
+        cert.serial,
+        not_before + revproxy::ca::BACKDATE.as_secs() as i64,
+    )
+}
+
+/// A proxy renews nothing before half its lifetime. An agent that asks early (its clock
+/// runs ahead; here the backdating of a six-second certificate makes it due at once) is
+/// told how long to wait, waits, and renews then, serving throughout.
+#[tokio::test]
+async fn renewal_waits_until_the_proxy_says_it_is_due() {
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent_with_ttl(
+        &proxy,
+        "web-1",
+        &["app.example.com"],
+        Duration::from_secs(6),
+    )
+    .await;
+    let (first_serial, first_issued) =
+        serial_and_issue(&Identity::load(dir.path()).unwrap().cert_pem);
+    let mut agent = start_agent(dir.path(), &[("app.example.com", backend)], |b| {
+        b.renew_check(Duration::from_millis(20))
+    });
+    proxy.wait_for("app.example.com", 1).await;
+    tokio::time::timeout(WAIT, agent.renewals.changed())
+        .await
+        .expect("the agent renewed")
+        .unwrap();
+    let renewed = agent.renewals.borrow_and_update().clone();
+    let (serial, issued) = serial_and_issue(&renewed.cert_pem);
+    assert_ne!(serial, first_serial);
+    assert!(
+        issued >= first_issued + 3,
+        "renewed {} s after issue, before half of six seconds",
+        issued - first_issued
+    );
+    let back = round_trip(proxy.http, &http_head("app.example.com"), b"on")
+        .await
+        .unwrap();
+    assert!(back.ends_with(b"\r\n\r\non"));
+}
+
+/// The proxy issued a renewal but the agent never stored it (the answer was lost, or the
+/// agent died before saving): the next attempt, with the key saved before the first,
+/// gets that same certificate instead of minting another.
+#[tokio::test]
+async fn a_renewal_the_agent_failed_to_store_is_fetched_again_not_minted_again() {
+    let proxy = TestProxy::start().await;
+    let dir = issue_identity(
+        &proxy.ca,
+        proxy.addr,
+        "web-1",
+        &["app.example.com"],
+        now() - time::Duration::hours(13),
+        Duration::from_secs(24 * 3600),
+    );
+    let id = Identity::load(dir.path()).unwrap();
+    // A directory where the new key's staging file goes makes saving fail.
+    let blocker = dir.path().join("agent.key.new");
+    std::fs::create_dir_all(blocker.join("x")).unwrap();
+    let err = renew_once(&id, dir.path()).await.unwrap_err();
+    assert!(
+        matches!(err, revproxy::agent::EnrollClientError::Identity(_)),
+        "{err}"
+    );
+    let ours = || {
+        proxy
+            .ca
+            .list_certs(now())
+            .unwrap()
+            .into_iter()
+            .filter(|c| c.agent == "web-1")
+            .map(|c| c.serial)
+            .collect::<Vec<_>>()
+    };
+    let issued = ours();
+    assert_eq!(issued.len(), 2, "the proxy renewed it");
+    assert_eq!(
+        Identity::load(dir.path()).unwrap().cert_pem,
+        id.cert_pem,
+        "nothing saved"
+    );
+
+    std::fs::remove_dir_all(&blocker).unwrap();
+    let renewed = renew_once(&id, dir.path()).await.unwrap();
+    assert_eq!(ours(), issued, "no second certificate");
+    assert_eq!(renewed.serial().as_ref(), Some(&issued[1]));
+    assert_eq!(
+        Identity::load(dir.path()).unwrap().cert_pem,
+        renewed.cert_pem
+    );
+    assert!(
+        !dir.path().join("renew-pending.json").exists(),
+        "the pending key is gone"
+    );
 }
 
 async fn narrowing_an_agent_takes_effect_on_the_next_stream_without_a_reconnect(t: Transport) {

@@ -58,6 +58,10 @@ pub const MAX_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// A retried enrollment (same token, same key) this soon after the first gets the same
 /// certificate back instead of "token already used": the first answer may have been lost.
 pub const REISSUE_WINDOW: Duration = Duration::from_secs(5 * 60);
+/// Part of a certificate's lifetime, in percent, that must pass before it may be renewed.
+/// Agents renew at about two thirds; this leaves room for their clocks to run a sixth of
+/// the lifetime ahead (four hours of a day-long certificate).
+pub const MIN_RENEWAL_AGE_PERCENT: u8 = 50;
 /// Certificates are valid from this long before they are issued, against clock skew.
 pub const BACKDATE: Duration = Duration::from_secs(60);
 /// Lifetime of the CA certificate.

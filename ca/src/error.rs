@@ -68,6 +68,10 @@ pub enum EnrollError {
     CertRevoked,
     #[error("this certificate has expired and cannot be renewed; ask the operator for a new token and run `revproxy-agent enroll`")]
     CertExpired,
+    #[error("this certificate is not due for renewal for another {wait_secs} s (renewal is allowed from {min_age_percent}% of its lifetime); if this repeats, the agent's clock is ahead of the proxy's")]
+    TooEarly { wait_secs: u64, min_age_percent: u8 },
+    #[error("this certificate was already renewed with another key: another machine may hold a copy of this agent's identity, or its state directory was restored from an old backup; ask the operator for a new token and run `revproxy-agent enroll` (or revoke the newer certificate to allow this one to renew)")]
+    AlreadyRenewed,
     #[error(transparent)]
     Internal(#[from] CaError),
 }
@@ -85,12 +89,17 @@ impl EnrollError {
             EnrollError::UnknownCert => "unknown_cert",
             EnrollError::CertRevoked => "cert_revoked",
             EnrollError::CertExpired => "cert_expired",
+            EnrollError::TooEarly { .. } => "too_early",
+            EnrollError::AlreadyRenewed => "already_renewed",
             EnrollError::Internal(_) => "internal",
         }
     }
 
-    /// Whether this refusal counts as a failed attempt for rate limiting (a guess).
-    pub fn is_failed_attempt(&self) -> bool {
-        !matches!(self, EnrollError::Internal(_))
+    /// Seconds after which the same request may succeed, for refusals that pass with time.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            EnrollError::TooEarly { wait_secs, .. } => Some(*wait_secs),
+            _ => None,
+        }
     }
 }

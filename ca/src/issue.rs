@@ -15,18 +15,26 @@ use crate::ca::{pem_to_der, Ca, EnrollRequest, Enrolled, BACKDATE, MAX_CSR_LEN, 
 use crate::error::{CaError, EnrollError};
 use crate::hex;
 use crate::pin::Pin;
-use crate::state::{AgentGrant, CertRecord, State, TokenUse, Unix};
+use crate::state::{AgentGrant, CertRecord, State, Traded, Unix};
 use crate::token::SecretHash;
 
 impl Ca {
     /// Issues a fresh certificate for the holder of certificate `serial` (proven by the mTLS
     /// handshake that carried the request) with the key in `csr_pem`: same agent, same
-    /// names, same lifetime. Refused if that certificate is unknown, revoked or expired.
+    /// names, same lifetime.
+    ///
+    /// Each certificate is renewed at most once, and not before `min_age_percent` of its
+    /// lifetime has passed, so an agent cannot mint certificates (or make the proxy rewrite
+    /// its state) at will. A retry with the same key gets the same successor back, since the
+    /// first answer may have been lost; another key is refused while that successor is live
+    /// (revoking it allows a new renewal). Refused if the certificate is unknown, revoked
+    /// or expired.
     pub fn renew(
         &self,
         serial: &str,
         csr_pem: &str,
         now: OffsetDateTime,
+        min_age_percent: u8,
     ) -> Result<Enrolled, EnrollError> {
         if csr_pem.len() > MAX_CSR_LEN {
             return Err(EnrollError::BadCsr(format!(
@@ -34,6 +42,7 @@ impl Ca {
             )));
         }
         let public_key = csr_public_key(csr_pem)?;
+        let spki = hex::encode(Pin::from_spki(&public_key.subject_public_key_info()).as_bytes());
         let now_s = now.unix_timestamp();
         self.state.update(|state: &mut State| {
             let old = state
@@ -47,13 +56,47 @@ impl Ca {
             if now_s >= old.not_after {
                 return Err(EnrollError::CertExpired);
             }
+            if let Some(renewed) = &old.renewed {
+                let successor = state
+                    .certs
+                    .iter()
+                    .find(|c| c.serial == renewed.serial && c.revoked_at.is_none());
+                match successor {
+                    Some(cert) if renewed.spki_sha256 == spki => {
+                        return Ok(Enrolled {
+                            reissued: true,
+                            ..self.enrolled(cert)
+                        })
+                    }
+                    Some(_) => return Err(EnrollError::AlreadyRenewed),
+                    // Its successor was revoked (or is gone): it may be renewed again.
+                    None => {}
+                }
+            }
+            let issued = old.not_before + BACKDATE.as_secs() as i64;
+            let lifetime = (old.not_after - issued).max(1);
+            let due = issued + lifetime * i64::from(min_age_percent.min(100)) / 100;
+            if now_s < due {
+                return Err(EnrollError::TooEarly {
+                    wait_secs: (due - now_s) as u64,
+                    min_age_percent,
+                });
+            }
             let agent = old.agent.clone();
             let hosts = old.hosts.clone();
-            let ttl = Duration::from_secs(
-                (old.not_after - old.not_before - BACKDATE.as_secs() as i64).max(1) as u64,
-            );
-            self.issue_and_record(state, agent, hosts, &public_key, ttl, now)
-                .map_err(EnrollError::from)
+            let ttl = Duration::from_secs(lifetime as u64);
+            let done = self.issue_and_record(state, agent, hosts, &public_key, ttl, now)?;
+            let old = state
+                .certs
+                .iter_mut()
+                .find(|c| c.serial == serial)
+                .expect("found above, and pruning keeps unexpired certificates");
+            old.renewed = Some(Traded {
+                at: now_s,
+                spki_sha256: spki,
+                serial: done.serial.clone(),
+            });
+            Ok(done)
         })
     }
 
@@ -128,7 +171,7 @@ impl Ca {
                 .iter_mut()
                 .find(|t| t.id == req.token_id)
                 .expect("token found above");
-            token.used = Some(TokenUse {
+            token.used = Some(Traded {
                 at: now_s,
                 spki_sha256: spki,
                 serial: done.serial.clone(),
@@ -160,6 +203,7 @@ impl Ca {
             not_after,
             revoked_at: None,
             pem,
+            renewed: None,
         };
         let done = self.enrolled(&record);
         state.certs.push(record);

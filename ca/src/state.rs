@@ -32,7 +32,7 @@ pub const RETENTION_SECS: i64 = 7 * 24 * 3600;
 pub type Unix = i64;
 
 /// The whole state document.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct State {
     /// Format version of this document.
@@ -52,7 +52,7 @@ pub struct State {
 }
 
 /// One enrollment token. The secret itself is never stored.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRecord {
     pub id: String,
@@ -65,13 +65,13 @@ pub struct TokenRecord {
     /// Lifetime of the certificate this token buys, in seconds.
     pub cert_ttl_secs: i64,
     pub revoked: bool,
-    pub used: Option<TokenUse>,
+    pub used: Option<Traded>,
 }
 
-/// When and by which key a token was spent.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// When, for which key and as which certificate a token was spent or a certificate renewed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TokenUse {
+pub struct Traded {
     pub at: Unix,
     /// Hex SHA-256 of the CSR's SubjectPublicKeyInfo: a retry with the same key gets the
     /// same certificate back.
@@ -81,7 +81,7 @@ pub struct TokenUse {
 }
 
 /// One issued agent certificate.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertRecord {
     /// Hex serial number.
@@ -91,12 +91,16 @@ pub struct CertRecord {
     pub not_before: Unix,
     pub not_after: Unix,
     pub revoked_at: Option<Unix>,
-    /// The certificate, kept to answer a retried enrollment.
+    /// The certificate, kept to answer a retried enrollment or renewal.
     pub pem: String,
+    /// Its successor, once it was renewed: each certificate is renewed at most once (a
+    /// retry with the same key gets the same successor back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed: Option<Traded>,
 }
 
 /// The names an agent may serve now (an operator may narrow this without reissuing).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentGrant {
     pub hosts: Vec<String>,
@@ -144,15 +148,19 @@ impl StateFile {
     }
 
     /// Applies `change` to the current state and makes the result durable, all under the
-    /// lock. If `change` fails, nothing is written.
+    /// lock. If `change` fails, or changes nothing (a retried request answered from the
+    /// record), nothing is written.
     pub fn update<T, E>(&self, change: impl FnOnce(&mut State) -> Result<T, E>) -> Result<T, E>
     where
         E: From<CaError>,
     {
         let _lock = self.lock()?;
         let mut state = self.load()?;
+        let before = state.clone();
         let out = change(&mut state)?;
-        self.store(&state)?;
+        if state != before {
+            self.store(&state)?;
+        }
         Ok(out)
     }
 

@@ -48,6 +48,8 @@ pub enum EnrollClientError {
         status: u16,
         code: String,
         message: String,
+        /// Seconds the proxy asks us to wait before asking again.
+        retry_after: Option<u64>,
     },
     #[error("the proxy's answer is invalid: {0}")]
     BadReply(String),
@@ -77,6 +79,18 @@ impl EnrollClientError {
         )
     }
 
+    /// How long the proxy asks us to wait before the same request may succeed (a renewal
+    /// that is not due yet, a rate limit).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            EnrollClientError::Refused {
+                retry_after: Some(secs),
+                ..
+            } => Some(Duration::from_secs(*secs)),
+            _ => None,
+        }
+    }
+
     fn is_transient(&self) -> bool {
         matches!(self, EnrollClientError::Unreachable { .. })
     }
@@ -86,7 +100,7 @@ impl EnrollClientError {
 /// identity only once the new one is safely on disk.
 pub async fn enroll(token: &Token, state_dir: &Path) -> Result<Identity, EnrollClientError> {
     Identity::check_dir(state_dir)?;
-    let pending = Pending::new(state_dir);
+    let pending = Pending::new(state_dir, ENROLL_PENDING_FILE);
     let key = pending.key_for(&token.public.id)?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
@@ -139,43 +153,47 @@ pub(super) fn parse_answer(
             status: status.as_u16(),
             code: err.error,
             message: err.message,
+            retry_after: err.retry_after,
         });
     }
     serde_json::from_slice(reply).map_err(|e| EnrollClientError::BadReply(e.to_string()))
 }
 
-/// The key of an enrollment whose answer has not arrived yet, kept (0600) so that a rerun
-/// with the same token uses the same key and gets the same certificate back.
-struct Pending {
-    dir: std::path::PathBuf,
+/// The key of an enrollment or renewal whose answer has not arrived yet, kept (0600) so
+/// that a retry (a rerun with the same token; the next renewal attempt of the same
+/// certificate, even after a restart) uses the same key and gets the same certificate back.
+pub(super) struct Pending {
+    path: std::path::PathBuf,
 }
 
 /// File name of the pending enrollment key.
-const PENDING_FILE: &str = "enroll-pending.json";
+const ENROLL_PENDING_FILE: &str = "enroll-pending.json";
+/// File name of the pending renewal key.
+pub(super) const RENEW_PENDING_FILE: &str = "renew-pending.json";
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct PendingKey {
-    token_id: String,
+    /// What the key was made for: a token id, or the serial of the certificate renewed.
+    #[serde(alias = "token_id")]
+    id: String,
     key: String,
 }
 
 impl Pending {
-    fn new(dir: &Path) -> Pending {
+    pub(super) fn new(dir: &Path, file: &str) -> Pending {
         Pending {
-            dir: dir.to_path_buf(),
+            path: dir.join(file),
         }
     }
 
-    /// The key saved for `token_id`, or a new one, saved before anything is sent.
-    fn key_for(&self, token_id: &str) -> Result<KeyPair, EnrollClientError> {
-        let path = self.dir.join(PENDING_FILE);
-        if let Ok(text) = std::fs::read_to_string(&path) {
+    /// The key saved for `id`, or a new one, saved before anything is sent.
+    pub(super) fn key_for(&self, id: &str) -> Result<KeyPair, EnrollClientError> {
+        let path = &self.path;
+        if let Ok(text) = std::fs::read_to_string(path) {
             if let Ok(saved) = serde_json::from_str::<PendingKey>(&text) {
-                if saved.token_id == token_id {
+                if saved.id == id {
                     if let Ok(key) = KeyPair::from_pem(&saved.key) {
-                        info!(
-                            "reusing the key of an earlier, unfinished enrollment with this token"
-                        );
+                        info!("reusing the key of an earlier, unfinished request");
                         return Ok(key);
                     }
                 }
@@ -183,7 +201,7 @@ impl Pending {
         }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let saved = serde_json::to_vec(&PendingKey {
-            token_id: token_id.to_string(),
+            id: id.to_string(),
             key: key.serialize_pem(),
         })
         .expect("pending key serializes");
@@ -193,14 +211,16 @@ impl Pending {
                 source,
             })
         };
-        revproxy_ca::fsutil::create_private_dir(&self.dir).map_err(io)?;
-        revproxy_ca::fsutil::write_atomic(&path, &saved, revproxy_ca::fsutil::PRIVATE_FILE_MODE)
+        if let Some(dir) = path.parent() {
+            revproxy_ca::fsutil::create_private_dir(dir).map_err(io)?;
+        }
+        revproxy_ca::fsutil::write_atomic(path, &saved, revproxy_ca::fsutil::PRIVATE_FILE_MODE)
             .map_err(io)?;
         Ok(key)
     }
 
-    fn clear(&self) {
-        let _ = std::fs::remove_file(self.dir.join(PENDING_FILE));
+    pub(super) fn clear(&self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

@@ -184,6 +184,11 @@ impl Identity {
         Pin::from_cert_der(&der)
     }
 
+    /// The serial of its certificate, hex.
+    pub fn serial(&self) -> Option<String> {
+        Some(revproxy_ca::CertSummary::from_pem(&self.cert_pem)?.serial)
+    }
+
     /// What the agent presents on the agent port.
     pub(crate) fn credentials(&self) -> Result<Credentials<'_>, TlsError> {
         Ok(Credentials {

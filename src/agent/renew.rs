@@ -12,11 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rcgen::{CertificateParams, DistinguishedName, KeyPair};
+use rcgen::{CertificateParams, DistinguishedName};
 
 use tracing::{error, info, warn};
 
-use super::enroll::{check_reply, parse_answer, post, EnrollClientError};
+use super::enroll::{
+    check_reply, parse_answer, post, EnrollClientError, Pending, RENEW_PENDING_FILE,
+};
 use super::identity::{Identity, IdentityError};
 use super::AgentError;
 use crate::runtime::backoff::Backoff;
@@ -29,6 +31,9 @@ use crate::wire::enroll::{RenewBody, RENEW_PATH};
 const RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest pause between renewal attempts.
 const RETRY_MAX: Duration = Duration::from_secs(300);
+/// Pause before asking again after the proxy said another key already renewed this
+/// certificate.
+const ALREADY_RENEWED_RETRY: Duration = Duration::from_secs(3600);
 
 /// Seconds since the Unix epoch, as the agent's clock sees it.
 pub trait Clock: Send + Sync + 'static {
@@ -128,6 +133,7 @@ pub(super) async fn renewal_loop(
                     now,
                 ));
             }
+            let until_expiry = Duration::from_secs((not_after - now).max(1) as u64);
             match renew_once(&id, state_dir).await {
                 Ok(new) => {
                     info!(
@@ -144,6 +150,24 @@ pub(super) async fn renewal_loop(
                         &format!("the proxy refused to renew this agent's certificate: {e}"),
                         now,
                     ));
+                }
+                Err(e) if e.code() == Some("already_renewed") => {
+                    // Another key got this certificate's successor: a copy of this
+                    // identity runs elsewhere, or this directory was restored from a
+                    // backup. Keep serving with the certificate we have, and ask again
+                    // now and then: revoking that successor lets this one renew.
+                    error!(
+                        error = %e,
+                        expires = %rfc3339(not_after),
+                        "certificate renewal refused; this agent stops when its certificate expires"
+                    );
+                    tokio::time::sleep(ALREADY_RENEWED_RETRY.min(until_expiry)).await;
+                }
+                Err(e) if e.retry_after().is_some() => {
+                    // Not due yet by the proxy's clock, or asked too often: wait as told.
+                    let wait = e.retry_after().unwrap_or(RETRY_MIN).max(RETRY_MIN);
+                    warn!(error = %e, wait_secs = wait.as_secs(), "the proxy asks to renew later");
+                    tokio::time::sleep(wait.min(until_expiry)).await;
                 }
                 Err(e) => {
                     failures += 1;
@@ -169,6 +193,11 @@ pub(super) async fn renewal_loop(
 
 /// One renewal: a fresh key, a CSR, `POST /v1/renew` over mTLS with the current
 /// certificate; the new identity is saved crash-safe in `state_dir` before it is returned.
+///
+/// The key is saved (0600) before the request is sent and reused by every attempt for
+/// the same certificate, after a restart too: the proxy renews each certificate once, and
+/// answers a retry with the same key with the same certificate, so an answer lost on the
+/// way costs nothing.
 pub async fn renew_once(
     identity: &Identity,
     state_dir: &Path,
@@ -179,7 +208,14 @@ pub async fn renew_once(
             reason: "not a PEM certificate".into(),
         })
     })?;
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let serial = identity.serial().ok_or_else(|| {
+        EnrollClientError::Identity(IdentityError::Corrupt {
+            path: state_dir.join(super::AGENT_CERT_FILE),
+            reason: "not a PEM certificate".into(),
+        })
+    })?;
+    let pending = Pending::new(state_dir, RENEW_PENDING_FILE);
+    let key = pending.key_for(&serial)?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     let csr = params.serialize_request(&key)?.pem()?;
@@ -192,9 +228,15 @@ pub async fn renew_once(
     )?;
     let (status, reply) =
         post(&identity.server, &pin.to_string(), config, RENEW_PATH, body).await?;
-    let reply = parse_answer(status, &reply)?;
-    let renewed = check_reply(&[pin], &identity.server, &key, reply)?;
+    let renewed = parse_answer(status, &reply)
+        .and_then(|reply| check_reply(&[pin], &identity.server, &key, reply))
+        .inspect_err(|e| {
+            if e.needs_reenrollment() {
+                pending.clear();
+            }
+        })?;
     renewed.save(state_dir)?;
+    pending.clear();
     Ok(renewed)
 }
 

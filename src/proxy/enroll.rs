@@ -18,6 +18,7 @@ use revproxy_ca::{EnrollError, EnrollRequest, Secret};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
+use super::accept::source_key;
 use super::state::Snapshot;
 use super::Shared;
 use crate::wire::enroll::{
@@ -92,25 +93,19 @@ async fn handle(
     // limit. A source over it is still heard for a token that is open (unused, not
     // expired, not revoked): the limiter slows down guessing, and must never lock a valid
     // token out because its holder shares an address (a NAT) with someone who failed.
+    let source = source_key(peer.ip());
     let limited = shared
         .limiter
         .lock()
         .expect("limiter lock")
-        .begin(peer.ip(), Instant::now())
+        .begin(&source, Instant::now())
         .err();
     let too_many = |wait: Duration| {
         warn!(%peer, "enrollment refused: too many failed attempts from this address");
-        let mut resp = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!(
-                "too many failed enrollment attempts from your address; wait {} seconds",
-                wait.as_secs() + 1
-            ),
-        );
-        resp.headers_mut()
-            .insert(http::header::RETRY_AFTER, (wait.as_secs() + 1).into());
-        resp
+        rate_limited(
+            wait,
+            "too many failed enrollment attempts from your address",
+        )
     };
     // The attempt was counted by `begin`; only a success or our own fault gives it back.
     let forgive = || {
@@ -119,7 +114,7 @@ async fn handle(
                 .limiter
                 .lock()
                 .expect("limiter lock")
-                .forgive(peer.ip())
+                .forgive(&source)
         }
     };
     let fail = |status, code: &str, message: String| {
@@ -241,6 +236,9 @@ fn is_token_id(id: &str) -> bool {
 }
 
 /// `POST /v1/renew`: a fresh certificate for the holder of the presented one.
+///
+/// Each certificate may ask [`super::ratelimit::RENEWALS_PER_WINDOW`] times per window; the CA
+/// renews it once, and not before part of its lifetime has passed.
 async fn renew(
     shared: &Shared,
     peer: SocketAddr,
@@ -261,6 +259,15 @@ async fn renew(
             "renewal needs the agent's current certificate in the TLS handshake".into(),
         );
     };
+    let limited = shared
+        .renew_limiter
+        .lock()
+        .expect("limiter lock")
+        .begin(&serial, Instant::now());
+    if let Err(wait) = limited {
+        warn!(%peer, %serial, "renewal refused: too many requests for this certificate");
+        return rate_limited(wait, "too many renewal requests for this certificate");
+    }
     let body = match Limited::new(req.into_body(), MAX_REQUEST_BODY)
         .collect()
         .await
@@ -288,8 +295,9 @@ async fn renew(
         }
     };
     let ca = shared.ca.clone();
+    let min_age = shared.min_renewal_age_percent;
     let outcome = {
-        let Ok(_turn) = tokio::time::timeout(GATE_TIMEOUT, shared.enroll_gate.lock()).await else {
+        let Ok(_turn) = tokio::time::timeout(GATE_TIMEOUT, shared.renew_gate.lock()).await else {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "busy",
@@ -298,13 +306,14 @@ async fn renew(
         };
         let serial = serial.clone();
         tokio::task::spawn_blocking(move || {
-            ca.renew(&serial, &body.csr, time::OffsetDateTime::now_utc())
+            ca.renew(&serial, &body.csr, time::OffsetDateTime::now_utc(), min_age)
         })
         .await
     };
     match outcome {
         Ok(Ok(done)) => {
-            info!(%peer, agent = %done.agent, old_serial = %serial, serial = %done.serial, "certificate renewed");
+            info!(%peer, agent = %done.agent, old_serial = %serial, serial = %done.serial,
+                  retry = done.reissued, "certificate renewed");
             json(StatusCode::OK, &reply(done))
         }
         Ok(Err(EnrollError::Internal(e))) => {
@@ -313,13 +322,24 @@ async fn renew(
         }
         Ok(Err(e)) => {
             warn!(%peer, serial = %serial, code = e.code(), "renewal refused");
-            error(status_of(&e), e.code(), e.to_string())
+            refusal(status_of(&e), e.code(), e.to_string(), e.retry_after())
         }
         Err(join) => {
             tracing::error!(%peer, error = %join, "renewal task failed");
             internal("renewal")
         }
     }
+}
+
+/// A 429 that says how long to wait, in the `Retry-After` header and in the body.
+fn rate_limited(wait: Duration, what: &str) -> Response<Full<Bytes>> {
+    let secs = wait.as_secs() + 1;
+    refusal(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("{what}; wait {secs} seconds"),
+        Some(secs),
+    )
 }
 
 fn reply(done: revproxy_ca::Enrolled) -> EnrollReply {
@@ -348,6 +368,8 @@ fn status_of(e: &EnrollError) -> StatusCode {
         EnrollError::UnknownCert | EnrollError::CertRevoked | EnrollError::CertExpired => {
             StatusCode::FORBIDDEN
         }
+        EnrollError::TooEarly { .. } => StatusCode::TOO_MANY_REQUESTS,
+        EnrollError::AlreadyRenewed => StatusCode::CONFLICT,
         EnrollError::BadCsr(_) => StatusCode::BAD_REQUEST,
         EnrollError::WrongSecret => StatusCode::FORBIDDEN,
         EnrollError::Revoked => StatusCode::FORBIDDEN,
@@ -359,13 +381,30 @@ fn status_of(e: &EnrollError) -> StatusCode {
 }
 
 fn error(status: StatusCode, code: &str, message: String) -> Response<Full<Bytes>> {
-    json(
+    refusal(status, code, message, None)
+}
+
+/// An error answer; one that passes with time says when to ask again (`Retry-After`, in
+/// the header and the body).
+fn refusal(
+    status: StatusCode,
+    code: &str,
+    message: String,
+    retry_after: Option<u64>,
+) -> Response<Full<Bytes>> {
+    let mut resp = json(
         status,
         &ErrorReply {
             error: code.into(),
             message,
+            retry_after,
         },
-    )
+    );
+    if let Some(secs) = retry_after {
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, secs.into());
+    }
+    resp
 }
 
 fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {

@@ -27,7 +27,7 @@ mod state;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,7 +45,7 @@ use crate::runtime::shutdown::Trigger;
 use crate::tls::{self, TlsError};
 use crate::tunnel;
 use agent_port::AgentPort;
-use ratelimit::FailureLimiter;
+use ratelimit::AttemptLimiter;
 use registry::Registry;
 use state::StateView;
 
@@ -138,6 +138,7 @@ pub struct ProxyBuilder {
     max_tunnels_per_agent: usize,
     max_connections_per_source: usize,
     max_handshakes_per_source: usize,
+    min_renewal_age_percent: u8,
     shutdown_grace: Duration,
     quic: QuicListener,
 }
@@ -244,6 +245,14 @@ impl ProxyBuilder {
         self
     }
 
+    /// Part of its lifetime, in percent, a certificate must have lived before the proxy
+    /// renews it ([`revproxy_ca::MIN_RENEWAL_AGE_PERCENT`]). Tests that run many renewals
+    /// of one agent within seconds lower it.
+    pub fn min_renewal_age_percent(mut self, percent: u8) -> Self {
+        self.min_renewal_age_percent = percent.min(100);
+        self
+    }
+
     /// How long client connections may drain after shutdown starts ([`SHUTDOWN_GRACE`]).
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.shutdown_grace = grace;
@@ -290,10 +299,16 @@ impl ProxyBuilder {
             shared: Arc::new(Shared {
                 ca: Arc::new(ca),
                 enroll_gate: tokio::sync::Mutex::new(()),
-                limiter: Mutex::new(FailureLimiter::new(
+                renew_gate: tokio::sync::Mutex::new(()),
+                limiter: Mutex::new(AttemptLimiter::new(
                     self.max_enroll_failures,
                     self.enroll_failure_window,
                 )),
+                renew_limiter: Mutex::new(AttemptLimiter::new(
+                    ratelimit::RENEWALS_PER_WINDOW,
+                    ratelimit::RENEWAL_WINDOW,
+                )),
+                min_renewal_age_percent: self.min_renewal_age_percent,
                 registry: Arc::new(Registry::default()),
                 state,
                 routes: self.routes,
@@ -319,7 +334,15 @@ struct Shared {
     /// Enrollments run one at a time: each holds the state lock and fsyncs anyway, and
     /// queueing here keeps blocking threads from piling up behind the file lock.
     enroll_gate: tokio::sync::Mutex<()>,
-    limiter: Mutex<FailureLimiter>,
+    /// Renewals queue apart, so that a flood of enrollment attempts (which anyone may
+    /// make) cannot starve the renewals of enrolled agents.
+    renew_gate: tokio::sync::Mutex<()>,
+    /// Failed enrollments per source ([`accept::source_key`]).
+    limiter: Mutex<AttemptLimiter<IpAddr>>,
+    /// Renewal requests per certificate serial.
+    renew_limiter: Mutex<AttemptLimiter<String>>,
+    /// Part of its lifetime a certificate must have lived before it may be renewed.
+    min_renewal_age_percent: u8,
     registry: Arc<Registry>,
     state: StateView,
     routes: HashMap<String, String>,
@@ -353,6 +376,7 @@ impl Proxy {
             public: Vec::new(),
             routes: HashMap::new(),
             max_enroll_failures: ratelimit::DEFAULT_MAX_FAILURES,
+            min_renewal_age_percent: revproxy_ca::MIN_RENEWAL_AGE_PERCENT,
             enroll_failure_window: ratelimit::DEFAULT_WINDOW,
             peek_timeout: PEEK_TIMEOUT,
             stream_limits: tunnel::StreamLimits::default(),

@@ -70,4 +70,8 @@ pub struct ErrorReply {
     pub error: String,
     /// One sentence for the operator.
     pub message: String,
+    /// For refusals that pass with time (`too_early`, `rate_limited`): seconds to wait
+    /// before asking again, as in the `Retry-After` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
 }
