@@ -261,6 +261,107 @@ async fn one_source_holds_at_most_a_few_agent_port_handshakes() {
     proxy.wait_for("app.example.com", 1).await;
 }
 
+/// A UDP relay to `proxy` that forwards what its client sends but only the proxy's first
+/// answer (its address-validation Retry): a QUIC client behind it proves its address,
+/// starts the handshake, and never hears the rest. The returned receiver resolves once the
+/// client's validated Initial went through.
+async fn deaf_relay(
+    proxy: std::net::SocketAddr,
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<()>) {
+    let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    back.connect(proxy).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let (validated, first) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut validated = Some(validated);
+        let mut client = None;
+        let mut answered = false;
+        let (mut up, mut down) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+        loop {
+            tokio::select! {
+                Ok((n, from)) = front.recv_from(&mut up) => {
+                    client = Some(from);
+                    back.send(&up[..n]).await.unwrap();
+                    if answered {
+                        if let Some(tx) = validated.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                }
+                Ok(n) = back.recv(&mut down) => {
+                    if let (false, Some(client)) = (answered, client) {
+                        front.send_to(&down[..n], client).await.unwrap();
+                        answered = true;
+                    }
+                }
+            }
+        }
+    });
+    (addr, first)
+}
+
+/// The same cap holds for QUIC: handshakes that never finish hold their source's slots
+/// (once the source proved its address: a client that reads nothing holds none), the next
+/// one from that address is refused at once, and another address gets in.
+#[tokio::test]
+async fn one_source_holds_at_most_a_few_quic_handshakes() {
+    let proxy = TestProxy::start_with(|b| b.max_handshakes_per_source(3)).await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let id = revproxy::agent::Identity::load(dir.path()).unwrap();
+    let config = revproxy::tls::quic_client_config(
+        revproxy::tls::agent_client_config(
+            vec![proxy.pin()],
+            &id.cert_pem,
+            &id.key_pem,
+            &[revproxy::tls::ALPN_QUIC],
+        )
+        .unwrap(),
+    );
+    let client = |bind: &str| quinn::Endpoint::client(bind.parse().unwrap()).unwrap();
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let (relay, first) = deaf_relay(proxy.addr).await;
+        let endpoint = client("127.0.0.1:0");
+        let connecting = endpoint
+            .connect_with(config.clone(), relay, "localhost")
+            .unwrap();
+        first.await.unwrap();
+        stalled.push((endpoint, connecting));
+    }
+
+    let started = std::time::Instant::now();
+    let refused = client("127.0.0.1:0")
+        .connect_with(config.clone(), proxy.addr, "localhost")
+        .unwrap()
+        .await
+        .expect_err("a fourth handshake from the same address is refused");
+    assert!(
+        matches!(
+            &refused,
+            quinn::ConnectionError::ConnectionClosed(c)
+                if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+        ),
+        "{refused}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Another address (all of 127/8 is loopback) has its own share.
+    let other = client("127.0.0.2:0")
+        .connect_with(config, proxy.addr, "localhost")
+        .unwrap();
+    let conn = tokio::time::timeout(Duration::from_secs(10), other)
+        .await
+        .expect("not hanging")
+        .expect("another source completes its handshake");
+    conn.close(0u32.into(), b"done");
+    drop(stalled);
+}
+
 /// Enrollment needs no certificate, so finishing TLS proves nothing: connections that
 /// completed TLS and then sit still count against their source until their exchange ends.
 #[tokio::test]
