@@ -570,6 +570,24 @@ async fn renewing_in_a_loop_mints_one_certificate_and_is_rate_limited() {
         "the state was written once"
     );
 
+    // Two copies of one identity asking at the same moment: one certificate between them.
+    let twin = issue_identity(
+        &proxy.ca,
+        proxy.addr,
+        "web-2",
+        &["two.example.com"],
+        now - time::Duration::hours(13),
+        Duration::from_secs(24 * 3600),
+    );
+    let (csr_a, csr_b) = (new_csr().1, new_csr().1);
+    let (a, b) = tokio::join!(
+        renew_raw(&proxy, twin.path(), &csr_a),
+        renew_raw(&proxy, twin.path(), &csr_b)
+    );
+    let mut statuses = [a.status, b.status];
+    statuses.sort();
+    assert_eq!(statuses, [200, 409], "{a:?} {b:?}");
+
     // Five requests so far; the window allows ten, then says how long to wait.
     for _ in 5..10 {
         assert_eq!(renew_raw(&proxy, old.path(), &csr).await.status, 200);

@@ -365,6 +365,51 @@ async fn a_renewal_the_agent_failed_to_store_is_fetched_again_not_minted_again()
     );
 }
 
+/// A copy of an agent's identity (a stolen key, a restored backup) whose certificate the
+/// real agent already renewed: the proxy refuses it another certificate, and it says so
+/// loudly but keeps serving with the certificate it has (it stops at that one's expiry).
+#[tokio::test]
+async fn a_copy_of_a_renewed_identity_is_refused_renewal_and_keeps_serving() {
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"").await;
+    // Issued 17 h ago: past the agent's renewal time (two thirds of 24 h).
+    let real = issue_identity(
+        &proxy.ca,
+        proxy.addr,
+        "web-1",
+        &["app.example.com"],
+        now() - time::Duration::hours(17),
+        Duration::from_secs(24 * 3600),
+    );
+    let copy = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(real.path()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+    }
+    let copied = Identity::load(copy.path()).unwrap();
+    let renewed = renew_once(&Identity::load(real.path()).unwrap(), real.path())
+        .await
+        .unwrap();
+
+    let (_guard, mut logs) = watch_logs(tracing::Level::WARN);
+    let agent = start_agent(copy.path(), &[("app.example.com", backend)], |b| {
+        b.renew_check(Duration::from_millis(20))
+    });
+    let refusal = log_line(&mut logs, "certificate renewal refused").await;
+    assert!(refusal.contains(&renewed.serial().unwrap()), "{refusal}");
+    proxy.wait_for("app.example.com", 1).await;
+    let back = round_trip(proxy.http, &http_head("app.example.com"), b"still")
+        .await
+        .unwrap();
+    assert!(back.ends_with(b"\r\n\r\nstill"));
+    assert!(!agent.renewals.has_changed().unwrap(), "no new certificate");
+    assert_eq!(
+        Identity::load(copy.path()).unwrap().cert_pem,
+        copied.cert_pem,
+        "the copy keeps its certificate"
+    );
+}
+
 async fn narrowing_an_agent_takes_effect_on_the_next_stream_without_a_reconnect(t: Transport) {
     let proxy = TestProxy::start().await;
     let backend = echo_backend(b"").await;

@@ -70,8 +70,8 @@ pub enum EnrollError {
     CertExpired,
     #[error("this certificate is not due for renewal for another {wait_secs} s (renewal is allowed from {min_age_percent}% of its lifetime); if this repeats, the agent's clock is ahead of the proxy's")]
     TooEarly { wait_secs: u64, min_age_percent: u8 },
-    #[error("this certificate was already renewed with another key: another machine may hold a copy of this agent's identity, or its state directory was restored from an old backup; ask the operator for a new token and run `revproxy-agent enroll` (or revoke the newer certificate to allow this one to renew)")]
-    AlreadyRenewed,
+    #[error("this certificate was already renewed, as certificate {successor}, for another key: another machine may hold a copy of this agent's identity, or its state directory was restored from an old backup; ask the operator to revoke the agent (`revproxy cert revoke AGENT`) and to enroll it again with a new token")]
+    AlreadyRenewed { successor: String },
     #[error(transparent)]
     Internal(#[from] CaError),
 }
@@ -90,7 +90,7 @@ impl EnrollError {
             EnrollError::CertRevoked => "cert_revoked",
             EnrollError::CertExpired => "cert_expired",
             EnrollError::TooEarly { .. } => "too_early",
-            EnrollError::AlreadyRenewed => "already_renewed",
+            EnrollError::AlreadyRenewed { .. } => "already_renewed",
             EnrollError::Internal(_) => "internal",
         }
     }

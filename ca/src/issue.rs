@@ -26,9 +26,8 @@ impl Ca {
     /// Each certificate is renewed at most once, and not before `min_age_percent` of its
     /// lifetime has passed, so an agent cannot mint certificates (or make the proxy rewrite
     /// its state) at will. A retry with the same key gets the same successor back, since the
-    /// first answer may have been lost; another key is refused while that successor is live
-    /// (revoking it allows a new renewal). Refused if the certificate is unknown, revoked
-    /// or expired.
+    /// first answer may have been lost (unless the successor was revoked since); another key
+    /// is refused. Refused if the certificate is unknown, revoked or expired.
     pub fn renew(
         &self,
         serial: &str,
@@ -57,21 +56,25 @@ impl Ca {
                 return Err(EnrollError::CertExpired);
             }
             if let Some(renewed) = &old.renewed {
-                let successor = state
-                    .certs
-                    .iter()
-                    .find(|c| c.serial == renewed.serial && c.revoked_at.is_none());
-                match successor {
-                    Some(cert) if renewed.spki_sha256 == spki => {
-                        return Ok(Enrolled {
-                            reissued: true,
-                            ..self.enrolled(cert)
-                        })
-                    }
-                    Some(_) => return Err(EnrollError::AlreadyRenewed),
-                    // Its successor was revoked (or is gone): it may be renewed again.
-                    None => {}
+                // Renewed once already: only the key it was renewed for may fetch that
+                // certificate again. Revoking the successor does not reopen renewal, or a
+                // thief holding a copy of the old certificate could renew it again at once.
+                if renewed.spki_sha256 != spki {
+                    return Err(EnrollError::AlreadyRenewed {
+                        successor: renewed.serial.clone(),
+                    });
                 }
+                let successor = state.certs.iter().find(|c| c.serial == renewed.serial);
+                return match successor {
+                    Some(cert) if cert.revoked_at.is_none() => Ok(Enrolled {
+                        reissued: true,
+                        ..self.enrolled(cert)
+                    }),
+                    Some(_) => Err(EnrollError::CertRevoked),
+                    None => Err(EnrollError::AlreadyRenewed {
+                        successor: renewed.serial.clone(),
+                    }),
+                };
             }
             let issued = old.not_before + BACKDATE.as_secs() as i64;
             let lifetime = (old.not_after - issued).max(1);

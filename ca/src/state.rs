@@ -5,6 +5,11 @@
 //! excludes other processes and other handles in this process alike), re-reads the file,
 //! applies the change, and writes it back crash-safe before the lock is released. A change
 //! that is reported as done is on disk.
+//!
+//! Fields added later are optional (`serde(default)`), and readers ignore fields they do not
+//! know, so that an older revproxy keeps reading the state a newer one wrote (two versions
+//! side by side during an upgrade, or a rollback). An older writer drops what it does not
+//! know: additions must be safe to lose.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions, TryLockError};
@@ -33,7 +38,6 @@ pub type Unix = i64;
 
 /// The whole state document.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct State {
     /// Format version of this document.
     pub version: u32,
@@ -53,7 +57,6 @@ pub struct State {
 
 /// One enrollment token. The secret itself is never stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TokenRecord {
     pub id: String,
     pub agent: String,
@@ -70,7 +73,6 @@ pub struct TokenRecord {
 
 /// When, for which key and as which certificate a token was spent or a certificate renewed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Traded {
     pub at: Unix,
     /// Hex SHA-256 of the CSR's SubjectPublicKeyInfo: a retry with the same key gets the
@@ -82,7 +84,6 @@ pub struct Traded {
 
 /// One issued agent certificate.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CertRecord {
     /// Hex serial number.
     pub serial: String,
@@ -94,14 +95,14 @@ pub struct CertRecord {
     /// The certificate, kept to answer a retried enrollment or renewal.
     pub pem: String,
     /// Its successor, once it was renewed: each certificate is renewed at most once (a
-    /// retry with the same key gets the same successor back).
+    /// retry with the same key gets the same successor back). Losing it (an older writer)
+    /// would only allow one more renewal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renewed: Option<Traded>,
 }
 
 /// The names an agent may serve now (an operator may narrow this without reissuing).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AgentGrant {
     pub hosts: Vec<String>,
 }
@@ -228,6 +229,24 @@ impl From<CaError> for io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A state written before renewals were recorded loads, and so does one written by a
+    /// newer version with fields this one does not know.
+    #[test]
+    fn older_and_newer_documents_load() {
+        let doc = |extra: &str| {
+            format!(
+                r#"{{"version": 1, "trust_domain": "revproxy.local", "server": "localhost:7443",
+                "server_sans": ["localhost"], "tokens": [], "agents": {{}}{extra},
+                "certs": [{{"serial": "4a", "agent": "web-1", "hosts": ["app.example.com"],
+                "not_before": 0, "not_after": 100, "revoked_at": null, "pem": "x"{extra}}}]}}"#
+            )
+        };
+        let old: State = serde_json::from_str(&doc("")).unwrap();
+        assert_eq!(old.certs[0].renewed, None);
+        let newer: State = serde_json::from_str(&doc(r#", "from_the_future": [1, 2]"#)).unwrap();
+        assert_eq!(newer, old);
+    }
 
     /// A proxy reads the state for every tunnel it admits; a writer (`revproxy cert revoke`)
     /// holding the lock must not make those reads wait, nor the reads the writer.

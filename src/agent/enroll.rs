@@ -43,7 +43,7 @@ pub enum EnrollClientError {
     },
     #[error("cannot reach the proxy at {server}: {reason}")]
     Unreachable { server: String, reason: String },
-    #[error("the proxy refused the enrollment: {message}")]
+    #[error("the proxy refused: {message}")]
     Refused {
         status: u16,
         code: String,
@@ -136,6 +136,8 @@ pub async fn enroll(token: &Token, state_dir: &Path) -> Result<Identity, EnrollC
     let reply = parse_answer(status, &reply)?;
     let identity = check_reply(&token.pins(), &token.public.server, &key, reply)?;
     identity.save(state_dir)?;
+    // A renewal left unfinished by the identity this one replaces has nothing to fetch.
+    Pending::new(state_dir, RENEW_PENDING_FILE).clear();
     info!(identity = %identity.identity, hosts = ?identity.hosts, "enrolled");
     Ok(identity)
 }

@@ -111,15 +111,7 @@ pub(super) async fn renewal_loop(
             return AgentError::Expired("agent.crt is unreadable; enroll again".into());
         };
         let renew_at = renewal_time(not_before, not_after, random());
-        // Re-read the wall clock at every check: after a suspend, renew at once.
-        loop {
-            let now = clock.now();
-            if now >= renew_at {
-                break;
-            }
-            let wait = Duration::from_secs((renew_at - now) as u64).min(renew_check);
-            tokio::time::sleep(wait).await;
-        }
+        wait_until(clock, renew_at, renew_check).await;
         let mut failures = 0;
         let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
         let mut last_error_log: Option<i64> = None;
@@ -133,7 +125,6 @@ pub(super) async fn renewal_loop(
                     now,
                 ));
             }
-            let until_expiry = Duration::from_secs((not_after - now).max(1) as u64);
             match renew_once(&id, state_dir).await {
                 Ok(new) => {
                     info!(
@@ -154,20 +145,22 @@ pub(super) async fn renewal_loop(
                 Err(e) if e.code() == Some("already_renewed") => {
                     // Another key got this certificate's successor: a copy of this
                     // identity runs elsewhere, or this directory was restored from a
-                    // backup. Keep serving with the certificate we have, and ask again
-                    // now and then: revoking that successor lets this one renew.
+                    // backup. Keep serving with the certificate we have until it expires,
+                    // and say so loudly every hour.
                     error!(
                         error = %e,
                         expires = %rfc3339(not_after),
                         "certificate renewal refused; this agent stops when its certificate expires"
                     );
-                    tokio::time::sleep(ALREADY_RENEWED_RETRY.min(until_expiry)).await;
+                    let next = now.saturating_add(ALREADY_RENEWED_RETRY.as_secs() as i64);
+                    wait_until(clock, next.min(not_after), renew_check).await;
                 }
                 Err(e) if e.retry_after().is_some() => {
                     // Not due yet by the proxy's clock, or asked too often: wait as told.
                     let wait = e.retry_after().unwrap_or(RETRY_MIN).max(RETRY_MIN);
                     warn!(error = %e, wait_secs = wait.as_secs(), "the proxy asks to renew later");
-                    tokio::time::sleep(wait.min(until_expiry)).await;
+                    let next = now.saturating_add(wait.as_secs().min(i64::MAX as u64) as i64);
+                    wait_until(clock, next.min(not_after), renew_check).await;
                 }
                 Err(e) => {
                     failures += 1;
@@ -188,6 +181,19 @@ pub(super) async fn renewal_loop(
                 }
             }
         }
+    }
+}
+
+/// Waits until the wall clock reads `at`, looking at it at least every `step`: a machine
+/// that was suspended, or a VM that was paused, goes on as soon as it wakes instead of
+/// trusting a monotonic timer that stood still.
+async fn wait_until(clock: &dyn Clock, at: i64, step: Duration) {
+    loop {
+        let now = clock.now();
+        if now >= at {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs((at - now) as u64).min(step)).await;
     }
 }
 

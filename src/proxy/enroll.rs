@@ -298,6 +298,12 @@ async fn renew(
     let min_age = shared.min_renewal_age_percent;
     let outcome = {
         let Ok(_turn) = tokio::time::timeout(GATE_TIMEOUT, shared.renew_gate.lock()).await else {
+            // Our fault, not the agent's: this attempt does not count.
+            shared
+                .renew_limiter
+                .lock()
+                .expect("limiter lock")
+                .forgive(&serial);
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "busy",
@@ -321,7 +327,7 @@ async fn renew(
             internal("renewal")
         }
         Ok(Err(e)) => {
-            warn!(%peer, serial = %serial, code = e.code(), "renewal refused");
+            warn!(%peer, serial = %serial, code = e.code(), reason = %e, "renewal refused");
             refusal(status_of(&e), e.code(), e.to_string(), e.retry_after())
         }
         Err(join) => {
@@ -369,7 +375,7 @@ fn status_of(e: &EnrollError) -> StatusCode {
             StatusCode::FORBIDDEN
         }
         EnrollError::TooEarly { .. } => StatusCode::TOO_MANY_REQUESTS,
-        EnrollError::AlreadyRenewed => StatusCode::CONFLICT,
+        EnrollError::AlreadyRenewed { .. } => StatusCode::CONFLICT,
         EnrollError::BadCsr(_) => StatusCode::BAD_REQUEST,
         EnrollError::WrongSecret => StatusCode::FORBIDDEN,
         EnrollError::Revoked => StatusCode::FORBIDDEN,

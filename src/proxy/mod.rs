@@ -98,6 +98,9 @@ impl Limits {
 /// second while a renewed certificate or a better transport takes over, plus headroom for
 /// a restart or a probe. More from one certificate is someone holding the agent port.
 pub const MAX_TUNNELS_PER_AGENT: usize = 4;
+/// Highest minimum renewal age the builder accepts, in percent of the lifetime: below the
+/// earliest point at which an agent asks (two thirds, less 3% of jitter).
+const MAX_MIN_RENEWAL_AGE_PERCENT: u8 = 60;
 /// How long open client connections get to finish after shutdown starts.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long a public client may take to send its ClientHello or request head.
@@ -246,10 +249,11 @@ impl ProxyBuilder {
     }
 
     /// Part of its lifetime, in percent, a certificate must have lived before the proxy
-    /// renews it ([`revproxy_ca::MIN_RENEWAL_AGE_PERCENT`]). Tests that run many renewals
-    /// of one agent within seconds lower it.
+    /// renews it ([`revproxy_ca::MIN_RENEWAL_AGE_PERCENT`]); at most 60, below the earliest
+    /// point at which an agent asks (two thirds, less 3% of jitter). Tests that run many
+    /// renewals of one agent within seconds lower it.
     pub fn min_renewal_age_percent(mut self, percent: u8) -> Self {
-        self.min_renewal_age_percent = percent.min(100);
+        self.min_renewal_age_percent = percent.min(MAX_MIN_RENEWAL_AGE_PERCENT);
         self
     }
 

@@ -38,6 +38,51 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// Log lines of this thread (a `#[tokio::test]` runs every task it spawns on its own
+/// thread) from `level` up, one per event, as long as the guard lives: a test can await
+/// what an agent or proxy says instead of guessing when it has said it.
+pub fn watch_logs(
+    level: tracing::Level,
+) -> (
+    tracing::subscriber::DefaultGuard,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    struct Lines(tokio::sync::mpsc::UnboundedSender<String>);
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.send(String::from_utf8_lossy(buf).into_owned());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(false)
+        .with_writer(move || Lines(tx.clone()))
+        .finish();
+    (tracing::subscriber::set_default(subscriber), rx)
+}
+
+/// Waits (bounded) for a log line from [`watch_logs`] that contains `text`.
+pub async fn log_line(
+    logs: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    text: &str,
+) -> String {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let line = logs.recv().await.expect("logs are watched");
+            if line.contains(text) {
+                return line;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no log line with {text:?} within 10 s"))
+}
+
 async fn bind(addr: &str) -> tokio::net::TcpListener {
     tokio::net::TcpListener::bind(addr).await.unwrap()
 }
