@@ -178,8 +178,12 @@ def start_revproxy(procs, bindir, work, backends, transport="h2", label="revprox
     with open(f"{work}/proxy.toml", "w") as f:
         f.write(f'agents = "127.0.0.1:{agents}"\nhttp = "127.0.0.1:{http}"\n{listeners}')
     subprocess.run([f"{bindir}/revproxy", "ca", "init", "--state", state], check=True, env=env, capture_output=True)
-    proxy = procs.start([f"{bindir}/revproxy", "serve", "--state", state, "--config", f"{work}/proxy.toml"], env=env,
-                        stderr=open(f"{work}/proxy.log", "w"))
+    # Builds with an admin listener get a free port for it (and their metrics are on, as in
+    # production); older baseline builds have none.
+    serve_help = subprocess.run([f"{bindir}/revproxy", "serve", "--help"], capture_output=True, text=True).stdout
+    admin = ["--admin", f"127.0.0.1:{free_port()}"] if "--admin" in serve_help else []
+    proxy = procs.start([f"{bindir}/revproxy", "serve", "--state", state, "--config", f"{work}/proxy.toml"] + admin,
+                        env=env, stderr=open(f"{work}/proxy.log", "w"))
     wait_port(agents)
     hosts = sum((["--host", n] for n in backends), [])
     token = subprocess.run([f"{bindir}/revproxy", "token", "create", "--state", state, "--name", "bench",

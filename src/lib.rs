@@ -20,8 +20,10 @@
 //! | `wire` | pure codecs: enrollment bodies, the QUIC stream header |
 //! | `config` | the TOML files and duration syntax |
 //! | `runtime` | what both programs need from the process: shutdown, the one backoff, logging, directories |
+//! | `admin` | the admin listener of both programs: metrics, status, readiness, the status page |
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod agent;
 pub mod config;
 pub mod proxy;

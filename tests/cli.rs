@@ -37,7 +37,7 @@ impl Drop for Serve {
 fn serve(state: &Path) -> (Serve, String, Vec<String>) {
     let mut child = Serve(
         Command::new(PROXY)
-            .args(["serve", "--agents", "127.0.0.1:0"])
+            .args(["serve", "--agents", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
             .env("REVPROXY_STATE", state)
             .env_remove("RUST_LOG")
             .stderr(Stdio::piped())
@@ -49,7 +49,11 @@ fn serve(state: &Path) -> (Serve, String, Vec<String>) {
     let mut seen = Vec::new();
     for line in lines.by_ref() {
         let line = line.unwrap();
-        if let Some(rest) = line.split("addr=").nth(1) {
+        if let Some(rest) = line
+            .contains("agent listener ready")
+            .then(|| line.split("addr=").nth(1))
+            .flatten()
+        {
             let addr = rest.split_whitespace().next().unwrap().to_string();
             // Keep draining stderr so the proxy never blocks on a full pipe.
             std::thread::spawn(move || for _ in lines {});
@@ -391,7 +395,7 @@ fn a_state_directory_others_can_write_is_refused() {
     assert!(run(PROXY, &["ca", "init"], &state).status.success());
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
     for args in [
-        &["serve", "--agents", "127.0.0.1:0"][..],
+        &["serve", "--agents", "127.0.0.1:0", "--admin", "127.0.0.1:0"][..],
         &["token", "list"][..],
     ] {
         let out = run(PROXY, args, &state);

@@ -3,16 +3,18 @@
 //! [`Backends`]; a name the map does not hold, or a backend that does not answer, becomes
 //! a refusal with an HTTP status the proxy passes on.
 
-use tokio::net::TcpStream;
+use std::sync::Arc;
 
+use super::metrics::AgentMetrics;
 use crate::route::name_matches;
-use crate::tunnel::{Backends, Refusal};
+use crate::tunnel::{Backends, Dialed, Refusal};
 
 /// The names this agent serves and where each goes.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone)]
 pub(crate) struct ServiceMap {
     /// (name pattern, backend `host:port`), in the order given.
     entries: Vec<(String, String)>,
+    metrics: Arc<AgentMetrics>,
 }
 
 /// A backend address that is not `HOST:PORT`.
@@ -30,12 +32,12 @@ pub(crate) fn check_backend(addr: &str) -> Result<(), BadBackend> {
 }
 
 impl ServiceMap {
-    pub(crate) fn new(entries: Vec<(String, String)>) -> ServiceMap {
-        ServiceMap { entries }
+    pub(crate) fn new(entries: Vec<(String, String)>, metrics: Arc<AgentMetrics>) -> ServiceMap {
+        ServiceMap { entries, metrics }
     }
 
-    /// The backend for `name`: an exact entry first, then a wildcard entry.
-    pub(crate) fn lookup(&self, name: &str) -> Option<&str> {
+    /// The entry for `name`, (pattern, backend): an exact entry first, then a wildcard.
+    pub(crate) fn lookup(&self, name: &str) -> Option<(&str, &str)> {
         let exact = self.entries.iter().find(|(pattern, _)| pattern == name);
         exact
             .or_else(|| {
@@ -43,7 +45,12 @@ impl ServiceMap {
                     .iter()
                     .find(|(pattern, _)| name_matches(pattern, name))
             })
-            .map(|(_, addr)| addr.as_str())
+            .map(|(pattern, addr)| (pattern.as_str(), addr.as_str()))
+    }
+
+    /// Every entry, (pattern, backend), in the order given.
+    pub(crate) fn entries(&self) -> &[(String, String)] {
+        &self.entries
     }
 }
 
@@ -54,15 +61,27 @@ const GATEWAY_TIMEOUT: u16 = 504;
 
 impl Backends for ServiceMap {
     /// Finds the backend for `name` and connects to it.
-    async fn dial(&self, name: &str) -> Result<(TcpStream, String), Refusal> {
-        let Some(addr) = self.lookup(name) else {
+    async fn dial(&self, name: &str) -> Result<Dialed, Refusal> {
+        let Some((service, addr)) = self.lookup(name) else {
+            self.metrics.unknown_name();
             return Err(Refusal {
                 status: NOT_FOUND,
                 reason: format!("this agent serves no {name}"),
             });
         };
-        match crate::runtime::connect(addr).await {
-            Ok(backend) => Ok((backend, addr.to_string())),
+        let started = std::time::Instant::now();
+        let dialed = crate::runtime::connect(addr).await;
+        if dialed.is_err() {
+            self.metrics.dial_failed(service);
+        }
+        match dialed {
+            Ok(stream) => Ok(Dialed {
+                stream,
+                addr: addr.to_string(),
+                counters: self
+                    .metrics
+                    .stream(service, started.elapsed().as_secs_f64()),
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(Refusal {
                 status: GATEWAY_TIMEOUT,
                 reason: format!(
@@ -84,12 +103,21 @@ mod tests {
 
     #[test]
     fn service_lookup_prefers_exact_names() {
-        let map = ServiceMap::new(vec![
-            ("*.example.com".into(), "127.0.0.1:1".into()),
-            ("app.example.com".into(), "127.0.0.1:2".into()),
-        ]);
-        assert_eq!(map.lookup("app.example.com"), Some("127.0.0.1:2"));
-        assert_eq!(map.lookup("x.example.com"), Some("127.0.0.1:1"));
+        let map = ServiceMap::new(
+            vec![
+                ("*.example.com".into(), "127.0.0.1:1".into()),
+                ("app.example.com".into(), "127.0.0.1:2".into()),
+            ],
+            Arc::new(AgentMetrics::new()),
+        );
+        assert_eq!(
+            map.lookup("app.example.com"),
+            Some(("app.example.com", "127.0.0.1:2"))
+        );
+        assert_eq!(
+            map.lookup("x.example.com"),
+            Some(("*.example.com", "127.0.0.1:1"))
+        );
         assert_eq!(map.lookup("example.com"), None);
     }
 

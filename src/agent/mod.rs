@@ -8,9 +8,11 @@
 //! better transport). Each tunnel is a session (`session.rs`); each stream in it is dialed
 //! to a backend from the service map (`backend.rs`).
 
+mod admin;
 mod backend;
 mod enroll;
 mod identity;
+mod metrics;
 mod renew;
 mod session;
 mod supervisor;
@@ -62,6 +64,10 @@ pub enum AgentError {
     NotAuthorized { name: String, granted: String },
     #[error("{0}")]
     Expired(String),
+    #[error("the admin listener {0} is not on a loopback address; bind it to 127.0.0.1 or ::1 (the agent's admin listener has no authentication)")]
+    AdminNotLocal(std::net::SocketAddr),
+    #[error("admin listener: {0}")]
+    Admin(#[source] std::io::Error),
 }
 
 /// Builds an [`Agent`].
@@ -77,6 +83,7 @@ pub struct AgentBuilder {
     transport: Transport,
     quic_fallback_after: Duration,
     quic_reprobe: Duration,
+    admin: Option<tokio::net::TcpListener>,
 }
 
 impl std::fmt::Debug for dyn Clock {
@@ -144,6 +151,13 @@ impl AgentBuilder {
         self
     }
 
+    /// Serves metrics, status and readiness on `listener`, which must be on a loopback
+    /// address (the agent has no certificate an operator's client could check).
+    pub fn admin_listener(mut self, listener: tokio::net::TcpListener) -> Self {
+        self.admin = Some(listener);
+        self
+    }
+
     /// Loads the identity and checks every service against the certificate.
     pub fn build(self) -> Result<Agent, AgentError> {
         let identity = Identity::load(&self.state_dir)?;
@@ -186,10 +200,19 @@ impl AgentBuilder {
         }
         // Fail now, not at the first connection, if the key and certificate do not load.
         identity.credentials()?.client_config(crate::tls::ALPN_H2)?;
+        if let Some(admin) = &self.admin {
+            let addr = admin.local_addr().map_err(AgentError::Admin)?;
+            if !crate::admin::is_local(addr) {
+                return Err(AgentError::AdminNotLocal(addr));
+            }
+        }
+        let metrics = Arc::new(metrics::AgentMetrics::new());
         Ok(Agent {
+            admin: self.admin,
             ctx: Arc::new(SessionCtx {
                 server: self.server.unwrap_or_else(|| identity.server.clone()),
-                services: Arc::new(ServiceMap::new(entries)),
+                services: Arc::new(ServiceMap::new(entries, metrics.clone())),
+                metrics,
                 drain_grace: self.drain_grace,
                 stream_limits: self.stream_limits,
                 transport: self.transport,
@@ -207,6 +230,7 @@ impl AgentBuilder {
 /// A configured agent, ready to run.
 pub struct Agent {
     ctx: Arc<SessionCtx>,
+    admin: Option<tokio::net::TcpListener>,
     /// The current identity; replaced by each renewal.
     identity: tokio::sync::watch::Sender<Arc<Identity>>,
     state_dir: PathBuf,
@@ -228,6 +252,7 @@ impl Agent {
             transport: Transport::H2,
             quic_fallback_after: QUIC_FALLBACK_AFTER,
             quic_reprobe: QUIC_REPROBE,
+            admin: None,
         }
     }
 
@@ -253,6 +278,19 @@ impl Agent {
             not_after = %crate::runtime::rfc3339(id.not_after),
             "agent starting; certificate valid until not_after"
         );
+        let admin_stop = Trigger::default();
+        let admin = self.admin.map(|listener| {
+            let view = Arc::new(admin::AgentView {
+                ctx: self.ctx.clone(),
+                identity: self.identity.subscribe(),
+            });
+            tokio::spawn(crate::admin::serve(
+                listener,
+                view,
+                None,
+                admin_stop.clone(),
+            ))
+        });
         let mut fatal = None;
         let renewal = renew::renewal_loop(
             &self.identity,
@@ -275,6 +313,10 @@ impl Agent {
             supervisor::keep_tunnel_up(&self.ctx, &self.identity, &stop),
             supervise
         );
+        admin_stop.fire();
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
         info!("agent stopped");
         fatal.map_or(Ok(()), Err)
     }

@@ -19,6 +19,7 @@ pub(super) struct SessionCtx {
     /// The proxy's agent address, `host:port`.
     pub(super) server: String,
     pub(super) services: Arc<ServiceMap>,
+    pub(super) metrics: Arc<super::metrics::AgentMetrics>,
     pub(super) drain_grace: Duration,
     /// Bounds on each stream's backend socket.
     pub(super) stream_limits: StreamLimits,
@@ -93,28 +94,39 @@ pub(super) struct Session {
 
 impl Session {
     pub(super) async fn run(self) -> Result<(), SessionError> {
+        let metrics = &self.ctx.metrics;
         let conn = match self.preconnected {
             Some(conn) => conn,
             None => tokio::select! {
-                r = connect(&self.ctx, self.kind, &self.identity, self.limit) => r?,
+                r = connect(&self.ctx, self.kind, &self.identity, self.limit) => {
+                    r.inspect_err(|_| metrics.connect_failed(self.kind.name()))?
+                }
                 () = self.stop.cancelled() => return Ok(()),
                 () = self.retire.cancelled() => return Ok(()),
             },
         };
         self.established.store(true, Ordering::Relaxed);
+        let listed = metrics.tunnel_up(self.kind.name());
         info!("tunnel up");
         for old in self.to_retire.lock().expect("retire list").drain(..) {
             old.fire();
         }
         let services = self.ctx.services.clone();
-        conn.serve(
+        let serve = conn.serve(
             services,
             self.stop,
-            self.retire,
+            self.retire.clone(),
             self.ctx.drain_grace,
             self.ctx.stream_limits,
-        )
-        .await?;
+        );
+        tokio::pin!(serve);
+        tokio::select! {
+            r = &mut serve => r?,
+            () = self.retire.cancelled() => {
+                listed.draining();
+                serve.await?
+            }
+        }
         Ok(())
     }
 }

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use revproxy::ca::Token;
 use revproxy::config::{self, AgentConfig};
+use revproxy::runtime::logging::LogFormat;
 
 #[derive(Parser)]
 #[command(
@@ -51,8 +52,34 @@ enum Command {
         /// Serve NAME from the backend at HOST:PORT (repeatable)
         #[arg(long = "map", value_name = "NAME=HOST:PORT")]
         maps: Vec<String>,
+        /// Admin listener: /metrics, /status, /ready, /healthz and a status page (loopback only; off unless set)
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<std::net::SocketAddr>,
+        /// Log line format: text or json [default: text]
+        #[arg(long, value_name = "FORMAT")]
+        log_format: Option<LogFormat>,
+    },
+    /// Show the tunnels and services of a running agent (from its admin listener).
+    Status {
+        /// The agent's admin listener (as given to `run --admin`)
+        #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADMIN)]
+        admin: String,
+        /// Print the status document as JSON, for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// Exit 0 when the agent at ADDR has a tunnel up, 1 when not (an exec probe for
+    /// images without curl).
+    Ready {
+        /// The agent's admin listener (as given to `run --admin`)
+        #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADMIN)]
+        admin: String,
     },
 }
+
+/// The agent's admin address these commands ask unless told otherwise (the agent's own
+/// admin listener is off unless `run --admin` sets it; this is the conventional one).
+const DEFAULT_ADMIN: &str = "127.0.0.1:7445";
 
 #[derive(Clone, Copy, ValueEnum)]
 enum TransportArg {
@@ -63,12 +90,10 @@ enum TransportArg {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let level = if matches!(cli.command, Command::Run { .. }) {
-        "info"
-    } else {
-        "warn"
-    };
-    revproxy::runtime::logging::init(level);
+    // `run` sets up its logging once its configuration is read.
+    if !matches!(cli.command, Command::Run { .. }) {
+        revproxy::runtime::logging::init("warn", LogFormat::Text);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err((status, e)) => {
@@ -129,11 +154,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
             config: file,
             transport,
             maps,
+            admin,
+            log_format,
         } => {
             let file = match &file {
                 Some(path) => AgentConfig::load(path).map_err(usage)?,
                 None => AgentConfig::default(),
             };
+            revproxy::runtime::logging::init(
+                "info",
+                log_format.or(file.log_format).unwrap_or_default(),
+            );
             let transport = match transport {
                 Some(TransportArg::H2) => Some(config::Transport::H2),
                 Some(TransportArg::Quic) => Some(config::Transport::Quic),
@@ -172,6 +203,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(grace) = file.drain_grace {
                 builder = builder.drain_grace(grace);
             }
+            let runtime = runtime()?;
+            if let Some(addr) = admin.or(file.admin) {
+                if !addr.ip().is_loopback() {
+                    return Err(usage(revproxy::agent::AgentError::AdminNotLocal(addr)));
+                }
+                let listener = runtime
+                    .block_on(tokio::net::TcpListener::bind(addr))
+                    .with_context(|| format!("cannot listen on {addr}"))
+                    .map_err(|e| (1, e))?;
+                builder = builder.admin_listener(listener);
+            }
             let agent = builder.build().map_err(|e| match e {
                 revproxy::agent::AgentError::Identity(_)
                 | revproxy::agent::AgentError::Tls(_)
@@ -181,9 +223,37 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if let Err(e) = revproxy::runtime::raise_fd_limit() {
                 tracing::warn!(error = %e, "cannot raise the open-file limit");
             }
-            runtime()?
+            runtime
                 .block_on(agent.run(revproxy::runtime::shutdown_signal()))
                 .map_err(|e| (1, e.into()))?;
+        }
+        Command::Status { admin, json } => {
+            let (status, body) = runtime()?
+                .block_on(revproxy::admin::client::get(&admin, "/status"))
+                .map_err(|e| (1, e.into()))?;
+            if !status.is_success() {
+                return Err((
+                    1,
+                    anyhow::anyhow!("the admin listener answered {status}: {}", body.trim()),
+                ));
+            }
+            if json {
+                print!("{body}");
+            } else {
+                let doc: serde_json::Value = serde_json::from_str(&body)
+                    .context("the admin listener's status is not JSON")
+                    .map_err(|e| (1, e))?;
+                print!("{}", revproxy::admin::client::report(&doc));
+            }
+        }
+        Command::Ready { admin } => {
+            let (status, body) = runtime()?
+                .block_on(revproxy::admin::client::get(&admin, "/ready"))
+                .map_err(|e| (1, e.into()))?;
+            if !status.is_success() {
+                return Err((1, anyhow::anyhow!("{}", body.trim())));
+            }
+            println!("{}", body.trim());
         }
     }
     Ok(())

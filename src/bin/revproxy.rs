@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use revproxy::ca::{self, Ca, CaError, InitOptions, NewToken};
 use revproxy::config::parse_duration;
 use revproxy::config::ProxyConfig;
+use revproxy::runtime::logging::LogFormat;
 use revproxy::Proxy;
 
 #[derive(Parser)]
@@ -40,7 +41,20 @@ enum Command {
     Agent(AgentCommand),
     /// Run the proxy (creating a CA first if the state directory has none).
     Serve(ServeArgs),
+    /// Show agents, tunnels, names, streams and bytes of a running proxy (from its admin
+    /// listener).
+    Status {
+        /// The proxy's admin listener
+        #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADMIN)]
+        admin: String,
+        /// Print the status document as JSON, for scripts
+        #[arg(long)]
+        json: bool,
+    },
 }
+
+/// Where the proxy's admin listener is unless told otherwise.
+const DEFAULT_ADMIN: &str = "127.0.0.1:7444";
 
 #[derive(Subcommand)]
 enum AgentCommand {
@@ -158,6 +172,12 @@ struct ServeArgs {
     /// Public listener that routes on the HTTP Host header
     #[arg(long, value_name = "ADDR")]
     http: Option<SocketAddr>,
+    /// Admin listener: /metrics, /status, /ready, /healthz and a status page (loopback only) [default: 127.0.0.1:7444]
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<SocketAddr>,
+    /// Log line format: text or json [default: text]
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
 }
 
 /// An error with the exit status it deserves: 1 for runtime failures, 2 for bad input.
@@ -182,12 +202,10 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let level = if matches!(cli.command, Command::Serve(_)) {
-        "info"
-    } else {
-        "warn"
-    };
-    revproxy::runtime::logging::init(level);
+    // `serve` sets up its logging once its configuration is read.
+    if !matches!(cli.command, Command::Serve(_)) {
+        revproxy::runtime::logging::init("warn", LogFormat::Text);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
@@ -300,6 +318,26 @@ fn run(cli: Cli) -> Result<(), Failure> {
             eprintln!("{agent} may now serve: {names}");
         }
         Command::Serve(args) => serve(args)?,
+        Command::Status { admin, json } => {
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let (status, body) =
+                runtime.block_on(revproxy::admin::client::get(&admin, "/status"))?;
+            if !status.is_success() {
+                return Err(anyhow::anyhow!(
+                    "the admin listener answered {status}: {}",
+                    body.trim()
+                )
+                .into());
+            }
+            if json {
+                print!("{body}");
+            } else {
+                let doc: serde_json::Value = serde_json::from_str(&body)
+                    .context("the admin listener's status is not JSON")?;
+                print!("{}", revproxy::admin::client::report(&doc));
+            }
+        }
     }
     Ok(())
 }
@@ -325,6 +363,11 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     config.agents = args.agents.or(config.agents);
     config.sni = args.sni.or(config.sni);
     config.http = args.http.or(config.http);
+    config.admin = args.admin.or(config.admin);
+    revproxy::runtime::logging::init(
+        "info",
+        args.log_format.or(config.log_format).unwrap_or_default(),
+    );
     config.validate().map_err(|e| usage(e.into()))?;
     let listeners = config.listeners().map_err(|e| usage(e.into()))?;
     let routes = config.routes().map_err(|e| usage(e.into()))?;
@@ -352,7 +395,12 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))
         };
-        let mut builder = Proxy::builder(&dir).agent_listener(bind(agents_addr).await?);
+        let admin = config
+            .admin
+            .unwrap_or(DEFAULT_ADMIN.parse().expect("valid address"));
+        let mut builder = Proxy::builder(&dir)
+            .agent_listener(bind(agents_addr).await?)
+            .admin_listener(bind(admin).await?);
         for (addr, kind) in listeners {
             builder = builder.listener(bind(addr).await?, kind);
         }
@@ -379,6 +427,9 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         }
         if let Some(g) = config.shutdown_grace {
             builder = builder.shutdown_grace(g);
+        }
+        if config.access_log == Some(true) {
+            builder = builder.access_log(true);
         }
         let proxy = builder.build()?;
         proxy.run(revproxy::runtime::shutdown_signal()).await?;

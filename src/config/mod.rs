@@ -68,6 +68,12 @@ pub struct ProxyConfig {
     /// Time open connections get to finish on shutdown, e.g. "10s".
     #[serde(default, deserialize_with = "duration")]
     pub shutdown_grace: Option<Duration>,
+    /// Admin listener (metrics, status, readiness), loopback only.
+    pub admin: Option<SocketAddr>,
+    /// One log line per client connection, at info.
+    pub access_log: Option<bool>,
+    /// `text` or `json`.
+    pub log_format: Option<crate::runtime::logging::LogFormat>,
     /// Public listeners.
     #[serde(default)]
     pub listener: Vec<ListenerConfig>,
@@ -179,6 +185,7 @@ impl ProxyConfig {
             "max_handshakes_per_source",
             self.max_handshakes_per_source.map(|n| n as u128),
         )?;
+        loopback_admin(self.admin)?;
         let listeners = self.listeners()?;
         self.routes()?;
         let mut addrs: Vec<SocketAddr> = listeners.iter().map(|(a, _)| *a).collect();
@@ -214,6 +221,10 @@ pub struct AgentConfig {
     /// Time open streams get to finish on shutdown, e.g. "30s".
     #[serde(default, deserialize_with = "duration")]
     pub drain_grace: Option<Duration>,
+    /// Admin listener (metrics, status, readiness), loopback only.
+    pub admin: Option<std::net::SocketAddr>,
+    /// `text` or `json`.
+    pub log_format: Option<crate::runtime::logging::LogFormat>,
     /// Names served and their backends.
     #[serde(default)]
     pub service: Vec<ServiceConfig>,
@@ -249,10 +260,22 @@ impl AgentConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         positive("send_timeout", self.send_timeout.map(|d| d.as_millis()))?;
         positive("idle_timeout", self.idle_timeout.map(|d| d.as_millis()))?;
+        loopback_admin(self.admin)?;
         for s in &self.service {
             parse_map(&format!("{}={}", s.host, s.to))?;
         }
         Ok(())
+    }
+}
+
+/// The admin listener has no authentication: loopback only.
+fn loopback_admin(admin: Option<SocketAddr>) -> Result<(), ConfigError> {
+    match admin {
+        Some(addr) if !addr.ip().is_loopback() => Err(ConfigError::Invalid(format!(
+            "admin = {addr}: the admin listener must be on a loopback address (127.0.0.1 or ::1); \
+             it has no authentication"
+        ))),
+        _ => Ok(()),
     }
 }
 

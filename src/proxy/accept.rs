@@ -119,6 +119,22 @@ impl Drop for SourceSlot {
     }
 }
 
+/// What an accept loop counts (metrics); the default counts nothing.
+#[derive(Default)]
+pub(super) struct AcceptCounters {
+    pub(super) accepted: Option<prometheus::IntCounter>,
+    /// Turned away: the listener held its most connections.
+    pub(super) over_limit: Option<prometheus::IntCounter>,
+    /// Turned away: the source held its share.
+    pub(super) over_source: Option<prometheus::IntCounter>,
+}
+
+fn count(counter: &Option<prometheus::IntCounter>) {
+    if let Some(c) = counter {
+        c.inc();
+    }
+}
+
 /// Accepts connections until `stop` fires, at most as many at once as `permits` allows and
 /// as `per_source` allows from one address, running `handle` for each in a tracked task
 /// (it gets the source slot, to hold as long as the bound should apply); then lets them
@@ -129,6 +145,7 @@ pub(super) async fn serve<A, F, Fut>(
     permits: Arc<Semaphore>,
     per_source: Arc<PerSource>,
     grace: Duration,
+    counters: AcceptCounters,
     handle: F,
 ) where
     A: Acceptor,
@@ -142,13 +159,16 @@ pub(super) async fn serve<A, F, Fut>(
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             accepted = acceptor.accept() => {
                 let Some((conn, peer)) = accepted else { break };
+                count(&counters.accepted);
                 let Ok(permit) = permits.clone().try_acquire_owned() else {
                     warn!(%peer, "at the connection limit; refusing");
+                    count(&counters.over_limit);
                     A::refuse(conn);
                     continue;
                 };
                 let Some(slot) = per_source.take(peer.ip()) else {
                     debug!(%peer, max = per_source.max, "at the limit for this source; refusing");
+                    count(&counters.over_source);
                     A::refuse(conn);
                     continue;
                 };

@@ -36,16 +36,19 @@ pub(super) async fn admit(
 ) -> Option<(Peer, Vec<String>)> {
     let Some(who) = der.and_then(peer_of) else {
         warn!(%peer, "tunnel without a readable client certificate; closing");
+        shared.metrics.tunnel_refused("no_certificate");
         return None;
     };
     let state = shared.state.refresh().await;
     if state.revoked.contains(&who.serial) {
         warn!(%peer, agent = %who.agent, serial = %who.serial, "certificate revoked; closing the tunnel");
+        shared.metrics.tunnel_refused("revoked");
         return None;
     }
     if !state.live.contains(&who.serial) {
         warn!(%peer, agent = %who.agent, serial = %who.serial,
               "certificate not on record (signed by this CA but never issued by this proxy); closing the tunnel");
+        shared.metrics.tunnel_refused("unknown_certificate");
         return None;
     }
     let granted = state.grants.get(&who.agent).cloned().unwrap_or_default();

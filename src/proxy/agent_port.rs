@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::LazyConfigAcceptor;
 use tracing::{debug, info, warn};
 
-use super::accept::{self, Acceptor, PerSource, SourceSlot};
+use super::accept::{self, AcceptCounters, Acceptor, PerSource, SourceSlot};
 use super::admit::{admit, Peer};
 use super::registry::Tunnel;
 use super::{enroll, Limits, Shared};
@@ -75,6 +75,7 @@ impl AgentPort {
                 permits,
                 per_source,
                 grace * 2,
+                AcceptCounters::default(),
                 handle,
             )
         };
@@ -94,6 +95,7 @@ impl AgentPort {
                 permits,
                 per_source,
                 grace * 2,
+                AcceptCounters::default(),
                 handle,
             )
             .await;
@@ -154,7 +156,10 @@ async fn serve_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, unprov
                 Some(
                     tls_error @ (rustls::Error::InvalidCertificate(_)
                     | rustls::Error::NoCertificatesPresented),
-                ) => warn!(%peer, error = %tls_error, "agent certificate refused"),
+                ) => {
+                    shared.metrics.tunnel_refused("certificate");
+                    warn!(%peer, error = %tls_error, "agent certificate refused")
+                }
                 _ => debug!(%peer, error = %e, "TLS handshake failed on the agent port"),
             }
             return;
@@ -196,7 +201,8 @@ async fn serve_quic(
     let (link, conn, der) = match tunnel::accept_quic(incoming).await {
         Ok(accepted) => accepted,
         Err(e) if e.certificate_refused() => {
-            return warn!(%peer, error = %e, "agent certificate refused (QUIC)")
+            shared.metrics.tunnel_refused("certificate");
+            return warn!(%peer, error = %e, "agent certificate refused (QUIC)");
         }
         Err(e) => return debug!(%peer, error = %e, "QUIC handshake failed"),
     };
@@ -219,28 +225,37 @@ async fn hold(
     unproven: SourceSlot,
 ) {
     let id = shared.registry.next_id();
-    let tunnel = Arc::new(Tunnel::new(id, who, link));
+    let tunnel = Arc::new(Tunnel::new(id, who, link, peer));
     if let Err(held) =
         shared
             .registry
             .insert(tunnel.clone(), hosts.clone(), shared.max_tunnels_per_agent)
     {
         warn!(%peer, agent = %tunnel.agent, held, "agent holds its most tunnels already; refusing another");
+        shared.metrics.tunnel_refused("over_limit");
         return conn.refuse();
     }
     drop(unproven);
+    shared.metrics.tunnel_up(tunnel.transport());
     info!(agent = %tunnel.agent, tunnel = id, transport = tunnel.transport(), ?hosts, "tunnel up");
+    // Which of the proxy's reasons closed it, if one did (the metric's label).
+    let closed_by = std::sync::OnceLock::new();
     let close = async {
-        tokio::select! {
-            () = tunnel.close.notified() => "closed by the proxy",
-            () = shared.close_tunnels.cancelled() => "proxy shutting down",
+        let (label, reason) = tokio::select! {
+            () = tunnel.close.notified() => ("revoked", "closed by the proxy"),
+            () = shared.close_tunnels.cancelled() => ("shutdown", "proxy shutting down"),
             // A renewed agent has moved to its new certificate long before this.
-            () = until_unix(tunnel.not_after) => "certificate expired",
-        }
+            () = until_unix(tunnel.not_after) => ("expired", "certificate expired"),
+        };
+        let _ = closed_by.set(label);
+        reason
     };
     let retire = || shared.registry.retire(id);
     let reason = conn.drive(close, retire).await;
     shared.registry.remove(id);
+    shared
+        .metrics
+        .tunnel_down(closed_by.get().copied().unwrap_or("agent"));
     info!(%peer, agent = %tunnel.agent, tunnel = id, %reason, "tunnel down");
 }
 

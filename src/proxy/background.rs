@@ -19,7 +19,17 @@ pub(super) struct Background {
 pub(super) fn start(shared: Arc<Shared>) -> Background {
     let mut tasks = JoinSet::new();
     let registry = shared.registry.clone();
-    tasks.spawn(shared.state.clone().watch(move |s| registry.apply(s)));
+    let metrics = shared.metrics.clone();
+    // Revocations are counted against what this watch saw last (admission may reload the
+    // state in between).
+    let known = std::sync::Mutex::new(shared.state.get().revoked.clone());
+    tasks.spawn(shared.state.clone().watch(move |s| {
+        let mut known = known.lock().expect("revoked set");
+        metrics.revoked(s.revoked.difference(&known).count());
+        known.clone_from(&s.revoked);
+        drop(known);
+        registry.apply(s)
+    }));
     tasks.spawn(renew_server_cert(shared));
     Background { _tasks: tasks }
 }

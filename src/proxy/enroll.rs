@@ -49,11 +49,21 @@ pub(super) async fn serve<S>(
         let shared = shared.clone();
         let client_serial = client_serial.clone();
         async move {
-            let response = if req.uri().path() == RENEW_PATH {
+            let renewal = req.uri().path() == RENEW_PATH;
+            let response = if renewal {
                 renew(&shared, peer, client_serial.as_deref(), req).await
             } else {
                 handle(&shared, peer, req).await
             };
+            let outcome = match response.extensions().get::<Outcome>() {
+                Some(Outcome(code)) => code.as_str(),
+                None => "ok",
+            };
+            if renewal {
+                shared.metrics.renewal(outcome);
+            } else {
+                shared.metrics.enrollment(outcome);
+            }
             Ok::<_, Infallible>(response)
         }
     });
@@ -410,8 +420,13 @@ fn refusal(
         resp.headers_mut()
             .insert(http::header::RETRY_AFTER, secs.into());
     }
+    resp.extensions_mut().insert(Outcome(code.to_string()));
     resp
 }
+
+/// The error code an answer carried, for the metrics (an answer without one is a success).
+#[derive(Clone)]
+struct Outcome(String);
 
 fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
     let bytes = serde_json::to_vec(body).expect("reply serializes");

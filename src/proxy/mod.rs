@@ -15,10 +15,12 @@
 //! shutdown order: stop accepting, let client connections drain, then close tunnels.
 
 mod accept;
+mod admin;
 mod admit;
 mod agent_port;
 mod background;
 mod enroll;
+mod metrics;
 mod public;
 mod ratelimit;
 mod registry;
@@ -123,6 +125,8 @@ pub enum ProxyError {
         #[source]
         source: TargetError,
     },
+    #[error("the admin listener {0} is not on a loopback address; bind it to 127.0.0.1 or ::1 (the admin listener has no authentication)")]
+    AdminNotLocal(SocketAddr),
     #[error("listener error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -144,6 +148,8 @@ pub struct ProxyBuilder {
     min_renewal_age_percent: u8,
     shutdown_grace: Duration,
     quic: QuicListener,
+    admin: Option<TcpListener>,
+    access_log: bool,
 }
 
 /// Where the proxy listens for QUIC tunnels.
@@ -167,6 +173,20 @@ impl ProxyBuilder {
     /// listener's address. Its buffers are enlarged as on the default socket.
     pub fn quic_listener(mut self, socket: std::net::UdpSocket) -> Self {
         self.quic = QuicListener::Socket(socket);
+        self
+    }
+
+    /// Serves metrics, status and readiness on `listener` (loopback only; see
+    /// `crate::admin`).
+    pub fn admin_listener(mut self, listener: TcpListener) -> Self {
+        self.admin = Some(listener);
+        self
+    }
+
+    /// Logs one line per client connection at info (at debug otherwise): who, which
+    /// name, served by whom, the outcome, bytes each way and how long.
+    pub fn access_log(mut self, on: bool) -> Self {
+        self.access_log = on;
         self
     }
 
@@ -292,6 +312,25 @@ impl ProxyBuilder {
             QuicListener::Socket(socket) => Some(tunnel::quic::tune_udp_socket(socket)?),
         };
         let agent_port = AgentPort::new(agents, quic_socket, tunnel_config.clone())?;
+        if let Some(admin) = &self.admin {
+            let addr = admin.local_addr()?;
+            if !crate::admin::is_local(addr) {
+                return Err(ProxyError::AdminNotLocal(addr));
+            }
+        }
+        let listeners = self
+            .public
+            .iter()
+            .map(|(l, kind)| {
+                let protocol = match kind {
+                    ListenerKind::Sni => "sni".to_string(),
+                    ListenerKind::Http => "http".to_string(),
+                    ListenerKind::Fixed(Target::Name(name)) => format!("to {name}"),
+                    ListenerKind::Fixed(Target::Tcp(addr)) => format!("to tcp://{addr}"),
+                };
+                Ok((l.local_addr()?.to_string(), protocol))
+            })
+            .collect::<Result<Vec<_>, std::io::Error>>()?;
         let fd_limit = crate::runtime::fd_limit();
         let limits = Limits::sized(
             self.max_connections_per_source,
@@ -319,6 +358,11 @@ impl ProxyBuilder {
                 peek_timeout: self.peek_timeout,
                 stream_limits: self.stream_limits,
                 max_tunnels_per_agent: self.max_tunnels_per_agent,
+                metrics: Arc::new(metrics::ProxyMetrics::new()),
+                ready: std::sync::atomic::AtomicBool::new(false),
+                access_log: self.access_log,
+                started: time::OffsetDateTime::now_utc().unix_timestamp(),
+                listeners,
                 close_tunnels: Trigger::default(),
                 enroll_config: Arc::new(enroll_config),
                 server_cert,
@@ -328,6 +372,7 @@ impl ProxyBuilder {
             limits,
             public: self.public,
             shutdown_grace: self.shutdown_grace,
+            admin: self.admin,
         })
     }
 }
@@ -354,6 +399,16 @@ struct Shared {
     /// Bounds on each public client's socket.
     stream_limits: tunnel::StreamLimits,
     max_tunnels_per_agent: usize,
+    /// What the proxy counts, for `/metrics`.
+    metrics: Arc<metrics::ProxyMetrics>,
+    /// One info line per client connection.
+    access_log: bool,
+    /// Serving: set once every listener runs, cleared when shutdown begins (`/ready`).
+    ready: std::sync::atomic::AtomicBool,
+    /// When the proxy was built, Unix seconds.
+    started: i64,
+    /// Public listeners: address and what they route by, for the status page.
+    listeners: Vec<(String, String)>,
     /// Fired last during shutdown, once client connections have drained.
     close_tunnels: Trigger,
     enroll_config: Arc<rustls::ServerConfig>,
@@ -369,6 +424,7 @@ pub struct Proxy {
     limits: Limits,
     public: Vec<(TcpListener, ListenerKind)>,
     shutdown_grace: Duration,
+    admin: Option<TcpListener>,
 }
 
 impl Proxy {
@@ -381,6 +437,8 @@ impl Proxy {
             routes: HashMap::new(),
             max_enroll_failures: ratelimit::DEFAULT_MAX_FAILURES,
             min_renewal_age_percent: revproxy_ca::MIN_RENEWAL_AGE_PERCENT,
+            admin: None,
+            access_log: false,
             enroll_failure_window: ratelimit::DEFAULT_WINDOW,
             peek_timeout: PEEK_TIMEOUT,
             stream_limits: tunnel::StreamLimits::default(),
@@ -422,12 +480,19 @@ impl Proxy {
             let handle =
                 move |tcp, peer, slot| public::serve(shared.clone(), kind.clone(), tcp, peer, slot);
             let span = tracing::info_span!("listener", %addr);
+            let metrics = &self.shared.metrics;
+            let counters = accept::AcceptCounters {
+                accepted: Some(metrics.accepted(&addr.to_string())),
+                over_limit: Some(metrics.refused(metrics::Refused::ConnectionLimit)),
+                over_source: Some(metrics.refused(metrics::Refused::SourceLimit)),
+            };
             let loop_ = accept::serve(
                 listener,
                 stop.clone(),
                 clients.clone(),
                 per_source.clone(),
                 grace,
+                counters,
                 handle,
             );
             public.spawn(loop_.instrument(span));
@@ -441,13 +506,34 @@ impl Proxy {
             self.limits,
         ));
 
+        let admin_stop = Trigger::default();
+        let admin = self.admin.map(|listener| {
+            let view = Arc::new(admin::ProxyView(self.shared.clone()));
+            tokio::spawn(crate::admin::serve(
+                listener,
+                view,
+                None,
+                admin_stop.clone(),
+            ))
+        });
+        self.shared
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+
         shutdown.await;
         info!("shutting down: no new connections; draining open ones");
+        self.shared
+            .ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         stop.fire();
         while public.join_next().await.is_some() {}
         self.shared.close_tunnels.fire();
         let _ = agents.await;
         drop(background);
+        admin_stop.fire();
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
         Ok(())
     }
 }

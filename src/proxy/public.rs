@@ -18,11 +18,12 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::accept::SourceSlot;
+use super::metrics::Refused;
 use super::registry::Tunnel;
 use super::replies::{http_error, ConnId, Reply, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME};
 use super::Shared;
 use crate::route::{http, sni, ListenerKind, Target};
-use crate::tunnel::OpenRequest;
+use crate::tunnel::{Counted, OpenRequest, StreamCounters};
 
 /// Most bytes read while looking for a name: a 16 KiB ClientHello may come in many small
 /// records, each with a 5-byte header.
@@ -35,30 +36,96 @@ pub(super) const STATIC_COPY_BUFFER: usize = 64 * 1024;
 
 /// Where a name may be served, tried in order.
 enum Candidate<'a> {
-    /// A tunnel of an agent granted the name.
-    Agent(&'a Arc<Tunnel>),
+    /// A tunnel of an agent granted the name, and the pattern it was granted (the name,
+    /// or the wildcard covering it): the label its traffic is counted under.
+    Agent(&'a Arc<Tunnel>, &'a str),
     /// A static `tcp://` route's backend, `host:port`.
     Static(&'a str),
 }
 
-/// Serves one public connection.
+/// What became of one connection: the access log line.
+#[derive(Default)]
+struct Access {
+    host: Option<String>,
+    /// The agent (or `tcp://` backend) that served it.
+    served_by: Option<String>,
+    /// `ok`, or why it was not routed (the reasons of the refusal metric).
+    outcome: &'static str,
+    /// Bytes from the client, and to it.
+    up: u64,
+    down: u64,
+}
+
+impl Access {
+    /// Not routed, for `why`: counted and noted.
+    fn refuse(&mut self, metrics: &super::metrics::ProxyMetrics, why: Refused) {
+        metrics.refused(why).inc();
+        self.outcome = why.label();
+    }
+
+    /// Joined to a backend; `moved` is (up, down) once it ended.
+    fn served(&mut self, by: String, moved: Option<(u64, u64)>) {
+        self.served_by = Some(by);
+        self.outcome = "ok";
+        if let Some((up, down)) = moved {
+            (self.up, self.down) = (up, down);
+        }
+    }
+}
+
+/// Serves one public connection, and logs what became of it: at info with access logging
+/// on, else at debug.
 pub(super) async fn serve(
     shared: Arc<Shared>,
     kind: ListenerKind,
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     // Held for the whole connection: it counts against the per-source limit.
     _source: SourceSlot,
 ) {
-    let _ = tcp.set_nodelay(true);
     // Logged with every line about this connection and sent with every refusal, so an
     // operator can find the details a client is not told.
     let id = ConnId::new();
+    let started = std::time::Instant::now();
+    let mut access = Access::default();
+    handle(&shared, kind, tcp, peer, id, &mut access).await;
+    let ms = started.elapsed().as_millis() as u64;
+    let (host, by) = (
+        access.host.as_deref().unwrap_or("-"),
+        access.served_by.as_deref().unwrap_or("-"),
+    );
+    let outcome = access.outcome;
+    let (up, down) = (access.up, access.down);
+    if shared.access_log {
+        info!(target: "revproxy::access", conn = %id, %peer, host, agent = by, outcome, up, down, ms, "connection");
+    } else {
+        debug!(target: "revproxy::access", conn = %id, %peer, host, agent = by, outcome, up, down, ms, "connection");
+    }
+}
+
+async fn handle(
+    shared: &Shared,
+    kind: ListenerKind,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    id: ConnId,
+    access: &mut Access,
+) {
+    let _ = tcp.set_nodelay(true);
+    let metrics = &shared.metrics;
+    access.outcome = "client_closed";
     let (name, peeked, reply) = match &kind {
         ListenerKind::Fixed(Target::Tcp(addr)) => {
             let deadline = tokio::time::Instant::now() + crate::runtime::CONNECT_TIMEOUT;
-            if let Some(backend) = connect_static(addr, peer, id, deadline).await {
-                forward_tcp(tcp, backend, addr, Bytes::new(), peer, id).await;
+            match connect_static(addr, peer, id, deadline).await {
+                Some(backend) => {
+                    let counters = metrics.routed(addr);
+                    access.served(format!("tcp://{addr}"), None);
+                    let moved =
+                        forward_tcp(tcp, backend, addr, Bytes::new(), peer, id, counters).await;
+                    access.served(format!("tcp://{addr}"), moved);
+                }
+                None => access.refuse(metrics, Refused::BackendDown),
             }
             return;
         }
@@ -66,12 +133,14 @@ pub(super) async fn serve(
         ListenerKind::Sni => match peek(&mut tcp, shared.peek_timeout, sni_name).await {
             Ok((Some(name), bytes)) => (name, bytes, Reply::Tls),
             Ok((None, _)) => {
-                info!(%peer, conn = %id, "TLS client sent no server name; no route");
+                debug!(%peer, conn = %id, "TLS client sent no server name; no route");
+                access.refuse(metrics, Refused::NoServerName);
                 let _ = tcp.write_all(&ALERT_UNRECOGNIZED_NAME).await;
                 return;
             }
             Err(e) => {
                 debug!(%peer, conn = %id, error = %e, "no usable ClientHello; closing");
+                access.refuse(metrics, e.why);
                 return;
             }
         },
@@ -79,6 +148,7 @@ pub(super) async fn serve(
             Ok((name, bytes)) => (name, bytes, Reply::Http),
             Err(e) => {
                 debug!(%peer, conn = %id, error = %e, "no usable HTTP request head; closing");
+                access.refuse(metrics, e.why);
                 if e.answerable {
                     http_error(&mut tcp, 400, "Bad Request", &e.reason, id).await;
                 }
@@ -87,6 +157,7 @@ pub(super) async fn serve(
         },
     };
 
+    access.host = Some(name.clone());
     // The most specific match first (DESIGN.md section 5): agents granted the exact name,
     // then a static route for it, then agents holding a wildcard.
     let found = shared.registry.lookup(&name);
@@ -94,9 +165,11 @@ pub(super) async fn serve(
     if found.is_empty() && route.is_none() {
         let offline = shared.state.get().is_granted_anywhere(&name);
         if offline {
-            info!(%peer, conn = %id, host = %name, "agent for this name is offline");
+            debug!(%peer, conn = %id, host = %name, "agent for this name is offline");
+            access.refuse(metrics, Refused::Offline);
         } else {
-            info!(%peer, conn = %id, host = %name, "no route");
+            debug!(%peer, conn = %id, host = %name, "no route");
+            access.refuse(metrics, Refused::NoRoute);
         }
         match (reply, offline) {
             (Reply::Tls, _) => {
@@ -122,29 +195,49 @@ pub(super) async fn serve(
         client: peer,
         early: &peeked,
     };
-    let candidates = (found.exact.iter().map(Candidate::Agent))
+    let wildcard = name
+        .split_once('.')
+        .map(|(_, parent)| format!("*.{parent}"))
+        .unwrap_or_default();
+    let candidates = (found.exact.iter().map(|t| Candidate::Agent(t, &name)))
         .chain(route.map(|addr| Candidate::Static(addr.as_str())))
-        .chain(found.wildcard.iter().map(Candidate::Agent));
+        .chain(
+            found
+                .wildcard
+                .iter()
+                .map(|t| Candidate::Agent(t, &wildcard)),
+        );
     for candidate in candidates {
-        let t = match candidate {
-            Candidate::Agent(t) => t,
+        let (t, pattern) = match candidate {
+            Candidate::Agent(t, pattern) => (t, pattern),
             Candidate::Static(addr) => match connect_static(addr, peer, id, deadline).await {
-                Some(backend) => return forward_tcp(tcp, backend, addr, peeked, peer, id).await,
+                Some(backend) => {
+                    let counters = metrics.routed(&name);
+                    let moved = forward_tcp(tcp, backend, addr, peeked, peer, id, counters).await;
+                    return access.served(format!("tcp://{addr}"), moved);
+                }
                 None => continue,
             },
         };
+        let asked = std::time::Instant::now();
         match tokio::time::timeout_at(deadline, t.open(&request)).await {
             Ok(Ok(stream)) => {
+                metrics
+                    .open_time(t.transport())
+                    .observe(asked.elapsed().as_secs_f64());
                 debug!(%peer, conn = %id, host = %name, agent = %t.agent, tunnel = t.id, "stream open");
-                match stream.splice(tcp, shared.stream_limits).await {
-                    Ok((up, down)) => {
-                        debug!(%peer, conn = %id, host = %name, up, down, "stream done")
-                    }
+                let counters = metrics.routed(pattern);
+                // The peeked bytes went out with the open request.
+                counters.read(peeked.len());
+                let moved = match stream.splice(tcp, shared.stream_limits, counters).await {
+                    Ok(moved) => Some(moved),
                     Err(e) => {
-                        debug!(%peer, conn = %id, host = %name, error = %e, "stream ended with an error")
+                        debug!(%peer, conn = %id, host = %name, error = %e, "stream ended with an error");
+                        None
                     }
-                }
-                return;
+                };
+                // The client's view: what it sent went up, what it got came down.
+                return access.served(t.agent.clone(), moved);
             }
             Ok(Err(e)) => {
                 if e.tunnel_is_gone() {
@@ -161,6 +254,7 @@ pub(super) async fn serve(
     }
     // The client learns only that the name cannot be served now; the log above has why,
     // under the connection id the answer carries.
+    access.refuse(metrics, Refused::Unavailable);
     match reply {
         Reply::Tls => {
             let _ = tcp.write_all(&ALERT_INTERNAL_ERROR).await;
@@ -179,6 +273,8 @@ struct PeekError {
     reason: String,
     /// Whether the client spoke the protocol well enough to be told.
     answerable: bool,
+    /// What it counts as.
+    why: Refused,
 }
 
 impl std::fmt::Display for PeekError {
@@ -200,6 +296,7 @@ fn sni_name(buf: &[u8]) -> Result<Peeked<Option<String>>, PeekError> {
         Err(e) => Err(PeekError {
             reason: e.to_string(),
             answerable: false,
+            why: Refused::BadHead,
         }),
     }
 }
@@ -211,6 +308,7 @@ fn http_host(buf: &[u8]) -> Result<Peeked<String>, PeekError> {
         Err(e) => Err(PeekError {
             answerable: !matches!(e, http::HostError::NotHttp),
             reason: e.to_string(),
+            why: Refused::BadHead,
         }),
     }
 }
@@ -231,6 +329,7 @@ async fn peek<T>(
             return Err(PeekError {
                 reason: format!("nothing to route on in the first {MAX_PEEK} bytes"),
                 answerable: true,
+                why: Refused::BadHead,
             });
         }
         buf.reserve(4096.min(MAX_PEEK - buf.len()));
@@ -240,6 +339,7 @@ async fn peek<T>(
                 return Err(PeekError {
                     reason: "client closed before saying where to go".into(),
                     answerable: false,
+                    why: Refused::ClientClosed,
                 })
             }
             Ok(Ok(_)) => {}
@@ -247,12 +347,14 @@ async fn peek<T>(
                 return Err(PeekError {
                     reason: e.to_string(),
                     answerable: false,
+                    why: Refused::ClientClosed,
                 })
             }
             Err(_) => {
                 return Err(PeekError {
                     reason: format!("client did not say where to go within {timeout:?}"),
                     answerable: true,
+                    why: Refused::PeekTimeout,
                 })
             }
         }
@@ -287,10 +389,14 @@ async fn forward_tcp(
     peeked: Bytes,
     peer: SocketAddr,
     id: ConnId,
-) {
+    counters: StreamCounters,
+) -> Option<(u64, u64)> {
+    counters.read(peeked.len());
     if backend.write_all(&peeked).await.is_err() {
-        return;
+        return None;
     }
+    // Counted as the bytes move, like a tunnel stream.
+    let mut client = Counted::new(&mut client, &counters);
     match tokio::io::copy_bidirectional_with_sizes(
         &mut client,
         &mut backend,
@@ -299,9 +405,10 @@ async fn forward_tcp(
     )
     .await
     {
-        Ok((up, down)) => debug!(%peer, conn = %id, backend = addr, up, down, "static route done"),
+        Ok((up, down)) => Some((up + peeked.len() as u64, down)),
         Err(e) => {
-            debug!(%peer, conn = %id, backend = addr, error = %e, "static route ended with an error")
+            debug!(%peer, conn = %id, backend = addr, error = %e, "static route ended with an error");
+            None
         }
     }
 }

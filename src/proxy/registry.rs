@@ -26,6 +26,10 @@ pub(super) struct Tunnel {
     pub(super) cert_hosts: Vec<String>,
     /// End of the certificate's validity, Unix seconds.
     pub(super) not_after: i64,
+    /// Where the agent connected from.
+    pub(super) peer: std::net::SocketAddr,
+    /// When the tunnel came up, Unix seconds.
+    pub(super) since: i64,
     link: Link,
     /// Notified to close the tunnel (revocation).
     pub(super) close: tokio::sync::Notify,
@@ -45,13 +49,15 @@ impl std::fmt::Debug for Tunnel {
 }
 
 impl Tunnel {
-    pub(super) fn new(id: u64, who: Peer, link: Link) -> Tunnel {
+    pub(super) fn new(id: u64, who: Peer, link: Link, peer: std::net::SocketAddr) -> Tunnel {
         Tunnel {
             id,
             agent: who.agent,
             serial: who.serial,
             cert_hosts: who.cert_hosts,
             not_after: who.not_after,
+            peer,
+            since: time::OffsetDateTime::now_utc().unix_timestamp(),
             link,
             close: tokio::sync::Notify::new(),
             draining: AtomicBool::new(false),
@@ -205,6 +211,33 @@ impl Registry {
             drop(inner);
             self.changes.send_modify(|n| *n += 1);
         }
+    }
+
+    /// How many tunnels each agent holds, by transport (draining ones included).
+    pub(super) fn counts(&self) -> Vec<(String, &'static str, usize)> {
+        let inner = self.inner.read().expect("registry lock");
+        let mut counts: HashMap<(String, &'static str), usize> = HashMap::new();
+        for (tunnel, _) in inner.tunnels.values() {
+            *counts
+                .entry((tunnel.agent.clone(), tunnel.transport()))
+                .or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .map(|((agent, transport), n)| (agent, transport, n))
+            .collect()
+    }
+
+    /// Every live tunnel and the names it serves now, oldest first.
+    pub(super) fn snapshot(&self) -> Vec<(Arc<Tunnel>, Vec<String>, bool)> {
+        let inner = self.inner.read().expect("registry lock");
+        let mut all: Vec<_> = inner
+            .tunnels
+            .values()
+            .map(|(t, hosts)| (t.clone(), hosts.clone(), t.draining.load(Ordering::Relaxed)))
+            .collect();
+        all.sort_by_key(|(t, _, _)| t.id);
+        all
     }
 
     /// The tunnels serving `name`: those granted exactly `name`, and apart from them those

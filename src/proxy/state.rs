@@ -32,12 +32,20 @@ pub(super) struct Snapshot {
     pub(super) open_tokens: HashSet<String>,
     /// Names each agent may currently serve.
     pub(super) grants: HashMap<String, Vec<String>>,
+    /// The latest expiry among each agent's valid certificates, Unix seconds.
+    pub(super) expiry: HashMap<String, i64>,
 }
 
 impl Snapshot {
     fn load(file: &StateFile) -> Result<Snapshot, revproxy_ca::CaError> {
         let state = file.read()?;
+        let mut expiry: HashMap<String, i64> = HashMap::new();
+        for cert in state.certs.iter().filter(|c| c.revoked_at.is_none()) {
+            let latest = expiry.entry(cert.agent.clone()).or_insert(cert.not_after);
+            *latest = (*latest).max(cert.not_after);
+        }
         Ok(Snapshot {
+            expiry,
             revoked: state
                 .certs
                 .iter()

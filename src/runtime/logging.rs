@@ -1,15 +1,48 @@
 //! Logging setup for the two programs, and how times appear in logs and messages.
 
+/// How log lines are written (`--log-format`, `log_format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message`, and each
+    /// event's fields at the top level (`agent`, `host`, `peer`, `tunnel`, `conn`, ...).
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<LogFormat, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("{s:?} is not a log format: use text or json")),
+        }
+    }
+}
+
 /// Logs to stderr at `default_level` (`info` for servers, `warn` for one-shot commands
-/// whose result is their output); `RUST_LOG` overrides it.
-pub fn init(default_level: &str) {
+/// whose result is their output) in `format`; `RUST_LOG` overrides the level.
+pub fn init(default_level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 /// RFC 3339 text of a Unix timestamp, in UTC.

@@ -73,26 +73,146 @@ impl Default for StreamLimits {
     }
 }
 
-/// When a stream last moved a byte either way, for the idle timeout: one clock read and
-/// one atomic store per chunk moved, and nothing at all when no idle timeout is set.
-pub(crate) struct Activity {
+/// Where one stream counts what it moves, as it moves it (metrics): bytes read from and
+/// written to its socket, and an open-streams gauge held up for the stream's life. The
+/// default counts nothing. Each count is one relaxed atomic add per chunk moved.
+#[derive(Debug, Default)]
+pub(crate) struct StreamCounters {
+    read: Option<prometheus::IntCounter>,
+    written: Option<prometheus::IntCounter>,
+    open: Option<prometheus::IntGauge>,
+}
+
+impl StreamCounters {
+    /// Counts into `read` and `written`, and holds `open` one higher until dropped.
+    pub(crate) fn new(
+        read: prometheus::IntCounter,
+        written: prometheus::IntCounter,
+        open: prometheus::IntGauge,
+    ) -> StreamCounters {
+        open.inc();
+        StreamCounters {
+            read: Some(read),
+            written: Some(written),
+            open: Some(open),
+        }
+    }
+}
+
+impl StreamCounters {
+    /// `n` bytes were read from the stream's socket.
+    pub(crate) fn read(&self, n: usize) {
+        if let Some(c) = &self.read {
+            c.inc_by(n as u64);
+        }
+    }
+
+    /// `n` bytes were written to the stream's socket.
+    pub(crate) fn written(&self, n: usize) {
+        if let Some(c) = &self.written {
+            c.inc_by(n as u64);
+        }
+    }
+}
+
+/// A socket whose reads and writes are counted into [`StreamCounters`] as they happen
+/// (for a plain copy, such as a static route's).
+pub(crate) struct Counted<'a, S> {
+    inner: &'a mut S,
+    counters: &'a StreamCounters,
+}
+
+impl<'a, S> Counted<'a, S> {
+    pub(crate) fn new(inner: &'a mut S, counters: &'a StreamCounters) -> Self {
+        Counted { inner, counters }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut *this.inner).poll_read(cx, buf);
+        this.counters.read(buf.filled().len() - before);
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut *this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = polled {
+            this.counters.written(n);
+        }
+        polled
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl Drop for StreamCounters {
+    fn drop(&mut self) {
+        if let Some(open) = &self.open {
+            open.dec();
+        }
+    }
+}
+
+/// What a stream's pumps report as bytes move: the counters, and when the stream last
+/// moved a byte either way, for the idle timeout (one clock read and one atomic store per
+/// chunk, and nothing at all when no idle timeout is set).
+pub(crate) struct Meter {
     limit: Option<Duration>,
     start: tokio::time::Instant,
     /// Milliseconds from `start` to the last byte moved.
     last: std::sync::atomic::AtomicU64,
+    counters: StreamCounters,
 }
 
-impl Activity {
-    pub(crate) fn new(limit: Option<Duration>) -> Activity {
-        Activity {
+impl Meter {
+    pub(crate) fn new(limit: Option<Duration>, counters: StreamCounters) -> Meter {
+        Meter {
             limit,
             start: tokio::time::Instant::now(),
             last: std::sync::atomic::AtomicU64::new(0),
+            counters,
         }
     }
 
-    /// Bytes moved just now.
-    pub(crate) fn touch(&self) {
+    /// `n` bytes were read from the socket (and sent on into the tunnel).
+    pub(crate) fn read(&self, n: usize) {
+        self.counters.read(n);
+        self.touch();
+    }
+
+    /// `n` bytes were written to the socket.
+    pub(crate) fn written(&self, n: usize) {
+        self.counters.written(n);
+        self.touch();
+    }
+
+    fn touch(&self) {
         if self.limit.is_some() {
             let ms = self.start.elapsed().as_millis() as u64;
             self.last.store(ms, std::sync::atomic::Ordering::Relaxed);
@@ -274,11 +394,15 @@ impl TunnelStream {
         self,
         tcp: TcpStream,
         limits: StreamLimits,
+        counters: StreamCounters,
     ) -> std::io::Result<(u64, u64)> {
+        let meter = Meter::new(limits.idle_timeout, counters);
         match self {
-            TunnelStream::H2(send, recv) => h2::splice::splice(tcp, send, recv, limits).await,
+            TunnelStream::H2(send, recv) => {
+                h2::splice::splice(tcp, send, recv, limits.send_timeout, &meter).await
+            }
             TunnelStream::Quic(send, recv, first) => {
-                quic::splice::splice(tcp, send, recv, first, limits).await
+                quic::splice::splice(tcp, send, recv, first, limits.send_timeout, &meter).await
             }
         }
     }
@@ -319,10 +443,18 @@ pub(crate) struct Refusal {
 }
 
 /// What the agent's end of a tunnel does with each stream: find and dial the backend for
-/// a name. Returns the connected backend and its address (for logs).
+/// a name.
 pub(crate) trait Backends: Send + Sync + 'static {
-    fn dial(&self, name: &str)
-        -> impl Future<Output = Result<(TcpStream, String), Refusal>> + Send;
+    fn dial(&self, name: &str) -> impl Future<Output = Result<Dialed, Refusal>> + Send;
+}
+
+/// A backend connected for one stream.
+pub(crate) struct Dialed {
+    pub(crate) stream: TcpStream,
+    /// Its address, for logs.
+    pub(crate) addr: String,
+    /// Where the stream counts its bytes.
+    pub(crate) counters: StreamCounters,
 }
 
 /// Why the agent could not connect to the proxy.

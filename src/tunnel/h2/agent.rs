@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 
 use super::{keepalive, splice, KeepaliveError, TunnelIo, CLIENT_ADDR_HEADER, ERROR_HEADER};
 use crate::tls::Credentials;
-use crate::tunnel::{Backends, ConnectError, Refusal, StreamLimits, TunnelError};
+use crate::tunnel::{Backends, ConnectError, Meter, Refusal, StreamLimits, TunnelError};
 
 type H2Conn = h2::server::Connection<TlsStream<TunnelIo>, Bytes>;
 
@@ -122,7 +122,7 @@ pub(crate) async fn serve_stream<B: Backends>(
             },
         );
     }
-    let (backend, addr) = match backends.dial(&name).await {
+    let dialed = match backends.dial(&name).await {
         Ok(dialed) => dialed,
         Err(refusal) => return refuse(&mut respond, refusal),
     };
@@ -130,8 +130,17 @@ pub(crate) async fn serve_stream<B: Backends>(
         Ok(send) => send,
         Err(e) => return debug!(error = %e, "stream gone before the answer"),
     };
-    debug!(host = %name, ?client, backend = addr, "stream open");
-    match splice::splice(backend, send, request.into_body(), limits).await {
+    debug!(host = %name, ?client, backend = dialed.addr, "stream open");
+    let meter = Meter::new(limits.idle_timeout, dialed.counters);
+    match splice::splice(
+        dialed.stream,
+        send,
+        request.into_body(),
+        limits.send_timeout,
+        &meter,
+    )
+    .await
+    {
         Ok((up, down)) => debug!(host = %name, to_backend = down, from_backend = up, "stream done"),
         Err(e) => debug!(host = %name, error = %e, "stream ended with an error"),
     }

@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::h2_io;
-use crate::tunnel::{read_some, within, Activity, StreamLimits};
+use crate::tunnel::{read_some, within, Meter};
 
 /// Bytes read from a socket per step. Only allocated once the socket is readable, so an
 /// idle stream holds no buffer. Large reads mean fewer wakeups of the connection task per
@@ -40,7 +40,7 @@ pub(crate) async fn send_all(send: &mut SendStream<Bytes>, mut bytes: Bytes) -> 
 pub(crate) async fn socket_to_stream(
     rd: &mut OwnedReadHalf,
     send: &mut SendStream<Bytes>,
-    activity: &Activity,
+    meter: &Meter,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     // Empty (unallocated) until the first read (see `read_some`).
@@ -53,7 +53,7 @@ pub(crate) async fn socket_to_stream(
             }
             n => {
                 total += n as u64;
-                activity.touch();
+                meter.read(n);
                 send_all(send, buf.split().freeze()).await?;
             }
         }
@@ -70,7 +70,7 @@ pub(crate) async fn stream_to_socket(
     recv: &mut RecvStream,
     wr: &mut OwnedWriteHalf,
     send_timeout: Duration,
-    activity: &Activity,
+    meter: &Meter,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut batch: Vec<Bytes> = Vec::new();
@@ -96,7 +96,7 @@ pub(crate) async fn stream_to_socket(
             }
         }
         write_all_vectored(wr, &batch, send_timeout).await?;
-        activity.touch();
+        meter.written(size);
         batch.clear();
         total += size as u64;
         recv.flow_control().release_capacity(size).map_err(h2_io)?;
@@ -137,13 +137,13 @@ pub(crate) async fn splice(
     tcp: tokio::net::TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
-    limits: StreamLimits,
+    send_timeout: Duration,
+    meter: &Meter,
 ) -> io::Result<(u64, u64)> {
     let (mut rd, mut wr) = tcp.into_split();
-    let activity = Activity::new(limits.idle_timeout);
-    let up = socket_to_stream(&mut rd, &mut send, &activity);
-    let down = stream_to_socket(&mut recv, &mut wr, limits.send_timeout, &activity);
-    let idle = activity.idle();
+    let up = socket_to_stream(&mut rd, &mut send, meter);
+    let down = stream_to_socket(&mut recv, &mut wr, send_timeout, meter);
+    let idle = meter.idle();
     tokio::pin!(up, down, idle);
     let (mut sent, mut received) = (None, None);
     while sent.is_none() || received.is_none() {

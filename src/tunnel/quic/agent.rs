@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 
 use super::{code, read_frame, splice, transport_config, udp_socket, Role, GOAWAY, HEADER_TIMEOUT};
 use crate::tls::Credentials;
-use crate::tunnel::{Backends, ConnectError, StreamLimits, TunnelError};
+use crate::tunnel::{Backends, ConnectError, Meter, StreamLimits, TunnelError};
 use crate::wire::stream::{Answer, StreamHeader};
 
 /// One stream the proxy opened, not yet answered.
@@ -121,7 +121,7 @@ pub(crate) async fn serve_stream<B: Backends>(
         }
     };
     let (name, client) = (header.name, header.client);
-    let (backend, addr) = match backends.dial(&name).await {
+    let dialed = match backends.dial(&name).await {
         Ok(dialed) => dialed,
         Err(refusal) => {
             warn!(host = %name, %client, status = refusal.status, reason = %refusal.reason, "stream refused");
@@ -137,8 +137,18 @@ pub(crate) async fn serve_stream<B: Backends>(
     if let Err(e) = send.write_all(&Answer::ok().encode()).await {
         return debug!(error = %e, "stream gone before the answer");
     }
-    debug!(host = %name, %client, backend = addr, "stream open");
-    match splice::splice(backend, send, recv, first, limits).await {
+    debug!(host = %name, %client, backend = dialed.addr, "stream open");
+    let meter = Meter::new(limits.idle_timeout, dialed.counters);
+    match splice::splice(
+        dialed.stream,
+        send,
+        recv,
+        first,
+        limits.send_timeout,
+        &meter,
+    )
+    .await
+    {
         Ok((up, down)) => debug!(host = %name, to_backend = down, from_backend = up, "stream done"),
         Err(e) => debug!(host = %name, error = %e, "stream ended with an error"),
     }

@@ -2,13 +2,14 @@
 //! used alike by the proxy (client socket) and the agent (backend socket).
 
 use std::io;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::io::AsyncWriteExt;
 
 use super::{code, IDLE_TIMEOUT};
-use crate::tunnel::{read_some, write_all_within, Activity, StreamLimits};
+use crate::tunnel::{read_some, write_all_within, Meter};
 
 /// Bytes read from a TCP socket per step, handed to quinn without another copy.
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
@@ -25,11 +26,10 @@ pub(crate) async fn splice(
     mut send: SendStream,
     mut recv: RecvStream,
     first: Bytes,
-    limits: StreamLimits,
+    send_timeout: Duration,
+    meter: &Meter,
 ) -> io::Result<(u64, u64)> {
     let (rd, mut wr) = tcp.into_split();
-    let send_timeout = limits.send_timeout;
-    let activity = Activity::new(limits.idle_timeout);
     let up = async {
         let mut total = 0u64;
         // Allocated only once the socket is readable, so an idle stream holds no buffer.
@@ -43,9 +43,11 @@ pub(crate) async fn splice(
                     let _ = tokio::time::timeout(IDLE_TIMEOUT, send.stopped()).await;
                     return Ok::<u64, io::Error>(total);
                 }
-                n => total += n as u64,
+                n => {
+                    total += n as u64;
+                    meter.read(n);
+                }
             }
-            activity.touch();
             send.write_chunk(buf.split().freeze())
                 .await
                 .map_err(io::Error::other)?;
@@ -54,12 +56,13 @@ pub(crate) async fn splice(
     let down = async {
         let mut total = first.len() as u64;
         write_all_within(&mut wr, &first, send_timeout).await?;
+        meter.written(first.len());
         loop {
             match recv.read_chunk(usize::MAX, true).await {
                 Ok(Some(chunk)) => {
                     total += chunk.bytes.len() as u64;
                     write_all_within(&mut wr, &chunk.bytes, send_timeout).await?;
-                    activity.touch();
+                    meter.written(chunk.bytes.len());
                 }
                 Ok(None) => {
                     wr.shutdown().await?;
@@ -70,7 +73,7 @@ pub(crate) async fn splice(
         }
     };
     let result = {
-        let idle = activity.idle();
+        let idle = meter.idle();
         tokio::pin!(up, down, idle);
         let (mut sent, mut received) = (None, None);
         loop {

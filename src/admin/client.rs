@@ -1,0 +1,200 @@
+//! The client side of the admin listener, for `revproxy status`, `revproxy-agent status`
+//! and `revproxy-agent ready`: one GET, bounded in time and size.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+
+/// Time allowed for the whole request: connect, ask, read the answer.
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest answer read.
+const MAX_ANSWER: usize = 16 * 1024 * 1024;
+
+/// Why an admin request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminClientError {
+    #[error("cannot reach the admin listener at {addr}: {reason} (is the program running with --admin {addr}?)")]
+    Unreachable { addr: String, reason: String },
+    #[error("the admin listener at {addr} did not answer within {TIMEOUT:?}")]
+    Timeout { addr: String },
+}
+
+/// GETs `path` from the admin listener at `addr` (`host:port`); returns the status and
+/// the body.
+pub async fn get(addr: &str, path: &str) -> Result<(StatusCode, String), AdminClientError> {
+    let unreachable = |reason: String| AdminClientError::Unreachable {
+        addr: addr.to_string(),
+        reason,
+    };
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let request = Request::get(path)
+            .header(http::header::HOST, addr)
+            .body(Empty::<Bytes>::new())
+            .expect("valid request");
+        let exchange = async move {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| unreachable(format!("reading the answer failed: {e}")))?
+                .to_bytes();
+            Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        };
+        let (answer, _) = tokio::join!(exchange, conn);
+        answer
+    };
+    tokio::time::timeout(TIMEOUT, attempt)
+        .await
+        .map_err(|_| AdminClientError::Timeout {
+            addr: addr.to_string(),
+        })?
+}
+
+/// A readable report of a `/status` document, the proxy's or the agent's.
+pub fn report(status: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let time = |v: &serde_json::Value| v.as_i64().map_or("-".into(), crate::runtime::rfc3339);
+    let list = |v: &serde_json::Value| {
+        v.as_array()
+            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| "-".into())
+    };
+    let empty = Vec::new();
+    let items = |v: &serde_json::Value| v.as_array().unwrap_or(&empty).clone();
+    let mut out = String::new();
+    if status["role"] == "agent" {
+        let _ = writeln!(
+            out,
+            "agent {} ({}) -> proxy {}, transport {}, certificate {} valid until {}",
+            s(&status["agent"]),
+            s(&status["identity"]),
+            s(&status["server"]),
+            s(&status["transport"]),
+            s(&status["certificate"]["serial"]),
+            time(&status["certificate"]["not_after"]),
+        );
+        let _ = writeln!(out, "\n{:<10}  {:<9}  SINCE", "TUNNEL", "TRANSPORT");
+        let tunnels = items(&status["tunnels"]);
+        if tunnels.is_empty() {
+            let _ = writeln!(out, "(no tunnel is up)");
+        }
+        for t in tunnels {
+            let state = if t["draining"] == true {
+                "draining"
+            } else {
+                "up"
+            };
+            let _ = writeln!(
+                out,
+                "{:<10}  {:<9}  {}",
+                state,
+                s(&t["transport"]),
+                time(&t["since"])
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n{:<30}  {:<22}  {:>6}  {:>14}  {:>14}",
+            "SERVICE", "BACKEND", "OPEN", "TO BACKEND", "FROM BACKEND"
+        );
+        for v in items(&status["services"]) {
+            let _ = writeln!(
+                out,
+                "{:<30}  {:<22}  {:>6}  {:>14}  {:>14}",
+                s(&v["name"]),
+                s(&v["to"]),
+                s(&v["open_streams"]),
+                s(&v["sent_bytes"]),
+                s(&v["received_bytes"]),
+            );
+        }
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "proxy {} running since {}, {}",
+        s(&status["version"]),
+        time(&status["started"]),
+        if status["ready"] == true {
+            "ready"
+        } else {
+            "not ready"
+        }
+    );
+    let _ = writeln!(
+        out,
+        "\n{:<20}  {:<9}  {:<5}  {:<22}  {:<20}  {:<20}  NAMES",
+        "AGENT", "TUNNEL", "VIA", "FROM", "SINCE", "CERT EXPIRES"
+    );
+    for a in items(&status["agents"]) {
+        let tunnels = items(&a["tunnels"]);
+        if tunnels.is_empty() {
+            let _ = writeln!(
+                out,
+                "{:<20}  {:<9}  {:<5}  {:<22}  {:<20}  {:<20}  {}",
+                s(&a["agent"]),
+                "offline",
+                "-",
+                "-",
+                "-",
+                time(&a["certificate_expires"]),
+                list(&a["granted"]),
+            );
+        }
+        for t in tunnels {
+            let state = if t["draining"] == true {
+                "draining"
+            } else {
+                "up"
+            };
+            let _ = writeln!(
+                out,
+                "{:<20}  {:<9}  {:<5}  {:<22}  {:<20}  {:<20}  {}",
+                s(&a["agent"]),
+                state,
+                s(&t["transport"]),
+                s(&t["peer"]),
+                time(&t["since"]),
+                time(&t["not_after"]),
+                list(&t["names"]),
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<30}  {:<24}  {:>7}  {:>6}  {:>14}  {:>14}",
+        "NAME", "SERVED BY", "TUNNELS", "OPEN", "IN", "OUT"
+    );
+    for n in items(&status["names"]) {
+        let _ = writeln!(
+            out,
+            "{:<30}  {:<24}  {:>7}  {:>6}  {:>14}  {:>14}",
+            s(&n["name"]),
+            s(&n["served_by"]),
+            s(&n["tunnels"]),
+            s(&n["open_streams"]),
+            s(&n["received_bytes"]),
+            s(&n["sent_bytes"]),
+        );
+    }
+    out
+}

@@ -1,0 +1,223 @@
+//! The admin listener of both programs: `/metrics` (Prometheus text format), `/healthz`
+//! (the process runs), `/ready`, `/status` (JSON) and `/` (a small status page, one file
+//! with no external assets, that draws `/status`).
+//!
+//! What it shows comes from a [`View`] (the proxy's or the agent's). On loopback it is
+//! plain HTTP; anywhere else the proxy serves it over TLS and admits only clients with an
+//! operator certificate from its CA (`tls.rs`), and the agent refuses to start. Requests
+//! whose `Host` is not the listener's own address or `localhost` are refused, so a web
+//! page in an operator's browser cannot read it through DNS rebinding.
+
+pub mod client;
+pub(crate) mod metrics;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::runtime::shutdown::Trigger;
+
+/// Admin connections served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 32;
+/// Time allowed for a request head (and for a kept-alive connection to send the next).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a TLS handshake on a non-loopback admin listener may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on a request head.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// The status page.
+const PAGE: &str = include_str!("page.html");
+
+/// What a program shows on its admin listener.
+pub(crate) trait View: Send + Sync + 'static {
+    /// The Prometheus text exposition.
+    fn metrics(&self) -> String;
+    /// The status document.
+    fn status(&self) -> serde_json::Value;
+    /// `Ok` when ready for traffic, else why not.
+    fn ready(&self) -> Result<(), String>;
+}
+
+/// Serves `view` on `listener` until `stop` fires. With `tls`, every connection must
+/// complete that TLS handshake (which demands an operator certificate) first.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    view: Arc<dyn View>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    stop: Trigger,
+) {
+    let Ok(local) = listener.local_addr() else {
+        return;
+    };
+    info!(addr = %local, tls = tls.is_some(), "admin listener ready");
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut tasks = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Waiting here leaves further connections in the backlog.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let (view, tls, stop) = (view.clone(), tls.clone(), stop.clone());
+        tasks.spawn(async move {
+            let conn = connection(tcp, peer, local, view, tls);
+            tokio::select! {
+                () = conn => {}
+                () = stop.cancelled() => {}
+            }
+            drop(permit);
+        });
+    }
+    tasks.abort_all();
+}
+
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    view: Arc<dyn View>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
+    let service = hyper::service::service_fn(move |req| {
+        let view = view.clone();
+        async move { Ok::<_, Infallible>(answer(view.as_ref(), local, &req)) }
+    });
+    let builder = {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(HEAD_TIMEOUT)
+            .max_buf_size(MAX_HEAD);
+        b
+    };
+    let served = match tls {
+        None => builder.serve_connection(TokioIo::new(tcp), service).await,
+        Some(config) => {
+            let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+                Ok(Ok(stream)) => {
+                    builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                }
+                Ok(Err(e)) => return warn!(%peer, error = %e, "admin client refused"),
+                Err(_) => return debug!(%peer, "admin TLS handshake timed out"),
+            }
+        }
+    };
+    if let Err(e) = served {
+        debug!(%peer, error = %e, "admin connection ended with an error");
+    }
+}
+
+/// The answer to one request.
+fn answer(view: &dyn View, local: SocketAddr, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if !host_is_ours(req, local) {
+        return text(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this admin listener answers only to its own address or localhost\n".into(),
+        );
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
+    }
+    match req.uri().path() {
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            view.metrics(),
+        ),
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/ready" => match view.ready() {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        "/status" => respond(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(&view.status()).expect("status serializes") + "\n",
+        ),
+        "/" => {
+            let mut page = respond(StatusCode::OK, "text/html; charset=utf-8", PAGE.into());
+            let headers = page.headers_mut();
+            headers.insert(
+                header::CONTENT_SECURITY_POLICY,
+                http::HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                     connect-src 'self'; frame-ancestors 'none'; base-uri 'none'",
+                ),
+            );
+            page
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "no such page; try /, /status, /metrics, /ready or /healthz\n".into(),
+        ),
+    }
+}
+
+/// Whether the request names this listener: its own address, or `localhost` (any port).
+fn host_is_ours(req: &Request<Incoming>, local: SocketAddr) -> bool {
+    let Some(host) = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+    else {
+        return false;
+    };
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip == local.ip() || (ip.is_loopback() && local.ip().is_loopback()))
+        || (!local.ip().is_loopback() && name.parse::<std::net::IpAddr>().is_err())
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    respond(status, "text/plain; charset=utf-8", body)
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, "no-store")
+        .header("x-content-type-options", "nosniff")
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}
+
+/// Whether an admin listener on `addr` may serve plain HTTP: loopback only.
+pub(crate) fn is_local(addr: SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}

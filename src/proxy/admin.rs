@@ -1,0 +1,107 @@
+//! What the proxy shows on its admin listener (`crate::admin` serves it): metrics, the
+//! status document, readiness.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::Shared;
+
+/// The proxy's [`crate::admin::View`].
+pub(super) struct ProxyView(pub(super) Arc<Shared>);
+
+impl crate::admin::View for ProxyView {
+    fn metrics(&self) -> String {
+        let shared = &self.0;
+        shared.metrics.render(&shared.registry, &shared.state.get())
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.0.ready.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("not serving (starting or shutting down)".into())
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let shared = &self.0;
+        let state = shared.state.get();
+        let tunnels = shared.registry.snapshot();
+
+        // Every agent on record with a grant or a tunnel, and its tunnels.
+        let mut agents: BTreeMap<String, Vec<serde_json::Value>> = state
+            .grants
+            .keys()
+            .map(|agent| (agent.clone(), Vec::new()))
+            .collect();
+        for (t, hosts, draining) in &tunnels {
+            agents.entry(t.agent.clone()).or_default().push(json!({
+                "id": t.id,
+                "transport": t.transport(),
+                "peer": t.peer.to_string(),
+                "since": t.since,
+                "serial": t.serial,
+                "not_after": t.not_after,
+                "draining": draining,
+                "names": hosts,
+            }));
+        }
+        let agents: Vec<_> = agents
+            .into_iter()
+            .map(|(agent, tunnels)| {
+                json!({
+                    "agent": agent,
+                    "certificate_expires": state.expiry.get(&agent),
+                    "granted": state.grants.get(&agent).cloned().unwrap_or_default(),
+                    "tunnels": tunnels,
+                })
+            })
+            .collect();
+
+        // Every name that can be served: granted to an agent, or a static route.
+        let mut names: BTreeMap<String, &str> = BTreeMap::new();
+        for pattern in state.grants.values().flatten() {
+            names.insert(pattern.clone(), "agent");
+        }
+        for name in shared.routes.keys() {
+            names.entry(name.clone()).or_insert("route");
+        }
+        let names: Vec<_> = names
+            .into_iter()
+            .map(|(name, by)| {
+                let live = tunnels
+                    .iter()
+                    .filter(|(_, hosts, draining)| !draining && hosts.contains(&name))
+                    .count();
+                let (open, received, sent) = shared.metrics.name_counts(&name);
+                json!({
+                    "name": name,
+                    "served_by": if by == "route" { format!("route to {}", shared.routes[&name]) } else { "agent".to_string() },
+                    "tunnels": live,
+                    "open_streams": open,
+                    "received_bytes": received,
+                    "sent_bytes": sent,
+                })
+            })
+            .collect();
+
+        let listeners: Vec<_> = shared
+            .listeners
+            .iter()
+            .map(|(address, protocol)| json!({ "address": address, "protocol": protocol }))
+            .collect();
+        json!({
+            "role": "proxy",
+            "version": env!("CARGO_PKG_VERSION"),
+            "started": shared.started,
+            "now": time::OffsetDateTime::now_utc().unix_timestamp(),
+            "ready": self.ready().is_ok(),
+            "agents": agents,
+            "names": names,
+            "listeners": listeners,
+        })
+    }
+}

@@ -1,0 +1,265 @@
+//! What the proxy counts, for `/metrics` on the admin listener (Prometheus text format).
+//!
+//! Counters on the data path are taken once per connection (a label lookup) and then
+//! moved with one relaxed atomic add per chunk, so byte counts move while a stream is
+//! open. Label values come only from bounded sets: listener addresses and route names from
+//! the configuration, agent names and granted name patterns from the CA state, and fixed
+//! reasons. A client's own SNI or `Host` never becomes a label (a wildcard grant is counted
+//! under its pattern, `*.example.com`).
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Registry,
+};
+
+use super::registry::Registry as Tunnels;
+use super::state::Snapshot;
+use crate::admin::metrics::{counter, encode, gauge, register_process};
+use crate::tunnel::StreamCounters;
+
+/// Why a public connection was not routed (the `reason` label).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Refused {
+    /// No agent is granted the name and no static route has it.
+    NoRoute,
+    /// An agent is granted the name but none is connected.
+    Offline,
+    /// Every agent that could serve it failed to open a stream in time.
+    Unavailable,
+    /// A TLS client that sent no server name.
+    NoServerName,
+    /// Nothing to route on arrived within the peek timeout.
+    PeekTimeout,
+    /// The first bytes were neither a usable ClientHello nor an HTTP request head.
+    BadHead,
+    /// The client closed before saying where to go.
+    ClientClosed,
+    /// Its source address holds its share of connections.
+    SourceLimit,
+    /// The listener holds its most connections.
+    ConnectionLimit,
+    /// A static route's backend did not accept.
+    BackendDown,
+}
+
+impl Refused {
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Refused::NoRoute => "no_route",
+            Refused::Offline => "offline",
+            Refused::Unavailable => "unavailable",
+            Refused::NoServerName => "no_server_name",
+            Refused::PeekTimeout => "peek_timeout",
+            Refused::BadHead => "bad_head",
+            Refused::ClientClosed => "client_closed",
+            Refused::SourceLimit => "source_limit",
+            Refused::ConnectionLimit => "connection_limit",
+            Refused::BackendDown => "backend_down",
+        }
+    }
+}
+
+/// Every metric of the proxy.
+pub(super) struct ProxyMetrics {
+    registry: Registry,
+    accepted: IntCounterVec,
+    routed: IntCounterVec,
+    refused: IntCounterVec,
+    open_seconds: HistogramVec,
+    received: IntCounterVec,
+    sent: IntCounterVec,
+    open_streams: IntGaugeVec,
+    tunnels: IntGaugeVec,
+    tunnel_connects: IntCounterVec,
+    tunnel_disconnects: IntCounterVec,
+    tunnel_refusals: IntCounterVec,
+    enrollments: IntCounterVec,
+    renewals: IntCounterVec,
+    revocations: IntCounter,
+    cert_expiry: IntGaugeVec,
+}
+
+/// Seconds to open a stream: from a millisecond on loopback to the 15 s open deadline.
+const OPEN_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 15.0,
+];
+
+impl ProxyMetrics {
+    pub(super) fn new() -> ProxyMetrics {
+        let registry = Registry::new();
+        register_process(&registry);
+        let r = &registry;
+        let open_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "revproxy_stream_open_seconds",
+                "Time from asking an agent for a stream to its answer, by transport.",
+            )
+            .buckets(OPEN_BUCKETS.to_vec()),
+            &["transport"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(open_seconds.clone()))
+            .expect("registered once");
+        let revocations = IntCounter::new(
+            "revproxy_revocations_total",
+            "Certificates this proxy saw revoked while running.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(revocations.clone()))
+            .expect("registered once");
+        ProxyMetrics {
+            accepted: counter(
+                r,
+                "revproxy_connections_accepted_total",
+                "Public connections accepted, by listener address.",
+                &["listener"],
+            ),
+            routed: counter(
+                r,
+                "revproxy_connections_routed_total",
+                "Public connections joined to a backend, by the name pattern that routed them.",
+                &["host"],
+            ),
+            refused: counter(
+                r,
+                "revproxy_connections_refused_total",
+                "Public connections not routed, by reason.",
+                &["reason"],
+            ),
+            open_seconds,
+            received: counter(
+                r,
+                "revproxy_received_bytes_total",
+                "Bytes received from public clients, by name pattern; moves while streams are open.",
+                &["host"],
+            ),
+            sent: counter(
+                r,
+                "revproxy_sent_bytes_total",
+                "Bytes sent to public clients, by name pattern; moves while streams are open.",
+                &["host"],
+            ),
+            open_streams: gauge(
+                r,
+                "revproxy_open_streams",
+                "Public connections joined to a backend right now, by name pattern.",
+                &["host"],
+            ),
+            tunnels: gauge(
+                r,
+                "revproxy_tunnels",
+                "Tunnels up, by agent and transport (draining ones included).",
+                &["agent", "transport"],
+            ),
+            tunnel_connects: counter(
+                r,
+                "revproxy_tunnel_connects_total",
+                "Tunnels registered, by transport.",
+                &["transport"],
+            ),
+            tunnel_disconnects: counter(
+                r,
+                "revproxy_tunnel_disconnects_total",
+                "Tunnels ended, by reason: agent (closed by the agent or lost), revoked, expired, shutdown.",
+                &["reason"],
+            ),
+            tunnel_refusals: counter(
+                r,
+                "revproxy_tunnel_refusals_total",
+                "Tunnels refused after their handshake, by reason.",
+                &["reason"],
+            ),
+            enrollments: counter(
+                r,
+                "revproxy_enrollments_total",
+                "Enrollment requests, by outcome (ok, or the error code answered).",
+                &["outcome"],
+            ),
+            renewals: counter(
+                r,
+                "revproxy_renewals_total",
+                "Renewal requests, by outcome (ok, or the error code answered).",
+                &["outcome"],
+            ),
+            revocations,
+            cert_expiry: gauge(
+                r,
+                "revproxy_agent_certificate_expiry_timestamp_seconds",
+                "Latest expiry among each agent's valid certificates, Unix seconds.",
+                &["agent"],
+            ),
+            registry,
+        }
+    }
+
+    pub(super) fn accepted(&self, listener: &str) -> IntCounter {
+        self.accepted.with_label_values(&[listener])
+    }
+
+    pub(super) fn refused(&self, reason: Refused) -> IntCounter {
+        self.refused.with_label_values(&[reason.label()])
+    }
+
+    /// A connection routed under `pattern`: counts it, and returns where its stream counts
+    /// its bytes (received from the client = read from its socket).
+    pub(super) fn routed(&self, pattern: &str) -> StreamCounters {
+        self.routed.with_label_values(&[pattern]).inc();
+        StreamCounters::new(
+            self.received.with_label_values(&[pattern]),
+            self.sent.with_label_values(&[pattern]),
+            self.open_streams.with_label_values(&[pattern]),
+        )
+    }
+
+    /// Open streams, bytes received and bytes sent so far under `pattern`.
+    pub(super) fn name_counts(&self, pattern: &str) -> (i64, u64, u64) {
+        (
+            self.open_streams.with_label_values(&[pattern]).get(),
+            self.received.with_label_values(&[pattern]).get(),
+            self.sent.with_label_values(&[pattern]).get(),
+        )
+    }
+
+    pub(super) fn open_time(&self, transport: &str) -> Histogram {
+        self.open_seconds.with_label_values(&[transport])
+    }
+
+    pub(super) fn tunnel_up(&self, transport: &str) {
+        self.tunnel_connects.with_label_values(&[transport]).inc();
+    }
+
+    pub(super) fn tunnel_down(&self, reason: &str) {
+        self.tunnel_disconnects.with_label_values(&[reason]).inc();
+    }
+
+    pub(super) fn tunnel_refused(&self, reason: &str) {
+        self.tunnel_refusals.with_label_values(&[reason]).inc();
+    }
+
+    pub(super) fn enrollment(&self, outcome: &str) {
+        self.enrollments.with_label_values(&[outcome]).inc();
+    }
+
+    pub(super) fn renewal(&self, outcome: &str) {
+        self.renewals.with_label_values(&[outcome]).inc();
+    }
+
+    pub(super) fn revoked(&self, count: usize) {
+        self.revocations.inc_by(count as u64);
+    }
+
+    /// The text exposition, with the gauges read from the live tunnels and the state
+    /// just now.
+    pub(super) fn render(&self, tunnels: &Tunnels, state: &Snapshot) -> String {
+        self.tunnels.reset();
+        for (agent, transport, count) in tunnels.counts() {
+            self.tunnels
+                .with_label_values(&[&agent, transport])
+                .set(count as i64);
+        }
+        self.cert_expiry.reset();
+        for (agent, not_after) in &state.expiry {
+            self.cert_expiry.with_label_values(&[agent]).set(*not_after);
+        }
+        encode(&self.registry)
+    }
+}
