@@ -405,3 +405,201 @@ fn a_state_directory_others_can_write_is_refused() {
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
     assert!(run(PROXY, &["token", "list"], &state).status.success());
 }
+
+/// A running program whose stderr is read line by line in the background.
+struct Logged {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Logged {
+    fn start(bin: &str, args: &[&str], state: &Path) -> Logged {
+        let mut child = Command::new(bin)
+            .args(args)
+            .env("REVPROXY_STATE", state)
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Logged { child, lines }
+    }
+
+    /// Waits (bounded) for a JSON log line whose message is `message`; every line before
+    /// it must be JSON too.
+    fn json_line(&self, message: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no log line {message:?} within 10 s"));
+            let event: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+            for field in ["timestamp", "level", "message", "target"] {
+                assert!(event.get(field).is_some(), "no {field} in {line}");
+            }
+            if event["message"] == message {
+                return event;
+            }
+        }
+    }
+}
+
+/// Runs `bin args` until it exits with `code`, at most 10 s; returns its last output.
+fn until_exit(bin: &str, args: &[&str], code: i32) -> Output {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = Command::new(bin).args(args).output().unwrap();
+        if out.status.code() == Some(code) {
+            return out;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{bin} {args:?} did not exit {code}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The operator's view from the command line: JSON logs that parse line by line,
+/// `revproxy status` and `revproxy-agent status` from the admin listeners, and
+/// `revproxy-agent ready` as an exec probe whose exit status follows the tunnel.
+#[test]
+fn status_ready_and_json_logs_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let proxy_state = tmp.path().join("proxy");
+    assert!(run(PROXY, &["ca", "init"], &proxy_state).status.success());
+    let args = [
+        "serve",
+        "--agents",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ];
+    let proxy = Logged::start(PROXY, &args, &proxy_state);
+    let agents = proxy.json_line("agent listener ready")["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let admin = proxy.json_line("admin listener ready")["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let token = stdout(&run(
+        PROXY,
+        &[
+            "token",
+            "create",
+            "--name",
+            "web-1",
+            "--host",
+            "app.example.com",
+            "--server",
+            &agents,
+        ],
+        &proxy_state,
+    ));
+    let agent_state = tmp.path().join("agent");
+    assert!(
+        run(AGENT, &["enroll", "--token", token.trim()], &agent_state)
+            .status
+            .success()
+    );
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let map = format!("app.example.com={}", backend.local_addr().unwrap());
+    let agent = Logged::start(
+        AGENT,
+        &[
+            "run",
+            "--map",
+            &map,
+            "--admin",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ],
+        &agent_state,
+    );
+    let agent_admin = agent.json_line("admin listener ready")["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let up = agent.json_line("tunnel up");
+    assert_eq!(up["span"]["transport"], "h2", "{up}");
+
+    let ready = until_exit(AGENT, &["ready", "--admin", &agent_admin], 0);
+    assert_eq!(stdout(&ready).trim(), "ready");
+
+    let status = until_exit(PROXY, &["status", "--admin", &admin], 0);
+    let text = stdout(&status);
+    assert!(
+        text.contains("web-1") && text.contains("app.example.com"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("web-1") && l.contains(" up ")),
+        "{text}"
+    );
+    let json = until_exit(PROXY, &["status", "--admin", &admin, "--json"], 0);
+    let doc: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(doc["agents"][0]["agent"], "web-1");
+    assert_eq!(doc["agents"][0]["tunnels"][0]["transport"], "h2");
+    let agent_status = until_exit(AGENT, &["status", "--admin", &agent_admin], 0);
+    assert!(
+        stdout(&agent_status).contains("app.example.com"),
+        "{}",
+        stdout(&agent_status)
+    );
+
+    // The proxy goes away: the probe fails, and says why.
+    drop(proxy);
+    let not_ready = until_exit(AGENT, &["ready", "--admin", &agent_admin], 1);
+    assert!(
+        stderr(&not_ready).contains("no tunnel"),
+        "{}",
+        stderr(&not_ready)
+    );
+    // Nothing listening at all.
+    let nobody = Command::new(AGENT)
+        .args(["ready", "--admin", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(nobody.status.code(), Some(1));
+    assert!(
+        stderr(&nobody).contains("cannot reach"),
+        "{}",
+        stderr(&nobody)
+    );
+    drop(agent);
+
+    // The admin listener is for loopback only.
+    let public = run(
+        PROXY,
+        &["serve", "--agents", "127.0.0.1:0", "--admin", "0.0.0.0:0"],
+        &proxy_state,
+    );
+    assert_eq!(public.status.code(), Some(2), "{}", stderr(&public));
+    assert!(stderr(&public).contains("loopback"), "{}", stderr(&public));
+}

@@ -127,7 +127,7 @@ pub enum ProxyError {
     },
     #[error("the admin listener {0} is not on a loopback address; bind it to 127.0.0.1 or ::1 (the admin listener has no authentication)")]
     AdminNotLocal(SocketAddr),
-    #[error("listener error: {0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

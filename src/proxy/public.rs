@@ -97,9 +97,9 @@ pub(super) async fn serve(
     let outcome = access.outcome;
     let (up, down) = (access.up, access.down);
     if shared.access_log {
-        info!(target: "revproxy::access", conn = %id, %peer, host, agent = by, outcome, up, down, ms, "connection");
+        info!(target: "revproxy::access", conn = %id, %peer, host = %host, agent = %by, outcome = %outcome, up, down, ms, "connection");
     } else {
-        debug!(target: "revproxy::access", conn = %id, %peer, host, agent = by, outcome, up, down, ms, "connection");
+        debug!(target: "revproxy::access", conn = %id, %peer, host = %host, agent = %by, outcome = %outcome, up, down, ms, "connection");
     }
 }
 
@@ -230,7 +230,7 @@ async fn handle(
                 // The peeked bytes went out with the open request.
                 counters.read(peeked.len());
                 let moved = match stream.splice(tcp, shared.stream_limits, counters).await {
-                    Ok(moved) => Some(moved),
+                    Ok((up, down)) => Some((up + peeked.len() as u64, down)),
                     Err(e) => {
                         debug!(%peer, conn = %id, host = %name, error = %e, "stream ended with an error");
                         None

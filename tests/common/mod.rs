@@ -156,8 +156,18 @@ impl TestProxy {
 
     /// Stops the proxy and starts a new one on the same ports and state.
     pub async fn restart(&mut self) {
+        self.pause().await;
+        self.resume().await;
+    }
+
+    /// Stops the proxy (its ports close; [`Self::resume`] starts it again).
+    pub async fn pause(&mut self) {
         self.shutdown.take().unwrap().send(()).ok();
         self.task.take().unwrap().await.unwrap();
+    }
+
+    /// Starts a proxy again on the same ports and state after [`Self::pause`].
+    pub async fn resume(&mut self) {
         let listeners = [
             bind(&self.addr.to_string()).await,
             bind(&self.sni.to_string()).await,
@@ -583,4 +593,65 @@ pub async fn tls_to_agent_port(
     tokio_rustls::TlsConnector::from(config.clone())
         .connect("localhost".try_into().unwrap(), tcp)
         .await
+}
+
+/// A listener on a loopback port the kernel picks, for an admin listener.
+pub fn local_listener() -> (tokio::net::TcpListener, SocketAddr) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    (tokio::net::TcpListener::from_std(listener).unwrap(), addr)
+}
+
+/// `GET path` on an admin listener: (status, body).
+pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (status, body) = revproxy::admin::client::get(&addr.to_string(), path)
+        .await
+        .unwrap();
+    (status.as_u16(), body)
+}
+
+/// The value of the sample `name{labels}` (labels exactly as exposed, e.g.
+/// `host="app.example.com"`, or empty) in a Prometheus text exposition.
+pub fn sample(exposition: &str, name: &str, labels: &str) -> Option<f64> {
+    let key = if labels.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    exposition.lines().find_map(|line| {
+        let (k, v) = line.rsplit_once(' ')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    })
+}
+
+/// Waits (bounded, looking every 20 ms) until `check` holds; panics with `what` if not.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Makes sure a program the test drives is installed (`scripts/test-tools.sh` installs
+/// what is missing) and returns its name.
+pub fn tool(name: &str) -> &str {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-tools.sh");
+        let status = std::process::Command::new("bash")
+            .arg(script)
+            .status()
+            .expect("run scripts/test-tools.sh");
+        assert!(status.success(), "scripts/test-tools.sh failed");
+    });
+    name
 }

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs the third-party programs the test suite drives, if they are missing:
+#   promtool (Debian's `prometheus`): checks the /metrics exposition with Prometheus' parser
+#   chromium (Debian's `chromium`):   renders the admin status page headless
+# Safe to run again and from several processes at once (one installs, the others wait).
+# Needs root and Debian's package registry; prints what it does on stderr.
+set -euo pipefail
+
+need=()
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+[ ${#need[@]} -eq 0 ] && exit 0
+
+exec 9>/tmp/revproxy-test-tools.lock
+flock 9
+# Another process may have installed them while we waited.
+need=()
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+[ ${#need[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "test-tools: ${need[*]} missing; run this script as root (sudo $0)" >&2
+    exit 1
+fi
+echo "test-tools: installing ${need[*]} from Debian's packages" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >&2
+apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
