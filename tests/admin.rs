@@ -447,10 +447,8 @@ async fn the_admin_listener_refuses_foreign_hosts_other_methods_and_public_addre
     assert!(!foreign.contains("agents"), "{foreign}");
     let post = raw(format!("POST /status HTTP/1.1\r\nhost: {admin_addr}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")).await;
     assert!(post.starts_with("HTTP/1.1 405"), "{post}");
-    let page = raw(format!(
-        "GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
-    ))
-    .await;
+    let page =
+        raw("GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n".to_string()).await;
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert!(
         page.to_lowercase()
