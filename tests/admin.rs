@@ -77,15 +77,6 @@ async fn byte_counters_move_while_a_long_transfer_is_open(t: Transport) {
         // The stream is still open: the client has not closed, the backend never stops.
         let (_, proxy_metrics) = admin_get(admin_addr, "/metrics").await;
         let (_, agent_metrics) = admin_get(agent_admin_addr, "/metrics").await;
-        let (_, proxy_before) = admin_get(admin_addr, "/metrics").await;
-        assert_eq!(
-            sample(
-                &proxy_before,
-                "revproxy_tunnels",
-                r#"agent="web-1",transport="h2""#
-            ),
-            Some(1.0)
-        );
         let sent = sample(&proxy_metrics, "revproxy_sent_bytes_total", host).unwrap();
         let from_backend = sample(
             &agent_metrics,
@@ -424,10 +415,10 @@ async fn ready_follows_the_agents_tunnel() {
     eventually("the agent is ready again", || ready(200)).await;
 }
 
-/// What the admin listener will not do: answer for another host name (DNS rebinding),
-/// take anything but GET, or listen beyond loopback.
+/// What the admin listener will not do on loopback: answer for another host name (DNS
+/// rebinding) or take anything but GET; its page loads nothing from elsewhere.
 #[tokio::test]
-async fn the_admin_listener_refuses_foreign_hosts_other_methods_and_public_addresses() {
+async fn the_admin_listener_refuses_foreign_hosts_and_other_methods() {
     let (admin, admin_addr) = local_listener();
     let proxy = TestProxy::start_with(|b| b.admin_listener(admin)).await;
     let raw = |request: String| async move {
@@ -462,16 +453,9 @@ async fn the_admin_listener_refuses_foreign_hosts_other_methods_and_public_addre
     let missing = admin_get(admin_addr, "/nope").await;
     assert_eq!(missing.0, 404);
 
-    let public = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
-    public.set_nonblocking(true).unwrap();
-    let err = revproxy::Proxy::builder(proxy.dir.path())
-        .agent_listener(TcpListener::bind("127.0.0.1:0").await.unwrap())
-        .without_quic()
-        .admin_listener(TcpListener::from_std(public).unwrap())
-        .build()
-        .err()
-        .expect("refused");
-    assert!(err.to_string().contains("loopback"), "{err}");
+    // Beyond loopback it is TLS for operators only: see
+    // `beyond_loopback_only_operator_certificates_get_in`.
+    drop(proxy);
 }
 
 /// The status page, drawn by a real browser: the connected agent, its transport and its
@@ -573,4 +557,134 @@ async fn the_access_log_has_one_line_per_connection() {
     let refused = log_line(&mut logs, "revproxy::access").await;
     assert!(refused.contains("host=nowhere.example.com"), "{refused}");
     assert!(refused.contains("outcome=no_route"), "{refused}");
+}
+
+/// Writes an operator certificate for `name` from `proxy`'s CA into a new directory, as
+/// `revproxy operator create` does.
+fn operator_dir(proxy: &TestProxy, name: &str) -> tempfile::TempDir {
+    use revproxy::admin::client::{OPERATOR_CA_FILE, OPERATOR_CERT_FILE, OPERATOR_KEY_FILE};
+    let issued = proxy
+        .ca
+        .create_operator(
+            name,
+            Duration::from_secs(3600),
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(OPERATOR_CERT_FILE), &issued.cert_pem).unwrap();
+    std::fs::write(dir.path().join(OPERATOR_KEY_FILE), &issued.key_pem).unwrap();
+    std::fs::write(dir.path().join(OPERATOR_CA_FILE), &issued.ca_pem).unwrap();
+    dir
+}
+
+/// Beyond loopback the admin listener speaks TLS and lets in operator certificates the
+/// CA issued and nobody revoked: not plain HTTP, not a client without a certificate, not
+/// an agent's certificate (same CA), not a revoked operator. curl, as an operator's
+/// scraper would, gets in with the operator's files.
+#[tokio::test]
+async fn beyond_loopback_only_operator_certificates_get_in() {
+    let public = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    public.set_nonblocking(true).unwrap();
+    let port = public.local_addr().unwrap().port();
+    let proxy =
+        TestProxy::start_with(|b| b.admin_listener(TcpListener::from_std(public).unwrap())).await;
+    let url = format!("https://127.0.0.1:{port}");
+    let alice = operator_dir(&proxy, "alice");
+
+    let target = revproxy::admin::client::Target::new(&url, Some(alice.path())).unwrap();
+    let (status, body) = revproxy::admin::client::get_from(&target, "/status")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""role": "proxy""#), "{body}");
+
+    // Off the test's thread: the proxy runs on it.
+    let curl = |args: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("curl")
+                .args(["-sS", "--max-time", "10"])
+                .args(args)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let file = |dir: &tempfile::TempDir, name: &str| dir.path().join(name).display().to_string();
+    let with_cert = |dir: &tempfile::TempDir| {
+        vec![
+            "--cacert".to_string(),
+            file(&alice, "ca.crt"),
+            "--cert".into(),
+            file(dir, "operator.crt"),
+            "--key".into(),
+            file(dir, "operator.key"),
+            format!("{url}/metrics"),
+        ]
+    };
+    let out = curl(with_cert(&alice)).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("revproxy_build_info"));
+
+    // No client certificate: the handshake fails.
+    let out = curl(vec![
+        "--cacert".into(),
+        file(&alice, "ca.crt"),
+        format!("{url}/metrics"),
+    ])
+    .await;
+    assert!(!out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("revproxy_"));
+    // Plain HTTP to a TLS listener gets nothing useful.
+    let plain = revproxy::admin::client::get(&format!("127.0.0.1:{port}"), "/metrics").await;
+    assert!(!matches!(plain, Ok((s, _)) if s == 200), "{plain:?}");
+    // An agent's certificate chains to the same CA, but is not an operator's.
+    let agent = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let agent_files = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        agent.path().join("agent.crt"),
+        agent_files.path().join("operator.crt"),
+    )
+    .unwrap();
+    std::fs::copy(
+        agent.path().join("agent.key"),
+        agent_files.path().join("operator.key"),
+    )
+    .unwrap();
+    let out = curl(with_cert(&agent_files)).await;
+    assert!(!out.status.success(), "an agent certificate got in");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("revproxy_"));
+
+    // Revoked: out within the state watch's second.
+    proxy
+        .ca
+        .revoke_operator("alice", time::OffsetDateTime::now_utc())
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if revproxy::admin::client::get_from(&target, "/status")
+            .await
+            .is_err()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked operator still gets in"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Another operator is not affected.
+    let bob = operator_dir(&proxy, "bob");
+    let out = curl(with_cert(&bob)).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

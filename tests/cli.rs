@@ -594,12 +594,71 @@ fn status_ready_and_json_logs_from_the_command_line() {
     );
     drop(agent);
 
-    // The admin listener is for loopback only.
+    // The agent's admin listener has no certificate to offer: loopback only.
     let public = run(
-        PROXY,
-        &["serve", "--agents", "127.0.0.1:0", "--admin", "0.0.0.0:0"],
-        &proxy_state,
+        AGENT,
+        &["run", "--map", &map, "--admin", "0.0.0.0:0"],
+        &agent_state,
     );
     assert_eq!(public.status.code(), Some(2), "{}", stderr(&public));
     assert!(stderr(&public).contains("loopback"), "{}", stderr(&public));
+
+    // Operator certificates, for a proxy admin listener beyond loopback.
+    let op = tmp.path().join("op");
+    let out = run(
+        PROXY,
+        &[
+            "operator",
+            "create",
+            "--name",
+            "alice",
+            "--out",
+            op.to_str().unwrap(),
+        ],
+        &proxy_state,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out).trim(),
+        "spiffe://revproxy.local/operator/alice"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |f: &str| std::fs::metadata(op.join(f)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("operator.key"), 0o600);
+    assert_eq!(
+        std::fs::metadata(&op).unwrap().permissions().mode() & 0o077,
+        0
+    );
+    assert!(op.join("operator.crt").exists() && op.join("ca.crt").exists());
+    let again = run(
+        PROXY,
+        &[
+            "operator",
+            "create",
+            "--name",
+            "alice",
+            "--out",
+            op.to_str().unwrap(),
+        ],
+        &proxy_state,
+    );
+    assert_eq!(again.status.code(), Some(2), "never overwrites a key");
+    let list = stdout(&run(PROXY, &["operator", "list"], &proxy_state));
+    assert!(list.contains("alice") && list.contains("valid"), "{list}");
+    let revoked = run(PROXY, &["operator", "revoke", "alice"], &proxy_state);
+    assert!(stderr(&revoked).contains("revoked"), "{}", stderr(&revoked));
+    let list = stdout(&run(PROXY, &["operator", "list"], &proxy_state));
+    assert!(list.contains("revoked"), "{list}");
+    // An https:// admin address needs the operator's files.
+    let missing = run(
+        PROXY,
+        &["status", "--admin", "https://127.0.0.1:1"],
+        &proxy_state,
+    );
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        stderr(&missing).contains("--operator"),
+        "{}",
+        stderr(&missing)
+    );
 }

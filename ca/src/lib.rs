@@ -8,7 +8,7 @@
 //!
 //! Layout: `ca.rs` (the CA on disk, tokens, certificate records), `records.rs` (what operator commands change), `issue.rs` (enrollment
 //! and renewal), `cert.rs` (the one X.509 reader), `token.rs` (the token string), `pin.rs`
-//! (CA pins), `names.rs` (host and agent names), `state.rs` (the locked state file),
+//! (CA pins), `names.rs` (host and agent names), `operators.rs` (admin-listener client certificates), `state.rs` (the locked state file),
 //! `fsutil.rs` (crash-safe private files).
 #![forbid(unsafe_code)]
 
@@ -19,6 +19,7 @@ pub mod fsutil;
 pub mod hex;
 mod issue;
 pub mod names;
+mod operators;
 mod pin;
 mod records;
 pub mod state;
@@ -33,5 +34,6 @@ pub use ca::{
 };
 pub use cert::CertSummary;
 pub use error::{CaError, EnrollError};
+pub use operators::{OperatorCert, OperatorInfo, DEFAULT_OPERATOR_TTL, MAX_OPERATOR_TTL};
 pub use pin::{Pin, PinError};
 pub use token::{Secret, SecretHash, Token, TokenParseError, TokenPublic, TOKEN_PREFIX};

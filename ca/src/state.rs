@@ -53,6 +53,20 @@ pub struct State {
     pub certs: Vec<CertRecord>,
     /// What each agent is currently allowed to serve, by agent name.
     pub agents: BTreeMap<String, AgentGrant>,
+    /// Certificates issued to operators, for the admin listener.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub operators: Vec<OperatorRecord>,
+}
+
+/// One operator certificate: it opens the admin listener when that is not on loopback.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorRecord {
+    /// Hex serial number.
+    pub serial: String,
+    pub name: String,
+    pub not_before: Unix,
+    pub not_after: Unix,
+    pub revoked_at: Option<Unix>,
 }
 
 /// One enrollment token. The secret itself is never stored.
@@ -116,6 +130,7 @@ impl State {
     pub fn prune(&mut self, now: Unix) {
         let horizon = now - RETENTION_SECS;
         self.certs.retain(|c| c.not_after > horizon);
+        self.operators.retain(|o| o.not_after > horizon);
         self.tokens.retain(|t| {
             let ended = t.used.as_ref().map_or(t.expires, |u| u.at.min(t.expires));
             ended > horizon

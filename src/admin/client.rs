@@ -1,12 +1,15 @@
 //! The client side of the admin listener, for `revproxy status`, `revproxy-agent status`
 //! and `revproxy-agent ready`: one GET, bounded in time and size.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
 
 /// Time allowed for the whole request: connect, ask, read the answer.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -20,11 +23,82 @@ pub enum AdminClientError {
     Unreachable { addr: String, reason: String },
     #[error("the admin listener at {addr} did not answer within {TIMEOUT:?}")]
     Timeout { addr: String },
+    #[error("{0}")]
+    Operator(String),
 }
 
-/// GETs `path` from the admin listener at `addr` (`host:port`); returns the status and
-/// the body.
+/// File names in an operator directory (`revproxy operator create --out DIR`).
+pub const OPERATOR_CERT_FILE: &str = "operator.crt";
+pub const OPERATOR_KEY_FILE: &str = "operator.key";
+pub const OPERATOR_CA_FILE: &str = "ca.crt";
+
+/// Where an admin listener is: `HOST:PORT` (plain HTTP, loopback), or `https://HOST:PORT`
+/// with the operator certificate in `operator` (a directory from `revproxy operator
+/// create`).
+pub struct Target {
+    addr: String,
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+}
+
+impl Target {
+    pub fn new(admin: &str, operator: Option<&Path>) -> Result<Target, AdminClientError> {
+        let Some(addr) = admin.strip_prefix("https://") else {
+            return Ok(Target {
+                addr: admin.trim_start_matches("http://").to_string(),
+                tls: None,
+            });
+        };
+        let addr = addr.trim_end_matches('/').to_string();
+        let dir = operator.ok_or_else(|| {
+            AdminClientError::Operator(format!(
+                "{admin} needs an operator certificate: add --operator DIR (made by `revproxy operator create --out DIR` on the proxy)"
+            ))
+        })?;
+        let read = |file: &str| {
+            std::fs::read_to_string(dir.join(file)).map_err(|e| {
+                AdminClientError::Operator(format!("cannot read {}: {e}", dir.join(file).display()))
+            })
+        };
+        let bad = |e: crate::tls::TlsError| AdminClientError::Operator(e.to_string());
+        let ca =
+            crate::tls::certs_from_pem(&read(OPERATOR_CA_FILE)?, OPERATOR_CA_FILE).map_err(bad)?;
+        let chain = crate::tls::certs_from_pem(&read(OPERATOR_CERT_FILE)?, OPERATOR_CERT_FILE)
+            .map_err(bad)?;
+        let key =
+            crate::tls::key_from_pem(&read(OPERATOR_KEY_FILE)?, OPERATOR_KEY_FILE).map_err(bad)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in ca {
+            roots
+                .add(cert)
+                .map_err(|e| AdminClientError::Operator(format!("{OPERATOR_CA_FILE}: {e}")))?;
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| AdminClientError::Operator(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| AdminClientError::Operator(format!("the operator certificate: {e}")))?;
+        config.alpn_protocols = vec![crate::tls::ALPN_HTTP1.to_vec()];
+        let name = crate::tls::server_name(&addr).map_err(bad)?;
+        Ok(Target {
+            addr,
+            tls: Some((Arc::new(config), name)),
+        })
+    }
+}
+
+/// GETs `path` from the admin listener at `addr` (`host:port`, plain HTTP); returns the
+/// status and the body.
 pub async fn get(addr: &str, path: &str) -> Result<(StatusCode, String), AdminClientError> {
+    get_from(&Target::new(addr, None)?, path).await
+}
+
+/// GETs `path` from `target`; returns the status and the body.
+pub async fn get_from(
+    target: &Target,
+    path: &str,
+) -> Result<(StatusCode, String), AdminClientError> {
+    let addr = target.addr.as_str();
     let unreachable = |reason: String| AdminClientError::Unreachable {
         addr: addr.to_string(),
         reason,
@@ -33,7 +107,16 @@ pub async fn get(addr: &str, path: &str) -> Result<(StatusCode, String), AdminCl
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        let io: Box<dyn Io> = match &target.tls {
+            None => Box::new(tcp),
+            Some((config, name)) => Box::new(
+                tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| unreachable(format!("TLS handshake failed: {e}")))?,
+            ),
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         let request = Request::get(path)
@@ -62,6 +145,10 @@ pub async fn get(addr: &str, path: &str) -> Result<(StatusCode, String), AdminCl
             addr: addr.to_string(),
         })?
 }
+
+/// A byte stream the client speaks HTTP over: TCP, or TLS over TCP.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// A readable report of a `/status` document, the proxy's or the agent's.
 pub fn report(status: &serde_json::Value) -> String {

@@ -4,7 +4,8 @@
 //!
 //! What it shows comes from a [`View`] (the proxy's or the agent's). On loopback it is
 //! plain HTTP; anywhere else the proxy serves it over TLS and admits only clients with an
-//! operator certificate from its CA (`tls.rs`), and the agent refuses to start. Requests
+//! operator certificate from its CA ([`AdminTls`], `revproxy operator create`), and the
+//! agent refuses to start. Requests
 //! whose `Host` is not the listener's own address or `localhost` are refused, so a web
 //! page in an operator's browser cannot read it through DNS rebinding.
 
@@ -50,12 +51,31 @@ pub(crate) trait View: Send + Sync + 'static {
     fn ready(&self) -> Result<(), String>;
 }
 
+/// TLS for an admin listener beyond loopback: the configuration (a client certificate
+/// from the CA is required) and who among those clients may in: `authorize` reads the
+/// verified certificate and returns the operator's name, or why not.
+#[derive(Clone)]
+pub(crate) struct AdminTls {
+    pub(crate) config: Arc<rustls::ServerConfig>,
+    pub(crate) authorize: Authorize,
+}
+
+/// Reads a verified client certificate (DER) and answers the operator's name, or why not.
+pub(crate) type Authorize = Arc<
+    dyn Fn(
+            Vec<u8>,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// Serves `view` on `listener` until `stop` fires. With `tls`, every connection must
-/// complete that TLS handshake (which demands an operator certificate) first.
+/// complete that TLS handshake and present an operator's certificate first.
 pub(crate) async fn serve(
     listener: TcpListener,
     view: Arc<dyn View>,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<AdminTls>,
     stop: Trigger,
 ) {
     let Ok(local) = listener.local_addr() else {
@@ -84,7 +104,7 @@ pub(crate) async fn serve(
         };
         let (view, tls, stop) = (view.clone(), tls.clone(), stop.clone());
         tasks.spawn(async move {
-            let conn = connection(tcp, peer, local, view, tls);
+            let conn = connection(tcp, peer, view, tls);
             tokio::select! {
                 () = conn => {}
                 () = stop.cancelled() => {}
@@ -98,13 +118,15 @@ pub(crate) async fn serve(
 async fn connection(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-    local: SocketAddr,
     view: Arc<dyn View>,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<AdminTls>,
 ) {
+    // Behind TLS only operators get this far, and a browser tricked by DNS rebinding
+    // would not get past the certificate's names: the Host check guards plain HTTP.
+    let check_host = tls.is_none();
     let service = hyper::service::service_fn(move |req| {
         let view = view.clone();
-        async move { Ok::<_, Infallible>(answer(view.as_ref(), local, &req)) }
+        async move { Ok::<_, Infallible>(answer(view.as_ref(), check_host, &req)) }
     });
     let builder = {
         let mut b = hyper::server::conn::http1::Builder::new();
@@ -115,17 +137,27 @@ async fn connection(
     };
     let served = match tls {
         None => builder.serve_connection(TokioIo::new(tcp), service).await,
-        Some(config) => {
-            let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
-                Ok(Ok(stream)) => {
-                    builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
-                }
+        Some(tls) => {
+            let accept = tokio_rustls::TlsAcceptor::from(tls.config).accept(tcp);
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+                Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => return warn!(%peer, error = %e, "admin client refused"),
                 Err(_) => return debug!(%peer, "admin TLS handshake timed out"),
+            };
+            let der = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.to_vec())
+                .unwrap_or_default();
+            match (tls.authorize)(der).await {
+                Ok(operator) => debug!(%peer, operator, "admin client admitted"),
+                Err(why) => return warn!(%peer, reason = why, "admin client refused"),
             }
+            builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
         }
     };
     if let Err(e) = served {
@@ -134,8 +166,8 @@ async fn connection(
 }
 
 /// The answer to one request.
-fn answer(view: &dyn View, local: SocketAddr, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if !host_is_ours(req, local) {
+fn answer(view: &dyn View, check_host: bool, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if check_host && !host_is_ours(req) {
         return text(
             StatusCode::MISDIRECTED_REQUEST,
             "this admin listener answers only to its own address or localhost\n".into(),
@@ -182,8 +214,8 @@ fn answer(view: &dyn View, local: SocketAddr, req: &Request<Incoming>) -> Respon
     }
 }
 
-/// Whether the request names this listener: its own address, or `localhost` (any port).
-fn host_is_ours(req: &Request<Incoming>, local: SocketAddr) -> bool {
+/// Whether the request names a loopback listener: a loopback address or `localhost`.
+fn host_is_ours(req: &Request<Incoming>) -> bool {
     let Some(host) = req
         .headers()
         .get(header::HOST)
@@ -199,8 +231,7 @@ fn host_is_ours(req: &Request<Incoming>, local: SocketAddr) -> bool {
     name.eq_ignore_ascii_case("localhost")
         || name
             .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip == local.ip() || (ip.is_loopback() && local.ip().is_loopback()))
-        || (!local.ip().is_loopback() && name.parse::<std::net::IpAddr>().is_err())
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

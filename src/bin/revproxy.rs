@@ -39,17 +39,56 @@ enum Command {
     /// Change what an enrolled agent may serve.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Certificates for operators: they open an admin listener that is not on loopback.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
     /// Run the proxy (creating a CA first if the state directory has none).
     Serve(ServeArgs),
     /// Show agents, tunnels, names, streams and bytes of a running proxy (from its admin
     /// listener).
     Status {
-        /// The proxy's admin listener
+        /// The proxy's admin listener: HOST:PORT, or https://HOST:PORT with --operator
         #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADMIN)]
         admin: String,
+        /// Directory with an operator certificate (from `revproxy operator create`), for
+        /// an https:// admin listener
+        #[arg(long, value_name = "DIR")]
+        operator: Option<PathBuf>,
         /// Print the status document as JSON, for scripts
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorCommand {
+    /// Issue an operator certificate and write it, its key (0600) and the CA certificate
+    /// into DIR.
+    Create {
+        #[command(flatten)]
+        state: StateArg,
+        /// Operator name (letters, digits, '.', '_', '-')
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// Directory to write operator.crt, operator.key and ca.crt into (created 0700)
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Lifetime of the certificate (at most 366d)
+        #[arg(long, value_name = "DURATION", default_value = "90d", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// List operator certificates with their state.
+    List {
+        #[command(flatten)]
+        state: StateArg,
+    },
+    /// Revoke an operator certificate by serial, or every certificate of an operator.
+    Revoke {
+        #[command(flatten)]
+        state: StateArg,
+        /// Serial (hex, as `operator list` shows it) or operator name
+        #[arg(value_name = "SERIAL_OR_NAME")]
+        what: String,
     },
 }
 
@@ -172,7 +211,7 @@ struct ServeArgs {
     /// Public listener that routes on the HTTP Host header
     #[arg(long, value_name = "ADDR")]
     http: Option<SocketAddr>,
-    /// Admin listener: /metrics, /status, /ready, /healthz and a status page (loopback only) [default: 127.0.0.1:7444]
+    /// Admin listener: /metrics, /status, /ready, /healthz and a status page; plain HTTP on loopback, elsewhere TLS for operator certificates only [default: 127.0.0.1:7444]
     #[arg(long, value_name = "ADDR")]
     admin: Option<SocketAddr>,
     /// Log line format: text or json [default: text]
@@ -318,11 +357,94 @@ fn run(cli: Cli) -> Result<(), Failure> {
             eprintln!("{agent} may now serve: {names}");
         }
         Command::Serve(args) => serve(args)?,
-        Command::Status { admin, json } => {
+        Command::Operator(OperatorCommand::Create {
+            state,
+            name,
+            out,
+            ttl,
+        }) => {
+            use revproxy::admin::client::{
+                OPERATOR_CA_FILE, OPERATOR_CERT_FILE, OPERATOR_KEY_FILE,
+            };
+            use revproxy::ca::fsutil;
+            let ca = Ca::open(&state.dir())?;
+            if out.join(OPERATOR_KEY_FILE).exists() {
+                return Err(Failure {
+                    status: 2,
+                    error: anyhow::anyhow!(
+                        "{} already holds an operator key; choose another --out directory",
+                        out.display()
+                    ),
+                });
+            }
+            let issued = ca.create_operator(&name, ttl, now)?;
+            let write = |file: &str, text: &str, mode: u32| {
+                fsutil::write_atomic(&out.join(file), text.as_bytes(), mode)
+                    .with_context(|| format!("cannot write {}", out.join(file).display()))
+            };
+            fsutil::create_private_dir(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            write(
+                OPERATOR_KEY_FILE,
+                &issued.key_pem,
+                fsutil::PRIVATE_FILE_MODE,
+            )?;
+            write(
+                OPERATOR_CERT_FILE,
+                &issued.cert_pem,
+                fsutil::PUBLIC_FILE_MODE,
+            )?;
+            write(OPERATOR_CA_FILE, &issued.ca_pem, fsutil::PUBLIC_FILE_MODE)?;
+            println!("{}", issued.identity);
+            eprintln!(
+                "operator certificate {serial} for {identity}, valid until {until}, in {dir}\n  \
+                 revproxy status --admin https://PROXY:7444 --operator {dir}\n  \
+                 Prometheus: tls_config {{ ca_file: {dir}/{OPERATOR_CA_FILE}, cert_file: {dir}/{OPERATOR_CERT_FILE}, key_file: {dir}/{OPERATOR_KEY_FILE} }}",
+                serial = issued.serial,
+                identity = issued.identity,
+                until = revproxy::runtime::rfc3339(issued.not_after),
+                dir = out.display(),
+            );
+        }
+        Command::Operator(OperatorCommand::List { state }) => {
+            let ca = Ca::open(&state.dir())?;
+            println!(
+                "{:<40}  {:<20}  {:<8}  NOT AFTER",
+                "SERIAL", "OPERATOR", "STATE"
+            );
+            for o in ca.list_operators(now)? {
+                println!(
+                    "{:<40}  {:<20}  {:<8}  {}",
+                    o.serial,
+                    o.name,
+                    o.state,
+                    revproxy::runtime::rfc3339(o.not_after)
+                );
+            }
+        }
+        Command::Operator(OperatorCommand::Revoke { state, what }) => {
+            let revoked = Ca::open(&state.dir())?.revoke_operator(&what, now)?;
+            if revoked.is_empty() {
+                eprintln!("already revoked: {what}");
+            }
+            for serial in revoked {
+                eprintln!("revoked {serial}");
+            }
+        }
+        Command::Status {
+            admin,
+            operator,
+            json,
+        } => {
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let target = revproxy::admin::client::Target::new(&admin, operator.as_deref())
+                .map_err(|e| Failure {
+                    status: 2,
+                    error: e.into(),
+                })?;
             let (status, body) =
-                runtime.block_on(revproxy::admin::client::get(&admin, "/status"))?;
+                runtime.block_on(revproxy::admin::client::get_from(&target, "/status"))?;
             if !status.is_success() {
                 return Err(anyhow::anyhow!(
                     "the admin listener answered {status}: {}",

@@ -68,7 +68,8 @@ pub struct ProxyConfig {
     /// Time open connections get to finish on shutdown, e.g. "10s".
     #[serde(default, deserialize_with = "duration")]
     pub shutdown_grace: Option<Duration>,
-    /// Admin listener (metrics, status, readiness), loopback only.
+    /// Admin listener (metrics, status, readiness): plain HTTP on loopback, TLS for
+    /// operator certificates elsewhere.
     pub admin: Option<SocketAddr>,
     /// One log line per client connection, at info.
     pub access_log: Option<bool>,
@@ -185,7 +186,6 @@ impl ProxyConfig {
             "max_handshakes_per_source",
             self.max_handshakes_per_source.map(|n| n as u128),
         )?;
-        loopback_admin(self.admin)?;
         let listeners = self.listeners()?;
         self.routes()?;
         let mut addrs: Vec<SocketAddr> = listeners.iter().map(|(a, _)| *a).collect();
@@ -268,7 +268,7 @@ impl AgentConfig {
     }
 }
 
-/// The admin listener has no authentication: loopback only.
+/// The agent's admin listener has no authentication: loopback only.
 fn loopback_admin(admin: Option<SocketAddr>) -> Result<(), ConfigError> {
     match admin {
         Some(addr) if !addr.ip().is_loopback() => Err(ConfigError::Invalid(format!(

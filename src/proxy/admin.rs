@@ -7,7 +7,41 @@ use std::sync::Arc;
 
 use serde_json::json;
 
+use super::state::{Snapshot, StateView};
 use super::Shared;
+
+/// Who may use the admin listener beyond loopback: a certificate (already verified against
+/// the CA, validity and revocation by TLS) whose identity starts with `prefix`
+/// (`spiffe://<trust-domain>/operator/`) and whose serial is on record as an operator's.
+/// Agent certificates chain to the same CA; this keeps them out. A serial not in the
+/// current view (an operator certificate issued a moment ago) makes the state be read
+/// again, at most a few times a second.
+pub(super) fn authorize_operator(state: StateView, prefix: String) -> crate::admin::Authorize {
+    Arc::new(move |der| {
+        let (state, prefix) = (state.clone(), prefix.clone());
+        Box::pin(async move {
+            let cert = revproxy_ca::CertSummary::from_der(&der).ok_or("no readable certificate")?;
+            let Some(name) = cert.uris.iter().find_map(|u| u.strip_prefix(&prefix)) else {
+                return Err(format!(
+                    "certificate {} is not an operator's (identities: {})",
+                    cert.serial,
+                    cert.uris.join(", ")
+                ));
+            };
+            let known = |s: Arc<Snapshot>| s.operators.contains(&cert.serial);
+            if !known(state.get()) && !known(state.refresh_seldom(RELOAD_AT_MOST).await) {
+                return Err(format!(
+                    "operator certificate {} is not on record or was revoked",
+                    cert.serial
+                ));
+            }
+            Ok(name.to_string())
+        })
+    })
+}
+
+/// Least time between state reloads forced by unknown operator certificates.
+const RELOAD_AT_MOST: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The proxy's [`crate::admin::View`].
 pub(super) struct ProxyView(pub(super) Arc<Shared>);

@@ -125,8 +125,6 @@ pub enum ProxyError {
         #[source]
         source: TargetError,
     },
-    #[error("the admin listener {0} is not on a loopback address; bind it to 127.0.0.1 or ::1 (the admin listener has no authentication)")]
-    AdminNotLocal(SocketAddr),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -176,8 +174,8 @@ impl ProxyBuilder {
         self
     }
 
-    /// Serves metrics, status and readiness on `listener` (loopback only; see
-    /// `crate::admin`).
+    /// Serves metrics, status and readiness on `listener`: plain HTTP on loopback; on any
+    /// other address TLS that admits operator certificates only (`crate::admin`).
     pub fn admin_listener(mut self, listener: TcpListener) -> Self {
         self.admin = Some(listener);
         self
@@ -312,12 +310,21 @@ impl ProxyBuilder {
             QuicListener::Socket(socket) => Some(tunnel::quic::tune_udp_socket(socket)?),
         };
         let agent_port = AgentPort::new(agents, quic_socket, tunnel_config.clone())?;
-        if let Some(admin) = &self.admin {
-            let addr = admin.local_addr()?;
-            if !crate::admin::is_local(addr) {
-                return Err(ProxyError::AdminNotLocal(addr));
+        // Beyond loopback the admin listener takes operator certificates only.
+        let admin_tls = match &self.admin {
+            Some(admin) if !crate::admin::is_local(admin.local_addr()?) => {
+                let revocations = state.clone();
+                let is_revoked: Arc<dyn Fn(&str) -> bool + Send + Sync> =
+                    Arc::new(move |serial| revocations.get().revoked.contains(serial));
+                let config =
+                    tls::admin_listener_config(server_cert.clone(), ca.cert_der(), is_revoked)?;
+                Some(crate::admin::AdminTls {
+                    config: Arc::new(config),
+                    authorize: admin::authorize_operator(state.clone(), ca.operator_identity("")),
+                })
             }
-        }
+            _ => None,
+        };
         let listeners = self
             .public
             .iter()
@@ -372,7 +379,7 @@ impl ProxyBuilder {
             limits,
             public: self.public,
             shutdown_grace: self.shutdown_grace,
-            admin: self.admin,
+            admin: self.admin.map(|listener| (listener, admin_tls)),
         })
     }
 }
@@ -424,7 +431,8 @@ pub struct Proxy {
     limits: Limits,
     public: Vec<(TcpListener, ListenerKind)>,
     shutdown_grace: Duration,
-    admin: Option<TcpListener>,
+    /// The admin listener, and its TLS when it is not on loopback.
+    admin: Option<(TcpListener, Option<crate::admin::AdminTls>)>,
 }
 
 impl Proxy {
@@ -507,14 +515,9 @@ impl Proxy {
         ));
 
         let admin_stop = Trigger::default();
-        let admin = self.admin.map(|listener| {
+        let admin = self.admin.map(|(listener, tls)| {
             let view = Arc::new(admin::ProxyView(self.shared.clone()));
-            tokio::spawn(crate::admin::serve(
-                listener,
-                view,
-                None,
-                admin_stop.clone(),
-            ))
+            tokio::spawn(crate::admin::serve(listener, view, tls, admin_stop.clone()))
         });
         self.shared
             .ready

@@ -34,6 +34,9 @@ pub(super) struct Snapshot {
     pub(super) grants: HashMap<String, Vec<String>>,
     /// The latest expiry among each agent's valid certificates, Unix seconds.
     pub(super) expiry: HashMap<String, i64>,
+    /// Hex serials of the operator certificates on record and not revoked: the only
+    /// clients the admin listener admits beyond loopback.
+    pub(super) operators: HashSet<String>,
 }
 
 impl Snapshot {
@@ -46,11 +49,15 @@ impl Snapshot {
         }
         Ok(Snapshot {
             expiry,
-            revoked: state
-                .certs
-                .iter()
-                .filter(|c| c.revoked_at.is_some())
+            revoked: (state.certs.iter().filter(|c| c.revoked_at.is_some()))
                 .map(|c| c.serial.clone())
+                .chain(
+                    (state.operators.iter().filter(|o| o.revoked_at.is_some()))
+                        .map(|o| o.serial.clone()),
+                )
+                .collect(),
+            operators: (state.operators.iter().filter(|o| o.revoked_at.is_none()))
+                .map(|o| o.serial.clone())
                 .collect(),
             live: state
                 .certs

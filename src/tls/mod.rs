@@ -19,7 +19,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 pub use client::{agent_client_config, pinned_client_config, quic_client_config};
 pub(crate) use client::{find_pin_mismatch, Credentials};
-pub(crate) use server::{agent_listener_config, offers_h2, tunnel_listener_config, ServerCert};
+pub(crate) use server::{
+    admin_listener_config, agent_listener_config, offers_h2, tunnel_listener_config, ServerCert,
+};
 
 /// ALPN id of the enrollment (and later renewal) API: HTTP/1.1.
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";

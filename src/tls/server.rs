@@ -96,6 +96,23 @@ pub(crate) fn tunnel_listener_config(
     server_config(verifier, cert, &[ALPN_H2])
 }
 
+/// The admin listener beyond loopback: like a tunnel's, a client certificate chained to
+/// `ca_der` and not revoked is required (the admin layer then admits operator certificates
+/// only), with ALPN `http/1.1`.
+pub(crate) fn admin_listener_config(
+    cert: Arc<ServerCert>,
+    ca_der: &[u8],
+    is_revoked: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca_der.to_vec()))?;
+    let inner =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let verifier = Arc::new(RevocationCheckingVerifier { inner, is_revoked });
+    server_config(verifier, cert, &[super::ALPN_HTTP1])
+}
+
 /// A TLS 1.3 server configuration that never resumes a session: a resumed handshake skips
 /// the client certificate verifier, so a certificate that expired or was revoked since the
 /// first handshake would get back in. Every handshake on the agent port is a full one
