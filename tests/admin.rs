@@ -660,6 +660,41 @@ async fn beyond_loopback_only_operator_certificates_get_in() {
     assert!(!out.status.success(), "an agent certificate got in");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("revproxy_"));
 
+    // A connection kept alive across the revocation, as a scraper keeps one.
+    let kept = {
+        let issued = std::fs::read_to_string(alice.path().join("operator.crt")).unwrap();
+        let key = std::fs::read_to_string(alice.path().join("operator.key")).unwrap();
+        let config = revproxy::tls::agent_client_config(
+            vec![proxy.pin()],
+            &issued,
+            &key,
+            &[revproxy::tls::ALPN_HTTP1],
+        )
+        .unwrap();
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        sender
+    };
+    let mut kept = kept;
+    let ask = |sender: &mut hyper::client::conn::http1::SendRequest<
+        http_body_util::Empty<bytes::Bytes>,
+    >| {
+        let request = http::Request::get("/status")
+            .header("host", "localhost")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        sender.send_request(request)
+    };
+    assert_eq!(ask(&mut kept).await.unwrap().status(), 200);
+
     // Revoked: out within the state watch's second.
     proxy
         .ca
@@ -679,6 +714,9 @@ async fn beyond_loopback_only_operator_certificates_get_in() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The connection that was already open is refused at its next request.
+    let refused = ask(&mut kept).await.unwrap();
+    assert_eq!(refused.status(), 403);
     // Another operator is not affected.
     let bob = operator_dir(&proxy, "bob");
     let out = curl(with_cert(&bob)).await;

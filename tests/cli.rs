@@ -410,6 +410,8 @@ fn a_state_directory_others_can_write_is_refused() {
 struct Logged {
     child: Child,
     lines: std::sync::mpsc::Receiver<String>,
+    /// Events read so far, in order (they may come in any order across tasks).
+    seen: std::cell::RefCell<Vec<serde_json::Value>>,
 }
 
 impl Drop for Logged {
@@ -436,12 +438,19 @@ impl Logged {
                 let _ = tx.send(line);
             }
         });
-        Logged { child, lines }
+        Logged {
+            child,
+            lines,
+            seen: Default::default(),
+        }
     }
 
-    /// Waits (bounded) for a JSON log line whose message is `message`; every line before
-    /// it must be JSON too.
+    /// Waits (bounded) for a JSON log line whose message is `message`, seen now or
+    /// before; every line must be JSON.
     fn json_line(&self, message: &str) -> serde_json::Value {
+        if let Some(event) = self.seen.borrow().iter().find(|e| e["message"] == message) {
+            return event.clone();
+        }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -454,6 +463,7 @@ impl Logged {
             for field in ["timestamp", "level", "message", "target"] {
                 assert!(event.get(field).is_some(), "no {field} in {line}");
             }
+            self.seen.borrow_mut().push(event.clone());
             if event["message"] == message {
                 return event;
             }

@@ -5,16 +5,17 @@
 //! What it shows comes from a [`View`] (the proxy's or the agent's). On loopback it is
 //! plain HTTP; anywhere else the proxy serves it over TLS and admits only clients with an
 //! operator certificate from its CA ([`AdminTls`], `revproxy operator create`), and the
-//! agent refuses to start. Requests
-//! whose `Host` is not the listener's own address or `localhost` are refused, so a web
-//! page in an operator's browser cannot read it through DNS rebinding.
+//! agent refuses to start. On loopback, requests whose `Host` is not a loopback address or
+//! `localhost` are refused, so a web page in an operator's browser cannot read it through
+//! DNS rebinding.
 
 pub mod client;
 pub(crate) mod metrics;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,12 +32,18 @@ use crate::runtime::shutdown::Trigger;
 
 /// Admin connections served at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 32;
+/// Connections one source address may hold at once, so that a stranger opening sockets
+/// cannot take every slot from the operators.
+const MAX_PER_SOURCE: usize = 8;
 /// Time allowed for a request head (and for a kept-alive connection to send the next).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest a TLS handshake on a non-loopback admin listener may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a TLS handshake on a non-loopback admin listener may take: a slot held by a
+/// stranger who never finishes is given back soon.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bound on a request head.
 const MAX_HEAD: usize = 16 * 1024;
+/// Refused admin clients are logged at warn at most this often (the rest at debug).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The status page.
 const PAGE: &str = include_str!("page.html");
@@ -52,20 +59,31 @@ pub(crate) trait View: Send + Sync + 'static {
 }
 
 /// TLS for an admin listener beyond loopback: the configuration (a client certificate
-/// from the CA is required) and who among those clients may in: `authorize` reads the
-/// verified certificate and returns the operator's name, or why not.
+/// from the CA is required), who among those clients may in (`authorize`), and whether an
+/// admitted client still may, asked before every request (`still`): a revoked or expired
+/// operator certificate loses a kept-alive connection at its next request.
 #[derive(Clone)]
 pub(crate) struct AdminTls {
     pub(crate) config: Arc<rustls::ServerConfig>,
     pub(crate) authorize: Authorize,
+    pub(crate) still: Arc<dyn Fn(&Admitted) -> bool + Send + Sync>,
 }
 
-/// Reads a verified client certificate (DER) and answers the operator's name, or why not.
+/// An operator admitted to the admin listener.
+#[derive(Clone, Debug)]
+pub(crate) struct Admitted {
+    pub(crate) name: String,
+    pub(crate) serial: String,
+    /// End of the certificate's validity, Unix seconds.
+    pub(crate) not_after: i64,
+}
+
+/// Reads a verified client certificate (DER) and answers who it admits, or why not.
 pub(crate) type Authorize = Arc<
     dyn Fn(
             Vec<u8>,
         )
-            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Admitted, String>> + Send>>
         + Send
         + Sync,
 >;
@@ -83,6 +101,8 @@ pub(crate) async fn serve(
     };
     info!(addr = %local, tls = tls.is_some(), "admin listener ready");
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_source: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let refusals = Arc::new(Quiet::default());
     let mut tasks = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -98,21 +118,78 @@ pub(crate) async fn serve(
                 continue;
             }
         };
+        let Some(slot) = SourceSlot::take(&per_source, peer.ip()) else {
+            debug!(%peer, "admin connections from this address at their limit; closing");
+            continue;
+        };
         // Waiting here leaves further connections in the backlog.
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
-        let (view, tls, stop) = (view.clone(), tls.clone(), stop.clone());
+        let (view, tls, stop, refusals) =
+            (view.clone(), tls.clone(), stop.clone(), refusals.clone());
         tasks.spawn(async move {
-            let conn = connection(tcp, peer, view, tls);
+            let conn = connection(tcp, peer, view, tls, &refusals);
             tokio::select! {
                 () = conn => {}
                 () = stop.cancelled() => {}
             }
-            drop(permit);
+            drop((permit, slot));
         });
     }
     tasks.abort_all();
+}
+
+/// One connection's place in its source address's count.
+struct SourceSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl SourceSlot {
+    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<SourceSlot> {
+        let mut map = counts.lock().expect("admin per-source counts");
+        let count = map.entry(ip).or_insert(0);
+        if *count >= MAX_PER_SOURCE {
+            return None;
+        }
+        *count += 1;
+        Some(SourceSlot {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().expect("admin per-source counts");
+        if let Some(count) = map.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Says something at warn at most once per [`REFUSAL_LOG_EVERY`], so that a stream of
+/// refused clients cannot flood the log.
+#[derive(Default)]
+struct Quiet {
+    last: Mutex<Option<std::time::Instant>>,
+}
+
+impl Quiet {
+    fn loud_now(&self) -> bool {
+        let mut last = self.last.lock().expect("log gate");
+        let now = std::time::Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_EVERY) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
 }
 
 async fn connection(
@@ -120,14 +197,8 @@ async fn connection(
     peer: SocketAddr,
     view: Arc<dyn View>,
     tls: Option<AdminTls>,
+    refusals: &Quiet,
 ) {
-    // Behind TLS only operators get this far, and a browser tricked by DNS rebinding
-    // would not get past the certificate's names: the Host check guards plain HTTP.
-    let check_host = tls.is_none();
-    let service = hyper::service::service_fn(move |req| {
-        let view = view.clone();
-        async move { Ok::<_, Infallible>(answer(view.as_ref(), check_host, &req)) }
-    });
     let builder = {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
@@ -136,12 +207,19 @@ async fn connection(
         b
     };
     let served = match tls {
-        None => builder.serve_connection(TokioIo::new(tcp), service).await,
+        // Plain HTTP is for loopback, where the Host check keeps DNS rebinding out.
+        None => {
+            let service = hyper::service::service_fn(move |req| {
+                let view = view.clone();
+                async move { Ok::<_, Infallible>(answer(view.as_ref(), true, &req)) }
+            });
+            builder.serve_connection(TokioIo::new(tcp), service).await
+        }
         Some(tls) => {
-            let accept = tokio_rustls::TlsAcceptor::from(tls.config).accept(tcp);
+            let accept = tokio_rustls::TlsAcceptor::from(tls.config.clone()).accept(tcp);
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
                 Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return warn!(%peer, error = %e, "admin client refused"),
+                Ok(Err(e)) => return debug!(%peer, error = %e, "admin TLS handshake failed"),
                 Err(_) => return debug!(%peer, "admin TLS handshake timed out"),
             };
             let der = stream
@@ -151,10 +229,31 @@ async fn connection(
                 .and_then(|c| c.first())
                 .map(|c| c.to_vec())
                 .unwrap_or_default();
-            match (tls.authorize)(der).await {
-                Ok(operator) => debug!(%peer, operator, "admin client admitted"),
-                Err(why) => return warn!(%peer, reason = why, "admin client refused"),
-            }
+            let admitted = match (tls.authorize)(der).await {
+                Ok(admitted) => admitted,
+                Err(why) if refusals.loud_now() => {
+                    return warn!(%peer, reason = why, "admin client refused (further refusals for 10 s at debug)")
+                }
+                Err(why) => return debug!(%peer, reason = why, "admin client refused"),
+            };
+            debug!(%peer, operator = %admitted.name, "admin client admitted");
+            // Behind TLS only operators get this far, and a browser tricked by DNS
+            // rebinding would not get past the certificate's names: no Host check.
+            let service = hyper::service::service_fn(move |req| {
+                let (view, still, admitted) = (view.clone(), tls.still.clone(), admitted.clone());
+                async move {
+                    if !still(&admitted) {
+                        let mut gone = text(
+                            StatusCode::FORBIDDEN,
+                            "this operator certificate was revoked or has expired\n".into(),
+                        );
+                        gone.headers_mut()
+                            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+                        return Ok::<_, Infallible>(gone);
+                    }
+                    Ok(answer(view.as_ref(), false, &req))
+                }
+            });
             builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await
@@ -197,13 +296,9 @@ fn answer(view: &dyn View, check_host: bool, req: &Request<Incoming>) -> Respons
         ),
         "/" => {
             let mut page = respond(StatusCode::OK, "text/html; charset=utf-8", PAGE.into());
-            let headers = page.headers_mut();
-            headers.insert(
+            page.headers_mut().insert(
                 header::CONTENT_SECURITY_POLICY,
-                http::HeaderValue::from_static(
-                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-                     connect-src 'self'; frame-ancestors 'none'; base-uri 'none'",
-                ),
+                http::HeaderValue::from_static(page_policy()),
             );
             page
         }
@@ -212,6 +307,26 @@ fn answer(view: &dyn View, check_host: bool, req: &Request<Incoming>) -> Respons
             "no such page; try /, /status, /metrics, /ready or /healthz\n".into(),
         ),
     }
+}
+
+/// The status page's Content-Security-Policy: nothing but its own inline script and style
+/// (by hash) and `fetch` of this listener.
+fn page_policy() -> &'static str {
+    static POLICY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    POLICY.get_or_init(|| {
+        let hash = |open: &str, close: &str| {
+            let start = PAGE.find(open).expect("the page has it") + open.len();
+            let end = start + PAGE[start..].find(close).expect("closed");
+            let digest = ring::digest::digest(&ring::digest::SHA256, &PAGE.as_bytes()[start..end]);
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, digest.as_ref())
+        };
+        format!(
+            "default-src 'none'; script-src 'sha256-{}'; style-src 'sha256-{}'; \
+             connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+            hash("<script>", "</script>"),
+            hash("<style>", "</style>"),
+        )
+    })
 }
 
 /// Whether the request names a loopback listener: a loopback address or `localhost`.

@@ -33,6 +33,7 @@ pub(crate) fn check_backend(addr: &str) -> Result<(), BadBackend> {
 
 impl ServiceMap {
     pub(crate) fn new(entries: Vec<(String, String)>, metrics: Arc<AgentMetrics>) -> ServiceMap {
+        metrics.ensure_services(entries.iter().map(|(name, _)| name.as_str()));
         ServiceMap { entries, metrics }
     }
 

@@ -30,6 +30,8 @@ pub(crate) struct AgentMetrics {
     connects: IntCounterVec,
     connect_failures: IntCounterVec,
     cert_expiry: IntGauge,
+    /// Held while the scrape-time gauges are rebuilt and encoded.
+    rendering: Mutex<()>,
     tunnels: Mutex<Vec<LiveTunnel>>,
     next_id: std::sync::atomic::AtomicU64,
 }
@@ -150,8 +152,21 @@ impl AgentMetrics {
             ),
             cert_expiry,
             registry,
+            rendering: Mutex::new(()),
             tunnels: Mutex::default(),
             next_id: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    /// Makes sure each service has its series from the start (at zero until traffic).
+    pub(crate) fn ensure_services<'a>(&self, services: impl Iterator<Item = &'a str>) {
+        for service in services {
+            let labels = [service];
+            self.streams.with_label_values(&labels);
+            self.open_streams.with_label_values(&labels);
+            self.received.with_label_values(&labels);
+            self.sent.with_label_values(&labels);
+            self.dial_errors.with_label_values(&labels);
         }
     }
 
@@ -207,7 +222,7 @@ impl AgentMetrics {
         self.tunnels.lock().expect("tunnel list").clone()
     }
 
-    /// Open streams and bytes so far for `service`.
+    /// Open streams and bytes so far for `service` (one of [`Self::ensure_services`]).
     pub(crate) fn service_counts(&self, service: &str) -> (i64, u64, u64) {
         (
             self.open_streams.with_label_values(&[service]).get(),
@@ -218,6 +233,7 @@ impl AgentMetrics {
 
     /// The text exposition; `cert_not_after` is the current certificate's expiry.
     pub(crate) fn render(&self, cert_not_after: i64) -> String {
+        let _one_at_a_time = self.rendering.lock().expect("render lock");
         self.cert_expiry.set(cert_not_after);
         self.tunnels_gauge.reset();
         for t in self.tunnels() {

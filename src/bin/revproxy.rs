@@ -211,9 +211,9 @@ struct ServeArgs {
     /// Public listener that routes on the HTTP Host header
     #[arg(long, value_name = "ADDR")]
     http: Option<SocketAddr>,
-    /// Admin listener: /metrics, /status, /ready, /healthz and a status page; plain HTTP on loopback, elsewhere TLS for operator certificates only [default: 127.0.0.1:7444]
+    /// Admin listener: /metrics, /status, /ready, /healthz and a status page; plain HTTP on loopback, elsewhere TLS for operator certificates only; `off` for none [default: 127.0.0.1:7444]
     #[arg(long, value_name = "ADDR")]
-    admin: Option<SocketAddr>,
+    admin: Option<revproxy::config::AdminAddr>,
     /// Log line format: text or json [default: text]
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<LogFormat>,
@@ -377,24 +377,45 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     ),
                 });
             }
+            // The directory first: it must be private before a key goes in, and nothing
+            // is recorded for a certificate that could not be written.
+            fsutil::create_private_dir(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            if let Some(mode) = fsutil::exposed_mode(&out)
+                .with_context(|| format!("cannot read {}", out.display()))?
+            {
+                return Err(Failure {
+                    status: 2,
+                    error: anyhow::anyhow!(
+                        "{} can be read by group or others (mode {mode:03o}); run `chmod 700 {}` or choose another --out",
+                        out.display(),
+                        out.display()
+                    ),
+                });
+            }
             let issued = ca.create_operator(&name, ttl, now)?;
             let write = |file: &str, text: &str, mode: u32| {
                 fsutil::write_atomic(&out.join(file), text.as_bytes(), mode)
-                    .with_context(|| format!("cannot write {}", out.join(file).display()))
+                    .with_context(|| format!("cannot write {}", out.display()))
             };
-            fsutil::create_private_dir(&out)
-                .with_context(|| format!("cannot create {}", out.display()))?;
-            write(
+            let written = write(
                 OPERATOR_KEY_FILE,
                 &issued.key_pem,
                 fsutil::PRIVATE_FILE_MODE,
-            )?;
-            write(
-                OPERATOR_CERT_FILE,
-                &issued.cert_pem,
-                fsutil::PUBLIC_FILE_MODE,
-            )?;
-            write(OPERATOR_CA_FILE, &issued.ca_pem, fsutil::PUBLIC_FILE_MODE)?;
+            )
+            .and_then(|()| {
+                write(
+                    OPERATOR_CERT_FILE,
+                    &issued.cert_pem,
+                    fsutil::PUBLIC_FILE_MODE,
+                )
+            })
+            .and_then(|()| write(OPERATOR_CA_FILE, &issued.ca_pem, fsutil::PUBLIC_FILE_MODE));
+            if let Err(e) = written {
+                // Its key is lost: the certificate must not stay usable.
+                let _ = ca.revoke_operator(&issued.serial, now);
+                return Err(e.into());
+            }
             println!("{}", issued.identity);
             eprintln!(
                 "operator certificate {serial} for {identity}, valid until {until}, in {dir}\n  \
@@ -517,12 +538,17 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))
         };
-        let admin = config
-            .admin
-            .unwrap_or(DEFAULT_ADMIN.parse().expect("valid address"));
-        let mut builder = Proxy::builder(&dir)
-            .agent_listener(bind(agents_addr).await?)
-            .admin_listener(bind(admin).await?);
+        let mut builder = Proxy::builder(&dir).agent_listener(bind(agents_addr).await?);
+        match config.admin {
+            Some(revproxy::config::AdminAddr::Off) => {}
+            Some(revproxy::config::AdminAddr::At(addr)) => {
+                builder = builder.admin_listener(bind(addr).await?)
+            }
+            None => {
+                let addr = DEFAULT_ADMIN.parse().expect("valid address");
+                builder = builder.admin_listener(bind(addr).await?)
+            }
+        }
         for (addr, kind) in listeners {
             builder = builder.listener(bind(addr).await?, kind);
         }

@@ -69,8 +69,8 @@ pub struct ProxyConfig {
     #[serde(default, deserialize_with = "duration")]
     pub shutdown_grace: Option<Duration>,
     /// Admin listener (metrics, status, readiness): plain HTTP on loopback, TLS for
-    /// operator certificates elsewhere.
-    pub admin: Option<SocketAddr>,
+    /// operator certificates elsewhere; `"off"` for none.
+    pub admin: Option<AdminAddr>,
     /// One log line per client connection, at info.
     pub access_log: Option<bool>,
     /// `text` or `json`.
@@ -265,6 +265,35 @@ impl AgentConfig {
             parse_map(&format!("{}={}", s.host, s.to))?;
         }
         Ok(())
+    }
+}
+
+/// Where the proxy's admin listener is: an address, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum AdminAddr {
+    Off,
+    At(SocketAddr),
+}
+
+impl std::str::FromStr for AdminAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<AdminAddr, String> {
+        if s == "off" {
+            return Ok(AdminAddr::Off);
+        }
+        s.parse()
+            .map(AdminAddr::At)
+            .map_err(|_| format!("{s:?} is not an address (HOST:PORT with an IP address) or off"))
+    }
+}
+
+impl TryFrom<String> for AdminAddr {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<AdminAddr, String> {
+        s.parse()
     }
 }
 

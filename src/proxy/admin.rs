@@ -9,6 +9,7 @@ use serde_json::json;
 
 use super::state::{Snapshot, StateView};
 use super::Shared;
+use crate::admin::Admitted;
 
 /// Who may use the admin listener beyond loopback: a certificate (already verified against
 /// the CA, validity and revocation by TLS) whose identity starts with `prefix`
@@ -35,8 +36,23 @@ pub(super) fn authorize_operator(state: StateView, prefix: String) -> crate::adm
                     cert.serial
                 ));
             }
-            Ok(name.to_string())
+            Ok(Admitted {
+                name: name.to_string(),
+                serial: cert.serial,
+                not_after: cert.not_after,
+            })
         })
+    })
+}
+
+/// Whether an admitted operator still may use the admin listener, asked before each
+/// request on its connection: not revoked since, not expired.
+pub(super) fn operator_still_admitted(
+    state: StateView,
+) -> Arc<dyn Fn(&Admitted) -> bool + Send + Sync> {
+    Arc::new(move |admitted| {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        now < admitted.not_after && state.get().operators.contains(&admitted.serial)
     })
 }
 
@@ -103,6 +119,7 @@ impl crate::admin::View for ProxyView {
         for name in shared.routes.keys() {
             names.entry(name.clone()).or_insert("route");
         }
+        shared.metrics.ensure_names(names.keys());
         let names: Vec<_> = names
             .into_iter()
             .map(|(name, by)| {

@@ -76,6 +76,8 @@ pub(super) struct ProxyMetrics {
     renewals: IntCounterVec,
     revocations: IntCounter,
     cert_expiry: IntGaugeVec,
+    /// Held while the scrape-time gauges are rebuilt and encoded.
+    rendering: std::sync::Mutex<()>,
 }
 
 /// Seconds to open a stream: from a millisecond on loopback to the 15 s open deadline.
@@ -188,6 +190,7 @@ impl ProxyMetrics {
                 &["agent"],
             ),
             registry,
+            rendering: std::sync::Mutex::new(()),
         }
     }
 
@@ -210,7 +213,8 @@ impl ProxyMetrics {
         )
     }
 
-    /// Open streams, bytes received and bytes sent so far under `pattern`.
+    /// Open streams, bytes received and bytes sent so far under `pattern` (see
+    /// [`Self::ensure_names`]).
     pub(super) fn name_counts(&self, pattern: &str) -> (i64, u64, u64) {
         (
             self.open_streams.with_label_values(&[pattern]).get(),
@@ -247,9 +251,22 @@ impl ProxyMetrics {
         self.revocations.inc_by(count as u64);
     }
 
+    /// Makes sure every name that can be served has its series (at zero until traffic
+    /// comes), so that what `/metrics` shows does not depend on who asked what before.
+    pub(super) fn ensure_names<'a>(&self, names: impl Iterator<Item = &'a String>) {
+        for name in names {
+            let labels = [name.as_str()];
+            self.routed.with_label_values(&labels);
+            self.received.with_label_values(&labels);
+            self.sent.with_label_values(&labels);
+            self.open_streams.with_label_values(&labels);
+        }
+    }
+
     /// The text exposition, with the gauges read from the live tunnels and the state
-    /// just now.
+    /// just now. Renders one at a time: the scrape-time gauges are reset and refilled.
     pub(super) fn render(&self, tunnels: &Tunnels, state: &Snapshot) -> String {
+        let _one_at_a_time = self.rendering.lock().expect("render lock");
         self.tunnels.reset();
         for (agent, transport, count) in tunnels.counts() {
             self.tunnels

@@ -321,6 +321,7 @@ impl ProxyBuilder {
                 Some(crate::admin::AdminTls {
                     config: Arc::new(config),
                     authorize: admin::authorize_operator(state.clone(), ca.operator_identity("")),
+                    still: admin::operator_still_admitted(state.clone()),
                 })
             }
             _ => None,

@@ -119,7 +119,7 @@ async fn handle(
             let deadline = tokio::time::Instant::now() + crate::runtime::CONNECT_TIMEOUT;
             match connect_static(addr, peer, id, deadline).await {
                 Some(backend) => {
-                    let counters = metrics.routed(addr);
+                    let counters = metrics.routed(&format!("tcp://{addr}"));
                     access.served(format!("tcp://{addr}"), None);
                     let moved =
                         forward_tcp(tcp, backend, addr, Bytes::new(), peer, id, counters).await;
@@ -229,14 +229,13 @@ async fn handle(
                 let counters = metrics.routed(pattern);
                 // The peeked bytes went out with the open request.
                 counters.read(peeked.len());
-                let moved = match stream.splice(tcp, shared.stream_limits, counters).await {
-                    Ok((up, down)) => Some((up + peeked.len() as u64, down)),
-                    Err(e) => {
-                        debug!(%peer, conn = %id, host = %name, error = %e, "stream ended with an error");
-                        None
-                    }
-                };
-                // The client's view: what it sent went up, what it got came down.
+                let moved = stream.splice(tcp, shared.stream_limits, counters).await;
+                if let Some(e) = &moved.error {
+                    debug!(%peer, conn = %id, host = %name, error = %e, "stream ended with an error");
+                }
+                // The client's view: what it sent went up (the peeked bytes first, with
+                // the open request), what it got came down.
+                let moved = Some((moved.up + peeked.len() as u64, moved.down));
                 return access.served(t.agent.clone(), moved);
             }
             Ok(Err(e)) => {
@@ -397,18 +396,16 @@ async fn forward_tcp(
     }
     // Counted as the bytes move, like a tunnel stream.
     let mut client = Counted::new(&mut client, &counters);
-    match tokio::io::copy_bidirectional_with_sizes(
+    let copied = tokio::io::copy_bidirectional_with_sizes(
         &mut client,
         &mut backend,
         STATIC_COPY_BUFFER,
         STATIC_COPY_BUFFER,
     )
-    .await
-    {
-        Ok((up, down)) => Some((up + peeked.len() as u64, down)),
-        Err(e) => {
-            debug!(%peer, conn = %id, backend = addr, error = %e, "static route ended with an error");
-            None
-        }
+    .await;
+    if let Err(e) = copied {
+        debug!(%peer, conn = %id, backend = addr, error = %e, "static route ended with an error");
     }
+    let (up, down) = client.totals;
+    Some((up + peeked.len() as u64, down))
 }

@@ -183,7 +183,7 @@ impl rustls::server::danger::ClientCertVerifier for RevocationCheckingVerifier {
                             not_before = %rfc3339(cert.not_before),
                             not_after = %rfc3339(cert.not_after),
                             proxy_clock = %rfc3339(now.as_secs() as i64),
-                            "agent certificate outside its validity period (check both clocks if this is unexpected)"
+                            "client certificate outside its validity period (check both clocks if this is unexpected)"
                         );
                     }
                 }

@@ -120,11 +120,17 @@ impl StreamCounters {
 pub(crate) struct Counted<'a, S> {
     inner: &'a mut S,
     counters: &'a StreamCounters,
+    /// Bytes read and written so far.
+    pub(crate) totals: (u64, u64),
 }
 
 impl<'a, S> Counted<'a, S> {
     pub(crate) fn new(inner: &'a mut S, counters: &'a StreamCounters) -> Self {
-        Counted { inner, counters }
+        Counted {
+            inner,
+            counters,
+            totals: (0, 0),
+        }
     }
 }
 
@@ -137,7 +143,9 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<'_, S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut *this.inner).poll_read(cx, buf);
-        this.counters.read(buf.filled().len() - before);
+        let n = buf.filled().len() - before;
+        this.counters.read(n);
+        this.totals.0 += n as u64;
         polled
     }
 }
@@ -152,6 +160,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<'_, S> 
         let polled = std::pin::Pin::new(&mut *this.inner).poll_write(cx, buf);
         if let std::task::Poll::Ready(Ok(n)) = polled {
             this.counters.written(n);
+            this.totals.1 += n as u64;
         }
         polled
     }
@@ -188,6 +197,9 @@ pub(crate) struct Meter {
     /// Milliseconds from `start` to the last byte moved.
     last: std::sync::atomic::AtomicU64,
     counters: StreamCounters,
+    /// Bytes read from and written to the socket so far, whatever becomes of the stream.
+    read_total: std::sync::atomic::AtomicU64,
+    written_total: std::sync::atomic::AtomicU64,
 }
 
 impl Meter {
@@ -197,19 +209,34 @@ impl Meter {
             start: tokio::time::Instant::now(),
             last: std::sync::atomic::AtomicU64::new(0),
             counters,
+            read_total: std::sync::atomic::AtomicU64::new(0),
+            written_total: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
     /// `n` bytes were read from the socket (and sent on into the tunnel).
     pub(crate) fn read(&self, n: usize) {
         self.counters.read(n);
+        self.read_total
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         self.touch();
     }
 
     /// `n` bytes were written to the socket.
     pub(crate) fn written(&self, n: usize) {
         self.counters.written(n);
+        self.written_total
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         self.touch();
+    }
+
+    /// Bytes (read from, written to) the socket so far.
+    pub(crate) fn totals(&self) -> (u64, u64) {
+        (
+            self.read_total.load(std::sync::atomic::Ordering::Relaxed),
+            self.written_total
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     fn touch(&self) {
@@ -387,23 +414,36 @@ impl Link {
     }
 }
 
+/// What a spliced stream moved: bytes from the client (`up`) and to it (`down`), and the
+/// error that ended it, if one did.
+pub(crate) struct Moved {
+    pub(crate) up: u64,
+    pub(crate) down: u64,
+    pub(crate) error: Option<std::io::Error>,
+}
+
 impl TunnelStream {
-    /// Copies both ways until both directions end, or `limits` end the stream; returns
-    /// (bytes up, bytes down).
+    /// Copies both ways until both directions end, or `limits` end the stream.
     pub(crate) async fn splice(
         self,
         tcp: TcpStream,
         limits: StreamLimits,
         counters: StreamCounters,
-    ) -> std::io::Result<(u64, u64)> {
+    ) -> Moved {
         let meter = Meter::new(limits.idle_timeout, counters);
-        match self {
+        let result = match self {
             TunnelStream::H2(send, recv) => {
                 h2::splice::splice(tcp, send, recv, limits.send_timeout, &meter).await
             }
             TunnelStream::Quic(send, recv, first) => {
                 quic::splice::splice(tcp, send, recv, first, limits.send_timeout, &meter).await
             }
+        };
+        let (up, down) = meter.totals();
+        Moved {
+            up,
+            down,
+            error: result.err(),
         }
     }
 }
