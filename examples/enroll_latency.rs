@@ -34,6 +34,8 @@ async fn main() -> anyhow::Result<()> {
             &NewToken {
                 agent: format!("bench-{i}"),
                 hosts: vec![format!("app{i}.example.com")],
+                private_hosts: Vec::new(),
+                connect: Vec::new(),
                 ttl: Duration::from_secs(600),
                 cert_ttl: Duration::from_secs(86400),
                 server: Some(addr.to_string()),

@@ -672,3 +672,71 @@ fn status_ready_and_json_logs_from_the_command_line() {
         stderr(&missing)
     );
 }
+
+/// The access commands and the token flags of private names: an identity may hold
+/// `--connect` names and no `--host` at all; rules are listed, granted and taken back.
+#[test]
+fn private_names_and_access_rules_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("proxy");
+    assert!(run(PROXY, &["ca", "init"], &state).status.success());
+    let none = run(PROXY, &["token", "create", "--name", "x"], &state);
+    assert_eq!(none.status.code(), Some(2));
+    assert!(
+        stderr(&none).contains("--private-host"),
+        "{}",
+        stderr(&none)
+    );
+    let both = run(
+        PROXY,
+        &[
+            "token",
+            "create",
+            "--name",
+            "x",
+            "--host",
+            "a.example.com",
+            "--private-host",
+            "a.example.com",
+        ],
+        &state,
+    );
+    assert_eq!(both.status.code(), Some(2), "{}", stderr(&both));
+    let laptop = run(
+        PROXY,
+        &[
+            "token",
+            "create",
+            "--name",
+            "laptop",
+            "--connect",
+            "db.internal",
+        ],
+        &state,
+    );
+    assert!(laptop.status.success(), "{}", stderr(&laptop));
+    let db = run(
+        PROXY,
+        &[
+            "token",
+            "create",
+            "--name",
+            "db-1",
+            "--private-host",
+            "db.internal",
+        ],
+        &state,
+    );
+    assert!(db.status.success(), "{}", stderr(&db));
+
+    // Rules apply to enrolled agents; this one has not enrolled yet.
+    let early = run(PROXY, &["access", "allow", "laptop", "db.internal"], &state);
+    assert_eq!(early.status.code(), Some(1), "{}", stderr(&early));
+    assert!(stderr(&early).contains("laptop"), "{}", stderr(&early));
+    assert!(
+        stdout(&run(PROXY, &["access", "list"], &state))
+            .lines()
+            .count()
+            == 1
+    );
+}

@@ -98,7 +98,13 @@ impl Default for InitOptions {
 #[derive(Clone, Debug)]
 pub struct NewToken {
     pub agent: String,
+    /// Names the agent may serve to public clients.
     pub hosts: Vec<String>,
+    /// Names the agent may serve only to enrolled identities with access (never routed
+    /// from a public listener).
+    pub private_hosts: Vec<String>,
+    /// Names the agent may reach through its tunnel (access rules granted at enrollment).
+    pub connect: Vec<String>,
     pub ttl: Duration,
     pub cert_ttl: Duration,
     /// Enrollment address to put into the token instead of the state's default.
@@ -477,6 +483,16 @@ pub(crate) fn normalize_hosts(hosts: &[String]) -> Result<Vec<String>, CaError> 
     if hosts.is_empty() || hosts.len() > MAX_HOSTS {
         return Err(CaError::InvalidInput(format!(
             "give between 1 and {MAX_HOSTS} host names with --host"
+        )));
+    }
+    normalize_names(hosts)
+}
+
+/// Normalizes names (any number up to [`MAX_HOSTS`]), dropping repeats.
+pub(crate) fn normalize_names(hosts: &[String]) -> Result<Vec<String>, CaError> {
+    if hosts.len() > MAX_HOSTS {
+        return Err(CaError::InvalidInput(format!(
+            "give at most {MAX_HOSTS} names"
         )));
     }
     let mut out = Vec::with_capacity(hosts.len());

@@ -166,9 +166,14 @@ impl Ca {
             }
             let agent = token.agent.clone();
             let hosts = token.hosts.clone();
+            let private = token.private_hosts.clone();
+            let connect = token.connect.clone();
             let ttl = Duration::from_secs(token.cert_ttl_secs.max(0) as u64);
+            // The certificate names everything the agent may serve, public or private; the
+            // grant says which is which.
+            let served: Vec<String> = hosts.iter().chain(&private).cloned().collect();
             let done =
-                self.issue_and_record(state, agent.clone(), hosts.clone(), &public_key, ttl, now)?;
+                self.issue_and_record(state, agent.clone(), served, &public_key, ttl, now)?;
             let token = state
                 .tokens
                 .iter_mut()
@@ -179,7 +184,15 @@ impl Ca {
                 spki_sha256: spki,
                 serial: done.serial.clone(),
             });
-            state.agents.insert(agent, AgentGrant { hosts });
+            if !connect.is_empty() {
+                let rules = state.access.entry(agent.clone()).or_default();
+                for name in connect {
+                    if !rules.contains(&name) {
+                        rules.push(name);
+                    }
+                }
+            }
+            state.agents.insert(agent, AgentGrant { hosts, private });
             Ok(done)
         })
     }

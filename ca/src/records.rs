@@ -5,8 +5,8 @@
 use time::OffsetDateTime;
 
 use crate::ca::{
-    normalize_hosts, random_hex, validate_server, Ca, CertInfo, CertState, NewToken, TokenInfo,
-    TokenState, MAX_CERT_TTL, MAX_TOKEN_TTL,
+    normalize_hosts, normalize_names, random_hex, validate_server, Ca, CertInfo, CertState,
+    NewToken, TokenInfo, TokenState, MAX_CERT_TTL, MAX_HOSTS, MAX_TOKEN_TTL,
 };
 use crate::error::CaError;
 use crate::hex;
@@ -18,7 +18,24 @@ impl Ca {
     /// Mints a one-time token; returns it whole. Only its secret's hash is stored.
     pub fn create_token(&self, req: &NewToken, now: OffsetDateTime) -> Result<Token, CaError> {
         validate_agent_name(&req.agent).map_err(|e| CaError::InvalidInput(e.to_string()))?;
-        let hosts = normalize_hosts(&req.hosts)?;
+        let hosts = normalize_names(&req.hosts)?;
+        let private_hosts = normalize_names(&req.private_hosts)?;
+        let connect = normalize_names(&req.connect)?;
+        if hosts.is_empty() && private_hosts.is_empty() && connect.is_empty() {
+            return Err(CaError::InvalidInput(
+                "give at least one name: --host (public), --private-host or --connect".into(),
+            ));
+        }
+        if hosts.len() + private_hosts.len() > MAX_HOSTS {
+            return Err(CaError::InvalidInput(format!(
+                "give at most {MAX_HOSTS} names to serve"
+            )));
+        }
+        if let Some(both) = hosts.iter().find(|h| private_hosts.contains(h)) {
+            return Err(CaError::InvalidInput(format!(
+                "{both} cannot be both public (--host) and private (--private-host)"
+            )));
+        }
         if req.ttl.is_zero() || req.ttl > MAX_TOKEN_TTL {
             return Err(CaError::InvalidInput(format!(
                 "token lifetime must be between 1s and {} days",
@@ -53,6 +70,8 @@ impl Ca {
                 cert_ttl_secs: req.cert_ttl.as_secs() as i64,
                 revoked: false,
                 used: None,
+                private_hosts,
+                connect,
             });
             Ok::<_, CaError>(Token {
                 public: TokenPublic {
@@ -168,6 +187,50 @@ impl Ca {
             grant.hosts = hosts.clone();
             Ok(hosts)
         })
+    }
+}
+
+impl Ca {
+    /// Lets `agent` reach `names` through its tunnel (exact names or `*.example.com`).
+    /// Returns everything it may reach now.
+    pub fn allow_access(&self, agent: &str, names: &[String]) -> Result<Vec<String>, CaError> {
+        validate_agent_name(agent).map_err(|e| CaError::InvalidInput(e.to_string()))?;
+        let names = normalize_hosts(names)?;
+        self.state.update(|state: &mut State| {
+            if !state.agents.contains_key(agent) {
+                return Err(CaError::UnknownCert(agent.to_string()));
+            }
+            let rules = state.access.entry(agent.to_string()).or_default();
+            for name in names {
+                if !rules.contains(&name) {
+                    rules.push(name);
+                }
+            }
+            Ok(rules.clone())
+        })
+    }
+
+    /// Takes back `names` from `agent`'s access; open streams to them are cut within
+    /// seconds. Returns what it may still reach.
+    pub fn revoke_access(&self, agent: &str, names: &[String]) -> Result<Vec<String>, CaError> {
+        let names = normalize_hosts(names)?;
+        self.state.update(|state: &mut State| {
+            let rules = state
+                .access
+                .get_mut(agent)
+                .ok_or_else(|| CaError::InvalidInput(format!("{agent} has no access rules")))?;
+            rules.retain(|n| !names.contains(n));
+            let left = rules.clone();
+            if left.is_empty() {
+                state.access.remove(agent);
+            }
+            Ok(left)
+        })
+    }
+
+    /// Every access rule: agent and the names it may reach.
+    pub fn list_access(&self) -> Result<Vec<(String, Vec<String>)>, CaError> {
+        Ok(self.state.read()?.access.into_iter().collect())
     }
 }
 

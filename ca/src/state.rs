@@ -53,6 +53,9 @@ pub struct State {
     pub certs: Vec<CertRecord>,
     /// What each agent is currently allowed to serve, by agent name.
     pub agents: BTreeMap<String, AgentGrant>,
+    /// Access rules: which names each agent may reach through its tunnel (default deny).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub access: BTreeMap<String, Vec<String>>,
     /// Certificates issued to operators, for the admin listener.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub operators: Vec<OperatorRecord>,
@@ -83,6 +86,12 @@ pub struct TokenRecord {
     pub cert_ttl_secs: i64,
     pub revoked: bool,
     pub used: Option<Traded>,
+    /// Names granted for private serving only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub private_hosts: Vec<String>,
+    /// Names the enrolled agent may reach (added to the access rules at enrollment).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connect: Vec<String>,
 }
 
 /// When, for which key and as which certificate a token was spent or a certificate renewed.
@@ -118,7 +127,12 @@ pub struct CertRecord {
 /// The names an agent may serve now (an operator may narrow this without reissuing).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentGrant {
+    /// Served to public clients.
     pub hosts: Vec<String>,
+    /// Served only to enrolled identities the access rules let in; never routed from a
+    /// public listener.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub private: Vec<String>,
 }
 
 impl State {

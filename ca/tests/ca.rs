@@ -28,6 +28,8 @@ fn token(ca: &Ca, hosts: &[&str]) -> Token {
         &NewToken {
             agent: "web-1".into(),
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            private_hosts: Vec::new(),
+            connect: Vec::new(),
             ttl: Duration::from_secs(3600),
             cert_ttl: Duration::from_secs(24 * 3600),
             server: None,
@@ -155,6 +157,8 @@ fn bad_token_requests_are_refused() {
     let mk = |agent: &str, hosts: Vec<String>, ttl: u64, cert_ttl: u64| NewToken {
         agent: agent.into(),
         hosts,
+        private_hosts: Vec::new(),
+        connect: Vec::new(),
         ttl: Duration::from_secs(ttl),
         cert_ttl: Duration::from_secs(cert_ttl),
         server: None,
@@ -518,5 +522,64 @@ fn grants_can_be_narrowed_for_known_agents_only() {
     assert!(matches!(
         ca.set_hosts("web-1", &["bad host".into()]),
         Err(CaError::InvalidInput(_))
+    ));
+}
+
+/// Private names go into the certificate and the grant's private list; `--connect` names
+/// become access rules at enrollment; rules are granted and taken back for enrolled
+/// agents only.
+#[test]
+fn private_names_and_access_rules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = new_ca(tmp.path());
+    let token = ca
+        .create_token(
+            &NewToken {
+                agent: "laptop".into(),
+                hosts: vec![],
+                private_hosts: vec!["Dev.Internal".into()],
+                connect: vec!["db.internal".into()],
+                ttl: Duration::from_secs(3600),
+                cert_ttl: Duration::from_secs(24 * 3600),
+                server: None,
+            },
+            now(),
+        )
+        .unwrap();
+    let done = enroll(&ca, &token, &csr(&[]).1, now()).unwrap();
+    assert_eq!(
+        done.hosts,
+        ["dev.internal"],
+        "private names are in the certificate"
+    );
+    let state = ca.state().read().unwrap();
+    assert!(state.agents["laptop"].hosts.is_empty());
+    assert_eq!(state.agents["laptop"].private, ["dev.internal"]);
+    assert_eq!(state.access["laptop"], ["db.internal"]);
+
+    assert_eq!(
+        ca.allow_access("laptop", &["*.svc.internal".into(), "db.internal".into()])
+            .unwrap(),
+        ["db.internal", "*.svc.internal"]
+    );
+    assert_eq!(
+        ca.revoke_access("laptop", &["db.internal".into()]).unwrap(),
+        ["*.svc.internal"]
+    );
+    assert_eq!(
+        ca.list_access().unwrap(),
+        [("laptop".to_string(), vec!["*.svc.internal".to_string()])]
+    );
+    assert!(ca
+        .revoke_access("laptop", &["*.svc.internal".into()])
+        .unwrap()
+        .is_empty());
+    assert!(
+        ca.list_access().unwrap().is_empty(),
+        "an agent with no rules is not listed"
+    );
+    assert!(matches!(
+        ca.allow_access("ghost", &["db.internal".into()]),
+        Err(CaError::UnknownCert(_))
     ));
 }

@@ -39,6 +39,9 @@ enum Command {
     /// Change what an enrolled agent may serve.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Who may reach which name through its tunnel (private names; default deny).
+    #[command(subcommand)]
+    Access(AccessCommand),
     /// Certificates for operators: they open an admin listener that is not on loopback.
     #[command(subcommand)]
     Operator(OperatorCommand),
@@ -57,6 +60,34 @@ enum Command {
         /// Print the status document as JSON, for scripts
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccessCommand {
+    /// Let AGENT reach NAME... with `revproxy-agent run --connect`; open streams follow
+    /// changes within seconds.
+    Allow {
+        #[command(flatten)]
+        state: StateArg,
+        #[arg(value_name = "AGENT")]
+        agent: String,
+        #[arg(value_name = "NAME", required = true)]
+        names: Vec<String>,
+    },
+    /// Take NAME... back from AGENT; its open streams to them are cut within seconds.
+    Revoke {
+        #[command(flatten)]
+        state: StateArg,
+        #[arg(value_name = "AGENT")]
+        agent: String,
+        #[arg(value_name = "NAME", required = true)]
+        names: Vec<String>,
+    },
+    /// Show every access rule.
+    List {
+        #[command(flatten)]
+        state: StateArg,
     },
 }
 
@@ -167,9 +198,17 @@ enum TokenCommand {
         /// Name of the agent that will enroll with it
         #[arg(long, value_name = "AGENT")]
         name: String,
-        /// Host name the agent may serve (repeatable; `*.example.com` allowed)
-        #[arg(long = "host", value_name = "NAME", required = true)]
+        /// Host name the agent may serve to public clients (repeatable; `*.example.com` allowed)
+        #[arg(long = "host", value_name = "NAME")]
         hosts: Vec<String>,
+        /// Name the agent may serve only to enrolled identities with access; never routed
+        /// from a public listener (repeatable)
+        #[arg(long = "private-host", value_name = "NAME")]
+        private_hosts: Vec<String>,
+        /// Name the agent may reach with `revproxy-agent run --connect` (repeatable; an
+        /// access rule granted at enrollment)
+        #[arg(long = "connect", value_name = "NAME")]
+        connect: Vec<String>,
         /// How long the token stays valid
         #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
@@ -278,6 +317,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             state,
             name,
             hosts,
+            private_hosts,
+            connect,
             ttl,
             server,
             cert_ttl,
@@ -287,6 +328,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 &NewToken {
                     agent: name,
                     hosts,
+                    private_hosts,
+                    connect,
                     ttl,
                     cert_ttl,
                     server,
@@ -357,6 +400,33 @@ fn run(cli: Cli) -> Result<(), Failure> {
             eprintln!("{agent} may now serve: {names}");
         }
         Command::Serve(args) => serve(args)?,
+        Command::Access(AccessCommand::Allow {
+            state,
+            agent,
+            names,
+        }) => {
+            let now = Ca::open(&state.dir())?.allow_access(&agent, &names)?;
+            eprintln!("{agent} may now reach: {}", now.join(" "));
+        }
+        Command::Access(AccessCommand::Revoke {
+            state,
+            agent,
+            names,
+        }) => {
+            let left = Ca::open(&state.dir())?.revoke_access(&agent, &names)?;
+            let left = if left.is_empty() {
+                "nothing".to_string()
+            } else {
+                left.join(" ")
+            };
+            eprintln!("{agent} may now reach: {left}");
+        }
+        Command::Access(AccessCommand::List { state }) => {
+            println!("{:<20}  NAMES", "AGENT");
+            for (agent, names) in Ca::open(&state.dir())?.list_access()? {
+                println!("{:<20}  {}", agent, names.join(","));
+            }
+        }
         Command::Operator(OperatorCommand::Create {
             state,
             name,

@@ -106,6 +106,7 @@ impl crate::admin::View for ProxyView {
                     "agent": agent,
                     "certificate_expires": state.expiry.get(&agent),
                     "granted": state.grants.get(&agent).cloned().unwrap_or_default(),
+                    "may_reach": state.access.get(&agent).cloned().unwrap_or_default(),
                     "tunnels": tunnels,
                 })
             })
@@ -114,7 +115,12 @@ impl crate::admin::View for ProxyView {
         // Every name that can be served: granted to an agent, or a static route.
         let mut names: BTreeMap<String, &str> = BTreeMap::new();
         for pattern in state.grants.values().flatten() {
-            names.insert(pattern.clone(), "agent");
+            let by = if state.is_private(pattern) {
+                "private"
+            } else {
+                "agent"
+            };
+            names.insert(pattern.clone(), by);
         }
         for name in shared.routes.keys() {
             names.entry(name.clone()).or_insert("route");
@@ -130,7 +136,11 @@ impl crate::admin::View for ProxyView {
                 let (open, received, sent) = shared.metrics.name_counts(&name);
                 json!({
                     "name": name,
-                    "served_by": if by == "route" { format!("route to {}", shared.routes[&name]) } else { "agent".to_string() },
+                    "served_by": match by {
+                        "route" => format!("route to {}", shared.routes[&name]),
+                        "private" => "agent (private)".to_string(),
+                        _ => "agent".to_string(),
+                    },
                     "tunnels": live,
                     "open_streams": open,
                     "received_bytes": received,

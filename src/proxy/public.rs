@@ -159,11 +159,26 @@ async fn handle(
 
     access.host = Some(name.clone());
     // The most specific match first (DESIGN.md section 5): agents granted the exact name,
-    // then a static route for it, then agents holding a wildcard.
-    let found = shared.registry.lookup(&name);
-    let route = shared.routes.get(&name);
+    // then a static route for it, then agents holding a wildcard. A name (or wildcard)
+    // granted privately is not there for a public client: it looks like any unknown name.
+    let state = shared.state.get();
+    let wildcard = name
+        .split_once('.')
+        .map(|(_, parent)| format!("*.{parent}"))
+        .unwrap_or_default();
+    let mut found = shared.registry.lookup(&name);
+    if state.is_private(&name) {
+        found.exact.clear();
+    }
+    if state.is_private(&wildcard) {
+        found.wildcard.clear();
+    }
+    let route = shared
+        .routes
+        .get(&name)
+        .filter(|_| !state.is_private(&name));
     if found.is_empty() && route.is_none() {
-        let offline = shared.state.get().is_granted_anywhere(&name);
+        let offline = state.is_granted_anywhere(&name);
         if offline {
             debug!(%peer, conn = %id, host = %name, "agent for this name is offline");
             access.refuse(metrics, Refused::Offline);
@@ -195,10 +210,7 @@ async fn handle(
         client: peer,
         early: &peeked,
     };
-    let wildcard = name
-        .split_once('.')
-        .map(|(_, parent)| format!("*.{parent}"))
-        .unwrap_or_default();
+    drop(state);
     let candidates = (found.exact.iter().map(|t| Candidate::Agent(t, &name)))
         .chain(route.map(|addr| Candidate::Static(addr.as_str())))
         .chain(

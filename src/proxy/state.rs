@@ -30,8 +30,12 @@ pub(super) struct Snapshot {
     /// Ids of the tokens that can still be used (unused, not revoked, not expired when
     /// loaded): enrollment hears these even from a source over its failure limit.
     pub(super) open_tokens: HashSet<String>,
-    /// Names each agent may currently serve.
+    /// Names each agent may currently serve, public and private.
     pub(super) grants: HashMap<String, Vec<String>>,
+    /// Name patterns granted for private serving: never routed from a public listener.
+    pub(super) private: HashSet<String>,
+    /// Access rules: the name patterns each agent may reach through its tunnel.
+    pub(super) access: HashMap<String, Vec<String>>,
     /// The latest expiry among each agent's valid certificates, Unix seconds.
     pub(super) expiry: HashMap<String, i64>,
     /// Hex serials of the operator certificates on record and not revoked: the only
@@ -74,20 +78,31 @@ impl Snapshot {
                     .map(|t| t.id.clone())
                     .collect()
             },
+            private: (state.agents.values())
+                .flat_map(|g| g.private.iter().cloned())
+                .collect(),
             grants: state
                 .agents
                 .into_iter()
-                .map(|(k, v)| (k, v.hosts))
+                .map(|(k, v)| (k, v.hosts.into_iter().chain(v.private).collect()))
                 .collect(),
+            access: state.access.into_iter().collect(),
         })
     }
 
-    /// Whether any agent is granted a pattern that covers `name`.
+    /// Whether any agent is granted a public pattern that covers `name`.
     pub(super) fn is_granted_anywhere(&self, name: &str) -> bool {
         self.grants
             .values()
             .flatten()
+            .filter(|pattern| !self.private.contains(*pattern))
             .any(|pattern| crate::route::name_matches(pattern, name))
+    }
+
+    /// Whether the pattern `pattern` (a name, or `*.suffix`) is granted privately: a public
+    /// listener must not route through it.
+    pub(super) fn is_private(&self, pattern: &str) -> bool {
+        self.private.contains(pattern)
     }
 }
 

@@ -216,6 +216,8 @@ impl TestProxy {
                 &NewToken {
                     agent: agent.into(),
                     hosts: hosts.iter().map(|h| h.to_string()).collect(),
+                    private_hosts: Vec::new(),
+                    connect: Vec::new(),
                     ttl,
                     cert_ttl: Duration::from_secs(24 * 3600),
                     server: Some(self.addr.to_string()),
@@ -507,6 +509,8 @@ pub async fn enroll_agent_with_ttl(
             &NewToken {
                 agent: name.into(),
                 hosts: hosts.iter().map(|h| h.to_string()).collect(),
+                private_hosts: Vec::new(),
+                connect: Vec::new(),
                 ttl: Duration::from_secs(3600),
                 cert_ttl,
                 server: Some(proxy.addr.to_string()),
@@ -535,6 +539,8 @@ pub fn issue_identity(
             &NewToken {
                 agent: agent.into(),
                 hosts: hosts.iter().map(|h| h.to_string()).collect(),
+                private_hosts: Vec::new(),
+                connect: Vec::new(),
                 ttl: Duration::from_secs(7200),
                 cert_ttl,
                 server: None,
@@ -654,4 +660,34 @@ pub fn tool(name: &str) -> &str {
         assert!(status.success(), "scripts/test-tools.sh failed");
     });
     name
+}
+
+/// An agent enrolled over the network with public `hosts`, `private` names and `connect`
+/// access.
+pub async fn enroll_mesh_agent(
+    proxy: &TestProxy,
+    name: &str,
+    hosts: &[&str],
+    private: &[&str],
+    connect: &[&str],
+) -> TempDir {
+    let owned = |names: &[&str]| names.iter().map(|h| h.to_string()).collect();
+    let token = proxy
+        .ca
+        .create_token(
+            &NewToken {
+                agent: name.into(),
+                hosts: owned(hosts),
+                private_hosts: owned(private),
+                connect: owned(connect),
+                ttl: Duration::from_secs(3600),
+                cert_ttl: Duration::from_secs(24 * 3600),
+                server: Some(proxy.addr.to_string()),
+            },
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    revproxy::agent::enroll(&token, dir.path()).await.unwrap();
+    dir
 }
