@@ -80,4 +80,150 @@ async fn a_public_listener_never_reaches_a_private_name(t: Transport) {
     assert!(got.is_empty(), "{got:?}");
 }
 
-over_both_transports!(a_public_listener_never_reaches_a_private_name);
+/// A local listener of the kernel's choosing for `--connect`.
+fn connect_port() -> (std::net::TcpListener, std::net::SocketAddr) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
+/// Writes `data` on a fresh connection to `addr` and reads `want` bytes back.
+async fn through(addr: std::net::SocketAddr, data: &[u8], want: usize) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = TcpStream::connect(addr).await?;
+    tcp.write_all(data).await?;
+    let mut back = vec![0u8; want];
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut back))
+        .await
+        .map_err(|_| std::io::Error::other("no answer in 10 s"))??;
+    Ok(back)
+}
+
+/// A laptop with `--connect db.internal` (and nothing to serve) reaches a database agent's
+/// private name through its own tunnel; the serving agent learns who calls.
+async fn an_agent_reaches_a_private_name_through_its_tunnel(t: Transport) {
+    let (_guard, mut logs) = watch_logs(tracing::Level::DEBUG);
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"db:").await;
+    let db = enroll_mesh_agent(&proxy, "db-1", &[], &["db.internal"], &[]).await;
+    let _db = start_agent(db.path(), &[("db.internal", backend)], on(t));
+    proxy.wait_for("db.internal", 1).await;
+    let laptop = enroll_mesh_agent(&proxy, "laptop", &[], &[], &["db.internal"]).await;
+    let (listener, local) = connect_port();
+    let _laptop = start_agent(laptop.path(), &[], move |b| {
+        b.transport(t).connect("db.internal", listener)
+    });
+    // Its tunnel serves nothing, but over QUIC it is what mesh streams go up.
+    assert!(
+        proxy
+            .status
+            .wait_for_agent("laptop", 1, Duration::from_secs(10))
+            .await
+    );
+
+    for i in 0..3 {
+        let data = pattern(100_000, i);
+        let back = through(local, &data, 3 + data.len()).await.unwrap();
+        assert_eq!(&back[..3], b"db:");
+        assert!(back[3..] == data[..], "round {i} came back intact");
+    }
+    // Every line so far (the streams are done), then the one the serving agent wrote.
+    let mut seen = Vec::new();
+    while let Ok(line) = logs.try_recv() {
+        seen.push(line);
+    }
+    let opened = seen
+        .iter()
+        .find(|l| l.contains("mesh stream open") && l.contains("backend="))
+        .unwrap_or_else(|| panic!("no mesh stream open line from the serving agent: {seen:?}"));
+    assert!(
+        opened.contains("caller=spiffe://revproxy.local/agent/laptop"),
+        "{opened}"
+    );
+    // Over QUIC the streams went up the tunnel; over h2, up the mesh channel beside it.
+    let channel = seen.iter().any(|l| l.contains("mesh channel up"));
+    assert_eq!(channel, t == Transport::H2, "mesh channel used: {channel}");
+}
+
+/// Default deny: an identity without an access rule for the name gets nothing, its local
+/// connection is closed, and its agent says why.
+async fn an_identity_without_access_is_refused(t: Transport) {
+    let (_guard, mut logs) = watch_logs(tracing::Level::WARN);
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"db:").await;
+    let db = enroll_mesh_agent(&proxy, "db-1", &[], &["db.internal"], &[]).await;
+    let _db = start_agent(db.path(), &[("db.internal", backend)], on(t));
+    proxy.wait_for("db.internal", 1).await;
+    let stranger = enroll_mesh_agent(&proxy, "stranger", &[], &[], &["other.internal"]).await;
+    let (listener, local) = connect_port();
+    let _stranger = start_agent(stranger.path(), &[], move |b| {
+        b.transport(t).connect("db.internal", listener)
+    });
+    let err = through(local, b"hello", 4).await.unwrap_err();
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+        ),
+        "{err}"
+    );
+    let said = log_line(&mut logs, "cannot connect to db.internal").await;
+    assert!(said.contains("no access to db.internal"), "{said}");
+}
+
+/// Taking back the caller's access, or revoking its certificate, cuts its open stream
+/// within two seconds.
+async fn revoking_access_or_the_caller_cuts_open_streams_within_two_seconds(t: Transport) {
+    use tokio::io::AsyncWriteExt;
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"db:").await;
+    let db = enroll_mesh_agent(&proxy, "db-1", &[], &["db.internal"], &[]).await;
+    let _db = start_agent(db.path(), &[("db.internal", backend)], on(t));
+    proxy.wait_for("db.internal", 1).await;
+    for (who, cut) in [("laptop-a", "access"), ("laptop-b", "certificate")] {
+        let laptop = enroll_mesh_agent(&proxy, who, &[], &[], &["db.internal"]).await;
+        let (listener, local) = connect_port();
+        let _laptop = start_agent(laptop.path(), &[], move |b| {
+            b.transport(t).connect("db.internal", listener)
+        });
+        let mut open = TcpStream::connect(local).await.unwrap();
+        open.write_all(b"ping").await.unwrap();
+        let mut echoed = [0u8; 7];
+        open.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, b"db:ping");
+
+        let started = std::time::Instant::now();
+        let now = time::OffsetDateTime::now_utc();
+        match cut {
+            "access" => {
+                proxy
+                    .ca
+                    .revoke_access(who, &["db.internal".into()])
+                    .unwrap();
+            }
+            _ => {
+                proxy.ca.revoke_certs(who, now).unwrap();
+            }
+        }
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(5), open.read_to_end(&mut rest)).await;
+        assert!(ended.is_ok(), "{who}: the stream was not cut");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "{who} ({cut}): cut after {took:?}"
+        );
+        // And nothing new gets through.
+        assert!(
+            through(local, b"again", 4).await.is_err(),
+            "{who}: a new stream got through"
+        );
+    }
+}
+
+over_both_transports!(
+    a_public_listener_never_reaches_a_private_name,
+    an_agent_reaches_a_private_name_through_its_tunnel,
+    an_identity_without_access_is_refused,
+    revoking_access_or_the_caller_cuts_open_streams_within_two_seconds,
+);

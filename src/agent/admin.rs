@@ -64,6 +64,7 @@ impl crate::admin::View for AgentView {
             "ready": self.ready().is_ok(),
             "tunnels": self.ctx.metrics.tunnels(),
             "services": services,
+            "connect": self.ctx.up.status(),
         })
     }
 }

@@ -10,6 +10,7 @@
 
 mod admin;
 mod backend;
+mod connect;
 mod enroll;
 mod identity;
 mod metrics;
@@ -55,7 +56,7 @@ pub enum AgentError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error(
-        "nothing to serve: give at least one --map NAME=HOST:PORT (or [[service]] in the config)"
+        "nothing to do: give at least one --map NAME=HOST:PORT or --connect NAME=LISTEN_ADDR (or [[service]] / [[connect]] in the config)"
     )]
     NoServices,
     #[error("invalid service {0}")]
@@ -84,6 +85,7 @@ pub struct AgentBuilder {
     quic_fallback_after: Duration,
     quic_reprobe: Duration,
     admin: Option<tokio::net::TcpListener>,
+    connects: Vec<connect::ConnectSpec>,
 }
 
 impl std::fmt::Debug for dyn Clock {
@@ -158,6 +160,17 @@ impl AgentBuilder {
         self
     }
 
+    /// Reaches `name` for every connection to `listener` (`--connect NAME=LISTEN_ADDR`):
+    /// each becomes a stream up to the proxy, which lets it through if this agent's access
+    /// rules allow.
+    pub fn connect(mut self, name: &str, listener: std::net::TcpListener) -> Self {
+        self.connects.push(connect::ConnectSpec {
+            name: name.to_string(),
+            listener,
+        });
+        self
+    }
+
     /// Loads the identity and checks every service against the certificate.
     pub fn build(self) -> Result<Agent, AgentError> {
         let identity = Identity::load(&self.state_dir)?;
@@ -170,8 +183,21 @@ impl AgentBuilder {
                 now,
             )));
         }
-        if self.services.is_empty() {
+        if self.services.is_empty() && self.connects.is_empty() {
             return Err(AgentError::NoServices);
+        }
+        let mut connects = Vec::new();
+        for mut spec in self.connects {
+            spec.name = normalize_host(&spec.name)
+                .ok()
+                .filter(|n| !n.starts_with('*'))
+                .ok_or_else(|| {
+                    AgentError::InvalidService(format!(
+                        "--connect {}: expected an exact host name",
+                        spec.name
+                    ))
+                })?;
+            connects.push(spec);
         }
         let mut entries = Vec::new();
         for (name, addr) in self.services {
@@ -209,10 +235,12 @@ impl AgentBuilder {
         let metrics = Arc::new(metrics::AgentMetrics::new());
         Ok(Agent {
             admin: self.admin,
+            connects,
             ctx: Arc::new(SessionCtx {
                 server: self.server.unwrap_or_else(|| identity.server.clone()),
                 services: Arc::new(ServiceMap::new(entries, metrics.clone())),
                 metrics,
+                up: Arc::default(),
                 drain_grace: self.drain_grace,
                 stream_limits: self.stream_limits,
                 transport: self.transport,
@@ -231,6 +259,7 @@ impl AgentBuilder {
 pub struct Agent {
     ctx: Arc<SessionCtx>,
     admin: Option<tokio::net::TcpListener>,
+    connects: Vec<connect::ConnectSpec>,
     /// The current identity; replaced by each renewal.
     identity: tokio::sync::watch::Sender<Arc<Identity>>,
     state_dir: PathBuf,
@@ -253,6 +282,7 @@ impl Agent {
             quic_fallback_after: QUIC_FALLBACK_AFTER,
             quic_reprobe: QUIC_REPROBE,
             admin: None,
+            connects: Vec::new(),
         }
     }
 
@@ -291,6 +321,14 @@ impl Agent {
                 admin_stop.clone(),
             ))
         });
+        let connects = tokio::spawn(connect::serve(
+            self.connects,
+            self.ctx.up.clone(),
+            self.ctx.server.clone(),
+            self.identity.subscribe(),
+            self.ctx.stream_limits,
+            stop.clone(),
+        ));
         let mut fatal = None;
         let renewal = renew::renewal_loop(
             &self.identity,
@@ -313,6 +351,7 @@ impl Agent {
             supervisor::keep_tunnel_up(&self.ctx, &self.identity, &stop),
             supervise
         );
+        let _ = connects.await;
         admin_stop.fire();
         if let Some(admin) = admin {
             let _ = admin.await;

@@ -20,6 +20,8 @@ pub(super) struct SessionCtx {
     pub(super) server: String,
     pub(super) services: Arc<ServiceMap>,
     pub(super) metrics: Arc<super::metrics::AgentMetrics>,
+    /// Where mesh streams go up (`connect.rs`).
+    pub(super) up: Arc<super::connect::UpLinks>,
     pub(super) drain_grace: Duration,
     /// Bounds on each stream's backend socket.
     pub(super) stream_limits: StreamLimits,
@@ -107,6 +109,8 @@ impl Session {
         };
         self.established.store(true, Ordering::Relaxed);
         let listed = metrics.tunnel_up(self.kind.name());
+        // A QUIC tunnel carries this agent's mesh streams too.
+        let up = conn.up_link().map(|link| self.ctx.up.tunnel_up(link));
         info!("tunnel up");
         for old in self.to_retire.lock().expect("retire list").drain(..) {
             old.fire();
@@ -120,13 +124,20 @@ impl Session {
             self.ctx.stream_limits,
         );
         tokio::pin!(serve);
-        tokio::select! {
-            r = &mut serve => r?,
+        let served = tokio::select! {
+            r = &mut serve => r,
             () = self.retire.cancelled() => {
                 listed.draining();
-                serve.await?
+                if let Some(id) = up {
+                    self.ctx.up.tunnel_down(id);
+                }
+                serve.await
             }
+        };
+        if let Some(id) = up {
+            self.ctx.up.tunnel_down(id);
         }
+        served?;
         Ok(())
     }
 }

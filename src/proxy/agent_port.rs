@@ -14,10 +14,10 @@ use tracing::{debug, info, warn};
 use super::accept::{self, AcceptCounters, Acceptor, PerSource, SourceSlot};
 use super::admit::{admit, Peer};
 use super::registry::Tunnel;
-use super::{enroll, Limits, Shared};
+use super::{enroll, mesh, Limits, Shared};
 use crate::runtime::shutdown::Trigger;
 use crate::tls;
-use crate::tunnel::{self, quic, HANDSHAKE_TIMEOUT};
+use crate::tunnel::{self, quic, Upward, HANDSHAKE_TIMEOUT};
 
 /// The agent port's listeners.
 pub(super) struct AgentPort {
@@ -185,10 +185,45 @@ async fn serve_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, unprov
     let Some((who, hosts)) = admit(&shared, der.as_deref(), peer).await else {
         return;
     };
+    if stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_CONNECT) {
+        return mesh_channel(shared, who, stream, peer, unproven).await;
+    }
     match tunnel::accept_h2(stream).await {
-        Ok((link, conn)) => hold(&shared, who, hosts, link, conn, peer, unproven).await,
+        Ok((link, conn)) => hold(shared, who, hosts, link, conn, peer, unproven).await,
         Err(e) => debug!(%peer, agent = %who.agent, error = %e, "tunnel handshake failed"),
     }
+}
+
+/// The streams an agent opens to reach names (the mesh): each goes to
+/// [`mesh::serve_upward`] in a task of its own.
+fn upward(shared: &Arc<Shared>, who: &Peer, peer: SocketAddr) -> Arc<dyn Fn(Upward) + Send + Sync> {
+    let caller = Arc::new(mesh::Caller {
+        agent: who.agent.clone(),
+        identity: shared.ca.identity_of(&who.agent),
+        serial: who.serial.clone(),
+        peer,
+    });
+    let shared = shared.clone();
+    Arc::new(move |up| {
+        tokio::spawn(mesh::serve_upward(shared.clone(), caller.clone(), up));
+    })
+}
+
+/// An h2 agent's mesh channel: served until the agent closes it or the proxy shuts down.
+/// It serves no names; the tunnel beside it does.
+async fn mesh_channel(
+    shared: Arc<Shared>,
+    who: Peer,
+    stream: tokio_rustls::server::TlsStream<tunnel::h2::TunnelIo>,
+    peer: SocketAddr,
+    unproven: SourceSlot,
+) {
+    drop(unproven);
+    debug!(%peer, agent = %who.agent, "mesh channel up");
+    let on_stream = upward(&shared, &who, peer);
+    let ended =
+        tunnel::serve_mesh_channel(stream, on_stream, shared.close_tunnels.cancelled()).await;
+    debug!(%peer, agent = %who.agent, result = ?ended, "mesh channel down");
 }
 
 /// One QUIC connection on the agent port: always a tunnel.
@@ -209,14 +244,14 @@ async fn serve_quic(
     let Some((who, hosts)) = admit(&shared, der.as_deref(), peer).await else {
         return conn.refuse();
     };
-    hold(&shared, who, hosts, link, conn, peer, unproven).await;
+    hold(shared, who, hosts, link, conn, peer, unproven).await;
 }
 
 /// Registers a tunnel under `hosts` and holds it until it closes, dies, is closed by the
 /// proxy (revocation) or the proxy shuts down; then forgets it. The source's slot is given
 /// back once the tunnel is registered (or refused).
 async fn hold(
-    shared: &Shared,
+    shared: Arc<Shared>,
     who: Peer,
     hosts: Vec<String>,
     link: tunnel::Link,
@@ -225,6 +260,7 @@ async fn hold(
     unproven: SourceSlot,
 ) {
     let id = shared.registry.next_id();
+    let on_upward = upward(&shared, &who, peer);
     let tunnel = Arc::new(Tunnel::new(id, who, link, peer));
     if let Err(held) =
         shared
@@ -251,7 +287,7 @@ async fn hold(
         reason
     };
     let retire = || shared.registry.retire(id);
-    let reason = conn.drive(close, retire).await;
+    let reason = conn.drive(close, retire, on_upward).await;
     shared.registry.remove(id);
     shared
         .metrics

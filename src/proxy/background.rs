@@ -20,6 +20,7 @@ pub(super) fn start(shared: Arc<Shared>) -> Background {
     let mut tasks = JoinSet::new();
     let registry = shared.registry.clone();
     let metrics = shared.metrics.clone();
+    let mesh = shared.mesh.clone();
     // Revocations are counted against what this watch saw last (admission may reload the
     // state in between).
     let known = std::sync::Mutex::new(shared.state.get().revoked.clone());
@@ -28,7 +29,8 @@ pub(super) fn start(shared: Arc<Shared>) -> Background {
         metrics.revoked(s.revoked.difference(&known).count());
         known.clone_from(&s.revoked);
         drop(known);
-        registry.apply(s)
+        registry.apply(s);
+        mesh.apply(s);
     }));
     tasks.spawn(renew_server_cert(shared));
     Background { _tasks: tasks }

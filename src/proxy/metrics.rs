@@ -75,6 +75,7 @@ pub(super) struct ProxyMetrics {
     enrollments: IntCounterVec,
     renewals: IntCounterVec,
     revocations: IntCounter,
+    mesh: IntCounterVec,
     cert_expiry: IntGaugeVec,
     /// Held while the scrape-time gauges are rebuilt and encoded.
     rendering: std::sync::Mutex<()>,
@@ -183,6 +184,12 @@ impl ProxyMetrics {
                 &["outcome"],
             ),
             revocations,
+            mesh: counter(
+                r,
+                "revproxy_mesh_streams_total",
+                "Streams agents opened to reach a name, by outcome: ok, no_access, unknown, offline, unavailable, revoked, bad_name.",
+                &["outcome"],
+            ),
             cert_expiry: gauge(
                 r,
                 "revproxy_agent_certificate_expiry_timestamp_seconds",
@@ -245,6 +252,10 @@ impl ProxyMetrics {
 
     pub(super) fn renewal(&self, outcome: &str) {
         self.renewals.with_label_values(&[outcome]).inc();
+    }
+
+    pub(super) fn mesh(&self, outcome: &str) {
+        self.mesh.with_label_values(&[outcome]).inc();
     }
 
     pub(super) fn revoked(&self, count: usize) {

@@ -20,6 +20,7 @@ mod admit;
 mod agent_port;
 mod background;
 mod enroll;
+mod mesh;
 mod metrics;
 mod public;
 mod ratelimit;
@@ -367,6 +368,7 @@ impl ProxyBuilder {
                 stream_limits: self.stream_limits,
                 max_tunnels_per_agent: self.max_tunnels_per_agent,
                 metrics: Arc::new(metrics::ProxyMetrics::new()),
+                mesh: Arc::default(),
                 ready: std::sync::atomic::AtomicBool::new(false),
                 access_log: self.access_log,
                 started: time::OffsetDateTime::now_utc().unix_timestamp(),
@@ -409,6 +411,8 @@ struct Shared {
     max_tunnels_per_agent: usize,
     /// What the proxy counts, for `/metrics`.
     metrics: Arc<metrics::ProxyMetrics>,
+    /// Open mesh streams, cut when a state change no longer allows them.
+    mesh: Arc<mesh::Streams>,
     /// One info line per client connection.
     access_log: bool,
     /// Serving: set once every listener runs, cleared when shutdown begins (`/ready`).

@@ -209,6 +209,7 @@ async fn handle(
         name: &name,
         client: peer,
         early: &peeked,
+        caller: None,
     };
     drop(state);
     let candidates = (found.exact.iter().map(|t| Candidate::Agent(t, &name)))

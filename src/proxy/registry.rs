@@ -310,6 +310,22 @@ impl ProxyStatus {
         self.registry.lookup(name).all().count()
     }
 
+    /// How many live tunnels agent `agent` holds (whether or not they serve any name).
+    pub fn tunnels_of(&self, agent: &str) -> usize {
+        self.registry
+            .counts()
+            .into_iter()
+            .filter(|(a, _, _)| a == agent)
+            .map(|(_, _, n)| n)
+            .sum()
+    }
+
+    /// Waits until agent `agent` holds `count` live tunnels, or `timeout` passes.
+    pub async fn wait_for_agent(&self, agent: &str, count: usize, timeout: Duration) -> bool {
+        self.wait_until(|| self.tunnels_of(agent) == count, timeout)
+            .await
+    }
+
     /// The transports (`"h2"`, `"quic"`) of the live tunnels serving `name`, sorted.
     pub fn transports_for(&self, name: &str) -> Vec<&'static str> {
         let mut kinds: Vec<_> = self

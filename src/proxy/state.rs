@@ -104,6 +104,15 @@ impl Snapshot {
     pub(super) fn is_private(&self, pattern: &str) -> bool {
         self.private.contains(pattern)
     }
+
+    /// Whether `agent`'s access rules let it reach `name`.
+    pub(super) fn may_reach(&self, agent: &str, name: &str) -> bool {
+        self.access.get(agent).is_some_and(|rules| {
+            rules
+                .iter()
+                .any(|rule| rule == name || crate::route::name_matches(rule, name))
+        })
+    }
 }
 
 /// The shared, refreshed snapshot.

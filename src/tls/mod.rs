@@ -29,6 +29,9 @@ pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN of QUIC tunnels (UDP, same port number as the agent listener).
 pub const ALPN_QUIC: &[u8] = b"revproxy-quic/1";
+/// ALPN of an h2 agent's mesh channel: HTTP/2 with the agent as client, for the streams it
+/// opens to reach private names.
+pub const ALPN_CONNECT: &[u8] = b"revproxy-connect/1";
 
 /// Why a TLS setup step failed.
 #[derive(Debug, thiserror::Error)]

@@ -93,7 +93,7 @@ pub(crate) fn tunnel_listener_config(
     let inner =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
     let verifier = Arc::new(RevocationCheckingVerifier { inner, is_revoked });
-    server_config(verifier, cert, &[ALPN_H2])
+    server_config(verifier, cert, &[ALPN_H2, super::ALPN_CONNECT])
 }
 
 /// The admin listener beyond loopback: like a tunnel's, a client certificate chained to
@@ -132,11 +132,12 @@ fn server_config(
     Ok(config)
 }
 
-/// Whether a ClientHello offers ALPN `h2` (a tunnel rather than an enrollment).
+/// Whether a ClientHello offers ALPN `h2` or the mesh channel's: a connection that needs
+/// a client certificate (a tunnel), rather than an enrollment.
 pub(crate) fn offers_h2(hello: &rustls::server::ClientHello<'_>) -> bool {
     hello
         .alpn()
-        .is_some_and(|mut protocols| protocols.any(|p| p == ALPN_H2))
+        .is_some_and(|mut protocols| protocols.any(|p| p == ALPN_H2 || p == super::ALPN_CONNECT))
 }
 
 /// Adds a revocation check to the standard client certificate verification.

@@ -11,6 +11,7 @@
 //! after the bytes were written onward, so a reader that stops holds back its own stream.
 
 mod choice;
+pub(crate) mod duplex;
 pub(crate) mod h2;
 pub(crate) mod quic;
 
@@ -50,6 +51,9 @@ pub(crate) const MAX_STREAMS: u32 = 1023;
 /// largest window (2^31 - 1 bytes). Window and stream count trade against each other
 /// under that ceiling; this split keeps a thousand concurrent clients per tunnel.
 pub(crate) const CONNECTION_WINDOW: u32 = STREAM_WINDOW * MAX_STREAMS;
+/// Mesh streams (agent → proxy, to reach a private name) one agent may have open at once
+/// on one tunnel; each pins at most [`STREAM_WINDOW`] at either end like any stream.
+pub(crate) const MAX_UPWARD: u32 = 64;
 /// A stream whose reader (the client on the proxy, the backend on the agent) accepts no
 /// bytes for this long is reset and its socket closed, as nginx's `send_timeout` does.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -311,6 +315,8 @@ pub(crate) struct OpenRequest<'a> {
     /// the answer (a tunnel round trip less per connection); a refusing agent drops them,
     /// so the caller may offer them to the next agent.
     pub(crate) early: &'a Bytes,
+    /// On a mesh stream, the calling agent's SPIFFE identity, for the serving agent.
+    pub(crate) caller: Option<&'a str>,
 }
 
 /// Why a stream could not be opened on a tunnel.
@@ -335,7 +341,8 @@ impl OpenError {
     }
 }
 
-/// How the proxy opens streams on a tunnel.
+/// How the proxy opens streams on a tunnel (and an agent its mesh streams).
+#[derive(Clone)]
 pub(crate) enum Link {
     H2(::h2::client::SendRequest<Bytes>),
     Quic(quinn::Connection),
@@ -423,6 +430,16 @@ pub(crate) struct Moved {
 }
 
 impl TunnelStream {
+    /// The stream as a byte pipe, to be joined to another tunnel stream (the mesh).
+    pub(crate) fn into_duplex(self) -> duplex::Duplex {
+        match self {
+            TunnelStream::H2(send, recv) => duplex::Duplex::H2(duplex::H2Io::new(send, recv)),
+            TunnelStream::Quic(send, recv, first) => {
+                duplex::Duplex::Quic(duplex::quic_io(send, recv, first))
+            }
+        }
+    }
+
     /// Copies both ways until both directions end, or `limits` end the stream.
     pub(crate) async fn splice(
         self,
@@ -459,18 +476,116 @@ impl ProxyConn {
     /// Drives the tunnel until the agent closes it, it dies, or `close` completes (then it
     /// is closed with that reason). `retire` is called when the agent retires the tunnel
     /// (new streams should go elsewhere; open ones finish). Returns why it ended.
+    ///
+    /// A QUIC agent opens its mesh streams on the tunnel itself; each is handed to
+    /// `upward` once its header arrived (an h2 agent uses a mesh channel instead:
+    /// [`serve_mesh_channel`]).
     pub(crate) async fn drive(
         self,
         close: impl Future<Output = &'static str>,
         retire: impl Fn(),
+        upward: Arc<dyn Fn(Upward) + Send + Sync>,
     ) -> String {
         match self {
             // An h2 agent retires a tunnel with GOAWAY, which the proxy learns from the
             // next stream it tries to open there.
             ProxyConn::H2(conn) => h2::proxy::drive(*conn, close).await,
-            ProxyConn::Quic(conn) => quic::proxy::drive(conn, close, retire).await,
+            ProxyConn::Quic(conn) => quic::proxy::drive(conn, close, retire, upward).await,
         }
     }
+}
+
+// ---- Mesh streams: agent → proxy ----------------------------------------------------
+
+/// A stream an agent opened to reach a name (the mesh), not yet answered.
+pub(crate) enum Upward {
+    H2(h2::mesh::Incoming),
+    Quic {
+        header: crate::wire::stream::StreamHeader,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        /// Bytes that came after the header.
+        first: Bytes,
+    },
+}
+
+impl Upward {
+    /// The name asked for.
+    pub(crate) fn name(&self) -> &str {
+        match self {
+            Upward::H2(incoming) => &incoming.name,
+            Upward::Quic { header, .. } => &header.name,
+        }
+    }
+
+    /// The caller's local client address, as its agent reported it (for logs).
+    pub(crate) fn client(&self) -> &str {
+        match self {
+            Upward::H2(incoming) => &incoming.client,
+            Upward::Quic { header, .. } => &header.client,
+        }
+    }
+
+    /// Refuses the stream with an HTTP status and a one-line reason.
+    pub(crate) async fn refuse(self, status: u16, reason: &str) {
+        match self {
+            Upward::H2(incoming) => incoming.refuse(status, reason),
+            Upward::Quic { mut send, .. } => {
+                let answer = crate::wire::stream::Answer {
+                    status,
+                    reason: reason.to_string(),
+                };
+                let _ = send.write_all(&answer.encode()).await;
+                let _ = send.finish();
+            }
+        }
+    }
+
+    /// Accepts the stream (answers 200) and returns it as a byte pipe; `None` if it is
+    /// gone already.
+    pub(crate) async fn accept(self) -> Option<duplex::Duplex> {
+        match self {
+            Upward::H2(incoming) => incoming.accept().map(duplex::Duplex::H2),
+            Upward::Quic {
+                mut send,
+                recv,
+                first,
+                ..
+            } => {
+                send.write_all(&crate::wire::stream::Answer::ok().encode())
+                    .await
+                    .ok()?;
+                Some(duplex::Duplex::Quic(duplex::quic_io(send, recv, first)))
+            }
+        }
+    }
+}
+
+/// Serves an h2 agent's mesh channel (TLS done, ALPN [`crate::tls::ALPN_CONNECT`]) until
+/// it ends or `close` completes, handing each stream to `upward`.
+pub(crate) async fn serve_mesh_channel(
+    tls: tokio_rustls::server::TlsStream<h2::TunnelIo>,
+    upward: Arc<dyn Fn(Upward) + Send + Sync>,
+    close: impl Future<Output = ()>,
+) -> Result<(), String> {
+    h2::mesh::serve(tls, move |incoming| upward(Upward::H2(incoming)), close).await
+}
+
+/// The agent's way up to the proxy for mesh streams: on QUIC its tunnel connection, on h2
+/// a mesh channel (see `h2/mesh.rs`). Opening a stream is what the proxy does on a tunnel,
+/// so it is a [`Link`].
+pub(crate) async fn connect_mesh_channel(
+    server: &str,
+    creds: &Credentials<'_>,
+) -> Result<
+    (
+        Link,
+        std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>,
+    ),
+    ConnectError,
+> {
+    let (sender, drive) = h2::mesh::connect(server, creds).await?;
+    Ok((Link::H2(sender), drive))
 }
 
 // ---- The agent's end ----------------------------------------------------------------
@@ -531,6 +646,17 @@ impl ConnectError {
 pub(crate) enum TunnelError {
     #[error("tunnel error: {0}")]
     Broken(String),
+}
+
+impl AgentConn {
+    /// For a QUIC tunnel, the link to open mesh streams on (an h2 tunnel has none: its
+    /// agent is the HTTP/2 server).
+    pub(crate) fn up_link(&self) -> Option<Link> {
+        match self {
+            AgentConn::H2(_) => None,
+            AgentConn::Quic(conn) => Some(Link::Quic(conn.connection())),
+        }
+    }
 }
 
 /// An agent's tunnel whose handshakes are done.

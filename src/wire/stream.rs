@@ -15,18 +15,24 @@ pub const MAX_FRAME: usize = 2048;
 /// Longest reason text in an answer.
 pub const MAX_REASON: usize = 1024;
 
-/// The first bytes of each stream, proxy → agent.
+/// The first bytes of each stream: proxy → agent for a client's stream, and agent → proxy
+/// for a stream an agent opens to reach a private name (the mesh).
 ///
 /// ```text
 /// u8  version (1)
 /// u16 length of the rest, big-endian
 /// u8  name length, name (ASCII host name the client asked for)
-/// u8  address length, address (the public client's `ip:port`, UTF-8; may be empty)
+/// u8  address length, address (the client's `ip:port`, UTF-8; may be empty)
+/// optional, proxy → agent on a mesh stream only:
+/// u8  caller length, caller (the calling agent's SPIFFE identity, UTF-8)
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamHeader {
     pub name: String,
     pub client: String,
+    /// The calling agent's identity on a mesh stream; empty otherwise (and then not sent,
+    /// so a public stream's header is what it always was).
+    pub caller: String,
 }
 
 /// The agent's answer, agent → proxy.
@@ -56,10 +62,16 @@ impl StreamHeader {
     /// Encodes the header; `None` if a field does not fit its one-byte length.
     pub fn encode(&self) -> Option<Bytes> {
         let (name, client) = (self.name.as_bytes(), self.client.as_bytes());
-        if name.is_empty() || name.len() > 255 || client.len() > 255 {
+        let caller = self.caller.as_bytes();
+        if name.is_empty() || name.len() > 255 || client.len() > 255 || caller.len() > 255 {
             return None;
         }
-        let rest = 2 + name.len() + client.len();
+        let caller_len = if caller.is_empty() {
+            0
+        } else {
+            1 + caller.len()
+        };
+        let rest = 2 + name.len() + client.len() + caller_len;
         let mut out = BytesMut::with_capacity(3 + rest);
         out.put_u8(VERSION);
         out.put_u16(rest as u16);
@@ -67,6 +79,10 @@ impl StreamHeader {
         out.put_slice(name);
         out.put_u8(client.len() as u8);
         out.put_slice(client);
+        if !caller.is_empty() {
+            out.put_u8(caller.len() as u8);
+            out.put_slice(caller);
+        }
         Some(out.freeze())
     }
 
@@ -91,6 +107,11 @@ impl StreamHeader {
         };
         let name = take_field(&mut body).ok_or(FrameError::Malformed("name"))?;
         let client = take_field(&mut body).ok_or(FrameError::Malformed("client address"))?;
+        let caller = if body.is_empty() {
+            &[][..]
+        } else {
+            take_field(&mut body).ok_or(FrameError::Malformed("caller"))?
+        };
         if !body.is_empty() {
             return Err(FrameError::Malformed("trailing bytes"));
         }
@@ -99,9 +120,11 @@ impl StreamHeader {
         }
         let client =
             std::str::from_utf8(client).map_err(|_| FrameError::Malformed("client address"))?;
+        let caller = std::str::from_utf8(caller).map_err(|_| FrameError::Malformed("caller"))?;
         let header = StreamHeader {
             name: String::from_utf8_lossy(name).to_ascii_lowercase(),
             client: client.to_string(),
+            caller: caller.to_string(),
         };
         Ok(Some((header, 3 + rest)))
     }
@@ -174,6 +197,26 @@ mod tests {
         StreamHeader {
             name: name.into(),
             client: client.into(),
+            caller: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_mesh_header_carries_the_caller_and_a_public_one_is_unchanged() {
+        let public = header("app.example.com", "203.0.113.9:51234");
+        let plain = public.encode().unwrap();
+        assert_eq!(plain.len(), 3 + 2 + 15 + 17, "no caller field at all");
+        let mesh = StreamHeader {
+            caller: "spiffe://revproxy.local/agent/laptop".into(),
+            ..public
+        };
+        let bytes = mesh.encode().unwrap();
+        assert_eq!(StreamHeader::parse(&bytes), Ok(Some((mesh, bytes.len()))));
+        for cut in 0..bytes.len() {
+            assert!(
+                matches!(StreamHeader::parse(&bytes[..cut]), Ok(None)),
+                "cut at {cut}"
+            );
         }
     }
 

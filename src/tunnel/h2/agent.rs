@@ -12,9 +12,11 @@ use h2::RecvStream;
 use http::{Request, Response, StatusCode};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use super::{keepalive, splice, KeepaliveError, TunnelIo, CLIENT_ADDR_HEADER, ERROR_HEADER};
+use super::{
+    keepalive, splice, KeepaliveError, TunnelIo, CALLER_HEADER, CLIENT_ADDR_HEADER, ERROR_HEADER,
+};
 use crate::tls::Credentials;
 use crate::tunnel::{Backends, ConnectError, Meter, Refusal, StreamLimits, TunnelError};
 
@@ -104,6 +106,12 @@ pub(crate) async fn serve_stream<B: Backends>(
         .get(CLIENT_ADDR_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<SocketAddr>().ok());
+    // On a mesh stream, who calls (set by the proxy from the caller's certificate).
+    let caller = request
+        .headers()
+        .get(CALLER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let refuse = |respond: &mut SendResponse<Bytes>, refusal: Refusal| {
         warn!(host = %name, ?client, status = refusal.status, reason = %refusal.reason, "stream refused");
         let response = Response::builder()
@@ -130,7 +138,12 @@ pub(crate) async fn serve_stream<B: Backends>(
         Ok(send) => send,
         Err(e) => return debug!(error = %e, "stream gone before the answer"),
     };
-    debug!(host = %name, ?client, backend = dialed.addr, "stream open");
+    match &caller {
+        Some(caller) => {
+            info!(host = %name, ?client, caller = %caller, backend = dialed.addr, "mesh stream open")
+        }
+        None => debug!(host = %name, ?client, backend = dialed.addr, "stream open"),
+    }
     let meter = Meter::new(limits.idle_timeout, dialed.counters);
     match splice::splice(
         dialed.stream,

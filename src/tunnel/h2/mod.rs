@@ -10,6 +10,7 @@
 //! pumps). Here: the settings both ends share and the keep-alive PING.
 
 pub(crate) mod agent;
+pub(crate) mod mesh;
 pub(crate) mod proxy;
 pub(crate) mod splice;
 
@@ -26,6 +27,8 @@ pub(crate) const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// Header carrying the public client's address on a `CONNECT`.
 pub(crate) const CLIENT_ADDR_HEADER: &str = "x-revproxy-client";
+/// On a mesh stream, the calling agent's SPIFFE identity (set by the proxy only).
+pub(crate) const CALLER_HEADER: &str = "x-revproxy-caller";
 /// Header carrying a one-line reason on a refused `CONNECT`.
 pub(crate) const ERROR_HEADER: &str = "x-revproxy-error";
 

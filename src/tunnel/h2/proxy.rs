@@ -10,7 +10,9 @@ use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use tokio_rustls::server::TlsStream;
 
-use super::{keepalive, splice, TunnelIo, CLIENT_ADDR_HEADER, ERROR_HEADER, TLS_SEND_BUFFER};
+use super::{
+    keepalive, splice, TunnelIo, CALLER_HEADER, CLIENT_ADDR_HEADER, ERROR_HEADER, TLS_SEND_BUFFER,
+};
 use crate::tunnel::{OpenError, OpenRequest, HANDSHAKE_TIMEOUT};
 
 /// The HTTP/2 connection of a tunnel, driven by [`drive`].
@@ -79,10 +81,14 @@ pub(crate) async fn open(
         reason: source.to_string(),
     };
     let mut sender = sender.clone().ready().await.map_err(tunnel_err)?;
-    let request = Request::builder()
+    let mut request = Request::builder()
         .method(Method::CONNECT)
         .uri(req.name)
-        .header(CLIENT_ADDR_HEADER, req.client.to_string())
+        .header(CLIENT_ADDR_HEADER, req.client.to_string());
+    if let Some(caller) = req.caller {
+        request = request.header(CALLER_HEADER, caller);
+    }
+    let request = request
         .body(())
         .expect("a validated name is a valid authority");
     let (response, mut send) = sender.send_request(request, false).map_err(tunnel_err)?;

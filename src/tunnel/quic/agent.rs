@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::VarInt;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{code, read_frame, splice, transport_config, udp_socket, Role, GOAWAY, HEADER_TIMEOUT};
 use crate::tls::Credentials;
@@ -22,6 +22,13 @@ pub(crate) type Incoming = (quinn::SendStream, quinn::RecvStream);
 pub(crate) struct Conn {
     conn: quinn::Connection,
     endpoint: quinn::Endpoint,
+}
+
+impl Conn {
+    /// The connection, to open mesh streams on.
+    pub(crate) fn connection(&self) -> quinn::Connection {
+        self.conn.clone()
+    }
 }
 
 /// Dials the proxy at `server` over QUIC (the caller bounds the whole).
@@ -120,7 +127,7 @@ pub(crate) async fn serve_stream<B: Backends>(
             return;
         }
     };
-    let (name, client) = (header.name, header.client);
+    let (name, client, caller) = (header.name, header.client, header.caller);
     let dialed = match backends.dial(&name).await {
         Ok(dialed) => dialed,
         Err(refusal) => {
@@ -137,7 +144,11 @@ pub(crate) async fn serve_stream<B: Backends>(
     if let Err(e) = send.write_all(&Answer::ok().encode()).await {
         return debug!(error = %e, "stream gone before the answer");
     }
-    debug!(host = %name, %client, backend = dialed.addr, "stream open");
+    if caller.is_empty() {
+        debug!(host = %name, %client, backend = dialed.addr, "stream open");
+    } else {
+        info!(host = %name, %client, caller = %caller, backend = dialed.addr, "mesh stream open");
+    }
     let meter = Meter::new(limits.idle_timeout, dialed.counters);
     match splice::splice(
         dialed.stream,

@@ -93,16 +93,20 @@ pub(crate) enum Role {
 /// cannot make it buffer data nobody reads) and at most two control streams; the agent
 /// takes client streams and no control streams. No datagrams either way.
 pub(crate) fn transport_config(role: Role) -> quinn::TransportConfig {
+    // The proxy takes at most MAX_UPWARD mesh streams from an agent; the agent takes the
+    // proxy's client streams. Both receive on both kinds, so the connection window covers
+    // every stream's window at once (stalled streams never hold back the others).
     let (bidi, uni) = match role {
-        Role::Proxy => (0, 2),
+        Role::Proxy => (crate::tunnel::MAX_UPWARD, 2),
         Role::Agent => (MAX_STREAMS, 0),
     };
+    let window = u64::from(STREAM_WINDOW) * u64::from(MAX_STREAMS + crate::tunnel::MAX_UPWARD);
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(bidi))
         .max_concurrent_uni_streams(VarInt::from_u32(uni))
         .datagram_receive_buffer_size(None)
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
-        .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
+        .receive_window(VarInt::from_u64(window).expect("fits a VarInt"))
         .send_window(u64::from(CONNECTION_WINDOW))
         .keep_alive_interval(Some(KEEPALIVE))
         .max_idle_timeout(Some(

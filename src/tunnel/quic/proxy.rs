@@ -112,9 +112,11 @@ pub(crate) async fn drive(
     conn: quinn::Connection,
     close: impl Future<Output = &'static str>,
     retire: impl Fn(),
+    upward: std::sync::Arc<dyn Fn(crate::tunnel::Upward) + Send + Sync>,
 ) -> String {
     tokio::pin!(close);
     let mut control = tokio::task::JoinSet::new();
+    let mut heads = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             e = conn.closed() => return e.to_string(),
@@ -127,6 +129,34 @@ pub(crate) async fn drive(
                 }
                 Err(e) => return e.to_string(),
             },
+            // A mesh stream the agent opened: its header first (bounded), then it is the
+            // proxy's to route.
+            bi = conn.accept_bi() => match bi {
+                Ok((send, mut recv)) => {
+                    let upward = upward.clone();
+                    heads.spawn(async move {
+                        let header = tokio::time::timeout(
+                            HEADER_TIMEOUT,
+                            super::read_frame(&mut recv, StreamHeader::parse),
+                        )
+                        .await;
+                        match header {
+                            Ok(Ok((header, first))) => upward(crate::tunnel::Upward::Quic {
+                                header,
+                                send,
+                                recv,
+                                first,
+                            }),
+                            _ => {
+                                let mut send = send;
+                                let _ = send.reset(VarInt::from_u32(code::PROTOCOL));
+                            }
+                        }
+                    });
+                }
+                Err(e) => return e.to_string(),
+            },
+            Some(_) = heads.join_next(), if !heads.is_empty() => {}
             Some(done) = control.join_next(), if !control.is_empty() => {
                 if matches!(done, Ok(true)) {
                     debug!("agent retires this tunnel: routing nothing new to it");
@@ -163,6 +193,7 @@ pub(crate) async fn open(
     let header = StreamHeader {
         name: req.name.to_string(),
         client: req.client.to_string(),
+        caller: req.caller.unwrap_or_default().to_string(),
     }
     .encode()
     .expect("a validated name fits a stream header");

@@ -1,0 +1,202 @@
+//! Private names (the mesh): a stream an agent opened to reach a name, up its own tunnel
+//! (QUIC) or its mesh channel (h2), is checked against the access rules and joined to a
+//! stream down a tunnel of an agent serving the name, which learns who calls.
+//!
+//! Access is default deny: the caller's agent must hold an access rule for the name
+//! (`revproxy access allow`, or `token create --connect`). Every open mesh stream is
+//! registered, and each state change (revocation, access taken back) cuts the streams it
+//! no longer allows, within the state watch's second.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tracing::{debug, info, warn};
+
+use super::public::OPEN_TIMEOUT;
+use super::state::Snapshot;
+use super::Shared;
+use crate::runtime::shutdown::Trigger;
+use crate::tunnel::{OpenRequest, Upward};
+
+/// Copy buffer per direction when joining two tunnel streams.
+const JOIN_BUFFER: usize = 64 * 1024;
+
+/// Who opened a mesh stream: the agent on the other end of the tunnel or channel it came
+/// up, from its verified certificate.
+#[derive(Debug)]
+pub(super) struct Caller {
+    pub(super) agent: String,
+    pub(super) identity: String,
+    pub(super) serial: String,
+    /// Where its tunnel connects from.
+    pub(super) peer: SocketAddr,
+}
+
+/// The open mesh streams, so that a state change can cut those it no longer allows.
+#[derive(Default)]
+pub(super) struct Streams {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, Entry>>,
+}
+
+struct Entry {
+    agent: String,
+    serial: String,
+    name: String,
+    cut: Trigger,
+}
+
+/// An open stream's place in [`Streams`]; removed when dropped.
+struct Registered<'a> {
+    streams: &'a Streams,
+    id: u64,
+    cut: Trigger,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.streams
+            .open
+            .lock()
+            .expect("mesh streams")
+            .remove(&self.id);
+    }
+}
+
+impl Streams {
+    fn register(&self, caller: &Caller, name: &str) -> Registered<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let cut = Trigger::default();
+        self.open.lock().expect("mesh streams").insert(
+            id,
+            Entry {
+                agent: caller.agent.clone(),
+                serial: caller.serial.clone(),
+                name: name.to_string(),
+                cut: cut.clone(),
+            },
+        );
+        Registered {
+            streams: self,
+            id,
+            cut,
+        }
+    }
+
+    /// Cuts the open streams `state` no longer allows: the caller's certificate revoked,
+    /// or its access to the name taken back.
+    pub(super) fn apply(&self, state: &Snapshot) {
+        for entry in self.open.lock().expect("mesh streams").values() {
+            let revoked = state.revoked.contains(&entry.serial);
+            if revoked || !state.may_reach(&entry.agent, &entry.name) {
+                let why = if revoked {
+                    "caller revoked"
+                } else {
+                    "access taken back"
+                };
+                info!(agent = %entry.agent, host = %entry.name, why, "cutting a mesh stream");
+                entry.cut.fire();
+            }
+        }
+    }
+}
+
+/// Routes one mesh stream of `caller` to an agent serving its name, or refuses it with a
+/// status and a sentence the caller's agent logs.
+pub(super) async fn serve_upward(shared: Arc<Shared>, caller: Arc<Caller>, up: Upward) {
+    let name = match revproxy_ca::names::normalize_host(up.name()) {
+        Ok(name) if !name.starts_with('*') => name,
+        _ => {
+            shared.metrics.mesh("bad_name");
+            return up.refuse(400, "not a host name").await;
+        }
+    };
+    let client = up.client().to_string();
+    let state = shared.state.get();
+    if state.revoked.contains(&caller.serial) {
+        shared.metrics.mesh("revoked");
+        return up.refuse(403, "this agent's certificate was revoked").await;
+    }
+    if !state.may_reach(&caller.agent, &name) {
+        warn!(agent = %caller.agent, host = %name, "mesh stream refused: no access");
+        shared.metrics.mesh("no_access");
+        let reason = format!(
+            "{} has no access to {name}; ask the operator for `revproxy access allow {} {name}`",
+            caller.agent, caller.agent
+        );
+        return up.refuse(403, &reason).await;
+    }
+    let found = shared.registry.lookup(&name);
+    if found.is_empty() {
+        let granted = state
+            .grants
+            .values()
+            .flatten()
+            .any(|p| p == &name || crate::route::name_matches(p, &name));
+        let (status, outcome, reason) = if granted {
+            (
+                503,
+                "offline",
+                format!("no agent serving {name} is connected"),
+            )
+        } else {
+            (404, "unknown", format!("no agent may serve {name}"))
+        };
+        shared.metrics.mesh(outcome);
+        return up.refuse(status, &reason).await;
+    }
+    drop(state);
+
+    // The same selection and deadline as a public client's.
+    let deadline = tokio::time::Instant::now() + OPEN_TIMEOUT;
+    let early = Bytes::new();
+    let request = OpenRequest {
+        name: &name,
+        client: caller.peer,
+        early: &early,
+        caller: Some(&caller.identity),
+    };
+    let mut down = None;
+    for t in found.all() {
+        match tokio::time::timeout_at(deadline, t.open(&request)).await {
+            Ok(Ok(stream)) => {
+                down = Some((stream, t.agent.clone()));
+                break;
+            }
+            Ok(Err(e)) => {
+                if e.tunnel_is_gone() {
+                    shared.registry.retire(t.id);
+                }
+                debug!(agent = %t.agent, host = %name, error = %e, "mesh stream: agent could not open; trying the next");
+            }
+            Err(_) => break,
+        }
+    }
+    let Some((down, serving)) = down else {
+        shared.metrics.mesh("unavailable");
+        let reason = format!("no agent serving {name} answered");
+        return up.refuse(503, &reason).await;
+    };
+    let registered = shared.mesh.register(&caller, &name);
+    let Some(mut up) = up.accept().await else {
+        return;
+    };
+    shared.metrics.mesh("ok");
+    info!(caller = %caller.identity, agent = %serving, host = %name, client = %client, "mesh stream open");
+    let mut down = down.into_duplex();
+    let joined =
+        tokio::io::copy_bidirectional_with_sizes(&mut up, &mut down, JOIN_BUFFER, JOIN_BUFFER);
+    tokio::select! {
+        r = joined => match r {
+            Ok((from_caller, to_caller)) => {
+                debug!(caller = %caller.identity, host = %name, up = from_caller, down = to_caller, "mesh stream done")
+            }
+            Err(e) => debug!(caller = %caller.identity, host = %name, error = %e, "mesh stream ended with an error"),
+        },
+        // Dropping both streams resets them: the caller's and the server's sockets close.
+        () = registered.cut.cancelled() => {}
+    }
+}
