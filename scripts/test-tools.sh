@@ -2,21 +2,25 @@
 # Installs the third-party programs the test suite drives, if they are missing:
 #   promtool (Debian's `prometheus`): checks the /metrics exposition with Prometheus' parser
 #   chromium (Debian's `chromium`):   renders the admin status page headless
+#   postgres, psql (Debian's `postgresql`): a real database reached through the mesh
 # Safe to run again and from several processes at once (one installs, the others wait).
 # Needs root and Debian's package registry; prints what it does on stderr.
 set -euo pipefail
 
-need=()
-command -v promtool >/dev/null 2>&1 || need+=(prometheus)
-command -v chromium >/dev/null 2>&1 || need+=(chromium)
+missing() {
+    need=()
+    command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+    command -v chromium >/dev/null 2>&1 || need+=(chromium)
+    command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+    ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+}
+missing
 [ ${#need[@]} -eq 0 ] && exit 0
 
 exec 9>/tmp/revproxy-test-tools.lock
 flock 9
 # Another process may have installed them while we waited.
-need=()
-command -v promtool >/dev/null 2>&1 || need+=(prometheus)
-command -v chromium >/dev/null 2>&1 || need+=(chromium)
+missing
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then

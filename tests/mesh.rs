@@ -227,3 +227,138 @@ over_both_transports!(
     an_identity_without_access_is_refused,
     revoking_access_or_the_caller_cuts_open_streams_within_two_seconds,
 );
+
+/// A PostgreSQL server of its own on 127.0.0.1, started by the test (as the `postgres`
+/// user: the server refuses to run as root), trusting local connections.
+struct Postgres {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Postgres {
+    fn start() -> Postgres {
+        use std::os::unix::fs::PermissionsExt;
+        tool("psql");
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is installed (scripts/test-tools.sh)")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .find(|p| p.join("postgres").exists())
+            .expect("a PostgreSQL server binary");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let data = dir.path().join("data");
+        let as_postgres = |program: &std::path::Path| {
+            let mut cmd = std::process::Command::new("runuser");
+            cmd.args(["-u", "postgres", "--"]).arg(program);
+            cmd
+        };
+        let init = as_postgres(&bin.join("initdb"))
+            .args(["--auth=trust", "--username=postgres", "--no-sync", "-D"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            init.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        // PostgreSQL takes no port 0: ask the kernel for a free one and hand it over.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = as_postgres(&bin.join("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-c", "listen_addresses=127.0.0.1", "-c"])
+            .arg(format!("unix_socket_directories={}", dir.path().display()))
+            .args(["-p", &port.to_string()])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("PostgreSQL started within 30 s");
+            if line.contains("ready to accept connections") {
+                break;
+            }
+        }
+        Postgres {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+}
+
+/// psql, a real client, talks to a real PostgreSQL server that has no public port at all:
+/// through `--connect` on the caller's side and a private name on the server's.
+async fn psql_reaches_a_private_database_through_the_mesh(t: Transport) {
+    let pg = Postgres::start();
+    let proxy = TestProxy::start().await;
+    let database: std::net::SocketAddr = ([127, 0, 0, 1], pg.port).into();
+    let db = enroll_mesh_agent(&proxy, "db-1", &[], &["pg.internal"], &[]).await;
+    let _db = start_agent(db.path(), &[("pg.internal", database)], on(t));
+    proxy.wait_for("pg.internal", 1).await;
+    let laptop = enroll_mesh_agent(&proxy, "laptop", &[], &[], &["pg.internal"]).await;
+    let (listener, local) = connect_port();
+    let _laptop = start_agent(laptop.path(), &[], move |b| {
+        b.transport(t).connect("pg.internal", listener)
+    });
+
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("psql")
+            .arg(format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=10",
+                local.port()
+            ))
+            .args([
+                "-tAc",
+                "create table t (n int); insert into t select generate_series(1, 5000); \
+                 select 'rows ' || count(*) || ' sum ' || sum(n) from t",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("rows 5000 sum 12502500"), "{text}");
+    // The database has no public route: a public client asking for it gets nothing.
+    let public = round_trip(proxy.http, &http_head("pg.internal"), b"")
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&public).starts_with("HTTP/1.1 502"));
+}
+
+mod with_psql {
+    use super::*;
+    over_both_transports!(psql_reaches_a_private_database_through_the_mesh);
+}

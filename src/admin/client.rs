@@ -214,6 +214,31 @@ pub fn report(status: &serde_json::Value) -> String {
                 s(&v["received_bytes"]),
             );
         }
+        let connects = items(&status["connect"]);
+        if !connects.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n{:<30}  {:<22}  {:>6}  {:>8}  LAST ERROR",
+                "CONNECT", "LISTEN", "OPEN", "STREAMS"
+            );
+            for c in connects {
+                let error = match (&c["last_error"], c["last_error_at"].as_i64()) {
+                    (serde_json::Value::String(e), Some(at)) => {
+                        format!("{} ({})", e, crate::runtime::rfc3339(at))
+                    }
+                    _ => "-".into(),
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<30}  {:<22}  {:>6}  {:>8}  {}",
+                    s(&c["name"]),
+                    s(&c["listen"]),
+                    s(&c["open_streams"]),
+                    s(&c["streams"]),
+                    error,
+                );
+            }
+        }
         return out;
     }
     let _ = writeln!(

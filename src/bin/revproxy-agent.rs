@@ -52,6 +52,10 @@ enum Command {
         /// Serve NAME from the backend at HOST:PORT (repeatable)
         #[arg(long = "map", value_name = "NAME=HOST:PORT")]
         maps: Vec<String>,
+        /// Reach the private name NAME: connections to LISTEN_ADDR go through the tunnel
+        /// to whoever serves NAME, if this agent's access rules allow (repeatable)
+        #[arg(long = "connect", value_name = "NAME=LISTEN_ADDR")]
+        connects: Vec<String>,
         /// Admin listener: /metrics, /status, /ready, /healthz and a status page (loopback only; off unless set)
         #[arg(long, value_name = "ADDR")]
         admin: Option<std::net::SocketAddr>,
@@ -154,6 +158,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             config: file,
             transport,
             maps,
+            connects,
             admin,
             log_format,
         } => {
@@ -184,9 +189,27 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 services.retain(|(n, _)| *n != name);
                 services.push((name, to));
             }
+            // --connect entries override [[connect]] entries for the same name.
+            let mut reach: Vec<(String, std::net::SocketAddr)> = Vec::new();
+            for c in &file.connect {
+                reach.push(
+                    config::parse_connect(&format!("{}={}", c.host, c.listen)).map_err(usage)?,
+                );
+            }
+            for c in &connects {
+                let (name, listen) = config::parse_connect(c).map_err(usage)?;
+                reach.retain(|(n, _)| *n != name);
+                reach.push((name, listen));
+            }
             let mut builder = revproxy::Agent::builder(&dir);
             for (name, to) in &services {
                 builder = builder.service(name, to);
+            }
+            for (name, listen) in &reach {
+                let listener = std::net::TcpListener::bind(listen)
+                    .with_context(|| format!("cannot listen on {listen} for --connect {name}"))
+                    .map_err(|e| (1, e))?;
+                builder = builder.connect(name, listener);
             }
             if let Some(transport) = transport {
                 builder = builder.transport(transport);

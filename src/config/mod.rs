@@ -228,6 +228,35 @@ pub struct AgentConfig {
     /// Names served and their backends.
     #[serde(default)]
     pub service: Vec<ServiceConfig>,
+    /// Names reached through the tunnel (private names), each on a local listener.
+    #[serde(default)]
+    pub connect: Vec<ConnectConfig>,
+}
+
+/// One name reached through the tunnel: connections to `listen` go to `host`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectConfig {
+    /// The name to reach (exact).
+    pub host: String,
+    /// Local address to listen on, `IP:PORT` (loopback unless others should use it too).
+    pub listen: SocketAddr,
+}
+
+/// Parses `NAME=LISTEN_ADDR` (a `--connect` argument).
+pub fn parse_connect(s: &str) -> Result<(String, SocketAddr), ConfigError> {
+    let bad = |why: String| ConfigError::Invalid(format!("invalid --connect {s:?}: {why}"));
+    let (name, listen) = s
+        .split_once('=')
+        .ok_or_else(|| bad("expected NAME=LISTEN_ADDR".into()))?;
+    let name = revproxy_ca::names::normalize_host(name).map_err(|e| bad(e.to_string()))?;
+    if name.starts_with('*') {
+        return Err(bad("a connect name is exact, not a wildcard".into()));
+    }
+    let listen = listen
+        .parse()
+        .map_err(|_| bad(format!("{listen:?} is not IP:PORT")))?;
+    Ok((name, listen))
 }
 
 /// One served name.
@@ -263,6 +292,9 @@ impl AgentConfig {
         loopback_admin(self.admin)?;
         for s in &self.service {
             parse_map(&format!("{}={}", s.host, s.to))?;
+        }
+        for c in &self.connect {
+            parse_connect(&format!("{}={}", c.host, c.listen))?;
         }
         Ok(())
     }
