@@ -3,6 +3,7 @@
 #   promtool (Debian's `prometheus`): checks the /metrics exposition with Prometheus' parser
 #   chromium (Debian's `chromium`):   renders the admin status page headless
 #   postgres, psql (Debian's `postgresql`): a real database reached through the mesh
+#   ip (Debian's `iproute2`):          network namespaces for the mesh across networks
 # Safe to run again and from several processes at once (one installs, the others wait).
 # Needs root and Debian's package registry; prints what it does on stderr.
 set -euo pipefail
@@ -13,6 +14,7 @@ missing() {
     command -v chromium >/dev/null 2>&1 || need+=(chromium)
     command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
     ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+    command -v ip >/dev/null 2>&1 || need+=(iproute2)
 }
 missing
 [ ${#need[@]} -eq 0 ] && exit 0
