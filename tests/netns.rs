@@ -196,7 +196,10 @@ fn two_networks_with_no_route_between_them_meet_through_the_proxy() {
         return;
     }
     let _ = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-tools.sh"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/test-tools.sh"
+        ))
         .status();
     let nets = Networks::new();
     let tmp = tempfile::tempdir().unwrap();
