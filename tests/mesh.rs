@@ -156,8 +156,11 @@ async fn an_identity_without_access_is_refused(t: Transport) {
     proxy.wait_for("db.internal", 1).await;
     let stranger = enroll_mesh_agent(&proxy, "stranger", &[], &[], &["other.internal"]).await;
     let (listener, local) = connect_port();
+    let (admin, admin_addr) = local_listener();
     let _stranger = start_agent(stranger.path(), &[], move |b| {
-        b.transport(t).connect("db.internal", listener)
+        b.transport(t)
+            .connect("db.internal", listener)
+            .admin_listener(admin)
     });
     let err = through(local, b"hello", 4).await.unwrap_err();
     assert!(
@@ -169,6 +172,14 @@ async fn an_identity_without_access_is_refused(t: Transport) {
     );
     let said = log_line(&mut logs, "cannot connect to db.internal").await;
     assert!(said.contains("no access to db.internal"), "{said}");
+    // `revproxy-agent status` shows the listener and that last error.
+    let (_, status) = admin_get(admin_addr, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let listener = &status["connect"][0];
+    assert_eq!(listener["name"], "db.internal");
+    assert_eq!(listener["listen"], local.to_string());
+    let error = listener["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("no access to db.internal"), "{status}");
 }
 
 /// Taking back the caller's access, or revoking its certificate, cuts its open stream

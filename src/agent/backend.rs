@@ -62,7 +62,7 @@ const GATEWAY_TIMEOUT: u16 = 504;
 
 impl Backends for ServiceMap {
     /// Finds the backend for `name` and connects to it.
-    async fn dial(&self, name: &str) -> Result<Dialed, Refusal> {
+    async fn dial(&self, name: &str, caller: Option<&str>) -> Result<Dialed, Refusal> {
         let Some((service, addr)) = self.lookup(name) else {
             self.metrics.unknown_name();
             return Err(Refusal {
@@ -78,6 +78,7 @@ impl Backends for ServiceMap {
         match dialed {
             Ok(stream) => Ok(Dialed {
                 stream,
+                caller: caller.map(str::to_string),
                 addr: addr.to_string(),
                 counters: self
                     .metrics

@@ -598,14 +598,21 @@ pub(crate) struct Refusal {
 }
 
 /// What the agent's end of a tunnel does with each stream: find and dial the backend for
-/// a name.
+/// a name. `caller` is the calling agent's SPIFFE identity on a mesh stream (set by the
+/// proxy), kept with the stream for whoever hands it to the backend.
 pub(crate) trait Backends: Send + Sync + 'static {
-    fn dial(&self, name: &str) -> impl Future<Output = Result<Dialed, Refusal>> + Send;
+    fn dial(
+        &self,
+        name: &str,
+        caller: Option<&str>,
+    ) -> impl Future<Output = Result<Dialed, Refusal>> + Send;
 }
 
 /// A backend connected for one stream.
 pub(crate) struct Dialed {
     pub(crate) stream: TcpStream,
+    /// On a mesh stream, who calls (SPIFFE identity).
+    pub(crate) caller: Option<String>,
     /// Its address, for logs.
     pub(crate) addr: String,
     /// Where the stream counts its bytes.

@@ -130,7 +130,7 @@ pub(crate) async fn serve_stream<B: Backends>(
             },
         );
     }
-    let dialed = match backends.dial(&name).await {
+    let dialed = match backends.dial(&name, caller.as_deref()).await {
         Ok(dialed) => dialed,
         Err(refusal) => return refuse(&mut respond, refusal),
     };
@@ -138,7 +138,7 @@ pub(crate) async fn serve_stream<B: Backends>(
         Ok(send) => send,
         Err(e) => return debug!(error = %e, "stream gone before the answer"),
     };
-    match &caller {
+    match &dialed.caller {
         Some(caller) => {
             info!(host = %name, ?client, caller = %caller, backend = dialed.addr, "mesh stream open")
         }

@@ -128,7 +128,8 @@ pub(crate) async fn serve_stream<B: Backends>(
         }
     };
     let (name, client, caller) = (header.name, header.client, header.caller);
-    let dialed = match backends.dial(&name).await {
+    let caller = (!caller.is_empty()).then_some(caller);
+    let dialed = match backends.dial(&name, caller.as_deref()).await {
         Ok(dialed) => dialed,
         Err(refusal) => {
             warn!(host = %name, %client, status = refusal.status, reason = %refusal.reason, "stream refused");
@@ -144,10 +145,11 @@ pub(crate) async fn serve_stream<B: Backends>(
     if let Err(e) = send.write_all(&Answer::ok().encode()).await {
         return debug!(error = %e, "stream gone before the answer");
     }
-    if caller.is_empty() {
-        debug!(host = %name, %client, backend = dialed.addr, "stream open");
-    } else {
-        info!(host = %name, %client, caller = %caller, backend = dialed.addr, "mesh stream open");
+    match &dialed.caller {
+        Some(caller) => {
+            info!(host = %name, %client, caller = %caller, backend = dialed.addr, "mesh stream open")
+        }
+        None => debug!(host = %name, %client, backend = dialed.addr, "stream open"),
     }
     let meter = Meter::new(limits.idle_timeout, dialed.counters);
     match splice::splice(
