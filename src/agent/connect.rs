@@ -25,6 +25,9 @@ use crate::tunnel::{self, Link, OpenError, OpenRequest, StreamCounters, StreamLi
 const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Time allowed to set up the h2 mesh channel.
 const CHANNEL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Local connections one connect listener serves at once (the proxy carries at most 64
+/// mesh streams per tunnel at once; the rest wait for one, within the open timeout).
+const MAX_LOCAL: usize = 256;
 
 /// One `--connect` listener, as configured.
 #[derive(Debug)]
@@ -196,6 +199,10 @@ async fn accept_loop(
                 }
             },
         };
+        if streams.len() >= MAX_LOCAL {
+            warn!(host = %name, client = %peer, "{MAX_LOCAL} connections to {name} are open already; closing this one");
+            continue;
+        }
         let _ = tcp.set_nodelay(true);
         let (name, status, up, server, identity) = (
             name.clone(),

@@ -218,6 +218,13 @@ async fn mesh_channel(
     peer: SocketAddr,
     unproven: SourceSlot,
 ) {
+    let Some(_slot) = shared
+        .mesh
+        .channel(&who.agent, shared.max_tunnels_per_agent)
+    else {
+        warn!(%peer, agent = %who.agent, "agent holds its most mesh channels already; refusing another");
+        return;
+    };
     drop(unproven);
     debug!(%peer, agent = %who.agent, "mesh channel up");
     let on_stream = upward(&shared, &who, peer);

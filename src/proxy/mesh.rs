@@ -35,11 +35,31 @@ pub(super) struct Caller {
     pub(super) peer: SocketAddr,
 }
 
-/// The open mesh streams, so that a state change can cut those it no longer allows.
+/// The open mesh streams, so that a state change can cut those it no longer allows, and
+/// the h2 mesh channels each agent holds.
 #[derive(Default)]
 pub(super) struct Streams {
     next: AtomicU64,
     open: Mutex<HashMap<u64, Entry>>,
+    channels: Mutex<HashMap<String, usize>>,
+}
+
+/// One agent's h2 mesh channel's place in its count; given back when dropped.
+pub(super) struct ChannelSlot {
+    streams: Arc<Streams>,
+    agent: String,
+}
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        let mut channels = self.streams.channels.lock().expect("mesh channels");
+        if let Some(n) = channels.get_mut(&self.agent) {
+            *n -= 1;
+            if *n == 0 {
+                channels.remove(&self.agent);
+            }
+        }
+    }
 }
 
 struct Entry {
@@ -67,6 +87,21 @@ impl Drop for Registered<'_> {
 }
 
 impl Streams {
+    /// A slot for one more h2 mesh channel of `agent`, unless it holds `max` already (an
+    /// agent needs one; a few allow for a reconnect overlapping the old channel).
+    pub(super) fn channel(self: &Arc<Self>, agent: &str, max: usize) -> Option<ChannelSlot> {
+        let mut channels = self.channels.lock().expect("mesh channels");
+        let n = channels.entry(agent.to_string()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ChannelSlot {
+            streams: self.clone(),
+            agent: agent.to_string(),
+        })
+    }
+
     fn register(&self, caller: &Caller, name: &str) -> Registered<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let cut = Trigger::default();
