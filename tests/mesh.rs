@@ -373,3 +373,34 @@ mod with_psql {
     use super::*;
     over_both_transports!(psql_reaches_a_private_database_through_the_mesh);
 }
+
+/// A name is public or private by the grant in force, not by what an older certificate
+/// says: an agent whose public name the operator made private (here by enrolling it again
+/// with a private wildcard over it) serves it only through the mesh, even on its old
+/// certificate.
+#[tokio::test]
+async fn a_name_made_private_stays_private_on_an_older_certificate() {
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"secret:").await;
+    let old = enroll_mesh_agent(&proxy, "db-1", &["db.example.com"], &[], &[]).await;
+    // The operator makes everything under example.com private for db-1.
+    let _new = enroll_mesh_agent(&proxy, "db-1", &[], &["*.example.com"], &[]).await;
+    let _agent = start_agent(old.path(), &[("db.example.com", backend)], |b| b);
+    proxy.wait_for("db.example.com", 1).await;
+
+    let back = round_trip(proxy.http, &http_head("db.example.com"), b"")
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&back);
+    assert!(text.starts_with("HTTP/1.1 502"), "{text}");
+    assert!(!text.contains("secret"), "{text}");
+
+    // Through the mesh, with access, it is there.
+    let laptop = enroll_mesh_agent(&proxy, "laptop", &[], &[], &["db.example.com"]).await;
+    let (listener, local) = connect_port();
+    let _laptop = start_agent(laptop.path(), &[], move |b| {
+        b.connect("db.example.com", listener)
+    });
+    let back = through(local, b"hi", 9).await.unwrap();
+    assert_eq!(&back, b"secret:hi");
+}

@@ -13,7 +13,6 @@ use revproxy_ca::CertSummary;
 use tracing::warn;
 
 use super::Shared;
-use crate::route::name_matches;
 
 /// Who is on the other end of a tunnel, from its verified client certificate.
 pub(super) struct Peer {
@@ -33,7 +32,7 @@ pub(super) async fn admit(
     shared: &Shared,
     der: Option<&[u8]>,
     peer: SocketAddr,
-) -> Option<(Peer, Vec<String>)> {
+) -> Option<(Peer, super::registry::Served)> {
     let Some(who) = der.and_then(peer_of) else {
         warn!(%peer, "tunnel without a readable client certificate; closing");
         shared.metrics.tunnel_refused("no_certificate");
@@ -51,8 +50,7 @@ pub(super) async fn admit(
         shared.metrics.tunnel_refused("unknown_certificate");
         return None;
     }
-    let granted = state.grants.get(&who.agent).cloned().unwrap_or_default();
-    let hosts = granted_hosts(&who.cert_hosts, &granted);
+    let hosts = state.served(&who.agent, &who.cert_hosts);
     Some((who, hosts))
 }
 
@@ -64,13 +62,4 @@ fn peer_of(der: &[u8]) -> Option<Peer> {
         cert_hosts: cert.dns_names,
         not_after: cert.not_after,
     })
-}
-
-/// The names of `cert_hosts` that `grant` still covers.
-pub(super) fn granted_hosts(cert_hosts: &[String], grant: &[String]) -> Vec<String> {
-    cert_hosts
-        .iter()
-        .filter(|h| grant.iter().any(|g| g == *h || name_matches(g, h)))
-        .cloned()
-        .collect()
 }

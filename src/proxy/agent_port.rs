@@ -205,7 +205,17 @@ fn upward(shared: &Arc<Shared>, who: &Peer, peer: SocketAddr) -> Arc<dyn Fn(Upwa
     });
     let shared = shared.clone();
     Arc::new(move |up| {
-        tokio::spawn(mesh::serve_upward(shared.clone(), caller.clone(), up));
+        // Over its share: dropped unanswered (a reset), nothing routed for it.
+        let Some(permit) = shared.mesh.permit(&caller.agent) else {
+            debug!(agent = %caller.agent, "too many mesh streams in hand; dropping one");
+            return;
+        };
+        tokio::spawn(mesh::serve_upward(
+            shared.clone(),
+            caller.clone(),
+            up,
+            permit,
+        ));
     })
 }
 
@@ -228,8 +238,16 @@ async fn mesh_channel(
     drop(unproven);
     debug!(%peer, agent = %who.agent, "mesh channel up");
     let on_stream = upward(&shared, &who, peer);
-    let ended =
-        tunnel::serve_mesh_channel(stream, on_stream, shared.close_tunnels.cancelled()).await;
+    // Closed like a tunnel: at revocation, at the certificate's expiry, at shutdown.
+    let (revoked, _registered) = shared.mesh.channel_cut(&who.serial);
+    let close = async {
+        tokio::select! {
+            () = shared.close_tunnels.cancelled() => {}
+            () = revoked.cancelled() => {}
+            () = until_unix(who.not_after) => {}
+        }
+    };
+    let ended = tunnel::serve_mesh_channel(stream, on_stream, close).await;
     debug!(%peer, agent = %who.agent, result = ?ended, "mesh channel down");
 }
 
@@ -260,7 +278,7 @@ async fn serve_quic(
 async fn hold(
     shared: Arc<Shared>,
     who: Peer,
-    hosts: Vec<String>,
+    hosts: super::registry::Served,
     link: tunnel::Link,
     conn: tunnel::ProxyConn,
     peer: SocketAddr,

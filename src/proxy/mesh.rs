@@ -42,6 +42,31 @@ pub(super) struct Streams {
     next: AtomicU64,
     open: Mutex<HashMap<u64, Entry>>,
     channels: Mutex<HashMap<String, usize>>,
+    /// Each live h2 mesh channel's certificate serial and how to close it.
+    channel_cuts: Mutex<HashMap<u64, (String, Trigger)>>,
+    /// Mesh streams each agent may have in hand at once, across its tunnels and channels.
+    permits: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+/// Mesh streams one agent may have in hand at once (being routed or open), across all
+/// its tunnels and channels: an agent that resets streams as fast as it opens them cannot
+/// make the proxy route more.
+const MAX_PER_AGENT: usize = crate::tunnel::MAX_UPWARD as usize;
+
+/// A mesh channel's entry among those a revocation closes; removed when dropped.
+pub(super) struct ChannelCut {
+    streams: Arc<Streams>,
+    id: u64,
+}
+
+impl Drop for ChannelCut {
+    fn drop(&mut self) {
+        self.streams
+            .channel_cuts
+            .lock()
+            .expect("mesh channels")
+            .remove(&self.id);
+    }
 }
 
 /// One agent's h2 mesh channel's place in its count; given back when dropped.
@@ -87,6 +112,36 @@ impl Drop for Registered<'_> {
 }
 
 impl Streams {
+    /// A permit for one more mesh stream of `agent`, unless it has its most in hand.
+    pub(super) fn permit(&self, agent: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let semaphore = self
+            .permits
+            .lock()
+            .expect("mesh permits")
+            .entry(agent.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_PER_AGENT)))
+            .clone();
+        semaphore.try_acquire_owned().ok()
+    }
+
+    /// Registers a live mesh channel of the certificate `serial`; the trigger fires when
+    /// that certificate is revoked. Forgotten when the guard is dropped.
+    pub(super) fn channel_cut(self: &Arc<Self>, serial: &str) -> (Trigger, ChannelCut) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let cut = Trigger::default();
+        self.channel_cuts
+            .lock()
+            .expect("mesh channels")
+            .insert(id, (serial.to_string(), cut.clone()));
+        (
+            cut,
+            ChannelCut {
+                streams: self.clone(),
+                id,
+            },
+        )
+    }
+
     /// A slot for one more h2 mesh channel of `agent`, unless it holds `max` already (an
     /// agent needs one; a few allow for a reconnect overlapping the old channel).
     pub(super) fn channel(self: &Arc<Self>, agent: &str, max: usize) -> Option<ChannelSlot> {
@@ -122,8 +177,14 @@ impl Streams {
     }
 
     /// Cuts the open streams `state` no longer allows: the caller's certificate revoked,
-    /// or its access to the name taken back.
+    /// or its access to the name taken back; closes the mesh channels of revoked
+    /// certificates.
     pub(super) fn apply(&self, state: &Snapshot) {
+        for (serial, cut) in self.channel_cuts.lock().expect("mesh channels").values() {
+            if state.revoked.contains(serial) {
+                cut.fire();
+            }
+        }
         for entry in self.open.lock().expect("mesh streams").values() {
             let revoked = state.revoked.contains(&entry.serial);
             if revoked || !state.may_reach(&entry.agent, &entry.name) {
@@ -140,8 +201,15 @@ impl Streams {
 }
 
 /// Routes one mesh stream of `caller` to an agent serving its name, or refuses it with a
-/// status and a sentence the caller's agent logs.
-pub(super) async fn serve_upward(shared: Arc<Shared>, caller: Arc<Caller>, up: Upward) {
+/// status and a sentence the caller's agent logs. `permit` counts it against the caller's
+/// agent while it lives.
+pub(super) async fn serve_upward(
+    shared: Arc<Shared>,
+    caller: Arc<Caller>,
+    up: Upward,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let _permit = permit;
     let name = match revproxy_ca::names::normalize_host(up.name()) {
         Ok(name) if !name.starts_with('*') => name,
         _ => {
@@ -149,22 +217,37 @@ pub(super) async fn serve_upward(shared: Arc<Shared>, caller: Arc<Caller>, up: U
             return up.refuse(400, "not a host name").await;
         }
     };
-    let client = up.client().to_string();
+    // Only an address, never free text from the agent, goes into the logs.
+    let client = up
+        .client()
+        .parse::<SocketAddr>()
+        .map_or_else(|_| "-".to_string(), |a| a.to_string());
+    // Registered before the state is read: a change from here on cuts it.
+    let registered = shared.mesh.register(&caller, &name);
+    let allowed = |state: &Snapshot| -> Result<(), (&'static str, String)> {
+        if state.revoked.contains(&caller.serial) {
+            return Err(("revoked", "this agent's certificate was revoked".into()));
+        }
+        if !state.may_reach(&caller.agent, &name) {
+            return Err((
+                "no_access",
+                format!(
+                    "{agent} has no access to {name}; ask the operator for `revproxy access allow {agent} {name}`",
+                    agent = caller.agent
+                ),
+            ));
+        }
+        Ok(())
+    };
     let state = shared.state.get();
-    if state.revoked.contains(&caller.serial) {
-        shared.metrics.mesh("revoked");
-        return up.refuse(403, "this agent's certificate was revoked").await;
-    }
-    if !state.may_reach(&caller.agent, &name) {
-        warn!(agent = %caller.agent, host = %name, "mesh stream refused: no access");
-        shared.metrics.mesh("no_access");
-        let reason = format!(
-            "{} has no access to {name}; ask the operator for `revproxy access allow {} {name}`",
-            caller.agent, caller.agent
-        );
+    if let Err((outcome, reason)) = allowed(&state) {
+        if outcome == "no_access" {
+            warn!(agent = %caller.agent, host = %name, "mesh stream refused: no access");
+        }
+        shared.metrics.mesh(outcome);
         return up.refuse(403, &reason).await;
     }
-    let found = shared.registry.lookup(&name);
+    let found = shared.registry.lookup_mesh(&name);
     if found.is_empty() {
         let granted = state
             .grants
@@ -195,6 +278,7 @@ pub(super) async fn serve_upward(shared: Arc<Shared>, caller: Arc<Caller>, up: U
         caller: Some(&caller.identity),
     };
     let mut down = None;
+    let mut refused = None;
     for t in found.all() {
         match tokio::time::timeout_at(deadline, t.open(&request)).await {
             Ok(Ok(stream)) => {
@@ -205,6 +289,9 @@ pub(super) async fn serve_upward(shared: Arc<Shared>, caller: Arc<Caller>, up: U
                 if e.tunnel_is_gone() {
                     shared.registry.retire(t.id);
                 }
+                if let crate::tunnel::OpenError::Refused { status, .. } = &e {
+                    refused = Some(*status);
+                }
                 debug!(agent = %t.agent, host = %name, error = %e, "mesh stream: agent could not open; trying the next");
             }
             Err(_) => break,
@@ -212,26 +299,45 @@ pub(super) async fn serve_upward(shared: Arc<Shared>, caller: Arc<Caller>, up: U
     }
     let Some((down, serving)) = down else {
         shared.metrics.mesh("unavailable");
-        let reason = format!("no agent serving {name} answered");
-        return up.refuse(503, &reason).await;
+        // The serving agent's own status (its backend did not answer, say), without the
+        // details, which are that agent's business.
+        let (status, reason) = match refused {
+            Some(status) => (
+                status,
+                format!("the agent serving {name} refused ({status})"),
+            ),
+            None => (503, format!("no agent serving {name} answered")),
+        };
+        return up.refuse(status, &reason).await;
     };
-    let registered = shared.mesh.register(&caller, &name);
-    let Some(mut up) = up.accept().await else {
-        return;
-    };
-    shared.metrics.mesh("ok");
-    info!(caller = %caller.identity, agent = %serving, host = %name, client = %client, "mesh stream open");
     let mut down = down.into_duplex();
+    let Some(mut up) = up.accept().await else {
+        return down.reset();
+    };
+    // The state may have changed while the stream was being opened.
+    if allowed(&shared.state.get()).is_err() || registered.cut.is_fired() {
+        up.reset();
+        return down.reset();
+    }
+    shared.metrics.mesh("ok");
+    info!(caller = %caller.identity, agent = %serving, host = %name, %client, "mesh stream open");
     let joined =
         tokio::io::copy_bidirectional_with_sizes(&mut up, &mut down, JOIN_BUFFER, JOIN_BUFFER);
-    tokio::select! {
-        r = joined => match r {
-            Ok((from_caller, to_caller)) => {
-                debug!(caller = %caller.identity, host = %name, up = from_caller, down = to_caller, "mesh stream done")
+    let cut = tokio::select! {
+        r = joined => {
+            match r {
+                Ok((from_caller, to_caller)) => {
+                    debug!(caller = %caller.identity, host = %name, up = from_caller, down = to_caller, "mesh stream done")
+                }
+                Err(e) => debug!(caller = %caller.identity, host = %name, error = %e, "mesh stream ended with an error"),
             }
-            Err(e) => debug!(caller = %caller.identity, host = %name, error = %e, "mesh stream ended with an error"),
-        },
-        // Dropping both streams resets them: the caller's and the server's sockets close.
-        () = registered.cut.cancelled() => {}
+            false
+        }
+        () = registered.cut.cancelled() => true,
+    };
+    if cut {
+        // Both ends see an error, not a clean end of stream.
+        up.reset();
+        down.reset();
     }
 }

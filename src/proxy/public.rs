@@ -159,24 +159,19 @@ async fn handle(
 
     access.host = Some(name.clone());
     // The most specific match first (DESIGN.md section 5): agents granted the exact name,
-    // then a static route for it, then agents holding a wildcard. A name (or wildcard)
-    // granted privately is not there for a public client: it looks like any unknown name.
+    // then a static route for it, then agents holding a wildcard. Only what agents serve
+    // publicly is looked up: a name granted privately looks like any unknown name (and a
+    // static route under a private grant is not offered either).
     let state = shared.state.get();
     let wildcard = name
         .split_once('.')
         .map(|(_, parent)| format!("*.{parent}"))
         .unwrap_or_default();
-    let mut found = shared.registry.lookup(&name);
-    if state.is_private(&name) {
-        found.exact.clear();
-    }
-    if state.is_private(&wildcard) {
-        found.wildcard.clear();
-    }
+    let found = shared.registry.lookup(&name);
     let route = shared
         .routes
         .get(&name)
-        .filter(|_| !state.is_private(&name));
+        .filter(|_| !state.covers_private(&name));
     if found.is_empty() && route.is_none() {
         let offline = state.is_granted_anywhere(&name);
         if offline {

@@ -75,26 +75,50 @@ impl Tunnel {
     }
 }
 
+/// The names a tunnel serves: to public clients, and only through the mesh.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Served {
+    pub(super) public: Vec<String>,
+    pub(super) private: Vec<String>,
+}
+
+impl Served {
+    /// Every name, public ones first.
+    pub(super) fn all(&self) -> Vec<String> {
+        self.public.iter().chain(&self.private).cloned().collect()
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     /// Every live tunnel and the names it serves now.
-    tunnels: HashMap<u64, (Arc<Tunnel>, Vec<String>)>,
-    /// Name pattern (exact or `*.suffix`) → tunnels serving it; rebuilt on every change.
+    tunnels: HashMap<u64, (Arc<Tunnel>, Served)>,
+    /// Name pattern (exact or `*.suffix`) → tunnels serving it to public clients; rebuilt
+    /// on every change.
     by_pattern: HashMap<String, Vec<Arc<Tunnel>>>,
+    /// The same for names served only through the mesh.
+    by_private: HashMap<String, Vec<Arc<Tunnel>>>,
 }
 
 impl Inner {
     fn reindex(&mut self) {
         self.by_pattern.clear();
+        self.by_private.clear();
         let mut ids: Vec<&u64> = self.tunnels.keys().collect();
         ids.sort(); // stable order: oldest tunnel first
         for id in ids {
-            let (tunnel, hosts) = &self.tunnels[id];
+            let (tunnel, served) = &self.tunnels[id];
             if tunnel.draining.load(Ordering::Relaxed) {
                 continue;
             }
-            for host in hosts {
+            for host in &served.public {
                 self.by_pattern
+                    .entry(host.clone())
+                    .or_default()
+                    .push(tunnel.clone());
+            }
+            for host in &served.private {
+                self.by_private
                     .entry(host.clone())
                     .or_default()
                     .push(tunnel.clone());
@@ -135,7 +159,7 @@ impl Registry {
     pub(super) fn insert(
         &self,
         tunnel: Arc<Tunnel>,
-        hosts: Vec<String>,
+        hosts: Served,
         max: usize,
     ) -> Result<(), usize> {
         let mut inner = self.inner.write().expect("registry lock");
@@ -197,8 +221,7 @@ impl Registry {
                 changed = true;
                 return false;
             }
-            let grant = state.grants.get(&tunnel.agent).map(Vec::as_slice).unwrap_or_default();
-            let now = super::admit::granted_hosts(&tunnel.cert_hosts, grant);
+            let now = state.served(&tunnel.agent, &tunnel.cert_hosts);
             if now != *hosts {
                 tracing::info!(agent = %tunnel.agent, tunnel = tunnel.id, before = ?hosts, after = ?now, "grant changed; tunnel now serves these names");
                 *hosts = now;
@@ -234,26 +257,48 @@ impl Registry {
         let mut all: Vec<_> = inner
             .tunnels
             .values()
-            .map(|(t, hosts)| (t.clone(), hosts.clone(), t.draining.load(Ordering::Relaxed)))
+            .map(|(t, served)| (t.clone(), served.all(), t.draining.load(Ordering::Relaxed)))
             .collect();
         all.sort_by_key(|(t, _, _)| t.id);
         all
     }
 
-    /// The tunnels serving `name`: those granted exactly `name`, and apart from them those
-    /// granted a wildcard that covers it. Each group is rotated so that successive calls
-    /// start at different tunnels (round robin within a group, never across).
+    /// The tunnels serving `name` to public clients: those granted exactly `name`, and
+    /// apart from them those granted a wildcard that covers it. Each group is rotated so
+    /// that successive calls start at different tunnels (round robin within a group, never
+    /// across).
     pub(super) fn lookup(&self, name: &str) -> Found {
+        self.find(name, false)
+    }
+
+    /// The tunnels serving `name` to a mesh stream: privately or publicly, the most
+    /// specific first as for [`Self::lookup`].
+    pub(super) fn lookup_mesh(&self, name: &str) -> Found {
+        self.find(name, true)
+    }
+
+    fn find(&self, name: &str, mesh: bool) -> Found {
         let inner = self.inner.read().expect("registry lock");
-        let exact: Vec<Arc<Tunnel>> = inner.by_pattern.get(name).cloned().unwrap_or_default();
+        let get = |pattern: &str| {
+            let mut found: Vec<Arc<Tunnel>> =
+                inner.by_pattern.get(pattern).cloned().unwrap_or_default();
+            if mesh {
+                for t in inner.by_private.get(pattern).into_iter().flatten() {
+                    if !found.iter().any(|f| f.id == t.id) {
+                        found.push(t.clone());
+                    }
+                }
+            }
+            found
+        };
+        let exact = get(name);
         let wildcard: Vec<Arc<Tunnel>> = name
             .split_once('.')
             .filter(|(label, _)| !label.is_empty()) // as `route::name_matches` has it
-            .and_then(|(_, parent)| inner.by_pattern.get(&format!("*.{parent}")))
+            .map(|(_, parent)| get(&format!("*.{parent}")))
             .map(|wild| {
-                wild.iter()
+                wild.into_iter()
                     .filter(|t| !exact.iter().any(|e| e.id == t.id))
-                    .cloned()
                     .collect()
             })
             .unwrap_or_default();
@@ -305,9 +350,9 @@ impl ProxyStatus {
         ProxyStatus { registry }
     }
 
-    /// How many live tunnels serve `name`.
+    /// How many live tunnels serve `name` (to public clients or through the mesh).
     pub fn tunnels_for(&self, name: &str) -> usize {
-        self.registry.lookup(name).all().count()
+        self.registry.lookup_mesh(name).all().count()
     }
 
     /// How many live tunnels agent `agent` holds (whether or not they serve any name).
@@ -330,7 +375,7 @@ impl ProxyStatus {
     pub fn transports_for(&self, name: &str) -> Vec<&'static str> {
         let mut kinds: Vec<_> = self
             .registry
-            .lookup(name)
+            .lookup_mesh(name)
             .all()
             .map(|t| t.transport())
             .collect();

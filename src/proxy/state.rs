@@ -32,6 +32,10 @@ pub(super) struct Snapshot {
     pub(super) open_tokens: HashSet<String>,
     /// Names each agent may currently serve, public and private.
     pub(super) grants: HashMap<String, Vec<String>>,
+    /// Of those, the ones each agent serves to public clients.
+    pub(super) public: HashMap<String, Vec<String>>,
+    /// And the ones it serves only through the mesh.
+    pub(super) private_of: HashMap<String, Vec<String>>,
     /// Name patterns granted for private serving: never routed from a public listener.
     pub(super) private: HashSet<String>,
     /// Access rules: the name patterns each agent may reach through its tunnel.
@@ -81,6 +85,12 @@ impl Snapshot {
             private: (state.agents.values())
                 .flat_map(|g| g.private.iter().cloned())
                 .collect(),
+            public: (state.agents.iter())
+                .map(|(k, v)| (k.clone(), v.hosts.clone()))
+                .collect(),
+            private_of: (state.agents.iter())
+                .map(|(k, v)| (k.clone(), v.private.clone()))
+                .collect(),
             grants: state
                 .agents
                 .into_iter()
@@ -92,17 +102,49 @@ impl Snapshot {
 
     /// Whether any agent is granted a public pattern that covers `name`.
     pub(super) fn is_granted_anywhere(&self, name: &str) -> bool {
-        self.grants
+        self.public
             .values()
             .flatten()
-            .filter(|pattern| !self.private.contains(*pattern))
-            .any(|pattern| crate::route::name_matches(pattern, name))
+            .any(|pattern| pattern == name || crate::route::name_matches(pattern, name))
     }
 
-    /// Whether the pattern `pattern` (a name, or `*.suffix`) is granted privately: a public
-    /// listener must not route through it.
+    /// Whether any private grant covers `name` (exactly or by a wildcard): a static route
+    /// for it is not offered to public clients.
+    pub(super) fn covers_private(&self, name: &str) -> bool {
+        self.private
+            .iter()
+            .any(|pattern| pattern == name || crate::route::name_matches(pattern, name))
+    }
+
+    /// Whether the pattern `pattern` (a name, or `*.suffix`) is granted privately.
     pub(super) fn is_private(&self, pattern: &str) -> bool {
         self.private.contains(pattern)
+    }
+
+    /// What a tunnel of `agent` with a certificate for `cert_hosts` serves now: to public
+    /// clients, the names its public grant covers and none of its private grants does; to
+    /// mesh streams, the names its private grant covers. Decided per name by the grant,
+    /// so a name an older certificate still holds never goes public once the agent's grant
+    /// has made it (or a wildcard over it) private.
+    pub(super) fn served(&self, agent: &str, cert_hosts: &[String]) -> super::registry::Served {
+        let empty = Vec::new();
+        let public = self.public.get(agent).unwrap_or(&empty);
+        let private = self.private_of.get(agent).unwrap_or(&empty);
+        let covers = |grant: &[String], h: &str| {
+            grant
+                .iter()
+                .any(|g| g == h || crate::route::name_matches(g, h))
+        };
+        super::registry::Served {
+            public: (cert_hosts.iter())
+                .filter(|h| covers(public, h) && !covers(private, h))
+                .cloned()
+                .collect(),
+            private: (cert_hosts.iter())
+                .filter(|h| covers(private, h))
+                .cloned()
+                .collect(),
+        }
     }
 
     /// Whether `agent`'s access rules let it reach `name`.
@@ -193,8 +235,11 @@ impl StateView {
             match tokio::task::spawn_blocking(move || Snapshot::load(&file)).await {
                 Ok(Ok(snapshot)) => {
                     debug!(revoked = snapshot.revoked.len(), "proxy state reloaded");
+                    // Current first: whoever checks the state after `on_change` has cut
+                    // what it no longer allows sees the new one.
+                    let snapshot = Arc::new(snapshot);
+                    *self.current.write().expect("state view lock") = snapshot.clone();
                     on_change(&snapshot);
-                    *self.current.write().expect("state view lock") = Arc::new(snapshot);
                     seen = now;
                 }
                 Ok(Err(e)) => {

@@ -119,6 +119,21 @@ pub(crate) enum Duplex {
     Quic(QuicIo),
 }
 
+impl Duplex {
+    /// Resets the stream both ways, so its far end sees an error, not a clean end.
+    pub(crate) fn reset(self) {
+        match self {
+            Duplex::H2(mut io) => io.send.send_reset(h2::Reason::CANCEL),
+            Duplex::Quic(io) => {
+                let (recv, mut send) = io.into_inner();
+                let (_, mut recv) = recv.into_inner();
+                let _ = send.reset(quinn::VarInt::from_u32(super::quic::code::ABORTED));
+                let _ = recv.stop(quinn::VarInt::from_u32(super::quic::code::ABORTED));
+            }
+        }
+    }
+}
+
 impl AsyncRead for Duplex {
     fn poll_read(
         self: Pin<&mut Self>,

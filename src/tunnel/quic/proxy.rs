@@ -196,7 +196,10 @@ pub(crate) async fn open(
         caller: req.caller.unwrap_or_default().to_string(),
     }
     .encode()
-    .expect("a validated name fits a stream header");
+    .ok_or_else(|| OpenError::Tunnel {
+        reason: "the name or the caller's identity does not fit a stream header".into(),
+        gone: false,
+    })?;
     let (send, mut recv) = conn.open_bi().await.map_err(|e| OpenError::Tunnel {
         reason: e.to_string(),
         gone: true,
