@@ -248,10 +248,28 @@ impl Ca {
         ttl: Duration,
         now: OffsetDateTime,
     ) -> Result<(String, String, Unix), CaError> {
+        let identity = self.identity_of(agent);
+        self.issue_client_cert(agent, &identity, hosts, public_key, ttl, now)
+    }
+
+    /// Signs a client certificate (agent or operator): CN `common_name`, the SPIFFE URI
+    /// `identity`, DNS names `hosts`, EKU clientAuth, not a CA, valid from [`BACKDATE`]
+    /// before `now` for `ttl`. Returns the PEM, the hex serial and the expiry.
+    pub(crate) fn issue_client_cert(
+        &self,
+        common_name: &str,
+        identity: &str,
+        hosts: &[String],
+        public_key: &impl PublicKeyData,
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<(String, String, Unix), CaError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, agent);
-        let mut sans = vec![SanType::URI(self.identity_of(agent).try_into()?)];
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        let mut sans = vec![SanType::URI(identity.to_string().try_into()?)];
         for host in hosts {
             sans.push(SanType::DnsName(host.clone().try_into()?));
         }

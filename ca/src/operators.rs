@@ -6,16 +6,11 @@
 
 use std::time::Duration;
 
-use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use rcgen::KeyPair;
 use time::OffsetDateTime;
 
 use crate::ca::{Ca, BACKDATE};
 use crate::error::CaError;
-use crate::hex;
-use crate::issue::random_serial;
 use crate::names::validate_agent_name;
 use crate::state::{OperatorRecord, State, Unix};
 
@@ -79,25 +74,13 @@ impl Ca {
         }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let identity = self.operator_identity(name);
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.subject_alt_names = vec![SanType::URI(identity.clone().try_into()?)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = now - BACKDATE;
-        params.not_after = now + ttl;
-        let serial = random_serial();
-        let serial_hex = hex::encode(&serial.to_bytes());
-        params.serial_number = Some(serial);
-        let cert = params.signed_by(&key, &self.issuer()?)?;
+        let (cert_pem, serial_hex, not_after) =
+            self.issue_client_cert(name, &identity, &[], &key, ttl, now)?;
         let record = OperatorRecord {
             serial: serial_hex.clone(),
             name: name.to_string(),
-            not_before: params.not_before.unix_timestamp(),
-            not_after: params.not_after.unix_timestamp(),
+            not_before: (now - BACKDATE).unix_timestamp(),
+            not_after,
             revoked_at: None,
         };
         self.state.update(|state: &mut State| {
@@ -109,8 +92,8 @@ impl Ca {
             name: name.to_string(),
             identity,
             serial: serial_hex,
-            not_after: params.not_after.unix_timestamp(),
-            cert_pem: cert.pem(),
+            not_after,
+            cert_pem,
             key_pem: key.serialize_pem(),
             ca_pem: self.cert_pem.clone(),
         })

@@ -81,28 +81,33 @@ pub(crate) fn agent_listener_config(
 
 /// The tunnel side of the agent listener: a client certificate is required, must chain to
 /// `ca_der`, be within its validity, carry EKU clientAuth, and not be revoked according to
-/// `is_revoked` (called with the hex serial, at every handshake).
+/// `is_revoked` (called with the hex serial, at every handshake). Tunnels and mesh
+/// channels.
 pub(crate) fn tunnel_listener_config(
     cert: Arc<ServerCert>,
     ca_der: &[u8],
     is_revoked: Arc<dyn Fn(&str) -> bool + Send + Sync>,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let provider = provider();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from(ca_der.to_vec()))?;
-    let inner =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
-    let verifier = Arc::new(RevocationCheckingVerifier { inner, is_revoked });
-    server_config(verifier, cert, &[ALPN_H2, super::ALPN_CONNECT])
+    verified_client_config(cert, ca_der, is_revoked, &[ALPN_H2, super::ALPN_CONNECT])
 }
 
-/// The admin listener beyond loopback: like a tunnel's, a client certificate chained to
-/// `ca_der` and not revoked is required (the admin layer then admits operator certificates
-/// only), with ALPN `http/1.1`.
+/// The admin listener beyond loopback: the same client-certificate checks as a tunnel's
+/// (the admin layer then admits operator certificates only), with ALPN `http/1.1`.
 pub(crate) fn admin_listener_config(
     cert: Arc<ServerCert>,
     ca_der: &[u8],
     is_revoked: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    verified_client_config(cert, ca_der, is_revoked, &[super::ALPN_HTTP1])
+}
+
+/// A configuration that requires a client certificate chained to `ca_der`, valid, EKU
+/// clientAuth and not revoked, offering `alpn`.
+fn verified_client_config(
+    cert: Arc<ServerCert>,
+    ca_der: &[u8],
+    is_revoked: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    alpn: &[&[u8]],
 ) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
     let mut roots = rustls::RootCertStore::empty();
@@ -110,7 +115,7 @@ pub(crate) fn admin_listener_config(
     let inner =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
     let verifier = Arc::new(RevocationCheckingVerifier { inner, is_revoked });
-    server_config(verifier, cert, &[super::ALPN_HTTP1])
+    server_config(verifier, cert, alpn)
 }
 
 /// A TLS 1.3 server configuration that never resumes a session: a resumed handshake skips
