@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
+use http_body_util::Empty;
 use rustls::pki_types::ServerName;
 
 /// Time allowed for the whole request: connect, ask, read the answer.
@@ -116,28 +115,14 @@ pub async fn get_from(
                     .map_err(|e| unreachable(format!("TLS handshake failed: {e}")))?,
             ),
         };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
         let request = Request::get(path)
             .header(http::header::HOST, addr)
             .body(Empty::<Bytes>::new())
             .expect("valid request");
-        let exchange = async move {
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-            let status = response.status();
-            let body = Limited::new(response.into_body(), MAX_ANSWER)
-                .collect()
-                .await
-                .map_err(|e| unreachable(format!("reading the answer failed: {e}")))?
-                .to_bytes();
-            Ok((status, String::from_utf8_lossy(&body).into_owned()))
-        };
-        let (answer, _) = tokio::join!(exchange, conn);
-        answer
+        let (status, body) = crate::runtime::http1::exchange(io, request, MAX_ANSWER)
+            .await
+            .map_err(unreachable)?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(TIMEOUT, attempt)
         .await

@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::rt::TokioIo;
+use http_body_util::Full;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PublicKeyData};
 use revproxy_ca::{Pin, Token};
 use tokio_rustls::TlsConnector;
@@ -292,30 +291,14 @@ pub(super) async fn post(
                 },
                 None => unreachable(format!("TLS handshake failed: {e}")),
             })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
         let request = Request::post(path)
             .header(http::header::HOST, server)
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))
             .expect("valid request");
-        let exchange = async move {
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-            let status = response.status();
-            let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BODY)
-                .collect()
-                .await
-                .map_err(|e| unreachable(format!("reading the answer failed: {e}")))?
-                .to_bytes();
-            Ok((status, bytes))
-        };
-        // The connection task ends once the exchange drops its sender.
-        let (answer, _) = tokio::join!(exchange, conn);
-        answer
+        crate::runtime::http1::exchange(stream, request, MAX_RESPONSE_BODY)
+            .await
+            .map_err(unreachable)
     };
     tokio::time::timeout(ATTEMPT_TIMEOUT, attempt)
         .await

@@ -14,9 +14,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
-use super::{
-    keepalive, splice, KeepaliveError, TunnelIo, CALLER_HEADER, CLIENT_ADDR_HEADER, ERROR_HEADER,
-};
+use super::{keepalive, splice, KeepaliveError, TunnelIo, CALLER_HEADER, ERROR_HEADER};
 use crate::tls::Credentials;
 use crate::tunnel::{Backends, ConnectError, Meter, Refusal, StreamLimits, TunnelError};
 
@@ -96,16 +94,8 @@ pub(crate) async fn serve_stream<B: Backends>(
     (request, mut respond): Incoming,
     limits: StreamLimits,
 ) {
-    let name = request
-        .uri()
-        .authority()
-        .map(|a| a.host().to_ascii_lowercase())
-        .unwrap_or_default();
-    let client = request
-        .headers()
-        .get(CLIENT_ADDR_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<SocketAddr>().ok());
+    let (name, client) = super::connect_target(&request);
+    let client = client.and_then(|v| v.parse::<SocketAddr>().ok());
     // On a mesh stream, who calls (set by the proxy from the caller's certificate).
     let caller = request
         .headers()

@@ -20,7 +20,7 @@ use http::{Request, Response};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::{keepalive, KeepaliveError, TunnelIo, CLIENT_ADDR_HEADER, ERROR_HEADER};
+use super::{keepalive, KeepaliveError, TunnelIo, ERROR_HEADER};
 use crate::tls::Credentials;
 use crate::tunnel::{ConnectError, MAX_UPWARD, STREAM_WINDOW};
 
@@ -110,17 +110,8 @@ pub(crate) async fn serve(
 }
 
 fn incoming(request: Request<RecvStream>, respond: SendResponse<Bytes>) -> Incoming {
-    let name = request
-        .uri()
-        .authority()
-        .map(|a| a.host().to_ascii_lowercase())
-        .unwrap_or_default();
-    let client = request
-        .headers()
-        .get(CLIENT_ADDR_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    let (name, client) = super::connect_target(&request);
+    let client = client.unwrap_or_default().to_string();
     Incoming {
         name,
         client,

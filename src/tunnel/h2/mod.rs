@@ -32,6 +32,22 @@ pub(crate) const CALLER_HEADER: &str = "x-revproxy-caller";
 /// Header carrying a one-line reason on a refused `CONNECT`.
 pub(crate) const ERROR_HEADER: &str = "x-revproxy-error";
 
+/// What a `CONNECT` asks for: the name (`:authority`, lower-cased) and the client address
+/// header as sent (the proxy's for a public client, the caller's agent's for a mesh
+/// stream).
+pub(crate) fn connect_target<B>(request: &http::Request<B>) -> (String, Option<&str>) {
+    let name = request
+        .uri()
+        .authority()
+        .map(|a| a.host().to_ascii_lowercase())
+        .unwrap_or_default();
+    let client = request
+        .headers()
+        .get(CLIENT_ADDR_HEADER)
+        .and_then(|v| v.to_str().ok());
+    (name, client)
+}
+
 /// Interval between keep-alive PINGs on an idle tunnel, from either side.
 pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// A PING unanswered this long means the tunnel is dead.
