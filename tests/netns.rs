@@ -277,7 +277,7 @@ fn two_networks_with_no_route_between_them_meet_through_the_proxy() {
         .lines
         .recv_timeout(Duration::from_secs(10))
         .expect("the echo server started");
-    let _db = Running::start(
+    let db = Running::start(
         {
             let mut c = nets.inside(&nets.a, AGENT);
             c.args([
@@ -324,26 +324,18 @@ fn two_networks_with_no_route_between_them_meet_through_the_proxy() {
         String::from_utf8_lossy(&direct.stderr)
     );
 
-    // Through the proxy it works, once both tunnels are up (the caller's client retries
-    // until the database agent is connected).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = nets
-            .inside(&nets.b, "python3")
-            .args(["-c", CLIENT, local_port])
-            .output()
-            .unwrap();
-        let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if got == "db:across" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never got through: {got:?} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // Through the proxy it works once both tunnels are up (the proxy has registered the
+    // database agent's).
+    db.line("tunnel up");
+    laptop.line("tunnel up");
+    proxy.line("tunnel up agent=db-1");
+    let out = nets
+        .inside(&nets.b, "python3")
+        .args(["-c", CLIENT, local_port])
+        .output()
+        .unwrap();
+    let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(got, "db:across", "{}", String::from_utf8_lossy(&out.stderr));
     drop(proxy);
     let _ = std::io::stderr().flush();
 }
