@@ -21,6 +21,7 @@
 //! | `config` | the TOML files and duration syntax |
 //! | `runtime` | what both programs need from the process: shutdown, the one backoff, logging, directories |
 //! | `admin` | the admin listener of both programs: metrics, status, readiness, the status page |
+//! | `store` | opening the CA state's store: the file store, or PostgreSQL shared by several proxies |
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -29,6 +30,7 @@ pub mod config;
 pub mod proxy;
 mod route;
 pub mod runtime;
+pub mod store;
 pub mod tls;
 mod tunnel;
 mod wire;

@@ -18,6 +18,7 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
@@ -32,6 +33,7 @@ use crate::issue::random_serial;
 use crate::names::normalize_host;
 use crate::pin::Pin;
 use crate::state::{State, StateFile, Unix};
+use crate::store::Store;
 use crate::token::Secret;
 use crate::{fsutil, hex};
 
@@ -193,10 +195,36 @@ pub struct Enrolled {
     pub reissued: bool,
 }
 
-/// An open CA: its key in memory, its state on disk.
+/// The agent listener's TLS identity, as [`Ca::server_identity`] hands it out.
+#[derive(Clone, Debug)]
+pub struct ServerIdentity {
+    /// The certificate chain (server, then CA), PEM.
+    pub chain_pem: String,
+    /// The server certificate's key, PEM.
+    pub key_pem: String,
+    /// This proxy's identity: its certificate names `spiffe://TRUST_DOMAIN/proxy/ID`.
+    pub proxy_id: String,
+}
+
+/// The URI a proxy's server certificate carries: agents tell proxies apart by it.
+pub fn proxy_uri(trust_domain: &str, id: &str) -> String {
+    format!("spiffe://{trust_domain}/proxy/{id}")
+}
+
+/// The proxy id in a certificate's URIs, if it names one.
+pub fn proxy_id_of(uris: &[String]) -> Option<&str> {
+    uris.iter().find_map(|u| {
+        let rest = u.strip_prefix("spiffe://")?;
+        let (_, id) = rest.split_once("/proxy/")?;
+        (!id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+            .then_some(id)
+    })
+}
+
+/// An open CA: its key in memory, its state in a [`Store`].
 pub struct Ca {
     pub(crate) dir: PathBuf,
-    pub(crate) state: StateFile,
+    pub(crate) state: Arc<dyn Store>,
     pub(crate) key: KeyPair,
     pub(crate) cert_der: Vec<u8>,
     pub(crate) cert_pem: String,
@@ -224,6 +252,17 @@ impl Ca {
 
     /// Creates a new CA, its server certificate and an empty state in `dir`.
     pub fn init(dir: &Path, opts: &InitOptions, now: OffsetDateTime) -> Result<Ca, CaError> {
+        Ca::init_in(dir, Arc::new(StateFile::new(dir)), opts, now)
+    }
+
+    /// Creates a new CA in `dir` (its key and certificate, the server certificate) with its
+    /// state in `store`, which must hold none yet.
+    pub fn init_in(
+        dir: &Path,
+        store: Arc<dyn Store>,
+        opts: &InitOptions,
+        now: OffsetDateTime,
+    ) -> Result<Ca, CaError> {
         if Ca::exists(dir) {
             return Err(CaError::AlreadyInitialized(dir.to_path_buf()));
         }
@@ -244,10 +283,12 @@ impl Ca {
         fsutil::create_private_dir(dir).map_err(|e| CaError::io(dir, e))?;
         check_dir(dir)?;
         // Two `init`s racing: the lock makes the second see the first's files and refuse.
-        let state_file = StateFile::new(dir);
-        let _lock = state_file.lock()?;
+        let _lock = StateFile::new(dir).lock()?;
         if Ca::exists(dir) {
             return Err(CaError::AlreadyInitialized(dir.to_path_buf()));
+        }
+        if store.has_state()? {
+            return Err(CaError::StoreHoldsState(store.describe()));
         }
 
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
@@ -267,26 +308,28 @@ impl Ca {
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key)?;
 
+        let pin = Pin::from_spki(&key.subject_public_key_info());
         let ca = Ca {
             dir: dir.to_path_buf(),
-            state: state_file.clone(),
-            pin: Pin::from_spki(&key.subject_public_key_info()),
+            state: store,
+            pin,
             cert_der: cert.der().to_vec(),
             cert_pem: cert.pem(),
             key,
             trust_domain: trust_domain.clone(),
         };
-        ca.write_server_cert(&sans, now)?;
+        ca.write_server_cert(&sans, &random_hex(8), now)?;
         ca.write(
             CA_CERT_FILE,
             ca.cert_pem.as_bytes(),
             fsutil::PUBLIC_FILE_MODE,
         )?;
-        ca.state.store(&State {
+        ca.state.create(&State {
             version: State::VERSION,
             trust_domain,
             server,
             server_sans: sans,
+            ca_pin: Some(pin.to_string()),
             ..State::default()
         })?;
         // Last: from here on the CA exists.
@@ -300,11 +343,22 @@ impl Ca {
 
     /// Opens the CA in `dir`, refusing private files that others can read.
     pub fn open(dir: &Path) -> Result<Ca, CaError> {
-        if !Ca::exists(dir) {
-            return Err(CaError::NotInitialized(dir.to_path_buf()));
+        if !dir.join(crate::state::STATE_FILE).exists()
+            && dir.join(crate::state::MIGRATED_FILE).exists()
+        {
+            return Err(CaError::Migrated(dir.to_path_buf()));
         }
+        Ca::open_in(dir, Arc::new(StateFile::new(dir)))
+    }
+
+    /// Opens the CA whose key and certificate are in `dir` and whose state is in `store`:
+    /// refuses a store that holds another CA's state.
+    pub fn open_in(dir: &Path, store: Arc<dyn Store>) -> Result<Ca, CaError> {
         if !dir.join(CA_KEY_FILE).exists() {
-            return Err(CaError::MissingKey(dir.to_path_buf()));
+            if Ca::exists(dir) {
+                return Err(CaError::MissingKey(dir.to_path_buf()));
+            }
+            return Err(CaError::NotInitialized(dir.to_path_buf()));
         }
         check_dir(dir)?;
         let key_pem = read_private(&dir.join(CA_KEY_FILE))?;
@@ -327,11 +381,19 @@ impl Ca {
                 reason: "it does not match ca.key".into(),
             });
         }
-        let state = StateFile::new(dir);
-        let trust_domain = state.read()?.trust_domain;
+        let state = store.read()?;
+        if let Some(store_pin) = state.ca_pin.filter(|p| *p != pin.to_string()) {
+            return Err(CaError::WrongCa {
+                dir: dir.to_path_buf(),
+                dir_pin: pin.to_string(),
+                store: store.describe(),
+                store_pin,
+            });
+        }
+        let trust_domain = state.trust_domain;
         Ok(Ca {
             dir: dir.to_path_buf(),
-            state,
+            state: store,
             key,
             cert_der,
             cert_pem,
@@ -367,33 +429,73 @@ impl Ca {
         format!("spiffe://{}/agent/{name}", self.trust_domain)
     }
 
-    /// The state file, for readers such as the proxy's revocation watch.
-    pub fn state(&self) -> &StateFile {
+    /// Where the state lives, for readers such as the proxy's revocation watch.
+    pub fn state(&self) -> &Arc<dyn Store> {
         &self.state
     }
 
-    /// The agent listener's certificate chain (server, then CA) and key, as PEM. Reissues
-    /// the server certificate first if a third or less of its lifetime is left.
-    pub fn server_identity(&self, now: OffsetDateTime) -> Result<(String, String), CaError> {
-        // Under the state lock: the key and the certificate are two files, and another
-        // process reissuing them at the same moment must not interleave its pair with ours.
-        let _lock = self.state.lock()?;
+    /// The agent listener's certificate chain and key, and this proxy's id. (Re)issues the
+    /// server certificate first when there is none (a proxy just added to a shared store),
+    /// when a third or less of its lifetime is left, when it names no proxy id (written by
+    /// an older revproxy), or when it lacks `extra_san` (the host of the address this
+    /// proxy advertises to agents). The id stays the same across reissues.
+    pub fn server_identity(
+        &self,
+        now: OffsetDateTime,
+        extra_san: Option<&str>,
+    ) -> Result<ServerIdentity, CaError> {
+        // Under the directory's lock: the key and the certificate are two files, and
+        // another process reissuing them at the same moment must not interleave its pair
+        // with ours.
+        let _lock = StateFile::new(&self.dir).lock()?;
         let cert_path = self.dir.join(SERVER_CERT_FILE);
-        let cert_pem =
-            std::fs::read_to_string(&cert_path).map_err(|e| CaError::io(&cert_path, e))?;
-        let (_, not_after) = validity(&cert_pem).ok_or_else(|| CaError::CorruptState {
-            path: cert_path.clone(),
-            reason: "not a PEM certificate".into(),
-        })?;
-        let cert_pem = if not_after - now.unix_timestamp() < (SERVER_CERT_TTL.as_secs() / 3) as i64
-        {
-            let sans = self.state.read()?.server_sans;
-            self.write_server_cert(&sans, now)?
-        } else {
-            cert_pem
+        let current = match std::fs::read_to_string(&cert_path) {
+            Ok(pem) => {
+                let summary =
+                    crate::cert::CertSummary::from_pem(&pem).ok_or_else(|| {
+                        CaError::CorruptState {
+                            path: cert_path.clone(),
+                            reason: "not a PEM certificate".into(),
+                        }
+                    })?;
+                Some((pem, summary))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(CaError::io(&cert_path, e)),
+        };
+        let extra_san = extra_san.and_then(|h| normalize_sans(&[h.to_string()]).ok());
+        let (cert_pem, proxy_id) = match current {
+            Some((pem, summary))
+                if summary.not_after - now.unix_timestamp()
+                    >= (SERVER_CERT_TTL.as_secs() / 3) as i64
+                    && proxy_id_of(&summary.uris).is_some()
+                    && extra_san
+                        .as_ref()
+                        .is_none_or(|extra| has_san(&summary, &extra[0])) =>
+            {
+                let id = proxy_id_of(&summary.uris).unwrap_or_default().to_string();
+                (pem, id)
+            }
+            current => {
+                let id = current
+                    .as_ref()
+                    .and_then(|(_, summary)| proxy_id_of(&summary.uris))
+                    .map_or_else(|| random_hex(8), str::to_string);
+                let mut sans = self.state.read()?.server_sans;
+                for extra in extra_san.into_iter().flatten() {
+                    if !sans.contains(&extra) {
+                        sans.push(extra);
+                    }
+                }
+                (self.write_server_cert(&sans, &id, now)?, id)
+            }
         };
         let key_pem = read_private(&self.dir.join(SERVER_KEY_FILE))?;
-        Ok((format!("{cert_pem}{}", self.cert_pem), key_pem))
+        Ok(ServerIdentity {
+            chain_pem: format!("{cert_pem}{}", self.cert_pem),
+            key_pem,
+            proxy_id,
+        })
     }
 
     /// The enrollment address tokens name by default.
@@ -401,7 +503,12 @@ impl Ca {
         Ok(self.state.read()?.server)
     }
 
-    fn write_server_cert(&self, sans: &[String], now: OffsetDateTime) -> Result<String, CaError> {
+    fn write_server_cert(
+        &self,
+        sans: &[String],
+        proxy_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<String, CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -414,7 +521,10 @@ impl Ca {
                 Ok(ip) => Ok(SanType::IpAddress(ip)),
                 Err(_) => Ok(SanType::DnsName(s.clone().try_into()?)),
             })
-            .collect::<Result<_, rcgen::Error>>()?;
+            .collect::<Result<Vec<_>, rcgen::Error>>()?;
+        params.subject_alt_names.push(SanType::URI(
+            proxy_uri(&self.trust_domain, proxy_id).try_into()?,
+        ));
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -449,6 +559,14 @@ impl Ca {
     fn write(&self, name: &str, contents: &[u8], mode: u32) -> Result<(), CaError> {
         let path = self.dir.join(name);
         fsutil::write_atomic(&path, contents, mode).map_err(|e| CaError::io(&path, e))
+    }
+}
+
+/// Whether a certificate names `san` (a DNS name, or an IP address).
+fn has_san(cert: &crate::cert::CertSummary, san: &str) -> bool {
+    match san.parse::<IpAddr>() {
+        Ok(ip) => cert.ips.contains(&ip),
+        Err(_) => cert.dns_names.iter().any(|d| d == san),
     }
 }
 

@@ -19,8 +19,10 @@ pub struct CertSummary {
     pub serial: String,
     /// The DNS names (lower-cased): the names an agent certificate may serve.
     pub dns_names: Vec<String>,
-    /// The URI names: an agent's SPIFFE identity.
+    /// The URI names: an agent's SPIFFE identity, a proxy's id.
     pub uris: Vec<String>,
+    /// The IP address names.
+    pub ips: Vec<std::net::IpAddr>,
     /// Start of validity, Unix seconds.
     pub not_before: Unix,
     /// End of validity, Unix seconds.
@@ -43,12 +45,17 @@ impl CertSummary {
 }
 
 fn summarize(cert: &X509Certificate<'_>) -> CertSummary {
-    let (mut dns_names, mut uris) = (Vec::new(), Vec::new());
+    let (mut dns_names, mut uris, mut ips) = (Vec::new(), Vec::new(), Vec::new());
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
             match name {
                 GeneralName::DNSName(d) => dns_names.push(d.to_ascii_lowercase()),
                 GeneralName::URI(u) => uris.push(u.to_string()),
+                GeneralName::IPAddress(b) => match b.len() {
+                    4 => ips.push(<[u8; 4]>::try_from(*b).expect("4 bytes").into()),
+                    16 => ips.push(<[u8; 16]>::try_from(*b).expect("16 bytes").into()),
+                    _ => {}
+                },
                 _ => {}
             }
         }
@@ -64,6 +71,7 @@ fn summarize(cert: &X509Certificate<'_>) -> CertSummary {
         serial: crate::hex::encode(cert.raw_serial()),
         dns_names,
         uris,
+        ips,
         not_before: validity.not_before.timestamp(),
         not_after: validity.not_after.timestamp(),
         key_pin: Pin::from_spki(cert.public_key().raw),

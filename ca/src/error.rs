@@ -34,11 +34,32 @@ pub enum CaError {
     UnknownToken(String),
     #[error("no certificate or agent {0:?}; `revproxy cert list` shows them")]
     UnknownCert(String),
+    #[error("the store {0} holds a CA state already; to add a proxy to it, copy ca.key and ca.crt from a proxy that uses it into an empty state directory and run `revproxy serve --store URL` there")]
+    StoreHoldsState(String),
+    #[error("the store {0} holds no CA state yet: create it with `revproxy ca init --store URL`, or move an existing one there with `revproxy store migrate --from DIR --to URL`")]
+    StoreEmpty(String),
+    #[error("the state store {store} is unavailable: {reason}")]
+    StoreUnavailable { store: String, reason: String },
+    #[error("the state of {0} was moved to a database by `revproxy store migrate` (state.json.migrated is the old copy); run with --store URL or REVPROXY_STORE")]
+    Migrated(PathBuf),
+    #[error("the CA in {dir} (pin {dir_pin}) is not the CA of the store {store} (pin {store_pin}); copy ca.key and ca.crt from a proxy that uses this store")]
+    WrongCa {
+        dir: PathBuf,
+        dir_pin: String,
+        store: String,
+        store_pin: String,
+    },
     #[error("certificate operation failed: {0}")]
     Certificate(#[from] rcgen::Error),
 }
 
 impl CaError {
+    /// Whether the error passes once the store is reachable again: the request may be
+    /// retried (the proxy answers 503).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, CaError::StoreUnavailable { .. } | CaError::Locked(_))
+    }
+
     pub(crate) fn io(path: &Path, source: io::Error) -> CaError {
         CaError::Io {
             path: path.to_path_buf(),

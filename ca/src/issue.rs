@@ -135,7 +135,7 @@ impl Ca {
                 .map(SecretHash)
                 .ok_or_else(|| {
                     EnrollError::Internal(CaError::CorruptState {
-                        path: self.state.path(),
+                        path: self.state.describe().into(),
                         reason: format!("token {} has a malformed secret hash", token.id),
                     })
                 })?;

@@ -8,7 +8,7 @@
 //!
 //! Layout: `ca.rs` (the CA on disk, tokens, certificate records), `records.rs` (what operator commands change), `issue.rs` (enrollment
 //! and renewal), `cert.rs` (the one X.509 reader), `token.rs` (the token string), `pin.rs`
-//! (CA pins), `names.rs` (host and agent names), `operators.rs` (admin-listener client certificates), `state.rs` (the locked state file),
+//! (CA pins), `names.rs` (host and agent names), `operators.rs` (admin-listener client certificates), `state.rs` (the state document and its locked file), `store.rs` (the `Store` trait),
 //! `fsutil.rs` (crash-safe private files).
 #![forbid(unsafe_code)]
 
@@ -23,17 +23,19 @@ mod operators;
 mod pin;
 mod records;
 pub mod state;
+pub mod store;
 mod token;
 
 pub use ca::{
-    pem_to_der, validate_server, validity, Ca, CertInfo, CertState, EnrollRequest, Enrolled,
+    pem_to_der, proxy_id_of, proxy_uri, validate_server, validity, Ca, CertInfo, CertState, EnrollRequest, Enrolled,
     InitOptions, NewToken, TokenInfo, TokenState, BACKDATE, CA_CERT_FILE, CA_KEY_FILE, CA_TTL,
     DEFAULT_AGENT_PORT, DEFAULT_CERT_TTL, DEFAULT_SANS, DEFAULT_TOKEN_TTL, DEFAULT_TRUST_DOMAIN,
     MAX_CERT_TTL, MAX_CSR_LEN, MAX_HOSTS, MAX_TOKEN_TTL, MIN_CERT_TTL, MIN_RENEWAL_AGE_PERCENT,
-    REISSUE_WINDOW, SERVER_CERT_FILE, SERVER_CERT_TTL, SERVER_KEY_FILE,
+    REISSUE_WINDOW, SERVER_CERT_FILE, SERVER_CERT_TTL, SERVER_KEY_FILE, ServerIdentity,
 };
 pub use cert::CertSummary;
 pub use error::{CaError, EnrollError};
 pub use operators::{OperatorCert, OperatorInfo, DEFAULT_OPERATOR_TTL, MAX_OPERATOR_TTL};
 pub use pin::{Pin, PinError};
+pub use store::{ProxyEntry, Store};
 pub use token::{Secret, SecretHash, Token, TokenParseError, TokenPublic, TOKEN_PREFIX};

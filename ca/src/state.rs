@@ -25,6 +25,9 @@ use crate::fsutil;
 
 /// File name of the state document.
 pub const STATE_FILE: &str = "state.json";
+/// What `revproxy store migrate` renames the state file to, so that no proxy serves from
+/// the stale copy.
+pub const MIGRATED_FILE: &str = "state.json.migrated";
 /// File name of the lock file.
 pub const LOCK_FILE: &str = "state.lock";
 /// How long to wait for another process holding the lock.
@@ -56,6 +59,10 @@ pub struct State {
     /// Access rules: which names each agent may reach through its tunnel (default deny).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub access: BTreeMap<String, Vec<String>>,
+    /// Pin of the CA this state belongs to (`sha256/...`): a proxy whose `ca.key` is
+    /// another CA's refuses to serve from it. Absent in states written before stores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pin: Option<String>,
     /// Certificates issued to operators, for the admin listener.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub operators: Vec<OperatorRecord>,
@@ -223,7 +230,7 @@ impl StateFile {
     }
 
     /// Takes the exclusive lock; it is released when the file is dropped.
-    pub(crate) fn lock(&self) -> Result<File, CaError> {
+    pub fn lock(&self) -> Result<File, CaError> {
         let path = self.dir.join(LOCK_FILE);
         let file = OpenOptions::new()
             .read(true)

@@ -47,6 +47,9 @@ enum Command {
     Operator(OperatorCommand),
     /// Run the proxy (creating a CA first if the state directory has none).
     Serve(ServeArgs),
+    /// Move the CA state to a database that several proxies can share.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Show agents, tunnels, names, streams and bytes of a running proxy (from its admin
     /// listener).
     Status {
@@ -60,6 +63,21 @@ enum Command {
         /// Print the status document as JSON, for scripts
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy the state of a stopped proxy's state directory into an empty PostgreSQL store
+    /// (nobody enrolls again), and rename its state.json so that nothing serves from the
+    /// old copy.
+    Migrate {
+        /// The state directory to move from
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// The store to move to: postgres://USER@HOST/DB
+        #[arg(long, value_name = "URL")]
+        to: String,
     },
 }
 
@@ -164,6 +182,10 @@ struct StateArg {
     /// State directory [default: per-user data directory, e.g. ~/.local/share/revproxy]
     #[arg(long, env = "REVPROXY_STATE", value_name = "DIR")]
     state: Option<PathBuf>,
+    /// Where the CA state lives when not in the state directory: postgres://USER@HOST/DB
+    /// (shared by several proxies; the CA key stays in the state directory)
+    #[arg(long, env = "REVPROXY_STORE", value_name = "URL", hide_env_values = true)]
+    store: Option<String>,
 }
 
 impl StateArg {
@@ -171,6 +193,22 @@ impl StateArg {
         self.state
             .clone()
             .unwrap_or_else(revproxy::runtime::dirs::proxy_state_dir)
+    }
+
+    /// The CA of the state directory, with its state from the store.
+    fn open(&self) -> Result<Ca, Failure> {
+        Ok(revproxy::store::open_ca(&self.dir(), self.store.as_deref()).map_err(store_failure)?)
+    }
+}
+
+/// A store that cannot be opened: a bad URL is a usage error (2), the rest runtime (1).
+fn store_failure(e: revproxy::store::StoreError) -> Failure {
+    match e {
+        revproxy::store::StoreError::Url(_) => Failure {
+            status: 2,
+            error: e.into(),
+        },
+        revproxy::store::StoreError::Ca(e) => e.into(),
     }
 }
 
@@ -256,6 +294,10 @@ struct ServeArgs {
     /// Log line format: text or json [default: text]
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<LogFormat>,
+    /// The agent listener's address as agents reach it, HOST:PORT, told to the agents of
+    /// every proxy sharing the store [default: the agent listener's, unless a wildcard]
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
 }
 
 /// An error with the exit status it deserves: 1 for runtime failures, 2 for bad input.
@@ -309,7 +351,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if !sans.is_empty() {
                 opts.sans = sans;
             }
-            let ca = Ca::init(&dir, &opts, now)?;
+            let store = revproxy::store::open(&dir, state.store.as_deref()).map_err(store_failure)?;
+            let ca = Ca::init_in(&dir, store, &opts, now)?;
             println!("{}", ca.pin());
             print_init_notes(&ca);
         }
@@ -323,7 +366,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             server,
             cert_ttl,
         }) => {
-            let ca = Ca::open(&state.dir())?;
+            let ca = state.open()?;
             let token = ca.create_token(
                 &NewToken {
                     agent: name,
@@ -339,7 +382,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("{}", token.encode());
         }
         Command::Token(TokenCommand::List { state }) => {
-            let ca = Ca::open(&state.dir())?;
+            let ca = state.open()?;
             println!(
                 "{:<16}  {:<20}  {:<8}  {:<20}  HOSTS",
                 "ID", "AGENT", "STATE", "EXPIRES"
@@ -356,11 +399,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Token(TokenCommand::Revoke { state, id }) => {
-            Ca::open(&state.dir())?.revoke_token(&id)?;
+            state.open()?.revoke_token(&id)?;
             eprintln!("token {id} revoked");
         }
         Command::Cert(CertCommand::List { state }) => {
-            let ca = Ca::open(&state.dir())?;
+            let ca = state.open()?;
             println!(
                 "{:<40}  {:<20}  {:<8}  {:<20}  {:<20}  HOSTS",
                 "SERIAL", "AGENT", "STATE", "NOT BEFORE", "NOT AFTER"
@@ -378,7 +421,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Cert(CertCommand::Revoke { state, what }) => {
-            let revoked = Ca::open(&state.dir())?.revoke_certs(&what, now)?;
+            let revoked = state.open()?.revoke_certs(&what, now)?;
             if revoked.is_empty() {
                 eprintln!("already revoked: {what}");
             }
@@ -391,7 +434,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             agent,
             hosts,
         }) => {
-            let hosts = Ca::open(&state.dir())?.set_hosts(&agent, &hosts)?;
+            let hosts = state.open()?.set_hosts(&agent, &hosts)?;
             let names = if hosts.is_empty() {
                 "nothing".to_string()
             } else {
@@ -400,12 +443,20 @@ fn run(cli: Cli) -> Result<(), Failure> {
             eprintln!("{agent} may now serve: {names}");
         }
         Command::Serve(args) => serve(args)?,
+        Command::Store(StoreCommand::Migrate { from, to }) => {
+            let moved = revproxy::store::migrate(&from, &to).map_err(store_failure)?;
+            eprintln!(
+                "moved {} tokens, {} certificates and {} agents from {} to {}; {} is the old copy, kept as a backup\n  Next: revproxy serve --state {} --store URL (or REVPROXY_STORE)",
+                moved.tokens, moved.certs, moved.agents, from.display(), moved.store,
+                from.join(ca::state::MIGRATED_FILE).display(), from.display()
+            );
+        }
         Command::Access(AccessCommand::Allow {
             state,
             agent,
             names,
         }) => {
-            let now = Ca::open(&state.dir())?.allow_access(&agent, &names)?;
+            let now = state.open()?.allow_access(&agent, &names)?;
             eprintln!("{agent} may now reach: {}", now.join(" "));
         }
         Command::Access(AccessCommand::Revoke {
@@ -413,7 +464,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             agent,
             names,
         }) => {
-            let left = Ca::open(&state.dir())?.revoke_access(&agent, &names)?;
+            let left = state.open()?.revoke_access(&agent, &names)?;
             let left = if left.is_empty() {
                 "nothing".to_string()
             } else {
@@ -423,7 +474,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Access(AccessCommand::List { state }) => {
             println!("{:<20}  NAMES", "AGENT");
-            for (agent, names) in Ca::open(&state.dir())?.list_access()? {
+            for (agent, names) in state.open()?.list_access()? {
                 println!("{:<20}  {}", agent, names.join(","));
             }
         }
@@ -437,7 +488,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 OPERATOR_CA_FILE, OPERATOR_CERT_FILE, OPERATOR_KEY_FILE,
             };
             use revproxy::ca::fsutil;
-            let ca = Ca::open(&state.dir())?;
+            let ca = state.open()?;
             if out.join(OPERATOR_KEY_FILE).exists() {
                 return Err(Failure {
                     status: 2,
@@ -498,7 +549,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             );
         }
         Command::Operator(OperatorCommand::List { state }) => {
-            let ca = Ca::open(&state.dir())?;
+            let ca = state.open()?;
             println!(
                 "{:<40}  {:<20}  {:<8}  NOT AFTER",
                 "SERIAL", "OPERATOR", "STATE"
@@ -514,7 +565,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Operator(OperatorCommand::Revoke { state, what }) => {
-            let revoked = Ca::open(&state.dir())?.revoke_operator(&what, now)?;
+            let revoked = state.open()?.revoke_operator(&what, now)?;
             if revoked.is_empty() {
                 eprintln!("already revoked: {what}");
             }
@@ -577,6 +628,8 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     config.sni = args.sni.or(config.sni);
     config.http = args.http.or(config.http);
     config.admin = args.admin.or(config.admin);
+    config.store = args.state.store.clone().or(config.store);
+    config.advertise = args.advertise.clone().or(config.advertise);
     revproxy::runtime::logging::init(
         "info",
         args.log_format.or(config.log_format).unwrap_or_default(),
@@ -593,8 +646,11 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     let agents_addr = config.agents.unwrap_or(DEFAULT_AGENTS);
 
     if !Ca::exists(&dir) {
-        let ca = Ca::init(
+        // The first proxy on a store creates the CA; later ones are given its key.
+        let store = revproxy::store::open(&dir, config.store.as_deref()).map_err(store_failure)?;
+        let ca = Ca::init_in(
             &dir,
+            store,
             &InitOptions::default(),
             time::OffsetDateTime::now_utc(),
         )?;
@@ -609,6 +665,12 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
                 .with_context(|| format!("cannot listen on {addr}"))
         };
         let mut builder = Proxy::builder(&dir).agent_listener(bind(agents_addr).await?);
+        if let Some(url) = &config.store {
+            builder = builder.store(url);
+        }
+        if let Some(addr) = &config.advertise {
+            builder = builder.advertise(addr);
+        }
         match config.admin {
             Some(revproxy::config::AdminAddr::Off) => {}
             Some(revproxy::config::AdminAddr::At(addr)) => {

@@ -75,6 +75,13 @@ pub struct ProxyConfig {
     pub access_log: Option<bool>,
     /// `text` or `json`.
     pub log_format: Option<crate::runtime::logging::LogFormat>,
+    /// Where the CA state lives when not in the state directory: `postgres://...`,
+    /// shared by several proxies. Holds a password only if the URL does; prefer
+    /// `REVPROXY_STORE` or a `.pgpass` file then.
+    pub store: Option<String>,
+    /// The agent listener's address as agents reach it (`host:port`), told to agents of
+    /// every proxy sharing the store.
+    pub advertise: Option<String>,
     /// Public listeners.
     #[serde(default)]
     pub listener: Vec<ListenerConfig>,

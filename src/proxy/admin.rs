@@ -69,10 +69,12 @@ impl crate::admin::View for ProxyView {
     }
 
     fn ready(&self) -> Result<(), String> {
-        if self.0.ready.load(Ordering::Relaxed) {
-            Ok(())
-        } else {
-            Err("not serving (starting or shutting down)".into())
+        if !self.0.ready.load(Ordering::Relaxed) {
+            return Err("not serving (starting or shutting down)".into());
+        }
+        match self.0.state.store_problem(super::state::STORE_STALE_AFTER) {
+            Some(problem) => Err(problem),
+            None => Ok(()),
         }
     }
 
@@ -160,6 +162,14 @@ impl crate::admin::View for ProxyView {
             "started": shared.started,
             "now": time::OffsetDateTime::now_utc().unix_timestamp(),
             "ready": self.ready().is_ok(),
+            "not_ready_because": self.ready().err(),
+            "proxy": {
+                "id": shared.me.id,
+                "advertise": shared.me.address,
+                "store": shared.state.store_name(),
+                "store_problem": shared.state.store_problem(std::time::Duration::ZERO),
+                "peers": shared.peers.read().expect("peers lock").iter().map(|p| json!({"id": p.id, "address": p.address})).collect::<Vec<_>>(),
+            },
             "agents": agents,
             "names": names,
             "listeners": listeners,

@@ -1,5 +1,6 @@
 //! The proxy's background tasks, each named and owned: the state watch (revocations and
-//! grants reach live tunnels within seconds) and the server certificate's renewal.
+//! grants reach live tunnels within seconds), the heartbeat in a shared store (how proxies
+//! and their agents know each other) and the server certificate's renewal.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,8 +33,61 @@ pub(super) fn start(shared: Arc<Shared>) -> Background {
         registry.apply(s);
         mesh.apply(s);
     }));
+    if shared.ca.state().shared() {
+        tasks.spawn(heartbeat(shared.clone()));
+    }
     tasks.spawn(renew_server_cert(shared));
     Background { _tasks: tasks }
+}
+
+/// How often a proxy on a shared store says it is alive and reads who else is: well
+/// within the store's staleness bound (`PROXY_STALE_SECS`, 30 s).
+pub(super) const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Announces this proxy in the shared store and keeps the list of its peers.
+async fn heartbeat(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let (store, me) = (shared.ca.state().clone(), shared.me.clone());
+        let beat = tokio::task::spawn_blocking(move || {
+            store.announce(&me)?;
+            store.proxies()
+        })
+        .await;
+        match beat {
+            Ok(Ok(peers)) => {
+                failing = false;
+                let mut known = shared.peers.write().expect("peers lock");
+                if *known != peers {
+                    info!(proxies = ?peers.iter().map(|p| &p.id).collect::<Vec<_>>(), "proxies sharing the store");
+                    *known = peers;
+                }
+            }
+            Ok(Err(e)) if !failing => {
+                failing = true;
+                warn!(error = %e, "cannot announce this proxy in the store; will try again")
+            }
+            Ok(Err(_)) => {}
+            Err(e) => warn!(error = %e, "heartbeat task failed"),
+        }
+    }
+}
+
+/// Takes this proxy off the shared store's list (at shutdown), so agents stop dialing it
+/// at once rather than when its heartbeat goes stale.
+pub(super) async fn withdraw(shared: &Arc<Shared>) {
+    if !shared.ca.state().shared() {
+        return;
+    }
+    let (store, id) = (shared.ca.state().clone(), shared.me.id.clone());
+    match tokio::task::spawn_blocking(move || store.withdraw(&id)).await {
+        Ok(Ok(())) => info!("withdrawn from the store's list of proxies"),
+        Ok(Err(e)) => warn!(error = %e, "cannot withdraw this proxy from the store; it drops off within a minute"),
+        Err(e) => warn!(error = %e, "withdraw task failed"),
+    }
 }
 
 /// How often the proxy checks whether its own server certificate is due for renewal.
@@ -49,12 +103,16 @@ async fn renew_server_cert(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         let ca = shared.ca.clone();
+        let advertised = shared.me.address.clone();
         let loaded = tokio::task::spawn_blocking(move || {
-            ca.server_identity(time::OffsetDateTime::now_utc())
+            ca.server_identity(
+                time::OffsetDateTime::now_utc(),
+                advertised.as_deref().map(super::advertised_host),
+            )
         })
         .await;
         let (chain, key) = match loaded {
-            Ok(Ok(pair)) => pair,
+            Ok(Ok(identity)) => (identity.chain_pem, identity.key_pem),
             Ok(Err(e)) => {
                 warn!(error = %e, "cannot check the server certificate; will try again");
                 continue;

@@ -22,7 +22,8 @@ use super::accept::source_key;
 use super::state::Snapshot;
 use super::Shared;
 use crate::wire::enroll::{
-    EnrollBody, EnrollReply, ErrorReply, RenewBody, ENROLL_PATH, MAX_REQUEST_BODY, RENEW_PATH,
+    EnrollBody, EnrollReply, ErrorReply, ProxiesReply, ProxyAddr, RenewBody, ENROLL_PATH,
+    MAX_REQUEST_BODY, PROXIES_PATH, RENEW_PATH,
 };
 
 /// Time allowed for the request head to arrive.
@@ -49,6 +50,9 @@ pub(super) async fn serve<S>(
         let shared = shared.clone();
         let client_serial = client_serial.clone();
         async move {
+            if req.uri().path() == PROXIES_PATH {
+                return Ok::<_, Infallible>(proxies(&shared, client_serial.as_deref(), &req));
+            }
             let renewal = req.uri().path() == RENEW_PATH;
             let response = if renewal {
                 renew(&shared, peer, client_serial.as_deref(), req).await
@@ -78,6 +82,68 @@ pub(super) async fn serve<S>(
         Ok(Err(e)) => debug!(error = %e, "enrollment connection ended with an error"),
         Err(_) => debug!("enrollment connection timed out"),
     }
+}
+
+/// Seconds a client is asked to wait when the state store cannot be reached.
+const STORE_RETRY_AFTER: u64 = 5;
+
+/// The proxies an enrolled agent should keep a tunnel to: answered from memory (the
+/// heartbeat's last read), to live certificates only.
+fn proxies(
+    shared: &Shared,
+    client_serial: Option<&str>,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("use GET {PROXIES_PATH}"),
+        );
+    }
+    let Some(serial) = client_serial.filter(|s| shared.state.get().live.contains(*s)) else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "unknown_cert",
+            "present a valid agent certificate to learn the proxies".into(),
+        );
+    };
+    debug!(serial, "proxy list asked for");
+    let mut list: Vec<ProxyAddr> = (shared.peers.read().expect("peers lock").iter())
+        .filter_map(|p| {
+            Some(ProxyAddr {
+                id: p.id.clone(),
+                address: p.address.clone()?,
+            })
+        })
+        .collect();
+    // This proxy is on the list from its first moment, before its first heartbeat.
+    if let (true, Some(address)) = (
+        !list.is_empty() && !list.iter().any(|p| p.id == shared.me.id),
+        &shared.me.address,
+    ) {
+        list.push(ProxyAddr {
+            id: shared.me.id.clone(),
+            address: address.clone(),
+        });
+    }
+    json(
+        StatusCode::OK,
+        &ProxiesReply {
+            proxy: shared.me.id.clone(),
+            proxies: list,
+        },
+    )
+}
+
+/// A 503 for a store that cannot be reached: the request may be repeated as it is.
+fn store_unavailable(what: &str) -> Response<Full<Bytes>> {
+    refusal(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        format!("the proxy cannot reach its state store, so it cannot complete the {what} now; try again shortly"),
+        Some(STORE_RETRY_AFTER),
+    )
 }
 
 async fn handle(
@@ -220,6 +286,11 @@ async fn handle(
                   retry = done.reissued, "agent enrolled");
             json(StatusCode::OK, &reply(done))
         }
+        Ok(Err(EnrollError::Internal(e))) if e.is_unavailable() => {
+            forgive();
+            warn!(%peer, token_id = %body.token_id, error = %e, "enrollment deferred: the store is unavailable");
+            store_unavailable("enrollment")
+        }
         Ok(Err(EnrollError::Internal(e))) => {
             forgive();
             tracing::error!(%peer, token_id = %body.token_id, error = %e, "enrollment failed");
@@ -331,6 +402,10 @@ async fn renew(
             info!(%peer, agent = %done.agent, old_serial = %serial, serial = %done.serial,
                   retry = done.reissued, "certificate renewed");
             json(StatusCode::OK, &reply(done))
+        }
+        Ok(Err(EnrollError::Internal(e))) if e.is_unavailable() => {
+            warn!(%peer, error = %e, "renewal deferred: the store is unavailable");
+            store_unavailable("renewal")
         }
         Ok(Err(EnrollError::Internal(e))) => {
             tracing::error!(%peer, error = %e, "renewal failed");

@@ -128,6 +128,10 @@ pub enum ProxyError {
     },
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("invalid --advertise {0:?}: expected HOST:PORT, the address agents reach this proxy's agent listener at")]
+    Advertise(String),
 }
 
 /// Builds a [`Proxy`] from a state directory and bound listeners.
@@ -149,6 +153,8 @@ pub struct ProxyBuilder {
     quic: QuicListener,
     admin: Option<TcpListener>,
     access_log: bool,
+    store: Option<String>,
+    advertise: Option<String>,
 }
 
 /// Where the proxy listens for QUIC tunnels.
@@ -186,6 +192,20 @@ impl ProxyBuilder {
     /// name, served by whom, the outcome, bytes each way and how long.
     pub fn access_log(mut self, on: bool) -> Self {
         self.access_log = on;
+        self
+    }
+
+    /// Keeps the CA state in the store at `url` (`postgres://...`, shared with other
+    /// proxies) instead of `state.json` in the state directory.
+    pub fn store(mut self, url: &str) -> Self {
+        self.store = Some(url.to_string());
+        self
+    }
+
+    /// Tells agents to reach this proxy at `addr` (`host:port`); by default the agent
+    /// listener's address, unless that is a wildcard.
+    pub fn advertise(mut self, addr: &str) -> Self {
+        self.advertise = Some(addr.to_string());
         self
     }
 
@@ -294,10 +314,21 @@ impl ProxyBuilder {
                 source,
             })?;
         }
-        let ca = Ca::open(&self.state_dir)?;
+        let advertise = match self.advertise {
+            Some(addr) => Some(
+                revproxy_ca::validate_server(&addr).map_err(|_| ProxyError::Advertise(addr))?,
+            ),
+            None => Some(agents.local_addr()?)
+                .filter(|a| !a.ip().is_unspecified())
+                .map(|a| a.to_string()),
+        };
+        let ca = crate::store::open_ca(&self.state_dir, self.store.as_deref())?;
         let state = StateView::load(ca.state().clone())?;
-        let (chain, key) = ca.server_identity(time::OffsetDateTime::now_utc())?;
-        let server_cert = tls::ServerCert::new(&chain, &key)?;
+        let identity = ca.server_identity(
+            time::OffsetDateTime::now_utc(),
+            advertise.as_deref().map(advertised_host),
+        )?;
+        let server_cert = tls::ServerCert::new(&identity.chain_pem, &identity.key_pem)?;
         let enroll_config =
             tls::agent_listener_config(server_cert.clone(), ca.cert_der(), &[tls::ALPN_HTTP1])?;
         let revocations = state.clone();
@@ -350,6 +381,11 @@ impl ProxyBuilder {
         Ok(Proxy {
             shared: Arc::new(Shared {
                 ca: Arc::new(ca),
+                me: revproxy_ca::ProxyEntry {
+                    id: identity.proxy_id,
+                    address: advertise,
+                },
+                peers: std::sync::RwLock::default(),
                 enroll_gate: tokio::sync::Mutex::new(()),
                 renew_gate: tokio::sync::Mutex::new(()),
                 limiter: Mutex::new(AttemptLimiter::new(
@@ -387,9 +423,22 @@ impl ProxyBuilder {
     }
 }
 
+/// The host of a `host:port` address (IPv6 without its brackets).
+fn advertised_host(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
 /// State shared by every connection task.
 struct Shared {
     ca: Arc<Ca>,
+    /// This proxy: its id (in its server certificate) and the address it advertises.
+    me: revproxy_ca::ProxyEntry,
+    /// The proxies serving from the same store (this one included), as last read: what
+    /// agents are told to keep a tunnel to.
+    peers: std::sync::RwLock<Vec<revproxy_ca::ProxyEntry>>,
     /// Enrollments run one at a time: each holds the state lock and fsyncs anyway, and
     /// queueing here keeps blocking threads from piling up behind the file lock.
     enroll_gate: tokio::sync::Mutex<()>,
@@ -460,12 +509,19 @@ impl Proxy {
             max_handshakes_per_source: MAX_HANDSHAKES_PER_SOURCE,
             shutdown_grace: SHUTDOWN_GRACE,
             quic: QuicListener::default(),
+            store: None,
+            advertise: None,
         }
     }
 
     /// The agent listener's address.
     pub fn agent_addr(&self) -> std::io::Result<SocketAddr> {
         self.agent_port.addr()
+    }
+
+    /// This proxy's id, as its server certificate names it.
+    pub fn id(&self) -> &str {
+        &self.shared.me.id
     }
 
     /// The CA pin agents will see.
@@ -538,6 +594,7 @@ impl Proxy {
         self.shared.close_tunnels.fire();
         let _ = agents.await;
         drop(background);
+        background::withdraw(&self.shared).await;
         admin_stop.fire();
         if let Some(admin) = admin {
             let _ = admin.await;

@@ -1,22 +1,28 @@
 //! The proxy's in-memory view of the CA state that gates tunnels: revoked certificate
 //! serials and what each agent is granted. Routing and admission read this snapshot,
-//! never the file.
+//! never the store.
 //!
-//! `revproxy cert revoke` and friends run as separate processes and change `state.json`;
-//! the proxy polls the file's identity (it is replaced by rename on every change) once a
-//! second and reloads it when it changed. The TLS verifier and the tunnel handshake read
-//! the snapshot, never the file.
+//! `revproxy cert revoke` and friends (or another proxy sharing the store) change the
+//! state; the proxy asks the store for its version once a second, and at once when the
+//! store says something changed (PostgreSQL's `NOTIFY`), and reloads when the version
+//! moved. The TLS verifier and the tunnel handshake read the snapshot, never the store.
+//!
+//! The view also keeps the store's health: a store that cannot be read for longer than
+//! [`STORE_STALE_AFTER`] makes the proxy stop reporting ready (`/ready`), while routing and
+//! tunnels go on with the last snapshot.
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::MetadataExt;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
-use revproxy_ca::state::StateFile;
-use tracing::{debug, warn};
+use revproxy_ca::Store;
+use tracing::{debug, info, warn};
 
-/// How often the state file is checked for changes.
+/// How often the store's version is checked for changes.
 pub(super) const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// A store unreadable for this long makes the proxy unready: a load balancer then sends
+/// clients to proxies that see revocations as they happen.
+pub const STORE_STALE_AFTER: Duration = Duration::from_secs(10);
 
 /// What the tunnel gate needs to know.
 #[derive(Debug, Default)]
@@ -48,8 +54,8 @@ pub(super) struct Snapshot {
 }
 
 impl Snapshot {
-    fn load(file: &StateFile) -> Result<Snapshot, revproxy_ca::CaError> {
-        let state = file.read()?;
+    fn load(store: &dyn Store) -> Result<Snapshot, revproxy_ca::CaError> {
+        let state = store.read()?;
         let mut expiry: HashMap<String, i64> = HashMap::new();
         for cert in state.certs.iter().filter(|c| c.revoked_at.is_none()) {
             let latest = expiry.entry(cert.agent.clone()).or_insert(cert.not_after);
@@ -157,23 +163,39 @@ impl Snapshot {
     }
 }
 
+/// Whether the store answers.
+#[derive(Debug)]
+struct Health {
+    /// Since when every attempt to read it failed, and the last error.
+    failing: Option<(Instant, String)>,
+}
+
 /// The shared, refreshed snapshot.
 #[derive(Clone, Debug)]
 pub(super) struct StateView {
-    file: StateFile,
+    store: Arc<dyn Store>,
     current: Arc<RwLock<Arc<Snapshot>>>,
+    /// The store's version when it was first read: where [`StateView::watch`] starts.
+    loaded_at: u64,
     /// When a request last forced a reload (see [`StateView::refresh_seldom`]).
-    forced: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    forced: Arc<Mutex<Option<Instant>>>,
+    health: Arc<Mutex<Health>>,
+    /// Woken by the store when the state changed elsewhere.
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl StateView {
-    /// Loads the state once.
-    pub(super) fn load(file: StateFile) -> Result<StateView, revproxy_ca::CaError> {
-        let snapshot = Snapshot::load(&file)?;
+    /// Loads the state once (a blocking call: the proxy is being built).
+    pub(super) fn load(store: Arc<dyn Store>) -> Result<StateView, revproxy_ca::CaError> {
+        let version = store.version()?;
+        let snapshot = Snapshot::load(&*store)?;
         Ok(StateView {
-            file,
+            store,
             current: Arc::new(RwLock::new(Arc::new(snapshot))),
+            loaded_at: version,
             forced: Arc::default(),
+            health: Arc::new(Mutex::new(Health { failing: None })),
+            changed: Arc::default(),
         })
     }
 
@@ -182,33 +204,93 @@ impl StateView {
         self.current.read().expect("state view lock").clone()
     }
 
-    /// Reloads the state now (falling back to the last snapshot if it cannot be read).
-    pub(super) async fn refresh(&self) -> Arc<Snapshot> {
-        let file = self.file.clone();
-        match tokio::task::spawn_blocking(move || Snapshot::load(&file)).await {
-            Ok(Ok(snapshot)) => {
+    /// What is wrong with the store, when it has failed for longer than `after`: how long,
+    /// and the last error.
+    pub(super) fn store_problem(&self, after: Duration) -> Option<String> {
+        let health = self.health.lock().expect("store health lock");
+        let (since, error) = health.failing.as_ref()?;
+        let down = since.elapsed();
+        (down >= after).then(|| {
+            format!(
+                "the state store has not answered for {} s: {error}",
+                down.as_secs()
+            )
+        })
+    }
+
+    /// Where the state lives, as messages name it.
+    pub(super) fn store_name(&self) -> String {
+        self.store.describe()
+    }
+
+    fn store_ok(&self) {
+        let mut health = self.health.lock().expect("store health lock");
+        if let Some((since, _)) = health.failing.take() {
+            info!(store = %self.store.describe(), down_secs = since.elapsed().as_secs(), "the state store answers again");
+        }
+    }
+
+    fn store_failed(&self, error: String) {
+        let mut health = self.health.lock().expect("store health lock");
+        match &mut health.failing {
+            Some((_, last)) => *last = error,
+            None => {
+                warn!(%error, "cannot read the state store; serving with the last state read");
+                health.failing = Some((Instant::now(), error));
+            }
+        }
+    }
+
+    /// Reads the store's version and, unless it is `seen`, the state; installs the new
+    /// snapshot and returns it with its version, or `None` when nothing changed or the
+    /// store failed (then the last snapshot stays).
+    async fn reload(&self, seen: Option<u64>) -> Option<(u64, Arc<Snapshot>)> {
+        let store = self.store.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let version = store.version()?;
+            if Some(version) == seen {
+                return Ok::<_, revproxy_ca::CaError>(None);
+            }
+            Ok(Some((version, Snapshot::load(&*store)?)))
+        })
+        .await;
+        match read {
+            Ok(Ok(None)) => {
+                self.store_ok();
+                None
+            }
+            Ok(Ok(Some((version, snapshot)))) => {
+                self.store_ok();
                 let snapshot = Arc::new(snapshot);
                 *self.current.write().expect("state view lock") = snapshot.clone();
-                snapshot
+                Some((version, snapshot))
             }
             Ok(Err(e)) => {
-                warn!(error = %e, "cannot reload the proxy state; keeping the last good one");
-                self.get()
+                self.store_failed(e.to_string());
+                None
             }
             Err(e) => {
-                warn!(error = %e, "state reload task failed");
-                self.get()
+                self.store_failed(format!("the reading task failed: {e}"));
+                None
             }
+        }
+    }
+
+    /// Reloads the state now (keeping the last snapshot if it cannot be read).
+    pub(super) async fn refresh(&self) -> Arc<Snapshot> {
+        match self.reload(None).await {
+            Some((_, snapshot)) => snapshot,
+            None => self.get(),
         }
     }
 
     /// Reloads now, unless a caller did within `interval` (then the current snapshot): for
     /// requests from outside that need what another process just wrote, without letting a
-    /// flood of them read the file more than once per `interval`.
+    /// flood of them read the store more than once per `interval`.
     pub(super) async fn refresh_seldom(&self, interval: Duration) -> Arc<Snapshot> {
         {
             let mut forced = self.forced.lock().expect("state view lock");
-            let now = std::time::Instant::now();
+            let now = Instant::now();
             if forced.is_some_and(|at| now.duration_since(at) < interval) {
                 return self.get();
             }
@@ -217,35 +299,28 @@ impl StateView {
         self.refresh().await
     }
 
-    /// Reloads whenever `state.json` is replaced, and hands every new snapshot to
+    /// Reloads whenever the store's version moves, and hands every new snapshot to
     /// `on_change`, until the returned future is dropped.
     pub(super) async fn watch(self, on_change: impl Fn(&Snapshot)) {
-        let path = self.file.path();
-        let identity = |m: std::fs::Metadata| (m.ino(), m.mtime(), m.mtime_nsec(), m.len());
-        let mut seen = std::fs::metadata(&path).ok().map(identity);
+        let changed = self.changed.clone();
+        self.store
+            .on_change(Arc::new(move || changed.notify_one()));
         let mut tick = tokio::time::interval(WATCH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Changes are counted from what this watch handed on, not from what a forced
+        // `refresh` installed in between: those must reach `on_change` too.
+        let mut seen = Some(self.loaded_at);
         loop {
-            tick.tick().await;
-            let now = tokio::fs::metadata(&path).await.ok().map(identity);
-            if now == seen {
-                continue;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.changed.notified() => {}
             }
-            let file = self.file.clone();
-            match tokio::task::spawn_blocking(move || Snapshot::load(&file)).await {
-                Ok(Ok(snapshot)) => {
-                    debug!(revoked = snapshot.revoked.len(), "proxy state reloaded");
-                    // Current first: whoever checks the state after `on_change` has cut
-                    // what it no longer allows sees the new one.
-                    let snapshot = Arc::new(snapshot);
-                    *self.current.write().expect("state view lock") = snapshot.clone();
-                    on_change(&snapshot);
-                    seen = now;
-                }
-                Ok(Err(e)) => {
-                    warn!(error = %e, "cannot reload the proxy state; keeping the last good one")
-                }
-                Err(e) => warn!(error = %e, "state reload task failed"),
+            if let Some((version, snapshot)) = self.reload(seen).await {
+                seen = Some(version);
+                debug!(revoked = snapshot.revoked.len(), "proxy state reloaded");
+                // Current first (`reload` installed it): whoever checks the state after
+                // `on_change` has cut what it no longer allows sees the new one.
+                on_change(&snapshot);
             }
         }
     }

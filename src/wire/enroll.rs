@@ -1,6 +1,7 @@
-//! The agent API on the wire: `POST /v1/enroll` (a token and a CSR) and `POST /v1/renew`
-//! (mTLS with the current certificate, and a CSR), JSON bodies over TLS on the agent port
-//! (ALPN `http/1.1`). Documented in `docs/protocol.md`.
+//! The agent API on the wire: `POST /v1/enroll` (a token and a CSR), `POST /v1/renew`
+//! (mTLS with the current certificate, and a CSR) and `GET /v1/proxies` (mTLS: the
+//! proxies to keep a tunnel to), JSON bodies over TLS on the agent port (ALPN
+//! `http/1.1`). Documented in `docs/protocol.md`.
 
 use std::fmt;
 
@@ -10,6 +11,9 @@ use serde::{Deserialize, Serialize};
 pub const ENROLL_PATH: &str = "/v1/enroll";
 /// Path of the renewal endpoint (mTLS: the agent presents its current certificate).
 pub const RENEW_PATH: &str = "/v1/renew";
+/// Path of the proxy list (mTLS, GET): the proxies sharing this one's store, each of which
+/// the agent keeps a tunnel to.
+pub const PROXIES_PATH: &str = "/v1/proxies";
 /// Largest request body the proxy reads.
 pub const MAX_REQUEST_BODY: usize = 64 * 1024;
 /// Largest response body the agent reads.
@@ -34,6 +38,25 @@ impl fmt::Debug for EnrollBody {
             .field("secret", &"***")
             .finish_non_exhaustive()
     }
+}
+
+/// The proxy's answer to `GET /v1/proxies`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxiesReply {
+    /// The id of the proxy that answered.
+    pub proxy: String,
+    /// Every proxy serving from the same store that advertises an address, the one that
+    /// answered included. Empty when the proxy has no peers to tell of (a file store).
+    pub proxies: Vec<ProxyAddr>,
+}
+
+/// One proxy agents can reach.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyAddr {
+    /// Its id: its server certificate names `spiffe://TRUST_DOMAIN/proxy/ID`.
+    pub id: String,
+    /// Its agent listener, `host:port`.
+    pub address: String,
 }
 
 /// The agent's renewal request.

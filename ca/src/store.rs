@@ -1,0 +1,212 @@
+//! Where the CA state lives: the [`Store`] trait, and the file store (`state.json` in the
+//! state directory, [`StateFile`]) that is the embedded default.
+//!
+//! Every store keeps one [`State`] document and changes it only inside
+//! [`Store::apply`], which reads the newest version under an exclusive lock, applies the
+//! change and makes the result durable before the lock is released, so that concurrent
+//! writers (two proxies trading the same token, `revproxy cert revoke` beside a renewal)
+//! see each other's changes and never lose one. A store several proxies share also keeps
+//! the list of those proxies ([`Store::announce`], [`Store::proxies`]), which agents use
+//! to keep a tunnel to each of them.
+//!
+//! The PostgreSQL store lives in the main crate (it needs sockets and an async runtime,
+//! which this crate does without).
+
+use std::hash::{Hash, Hasher};
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::CaError;
+use crate::state::{State, StateFile};
+
+/// A proxy serving from a shared store, as the others and the agents see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyEntry {
+    /// The proxy's identity: the last segment of the `spiffe://TRUST_DOMAIN/proxy/ID` name
+    /// in its server certificate.
+    pub id: String,
+    /// Where agents reach its agent listener (`host:port`), when it says.
+    pub address: Option<String>,
+}
+
+/// Where the CA state lives.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// What to call this store in messages and logs: a path, or a database URL without
+    /// its password.
+    fn describe(&self) -> String;
+
+    /// The current state.
+    fn read(&self) -> Result<State, CaError>;
+
+    /// A number that changes whenever the state does (cheaper than [`Store::read`]).
+    fn version(&self) -> Result<u64, CaError>;
+
+    /// Reads the newest state under an exclusive lock and calls `change` on it once; if
+    /// `change` returns true and the state differs, writes it back before returning.
+    /// Returns an error without calling `change` when the store cannot be reached or
+    /// locked, and an error after it when the result could not be written.
+    fn apply(&self, change: &mut (dyn FnMut(&mut State) -> bool + Send)) -> Result<(), CaError>;
+
+    /// Whether the store holds a state.
+    fn has_state(&self) -> Result<bool, CaError>;
+
+    /// Writes the first state of a new CA; refuses when the store holds one already.
+    fn create(&self, state: &State) -> Result<(), CaError>;
+
+    /// Whether several proxies can serve from this store at once.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Asks the store to call `wake` soon after the state changes, from any process.
+    /// Stores that cannot are polled with [`Store::version`] instead.
+    fn on_change(&self, wake: Arc<dyn Fn() + Send + Sync>) {
+        let _ = wake;
+    }
+
+    /// Says that `proxy` is serving (repeated as a heartbeat).
+    fn announce(&self, proxy: &ProxyEntry) -> Result<(), CaError> {
+        let _ = proxy;
+        Ok(())
+    }
+
+    /// Says that proxy `id` has stopped.
+    fn withdraw(&self, id: &str) -> Result<(), CaError> {
+        let _ = id;
+        Ok(())
+    }
+
+    /// The proxies that announced themselves recently, this one included.
+    fn proxies(&self) -> Result<Vec<ProxyEntry>, CaError> {
+        Ok(Vec::new())
+    }
+}
+
+impl dyn Store {
+    /// Applies `change` to the newest state and makes the result durable, all under the
+    /// store's lock. If `change` fails, or changes nothing (a retried request answered
+    /// from the record), nothing is written.
+    pub fn update<T, E>(
+        &self,
+        change: impl FnOnce(&mut State) -> Result<T, E> + Send,
+    ) -> Result<T, E>
+    where
+        T: Send,
+        E: From<CaError> + Send,
+    {
+        let mut change = Some(change);
+        let mut out = None;
+        self.apply(&mut |state| {
+            let change = change.take().expect("a store calls the change once");
+            let result = change(state);
+            let commit = result.is_ok();
+            out = Some(result);
+            commit
+        })?;
+        out.expect("a store that succeeds has called the change")
+    }
+}
+
+impl Store for StateFile {
+    fn describe(&self) -> String {
+        self.path().display().to_string()
+    }
+
+    fn read(&self) -> Result<State, CaError> {
+        StateFile::read(self)
+    }
+
+    fn version(&self) -> Result<u64, CaError> {
+        // The file is only ever replaced whole, by rename: a new inode, time and length.
+        let path = self.path();
+        let m = std::fs::metadata(&path).map_err(|e| CaError::io(&path, e))?;
+        let mut hash = std::collections::hash_map::DefaultHasher::new();
+        (m.ino(), m.mtime(), m.mtime_nsec(), m.len()).hash(&mut hash);
+        Ok(hash.finish())
+    }
+
+    fn apply(&self, change: &mut (dyn FnMut(&mut State) -> bool + Send)) -> Result<(), CaError> {
+        StateFile::update(self, |state| {
+            if change(state) {
+                Ok(())
+            } else {
+                Err(ApplyError::Unchanged)
+            }
+        })
+        .or_else(|e| match e {
+            ApplyError::Ca(e) => Err(e),
+            ApplyError::Unchanged => Ok(()),
+        })
+    }
+
+    fn has_state(&self) -> Result<bool, CaError> {
+        Ok(self.path().exists())
+    }
+
+    /// The caller holds the directory's lock ([`Ca::init_in`](crate::Ca::init_in) does,
+    /// for the CA's files and the state alike).
+    fn create(&self, state: &State) -> Result<(), CaError> {
+        if self.path().exists() {
+            return Err(CaError::StoreHoldsState(self.describe()));
+        }
+        self.store(state)
+    }
+}
+
+/// Why [`StateFile::update`] wrote nothing.
+enum ApplyError {
+    Ca(CaError),
+    Unchanged,
+}
+
+impl From<CaError> for ApplyError {
+    fn from(e: CaError) -> Self {
+        ApplyError::Ca(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile::new(dir.path());
+        let store: Arc<dyn Store> = Arc::new(file);
+        store
+            .create(&State {
+                version: State::VERSION,
+                ..State::default()
+            })
+            .unwrap();
+        (dir, store)
+    }
+
+    /// A failed change writes nothing and its error comes back; a successful one is read
+    /// back and moves the version; creating over a state is refused.
+    #[test]
+    fn update_through_the_trait() {
+        let (_dir, store) = store();
+        let before = store.version().unwrap();
+        let failed: Result<(), CaError> = store.update(|s| {
+            s.server = "changed:1".into();
+            Err(CaError::InvalidInput("no".into()))
+        });
+        assert!(matches!(failed, Err(CaError::InvalidInput(_))));
+        assert_eq!(store.read().unwrap().server, "");
+        assert_eq!(store.version().unwrap(), before);
+        let n: Result<u32, CaError> = store.update(|s| {
+            s.server = "proxy.example.com:7443".into();
+            Ok(7)
+        });
+        assert_eq!(n.unwrap(), 7);
+        assert_eq!(store.read().unwrap().server, "proxy.example.com:7443");
+        assert_ne!(store.version().unwrap(), before);
+        assert!(matches!(
+            store.create(&State::default()),
+            Err(CaError::StoreHoldsState(_))
+        ));
+    }
+}
