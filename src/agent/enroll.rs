@@ -268,6 +268,22 @@ pub(super) async fn post(
     path: &str,
     body: Bytes,
 ) -> Result<(StatusCode, Bytes), EnrollClientError> {
+    let request = Request::post(path)
+        .header(http::header::HOST, server)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .expect("valid request");
+    call(server, expected_pins, config, request).await
+}
+
+/// One attempt at `request`: connect, verify the proxy with `config`, send it, read the
+/// answer.
+pub(super) async fn call(
+    server: &str,
+    expected_pins: &str,
+    config: rustls::ClientConfig,
+    request: Request<Full<Bytes>>,
+) -> Result<(StatusCode, Bytes), EnrollClientError> {
     let unreachable = |reason: String| EnrollClientError::Unreachable {
         server: server.to_string(),
         reason,
@@ -291,11 +307,6 @@ pub(super) async fn post(
                 },
                 None => unreachable(format!("TLS handshake failed: {e}")),
             })?;
-        let request = Request::post(path)
-            .header(http::header::HOST, server)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .expect("valid request");
         crate::runtime::http1::exchange(stream, request, MAX_RESPONSE_BODY)
             .await
             .map_err(unreachable)

@@ -198,6 +198,7 @@ impl Identity {
             })?,
             cert_pem: &self.cert_pem,
             key_pem: &self.key_pem,
+            proxy: None,
         })
     }
 }

@@ -3,9 +3,9 @@
 //!
 //! [`enroll`] trades a one-time token for an identity (`identity.rs` keeps it on disk).
 //! [`Agent::run`] is two halves side by side: the renewal loop (`renew.rs`, a fresh
-//! certificate at about 2/3 of each lifetime) and the supervisor (`supervisor.rs`, which
-//! keeps one tunnel up: reconnecting with backoff, moving to a renewed certificate or a
-//! better transport). Each tunnel is a session (`session.rs`); each stream in it is dialed
+//! certificate at about 2/3 of each lifetime) and the tunnels: one supervisor per proxy
+//! (`proxies.rs` learns which proxies share the store; `supervisor.rs` keeps one tunnel
+//! up: reconnecting with backoff, moving to a renewed certificate or a better transport). Each tunnel is a session (`session.rs`); each stream in it is dialed
 //! to a backend from the service map (`backend.rs`).
 
 mod admin;
@@ -14,6 +14,7 @@ mod connect;
 mod enroll;
 mod identity;
 mod metrics;
+mod proxies;
 mod renew;
 mod session;
 mod supervisor;
@@ -31,6 +32,7 @@ pub use enroll::{enroll, EnrollClientError};
 pub use identity::{
     Identity, IdentityError, AGENT_CERT_FILE, AGENT_INFO_FILE, AGENT_KEY_FILE, CA_CERT_FILE,
 };
+pub use proxies::{PROXIES_FILE, PROXY_REFRESH};
 pub use renew::{renew_once, Clock, SystemClock};
 
 use crate::route::name_matches;
@@ -86,6 +88,7 @@ pub struct AgentBuilder {
     quic_reprobe: Duration,
     admin: Option<tokio::net::TcpListener>,
     connects: Vec<connect::ConnectSpec>,
+    proxy_refresh: Duration,
 }
 
 impl std::fmt::Debug for dyn Clock {
@@ -150,6 +153,12 @@ impl AgentBuilder {
     pub fn quic_fallback(mut self, after: Duration, reprobe: Duration) -> Self {
         self.quic_fallback_after = after;
         self.quic_reprobe = reprobe;
+        self
+    }
+
+    /// How often the agent asks which proxies to keep a tunnel to ([`PROXY_REFRESH`]).
+    pub fn proxy_refresh(mut self, every: Duration) -> Self {
+        self.proxy_refresh = every;
         self
     }
 
@@ -238,6 +247,7 @@ impl AgentBuilder {
             connects,
             ctx: Arc::new(SessionCtx {
                 server: self.server.unwrap_or_else(|| identity.server.clone()),
+                tunnels_up: tokio::sync::watch::channel(0).0,
                 services: Arc::new(ServiceMap::new(entries, metrics.clone())),
                 metrics,
                 up: Arc::default(),
@@ -251,6 +261,7 @@ impl AgentBuilder {
             state_dir: self.state_dir,
             clock: self.clock,
             renew_check: self.renew_check,
+            proxy_refresh: self.proxy_refresh,
         })
     }
 }
@@ -265,6 +276,7 @@ pub struct Agent {
     state_dir: PathBuf,
     clock: Arc<dyn Clock>,
     renew_check: Duration,
+    proxy_refresh: Duration,
 }
 
 impl Agent {
@@ -283,6 +295,7 @@ impl Agent {
             quic_reprobe: QUIC_REPROBE,
             admin: None,
             connects: Vec::new(),
+            proxy_refresh: PROXY_REFRESH,
         }
     }
 
@@ -348,7 +361,13 @@ impl Agent {
             stop.fire();
         };
         tokio::join!(
-            supervisor::keep_tunnel_up(&self.ctx, &self.identity, &stop),
+            proxies::keep_tunnels_up(
+                self.ctx.clone(),
+                self.identity.subscribe(),
+                self.state_dir.clone(),
+                self.proxy_refresh,
+                stop.clone(),
+            ),
             supervise
         );
         let _ = connects.await;

@@ -14,10 +14,23 @@ use crate::runtime::rfc3339;
 use crate::runtime::shutdown::Trigger;
 use crate::tunnel::{self, AgentConn, ConnectError, Kind, StreamLimits, Transport, TunnelError};
 
+/// Where a tunnel goes: an address, and which proxy must answer there when the agent
+/// knows (one of several proxies sharing a store).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct Target {
+    /// `host:port` of a proxy's agent listener.
+    pub(super) addr: String,
+    /// The proxy id its certificate must name; `None` for the configured server (which
+    /// may be a load balancer in front of several).
+    pub(super) proxy: Option<String>,
+}
+
 /// What every session of an agent needs, fixed when the agent is built.
 pub(super) struct SessionCtx {
-    /// The proxy's agent address, `host:port`.
+    /// The configured proxy address, `host:port`: where the agent learns of the others.
     pub(super) server: String,
+    /// Bumped at every tunnel that comes up (the proxy set's handover waits on it).
+    pub(super) tunnels_up: tokio::sync::watch::Sender<u64>,
     pub(super) services: Arc<ServiceMap>,
     pub(super) metrics: Arc<super::metrics::AgentMetrics>,
     /// Where mesh streams go up (`connect.rs`).
@@ -55,9 +68,9 @@ fn clock_note(e: &ConnectError, not_after: i64) -> String {
     )
 }
 
-/// Connects to the proxy as `id` on `kind` within `limit`.
+/// Connects to `target` as `id` on `kind` within `limit`.
 pub(super) async fn connect(
-    ctx: &SessionCtx,
+    target: &Target,
     kind: Kind,
     id: &Identity,
     limit: Duration,
@@ -66,10 +79,11 @@ pub(super) async fn connect(
         source,
         not_after: id.not_after,
     };
-    let creds = id
+    let mut creds = id
         .credentials()
         .map_err(|e| failed(ConnectError::Config(e)))?;
-    tunnel::connect(kind, &ctx.server, &creds, limit)
+    creds.proxy = target.proxy.as_deref();
+    tunnel::connect(kind, &target.addr, &creds, limit)
         .await
         .map_err(failed)
 }
@@ -77,6 +91,7 @@ pub(super) async fn connect(
 /// One tunnel, from connecting to its end.
 pub(super) struct Session {
     pub(super) ctx: Arc<SessionCtx>,
+    pub(super) target: Arc<Target>,
     pub(super) kind: Kind,
     /// Longest a connection attempt may take.
     pub(super) limit: Duration,
@@ -100,7 +115,7 @@ impl Session {
         let conn = match self.preconnected {
             Some(conn) => conn,
             None => tokio::select! {
-                r = connect(&self.ctx, self.kind, &self.identity, self.limit) => {
+                r = connect(&self.target, self.kind, &self.identity, self.limit) => {
                     r.inspect_err(|_| metrics.connect_failed(self.kind.name()))?
                 }
                 () = self.stop.cancelled() => return Ok(()),
@@ -112,6 +127,7 @@ impl Session {
         // A QUIC tunnel carries this agent's mesh streams too.
         let up = conn.up_link().map(|link| self.ctx.up.tunnel_up(link));
         info!("tunnel up");
+        self.ctx.tunnels_up.send_modify(|n| *n += 1);
         for old in self.to_retire.lock().expect("retire list").drain(..) {
             old.fire();
         }

@@ -1,4 +1,5 @@
-//! The supervisor: keeps one tunnel to the proxy up for as long as the agent runs.
+//! The supervisor: keeps one tunnel to one proxy up for as long as the agent runs (or
+//! until the proxy leaves the list, `proxies.rs`).
 //!
 //! It reconnects with the one backoff after a failure, opens a new tunnel with a renewed
 //! certificate and lets the old one drain (its open streams run to their end), and follows
@@ -16,7 +17,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
 use super::identity::Identity;
-use super::session::{connect, Session, SessionCtx};
+use super::session::{connect, Session, SessionCtx, Target};
 use crate::runtime::backoff::Backoff;
 use crate::runtime::shutdown::Trigger;
 use crate::tunnel::{AgentConn, Choice};
@@ -26,15 +27,15 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest reconnect delay.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// Keeps one tunnel up until `stop` fires, always as the current identity.
+/// Keeps one tunnel to `target` up until `stop` fires, always as the current identity.
 pub(super) async fn keep_tunnel_up(
     ctx: &Arc<SessionCtx>,
-    identity: &watch::Sender<Arc<Identity>>,
+    target: Arc<Target>,
+    mut renewed: watch::Receiver<Arc<Identity>>,
     stop: &Trigger,
 ) {
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut choice = Choice::new(ctx.transport, ctx.quic_fallback_after);
-    let mut renewed = identity.subscribe();
     let mut sessions = JoinSet::new();
     // Tunnels on an old certificate or transport, retired as soon as the next tunnel is
     // up (not before: a client must always find one).
@@ -53,6 +54,7 @@ pub(super) async fn keep_tunnel_up(
         let established = Arc::new(AtomicBool::new(false));
         let session = Session {
             ctx: ctx.clone(),
+            target: target.clone(),
             kind,
             limit: choice.connect_limit(kind),
             preconnected: ready,
@@ -62,7 +64,7 @@ pub(super) async fn keep_tunnel_up(
             established: established.clone(),
             to_retire: to_retire.clone(),
         };
-        let span = tracing::info_span!("tunnel", server = %ctx.server, transport = kind.name());
+        let span = tracing::info_span!("tunnel", server = %target.addr, proxy = target.proxy.as_deref().unwrap_or("-"), transport = kind.name());
         let current = sessions.spawn(session.run().instrument(span)).id();
         // A probe lives across loop turns, so nothing else happening cancels a handshake.
         let probing = choice.probe_while_on(kind);
@@ -71,10 +73,10 @@ pub(super) async fn keep_tunnel_up(
             None => (kind, Duration::ZERO), // never polled
         };
         let new_probe = || {
-            let (ctx, id) = (ctx.clone(), id.clone());
+            let (ctx, id, target) = (ctx.clone(), id.clone(), target.clone());
             Box::pin(async move {
                 tokio::time::sleep(ctx.quic_reprobe).await;
-                connect(&ctx, probe_kind, &id, probe_limit).await
+                connect(&target, probe_kind, &id, probe_limit).await
             })
         };
         let mut probe = new_probe();

@@ -21,7 +21,7 @@ pub fn pinned_client_config(
     pins: Vec<Pin>,
     alpn: &[&[u8]],
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let mut config = pinned_builder(pins)?.with_no_client_auth();
+    let mut config = pinned_builder(pins, None)?.with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
@@ -34,7 +34,19 @@ pub fn agent_client_config(
     key_pem: &str,
     alpn: &[&[u8]],
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let mut config = pinned_builder(pins)?.with_client_auth_cert(
+    agent_client_config_for(pins, None, cert_pem, key_pem, alpn)
+}
+
+/// Like [`agent_client_config`], and the proxy's certificate must name proxy `proxy` (when
+/// given): an agent keeping a tunnel to each of several proxies tells them apart by it.
+pub(crate) fn agent_client_config_for(
+    pins: Vec<Pin>,
+    proxy: Option<&str>,
+    cert_pem: &str,
+    key_pem: &str,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut config = pinned_builder(pins, proxy)?.with_client_auth_cert(
         certs_from_pem(cert_pem, "agent.crt")?,
         key_from_pem(key_pem, "agent.key")?,
     )?;
@@ -44,11 +56,13 @@ pub fn agent_client_config(
 
 fn pinned_builder(
     pins: Vec<Pin>,
+    proxy: Option<&str>,
 ) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, TlsError>
 {
     let provider = provider();
     let verifier = Arc::new(PinnedServerVerifier {
         pins,
+        proxy: proxy.map(str::to_string),
         provider: provider.clone(),
     });
     Ok(rustls::ClientConfig::builder_with_provider(provider)
@@ -76,6 +90,26 @@ impl fmt::Display for PinMismatch {
 
 impl std::error::Error for PinMismatch {}
 
+/// The address reached a proxy of the right CA, but another proxy than the one expected.
+#[derive(Debug)]
+pub(crate) struct OtherProxy {
+    pub(crate) expected: String,
+    pub(crate) presented: Option<String>,
+}
+
+impl fmt::Display for OtherProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "this address reached proxy {}, not proxy {}: each proxy must advertise an address of its own",
+            self.presented.as_deref().unwrap_or("(no id)"),
+            self.expected
+        )
+    }
+}
+
+impl std::error::Error for OtherProxy {}
+
 /// Checks the proxy's chain against pinned CAs.
 ///
 /// The CA certificate must be in the chain the server sends (revproxy sends server + CA),
@@ -87,6 +121,8 @@ impl std::error::Error for PinMismatch {}
 #[derive(Debug)]
 pub(crate) struct PinnedServerVerifier {
     pins: Vec<Pin>,
+    /// The proxy id the certificate must name, when the agent dials a known proxy.
+    proxy: Option<String>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -124,6 +160,20 @@ impl ServerCertVerifier for PinnedServerVerifier {
             None,
         )
         .map_err(webpki_error)?;
+        if let Some(expected) = &self.proxy {
+            let uris = revproxy_ca::CertSummary::from_der(end_entity)
+                .map(|c| c.uris)
+                .unwrap_or_default();
+            let presented = revproxy_ca::proxy_id_of(&uris);
+            if presented != Some(expected.as_str()) {
+                return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                    OtherError(Arc::new(OtherProxy {
+                        expected: expected.clone(),
+                        presented: presented.map(str::to_string),
+                    })),
+                )));
+            }
+        }
         Ok(ServerCertVerified::assertion())
     }
 
@@ -218,11 +268,19 @@ pub(crate) struct Credentials<'a> {
     pub(crate) pin: Pin,
     pub(crate) cert_pem: &'a str,
     pub(crate) key_pem: &'a str,
+    /// The proxy id the proxy's certificate must name, if any.
+    pub(crate) proxy: Option<&'a str>,
 }
 
 impl Credentials<'_> {
     /// A client configuration with these credentials, offering `alpn`.
     pub(crate) fn client_config(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
-        agent_client_config(vec![self.pin], self.cert_pem, self.key_pem, &[alpn])
+        agent_client_config_for(
+            vec![self.pin],
+            self.proxy,
+            self.cert_pem,
+            self.key_pem,
+            &[alpn],
+        )
     }
 }

@@ -1,0 +1,265 @@
+//! Several proxies: the agent keeps one tunnel to each proxy that shares its proxy's
+//! store, so that any of them can route any client and losing one loses only the streams
+//! that ran through it.
+//!
+//! It asks for the list (`GET /v1/proxies`, with its certificate) at start and every
+//! [`PROXY_REFRESH`]: from the configured server first, else from the proxies it knows.
+//! The list is remembered in [`PROXIES_FILE`], so a restarted agent goes straight to every
+//! proxy. Each proxy gets a supervisor of its own that dials the address the proxy
+//! advertises and requires the proxy's id in its certificate (two addresses behind one
+//! load balancer are not two proxies). With no list (a proxy on a file store, or one that
+//! predates this), one supervisor dials the configured server, as before. When the list
+//! changes, supervisors of proxies that left stop once a tunnel of the new list is up
+//! (or after [`HANDOVER`]), so clients always find a tunnel.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn, Instrument};
+
+use super::identity::Identity;
+use super::session::{SessionCtx, Target};
+use super::supervisor::keep_tunnel_up;
+use crate::runtime::shutdown::Trigger;
+use crate::wire::enroll::{ProxiesReply, ProxyAddr, PROXIES_PATH};
+
+/// Where the agent remembers the proxies to keep a tunnel to.
+pub const PROXIES_FILE: &str = "proxies.json";
+/// How often the agent asks for the list of proxies.
+pub const PROXY_REFRESH: Duration = Duration::from_secs(60);
+/// Longest time tunnels to proxies that left the list wait for a tunnel of the new list.
+const HANDOVER: Duration = Duration::from_secs(10);
+/// Most proxies an agent keeps a tunnel to; more in an answer is a misconfiguration.
+const MAX_PROXIES: usize = 64;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Remembered {
+    proxies: Vec<ProxyAddr>,
+}
+
+/// Keeps a tunnel to every proxy on the list (or to the configured server when there is
+/// no list) until `stop` fires.
+pub(super) async fn keep_tunnels_up(
+    ctx: Arc<SessionCtx>,
+    identity: watch::Receiver<Arc<Identity>>,
+    state_dir: PathBuf,
+    refresh: Duration,
+    stop: Trigger,
+) {
+    let (list_tx, list_rx) = watch::channel(load(&state_dir));
+    tokio::join!(
+        learn(&ctx, identity.clone(), &state_dir, refresh, list_tx, &stop),
+        manage(&ctx, identity, list_rx, &stop),
+    );
+}
+
+/// The tunnels `list` asks for.
+fn targets(ctx: &SessionCtx, list: &[ProxyAddr]) -> Vec<Target> {
+    if list.is_empty() {
+        return vec![Target {
+            addr: ctx.server.clone(),
+            proxy: None,
+        }];
+    }
+    list.iter()
+        .map(|p| Target {
+            addr: p.address.clone(),
+            proxy: Some(p.id.clone()),
+        })
+        .collect()
+}
+
+/// One supervisor per target of the current list.
+async fn manage(
+    ctx: &Arc<SessionCtx>,
+    identity: watch::Receiver<Arc<Identity>>,
+    mut list: watch::Receiver<Vec<ProxyAddr>>,
+    stop: &Trigger,
+) {
+    let mut running: HashMap<Target, (Trigger, JoinHandle<()>)> = HashMap::new();
+    loop {
+        let wanted = targets(ctx, &list.borrow_and_update());
+        let leaving: Vec<(Target, (Trigger, JoinHandle<()>))> = running
+            .extract_if(|target, _| !wanted.contains(target))
+            .collect();
+        let mut added = false;
+        for target in wanted {
+            if running.contains_key(&target) {
+                continue;
+            }
+            added = true;
+            let own = Trigger::default();
+            let span = tracing::info_span!("proxy", addr = %target.addr);
+            let task = tokio::spawn(
+                {
+                    let (ctx, identity, own) = (ctx.clone(), identity.clone(), own.clone());
+                    let target = Arc::new(target.clone());
+                    async move { keep_tunnel_up(&ctx, target, identity, &own).await }
+                }
+                .instrument(span),
+            );
+            running.insert(target, (own, task));
+        }
+        if !leaving.is_empty() {
+            let mut up = ctx.tunnels_up.subscribe();
+            up.mark_unchanged();
+            let gone: Vec<String> = leaving.iter().map(|(t, _)| t.addr.clone()).collect();
+            info!(?gone, "no longer keeping a tunnel to these; they drain");
+            tokio::spawn(async move {
+                if added {
+                    // A client must always find a tunnel: the new ones first.
+                    let _ = tokio::time::timeout(HANDOVER, up.changed()).await;
+                }
+                for (_, (own, task)) in leaving {
+                    own.fire();
+                    let _ = task.await;
+                }
+            });
+        }
+        tokio::select! {
+            changed = list.changed() => if changed.is_err() { break },
+            () = stop.cancelled() => break,
+        }
+    }
+    for (own, _) in running.values() {
+        own.fire();
+    }
+    for (_, (_, task)) in running {
+        let _ = task.await;
+    }
+}
+
+/// Asks for the list now and every `refresh`, and hands on every change.
+async fn learn(
+    ctx: &SessionCtx,
+    identity: watch::Receiver<Arc<Identity>>,
+    state_dir: &Path,
+    refresh: Duration,
+    list: watch::Sender<Vec<ProxyAddr>>,
+    stop: &Trigger,
+) {
+    let mut failing = false;
+    loop {
+        let id = identity.borrow().clone();
+        let mut candidates = vec![ctx.server.clone()];
+        for p in list.borrow().iter() {
+            if !candidates.contains(&p.address) {
+                candidates.push(p.address.clone());
+            }
+        }
+        let mut learned = None;
+        for addr in &candidates {
+            match fetch(addr, &id).await {
+                Ok(proxies) => {
+                    learned = Some(proxies);
+                    break;
+                }
+                Err(e) => debug!(server = %addr, error = %e, "cannot ask for the proxy list here"),
+            }
+        }
+        match learned {
+            Some(proxies) => {
+                failing = false;
+                if *list.borrow() != proxies {
+                    info!(proxies = ?proxies.iter().map(|p| format!("{}={}", p.id, p.address)).collect::<Vec<_>>(),
+                          "proxies to keep a tunnel to");
+                    if let Err(e) = save(state_dir, &proxies) {
+                        warn!(error = %e, "cannot remember the proxy list");
+                    }
+                    list.send_replace(proxies);
+                }
+            }
+            None if !failing => {
+                failing = true;
+                warn!("cannot learn the proxy list from any proxy; keeping the last one")
+            }
+            None => {}
+        }
+        tokio::select! {
+            () = tokio::time::sleep(refresh) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Asks the proxy at `addr` for the list. A proxy that does not know the request (older)
+/// or has no peers answers with an empty list: the configured server then.
+async fn fetch(addr: &str, id: &Identity) -> Result<Vec<ProxyAddr>, String> {
+    let creds = id.credentials().map_err(|e| e.to_string())?;
+    let config = creds
+        .client_config(crate::tls::ALPN_HTTP1)
+        .map_err(|e| e.to_string())?;
+    let request = Request::get(PROXIES_PATH)
+        .header(http::header::HOST, addr)
+        .body(Full::new(Bytes::new()))
+        .expect("valid request");
+    let (status, body) = super::enroll::call(addr, &creds.pin.to_string(), config, request)
+        .await
+        .map_err(|e| e.to_string())?;
+    match status {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND => return Ok(Vec::new()),
+        other => {
+            return Err(format!(
+                "the proxy answered {other}: {}",
+                String::from_utf8_lossy(&body)
+            ))
+        }
+    }
+    let reply: ProxiesReply =
+        serde_json::from_slice(&body).map_err(|e| format!("unreadable proxy list: {e}"))?;
+    let mut proxies = Vec::new();
+    for p in reply.proxies {
+        let valid_id = !p.id.is_empty()
+            && p.id.len() <= 64
+            && p.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !valid_id || revproxy_ca::validate_server(&p.address).is_err() {
+            return Err(format!("the proxy list holds an invalid entry {p:?}"));
+        }
+        if !proxies.iter().any(|q: &ProxyAddr| q.id == p.id) {
+            proxies.push(p);
+        }
+    }
+    if proxies.len() > MAX_PROXIES {
+        return Err(format!(
+            "the proxy list names {} proxies, more than {MAX_PROXIES}",
+            proxies.len()
+        ));
+    }
+    proxies.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(proxies)
+}
+
+fn load(state_dir: &Path) -> Vec<ProxyAddr> {
+    let path = state_dir.join(PROXIES_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice::<Remembered>(&bytes) {
+            Ok(r) => r.proxies,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "ignoring an unreadable proxy list");
+                Vec::new()
+            }
+        },
+        Err(_) => Vec::new(),
+    }
+}
+
+fn save(state_dir: &Path, proxies: &[ProxyAddr]) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(&Remembered {
+        proxies: proxies.to_vec(),
+    })
+    .expect("list serializes");
+    revproxy_ca::fsutil::write_atomic(
+        &state_dir.join(PROXIES_FILE),
+        &bytes,
+        revproxy_ca::fsutil::PRIVATE_FILE_MODE,
+    )
+}
