@@ -216,8 +216,7 @@ pub fn proxy_id_of(uris: &[String]) -> Option<&str> {
     uris.iter().find_map(|u| {
         let rest = u.strip_prefix("spiffe://")?;
         let (_, id) = rest.split_once("/proxy/")?;
-        (!id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
-            .then_some(id)
+        (!id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')).then_some(id)
     })
 }
 
@@ -451,13 +450,12 @@ impl Ca {
         let cert_path = self.dir.join(SERVER_CERT_FILE);
         let current = match std::fs::read_to_string(&cert_path) {
             Ok(pem) => {
-                let summary =
-                    crate::cert::CertSummary::from_pem(&pem).ok_or_else(|| {
-                        CaError::CorruptState {
-                            path: cert_path.clone(),
-                            reason: "not a PEM certificate".into(),
-                        }
-                    })?;
+                let summary = crate::cert::CertSummary::from_pem(&pem).ok_or_else(|| {
+                    CaError::CorruptState {
+                        path: cert_path.clone(),
+                        reason: "not a PEM certificate".into(),
+                    }
+                })?;
                 Some((pem, summary))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,

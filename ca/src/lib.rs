@@ -27,11 +27,12 @@ pub mod store;
 mod token;
 
 pub use ca::{
-    pem_to_der, proxy_id_of, proxy_uri, validate_server, validity, Ca, CertInfo, CertState, EnrollRequest, Enrolled,
-    InitOptions, NewToken, TokenInfo, TokenState, BACKDATE, CA_CERT_FILE, CA_KEY_FILE, CA_TTL,
-    DEFAULT_AGENT_PORT, DEFAULT_CERT_TTL, DEFAULT_SANS, DEFAULT_TOKEN_TTL, DEFAULT_TRUST_DOMAIN,
-    MAX_CERT_TTL, MAX_CSR_LEN, MAX_HOSTS, MAX_TOKEN_TTL, MIN_CERT_TTL, MIN_RENEWAL_AGE_PERCENT,
-    REISSUE_WINDOW, SERVER_CERT_FILE, SERVER_CERT_TTL, SERVER_KEY_FILE, ServerIdentity,
+    pem_to_der, proxy_id_of, proxy_uri, validate_server, validity, Ca, CertInfo, CertState,
+    EnrollRequest, Enrolled, InitOptions, NewToken, ServerIdentity, TokenInfo, TokenState,
+    BACKDATE, CA_CERT_FILE, CA_KEY_FILE, CA_TTL, DEFAULT_AGENT_PORT, DEFAULT_CERT_TTL,
+    DEFAULT_SANS, DEFAULT_TOKEN_TTL, DEFAULT_TRUST_DOMAIN, MAX_CERT_TTL, MAX_CSR_LEN, MAX_HOSTS,
+    MAX_TOKEN_TTL, MIN_CERT_TTL, MIN_RENEWAL_AGE_PERCENT, REISSUE_WINDOW, SERVER_CERT_FILE,
+    SERVER_CERT_TTL, SERVER_KEY_FILE,
 };
 pub use cert::CertSummary;
 pub use error::{CaError, EnrollError};

@@ -22,7 +22,7 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
 use super::identity::Identity;
@@ -77,17 +77,19 @@ fn targets(ctx: &SessionCtx, list: &[ProxyAddr]) -> Vec<Target> {
         .collect()
 }
 
-/// One supervisor per target of the current list.
+/// One supervisor per target of the current list. Every task lives in one `JoinSet`, so
+/// dropping this (the agent killed) ends every tunnel with it.
 async fn manage(
     ctx: &Arc<SessionCtx>,
     identity: watch::Receiver<Arc<Identity>>,
     mut list: watch::Receiver<Vec<ProxyAddr>>,
     stop: &Trigger,
 ) {
-    let mut running: HashMap<Target, (Trigger, JoinHandle<()>)> = HashMap::new();
+    let mut running: HashMap<Target, Trigger> = HashMap::new();
+    let mut tasks = JoinSet::new();
     loop {
         let wanted = targets(ctx, &list.borrow_and_update());
-        let leaving: Vec<(Target, (Trigger, JoinHandle<()>))> = running
+        let leaving: Vec<(Target, Trigger)> = running
             .extract_if(|target, _| !wanted.contains(target))
             .collect();
         let mut added = false;
@@ -98,43 +100,54 @@ async fn manage(
             added = true;
             let own = Trigger::default();
             let span = tracing::info_span!("proxy", addr = %target.addr);
-            let task = tokio::spawn(
-                {
-                    let (ctx, identity, own) = (ctx.clone(), identity.clone(), own.clone());
-                    let target = Arc::new(target.clone());
-                    async move { keep_tunnel_up(&ctx, target, identity, &own).await }
-                }
-                .instrument(span),
+            let (ctx, identity, fired) = (ctx.clone(), identity.clone(), own.clone());
+            let supervised = Arc::new(target.clone());
+            tasks.spawn(
+                async move { keep_tunnel_up(&ctx, supervised, identity, &fired).await }
+                    .instrument(span),
             );
-            running.insert(target, (own, task));
+            running.insert(target, own);
         }
         if !leaving.is_empty() {
             let mut up = ctx.tunnels_up.subscribe();
             up.mark_unchanged();
-            let gone: Vec<String> = leaving.iter().map(|(t, _)| t.addr.clone()).collect();
+            let gone: Vec<&str> = leaving.iter().map(|(t, _)| t.addr.as_str()).collect();
             info!(?gone, "no longer keeping a tunnel to these; they drain");
-            tokio::spawn(async move {
+            let stopping = stop.clone();
+            tasks.spawn(async move {
                 if added {
                     // A client must always find a tunnel: the new ones first.
-                    let _ = tokio::time::timeout(HANDOVER, up.changed()).await;
+                    tokio::select! {
+                        _ = tokio::time::timeout(HANDOVER, up.changed()) => {}
+                        () = stopping.cancelled() => {}
+                    }
                 }
-                for (_, (own, task)) in leaving {
+                for (_, own) in leaving {
                     own.fire();
-                    let _ = task.await;
                 }
             });
         }
-        tokio::select! {
-            changed = list.changed() => if changed.is_err() { break },
-            () = stop.cancelled() => break,
+        loop {
+            tokio::select! {
+                changed = list.changed() => {
+                    if changed.is_err() {
+                        return finish(running, tasks).await;
+                    }
+                    break;
+                }
+                () = stop.cancelled() => return finish(running, tasks).await,
+                Some(_) = tasks.join_next() => {} // a drained supervisor or a handover
+            }
         }
     }
-    for (own, _) in running.values() {
+}
+
+/// Stops every supervisor and waits for them to drain.
+async fn finish(running: HashMap<Target, Trigger>, mut tasks: JoinSet<()>) {
+    for own in running.values() {
         own.fire();
     }
-    for (_, (_, task)) in running {
-        let _ = task.await;
-    }
+    while tasks.join_next().await.is_some() {}
 }
 
 /// Asks for the list now and every `refresh`, and hands on every change.

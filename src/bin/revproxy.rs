@@ -184,7 +184,12 @@ struct StateArg {
     state: Option<PathBuf>,
     /// Where the CA state lives when not in the state directory: postgres://USER@HOST/DB
     /// (shared by several proxies; the CA key stays in the state directory)
-    #[arg(long, env = "REVPROXY_STORE", value_name = "URL", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "REVPROXY_STORE",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     store: Option<String>,
 }
 
@@ -197,7 +202,7 @@ impl StateArg {
 
     /// The CA of the state directory, with its state from the store.
     fn open(&self) -> Result<Ca, Failure> {
-        Ok(revproxy::store::open_ca(&self.dir(), self.store.as_deref()).map_err(store_failure)?)
+        revproxy::store::open_ca(&self.dir(), self.store.as_deref()).map_err(store_failure)
     }
 }
 
@@ -351,7 +356,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if !sans.is_empty() {
                 opts.sans = sans;
             }
-            let store = revproxy::store::open(&dir, state.store.as_deref()).map_err(store_failure)?;
+            let store =
+                revproxy::store::open(&dir, state.store.as_deref()).map_err(store_failure)?;
             let ca = Ca::init_in(&dir, store, &opts, now)?;
             println!("{}", ca.pin());
             print_init_notes(&ca);

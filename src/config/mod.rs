@@ -195,8 +195,10 @@ impl ProxyConfig {
         )?;
         let listeners = self.listeners()?;
         self.routes()?;
+        // Port 0 asks the kernel for a free port: those never collide.
         let mut addrs: Vec<SocketAddr> = listeners.iter().map(|(a, _)| *a).collect();
         addrs.extend(self.agents);
+        addrs.retain(|a| a.port() != 0);
         let mut sorted = addrs.clone();
         sorted.sort();
         sorted.dedup();

@@ -85,7 +85,9 @@ pub(super) async fn withdraw(shared: &Arc<Shared>) {
     let (store, id) = (shared.ca.state().clone(), shared.me.id.clone());
     match tokio::task::spawn_blocking(move || store.withdraw(&id)).await {
         Ok(Ok(())) => info!("withdrawn from the store's list of proxies"),
-        Ok(Err(e)) => warn!(error = %e, "cannot withdraw this proxy from the store; it drops off within a minute"),
+        Ok(Err(e)) => {
+            warn!(error = %e, "cannot withdraw this proxy from the store; it drops off within a minute")
+        }
         Err(e) => warn!(error = %e, "withdraw task failed"),
     }
 }

@@ -315,9 +315,9 @@ impl ProxyBuilder {
             })?;
         }
         let advertise = match self.advertise {
-            Some(addr) => Some(
-                revproxy_ca::validate_server(&addr).map_err(|_| ProxyError::Advertise(addr))?,
-            ),
+            Some(addr) => {
+                Some(revproxy_ca::validate_server(&addr).map_err(|_| ProxyError::Advertise(addr))?)
+            }
             None => Some(agents.local_addr()?)
                 .filter(|a| !a.ip().is_unspecified())
                 .map(|a| a.to_string()),

@@ -303,8 +303,7 @@ impl StateView {
     /// `on_change`, until the returned future is dropped.
     pub(super) async fn watch(self, on_change: impl Fn(&Snapshot)) {
         let changed = self.changed.clone();
-        self.store
-            .on_change(Arc::new(move || changed.notify_one()));
+        self.store.on_change(Arc::new(move || changed.notify_one()));
         let mut tick = tokio::time::interval(WATCH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Changes are counted from what this watch handed on, not from what a forced

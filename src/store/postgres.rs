@@ -168,7 +168,9 @@ impl PgStore {
     }
 
     fn runtime(&self) -> &tokio::runtime::Runtime {
-        self.runtime.as_ref().expect("the runtime lives as long as the store")
+        self.runtime
+            .as_ref()
+            .expect("the runtime lives as long as the store")
     }
 
     fn unavailable(&self, reason: impl std::fmt::Display) -> CaError {
@@ -187,22 +189,24 @@ impl PgStore {
     ) -> Result<T, CaError> {
         let mut guard = self.client.lock().expect("store connection lock");
         let slot: &mut Option<Client> = &mut guard;
-        let run = || self.runtime().block_on(async {
-            tokio::time::timeout(OP_TIMEOUT, async {
-                if slot.as_ref().is_none_or(Client::is_closed) {
-                    *slot = Some(self.connect().await?);
-                }
-                let client = slot.as_mut().expect("connected above");
-                if !self.migrated.load(Ordering::Acquire) {
-                    if let Err(e) = migrate(client).await? {
-                        return Ok(Err(e));
+        let run = || {
+            self.runtime().block_on(async {
+                tokio::time::timeout(OP_TIMEOUT, async {
+                    if slot.as_ref().is_none_or(Client::is_closed) {
+                        *slot = Some(self.connect().await?);
                     }
-                    self.migrated.store(true, Ordering::Release);
-                }
-                op(client).await
+                    let client = slot.as_mut().expect("connected above");
+                    if !self.migrated.load(Ordering::Acquire) {
+                        if let Err(e) = migrate(client).await? {
+                            return Ok(Err(e));
+                        }
+                        self.migrated.store(true, Ordering::Release);
+                    }
+                    op(client).await
+                })
+                .await
             })
-            .await
-        });
+        };
         // Called on a thread that belongs to another runtime (a proxy starting up), this
         // thread may not block on ours: a scoped thread does it instead.
         let outcome = if tokio::runtime::Handle::try_current().is_ok() {
@@ -218,10 +222,7 @@ impl PgStore {
             }
             Err(_) => {
                 *slot = None;
-                Err(self.unavailable(format!(
-                    "no answer within {} s",
-                    OP_TIMEOUT.as_secs()
-                )))
+                Err(self.unavailable(format!("no answer within {} s", OP_TIMEOUT.as_secs())))
             }
         }
     }
@@ -296,7 +297,9 @@ impl PgStore {
                 Ok(Err(e)) if !was_down => {
                     warn!(store = %described, reason = %pg_reason(&e), "cannot connect to listen for state changes")
                 }
-                Ok(Err(e)) => debug!(store = %described, reason = %pg_reason(&e), "still cannot connect"),
+                Ok(Err(e)) => {
+                    debug!(store = %described, reason = %pg_reason(&e), "still cannot connect")
+                }
                 Err(_) => debug!(store = %described, "connecting to listen timed out"),
             }
             was_down = true;

@@ -238,13 +238,30 @@ mod tests {
         let now = time::OffsetDateTime::now_utc();
         let ca =
             revproxy_ca::Ca::init(dir.path(), &revproxy_ca::InitOptions::default(), now).unwrap();
-        let (chain, key) = ca.server_identity(now).unwrap();
+        let first = ca.server_identity(now, None).unwrap();
+        let (chain, key) = (first.chain_pem.clone(), first.key_pem.clone());
         let served = ServerCert::new(&chain, &key).unwrap();
         let before = served.current_der();
-        // Ten months on, a third of the year is left: the CA reissues it.
-        let (renewed_chain, renewed_key) =
-            ca.server_identity(now + time::Duration::days(300)).unwrap();
+        // Ten months on, a third of the year is left: the CA reissues it, for the same
+        // proxy id.
+        let renewed = ca
+            .server_identity(now + time::Duration::days(300), None)
+            .unwrap();
+        let (renewed_chain, renewed_key) = (renewed.chain_pem, renewed.key_pem);
         assert_ne!(renewed_chain, chain);
+        assert_eq!(renewed.proxy_id, first.proxy_id);
+        let summary = revproxy_ca::CertSummary::from_pem(&renewed_chain).unwrap();
+        assert_eq!(
+            revproxy_ca::proxy_id_of(&summary.uris),
+            Some(first.proxy_id.as_str())
+        );
+        // An advertised address the certificate does not name yet is added to it.
+        let advertised = ca
+            .server_identity(now + time::Duration::days(300), Some("10.1.2.3"))
+            .unwrap();
+        let summary = revproxy_ca::CertSummary::from_pem(&advertised.chain_pem).unwrap();
+        assert!(summary.ips.contains(&"10.1.2.3".parse().unwrap()));
+        assert_eq!(advertised.proxy_id, first.proxy_id);
         served.replace(&renewed_chain, &renewed_key).unwrap();
         let after = served.current_der();
         assert_ne!(after, before);

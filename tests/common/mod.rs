@@ -90,8 +90,12 @@ async fn bind(addr: &str) -> tokio::net::TcpListener {
 /// The agent port: TCP on a port the kernel picks, and UDP (QUIC) on the same number. An
 /// agent's QUIC socket elsewhere in the suite may hold that UDP port, so pick again then.
 async fn bind_agent_port() -> (tokio::net::TcpListener, std::net::UdpSocket) {
+    bind_agent_port_on("127.0.0.1").await
+}
+
+async fn bind_agent_port_on(ip: &str) -> (tokio::net::TcpListener, std::net::UdpSocket) {
     for _ in 0..100 {
-        let tcp = bind("127.0.0.1:0").await;
+        let tcp = bind(&format!("{ip}:0")).await;
         if let Ok(udp) = std::net::UdpSocket::bind(tcp.local_addr().unwrap()) {
             return (tcp, udp);
         }
@@ -142,6 +146,38 @@ impl TestProxy {
         let http = listeners[2].local_addr().unwrap();
         let (status, shutdown, task) = launch(dir.path(), listeners, quic, configure);
         let ca = Ca::open(dir.path()).unwrap();
+        TestProxy {
+            dir,
+            addr,
+            sni,
+            http,
+            ca,
+            status,
+            shutdown: Some(shutdown),
+            task: Some(task),
+        }
+    }
+
+    /// A proxy on the loopback address `ip` whose CA state is in the shared store `url`,
+    /// from `dir` (which holds the CA's key and certificate, as an operator copies them).
+    pub async fn start_member(
+        dir: TempDir,
+        url: &str,
+        ip: &str,
+        configure: impl FnOnce(ProxyBuilder) -> ProxyBuilder,
+    ) -> TestProxy {
+        init_logging();
+        let (agents, quic) = bind_agent_port_on(ip).await;
+        let any = format!("{ip}:0");
+        let listeners = [agents, bind(&any).await, bind(&any).await];
+        let addr = listeners[0].local_addr().unwrap();
+        let sni = listeners[1].local_addr().unwrap();
+        let http = listeners[2].local_addr().unwrap();
+        let url_owned = url.to_string();
+        let (status, shutdown, task) = launch(dir.path(), listeners, quic, move |b| {
+            configure(b.store(&url_owned))
+        });
+        let ca = revproxy::store::open_ca(dir.path(), Some(url)).unwrap();
         TestProxy {
             dir,
             addr,
@@ -690,4 +726,153 @@ pub async fn enroll_mesh_agent(
     let dir = tempfile::tempdir().unwrap();
     revproxy::agent::enroll(&token, dir.path()).await.unwrap();
     dir
+}
+
+/// A PostgreSQL server of its own on 127.0.0.1, started by the test (as the `postgres`
+/// user: the server refuses to run as root), trusting local connections. It can be
+/// stopped and started again on the same data and port.
+pub struct Postgres {
+    child: Option<std::process::Child>,
+    bin: std::path::PathBuf,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        use std::os::unix::fs::PermissionsExt;
+        tool("psql");
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is installed (scripts/test-tools.sh)")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .find(|p| p.join("postgres").exists())
+            .expect("a PostgreSQL server binary");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let init = Postgres::as_postgres(&bin.join("initdb"))
+            .args(["--auth=trust", "--username=postgres", "--no-sync", "-D"])
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        assert!(
+            init.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        // PostgreSQL takes no port 0: ask the kernel for a free one and hand it over.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut pg = Postgres {
+            child: None,
+            bin,
+            port,
+            dir,
+        };
+        pg.run();
+        pg
+    }
+
+    fn as_postgres(program: &std::path::Path) -> std::process::Command {
+        let mut cmd = std::process::Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(program);
+        cmd
+    }
+
+    /// Starts the server and waits (bounded) until it accepts connections.
+    fn run(&mut self) {
+        let mut child = Postgres::as_postgres(&self.bin.join("postgres"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-c", "listen_addresses=127.0.0.1", "-c"])
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.dir.path().display()
+            ))
+            .args(["-p", &self.port.to_string()])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("PostgreSQL started within 30 s");
+            if line.contains("ready to accept connections") {
+                break;
+            }
+        }
+        self.child = Some(child);
+    }
+
+    /// Stops the server at once (`-m immediate`: no checkpoint, connections cut), as a
+    /// crash or a lost machine would, and waits until it is gone.
+    pub fn stop(&mut self) {
+        let status = Postgres::as_postgres(&self.bin.join("pg_ctl"))
+            .args(["stop", "-m", "immediate", "-D"])
+            .arg(self.dir.path().join("data"))
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "pg_ctl stop: {status:?}");
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again after [`Self::stop`].
+    pub fn restart(&mut self) {
+        self.run();
+    }
+
+    /// A store URL for the `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Runs `sql` with psql and returns its unaligned output.
+    pub fn psql(&self, sql: &str) -> String {
+        let out = std::process::Command::new(tool("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args([
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
 }

@@ -1,0 +1,538 @@
+//! Several proxies on one PostgreSQL store: a real PostgreSQL started by the test, three
+//! proxies on three loopback addresses (127.0.0.1, .2, .3) sharing it, real agents and
+//! backends, bytes checked at the far end.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use revproxy::ca::{Ca, InitOptions, NewToken, Token};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The shared part of a deployment: PostgreSQL, and the CA made with `ca init --store`
+/// in a seed directory whose `ca.key` and `ca.crt` each proxy gets a copy of.
+struct Deployment {
+    pg: Postgres,
+    url: String,
+    seed: TempDir,
+}
+
+impl Deployment {
+    fn new() -> Deployment {
+        let pg = Postgres::start();
+        let url = pg.url();
+        let seed = tempfile::tempdir().unwrap();
+        let store = revproxy::store::open(seed.path(), Some(&url)).unwrap();
+        Ca::init_in(
+            seed.path(),
+            store,
+            &InitOptions::default(),
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        Deployment { pg, url, seed }
+    }
+
+    /// An empty state directory with copies of the CA's key and certificate: how an
+    /// operator sets up another proxy.
+    fn member_dir(&self) -> TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for file in [revproxy::ca::CA_KEY_FILE, revproxy::ca::CA_CERT_FILE] {
+            std::fs::copy(self.seed.path().join(file), dir.path().join(file)).unwrap();
+        }
+        dir
+    }
+
+    /// The CA as an operator's command opens it.
+    fn ca(&self) -> Ca {
+        revproxy::store::open_ca(self.seed.path(), Some(&self.url)).unwrap()
+    }
+
+    /// Three proxies, on 127.0.0.1, .2 and .3.
+    async fn three(
+        &self,
+        configure: impl Fn(revproxy::ProxyBuilder) -> revproxy::ProxyBuilder,
+    ) -> Vec<TestProxy> {
+        let mut proxies = Vec::new();
+        for ip in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
+            proxies
+                .push(TestProxy::start_member(self.member_dir(), &self.url, ip, &configure).await);
+        }
+        proxies
+    }
+
+    fn token(&self, agent: &str, hosts: &[&str], server: SocketAddr) -> Token {
+        self.ca()
+            .create_token(
+                &NewToken {
+                    agent: agent.into(),
+                    hosts: hosts.iter().map(|h| h.to_string()).collect(),
+                    private_hosts: Vec::new(),
+                    connect: Vec::new(),
+                    ttl: Duration::from_secs(3600),
+                    cert_ttl: Duration::from_secs(24 * 3600),
+                    server: Some(server.to_string()),
+                },
+                time::OffsetDateTime::now_utc(),
+            )
+            .unwrap()
+    }
+
+    /// An agent enrolled through `via` serving `name` from `backend`, keeping a tunnel to
+    /// every proxy; returns once each of `proxies` has one.
+    async fn agent(
+        &self,
+        via: &TestProxy,
+        proxies: &[TestProxy],
+        agent: &str,
+        name: &str,
+        backend: SocketAddr,
+    ) -> (TempDir, TestAgent) {
+        let dir = tempfile::tempdir().unwrap();
+        let token = self.token(agent, &[name], via.addr);
+        revproxy::agent::enroll(&token, dir.path()).await.unwrap();
+        let running = start_agent(dir.path(), &[(name, backend)], |b| {
+            b.proxy_refresh(Duration::from_millis(200))
+        });
+        for p in proxies {
+            p.wait_for(name, 1).await;
+        }
+        (dir, running)
+    }
+}
+
+/// A load balancer would send clients anywhere: a client of each proxy reaches the backend.
+async fn reaches(proxy: &TestProxy, name: &str, tag: &[u8]) {
+    let data = pattern(64 * 1024, proxy.http.port() as u64);
+    let got = round_trip(proxy.http, &http_head(name), &data)
+        .await
+        .unwrap();
+    let mut want = tag.to_vec();
+    want.extend_from_slice(&http_head(name));
+    want.extend_from_slice(&data);
+    assert_eq!(got, want, "through {}", proxy.http);
+}
+
+/// Of 150 enrollments, each of 50 tokens sent to all three proxies at once (each with a
+/// key of its own), exactly 50 win; the store then holds exactly 50 certificates. An
+/// answer lost on the way is fetched again from any proxy: the same certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_tokens_sent_to_three_proxies_at_once_yield_fifty_certificates() {
+    let d = Deployment::new();
+    let proxies = d
+        .three(|b| b.enroll_failure_limit(10_000, Duration::from_secs(60)))
+        .await;
+    let tokens: Vec<Token> = (0..50)
+        .map(|i| {
+            d.token(
+                &format!("a{i}"),
+                &[&format!("a{i}.example.com")],
+                proxies[0].addr,
+            )
+        })
+        .collect();
+    let pin = d.ca().pin();
+    let mut all = tokio::task::JoinSet::new();
+    for (i, token) in tokens.iter().enumerate() {
+        for p in &proxies {
+            let (_, body) = enroll_body(token);
+            let addr = p.addr;
+            all.spawn(async move { (i, post_raw(addr, pin, body.into_bytes()).await) });
+        }
+    }
+    let mut won = vec![0; tokens.len()];
+    let mut lost = 0;
+    while let Some(done) = all.join_next().await {
+        let (i, (status, body)) = done.unwrap();
+        match status {
+            200 => won[i] += 1,
+            409 => {
+                assert!(body.contains("token_used"), "{body}");
+                lost += 1
+            }
+            other => panic!("token {i}: unexpected {other}: {body}"),
+        }
+    }
+    assert!(won.iter().all(|&n| n == 1), "wins per token: {won:?}");
+    assert_eq!(lost, 100);
+    let certs = d.ca().list_certs(time::OffsetDateTime::now_utc()).unwrap();
+    assert_eq!(certs.len(), 50);
+
+    // The same request (same key) on each proxy in turn: one certificate, three answers.
+    let token = d.token("retry", &["retry.example.com"], proxies[0].addr);
+    let (_, body) = enroll_body(&token);
+    let mut serials = Vec::new();
+    for p in &proxies {
+        let (status, answer) = post_raw(p.addr, pin, body.clone().into_bytes()).await;
+        assert_eq!(status, 200, "{answer}");
+        let reply: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        serials.push(reply["serial"].as_str().unwrap().to_string());
+    }
+    assert!(serials.windows(2).all(|w| w[0] == w[1]), "{serials:?}");
+    assert_eq!(
+        d.ca()
+            .list_certs(time::OffsetDateTime::now_utc())
+            .unwrap()
+            .len(),
+        51
+    );
+}
+
+/// An agent given one proxy's address learns the other two and keeps a tunnel to each:
+/// clients arriving at any of the three reach its backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_enrolled_through_one_proxy_serves_clients_arriving_at_all_three() {
+    let d = Deployment::new();
+    let proxies = d.three(|b| b).await;
+    let backend = echo_backend(b"A:").await;
+    let (dir, _agent) = d
+        .agent(&proxies[1], &proxies, "web-1", "app.example.com", backend)
+        .await;
+    for p in &proxies {
+        reaches(p, "app.example.com", b"A:").await;
+    }
+    // It remembers them for its next start.
+    let remembered =
+        std::fs::read_to_string(dir.path().join(revproxy::agent::PROXIES_FILE)).unwrap();
+    for p in &proxies {
+        assert!(remembered.contains(&p.addr.to_string()), "{remembered}");
+    }
+}
+
+/// A revocation made with one proxy's state directory cuts the agent's tunnels on all
+/// three within two seconds; so does a second one after every listening database
+/// connection was terminated (the version poll covers a lost notification).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_cuts_tunnels_on_all_three_proxies_within_two_seconds() {
+    let d = Deployment::new();
+    let proxies = d.three(|b| b).await;
+    let backend = echo_backend(b"").await;
+    let (_a, _agent_a) = d
+        .agent(&proxies[0], &proxies, "alpha", "alpha.example.com", backend)
+        .await;
+    let (_b, _agent_b) = d
+        .agent(&proxies[0], &proxies, "beta", "beta.example.com", backend)
+        .await;
+
+    let revoke = |agent: &str, via: &TestProxy| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_revproxy"))
+            .args(["cert", "revoke", "--state"])
+            .arg(via.dir.path())
+            .args(["--store", &d.url, agent])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let cut_everywhere = |name: &'static str| {
+        let proxies = &proxies;
+        async move {
+            let started = Instant::now();
+            while proxies.iter().any(|p| p.status.tunnels_for(name) > 0) {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "{name} still has tunnels"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            started.elapsed()
+        }
+    };
+
+    revoke("alpha", &proxies[2]);
+    let took = cut_everywhere("alpha.example.com").await;
+    eprintln!("revocation reached all three proxies in {took:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+
+    let cut = d.pg.psql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%'",
+    );
+    assert!(cut.trim().parse::<u32>().unwrap() >= 3, "terminated {cut}");
+    revoke("beta", &proxies[1]);
+    let took = cut_everywhere("beta.example.com").await;
+    eprintln!("with the listening connections cut, it took {took:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+}
+
+/// With the database down, clients are still routed by every proxy (the snapshot),
+/// enrollment answers 503 with Retry-After, and each proxy stops reporting ready once the
+/// store has been gone for the bound, saying why; it is ready again once the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_database_stopped_routing_goes_on_and_enrollment_answers_503() {
+    let mut d = Deployment::new();
+    let mut admins = Vec::new();
+    let mut proxies = Vec::new();
+    for ip in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
+        let admin = tokio::net::TcpListener::bind(format!("{ip}:0"))
+            .await
+            .unwrap();
+        admins.push(admin.local_addr().unwrap());
+        proxies.push(
+            TestProxy::start_member(d.member_dir(), &d.url, ip, move |b| b.admin_listener(admin))
+                .await,
+        );
+    }
+    let backend = echo_backend(b"B:").await;
+    let (_dir, _agent) = d
+        .agent(&proxies[0], &proxies, "web-1", "app.example.com", backend)
+        .await;
+    let waiting = d.token("later", &["later.example.com"], proxies[0].addr);
+    for admin in &admins {
+        assert_eq!(admin_get(*admin, "/ready").await.0, 200);
+    }
+
+    d.pg.stop();
+    let stopped = Instant::now();
+    for p in &proxies {
+        reaches(p, "app.example.com", b"B:").await;
+    }
+    let pin = d.ca_pin();
+    let (_, body) = enroll_body(&waiting);
+    let (status, answer) = post_raw(proxies[1].addr, pin, body.clone().into_bytes()).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer.contains("store_unavailable"), "{answer}");
+
+    for admin in &admins {
+        let mut last = (0, String::new());
+        while stopped.elapsed() < Duration::from_secs(30) {
+            last = admin_get(*admin, "/ready").await;
+            if last.0 == 503 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(last.0, 503, "{admin} still ready: {}", last.1);
+        assert!(last.1.contains("state store"), "{}", last.1);
+    }
+    eprintln!(
+        "every proxy reported unready {:?} after the database stopped",
+        stopped.elapsed()
+    );
+    // Routing still goes on.
+    for p in &proxies {
+        reaches(p, "app.example.com", b"B:").await;
+    }
+
+    d.pg.restart();
+    for admin in &admins {
+        let back = Instant::now();
+        while admin_get(*admin, "/ready").await.0 != 200 {
+            assert!(
+                back.elapsed() < Duration::from_secs(30),
+                "{admin} not ready again"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let (status, answer) = post_raw(proxies[2].addr, pin, body.into_bytes()).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+impl Deployment {
+    fn ca_pin(&self) -> revproxy::ca::Pin {
+        // Read from the seed's certificate: the store is down when this is asked.
+        let pem =
+            std::fs::read_to_string(self.seed.path().join(revproxy::ca::CA_CERT_FILE)).unwrap();
+        revproxy::ca::CertSummary::from_pem(&pem).unwrap().key_pin
+    }
+}
+
+/// One `revproxy serve` process of a deployment, on its own loopback address.
+struct ProxyProcess {
+    child: std::process::Child,
+    _dir: TempDir,
+    http: SocketAddr,
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ProxyProcess {
+    /// Starts `revproxy serve --store` on `ip` and waits for its listeners (from its JSON
+    /// log lines): (process, agent listener).
+    fn start(d: &Deployment, ip: &str) -> (ProxyProcess, SocketAddr) {
+        let dir = d.member_dir();
+        let any = format!("{ip}:0");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_revproxy"))
+            .args(["serve", "--log-format", "json", "--state"])
+            .arg(dir.path())
+            .args([
+                "--store", &d.url, "--agents", &any, "--http", &any, "--admin", "off",
+            ])
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let (mut agents, mut http) = (None, None);
+        while agents.is_none() || http.is_none() {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the proxy started within 30 s");
+            let Ok(doc) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let message = doc["message"].as_str().unwrap_or_default();
+            let addr = doc["addr"].as_str().and_then(|a| a.parse().ok());
+            match message {
+                "agent listener ready" => agents = addr,
+                "public listener ready" => http = addr,
+                _ => {}
+            }
+        }
+        (
+            ProxyProcess {
+                child,
+                _dir: dir,
+                http: http.unwrap(),
+            },
+            agents.unwrap(),
+        )
+    }
+}
+
+/// Writes chunks and reads each echo back until told to stop (after the echo of the chunk
+/// in flight); says `flowing` after the first echo. Returns the bytes echoed intact, or
+/// the error that ended it.
+async fn stream_until(
+    addr: SocketAddr,
+    name: &str,
+    flowing: tokio::sync::mpsc::Sender<()>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<usize, String> {
+    let mut tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    tcp.write_all(&http_head(name))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut head = vec![0; http_head(name).len()];
+    tcp.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+    let mut echoed = 0;
+    for seed in 0.. {
+        let chunk = pattern(16 * 1024, seed);
+        tcp.write_all(&chunk).await.map_err(|e| e.to_string())?;
+        let mut back = vec![0; chunk.len()];
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut back))
+            .await
+            .map_err(|_| "no echo within 10 s".to_string())?
+            .map_err(|e| e.to_string())?;
+        if back != chunk {
+            return Err(format!("corrupted after {echoed} bytes"));
+        }
+        echoed += chunk.len();
+        if seed == 0 {
+            let _ = flowing.send(()).await;
+        }
+        if *stop.borrow_and_update() {
+            break;
+        }
+    }
+    Ok(echoed)
+}
+
+/// Three `revproxy serve` processes; streams run through all three; one proxy is killed
+/// with SIGKILL: only the streams through it fail, the others run on intact after it
+/// died, and new clients of the survivors are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_proxy_under_load_fails_only_the_streams_through_it() {
+    let d = Deployment::new();
+    let mut procs = Vec::new();
+    let mut agent_addrs = Vec::new();
+    for ip in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
+        let (p, agents) = ProxyProcess::start(&d, ip);
+        procs.push(p);
+        agent_addrs.push(agents);
+    }
+    let backend = echo_backend(b"").await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = d.token("web-1", &["app.example.com"], agent_addrs[0]);
+    revproxy::agent::enroll(&token, dir.path()).await.unwrap();
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], |b| {
+        b.proxy_refresh(Duration::from_millis(200))
+    });
+    // Every proxy routes to it once the heartbeats have listed them all.
+    for p in &procs {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !round_trip(p.http, &http_head("app.example.com"), b"ping")
+            .await
+            .is_ok_and(|got| got.ends_with(b"ping"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{} never routed to the agent",
+                p.http
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (flowing_tx, mut flowing) = tokio::sync::mpsc::channel(12);
+    let (mut victims, mut survivors) = (tokio::task::JoinSet::new(), tokio::task::JoinSet::new());
+    for (i, p) in procs.iter().enumerate() {
+        for _ in 0..4 {
+            let (addr, stop, tx) = (p.http, stop_rx.clone(), flowing_tx.clone());
+            let stream = stream_until(addr, "app.example.com", tx, stop);
+            if i == 1 {
+                victims.spawn(stream);
+            } else {
+                survivors.spawn(stream);
+            }
+        }
+    }
+    for _ in 0..12 {
+        flowing.recv().await.unwrap();
+    }
+    sigkill(procs[1].child.id());
+    while let Some(done) = victims.join_next().await {
+        let outcome = done.unwrap();
+        assert!(
+            outcome.is_err(),
+            "a stream through the killed proxy went on: {outcome:?}"
+        );
+    }
+    // Every stream elsewhere echoes (at least) one more chunk after the victims died.
+    stop_tx.send(true).unwrap();
+    while let Some(done) = survivors.join_next().await {
+        let bytes = done
+            .unwrap()
+            .expect("a stream through a surviving proxy failed");
+        assert!(bytes > 16 * 1024);
+    }
+    for i in [0, 2] {
+        let data = pattern(64 * 1024, 7);
+        let got = round_trip(procs[i].http, &http_head("app.example.com"), &data)
+            .await
+            .unwrap();
+        assert!(got.ends_with(&data), "through {}", procs[i].http);
+    }
+}
+
+fn sigkill(pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
