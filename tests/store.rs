@@ -200,6 +200,129 @@ async fn an_agent_enrolled_through_one_proxy_serves_clients_arriving_at_all_thre
     for p in &proxies {
         assert!(remembered.contains(&p.addr.to_string()), "{remembered}");
     }
+    // A proxy that stops takes itself off the list; the agent follows.
+    let mut proxies = proxies;
+    let gone = proxies.pop().unwrap();
+    let gone_addr = gone.addr.to_string();
+    gone.stop().await;
+    let list = dir.path().join(revproxy::agent::PROXIES_FILE);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&list).unwrap().contains(&gone_addr) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent still lists {gone_addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for p in &proxies {
+        reaches(p, "app.example.com", b"A:").await;
+    }
+}
+
+/// `store migrate` moves a proxy's state into PostgreSQL: the agent enrolled before goes
+/// on without enrolling again, and nothing serves from the old file any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_migrate_moves_a_deployment_without_anyone_enrolling_again() {
+    let pg = Postgres::start();
+    let url = pg.url();
+    let mut proxy = TestProxy::start().await;
+    let backend = echo_backend(b"M:").await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], |b| b);
+    proxy.wait_for("app.example.com", 1).await;
+    proxy.pause().await;
+
+    let revproxy = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_revproxy"))
+            .args(args)
+            .env_remove("REVPROXY_STORE")
+            .output()
+            .unwrap()
+    };
+    let state = proxy.dir.path().to_str().unwrap().to_string();
+    let out = revproxy(&["store", "migrate", "--from", &state, "--to", &url]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("1 tokens, 1 certificates and 1 agents"),
+        "{said}"
+    );
+    assert!(!proxy.dir.path().join("state.json").exists());
+    assert!(proxy.dir.path().join("state.json.migrated").exists());
+    // Without the store, the old copy is not served from.
+    let out = revproxy(&["cert", "list", "--state", &state]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--store"));
+    // A second migration into the same store is refused.
+    let out = revproxy(&["store", "migrate", "--from", &state, "--to", &url]);
+    assert!(!out.status.success());
+    // With it, the records are all there.
+    let out = revproxy(&["cert", "list", "--state", &state, "--store", &url]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("web-1"));
+
+    proxy.resume_with(|b| b.store(&url)).await;
+    proxy.wait_for("app.example.com", 1).await;
+    reaches(&proxy, "app.example.com", b"M:").await;
+}
+
+/// TLS to the database: verified against `sslrootcert`, name included; a database whose
+/// certificate another CA signed is refused, and one beyond loopback is never reached in
+/// plaintext by accident (see the unit tests of `store::postgres`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_certificate_is_verified() {
+    let (pg, ca_pem) = Postgres::start_with_tls();
+    let files = tempfile::tempdir().unwrap();
+    let good = files.path().join("db-ca.pem");
+    std::fs::write(&good, ca_pem).unwrap();
+    let (_, other_pem) = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ((), params.self_signed(&key).unwrap().pem())
+    };
+    let bad = files.path().join("other-ca.pem");
+    std::fs::write(&bad, other_pem).unwrap();
+    let url = |host: &str, root: &std::path::Path| {
+        format!(
+            "postgres://postgres@{host}:{}/postgres?sslmode=verify-full&sslrootcert={}",
+            pg.port,
+            root.display()
+        )
+    };
+    let seed = tempfile::tempdir().unwrap();
+    let store = revproxy::store::open(seed.path(), Some(&url("localhost", &good))).unwrap();
+    assert!(!store.has_state().unwrap());
+
+    let store = revproxy::store::open(seed.path(), Some(&url("localhost", &bad))).unwrap();
+    let e = store.has_state().unwrap_err().to_string();
+    assert!(
+        e.contains("unavailable") && e.to_lowercase().contains("certificate"),
+        "{e}"
+    );
+    // The name is checked too: the certificate is for localhost and 127.0.0.1 only.
+    let alias = url("127.0.0.1", &good);
+    assert!(revproxy::store::open(seed.path(), Some(&alias))
+        .unwrap()
+        .has_state()
+        .is_ok());
+}
+
+/// A proxy given another CA's key refuses to serve from the store, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_with_another_cas_key_is_refused() {
+    let d = Deployment::new();
+    let stranger = tempfile::tempdir().unwrap();
+    Ca::init(
+        stranger.path(),
+        &InitOptions::default(),
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    std::fs::remove_file(stranger.path().join("state.json")).unwrap();
+    let e = revproxy::store::open_ca(stranger.path(), Some(&d.url))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is not the CA of the store"), "{e}");
 }
 
 /// A revocation made with one proxy's state directory cuts the agent's tunnels on all

@@ -342,10 +342,15 @@ impl Ca {
 
     /// Opens the CA in `dir`, refusing private files that others can read.
     pub fn open(dir: &Path) -> Result<Ca, CaError> {
-        if !dir.join(crate::state::STATE_FILE).exists()
-            && dir.join(crate::state::MIGRATED_FILE).exists()
-        {
-            return Err(CaError::Migrated(dir.to_path_buf()));
+        if !dir.join(crate::state::STATE_FILE).exists() && dir.join(CA_KEY_FILE).exists() {
+            let migrated = [crate::state::MIGRATED_FILE, crate::state::MIGRATING_FILE]
+                .iter()
+                .any(|f| dir.join(f).exists());
+            return Err(if migrated {
+                CaError::Migrated(dir.to_path_buf())
+            } else {
+                CaError::NoStateFile(dir.to_path_buf())
+            });
         }
         Ca::open_in(dir, Arc::new(StateFile::new(dir)))
     }
@@ -381,6 +386,12 @@ impl Ca {
             });
         }
         let state = store.read()?;
+        if state.ca_pin.is_none() && store.shared() {
+            return Err(CaError::CorruptState {
+                path: store.describe().into(),
+                reason: "it records no CA pin, so nothing tells whose CA it belongs to".into(),
+            });
+        }
         if let Some(store_pin) = state.ca_pin.filter(|p| *p != pin.to_string()) {
             return Err(CaError::WrongCa {
                 dir: dir.to_path_buf(),
@@ -464,8 +475,9 @@ impl Ca {
         let extra_san = extra_san.and_then(|h| normalize_sans(&[h.to_string()]).ok());
         let (cert_pem, proxy_id) = match current {
             Some((pem, summary))
-                if summary.not_after - now.unix_timestamp()
-                    >= (SERVER_CERT_TTL.as_secs() / 3) as i64
+                if crate::cert::signed_by(&pem, &self.cert_der)
+                    && summary.not_after - now.unix_timestamp()
+                        >= (SERVER_CERT_TTL.as_secs() / 3) as i64
                     && proxy_id_of(&summary.uris).is_some()
                     && extra_san
                         .as_ref()

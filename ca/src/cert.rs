@@ -78,6 +78,18 @@ fn summarize(cert: &X509Certificate<'_>) -> CertSummary {
     }
 }
 
+/// Whether the first certificate in `pem` is signed by the CA certificate `ca_der`.
+pub fn signed_by(pem: &str, ca_der: &[u8]) -> bool {
+    let (Some(der), Ok((_, ca))) = (
+        crate::pem_to_der(pem, "CERTIFICATE"),
+        X509Certificate::from_der(ca_der),
+    ) else {
+        return false;
+    };
+    X509Certificate::from_der(&der)
+        .is_ok_and(|(_, cert)| cert.verify_signature(Some(ca.public_key())).is_ok())
+}
+
 /// Checks a certificate the proxy issued to us: the CA certificate matches one of `pins`,
 /// the certificate is for the public key `spki` (DER SubjectPublicKeyInfo) and is signed by
 /// that CA. Returns what the certificate says, or which check failed.

@@ -38,6 +38,10 @@ pub enum CaError {
     StoreHoldsState(String),
     #[error("the store {0} holds no CA state yet: create it with `revproxy ca init --store URL`, or move an existing one there with `revproxy store migrate --from DIR --to URL`")]
     StoreEmpty(String),
+    #[error("{0} is beside a shared store, which a proxy never reads it with: move it away (after `revproxy store migrate`, its records are in the store) and use --store URL for every command")]
+    StaleStateFile(PathBuf),
+    #[error("no state in {0}: if this proxy keeps its state in a shared store, give --store URL (or set REVPROXY_STORE)")]
+    NoStateFile(PathBuf),
     #[error("the state store {store} is unavailable: {reason}")]
     StoreUnavailable { store: String, reason: String },
     #[error("the state of {0} was moved to a database by `revproxy store migrate` (state.json.migrated is the old copy); run with --store URL or REVPROXY_STORE")]

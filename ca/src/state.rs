@@ -28,6 +28,8 @@ pub const STATE_FILE: &str = "state.json";
 /// What `revproxy store migrate` renames the state file to, so that no proxy serves from
 /// the stale copy.
 pub const MIGRATED_FILE: &str = "state.json.migrated";
+/// Where the state file waits while `revproxy store migrate` copies it.
+pub const MIGRATING_FILE: &str = "state.json.migrating";
 /// File name of the lock file.
 pub const LOCK_FILE: &str = "state.lock";
 /// How long to wait for another process holding the lock.

@@ -247,7 +247,7 @@ impl AgentBuilder {
             connects,
             ctx: Arc::new(SessionCtx {
                 server: self.server.unwrap_or_else(|| identity.server.clone()),
-                tunnels_up: tokio::sync::watch::channel(0).0,
+                tunnels_up: tokio::sync::watch::channel(Default::default()).0,
                 services: Arc::new(ServiceMap::new(entries, metrics.clone())),
                 metrics,
                 up: Arc::default(),

@@ -9,8 +9,9 @@
 //! advertises and requires the proxy's id in its certificate (two addresses behind one
 //! load balancer are not two proxies). With no list (a proxy on a file store, or one that
 //! predates this), one supervisor dials the configured server, as before. When the list
-//! changes, supervisors of proxies that left stop once a tunnel of the new list is up
-//! (or after [`HANDOVER`]), so clients always find a tunnel.
+//! changes, supervisors of proxies that left stop once a tunnel to a proxy the change
+//! added is up (at once when it added none), so clients always find a tunnel, and a list
+//! of addresses this agent cannot reach never takes down the tunnels it has.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,8 +36,6 @@ use crate::wire::enroll::{ProxiesReply, ProxyAddr, PROXIES_PATH};
 pub const PROXIES_FILE: &str = "proxies.json";
 /// How often the agent asks for the list of proxies.
 pub const PROXY_REFRESH: Duration = Duration::from_secs(60);
-/// Longest time tunnels to proxies that left the list wait for a tunnel of the new list.
-const HANDOVER: Duration = Duration::from_secs(10);
 /// Most proxies an agent keeps a tunnel to; more in an answer is a misconfiguration.
 const MAX_PROXIES: usize = 64;
 
@@ -92,12 +91,12 @@ async fn manage(
         let leaving: Vec<(Target, Trigger)> = running
             .extract_if(|target, _| !wanted.contains(target))
             .collect();
-        let mut added = false;
+        let mut added = Vec::new();
         for target in wanted {
             if running.contains_key(&target) {
                 continue;
             }
-            added = true;
+            added.push(target.clone());
             let own = Trigger::default();
             let span = tracing::info_span!("proxy", addr = %target.addr);
             let (ctx, identity, fired) = (ctx.clone(), identity.clone(), own.clone());
@@ -110,15 +109,19 @@ async fn manage(
         }
         if !leaving.is_empty() {
             let mut up = ctx.tunnels_up.subscribe();
-            up.mark_unchanged();
             let gone: Vec<&str> = leaving.iter().map(|(t, _)| t.addr.as_str()).collect();
-            info!(?gone, "no longer keeping a tunnel to these; they drain");
+            info!(
+                ?gone,
+                "no longer keeping a tunnel to these once a new one is up; they drain"
+            );
             let stopping = stop.clone();
             tasks.spawn(async move {
-                if added {
-                    // A client must always find a tunnel: the new ones first.
+                if !added.is_empty() {
+                    // A client must always find a tunnel: one to a new proxy first.
+                    let new_one_up =
+                        up.wait_for(|counts| added.iter().any(|t| counts.contains_key(t)));
                     tokio::select! {
-                        _ = tokio::time::timeout(HANDOVER, up.changed()) => {}
+                        _ = new_one_up => {}
                         () = stopping.cancelled() => {}
                     }
                 }
@@ -229,8 +232,20 @@ async fn fetch(addr: &str, id: &Identity) -> Result<Vec<ProxyAddr>, String> {
     }
     let reply: ProxiesReply =
         serde_json::from_slice(&body).map_err(|e| format!("unreadable proxy list: {e}"))?;
+    checked(reply.proxies)
+}
+
+/// The list, if every entry is a valid id and address and there are not too many;
+/// repeated ids count once. Sorted by id.
+fn checked(list: Vec<ProxyAddr>) -> Result<Vec<ProxyAddr>, String> {
+    if list.len() > MAX_PROXIES {
+        return Err(format!(
+            "the proxy list names {} proxies, more than {MAX_PROXIES}",
+            list.len()
+        ));
+    }
     let mut proxies = Vec::new();
-    for p in reply.proxies {
+    for p in list {
         let valid_id = !p.id.is_empty()
             && p.id.len() <= 64
             && p.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
@@ -241,12 +256,6 @@ async fn fetch(addr: &str, id: &Identity) -> Result<Vec<ProxyAddr>, String> {
             proxies.push(p);
         }
     }
-    if proxies.len() > MAX_PROXIES {
-        return Err(format!(
-            "the proxy list names {} proxies, more than {MAX_PROXIES}",
-            proxies.len()
-        ));
-    }
     proxies.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(proxies)
 }
@@ -254,8 +263,11 @@ async fn fetch(addr: &str, id: &Identity) -> Result<Vec<ProxyAddr>, String> {
 fn load(state_dir: &Path) -> Vec<ProxyAddr> {
     let path = state_dir.join(PROXIES_FILE);
     match std::fs::read(&path) {
-        Ok(bytes) => match serde_json::from_slice::<Remembered>(&bytes) {
-            Ok(r) => r.proxies,
+        Ok(bytes) => match serde_json::from_slice::<Remembered>(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|r| checked(r.proxies))
+        {
+            Ok(proxies) => proxies,
             Err(e) => {
                 warn!(path = %path.display(), error = %e, "ignoring an unreadable proxy list");
                 Vec::new()

@@ -29,8 +29,8 @@ pub(super) struct Target {
 pub(super) struct SessionCtx {
     /// The configured proxy address, `host:port`: where the agent learns of the others.
     pub(super) server: String,
-    /// Bumped at every tunnel that comes up (the proxy set's handover waits on it).
-    pub(super) tunnels_up: tokio::sync::watch::Sender<u64>,
+    /// How many tunnels are up to each target (the proxy list's handover waits on it).
+    pub(super) tunnels_up: tokio::sync::watch::Sender<std::collections::HashMap<Target, usize>>,
     pub(super) services: Arc<ServiceMap>,
     pub(super) metrics: Arc<super::metrics::AgentMetrics>,
     /// Where mesh streams go up (`connect.rs`).
@@ -127,7 +127,7 @@ impl Session {
         // A QUIC tunnel carries this agent's mesh streams too.
         let up = conn.up_link().map(|link| self.ctx.up.tunnel_up(link));
         info!("tunnel up");
-        self.ctx.tunnels_up.send_modify(|n| *n += 1);
+        let _counted = Counted::new(&self.ctx.tunnels_up, &self.target);
         for old in self.to_retire.lock().expect("retire list").drain(..) {
             old.fire();
         }
@@ -155,5 +155,34 @@ impl Session {
         }
         served?;
         Ok(())
+    }
+}
+
+/// Counts a tunnel as up to its target for as long as it lives.
+struct Counted<'a> {
+    counts: &'a tokio::sync::watch::Sender<std::collections::HashMap<Target, usize>>,
+    target: &'a Target,
+}
+
+impl<'a> Counted<'a> {
+    fn new(
+        counts: &'a tokio::sync::watch::Sender<std::collections::HashMap<Target, usize>>,
+        target: &'a Target,
+    ) -> Counted<'a> {
+        counts.send_modify(|c| *c.entry(target.clone()).or_default() += 1);
+        Counted { counts, target }
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.counts.send_modify(|c| {
+            if let Some(n) = c.get_mut(self.target) {
+                *n -= 1;
+                if *n == 0 {
+                    c.remove(self.target);
+                }
+            }
+        });
     }
 }

@@ -76,7 +76,12 @@ enum StoreCommand {
         #[arg(long, value_name = "DIR")]
         from: PathBuf,
         /// The store to move to: postgres://USER@HOST/DB
-        #[arg(long, value_name = "URL")]
+        #[arg(
+            long,
+            value_name = "URL",
+            env = "REVPROXY_STORE",
+            hide_env_values = true
+        )]
         to: String,
     },
 }
@@ -634,7 +639,12 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     config.sni = args.sni.or(config.sni);
     config.http = args.http.or(config.http);
     config.admin = args.admin.or(config.admin);
-    config.store = args.state.store.clone().or(config.store);
+    config.store = args
+        .state
+        .store
+        .clone()
+        .map(revproxy::store::StoreUrl)
+        .or(config.store);
     config.advertise = args.advertise.clone().or(config.advertise);
     revproxy::runtime::logging::init(
         "info",
@@ -653,7 +663,8 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
 
     if !Ca::exists(&dir) {
         // The first proxy on a store creates the CA; later ones are given its key.
-        let store = revproxy::store::open(&dir, config.store.as_deref()).map_err(store_failure)?;
+        let url = config.store.as_ref().map(|u| u.0.as_str());
+        let store = revproxy::store::open(&dir, url).map_err(store_failure)?;
         let ca = Ca::init_in(
             &dir,
             store,
@@ -672,7 +683,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         };
         let mut builder = Proxy::builder(&dir).agent_listener(bind(agents_addr).await?);
         if let Some(url) = &config.store {
-            builder = builder.store(url);
+            builder = builder.store(&url.0);
         }
         if let Some(addr) = &config.advertise {
             builder = builder.advertise(addr);

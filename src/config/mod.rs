@@ -76,9 +76,9 @@ pub struct ProxyConfig {
     /// `text` or `json`.
     pub log_format: Option<crate::runtime::logging::LogFormat>,
     /// Where the CA state lives when not in the state directory: `postgres://...`,
-    /// shared by several proxies. Holds a password only if the URL does; prefer
-    /// `REVPROXY_STORE` or a `.pgpass` file then.
-    pub store: Option<String>,
+    /// shared by several proxies. A password in it is never logged; keeping it out of the
+    /// file (`PGPASSWORD`, or the whole URL in `REVPROXY_STORE`) keeps it out of backups.
+    pub store: Option<crate::store::StoreUrl>,
     /// The agent listener's address as agents reach it (`host:port`), told to agents of
     /// every proxy sharing the store.
     pub advertise: Option<String>,

@@ -51,9 +51,11 @@ async fn heartbeat(shared: Arc<Shared>) {
     let mut failing = false;
     loop {
         tick.tick().await;
-        let (store, me) = (shared.ca.state().clone(), shared.me.clone());
+        let (store, me, beating) = (shared.ca.state().clone(), shared.me.clone(), shared.clone());
         let beat = tokio::task::spawn_blocking(move || {
-            store.announce(&me)?;
+            if !beating.withdrawn.load(std::sync::atomic::Ordering::SeqCst) {
+                store.announce(&me)?;
+            }
             store.proxies()
         })
         .await;
@@ -82,6 +84,9 @@ pub(super) async fn withdraw(shared: &Arc<Shared>) {
     if !shared.ca.state().shared() {
         return;
     }
+    shared
+        .withdrawn
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     let (store, id) = (shared.ca.state().clone(), shared.me.id.clone());
     match tokio::task::spawn_blocking(move || store.withdraw(&id)).await {
         Ok(Ok(())) => info!("withdrawn from the store's list of proxies"),

@@ -153,7 +153,7 @@ pub struct ProxyBuilder {
     quic: QuicListener,
     admin: Option<TcpListener>,
     access_log: bool,
-    store: Option<String>,
+    store: Option<crate::store::StoreUrl>,
     advertise: Option<String>,
 }
 
@@ -198,7 +198,7 @@ impl ProxyBuilder {
     /// Keeps the CA state in the store at `url` (`postgres://...`, shared with other
     /// proxies) instead of `state.json` in the state directory.
     pub fn store(mut self, url: &str) -> Self {
-        self.store = Some(url.to_string());
+        self.store = Some(crate::store::StoreUrl(url.to_string()));
         self
     }
 
@@ -322,7 +322,7 @@ impl ProxyBuilder {
                 .filter(|a| !a.ip().is_unspecified())
                 .map(|a| a.to_string()),
         };
-        let ca = crate::store::open_ca(&self.state_dir, self.store.as_deref())?;
+        let ca = crate::store::open_ca(&self.state_dir, self.store.as_ref().map(|u| u.0.as_str()))?;
         let state = StateView::load(ca.state().clone())?;
         let identity = ca.server_identity(
             time::OffsetDateTime::now_utc(),
@@ -386,6 +386,7 @@ impl ProxyBuilder {
                     address: advertise,
                 },
                 peers: std::sync::RwLock::default(),
+                withdrawn: std::sync::atomic::AtomicBool::new(false),
                 enroll_gate: tokio::sync::Mutex::new(()),
                 renew_gate: tokio::sync::Mutex::new(()),
                 limiter: Mutex::new(AttemptLimiter::new(
@@ -439,6 +440,8 @@ struct Shared {
     /// The proxies serving from the same store (this one included), as last read: what
     /// agents are told to keep a tunnel to.
     peers: std::sync::RwLock<Vec<revproxy_ca::ProxyEntry>>,
+    /// Set when shutdown takes this proxy off the store's list: no heartbeat puts it back.
+    withdrawn: std::sync::atomic::AtomicBool,
     /// Enrollments run one at a time: each holds the state lock and fsyncs anyway, and
     /// queueing here keeps blocking threads from piling up behind the file lock.
     enroll_gate: tokio::sync::Mutex<()>,

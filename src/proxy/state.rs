@@ -230,13 +230,15 @@ impl StateView {
         }
     }
 
-    fn store_failed(&self, error: String) {
+    /// Records a failed read that began at `began` (a read may take the store's whole
+    /// timeout to fail: the outage is counted from its start).
+    fn store_failed(&self, error: String, began: Instant) {
         let mut health = self.health.lock().expect("store health lock");
         match &mut health.failing {
             Some((_, last)) => *last = error,
             None => {
                 warn!(%error, "cannot read the state store; serving with the last state read");
-                health.failing = Some((Instant::now(), error));
+                health.failing = Some((began, error));
             }
         }
     }
@@ -246,6 +248,7 @@ impl StateView {
     /// store failed (then the last snapshot stays).
     async fn reload(&self, seen: Option<u64>) -> Option<(u64, Arc<Snapshot>)> {
         let store = self.store.clone();
+        let began = Instant::now();
         let read = tokio::task::spawn_blocking(move || {
             let version = store.version()?;
             if Some(version) == seen {
@@ -266,11 +269,11 @@ impl StateView {
                 Some((version, snapshot))
             }
             Ok(Err(e)) => {
-                self.store_failed(e.to_string());
+                self.store_failed(e.to_string(), began);
                 None
             }
             Err(e) => {
-                self.store_failed(format!("the reading task failed: {e}"));
+                self.store_failed(format!("the reading task failed: {e}"), began);
                 None
             }
         }

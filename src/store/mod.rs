@@ -26,12 +26,44 @@ pub enum StoreError {
 }
 
 /// Opens the CA whose key is in `dir` and whose state is in the store `url` names (the
-/// file store of `dir` when there is none).
+/// file store of `dir` when there is none). A `state.json` beside a shared store is
+/// refused: nothing would read it, and a command run without `--store` would change it.
 pub fn open_ca(dir: &Path, url: Option<&str>) -> Result<revproxy_ca::Ca, StoreError> {
     Ok(match url {
         None => revproxy_ca::Ca::open(dir)?,
-        Some(_) => revproxy_ca::Ca::open_in(dir, open(dir, url)?)?,
+        Some(_) => {
+            let stale = dir.join(revproxy_ca::state::STATE_FILE);
+            if stale.exists() {
+                return Err(revproxy_ca::CaError::StaleStateFile(stale).into());
+            }
+            revproxy_ca::Ca::open_in(dir, open(dir, url)?)?
+        }
     })
+}
+
+/// A store URL that keeps its password out of `Debug` output (and so out of logs).
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct StoreUrl(pub String);
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", redact(&self.0))
+    }
+}
+
+/// `url` without the password between `user:` and `@`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((user, host)) if user.contains(':') => {
+            let name = user.split(':').next().unwrap_or_default();
+            format!("{scheme}://{name}:***@{host}")
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// The store `url` names, or the file store of `dir` when there is none.
@@ -69,16 +101,41 @@ pub fn migrate(from: &Path, to: &str) -> Result<Migrated, StoreError> {
     let _lock = file.lock()?;
     let mut state = file.read()?;
     state.ca_pin = Some(ca.pin().to_string());
-    target.create(&state)?;
-    let (old, new) = (file.path(), from.join(revproxy_ca::state::MIGRATED_FILE));
-    std::fs::rename(&old, &new).map_err(|e| revproxy_ca::CaError::Io {
-        path: old.clone(),
-        source: e,
-    })?;
+    // The file steps aside first, so that no moment has two live copies: a proxy or a
+    // command that starts now finds neither and refuses, and a failed copy puts it back.
+    let rename = |from: &Path, to: &Path| {
+        std::fs::rename(from, to).map_err(|e| revproxy_ca::CaError::Io {
+            path: from.to_path_buf(),
+            source: e,
+        })
+    };
+    let (live, aside, done) = (
+        file.path(),
+        from.join(revproxy_ca::state::MIGRATING_FILE),
+        from.join(revproxy_ca::state::MIGRATED_FILE),
+    );
+    rename(&live, &aside)?;
+    if let Err(e) = target.create(&state) {
+        rename(&aside, &live)?;
+        return Err(e.into());
+    }
+    rename(&aside, &done)?;
     Ok(Migrated {
         tokens: state.tokens.len(),
         certs: state.certs.len(),
         agents: state.agents.len(),
         store: target.describe(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_stay_out_of_debug_output() {
+        let url = super::StoreUrl("postgres://revproxy:s3cret@db:5432/rp".into());
+        let shown = format!("{url:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("revproxy:***@db:5432/rp"), "{shown}");
+        assert_eq!(super::redact("postgres://u@h/d"), "postgres://u@h/d");
+    }
 }

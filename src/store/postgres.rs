@@ -18,7 +18,7 @@
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use revproxy_ca::state::State;
 use revproxy_ca::{CaError, ProxyEntry, Store};
@@ -31,6 +31,8 @@ use super::StoreError;
 
 /// Longest any one store operation may take, connecting included.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a failed operation, others fail at once for this long instead of trying again.
+const FAIL_FAST: Duration = Duration::from_secs(1);
 /// A proxy that has not announced itself for this long is no longer listed.
 pub const PROXY_STALE_SECS: u32 = 30;
 /// The schema version this revproxy writes (`revproxy.schema_version`).
@@ -49,10 +51,11 @@ CREATE TABLE revproxy.state (
     updated   timestamptz NOT NULL DEFAULT now()
 );
 CREATE TABLE revproxy.proxies (
-    id      text PRIMARY KEY,
-    address text,
-    started timestamptz NOT NULL DEFAULT now(),
-    seen    timestamptz NOT NULL DEFAULT now()
+    id       text PRIMARY KEY,
+    address  text,
+    instance text NOT NULL,
+    started  timestamptz NOT NULL DEFAULT now(),
+    seen     timestamptz NOT NULL DEFAULT now()
 );
 "#];
 
@@ -67,6 +70,12 @@ pub struct PgStore {
     client: Mutex<Option<Client>>,
     /// Whether this process has checked the schema.
     migrated: AtomicBool,
+    /// Until when calls fail at once, after one failed: while the database does not
+    /// answer, callers queued behind the connection do not each wait [`OP_TIMEOUT`].
+    failing: Mutex<Option<(Instant, String)>>,
+    /// Marks this process's heartbeats: another process announcing the same proxy id
+    /// (a copied state directory) is noticed.
+    instance: String,
     /// The `LISTEN` task, once [`Store::on_change`] asked for it.
     listening: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -97,15 +106,13 @@ impl PgStore {
     pub fn open(url: &str) -> Result<PgStore, StoreError> {
         let (url, sslmode, rootcert) = split_tls_params(url)?;
         let mut config = Config::from_str(&url).map_err(|e| StoreError::Url(e.to_string()))?;
-        let local = config.get_hosts().iter().all(|h| match h {
-            Host::Unix(_) => true,
-            Host::Tcp(name) => {
-                name == "localhost"
-                    || name
-                        .parse::<std::net::IpAddr>()
-                        .is_ok_and(|ip| ip.is_loopback())
+        let local = is_local(&config);
+        // libpq's variable for a password kept out of the URL (and so out of `ps`).
+        if config.get_password().is_none() {
+            if let Ok(password) = std::env::var("PGPASSWORD") {
+                config.password(password);
             }
-        });
+        }
         let tls = match (sslmode.as_deref(), rootcert) {
             (Some("disable"), _) => Tls(None),
             (Some("require" | "verify-full") | None, Some(path)) => {
@@ -163,6 +170,8 @@ impl PgStore {
             described,
             client: Mutex::new(None),
             migrated: AtomicBool::new(false),
+            failing: Mutex::new(None),
+            instance: format!("{}-{}", std::process::id(), rand_suffix()),
             listening: Mutex::new(None),
         })
     }
@@ -187,7 +196,17 @@ impl PgStore {
         &self,
         op: impl AsyncFnOnce(&mut Client) -> Result<Result<T, CaError>, tokio_postgres::Error> + Send,
     ) -> Result<T, CaError> {
-        let mut guard = self.client.lock().expect("store connection lock");
+        // A panic in a change leaves the lock poisoned; the connection is made again.
+        let mut guard = self.client.lock().unwrap_or_else(|poisoned| {
+            let mut guard = poisoned.into_inner();
+            *guard = None;
+            guard
+        });
+        if let Some((until, reason)) = &*self.failing.lock().unwrap_or_else(|p| p.into_inner()) {
+            if Instant::now() < *until {
+                return Err(self.unavailable(reason));
+            }
+        }
         let slot: &mut Option<Client> = &mut guard;
         let run = || {
             self.runtime().block_on(async {
@@ -210,21 +229,23 @@ impl PgStore {
         // Called on a thread that belongs to another runtime (a proxy starting up), this
         // thread may not block on ours: a scoped thread does it instead.
         let outcome = if tokio::runtime::Handle::try_current().is_ok() {
-            std::thread::scope(|s| s.spawn(run).join()).expect("store operation panicked")
+            std::thread::scope(|s| s.spawn(run).join())
         } else {
-            run()
+            Ok(run())
         };
-        match outcome {
-            Ok(Ok(result)) => result,
-            Ok(Err(e)) => {
-                *slot = None;
-                Err(self.unavailable(pg_reason(&e)))
+        let reason = match outcome {
+            Ok(Ok(Ok(result))) => {
+                *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                return result;
             }
-            Err(_) => {
-                *slot = None;
-                Err(self.unavailable(format!("no answer within {} s", OP_TIMEOUT.as_secs())))
-            }
-        }
+            Ok(Ok(Err(e))) => pg_reason(&e),
+            Ok(Err(_)) => format!("no answer within {} s", OP_TIMEOUT.as_secs()),
+            Err(_) => "a store operation panicked".to_string(),
+        };
+        *slot = None;
+        *self.failing.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now() + FAIL_FAST, reason.clone()));
+        Err(self.unavailable(reason))
     }
 
     async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
@@ -239,7 +260,7 @@ impl PgStore {
         client
             .batch_execute(
                 "SET statement_timeout = '10s'; SET lock_timeout = '10s'; \
-                 SET idle_in_transaction_session_timeout = '30s'",
+                 SET idle_in_transaction_session_timeout = '10s'",
             )
             .await?;
         Ok(client)
@@ -482,12 +503,26 @@ impl Store for PgStore {
     }
 
     fn announce(&self, proxy: &ProxyEntry) -> Result<(), CaError> {
+        let instance = &self.instance;
         self.with_client(async |client| {
+            let other = client
+                .query_opt(
+                    "SELECT address FROM revproxy.proxies WHERE id = $1 AND instance <> $2 \
+                     AND seen > now() - make_interval(secs => $3)",
+                    &[&proxy.id, instance, &(PROXY_STALE_SECS as f64)],
+                )
+                .await?;
+            if let Some(row) = other {
+                let address: Option<String> = row.get(0);
+                warn!(id = %proxy.id, other = ?address,
+                      "another proxy announces this proxy's id (a copied state directory?): agents take the two for one; give each proxy a state directory of its own with only ca.key and ca.crt copied");
+            }
             client
                 .execute(
-                    "INSERT INTO revproxy.proxies (id, address) VALUES ($1, $2) \
-                     ON CONFLICT (id) DO UPDATE SET address = excluded.address, seen = now()",
-                    &[&proxy.id, &proxy.address],
+                    "INSERT INTO revproxy.proxies (id, address, instance) VALUES ($1, $2, $3) \
+                     ON CONFLICT (id) DO UPDATE SET address = excluded.address, \
+                     instance = excluded.instance, seen = now()",
+                    &[&proxy.id, &proxy.address, instance],
                 )
                 .await?;
             // Proxies gone for a day are forgotten.
@@ -528,6 +563,36 @@ impl Store for PgStore {
                 .collect()))
         })
     }
+}
+
+/// Whether every host the configuration names is this machine: a Unix socket, a loopback
+/// address, or `localhost` resolving to loopback only. `hostaddr` (the address actually
+/// dialed) counts too.
+fn is_local(config: &Config) -> bool {
+    use std::net::ToSocketAddrs;
+    let loopback_name = |name: &str| match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => {
+            name == "localhost"
+                && ("localhost", 0)
+                    .to_socket_addrs()
+                    .is_ok_and(|mut addrs| addrs.all(|a| a.ip().is_loopback()))
+        }
+    };
+    !config.get_hosts().is_empty()
+        && config.get_hosts().iter().all(|h| match h {
+            Host::Unix(_) => true,
+            Host::Tcp(name) => loopback_name(name),
+        })
+        && config.get_hostaddrs().iter().all(|ip| ip.is_loopback())
+}
+
+/// A few random hex digits.
+fn rand_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{nanos:08x}")
 }
 
 /// What went wrong, in one line: the server's message for a database error, else the
@@ -625,5 +690,9 @@ mod tests {
         assert_eq!(store.describe(), "postgres://u@127.0.0.1:5433/x");
         assert!(!format!("{store:?}").contains("secret"));
         assert!(PgStore::open("postgres://u@db.example.com/x?sslmode=disable").is_ok());
+        // The address dialed counts, not only the name.
+        let e = PgStore::open("postgres://u@localhost/x?hostaddr=203.0.113.9").unwrap_err();
+        assert!(e.to_string().contains("sslmode=verify-full"), "{e}");
+        assert!(PgStore::open("postgres://u@localhost/x?hostaddr=127.0.0.1").is_ok());
     }
 }

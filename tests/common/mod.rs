@@ -204,13 +204,18 @@ impl TestProxy {
 
     /// Starts a proxy again on the same ports and state after [`Self::pause`].
     pub async fn resume(&mut self) {
+        self.resume_with(|b| b).await
+    }
+
+    /// Like [`Self::resume`], with whatever `configure` sets on the builder.
+    pub async fn resume_with(&mut self, configure: impl FnOnce(ProxyBuilder) -> ProxyBuilder) {
         let listeners = [
             bind(&self.addr.to_string()).await,
             bind(&self.sni.to_string()).await,
             bind(&self.http.to_string()).await,
         ];
         let quic = std::net::UdpSocket::bind(self.addr).unwrap();
-        let (status, shutdown, task) = launch(self.dir.path(), listeners, quic, |b| b);
+        let (status, shutdown, task) = launch(self.dir.path(), listeners, quic, configure);
         self.status = status;
         self.shutdown = Some(shutdown);
         self.task = Some(task);
@@ -736,6 +741,10 @@ pub struct Postgres {
     bin: std::path::PathBuf,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// Extra `-c` settings.
+    settings: Vec<String>,
+    /// Files the settings name.
+    _files: Option<tempfile::TempDir>,
 }
 
 impl Drop for Postgres {
@@ -749,6 +758,54 @@ impl Drop for Postgres {
 
 impl Postgres {
     pub fn start() -> Postgres {
+        Postgres::start_with(&[])
+    }
+
+    /// A server that also speaks TLS, with a certificate for `localhost` and 127.0.0.1
+    /// from a CA of its own; returns it and that CA's certificate (PEM).
+    pub fn start_with_tls() -> (Postgres, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_der(ca_cert.der(), &ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let files = tempfile::tempdir().unwrap();
+        let (cert_file, key_file) = (
+            files.path().join("server.crt"),
+            files.path().join("server.key"),
+        );
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        // The server reads them as its own user, and refuses a key others can read.
+        let uid = std::process::Command::new("id")
+            .args(["-u", "postgres"])
+            .output()
+            .unwrap();
+        let uid: u32 = String::from_utf8(uid.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        for f in [&cert_file, &key_file, &files.path().to_path_buf()] {
+            std::os::unix::fs::chown(f, Some(uid), None).unwrap();
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let pg = Postgres::start_with(&[
+            "ssl=on".to_string(),
+            format!("ssl_cert_file={}", cert_file.display()),
+            format!("ssl_key_file={}", key_file.display()),
+        ]);
+        let mut pg = pg;
+        pg._files = Some(files);
+        (pg, ca_cert.pem())
+    }
+
+    fn start_with(settings: &[String]) -> Postgres {
         use std::os::unix::fs::PermissionsExt;
         tool("psql");
         let bin = std::fs::read_dir("/usr/lib/postgresql")
@@ -780,6 +837,8 @@ impl Postgres {
             bin,
             port,
             dir,
+            settings: settings.to_vec(),
+            _files: None,
         };
         pg.run();
         pg
@@ -802,6 +861,7 @@ impl Postgres {
                 self.dir.path().display()
             ))
             .args(["-p", &self.port.to_string()])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
