@@ -399,6 +399,8 @@ async fn renew(
     };
     match outcome {
         Ok(Ok(done)) => {
+            // The agent's next tunnel comes with this certificate: let admission know it.
+            shared.state.refresh().await;
             info!(%peer, agent = %done.agent, old_serial = %serial, serial = %done.serial,
                   retry = done.reissued, "certificate renewed");
             json(StatusCode::OK, &reply(done))

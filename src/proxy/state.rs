@@ -177,8 +177,8 @@ pub(super) struct StateView {
     current: Arc<RwLock<Arc<Snapshot>>>,
     /// The store's version when it was first read: where [`StateView::watch`] starts.
     loaded_at: u64,
-    /// When a request last forced a reload (see [`StateView::refresh_seldom`]).
-    forced: Arc<Mutex<Option<Instant>>>,
+    /// When the last reload a request forced began (see [`StateView::refresh_seldom`]).
+    forced: Arc<tokio::sync::Mutex<Option<Instant>>>,
     health: Arc<Mutex<Health>>,
     /// Woken by the store when the state changed elsewhere.
     changed: Arc<tokio::sync::Notify>,
@@ -287,18 +287,24 @@ impl StateView {
         }
     }
 
-    /// Reloads now, unless a caller did within `interval` (then the current snapshot): for
-    /// requests from outside that need what another process just wrote, without letting a
-    /// flood of them read the store more than once per `interval`.
+    /// A snapshot read after this call began, with at most one store read per `interval`
+    /// for all callers together: for requests from outside that need what another process
+    /// just wrote (a certificate issued a moment ago), without letting a flood of them read
+    /// the store more often. Callers that come while a read is due or under way wait for
+    /// it (at most `interval` plus the read) and share it.
     pub(super) async fn refresh_seldom(&self, interval: Duration) -> Arc<Snapshot> {
-        {
-            let mut forced = self.forced.lock().expect("state view lock");
-            let now = Instant::now();
-            if forced.is_some_and(|at| now.duration_since(at) < interval) {
-                return self.get();
+        let arrived = Instant::now();
+        let mut last = self.forced.lock().await;
+        if let Some(at) = *last {
+            if at >= arrived {
+                return self.get(); // a read that began after we came has just finished
             }
-            *forced = Some(now);
+            let since = at.elapsed();
+            if since < interval {
+                tokio::time::sleep(interval - since).await;
+            }
         }
+        *last = Some(Instant::now());
         self.refresh().await
     }
 
