@@ -26,8 +26,8 @@ pub(super) struct Peer {
     pub(super) not_after: i64,
 }
 
-/// Least time between two store reads forced by certificates the view does not know.
-const RELOAD_AT_MOST: std::time::Duration = std::time::Duration::from_millis(250);
+/// Least time between two store reads for tunnel admission (at most 20 a second).
+const RELOAD_AT_MOST: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Reads the agent's certificate `der` and returns who it is and the names to register
 /// its tunnel under, or `None` (logged) to refuse the tunnel.
@@ -41,15 +41,10 @@ pub(super) async fn admit(
         shared.metrics.tunnel_refused("no_certificate");
         return None;
     };
-    // The view is at most a second old (the watch, and the store's notifications make it
-    // milliseconds): a revocation older than that is in it, and one newer cuts this tunnel
-    // when the watch applies it. A certificate the view does not know yet (issued a moment
-    // ago, by this proxy or another) makes the store be read again, at most a few times a
-    // second for all tunnels: a reconnecting fleet never queues on the store.
-    let mut state = shared.state.get();
-    if !state.live.contains(&who.serial) {
-        state = shared.state.refresh_seldom(RELOAD_AT_MOST).await;
-    }
+    // A view read after this tunnel arrived (a revocation made a moment ago, here or on
+    // another proxy, is in it), but at most one store read per `RELOAD_AT_MOST` for all
+    // tunnels together: a reconnecting fleet shares reads rather than queueing on the store.
+    let state = shared.state.refresh_seldom(RELOAD_AT_MOST).await;
     if state.revoked.contains(&who.serial) {
         warn!(%peer, agent = %who.agent, serial = %who.serial, "certificate revoked; closing the tunnel");
         shared.metrics.tunnel_refused("revoked");
