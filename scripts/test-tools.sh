@@ -4,6 +4,7 @@
 #   chromium (Debian's `chromium`):   renders the admin status page headless
 #   postgres, psql (Debian's `postgresql`): a real database reached through the mesh
 #   ip (Debian's `iproute2`):          network namespaces for the mesh across networks
+#   haproxy (Debian's `haproxy`):      a real load balancer in front of several proxies
 # Safe to run again and from several processes at once (one installs, the others wait).
 # Needs root and Debian's package registry; prints what it does on stderr.
 set -euo pipefail
@@ -15,6 +16,7 @@ missing() {
     command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
     ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
     command -v ip >/dev/null 2>&1 || need+=(iproute2)
+    command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 }
 missing
 [ ${#need[@]} -eq 0 ] && exit 0

@@ -436,6 +436,11 @@ async fn the_admin_listener_refuses_foreign_hosts_and_other_methods() {
             .await;
     assert!(foreign.starts_with("HTTP/1.1 421"), "{foreign}");
     assert!(!foreign.contains("agents"), "{foreign}");
+    // No Host at all: a load balancer's HTTP/1.0 probe is answered; HTTP/1.1 must name one.
+    let probe = raw("GET /ready HTTP/1.0\r\n\r\n".into()).await;
+    assert!(probe.starts_with("HTTP/1.0 200"), "{probe}");
+    let hostless = raw("GET /status HTTP/1.1\r\nconnection: close\r\n\r\n".into()).await;
+    assert!(!hostless.contains("agents"), "{hostless}");
     let post = raw(format!("POST /status HTTP/1.1\r\nhost: {admin_addr}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")).await;
     assert!(post.starts_with("HTTP/1.1 405"), "{post}");
     let page =

@@ -471,6 +471,7 @@ struct ProxyProcess {
     child: std::process::Child,
     _dir: TempDir,
     http: SocketAddr,
+    admin: SocketAddr,
 }
 
 impl Drop for ProxyProcess {
@@ -490,7 +491,7 @@ impl ProxyProcess {
             .args(["serve", "--log-format", "json", "--state"])
             .arg(dir.path())
             .args([
-                "--store", &d.url, "--agents", &any, "--http", &any, "--admin", "off",
+                "--store", &d.url, "--agents", &any, "--http", &any, "--admin", &any,
             ])
             .stderr(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
@@ -507,8 +508,8 @@ impl ProxyProcess {
                 let _ = tx.send(line);
             }
         });
-        let (mut agents, mut http) = (None, None);
-        while agents.is_none() || http.is_none() {
+        let (mut agents, mut http, mut admin) = (None, None, None);
+        while agents.is_none() || http.is_none() || admin.is_none() {
             let line = rx
                 .recv_timeout(Duration::from_secs(30))
                 .expect("the proxy started within 30 s");
@@ -520,6 +521,7 @@ impl ProxyProcess {
             match message {
                 "agent listener ready" => agents = addr,
                 "public listener ready" => http = addr,
+                "admin listener ready" => admin = addr,
                 _ => {}
             }
         }
@@ -528,6 +530,7 @@ impl ProxyProcess {
                 child,
                 _dir: dir,
                 http: http.unwrap(),
+                admin: admin.unwrap(),
             },
             agents.unwrap(),
         )
@@ -658,4 +661,110 @@ fn sigkill(pid: u32) {
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+/// A child process killed when the test ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// HAProxy in front of three `revproxy serve` processes, checking each one's `/ready`: when
+/// one proxy is killed, clients of the load balancer go on being served (HAProxy retries a
+/// refused connection on another proxy, and its health check takes the dead one out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_haproxy_clients_do_not_notice_a_proxy_dying() {
+    let haproxy = tool("haproxy");
+    let d = Deployment::new();
+    let mut procs = Vec::new();
+    let mut agent_addrs = Vec::new();
+    for ip in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
+        let (p, agents) = ProxyProcess::start(&d, ip);
+        procs.push(p);
+        agent_addrs.push(agents);
+    }
+    let backend = echo_backend(b"").await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = d.token("web-1", &["app.example.com"], agent_addrs[0]);
+    revproxy::agent::enroll(&token, dir.path()).await.unwrap();
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], |b| {
+        b.proxy_refresh(Duration::from_millis(200))
+    });
+
+    // HAProxy takes no port 0 either: a free one from the kernel, handed over.
+    let front = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let servers: String = (procs.iter().enumerate())
+        .map(|(i, p)| {
+            format!(
+                "    server p{i} {} check port {} inter 200ms fall 2 rise 1\n",
+                p.http,
+                p.admin.port()
+            )
+        })
+        .collect();
+    let config = format!(
+        "global\n    maxconn 1000\n\
+         defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 10s\n    \
+         timeout server 10s\n    retries 3\n    option redispatch\n\
+         frontend public\n    bind {front}\n    default_backend proxies\n\
+         backend proxies\n    balance roundrobin\n    option httpchk GET /ready\n    \
+         http-check expect status 200\n{servers}"
+    );
+    let files = tempfile::tempdir().unwrap();
+    let cfg = files.path().join("haproxy.cfg");
+    std::fs::write(&cfg, config).unwrap();
+    let _lb = Killed(
+        std::process::Command::new(haproxy)
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    // Every proxy routes to the agent (each reached directly), and HAProxy serves.
+    for http in procs.iter().map(|p| p.http).chain([front]) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !round_trip(http, &http_head("app.example.com"), b"ping")
+            .await
+            .is_ok_and(|got| got.ends_with(b"ping"))
+        {
+            assert!(Instant::now() < deadline, "{http} never served the agent");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    let request = |i: u64| async move {
+        let data = pattern(4096, i);
+        round_trip(front, &http_head("app.example.com"), &data)
+            .await
+            .is_ok_and(|got| got.ends_with(&data))
+    };
+    for i in 0..30 {
+        assert!(request(i).await, "request {i} before the kill");
+    }
+    sigkill(procs[1].child.id());
+    let killed = Instant::now();
+    let mut failed = 0;
+    for i in 30..230 {
+        if !request(i).await {
+            failed += 1;
+        }
+    }
+    eprintln!(
+        "200 requests through HAProxy after one proxy was killed: {failed} failed, in {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(
+        failed, 0,
+        "clients of the load balancer noticed the dead proxy"
+    );
 }

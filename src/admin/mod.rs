@@ -331,11 +331,12 @@ fn page_policy() -> &'static str {
 
 /// Whether the request names a loopback listener: a loopback address or `localhost`.
 fn host_is_ours(req: &Request<Incoming>) -> bool {
-    let Some(host) = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-    else {
+    // No Host at all is an HTTP/1.0 probe (a load balancer's health check), never a
+    // browser: DNS rebinding needs a browser, and browsers always send one.
+    let Some(host) = req.headers().get(header::HOST) else {
+        return req.version() == http::Version::HTTP_10;
+    };
+    let Ok(host) = host.to_str() else {
         return false;
     };
     let name = match host.rsplit_once(':') {

@@ -25,6 +25,11 @@ pub(super) struct Target {
     pub(super) proxy: Option<String>,
 }
 
+/// How long a new tunnel serves beside the ones it replaces before they are retired: the
+/// proxy registers it after its admission checks (a store read, milliseconds), so for a
+/// moment after the handshake only the old tunnels are routed to.
+pub(super) const OVERLAP: Duration = Duration::from_secs(1);
+
 /// What every session of an agent needs, fixed when the agent is built.
 pub(super) struct SessionCtx {
     /// The configured proxy address, `host:port`: where the agent learns of the others.
@@ -128,9 +133,17 @@ impl Session {
         let up = conn.up_link().map(|link| self.ctx.up.tunnel_up(link));
         info!("tunnel up");
         let _counted = Counted::new(&self.ctx.tunnels_up, &self.target);
-        for old in self.to_retire.lock().expect("retire list").drain(..) {
-            old.fire();
-        }
+        // The tunnels this one replaces are retired once it has lived `OVERLAP`: the proxy
+        // registers a tunnel only after its own checks, a moment after the handshake, and
+        // may refuse it (then this one ends first and they stay).
+        let mut olds: Vec<Trigger> = self
+            .to_retire
+            .lock()
+            .expect("retire list")
+            .drain(..)
+            .collect();
+        let overlap = tokio::time::sleep(OVERLAP);
+        tokio::pin!(overlap);
         let services = self.ctx.services.clone();
         let serve = conn.serve(
             services,
@@ -140,16 +153,26 @@ impl Session {
             self.ctx.stream_limits,
         );
         tokio::pin!(serve);
-        let served = tokio::select! {
-            r = &mut serve => r,
-            () = self.retire.cancelled() => {
-                listed.draining();
-                if let Some(id) = up {
-                    self.ctx.up.tunnel_down(id);
+        let mut retiring = false;
+        let served = loop {
+            tokio::select! {
+                r = &mut serve => break r,
+                () = &mut overlap, if !olds.is_empty() => {
+                    for old in olds.drain(..) {
+                        old.fire();
+                    }
                 }
-                serve.await
+                () = self.retire.cancelled(), if !retiring => {
+                    retiring = true;
+                    listed.draining();
+                    if let Some(id) = up {
+                        self.ctx.up.tunnel_down(id);
+                    }
+                }
             }
         };
+        // Ended before it took over: the next tunnel retires the old ones.
+        self.to_retire.lock().expect("retire list").extend(olds);
         if let Some(id) = up {
             self.ctx.up.tunnel_down(id);
         }
