@@ -174,7 +174,11 @@ struct Health {
 #[derive(Clone, Debug)]
 pub(super) struct StateView {
     store: Arc<dyn Store>,
-    current: Arc<RwLock<Arc<Snapshot>>>,
+    /// The snapshot, with the ticket of the read that made it.
+    current: Arc<RwLock<(u64, Arc<Snapshot>)>>,
+    /// Tickets of reads, taken as each begins: a read that began later saw a state at least
+    /// as new, so a slow read never replaces what a later one installed.
+    reads: Arc<std::sync::atomic::AtomicU64>,
     /// The store's version when it was first read: where [`StateView::watch`] starts.
     loaded_at: u64,
     /// When the last reload a request forced began (see [`StateView::refresh_seldom`]).
@@ -191,7 +195,8 @@ impl StateView {
         let snapshot = Snapshot::load(&*store)?;
         Ok(StateView {
             store,
-            current: Arc::new(RwLock::new(Arc::new(snapshot))),
+            current: Arc::new(RwLock::new((0, Arc::new(snapshot)))),
+            reads: Arc::default(),
             loaded_at: version,
             forced: Arc::default(),
             health: Arc::new(Mutex::new(Health { failing: None })),
@@ -201,7 +206,7 @@ impl StateView {
 
     /// The current snapshot.
     pub(super) fn get(&self) -> Arc<Snapshot> {
-        self.current.read().expect("state view lock").clone()
+        self.current.read().expect("state view lock").1.clone()
     }
 
     /// What is wrong with the store, when it has failed for longer than `after`: how long,
@@ -249,6 +254,7 @@ impl StateView {
     async fn reload(&self, seen: Option<u64>) -> Option<(u64, Arc<Snapshot>)> {
         let store = self.store.clone();
         let began = Instant::now();
+        let ticket = 1 + self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let read = tokio::task::spawn_blocking(move || {
             let version = store.version()?;
             if Some(version) == seen {
@@ -264,9 +270,11 @@ impl StateView {
             }
             Ok(Ok(Some((version, snapshot)))) => {
                 self.store_ok();
-                let snapshot = Arc::new(snapshot);
-                *self.current.write().expect("state view lock") = snapshot.clone();
-                Some((version, snapshot))
+                let mut current = self.current.write().expect("state view lock");
+                if ticket > current.0 {
+                    *current = (ticket, Arc::new(snapshot));
+                }
+                Some((version, current.1.clone()))
             }
             Ok(Err(e)) => {
                 self.store_failed(e.to_string(), began);
