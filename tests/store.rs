@@ -497,17 +497,7 @@ impl ProxyProcess {
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = stderr_lines(&mut child);
         let (mut agents, mut http, mut admin) = (None, None, None);
         while agents.is_none() || http.is_none() || admin.is_none() {
             let line = rx
@@ -583,35 +573,7 @@ async fn stream_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_proxy_under_load_fails_only_the_streams_through_it() {
     let d = Deployment::new();
-    let mut procs = Vec::new();
-    let mut agent_addrs = Vec::new();
-    for ip in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
-        let (p, agents) = ProxyProcess::start(&d, ip);
-        procs.push(p);
-        agent_addrs.push(agents);
-    }
-    let backend = echo_backend(b"").await;
-    let dir = tempfile::tempdir().unwrap();
-    let token = d.token("web-1", &["app.example.com"], agent_addrs[0]);
-    revproxy::agent::enroll(&token, dir.path()).await.unwrap();
-    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], |b| {
-        b.proxy_refresh(Duration::from_millis(200))
-    });
-    // Every proxy routes to it once the heartbeats have listed them all.
-    for p in &procs {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !round_trip(p.http, &http_head("app.example.com"), b"ping")
-            .await
-            .is_ok_and(|got| got.ends_with(b"ping"))
-        {
-            assert!(
-                Instant::now() < deadline,
-                "{} never routed to the agent",
-                p.http
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    let (procs, _agent) = d.processes_and_an_agent().await;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (flowing_tx, mut flowing) = tokio::sync::mpsc::channel(12);
@@ -663,6 +625,44 @@ fn sigkill(pid: u32) {
     assert!(status.success());
 }
 
+impl Deployment {
+    /// Three `revproxy serve` processes (127.0.0.1, .2, .3) and an agent enrolled through
+    /// the first; returns once each proxy routes clients to it.
+    async fn processes_and_an_agent(&self) -> (Vec<ProxyProcess>, (TempDir, TestAgent)) {
+        let mut procs = Vec::new();
+        let mut agent_addrs = Vec::new();
+        for ip in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
+            let (p, agents) = ProxyProcess::start(self, ip);
+            procs.push(p);
+            agent_addrs.push(agents);
+        }
+        let backend = echo_backend(b"").await;
+        let dir = tempfile::tempdir().unwrap();
+        let token = self.token("web-1", &["app.example.com"], agent_addrs[0]);
+        revproxy::agent::enroll(&token, dir.path()).await.unwrap();
+        let agent = start_agent(dir.path(), &[("app.example.com", backend)], |b| {
+            b.proxy_refresh(Duration::from_millis(200))
+        });
+        // Each one routes to it once the heartbeats have listed them all.
+        for p in &procs {
+            serves(p.http).await;
+        }
+        (procs, (dir, agent))
+    }
+}
+
+/// Waits (bounded) until a client of `http` reaches the agent's echo backend.
+async fn serves(http: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !round_trip(http, &http_head("app.example.com"), b"ping")
+        .await
+        .is_ok_and(|got| got.ends_with(b"ping"))
+    {
+        assert!(Instant::now() < deadline, "{http} never served the agent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A child process killed when the test ends.
 struct Killed(std::process::Child);
 
@@ -680,20 +680,7 @@ impl Drop for Killed {
 async fn behind_haproxy_clients_do_not_notice_a_proxy_dying() {
     let haproxy = tool("haproxy");
     let d = Deployment::new();
-    let mut procs = Vec::new();
-    let mut agent_addrs = Vec::new();
-    for ip in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
-        let (p, agents) = ProxyProcess::start(&d, ip);
-        procs.push(p);
-        agent_addrs.push(agents);
-    }
-    let backend = echo_backend(b"").await;
-    let dir = tempfile::tempdir().unwrap();
-    let token = d.token("web-1", &["app.example.com"], agent_addrs[0]);
-    revproxy::agent::enroll(&token, dir.path()).await.unwrap();
-    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], |b| {
-        b.proxy_refresh(Duration::from_millis(200))
-    });
+    let (mut procs, _agent) = d.processes_and_an_agent().await;
 
     // HAProxy takes no port 0 either: a free one from the kernel, handed over.
     let front = std::net::TcpListener::bind("127.0.0.1:0")
@@ -730,17 +717,7 @@ async fn behind_haproxy_clients_do_not_notice_a_proxy_dying() {
             .unwrap(),
     );
 
-    // Every proxy routes to the agent (each reached directly), and HAProxy serves.
-    for http in procs.iter().map(|p| p.http).chain([front]) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !round_trip(http, &http_head("app.example.com"), b"ping")
-            .await
-            .is_ok_and(|got| got.ends_with(b"ping"))
-        {
-            assert!(Instant::now() < deadline, "{http} never served the agent");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    serves(front).await;
 
     let request = |i: u64| async move {
         let data = pattern(4096, i);

@@ -66,6 +66,22 @@ pub fn watch_logs(
     (tracing::subscriber::set_default(subscriber), rx)
 }
 
+/// The lines a child writes on stderr (which must be piped), as they come.
+pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
 /// Waits (bounded) for a log line from [`watch_logs`] that contains `text`.
 pub async fn log_line(
     logs: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
@@ -135,27 +151,10 @@ impl TestProxy {
     }
 
     pub async fn start_with(configure: impl FnOnce(ProxyBuilder) -> ProxyBuilder) -> TestProxy {
-        init_logging();
         let dir = tempfile::tempdir().unwrap();
         let now = time::OffsetDateTime::now_utc();
         Ca::init(dir.path(), &InitOptions::default(), now).unwrap();
-        let (agents, quic) = bind_agent_port().await;
-        let listeners = [agents, bind("127.0.0.1:0").await, bind("127.0.0.1:0").await];
-        let addr = listeners[0].local_addr().unwrap();
-        let sni = listeners[1].local_addr().unwrap();
-        let http = listeners[2].local_addr().unwrap();
-        let (status, shutdown, task) = launch(dir.path(), listeners, quic, configure);
-        let ca = Ca::open(dir.path()).unwrap();
-        TestProxy {
-            dir,
-            addr,
-            sni,
-            http,
-            ca,
-            status,
-            shutdown: Some(shutdown),
-            task: Some(task),
-        }
+        TestProxy::start_on(dir, None, "127.0.0.1", configure).await
     }
 
     /// A proxy on the loopback address `ip` whose CA state is in the shared store `url`,
@@ -166,6 +165,16 @@ impl TestProxy {
         ip: &str,
         configure: impl FnOnce(ProxyBuilder) -> ProxyBuilder,
     ) -> TestProxy {
+        TestProxy::start_on(dir, Some(url), ip, configure).await
+    }
+
+    /// A proxy on `ip` over the CA in `dir`, its state in the store `url` if given.
+    async fn start_on(
+        dir: TempDir,
+        url: Option<&str>,
+        ip: &str,
+        configure: impl FnOnce(ProxyBuilder) -> ProxyBuilder,
+    ) -> TestProxy {
         init_logging();
         let (agents, quic) = bind_agent_port_on(ip).await;
         let any = format!("{ip}:0");
@@ -173,11 +182,14 @@ impl TestProxy {
         let addr = listeners[0].local_addr().unwrap();
         let sni = listeners[1].local_addr().unwrap();
         let http = listeners[2].local_addr().unwrap();
-        let url_owned = url.to_string();
+        let store = url.map(str::to_string);
         let (status, shutdown, task) = launch(dir.path(), listeners, quic, move |b| {
-            configure(b.store(&url_owned))
+            configure(match &store {
+                Some(url) => b.store(url),
+                None => b,
+            })
         });
-        let ca = revproxy::store::open_ca(dir.path(), Some(url)).unwrap();
+        let ca = revproxy::store::open_ca(dir.path(), url).unwrap();
         TestProxy {
             dir,
             addr,
@@ -865,17 +877,7 @@ impl Postgres {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = stderr_lines(&mut child);
         loop {
             let line = rx
                 .recv_timeout(Duration::from_secs(30))
