@@ -12,6 +12,10 @@ use revproxy::ca::{Ca, InitOptions, NewToken, Token};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// The database password in every store URL here (the test server trusts local
+/// connections, so any will do): it must never show.
+const PASSWORD: &str = "pw-must-not-leak";
+
 /// The shared part of a deployment: PostgreSQL, and the CA made with `ca init --store`
 /// in a seed directory whose `ca.key` and `ca.crt` each proxy gets a copy of.
 struct Deployment {
@@ -23,7 +27,9 @@ struct Deployment {
 impl Deployment {
     fn new() -> Deployment {
         let pg = Postgres::start();
-        let url = pg.url();
+        let url = pg
+            .url()
+            .replace("postgres@", &format!("postgres:{PASSWORD}@"));
         let seed = tempfile::tempdir().unwrap();
         let store = revproxy::store::open(seed.path(), Some(&url)).unwrap();
         Ca::init_in(
@@ -437,6 +443,18 @@ async fn with_the_database_stopped_routing_goes_on_and_enrollment_answers_503() 
         "every proxy reported unready {:?} after the database stopped",
         stopped.elapsed()
     );
+    // `revproxy status` says so, and which proxies share the store.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_revproxy"))
+        .args(["status", "--admin", &admins[0].to_string()])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("not ready: the state store has not answered"),
+        "{report}"
+    );
+    assert!(report.contains("proxies sharing it:"), "{report}");
+    assert!(!report.contains(PASSWORD), "{report}");
     // Routing still goes on.
     for p in &proxies {
         reaches(p, "app.example.com", b"B:").await;
@@ -469,6 +487,8 @@ impl Deployment {
 /// One `revproxy serve` process of a deployment, on its own loopback address.
 struct ProxyProcess {
     child: std::process::Child,
+    /// Its log lines not yet read.
+    logs: std::sync::mpsc::Receiver<String>,
     _dir: TempDir,
     http: SocketAddr,
     admin: SocketAddr,
@@ -518,6 +538,7 @@ impl ProxyProcess {
         (
             ProxyProcess {
                 child,
+                logs: rx,
                 _dir: dir,
                 http: http.unwrap(),
                 admin: admin.unwrap(),
@@ -607,6 +628,14 @@ async fn killing_a_proxy_under_load_fails_only_the_streams_through_it() {
             .unwrap()
             .expect("a stream through a surviving proxy failed");
         assert!(bytes > 16 * 1024);
+    }
+    // Nothing the survivors logged shows the database password.
+    for i in [0, 2] {
+        let lines: Vec<String> = procs[i].logs.try_iter().collect();
+        assert!(lines
+            .iter()
+            .any(|l| l.contains("proxies sharing the store")));
+        assert!(!lines.iter().any(|l| l.contains(PASSWORD)));
     }
     for i in [0, 2] {
         let data = pattern(64 * 1024, 7);

@@ -232,11 +232,33 @@ pub fn report(status: &serde_json::Value) -> String {
         s(&status["version"]),
         time(&status["started"]),
         if status["ready"] == true {
-            "ready"
+            "ready".to_string()
         } else {
-            "not ready"
+            format!("not ready: {}", s(&status["not_ready_because"]))
         }
     );
+    let me = &status["proxy"];
+    if !me.is_null() {
+        let peers: Vec<String> = items(&me["peers"])
+            .iter()
+            .map(|p| format!("{}={}", s(&p["id"]), s(&p["address"])))
+            .collect();
+        let _ = writeln!(
+            out,
+            "id {}, advertised at {}, state in {}{}",
+            s(&me["id"]),
+            s(&me["advertise"]),
+            s(&me["store"]),
+            if peers.is_empty() {
+                String::new()
+            } else {
+                format!(", proxies sharing it: {}", peers.join(" "))
+            }
+        );
+        if let Some(problem) = me["store_problem"].as_str() {
+            let _ = writeln!(out, "store: {problem}");
+        }
+    }
     let _ = writeln!(
         out,
         "\n{:<20}  {:<9}  {:<5}  {:<22}  {:<20}  {:<20}  NAMES",
