@@ -188,15 +188,20 @@ async fn fifty_tokens_sent_to_three_proxies_at_once_yield_fifty_certificates() {
 }
 
 /// An agent given one proxy's address learns the other two and keeps a tunnel to each:
-/// clients arriving at any of the three reach its backend.
+/// clients arriving at any of the three reach its backend. A proxy added later is
+/// followed too, and so is one that stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_enrolled_through_one_proxy_serves_clients_arriving_at_all_three() {
     let d = Deployment::new();
-    let proxies = d.three(|b| b).await;
+    let mut proxies = d.three(|b| b).await;
     let backend = echo_backend(b"A:").await;
     let (dir, _agent) = d
         .agent(&proxies[1], &proxies, "web-1", "app.example.com", backend)
         .await;
+    let fourth = TestProxy::start_member(d.member_dir(), &d.url, "127.0.0.4", |b| b).await;
+    // Listed at the next heartbeat of the proxy the agent asks (5 s at most).
+    fourth.wait_for("app.example.com", 1).await;
+    proxies.push(fourth);
     for p in &proxies {
         reaches(p, "app.example.com", b"A:").await;
     }
@@ -207,7 +212,6 @@ async fn an_agent_enrolled_through_one_proxy_serves_clients_arriving_at_all_thre
         assert!(remembered.contains(&p.addr.to_string()), "{remembered}");
     }
     // A proxy that stops takes itself off the list; the agent follows.
-    let mut proxies = proxies;
     let gone = proxies.pop().unwrap();
     let gone_addr = gone.addr.to_string();
     gone.stop().await;
