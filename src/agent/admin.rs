@@ -37,11 +37,16 @@ impl crate::admin::View for AgentView {
             .services
             .entries()
             .iter()
-            .map(|(name, to)| {
+            .map(|service| {
+                let name = &service.pattern;
                 let (open, sent, received) = self.ctx.metrics.service_counts(name);
                 json!({
                     "name": name,
-                    "to": to,
+                    "to": service.addr,
+                    "proxy_protocol": service.proxy_protocol.map(|v| match v {
+                        crate::wire::proxy_header::ProxyProtocol::V1 => "v1",
+                        crate::wire::proxy_header::ProxyProtocol::V2 => "v2",
+                    }),
                     "open_streams": open,
                     "sent_bytes": sent,
                     "received_bytes": received,

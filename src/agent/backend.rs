@@ -1,19 +1,34 @@
 //! The agent's service map: which backend serves which name, and dialing it for a stream
 //! the proxy opened. The tunnel transports call [`ServiceMap::dial`] through
 //! [`Backends`]; a name the map does not hold, or a backend that does not answer, becomes
-//! a refusal with an HTTP status the proxy passes on.
+//! a refusal with an HTTP status the proxy passes on. A service with `proxy_protocol` gets
+//! a PROXY header (`wire::proxy_header`) with the public client's address before the
+//! stream's first byte.
 
 use std::sync::Arc;
 
+use tokio::io::AsyncWriteExt;
+
 use super::metrics::AgentMetrics;
 use crate::route::name_matches;
-use crate::tunnel::{Backends, Dialed, Refusal};
+use crate::tunnel::{Backends, DialRequest, Dialed, Refusal};
+use crate::wire::proxy_header::{self, Origin, ProxyProtocol};
+
+/// One service: a name pattern, its backend, and the PROXY header it wants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Service {
+    /// Exact name or `*.example.com`.
+    pub(crate) pattern: String,
+    /// Backend `host:port`.
+    pub(crate) addr: String,
+    pub(crate) proxy_protocol: Option<ProxyProtocol>,
+}
 
 /// The names this agent serves and where each goes.
 #[derive(Clone)]
 pub(crate) struct ServiceMap {
-    /// (name pattern, backend `host:port`), in the order given.
-    entries: Vec<(String, String)>,
+    /// In the order given.
+    entries: Vec<Service>,
     metrics: Arc<AgentMetrics>,
 }
 
@@ -32,25 +47,19 @@ pub(crate) fn check_backend(addr: &str) -> Result<(), BadBackend> {
 }
 
 impl ServiceMap {
-    pub(crate) fn new(entries: Vec<(String, String)>, metrics: Arc<AgentMetrics>) -> ServiceMap {
-        metrics.ensure_services(entries.iter().map(|(name, _)| name.as_str()));
+    pub(crate) fn new(entries: Vec<Service>, metrics: Arc<AgentMetrics>) -> ServiceMap {
+        metrics.ensure_services(entries.iter().map(|s| s.pattern.as_str()));
         ServiceMap { entries, metrics }
     }
 
-    /// The entry for `name`, (pattern, backend): an exact entry first, then a wildcard.
-    pub(crate) fn lookup(&self, name: &str) -> Option<(&str, &str)> {
-        let exact = self.entries.iter().find(|(pattern, _)| pattern == name);
-        exact
-            .or_else(|| {
-                self.entries
-                    .iter()
-                    .find(|(pattern, _)| name_matches(pattern, name))
-            })
-            .map(|(pattern, addr)| (pattern.as_str(), addr.as_str()))
+    /// The entry for `name`: an exact entry first, then a wildcard.
+    pub(crate) fn lookup(&self, name: &str) -> Option<&Service> {
+        let exact = self.entries.iter().find(|s| s.pattern == name);
+        exact.or_else(|| self.entries.iter().find(|s| name_matches(&s.pattern, name)))
     }
 
-    /// Every entry, (pattern, backend), in the order given.
-    pub(crate) fn entries(&self) -> &[(String, String)] {
+    /// Every entry, in the order given.
+    pub(crate) fn entries(&self) -> &[Service] {
         &self.entries
     }
 }
@@ -61,9 +70,16 @@ const BAD_GATEWAY: u16 = 502;
 const GATEWAY_TIMEOUT: u16 = 504;
 
 impl Backends for ServiceMap {
-    /// Finds the backend for `name` and connects to it.
-    async fn dial(&self, name: &str, caller: Option<&str>) -> Result<Dialed, Refusal> {
-        let Some((service, addr)) = self.lookup(name) else {
+    /// Finds the backend for the name and connects to it (and sends it the PROXY header
+    /// it wants).
+    async fn dial(&self, request: DialRequest<'_>) -> Result<Dialed, Refusal> {
+        let (name, caller) = (request.name, request.caller);
+        let Some(Service {
+            pattern: service,
+            addr,
+            proxy_protocol,
+        }) = self.lookup(name)
+        else {
             self.metrics.unknown_name();
             return Err(Refusal {
                 status: NOT_FOUND,
@@ -71,7 +87,25 @@ impl Backends for ServiceMap {
             });
         };
         let started = std::time::Instant::now();
-        let dialed = crate::runtime::connect(addr).await;
+        let mut dialed = crate::runtime::connect(addr).await;
+        if let (Ok(stream), Some(version)) = (&mut dialed, proxy_protocol) {
+            let header = proxy_header::encode(
+                *version,
+                &Origin {
+                    client: request.client,
+                    server: request.server,
+                    name: Some(name.to_string()),
+                    caller: caller.map(str::to_string),
+                },
+            );
+            // A fresh connection takes a few hundred bytes at once; bounded all the same.
+            let sent =
+                tokio::time::timeout(crate::runtime::CONNECT_TIMEOUT, stream.write_all(&header))
+                    .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                dialed = Err(std::io::Error::other("could not send it the PROXY header"));
+            }
+        }
         if dialed.is_err() {
             self.metrics.dial_failed(service);
         }
@@ -105,22 +139,31 @@ mod tests {
 
     #[test]
     fn service_lookup_prefers_exact_names() {
+        let service = |pattern: &str, addr: &str| Service {
+            pattern: pattern.into(),
+            addr: addr.into(),
+            proxy_protocol: None,
+        };
         let map = ServiceMap::new(
             vec![
-                ("*.example.com".into(), "127.0.0.1:1".into()),
-                ("app.example.com".into(), "127.0.0.1:2".into()),
+                service("*.example.com", "127.0.0.1:1"),
+                service("app.example.com", "127.0.0.1:2"),
             ],
             Arc::new(AgentMetrics::new()),
         );
+        let found = |name| {
+            map.lookup(name)
+                .map(|s| (s.pattern.as_str(), s.addr.as_str()))
+        };
         assert_eq!(
-            map.lookup("app.example.com"),
+            found("app.example.com"),
             Some(("app.example.com", "127.0.0.1:2"))
         );
         assert_eq!(
-            map.lookup("x.example.com"),
+            found("x.example.com"),
             Some(("*.example.com", "127.0.0.1:1"))
         );
-        assert_eq!(map.lookup("example.com"), None);
+        assert_eq!(found("example.com"), None);
     }
 
     #[test]

@@ -226,6 +226,7 @@ async fn accept_loop(
             let request = OpenRequest {
                 name: &name,
                 client: peer,
+                server: None,
                 early: &early,
                 caller: None,
             };

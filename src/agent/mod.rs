@@ -28,6 +28,7 @@ use revproxy_ca::names::normalize_host;
 use tracing::{error, info};
 
 pub use crate::tunnel::Transport;
+pub use crate::wire::proxy_header::ProxyProtocol;
 pub use enroll::{enroll, EnrollClientError};
 pub use identity::{
     Identity, IdentityError, AGENT_CERT_FILE, AGENT_INFO_FILE, AGENT_KEY_FILE, CA_CERT_FILE,
@@ -77,7 +78,7 @@ pub enum AgentError {
 #[derive(Debug)]
 pub struct AgentBuilder {
     state_dir: PathBuf,
-    services: Vec<(String, String)>,
+    services: Vec<(String, String, Option<ProxyProtocol>)>,
     server: Option<String>,
     drain_grace: Duration,
     stream_limits: crate::tunnel::StreamLimits,
@@ -100,7 +101,21 @@ impl std::fmt::Debug for dyn Clock {
 impl AgentBuilder {
     /// Serves `name` (exact or `*.example.com`) from the backend at `addr` (`host:port`).
     pub fn service(mut self, name: &str, addr: &str) -> Self {
-        self.services.push((name.to_string(), addr.to_string()));
+        self.services
+            .push((name.to_string(), addr.to_string(), None));
+        self
+    }
+
+    /// Like [`AgentBuilder::service`], and the backend gets a PROXY header (v1 or v2) with
+    /// the public client's address before the first byte (`proxy_protocol`).
+    pub fn service_with_proxy_protocol(
+        mut self,
+        name: &str,
+        addr: &str,
+        version: ProxyProtocol,
+    ) -> Self {
+        self.services
+            .push((name.to_string(), addr.to_string(), Some(version)));
         self
     }
 
@@ -209,7 +224,7 @@ impl AgentBuilder {
             connects.push(spec);
         }
         let mut entries = Vec::new();
-        for (name, addr) in self.services {
+        for (name, addr, proxy_protocol) in self.services {
             let name =
                 normalize_host(&name).map_err(|e| AgentError::InvalidService(e.to_string()))?;
             check_backend(&addr)
@@ -224,7 +239,11 @@ impl AgentBuilder {
                     granted: identity.hosts.join(", "),
                 });
             }
-            entries.push((name, addr));
+            entries.push(backend::Service {
+                pattern: name,
+                addr,
+                proxy_protocol,
+            });
         }
         if identity.ca_pin().is_none() {
             return Err(IdentityError::Corrupt {

@@ -180,14 +180,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 .or(file.state)
                 .unwrap_or_else(revproxy::runtime::dirs::agent_state_dir);
             // --map entries override [[service]] entries for the same name.
-            let mut services: Vec<(String, String)> = Vec::new();
+            let mut services = Vec::new();
             for s in &file.service {
-                services.push(config::parse_map(&format!("{}={}", s.host, s.to)).map_err(usage)?);
+                let (name, to) =
+                    config::parse_map(&format!("{}={}", s.host, s.to)).map_err(usage)?;
+                services.push((name, to, s.proxy_protocol));
             }
             for m in &maps {
                 let (name, to) = config::parse_map(m).map_err(usage)?;
-                services.retain(|(n, _)| *n != name);
-                services.push((name, to));
+                services.retain(|(n, _, _)| *n != name);
+                services.push((name, to, None));
             }
             // --connect entries override [[connect]] entries for the same name.
             let mut reach: Vec<(String, std::net::SocketAddr)> = Vec::new();
@@ -202,8 +204,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 reach.push((name, listen));
             }
             let mut builder = revproxy::Agent::builder(&dir);
-            for (name, to) in &services {
-                builder = builder.service(name, to);
+            for (name, to, proxy_protocol) in &services {
+                builder = match proxy_protocol {
+                    Some(version) => builder.service_with_proxy_protocol(name, to, *version),
+                    None => builder.service(name, to),
+                };
             }
             for (name, listen) in &reach {
                 let listener = std::net::TcpListener::bind(listen)

@@ -688,6 +688,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         if let Some(addr) = &config.advertise {
             builder = builder.advertise(addr);
         }
+        builder = builder.trusted_proxies(config.trusted_proxies().map_err(|e| usage(e.into()))?);
         match config.admin {
             Some(revproxy::config::AdminAddr::Off) => {}
             Some(revproxy::config::AdminAddr::At(addr)) => {

@@ -82,6 +82,10 @@ pub struct ProxyConfig {
     /// The agent listener's address as agents reach it (`host:port`), told to agents of
     /// every proxy sharing the store.
     pub advertise: Option<String>,
+    /// Load balancers in front (`"10.0.0.0/8"`, `"192.0.2.7"`): their connections to
+    /// public listeners must start with a PROXY header, whose client is the client.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     /// Public listeners.
     #[serde(default)]
     pub listener: Vec<ListenerConfig>,
@@ -178,9 +182,20 @@ impl ProxyConfig {
     }
 
     /// Checks meaning: listener targets, routes, duplicate addresses.
+    /// The `trusted_proxies` ranges, parsed.
+    pub fn trusted_proxies(&self) -> Result<Vec<crate::route::Cidr>, ConfigError> {
+        (self.trusted_proxies.iter())
+            .map(|s| {
+                s.parse()
+                    .map_err(|e: String| ConfigError::Invalid(format!("trusted_proxies: {e}")))
+            })
+            .collect()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         positive("send_timeout", self.send_timeout.map(|d| d.as_millis()))?;
         positive("idle_timeout", self.idle_timeout.map(|d| d.as_millis()))?;
+        self.trusted_proxies()?;
         positive(
             "max_tunnels_per_agent",
             self.max_tunnels_per_agent.map(|n| n as u128),
@@ -276,6 +291,9 @@ pub struct ServiceConfig {
     pub host: String,
     /// Backend `HOST:PORT`.
     pub to: String,
+    /// `"v1"` or `"v2"`: a PROXY header with the public client's address before the
+    /// first byte.
+    pub proxy_protocol: Option<crate::wire::proxy_header::ProxyProtocol>,
 }
 
 impl AgentConfig {

@@ -74,25 +74,47 @@ pub(super) fn source_key(ip: IpAddr) -> IpAddr {
 pub(super) struct PerSource {
     max: usize,
     counts: Mutex<HashMap<IpAddr, usize>>,
+    /// Sources not counted here: trusted load balancers, whose clients are counted once
+    /// their PROXY header says who they are (`public.rs`).
+    exempt: Vec<crate::route::Cidr>,
 }
 
 /// One connection's place in its source's count; given back when dropped.
 #[derive(Debug)]
 pub(super) struct SourceSlot {
     owner: Arc<PerSource>,
-    ip: IpAddr,
+    /// `None` for an exempt source: nothing to give back.
+    ip: Option<IpAddr>,
 }
 
 impl PerSource {
     pub(super) fn new(max: usize) -> Arc<PerSource> {
+        PerSource::with_exempt(max, Vec::new())
+    }
+
+    /// Like [`PerSource::new`], not counting sources in `exempt`.
+    pub(super) fn with_exempt(max: usize, exempt: Vec<crate::route::Cidr>) -> Arc<PerSource> {
         Arc::new(PerSource {
             max,
             counts: Mutex::default(),
+            exempt,
         })
     }
 
     /// A slot for one more connection from `ip`'s source, unless it has `max` already.
     fn take(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        if self.exempt.iter().any(|net| net.contains(ip)) {
+            return Some(SourceSlot {
+                owner: self.clone(),
+                ip: None,
+            });
+        }
+        self.take_counted(ip)
+    }
+
+    /// A slot for `ip`'s source, counted even if it is exempt: for the client a trusted
+    /// load balancer's header names.
+    pub(super) fn take_counted(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
         let ip = source_key(ip);
         let mut counts = self.counts.lock().expect("per-source counts");
         let count = counts.entry(ip).or_insert(0);
@@ -102,18 +124,19 @@ impl PerSource {
         *count += 1;
         Some(SourceSlot {
             owner: self.clone(),
-            ip,
+            ip: Some(ip),
         })
     }
 }
 
 impl Drop for SourceSlot {
     fn drop(&mut self) {
+        let Some(ip) = self.ip else { return };
         let mut counts = self.owner.counts.lock().expect("per-source counts");
-        if let Some(count) = counts.get_mut(&self.ip) {
+        if let Some(count) = counts.get_mut(&ip) {
             *count -= 1;
             if *count == 0 {
-                counts.remove(&self.ip); // the map holds only sources with connections
+                counts.remove(&ip); // the map holds only sources with connections
             }
         }
     }

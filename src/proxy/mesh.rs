@@ -274,6 +274,7 @@ pub(super) async fn serve_upward(
     let request = OpenRequest {
         name: &name,
         client: caller.peer,
+        server: None,
         early: &early,
         caller: Some(&caller.identity),
     };

@@ -41,7 +41,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{info, Instrument};
 
-pub use crate::route::{ListenerKind, Target, TargetError};
+pub use crate::route::{Cidr, ListenerKind, Target, TargetError};
 pub use registry::ProxyStatus;
 
 use crate::runtime::shutdown::Trigger;
@@ -155,6 +155,7 @@ pub struct ProxyBuilder {
     access_log: bool,
     store: Option<crate::store::StoreUrl>,
     advertise: Option<String>,
+    trusted_proxies: Vec<crate::route::Cidr>,
 }
 
 /// Where the proxy listens for QUIC tunnels.
@@ -206,6 +207,14 @@ impl ProxyBuilder {
     /// listener's address, unless that is a wildcard.
     pub fn advertise(mut self, addr: &str) -> Self {
         self.advertise = Some(addr.to_string());
+        self
+    }
+
+    /// Connections to public listeners from these sources (load balancers) must start
+    /// with a PROXY header (v1 or v2); the client it names is the client. A header from
+    /// any other source is never believed.
+    pub fn trusted_proxies(mut self, nets: Vec<crate::route::Cidr>) -> Self {
+        self.trusted_proxies = nets;
         self
     }
 
@@ -387,6 +396,7 @@ impl ProxyBuilder {
                 },
                 peers: std::sync::RwLock::default(),
                 withdrawn: std::sync::atomic::AtomicBool::new(false),
+                trusted_proxies: self.trusted_proxies,
                 enroll_gate: tokio::sync::Mutex::new(()),
                 renew_gate: tokio::sync::Mutex::new(()),
                 limiter: Mutex::new(AttemptLimiter::new(
@@ -442,6 +452,8 @@ struct Shared {
     peers: std::sync::RwLock<Vec<revproxy_ca::ProxyEntry>>,
     /// Set when shutdown takes this proxy off the store's list: no heartbeat puts it back.
     withdrawn: std::sync::atomic::AtomicBool,
+    /// Load balancers whose PROXY headers are believed (and required).
+    trusted_proxies: Vec<crate::route::Cidr>,
     /// Enrollments run one at a time: each holds the state lock and fsyncs anyway, and
     /// queueing here keeps blocking threads from piling up behind the file lock.
     enroll_gate: tokio::sync::Mutex<()>,
@@ -514,6 +526,7 @@ impl Proxy {
             quic: QuicListener::default(),
             store: None,
             advertise: None,
+            trusted_proxies: Vec::new(),
         }
     }
 
@@ -544,13 +557,24 @@ impl Proxy {
         let grace = self.shutdown_grace;
         let mut public = JoinSet::new();
         let clients = Arc::new(Semaphore::new(self.limits.clients));
-        let per_source = accept::PerSource::new(self.limits.clients_per_source);
+        let per_source = accept::PerSource::with_exempt(
+            self.limits.clients_per_source,
+            self.shared.trusted_proxies.clone(),
+        );
         for (listener, kind) in self.public {
             let addr = listener.local_addr()?;
             info!(%addr, kind = ?kind, "public listener ready");
-            let shared = self.shared.clone();
-            let handle =
-                move |tcp, peer, slot| public::serve(shared.clone(), kind.clone(), tcp, peer, slot);
+            let (shared, sources) = (self.shared.clone(), per_source.clone());
+            let handle = move |tcp, peer, slot| {
+                public::serve(
+                    shared.clone(),
+                    kind.clone(),
+                    tcp,
+                    peer,
+                    slot,
+                    sources.clone(),
+                )
+            };
             let span = tracing::info_span!("listener", %addr);
             let metrics = &self.shared.metrics;
             let counters = accept::AcceptCounters {

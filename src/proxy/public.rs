@@ -17,13 +17,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::accept::SourceSlot;
+use super::accept::{PerSource, SourceSlot};
 use super::metrics::Refused;
 use super::registry::Tunnel;
 use super::replies::{http_error, ConnId, Reply, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME};
 use super::Shared;
 use crate::route::{http, sni, ListenerKind, Target};
 use crate::tunnel::{Counted, OpenRequest, StreamCounters};
+use crate::wire::proxy_header::{self, Parsed};
 
 /// Most bytes read while looking for a name: a 16 KiB ClientHello may come in many small
 /// records, each with a 5-byte header.
@@ -78,17 +79,52 @@ impl Access {
 pub(super) async fn serve(
     shared: Arc<Shared>,
     kind: ListenerKind,
-    tcp: TcpStream,
-    peer: SocketAddr,
+    mut tcp: TcpStream,
+    mut peer: SocketAddr,
     // Held for the whole connection: it counts against the per-source limit.
     _source: SourceSlot,
+    per_source: Arc<PerSource>,
 ) {
     // Logged with every line about this connection and sent with every refusal, so an
     // operator can find the details a client is not told.
     let id = ConnId::new();
     let started = std::time::Instant::now();
     let mut access = Access::default();
-    handle(&shared, kind, tcp, peer, id, &mut access).await;
+    let mut arrival = Arrival {
+        server: tcp.local_addr().ok(),
+        early: BytesMut::new(),
+    };
+    // A trusted load balancer's connection starts with a PROXY header naming the client:
+    // from here on that is the client, counted against its own source's share.
+    let mut _client_slot = None;
+    if shared
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(peer.ip()))
+    {
+        match read_proxy_header(&mut tcp, shared.peek_timeout).await {
+            Ok((client, server, rest)) => {
+                arrival.early = rest;
+                if let Some(client) = client {
+                    let Some(slot) = per_source.take_counted(client.ip()) else {
+                        debug!(balancer = %peer, %client, conn = %id, "the client holds its share of connections; closing");
+                        access.refuse(&shared.metrics, Refused::SourceLimit);
+                        return;
+                    };
+                    _client_slot = Some(slot);
+                    debug!(balancer = %peer, %client, conn = %id, "client named by a PROXY header");
+                    peer = client;
+                    arrival.server = server.or(arrival.server);
+                }
+            }
+            Err(reason) => {
+                warn!(%peer, conn = %id, %reason, "a trusted source sent no valid PROXY header; closing");
+                access.refuse(&shared.metrics, Refused::BadHead);
+                return;
+            }
+        }
+    }
+    handle(&shared, kind, tcp, peer, arrival, id, &mut access).await;
     let ms = started.elapsed().as_millis() as u64;
     let (host, by) = (
         access.host.as_deref().unwrap_or("-"),
@@ -103,11 +139,52 @@ pub(super) async fn serve(
     }
 }
 
+/// Where a connection arrived, beyond its peer.
+struct Arrival {
+    /// The address the client connected to.
+    server: Option<SocketAddr>,
+    /// Bytes read after a PROXY header, before anything else.
+    early: BytesMut,
+}
+
+/// Reads a PROXY header (v1 or v2) from the start of `tcp`, within `timeout` and
+/// [`proxy_header::MAX_HEADER`] bytes: the client and the address it reached, if the
+/// header names them, and the bytes that came after it.
+async fn read_proxy_header(
+    tcp: &mut TcpStream,
+    timeout: Duration,
+) -> Result<(Option<SocketAddr>, Option<SocketAddr>, BytesMut), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = BytesMut::with_capacity(512);
+    loop {
+        match proxy_header::parse(&buf) {
+            Parsed::Header {
+                client,
+                server,
+                len,
+            } => {
+                let rest = buf.split_off(len);
+                return Ok((client, server, rest));
+            }
+            Parsed::Invalid(reason) => return Err(reason),
+            Parsed::Incomplete => {}
+        }
+        buf.reserve(512);
+        match tokio::time::timeout_at(deadline, tcp.read_buf(&mut buf)).await {
+            Ok(Ok(0)) => return Err("closed before its PROXY header was complete".into()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("no complete PROXY header within {timeout:?}")),
+        }
+    }
+}
+
 async fn handle(
     shared: &Shared,
     kind: ListenerKind,
     mut tcp: TcpStream,
     peer: SocketAddr,
+    arrival: Arrival,
     id: ConnId,
     access: &mut Access,
 ) {
@@ -121,40 +198,46 @@ async fn handle(
                 Some(backend) => {
                     let counters = metrics.routed(&format!("tcp://{addr}"));
                     access.served(format!("tcp://{addr}"), None);
-                    let moved =
-                        forward_tcp(tcp, backend, addr, Bytes::new(), peer, id, counters).await;
+                    let early = arrival.early.freeze();
+                    let moved = forward_tcp(tcp, backend, addr, early, peer, id, counters).await;
                     access.served(format!("tcp://{addr}"), moved);
                 }
                 None => access.refuse(metrics, Refused::BackendDown),
             }
             return;
         }
-        ListenerKind::Fixed(Target::Name(name)) => (name.clone(), Bytes::new(), Reply::Silent),
-        ListenerKind::Sni => match peek(&mut tcp, shared.peek_timeout, sni_name).await {
-            Ok((Some(name), bytes)) => (name, bytes, Reply::Tls),
-            Ok((None, _)) => {
-                debug!(%peer, conn = %id, "TLS client sent no server name; no route");
-                access.refuse(metrics, Refused::NoServerName);
-                let _ = tcp.write_all(&ALERT_UNRECOGNIZED_NAME).await;
-                return;
-            }
-            Err(e) => {
-                debug!(%peer, conn = %id, error = %e, "no usable ClientHello; closing");
-                access.refuse(metrics, e.why);
-                return;
-            }
-        },
-        ListenerKind::Http => match peek(&mut tcp, shared.peek_timeout, http_host).await {
-            Ok((name, bytes)) => (name, bytes, Reply::Http),
-            Err(e) => {
-                debug!(%peer, conn = %id, error = %e, "no usable HTTP request head; closing");
-                access.refuse(metrics, e.why);
-                if e.answerable {
-                    http_error(&mut tcp, 400, "Bad Request", &e.reason, id).await;
+        ListenerKind::Fixed(Target::Name(name)) => {
+            (name.clone(), arrival.early.freeze(), Reply::Silent)
+        }
+        ListenerKind::Sni => {
+            match peek(&mut tcp, arrival.early, shared.peek_timeout, sni_name).await {
+                Ok((Some(name), bytes)) => (name, bytes, Reply::Tls),
+                Ok((None, _)) => {
+                    debug!(%peer, conn = %id, "TLS client sent no server name; no route");
+                    access.refuse(metrics, Refused::NoServerName);
+                    let _ = tcp.write_all(&ALERT_UNRECOGNIZED_NAME).await;
+                    return;
                 }
-                return;
+                Err(e) => {
+                    debug!(%peer, conn = %id, error = %e, "no usable ClientHello; closing");
+                    access.refuse(metrics, e.why);
+                    return;
+                }
             }
-        },
+        }
+        ListenerKind::Http => {
+            match peek(&mut tcp, arrival.early, shared.peek_timeout, http_host).await {
+                Ok((name, bytes)) => (name, bytes, Reply::Http),
+                Err(e) => {
+                    debug!(%peer, conn = %id, error = %e, "no usable HTTP request head; closing");
+                    access.refuse(metrics, e.why);
+                    if e.answerable {
+                        http_error(&mut tcp, 400, "Bad Request", &e.reason, id).await;
+                    }
+                    return;
+                }
+            }
+        }
     };
 
     access.host = Some(name.clone());
@@ -203,6 +286,7 @@ async fn handle(
     let request = OpenRequest {
         name: &name,
         client: peer,
+        server: arrival.server,
         early: &peeked,
         caller: None,
     };
@@ -320,14 +404,16 @@ fn http_host(buf: &[u8]) -> Result<Peeked<String>, PeekError> {
     }
 }
 
-/// Reads until `parse` decides, within `timeout` overall and [`MAX_PEEK`] bytes.
+/// Reads (after the bytes already in `buf`) until `parse` decides, within `timeout`
+/// overall and [`MAX_PEEK`] bytes.
 async fn peek<T>(
     tcp: &mut TcpStream,
+    mut buf: BytesMut,
     timeout: Duration,
     parse: impl Fn(&[u8]) -> Result<Peeked<T>, PeekError>,
 ) -> Result<(T, Bytes), PeekError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = BytesMut::with_capacity(2048);
+    buf.reserve(2048);
     loop {
         if let Peeked::Done(v) = parse(&buf)? {
             return Ok((v, buf.freeze()));

@@ -311,6 +311,8 @@ pub(crate) struct OpenRequest<'a> {
     pub(crate) name: &'a str,
     /// The public client's address.
     pub(crate) client: SocketAddr,
+    /// The address the client connected to (a public listener's), when there is one.
+    pub(crate) server: Option<SocketAddr>,
     /// The bytes already read from the client, sent with the request without waiting for
     /// the answer (a tunnel round trip less per connection); a refusing agent drops them,
     /// so the caller may offer them to the next agent.
@@ -603,9 +605,39 @@ pub(crate) struct Refusal {
 pub(crate) trait Backends: Send + Sync + 'static {
     fn dial(
         &self,
-        name: &str,
-        caller: Option<&str>,
+        request: DialRequest<'_>,
     ) -> impl Future<Output = Result<Dialed, Refusal>> + Send;
+}
+
+/// What the proxy said about a stream it opened.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DialRequest<'a> {
+    /// The name the client asked for.
+    pub(crate) name: &'a str,
+    /// On a mesh stream, who calls (SPIFFE identity).
+    pub(crate) caller: Option<&'a str>,
+    /// The public client's address.
+    pub(crate) client: Option<SocketAddr>,
+    /// The address it connected to (the proxy's public listener).
+    pub(crate) server: Option<SocketAddr>,
+}
+
+/// The stream's client field on the wire: the client's `ip:port`, then, after a space, the
+/// address it connected to. Agents before the server address read the whole field as the
+/// client's address and, failing to, only log less.
+pub(crate) fn client_field(client: SocketAddr, server: Option<SocketAddr>) -> String {
+    match server {
+        Some(server) => format!("{client} {server}"),
+        None => client.to_string(),
+    }
+}
+
+/// Reads a client field ([`client_field`]): (client, server).
+pub(crate) fn parse_client_field(field: &str) -> (Option<SocketAddr>, Option<SocketAddr>) {
+    let mut parts = field.split(' ');
+    let client = parts.next().and_then(|c| c.parse().ok());
+    let server = parts.next().and_then(|s| s.parse().ok());
+    (client, server)
 }
 
 /// A backend connected for one stream.

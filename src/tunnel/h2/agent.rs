@@ -2,7 +2,6 @@
 //! with its client certificate), accepts the proxy's `CONNECT`s, and serves each one:
 //! dial the backend, answer, splice.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -16,7 +15,9 @@ use tracing::{debug, info, warn};
 
 use super::{keepalive, splice, KeepaliveError, TunnelIo, CALLER_HEADER, ERROR_HEADER};
 use crate::tls::Credentials;
-use crate::tunnel::{Backends, ConnectError, Meter, Refusal, StreamLimits, TunnelError};
+use crate::tunnel::{
+    Backends, ConnectError, DialRequest, Meter, Refusal, StreamLimits, TunnelError,
+};
 
 type H2Conn = h2::server::Connection<TlsStream<TunnelIo>, Bytes>;
 
@@ -95,7 +96,9 @@ pub(crate) async fn serve_stream<B: Backends>(
     limits: StreamLimits,
 ) {
     let (name, client) = super::connect_target(&request);
-    let client = client.and_then(|v| v.parse::<SocketAddr>().ok());
+    let (client, server) = client
+        .map(crate::tunnel::parse_client_field)
+        .unwrap_or_default();
     // On a mesh stream, who calls (set by the proxy from the caller's certificate).
     let caller = request
         .headers()
@@ -120,7 +123,13 @@ pub(crate) async fn serve_stream<B: Backends>(
             },
         );
     }
-    let dialed = match backends.dial(&name, caller.as_deref()).await {
+    let dial = DialRequest {
+        name: &name,
+        caller: caller.as_deref(),
+        client,
+        server,
+    };
+    let dialed = match backends.dial(dial).await {
         Ok(dialed) => dialed,
         Err(refusal) => return refuse(&mut respond, refusal),
     };

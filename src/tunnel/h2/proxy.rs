@@ -84,7 +84,10 @@ pub(crate) async fn open(
     let mut request = Request::builder()
         .method(Method::CONNECT)
         .uri(req.name)
-        .header(CLIENT_ADDR_HEADER, req.client.to_string());
+        .header(
+            CLIENT_ADDR_HEADER,
+            crate::tunnel::client_field(req.client, req.server),
+        );
     if let Some(caller) = req.caller {
         request = request.header(CALLER_HEADER, caller);
     }

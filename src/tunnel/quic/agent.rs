@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use super::{code, read_frame, splice, transport_config, udp_socket, Role, GOAWAY, HEADER_TIMEOUT};
 use crate::tls::Credentials;
-use crate::tunnel::{Backends, ConnectError, Meter, StreamLimits, TunnelError};
+use crate::tunnel::{Backends, ConnectError, DialRequest, Meter, StreamLimits, TunnelError};
 use crate::wire::stream::{Answer, StreamHeader};
 
 /// One stream the proxy opened, not yet answered.
@@ -129,7 +129,14 @@ pub(crate) async fn serve_stream<B: Backends>(
     };
     let (name, client, caller) = (header.name, header.client, header.caller);
     let caller = (!caller.is_empty()).then_some(caller);
-    let dialed = match backends.dial(&name, caller.as_deref()).await {
+    let (client_addr, server) = crate::tunnel::parse_client_field(&client);
+    let dial = DialRequest {
+        name: &name,
+        caller: caller.as_deref(),
+        client: client_addr,
+        server,
+    };
+    let dialed = match backends.dial(dial).await {
         Ok(dialed) => dialed,
         Err(refusal) => {
             warn!(host = %name, %client, status = refusal.status, reason = %refusal.reason, "stream refused");

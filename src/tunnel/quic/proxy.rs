@@ -192,7 +192,7 @@ pub(crate) async fn open(
 ) -> Result<(quinn::SendStream, quinn::RecvStream, Bytes), OpenError> {
     let header = StreamHeader {
         name: req.name.to_string(),
-        client: req.client.to_string(),
+        client: crate::tunnel::client_field(req.client, req.server),
         caller: req.caller.unwrap_or_default().to_string(),
     }
     .encode()
