@@ -4,7 +4,8 @@
 #   chromium (Debian's `chromium`):   renders the admin status page headless
 #   postgres, psql (Debian's `postgresql`): a real database reached through the mesh
 #   ip (Debian's `iproute2`):          network namespaces for the mesh across networks
-#   haproxy (Debian's `haproxy`):      a real load balancer in front of several proxies
+#   haproxy (Debian's `haproxy`):      a real load balancer in front of the proxies
+#   nginx, curl:                       a real backend and client for PROXY protocol tests
 # Safe to run again and from several processes at once (one installs, the others wait).
 # Needs root and Debian's package registry; prints what it does on stderr.
 set -euo pipefail
@@ -17,6 +18,8 @@ missing() {
     ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
     command -v ip >/dev/null 2>&1 || need+=(iproute2)
     command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
+    command -v curl >/dev/null 2>&1 || need+=(curl)
 }
 missing
 [ ${#need[@]} -eq 0 ] && exit 0
