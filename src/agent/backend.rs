@@ -93,7 +93,9 @@ impl Backends for ServiceMap {
                 *version,
                 &Origin {
                     client: request.client,
-                    server: request.server,
+                    // Without the listener's address (a mesh stream, an older proxy), the
+                    // backend's own: a header with addresses carries its TLVs too.
+                    server: request.server.or_else(|| stream.peer_addr().ok()),
                     name: Some(name.to_string()),
                     caller: caller.map(str::to_string),
                 },

@@ -188,8 +188,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             for m in &maps {
                 let (name, to) = config::parse_map(m).map_err(usage)?;
+                // The file's proxy_protocol for that name stays: --map moves the backend.
+                let proxy_protocol = (services.iter())
+                    .find(|(n, _, _)| *n == name)
+                    .and_then(|(_, _, pp)| *pp);
                 services.retain(|(n, _, _)| *n != name);
-                services.push((name, to, None));
+                services.push((name, to, proxy_protocol));
             }
             // --connect entries override [[connect]] entries for the same name.
             let mut reach: Vec<(String, std::net::SocketAddr)> = Vec::new();

@@ -181,7 +181,6 @@ impl ProxyConfig {
             .collect()
     }
 
-    /// Checks meaning: listener targets, routes, duplicate addresses.
     /// The `trusted_proxies` ranges, parsed.
     pub fn trusted_proxies(&self) -> Result<Vec<crate::route::Cidr>, ConfigError> {
         (self.trusted_proxies.iter())
@@ -192,6 +191,7 @@ impl ProxyConfig {
             .collect()
     }
 
+    /// Checks meaning: listener targets, routes, duplicate addresses, address ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
         positive("send_timeout", self.send_timeout.map(|d| d.as_millis()))?;
         positive("idle_timeout", self.idle_timeout.map(|d| d.as_millis()))?;

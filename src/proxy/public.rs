@@ -97,6 +97,7 @@ pub(super) async fn serve(
     // A trusted load balancer's connection starts with a PROXY header naming the client:
     // from here on that is the client, counted against its own source's share.
     let mut _client_slot = None;
+    let mut admitted = true;
     if shared
         .trusted_proxies
         .iter()
@@ -105,26 +106,38 @@ pub(super) async fn serve(
         match read_proxy_header(&mut tcp, shared.peek_timeout).await {
             Ok((client, server, rest)) => {
                 arrival.early = rest;
-                if let Some(client) = client {
-                    let Some(slot) = per_source.take_counted(client.ip()) else {
-                        debug!(balancer = %peer, %client, conn = %id, "the client holds its share of connections; closing");
+                // A header naming no client (a health check) counts against the
+                // balancer itself.
+                let counted = client.unwrap_or(peer);
+                match per_source.take_counted(counted.ip()) {
+                    Some(slot) => _client_slot = Some(slot),
+                    None => {
+                        debug!(balancer = %peer, client = %counted, conn = %id, "the client holds its share of connections; closing");
                         access.refuse(&shared.metrics, Refused::SourceLimit);
-                        return;
-                    };
-                    _client_slot = Some(slot);
+                        admitted = false;
+                    }
+                }
+                if let Some(client) = client {
                     debug!(balancer = %peer, %client, conn = %id, "client named by a PROXY header");
                     peer = client;
                     arrival.server = server.or(arrival.server);
                 }
             }
-            Err(reason) => {
+            Err(None) => {
+                // Connected and closed without a byte: a plain TCP health check.
+                access.refuse(&shared.metrics, Refused::ClientClosed);
+                admitted = false;
+            }
+            Err(Some(reason)) => {
                 warn!(%peer, conn = %id, %reason, "a trusted source sent no valid PROXY header; closing");
                 access.refuse(&shared.metrics, Refused::BadHead);
-                return;
+                admitted = false;
             }
         }
     }
-    handle(&shared, kind, tcp, peer, arrival, id, &mut access).await;
+    if admitted {
+        handle(&shared, kind, tcp, peer, arrival, id, &mut access).await;
+    }
     let ms = started.elapsed().as_millis() as u64;
     let (host, by) = (
         access.host.as_deref().unwrap_or("-"),
@@ -149,11 +162,12 @@ struct Arrival {
 
 /// Reads a PROXY header (v1 or v2) from the start of `tcp`, within `timeout` and
 /// [`proxy_header::MAX_HEADER`] bytes: the client and the address it reached, if the
-/// header names them, and the bytes that came after it.
+/// header names them, and the bytes that came after it. `Err(None)`: closed before any
+/// byte.
 async fn read_proxy_header(
     tcp: &mut TcpStream,
     timeout: Duration,
-) -> Result<(Option<SocketAddr>, Option<SocketAddr>, BytesMut), String> {
+) -> Result<(Option<SocketAddr>, Option<SocketAddr>, BytesMut), Option<String>> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = BytesMut::with_capacity(512);
     loop {
@@ -166,15 +180,16 @@ async fn read_proxy_header(
                 let rest = buf.split_off(len);
                 return Ok((client, server, rest));
             }
-            Parsed::Invalid(reason) => return Err(reason),
+            Parsed::Invalid(reason) => return Err(Some(reason)),
             Parsed::Incomplete => {}
         }
         buf.reserve(512);
         match tokio::time::timeout_at(deadline, tcp.read_buf(&mut buf)).await {
-            Ok(Ok(0)) => return Err("closed before its PROXY header was complete".into()),
+            Ok(Ok(0)) if buf.is_empty() => return Err(None),
+            Ok(Ok(0)) => return Err(Some("closed before its PROXY header was complete".into())),
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err(format!("no complete PROXY header within {timeout:?}")),
+            Ok(Err(e)) => return Err(Some(e.to_string())),
+            Err(_) => return Err(Some(format!("no complete PROXY header within {timeout:?}"))),
         }
     }
 }

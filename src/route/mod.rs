@@ -104,6 +104,16 @@ impl std::str::FromStr for Cidr {
             Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
             None => max,
         };
+        // Addresses are compared as IPv4 when they are IPv4-mapped: so is the range.
+        if let std::net::IpAddr::V6(v6) = network {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                let prefix = prefix.checked_sub(96).ok_or_else(bad)?;
+                return Ok(Cidr {
+                    network: v4.into(),
+                    prefix,
+                });
+            }
+        }
         Ok(Cidr { network, prefix })
     }
 }
@@ -144,7 +154,15 @@ mod tests {
         let all: super::Cidr = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains("192.0.2.1".parse().unwrap()));
         assert!(!all.contains("::1".parse().unwrap()));
-        for bad in ["10.0.0.0/33", "nonsense", "10.0.0.0/", "::/129"] {
+        let mapped: super::Cidr = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert!(mapped.contains("10.3.2.1".parse().unwrap()));
+        for bad in [
+            "10.0.0.0/33",
+            "nonsense",
+            "10.0.0.0/",
+            "::/129",
+            "::ffff:10.0.0.0/90",
+        ] {
             assert!(bad.parse::<super::Cidr>().is_err(), "{bad}");
         }
     }

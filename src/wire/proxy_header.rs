@@ -1,7 +1,6 @@
 //! PROXY protocol headers, versions 1 and 2 (HAProxy's `proxy-protocol.txt`): the header
-//! an agent sends a backend before the first byte of a stream (or the proxy, a static
-//! route's backend), and the parsing of the header a trusted load balancer sends a public
-//! listener. Pure and bounded; the wire format itself is the `ppp` crate's.
+//! an agent sends a backend before the first byte of a stream, and the parsing of the
+//! header a trusted load balancer sends a public listener. Pure and bounded; the wire format itself is the `ppp` crate's.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -18,6 +17,8 @@ pub const TLV_CALLER: u8 = 0xE0;
 /// The v2 TLV type carrying the name that routed the connection (the specification's
 /// `PP2_TYPE_AUTHORITY`).
 pub const TLV_AUTHORITY: u8 = 0x02;
+/// Longest value of a TLV revproxy writes.
+const MAX_TLV: usize = 1024;
 /// Longest v1 header, CRLF included (the specification's bound).
 const V1_MAX: usize = 107;
 
@@ -48,7 +49,9 @@ pub struct Origin {
 /// `LOCAL`), and the backend uses the connection's own addresses. An IPv4 address beside
 /// an IPv6 one is sent IPv4-mapped.
 pub fn encode(version: ProxyProtocol, origin: &Origin) -> Vec<u8> {
-    let pair = match (origin.client, origin.server) {
+    // An IPv4 client of a dual-stack listener arrives IPv4-mapped: sent as IPv4.
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let pair = match (origin.client.map(canonical), origin.server.map(canonical)) {
         (Some(client), Some(server)) => Some(same_family(client, server)),
         _ => None,
     };
@@ -87,9 +90,10 @@ pub fn encode(version: ProxyProtocol, origin: &Origin) -> Vec<u8> {
             }
             let mut builder = builder;
             for (kind, value) in tlvs {
-                // A TLV's length is 16 bits; names and identities are far shorter.
+                // Names (253 bytes) and identities are far shorter; the cap keeps the
+                // header's 16-bit length safe whatever comes.
                 builder = builder
-                    .write_tlv(kind, &value[..value.len().min(u16::MAX as usize / 2)])
+                    .write_tlv(kind, &value[..value.len().min(MAX_TLV)])
                     .expect("writing to memory");
             }
             builder.build().expect("writing to memory")
@@ -293,6 +297,16 @@ mod tests {
             server: Some("198.51.100.1:443".parse().unwrap()),
             ..Origin::default()
         };
+        let dual_stack = Origin {
+            client: Some("[::ffff:203.0.113.7]:4000".parse().unwrap()),
+            server: Some("198.51.100.1:443".parse().unwrap()),
+            ..Origin::default()
+        };
+        assert_eq!(
+            String::from_utf8(encode(ProxyProtocol::V1, &dual_stack)).unwrap(),
+            "PROXY TCP4 203.0.113.7 198.51.100.1 4000 443\r\n",
+            "an IPv4-mapped client is sent as IPv4"
+        );
         let header = encode(ProxyProtocol::V1, &mixed);
         assert!(String::from_utf8(header)
             .unwrap()
