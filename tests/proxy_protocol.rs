@@ -235,6 +235,45 @@ async fn exchange_from(ip: &str, to: SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// The proxy's own static backends get the header too: a `[[route]]` (v1, with the name in
+/// its Host) and a fixed `tcp://` listener (v2).
+#[tokio::test]
+async fn static_routes_and_fixed_listeners_send_the_header_too() {
+    let nginx = Nginx::start();
+    let (a1, a2) = (nginx.addr(0).to_string(), nginx.addr(1).to_string());
+    let fixed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fixed_addr = fixed.local_addr().unwrap();
+    let proxy = TestProxy::start_with(move |b| {
+        b.route("static.example.com", &a1)
+            .static_proxy_protocol(&a1, ProxyProtocol::V1)
+            .listener(
+                fixed,
+                revproxy::ListenerKind::Fixed(revproxy::Target::Tcp(a2.clone())),
+            )
+            .static_proxy_protocol(&a2, ProxyProtocol::V2)
+    })
+    .await;
+    let (routed, listened) = tokio::task::spawn_blocking(move || {
+        (
+            curl(
+                &format!("http://{}/", proxy.http),
+                "static.example.com",
+                &[],
+            ),
+            curl(&format!("http://{fixed_addr}/"), "anything", &[]),
+        )
+    })
+    .await
+    .unwrap();
+    for (what, (status, body)) in [("route", routed), ("fixed listener", listened)] {
+        assert_eq!(status, 0, "{what}: {body}");
+        assert!(
+            body.starts_with(&format!("client={CLIENT_IP}:")),
+            "{what}: {body}"
+        );
+    }
+}
+
 /// A child process killed when the test ends.
 struct Killed(std::process::Child);
 

@@ -705,6 +705,12 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         for (name, addr) in &routes {
             builder = builder.route(name, addr);
         }
+        for (addr, version) in config
+            .static_proxy_protocol()
+            .map_err(|e| usage(e.into()))?
+        {
+            builder = builder.static_proxy_protocol(&addr, version);
+        }
         if let Some(t) = config.peek_timeout {
             builder = builder.peek_timeout(t);
         }

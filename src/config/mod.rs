@@ -103,6 +103,8 @@ pub struct ListenerConfig {
     pub protocol: Option<Protocol>,
     /// A host name served by agents, or `tcp://HOST:PORT`.
     pub to: Option<String>,
+    /// With `to = "tcp://..."`: the backend gets a PROXY header (`"v1"`/`"v2"`) first.
+    pub proxy_protocol: Option<crate::wire::proxy_header::ProxyProtocol>,
 }
 
 /// What a routing listener peeks at.
@@ -120,6 +122,8 @@ pub struct RouteConfig {
     pub host: String,
     /// `tcp://HOST:PORT`.
     pub to: String,
+    /// The backend gets a PROXY header (`"v1"`/`"v2"`) first.
+    pub proxy_protocol: Option<crate::wire::proxy_header::ProxyProtocol>,
 }
 
 impl ProxyConfig {
@@ -181,6 +185,50 @@ impl ProxyConfig {
             .collect()
     }
 
+    /// The static backends (`host:port`) that get a PROXY header, and which: from
+    /// `proxy_protocol` on `[[route]]` and on `[[listener]]` with `to = "tcp://..."`. One
+    /// backend expects one kind of header: two entries that disagree are an error.
+    pub fn static_proxy_protocol(
+        &self,
+    ) -> Result<
+        std::collections::HashMap<String, crate::wire::proxy_header::ProxyProtocol>,
+        ConfigError,
+    > {
+        let mut wanted = std::collections::HashMap::new();
+        let mut entries = Vec::new();
+        for r in &self.route {
+            entries.push((
+                format!("route {}", r.host),
+                Some(r.to.as_str()),
+                r.proxy_protocol,
+            ));
+        }
+        for l in &self.listener {
+            entries.push((
+                format!("listener {}", l.listen),
+                l.to.as_deref(),
+                l.proxy_protocol,
+            ));
+        }
+        for (what, to, version) in entries {
+            let Some(version) = version else { continue };
+            let Some(Ok(Target::Tcp(addr))) = to.map(Target::parse) else {
+                return Err(ConfigError::Invalid(format!(
+                    "{what}: proxy_protocol needs to = \"tcp://HOST:PORT\" (an agent's service sets its own)"
+                )));
+            };
+            if wanted
+                .insert(addr.clone(), version)
+                .is_some_and(|v| v != version)
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "{what}: backend {addr} is given two different proxy_protocol versions"
+                )));
+            }
+        }
+        Ok(wanted)
+    }
+
     /// The `trusted_proxies` ranges, parsed.
     pub fn trusted_proxies(&self) -> Result<Vec<crate::route::Cidr>, ConfigError> {
         (self.trusted_proxies.iter())
@@ -196,6 +244,7 @@ impl ProxyConfig {
         positive("send_timeout", self.send_timeout.map(|d| d.as_millis()))?;
         positive("idle_timeout", self.idle_timeout.map(|d| d.as_millis()))?;
         self.trusted_proxies()?;
+        self.static_proxy_protocol()?;
         positive(
             "max_tunnels_per_agent",
             self.max_tunnels_per_agent.map(|n| n as u128),
@@ -431,6 +480,33 @@ mod tests {
         assert!(
             AgentConfig::from_toml("[[service]]\nhost = \"a\"\nto = \"b:1\"\nport = 1").is_err()
         );
+    }
+
+    #[test]
+    fn proxy_protocol_and_trusted_proxies() {
+        let ok = ProxyConfig::from_toml(
+            "trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\"]\n\
+             [[route]]\nhost = \"a.example.com\"\nto = \"tcp://10.1.1.1:80\"\nproxy_protocol = \"v2\"\n\
+             [[listener]]\nlisten = \"127.0.0.1:9\"\nto = \"tcp://10.1.1.1:80\"\nproxy_protocol = \"v2\"",
+        )
+        .unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.trusted_proxies().unwrap().len(), 2);
+        assert_eq!(ok.static_proxy_protocol().unwrap().len(), 1);
+        for bad in [
+            "trusted_proxies = [\"10.0.0.0/40\"]",
+            // Only a tcp:// backend takes it on the proxy (an agent's service sets its own).
+            "[[listener]]\nlisten = \"127.0.0.1:9\"\nto = \"ssh.example.com\"\nproxy_protocol = \"v1\"",
+            // One backend, two kinds of header.
+            "[[route]]\nhost = \"a.example.com\"\nto = \"tcp://10.1.1.1:80\"\nproxy_protocol = \"v1\"\n\
+             [[route]]\nhost = \"b.example.com\"\nto = \"tcp://10.1.1.1:80\"\nproxy_protocol = \"v2\"",
+        ] {
+            assert!(ProxyConfig::from_toml(bad).unwrap().validate().is_err(), "{bad}");
+        }
+        assert!(AgentConfig::from_toml(
+            "[[service]]\nhost = \"a\"\nto = \"b:1\"\nproxy_protocol = \"v3\""
+        )
+        .is_err());
     }
 
     #[test]

@@ -156,6 +156,7 @@ pub struct ProxyBuilder {
     store: Option<crate::store::StoreUrl>,
     advertise: Option<String>,
     trusted_proxies: Vec<crate::route::Cidr>,
+    static_proxy_protocol: HashMap<String, crate::wire::proxy_header::ProxyProtocol>,
 }
 
 /// Where the proxy listens for QUIC tunnels.
@@ -215,6 +216,17 @@ impl ProxyBuilder {
     /// any other source is never believed.
     pub fn trusted_proxies(mut self, nets: Vec<crate::route::Cidr>) -> Self {
         self.trusted_proxies = nets;
+        self
+    }
+
+    /// The static backend `addr` (`host:port`, of a route or a fixed `tcp://` listener)
+    /// gets a PROXY header with the client's address before the first byte.
+    pub fn static_proxy_protocol(
+        mut self,
+        addr: &str,
+        version: crate::wire::proxy_header::ProxyProtocol,
+    ) -> Self {
+        self.static_proxy_protocol.insert(addr.to_string(), version);
         self
     }
 
@@ -397,6 +409,7 @@ impl ProxyBuilder {
                 peers: std::sync::RwLock::default(),
                 withdrawn: std::sync::atomic::AtomicBool::new(false),
                 trusted_proxies: self.trusted_proxies,
+                static_proxy_protocol: self.static_proxy_protocol,
                 enroll_gate: tokio::sync::Mutex::new(()),
                 renew_gate: tokio::sync::Mutex::new(()),
                 limiter: Mutex::new(AttemptLimiter::new(
@@ -454,6 +467,8 @@ struct Shared {
     withdrawn: std::sync::atomic::AtomicBool,
     /// Load balancers whose PROXY headers are believed (and required).
     trusted_proxies: Vec<crate::route::Cidr>,
+    /// Static backends that get a PROXY header first.
+    static_proxy_protocol: HashMap<String, crate::wire::proxy_header::ProxyProtocol>,
     /// Enrollments run one at a time: each holds the state lock and fsyncs anyway, and
     /// queueing here keeps blocking threads from piling up behind the file lock.
     enroll_gate: tokio::sync::Mutex<()>,
@@ -527,6 +542,7 @@ impl Proxy {
             store: None,
             advertise: None,
             trusted_proxies: Vec::new(),
+            static_proxy_protocol: HashMap::new(),
         }
     }
 

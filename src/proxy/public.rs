@@ -24,7 +24,7 @@ use super::replies::{http_error, ConnId, Reply, ALERT_INTERNAL_ERROR, ALERT_UNRE
 use super::Shared;
 use crate::route::{http, sni, ListenerKind, Target};
 use crate::tunnel::{Counted, OpenRequest, StreamCounters};
-use crate::wire::proxy_header::{self, Parsed};
+use crate::wire::proxy_header::{self, Origin, Parsed};
 
 /// Most bytes read while looking for a name: a 16 KiB ClientHello may come in many small
 /// records, each with a 5-byte header.
@@ -205,6 +205,7 @@ async fn handle(
 ) {
     let _ = tcp.set_nodelay(true);
     let metrics = &shared.metrics;
+    let arrival_server = arrival.server;
     access.outcome = "client_closed";
     let (name, peeked, reply) = match &kind {
         ListenerKind::Fixed(Target::Tcp(addr)) => {
@@ -213,8 +214,17 @@ async fn handle(
                 Some(backend) => {
                     let counters = metrics.routed(&format!("tcp://{addr}"));
                     access.served(format!("tcp://{addr}"), None);
-                    let early = arrival.early.freeze();
-                    let moved = forward_tcp(tcp, backend, addr, early, peer, id, counters).await;
+                    let origin = Origin {
+                        client: Some(peer),
+                        server: arrival_server,
+                        name: None,
+                        caller: None,
+                    };
+                    let first = Prelude {
+                        header: header_for(shared, addr, &origin),
+                        peeked: arrival.early.freeze(),
+                    };
+                    let moved = forward_tcp(tcp, backend, addr, first, peer, id, counters).await;
                     access.served(format!("tcp://{addr}"), moved);
                 }
                 None => access.refuse(metrics, Refused::BackendDown),
@@ -301,7 +311,7 @@ async fn handle(
     let request = OpenRequest {
         name: &name,
         client: peer,
-        server: arrival.server,
+        server: arrival_server,
         early: &peeked,
         caller: None,
     };
@@ -320,7 +330,17 @@ async fn handle(
             Candidate::Static(addr) => match connect_static(addr, peer, id, deadline).await {
                 Some(backend) => {
                     let counters = metrics.routed(&name);
-                    let moved = forward_tcp(tcp, backend, addr, peeked, peer, id, counters).await;
+                    let origin = Origin {
+                        client: Some(peer),
+                        server: arrival_server,
+                        name: Some(name.clone()),
+                        caller: None,
+                    };
+                    let first = Prelude {
+                        header: header_for(shared, addr, &origin),
+                        peeked,
+                    };
+                    let moved = forward_tcp(tcp, backend, addr, first, peer, id, counters).await;
                     return access.served(format!("tcp://{addr}"), moved);
                 }
                 None => continue,
@@ -469,6 +489,14 @@ async fn peek<T>(
     }
 }
 
+/// The PROXY header the static backend `addr` wants (empty if none).
+fn header_for(shared: &Shared, addr: &str, origin: &Origin) -> Vec<u8> {
+    match shared.static_proxy_protocol.get(addr) {
+        Some(version) => proxy_header::encode(*version, origin),
+        None => Vec::new(),
+    }
+}
+
 /// Connects to a static route's backend within the connection's deadline.
 async fn connect_static(
     addr: &str,
@@ -489,18 +517,27 @@ async fn connect_static(
     }
 }
 
-/// Joins a client to a static route's backend, the peeked bytes first.
+/// What a static backend gets before the client's bytes flow.
+struct Prelude {
+    /// The PROXY header it wants (empty if none).
+    header: Vec<u8>,
+    /// The client's bytes already read (counted as the client's).
+    peeked: Bytes,
+}
+
+/// Joins a client to a static route's backend, the prelude first.
 async fn forward_tcp(
     mut client: TcpStream,
     mut backend: TcpStream,
     addr: &str,
-    peeked: Bytes,
+    first: Prelude,
     peer: SocketAddr,
     id: ConnId,
     counters: StreamCounters,
 ) -> Option<(u64, u64)> {
+    let Prelude { header, peeked } = first;
     counters.read(peeked.len());
-    if backend.write_all(&peeked).await.is_err() {
+    if backend.write_all(&header).await.is_err() || backend.write_all(&peeked).await.is_err() {
         return None;
     }
     // Counted as the bytes move, like a tunnel stream.
