@@ -740,3 +740,58 @@ fn private_names_and_access_rules_from_the_command_line() {
             == 1
     );
 }
+
+/// `check` validates a configuration without binding or connecting anything: the example
+/// files pass even with their ports taken; a bad file exits 2 with the reason.
+#[test]
+fn check_validates_configs_without_binding_anything() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let dir = tempfile::tempdir().unwrap();
+    // Something holds a port the file names: check does not care.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = dir.path().join("busy.toml");
+    std::fs::write(
+        &busy,
+        format!(
+            "agents = \"{}\"\ntrusted_proxies = [\"10.0.0.0/8\"]\nstore = \"postgres://revproxy:pw@127.0.0.1/revproxy\"\n",
+            held.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    for (bin, file) in [
+        (PROXY, examples.join("proxy.toml")),
+        (PROXY, busy.clone()),
+        (AGENT, examples.join("agent.toml")),
+    ] {
+        let out = run(
+            bin,
+            &["check", "--config", file.to_str().unwrap()],
+            dir.path(),
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert!(stderr(&out).contains("is valid"), "{}", stderr(&out));
+        assert!(!stderr(&out).contains("pw@"), "{}", stderr(&out));
+    }
+    let bad = [
+        (PROXY, "trusted_proxies = [\"10.0.0.0/33\"]\n", "trusted_proxies"),
+        (PROXY, "store = \"mysql://x\"\n", "postgres://"),
+        (PROXY, "store = \"postgres://u@db.example.com/x\"\n", "sslmode"),
+        (PROXY, "listen_on = 1\n", "listen_on"),
+        (
+            AGENT,
+            "[[service]]\nhost = \"a.example.com\"\nto = \"127.0.0.1:1\"\nproxy_protocol = \"v9\"\n",
+            "proxy_protocol",
+        ),
+    ];
+    for (bin, text, says) in bad {
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, text).unwrap();
+        let out = run(
+            bin,
+            &["check", "--config", file.to_str().unwrap()],
+            dir.path(),
+        );
+        assert_eq!(out.status.code(), Some(2), "{text}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{text}: {}", stderr(&out));
+    }
+}

@@ -63,6 +63,13 @@ enum Command {
         #[arg(long, value_name = "FORMAT")]
         log_format: Option<LogFormat>,
     },
+    /// Validate a configuration file: exit 0 if `run --config FILE` would accept it, 2 with
+    /// the reason if not. Nothing is bound and nothing connects.
+    Check {
+        /// The TOML configuration file
+        #[arg(long, value_name = "FILE")]
+        config: std::path::PathBuf,
+    },
     /// Show the tunnels and services of a running agent (from its admin listener).
     Status {
         /// The agent's admin listener (as given to `run --admin`)
@@ -258,6 +265,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
             runtime
                 .block_on(agent.run(revproxy::runtime::shutdown_signal()))
                 .map_err(|e| (1, e.into()))?;
+        }
+        Command::Check { config } => {
+            let file = AgentConfig::load(&config).map_err(usage)?;
+            eprintln!(
+                "{} is valid: {} service(s), {} connect(s)",
+                config.display(),
+                file.service.len(),
+                file.connect.len()
+            );
         }
         Command::Status { admin, json } => {
             let (status, body) = runtime()?

@@ -47,6 +47,13 @@ enum Command {
     Operator(OperatorCommand),
     /// Run the proxy (creating a CA first if the state directory has none).
     Serve(ServeArgs),
+    /// Validate a configuration file: exit 0 if `serve --config FILE` would accept it, 2
+    /// with the reason if not. Nothing is bound and nothing connects.
+    Check {
+        /// The TOML configuration file
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Move the CA state to a database that several proxies can share.
     #[command(subcommand)]
     Store(StoreCommand),
@@ -454,6 +461,27 @@ fn run(cli: Cli) -> Result<(), Failure> {
             eprintln!("{agent} may now serve: {names}");
         }
         Command::Serve(args) => serve(args)?,
+        Command::Check { config } => {
+            let usage = |e: anyhow::Error| Failure {
+                status: 2,
+                error: e,
+            };
+            let file = ProxyConfig::load(&config).map_err(|e| usage(e.into()))?;
+            let listeners = file.listeners().map_err(|e| usage(e.into()))?;
+            let routes = file.routes().map_err(|e| usage(e.into()))?;
+            if let Some(url) = &file.store {
+                revproxy::store::check_url(&url.0).map_err(|e| usage(e.into()))?;
+            }
+            if let Some(addr) = &file.advertise {
+                ca::validate_server(addr).map_err(|e| usage(e.into()))?;
+            }
+            eprintln!(
+                "{} is valid: {} public listener(s), {} route(s)",
+                config.display(),
+                listeners.len(),
+                routes.len()
+            );
+        }
         Command::Store(StoreCommand::Migrate { from, to }) => {
             let moved = revproxy::store::migrate(&from, &to).map_err(store_failure)?;
             eprintln!(

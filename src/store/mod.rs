@@ -66,17 +66,28 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Checks a store URL without connecting (syntax, TLS settings, the `sslrootcert` file).
+pub fn check_url(url: &str) -> Result<(), StoreError> {
+    PgStore::check_url(postgres(url)?)
+}
+
+/// `url` if it names PostgreSQL, the only store with a URL.
+fn postgres(url: &str) -> Result<&str, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(url)
+    } else {
+        Err(StoreError::Url(
+            "expected postgres://USER@HOST/DATABASE (the state directory's file store needs no URL)"
+                .into(),
+        ))
+    }
+}
+
 /// The store `url` names, or the file store of `dir` when there is none.
 pub fn open(dir: &Path, url: Option<&str>) -> Result<Arc<dyn Store>, StoreError> {
     match url {
         None => Ok(Arc::new(StateFile::new(dir))),
-        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            Ok(Arc::new(PgStore::open(url)?))
-        }
-        Some(_) => Err(StoreError::Url(
-            "expected postgres://USER@HOST/DATABASE (the state directory's file store needs no URL)"
-                .into(),
-        )),
+        Some(url) => Ok(Arc::new(PgStore::open(postgres(url)?)?)),
     }
 }
 

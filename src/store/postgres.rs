@@ -104,6 +104,39 @@ impl PgStore {
     /// the chain against `sslrootcert` and the name against the host), and a database
     /// beyond loopback must either use TLS or be named with `sslmode=disable` on purpose.
     pub fn open(url: &str) -> Result<PgStore, StoreError> {
+        let (config, tls) = PgStore::parse(url)?;
+        let described = describe(&config);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("revproxy-store")
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| CaError::StoreUnavailable {
+                store: described.clone(),
+                reason: format!("cannot start its runtime: {e}"),
+            })?;
+        Ok(PgStore {
+            runtime: Some(runtime),
+            config,
+            tls,
+            described,
+            client: Mutex::new(None),
+            migrated: AtomicBool::new(false),
+            failing: Mutex::new(None),
+            instance: format!("{}-{}", std::process::id(), rand_suffix()),
+            listening: Mutex::new(None),
+        })
+    }
+
+    /// Checks `url` (syntax, TLS settings, the `sslrootcert` file) without connecting:
+    /// what `revproxy check` does.
+    pub fn check_url(url: &str) -> Result<(), StoreError> {
+        PgStore::parse(url).map(|_| ())
+    }
+
+    /// The connection settings and TLS of `url`.
+    fn parse(url: &str) -> Result<(Config, Tls), StoreError> {
         let (url, sslmode, rootcert) = split_tls_params(url)?;
         let mut config = Config::from_str(&url).map_err(|e| StoreError::Url(e.to_string()))?;
         let local = is_local(&config);
@@ -152,28 +185,7 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("revproxy");
         }
-        let described = describe(&config);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("revproxy-store")
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(|e| CaError::StoreUnavailable {
-                store: described.clone(),
-                reason: format!("cannot start its runtime: {e}"),
-            })?;
-        Ok(PgStore {
-            runtime: Some(runtime),
-            config,
-            tls,
-            described,
-            client: Mutex::new(None),
-            migrated: AtomicBool::new(false),
-            failing: Mutex::new(None),
-            instance: format!("{}-{}", std::process::id(), rand_suffix()),
-            listening: Mutex::new(None),
-        })
+        Ok((config, tls))
     }
 
     fn runtime(&self) -> &tokio::runtime::Runtime {
