@@ -653,32 +653,66 @@ fn print_init_notes(ca: &Ca) {
     );
 }
 
+/// The configuration `serve` runs with: the file (if any), the flags over it.
+fn effective_config(args: &ServeArgs) -> Result<ProxyConfig, anyhow::Error> {
+    let mut config = match &args.config {
+        Some(path) => ProxyConfig::load(path)?,
+        None => ProxyConfig::default(),
+    };
+    config.agents = args.agents.or(config.agents);
+    config.sni = args.sni.or(config.sni);
+    config.http = args.http.or(config.http);
+    config.admin = args.admin.or(config.admin);
+    config.store = (args.state.store.clone())
+        .map(revproxy::store::StoreUrl)
+        .or(config.store);
+    config.advertise = args.advertise.clone().or(config.advertise);
+    config.validate()?;
+    Ok(config)
+}
+
+/// What a reload may change, from a configuration.
+fn reload_from(config: &ProxyConfig) -> Result<revproxy::proxy::Reload, anyhow::Error> {
+    Ok(revproxy::proxy::Reload {
+        listeners: config.listeners()?,
+        routes: config.routes()?,
+        static_proxy_protocol: config.static_proxy_protocol()?.into_iter().collect(),
+        trusted_proxies: config.trusted_proxies()?,
+        peek_timeout: config.peek_timeout.unwrap_or(revproxy::proxy::PEEK_TIMEOUT),
+        send_timeout: config.send_timeout.unwrap_or(revproxy::SEND_TIMEOUT),
+        idle_timeout: config.idle_timeout,
+    })
+}
+
+/// Re-reads the configuration at every SIGHUP and hands it to the running proxy; a file
+/// that does not read keeps the running configuration (logged and counted).
+async fn reload_on_hangup(
+    args: ServeArgs,
+    mut hangups: tokio::signal::unix::Signal,
+    reloader: revproxy::proxy::Reloader,
+) {
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: reading the configuration again");
+        match effective_config(&args).and_then(|config| reload_from(&config)) {
+            Ok(reload) => {
+                // The proxy logs and counts the outcome.
+                let _ = reloader.reload(reload).await;
+            }
+            Err(e) => reloader.invalid(format!("{e:#}")).await,
+        }
+    }
+}
+
 fn serve(args: ServeArgs) -> Result<(), Failure> {
     let usage = |e: anyhow::Error| Failure {
         status: 2,
         error: e,
     };
-    let mut config = match &args.config {
-        Some(path) => ProxyConfig::load(path).map_err(|e| usage(e.into()))?,
-        None => ProxyConfig::default(),
-    };
-    // Flags override the file.
-    config.agents = args.agents.or(config.agents);
-    config.sni = args.sni.or(config.sni);
-    config.http = args.http.or(config.http);
-    config.admin = args.admin.or(config.admin);
-    config.store = args
-        .state
-        .store
-        .clone()
-        .map(revproxy::store::StoreUrl)
-        .or(config.store);
-    config.advertise = args.advertise.clone().or(config.advertise);
+    let config = effective_config(&args).map_err(usage)?;
     revproxy::runtime::logging::init(
         "info",
         args.log_format.or(config.log_format).unwrap_or_default(),
     );
-    config.validate().map_err(|e| usage(e.into()))?;
     let listeners = config.listeners().map_err(|e| usage(e.into()))?;
     let routes = config.routes().map_err(|e| usage(e.into()))?;
     let dir = args
@@ -704,6 +738,9 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     raise_fd_limit();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
+        // From here on SIGHUP reloads (its default would end the process).
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot watch for SIGHUP")?;
         let bind = |addr: SocketAddr| async move {
             tokio::net::TcpListener::bind(addr)
                 .await
@@ -764,6 +801,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
             builder = builder.access_log(true);
         }
         let proxy = builder.build()?;
+        tokio::spawn(reload_on_hangup(args, hangups, proxy.reloader()));
         proxy.run(revproxy::runtime::shutdown_signal()).await?;
         Ok::<_, Failure>(())
     })

@@ -76,7 +76,7 @@ pub(super) struct PerSource {
     counts: Mutex<HashMap<IpAddr, usize>>,
     /// Sources not counted here: trusted load balancers, whose clients are counted once
     /// their PROXY header says who they are (`public.rs`).
-    exempt: Vec<crate::route::Cidr>,
+    exempt: std::sync::RwLock<Vec<crate::route::Cidr>>,
 }
 
 /// One connection's place in its source's count; given back when dropped.
@@ -97,13 +97,21 @@ impl PerSource {
         Arc::new(PerSource {
             max,
             counts: Mutex::default(),
-            exempt,
+            exempt: std::sync::RwLock::new(exempt),
         })
+    }
+
+    /// Replaces the exempt sources (a reload).
+    pub(super) fn set_exempt(&self, exempt: Vec<crate::route::Cidr>) {
+        *self.exempt.write().expect("exempt sources") = exempt;
     }
 
     /// A slot for one more connection from `ip`'s source, unless it has `max` already.
     fn take(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
-        if self.exempt.iter().any(|net| net.contains(ip)) {
+        if (self.exempt.read().expect("exempt sources"))
+            .iter()
+            .any(|net| net.contains(ip))
+        {
             return Some(SourceSlot {
                 owner: self.clone(),
                 ip: None,

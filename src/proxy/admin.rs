@@ -124,7 +124,8 @@ impl crate::admin::View for ProxyView {
             };
             names.insert(pattern.clone(), by);
         }
-        for name in shared.routes.keys() {
+        let settings = shared.settings();
+        for name in settings.routes.keys() {
             names.entry(name.clone()).or_insert("route");
         }
         shared.metrics.ensure_names(names.keys());
@@ -139,7 +140,7 @@ impl crate::admin::View for ProxyView {
                 json!({
                     "name": name,
                     "served_by": match by {
-                        "route" => format!("route to {}", shared.routes[&name]),
+                        "route" => format!("route to {}", settings.routes[&name]),
                         "private" => "agent (private)".to_string(),
                         _ => "agent".to_string(),
                     },
@@ -151,8 +152,7 @@ impl crate::admin::View for ProxyView {
             })
             .collect();
 
-        let listeners: Vec<_> = shared
-            .listeners
+        let listeners: Vec<_> = (shared.listeners.read().expect("listeners lock"))
             .iter()
             .map(|(address, protocol)| json!({ "address": address, "protocol": protocol }))
             .collect();

@@ -64,6 +64,7 @@ pub(super) struct ProxyMetrics {
     accepted: IntCounterVec,
     routed: IntCounterVec,
     refused: IntCounterVec,
+    reloads: IntCounterVec,
     open_seconds: HistogramVec,
     received: IntCounterVec,
     sent: IntCounterVec,
@@ -127,6 +128,12 @@ impl ProxyMetrics {
                 "revproxy_connections_refused_total",
                 "Public connections not routed, by reason.",
                 &["reason"],
+            ),
+            reloads: counter(
+                r,
+                "revproxy_config_reloads_total",
+                "Configuration reloads (SIGHUP), by result: ok, or error (the running configuration stays).",
+                &["result"],
             ),
             open_seconds,
             received: counter(
@@ -256,6 +263,20 @@ impl ProxyMetrics {
 
     pub(super) fn mesh(&self, outcome: &str) {
         self.mesh.with_label_values(&[outcome]).inc();
+    }
+
+    /// Makes the reload series exist at zero.
+    pub(super) fn ensure_reloads(&self) {
+        for result in ["ok", "error"] {
+            self.reloads.with_label_values(&[result]);
+        }
+    }
+
+    /// Counts a reload.
+    pub(super) fn reloaded(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
     }
 
     pub(super) fn revoked(&self, count: usize) {

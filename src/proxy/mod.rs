@@ -25,6 +25,7 @@ mod metrics;
 mod public;
 mod ratelimit;
 mod registry;
+mod reload;
 mod replies;
 mod state;
 
@@ -38,11 +39,11 @@ use std::time::Duration;
 use revproxy_ca::{Ca, CaError};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
-use tracing::{info, Instrument};
+use tracing::{info, warn};
 
 pub use crate::route::{Cidr, ListenerKind, Target, TargetError};
 pub use registry::ProxyStatus;
+pub use reload::{Reload, ReloadError, Reloader};
 
 use crate::runtime::shutdown::Trigger;
 use crate::tls::{self, TlsError};
@@ -326,15 +327,7 @@ impl ProxyBuilder {
     /// Opens the CA and prepares TLS. Nothing is accepted until [`Proxy::run`].
     pub fn build(self) -> Result<Proxy, ProxyError> {
         let agents = self.agents.ok_or(ProxyError::NoAgentListener)?;
-        for (name, addr) in &self.routes {
-            if let Ok(Target::Tcp(_)) | Err(_) = Target::parse(name) {
-                return Err(ProxyError::RouteName(name.clone()));
-            }
-            Target::parse(&format!("tcp://{addr}")).map_err(|source| ProxyError::RouteTarget {
-                name: name.clone(),
-                source,
-            })?;
-        }
+        let routes = checked_routes(self.routes)?;
         let advertise = match self.advertise {
             Some(addr) => {
                 Some(revproxy_ca::validate_server(&addr).map_err(|_| ProxyError::Advertise(addr))?)
@@ -382,15 +375,7 @@ impl ProxyBuilder {
         let listeners = self
             .public
             .iter()
-            .map(|(l, kind)| {
-                let protocol = match kind {
-                    ListenerKind::Sni => "sni".to_string(),
-                    ListenerKind::Http => "http".to_string(),
-                    ListenerKind::Fixed(Target::Name(name)) => format!("to {name}"),
-                    ListenerKind::Fixed(Target::Tcp(addr)) => format!("to tcp://{addr}"),
-                };
-                Ok((l.local_addr()?.to_string(), protocol))
-            })
+            .map(|(l, kind)| Ok((l.local_addr()?.to_string(), reload::describe(kind))))
             .collect::<Result<Vec<_>, std::io::Error>>()?;
         let fd_limit = crate::runtime::fd_limit();
         let limits = Limits::sized(
@@ -399,7 +384,12 @@ impl ProxyBuilder {
             fd_limit,
         );
         info!(fd_limit, ?limits, "connection caps");
+        let metrics = Arc::new(metrics::ProxyMetrics::new());
+        metrics.ensure_reloads();
+        let (reloader, reloads) = tokio::sync::mpsc::channel(1);
         Ok(Proxy {
+            reloader: Reloader(reloader),
+            reloads,
             shared: Arc::new(Shared {
                 ca: Arc::new(ca),
                 me: revproxy_ca::ProxyEntry {
@@ -408,8 +398,6 @@ impl ProxyBuilder {
                 },
                 peers: std::sync::RwLock::default(),
                 withdrawn: std::sync::atomic::AtomicBool::new(false),
-                trusted_proxies: self.trusted_proxies,
-                static_proxy_protocol: self.static_proxy_protocol,
                 enroll_gate: tokio::sync::Mutex::new(()),
                 renew_gate: tokio::sync::Mutex::new(()),
                 limiter: Mutex::new(AttemptLimiter::new(
@@ -423,16 +411,20 @@ impl ProxyBuilder {
                 min_renewal_age_percent: self.min_renewal_age_percent,
                 registry: Arc::new(Registry::default()),
                 state,
-                routes: self.routes,
-                peek_timeout: self.peek_timeout,
-                stream_limits: self.stream_limits,
+                settings: std::sync::RwLock::new(Arc::new(reload::Settings {
+                    routes,
+                    peek_timeout: self.peek_timeout,
+                    stream_limits: self.stream_limits,
+                    trusted_proxies: self.trusted_proxies,
+                    static_proxy_protocol: self.static_proxy_protocol,
+                })),
                 max_tunnels_per_agent: self.max_tunnels_per_agent,
-                metrics: Arc::new(metrics::ProxyMetrics::new()),
+                metrics,
                 mesh: Arc::default(),
                 ready: std::sync::atomic::AtomicBool::new(false),
                 access_log: self.access_log,
                 started: time::OffsetDateTime::now_utc().unix_timestamp(),
-                listeners,
+                listeners: std::sync::RwLock::new(listeners),
                 close_tunnels: Trigger::default(),
                 enroll_config: Arc::new(enroll_config),
                 server_cert,
@@ -465,10 +457,6 @@ struct Shared {
     peers: std::sync::RwLock<Vec<revproxy_ca::ProxyEntry>>,
     /// Set when shutdown takes this proxy off the store's list: no heartbeat puts it back.
     withdrawn: std::sync::atomic::AtomicBool,
-    /// Load balancers whose PROXY headers are believed (and required).
-    trusted_proxies: Vec<crate::route::Cidr>,
-    /// Static backends that get a PROXY header first.
-    static_proxy_protocol: HashMap<String, crate::wire::proxy_header::ProxyProtocol>,
     /// Enrollments run one at a time: each holds the state lock and fsyncs anyway, and
     /// queueing here keeps blocking threads from piling up behind the file lock.
     enroll_gate: tokio::sync::Mutex<()>,
@@ -483,10 +471,8 @@ struct Shared {
     min_renewal_age_percent: u8,
     registry: Arc<Registry>,
     state: StateView,
-    routes: HashMap<String, String>,
-    peek_timeout: Duration,
-    /// Bounds on each public client's socket.
-    stream_limits: tunnel::StreamLimits,
+    /// What routing reads per connection; a reload replaces it.
+    settings: std::sync::RwLock<Arc<reload::Settings>>,
     max_tunnels_per_agent: usize,
     /// What the proxy counts, for `/metrics`.
     metrics: Arc<metrics::ProxyMetrics>,
@@ -499,7 +485,7 @@ struct Shared {
     /// When the proxy was built, Unix seconds.
     started: i64,
     /// Public listeners: address and what they route by, for the status page.
-    listeners: Vec<(String, String)>,
+    listeners: std::sync::RwLock<Vec<(String, String)>>,
     /// Fired last during shutdown, once client connections have drained.
     close_tunnels: Trigger,
     enroll_config: Arc<rustls::ServerConfig>,
@@ -508,8 +494,31 @@ struct Shared {
     server_cert: Arc<tls::ServerCert>,
 }
 
+impl Shared {
+    /// The settings in force.
+    fn settings(&self) -> Arc<reload::Settings> {
+        self.settings.read().expect("settings lock").clone()
+    }
+}
+
+/// Checks static routes: each a host name to a `host:port`.
+fn checked_routes(routes: HashMap<String, String>) -> Result<HashMap<String, String>, ProxyError> {
+    for (name, addr) in &routes {
+        if let Ok(Target::Tcp(_)) | Err(_) = Target::parse(name) {
+            return Err(ProxyError::RouteName(name.clone()));
+        }
+        Target::parse(&format!("tcp://{addr}")).map_err(|source| ProxyError::RouteTarget {
+            name: name.clone(),
+            source,
+        })?;
+    }
+    Ok(routes)
+}
+
 /// A configured proxy, ready to run.
 pub struct Proxy {
+    reloader: Reloader,
+    reloads: tokio::sync::mpsc::Receiver<reload::Request>,
     shared: Arc<Shared>,
     agent_port: AgentPort,
     limits: Limits,
@@ -561,6 +570,11 @@ impl Proxy {
         self.shared.ca.pin()
     }
 
+    /// A handle that applies new settings and listeners while the proxy runs.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
     /// A handle that reports which names live tunnels serve, usable while the proxy runs.
     pub fn status(&self) -> ProxyStatus {
         ProxyStatus::new(self.shared.registry.clone())
@@ -571,43 +585,15 @@ impl Proxy {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ProxyError> {
         let stop = Trigger::default();
         let grace = self.shutdown_grace;
-        let mut public = JoinSet::new();
         let clients = Arc::new(Semaphore::new(self.limits.clients));
         let per_source = accept::PerSource::with_exempt(
             self.limits.clients_per_source,
-            self.shared.trusted_proxies.clone(),
+            self.shared.settings().trusted_proxies.clone(),
         );
+        let mut public =
+            reload::PublicListeners::new(self.shared.clone(), clients, per_source, grace);
         for (listener, kind) in self.public {
-            let addr = listener.local_addr()?;
-            info!(%addr, kind = ?kind, "public listener ready");
-            let (shared, sources) = (self.shared.clone(), per_source.clone());
-            let handle = move |tcp, peer, slot| {
-                public::serve(
-                    shared.clone(),
-                    kind.clone(),
-                    tcp,
-                    peer,
-                    slot,
-                    sources.clone(),
-                )
-            };
-            let span = tracing::info_span!("listener", %addr);
-            let metrics = &self.shared.metrics;
-            let counters = accept::AcceptCounters {
-                accepted: Some(metrics.accepted(&addr.to_string())),
-                over_limit: Some(metrics.refused(metrics::Refused::ConnectionLimit)),
-                over_source: Some(metrics.refused(metrics::Refused::SourceLimit)),
-            };
-            let loop_ = accept::serve(
-                listener,
-                stop.clone(),
-                clients.clone(),
-                per_source.clone(),
-                grace,
-                counters,
-                handle,
-            );
-            public.spawn(loop_.instrument(span));
+            public.start(listener, kind)?;
         }
         let background = background::start(self.shared.clone());
         // Tunnels end on `close_tunnels`, fired after the client connections drained.
@@ -627,13 +613,35 @@ impl Proxy {
             .ready
             .store(true, std::sync::atomic::Ordering::Relaxed);
 
-        shutdown.await;
+        let mut reloads = self.reloads;
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(request) = reloads.recv() => match request {
+                    reload::Request::Apply(new, reply) => {
+                        let applied = public.apply(new).await;
+                        self.shared.metrics.reloaded(applied.is_ok());
+                        match &applied {
+                            Ok(what) => info!(%what, "configuration reloaded"),
+                            Err(e) => warn!(error = %e, "configuration not reloaded; the running one stays"),
+                        }
+                        let _ = reply.send(applied);
+                    }
+                    reload::Request::Invalid(why) => {
+                        self.shared.metrics.reloaded(false);
+                        warn!(error = %why, "configuration not reloaded; the running one stays");
+                    }
+                },
+                () = public.reap() => {}
+            }
+        }
         info!("shutting down: no new connections; draining open ones");
         self.shared
             .ready
             .store(false, std::sync::atomic::Ordering::Relaxed);
         stop.fire();
-        while public.join_next().await.is_some() {}
+        public.stop_all().await;
         self.shared.close_tunnels.fire();
         let _ = agents.await;
         drop(background);

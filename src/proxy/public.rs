@@ -90,20 +90,24 @@ pub(super) async fn serve(
     let id = ConnId::new();
     let started = std::time::Instant::now();
     let mut access = Access::default();
+    // The settings in force when the connection came; a reload meanwhile applies to the
+    // next one.
+    let settings = shared.settings();
     let mut arrival = Arrival {
         server: tcp.local_addr().ok(),
         early: BytesMut::new(),
+        settings: settings.clone(),
     };
     // A trusted load balancer's connection starts with a PROXY header naming the client:
     // from here on that is the client, counted against its own source's share.
     let mut _client_slot = None;
     let mut admitted = true;
-    if shared
+    if settings
         .trusted_proxies
         .iter()
         .any(|net| net.contains(peer.ip()))
     {
-        match read_proxy_header(&mut tcp, shared.peek_timeout).await {
+        match read_proxy_header(&mut tcp, settings.peek_timeout).await {
             Ok((client, server, rest)) => {
                 arrival.early = rest;
                 // A header naming no client (a health check) counts against the
@@ -158,6 +162,8 @@ struct Arrival {
     server: Option<SocketAddr>,
     /// Bytes read after a PROXY header, before anything else.
     early: BytesMut,
+    /// The settings in force when it came.
+    settings: Arc<super::reload::Settings>,
 }
 
 /// Reads a PROXY header (v1 or v2) from the start of `tcp`, within `timeout` and
@@ -205,6 +211,7 @@ async fn handle(
 ) {
     let _ = tcp.set_nodelay(true);
     let metrics = &shared.metrics;
+    let settings = arrival.settings.clone();
     let arrival_server = arrival.server;
     access.outcome = "client_closed";
     let (name, peeked, reply) = match &kind {
@@ -221,7 +228,7 @@ async fn handle(
                         caller: None,
                     };
                     let first = Prelude {
-                        header: header_for(shared, addr, &origin),
+                        header: header_for(&settings, addr, &origin),
                         peeked: arrival.early.freeze(),
                     };
                     let moved = forward_tcp(tcp, backend, addr, first, peer, id, counters).await;
@@ -235,7 +242,7 @@ async fn handle(
             (name.clone(), arrival.early.freeze(), Reply::Silent)
         }
         ListenerKind::Sni => {
-            match peek(&mut tcp, arrival.early, shared.peek_timeout, sni_name).await {
+            match peek(&mut tcp, arrival.early, settings.peek_timeout, sni_name).await {
                 Ok((Some(name), bytes)) => (name, bytes, Reply::Tls),
                 Ok((None, _)) => {
                     debug!(%peer, conn = %id, "TLS client sent no server name; no route");
@@ -251,7 +258,7 @@ async fn handle(
             }
         }
         ListenerKind::Http => {
-            match peek(&mut tcp, arrival.early, shared.peek_timeout, http_host).await {
+            match peek(&mut tcp, arrival.early, settings.peek_timeout, http_host).await {
                 Ok((name, bytes)) => (name, bytes, Reply::Http),
                 Err(e) => {
                     debug!(%peer, conn = %id, error = %e, "no usable HTTP request head; closing");
@@ -276,7 +283,7 @@ async fn handle(
         .map(|(_, parent)| format!("*.{parent}"))
         .unwrap_or_default();
     let found = shared.registry.lookup(&name);
-    let route = shared
+    let route = settings
         .routes
         .get(&name)
         .filter(|_| !state.covers_private(&name));
@@ -337,7 +344,7 @@ async fn handle(
                         caller: None,
                     };
                     let first = Prelude {
-                        header: header_for(shared, addr, &origin),
+                        header: header_for(&settings, addr, &origin),
                         peeked,
                     };
                     let moved = forward_tcp(tcp, backend, addr, first, peer, id, counters).await;
@@ -356,7 +363,7 @@ async fn handle(
                 let counters = metrics.routed(pattern);
                 // The peeked bytes went out with the open request.
                 counters.read(peeked.len());
-                let moved = stream.splice(tcp, shared.stream_limits, counters).await;
+                let moved = stream.splice(tcp, settings.stream_limits, counters).await;
                 if let Some(e) = &moved.error {
                     debug!(%peer, conn = %id, host = %name, error = %e, "stream ended with an error");
                 }
@@ -490,8 +497,8 @@ async fn peek<T>(
 }
 
 /// The PROXY header the static backend `addr` wants (empty if none).
-fn header_for(shared: &Shared, addr: &str, origin: &Origin) -> Vec<u8> {
-    match shared.static_proxy_protocol.get(addr) {
+fn header_for(settings: &super::reload::Settings, addr: &str, origin: &Origin) -> Vec<u8> {
+    match settings.static_proxy_protocol.get(addr) {
         Some(version) => proxy_header::encode(*version, origin),
         None => Vec::new(),
     }

@@ -1,0 +1,268 @@
+//! Reloading a running proxy (SIGHUP in `revproxy serve`): the settings that routing reads
+//! per connection, and the public listeners. A reload is all or nothing: every new
+//! listener is bound before anything changes, and a reload that cannot be applied changes
+//! nothing. Listeners that stay keep accepting throughout; open connections and tunnels are
+//! untouched (a removed listener stops accepting, and its open connections get the
+//! shutdown grace period, as at shutdown).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{info, Instrument};
+
+use super::accept::{self, PerSource};
+use super::{metrics, public, ListenerKind, Shared, Target};
+use crate::route::Cidr;
+use crate::runtime::shutdown::Trigger;
+use crate::tunnel::StreamLimits;
+use crate::wire::proxy_header::ProxyProtocol;
+
+/// What routing reads for each connection; replaced whole by a reload.
+#[derive(Debug)]
+pub(super) struct Settings {
+    /// Static routes: name → backend `host:port`.
+    pub(super) routes: HashMap<String, String>,
+    pub(super) peek_timeout: Duration,
+    /// Bounds on each public client's socket.
+    pub(super) stream_limits: StreamLimits,
+    /// Load balancers whose PROXY headers are believed (and required).
+    pub(super) trusted_proxies: Vec<Cidr>,
+    /// Static backends that get a PROXY header first.
+    pub(super) static_proxy_protocol: HashMap<String, ProxyProtocol>,
+}
+
+/// A new configuration for a running proxy.
+#[derive(Clone, Debug)]
+pub struct Reload {
+    /// Every public listener wanted: those already running at the same address with the
+    /// same kind stay, others are bound, running ones not listed stop accepting.
+    pub listeners: Vec<(SocketAddr, ListenerKind)>,
+    /// Static routes, name → `host:port`.
+    pub routes: Vec<(String, String)>,
+    /// Static backends that get a PROXY header.
+    pub static_proxy_protocol: Vec<(String, ProxyProtocol)>,
+    pub trusted_proxies: Vec<Cidr>,
+    pub peek_timeout: Duration,
+    pub send_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listener {0} would change what it routes by; remove it in one reload and add it back in the next")]
+    KindChanged(SocketAddr),
+    #[error(transparent)]
+    Route(#[from] super::ProxyError),
+    #[error("the proxy is not running")]
+    NotRunning,
+}
+
+/// What a [`Reloader`] asks of the running proxy.
+pub(super) enum Request {
+    Apply(Reload, oneshot::Sender<Result<String, ReloadError>>),
+    /// The new configuration did not even parse: counted, and the running one stays.
+    Invalid(String),
+}
+
+/// Sends reloads to a running [`super::Proxy`].
+#[derive(Clone, Debug)]
+pub struct Reloader(pub(super) mpsc::Sender<Request>);
+
+impl Reloader {
+    /// Applies `reload` and says what changed, or why nothing did.
+    pub async fn reload(&self, reload: Reload) -> Result<String, ReloadError> {
+        let (tx, rx) = oneshot::channel();
+        self.0
+            .send(Request::Apply(reload, tx))
+            .await
+            .map_err(|_| ReloadError::NotRunning)?;
+        rx.await.map_err(|_| ReloadError::NotRunning)?
+    }
+
+    /// Reports a new configuration that could not be read (`why`): the proxy logs and
+    /// counts it (`revproxy_config_reloads_total{result="error"}`) and keeps running as it
+    /// is.
+    pub async fn invalid(&self, why: String) {
+        let _ = self.0.send(Request::Invalid(why)).await;
+    }
+}
+
+/// The running public listeners, each an accept loop with a trigger of its own.
+pub(super) struct PublicListeners {
+    shared: Arc<Shared>,
+    clients: Arc<Semaphore>,
+    per_source: Arc<PerSource>,
+    grace: Duration,
+    running: HashMap<SocketAddr, (ListenerKind, Trigger)>,
+    tasks: JoinSet<()>,
+}
+
+impl PublicListeners {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        clients: Arc<Semaphore>,
+        per_source: Arc<PerSource>,
+        grace: Duration,
+    ) -> PublicListeners {
+        PublicListeners {
+            shared,
+            clients,
+            per_source,
+            grace,
+            running: HashMap::new(),
+            tasks: JoinSet::new(),
+        }
+    }
+
+    /// Starts accepting on `listener`.
+    pub(super) fn start(
+        &mut self,
+        listener: TcpListener,
+        kind: ListenerKind,
+    ) -> std::io::Result<()> {
+        let addr = listener.local_addr()?;
+        info!(%addr, kind = ?kind, "public listener ready");
+        let stop = Trigger::default();
+        let (shared, sources) = (self.shared.clone(), self.per_source.clone());
+        let routing = kind.clone();
+        let handle = move |tcp, peer, slot| {
+            public::serve(
+                shared.clone(),
+                routing.clone(),
+                tcp,
+                peer,
+                slot,
+                sources.clone(),
+            )
+        };
+        let metrics = &self.shared.metrics;
+        let counters = accept::AcceptCounters {
+            accepted: Some(metrics.accepted(&addr.to_string())),
+            over_limit: Some(metrics.refused(metrics::Refused::ConnectionLimit)),
+            over_source: Some(metrics.refused(metrics::Refused::SourceLimit)),
+        };
+        let loop_ = accept::serve(
+            listener,
+            stop.clone(),
+            self.clients.clone(),
+            self.per_source.clone(),
+            self.grace,
+            counters,
+            handle,
+        );
+        self.tasks
+            .spawn(loop_.instrument(tracing::info_span!("listener", %addr)));
+        self.running.insert(addr, (kind, stop));
+        self.publish();
+        Ok(())
+    }
+
+    /// The listeners as the status page shows them.
+    fn publish(&self) {
+        let mut list: Vec<(String, String)> = (self.running.iter())
+            .map(|(addr, (kind, _))| (addr.to_string(), describe(kind)))
+            .collect();
+        list.sort();
+        *self.shared.listeners.write().expect("listeners lock") = list;
+    }
+
+    /// Applies `reload`: binds what is new, then (only if every bind worked) stops what is
+    /// gone and swaps the settings.
+    pub(super) async fn apply(&mut self, reload: Reload) -> Result<String, ReloadError> {
+        let routes = super::checked_routes(reload.routes.iter().cloned().collect())?;
+        let mut added = Vec::new();
+        for (addr, kind) in &reload.listeners {
+            match self.running.get(addr) {
+                Some((running, _)) if running == kind => {}
+                Some(_) => return Err(ReloadError::KindChanged(*addr)),
+                None => {
+                    let listener =
+                        TcpListener::bind(addr)
+                            .await
+                            .map_err(|source| ReloadError::Bind {
+                                addr: *addr,
+                                source,
+                            })?;
+                    added.push((listener, kind.clone()));
+                }
+            }
+        }
+        let wanted: Vec<SocketAddr> = reload.listeners.iter().map(|(a, _)| *a).collect();
+        let removed: Vec<SocketAddr> = (self.running.keys())
+            .filter(|a| !wanted.contains(a))
+            .copied()
+            .collect();
+        for addr in &removed {
+            if let Some((_, stop)) = self.running.remove(addr) {
+                info!(%addr, "public listener removed: no new connections; open ones get the shutdown grace");
+                stop.fire();
+            }
+        }
+        let count = added.len();
+        for (listener, kind) in added {
+            self.start(listener, kind)
+                .map_err(|source| ReloadError::Bind {
+                    addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                    source,
+                })?;
+        }
+        self.publish();
+        self.per_source.set_exempt(reload.trusted_proxies.clone());
+        let old = self.shared.settings();
+        *self.shared.settings.write().expect("settings lock") = Arc::new(Settings {
+            routes,
+            peek_timeout: reload.peek_timeout,
+            stream_limits: StreamLimits {
+                send_timeout: reload.send_timeout,
+                idle_timeout: reload.idle_timeout,
+            },
+            trusted_proxies: reload.trusted_proxies,
+            static_proxy_protocol: reload.static_proxy_protocol.into_iter().collect(),
+        });
+        let new = self.shared.settings();
+        Ok(format!(
+            "{count} listener(s) added, {} removed, {} kept; {} route(s) (were {})",
+            removed.len(),
+            self.running.len() - count,
+            new.routes.len(),
+            old.routes.len()
+        ))
+    }
+
+    /// Stops every accept loop (shutdown) and waits for them, connections included.
+    pub(super) async fn stop_all(mut self) {
+        for (_, stop) in self.running.values() {
+            stop.fire();
+        }
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Reaps accept loops of removed listeners that have finished.
+    pub(super) async fn reap(&mut self) {
+        if self.tasks.join_next().await.is_none() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// What a listener routes by, as the status page says it.
+pub(super) fn describe(kind: &ListenerKind) -> String {
+    match kind {
+        ListenerKind::Sni => "sni".to_string(),
+        ListenerKind::Http => "http".to_string(),
+        ListenerKind::Fixed(Target::Name(name)) => format!("to {name}"),
+        ListenerKind::Fixed(Target::Tcp(addr)) => format!("to tcp://{addr}"),
+    }
+}

@@ -1,0 +1,174 @@
+//! SIGHUP reloads `revproxy serve`'s configuration file: a listener added, another removed,
+//! a long transfer on a third untouched; a bad file changes nothing and is counted.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A port the kernel says is free now (a reload compares listeners by address, so the
+/// file names real ports).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits (bounded) for a JSON log line whose message is `message`; returns it.
+fn logged(lines: &Receiver<String>, message: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no log line {message:?} within 20 s"));
+        if let Ok(doc) = serde_json::from_str::<serde_json::Value>(&line) {
+            if doc["message"] == message {
+                return doc;
+            }
+        }
+    }
+}
+
+fn listeners(fixed: &[(u16, SocketAddr)]) -> String {
+    fixed
+        .iter()
+        .map(|(port, to)| {
+            format!("[[listener]]\nlisten = \"127.0.0.1:{port}\"\nto = \"tcp://{to}\"\n")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_and_removes_listeners_without_touching_open_streams() {
+    let backend = echo_backend(b"").await;
+    let (kept, removed, added) = (free_port(), free_port(), free_port());
+    let admin = free_port();
+    let state = tempfile::tempdir().unwrap();
+    let file = state.path().join("proxy.toml");
+    let head =
+        format!("agents = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:{admin}\"\nlog_format = \"json\"\n");
+    std::fs::write(
+        &file,
+        format!(
+            "{head}{}",
+            listeners(&[(kept, backend), (removed, backend)])
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_revproxy"))
+        .args(["serve", "--state"])
+        .arg(state.path().join("ca"))
+        .arg("--config")
+        .arg(&file)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut child);
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let pid = child.id();
+    let _child = Kill(child);
+    logged(&lines, "admin listener ready");
+    let hangup = || {
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+
+    // A long transfer through the listener that stays, in flight across the reloads.
+    let mut transfer = tokio::net::TcpStream::connect(("127.0.0.1", kept))
+        .await
+        .unwrap();
+    let first = pattern(256 * 1024, 1);
+    transfer.write_all(&first).await.unwrap();
+    let mut back = vec![0; first.len()];
+    transfer.read_exact(&mut back).await.unwrap();
+    assert!(back == first);
+
+    // Reload: one listener removed, one added.
+    std::fs::write(
+        &file,
+        format!("{head}{}", listeners(&[(kept, backend), (added, backend)])),
+    )
+    .unwrap();
+    hangup();
+    let done = logged(&lines, "configuration reloaded");
+    assert!(
+        done["what"]
+            .as_str()
+            .unwrap()
+            .starts_with("1 listener(s) added, 1 removed, 1 kept"),
+        "{done}"
+    );
+    let data = pattern(4096, 2);
+    let through_added = round_trip(([127, 0, 0, 1], added).into(), b"", &data)
+        .await
+        .unwrap();
+    assert!(through_added == data);
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", removed))
+            .await
+            .is_err(),
+        "the removed listener no longer accepts"
+    );
+
+    // A bad file: nothing changes, and it is counted.
+    std::fs::write(
+        &file,
+        format!("{head}[[listener]]\nlisten = \"nonsense\"\n"),
+    )
+    .unwrap();
+    hangup();
+    let refused = logged(&lines, "configuration not reloaded; the running one stays");
+    assert!(
+        refused["error"].as_str().unwrap().contains("listen"),
+        "{refused}"
+    );
+    let through_added = round_trip(([127, 0, 0, 1], added).into(), b"", &data)
+        .await
+        .unwrap();
+    assert!(through_added == data);
+    let (_, metrics) = admin_get(([127, 0, 0, 1], admin).into(), "/metrics").await;
+    assert_eq!(
+        sample(&metrics, "revproxy_config_reloads_total", "result=\"ok\""),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "revproxy_config_reloads_total",
+            "result=\"error\""
+        ),
+        Some(1.0)
+    );
+
+    // The transfer went on throughout, byte for byte, and ends cleanly.
+    let last = pattern(256 * 1024, 3);
+    transfer.write_all(&last).await.unwrap();
+    transfer.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), transfer.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        rest == last,
+        "the open stream came through the reloads intact"
+    );
+}
