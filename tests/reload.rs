@@ -172,3 +172,88 @@ async fn sighup_adds_and_removes_listeners_without_touching_open_streams() {
         "the open stream came through the reloads intact"
     );
 }
+
+/// SIGHUP makes `revproxy-agent run` re-read its services: new streams go to the new
+/// backend, a stream open on the old one goes on, the tunnel stays; a service the
+/// certificate does not grant changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_moves_an_agents_service_without_dropping_its_tunnel() {
+    let proxy = TestProxy::start().await;
+    let (old, new) = (echo_backend(b"A:").await, echo_backend(b"B:").await);
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let file = dir.path().join("agent.toml");
+    let service = |to: SocketAddr, host: &str| {
+        format!("log_format = \"json\"\n[[service]]\nhost = \"{host}\"\nto = \"{to}\"\n")
+    };
+    std::fs::write(&file, service(old, "app.example.com")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_revproxy-agent"))
+        .args(["run", "--state"])
+        .arg(dir.path())
+        .arg("--config")
+        .arg(&file)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut child);
+    let pid = child.id();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    proxy.wait_for("app.example.com", 1).await;
+    let hangup = || {
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+
+    let mut open = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    open.write_all(&http_head("app.example.com")).await.unwrap();
+    let mut tag = [0u8; 2];
+    open.read_exact(&mut tag).await.unwrap();
+    assert_eq!(&tag, b"A:");
+
+    std::fs::write(&file, service(new, "app.example.com")).unwrap();
+    hangup();
+    logged(&lines, "configuration reloaded");
+    let got = round_trip(proxy.http, &http_head("app.example.com"), b"x")
+        .await
+        .unwrap();
+    assert!(got.starts_with(b"B:"), "{}", String::from_utf8_lossy(&got));
+    assert_eq!(
+        proxy.status.tunnels_for("app.example.com"),
+        1,
+        "the same tunnel"
+    );
+
+    // A name the certificate does not grant: refused, the running services stay.
+    std::fs::write(&file, service(old, "other.example.com")).unwrap();
+    hangup();
+    let refused = logged(&lines, "configuration not reloaded; the running one stays");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("other.example.com"),
+        "{refused}"
+    );
+    let got = round_trip(proxy.http, &http_head("app.example.com"), b"x")
+        .await
+        .unwrap();
+    assert!(got.starts_with(b"B:"));
+
+    // The stream opened before the reloads still reaches the old backend.
+    let data = pattern(64 * 1024, 4);
+    open.write_all(&data).await.unwrap();
+    let mut back = vec![0; http_head("app.example.com").len() + data.len()];
+    open.read_exact(&mut back).await.unwrap();
+    assert!(back.ends_with(&data));
+}

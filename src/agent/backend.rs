@@ -25,10 +25,10 @@ pub(crate) struct Service {
 }
 
 /// The names this agent serves and where each goes.
-#[derive(Clone)]
 pub(crate) struct ServiceMap {
-    /// In the order given.
-    entries: Vec<Service>,
+    /// In the order given; replaced whole by a reload (a stream keeps the entry it was
+    /// dialed with).
+    entries: std::sync::RwLock<Arc<Vec<Arc<Service>>>>,
     metrics: Arc<AgentMetrics>,
 }
 
@@ -49,18 +49,32 @@ pub(crate) fn check_backend(addr: &str) -> Result<(), BadBackend> {
 impl ServiceMap {
     pub(crate) fn new(entries: Vec<Service>, metrics: Arc<AgentMetrics>) -> ServiceMap {
         metrics.ensure_services(entries.iter().map(|s| s.pattern.as_str()));
-        ServiceMap { entries, metrics }
+        ServiceMap {
+            entries: std::sync::RwLock::new(Arc::new(entries.into_iter().map(Arc::new).collect())),
+            metrics,
+        }
+    }
+
+    /// Replaces every entry (a reload): new streams use the new map.
+    pub(crate) fn replace(&self, entries: Vec<Service>) {
+        self.metrics
+            .ensure_services(entries.iter().map(|s| s.pattern.as_str()));
+        *self.entries.write().expect("service map lock") =
+            Arc::new(entries.into_iter().map(Arc::new).collect());
     }
 
     /// The entry for `name`: an exact entry first, then a wildcard.
-    pub(crate) fn lookup(&self, name: &str) -> Option<&Service> {
-        let exact = self.entries.iter().find(|s| s.pattern == name);
-        exact.or_else(|| self.entries.iter().find(|s| name_matches(&s.pattern, name)))
+    pub(crate) fn lookup(&self, name: &str) -> Option<Arc<Service>> {
+        let entries = self.entries();
+        let exact = entries.iter().find(|s| s.pattern == name);
+        exact
+            .or_else(|| entries.iter().find(|s| name_matches(&s.pattern, name)))
+            .cloned()
     }
 
     /// Every entry, in the order given.
-    pub(crate) fn entries(&self) -> &[Service] {
-        &self.entries
+    pub(crate) fn entries(&self) -> Arc<Vec<Arc<Service>>> {
+        self.entries.read().expect("service map lock").clone()
     }
 }
 
@@ -74,18 +88,14 @@ impl Backends for ServiceMap {
     /// it wants).
     async fn dial(&self, request: DialRequest<'_>) -> Result<Dialed, Refusal> {
         let (name, caller) = (request.name, request.caller);
-        let Some(Service {
-            pattern: service,
-            addr,
-            proxy_protocol,
-        }) = self.lookup(name)
-        else {
+        let Some(found) = self.lookup(name) else {
             self.metrics.unknown_name();
             return Err(Refusal {
                 status: NOT_FOUND,
                 reason: format!("this agent serves no {name}"),
             });
         };
+        let (service, addr, proxy_protocol) = (&found.pattern, &found.addr, &found.proxy_protocol);
         let started = std::time::Instant::now();
         let mut dialed = crate::runtime::connect(addr).await;
         if let (Ok(stream), Some(version)) = (&mut dialed, proxy_protocol) {

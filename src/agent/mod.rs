@@ -223,28 +223,7 @@ impl AgentBuilder {
                 })?;
             connects.push(spec);
         }
-        let mut entries = Vec::new();
-        for (name, addr, proxy_protocol) in self.services {
-            let name =
-                normalize_host(&name).map_err(|e| AgentError::InvalidService(e.to_string()))?;
-            check_backend(&addr)
-                .map_err(|e| AgentError::InvalidService(format!("{name}={addr}: {e}")))?;
-            let authorized = identity
-                .hosts
-                .iter()
-                .any(|h| *h == name || name_matches(h, &name));
-            if !authorized {
-                return Err(AgentError::NotAuthorized {
-                    name,
-                    granted: identity.hosts.join(", "),
-                });
-            }
-            entries.push(backend::Service {
-                pattern: name,
-                addr,
-                proxy_protocol,
-            });
-        }
+        let entries = checked_services(&identity, self.services)?;
         if identity.ca_pin().is_none() {
             return Err(IdentityError::Corrupt {
                 path: self.state_dir.join(CA_CERT_FILE),
@@ -285,6 +264,60 @@ impl AgentBuilder {
     }
 }
 
+/// Checks services against the certificate: names normalized, backends `HOST:PORT`, and
+/// every name one the certificate grants.
+fn checked_services(
+    identity: &Identity,
+    services: Vec<(String, String, Option<ProxyProtocol>)>,
+) -> Result<Vec<backend::Service>, AgentError> {
+    let mut entries = Vec::new();
+    for (name, addr, proxy_protocol) in services {
+        let name = normalize_host(&name).map_err(|e| AgentError::InvalidService(e.to_string()))?;
+        check_backend(&addr)
+            .map_err(|e| AgentError::InvalidService(format!("{name}={addr}: {e}")))?;
+        let authorized = identity
+            .hosts
+            .iter()
+            .any(|h| *h == name || name_matches(h, &name));
+        if !authorized {
+            return Err(AgentError::NotAuthorized {
+                name,
+                granted: identity.hosts.join(", "),
+            });
+        }
+        entries.push(backend::Service {
+            pattern: name,
+            addr,
+            proxy_protocol,
+        });
+    }
+    Ok(entries)
+}
+
+/// Changes a running agent's services (SIGHUP in `revproxy-agent run`): new streams use
+/// the new map; open streams and the tunnels are untouched.
+#[derive(Clone)]
+pub struct AgentReloader {
+    services: Arc<ServiceMap>,
+    identity: tokio::sync::watch::Receiver<Arc<Identity>>,
+}
+
+impl AgentReloader {
+    /// Replaces the services with `services` ((name, backend, PROXY header)), checked as
+    /// at start against the current certificate; on an error nothing changes. Returns how
+    /// many there are now.
+    pub fn services(
+        &self,
+        services: Vec<(String, String, Option<ProxyProtocol>)>,
+    ) -> Result<usize, AgentError> {
+        let identity = self.identity.borrow().clone();
+        let entries = checked_services(&identity, services)?;
+        let count = entries.len();
+        self.services.replace(entries);
+        Ok(count)
+    }
+}
+
 /// A configured agent, ready to run.
 pub struct Agent {
     ctx: Arc<SessionCtx>,
@@ -315,6 +348,14 @@ impl Agent {
             admin: None,
             connects: Vec::new(),
             proxy_refresh: PROXY_REFRESH,
+        }
+    }
+
+    /// A handle that changes the services while the agent runs.
+    pub fn reloader(&self) -> AgentReloader {
+        AgentReloader {
+            services: self.ctx.services.clone(),
+            identity: self.identity.subscribe(),
         }
     }
 

@@ -116,6 +116,50 @@ fn main() -> ExitCode {
 
 type Failure = (u8, anyhow::Error);
 
+/// The services of a configuration, `--map` entries replacing the file's for the same name
+/// (the file's `proxy_protocol` for that name stays: `--map` moves the backend).
+fn services_of(
+    file: &AgentConfig,
+    maps: &[String],
+) -> Result<Vec<(String, String, Option<revproxy::agent::ProxyProtocol>)>, anyhow::Error> {
+    let mut services = Vec::new();
+    for s in &file.service {
+        let (name, to) = config::parse_map(&format!("{}={}", s.host, s.to))?;
+        services.push((name, to, s.proxy_protocol));
+    }
+    for m in maps {
+        let (name, to) = config::parse_map(m)?;
+        let proxy_protocol = (services.iter())
+            .find(|(n, _, _)| *n == name)
+            .and_then(|(_, _, pp)| *pp);
+        services.retain(|(n, _, _)| *n != name);
+        services.push((name, to, proxy_protocol));
+    }
+    Ok(services)
+}
+
+/// SIGHUP: reads the configuration file again and applies its services; a file that does
+/// not read, or names a service the certificate does not grant, changes nothing.
+fn reload_services(
+    path: Option<&std::path::Path>,
+    maps: &[String],
+    reloader: &revproxy::agent::AgentReloader,
+) {
+    let file = match path.map(AgentConfig::load).transpose() {
+        Ok(file) => file.unwrap_or_default(),
+        Err(e) => {
+            return tracing::warn!(error = %e, "configuration not reloaded; the running one stays")
+        }
+    };
+    let applied = services_of(&file, maps)
+        .map_err(|e| e.to_string())
+        .and_then(|services| reloader.services(services).map_err(|e| e.to_string()));
+    match applied {
+        Ok(count) => tracing::info!(services = count, "configuration reloaded"),
+        Err(e) => tracing::warn!(error = %e, "configuration not reloaded; the running one stays"),
+    }
+}
+
 fn usage(e: impl Into<anyhow::Error>) -> Failure {
     (2, e.into())
 }
@@ -169,7 +213,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             admin,
             log_format,
         } => {
-            let file = match &file {
+            let file_path = file;
+            let file = match &file_path {
                 Some(path) => AgentConfig::load(path).map_err(usage)?,
                 None => AgentConfig::default(),
             };
@@ -184,24 +229,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 None => file.transport,
             };
             let dir = state
-                .or(file.state)
+                .or(file.state.clone())
                 .unwrap_or_else(revproxy::runtime::dirs::agent_state_dir);
-            // --map entries override [[service]] entries for the same name.
-            let mut services = Vec::new();
-            for s in &file.service {
-                let (name, to) =
-                    config::parse_map(&format!("{}={}", s.host, s.to)).map_err(usage)?;
-                services.push((name, to, s.proxy_protocol));
-            }
-            for m in &maps {
-                let (name, to) = config::parse_map(m).map_err(usage)?;
-                // The file's proxy_protocol for that name stays: --map moves the backend.
-                let proxy_protocol = (services.iter())
-                    .find(|(n, _, _)| *n == name)
-                    .and_then(|(_, _, pp)| *pp);
-                services.retain(|(n, _, _)| *n != name);
-                services.push((name, to, proxy_protocol));
-            }
+            let services = services_of(&file, &maps).map_err(usage)?;
             // --connect entries override [[connect]] entries for the same name.
             let mut reach: Vec<(String, std::net::SocketAddr)> = Vec::new();
             for c in &file.connect {
@@ -262,8 +292,20 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if let Err(e) = revproxy::runtime::raise_fd_limit() {
                 tracing::warn!(error = %e, "cannot raise the open-file limit");
             }
+            let reloader = agent.reloader();
             runtime
-                .block_on(agent.run(revproxy::runtime::shutdown_signal()))
+                .block_on(async move {
+                    // SIGHUP re-reads the services (its default would end the process).
+                    use tokio::signal::unix::{signal, SignalKind};
+                    if let Ok(mut hangups) = signal(SignalKind::hangup()) {
+                        tokio::spawn(async move {
+                            while hangups.recv().await.is_some() {
+                                reload_services(file_path.as_deref(), &maps, &reloader);
+                            }
+                        });
+                    }
+                    agent.run(revproxy::runtime::shutdown_signal()).await
+                })
                 .map_err(|e| (1, e.into()))?;
         }
         Command::Check { config } => {
