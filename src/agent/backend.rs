@@ -165,16 +165,14 @@ mod tests {
         );
         let found = |name| {
             map.lookup(name)
-                .map(|s| (s.pattern.as_str(), s.addr.as_str()))
+                .map(|s| (s.pattern.clone(), s.addr.clone()))
         };
+        let pair = |a: &str, b: &str| Some((a.to_string(), b.to_string()));
         assert_eq!(
             found("app.example.com"),
-            Some(("app.example.com", "127.0.0.1:2"))
+            pair("app.example.com", "127.0.0.1:2")
         );
-        assert_eq!(
-            found("x.example.com"),
-            Some(("*.example.com", "127.0.0.1:1"))
-        );
+        assert_eq!(found("x.example.com"), pair("*.example.com", "127.0.0.1:1"));
         assert_eq!(found("example.com"), None);
     }
 
