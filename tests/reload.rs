@@ -1,5 +1,6 @@
-//! SIGHUP reloads `revproxy serve`'s configuration file: a listener added, another removed,
-//! a long transfer on a third untouched; a bad file changes nothing and is counted.
+//! SIGHUP reloads `revproxy serve`'s configuration file: a listener added, another removed
+//! (its open connection runs on), a long transfer on a third untouched; a bad file changes
+//! nothing and is counted.
 
 mod common;
 
@@ -52,8 +53,12 @@ async fn sighup_adds_and_removes_listeners_without_touching_open_streams() {
     let admin = free_port();
     let state = tempfile::tempdir().unwrap();
     let file = state.path().join("proxy.toml");
-    let head =
-        format!("agents = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:{admin}\"\nlog_format = \"json\"\n");
+    // A short grace period: a removed listener's open connection that outlives it was not
+    // cut at its end.
+    let head = format!(
+        "agents = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:{admin}\"\nlog_format = \"json\"\n\
+         shutdown_grace = \"1s\"\n"
+    );
     std::fs::write(
         &file,
         format!(
@@ -101,6 +106,14 @@ async fn sighup_adds_and_removes_listeners_without_touching_open_streams() {
     transfer.read_exact(&mut back).await.unwrap();
     assert!(back == first);
 
+    // And one through the listener about to be removed.
+    let mut leaving = tokio::net::TcpStream::connect(("127.0.0.1", removed))
+        .await
+        .unwrap();
+    leaving.write_all(b"before").await.unwrap();
+    let mut echoed = [0u8; 6];
+    leaving.read_exact(&mut echoed).await.unwrap();
+
     // Reload: one listener removed, one added.
     std::fs::write(
         &file,
@@ -127,6 +140,14 @@ async fn sighup_adds_and_removes_listeners_without_touching_open_streams() {
             .is_err(),
         "the removed listener no longer accepts"
     );
+    // Its open connection runs on, past the grace period (the time is what is tested:
+    // there is no event to wait for).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = pattern(64 * 1024, 5);
+    leaving.write_all(&after).await.unwrap();
+    let mut back = vec![0; after.len()];
+    leaving.read_exact(&mut back).await.unwrap();
+    assert!(back == after, "a connection of a removed listener runs on");
 
     // A bad file: nothing changes, and it is counted.
     std::fs::write(

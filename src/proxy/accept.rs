@@ -166,13 +166,32 @@ fn count(counter: &Option<prometheus::IntCounter>) {
     }
 }
 
-/// Accepts connections until `stop` fires, at most as many at once as `permits` allows and
-/// as `per_source` allows from one address, running `handle` for each in a tracked task
-/// (it gets the source slot, to hold as long as the bound should apply); then lets them
-/// finish for `grace` and aborts the rest.
+/// When an accept loop stops accepting, and when its connections must end.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Stopping {
+    /// Stop accepting; open connections run on (a listener removed by a reload).
+    pub(super) accepting: Trigger,
+    /// Shutdown: stop accepting, give open connections the grace period, then close them.
+    pub(super) shutdown: Trigger,
+}
+
+impl Stopping {
+    /// One trigger for both.
+    pub(super) fn at(stop: &Trigger) -> Stopping {
+        Stopping {
+            accepting: stop.clone(),
+            shutdown: stop.clone(),
+        }
+    }
+}
+
+/// Accepts connections until `stop` says so, at most as many at once as `permits` allows
+/// and as `per_source` allows from one address, running `handle` for each in a tracked
+/// task (it gets the source slot, to hold as long as the bound should apply). Then the
+/// connections run on until shutdown, which gives them `grace` and aborts the rest.
 pub(super) async fn serve<A, F, Fut>(
     mut acceptor: A,
-    stop: Trigger,
+    stop: Stopping,
     permits: Arc<Semaphore>,
     per_source: Arc<PerSource>,
     grace: Duration,
@@ -186,7 +205,8 @@ pub(super) async fn serve<A, F, Fut>(
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
-            () = stop.cancelled() => break,
+            () = stop.accepting.cancelled() => break,
+            () = stop.shutdown.cancelled() => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             accepted = acceptor.accept() => {
                 let Some((conn, peer)) = accepted else { break };
@@ -213,6 +233,11 @@ pub(super) async fn serve<A, F, Fut>(
         }
     }
     acceptor.stop();
+    // Until shutdown, open connections run to their end.
+    tokio::select! {
+        () = async { while tasks.join_next().await.is_some() {} } => return,
+        () = stop.shutdown.cancelled() => {}
+    }
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(grace, drain).await.is_err() {
         warn!(

@@ -71,7 +71,7 @@ impl AgentPort {
             let handle = move |tcp, peer, slot| serve_tcp(shared.clone(), tcp, peer, slot);
             accept::serve(
                 self.tcp,
-                stop.clone(),
+                accept::Stopping::at(&stop),
                 permits,
                 per_source,
                 grace * 2,
@@ -91,7 +91,7 @@ impl AgentPort {
             let acceptor = QuicAcceptor(endpoint.clone());
             accept::serve(
                 acceptor,
-                stop.clone(),
+                accept::Stopping::at(&stop),
                 permits,
                 per_source,
                 grace * 2,

@@ -2,8 +2,8 @@
 //! per connection, and the public listeners. A reload is all or nothing: every new
 //! listener is bound before anything changes, and a reload that cannot be applied changes
 //! nothing. Listeners that stay keep accepting throughout; open connections and tunnels are
-//! untouched (a removed listener stops accepting, and its open connections get the
-//! shutdown grace period, as at shutdown).
+//! untouched (a removed listener stops accepting; its open connections run to their end,
+//! or until shutdown).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -106,6 +106,9 @@ pub(super) struct PublicListeners {
     per_source: Arc<PerSource>,
     grace: Duration,
     running: HashMap<SocketAddr, (ListenerKind, Trigger)>,
+    /// Fired at shutdown: every accept loop, running or removed, then gives its
+    /// connections the grace period.
+    shutdown: Trigger,
     tasks: JoinSet<()>,
 }
 
@@ -122,6 +125,7 @@ impl PublicListeners {
             per_source,
             grace,
             running: HashMap::new(),
+            shutdown: Trigger::default(),
             tasks: JoinSet::new(),
         }
     }
@@ -153,9 +157,13 @@ impl PublicListeners {
             over_limit: Some(metrics.refused(metrics::Refused::ConnectionLimit)),
             over_source: Some(metrics.refused(metrics::Refused::SourceLimit)),
         };
+        let stopping = accept::Stopping {
+            accepting: stop.clone(),
+            shutdown: self.shutdown.clone(),
+        };
         let loop_ = accept::serve(
             listener,
-            stop.clone(),
+            stopping,
             self.clients.clone(),
             self.per_source.clone(),
             self.grace,
@@ -206,7 +214,7 @@ impl PublicListeners {
             .collect();
         for addr in &removed {
             if let Some((_, stop)) = self.running.remove(addr) {
-                info!(%addr, "public listener removed: no new connections; open ones get the shutdown grace");
+                info!(%addr, "public listener removed: no new connections; open ones run to their end");
                 stop.fire();
             }
         }
@@ -241,11 +249,10 @@ impl PublicListeners {
         ))
     }
 
-    /// Stops every accept loop (shutdown) and waits for them, connections included.
+    /// Stops every accept loop (shutdown) and waits for them, connections included (at
+    /// most the grace period).
     pub(super) async fn stop_all(mut self) {
-        for (_, stop) in self.running.values() {
-            stop.fire();
-        }
+        self.shutdown.fire();
         while self.tasks.join_next().await.is_some() {}
     }
 
