@@ -16,15 +16,6 @@ const CLIENT_IP: &str = "127.0.0.9";
 /// The address HAProxy connects to the proxy from: the only trusted source.
 const BALANCER_IP: &str = "127.0.0.5";
 
-/// A port the kernel says is free now, for programs that take no port 0 (nginx, HAProxy).
-fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// nginx on two ports that both expect a PROXY header (nginx reads v1 and v2 alike) and
 /// answer with the client address the header carried.
 struct Nginx {
@@ -271,16 +262,6 @@ async fn static_routes_and_fixed_listeners_send_the_header_too() {
             body.starts_with(&format!("client={CLIENT_IP}:")),
             "{what}: {body}"
         );
-    }
-}
-
-/// A child process killed when the test ends.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -11,16 +11,6 @@ use std::time::Duration;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A port the kernel says is free now (a reload compares listeners by address, so the
-/// file names real ports).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Waits (bounded) for a JSON log line whose message is `message`; returns it.
 fn logged(lines: &Receiver<String>, message: &str) -> serde_json::Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -49,8 +39,12 @@ fn listeners(fixed: &[(u16, SocketAddr)]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_adds_and_removes_listeners_without_touching_open_streams() {
     let backend = echo_backend(b"").await;
-    let (kept, removed, added) = (free_port(), free_port(), free_port());
-    let admin = free_port();
+    let (kept, removed, added) = (
+        free_port("127.0.0.1"),
+        free_port("127.0.0.1"),
+        free_port("127.0.0.1"),
+    );
+    let admin = free_port("127.0.0.1");
     let state = tempfile::tempdir().unwrap();
     let file = state.path().join("proxy.toml");
     // A short grace period: a removed listener's open connection that outlives it was not
@@ -77,24 +71,10 @@ async fn sighup_adds_and_removes_listeners_without_touching_open_streams() {
         .spawn()
         .unwrap();
     let lines = stderr_lines(&mut child);
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let pid = child.id();
-    let _child = Kill(child);
+    let _child = Killed(child);
     logged(&lines, "admin listener ready");
-    let hangup = || {
-        let ok = std::process::Command::new("kill")
-            .args(["-HUP", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    };
+    let hangup = || signal(pid, "HUP");
 
     // A long transfer through the listener that stays, in flight across the reloads.
     let mut transfer = tokio::net::TcpStream::connect(("127.0.0.1", kept))
@@ -218,23 +198,9 @@ async fn sighup_moves_an_agents_service_without_dropping_its_tunnel() {
         .unwrap();
     let lines = stderr_lines(&mut child);
     let pid = child.id();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _child = Kill(child);
+    let _child = Killed(child);
     proxy.wait_for("app.example.com", 1).await;
-    let hangup = || {
-        let ok = std::process::Command::new("kill")
-            .args(["-HUP", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    };
+    let hangup = || signal(pid, "HUP");
 
     let mut open = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
     open.write_all(&http_head("app.example.com")).await.unwrap();

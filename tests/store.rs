@@ -617,7 +617,7 @@ async fn killing_a_proxy_under_load_fails_only_the_streams_through_it() {
     for _ in 0..12 {
         flowing.recv().await.unwrap();
     }
-    sigkill(procs[1].child.id());
+    signal(procs[1].child.id(), "KILL");
     while let Some(done) = victims.join_next().await {
         let outcome = done.unwrap();
         assert!(
@@ -648,14 +648,6 @@ async fn killing_a_proxy_under_load_fails_only_the_streams_through_it() {
             .unwrap();
         assert!(got.ends_with(&data), "through {}", procs[i].http);
     }
-}
-
-fn sigkill(pid: u32) {
-    let status = std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 impl Deployment {
@@ -696,16 +688,6 @@ async fn serves(http: SocketAddr) {
     }
 }
 
-/// A child process killed when the test ends.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// HAProxy in front of three `revproxy serve` processes, checking each one's `/ready`: when
 /// one proxy is killed, clients of the load balancer go on being served (HAProxy retries a
 /// refused connection on another proxy, and its health check takes the dead one out).
@@ -716,10 +698,7 @@ async fn behind_haproxy_clients_do_not_notice_a_proxy_dying() {
     let (mut procs, _agent) = d.processes_and_an_agent().await;
 
     // HAProxy takes no port 0 either: a free one from the kernel, handed over.
-    let front = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let front = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")));
     let servers: String = (procs.iter().enumerate())
         .map(|(i, p)| {
             format!(
@@ -761,7 +740,7 @@ async fn behind_haproxy_clients_do_not_notice_a_proxy_dying() {
     for i in 0..30 {
         assert!(request(i).await, "request {i} before the kill");
     }
-    sigkill(procs[1].child.id());
+    signal(procs[1].child.id(), "KILL");
     // Dead, not dying: a connection the kernel accepted for it an instant before is lost
     // like any stream through it (`killing_a_proxy_under_load_fails_only_the_streams_through_it`).
     procs[1].child.wait().unwrap();

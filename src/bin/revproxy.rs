@@ -467,8 +467,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 error: e,
             };
             let file = ProxyConfig::load(&config).map_err(|e| usage(e.into()))?;
-            let listeners = file.listeners().map_err(|e| usage(e.into()))?;
-            let routes = file.routes().map_err(|e| usage(e.into()))?;
+            // What a reload would apply, then what only a start reads.
+            let reload = reload_from(&file).map_err(usage)?;
             if let Some(url) = &file.store {
                 revproxy::store::check_url(&url.0).map_err(|e| usage(e.into()))?;
             }
@@ -478,8 +478,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             eprintln!(
                 "{} is valid: {} public listener(s), {} route(s)",
                 config.display(),
-                listeners.len(),
-                routes.len()
+                reload.listeners.len(),
+                reload.routes.len()
             );
         }
         Command::Store(StoreCommand::Migrate { from, to }) => {
@@ -713,8 +713,8 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         "info",
         args.log_format.or(config.log_format).unwrap_or_default(),
     );
-    let listeners = config.listeners().map_err(|e| usage(e.into()))?;
-    let routes = config.routes().map_err(|e| usage(e.into()))?;
+    // The same reading of the file as a reload's.
+    let initial = reload_from(&config).map_err(usage)?;
     let dir = args
         .state
         .state
@@ -753,7 +753,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         if let Some(addr) = &config.advertise {
             builder = builder.advertise(addr);
         }
-        builder = builder.trusted_proxies(config.trusted_proxies().map_err(|e| usage(e.into()))?);
+        builder = builder.trusted_proxies(initial.trusted_proxies);
         match config.admin {
             Some(revproxy::config::AdminAddr::Off) => {}
             Some(revproxy::config::AdminAddr::At(addr)) => {
@@ -764,17 +764,14 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
                 builder = builder.admin_listener(bind(addr).await?)
             }
         }
-        for (addr, kind) in listeners {
+        for (addr, kind) in initial.listeners {
             builder = builder.listener(bind(addr).await?, kind);
         }
-        for (name, addr) in &routes {
+        for (name, addr) in &initial.routes {
             builder = builder.route(name, addr);
         }
-        for (addr, version) in config
-            .static_proxy_protocol()
-            .map_err(|e| usage(e.into()))?
-        {
-            builder = builder.static_proxy_protocol(&addr, version);
+        for (addr, version) in &initial.static_proxy_protocol {
+            builder = builder.static_proxy_protocol(addr, *version);
         }
         if let Some(t) = config.peek_timeout {
             builder = builder.peek_timeout(t);

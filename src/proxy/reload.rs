@@ -203,7 +203,7 @@ impl PublicListeners {
                                 addr: *addr,
                                 source,
                             })?;
-                    added.push((listener, kind.clone()));
+                    added.push((*addr, listener, kind.clone()));
                 }
             }
         }
@@ -219,12 +219,9 @@ impl PublicListeners {
             }
         }
         let count = added.len();
-        for (listener, kind) in added {
+        for (addr, listener, kind) in added {
             self.start(listener, kind)
-                .map_err(|source| ReloadError::Bind {
-                    addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                    source,
-                })?;
+                .map_err(|source| ReloadError::Bind { addr, source })?;
         }
         self.publish();
         self.per_source.set_exempt(reload.trusted_proxies.clone());

@@ -839,11 +839,7 @@ impl Postgres {
             String::from_utf8_lossy(&init.stderr)
         );
         // PostgreSQL takes no port 0: ask the kernel for a free one and hand it over.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port("127.0.0.1");
         let mut pg = Postgres {
             child: None,
             bin,
@@ -937,4 +933,34 @@ impl Postgres {
         );
         String::from_utf8(out.stdout).unwrap()
     }
+}
+
+/// A child process killed (and reaped) when the test ends.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Sends signal `name` (`HUP`, `KILL`) to process `pid`.
+pub fn signal(pid: u32, name: &str) {
+    let sent = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -{name} {pid}");
+}
+
+/// A port on `ip` the kernel says is free now, for programs that take no port 0 (nginx,
+/// HAProxy, PostgreSQL) and for configuration files a reload compares by address.
+pub fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
