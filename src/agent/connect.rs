@@ -76,6 +76,17 @@ impl UpLinks {
         }
     }
 
+    /// `link` takes no more streams: the next [`Self::link`] dials a new channel (a QUIC
+    /// tunnel is replaced by its session).
+    async fn forget(&self, link: &Arc<Link>) {
+        let channel = self.channel.lock().await;
+        if let Some((current, ended)) = channel.as_ref() {
+            if Arc::ptr_eq(current, link) {
+                ended.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Every connect listener's state.
     pub(crate) fn status(&self) -> Vec<ConnectStatus> {
         self.listeners
@@ -218,10 +229,6 @@ async fn accept_loop(
                 s.last_error = Some(why);
                 s.last_error_at = Some(time::OffsetDateTime::now_utc().unix_timestamp());
             };
-            let link = match up.link(&server, &identity).await {
-                Ok(link) => link,
-                Err(why) => return failed(why),
-            };
             let early = Bytes::new();
             let request = OpenRequest {
                 name: &name,
@@ -230,14 +237,28 @@ async fn accept_loop(
                 early: &early,
                 caller: None,
             };
-            let opened = tokio::time::timeout(OPEN_TIMEOUT, link.open(&request)).await;
-            let stream = match opened {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(OpenError::Refused { status, reason })) => {
-                    return failed(format!("the proxy refused ({status}): {reason}"))
+            let mut retried = false;
+            let stream = loop {
+                let link = match up.link(&server, &identity).await {
+                    Ok(link) => link,
+                    Err(why) => return failed(why),
+                };
+                let opened = tokio::time::timeout(OPEN_TIMEOUT, link.open(&request)).await;
+                match opened {
+                    Ok(Ok(stream)) => break stream,
+                    // The channel takes no more streams (the proxy moved to a new process,
+                    // or it broke): once more on a fresh one.
+                    Ok(Err(e)) if e.tunnel_is_gone() && !retried => {
+                        debug!(host = %name, error = %e, "mesh channel gone; dialing a new one");
+                        up.forget(&link).await;
+                        retried = true;
+                    }
+                    Ok(Err(OpenError::Refused { status, reason })) => {
+                        return failed(format!("the proxy refused ({status}): {reason}"))
+                    }
+                    Ok(Err(e)) => return failed(format!("the tunnel failed: {e}")),
+                    Err(_) => return failed(format!("no answer within {OPEN_TIMEOUT:?}")),
                 }
-                Ok(Err(e)) => return failed(format!("the tunnel failed: {e}")),
-                Err(_) => return failed(format!("no answer within {OPEN_TIMEOUT:?}")),
             };
             {
                 let mut s = status.lock().expect("connect status");

@@ -107,6 +107,8 @@ pub(super) struct Session {
     pub(super) stop: Trigger,
     /// A newer tunnel is up: take no new streams, let open ones finish.
     pub(super) retire: Trigger,
+    /// Fired when the proxy says a new process serves it now.
+    pub(super) moving: Trigger,
     /// Set once this session's tunnel is up.
     pub(super) established: Arc<AtomicBool>,
     /// The retire triggers of older tunnels, fired once this one is up (not before: a
@@ -149,6 +151,7 @@ impl Session {
             services,
             self.stop,
             self.retire.clone(),
+            self.moving,
             self.ctx.drain_grace,
             self.ctx.stream_limits,
         );

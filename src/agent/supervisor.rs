@@ -51,6 +51,7 @@ pub(super) async fn keep_tunnel_up(
             .map(|(conn, _)| conn);
         let kind = choice.next();
         let retire = Trigger::default();
+        let moving = Trigger::default();
         let established = Arc::new(AtomicBool::new(false));
         let session = Session {
             ctx: ctx.clone(),
@@ -61,6 +62,7 @@ pub(super) async fn keep_tunnel_up(
             identity: id.clone(),
             stop: stop.clone(),
             retire: retire.clone(),
+            moving: moving.clone(),
             established: established.clone(),
             to_retire: to_retire.clone(),
         };
@@ -94,6 +96,14 @@ pub(super) async fn keep_tunnel_up(
                     backoff.reset();
                     continue 'connect;
                 }
+                // A new process took the proxy's sockets over (`serve --upgrade`): the
+                // next tunnel reaches it, at once and without backoff.
+                () = moving.cancelled() => {
+                    info!("the proxy moved to a new process: opening a tunnel to it; this one drains once that is up");
+                    to_retire.lock().expect("retire list").push(retire.clone());
+                    backoff.reset();
+                    continue 'connect;
+                }
                 probed = &mut probe, if probing.is_some() => match probed {
                     Ok(conn) => {
                         info!(transport = probe_kind.name(), "this transport works again: new streams use it; the old tunnel drains");
@@ -111,6 +121,11 @@ pub(super) async fn keep_tunnel_up(
         };
         if next_preconnected.is_some() {
             preconnected = next_preconnected;
+            continue 'connect;
+        }
+        if moving.is_fired() && !stop.is_fired() {
+            info!("the proxy moved to a new process: reconnecting at once");
+            backoff.reset();
             continue 'connect;
         }
         let was_up = established.load(Ordering::Relaxed);

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use revproxy::ca::{self, Ca, CaError, InitOptions, NewToken};
 use revproxy::config::parse_duration;
 use revproxy::config::ProxyConfig;
+use revproxy::runtime::handover;
 use revproxy::runtime::logging::LogFormat;
 use revproxy::Proxy;
 
@@ -315,6 +316,10 @@ struct ServeArgs {
     /// every proxy sharing the store [default: the agent listener's, unless a wildcard]
     #[arg(long, value_name = "HOST:PORT")]
     advertise: Option<String>,
+    /// Take the listening sockets over from the proxy running on the same state directory
+    /// (same configuration): it stops accepting, moves its agents here and drains
+    #[arg(long)]
+    upgrade: bool,
 }
 
 /// An error with the exit status it deserves: 1 for runtime failures, 2 for bad input.
@@ -736,17 +741,38 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         print_init_notes(&ca);
     }
     raise_fd_limit();
+    // The running proxy's sockets, before anything else can fail: it keeps serving until
+    // this one says it does.
+    let mut inherited = match args.upgrade {
+        true => {
+            let taken = handover::take_over(&dir)?;
+            tracing::info!(sockets = ?taken.described(), "listening sockets taken over from the running proxy");
+            Some(taken)
+        }
+        false => None,
+    };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         // From here on SIGHUP reloads (its default would end the process).
         let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("cannot watch for SIGHUP")?;
-        let bind = |addr: SocketAddr| async move {
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))
+        // Without --upgrade, a proxy already serving this state directory is refused
+        // here, before any port is tried.
+        let upgrades = match args.upgrade {
+            false => Some(handover::Listener::bind(&dir)?),
+            true => None,
         };
-        let mut builder = Proxy::builder(&dir).agent_listener(bind(agents_addr).await?);
+        let mut builder = Proxy::builder(&dir).agent_listener(
+            listen(&mut inherited, handover::Role::Agents, agents_addr).await?,
+        );
+        if let Some(inherited) = inherited.as_mut() {
+            if let Some(udp) = inherited
+                .udp(agents_addr)
+                .context("cannot take the QUIC socket over")?
+            {
+                builder = builder.quic_listener(udp);
+            }
+        }
         if let Some(url) = &config.store {
             builder = builder.store(&url.0);
         }
@@ -757,15 +783,25 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         match config.admin {
             Some(revproxy::config::AdminAddr::Off) => {}
             Some(revproxy::config::AdminAddr::At(addr)) => {
-                builder = builder.admin_listener(bind(addr).await?)
+                builder = builder
+                    .admin_listener(listen(&mut inherited, handover::Role::Admin, addr).await?)
             }
             None => {
                 let addr = DEFAULT_ADMIN.parse().expect("valid address");
-                builder = builder.admin_listener(bind(addr).await?)
+                builder = builder
+                    .admin_listener(listen(&mut inherited, handover::Role::Admin, addr).await?)
             }
         }
         for (addr, kind) in initial.listeners {
-            builder = builder.listener(bind(addr).await?, kind);
+            let listener = listen(&mut inherited, handover::Role::Public, addr).await?;
+            builder = builder.listener(listener, kind);
+        }
+        if let Some(inherited) = inherited.take() {
+            let (confirmation, unused) = inherited.finish();
+            if !unused.is_empty() {
+                tracing::info!(?unused, "sockets the configuration no longer has are closed here (the old process stops accepting on them)");
+            }
+            builder = builder.upgraded(confirmation);
         }
         for (name, addr) in &initial.routes {
             builder = builder.route(name, addr);
@@ -798,10 +834,38 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
             builder = builder.access_log(true);
         }
         let proxy = builder.build()?;
+        // Built: from here this process answers the next upgrade (the running one's
+        // socket name becomes ours only now, so a failed start leaves it in place).
+        let upgrades = match upgrades {
+            Some(listener) => listener,
+            None => handover::Listener::replace(&dir)?,
+        };
+        let proxy = proxy.answer_upgrades(upgrades);
         tokio::spawn(reload_on_hangup(args, hangups, proxy.reloader()));
         proxy.run(revproxy::runtime::shutdown_signal()).await?;
         Ok::<_, Failure>(())
     })
+}
+
+/// A listening socket for `role` at `addr`: the one taken over from the running proxy if
+/// it handed one over, else bound here.
+async fn listen(
+    inherited: &mut Option<handover::Inherited>,
+    role: handover::Role,
+    addr: SocketAddr,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    let taken = match inherited.as_mut() {
+        Some(inherited) => inherited
+            .tcp(role, addr)
+            .with_context(|| format!("cannot take {addr} over"))?,
+        None => None,
+    };
+    match taken {
+        Some(listener) => Ok(tokio::net::TcpListener::from_std(listener)?),
+        None => tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}")),
+    }
 }
 
 /// Raises the open-file limit (the caps are sized from it), or says why it could not.

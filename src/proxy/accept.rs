@@ -173,6 +173,9 @@ pub(super) struct Stopping {
     pub(super) accepting: Trigger,
     /// Shutdown: stop accepting, give open connections the grace period, then close them.
     pub(super) shutdown: Trigger,
+    /// Fired by the loop once it accepts no more (an upgrade waits for it before moving
+    /// agents, so that no late connection lands in the old process).
+    pub(super) stopped: Trigger,
 }
 
 impl Stopping {
@@ -181,6 +184,7 @@ impl Stopping {
         Stopping {
             accepting: stop.clone(),
             shutdown: stop.clone(),
+            stopped: Trigger::default(),
         }
     }
 }
@@ -233,6 +237,7 @@ pub(super) async fn serve<A, F, Fut>(
         }
     }
     acceptor.stop();
+    stop.stopped.fire();
     // Until shutdown, open connections run to their end.
     tokio::select! {
         () = async { while tasks.join_next().await.is_some() {} } => return,

@@ -22,7 +22,7 @@ use crate::tunnel::{self, quic, Upward, HANDSHAKE_TIMEOUT};
 /// The agent port's listeners.
 pub(super) struct AgentPort {
     tcp: TcpListener,
-    quic: Option<quinn::Endpoint>,
+    quic: Option<(quinn::Endpoint, quic::proxy::StopReading)>,
 }
 
 /// A UDP socket for QUIC tunnels at the agent listener's address.
@@ -51,13 +51,20 @@ impl AgentPort {
         self.tcp.local_addr()
     }
 
+    /// The QUIC endpoint and the switch that stops it reading, for an upgrade to move the
+    /// agents.
+    pub(super) fn quic_endpoint(&self) -> Option<(quinn::Endpoint, quic::proxy::StopReading)> {
+        self.quic.clone()
+    }
+
     /// Accepts agents until `stop`, then waits for their connections to end (tunnels close
     /// when the proxy fires `close_tunnels`, after the client connections drained), at most
-    /// twice `grace`.
+    /// twice `grace`. `stopped` fires once TCP accepts no more.
     pub(super) async fn run(
         self,
         shared: Arc<Shared>,
         stop: Trigger,
+        stopped: Trigger,
         grace: std::time::Duration,
         limits: Limits,
     ) {
@@ -69,9 +76,13 @@ impl AgentPort {
             let permits = Arc::new(Semaphore::new(limits.agents));
             let per_source = PerSource::new(limits.handshakes_per_source);
             let handle = move |tcp, peer, slot| serve_tcp(shared.clone(), tcp, peer, slot);
+            let stopping = accept::Stopping {
+                stopped,
+                ..accept::Stopping::at(&stop)
+            };
             accept::serve(
                 self.tcp,
-                accept::Stopping::at(&stop),
+                stopping,
                 permits,
                 per_source,
                 grace * 2,
@@ -80,7 +91,9 @@ impl AgentPort {
             )
         };
         let quic = async {
-            let Some(endpoint) = self.quic else { return };
+            let Some((endpoint, _)) = self.quic else {
+                return;
+            };
             if let Ok(addr) = endpoint.local_addr() {
                 info!(%addr, "QUIC tunnel listener ready (udp)");
             }
@@ -247,7 +260,9 @@ async fn mesh_channel(
             () = until_unix(who.not_after) => {}
         }
     };
-    let ended = tunnel::serve_mesh_channel(stream, on_stream, close).await;
+    // An upgrade moves the agent: no new mesh streams here, open ones run on.
+    let moving = shared.moving.cancelled();
+    let ended = tunnel::serve_mesh_channel(stream, on_stream, moving, close).await;
     debug!(%peer, agent = %who.agent, result = ?ended, "mesh channel down");
 }
 

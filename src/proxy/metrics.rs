@@ -65,6 +65,7 @@ pub(super) struct ProxyMetrics {
     routed: IntCounterVec,
     refused: IntCounterVec,
     reloads: IntCounterVec,
+    upgrades: IntCounterVec,
     open_seconds: HistogramVec,
     received: IntCounterVec,
     sent: IntCounterVec,
@@ -133,6 +134,12 @@ impl ProxyMetrics {
                 r,
                 "revproxy_config_reloads_total",
                 "Configuration reloads (SIGHUP), by result: ok, or error (the running configuration stays).",
+                &["result"],
+            ),
+            upgrades: counter(
+                r,
+                "revproxy_upgrades_total",
+                "Socket hand-overs to a successor (serve --upgrade), counted by the old process: handed_over, or failed (it goes on serving).",
                 &["result"],
             ),
             open_seconds,
@@ -270,6 +277,16 @@ impl ProxyMetrics {
         for result in ["ok", "error"] {
             self.reloads.with_label_values(&[result]);
         }
+        for result in ["handed_over", "failed"] {
+            self.upgrades.with_label_values(&[result]);
+        }
+    }
+
+    /// Counts a hand-over to a successor.
+    pub(super) fn upgraded(&self, ok: bool) {
+        self.upgrades
+            .with_label_values(&[if ok { "handed_over" } else { "failed" }])
+            .inc();
     }
 
     /// Counts a reload.

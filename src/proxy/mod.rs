@@ -28,6 +28,7 @@ mod registry;
 mod reload;
 mod replies;
 mod state;
+mod upgrade;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -45,6 +46,7 @@ pub use crate::route::{Cidr, ListenerKind, Target, TargetError};
 pub use registry::ProxyStatus;
 pub use reload::{Reload, ReloadError, Reloader};
 
+use crate::runtime::handover;
 use crate::runtime::shutdown::Trigger;
 use crate::tls::{self, TlsError};
 use crate::tunnel;
@@ -158,6 +160,7 @@ pub struct ProxyBuilder {
     advertise: Option<String>,
     trusted_proxies: Vec<crate::route::Cidr>,
     static_proxy_protocol: HashMap<String, crate::wire::proxy_header::ProxyProtocol>,
+    upgraded: Option<handover::Confirmation>,
 }
 
 /// Where the proxy listens for QUIC tunnels.
@@ -228,6 +231,14 @@ impl ProxyBuilder {
         version: crate::wire::proxy_header::ProxyProtocol,
     ) -> Self {
         self.static_proxy_protocol.insert(addr.to_string(), version);
+        self
+    }
+
+    /// This proxy took its listeners over from a running one ([`handover::take_over`]):
+    /// once it serves it says so through `confirmation`, and for a while holds clients of
+    /// names whose agents have not moved here yet ([`upgrade::HOLD`]).
+    pub fn upgraded(mut self, confirmation: handover::Confirmation) -> Self {
+        self.upgraded = Some(confirmation);
         self
     }
 
@@ -355,6 +366,26 @@ impl ProxyBuilder {
             QuicListener::SamePort => Some(agent_port::quic_socket(agents.local_addr()?)?),
             QuicListener::Socket(socket) => Some(tunnel::quic::tune_udp_socket(socket)?),
         };
+        // A second descriptor of each fixed listener, for an upgrade to hand over.
+        let mut sockets = vec![upgrade::described(
+            handover::Role::Agents,
+            &agents,
+            agents.local_addr()?,
+        )?];
+        if let Some(socket) = &quic_socket {
+            sockets.push(upgrade::described(
+                handover::Role::Quic,
+                socket,
+                socket.local_addr()?,
+            )?);
+        }
+        if let Some(admin) = &self.admin {
+            sockets.push(upgrade::described(
+                handover::Role::Admin,
+                admin,
+                admin.local_addr()?,
+            )?);
+        }
         let agent_port = AgentPort::new(agents, quic_socket, tunnel_config.clone())?;
         // Beyond loopback the admin listener takes operator certificates only.
         let admin_tls = match &self.admin {
@@ -426,6 +457,11 @@ impl ProxyBuilder {
                 started: time::OffsetDateTime::now_utc().unix_timestamp(),
                 listeners: std::sync::RwLock::new(listeners),
                 close_tunnels: Trigger::default(),
+                moving: Trigger::default(),
+                hold_until: self
+                    .upgraded
+                    .as_ref()
+                    .map(|_| tokio::time::Instant::now() + upgrade::HOLD),
                 enroll_config: Arc::new(enroll_config),
                 server_cert,
                 tunnel_config: Arc::new(tunnel_config),
@@ -435,6 +471,9 @@ impl ProxyBuilder {
             public: self.public,
             shutdown_grace: self.shutdown_grace,
             admin: self.admin.map(|listener| (listener, admin_tls)),
+            sockets,
+            handover: None,
+            upgraded: self.upgraded,
         })
     }
 }
@@ -488,6 +527,11 @@ struct Shared {
     listeners: std::sync::RwLock<Vec<(String, String)>>,
     /// Fired last during shutdown, once client connections have drained.
     close_tunnels: Trigger,
+    /// Fired when a successor took the sockets over: mesh channels take no new streams.
+    moving: Trigger,
+    /// Until then (after an upgrade), a client whose name's agents have not arrived yet
+    /// waits for them instead of being told the name is offline.
+    hold_until: Option<tokio::time::Instant>,
     enroll_config: Arc<rustls::ServerConfig>,
     tunnel_config: Arc<rustls::ServerConfig>,
     /// The agent listener's certificate, renewed in place.
@@ -526,6 +570,12 @@ pub struct Proxy {
     shutdown_grace: Duration,
     /// The admin listener, and its TLS when it is not on loopback.
     admin: Option<(TcpListener, Option<crate::admin::AdminTls>)>,
+    /// The agent, QUIC and admin sockets, for an upgrade to hand over.
+    sockets: Vec<(handover::Described, std::os::fd::OwnedFd)>,
+    /// Where successors ask for the sockets.
+    handover: Option<handover::Listener>,
+    /// Told once this proxy serves, when it took its sockets over.
+    upgraded: Option<handover::Confirmation>,
 }
 
 impl Proxy {
@@ -552,6 +602,7 @@ impl Proxy {
             advertise: None,
             trusted_proxies: Vec::new(),
             static_proxy_protocol: HashMap::new(),
+            upgraded: None,
         }
     }
 
@@ -570,6 +621,14 @@ impl Proxy {
         self.shared.ca.pin()
     }
 
+    /// Hands this proxy's listening sockets to a successor that asks on `listener`
+    /// (`serve --upgrade`); once the successor serves, this one stops accepting, moves its
+    /// agents there, lets open connections finish and returns from [`Proxy::run`].
+    pub fn answer_upgrades(mut self, listener: handover::Listener) -> Self {
+        self.handover = Some(listener);
+        self
+    }
+
     /// A handle that applies new settings and listeners while the proxy runs.
     pub fn reloader(&self) -> Reloader {
         self.reloader.clone()
@@ -584,6 +643,7 @@ impl Proxy {
     /// the shutdown grace period to finish, and closes the tunnels last.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ProxyError> {
         let stop = Trigger::default();
+        let agents_stopped = Trigger::default();
         let grace = self.shutdown_grace;
         let clients = Arc::new(Semaphore::new(self.limits.clients));
         let per_source = accept::PerSource::with_exempt(
@@ -596,10 +656,12 @@ impl Proxy {
             public.start(listener, kind)?;
         }
         let background = background::start(self.shared.clone());
+        let quic = self.agent_port.quic_endpoint();
         // Tunnels end on `close_tunnels`, fired after the client connections drained.
         let agents = tokio::spawn(self.agent_port.run(
             self.shared.clone(),
             stop.clone(),
+            agents_stopped.clone(),
             grace,
             self.limits,
         ));
@@ -612,12 +674,20 @@ impl Proxy {
         self.shared
             .ready
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(confirmation) = self.upgraded {
+            match confirmation.ready() {
+                Ok(()) => info!("serving on the sockets taken over; the old process stops accepting and moves its agents here"),
+                Err(e) => warn!(error = %e, "cannot tell the old process that this one serves (it keeps accepting too)"),
+            }
+        }
 
         let mut reloads = self.reloads;
+        let handover = self.handover;
+        let mut handing_over = None;
         tokio::pin!(shutdown);
-        loop {
+        let upgraded = loop {
             tokio::select! {
-                () = &mut shutdown => break,
+                () = &mut shutdown => break false,
                 Some(request) = reloads.recv() => match request {
                     reload::Request::Apply(new, reply) => {
                         let applied = public.apply(new).await;
@@ -634,18 +704,45 @@ impl Proxy {
                     }
                 },
                 () = public.reap() => {}
+                asked = upgrade::next_successor(handover.as_ref()), if handing_over.is_none() => {
+                    match asked.and_then(|successor| Ok((successor, upgrade::sockets(&self.sockets, &public)?))) {
+                        Ok((successor, sockets)) => handing_over = Some(upgrade::hand_over(successor, sockets)),
+                        Err(e) => warn!(error = %e, "cannot serve an upgrade request"),
+                    }
+                }
+                served = upgrade::finished(&mut handing_over) => {
+                    self.shared.metrics.upgraded(served);
+                    if served {
+                        break true;
+                    }
+                }
             }
-        }
-        info!("shutting down: no new connections; draining open ones");
+        };
         self.shared
             .ready
             .store(false, std::sync::atomic::Ordering::Relaxed);
+        // No successor is answered any more (after an upgrade the name is the new one's).
+        drop(handover);
         stop.fire();
+        if upgraded {
+            info!("the new process serves: no new connections here; agents move to it; open connections drain");
+            // The admin socket is the new process's too.
+            admin_stop.fire();
+            upgrade::step_aside(&self.shared, &public, &agents_stopped, quic.as_ref()).await;
+        } else {
+            info!("shutting down: no new connections; draining open ones");
+        }
+        // Our descriptors of the listeners close: after a shutdown a client is refused
+        // rather than queued; after an upgrade the new process holds its own.
+        drop(self.sockets);
         public.stop_all().await;
         self.shared.close_tunnels.fire();
         let _ = agents.await;
         drop(background);
-        background::withdraw(&self.shared).await;
+        // The successor is this same proxy (same id): it stays on the store's list.
+        if !upgraded {
+            background::withdraw(&self.shared).await;
+        }
         admin_stop.fire();
         if let Some(admin) = admin {
             let _ = admin.await;

@@ -282,11 +282,23 @@ async fn handle(
         .split_once('.')
         .map(|(_, parent)| format!("*.{parent}"))
         .unwrap_or_default();
-    let found = shared.registry.lookup(&name);
+    let mut found = shared.registry.lookup(&name);
     let route = settings
         .routes
         .get(&name)
         .filter(|_| !state.covers_private(&name));
+    // Just after an upgrade the agents are still moving here: a client of a name they
+    // serve waits for its tunnel rather than hearing that the name is offline.
+    if let Some(until) = shared.hold_until {
+        if found.is_empty()
+            && route.is_none()
+            && tokio::time::Instant::now() < until
+            && state.is_granted_anywhere(&name)
+        {
+            debug!(%peer, conn = %id, host = %name, "just upgraded: waiting for the agent to move here");
+            found = shared.registry.wait_for(&name, until).await;
+        }
+    }
     if found.is_empty() && route.is_none() {
         let offline = state.is_granted_anywhere(&name);
         if offline {

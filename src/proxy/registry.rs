@@ -69,6 +69,11 @@ impl Tunnel {
         self.link.kind().name()
     }
 
+    /// Tells the agent that a new process serves this proxy now.
+    pub(super) async fn tell_moving(&self) {
+        self.link.tell_moving().await;
+    }
+
     /// Opens a stream for a client; the caller bounds the wait.
     pub(super) async fn open(&self, req: &OpenRequest<'_>) -> Result<TunnelStream, OpenError> {
         self.link.open(req).await
@@ -176,6 +181,22 @@ impl Registry {
         drop(inner);
         self.changes.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// The tunnels serving `name` to public clients ([`Self::lookup`]), waiting until
+    /// `until` for one to register if none is there yet.
+    pub(super) async fn wait_for(&self, name: &str, until: tokio::time::Instant) -> Found {
+        let mut changes = self.subscribe();
+        loop {
+            let found = self.lookup(name);
+            if !found.is_empty() {
+                return found;
+            }
+            match tokio::time::timeout_at(until, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return found,
+            }
+        }
     }
 
     /// A receiver that sees every change to the set of tunnels.

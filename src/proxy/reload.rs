@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use tracing::{info, Instrument};
 use super::accept::{self, PerSource};
 use super::{metrics, public, ListenerKind, Shared, Target};
 use crate::route::Cidr;
+use crate::runtime::handover::{Described, Role};
 use crate::runtime::shutdown::Trigger;
 use crate::tunnel::StreamLimits;
 use crate::wire::proxy_header::ProxyProtocol;
@@ -99,13 +101,25 @@ impl Reloader {
     }
 }
 
+/// One public listener's accept loop.
+struct Running {
+    kind: ListenerKind,
+    /// Fire to stop accepting.
+    stop: Trigger,
+    /// Fired by the loop once it accepts no more.
+    stopped: Trigger,
+    /// A second descriptor of the listening socket, for an upgrade to hand over; dropped
+    /// with the entry, so a removed listener's socket closes.
+    fd: OwnedFd,
+}
+
 /// The running public listeners, each an accept loop with a trigger of its own.
 pub(super) struct PublicListeners {
     shared: Arc<Shared>,
     clients: Arc<Semaphore>,
     per_source: Arc<PerSource>,
     grace: Duration,
-    running: HashMap<SocketAddr, (ListenerKind, Trigger)>,
+    running: HashMap<SocketAddr, Running>,
     /// Fired at shutdown: every accept loop, running or removed, then gives its
     /// connections the grace period.
     shutdown: Trigger,
@@ -137,6 +151,7 @@ impl PublicListeners {
         kind: ListenerKind,
     ) -> std::io::Result<()> {
         let addr = listener.local_addr()?;
+        let fd = listener.as_fd().try_clone_to_owned()?;
         info!(%addr, kind = ?kind, "public listener ready");
         let stop = Trigger::default();
         let (shared, sources) = (self.shared.clone(), self.per_source.clone());
@@ -157,9 +172,11 @@ impl PublicListeners {
             over_limit: Some(metrics.refused(metrics::Refused::ConnectionLimit)),
             over_source: Some(metrics.refused(metrics::Refused::SourceLimit)),
         };
+        let stopped = Trigger::default();
         let stopping = accept::Stopping {
             accepting: stop.clone(),
             shutdown: self.shutdown.clone(),
+            stopped: stopped.clone(),
         };
         let loop_ = accept::serve(
             listener,
@@ -172,7 +189,15 @@ impl PublicListeners {
         );
         self.tasks
             .spawn(loop_.instrument(tracing::info_span!("listener", %addr)));
-        self.running.insert(addr, (kind, stop));
+        self.running.insert(
+            addr,
+            Running {
+                kind,
+                stop,
+                stopped,
+                fd,
+            },
+        );
         self.publish();
         Ok(())
     }
@@ -180,7 +205,7 @@ impl PublicListeners {
     /// The listeners as the status page shows them.
     fn publish(&self) {
         let mut list: Vec<(String, String)> = (self.running.iter())
-            .map(|(addr, (kind, _))| (addr.to_string(), describe(kind)))
+            .map(|(addr, running)| (addr.to_string(), describe(&running.kind)))
             .collect();
         list.sort();
         *self.shared.listeners.write().expect("listeners lock") = list;
@@ -193,7 +218,7 @@ impl PublicListeners {
         let mut added = Vec::new();
         for (addr, kind) in &reload.listeners {
             match self.running.get(addr) {
-                Some((running, _)) if running == kind => {}
+                Some(running) if running.kind == *kind => {}
                 Some(_) => return Err(ReloadError::KindChanged(*addr)),
                 None => {
                     let listener =
@@ -213,9 +238,9 @@ impl PublicListeners {
             .copied()
             .collect();
         for addr in &removed {
-            if let Some((_, stop)) = self.running.remove(addr) {
+            if let Some(running) = self.running.remove(addr) {
                 info!(%addr, "public listener removed: no new connections; open ones run to their end");
-                stop.fire();
+                running.stop.fire();
             }
         }
         let count = added.len();
@@ -250,7 +275,35 @@ impl PublicListeners {
     /// most the grace period).
     pub(super) async fn stop_all(mut self) {
         self.shutdown.fire();
+        // The sockets close now (their accept loops let go of them at once): a client is
+        // refused, not left waiting in a queue nobody reads.
+        self.running.clear();
         while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// The listening sockets, for an upgrade to hand over (a descriptor of each).
+    pub(super) fn sockets(&self) -> std::io::Result<Vec<(Described, OwnedFd)>> {
+        (self.running.iter())
+            .map(|(addr, running)| {
+                let described = Described {
+                    role: Role::Public,
+                    addr: *addr,
+                };
+                Ok((described, running.fd.try_clone()?))
+            })
+            .collect()
+    }
+
+    /// Stops accepting on every listener (an upgrade: the new process accepts now) and
+    /// returns once none will accept again. Open connections run on until
+    /// [`Self::stop_all`].
+    pub(super) async fn stop_accepting(&self) {
+        for running in self.running.values() {
+            running.stop.fire();
+        }
+        for running in self.running.values() {
+            running.stopped.cancelled().await;
+        }
     }
 
     /// Reaps accept loops of removed listeners that have finished.

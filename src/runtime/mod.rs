@@ -4,6 +4,7 @@
 
 pub(crate) mod backoff;
 pub mod dirs;
+pub mod handover;
 pub(crate) mod http1;
 pub mod logging;
 pub(crate) mod shutdown;

@@ -421,6 +421,27 @@ impl Link {
             }
         }
     }
+
+    /// Tells the agent that a new process serves this proxy now, so that it moves there at
+    /// once. On h2 a control message: the agent opens its next tunnel, then retires this
+    /// one, whose open streams finish here. A QUIC tunnel cannot outlive the swap (both
+    /// processes would read its UDP socket), so it is closed with [`quic::code::MOVING`]
+    /// and the agent reconnects without a pause; its open streams are cut. Bounded by
+    /// [`HANDSHAKE_TIMEOUT`].
+    pub(crate) async fn tell_moving(&self) {
+        match self {
+            Link::H2(sender) => {
+                let told = tokio::time::timeout(HANDSHAKE_TIMEOUT, h2::proxy::tell_moving(sender));
+                if let Ok(Err(e)) = told.await {
+                    debug!(error = %e, "could not tell an agent to move");
+                }
+            }
+            Link::Quic(conn) => conn.close(
+                quinn::VarInt::from_u32(quic::code::MOVING),
+                b"proxy moving to a new process",
+            ),
+        }
+    }
 }
 
 /// What a spliced stream moved: bytes from the client (`up`) and to it (`down`), and the
@@ -568,9 +589,16 @@ impl Upward {
 pub(crate) async fn serve_mesh_channel(
     tls: tokio_rustls::server::TlsStream<h2::TunnelIo>,
     upward: Arc<dyn Fn(Upward) + Send + Sync>,
+    retire: impl Future<Output = ()>,
     close: impl Future<Output = ()>,
 ) -> Result<(), String> {
-    h2::mesh::serve(tls, move |incoming| upward(Upward::H2(incoming)), close).await
+    h2::mesh::serve(
+        tls,
+        move |incoming| upward(Upward::H2(incoming)),
+        retire,
+        close,
+    )
+    .await
 }
 
 /// The agent's way up to the proxy for mesh streams: on QUIC its tunnel connection, on h2
@@ -752,6 +780,12 @@ impl AgentConn {
         }
     }
 
+    /// Whether the proxy closed the tunnel because it moved to a new process (QUIC; on h2
+    /// the move is a message and the tunnel stays until the next one is up).
+    fn moved(&self) -> bool {
+        matches!(self, AgentConn::Quic(conn) if conn.moved())
+    }
+
     /// Whether draining ends when the last stream does (QUIC) or when the connection says
     /// so after its GOAWAY (h2, whose `accept` then returns `None`).
     fn drained_when_idle(&self) -> bool {
@@ -767,12 +801,14 @@ impl AgentConn {
     /// Serves the proxy's streams until the tunnel ends. `retire` (a renewal, or a better
     /// transport up) stops new streams and lets open ones finish however long they take;
     /// `stop` (shutdown) does the same with `grace` as a deadline. `limits` bound each
-    /// stream's backend socket.
+    /// stream's backend socket. `moving` fires when the proxy says a new process serves it
+    /// now (the supervisor then opens the next tunnel at once).
     pub(crate) async fn serve<B: Backends>(
         mut self,
         backends: Arc<B>,
         stop: Trigger,
         retire: Trigger,
+        moving: Trigger,
         grace: Duration,
         limits: StreamLimits,
     ) -> Result<(), TunnelError> {
@@ -787,16 +823,27 @@ impl AgentConn {
             }
             tokio::select! {
                 accepted = self.accept() => match accepted {
-                    Ok(Some(incoming)) => {
-                        let backends = backends.clone();
+                    Ok(Some(Incoming::H2(mut s))) => {
+                        if h2::agent::is_moving(&mut s) {
+                            info!("the proxy is moving to a new process");
+                            moving.fire();
+                        } else {
+                            let span = tracing::debug_span!("stream");
+                            streams.spawn(h2::agent::serve_stream(backends.clone(), s, limits).instrument(span));
+                        }
+                    }
+                    Ok(Some(Incoming::Quic(s))) => {
                         let span = tracing::debug_span!("stream");
-                        match incoming {
-                            Incoming::H2(s) => streams.spawn(h2::agent::serve_stream(backends, s, limits).instrument(span)),
-                            Incoming::Quic(s) => streams.spawn(quic::agent::serve_stream(backends, s, limits).instrument(span)),
-                        };
+                        streams.spawn(quic::agent::serve_stream(backends.clone(), s, limits).instrument(span));
                     }
                     // The proxy closed the tunnel, or a graceful shutdown completed.
-                    Ok(None) => break Ok(()),
+                    Ok(None) => {
+                        if self.moved() {
+                            info!("the proxy is moving to a new process");
+                            moving.fire();
+                        }
+                        break Ok(());
+                    }
                     Err(e) => break Err(e),
                 },
                 () = retire.cancelled(), if !retiring => {

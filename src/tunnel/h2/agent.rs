@@ -13,7 +13,10 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
-use super::{keepalive, splice, KeepaliveError, TunnelIo, CALLER_HEADER, ERROR_HEADER};
+use super::{
+    keepalive, splice, KeepaliveError, TunnelIo, CALLER_HEADER, CONTROL_HEADER, ERROR_HEADER,
+    MOVING,
+};
 use crate::tls::Credentials;
 use crate::tunnel::{
     Backends, ConnectError, DialRequest, Meter, Refusal, StreamLimits, TunnelError,
@@ -87,6 +90,17 @@ impl Conn {
     pub(crate) fn goaway(&mut self) {
         self.conn.graceful_shutdown();
     }
+}
+
+/// Whether a `CONNECT` is the proxy saying it is moving to a new process; if so it is
+/// answered here.
+pub(crate) fn is_moving((request, respond): &mut Incoming) -> bool {
+    let moving =
+        request.headers().get(CONTROL_HEADER).map(|v| v.as_bytes()) == Some(MOVING.as_bytes());
+    if moving {
+        let _ = respond.send_response(Response::new(()), true);
+    }
+    moving
 }
 
 /// Serves one `CONNECT`: find the backend, dial it, answer, splice.

@@ -76,10 +76,13 @@ pub(crate) struct Incoming {
 }
 
 /// The proxy's end: serves a mesh channel whose TLS is done, handing every upward stream
-/// to `on_stream`, until the agent closes it, it dies, or `close` completes.
+/// to `on_stream`, until the agent closes it, it dies, or `close` completes. When `retire`
+/// completes the channel takes no new streams (GOAWAY; the agent dials a new channel) and
+/// ends once the open ones have.
 pub(crate) async fn serve(
     tls: TlsStream<TunnelIo>,
     on_stream: impl Fn(Incoming),
+    retire: impl Future<Output = ()>,
     close: impl Future<Output = ()>,
 ) -> Result<(), String> {
     let handshake = h2::server::Builder::new()
@@ -95,9 +98,14 @@ pub(crate) async fn serve(
         .map_err(|e| e.to_string())?;
     let ping = conn.ping_pong().expect("ping_pong is taken once");
     let alive = keepalive(ping);
-    tokio::pin!(alive, close);
+    tokio::pin!(alive, close, retire);
+    let mut retired = false;
     loop {
         tokio::select! {
+            () = &mut retire, if !retired => {
+                retired = true;
+                conn.graceful_shutdown();
+            }
             accepted = conn.accept() => match accepted {
                 Some(Ok((request, respond))) => on_stream(incoming(request, respond)),
                 Some(Err(e)) => return Err(e.to_string()),

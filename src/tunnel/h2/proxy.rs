@@ -11,7 +11,8 @@ use http::{Method, Request, StatusCode};
 use tokio_rustls::server::TlsStream;
 
 use super::{
-    keepalive, splice, TunnelIo, CALLER_HEADER, CLIENT_ADDR_HEADER, ERROR_HEADER, TLS_SEND_BUFFER,
+    keepalive, splice, TunnelIo, CALLER_HEADER, CLIENT_ADDR_HEADER, CONTROL_AUTHORITY,
+    CONTROL_HEADER, ERROR_HEADER, MOVING, TLS_SEND_BUFFER,
 };
 use crate::tunnel::{OpenError, OpenRequest, HANDSHAKE_TIMEOUT};
 
@@ -111,4 +112,20 @@ pub(crate) async fn open(
         });
     }
     Ok((send, response.into_body()))
+}
+
+/// Tells the agent that a new process serves this proxy now ([`MOVING`]); returns once
+/// the agent answered (the caller bounds the wait). An agent from before upgrades answers
+/// with a refusal, and stays until its tunnel closes.
+pub(crate) async fn tell_moving(sender: &SendRequest<Bytes>) -> Result<(), h2::Error> {
+    let mut sender = sender.clone().ready().await?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(CONTROL_AUTHORITY)
+        .header(CONTROL_HEADER, MOVING)
+        .body(())
+        .expect("a valid control request");
+    let (response, _send) = sender.send_request(request, true)?;
+    response.await?;
+    Ok(())
 }

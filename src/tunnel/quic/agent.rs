@@ -22,6 +22,8 @@ pub(crate) type Incoming = (quinn::SendStream, quinn::RecvStream);
 pub(crate) struct Conn {
     conn: quinn::Connection,
     endpoint: quinn::Endpoint,
+    /// The proxy closed the tunnel with [`code::MOVING`].
+    moved: bool,
 }
 
 impl Conn {
@@ -65,7 +67,11 @@ pub(crate) async fn connect(server: &str, creds: &Credentials<'_>) -> Result<Con
         .map_err(|e| ConnectError::Tls(e.to_string()))?
         .await
         .map_err(|e| ConnectError::Tls(e.to_string()))?;
-    Ok(Conn { conn, endpoint })
+    Ok(Conn {
+        conn,
+        endpoint,
+        moved: false,
+    })
 }
 
 impl Conn {
@@ -75,10 +81,16 @@ impl Conn {
             Ok(incoming) => Ok(Some(incoming)),
             Err(quinn::ConnectionError::ApplicationClosed(close)) => {
                 debug!(reason = %String::from_utf8_lossy(&close.reason), "tunnel closed by the proxy");
+                self.moved = close.error_code == VarInt::from_u32(code::MOVING);
                 Ok(None)
             }
             Err(e) => Err(TunnelError::Broken(e.to_string())),
         }
+    }
+
+    /// Whether the proxy closed the tunnel because it moved to a new process.
+    pub(crate) fn moved(&self) -> bool {
+        self.moved
     }
 
     /// Tells the proxy to route nothing new here (see [`GOAWAY`]).

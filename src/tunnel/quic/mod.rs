@@ -49,6 +49,9 @@ pub(crate) mod code {
     pub(crate) const CLOSED_BY_PROXY: u32 = 2;
     /// A malformed header or answer.
     pub(crate) const PROTOCOL: u32 = 3;
+    /// The proxy closes the tunnel because a new process serves its sockets now
+    /// (`serve --upgrade`): reconnect at once.
+    pub(crate) const MOVING: u32 = 4;
 }
 
 /// Reads one frame parsed by `parse` from the start of `recv`, within [`HEADER_TIMEOUT`].

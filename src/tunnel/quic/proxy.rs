@@ -41,20 +41,86 @@ impl HandshakeError {
     }
 }
 
-/// The proxy's QUIC endpoint on `socket`, with the agent port's TLS configuration.
+/// The proxy's QUIC endpoint on `socket`, with the agent port's TLS configuration, and
+/// the switch that stops it reading the socket.
 pub(crate) fn endpoint(
     socket: std::net::UdpSocket,
     mut tls: rustls::ServerConfig,
-) -> std::io::Result<quinn::Endpoint> {
+) -> std::io::Result<(quinn::Endpoint, StopReading)> {
     tls.alpn_protocols = vec![crate::tls::ALPN_QUIC.to_vec()];
     let mut server = quinn::ServerConfig::with_crypto(server_crypto(tls));
     server.transport_config(Arc::new(transport_config(Role::Proxy)));
-    quinn::Endpoint::new(
+    let stop = StopReading::default();
+    let socket = Arc::new(Switchable {
+        inner: quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)?,
+        stopped: stop.0.clone(),
+    });
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
         quinn::EndpointConfig::default(),
         Some(server),
         socket,
         Arc::new(quinn::TokioRuntime),
-    )
+    )?;
+    Ok((endpoint, stop))
+}
+
+/// Stops an endpoint reading its UDP socket while it goes on sending: after an upgrade
+/// the new process holds the same socket and must get every datagram (the old one would
+/// swallow an agent's first reconnect packet, which costs the agent a retransmission, a
+/// second at QUIC's initial timeout). The old process's closes still go out.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct StopReading(Arc<std::sync::atomic::AtomicBool>);
+
+impl StopReading {
+    pub(crate) fn fire(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The UDP socket as quinn sees it, with [`StopReading`]'s switch on the receiving side.
+#[derive(Debug)]
+struct Switchable {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl quinn::AsyncUdpSocket for Switchable {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            // Left unread for the new process; nothing here waits on it any more.
+            return std::task::Poll::Pending;
+        }
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
 }
 
 /// The next connection attempt whose sender proved it owns its address; `None` once the

@@ -1,0 +1,484 @@
+//! Handing listening sockets from a running process to its successor (`revproxy serve
+//! --upgrade`), the way nginx and pingora upgrade: the running process listens on a Unix
+//! socket in its state directory ([`SOCKET_NAME`], mode 0600, and only a peer of the same
+//! user is answered); the successor connects, asks, and receives every listening socket
+//! as a file descriptor (`SCM_RIGHTS`) with a JSON list saying what each one is. Both
+//! processes then hold the same sockets, so the kernel's accept queues never close: the
+//! old process accepts until the successor says it serves ([`Confirmation::ready`]),
+//! then stops, and no connection is refused in between.
+//!
+//! The exchange, on one Unix stream connection:
+//!
+//! ```text
+//! successor -> running   "revproxy upgrade 1\n"
+//! running -> successor   one message: JSON [{"role": ..., "addr": ...}, ...] + the fds
+//! successor -> running   "ready\n"   (once it accepts on all of them)
+//! ```
+//!
+//! A successor that fails or goes silent changes nothing: the running process keeps
+//! serving, and tries again for the next successor.
+
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+
+/// The hand-over socket's name in the state directory.
+pub const SOCKET_NAME: &str = "upgrade.sock";
+/// Time either side allows the other for each step of the exchange before the answer to
+/// "ready" (the successor opens its CA and store meanwhile, which [`READY_TIMEOUT`] bounds).
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the running process waits for its successor to say it serves.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most sockets handed over at once (the kernel passes at most 253 descriptors in one
+/// message; a proxy has its agent port, QUIC, admin and the public listeners).
+pub const MAX_SOCKETS: usize = 128;
+/// Largest description accepted (the JSON list of [`MAX_SOCKETS`] entries fits easily).
+const MAX_DESCRIPTION: usize = 64 * 1024;
+const REQUEST: &[u8] = b"revproxy upgrade 1\n";
+const READY: &[u8] = b"ready\n";
+
+/// What a handed-over socket is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The agent listener (TCP: enrollment and h2 tunnels).
+    Agents,
+    /// QUIC tunnels (UDP).
+    Quic,
+    /// The admin listener.
+    Admin,
+    /// A public listener.
+    Public,
+}
+
+/// One socket as the running process describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Described {
+    pub role: Role,
+    pub addr: SocketAddr,
+}
+
+/// Why a hand-over could not start or complete.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("no running proxy to take over at {}: {source} (start without --upgrade)", path.display())]
+    NotRunning {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another `revproxy serve` is running on this state directory ({}); stop it first, or start this one with --upgrade to take its sockets over", path.display())]
+    AlreadyRunning { path: PathBuf },
+    #[error("cannot listen for upgrades on {}: {source}", path.display())]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("socket hand-over failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the running proxy's hand-over is not one this version reads: {0}")]
+    Protocol(String),
+}
+
+/// The running process's end: where successors ask for the sockets.
+#[derive(Debug)]
+pub struct Listener {
+    inner: tokio::net::UnixListener,
+    path: PathBuf,
+    /// The socket file's inode, so that only our own file is removed at the end (a
+    /// successor replaces it with its own).
+    ino: u64,
+}
+
+impl Listener {
+    /// Listens on [`SOCKET_NAME`] in `dir` (mode 0600). A socket there that answers means
+    /// another process serves this directory: refused. One that does not is left from a
+    /// process that died, and is replaced. Needs a tokio runtime.
+    pub fn bind(dir: &Path) -> Result<Listener, HandoverError> {
+        let path = dir.join(SOCKET_NAME);
+        if UnixStream::connect(&path).is_ok() {
+            return Err(HandoverError::AlreadyRunning { path });
+        }
+        Self::listen(path)
+    }
+
+    /// Listens on [`SOCKET_NAME`] in `dir` in place of the process this one took the
+    /// sockets over from (which keeps its own socket, nameless, until it exits).
+    pub fn replace(dir: &Path) -> Result<Listener, HandoverError> {
+        Self::listen(dir.join(SOCKET_NAME))
+    }
+
+    fn listen(path: PathBuf) -> Result<Listener, HandoverError> {
+        let bind_error = |source| HandoverError::Bind {
+            path: path.clone(),
+            source,
+        };
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(bind_error(e)),
+            _ => {}
+        }
+        let listener = UnixListener::bind(&path).map_err(bind_error)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(bind_error)?;
+        let ino = std::fs::metadata(&path).map_err(bind_error)?.ino();
+        listener.set_nonblocking(true).map_err(bind_error)?;
+        let inner = tokio::net::UnixListener::from_std(listener).map_err(bind_error)?;
+        Ok(Listener { inner, path, ino })
+    }
+
+    /// The next successor: a connection from a process of this user (or root). Others are
+    /// turned away and logged.
+    pub async fn accept(&self) -> std::io::Result<Successor> {
+        loop {
+            let (stream, _) = self.inner.accept().await?;
+            let stream = stream.into_std()?;
+            let cred = rustix::net::sockopt::socket_peercred(&stream)?;
+            let me = rustix::process::getuid();
+            if cred.uid != me && !cred.uid.is_root() {
+                tracing::warn!(
+                    uid = cred.uid.as_raw(),
+                    pid = cred.pid.as_raw_nonzero().get(),
+                    "an upgrade was asked by another user; refused"
+                );
+                continue;
+            }
+            stream.set_nonblocking(false)?;
+            stream.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
+            stream.set_write_timeout(Some(EXCHANGE_TIMEOUT))?;
+            return Ok(Successor {
+                stream,
+                pid: cred.pid.as_raw_nonzero().get(),
+            });
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        // A successor's socket has taken the name by now: leave it.
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A process asking for the sockets. Its methods block (within [`EXCHANGE_TIMEOUT`] per
+/// step); run them off the async threads.
+#[derive(Debug)]
+pub struct Successor {
+    stream: UnixStream,
+    /// Its process id, for the log.
+    pub pid: i32,
+}
+
+impl Successor {
+    /// Reads the request, then sends `sockets` with their description.
+    pub fn hand_over(&mut self, sockets: &[(Described, OwnedFd)]) -> Result<(), HandoverError> {
+        let mut request = [0u8; REQUEST.len()];
+        self.stream.read_exact(&mut request)?;
+        if request != REQUEST {
+            return Err(HandoverError::Protocol(format!(
+                "unknown request {:?}",
+                String::from_utf8_lossy(&request)
+            )));
+        }
+        if sockets.len() > MAX_SOCKETS {
+            return Err(HandoverError::Protocol(format!(
+                "{} sockets, more than the {MAX_SOCKETS} one hand-over carries",
+                sockets.len()
+            )));
+        }
+        let described: Vec<Described> = sockets.iter().map(|(d, _)| *d).collect();
+        let body = serde_json::to_vec(&described).expect("a list of sockets serializes");
+        let fds: Vec<_> = sockets.iter().map(|(_, fd)| fd.as_fd()).collect();
+        let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+            return Err(HandoverError::Protocol("descriptors do not fit".into()));
+        }
+        // The length first, so the reader knows when the description is complete; the
+        // descriptors ride on the first byte.
+        let len = (body.len() as u32).to_be_bytes();
+        let sent = rustix::net::sendmsg(
+            &self.stream,
+            &[IoSlice::new(&len), IoSlice::new(&body)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )
+        .map_err(std::io::Error::from)?;
+        let total = len.len() + body.len();
+        if sent < total {
+            let mut rest = len.to_vec();
+            rest.extend_from_slice(&body);
+            self.stream.write_all(&rest[sent..])?;
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the successor to say it serves. `Ok(false)`: it closed
+    /// the connection or said something else (it failed; the running process goes on).
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<bool, HandoverError> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        let mut answer = [0u8; READY.len()];
+        match self.stream.read_exact(&mut answer) {
+            Ok(()) => Ok(answer == READY),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The successor's end: the sockets received, until it has taken what it needs.
+#[derive(Debug)]
+pub struct Inherited {
+    sockets: Vec<(Described, Option<OwnedFd>)>,
+    stream: UnixStream,
+}
+
+/// Asks the process serving the state directory `dir` for its listening sockets. Blocks
+/// (within [`EXCHANGE_TIMEOUT`] per step).
+pub fn take_over(dir: &Path) -> Result<Inherited, HandoverError> {
+    let path = dir.join(SOCKET_NAME);
+    let stream = UnixStream::connect(&path).map_err(|source| HandoverError::NotRunning {
+        path: path.clone(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
+    stream.set_write_timeout(Some(EXCHANGE_TIMEOUT))?;
+    (&stream).write_all(REQUEST)?;
+    let mut len = [0u8; 4];
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        &stream,
+        &mut [IoSliceMut::new(&mut len)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    if got.bytes == 0 {
+        return Err(HandoverError::Protocol(
+            "the running proxy closed the connection without an answer".into(),
+        ));
+    }
+    if got.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+        return Err(HandoverError::Protocol(format!(
+            "more than {MAX_SOCKETS} sockets were sent"
+        )));
+    }
+    (&stream).read_exact(&mut len[got.bytes..])?;
+    let body_len = u32::from_be_bytes(len) as usize;
+    if body_len > MAX_DESCRIPTION {
+        return Err(HandoverError::Protocol(format!(
+            "a description of {body_len} bytes"
+        )));
+    }
+    let mut body = vec![0u8; body_len];
+    (&stream).read_exact(&mut body)?;
+    let described: Vec<Described> =
+        serde_json::from_slice(&body).map_err(|e| HandoverError::Protocol(e.to_string()))?;
+    if described.len() != fds.len() {
+        return Err(HandoverError::Protocol(format!(
+            "{} sockets described, {} received",
+            described.len(),
+            fds.len()
+        )));
+    }
+    Ok(Inherited {
+        sockets: described
+            .into_iter()
+            .zip(fds.into_iter().map(Some))
+            .collect(),
+        stream,
+    })
+}
+
+/// Whether a socket described at `have` serves a wish for `want`: the same address, or
+/// (for a wish with port 0, "any port") the same IP.
+fn serves(have: SocketAddr, want: SocketAddr) -> bool {
+    have == want || (want.port() == 0 && have.ip() == want.ip())
+}
+
+impl Inherited {
+    /// What was received, for the log.
+    pub fn described(&self) -> Vec<Described> {
+        self.sockets.iter().map(|(d, _)| *d).collect()
+    }
+
+    fn take(&mut self, role: Role, want: SocketAddr) -> Option<OwnedFd> {
+        self.sockets
+            .iter_mut()
+            .find(|(d, fd)| fd.is_some() && d.role == role && serves(d.addr, want))
+            .and_then(|(_, fd)| fd.take())
+    }
+
+    /// The TCP listener for `role` at `want`, if one was handed over; checked to be one
+    /// listening there.
+    pub fn tcp(
+        &mut self,
+        role: Role,
+        want: SocketAddr,
+    ) -> std::io::Result<Option<std::net::TcpListener>> {
+        let Some(fd) = self.take(role, want) else {
+            return Ok(None);
+        };
+        let listener = std::net::TcpListener::from(fd);
+        let at = listener.local_addr()?;
+        if !serves(at, want) {
+            return Err(std::io::Error::other(format!(
+                "the socket handed over for {want} listens on {at}"
+            )));
+        }
+        listener.set_nonblocking(true)?;
+        Ok(Some(listener))
+    }
+
+    /// The UDP socket for QUIC at `want`, if one was handed over.
+    pub fn udp(&mut self, want: SocketAddr) -> std::io::Result<Option<std::net::UdpSocket>> {
+        let Some(fd) = self.take(Role::Quic, want) else {
+            return Ok(None);
+        };
+        let socket = std::net::UdpSocket::from(fd);
+        let at = socket.local_addr()?;
+        if !serves(at, want) {
+            return Err(std::io::Error::other(format!(
+                "the socket handed over for udp {want} is bound to {at}"
+            )));
+        }
+        Ok(Some(socket))
+    }
+
+    /// Closes what was not taken (listeners the configuration no longer has) and returns
+    /// the way to tell the running process that this one serves.
+    pub fn finish(self) -> (Confirmation, Vec<Described>) {
+        let unused = (self.sockets.into_iter())
+            .filter(|(_, fd)| fd.is_some())
+            .map(|(d, _)| d)
+            .collect();
+        (Confirmation(self.stream), unused)
+    }
+}
+
+/// Tells the running process that its successor serves.
+#[derive(Debug)]
+pub struct Confirmation(UnixStream);
+
+impl Confirmation {
+    /// Says "ready": the running process stops accepting and moves its agents here.
+    pub fn ready(mut self) -> std::io::Result<()> {
+        self.0.write_all(READY)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn listening_sockets_cross_to_a_successor_and_keep_their_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = Listener::bind(dir.path()).unwrap();
+        let mode = std::fs::metadata(dir.path().join(SOCKET_NAME))
+            .unwrap()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp_addr = tcp.local_addr().unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let udp_addr = udp.local_addr().unwrap();
+        // A client queued before the hand-over is accepted after it.
+        let mut early = std::net::TcpStream::connect(tcp_addr).unwrap();
+        early.write_all(b"queued").unwrap();
+
+        let dir_path = dir.path().to_path_buf();
+        let successor = std::thread::spawn(move || {
+            let mut inherited = take_over(&dir_path).unwrap();
+            let listener = inherited
+                .tcp(Role::Public, "127.0.0.1:0".parse().unwrap())
+                .unwrap()
+                .expect("the public listener");
+            let socket = inherited.udp(udp_addr).unwrap().expect("the UDP socket");
+            assert!(inherited.tcp(Role::Agents, tcp_addr).unwrap().is_none());
+            let (confirm, unused) = inherited.finish();
+            assert!(unused.is_empty());
+            confirm.ready().unwrap();
+            (listener, socket)
+        });
+        let mut asked = listener.accept().await.unwrap();
+        let sockets = vec![
+            (
+                Described {
+                    role: Role::Public,
+                    addr: tcp_addr,
+                },
+                tcp.as_fd().try_clone_to_owned().unwrap(),
+            ),
+            (
+                Described {
+                    role: Role::Quic,
+                    addr: udp_addr,
+                },
+                udp.as_fd().try_clone_to_owned().unwrap(),
+            ),
+        ];
+        let ready = tokio::task::spawn_blocking(move || {
+            asked.hand_over(&sockets)?;
+            asked.wait_ready(Duration::from_secs(10))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(ready);
+        let (taken, socket) = successor.join().unwrap();
+        drop(tcp); // the old process's copy goes; the successor's still listens
+        taken.set_nonblocking(false).unwrap();
+        let (mut conn, _) = taken.accept().unwrap();
+        let mut got = [0u8; 6];
+        conn.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"queued");
+        assert_eq!(socket.local_addr().unwrap(), udp_addr);
+        assert!(matches!(
+            Listener::bind(dir.path()),
+            Err(HandoverError::AlreadyRunning { .. })
+        ));
+    }
+
+    #[test]
+    fn without_a_running_process_there_is_nothing_to_take_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = take_over(dir.path()).unwrap_err();
+        assert!(matches!(err, HandoverError::NotRunning { .. }), "{err}");
+        assert!(err.to_string().contains("without --upgrade"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_from_a_dead_process_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(UnixListener::bind(dir.path().join(SOCKET_NAME)).unwrap());
+        let listener = Listener::bind(dir.path()).unwrap();
+        drop(listener);
+        assert!(
+            !dir.path().join(SOCKET_NAME).exists(),
+            "removed when the process ends"
+        );
+    }
+}
