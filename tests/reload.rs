@@ -244,3 +244,114 @@ async fn sighup_moves_an_agents_service_without_dropping_its_tunnel() {
     open.read_exact(&mut back).await.unwrap();
     assert!(back.ends_with(&data));
 }
+
+/// SIGHUP re-reads the agent's `[[connect]]` entries: a listener added serves at once, a
+/// removed one stops accepting while its open connection runs on, the tunnel stays; a
+/// listen address that cannot be bound changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_and_removes_an_agents_connect_listeners() {
+    let proxy = TestProxy::start().await;
+    let (db, cache) = (echo_backend(b"db:").await, echo_backend(b"ca:").await);
+    let server =
+        enroll_mesh_agent(&proxy, "db-1", &[], &["db.internal", "cache.internal"], &[]).await;
+    let _server = start_agent(
+        server.path(),
+        &[("db.internal", db), ("cache.internal", cache)],
+        |b| b,
+    );
+    proxy.wait_for("db.internal", 1).await;
+    let laptop = enroll_mesh_agent(
+        &proxy,
+        "laptop",
+        &[],
+        &[],
+        &["db.internal", "cache.internal"],
+    )
+    .await;
+    let (first, second) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+    let file = laptop.path().join("agent.toml");
+    let connect = |name: &str, port: u16| {
+        format!(
+            "log_format = \"json\"\n[[connect]]\nhost = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\n"
+        )
+    };
+    std::fs::write(&file, connect("db.internal", first)).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_revproxy-agent"))
+        .args(["run", "--state"])
+        .arg(laptop.path())
+        .arg("--config")
+        .arg(&file)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut child);
+    let pid = child.id();
+    let _child = Killed(child);
+    logged(&lines, "connect listener ready");
+    assert!(
+        proxy
+            .status
+            .wait_for_agent("laptop", 1, Duration::from_secs(10))
+            .await
+    );
+
+    // A connection through the first listener, open across the reloads.
+    let mut open = tokio::net::TcpStream::connect(("127.0.0.1", first))
+        .await
+        .unwrap();
+    open.write_all(b"one").await.unwrap();
+    let mut back = [0u8; 6];
+    open.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"db:one");
+
+    std::fs::write(&file, connect("cache.internal", second)).unwrap();
+    signal(pid, "HUP");
+    let reloaded = logged(&lines, "configuration reloaded");
+    assert!(
+        reloaded["what"]
+            .as_str()
+            .unwrap()
+            .contains("1 connect listener(s) added, 1 removed"),
+        "{reloaded}"
+    );
+    let got = round_trip(SocketAddr::from(([127, 0, 0, 1], second)), b"", b"two")
+        .await
+        .unwrap();
+    assert_eq!(got, b"ca:two");
+    let refused = tokio::net::TcpStream::connect(("127.0.0.1", first)).await;
+    assert!(refused.is_err(), "the removed listener no longer accepts");
+
+    // A listen address already taken: nothing changes.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    std::fs::write(
+        &file,
+        format!(
+            "{}[[connect]]\nhost = \"db.internal\"\nlisten = \"127.0.0.1:{taken_port}\"\n",
+            connect("cache.internal", second)
+        ),
+    )
+    .unwrap();
+    signal(pid, "HUP");
+    let refused = logged(&lines, "configuration not reloaded; the running one stays");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("127.0.0.1:{taken_port}")),
+        "{refused}"
+    );
+    let got = round_trip(SocketAddr::from(([127, 0, 0, 1], second)), b"", b"three")
+        .await
+        .unwrap();
+    assert_eq!(got, b"ca:three");
+
+    // The connection opened before it all still reaches its backend, over the same
+    // tunnel.
+    open.write_all(b"four").await.unwrap();
+    let mut back = [0u8; 4];
+    open.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"four");
+    assert_eq!(proxy.status.tunnels_of("laptop"), 1);
+}

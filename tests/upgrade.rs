@@ -38,7 +38,12 @@ impl Drop for Serve {
 
 impl Serve {
     fn start(state: &Path, config: &Path, upgrade: bool) -> Serve {
+        Self::start_with(state, config, upgrade, &[])
+    }
+
+    fn start_with(state: &Path, config: &Path, upgrade: bool, env: &[(&str, &Path)]) -> Serve {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_revproxy"));
+        command.envs(env.iter().copied());
         command
             .args(["serve", "--state"])
             .arg(state)
@@ -403,4 +408,52 @@ async fn a_second_proxy_on_the_same_state_is_refused_and_an_upgrade_needs_a_runn
         "{said}"
     );
     assert!(said.contains("--upgrade"), "{said}");
+}
+
+/// Under systemd (`Type=notify`), `systemctl kill -s USR2` upgrades in place: the process
+/// starts the binary at its own path with `--upgrade`, which takes the sockets over and
+/// tells systemd it is the main process now; the old one exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_starts_the_new_binary_which_tells_systemd_it_is_the_main_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        "agents = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+         log_format = \"json\"\n",
+    )
+    .unwrap();
+    // What systemd listens on.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let said = || {
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("a notification within 30 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut old = Serve::start_with(&state, &config, false, &[("NOTIFY_SOCKET", &notify_path)]);
+    let http = old.addr("public listener ready");
+    let admin = old.addr("admin listener ready");
+    assert_eq!(said(), "READY=1\n");
+
+    signal(old.child.as_ref().unwrap().id(), "USR2");
+    let (_, started) = old.wait("SIGUSR2: started the new binary to take the sockets over");
+    let new_pid = started["pid"].as_u64().unwrap();
+    // The successor logs to the same stderr.
+    old.wait("serving on the sockets taken over; the old process stops accepting and moves its agents here");
+    assert_eq!(said(), format!("MAINPID={new_pid}\nREADY=1\n"));
+    let status = old.exited(Duration::from_secs(30));
+    assert!(status.success(), "{status}");
+
+    // The new process answers on the same listeners.
+    let got = round_trip(http, &http_head(NAME), b"").await.unwrap();
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 502"), "{got}");
+    let (code, _) = admin_get(admin, "/ready").await;
+    assert_eq!(code, 200);
+    signal(new_pid as u32, "KILL");
 }

@@ -7,6 +7,7 @@
 //! local connection and is logged in one sentence; `revproxy-agent status` shows each
 //! listener with its last error.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -137,7 +138,118 @@ impl UpLinks {
     }
 }
 
-/// Serves the connect listeners until `stop` fires.
+/// A change of the connect listeners (SIGHUP): every `(name, listen address)` wanted, and
+/// where to say what became of it.
+pub(crate) type Reload = (
+    Vec<(String, SocketAddr)>,
+    tokio::sync::oneshot::Sender<Result<String, String>>,
+);
+
+/// One running connect listener.
+struct Running {
+    listen: SocketAddr,
+    /// Fire to stop accepting (its open connections run on).
+    accepting: Trigger,
+    status: Arc<Mutex<ConnectStatus>>,
+}
+
+/// The running connect listeners, each an accept loop of its own.
+struct Listeners {
+    up: Arc<UpLinks>,
+    server: String,
+    identity: watch::Receiver<Arc<Identity>>,
+    limits: StreamLimits,
+    stop: Trigger,
+    running: std::collections::HashMap<String, Running>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Listeners {
+    fn start(&mut self, name: String, listener: TcpListener) {
+        let listen = match listener.local_addr() {
+            Ok(addr) => addr,
+            Err(e) => return warn!(%name, error = %e, "cannot use the connect listener"),
+        };
+        info!(host = %name, %listen, "connect listener ready");
+        let status = Arc::new(Mutex::new(ConnectStatus {
+            name: name.clone(),
+            listen: listen.to_string(),
+            open_streams: 0,
+            streams: 0,
+            last_error: None,
+            last_error_at: None,
+        }));
+        (self.up.listeners.lock().expect("connect listeners")).push(status.clone());
+        let accepting = Trigger::default();
+        self.tasks.spawn(accept_loop(
+            name.clone(),
+            listener,
+            status.clone(),
+            self.up.clone(),
+            self.server.clone(),
+            self.identity.clone(),
+            self.limits,
+            accepting.clone(),
+            self.stop.clone(),
+        ));
+        self.running.insert(
+            name,
+            Running {
+                listen,
+                accepting,
+                status,
+            },
+        );
+    }
+
+    /// Makes the running listeners those of `wanted`: each new one is bound before
+    /// anything changes (one that cannot be changes nothing), listeners that stay keep
+    /// accepting, removed ones stop accepting while their connections run on.
+    async fn apply(&mut self, wanted: Vec<(String, SocketAddr)>) -> Result<String, String> {
+        let mut added = Vec::new();
+        for (name, listen) in &wanted {
+            let same = self.running.get(name).is_some_and(|r| {
+                r.listen == *listen || (listen.port() == 0 && r.listen.ip() == listen.ip())
+            });
+            if !same {
+                let listener = TcpListener::bind(listen).await.map_err(|e| {
+                    format!("cannot listen on {listen} for [[connect]] {name}: {e}")
+                })?;
+                added.push((name.clone(), listener));
+            }
+        }
+        let gone: Vec<String> = (self.running.iter())
+            .filter(|(name, r)| {
+                let kept = wanted.iter().any(|(n, listen)| {
+                    n == *name
+                        && (r.listen == *listen
+                            || (listen.port() == 0 && r.listen.ip() == listen.ip()))
+                });
+                !kept
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &gone {
+            if let Some(running) = self.running.remove(name) {
+                info!(host = %name, listen = %running.listen, "connect listener removed: no new connections; open ones run to their end");
+                running.accepting.fire();
+                (self.up.listeners.lock().expect("connect listeners"))
+                    .retain(|s| !Arc::ptr_eq(s, &running.status));
+            }
+        }
+        let count = added.len();
+        for (name, listener) in added {
+            self.start(name, listener);
+        }
+        Ok(format!(
+            "{count} connect listener(s) added, {} removed, {} in all",
+            gone.len(),
+            self.running.len()
+        ))
+    }
+}
+
+/// Serves the connect listeners until `stop` fires, applying each [`Reload`] that comes.
 pub(crate) async fn serve(
     specs: Vec<ConnectSpec>,
     up: Arc<UpLinks>,
@@ -145,44 +257,37 @@ pub(crate) async fn serve(
     identity: watch::Receiver<Arc<Identity>>,
     limits: StreamLimits,
     stop: Trigger,
+    mut reloads: tokio::sync::mpsc::Receiver<Reload>,
 ) {
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut listeners = Listeners {
+        up,
+        server,
+        identity,
+        limits,
+        stop: stop.clone(),
+        running: std::collections::HashMap::new(),
+        tasks: tokio::task::JoinSet::new(),
+    };
     for spec in specs {
-        let listen = spec
-            .listener
-            .local_addr()
-            .map_or_else(|_| "?".into(), |a| a.to_string());
-        let listener = match spec
+        let listener = spec
             .listener
             .set_nonblocking(true)
-            .and_then(|()| TcpListener::from_std(spec.listener))
-        {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(name = %spec.name, error = %e, "cannot use the connect listener");
-                continue;
-            }
-        };
-        info!(host = %spec.name, listen = %listen, "connect listener ready");
-        let status = Arc::new(Mutex::new(ConnectStatus {
-            name: spec.name.clone(),
-            listen,
-            open_streams: 0,
-            streams: 0,
-            last_error: None,
-            last_error_at: None,
-        }));
-        up.listeners
-            .lock()
-            .expect("connect listeners")
-            .push(status.clone());
-        let (up, server, identity, stop) =
-            (up.clone(), server.clone(), identity.clone(), stop.clone());
-        tasks.spawn(accept_loop(
-            spec.name, listener, status, up, server, identity, limits, stop,
-        ));
+            .and_then(|()| TcpListener::from_std(spec.listener));
+        match listener {
+            Ok(listener) => listeners.start(spec.name, listener),
+            Err(e) => warn!(name = %spec.name, error = %e, "cannot use the connect listener"),
+        }
     }
-    while tasks.join_next().await.is_some() {}
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            Some((wanted, reply)) = reloads.recv() => {
+                let _ = reply.send(listeners.apply(wanted).await);
+            }
+            Some(_) = listeners.tasks.join_next(), if !listeners.tasks.is_empty() => {}
+        }
+    }
+    while listeners.tasks.join_next().await.is_some() {}
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -194,12 +299,14 @@ async fn accept_loop(
     server: String,
     identity: watch::Receiver<Arc<Identity>>,
     limits: StreamLimits,
+    accepting: Trigger,
     stop: Trigger,
 ) {
     let mut streams = tokio::task::JoinSet::new();
     loop {
         let (tcp, peer) = tokio::select! {
             () = stop.cancelled() => break,
+            () = accepting.cancelled() => break,
             Some(_) = streams.join_next(), if !streams.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -272,6 +379,12 @@ async fn accept_loop(
             }
             status.lock().expect("connect status").open_streams -= 1;
         });
+    }
+    drop(listener);
+    // A removed listener's connections run on until they end, or the agent stops.
+    tokio::select! {
+        () = async { while streams.join_next().await.is_some() {} } => {}
+        () = stop.cancelled() => {}
     }
     streams.abort_all();
 }

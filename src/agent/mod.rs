@@ -72,6 +72,8 @@ pub enum AgentError {
     AdminNotLocal(std::net::SocketAddr),
     #[error("admin listener: {0}")]
     Admin(#[source] std::io::Error),
+    #[error("{0}")]
+    Connect(String),
 }
 
 /// Builds an [`Agent`].
@@ -212,15 +214,7 @@ impl AgentBuilder {
         }
         let mut connects = Vec::new();
         for mut spec in self.connects {
-            spec.name = normalize_host(&spec.name)
-                .ok()
-                .filter(|n| !n.starts_with('*'))
-                .ok_or_else(|| {
-                    AgentError::InvalidService(format!(
-                        "--connect {}: expected an exact host name",
-                        spec.name
-                    ))
-                })?;
+            spec.name = checked_connect_name(&spec.name)?;
             connects.push(spec);
         }
         let entries = checked_services(&identity, self.services)?;
@@ -243,6 +237,7 @@ impl AgentBuilder {
         Ok(Agent {
             admin: self.admin,
             connects,
+            connect_reloads: tokio::sync::mpsc::channel(1),
             ctx: Arc::new(SessionCtx {
                 server: self.server.unwrap_or_else(|| identity.server.clone()),
                 tunnels_up: tokio::sync::watch::channel(Default::default()).0,
@@ -294,27 +289,55 @@ fn checked_services(
     Ok(entries)
 }
 
-/// Changes a running agent's services (SIGHUP in `revproxy-agent run`): new streams use
-/// the new map; open streams and the tunnels are untouched.
+/// A private name to reach (`--connect NAME=...`), lower-cased: an exact host name.
+fn checked_connect_name(name: &str) -> Result<String, AgentError> {
+    normalize_host(name)
+        .ok()
+        .filter(|n| !n.starts_with('*'))
+        .ok_or_else(|| {
+            AgentError::InvalidService(format!("--connect {name}: expected an exact host name"))
+        })
+}
+
+/// Changes a running agent's services and connect listeners (SIGHUP in `revproxy-agent
+/// run`): new streams use the new map, new local connections the new listeners; open
+/// streams and the tunnels are untouched.
 #[derive(Clone)]
 pub struct AgentReloader {
     services: Arc<ServiceMap>,
     identity: tokio::sync::watch::Receiver<Arc<Identity>>,
+    connects: tokio::sync::mpsc::Sender<connect::Reload>,
 }
 
 impl AgentReloader {
     /// Replaces the services with `services` ((name, backend, PROXY header)), checked as
-    /// at start against the current certificate; on an error nothing changes. Returns how
-    /// many there are now.
-    pub fn services(
+    /// at start against the current certificate, and the connect listeners with
+    /// `connects` ((name, listen address): those that stay keep accepting, new ones are
+    /// bound, removed ones stop accepting while their connections run on). All or
+    /// nothing: on an error nothing changes. Says what changed.
+    pub async fn apply(
         &self,
         services: Vec<(String, String, Option<ProxyProtocol>)>,
-    ) -> Result<usize, AgentError> {
+        connects: Vec<(String, std::net::SocketAddr)>,
+    ) -> Result<String, AgentError> {
         let identity = self.identity.borrow().clone();
         let entries = checked_services(&identity, services)?;
+        let connects = (connects.into_iter())
+            .map(|(name, listen)| Ok((checked_connect_name(&name)?, listen)))
+            .collect::<Result<Vec<_>, AgentError>>()?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let stopped = || AgentError::InvalidService("the agent is not running".into());
+        self.connects
+            .send((connects, reply))
+            .await
+            .map_err(|_| stopped())?;
+        let connected = answer
+            .await
+            .map_err(|_| stopped())?
+            .map_err(AgentError::Connect)?;
         let count = entries.len();
         self.services.replace(entries);
-        Ok(count)
+        Ok(format!("{count} service(s); {connected}"))
     }
 }
 
@@ -323,6 +346,11 @@ pub struct Agent {
     ctx: Arc<SessionCtx>,
     admin: Option<tokio::net::TcpListener>,
     connects: Vec<connect::ConnectSpec>,
+    /// Where [`AgentReloader::apply`] sends new connect listeners, and where they arrive.
+    connect_reloads: (
+        tokio::sync::mpsc::Sender<connect::Reload>,
+        tokio::sync::mpsc::Receiver<connect::Reload>,
+    ),
     /// The current identity; replaced by each renewal.
     identity: tokio::sync::watch::Sender<Arc<Identity>>,
     state_dir: PathBuf,
@@ -356,6 +384,7 @@ impl Agent {
         AgentReloader {
             services: self.ctx.services.clone(),
             identity: self.identity.subscribe(),
+            connects: self.connect_reloads.0.clone(),
         }
     }
 
@@ -401,6 +430,7 @@ impl Agent {
             self.identity.subscribe(),
             self.ctx.stream_limits,
             stop.clone(),
+            self.connect_reloads.1,
         ));
         let mut fatal = None;
         let renewal = renew::renewal_loop(

@@ -138,26 +138,49 @@ fn services_of(
     Ok(services)
 }
 
-/// SIGHUP: reads the configuration file again and applies its services; a file that does
-/// not read, or names a service the certificate does not grant, changes nothing.
-fn reload_services(
+/// SIGHUP: reads the configuration file again and applies its services and connect
+/// listeners; a file that does not read, names a service the certificate does not grant,
+/// or a listen address that cannot be bound, changes nothing.
+async fn reload(
     path: Option<&std::path::Path>,
     maps: &[String],
+    connects: &[String],
     reloader: &revproxy::agent::AgentReloader,
 ) {
-    let file = match path.map(AgentConfig::load).transpose() {
-        Ok(file) => file.unwrap_or_default(),
-        Err(e) => {
-            return tracing::warn!(error = %e, "configuration not reloaded; the running one stays")
-        }
+    let read = (|| -> Result<_, anyhow::Error> {
+        let file = path.map(AgentConfig::load).transpose()?.unwrap_or_default();
+        Ok((services_of(&file, maps)?, reach_of(&file, connects)?))
+    })();
+    let applied = match read {
+        Ok((services, reach)) => reloader
+            .apply(services, reach)
+            .await
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(e),
     };
-    let applied = services_of(&file, maps)
-        .map_err(|e| e.to_string())
-        .and_then(|services| reloader.services(services).map_err(|e| e.to_string()));
     match applied {
-        Ok(count) => tracing::info!(services = count, "configuration reloaded"),
-        Err(e) => tracing::warn!(error = %e, "configuration not reloaded; the running one stays"),
+        Ok(what) => tracing::info!(%what, "configuration reloaded"),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "configuration not reloaded; the running one stays")
+        }
     }
+}
+
+/// The private names to reach: `[[connect]]` entries, with `--connect` over them.
+fn reach_of(
+    file: &AgentConfig,
+    connects: &[String],
+) -> Result<Vec<(String, std::net::SocketAddr)>, anyhow::Error> {
+    let mut reach: Vec<(String, std::net::SocketAddr)> = Vec::new();
+    for c in &file.connect {
+        reach.push(config::parse_connect(&format!("{}={}", c.host, c.listen))?);
+    }
+    for c in connects {
+        let (name, listen) = config::parse_connect(c)?;
+        reach.retain(|(n, _)| *n != name);
+        reach.push((name, listen));
+    }
+    Ok(reach)
 }
 
 fn usage(e: impl Into<anyhow::Error>) -> Failure {
@@ -233,17 +256,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 .unwrap_or_else(revproxy::runtime::dirs::agent_state_dir);
             let services = services_of(&file, &maps).map_err(usage)?;
             // --connect entries override [[connect]] entries for the same name.
-            let mut reach: Vec<(String, std::net::SocketAddr)> = Vec::new();
-            for c in &file.connect {
-                reach.push(
-                    config::parse_connect(&format!("{}={}", c.host, c.listen)).map_err(usage)?,
-                );
-            }
-            for c in &connects {
-                let (name, listen) = config::parse_connect(c).map_err(usage)?;
-                reach.retain(|(n, _)| *n != name);
-                reach.push((name, listen));
-            }
+            let reach = reach_of(&file, &connects).map_err(usage)?;
             let mut builder = revproxy::Agent::builder(&dir);
             for (name, to, proxy_protocol) in &services {
                 builder = match proxy_protocol {
@@ -300,7 +313,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     if let Ok(mut hangups) = signal(SignalKind::hangup()) {
                         tokio::spawn(async move {
                             while hangups.recv().await.is_some() {
-                                reload_services(file_path.as_deref(), &maps, &reloader);
+                                reload(file_path.as_deref(), &maps, &connects, &reloader).await;
                             }
                         });
                     }

@@ -756,6 +756,10 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         // From here on SIGHUP reloads (its default would end the process).
         let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("cannot watch for SIGHUP")?;
+        // SIGUSR2 upgrades in place (its default would end the process too).
+        let usr2 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())
+                .context("cannot watch for SIGUSR2")?;
         // Without --upgrade, a proxy already serving this state directory is refused
         // here, before any port is tried.
         let upgrades = match args.upgrade {
@@ -842,9 +846,54 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         };
         let proxy = proxy.answer_upgrades(upgrades);
         tokio::spawn(reload_on_hangup(args, hangups, proxy.reloader()));
+        tokio::spawn(upgrade_on_usr2(usr2));
         proxy.run(revproxy::runtime::shutdown_signal()).await?;
         Ok::<_, Failure>(())
     })
+}
+
+/// At every SIGUSR2, starts this program again with the same arguments and `--upgrade`:
+/// the binary now at that path takes the sockets over (what `systemctl kill -s USR2`
+/// does for a service: the new process stays in the service and tells systemd it is the
+/// main one).
+async fn upgrade_on_usr2(mut signals: tokio::signal::unix::Signal) {
+    while signals.recv().await.is_some() {
+        match start_successor() {
+            Ok(pid) => {
+                tracing::info!(
+                    pid,
+                    "SIGUSR2: started the new binary to take the sockets over"
+                )
+            }
+            Err(e) => tracing::warn!(error = %e, "SIGUSR2: cannot start the new binary"),
+        }
+    }
+}
+
+/// Starts `argv[0]` with this process's arguments and `--upgrade` (its output goes where
+/// ours does); a successor that fails is reaped and logged.
+fn start_successor() -> std::io::Result<u32> {
+    let mut args = std::env::args_os();
+    let program = args
+        .next()
+        .ok_or_else(|| std::io::Error::other("no argv[0]"))?;
+    let mut args: Vec<std::ffi::OsString> = args.collect();
+    if !args.iter().any(|a| a == "--upgrade") {
+        args.push("--upgrade".into());
+    }
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .spawn()?;
+    let pid = child.id();
+    std::thread::spawn(move || match child.wait() {
+        Ok(status) if status.success() => {}
+        Ok(status) => {
+            tracing::warn!(pid, %status, "the new process ended; this one goes on serving")
+        }
+        Err(e) => tracing::warn!(pid, error = %e, "cannot wait for the new process"),
+    });
+    Ok(pid)
 }
 
 /// A listening socket for `role` at `addr`: the one taken over from the running proxy if

@@ -674,6 +674,7 @@ impl Proxy {
         self.shared
             .ready
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        crate::runtime::notify::ready(self.upgraded.is_some());
         if let Some(confirmation) = self.upgraded {
             match confirmation.ready() {
                 Ok(()) => info!("serving on the sockets taken over; the old process stops accepting and moves its agents here"),

@@ -7,6 +7,7 @@ pub mod dirs;
 pub mod handover;
 pub(crate) mod http1;
 pub mod logging;
+pub mod notify;
 pub(crate) mod shutdown;
 
 pub use logging::rfc3339;
