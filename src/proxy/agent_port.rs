@@ -329,9 +329,11 @@ async fn hold(
     let retire = || shared.registry.retire(id);
     let reason = conn.drive(close, retire, on_upward).await;
     shared.registry.remove(id);
+    // After an upgrade every tunnel here ends because its agent moved.
+    let moved = shared.moving.is_fired().then_some("upgrade");
     shared
         .metrics
-        .tunnel_down(closed_by.get().copied().unwrap_or("agent"));
+        .tunnel_down(closed_by.get().copied().or(moved).unwrap_or("agent"));
     info!(%peer, agent = %tunnel.agent, tunnel = id, %reason, "tunnel down");
 }
 

@@ -176,7 +176,7 @@ impl ProxyMetrics {
             tunnel_disconnects: counter(
                 r,
                 "revproxy_tunnel_disconnects_total",
-                "Tunnels ended, by reason: agent (closed by the agent or lost), revoked, expired, shutdown.",
+                "Tunnels ended, by reason: agent (closed by the agent or lost), revoked, expired, shutdown, upgrade (the agent moved to the new process).",
                 &["reason"],
             ),
             tunnel_refusals: counter(

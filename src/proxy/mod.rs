@@ -8,7 +8,8 @@
 //! by their certificate and the current grants (`admit.rs`) and registered. Enrollment and
 //! renewal are `enroll.rs` (with `ratelimit.rs`); `state.rs` keeps the in-memory view of
 //! revocations and grants, and `background.rs` the tasks that keep it and the server
-//! certificate fresh.
+//! certificate fresh. `reload.rs` applies a new configuration (SIGHUP); `upgrade.rs` hands
+//! the listening sockets to a successor process (`serve --upgrade`).
 //!
 //! [`Proxy::run`] takes already bound listeners and a shutdown future, so embedders and
 //! tests bind `127.0.0.1:0` and know the address before anything runs. It owns the
