@@ -382,11 +382,11 @@ async fn a_second_proxy_on_the_same_state_is_refused_and_an_upgrade_needs_a_runn
         .arg(&config)
         .output()
         .unwrap();
-    // The CA is created first (there was none), then the hand-over is asked for.
     let said = String::from_utf8_lossy(&alone.stderr);
     assert_eq!(alone.status.code(), Some(1), "{said}");
     assert!(said.contains("no running proxy to take over"), "{said}");
     assert!(said.contains("without --upgrade"), "{said}");
+    assert!(!state.exists(), "an upgrade creates nothing");
 
     let mut first = Serve::start(&state, &config, false);
     first.wait("agent listener ready");
@@ -456,4 +456,59 @@ async fn sigusr2_starts_the_new_binary_which_tells_systemd_it_is_the_main_proces
     let (code, _) = admin_get(admin, "/ready").await;
     assert_eq!(code, 200);
     signal(new_pid as u32, "KILL");
+}
+
+/// A successor that the running process does not let go of (it gave up waiting, or
+/// died after handing the sockets over) stops instead of serving beside it, and leaves
+/// the upgrade socket's name alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_that_is_not_let_go_stops_and_leaves_the_running_proxy_alone() {
+    use revproxy::runtime::handover::{self, Described, Role};
+    use std::os::fd::AsFd;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    revproxy::ca::Ca::init(
+        &state,
+        &revproxy::ca::InitOptions::default(),
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    // A stand-in for the running proxy: its agent listener, and its upgrade socket.
+    let agents = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let agents_addr = agents.local_addr().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!("agents = \"{agents_addr}\"\nadmin = \"off\"\nlog_format = \"json\"\n"),
+    )
+    .unwrap();
+    let upgrades = handover::Listener::bind(&state).unwrap();
+    let mut new = Serve::start(&state, &config, true);
+    let mut successor = upgrades.accept().await.unwrap();
+    let sockets = vec![(
+        Described {
+            role: Role::Agents,
+            addr: agents_addr,
+        },
+        agents.as_fd().try_clone_to_owned().unwrap(),
+    )];
+    // Sockets handed over, then the stand-in ends without ever saying "go".
+    tokio::task::spawn_blocking(move || successor.hand_over(&sockets).unwrap())
+        .await
+        .unwrap();
+    let status = new.exited(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{status}");
+    new.wait("the old process did not step aside; stopping, it goes on serving");
+    assert!(
+        state.join(handover::SOCKET_NAME).exists(),
+        "the running process keeps its upgrade socket"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("upgrade.sock."))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // The stand-in's listener still accepts.
+    std::net::TcpStream::connect(agents_addr).unwrap();
 }

@@ -728,6 +728,16 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         .unwrap_or_else(revproxy::runtime::dirs::proxy_state_dir);
     let agents_addr = config.agents.unwrap_or(DEFAULT_AGENTS);
 
+    // The running proxy's sockets, first (an upgrade creates nothing): it keeps serving
+    // until this one says it does.
+    let mut inherited = match args.upgrade {
+        true => {
+            let taken = handover::take_over(&dir)?;
+            tracing::info!(sockets = ?taken.described(), "listening sockets taken over from the running proxy");
+            Some(taken)
+        }
+        false => None,
+    };
     if !Ca::exists(&dir) {
         // The first proxy on a store creates the CA; later ones are given its key.
         let url = config.store.as_ref().map(|u| u.0.as_str());
@@ -741,16 +751,6 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         print_init_notes(&ca);
     }
     raise_fd_limit();
-    // The running proxy's sockets, before anything else can fail: it keeps serving until
-    // this one says it does.
-    let mut inherited = match args.upgrade {
-        true => {
-            let taken = handover::take_over(&dir)?;
-            tracing::info!(sockets = ?taken.described(), "listening sockets taken over from the running proxy");
-            Some(taken)
-        }
-        false => None,
-    };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         // From here on SIGHUP reloads (its default would end the process).
@@ -842,7 +842,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         // socket name becomes ours only now, so a failed start leaves it in place).
         let upgrades = match upgrades {
             Some(listener) => listener,
-            None => handover::Listener::replace(&dir)?,
+            None => handover::Listener::pending(&dir)?,
         };
         let proxy = proxy.answer_upgrades(upgrades);
         tokio::spawn(reload_on_hangup(args, hangups, proxy.reloader()));

@@ -369,8 +369,14 @@ impl AgentConfig {
         for s in &self.service {
             parse_map(&format!("{}={}", s.host, s.to))?;
         }
+        let mut names = std::collections::HashSet::new();
         for c in &self.connect {
-            parse_connect(&format!("{}={}", c.host, c.listen))?;
+            let (name, _) = parse_connect(&format!("{}={}", c.host, c.listen))?;
+            if !names.insert(name.clone()) {
+                return Err(ConfigError::Invalid(format!(
+                    "[[connect]] {name} appears twice; one listener per name"
+                )));
+            }
         }
         Ok(())
     }
@@ -507,6 +513,14 @@ mod tests {
             "[[service]]\nhost = \"a\"\nto = \"b:1\"\nproxy_protocol = \"v3\""
         )
         .is_err());
+        // One listener per private name: a reload could not tell two apart.
+        let twice = AgentConfig::from_toml(
+            "[[connect]]\nhost = \"db.internal\"\nlisten = \"127.0.0.1:1\"\n\
+             [[connect]]\nhost = \"DB.internal\"\nlisten = \"127.0.0.1:2\"",
+        )
+        .unwrap();
+        let err = twice.validate().unwrap_err().to_string();
+        assert!(err.contains("appears twice"), "{err}");
     }
 
     #[test]

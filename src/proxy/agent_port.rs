@@ -22,7 +22,7 @@ use crate::tunnel::{self, quic, Upward, HANDSHAKE_TIMEOUT};
 /// The agent port's listeners.
 pub(super) struct AgentPort {
     tcp: TcpListener,
-    quic: Option<(quinn::Endpoint, quic::proxy::StopReading)>,
+    quic: Option<(quinn::Endpoint, quic::proxy::ReadSwitch)>,
 }
 
 /// A UDP socket for QUIC tunnels at the agent listener's address.
@@ -36,13 +36,16 @@ pub(super) fn quic_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSock
 }
 
 impl AgentPort {
+    /// `reading`: whether QUIC reads its socket from the start (not in a process that took
+    /// the socket over, until the old one lets go).
     pub(super) fn new(
         tcp: TcpListener,
         quic: Option<std::net::UdpSocket>,
         tunnel_tls: rustls::ServerConfig,
+        reading: bool,
     ) -> std::io::Result<AgentPort> {
         let quic = quic
-            .map(|socket| quic::proxy::endpoint(socket, tunnel_tls))
+            .map(|socket| quic::proxy::endpoint(socket, tunnel_tls, reading))
             .transpose()?;
         Ok(AgentPort { tcp, quic })
     }
@@ -53,7 +56,7 @@ impl AgentPort {
 
     /// The QUIC endpoint and the switch that stops it reading, for an upgrade to move the
     /// agents.
-    pub(super) fn quic_endpoint(&self) -> Option<(quinn::Endpoint, quic::proxy::StopReading)> {
+    pub(super) fn quic_endpoint(&self) -> Option<(quinn::Endpoint, quic::proxy::ReadSwitch)> {
         self.quic.clone()
     }
 
@@ -327,7 +330,16 @@ async fn hold(
         reason
     };
     let retire = || shared.registry.retire(id);
+    // When a new process takes the sockets over, this tunnel's agent is told to move.
+    let mover = {
+        let (shared, tunnel) = (shared.clone(), tunnel.clone());
+        tokio::spawn(async move {
+            shared.moving.cancelled().await;
+            tunnel.tell_moving().await;
+        })
+    };
     let reason = conn.drive(close, retire, on_upward).await;
+    mover.abort();
     shared.registry.remove(id);
     // After an upgrade every tunnel here ends because its agent moved.
     let moved = shared.moving.is_fired().then_some("upgrade");

@@ -136,6 +136,8 @@ pub enum ProxyError {
     Store(#[from] crate::store::StoreError),
     #[error("invalid --advertise {0:?}: expected HOST:PORT, the address agents reach this proxy's agent listener at")]
     Advertise(String),
+    #[error("upgrade: {0}; this process stopped, the running proxy goes on serving")]
+    Upgrade(String),
 }
 
 /// Builds a [`Proxy`] from a state directory and bound listeners.
@@ -387,7 +389,12 @@ impl ProxyBuilder {
                 admin.local_addr()?,
             )?);
         }
-        let agent_port = AgentPort::new(agents, quic_socket, tunnel_config.clone())?;
+        let agent_port = AgentPort::new(
+            agents,
+            quic_socket,
+            tunnel_config.clone(),
+            self.upgraded.is_none(),
+        )?;
         // Beyond loopback the admin listener takes operator certificates only.
         let admin_tls = match &self.admin {
             Some(admin) if !crate::admin::is_local(admin.local_addr()?) => {
@@ -675,22 +682,49 @@ impl Proxy {
         self.shared
             .ready
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        crate::runtime::notify::ready(self.upgraded.is_some());
-        if let Some(confirmation) = self.upgraded {
-            match confirmation.ready() {
-                Ok(()) => info!("serving on the sockets taken over; the old process stops accepting and moves its agents here"),
-                Err(e) => warn!(error = %e, "cannot tell the old process that this one serves (it keeps accepting too)"),
+        let mut handover = self.handover;
+        // Taken over from a running proxy: it steps aside once told that this one serves,
+        // and says so; without that answer this process must not serve beside it.
+        let released = match self.upgraded {
+            None => Ok(()),
+            Some(confirmation) => tokio::task::spawn_blocking(move || confirmation.ready())
+                .await
+                .unwrap_or(Err(handover::HandoverError::NotReleased)),
+        };
+        if let Err(e) = &released {
+            warn!(error = %e, "the old process did not step aside; stopping, it goes on serving");
+        } else {
+            if let Some((_, switch)) = &quic {
+                switch.resume();
             }
+            if let Some(listener) = handover.as_mut() {
+                if let Err(e) = listener.take_name() {
+                    warn!(error = %e, "cannot take the upgrade socket's name; the next upgrade will not find this process");
+                }
+            }
+            if self.shared.hold_until.is_some() {
+                info!("serving on the sockets taken over; the old process stops accepting and moves its agents here");
+            }
+            crate::runtime::notify::ready(self.shared.hold_until.is_some());
         }
 
         let mut reloads = self.reloads;
-        let handover = self.handover;
-        let mut handing_over = None;
+        let mut handing_over: Option<upgrade::HandingOver> = None;
+        // Kept across turns of the loop: it reads the request after accepting.
+        let mut asking = Box::pin(upgrade::next_successor(handover.as_ref()));
         tokio::pin!(shutdown);
         let upgraded = loop {
+            if released.is_err() {
+                break false;
+            }
             tokio::select! {
                 () = &mut shutdown => break false,
                 Some(request) = reloads.recv() => match request {
+                    reload::Request::Apply(_, reply) if handing_over.is_some() => {
+                        self.shared.metrics.reloaded(false);
+                        warn!("configuration not reloaded: an upgrade is under way");
+                        let _ = reply.send(Err(reload::ReloadError::UpgradeUnderWay));
+                    }
                     reload::Request::Apply(new, reply) => {
                         let applied = public.apply(new).await;
                         self.shared.metrics.reloaded(applied.is_ok());
@@ -706,9 +740,13 @@ impl Proxy {
                     }
                 },
                 () = public.reap() => {}
-                asked = upgrade::next_successor(handover.as_ref()), if handing_over.is_none() => {
+                asked = asking.as_mut(), if handing_over.is_none() => {
+                    asking.set(upgrade::next_successor(handover.as_ref()));
                     match asked.and_then(|successor| Ok((successor, upgrade::sockets(&self.sockets, &public)?))) {
-                        Ok((successor, sockets)) => handing_over = Some(upgrade::hand_over(successor, sockets)),
+                        Ok((successor, sockets)) => match upgrade::hand_over(successor, sockets) {
+                            Ok(under_way) => handing_over = Some(under_way),
+                            Err(e) => warn!(error = %e, "cannot serve an upgrade request"),
+                        },
                         Err(e) => warn!(error = %e, "cannot serve an upgrade request"),
                     }
                 }
@@ -720,10 +758,15 @@ impl Proxy {
                 }
             }
         };
+        // A hand-over under way ends here: its blocking wait returns, its descriptors close.
+        if let Some(under_way) = handing_over.take() {
+            under_way.abort();
+        }
         self.shared
             .ready
             .store(false, std::sync::atomic::Ordering::Relaxed);
         // No successor is answered any more (after an upgrade the name is the new one's).
+        drop(asking);
         drop(handover);
         stop.fire();
         if upgraded {
@@ -741,14 +784,15 @@ impl Proxy {
         self.shared.close_tunnels.fire();
         let _ = agents.await;
         drop(background);
-        // The successor is this same proxy (same id): it stays on the store's list.
-        if !upgraded {
+        // The successor is this same proxy (same id): it stays on the store's list; and a
+        // successor the old process did not let go leaves the list to the old one.
+        if !upgraded && released.is_ok() {
             background::withdraw(&self.shared).await;
         }
         admin_stop.fire();
         if let Some(admin) = admin {
             let _ = admin.await;
         }
-        Ok(())
+        released.map_err(|e| ProxyError::Upgrade(e.to_string()))
     }
 }

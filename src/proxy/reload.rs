@@ -69,6 +69,8 @@ pub enum ReloadError {
     Route(#[from] super::ProxyError),
     #[error("the proxy is not running")]
     NotRunning,
+    #[error("an upgrade is under way: the new process reads the configuration")]
+    UpgradeUnderWay,
 }
 
 /// What a [`Reloader`] asks of the running proxy.

@@ -55,32 +55,48 @@ pub(super) fn sockets(
     Ok(all)
 }
 
+/// A hand-over under way: the task that sends the sockets and waits for "ready".
+pub(super) struct HandingOver {
+    task: JoinHandle<Result<bool, HandoverError>>,
+    /// The connection to the successor, to end the exchange early.
+    aborter: std::os::unix::net::UnixStream,
+}
+
+impl HandingOver {
+    /// Ends the exchange (this process stops for another reason): the task's blocking
+    /// calls return and its descriptors close.
+    pub(super) fn abort(self) {
+        let _ = self.aborter.shutdown(std::net::Shutdown::Both);
+        drop(self.task);
+    }
+}
+
 /// Hands `sockets` to `successor` and waits for it to serve, off the async threads.
-/// The task's answer: whether the successor serves now.
+/// The task's answer: whether the successor serves now (and was told "go").
 pub(super) fn hand_over(
     mut successor: Successor,
     sockets: Vec<(Described, OwnedFd)>,
-) -> JoinHandle<Result<bool, HandoverError>> {
+) -> std::io::Result<HandingOver> {
     info!(
         pid = successor.pid,
         sockets = sockets.len(),
         "a new process asks for the listening sockets; handing them over"
     );
-    tokio::task::spawn_blocking(move || {
+    let aborter = successor.aborter()?;
+    let task = tokio::task::spawn_blocking(move || {
         successor.hand_over(&sockets)?;
         // Our copies stay open until the successor serves: until then we accept.
         successor.wait_ready(handover::READY_TIMEOUT)
-    })
+    });
+    Ok(HandingOver { task, aborter })
 }
 
 /// Completes when the hand-over under way does; never without one.
-pub(super) async fn finished(
-    under_way: &mut Option<JoinHandle<Result<bool, HandoverError>>>,
-) -> bool {
-    let Some(task) = under_way else {
+pub(super) async fn finished(under_way: &mut Option<HandingOver>) -> bool {
+    let Some(handing) = under_way else {
         return std::future::pending().await;
     };
-    let outcome = task.await;
+    let outcome = (&mut handing.task).await;
     *under_way = None;
     match outcome {
         Ok(Ok(true)) => true,
@@ -106,11 +122,11 @@ pub(super) async fn step_aside(
     shared: &Shared,
     public: &PublicListeners,
     agents_stopped: &crate::runtime::shutdown::Trigger,
-    quic: Option<&(quinn::Endpoint, crate::tunnel::quic::proxy::StopReading)>,
+    quic: Option<&(quinn::Endpoint, crate::tunnel::quic::proxy::ReadSwitch)>,
 ) {
     // Every datagram is the new process's from now on; our closes still go out.
-    if let Some((_, stop_reading)) = quic {
-        stop_reading.fire();
+    if let Some((_, switch)) = quic {
+        switch.pause();
     }
     let stopped = async {
         public.stop_accepting().await;
@@ -124,18 +140,12 @@ pub(super) async fn step_aside(
             "accept loops did not stop within {STOP_ACCEPTING_TIMEOUT:?}; moving the agents anyway"
         );
     }
-    // Mesh channels take no new streams; their agents dial the new process.
+    // Every tunnel's task tells its agent (one that registers later too, at once), and
+    // mesh channels take no new streams: their agents dial the new process.
     shared.moving.fire();
-    let tunnels: Vec<_> = (shared.registry.snapshot().into_iter())
+    let count = (shared.registry.snapshot().into_iter())
         .filter(|(_, _, draining)| !draining)
-        .map(|(t, _, _)| t)
-        .collect();
-    let count = tunnels.len();
-    let mut told = tokio::task::JoinSet::new();
-    for tunnel in tunnels {
-        told.spawn(async move { tunnel.tell_moving().await });
-    }
-    while told.join_next().await.is_some() {}
+        .count();
     // QUIC connections still in their handshake go too: the UDP socket is the new
     // process's now.
     if let Some((endpoint, _)) = quic {

@@ -13,10 +13,14 @@
 //! successor -> running   "revproxy upgrade 1\n"
 //! running -> successor   one message: JSON [{"role": ..., "addr": ...}, ...] + the fds
 //! successor -> running   "ready\n"   (once it accepts on all of them)
+//! running -> successor   "go\n"      (it steps aside now)
 //! ```
 //!
 //! A successor that fails or goes silent changes nothing: the running process keeps
-//! serving, and tries again for the next successor.
+//! serving, and tries again for the next successor. A successor that hears no "go" (the
+//! running process gave up on it) stops, so two processes never go on serving side by
+//! side. The successor listens under a name of its own until "go", then takes
+//! [`SOCKET_NAME`], so a successor that fails leaves the running process upgradable.
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
@@ -46,6 +50,7 @@ pub const MAX_SOCKETS: usize = 128;
 const MAX_DESCRIPTION: usize = 64 * 1024;
 const REQUEST: &[u8] = b"revproxy upgrade 1\n";
 const READY: &[u8] = b"ready\n";
+const GO: &[u8] = b"go\n";
 
 /// What a handed-over socket is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -89,6 +94,8 @@ pub enum HandoverError {
     Io(#[from] std::io::Error),
     #[error("the running proxy's hand-over is not one this version reads: {0}")]
     Protocol(String),
+    #[error("the running proxy did not step aside (it gave up waiting, or ended)")]
+    NotReleased,
 }
 
 /// The running process's end: where successors ask for the sockets.
@@ -113,10 +120,22 @@ impl Listener {
         Self::listen(path)
     }
 
-    /// Listens on [`SOCKET_NAME`] in `dir` in place of the process this one took the
-    /// sockets over from (which keeps its own socket, nameless, until it exits).
-    pub fn replace(dir: &Path) -> Result<Listener, HandoverError> {
-        Self::listen(dir.join(SOCKET_NAME))
+    /// Listens in `dir` under a name of this process's own, for a process that takes the
+    /// sockets over: [`Listener::take_name`] moves it to [`SOCKET_NAME`] once the running
+    /// process has let go.
+    pub fn pending(dir: &Path) -> Result<Listener, HandoverError> {
+        Self::listen(dir.join(format!("{SOCKET_NAME}.{}", std::process::id())))
+    }
+
+    /// Takes [`SOCKET_NAME`] over from the process this one replaced (which keeps its
+    /// socket, nameless, until it exits).
+    pub fn take_name(&mut self) -> std::io::Result<()> {
+        let name = self.path.with_file_name(SOCKET_NAME);
+        if self.path != name {
+            std::fs::rename(&self.path, &name)?;
+            self.path = name;
+        }
+        Ok(())
     }
 
     fn listen(path: PathBuf) -> Result<Listener, HandoverError> {
@@ -138,31 +157,61 @@ impl Listener {
         Ok(Listener { inner, path, ino })
     }
 
-    /// The next successor: a connection from a process of this user (or root). Others are
-    /// turned away and logged.
+    /// The next successor: a connection from a process of this user (or root) that asks
+    /// for the sockets within [`EXCHANGE_TIMEOUT`]. Others are turned away and logged; a
+    /// connection that asks nothing (another `serve` checking whether one runs here) is
+    /// let go quietly. Not cancel-safe: keep the future across `select!` turns.
     pub async fn accept(&self) -> std::io::Result<Successor> {
+        use tokio::io::AsyncReadExt;
         loop {
-            let (stream, _) = self.inner.accept().await?;
-            let stream = stream.into_std()?;
-            let cred = rustix::net::sockopt::socket_peercred(&stream)?;
-            let me = rustix::process::getuid();
-            if cred.uid != me && !cred.uid.is_root() {
-                tracing::warn!(
-                    uid = cred.uid.as_raw(),
-                    pid = cred.pid.as_raw_nonzero().get(),
-                    "an upgrade was asked by another user; refused"
-                );
-                continue;
+            let (mut stream, _) = self.inner.accept().await?;
+            let pid = match peer_of_this_user(&stream) {
+                Ok(pid) => pid,
+                Err(refused) => {
+                    tracing::warn!(%refused, "an upgrade was asked by another user; refused");
+                    continue;
+                }
+            };
+            let mut request = [0u8; REQUEST.len()];
+            let asked =
+                tokio::time::timeout(EXCHANGE_TIMEOUT, stream.read_exact(&mut request)).await;
+            match asked {
+                Ok(Ok(_)) if request == REQUEST => {}
+                Ok(Ok(_)) => {
+                    tracing::warn!(pid, "an unknown upgrade request; refused");
+                    continue;
+                }
+                // Only looking (a `serve` checking for a running proxy), or gone.
+                Ok(Err(_)) | Err(_) => {
+                    tracing::debug!(pid, "a connection to the upgrade socket asked nothing");
+                    continue;
+                }
             }
+            let stream = stream.into_std()?;
             stream.set_nonblocking(false)?;
             stream.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
             stream.set_write_timeout(Some(EXCHANGE_TIMEOUT))?;
-            return Ok(Successor {
-                stream,
-                pid: cred.pid.as_raw_nonzero().get(),
-            });
+            return Ok(Successor { stream, pid });
         }
     }
+}
+
+/// The peer's process id if it runs as this user or root; otherwise who it is, for the
+/// log. (Elsewhere than Linux the socket's mode, 0600 in a 0700 directory, is the guard.)
+#[cfg(target_os = "linux")]
+fn peer_of_this_user(stream: &tokio::net::UnixStream) -> Result<i32, String> {
+    let cred = rustix::net::sockopt::socket_peercred(stream).map_err(|e| e.to_string())?;
+    let pid = cred.pid.as_raw_nonzero().get();
+    if cred.uid == rustix::process::getuid() || cred.uid.is_root() {
+        Ok(pid)
+    } else {
+        Err(format!("uid {} (pid {pid})", cred.uid.as_raw()))
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn peer_of_this_user(_: &tokio::net::UnixStream) -> Result<i32, String> {
+    Ok(0)
 }
 
 impl Drop for Listener {
@@ -184,16 +233,14 @@ pub struct Successor {
 }
 
 impl Successor {
-    /// Reads the request, then sends `sockets` with their description.
+    /// A second handle on the connection: shutting it down ends a hand-over under way
+    /// (its blocking calls return) when the running process stops for another reason.
+    pub fn aborter(&self) -> std::io::Result<UnixStream> {
+        self.stream.try_clone()
+    }
+
+    /// Sends `sockets` with their description.
     pub fn hand_over(&mut self, sockets: &[(Described, OwnedFd)]) -> Result<(), HandoverError> {
-        let mut request = [0u8; REQUEST.len()];
-        self.stream.read_exact(&mut request)?;
-        if request != REQUEST {
-            return Err(HandoverError::Protocol(format!(
-                "unknown request {:?}",
-                String::from_utf8_lossy(&request)
-            )));
-        }
         if sockets.len() > MAX_SOCKETS {
             return Err(HandoverError::Protocol(format!(
                 "{} sockets, more than the {MAX_SOCKETS} one hand-over carries",
@@ -227,13 +274,15 @@ impl Successor {
         Ok(())
     }
 
-    /// Waits up to `timeout` for the successor to say it serves. `Ok(false)`: it closed
-    /// the connection or said something else (it failed; the running process goes on).
+    /// Waits up to `timeout` for the successor to say it serves, and answers "go": from
+    /// then on the caller must step aside. `Ok(false)`: it closed the connection, said
+    /// something else, or did not hear the answer (it failed; the running process goes on).
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<bool, HandoverError> {
         self.stream.set_read_timeout(Some(timeout))?;
         let mut answer = [0u8; READY.len()];
         match self.stream.read_exact(&mut answer) {
-            Ok(()) => Ok(answer == READY),
+            Ok(()) if answer == READY => Ok(self.stream.write_all(GO).is_ok()),
+            Ok(()) => Ok(false),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
             Err(e) => Err(e.into()),
         }
@@ -382,9 +431,16 @@ impl Inherited {
 pub struct Confirmation(UnixStream);
 
 impl Confirmation {
-    /// Says "ready": the running process stops accepting and moves its agents here.
-    pub fn ready(mut self) -> std::io::Result<()> {
-        self.0.write_all(READY)
+    /// Says "ready" and waits (within [`EXCHANGE_TIMEOUT`]) for "go": the running process
+    /// stops accepting and moves its agents here. Any other outcome means it did not let
+    /// go, and this process must not go on serving. Blocks.
+    pub fn ready(mut self) -> Result<(), HandoverError> {
+        self.0.write_all(READY)?;
+        let mut answer = [0u8; GO.len()];
+        match self.0.read_exact(&mut answer) {
+            Ok(()) if answer == GO => Ok(()),
+            _ => Err(HandoverError::NotReleased),
+        }
     }
 }
 
@@ -460,6 +516,54 @@ mod tests {
             Listener::bind(dir.path()),
             Err(HandoverError::AlreadyRunning { .. })
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_look_is_no_request_and_the_name_moves_only_once_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = Listener::bind(dir.path()).unwrap();
+        // `serve` checking whether one runs here: connects and goes.
+        drop(UnixStream::connect(dir.path().join(SOCKET_NAME)).unwrap());
+        let path = dir.path().to_path_buf();
+        let successor = std::thread::spawn(move || {
+            let (confirm, unused) = take_over(&path).unwrap().finish();
+            assert_eq!(unused.len(), 1, "a socket it did not take is closed");
+            confirm.ready()
+        });
+        let mut asked = running.accept().await.unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sockets = vec![(
+            Described {
+                role: Role::Public,
+                addr: tcp.local_addr().unwrap(),
+            },
+            tcp.as_fd().try_clone_to_owned().unwrap(),
+        )];
+        let let_go = tokio::task::spawn_blocking(move || {
+            asked.hand_over(&sockets)?;
+            asked.wait_ready(Duration::from_secs(10))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(let_go);
+        successor.join().unwrap().expect("told to go");
+
+        // The successor listens under its own name until then, and takes the name after.
+        let mut next = Listener::pending(dir.path()).unwrap();
+        let own = dir
+            .path()
+            .join(format!("{SOCKET_NAME}.{}", std::process::id()));
+        assert!(own.exists());
+        next.take_name().unwrap();
+        assert!(!own.exists());
+        drop(running);
+        assert!(
+            dir.path().join(SOCKET_NAME).exists(),
+            "the old process leaves the new one's socket"
+        );
+        drop(next);
+        assert!(!dir.path().join(SOCKET_NAME).exists());
     }
 
     #[test]

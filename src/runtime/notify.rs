@@ -23,15 +23,24 @@ fn send(message: &str) -> std::io::Result<()> {
     let socket = UnixDatagram::unbound()?;
     let bytes = path.as_encoded_bytes();
     match bytes.strip_prefix(b"@") {
-        // An abstract socket name.
-        Some(name) => {
-            use std::os::linux::net::SocketAddrExt;
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-            socket.send_to_addr(message.as_bytes(), &addr)?;
-        }
+        Some(name) => send_abstract(&socket, name, message)?,
         None => {
             socket.send_to(message.as_bytes(), &path)?;
         }
     }
     Ok(())
+}
+
+/// To an abstract socket name (Linux only).
+#[cfg(target_os = "linux")]
+fn send_abstract(socket: &UnixDatagram, name: &[u8], message: &str) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+    socket.send_to_addr(message.as_bytes(), &addr)?;
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send_abstract(_: &UnixDatagram, _: &[u8], _: &str) -> std::io::Result<()> {
+    Err(std::io::Error::other("abstract socket names need Linux"))
 }

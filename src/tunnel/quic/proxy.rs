@@ -42,18 +42,23 @@ impl HandshakeError {
 }
 
 /// The proxy's QUIC endpoint on `socket`, with the agent port's TLS configuration, and
-/// the switch that stops it reading the socket.
+/// the switch of its reading the socket (on unless `reading` is false: a process that
+/// took the socket over reads once the old one has let go).
 pub(crate) fn endpoint(
     socket: std::net::UdpSocket,
     mut tls: rustls::ServerConfig,
-) -> std::io::Result<(quinn::Endpoint, StopReading)> {
+    reading: bool,
+) -> std::io::Result<(quinn::Endpoint, ReadSwitch)> {
     tls.alpn_protocols = vec![crate::tls::ALPN_QUIC.to_vec()];
     let mut server = quinn::ServerConfig::with_crypto(server_crypto(tls));
     server.transport_config(Arc::new(transport_config(Role::Proxy)));
-    let stop = StopReading::default();
+    let switch = ReadSwitch(Arc::new(SwitchState {
+        reading: std::sync::atomic::AtomicBool::new(reading),
+        waiting: std::sync::Mutex::new(None),
+    }));
     let socket = Arc::new(Switchable {
         inner: quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)?,
-        stopped: stop.0.clone(),
+        switch: switch.0.clone(),
     });
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
         quinn::EndpointConfig::default(),
@@ -61,27 +66,51 @@ pub(crate) fn endpoint(
         socket,
         Arc::new(quinn::TokioRuntime),
     )?;
-    Ok((endpoint, stop))
+    Ok((endpoint, switch))
 }
 
-/// Stops an endpoint reading its UDP socket while it goes on sending: after an upgrade
-/// the new process holds the same socket and must get every datagram (the old one would
-/// swallow an agent's first reconnect packet, which costs the agent a retransmission, a
-/// second at QUIC's initial timeout). The old process's closes still go out.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct StopReading(Arc<std::sync::atomic::AtomicBool>);
+/// Whether an endpoint reads its UDP socket; it sends either way. During an upgrade both
+/// processes hold the same socket, and a datagram goes to whichever reads first: the old
+/// process would swallow an agent's first reconnect packet (costing it a retransmission,
+/// a second at QUIC's initial timeout), the new one packets of the old one's live
+/// tunnels. So only one reads at a time: the new process from the moment the old one
+/// has let go, which stops reading then (its closes still go out).
+#[derive(Clone, Debug)]
+pub(crate) struct ReadSwitch(Arc<SwitchState>);
 
-impl StopReading {
-    pub(crate) fn fire(&self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+#[derive(Debug)]
+struct SwitchState {
+    reading: std::sync::atomic::AtomicBool,
+    /// The endpoint's task, parked while reading is off.
+    waiting: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl ReadSwitch {
+    /// Stops reading (the datagrams stay for the other process).
+    pub(crate) fn pause(&self) {
+        (self.0.reading).store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Reads again.
+    pub(crate) fn resume(&self) {
+        (self.0.reading).store(true, std::sync::atomic::Ordering::Release);
+        if let Some(waker) = self.0.waiting.lock().expect("switch lock").take() {
+            waker.wake();
+        }
     }
 }
 
-/// The UDP socket as quinn sees it, with [`StopReading`]'s switch on the receiving side.
+/// The UDP socket as quinn sees it, with a [`ReadSwitch`] on the receiving side.
 #[derive(Debug)]
 struct Switchable {
     inner: Arc<dyn quinn::AsyncUdpSocket>,
-    stopped: Arc<std::sync::atomic::AtomicBool>,
+    switch: Arc<SwitchState>,
+}
+
+impl Switchable {
+    fn reading(&self) -> bool {
+        (self.switch.reading).load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl quinn::AsyncUdpSocket for Switchable {
@@ -99,9 +128,12 @@ impl quinn::AsyncUdpSocket for Switchable {
         bufs: &mut [std::io::IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        if self.stopped.load(std::sync::atomic::Ordering::Relaxed) {
-            // Left unread for the new process; nothing here waits on it any more.
-            return std::task::Poll::Pending;
+        if !self.reading() {
+            *self.switch.waiting.lock().expect("switch lock") = Some(cx.waker().clone());
+            // Switched back on meanwhile: its wake-up may have found no waker.
+            if !self.reading() {
+                return std::task::Poll::Pending;
+            }
         }
         self.inner.poll_recv(cx, bufs, meta)
     }
