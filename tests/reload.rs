@@ -27,6 +27,26 @@ fn logged(lines: &Receiver<String>, message: &str) -> serde_json::Value {
     }
 }
 
+/// `revproxy-agent run` on `state` with the configuration `file`: its log lines, its pid,
+/// and the process (killed when dropped).
+fn agent_process(
+    state: &std::path::Path,
+    file: &std::path::Path,
+) -> (Receiver<String>, u32, Killed) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_revproxy-agent"))
+        .args(["run", "--state"])
+        .arg(state)
+        .arg("--config")
+        .arg(file)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut child);
+    let pid = child.id();
+    (lines, pid, Killed(child))
+}
+
 fn listeners(fixed: &[(u16, SocketAddr)]) -> String {
     fixed
         .iter()
@@ -187,18 +207,7 @@ async fn sighup_moves_an_agents_service_without_dropping_its_tunnel() {
         format!("log_format = \"json\"\n[[service]]\nhost = \"{host}\"\nto = \"{to}\"\n")
     };
     std::fs::write(&file, service(old, "app.example.com")).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_revproxy-agent"))
-        .args(["run", "--state"])
-        .arg(dir.path())
-        .arg("--config")
-        .arg(&file)
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let lines = stderr_lines(&mut child);
-    let pid = child.id();
-    let _child = Killed(child);
+    let (lines, pid, _child) = agent_process(dir.path(), &file);
     proxy.wait_for("app.example.com", 1).await;
     let hangup = || signal(pid, "HUP");
 
@@ -276,18 +285,7 @@ async fn sighup_adds_and_removes_an_agents_connect_listeners() {
         )
     };
     std::fs::write(&file, connect("db.internal", first)).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_revproxy-agent"))
-        .args(["run", "--state"])
-        .arg(laptop.path())
-        .arg("--config")
-        .arg(&file)
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let lines = stderr_lines(&mut child);
-    let pid = child.id();
-    let _child = Killed(child);
+    let (lines, pid, _child) = agent_process(laptop.path(), &file);
     logged(&lines, "connect listener ready");
     assert!(
         proxy

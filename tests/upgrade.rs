@@ -125,6 +125,24 @@ impl Serve {
     }
 }
 
+/// A directory with a state directory (not made yet) and a configuration file: port 0
+/// everywhere (the new process takes the same sockets whatever they are), JSON logs, and
+/// `extra`.
+fn deployment(extra: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "agents = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+             log_format = \"json\"\n{extra}"
+        ),
+    )
+    .unwrap();
+    (dir, state, config)
+}
+
 /// The deployment: a state directory, a configuration file, the first process, an agent
 /// enrolled and connected.
 struct Swap {
@@ -139,17 +157,8 @@ struct Swap {
 
 impl Swap {
     async fn start(transport: Transport, backend: SocketAddr) -> Swap {
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state");
-        let config = dir.path().join("proxy.toml");
-        // Port 0 everywhere: the new process takes the same sockets whatever they are.
         // The grace period outlasts the transfer that drains through the old process.
-        std::fs::write(
-            &config,
-            "agents = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
-             log_format = \"json\"\nshutdown_grace = \"60s\"\n",
-        )
-        .unwrap();
+        let (dir, state, config) = deployment("shutdown_grace = \"60s\"\n");
         let mut old = Serve::start(&state, &config, false);
         let agents = old.addr("agent listener ready");
         let http = old.addr("public listener ready");
@@ -415,15 +424,7 @@ async fn a_second_proxy_on_the_same_state_is_refused_and_an_upgrade_needs_a_runn
 /// tells systemd it is the main process now; the old one exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr2_starts_the_new_binary_which_tells_systemd_it_is_the_main_process() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(
-        &config,
-        "agents = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
-         log_format = \"json\"\n",
-    )
-    .unwrap();
+    let (dir, state, config) = deployment("");
     // What systemd listens on.
     let notify_path = dir.path().join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();

@@ -423,7 +423,9 @@ impl Agent {
                 admin_stop.clone(),
             ))
         });
-        let connects = tokio::spawn(connect::serve(
+        // Joined below, not spawned: when `run` is dropped, the connect listeners (and
+        // the tunnel links they hold) go with it.
+        let connects = connect::serve(
             self.connects,
             self.ctx.up.clone(),
             self.ctx.server.clone(),
@@ -431,7 +433,7 @@ impl Agent {
             self.ctx.stream_limits,
             stop.clone(),
             self.connect_reloads.1,
-        ));
+        );
         let mut fatal = None;
         let renewal = renew::renewal_loop(
             &self.identity,
@@ -458,9 +460,9 @@ impl Agent {
                 self.proxy_refresh,
                 stop.clone(),
             ),
-            supervise
+            supervise,
+            connects,
         );
-        let _ = connects.await;
         admin_stop.fire();
         if let Some(admin) = admin {
             let _ = admin.await;
