@@ -27,6 +27,8 @@
 pub mod admin;
 pub mod agent;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod proxy;
 mod route;
 pub mod runtime;

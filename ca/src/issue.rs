@@ -304,13 +304,18 @@ impl PublicKeyData for CsrKey {
 /// Verifies a PEM CSR's signature (the requester holds the key) and returns its public
 /// key, which must be ECDSA P-256. Everything else in the CSR is ignored.
 fn csr_public_key(pem: &str) -> Result<CsrKey, EnrollError> {
+    let der = pem_to_der(pem, "CERTIFICATE REQUEST")
+        .ok_or_else(|| EnrollError::BadCsr("it is not a PEM CERTIFICATE REQUEST".to_string()))?;
+    csr_der_public_key(&der)
+}
+
+/// [`csr_public_key`] once the PEM armour is off.
+fn csr_der_public_key(der: &[u8]) -> Result<CsrKey, EnrollError> {
     use x509_parser::prelude::FromDer;
     const EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
     const P256: &str = "1.2.840.10045.3.1.7";
     let bad = |m: &str| EnrollError::BadCsr(m.to_string());
-    let der = pem_to_der(pem, "CERTIFICATE REQUEST")
-        .ok_or_else(|| bad("it is not a PEM CERTIFICATE REQUEST"))?;
-    let (rest, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+    let (rest, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(der)
         .map_err(|_| bad("it is not a valid PKCS#10 request"))?;
     if !rest.is_empty() {
         return Err(bad("it has trailing bytes"));
@@ -338,4 +343,10 @@ pub(crate) fn random_serial() -> SerialNumber {
         .expect("the OS random number generator failed");
     bytes[0] = (bytes[0] & 0x7f) | 0x40; // positive, and exactly 20 bytes long
     SerialNumber::from_slice(&bytes)
+}
+
+/// For the fuzz targets: whether a CSR (PEM, or DER when `der`) is one enrollment takes.
+#[doc(hidden)]
+pub fn csr_is_acceptable(pem: &str, der: &[u8]) -> (bool, bool) {
+    (csr_public_key(pem).is_ok(), csr_der_public_key(der).is_ok())
 }

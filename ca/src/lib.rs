@@ -36,6 +36,8 @@ pub use ca::{
 };
 pub use cert::CertSummary;
 pub use error::{CaError, EnrollError};
+#[doc(hidden)]
+pub use issue::csr_is_acceptable;
 pub use operators::{OperatorCert, OperatorInfo, DEFAULT_OPERATOR_TTL, MAX_OPERATOR_TTL};
 pub use pin::{Pin, PinError};
 pub use store::{ProxyEntry, Store};

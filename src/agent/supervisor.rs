@@ -24,6 +24,16 @@ use crate::tunnel::{AgentConn, Choice};
 
 /// First reconnect delay.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// For this long after a tunnel that was up is lost, reconnect delays stay under
+/// [`FAST_RECONNECT_MAX`]: a proxy that restarts (a crash, a host reboot) usually listens
+/// again within seconds, and its agents should be back within a second of that, not after
+/// a grown backoff. Past it the delays grow to [`BACKOFF_MAX`] as usual (the proxy is
+/// really away; a fleet should not keep knocking every second).
+const FAST_RECONNECT_FOR: Duration = Duration::from_secs(60);
+/// The longest delay while reconnecting fast (drawn from its upper half, so a fleet
+/// spreads over it): an attempt at a proxy that is not listening yet is a refused TCP
+/// connection, cheap for both sides.
+const FAST_RECONNECT_MAX: Duration = Duration::from_millis(500);
 /// Longest reconnect delay.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -35,6 +45,8 @@ pub(super) async fn keep_tunnel_up(
     stop: &Trigger,
 ) {
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+    // When the last tunnel that was up ended.
+    let mut lost_at: Option<tokio::time::Instant> = None;
     let mut choice = Choice::new(ctx.transport, ctx.quic_fallback_after);
     let mut sessions = JoinSet::new();
     // Tunnels on an old certificate or transport, retired as soon as the next tunnel is
@@ -143,8 +155,13 @@ pub(super) async fn keep_tunnel_up(
         if was_up {
             backoff.reset();
             choice.was_up(kind);
+            lost_at = Some(tokio::time::Instant::now());
         }
-        let delay = backoff.next_delay();
+        let mut delay = backoff.next_delay();
+        if lost_at.is_some_and(|at| at.elapsed() < FAST_RECONNECT_FOR) {
+            let jittered = 0.5 + (crate::runtime::random() % 1000) as f64 / 2000.0;
+            delay = delay.min(FAST_RECONNECT_MAX.mul_f64(jittered));
+        }
         debug!(?delay, "reconnecting after a pause");
         tokio::select! {
             () = tokio::time::sleep(delay) => {}

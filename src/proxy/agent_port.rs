@@ -37,15 +37,20 @@ pub(super) fn quic_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSock
 
 impl AgentPort {
     /// `reading`: whether QUIC reads its socket from the start (not in a process that took
-    /// the socket over, until the old one lets go).
+    /// the socket over, until the old one lets go). `reset_secret` keeps QUIC's stateless
+    /// reset key the same across restarts.
     pub(super) fn new(
         tcp: TcpListener,
         quic: Option<std::net::UdpSocket>,
         tunnel_tls: rustls::ServerConfig,
         reading: bool,
+        reset_secret: &[u8],
     ) -> std::io::Result<AgentPort> {
         let quic = quic
-            .map(|socket| quic::proxy::endpoint(socket, tunnel_tls, reading))
+            .map(|socket| {
+                let reset_key = quic::proxy::reset_key(reset_secret);
+                quic::proxy::endpoint(socket, tunnel_tls, reading, reset_key)
+            })
             .transpose()?;
         Ok(AgentPort { tcp, quic })
     }

@@ -394,6 +394,7 @@ impl ProxyBuilder {
             quic_socket,
             tunnel_config.clone(),
             self.upgraded.is_none(),
+            identity.key_pem.as_bytes(),
         )?;
         // Beyond loopback the admin listener takes operator certificates only.
         let admin_tls = match &self.admin {

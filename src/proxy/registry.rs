@@ -100,9 +100,35 @@ struct Inner {
     tunnels: HashMap<u64, (Arc<Tunnel>, Served)>,
     /// Name pattern (exact or `*.suffix`) → tunnels serving it to public clients; rebuilt
     /// on every change.
-    by_pattern: HashMap<String, Vec<Arc<Tunnel>>>,
+    by_pattern: HashMap<String, Routes>,
     /// The same for names served only through the mesh.
-    by_private: HashMap<String, Vec<Arc<Tunnel>>>,
+    by_private: HashMap<String, Routes>,
+}
+
+/// The tunnels serving one name pattern: each agent's newest first (streams are spread
+/// over these), then the older tunnels of the same agents, tried only when those fail.
+/// An agent that restarts after a crash has a new tunnel while its dead one has not
+/// timed out yet (a QUIC peer that died sends nothing): new streams go to the new one at
+/// once. During a renewal or a transport change the newer tunnel is the one that stays.
+#[derive(Debug, Default, Clone)]
+struct Routes {
+    first: Vec<Arc<Tunnel>>,
+    later: Vec<Arc<Tunnel>>,
+}
+
+impl Routes {
+    fn push(&mut self, tunnel: &Arc<Tunnel>) {
+        // Tunnels come newest first: an agent seen already has a newer one here.
+        if self.first.iter().any(|t| t.agent == tunnel.agent) {
+            self.later.push(tunnel.clone());
+        } else {
+            self.first.push(tunnel.clone());
+        }
+    }
+
+    fn contains(&self, id: u64) -> bool {
+        self.first.iter().chain(&self.later).any(|t| t.id == id)
+    }
 }
 
 impl Inner {
@@ -110,7 +136,7 @@ impl Inner {
         self.by_pattern.clear();
         self.by_private.clear();
         let mut ids: Vec<&u64> = self.tunnels.keys().collect();
-        ids.sort(); // stable order: oldest tunnel first
+        ids.sort_by(|a, b| b.cmp(a)); // newest tunnel first
         for id in ids {
             let (tunnel, served) = &self.tunnels[id];
             if tunnel.draining.load(Ordering::Relaxed) {
@@ -120,13 +146,13 @@ impl Inner {
                 self.by_pattern
                     .entry(host.clone())
                     .or_default()
-                    .push(tunnel.clone());
+                    .push(tunnel);
             }
             for host in &served.private {
                 self.by_private
                     .entry(host.clone())
                     .or_default()
-                    .push(tunnel.clone());
+                    .push(tunnel);
             }
         }
     }
@@ -301,33 +327,42 @@ impl Registry {
     fn find(&self, name: &str, mesh: bool) -> Found {
         let inner = self.inner.read().expect("registry lock");
         let get = |pattern: &str| {
-            let mut found: Vec<Arc<Tunnel>> =
-                inner.by_pattern.get(pattern).cloned().unwrap_or_default();
+            let mut found = inner.by_pattern.get(pattern).cloned().unwrap_or_default();
             if mesh {
-                for t in inner.by_private.get(pattern).into_iter().flatten() {
-                    if !found.iter().any(|f| f.id == t.id) {
-                        found.push(t.clone());
+                for t in (inner.by_private.get(pattern).into_iter())
+                    .flat_map(|r| r.first.iter().chain(&r.later))
+                {
+                    if !found.contains(t.id) {
+                        found.push(t);
                     }
                 }
             }
             found
         };
         let exact = get(name);
-        let wildcard: Vec<Arc<Tunnel>> = name
+        let wildcard = name
             .split_once('.')
             .filter(|(label, _)| !label.is_empty()) // as `route::name_matches` has it
             .map(|(_, parent)| get(&format!("*.{parent}")))
-            .map(|wild| {
-                wild.into_iter()
-                    .filter(|t| !exact.iter().any(|e| e.id == t.id))
-                    .collect()
+            .map(|wild| Routes {
+                first: (wild.first.into_iter())
+                    .filter(|t| !exact.contains(t.id))
+                    .collect(),
+                later: (wild.later.into_iter())
+                    .filter(|t| !exact.contains(t.id))
+                    .collect(),
             })
             .unwrap_or_default();
         drop(inner);
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let ordered = |routes: Routes| {
+            let mut all = rotated(routes.first, turn);
+            all.extend(routes.later);
+            all
+        };
         Found {
-            exact: rotated(exact, turn),
-            wildcard: rotated(wildcard, turn),
+            exact: ordered(exact),
+            wildcard: ordered(wildcard),
         }
     }
 }
@@ -384,6 +419,16 @@ impl ProxyStatus {
             .filter(|(a, _, _)| a == agent)
             .map(|(_, _, n)| n)
             .sum()
+    }
+
+    /// The ids of the tunnels `agent` holds now (draining ones included), oldest first.
+    pub fn tunnel_ids_of(&self, agent: &str) -> Vec<u64> {
+        let mut ids: Vec<u64> = (self.registry.snapshot().into_iter())
+            .filter(|(t, _, _)| t.agent == agent)
+            .map(|(t, _, _)| t.id)
+            .collect();
+        ids.sort();
+        ids
     }
 
     /// Waits until agent `agent` holds `count` live tunnels, or `timeout` passes.

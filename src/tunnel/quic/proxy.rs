@@ -48,6 +48,7 @@ pub(crate) fn endpoint(
     socket: std::net::UdpSocket,
     mut tls: rustls::ServerConfig,
     reading: bool,
+    reset_key: ring::hmac::Key,
 ) -> std::io::Result<(quinn::Endpoint, ReadSwitch)> {
     tls.alpn_protocols = vec![crate::tls::ALPN_QUIC.to_vec()];
     let mut server = quinn::ServerConfig::with_crypto(server_crypto(tls));
@@ -60,13 +61,53 @@ pub(crate) fn endpoint(
         inner: quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)?,
         switch: switch.0.clone(),
     });
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    config.cid_generator(|| Box::new(RandomCids));
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
+        config,
         Some(server),
         socket,
         Arc::new(quinn::TokioRuntime),
     )?;
     Ok((endpoint, switch))
+}
+
+/// The key of the endpoint's stateless resets, derived from `secret` (the proxy's server
+/// key) so that it outlives the process: after a crash and restart, or an upgrade, the new
+/// process answers a packet of a tunnel it does not know with a reset its agent accepts,
+/// and the agent reconnects at once instead of waiting out the idle timeout.
+pub(crate) fn reset_key(secret: &[u8]) -> ring::hmac::Key {
+    let derived = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
+        b"revproxy QUIC stateless reset key v1",
+    );
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref())
+}
+
+/// Connection IDs of 8 random bytes that any process of this proxy takes as possibly its
+/// own. quinn's default generator signs its IDs with a key of the process and drops
+/// packets whose ID another process signed; a restarted proxy would then stay silent to
+/// its old agents instead of answering with the stateless reset that sends them to
+/// reconnect.
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        use ring::rand::SecureRandom;
+        let mut id = [0u8; 8];
+        ring::rand::SystemRandom::new()
+            .fill(&mut id)
+            .expect("the OS random number generator failed");
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Whether an endpoint reads its UDP socket; it sends either way. During an upgrade both
