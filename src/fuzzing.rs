@@ -63,13 +63,21 @@ pub fn stream_frames(data: &[u8]) {
         assert!(used <= data.len());
         let encoded = header.encode().expect("a parsed header encodes");
         let again = stream::StreamHeader::parse(&encoded);
-        assert_eq!(again, Ok(Some((header, encoded.len()))), "header round trip");
+        assert_eq!(
+            again,
+            Ok(Some((header, encoded.len()))),
+            "header round trip"
+        );
     }
     if let Ok(Some((answer, used))) = stream::Answer::parse(data) {
         assert!(used <= data.len());
         let encoded = answer.encode();
         let again = stream::Answer::parse(&encoded);
-        assert_eq!(again, Ok(Some((answer, encoded.len()))), "answer round trip");
+        assert_eq!(
+            again,
+            Ok(Some((answer, encoded.len()))),
+            "answer round trip"
+        );
     }
 }
 

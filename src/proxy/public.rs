@@ -546,7 +546,7 @@ struct Prelude {
 
 /// Joins a client to a static route's backend, the prelude first.
 async fn forward_tcp(
-    mut client: TcpStream,
+    client: TcpStream,
     mut backend: TcpStream,
     addr: &str,
     first: Prelude,
@@ -560,7 +560,8 @@ async fn forward_tcp(
         return None;
     }
     // Counted as the bytes move, like a tunnel stream.
-    let mut client = Counted::new(&mut client, &counters);
+    let mut client_tcp = client;
+    let mut client = Counted::new(&mut client_tcp, &counters);
     let copied = tokio::io::copy_bidirectional_with_sizes(
         &mut client,
         &mut backend,
@@ -568,9 +569,14 @@ async fn forward_tcp(
         STATIC_COPY_BUFFER,
     )
     .await;
+    let (up, down) = client.totals;
     if let Err(e) = copied {
         debug!(%peer, conn = %id, backend = addr, error = %e, "static route ended with an error");
+        // Broken: both sockets close with a reset, so neither end takes the cut stream
+        // for a complete one.
+        for tcp in [&client_tcp, &backend] {
+            let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+        }
     }
-    let (up, down) = client.totals;
     Some((up + peeked.len() as u64, down))
 }

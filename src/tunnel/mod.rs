@@ -893,6 +893,16 @@ pub(crate) async fn read_some(
     }
 }
 
+/// Closes a socket with a reset (RST) instead of an orderly end (FIN): for a stream that
+/// broke (its other side reset, or a timeout cut it), so that the far end sees an error
+/// and never takes a cut download for a complete one. (Dropping the write half alone
+/// would send a FIN first.) With a zero linger time the close does not block.
+pub(crate) fn reset(rd: tokio::net::tcp::OwnedReadHalf, wr: tokio::net::tcp::OwnedWriteHalf) {
+    if let Ok(tcp) = rd.reunite(wr) {
+        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    }
+}
+
 /// Runs one socket write, failing with `TimedOut` if it makes no progress within
 /// `timeout` (the send timeout: the reader accepts nothing).
 pub(crate) async fn within<T>(

@@ -141,17 +141,34 @@ pub(crate) async fn splice(
     meter: &Meter,
 ) -> io::Result<(u64, u64)> {
     let (mut rd, mut wr) = tcp.into_split();
-    let up = socket_to_stream(&mut rd, &mut send, meter);
-    let down = stream_to_socket(&mut recv, &mut wr, send_timeout, meter);
-    let idle = meter.idle();
-    tokio::pin!(up, down, idle);
-    let (mut sent, mut received) = (None, None);
-    while sent.is_none() || received.is_none() {
-        tokio::select! {
-            r = &mut up, if sent.is_none() => sent = Some(r?),
-            r = &mut down, if received.is_none() => received = Some(r?),
-            e = &mut idle => return Err(e),
+    let result = {
+        let up = socket_to_stream(&mut rd, &mut send, meter);
+        let down = stream_to_socket(&mut recv, &mut wr, send_timeout, meter);
+        let idle = meter.idle();
+        tokio::pin!(up, down, idle);
+        let (mut sent, mut received) = (None, None);
+        loop {
+            if let (Some(s), Some(r)) = (sent, received) {
+                break Ok((s, r));
+            }
+            tokio::select! {
+                r = &mut up, if sent.is_none() => match r {
+                    Ok(n) => sent = Some(n),
+                    Err(e) => break Err(e),
+                },
+                r = &mut down, if received.is_none() => match r {
+                    Ok(n) => received = Some(n),
+                    Err(e) => break Err(e),
+                },
+                e = &mut idle => break Err(e),
+            }
         }
+    };
+    // Broken (a reset on the other side, a timeout): the socket is reset too, so the far
+    // end never takes a cut stream for a complete one. The h2 stream is reset when
+    // `send` and `recv` drop unfinished.
+    if result.is_err() {
+        crate::tunnel::reset(rd, wr);
     }
-    Ok((sent.unwrap_or(0), received.unwrap_or(0)))
+    result
 }

@@ -96,6 +96,8 @@ pub(crate) async fn splice(
     if result.is_err() {
         let _ = send.reset(VarInt::from_u32(code::ABORTED));
         let _ = recv.stop(VarInt::from_u32(code::ABORTED));
+        // The socket is reset too: the far end never takes a cut stream for a whole one.
+        crate::tunnel::reset(rd, wr);
     }
     result
 }
