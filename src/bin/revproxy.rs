@@ -911,9 +911,7 @@ async fn listen(
     };
     match taken {
         Some(listener) => Ok(tokio::net::TcpListener::from_std(listener)?),
-        None => tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}")),
+        None => revproxy::runtime::listen(addr).with_context(|| format!("cannot listen on {addr}")),
     }
 }
 

@@ -224,12 +224,10 @@ impl PublicListeners {
                 Some(_) => return Err(ReloadError::KindChanged(*addr)),
                 None => {
                     let listener =
-                        TcpListener::bind(addr)
-                            .await
-                            .map_err(|source| ReloadError::Bind {
-                                addr: *addr,
-                                source,
-                            })?;
+                        crate::runtime::listen(*addr).map_err(|source| ReloadError::Bind {
+                            addr: *addr,
+                            source,
+                        })?;
                     added.push((*addr, listener, kind.clone()));
                 }
             }

@@ -19,6 +19,23 @@ use std::time::Duration;
 /// backends, the proxy's to a static `tcp://` backend.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Accept queue asked for on every listening socket revproxy binds (the kernel caps it at
+/// `net.core.somaxconn`). tokio's default of 1,024 overflows when thousands of clients
+/// arrive at once, and a handshake the queue dropped can end in a reset.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A TCP listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as tokio sets
+/// it). Needs a tokio runtime.
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Connects to `addr` (`host:port`) within [`CONNECT_TIMEOUT`], with Nagle off: every
 /// connection revproxy opens carries interactive traffic. A timeout is an error of kind
 /// `TimedOut`.

@@ -100,7 +100,7 @@ pub async fn log_line(
 }
 
 async fn bind(addr: &str) -> tokio::net::TcpListener {
-    tokio::net::TcpListener::bind(addr).await.unwrap()
+    revproxy::runtime::listen(addr.parse().unwrap()).unwrap()
 }
 
 /// The agent port: TCP on a port the kernel picks, and UDP (QUIC) on the same number. An
