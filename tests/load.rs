@@ -3,7 +3,9 @@
 //! 1,023 streams at a time (the agent's limit): the rest wait for a slot, within the
 //! proxy's 15 s open deadline, and none may be lost.
 //!
-//! `REVPROXY_LOAD_STREAMS` sets the number of connections (default 10,000).
+//! `REVPROXY_LOAD_STREAMS` sets the number of connections (default 10,000). Also: a
+//! thousand agents with a tunnel each to one proxy, every name routed to its own agent
+//! (`REVPROXY_LOAD_AGENTS`).
 
 mod common;
 
@@ -32,31 +34,32 @@ fn streams() -> usize {
     wanted.min(fits)
 }
 
-/// `revproxy serve` in a process of its own (so that the clients' descriptors and the
-/// proxy's are counted apart), an agent on `t` serving NAME from an echo backend: the
-/// proxy's public HTTP listener, and what to keep alive.
-async fn deployment(
-    t: Transport,
+/// `revproxy serve` in a process of its own (so that the test's descriptors and the
+/// proxy's are counted apart), with `max_connections_per_source` for `count` clients and
+/// `extra` configuration: the process, its directory, the agent and HTTP listeners.
+fn start_proxy(
     count: usize,
+    extra: &str,
 ) -> (
+    Killed,
+    tempfile::TempDir,
     std::net::SocketAddr,
-    (Killed, tempfile::TempDir, tempfile::TempDir, TestAgent),
+    std::net::SocketAddr,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
     let config = dir.path().join("proxy.toml");
     std::fs::write(
         &config,
         format!(
             "agents = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\nadmin = \"off\"\n\
-             log_format = \"json\"\nmax_connections_per_source = {}\n",
+             log_format = \"json\"\nmax_connections_per_source = {}\n{extra}",
             2 * count
         ),
     )
     .unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_revproxy"))
         .args(["serve", "--state"])
-        .arg(&state)
+        .arg(dir.path().join("state"))
         .arg("--config")
         .arg(&config)
         .stderr(std::process::Stdio::piped())
@@ -77,13 +80,21 @@ async fn deployment(
             _ => {}
         }
     }
-    let agents: std::net::SocketAddr = agents.unwrap();
-    let token = revproxy::ca::Ca::open(&state)
-        .unwrap()
+    (Killed(child), dir, agents.unwrap(), http.unwrap())
+}
+
+/// Enrolls agent `name` for `host` with the proxy whose state is in `dir`.
+async fn enrolled(
+    ca: &revproxy::ca::Ca,
+    agents: std::net::SocketAddr,
+    name: &str,
+    host: &str,
+) -> tempfile::TempDir {
+    let token = ca
         .create_token(
             &revproxy::ca::NewToken {
-                agent: "web-1".into(),
-                hosts: vec![NAME.into()],
+                agent: name.into(),
+                hosts: vec![host.into()],
                 private_hosts: Vec::new(),
                 connect: Vec::new(),
                 ttl: Duration::from_secs(3600),
@@ -93,21 +104,34 @@ async fn deployment(
             time::OffsetDateTime::now_utc(),
         )
         .unwrap();
-    let agent_dir = tempfile::tempdir().unwrap();
-    revproxy::agent::enroll(&token, agent_dir.path())
+    let dir = tempfile::tempdir().unwrap();
+    revproxy::agent::enroll(&token, dir.path()).await.unwrap();
+    dir
+}
+
+/// Waits until `host` is served through the proxy with the answer starting `tag`.
+async fn served(http: std::net::SocketAddr, host: &str, tag: &[u8]) -> bool {
+    round_trip(http, &http_head(host), b"x")
         .await
-        .unwrap();
+        .is_ok_and(|back| back.starts_with(tag) && back.ends_with(b"x"))
+}
+
+/// The proxy, an agent on `t` serving NAME from an echo backend: the proxy's public HTTP
+/// listener, and what to keep alive.
+async fn deployment(
+    t: Transport,
+    count: usize,
+) -> (
+    std::net::SocketAddr,
+    (Killed, tempfile::TempDir, tempfile::TempDir, TestAgent),
+) {
+    let (proxy, dir, agents, http) = start_proxy(count, "");
+    let ca = revproxy::ca::Ca::open(&dir.path().join("state")).unwrap();
+    let agent_dir = enrolled(&ca, agents, "web-1", NAME).await;
     let backend = echo_backend(b"").await;
     let agent = start_agent(agent_dir.path(), &[(NAME, backend)], on(t));
-    // Served once the tunnel is up.
-    let http = http.unwrap();
-    eventually("the agent's tunnel serves", || async {
-        round_trip(http, &http_head(NAME), b"x")
-            .await
-            .is_ok_and(|back| back.ends_with(b"x"))
-    })
-    .await;
-    (http, (Killed(child), dir, agent_dir, agent))
+    eventually("the agent's tunnel serves", || served(http, NAME, b"")).await;
+    (http, (proxy, dir, agent_dir, agent))
 }
 
 /// Sends `prefix` and `data`, half-closes, and returns everything read back.
@@ -203,4 +227,73 @@ async fn ten_thousand_connections_through_one_tunnel_arrive_byte_exact_over_both
     for t in [Transport::H2, Transport::Quic] {
         ten_thousand_connections_through_one_tunnel_arrive_byte_exact(t).await;
     }
+}
+
+/// A thousand agents, each with a tunnel of its own to one proxy, each serving a name of
+/// its own: every name reaches its own agent's backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_agents_each_get_their_own_clients() {
+    let count: usize = std::env::var("REVPROXY_LOAD_AGENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    revproxy::runtime::raise_fd_limit().unwrap();
+    // They all connect at once from one address: let the handshakes through.
+    let (_proxy, dir, agents, http) = start_proxy(
+        count,
+        &format!("max_handshakes_per_source = {}\n", 2 * count),
+    );
+    let ca = revproxy::ca::Ca::open(&dir.path().join("state")).unwrap();
+    let started = Instant::now();
+    let mut running = Vec::new();
+    for i in 0..count {
+        let host = format!("agent-{i}.example.com");
+        let agent_dir = enrolled(&ca, agents, &format!("agent-{i}"), &host).await;
+        let tag: &'static [u8] = Box::leak(format!("{i}:").into_bytes().into_boxed_slice());
+        let backend = echo_backend(tag).await;
+        let agent = start_agent(agent_dir.path(), &[(host.as_str(), backend)], |b| b);
+        running.push((agent_dir, agent));
+    }
+    let enrolled_in = started.elapsed();
+    // Every name, once its tunnel is up, reaches its own agent and no other.
+    let mut checks = tokio::task::JoinSet::new();
+    for i in 0..count {
+        checks.spawn(async move {
+            let host = format!("agent-{i}.example.com");
+            let tag = format!("{i}:");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if let Ok(back) = round_trip(http, &http_head(&host), b"x").await {
+                    if back.ends_with(b"x") {
+                        return if back.starts_with(tag.as_bytes()) {
+                            Ok(())
+                        } else {
+                            Err(format!(
+                                "{host} reached {:?}",
+                                String::from_utf8_lossy(&back[..8])
+                            ))
+                        };
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(format!("{host} was never served"))
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(done) = checks.join_next().await {
+        if let Err(e) = done.unwrap() {
+            failures.push(e);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    eprintln!(
+        "{count} agents enrolled and started in {enrolled_in:?}; every name served by its own agent after {:?}",
+        started.elapsed()
+    );
 }

@@ -437,12 +437,12 @@ impl ProxyStatus {
             .await
     }
 
-    /// The transports (`"h2"`, `"quic"`) of the live tunnels serving `name`, sorted.
+    /// The transports (`"h2"`, `"quic"`) new streams for `name` go to, sorted: one per
+    /// agent, its newest tunnel's (older ones of the same agent are only a fallback).
     pub fn transports_for(&self, name: &str) -> Vec<&'static str> {
-        let mut kinds: Vec<_> = self
-            .registry
-            .lookup_mesh(name)
-            .all()
+        let mut agents = std::collections::HashSet::new();
+        let mut kinds: Vec<_> = (self.registry.lookup_mesh(name).all())
+            .filter(|t| agents.insert(t.agent.clone()))
             .map(|t| t.transport())
             .collect();
         kinds.sort_unstable();
