@@ -4,6 +4,8 @@
 //! - An agent killed and started again with the same certificate takes its names back at
 //!   once: its dead tunnel (still registered until it times out, over QUIC) gets no new
 //!   streams.
+//! - The agent's path to the proxy going dark (packets dropped, no reset) drops the
+//!   tunnel within the keep-alive bound, and the agent is back once the path heals.
 //! - A proxy killed and started again has its agents back within a second of listening:
 //!   over h2 they reconnect quickly after losing a tunnel that was up; over QUIC the new
 //!   process answers their keep-alive with a stateless reset they accept (the reset key
@@ -199,6 +201,14 @@ async fn a_crashed_proxy_restarted_has_its_agents_back_within_a_second(t: Transp
 
 mod h2 {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blackholed_path_drops_the_tunnel_and_the_agent_returns_when_it_heals() {
+        super::a_blackholed_path_drops_the_tunnel_and_the_agent_returns_when_it_heals(
+            revproxy::Transport::H2,
+        )
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_crashed_agent_restarted_takes_its_names_back_at_once() {
         super::a_crashed_agent_restarted_takes_its_names_back_at_once(revproxy::Transport::H2).await
     }
@@ -214,6 +224,14 @@ mod h2 {
 
 mod quic {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blackholed_path_drops_the_tunnel_and_the_agent_returns_when_it_heals() {
+        super::a_blackholed_path_drops_the_tunnel_and_the_agent_returns_when_it_heals(
+            revproxy::Transport::Quic,
+        )
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_crashed_agent_restarted_takes_its_names_back_at_once() {
         super::a_crashed_agent_restarted_takes_its_names_back_at_once(revproxy::Transport::Quic)
             .await
@@ -226,4 +244,142 @@ mod quic {
         )
         .await
     }
+}
+
+/// The network between the agent and the proxy, in the test's hands: TCP connections and
+/// UDP datagrams to `front` go on to `upstream` until it is cut. Cut, it is a black hole:
+/// TCP bytes wait unforwarded (no reset, no end), UDP datagrams vanish. Healed, TCP bytes
+/// flow again and datagrams pass.
+struct NetPath {
+    cut: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl NetPath {
+    async fn start(upstream: SocketAddr) -> (NetPath, SocketAddr) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // TCP and UDP on one port number, as the agent port is.
+        let (tcp, udp) = loop {
+            let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            if let Ok(udp) = tokio::net::UdpSocket::bind(tcp.local_addr().unwrap()).await {
+                break (tcp, udp);
+            }
+        };
+        let front = tcp.local_addr().unwrap();
+        let (cut, watching) = tokio::sync::watch::channel(false);
+        let pump = |mut rd: tokio::net::tcp::OwnedReadHalf,
+                    mut wr: tokio::net::tcp::OwnedWriteHalf,
+                    mut cut: tokio::sync::watch::Receiver<bool>| async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let _ = cut.wait_for(|c| !*c).await;
+                let n = match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                // What was read when the path went dark waits until it heals.
+                let _ = cut.wait_for(|c| !*c).await;
+                if wr.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = wr.shutdown().await;
+        };
+        let tcp_task = {
+            let watching = watching.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((agent, _)) = tcp.accept().await else {
+                        return;
+                    };
+                    let Ok(proxy) = tokio::net::TcpStream::connect(upstream).await else {
+                        continue;
+                    };
+                    let (ar, aw) = agent.into_split();
+                    let (pr, pw) = proxy.into_split();
+                    tokio::spawn(pump(ar, pw, watching.clone()));
+                    tokio::spawn(pump(pr, aw, watching.clone()));
+                }
+            })
+        };
+        let udp_task = tokio::spawn(async move {
+            let up = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let mut agent = None;
+            let (mut a, mut p) = (vec![0u8; 65536], vec![0u8; 65536]);
+            loop {
+                tokio::select! {
+                    Ok((n, from)) = udp.recv_from(&mut a) => {
+                        agent = Some(from);
+                        let dark = *watching.borrow();
+                        if !dark {
+                            let _ = up.send_to(&a[..n], upstream).await;
+                        }
+                    }
+                    Ok((n, _)) = up.recv_from(&mut p) => {
+                        let dark = *watching.borrow();
+                        if let (false, Some(to)) = (dark, agent) {
+                            let _ = udp.send_to(&p[..n], to).await;
+                        }
+                    }
+                }
+            }
+        });
+        (
+            NetPath {
+                cut,
+                tasks: vec![tcp_task, udp_task],
+            },
+            front,
+        )
+    }
+
+    fn cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+impl Drop for NetPath {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// The agent's path to the proxy goes dark (no reset, no end: packets just stop): the
+/// proxy drops the tunnel within its keep-alive bound (h2: a PING every 10 s answered
+/// within 10 s; QUIC: 10 s of silence), and once the path heals the agent is back within
+/// the same bound.
+async fn a_blackholed_path_drops_the_tunnel_and_the_agent_returns_when_it_heals(t: Transport) {
+    let proxy = TestProxy::start().await;
+    let (path, front) = NetPath::start(proxy.addr).await;
+    let backend = echo_backend(b"B:").await;
+    let dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
+    let _agent = start_agent(dir.path(), &[(NAME, backend)], move |b| {
+        b.transport(t).server(&front.to_string())
+    });
+    proxy.wait_for(NAME, 1).await;
+    served(proxy.http, Duration::from_secs(5)).await.unwrap();
+
+    path.cut(true);
+    let dark = Instant::now();
+    let bound = Duration::from_secs(25);
+    assert!(
+        proxy.status.wait_for_agent("web-1", 0, bound).await,
+        "the proxy still holds the tunnel {bound:?} after the path went dark"
+    );
+    let dropped = dark.elapsed();
+
+    path.cut(false);
+    let healed = Instant::now();
+    assert!(
+        proxy.status.wait_for_agent("web-1", 1, bound).await,
+        "the agent was not back {bound:?} after the path healed"
+    );
+    let back = healed.elapsed();
+    served(proxy.http, Duration::from_secs(5)).await.unwrap();
+    eprintln!(
+        "{}: tunnel dropped {dropped:?} after the path went dark; agent back {back:?} after it healed",
+        transport_flag(t)
+    );
 }
