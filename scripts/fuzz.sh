@@ -3,7 +3,7 @@
 # with RUSTC_BOOTSTRAP=1): every parser that reads bytes from the network or from a user.
 #
 #   scripts/fuzz.sh                       every target, 10 million executions each
-#   scripts/fuzz.sh --runs 20000          every target briefly (what CI does)
+#   scripts/fuzz.sh --runs 20000 --seed 1 every target briefly and repeatably (CI)
 #   scripts/fuzz.sh --time 600 sni_peek   one target for ten minutes
 #
 # Each target starts from its seeds (fuzz/seeds/TARGET: real ClientHellos from curl,
@@ -17,11 +17,13 @@ cd "$(dirname "$0")/.."
 
 runs=10000000
 time_limit=""
+seed=""
 targets=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --runs) runs="$2"; shift 2 ;;
         --time) time_limit="$2"; shift 2 ;;
+        --seed) seed="$2"; shift 2 ;;
         -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) targets+=("$1"); shift ;;
     esac
@@ -32,7 +34,7 @@ fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz: installing cargo-fuzz" >&2
-    cargo install cargo-fuzz --locked >&2
+    cargo install cargo-fuzz --version 0.13.2 --locked >&2
 fi
 
 export RUSTC_BOOTSTRAP=1
@@ -46,6 +48,7 @@ for target in "${targets[@]}"; do
     mkdir -p "corpus/$target"
     limit=(-runs="$runs")
     [ -n "$time_limit" ] && limit=(-max_total_time="$time_limit")
+    [ -n "$seed" ] && limit+=(-seed="$seed")
     log=$(mktemp)
     if ! cargo fuzz run "${flags[@]}" "$target" "corpus/$target" "seeds/$target" -- \
         "${limit[@]}" -print_final_stats=1 >"$log" 2>&1; then

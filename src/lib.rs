@@ -27,6 +27,7 @@
 pub mod admin;
 pub mod agent;
 pub mod config;
+#[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod proxy;

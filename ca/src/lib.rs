@@ -36,6 +36,7 @@ pub use ca::{
 };
 pub use cert::CertSummary;
 pub use error::{CaError, EnrollError};
+#[cfg(fuzzing)]
 #[doc(hidden)]
 pub use issue::csr_is_acceptable;
 pub use operators::{OperatorCert, OperatorInfo, DEFAULT_OPERATOR_TTL, MAX_OPERATOR_TTL};

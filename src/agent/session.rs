@@ -2,7 +2,6 @@
 //! tunnels it replaces once it is up, then serve the proxy's streams until the tunnel
 //! ends, is retired, or the agent stops.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -109,8 +108,8 @@ pub(super) struct Session {
     pub(super) retire: Trigger,
     /// Fired when the proxy says a new process serves it now.
     pub(super) moving: Trigger,
-    /// Set once this session's tunnel is up.
-    pub(super) established: Arc<AtomicBool>,
+    /// When this session's tunnel came up (its handshakes done).
+    pub(super) established: Arc<std::sync::OnceLock<tokio::time::Instant>>,
     /// The retire triggers of older tunnels, fired once this one is up (not before: a
     /// client must always find a tunnel).
     pub(super) to_retire: Arc<Mutex<Vec<Trigger>>>,
@@ -129,7 +128,7 @@ impl Session {
                 () = self.retire.cancelled() => return Ok(()),
             },
         };
-        self.established.store(true, Ordering::Relaxed);
+        let _ = self.established.set(tokio::time::Instant::now());
         let listed = metrics.tunnel_up(self.kind.name());
         // A QUIC tunnel carries this agent's mesh streams too.
         let up = conn.up_link().map(|link| self.ctx.up.tunnel_up(link));

@@ -8,7 +8,6 @@
 //! connection becomes the tunnel and the old one drains. Every session lives in one
 //! `JoinSet`, so dropping the agent ends them all.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,7 +63,7 @@ pub(super) async fn keep_tunnel_up(
         let kind = choice.next();
         let retire = Trigger::default();
         let moving = Trigger::default();
-        let established = Arc::new(AtomicBool::new(false));
+        let established = Arc::new(std::sync::OnceLock::new());
         let session = Session {
             ctx: ctx.clone(),
             target: target.clone(),
@@ -140,7 +139,12 @@ pub(super) async fn keep_tunnel_up(
             backoff.reset();
             continue 'connect;
         }
-        let was_up = established.load(Ordering::Relaxed);
+        // Up means it served a while: a proxy that completes the handshake and then refuses
+        // the tunnel (over its limit, or the admission check) must not make the agent
+        // retry at the shortest delay forever.
+        let was_up = established
+            .get()
+            .is_some_and(|at: &tokio::time::Instant| at.elapsed() >= super::session::OVERLAP);
         match outcome {
             Ok(Ok(())) if stop.is_fired() => break,
             Ok(Ok(())) => info!("tunnel closed by the proxy; reconnecting"),

@@ -48,8 +48,8 @@ impl AgentPort {
     ) -> std::io::Result<AgentPort> {
         let quic = quic
             .map(|socket| {
-                let reset_key = quic::proxy::reset_key(reset_secret);
-                quic::proxy::endpoint(socket, tunnel_tls, reading, reset_key)
+                let config = quic::proxy::endpoint_config(reset_secret);
+                quic::proxy::endpoint(socket, tunnel_tls, reading, config)
             })
             .transpose()?;
         Ok(AgentPort { tcp, quic })

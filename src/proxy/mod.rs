@@ -394,7 +394,7 @@ impl ProxyBuilder {
             quic_socket,
             tunnel_config.clone(),
             self.upgraded.is_none(),
-            identity.key_pem.as_bytes(),
+            &quic_secret(&self.state_dir)?,
         )?;
         // Beyond loopback the admin listener takes operator certificates only.
         let admin_tls = match &self.admin {
@@ -485,6 +485,30 @@ impl ProxyBuilder {
             upgraded: self.upgraded,
         })
     }
+}
+
+/// File in the state directory holding the secret QUIC's stateless resets and connection
+/// IDs are derived from (`tunnel::quic::proxy::endpoint_config`): 32 random bytes, 0600,
+/// made at the first start and kept, so that a restarted or upgraded proxy's resets are
+/// accepted by the agents of the one before.
+pub const QUIC_SECRET_FILE: &str = "quic.secret";
+
+/// The QUIC secret, made now if there is none yet.
+fn quic_secret(dir: &Path) -> Result<Vec<u8>, ProxyError> {
+    let path = dir.join(QUIC_SECRET_FILE);
+    match std::fs::read(&path) {
+        Ok(secret) if secret.len() == 32 => return Ok(secret),
+        Ok(_) => warn!(path = %path.display(), "the QUIC secret is not 32 bytes; making a new one"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    use ring::rand::SecureRandom;
+    let mut secret = vec![0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut secret)
+        .map_err(|_| std::io::Error::other("the OS random number generator failed"))?;
+    revproxy_ca::fsutil::write_atomic(&path, &secret, 0o600)?;
+    Ok(secret)
 }
 
 /// The host of a `host:port` address (IPv6 without its brackets).

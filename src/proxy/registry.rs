@@ -105,11 +105,13 @@ struct Inner {
     by_private: HashMap<String, Routes>,
 }
 
-/// The tunnels serving one name pattern: each agent's newest first (streams are spread
-/// over these), then the older tunnels of the same agents, tried only when those fail.
-/// An agent that restarts after a crash has a new tunnel while its dead one has not
-/// timed out yet (a QUIC peer that died sends nothing): new streams go to the new one at
-/// once. During a renewal or a transport change the newer tunnel is the one that stays.
+/// The tunnels serving one name pattern: for each certificate the newest tunnel first
+/// (streams are spread round robin over these: several agents, or replicas of one agent
+/// enrolled apart, each with a certificate of its own), then the older tunnels of the same
+/// certificate, tried only when those fail. An agent that restarts after a crash comes
+/// back with the same certificate while its dead tunnel has not timed out yet (a QUIC peer
+/// that died sends nothing): new streams go to the new tunnel at once. A transport change
+/// keeps the certificate too, and the newer tunnel is the one that stays.
 #[derive(Debug, Default, Clone)]
 struct Routes {
     first: Vec<Arc<Tunnel>>,
@@ -118,8 +120,8 @@ struct Routes {
 
 impl Routes {
     fn push(&mut self, tunnel: &Arc<Tunnel>) {
-        // Tunnels come newest first: an agent seen already has a newer one here.
-        if self.first.iter().any(|t| t.agent == tunnel.agent) {
+        // Tunnels come newest first: a certificate seen already has a newer one here.
+        if self.first.iter().any(|t| t.serial == tunnel.serial) {
             self.later.push(tunnel.clone());
         } else {
             self.first.push(tunnel.clone());
@@ -438,11 +440,11 @@ impl ProxyStatus {
     }
 
     /// The transports (`"h2"`, `"quic"`) new streams for `name` go to, sorted: one per
-    /// agent, its newest tunnel's (older ones of the same agent are only a fallback).
+    /// certificate, its newest tunnel's (older ones are only a fallback).
     pub fn transports_for(&self, name: &str) -> Vec<&'static str> {
-        let mut agents = std::collections::HashSet::new();
+        let mut certificates = std::collections::HashSet::new();
         let mut kinds: Vec<_> = (self.registry.lookup_mesh(name).all())
-            .filter(|t| agents.insert(t.agent.clone()))
+            .filter(|t| certificates.insert(t.serial.clone()))
             .map(|t| t.transport())
             .collect();
         kinds.sort_unstable();

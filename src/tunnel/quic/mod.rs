@@ -31,7 +31,7 @@ pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// An idle tunnel sends a keep-alive this often (a PING and its ACK: about 200 bytes a
 /// second per idle tunnel, both ways together). It is also how soon an agent learns that
 /// its proxy was restarted: the new process answers the keep-alive with a stateless reset
-/// (it keeps the reset key, `proxy::reset_key`), so the agent is back within a second of
+/// (it keeps the reset key, `proxy::endpoint_config`), so the agent is back within a second of
 /// the proxy listening again.
 pub(crate) const KEEPALIVE: Duration = Duration::from_millis(500);
 /// ...and a tunnel that heard nothing for this long is dead (a few lost keep-alives).

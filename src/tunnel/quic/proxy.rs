@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::{TransportErrorCode, VarInt};
@@ -48,7 +49,7 @@ pub(crate) fn endpoint(
     socket: std::net::UdpSocket,
     mut tls: rustls::ServerConfig,
     reading: bool,
-    reset_key: ring::hmac::Key,
+    config: quinn::EndpointConfig,
 ) -> std::io::Result<(quinn::Endpoint, ReadSwitch)> {
     tls.alpn_protocols = vec![crate::tls::ALPN_QUIC.to_vec()];
     let mut server = quinn::ServerConfig::with_crypto(server_crypto(tls));
@@ -61,8 +62,6 @@ pub(crate) fn endpoint(
         inner: quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)?,
         switch: switch.0.clone(),
     });
-    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
-    config.cid_generator(|| Box::new(RandomCids));
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
         config,
         Some(server),
@@ -72,42 +71,38 @@ pub(crate) fn endpoint(
     Ok((endpoint, switch))
 }
 
-/// The key of the endpoint's stateless resets, derived from `secret` (the proxy's server
-/// key) so that it outlives the process: after a crash and restart, or an upgrade, the new
-/// process answers a packet of a tunnel it does not know with a reset its agent accepts,
-/// and the agent reconnects at once instead of waiting out the idle timeout.
-pub(crate) fn reset_key(secret: &[u8]) -> ring::hmac::Key {
-    let derived = ring::hmac::sign(
-        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
-        b"revproxy QUIC stateless reset key v1",
-    );
-    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref())
-}
+/// How often the endpoint may send a stateless reset, at most (quinn's default is one in
+/// 20 ms for the whole endpoint: after a restart, a fleet's keep-alives would wait their
+/// turn for many seconds). A reset is always smaller than the packet that caused it, and
+/// only packets with an ID this proxy could have issued get one.
+const MIN_RESET_INTERVAL: Duration = Duration::from_millis(1);
 
-/// Connection IDs of 8 random bytes that any process of this proxy takes as possibly its
-/// own. quinn's default generator signs its IDs with a key of the process and drops
-/// packets whose ID another process signed; a restarted proxy would then stay silent to
-/// its old agents instead of answering with the stateless reset that sends them to
-/// reconnect.
-struct RandomCids;
-
-impl quinn::ConnectionIdGenerator for RandomCids {
-    fn generate_cid(&mut self) -> quinn::ConnectionId {
-        use ring::rand::SecureRandom;
-        let mut id = [0u8; 8];
-        ring::rand::SystemRandom::new()
-            .fill(&mut id)
-            .expect("the OS random number generator failed");
-        quinn::ConnectionId::new(&id)
-    }
-
-    fn cid_len(&self) -> usize {
-        8
-    }
-
-    fn cid_lifetime(&self) -> Option<std::time::Duration> {
-        None
-    }
+/// The endpoint's configuration for stateless resets, from `secret` (kept in the state
+/// directory, so it outlives the process): after a crash and restart, or an upgrade, the
+/// new process recognises the connection IDs the old one issued and answers their packets
+/// with a reset their agents accept (the same reset key), so they reconnect at once
+/// instead of waiting out the idle timeout. Packets with IDs it could not have issued are
+/// dropped without a reset.
+pub(crate) fn endpoint_config(secret: &[u8]) -> quinn::EndpointConfig {
+    let derive = |label: &[u8]| {
+        ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
+            label,
+        )
+    };
+    let reset = derive(b"revproxy QUIC stateless reset key v1");
+    let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        reset.as_ref(),
+    )));
+    let cid = derive(b"revproxy QUIC connection ID key v1");
+    let cid_key = u64::from_le_bytes(cid.as_ref()[..8].try_into().expect("8 bytes"));
+    config
+        .cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        })
+        .min_reset_interval(MIN_RESET_INTERVAL);
+    config
 }
 
 /// Whether an endpoint reads its UDP socket; it sends either way. During an upgrade both

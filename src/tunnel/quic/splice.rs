@@ -72,10 +72,10 @@ pub(crate) async fn splice(
             }
         }
     };
+    let (mut sent, mut received) = (None, None);
     let result = {
         let idle = meter.idle();
         tokio::pin!(up, down, idle);
-        let (mut sent, mut received) = (None, None);
         loop {
             if let (Some(s), Some(r)) = (sent, received) {
                 break Ok((s, r));
@@ -96,8 +96,11 @@ pub(crate) async fn splice(
     if result.is_err() {
         let _ = send.reset(VarInt::from_u32(code::ABORTED));
         let _ = recv.stop(VarInt::from_u32(code::ABORTED));
-        // The socket is reset too: the far end never takes a cut stream for a whole one.
-        crate::tunnel::reset(rd, wr);
+        // The socket is reset too unless it got its whole stream: the far end never takes
+        // a cut stream for a complete one (see the h2 splice).
+        if received.is_none() {
+            crate::tunnel::reset(rd, wr);
+        }
     }
     result
 }
