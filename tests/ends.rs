@@ -161,6 +161,7 @@ over_both_transports!(
     a_backend_that_resets_gives_the_client_a_reset,
     a_client_that_resets_gives_the_backend_a_reset,
     a_client_that_half_closes_still_gets_the_whole_answer,
+    an_agent_gone_mid_download_gives_the_client_a_reset_not_a_clean_end,
 );
 
 /// The same through a static `tcp://` route, where no tunnel is involved.
@@ -175,4 +176,32 @@ async fn a_static_route_passes_a_backend_reset_on() {
     let err = ended.expect_err("a reset, not a clean end");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
     assert!(started.elapsed() < WITHIN, "{:?}", started.elapsed());
+}
+
+/// An agent that stops in the middle of a download (its task aborted, as a crash of an
+/// embedding program or the end of its drain grace would) gives the client a reset: the
+/// stream it was sending must not end cleanly (quinn finishes a send stream it drops; the
+/// soak caught clients getting 4,096 bytes of a larger answer and a clean end).
+async fn an_agent_gone_mid_download_gives_the_client_a_reset_not_a_clean_end(t: Transport) {
+    let proxy = TestProxy::start().await;
+    // A backend that sends the first part of its answer and then waits.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        tcp.write_all(&pattern(64 * 1024, 5)).await.unwrap();
+        let mut sink = Vec::new();
+        let _ = tcp.read_to_end(&mut sink).await;
+    });
+    let dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
+    let agent = start_agent(dir.path(), &[(NAME, addr)], on(t));
+    proxy.wait_for(NAME, 1).await;
+    let mut client = TcpStream::connect(proxy.http).await.unwrap();
+    client.write_all(&http_head(NAME)).await.unwrap();
+    let mut first = vec![0u8; 64 * 1024];
+    client.read_exact(&mut first).await.unwrap();
+    agent.kill();
+    let (_, ended) = read_to_end(&mut client).await;
+    let err = ended.expect_err("an error, not a clean end");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }

@@ -476,6 +476,7 @@ impl TunnelStream {
                 h2::splice::splice(tcp, send, recv, limits.send_timeout, &meter).await
             }
             TunnelStream::Quic(send, recv, first) => {
+                let send = quic::Unfinished::new(send);
                 quic::splice::splice(tcp, send, recv, first, limits.send_timeout, &meter).await
             }
         };

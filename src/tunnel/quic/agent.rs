@@ -120,9 +120,12 @@ impl Conn {
 /// Serves one stream: read its header, dial the backend, answer, splice.
 pub(crate) async fn serve_stream<B: Backends>(
     backends: Arc<B>,
-    (mut send, mut recv): Incoming,
+    stream: Incoming,
     limits: StreamLimits,
 ) {
+    let (send, mut recv) = stream;
+    // Reset, not finished, if this task ends before the stream does.
+    let mut send = super::Unfinished::new(send);
     let header = tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut recv, StreamHeader::parse))
         .await
         .unwrap_or_else(|_| {

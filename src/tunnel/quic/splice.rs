@@ -5,10 +5,10 @@ use std::io;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use quinn::{RecvStream, SendStream, VarInt};
+use quinn::{RecvStream, VarInt};
 use tokio::io::AsyncWriteExt;
 
-use super::{code, IDLE_TIMEOUT};
+use super::{code, Unfinished, IDLE_TIMEOUT};
 use crate::tunnel::{read_some, write_all_within, Meter};
 
 /// Bytes read from a TCP socket per step, handed to quinn without another copy.
@@ -23,7 +23,7 @@ pub(crate) const READ_CHUNK: usize = 64 * 1024;
 /// stream, bytes written to `tcp`).
 pub(crate) async fn splice(
     tcp: tokio::net::TcpStream,
-    mut send: SendStream,
+    mut send: Unfinished,
     mut recv: RecvStream,
     first: Bytes,
     send_timeout: Duration,
