@@ -207,17 +207,6 @@ async fn main() -> anyhow::Result<()> {
     let mut leaked = false;
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        if Instant::now() >= next_fault {
-            // Kill one agent (as SIGKILL would: its sockets close, nothing drains), then
-            // start it again with the same certificate.
-            let which = (faults % 2) as usize;
-            faults += 1;
-            let (agent_dir, backend, transport, task) = &mut running[which];
-            task.abort();
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            *task = start_agent(agent_dir, *backend, *transport)?;
-            next_fault += fault_every;
-        }
         if Instant::now() >= next_report {
             next_report += Duration::from_secs(60);
             let (rss, fds) = footprint();
@@ -236,6 +225,17 @@ async fn main() -> anyhow::Result<()> {
                 fds,
                 base.1,
             );
+        }
+        if Instant::now() >= next_fault {
+            // Kill one agent (as SIGKILL would: its sockets close, nothing drains), then
+            // start it again with the same certificate.
+            let which = (faults % 2) as usize;
+            faults += 1;
+            let (agent_dir, backend, transport, task) = &mut running[which];
+            task.abort();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            *task = start_agent(agent_dir, *backend, *transport)?;
+            next_fault += fault_every;
         }
     }
     for t in traffic {
