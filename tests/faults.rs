@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use revproxy::ca::{Ca, NewToken};
+use revproxy::ca::Ca;
 use revproxy::Transport;
 
 const NAME: &str = "app.example.com";
@@ -154,30 +154,17 @@ async fn a_crashed_proxy_restarted_has_its_agents_back_within_a_second(t: Transp
     };
     let (mut proxy, lines) = serve();
     logged(&lines, "agent listener ready");
-    let token = Ca::open(&state)
-        .unwrap()
-        .create_token(
-            &NewToken {
-                agent: "web-1".into(),
-                hosts: vec![NAME.into()],
-                private_hosts: Vec::new(),
-                connect: Vec::new(),
-                ttl: Duration::from_secs(3600),
-                cert_ttl: Duration::from_secs(24 * 3600),
-                server: Some(format!("127.0.0.1:{agents}")),
-            },
-            time::OffsetDateTime::now_utc(),
-        )
-        .unwrap();
-    let agent_dir = tempfile::tempdir().unwrap();
-    revproxy::agent::enroll(&token, agent_dir.path())
-        .await
-        .unwrap();
+    let agents = SocketAddr::from(([127, 0, 0, 1], agents));
+    let agent_dir = enrolled(&Ca::open(&state).unwrap(), agents, "web-1", NAME).await;
     let backend = echo_backend(b"B:").await;
     let _agent = start_agent(agent_dir.path(), &[(NAME, backend)], on(t));
     logged(&lines, "tunnel up");
     let http = SocketAddr::from(([127, 0, 0, 1], http));
     served(http, Duration::from_secs(5)).await.unwrap();
+    // The tunnel has been up a while, as before a real crash: an agent counts a tunnel as
+    // up (and reconnects fast after losing it) once it has served for a second, so that a
+    // proxy refusing tunnels right after the handshake does not make it retry fast.
+    tokio::time::sleep(Duration::from_secs(1)).await;
 
     signal(proxy.0.id(), "KILL");
     proxy.0.wait().unwrap();

@@ -83,32 +83,6 @@ fn start_proxy(
     (Killed(child), dir, agents.unwrap(), http.unwrap())
 }
 
-/// Enrolls agent `name` for `host` with the proxy whose state is in `dir`.
-async fn enrolled(
-    ca: &revproxy::ca::Ca,
-    agents: std::net::SocketAddr,
-    name: &str,
-    host: &str,
-) -> tempfile::TempDir {
-    let token = ca
-        .create_token(
-            &revproxy::ca::NewToken {
-                agent: name.into(),
-                hosts: vec![host.into()],
-                private_hosts: Vec::new(),
-                connect: Vec::new(),
-                ttl: Duration::from_secs(3600),
-                cert_ttl: Duration::from_secs(24 * 3600),
-                server: Some(agents.to_string()),
-            },
-            time::OffsetDateTime::now_utc(),
-        )
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    revproxy::agent::enroll(&token, dir.path()).await.unwrap();
-    dir
-}
-
 /// Waits until `host` is served through the proxy with the answer starting `tag`.
 async fn served(http: std::net::SocketAddr, host: &str, tag: &[u8]) -> bool {
     round_trip(http, &http_head(host), b"x")

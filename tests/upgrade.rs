@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use revproxy::ca::{Ca, NewToken};
+use revproxy::ca::Ca;
 use revproxy::Transport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -164,25 +164,7 @@ impl Swap {
         let http = old.addr("public listener ready");
         let admin = old.addr("admin listener ready");
 
-        let token = Ca::open(&state)
-            .unwrap()
-            .create_token(
-                &NewToken {
-                    agent: "web-1".into(),
-                    hosts: vec![NAME.into()],
-                    private_hosts: Vec::new(),
-                    connect: Vec::new(),
-                    ttl: Duration::from_secs(3600),
-                    cert_ttl: Duration::from_secs(24 * 3600),
-                    server: Some(agents.to_string()),
-                },
-                time::OffsetDateTime::now_utc(),
-            )
-            .unwrap();
-        let agent_dir = tempfile::tempdir().unwrap();
-        revproxy::agent::enroll(&token, agent_dir.path())
-            .await
-            .unwrap();
+        let agent_dir = enrolled(&Ca::open(&state).unwrap(), agents, "web-1", NAME).await;
         let agent = start_agent(agent_dir.path(), &[(NAME, backend)], on(transport));
         let (_, up) = old.wait("tunnel up");
         assert_eq!(up["transport"], transport_name(transport), "{up}");

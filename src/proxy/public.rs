@@ -566,47 +566,29 @@ async fn forward_tcp(
     let (mut from_backend, mut to_backend) = backend.split();
     let mut counted_in = Counted::new(&mut from_client, &counters);
     let mut counted_out = Counted::new(&mut to_client, &counters);
-    let (mut up_done, mut down_done) = (None, None);
-    let copied: std::io::Result<()> = {
-        let up = async {
-            let mut from = tokio::io::BufReader::with_capacity(STATIC_COPY_BUFFER, &mut counted_in);
-            let n = tokio::io::copy_buf(&mut from, &mut to_backend).await?;
-            to_backend.shutdown().await?;
-            Ok::<u64, std::io::Error>(n)
-        };
-        let down = async {
-            let mut from =
-                tokio::io::BufReader::with_capacity(STATIC_COPY_BUFFER, &mut from_backend);
-            let n = tokio::io::copy_buf(&mut from, &mut counted_out).await?;
-            counted_out.shutdown().await?;
-            Ok::<u64, std::io::Error>(n)
-        };
-        tokio::pin!(up, down);
-        loop {
-            if up_done.is_some() && down_done.is_some() {
-                break Ok(());
-            }
-            tokio::select! {
-                r = &mut up, if up_done.is_none() => match r {
-                    Ok(n) => up_done = Some(n),
-                    Err(e) => break Err(e),
-                },
-                r = &mut down, if down_done.is_none() => match r {
-                    Ok(n) => down_done = Some(n),
-                    Err(e) => break Err(e),
-                },
-            }
-        }
+    let up = async {
+        let mut from = tokio::io::BufReader::with_capacity(STATIC_COPY_BUFFER, &mut counted_in);
+        let n = tokio::io::copy_buf(&mut from, &mut to_backend).await?;
+        to_backend.shutdown().await?;
+        Ok(n)
     };
+    let down = async {
+        let mut from = tokio::io::BufReader::with_capacity(STATIC_COPY_BUFFER, &mut from_backend);
+        let n = tokio::io::copy_buf(&mut from, &mut counted_out).await?;
+        counted_out.shutdown().await?;
+        Ok(n)
+    };
+    // No idle timeout on a static route (as before).
+    let pumped = crate::tunnel::both_ways(up, down, std::future::pending()).await;
     let (up, down) = (counted_in.totals.0, counted_out.totals.1);
-    if let Err(e) = copied {
+    if let Err(e) = &pumped.result {
         debug!(%peer, conn = %id, backend = addr, error = %e, "static route ended with an error");
         // Broken: a side that did not get its whole stream is reset, so it never takes
         // the cut stream for a complete one.
-        if down_done.is_none() {
+        if !pumped.delivered {
             let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
         }
-        if up_done.is_none() {
+        if !pumped.sent {
             let _ = socket2::SockRef::from(&backend).set_linger(Some(Duration::ZERO));
         }
     }

@@ -894,6 +894,49 @@ pub(crate) async fn read_some(
     }
 }
 
+/// How a two-way pump ended: the bytes each way, or the first error; and which
+/// directions had finished by then (a side that got its whole stream is not reset, see
+/// [`reset`]).
+pub(crate) struct Pumped {
+    pub(crate) result: std::io::Result<(u64, u64)>,
+    /// `up` (from the socket) had finished.
+    pub(crate) sent: bool,
+    /// `down` (toward the socket) had finished.
+    pub(crate) delivered: bool,
+}
+
+/// Runs both directions of a splice, `up` (from the socket) and `down` (toward it), until
+/// both finish, one fails, or `idle` completes (nothing moved for the idle timeout).
+pub(crate) async fn both_ways(
+    up: impl Future<Output = std::io::Result<u64>>,
+    down: impl Future<Output = std::io::Result<u64>>,
+    idle: impl Future<Output = std::io::Error>,
+) -> Pumped {
+    tokio::pin!(up, down, idle);
+    let (mut sent, mut received) = (None, None);
+    let result = loop {
+        if let (Some(s), Some(r)) = (sent, received) {
+            break Ok((s, r));
+        }
+        tokio::select! {
+            r = &mut up, if sent.is_none() => match r {
+                Ok(n) => sent = Some(n),
+                Err(e) => break Err(e),
+            },
+            r = &mut down, if received.is_none() => match r {
+                Ok(n) => received = Some(n),
+                Err(e) => break Err(e),
+            },
+            e = &mut idle => break Err(e),
+        }
+    };
+    Pumped {
+        result,
+        sent: sent.is_some(),
+        delivered: received.is_some(),
+    }
+}
+
 /// Closes a socket with a reset (RST) instead of an orderly end (FIN): for a stream that
 /// broke (its other side reset, or a timeout cut it), so that the far end sees an error
 /// and never takes a cut download for a complete one. (Dropping the write half alone

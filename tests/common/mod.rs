@@ -964,3 +964,30 @@ pub fn free_port(ip: &str) -> u16 {
         .unwrap()
         .port()
 }
+
+/// Enrolls agent `name` for `host` with the CA `ca`, its proxy's agent listener at
+/// `agents` (for proxies run as processes, which [`enroll_agent`] does not reach).
+pub async fn enrolled(
+    ca: &revproxy::ca::Ca,
+    agents: std::net::SocketAddr,
+    name: &str,
+    host: &str,
+) -> tempfile::TempDir {
+    let token = ca
+        .create_token(
+            &revproxy::ca::NewToken {
+                agent: name.into(),
+                hosts: vec![host.into()],
+                private_hosts: Vec::new(),
+                connect: Vec::new(),
+                ttl: Duration::from_secs(3600),
+                cert_ttl: Duration::from_secs(24 * 3600),
+                server: Some(agents.to_string()),
+            },
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    revproxy::agent::enroll(&token, dir.path()).await.unwrap();
+    dir
+}

@@ -141,36 +141,19 @@ pub(crate) async fn splice(
     meter: &Meter,
 ) -> io::Result<(u64, u64)> {
     let (mut rd, mut wr) = tcp.into_split();
-    let (mut sent, mut received) = (None, None);
-    let result = {
-        let up = socket_to_stream(&mut rd, &mut send, meter);
-        let down = stream_to_socket(&mut recv, &mut wr, send_timeout, meter);
-        let idle = meter.idle();
-        tokio::pin!(up, down, idle);
-        loop {
-            if let (Some(s), Some(r)) = (sent, received) {
-                break Ok((s, r));
-            }
-            tokio::select! {
-                r = &mut up, if sent.is_none() => match r {
-                    Ok(n) => sent = Some(n),
-                    Err(e) => break Err(e),
-                },
-                r = &mut down, if received.is_none() => match r {
-                    Ok(n) => received = Some(n),
-                    Err(e) => break Err(e),
-                },
-                e = &mut idle => break Err(e),
-            }
-        }
-    };
+    let pumped = crate::tunnel::both_ways(
+        socket_to_stream(&mut rd, &mut send, meter),
+        stream_to_socket(&mut recv, &mut wr, send_timeout, meter),
+        meter.idle(),
+    )
+    .await;
     // Broken before the socket got its whole stream (a reset on the other side, a
     // timeout): the socket is reset too, so the far end never takes a cut stream for a
     // complete one. A socket that got everything and its end keeps them (a reset would
     // discard what is still in its send buffer). The h2 stream is reset when `send` and
     // `recv` drop unfinished.
-    if result.is_err() && received.is_none() {
+    if pumped.result.is_err() && !pumped.delivered {
         crate::tunnel::reset(rd, wr);
     }
-    result
+    pumped.result
 }

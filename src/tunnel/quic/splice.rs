@@ -72,35 +72,15 @@ pub(crate) async fn splice(
             }
         }
     };
-    let (mut sent, mut received) = (None, None);
-    let result = {
-        let idle = meter.idle();
-        tokio::pin!(up, down, idle);
-        loop {
-            if let (Some(s), Some(r)) = (sent, received) {
-                break Ok((s, r));
-            }
-            tokio::select! {
-                r = &mut up, if sent.is_none() => match r {
-                    Ok(n) => sent = Some(n),
-                    Err(e) => break Err(e),
-                },
-                r = &mut down, if received.is_none() => match r {
-                    Ok(n) => received = Some(n),
-                    Err(e) => break Err(e),
-                },
-                e = &mut idle => break Err(e),
-            }
-        }
-    };
-    if result.is_err() {
+    let pumped = crate::tunnel::both_ways(up, down, meter.idle()).await;
+    if pumped.result.is_err() {
         let _ = send.reset(VarInt::from_u32(code::ABORTED));
         let _ = recv.stop(VarInt::from_u32(code::ABORTED));
         // The socket is reset too unless it got its whole stream: the far end never takes
         // a cut stream for a complete one (see the h2 splice).
-        if received.is_none() {
+        if !pumped.delivered {
             crate::tunnel::reset(rd, wr);
         }
     }
-    result
+    pumped.result
 }
