@@ -14,6 +14,7 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::h2::h2_io;
+use super::quic::Unfinished;
 
 /// An h2 stream (either role: the types are the same) as a byte pipe.
 pub(crate) struct H2Io {
@@ -103,14 +104,18 @@ impl AsyncWrite for H2Io {
     }
 }
 
-/// A QUIC stream as a byte pipe; the bytes that came with its answer are read first.
+/// A QUIC stream as a byte pipe; the bytes that came with its answer are read first. Its
+/// send half is reset, not finished, if the pipe is dropped before it was shut down.
 pub(crate) type QuicIo =
-    tokio::io::Join<tokio::io::Chain<std::io::Cursor<Bytes>, quinn::RecvStream>, quinn::SendStream>;
+    tokio::io::Join<tokio::io::Chain<std::io::Cursor<Bytes>, quinn::RecvStream>, Unfinished>;
 
 /// Makes a QUIC stream a byte pipe, `first` read before the rest.
 pub(crate) fn quic_io(send: quinn::SendStream, recv: quinn::RecvStream, first: Bytes) -> QuicIo {
     let first = std::io::Cursor::new(first);
-    tokio::io::join(tokio::io::AsyncReadExt::chain(first, recv), send)
+    tokio::io::join(
+        tokio::io::AsyncReadExt::chain(first, recv),
+        Unfinished::new(send),
+    )
 }
 
 /// Either transport's stream as a byte pipe.

@@ -99,6 +99,32 @@ impl std::ops::DerefMut for Unfinished {
     }
 }
 
+/// Writes go to the stream; shutting it down finishes it on purpose (the mesh's byte pipe,
+/// [`crate::tunnel::duplex`]).
+impl tokio::io::AsyncWrite for Unfinished {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        tokio::io::AsyncWrite::poll_write(std::pin::Pin::new(&mut self.get_mut().stream), cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(self.get_mut().finish().map_err(io::Error::from))
+    }
+}
+
 impl Drop for Unfinished {
     fn drop(&mut self) {
         if !self.finished {
