@@ -272,7 +272,7 @@ async fn a_thousand_agents_each_get_their_own_clients() {
     );
 }
 
-/// The proxy process's resident memory (KiB) and open descriptors.
+/// A process's resident memory (KiB) and open descriptors.
 fn footprint(pid: u32) -> (u64, usize) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let rss = status
@@ -289,7 +289,10 @@ fn footprint(pid: u32) -> (u64, usize) {
 /// Churn: an agent reconnecting over and over (`REVPROXY_CHURN_RECONNECTS`, default 300)
 /// and many short client connections (`REVPROXY_CHURN_CONNECTIONS`, default 20,000; the
 /// issue's full figures are 10,000 and 100,000): afterwards the proxy holds the
-/// descriptors it held before, and its memory is back near where it was.
+/// descriptors it held before, and its memory is back near where it was. The agents run
+/// in this test's process (each restart is a new agent there, with its own tunnel,
+/// TLS state and tasks), so the same holds for this process: what an agent leaves behind
+/// when it stops or when a connection ends would show here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_reconnect_churn_and_many_short_connections_the_proxy_is_back_to_its_baseline() {
     let env = |name: &str, default: usize| {
@@ -311,6 +314,8 @@ async fn after_reconnect_churn_and_many_short_connections_the_proxy_is_back_to_i
     // Warm up (allocator arenas, buffers), then take the baseline.
     short_connections(http, 2_000).await;
     let (rss0, fds0) = footprint(pid);
+    let here = std::process::id();
+    let (agent_rss0, agent_fds0) = footprint(here);
     let started = Instant::now();
 
     for _ in 0..reconnects {
@@ -325,13 +330,24 @@ async fn after_reconnect_churn_and_many_short_connections_the_proxy_is_back_to_i
         footprint(pid).1 <= fds0
     })
     .await;
+    eventually("the agents' descriptors back to their baseline", || async {
+        footprint(here).1 <= agent_fds0
+    })
+    .await;
     let (rss1, fds1) = footprint(pid);
+    let (agent_rss1, agent_fds1) = footprint(here);
     eprintln!(
-        "{reconnects} reconnects in {reconnected:?}, then {connections} connections; proxy: {fds0} -> {fds1} descriptors, {rss0} -> {rss1} KiB resident"
+        "{reconnects} reconnects in {reconnected:?}, then {connections} connections; \
+         proxy: {fds0} -> {fds1} descriptors, {rss0} -> {rss1} KiB resident; \
+         agents' process: {agent_fds0} -> {agent_fds1} descriptors, {agent_rss0} -> {agent_rss1} KiB resident"
     );
     assert!(
         rss1 <= rss0 + rss0 / 4 + 8 * 1024,
         "the proxy grew from {rss0} to {rss1} KiB"
+    );
+    assert!(
+        agent_rss1 <= agent_rss0 + agent_rss0 / 4 + 8 * 1024,
+        "the agents' process grew from {agent_rss0} to {agent_rss1} KiB"
     );
 }
 

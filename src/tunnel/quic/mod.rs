@@ -263,3 +263,95 @@ pub(crate) fn server_crypto(
             .expect("the ring provider has the QUIC initial cipher suite"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A QUIC connection over loopback between two endpoints of this process (a
+    /// self-signed certificate the client trusts), returned with both endpoints.
+    async fn pair() -> (
+        quinn::Endpoint,
+        quinn::Endpoint,
+        quinn::Connection,
+        quinn::Connection,
+    ) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let client_tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let server = quinn::Endpoint::server(
+            quinn::ServerConfig::with_crypto(server_crypto(server_tls)),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).unwrap(),
+        )));
+        let connecting = client
+            .connect(server.local_addr().unwrap(), "localhost")
+            .unwrap();
+        let accepted = async { server.accept().await.unwrap().await.unwrap() };
+        let (near, far) = tokio::join!(async { connecting.await.unwrap() }, accepted);
+        (client, server, near, far)
+    }
+
+    /// What the far end of a stream reads: its bytes, and whether it ended cleanly.
+    async fn read_to_end(mut recv: RecvStream) -> (Vec<u8>, Result<(), quinn::ReadError>) {
+        let mut got = Vec::new();
+        loop {
+            match recv.read_chunk(usize::MAX, true).await {
+                Ok(Some(chunk)) => got.extend_from_slice(&chunk.bytes),
+                Ok(None) => return (got, Ok(())),
+                Err(e) => return (got, Err(e)),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_dropped_before_it_was_finished_is_reset_not_ended_cleanly() {
+        let (_client, _server, near, far) = pair().await;
+        // Part of an answer, then the task holding the stream is dropped (aborted) while
+        // the connection lives on: the far end must see a reset, never a clean end.
+        let mut send = Unfinished::new(near.open_uni().await.unwrap());
+        send.write_all(b"part of an answer").await.unwrap();
+        drop(send);
+        // (A reset may overtake the bytes before them: the far end then reads none.)
+        let (got, end) = read_to_end(far.accept_uni().await.unwrap()).await;
+        assert!(b"part of an answer".starts_with(&got), "{got:?}");
+        assert!(
+            matches!(end, Err(quinn::ReadError::Reset(c)) if c == VarInt::from_u32(code::ABORTED)),
+            "the far end saw {end:?}"
+        );
+
+        // Finished on purpose, through the byte pipe's shutdown: a clean end after every byte.
+        let mut send = Unfinished::new(near.open_uni().await.unwrap());
+        tokio::io::AsyncWriteExt::write_all(&mut send, b"a whole answer")
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::shutdown(&mut send).await.unwrap();
+        drop(send);
+        let (got, end) = read_to_end(far.accept_uni().await.unwrap()).await;
+        assert_eq!(got, b"a whole answer");
+        assert!(end.is_ok(), "the far end saw {end:?}");
+    }
+}
