@@ -476,8 +476,18 @@ def main():
                 return figures
             return run
 
+        def single_stream(s):
+            before = cpu_seconds(s["pids"])
+            gbps = iperf(s["iperf"], seconds)
+            used = cpu_seconds(s["pids"]) - before
+            figures = {"single-stream throughput (Gbit/s)": gbps}
+            if s["pids"]:
+                # Proxy and agent together, per GiB moved (iperf3 ran for `seconds` at gbps).
+                figures["single stream: CPU per GiB, both ends (s)"] = used / (gbps * 1e9 * seconds / 8 / 2**30)
+            return figures
+
         figures = [
-            ("single-stream throughput (Gbit/s)", lambda s: iperf(s["iperf"], seconds)),
+            ("single-stream throughput (Gbit/s)", single_stream),
             ("8 parallel streams (Gbit/s)", lambda s: iperf(s["iperf"], seconds, 8)),
             ("keep-alive, 10 conns", keepalive(10)),
             ("keep-alive, 100 conns", keepalive(100)),

@@ -74,6 +74,8 @@ pub enum AgentError {
     Admin(#[source] std::io::Error),
     #[error("{0}")]
     Connect(String),
+    #[error("cannot start the tunnels' threads: {0}")]
+    Threads(#[source] std::io::Error),
 }
 
 /// Builds an [`Agent`].
@@ -249,6 +251,8 @@ impl AgentBuilder {
                 transport: self.transport,
                 quic_fallback_after: self.quic_fallback_after,
                 quic_reprobe: self.quic_reprobe,
+                lanes: crate::runtime::lanes::Lanes::per_core("revproxy-lane")
+                    .map_err(AgentError::Threads)?,
             }),
             identity: tokio::sync::watch::channel(Arc::new(identity)).0,
             state_dir: self.state_dir,

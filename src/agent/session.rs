@@ -45,6 +45,8 @@ pub(super) struct SessionCtx {
     pub(super) transport: Transport,
     pub(super) quic_fallback_after: Duration,
     pub(super) quic_reprobe: Duration,
+    /// Where tunnels run, each with its streams (`runtime::lanes`).
+    pub(super) lanes: crate::runtime::lanes::Lanes,
 }
 
 /// Why a session ended badly.

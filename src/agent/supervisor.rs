@@ -78,7 +78,11 @@ pub(super) async fn keep_tunnel_up(
             to_retire: to_retire.clone(),
         };
         let span = tracing::info_span!("tunnel", server = %target.addr, proxy = target.proxy.as_deref().unwrap_or("-"), transport = kind.name());
-        let current = sessions.spawn(session.run().instrument(span)).id();
+        // The tunnel and its streams run on a lane of their own.
+        let lane = ctx.lanes.pick();
+        let current = sessions
+            .spawn(async move { lane.run(session.run()).await }.instrument(span))
+            .id();
         // A probe lives across loop turns, so nothing else happening cancels a handshake.
         let probing = choice.probe_while_on(kind);
         let (probe_kind, probe_limit) = match probing {

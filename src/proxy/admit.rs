@@ -41,6 +41,14 @@ pub(super) async fn admit(
         shared.metrics.tunnel_refused("no_certificate");
         return None;
     };
+    // TLS accepts a certificate through the second of its expiry; the proxy closes
+    // tunnels at that second (`until_unix`), so one arriving then is refused here rather
+    // than registered and closed at once.
+    if time::OffsetDateTime::now_utc().unix_timestamp() >= who.not_after {
+        warn!(%peer, agent = %who.agent, serial = %who.serial, "certificate expired; closing the tunnel");
+        shared.metrics.tunnel_refused("certificate");
+        return None;
+    }
     // A view read after this tunnel arrived (a revocation made a moment ago, here or on
     // another proxy, is in it), but at most one store read per `RELOAD_AT_MOST` for all
     // tunnels together: a reconnecting fleet shares reads rather than queueing on the store.

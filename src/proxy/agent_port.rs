@@ -83,7 +83,17 @@ impl AgentPort {
             let shared = shared.clone();
             let permits = Arc::new(Semaphore::new(limits.agents));
             let per_source = PerSource::new(limits.handshakes_per_source);
-            let handle = move |tcp, peer, slot| serve_tcp(shared.clone(), tcp, peer, slot);
+            // Each connection runs on a lane: a tunnel there, with its client streams.
+            let handle = move |tcp: TcpStream, peer, slot| {
+                let shared = shared.clone();
+                async move {
+                    let lane = shared.lanes.pick();
+                    let on_lane = lane.run_with(tcp, move |tcp| serve_tcp(shared, tcp, peer, slot));
+                    if let Err(e) = on_lane.await {
+                        debug!(%peer, error = %e, "could not move a connection to a lane");
+                    }
+                }
+            };
             let stopping = accept::Stopping {
                 stopped,
                 ..accept::Stopping::at(&stop)

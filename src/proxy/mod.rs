@@ -467,6 +467,7 @@ impl ProxyBuilder {
                 listeners: std::sync::RwLock::new(listeners),
                 close_tunnels: Trigger::default(),
                 moving: Trigger::default(),
+                lanes: crate::runtime::lanes::Lanes::per_core("revproxy-lane")?,
                 hold_until: self
                     .upgraded
                     .as_ref()
@@ -569,6 +570,8 @@ struct Shared {
     tunnel_config: Arc<rustls::ServerConfig>,
     /// The agent listener's certificate, renewed in place.
     server_cert: Arc<tls::ServerCert>,
+    /// Where h2 tunnels run, each with its client streams (`runtime::lanes`).
+    lanes: crate::runtime::lanes::Lanes,
 }
 
 impl Shared {

@@ -375,7 +375,20 @@ async fn handle(
                 let counters = metrics.routed(pattern);
                 // The peeked bytes went out with the open request.
                 counters.read(peeked.len());
-                let moved = stream.splice(tcp, settings.stream_limits, counters).await;
+                let limits = settings.stream_limits;
+                // Spliced where the tunnel runs, so that the client's bytes and the
+                // tunnel's frames never wake a task on another thread.
+                let moved = match &t.lane {
+                    Some(lane) if !lane.is_current() => lane
+                        .run_with(tcp, move |tcp| stream.splice(tcp, limits, counters))
+                        .await
+                        .unwrap_or_else(|e| crate::tunnel::Moved {
+                            up: 0,
+                            down: 0,
+                            error: Some(e),
+                        }),
+                    _ => stream.splice(tcp, limits, counters).await,
+                };
                 if let Some(e) = &moved.error {
                     debug!(%peer, conn = %id, host = %name, error = %e, "stream ended with an error");
                 }

@@ -6,6 +6,7 @@ pub(crate) mod backoff;
 pub mod dirs;
 pub mod handover;
 pub(crate) mod http1;
+pub(crate) mod lanes;
 pub mod logging;
 pub mod notify;
 pub(crate) mod shutdown;

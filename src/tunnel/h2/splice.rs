@@ -95,8 +95,7 @@ pub(crate) async fn stream_to_socket(
                 Poll::Pending => break,
             }
         }
-        write_all_vectored(wr, &batch, send_timeout).await?;
-        meter.written(size);
+        write_all_vectored(wr, &batch, send_timeout, meter).await?;
         batch.clear();
         total += size as u64;
         recv.flow_control().release_capacity(size).map_err(h2_io)?;
@@ -108,10 +107,13 @@ pub(crate) async fn stream_to_socket(
 /// Most bytes gathered into one write by [`stream_to_socket`].
 pub(crate) const WRITE_BATCH: usize = 256 * 1024;
 
+/// Writes every chunk, counting the bytes into `meter` as each write takes them (a batch
+/// is large: the counters must not lag what the client already has by a whole batch).
 async fn write_all_vectored(
     wr: &mut OwnedWriteHalf,
     chunks: &[Bytes],
     send_timeout: Duration,
+    meter: &Meter,
 ) -> io::Result<()> {
     // An empty DATA frame (a bare END_STREAM) yields an empty chunk: nothing to write.
     let mut slices: Vec<IoSlice<'_>> = chunks
@@ -125,6 +127,7 @@ async fn write_all_vectored(
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
+        meter.written(n);
         IoSlice::advance_slices(&mut slices, n);
     }
     Ok(())

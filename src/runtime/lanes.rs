@@ -1,0 +1,269 @@
+//! Lanes: single-threaded runtimes, one per core, on which a tunnel and every stream it
+//! carries run together.
+//!
+//! On tokio's work-stealing runtime a tunnel's connection task and its streams' tasks wake
+//! each other across threads at every frame (a futex wake and a context switch each time),
+//! and idle workers are woken to steal work that was about to run anyway. Per small
+//! request that was about a quarter of the CPU the proxy and the agent spent
+//! (docs/benchmarks.md). On a lane, a tunnel's work stays on one thread and its wake-ups
+//! are local; tunnels are spread over the lanes, so the cores are still all used once there
+//! are several. What is not a tunnel's (accepting, routing, enrollment, QUIC, the admin
+//! listener) stays on the main runtime.
+//!
+//! A socket moves to a lane by leaving the runtime it was registered with and joining the
+//! lane's ([`Lane::run_with`]). Work on a lane is cancelled when the future that waits
+//! for it is dropped, so the callers' accounting (connection permits, grace periods) holds
+//! as before. The lanes' threads end when the last handle to them is dropped.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+/// The lanes of a process (clones share them).
+#[derive(Clone)]
+pub(crate) struct Lanes {
+    lanes: Arc<[Lane]>,
+    _stop: Arc<Stop>,
+}
+
+/// One lane: a handle to its runtime, and how much it carries.
+#[derive(Clone)]
+pub(crate) struct Lane {
+    handle: tokio::runtime::Handle,
+    /// Units of work on this lane now (tunnels, sessions): new ones go to the least loaded.
+    load: Arc<AtomicUsize>,
+}
+
+/// Ends the lanes' threads when dropped (their runtimes and whatever still runs there
+/// are dropped with them).
+struct Stop(Vec<tokio::sync::oneshot::Sender<()>>);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        for stop in self.0.drain(..) {
+            let _ = stop.send(());
+        }
+    }
+}
+
+thread_local! {
+    /// The lane this thread runs, if it is a lane's thread.
+    static CURRENT: RefCell<Option<Lane>> = const { RefCell::new(None) };
+}
+
+impl Lanes {
+    /// Starts `count` lanes (at least one), their threads named `name-N`.
+    pub(crate) fn start(count: usize, name: &str) -> std::io::Result<Lanes> {
+        let mut lanes = Vec::new();
+        let mut stops = Vec::new();
+        for i in 0..count.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let handle = runtime.handle().clone();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let lane = Lane {
+                handle,
+                load: Arc::new(AtomicUsize::new(0)),
+            };
+            let this = lane.clone();
+            std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || {
+                    CURRENT.with(|c| *c.borrow_mut() = Some(this));
+                    let _ = runtime.block_on(stopped);
+                    CURRENT.with(|c| c.borrow_mut().take());
+                })?;
+            lanes.push(lane);
+            stops.push(stop);
+        }
+        Ok(Lanes {
+            lanes: lanes.into(),
+            _stop: Arc::new(Stop(stops)),
+        })
+    }
+
+    /// One lane per core this process may use.
+    pub(crate) fn per_core(name: &str) -> std::io::Result<Lanes> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Lanes::start(cores, name)
+    }
+
+    /// The least loaded lane.
+    pub(crate) fn pick(&self) -> Lane {
+        self.lanes
+            .iter()
+            .min_by_key(|lane| lane.load.load(Ordering::Relaxed))
+            .expect("at least one lane")
+            .clone()
+    }
+}
+
+impl Lane {
+    /// The lane whose thread this is, if it is one.
+    pub(crate) fn current() -> Option<Lane> {
+        CURRENT.with(|c| c.borrow().clone())
+    }
+
+    /// Whether the calling thread is this lane's.
+    pub(crate) fn is_current(&self) -> bool {
+        CURRENT.with(|c| c.borrow().as_ref().map(|l| l.handle.id()) == Some(self.handle.id()))
+    }
+
+    /// Runs `work` on this lane, counted in its load while it runs; the current tracing
+    /// span goes with it. Dropping the returned future cancels the work. A panic in it is
+    /// carried on to the caller.
+    pub(crate) async fn run<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = T> + Send + 'static,
+    ) -> T {
+        let load = Load::on(self);
+        let span = tracing::Span::current();
+        let task = Cancelling(
+            self.handle.spawn(
+                async move {
+                    let _load = load;
+                    work.await
+                }
+                .instrument(span),
+            ),
+        );
+        match task.await {
+            Ok(done) => done,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Only the lane's runtime shutting down cancels it: the process is stopping.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Runs `work` on this lane with `tcp` moved there (registered with the lane's runtime
+    /// instead of the current one), as [`Lane::run`] does.
+    pub(crate) async fn run_with<T, F, Fut>(&self, tcp: TcpStream, work: F) -> std::io::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        let std = tcp.into_std()?;
+        self.run(async move {
+            let tcp = TcpStream::from_std(std)?;
+            Ok(work(tcp).await)
+        })
+        .await
+    }
+}
+
+/// One unit of a lane's load, given back when dropped.
+struct Load(Arc<AtomicUsize>);
+
+impl Load {
+    fn on(lane: &Lane) -> Load {
+        lane.load.fetch_add(1, Ordering::Relaxed);
+        Load(lane.load.clone())
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A task on another runtime, aborted when this is dropped.
+struct Cancelling<T>(JoinHandle<T>);
+
+impl<T> Future for Cancelling<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for Cancelling<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_socket_moves_to_a_lane_and_work_there_is_cancelled_with_its_caller() {
+        let lanes = Lanes::start(2, "test-lane").unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+
+        // Moved to the least loaded lane, the socket echoes from there.
+        let lane = lanes.pick();
+        assert!(!lane.is_current());
+        let echo = tokio::spawn(async move {
+            lane.run_with(server, |mut tcp| async move {
+                let on_lane = CURRENT.with(|c| c.borrow().is_some());
+                let mut buf = [0u8; 5];
+                tcp.read_exact(&mut buf).await.unwrap();
+                tcp.write_all(&buf).await.unwrap();
+                (on_lane, tcp)
+            })
+            .await
+        });
+        client.write_all(b"hello").await.unwrap();
+        let mut back = [0u8; 5];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"hello");
+        let (on_lane, server) = echo.await.unwrap().unwrap();
+        assert!(on_lane, "the work ran on a lane's thread");
+
+        // Work in progress is counted, and dropping its caller cancels it: the socket it
+        // held closes, which the client sees.
+        let lane = lanes.pick();
+        let waiting = tokio::spawn({
+            let lane = lane.clone();
+            async move {
+                lane.run_with(server, |mut tcp| async move {
+                    let mut buf = [0u8; 1];
+                    let _ = tcp.read(&mut buf).await;
+                })
+                .await
+            }
+        });
+        settle(|| lane.load.load(Ordering::Relaxed) == 1).await;
+        let other = lanes.pick();
+        assert!(
+            !Arc::ptr_eq(&other.load, &lane.load),
+            "the next unit of work goes to the other lane"
+        );
+        waiting.abort();
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), client.read(&mut back))
+            .await
+            .expect("the cancelled work's socket closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        settle(|| lane.load.load(Ordering::Relaxed) == 0).await;
+    }
+
+    /// Until `cond` holds (another thread makes it so), within five seconds.
+    async fn settle(cond: impl Fn() -> bool) {
+        let within = std::time::Duration::from_secs(5);
+        tokio::time::timeout(within, async {
+            while !cond() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("settled");
+    }
+}
