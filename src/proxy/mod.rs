@@ -467,7 +467,7 @@ impl ProxyBuilder {
                 listeners: std::sync::RwLock::new(listeners),
                 close_tunnels: Trigger::default(),
                 moving: Trigger::default(),
-                lanes: crate::runtime::lanes::Lanes::per_core("revproxy-lane")?,
+                lanes: crate::runtime::lanes::Lanes::shared()?,
                 hold_until: self
                     .upgraded
                     .as_ref()

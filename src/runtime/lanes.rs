@@ -13,7 +13,9 @@
 //! A socket moves to a lane by leaving the runtime it was registered with and joining the
 //! lane's ([`Lane::run_with`]). Work on a lane is cancelled when the future that waits
 //! for it is dropped, so the callers' accounting (connection permits, grace periods) holds
-//! as before. The lanes' threads end when the last handle to them is dropped.
+//! as before. A process has one set of lanes ([`Lanes::shared`]), started when first
+//! asked for, whose threads last as long as the process: a proxy and agents built over
+//! and over in one process (tests, embedders) share them rather than start threads each.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -26,11 +28,10 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-/// The lanes of a process (clones share them).
+/// A set of lanes (clones share them).
 #[derive(Clone)]
 pub(crate) struct Lanes {
     lanes: Arc<[Lane]>,
-    _stop: Arc<Stop>,
 }
 
 /// One lane: a handle to its runtime, and how much it carries.
@@ -41,34 +42,21 @@ pub(crate) struct Lane {
     load: Arc<AtomicUsize>,
 }
 
-/// Ends the lanes' threads when dropped (their runtimes and whatever still runs there
-/// are dropped with them).
-struct Stop(Vec<tokio::sync::oneshot::Sender<()>>);
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        for stop in self.0.drain(..) {
-            let _ = stop.send(());
-        }
-    }
-}
-
 thread_local! {
     /// The lane this thread runs, if it is a lane's thread.
     static CURRENT: RefCell<Option<Lane>> = const { RefCell::new(None) };
 }
 
 impl Lanes {
-    /// Starts `count` lanes (at least one), their threads named `name-N`.
+    /// Starts `count` lanes (at least one), their threads named `name-N`; they run until
+    /// the process ends.
     pub(crate) fn start(count: usize, name: &str) -> std::io::Result<Lanes> {
         let mut lanes = Vec::new();
-        let mut stops = Vec::new();
         for i in 0..count.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let handle = runtime.handle().clone();
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let lane = Lane {
                 handle,
                 load: Arc::new(AtomicUsize::new(0)),
@@ -78,22 +66,26 @@ impl Lanes {
                 .name(format!("{name}-{i}"))
                 .spawn(move || {
                     CURRENT.with(|c| *c.borrow_mut() = Some(this));
-                    let _ = runtime.block_on(stopped);
-                    CURRENT.with(|c| c.borrow_mut().take());
+                    runtime.block_on(std::future::pending::<()>())
                 })?;
             lanes.push(lane);
-            stops.push(stop);
         }
         Ok(Lanes {
             lanes: lanes.into(),
-            _stop: Arc::new(Stop(stops)),
         })
     }
 
-    /// One lane per core this process may use.
-    pub(crate) fn per_core(name: &str) -> std::io::Result<Lanes> {
+    /// This process's lanes, one per core it may use; started at the first call.
+    pub(crate) fn shared() -> std::io::Result<Lanes> {
+        static SHARED: std::sync::Mutex<Option<Lanes>> = std::sync::Mutex::new(None);
+        let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(lanes) = &*shared {
+            return Ok(lanes.clone());
+        }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Lanes::start(cores, name)
+        let lanes = Lanes::start(cores, "revproxy-lane")?;
+        *shared = Some(lanes.clone());
+        Ok(lanes)
     }
 
     /// The least loaded lane.
