@@ -18,6 +18,11 @@ use revproxy::Transport;
 
 const NAME: &str = "app.example.com";
 
+/// These tests run one at a time: each loads the machine on its own, and the churn test
+/// counts this process's descriptors and memory (its agents run here), which another test
+/// running beside it would change.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The connections to make: `REVPROXY_LOAD_STREAMS`, or 10,000, but no more than the
 /// open-file limit allows (each takes one descriptor here and one in the proxy process;
 /// the agent and its backend hold at most a tunnel's 1,023 streams' worth).
@@ -198,6 +203,7 @@ async fn ten_thousand_connections_through_one_tunnel_arrive_byte_exact(t: Transp
 /// process's open-file limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_connections_through_one_tunnel_arrive_byte_exact_over_both_transports() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     for t in [Transport::H2, Transport::Quic] {
         ten_thousand_connections_through_one_tunnel_arrive_byte_exact(t).await;
     }
@@ -207,6 +213,7 @@ async fn ten_thousand_connections_through_one_tunnel_arrive_byte_exact_over_both
 /// its own: every name reaches its own agent's backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_agents_each_get_their_own_clients() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let count: usize = std::env::var("REVPROXY_LOAD_AGENTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -295,6 +302,7 @@ fn footprint(pid: u32) -> (u64, usize) {
 /// when it stops or when a connection ends would show here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_reconnect_churn_and_many_short_connections_the_proxy_is_back_to_its_baseline() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let env = |name: &str, default: usize| {
         std::env::var(name)
             .ok()

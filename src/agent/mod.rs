@@ -251,8 +251,7 @@ impl AgentBuilder {
                 transport: self.transport,
                 quic_fallback_after: self.quic_fallback_after,
                 quic_reprobe: self.quic_reprobe,
-                lanes: crate::runtime::lanes::Lanes::shared()
-                    .map_err(AgentError::Threads)?,
+                lanes: crate::runtime::lanes::Lanes::shared().map_err(AgentError::Threads)?,
             }),
             identity: tokio::sync::watch::channel(Arc::new(identity)).0,
             state_dir: self.state_dir,
