@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::LazyConfigAcceptor;
+use tracing::instrument::WithSubscriber;
 use tracing::{debug, info, warn};
 
 use super::accept::{self, AcceptCounters, Acceptor, PerSource, SourceSlot};
@@ -241,12 +242,8 @@ fn upward(shared: &Arc<Shared>, who: &Peer, peer: SocketAddr) -> Arc<dyn Fn(Upwa
             debug!(agent = %caller.agent, "too many mesh streams in hand; dropping one");
             return;
         };
-        tokio::spawn(mesh::serve_upward(
-            shared.clone(),
-            caller.clone(),
-            up,
-            permit,
-        ));
+        let serve = mesh::serve_upward(shared.clone(), caller.clone(), up, permit);
+        tokio::spawn(serve.with_current_subscriber());
     })
 }
 
@@ -348,10 +345,13 @@ async fn hold(
     // When a new process takes the sockets over, this tunnel's agent is told to move.
     let mover = {
         let (shared, tunnel) = (shared.clone(), tunnel.clone());
-        tokio::spawn(async move {
-            shared.moving.cancelled().await;
-            tunnel.tell_moving().await;
-        })
+        tokio::spawn(
+            async move {
+                shared.moving.cancelled().await;
+                tunnel.tell_moving().await;
+            }
+            .with_current_subscriber(),
+        )
     };
     let reason = conn.drive(close, retire, on_upward).await;
     mover.abort();

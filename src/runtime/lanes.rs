@@ -26,6 +26,7 @@ use std::task::{Context, Poll};
 
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
+use tracing::instrument::WithSubscriber;
 use tracing::Instrument;
 
 /// A set of lanes (clones share them).
@@ -117,6 +118,8 @@ impl Lane {
         work: impl Future<Output = T> + Send + 'static,
     ) -> T {
         let load = Load::on(self);
+        // The caller's span and subscriber go with the work (a test's scoped subscriber
+        // included: it is the caller's thread's, not the lane's).
         let span = tracing::Span::current();
         let task = Cancelling(
             self.handle.spawn(
@@ -124,7 +127,8 @@ impl Lane {
                     let _load = load;
                     work.await
                 }
-                .instrument(span),
+                .instrument(span)
+                .with_current_subscriber(),
             ),
         );
         match task.await {
