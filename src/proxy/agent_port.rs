@@ -9,7 +9,6 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::LazyConfigAcceptor;
-use tracing::instrument::WithSubscriber;
 use tracing::{debug, info, warn};
 
 use super::accept::{self, AcceptCounters, Acceptor, PerSource, SourceSlot};
@@ -91,7 +90,7 @@ impl AgentPort {
                     let lane = shared.lanes.pick();
                     let on_lane = lane.run_with(tcp, move |tcp| serve_tcp(shared, tcp, peer, slot));
                     if let Err(e) = on_lane.await {
-                        debug!(%peer, error = %e, "could not move a connection to a lane");
+                        warn!(%peer, error = %e, "could not move a connection to a lane; dropped");
                     }
                 }
             };
@@ -243,7 +242,7 @@ fn upward(shared: &Arc<Shared>, who: &Peer, peer: SocketAddr) -> Arc<dyn Fn(Upwa
             return;
         };
         let serve = mesh::serve_upward(shared.clone(), caller.clone(), up, permit);
-        tokio::spawn(serve.with_current_subscriber());
+        crate::runtime::lanes::spawn(serve);
     })
 }
 
@@ -343,18 +342,14 @@ async fn hold(
     };
     let retire = || shared.registry.retire(id);
     // When a new process takes the sockets over, this tunnel's agent is told to move.
-    let mover = {
+    let _mover = {
         let (shared, tunnel) = (shared.clone(), tunnel.clone());
-        tokio::spawn(
-            async move {
-                shared.moving.cancelled().await;
-                tunnel.tell_moving().await;
-            }
-            .with_current_subscriber(),
-        )
+        crate::runtime::lanes::AbortOnDrop(crate::runtime::lanes::spawn(async move {
+            shared.moving.cancelled().await;
+            tunnel.tell_moving().await;
+        }))
     };
     let reason = conn.drive(close, retire, on_upward).await;
-    mover.abort();
     shared.registry.remove(id);
     // After an upgrade every tunnel here ends because its agent moved.
     let moved = shared.moving.is_fired().then_some("upgrade");

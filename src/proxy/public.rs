@@ -379,14 +379,18 @@ async fn handle(
                 // Spliced where the tunnel runs, so that the client's bytes and the
                 // tunnel's frames never wake a task on another thread.
                 let moved = match &t.lane {
-                    Some(lane) if !lane.is_current() => lane
-                        .run_with(tcp, move |tcp| stream.splice(tcp, limits, counters))
-                        .await
-                        .unwrap_or_else(|e| crate::tunnel::Moved {
-                            up: 0,
-                            down: 0,
-                            error: Some(e),
-                        }),
+                    Some(lane) if !lane.is_current() => {
+                        let on_lane = lane
+                            .take()
+                            .run_with(tcp, move |tcp| stream.splice(tcp, limits, counters));
+                        match on_lane.await {
+                            Ok(moved) => moved,
+                            Err(e) => {
+                                warn!(%peer, conn = %id, host = %name, error = %e, "could not move a connection to its tunnel's lane; dropped");
+                                return access.refuse(metrics, Refused::Unavailable);
+                            }
+                        }
+                    }
                     _ => stream.splice(tcp, limits, counters).await,
                 };
                 if let Some(e) = &moved.error {

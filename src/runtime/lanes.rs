@@ -33,6 +33,8 @@ use tracing::Instrument;
 #[derive(Clone)]
 pub(crate) struct Lanes {
     lanes: Arc<[Lane]>,
+    /// Where the next search for the least loaded lane starts: ties go round robin.
+    next: Arc<AtomicUsize>,
 }
 
 /// One lane: a handle to its runtime, and how much it carries.
@@ -73,6 +75,7 @@ impl Lanes {
         }
         Ok(Lanes {
             lanes: lanes.into(),
+            next: Arc::default(),
         })
     }
 
@@ -89,14 +92,24 @@ impl Lanes {
         Ok(lanes)
     }
 
-    /// The least loaded lane.
-    pub(crate) fn pick(&self) -> Lane {
-        self.lanes
-            .iter()
+    /// The least loaded lane (ties round robin), counted as carrying one more unit of
+    /// work from now on: several picks at once spread out.
+    pub(crate) fn pick(&self) -> Picked {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let count = self.lanes.len();
+        let lane = (0..count)
+            .map(|i| &self.lanes[(start + i) % count])
             .min_by_key(|lane| lane.load.load(Ordering::Relaxed))
-            .expect("at least one lane")
-            .clone()
+            .expect("at least one lane");
+        lane.take()
     }
+}
+
+/// A lane with one unit of work counted on it, for [`Picked::run`] or
+/// [`Picked::run_with`].
+pub(crate) struct Picked {
+    lane: Lane,
+    load: Load,
 }
 
 impl Lane {
@@ -110,26 +123,33 @@ impl Lane {
         CURRENT.with(|c| c.borrow().as_ref().map(|l| l.handle.id()) == Some(self.handle.id()))
     }
 
-    /// Runs `work` on this lane, counted in its load while it runs; the current tracing
+    /// This lane, with one more unit of work counted on it.
+    pub(crate) fn take(&self) -> Picked {
+        Picked {
+            lane: self.clone(),
+            load: Load::on(self),
+        }
+    }
+}
+
+impl Picked {
+    /// Runs `work` on the lane, counted in its load until it ends; the current tracing
     /// span goes with it. Dropping the returned future cancels the work. A panic in it is
     /// carried on to the caller.
     pub(crate) async fn run<T: Send + 'static>(
-        &self,
+        self,
         work: impl Future<Output = T> + Send + 'static,
     ) -> T {
-        let load = Load::on(self);
-        // The caller's span and subscriber go with the work (a test's scoped subscriber
-        // included: it is the caller's thread's, not the lane's).
+        let Picked { lane, load } = self;
         let span = tracing::Span::current();
-        let task = Cancelling(
-            self.handle.spawn(
+        let task = AbortOnDrop(
+            lane.handle.spawn(with_subscriber(
                 async move {
                     let _load = load;
                     work.await
                 }
-                .instrument(span)
-                .with_current_subscriber(),
-            ),
+                .instrument(span),
+            )),
         );
         match task.await {
             Ok(done) => done,
@@ -139,9 +159,9 @@ impl Lane {
         }
     }
 
-    /// Runs `work` on this lane with `tcp` moved there (registered with the lane's runtime
-    /// instead of the current one), as [`Lane::run`] does.
-    pub(crate) async fn run_with<T, F, Fut>(&self, tcp: TcpStream, work: F) -> std::io::Result<T>
+    /// Runs `work` on the lane with `tcp` moved there (registered with the lane's runtime
+    /// instead of the current one), as [`Picked::run`] does. An error is the move's.
+    pub(crate) async fn run_with<T, F, Fut>(self, tcp: TcpStream, work: F) -> std::io::Result<T>
     where
         T: Send + 'static,
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
@@ -154,6 +174,24 @@ impl Lane {
         })
         .await
     }
+}
+
+/// `work` with the caller's tracing subscriber: a scoped subscriber (a test's log capture)
+/// belongs to the thread that set it, and work moved to a lane, or spawned there, would
+/// log elsewhere. Setting it costs a few atomic operations per poll, which measured below
+/// noise (docs/benchmarks.md).
+pub(crate) fn with_subscriber<T>(
+    work: impl Future<Output = T> + Send + 'static,
+) -> impl Future<Output = T> + Send + 'static {
+    work.with_current_subscriber()
+}
+
+/// Spawns `work` on the current runtime, with the caller's subscriber (see
+/// [`with_subscriber`]).
+pub(crate) fn spawn<T: Send + 'static>(
+    work: impl Future<Output = T> + Send + 'static,
+) -> JoinHandle<T> {
+    tokio::spawn(with_subscriber(work))
 }
 
 /// One unit of a lane's load, given back when dropped.
@@ -172,10 +210,10 @@ impl Drop for Load {
     }
 }
 
-/// A task on another runtime, aborted when this is dropped.
-struct Cancelling<T>(JoinHandle<T>);
+/// A task, aborted when this is dropped.
+pub(crate) struct AbortOnDrop<T>(pub(crate) JoinHandle<T>);
 
-impl<T> Future for Cancelling<T> {
+impl<T> Future for AbortOnDrop<T> {
     type Output = Result<T, tokio::task::JoinError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -183,7 +221,7 @@ impl<T> Future for Cancelling<T> {
     }
 }
 
-impl<T> Drop for Cancelling<T> {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -203,52 +241,50 @@ mod tests {
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
 
-        // Moved to the least loaded lane, the socket echoes from there.
-        let lane = lanes.pick();
-        assert!(!lane.is_current());
-        let echo = tokio::spawn(async move {
-            lane.run_with(server, |mut tcp| async move {
-                let on_lane = CURRENT.with(|c| c.borrow().is_some());
-                let mut buf = [0u8; 5];
-                tcp.read_exact(&mut buf).await.unwrap();
-                tcp.write_all(&buf).await.unwrap();
-                (on_lane, tcp)
-            })
-            .await
-        });
+        // Moved to a lane, the socket echoes from there.
+        let picked = lanes.pick();
+        assert!(!picked.lane.is_current());
+        let echo = tokio::spawn(picked.run_with(server, |mut tcp| async move {
+            let on_lane = CURRENT.with(|c| c.borrow().is_some());
+            let mut buf = [0u8; 5];
+            tcp.read_exact(&mut buf).await.unwrap();
+            tcp.write_all(&buf).await.unwrap();
+            (on_lane, tcp)
+        }));
         client.write_all(b"hello").await.unwrap();
         let mut back = [0u8; 5];
         client.read_exact(&mut back).await.unwrap();
         assert_eq!(&back, b"hello");
         let (on_lane, server) = echo.await.unwrap().unwrap();
         assert!(on_lane, "the work ran on a lane's thread");
+        let loads = || -> Vec<usize> {
+            lanes
+                .lanes
+                .iter()
+                .map(|l| l.load.load(Ordering::Relaxed))
+                .collect()
+        };
+        settle(|| loads() == [0, 0]).await;
 
-        // Work in progress is counted, and dropping its caller cancels it: the socket it
-        // held closes, which the client sees.
-        let lane = lanes.pick();
-        let waiting = tokio::spawn({
-            let lane = lane.clone();
-            async move {
-                lane.run_with(server, |mut tcp| async move {
-                    let mut buf = [0u8; 1];
-                    let _ = tcp.read(&mut buf).await;
-                })
-                .await
-            }
-        });
-        settle(|| lane.load.load(Ordering::Relaxed) == 1).await;
-        let other = lanes.pick();
-        assert!(
-            !Arc::ptr_eq(&other.load, &lane.load),
-            "the next unit of work goes to the other lane"
-        );
+        // Picks count at once, so picks made together spread over the lanes.
+        let (first, second) = (lanes.pick(), lanes.pick());
+        assert_eq!(loads(), [1, 1]);
+        drop(second);
+        assert_eq!(loads().iter().sum::<usize>(), 1);
+
+        // Dropping the caller of work in progress cancels it: the socket it held closes,
+        // which the client sees, and its lane's load is given back.
+        let waiting = tokio::spawn(first.run_with(server, |mut tcp| async move {
+            let mut buf = [0u8; 1];
+            let _ = tcp.read(&mut buf).await;
+        }));
         waiting.abort();
         let n = tokio::time::timeout(std::time::Duration::from_secs(5), client.read(&mut back))
             .await
             .expect("the cancelled work's socket closed")
             .unwrap_or(0);
         assert_eq!(n, 0);
-        settle(|| lane.load.load(Ordering::Relaxed) == 0).await;
+        settle(|| loads() == [0, 0]).await;
     }
 
     /// Until `cond` holds (another thread makes it so), within five seconds.

@@ -23,10 +23,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Deserialize;
 use tokio::net::TcpStream;
+use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
 pub(crate) use choice::Choice;
 
+use crate::runtime::lanes::with_subscriber;
 use crate::runtime::shutdown::Trigger;
 use crate::tls::{Credentials, TlsError};
 
@@ -812,7 +814,8 @@ impl AgentConn {
         grace: Duration,
         limits: StreamLimits,
     ) -> Result<(), TunnelError> {
-        let mut streams = Streams::default();
+        // On a lane (`runtime::lanes`) the streams' tasks run on the tunnel's thread.
+        let mut streams = JoinSet::new();
         let mut retiring = false;
         let mut deadline: Option<tokio::time::Instant> = None;
         let result = loop {
@@ -829,12 +832,12 @@ impl AgentConn {
                             moving.fire();
                         } else {
                             let span = tracing::debug_span!("stream");
-                            streams.push(h2::agent::serve_stream(backends.clone(), s, limits).instrument(span));
+                            streams.spawn(with_subscriber(h2::agent::serve_stream(backends.clone(), s, limits).instrument(span)));
                         }
                     }
                     Ok(Some(Incoming::Quic(s))) => {
                         let span = tracing::debug_span!("stream");
-                        streams.push(quic::agent::serve_stream(backends.clone(), s, limits).instrument(span));
+                        streams.spawn(with_subscriber(quic::agent::serve_stream(backends.clone(), s, limits).instrument(span)));
                     }
                     // The proxy closed the tunnel, or a graceful shutdown completed.
                     Ok(None) => {
@@ -863,7 +866,7 @@ impl AgentConn {
                     self.close("drain grace over");
                     break Ok(());
                 }
-                () = streams.next(), if !streams.is_empty() => {}
+                Some(_) = streams.join_next(), if !streams.is_empty() => {}
             }
         };
         drop(streams);
@@ -873,49 +876,6 @@ impl AgentConn {
 }
 
 // ---- Shared by the pumps of both transports ----------------------------------------
-
-/// A tunnel's open streams, run inside the task that drives the tunnel rather than each in
-/// a task of its own. A stream's work (its socket, its frames, the tunnel's TLS) then
-/// happens on one thread with no wake-up crossing between tasks: per small request that
-/// was a third of the CPU the two processes spent, in context switches and scheduling
-/// (docs/benchmarks.md). Dropping it drops every stream (each resets what it had open).
-/// A stream that panics is logged and ends alone.
-#[derive(Default)]
-pub(crate) struct Streams {
-    open: futures_util::stream::FuturesUnordered<
-        std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>,
-    >,
-}
-
-impl Streams {
-    pub(crate) fn push(&mut self, stream: impl Future<Output = ()> + Send + 'static) {
-        use futures_util::FutureExt;
-        let guarded = std::panic::AssertUnwindSafe(stream)
-            .catch_unwind()
-            .map(|ended| {
-                if ended.is_err() {
-                    tracing::error!("a stream's task panicked; that stream is closed");
-                }
-            });
-        self.open.push(Box::pin(guarded));
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.open.len()
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.open.is_empty()
-    }
-
-    /// Runs the streams until one ends; pending for ever while there are none.
-    pub(crate) async fn next(&mut self) {
-        use futures_util::StreamExt;
-        if self.open.next().await.is_none() {
-            std::future::pending::<()>().await;
-        }
-    }
-}
 
 /// Waits until `rd` is readable, then reads what is there into `buf`, growing it by
 /// `chunk` first. The buffer is only allocated once data is there, so an idle stream holds
