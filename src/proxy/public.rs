@@ -201,7 +201,7 @@ async fn read_proxy_header(
 }
 
 async fn handle(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     kind: ListenerKind,
     mut tcp: TcpStream,
     peer: SocketAddr,
@@ -325,6 +325,79 @@ async fn handle(
         return;
     }
 
+    let routed = Routed {
+        route: route.cloned(),
+        name,
+        wildcard,
+        found,
+        peeked,
+        reply,
+        peer,
+        id,
+        server: arrival_server,
+        settings,
+    };
+    drop(state);
+    // Opened and spliced where the first tunnel runs (`runtime::lanes`): the open wakes no
+    // other thread, and the client's socket moves once.
+    let lane = (routed.found.exact.iter())
+        .chain(&routed.found.wildcard)
+        .next()
+        .and_then(|t| t.lane.clone())
+        .filter(|lane| !lane.is_current());
+    match lane {
+        Some(lane) => {
+            let (shared, mut taken) = (shared.clone(), std::mem::take(access));
+            let on_lane = lane.take().run_with(tcp, move |tcp| async move {
+                dispatch(&shared, tcp, routed, &mut taken).await;
+                taken
+            });
+            match on_lane.await {
+                Ok(done) => *access = done,
+                Err(e) => {
+                    warn!(%peer, conn = %id, error = %e, "could not move a connection to its tunnel's lane; dropped");
+                    access.refuse(metrics, Refused::Unavailable);
+                }
+            }
+        }
+        None => dispatch(shared, tcp, routed, access).await,
+    }
+}
+
+/// A connection whose name was read and looked up, with somewhere to go.
+struct Routed {
+    name: String,
+    /// The wildcard covering the name (`*.parent`).
+    wildcard: String,
+    found: super::registry::Found,
+    /// A static route for the name.
+    route: Option<String>,
+    /// What was read to find the name: it goes first.
+    peeked: Bytes,
+    reply: Reply,
+    peer: SocketAddr,
+    id: ConnId,
+    server: Option<SocketAddr>,
+    settings: Arc<super::reload::Settings>,
+}
+
+/// Opens a stream on the first candidate that takes it (agents granted the exact name,
+/// the static route, agents holding a wildcard) and joins the client to it; or tells the
+/// client the name cannot be served.
+async fn dispatch(shared: &Arc<Shared>, mut tcp: TcpStream, routed: Routed, access: &mut Access) {
+    let metrics = &shared.metrics;
+    let Routed {
+        name,
+        wildcard,
+        found,
+        route,
+        peeked,
+        reply,
+        peer,
+        id,
+        server: arrival_server,
+        settings,
+    } = routed;
     // One deadline for the whole search, however many agents refuse or stay silent.
     let deadline = tokio::time::Instant::now() + OPEN_TIMEOUT;
     let request = OpenRequest {
@@ -334,9 +407,8 @@ async fn handle(
         early: &peeked,
         caller: None,
     };
-    drop(state);
     let candidates = (found.exact.iter().map(|t| Candidate::Agent(t, &name)))
-        .chain(route.map(|addr| Candidate::Static(addr.as_str())))
+        .chain(route.as_deref().map(Candidate::Static))
         .chain(
             found
                 .wildcard
