@@ -4,7 +4,7 @@
 //! On tokio's work-stealing runtime a tunnel's connection task and its streams' tasks wake
 //! each other across threads at every frame (a futex wake and a context switch each time),
 //! and idle workers are woken to steal work that was about to run anyway. Per small
-//! request that was about a quarter of the CPU the proxy and the agent spent
+//! request that was about a third of the CPU the proxy and the agent spent
 //! (docs/benchmarks.md). On a lane, a tunnel's work stays on one thread and its wake-ups
 //! are local; tunnels are spread over the lanes, so the cores are still all used once there
 //! are several. What is not a tunnel's (accepting, routing, enrollment, QUIC, the admin
