@@ -75,9 +75,11 @@ def top(tool, path, limit):
         lines = [l for l in out.splitlines()
                  if (m := re.match(r"^\s*[\d,]+ \(\s*([\d.]+)%\)", l)) and float(m.group(1)) < 90]
         return "\n".join(lines[:limit])
-    out = subprocess.run(["perf", "report", "-i", path, "--no-children", "--stdio", "--percent-limit", "1",
+    out = subprocess.run(["perf", "report", "-i", path, "--no-children", "--stdio", "--percent-limit", "0.5",
                           "--sort", "dso,symbol", "-g", "none"], capture_output=True, text=True).stdout
-    lines = [l for l in out.splitlines() if l.strip() and not l.startswith("#")]
+    # perf pads each line with columns of dashes: keep the share, the object and the symbol.
+    lines = [re.sub(r"\s+-\s+-\s*$", "", l).rstrip() for l in out.splitlines()
+             if l.strip() and not l.startswith("#")]
     return "\n".join(lines[:limit])
 
 
