@@ -78,7 +78,7 @@ pub(super) async fn keep_tunnel_up(
             to_retire: to_retire.clone(),
         };
         let span = tracing::info_span!("tunnel", server = %target.addr, proxy = target.proxy.as_deref().unwrap_or("-"), transport = kind.name());
-        // The tunnel and its streams run on a lane of their own.
+        // The tunnel and its streams run together on the least loaded lane.
         let lane = ctx.lanes.pick();
         let current = sessions
             .spawn(async move { lane.run(session.run()).await }.instrument(span))

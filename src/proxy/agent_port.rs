@@ -344,7 +344,7 @@ async fn hold(
     // When a new process takes the sockets over, this tunnel's agent is told to move.
     let _mover = {
         let (shared, tunnel) = (shared.clone(), tunnel.clone());
-        crate::runtime::lanes::AbortOnDrop(crate::runtime::lanes::spawn(async move {
+        tokio_util::task::AbortOnDropHandle::new(crate::runtime::lanes::spawn(async move {
             shared.moving.cancelled().await;
             tunnel.tell_moving().await;
         }))

@@ -11,7 +11,7 @@
 //! listener) stays on the main runtime.
 //!
 //! A socket moves to a lane by leaving the runtime it was registered with and joining the
-//! lane's ([`Lane::run_with`]). Work on a lane is cancelled when the future that waits
+//! lane's ([`Picked::run_with`]). Work on a lane is cancelled when the future that waits
 //! for it is dropped, so the callers' accounting (connection permits, grace periods) holds
 //! as before. A process has one set of lanes ([`Lanes::shared`]), started when first
 //! asked for, whose threads last as long as the process: a proxy and agents built over
@@ -19,13 +19,12 @@
 
 use std::cell::RefCell;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::instrument::WithSubscriber;
 use tracing::Instrument;
 
@@ -41,7 +40,8 @@ pub(crate) struct Lanes {
 #[derive(Clone)]
 pub(crate) struct Lane {
     handle: tokio::runtime::Handle,
-    /// Units of work on this lane now (tunnels, sessions): new ones go to the least loaded.
+    /// Units of work on this lane now (tunnels and the client streams spliced onto them,
+    /// agent sessions): new tunnels go to the least loaded lane.
     load: Arc<AtomicUsize>,
 }
 
@@ -142,7 +142,7 @@ impl Picked {
     ) -> T {
         let Picked { lane, load } = self;
         let span = tracing::Span::current();
-        let task = AbortOnDrop(
+        let task = AbortOnDropHandle::new(
             lane.handle.spawn(with_subscriber(
                 async move {
                     let _load = load;
@@ -178,8 +178,8 @@ impl Picked {
 
 /// `work` with the caller's tracing subscriber: a scoped subscriber (a test's log capture)
 /// belongs to the thread that set it, and work moved to a lane, or spawned there, would
-/// log elsewhere. Setting it costs a few atomic operations per poll, which measured below
-/// noise (docs/benchmarks.md).
+/// log elsewhere. Setting it costs a few atomic operations per poll; the lanes' figures in
+/// docs/benchmarks.md were measured with it.
 pub(crate) fn with_subscriber<T>(
     work: impl Future<Output = T> + Send + 'static,
 ) -> impl Future<Output = T> + Send + 'static {
@@ -207,23 +207,6 @@ impl Load {
 impl Drop for Load {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A task, aborted when this is dropped.
-pub(crate) struct AbortOnDrop<T>(pub(crate) JoinHandle<T>);
-
-impl<T> Future for AbortOnDrop<T> {
-    type Output = Result<T, tokio::task::JoinError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx)
-    }
-}
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
