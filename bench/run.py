@@ -400,6 +400,9 @@ def main():
     ap.add_argument("--baseline", metavar="DIR",
                     help="also measure the revproxy and revproxy-agent binaries in DIR (an earlier build), "
                          "side by side with this one: a before/after in one run")
+    ap.add_argument("--only", metavar="TEXT", action="append",
+                    help="measure only the figures whose name contains TEXT (repeatable), "
+                         "e.g. --only 'new connections': for iterating on one path")
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     seconds = 2 if args.quick else 10
@@ -500,6 +503,10 @@ def main():
              lambda s: idle_memory(s, nginx_port, idle_count) if s["pids"] else None),
             ("8 streams while a 9th is stalled (Gbit/s)", lambda s: fairness(s, seconds)),
         ]
+        if args.only:
+            figures = [(name, fn) for name, fn in figures if any(t in name for t in args.only)]
+            if not figures:
+                sys.exit(f"no figure's name contains any of {args.only}")
         results = {}  # (figure, setup) -> list of values
         for rep in range(repeats):
             for name, fn in figures:

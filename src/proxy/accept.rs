@@ -151,7 +151,7 @@ impl Drop for SourceSlot {
 }
 
 /// What an accept loop counts (metrics); the default counts nothing.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(super) struct AcceptCounters {
     pub(super) accepted: Option<prometheus::IntCounter>,
     /// Turned away: the listener held its most connections.
@@ -229,10 +229,11 @@ pub(super) async fn serve<A, F, Fut>(
                 };
                 let span = tracing::debug_span!("conn", %peer);
                 let work = handle(conn, peer, slot);
-                tasks.spawn(async move {
+                // With the loop's subscriber: a loop on a lane carries its caller's.
+                tasks.spawn(crate::runtime::lanes::with_subscriber(async move {
                     work.await;
                     drop(permit);
-                }.instrument(span));
+                }.instrument(span)));
             }
         }
     }

@@ -59,6 +59,10 @@ use state::StateView;
 /// Most connections on the agent port at once, per protocol (TCP: enrollments and h2
 /// tunnels; UDP: QUIC tunnels); lowered to fit the open-file limit.
 pub const MAX_AGENT_CONNECTIONS: usize = 4096;
+
+/// Longest a stopping proxy waits for its QUIC endpoint to let go of the socket, after its
+/// tunnels were closed (their closes are bounded at 2 s).
+const QUIC_CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// Most public client connections at once, over all public listeners; lowered to fit the
 /// open-file limit.
 pub const MAX_CLIENT_CONNECTIONS: usize = 65_536;
@@ -811,6 +815,13 @@ impl Proxy {
         public.stop_all().await;
         self.shared.close_tunnels.fire();
         let _ = agents.await;
+        // The QUIC socket closes before this returns, as the TCP ones do.
+        if let Some((endpoint, switch)) = quic {
+            drop(endpoint);
+            if !switch.closed(QUIC_CLOSE_WAIT).await {
+                warn!("the QUIC endpoint still held its socket {QUIC_CLOSE_WAIT:?} after closing");
+            }
+        }
         drop(background);
         // The successor is this same proxy (same id): it stays on the store's list; and a
         // successor the old process did not let go leaves the list to the old one.

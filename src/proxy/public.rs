@@ -339,12 +339,12 @@ async fn handle(
     };
     drop(state);
     // Opened and spliced where the first tunnel runs (`runtime::lanes`): the open wakes no
-    // other thread, and the client's socket moves once.
+    // other thread, and the client's socket moves at most once (not at all when it was
+    // accepted there).
     let lane = (routed.found.exact.iter())
         .chain(&routed.found.wildcard)
         .next()
-        .and_then(|t| t.lane.clone())
-        .filter(|lane| !lane.is_current());
+        .map(|t| t.lane.clone());
     match lane {
         Some(lane) => {
             let (shared, mut taken) = (shared.clone(), std::mem::take(access));
@@ -449,9 +449,10 @@ async fn dispatch(shared: &Arc<Shared>, mut tcp: TcpStream, routed: Routed, acce
                 counters.read(peeked.len());
                 let limits = settings.stream_limits;
                 // Spliced where the tunnel runs, so that the client's bytes and the
-                // tunnel's frames never wake a task on another thread.
+                // tunnel's frames never wake a task on another thread. (On the tunnel's
+                // lane already, the connection was counted in its load when it came.)
                 let moved = match &t.lane {
-                    Some(lane) if !lane.is_current() => {
+                    lane if !lane.is_current() => {
                         let on_lane = lane
                             .take()
                             .run_with(tcp, move |tcp| stream.splice(tcp, limits, counters));

@@ -31,8 +31,9 @@ pub(super) struct Tunnel {
     /// When the tunnel came up, Unix seconds.
     pub(super) since: i64,
     link: Link,
-    /// The lane the tunnel runs on (h2), where its client streams are spliced too.
-    pub(super) lane: Option<crate::runtime::lanes::Lane>,
+    /// Where the tunnel runs (a lane for h2, the main runtime for QUIC), and its client
+    /// streams are spliced too.
+    pub(super) lane: crate::runtime::lanes::Lane,
     /// Notified to close the tunnel (revocation).
     pub(super) close: tokio::sync::Notify,
     /// The agent retired this tunnel (GOAWAY): no new streams, but it stays on record so
@@ -61,7 +62,7 @@ impl Tunnel {
             peer,
             since: time::OffsetDateTime::now_utc().unix_timestamp(),
             link,
-            lane: crate::runtime::lanes::Lane::current(),
+            lane: crate::runtime::lanes::Lane::here(),
             close: tokio::sync::Notify::new(),
             draining: AtomicBool::new(false),
         }

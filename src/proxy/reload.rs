@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
-use tracing::{info, Instrument};
+use tracing::{error, info, Instrument};
 
 use super::accept::{self, PerSource};
 use super::{metrics, public, ListenerKind, Shared, Target};
@@ -146,7 +146,10 @@ impl PublicListeners {
         }
     }
 
-    /// Starts accepting on `listener`.
+    /// Starts accepting on `listener`: one accept loop on each lane (`runtime::lanes`),
+    /// all over the same socket. A connection is read and routed on the lane that took it,
+    /// and moves only if its tunnel runs on another one: with its tunnel on the same lane,
+    /// a client's whole path stays on one thread.
     pub(super) fn start(
         &mut self,
         listener: TcpListener,
@@ -154,7 +157,14 @@ impl PublicListeners {
     ) -> std::io::Result<()> {
         let addr = listener.local_addr()?;
         let fd = listener.as_fd().try_clone_to_owned()?;
-        info!(%addr, kind = ?kind, "public listener ready");
+        let listener = listener.into_std()?;
+        let lanes = self.shared.lanes.clone();
+        let mut sockets = Vec::new();
+        for lane in lanes.all() {
+            sockets.push((lane.clone(), listener.try_clone()?));
+        }
+        drop(listener);
+        info!(%addr, kind = ?kind, lanes = sockets.len(), "public listener ready");
         let stop = Trigger::default();
         let (shared, sources) = (self.shared.clone(), self.per_source.clone());
         let routing = kind.clone();
@@ -175,22 +185,42 @@ impl PublicListeners {
             over_source: Some(metrics.refused(metrics::Refused::SourceLimit)),
         };
         let stopped = Trigger::default();
-        let stopping = accept::Stopping {
-            accepting: stop.clone(),
-            shutdown: self.shutdown.clone(),
-            stopped: stopped.clone(),
-        };
-        let loop_ = accept::serve(
-            listener,
-            stopping,
-            self.clients.clone(),
-            self.per_source.clone(),
-            self.grace,
-            counters,
-            handle,
-        );
-        self.tasks
-            .spawn(loop_.instrument(tracing::info_span!("listener", %addr)));
+        let mut each_stopped = Vec::new();
+        for (lane, socket) in sockets {
+            let stopping = accept::Stopping {
+                accepting: stop.clone(),
+                shutdown: self.shutdown.clone(),
+                stopped: Trigger::default(),
+            };
+            each_stopped.push(stopping.stopped.clone());
+            let (clients, per_source) = (self.clients.clone(), self.per_source.clone());
+            let (grace, counters, handle) = (self.grace, counters.clone(), handle.clone());
+            let loop_ = async move {
+                // Registered with the lane's runtime, so it must be made there.
+                let listener = match TcpListener::from_std(socket) {
+                    Ok(listener) => listener,
+                    Err(e) => {
+                        error!(error = %e, "could not accept on a lane");
+                        stopping.stopped.fire();
+                        return;
+                    }
+                };
+                accept::serve(
+                    listener, stopping, clients, per_source, grace, counters, handle,
+                )
+                .await
+            };
+            let loop_ = loop_.instrument(tracing::info_span!("listener", %addr));
+            self.tasks.spawn(async move { lane.run(loop_).await });
+        }
+        // The listener has stopped accepting once every lane's loop has.
+        let all_stopped = stopped.clone();
+        self.tasks.spawn(async move {
+            for lane in each_stopped {
+                lane.cancelled().await;
+            }
+            all_stopped.fire();
+        });
         self.running.insert(
             addr,
             Running {

@@ -92,6 +92,11 @@ impl Lanes {
         Ok(lanes)
     }
 
+    /// Every lane.
+    pub(crate) fn all(&self) -> &[Lane] {
+        &self.lanes
+    }
+
     /// The least loaded lane (ties round robin), counted as carrying one more unit of
     /// work from now on: several picks at once spread out.
     pub(crate) fn pick(&self) -> Picked {
@@ -113,14 +118,30 @@ pub(crate) struct Picked {
 }
 
 impl Lane {
-    /// The lane whose thread this is, if it is one.
-    pub(crate) fn current() -> Option<Lane> {
-        CURRENT.with(|c| c.borrow().clone())
+    /// Where the caller runs: the lane whose thread this is, or else the current runtime
+    /// (the main one) as a lane of its own, with a load no pick looks at. Work for a tunnel
+    /// goes where the tunnel runs, lane or not (a QUIC tunnel runs on the main runtime).
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub(crate) fn here() -> Lane {
+        CURRENT
+            .with(|c| c.borrow().clone())
+            .unwrap_or_else(|| Lane {
+                handle: tokio::runtime::Handle::current(),
+                load: Arc::default(),
+            })
     }
 
-    /// Whether the calling thread is this lane's.
+    /// Enters this lane's runtime on the calling thread until the guard is dropped: what
+    /// is spawned or registered meanwhile (a socket, a driver task) is the lane's.
+    pub(crate) fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
+        self.handle.enter()
+    }
+
+    /// Whether the caller runs on this lane's runtime.
     pub(crate) fn is_current(&self) -> bool {
-        CURRENT.with(|c| c.borrow().as_ref().map(|l| l.handle.id()) == Some(self.handle.id()))
+        tokio::runtime::Handle::try_current().is_ok_and(|h| h.id() == self.handle.id())
     }
 
     /// This lane, with one more unit of work counted on it.
@@ -133,46 +154,67 @@ impl Lane {
 }
 
 impl Picked {
+    /// The lane picked.
+    pub(crate) fn lane(&self) -> &Lane {
+        &self.lane
+    }
+
     /// Runs `work` on the lane, counted in its load until it ends; the current tracing
     /// span goes with it. Dropping the returned future cancels the work. A panic in it is
-    /// carried on to the caller.
+    /// carried on to the caller. Called on the lane itself, it runs `work` in place.
     pub(crate) async fn run<T: Send + 'static>(
         self,
         work: impl Future<Output = T> + Send + 'static,
     ) -> T {
         let Picked { lane, load } = self;
-        let span = tracing::Span::current();
-        let task = AbortOnDropHandle::new(
-            lane.handle.spawn(with_subscriber(
-                async move {
-                    let _load = load;
-                    work.await
-                }
-                .instrument(span),
-            )),
-        );
-        match task.await {
-            Ok(done) => done,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // Only the lane's runtime shutting down cancels it: the process is stopping.
-            Err(_) => std::future::pending().await,
+        if lane.is_current() {
+            let _load = load;
+            return work.await;
         }
+        lane.run(async move {
+            let _load = load;
+            work.await
+        })
+        .await
     }
 
     /// Runs `work` on the lane with `tcp` moved there (registered with the lane's runtime
-    /// instead of the current one), as [`Picked::run`] does. An error is the move's.
+    /// instead of the current one), as [`Picked::run`] does. An error is the move's. Called
+    /// on the lane itself, nothing moves.
     pub(crate) async fn run_with<T, F, Fut>(self, tcp: TcpStream, work: F) -> std::io::Result<T>
     where
         T: Send + 'static,
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = T> + Send + 'static,
     {
+        if self.lane.is_current() {
+            return Ok(self.run(work(tcp)).await);
+        }
         let std = tcp.into_std()?;
         self.run(async move {
             let tcp = TcpStream::from_std(std)?;
             Ok(work(tcp).await)
         })
         .await
+    }
+}
+
+impl Lane {
+    /// Runs `work` on this lane without counting it in the lane's load (work that every
+    /// lane carries alike, such as accepting), as [`Picked::run`] does otherwise.
+    pub(crate) async fn run<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = T> + Send + 'static,
+    ) -> T {
+        let span = tracing::Span::current();
+        let task =
+            AbortOnDropHandle::new(self.handle.spawn(with_subscriber(work.instrument(span))));
+        match task.await {
+            Ok(done) => done,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Only the lane's runtime shutting down cancels it: the process is stopping.
+            Err(_) => std::future::pending().await,
+        }
     }
 }
 

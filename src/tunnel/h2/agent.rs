@@ -13,6 +13,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
+use super::gather::Gathered;
 use super::{
     keepalive, splice, KeepaliveError, TunnelIo, CALLER_HEADER, CONTROL_HEADER, ERROR_HEADER,
     MOVING,
@@ -22,7 +23,7 @@ use crate::tunnel::{
     Backends, ConnectError, DialRequest, Meter, Refusal, StreamLimits, TunnelError,
 };
 
-type H2Conn = h2::server::Connection<TlsStream<TunnelIo>, Bytes>;
+type H2Conn = h2::server::Connection<Gathered<TlsStream<TunnelIo>>, Bytes>;
 
 /// One CONNECT from the proxy, not yet answered.
 pub(crate) type Incoming = (Request<RecvStream>, SendResponse<Bytes>);
@@ -62,7 +63,7 @@ pub(crate) async fn connect(server: &str, creds: &Credentials<'_>) -> Result<Con
         .1
         .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
     let mut conn = builder()
-        .handshake::<_, Bytes>(tls)
+        .handshake::<_, Bytes>(Gathered::new(tls))
         .await
         .map_err(ConnectError::H2)?;
     let ping = conn.ping_pong().expect("ping_pong is taken once");

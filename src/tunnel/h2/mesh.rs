@@ -20,6 +20,7 @@ use http::{Request, Response};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use super::gather::Gathered;
 use super::{keepalive, KeepaliveError, TunnelIo, ERROR_HEADER};
 use crate::tls::Credentials;
 use crate::tunnel::{ConnectError, MAX_UPWARD, STREAM_WINDOW};
@@ -53,7 +54,7 @@ pub(crate) async fn connect(
         .enable_push(false)
         .max_concurrent_streams(0)
         .max_header_list_size(super::MAX_HEADER_LIST)
-        .handshake::<_, Bytes>(tls)
+        .handshake::<_, Bytes>(Gathered::new(tls))
         .await
         .map_err(ConnectError::H2)?;
     let ping = conn.ping_pong().expect("ping_pong is taken once");
@@ -91,7 +92,7 @@ pub(crate) async fn serve(
         .max_frame_size(super::MAX_FRAME_SIZE)
         .max_concurrent_streams(MAX_UPWARD)
         .max_header_list_size(super::MAX_HEADER_LIST)
-        .handshake::<_, Bytes>(tls);
+        .handshake::<_, Bytes>(Gathered::new(tls));
     let mut conn = tokio::time::timeout(crate::tunnel::HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| "HTTP/2 handshake timed out".to_string())?

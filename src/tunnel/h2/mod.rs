@@ -10,6 +10,7 @@
 //! pumps). Here: the settings both ends share and the keep-alive PING.
 
 pub(crate) mod agent;
+pub(crate) mod gather;
 pub(crate) mod mesh;
 pub(crate) mod proxy;
 pub(crate) mod splice;

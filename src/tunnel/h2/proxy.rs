@@ -10,14 +10,15 @@ use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use tokio_rustls::server::TlsStream;
 
+use super::gather::Gathered;
 use super::{
-    keepalive, splice, TunnelIo, CALLER_HEADER, CLIENT_ADDR_HEADER, CONTROL_AUTHORITY,
-    CONTROL_HEADER, ERROR_HEADER, MOVING, TLS_SEND_BUFFER,
+    keepalive, TunnelIo, CALLER_HEADER, CLIENT_ADDR_HEADER, CONTROL_AUTHORITY, CONTROL_HEADER,
+    ERROR_HEADER, MOVING, TLS_SEND_BUFFER,
 };
 use crate::tunnel::{OpenError, OpenRequest, HANDSHAKE_TIMEOUT};
 
 /// The HTTP/2 connection of a tunnel, driven by [`drive`].
-pub(crate) type Conn = h2::client::Connection<TlsStream<TunnelIo>, Bytes>;
+pub(crate) type Conn = h2::client::Connection<Gathered<TlsStream<TunnelIo>>, Bytes>;
 
 /// Why the HTTP/2 handshake failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +50,7 @@ pub(crate) async fn handshake(
     mut tls: TlsStream<TunnelIo>,
 ) -> Result<(SendRequest<Bytes>, Conn), HandshakeError> {
     tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, builder().handshake(tls)).await {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, builder().handshake(Gathered::new(tls))).await {
         Ok(done) => Ok(done?),
         Err(_) => Err(HandshakeError::Timeout),
     }
@@ -96,8 +97,12 @@ pub(crate) async fn open(
         .body(())
         .expect("a validated name is a valid authority");
     let (response, mut send) = sender.send_request(request, false).map_err(tunnel_err)?;
-    // A failure here is the stream being refused or reset: the answer says why.
-    let _ = splice::send_all(&mut send, req.early.clone()).await;
+    // Queued at once, without waiting for the stream's window (the first bytes are
+    // bounded by the peek, far below it): the request and the first bytes go out in one
+    // write. A failure here is the stream being refused or reset: the answer says why.
+    if !req.early.is_empty() {
+        let _ = send.send_data(req.early.clone(), false);
+    }
     let response = response.await.map_err(tunnel_err)?;
     if response.status() != StatusCode::OK {
         let reason = response

@@ -19,8 +19,10 @@ use crate::tunnel::{read_some, within, Meter};
 /// byte, which is what bounds single-stream throughput (see docs/benchmarks.md).
 pub(crate) const READ_CHUNK: usize = 256 * 1024;
 
-/// Sends `bytes` on `send`, waiting for flow-control capacity as the peer grants it.
-pub(crate) async fn send_all(send: &mut SendStream<Bytes>, mut bytes: Bytes) -> io::Result<()> {
+/// Sends `bytes` (not empty) on `send`, waiting for flow-control capacity as the peer
+/// grants it; with `end`, the last frame also ends the stream.
+async fn send_all(send: &mut SendStream<Bytes>, mut bytes: Bytes, end: bool) -> io::Result<()> {
+    debug_assert!(!bytes.is_empty());
     while !bytes.is_empty() {
         send.reserve_capacity(bytes.len());
         let granted = poll_fn(|cx| send.poll_capacity(cx))
@@ -31,7 +33,8 @@ pub(crate) async fn send_all(send: &mut SendStream<Bytes>, mut bytes: Bytes) -> 
             continue;
         }
         let chunk = bytes.split_to(granted.min(bytes.len()));
-        send.send_data(chunk, false).map_err(h2_io)?;
+        send.send_data(chunk, end && bytes.is_empty())
+            .map_err(h2_io)?;
     }
     Ok(())
 }
@@ -51,10 +54,27 @@ pub(crate) async fn socket_to_stream(
                 send.send_data(Bytes::new(), true).map_err(h2_io)?;
                 return Ok(total);
             }
-            n => {
+            mut n => {
+                // The end right behind the bytes (an answer and its close, as a
+                // connection-per-request backend sends them) goes in the same frame: one
+                // write and one wake-up less on each side. This read is the one the next
+                // round would make anyway, finding the socket drained, so it costs no
+                // system call.
+                let mut end = false;
+                if buf.capacity() > buf.len() {
+                    match rd.try_read_buf(&mut buf) {
+                        Ok(0) => end = true,
+                        Ok(more) => n += more,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
                 total += n as u64;
                 meter.read(n);
-                send_all(send, buf.split().freeze()).await?;
+                send_all(send, buf.split().freeze(), end).await?;
+                if end {
+                    return Ok(total);
+                }
             }
         }
     }

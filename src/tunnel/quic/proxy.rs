@@ -13,6 +13,7 @@ use rustls::pki_types::CertificateDer;
 use tracing::debug;
 
 use super::{code, read_frame, server_crypto, transport_config, Role, GOAWAY, HEADER_TIMEOUT};
+use crate::runtime::shutdown::Trigger;
 use crate::tunnel::{OpenError, OpenRequest, HANDSHAKE_TIMEOUT};
 use crate::wire::stream::{Answer, StreamHeader};
 
@@ -57,10 +58,12 @@ pub(crate) fn endpoint(
     let switch = ReadSwitch(Arc::new(SwitchState {
         reading: std::sync::atomic::AtomicBool::new(reading),
         waiting: std::sync::Mutex::new(None),
+        closed: Trigger::default(),
     }));
     let socket = Arc::new(Switchable {
         inner: quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)?,
         switch: switch.0.clone(),
+        _closed: FiresOnDrop(switch.0.clone()),
     });
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
         config,
@@ -119,6 +122,8 @@ struct SwitchState {
     reading: std::sync::atomic::AtomicBool,
     /// The endpoint's task, parked while reading is off.
     waiting: std::sync::Mutex<Option<std::task::Waker>>,
+    /// Fired when the endpoint let go of the socket (its task ended).
+    closed: Trigger,
 }
 
 impl ReadSwitch {
@@ -134,6 +139,16 @@ impl ReadSwitch {
             waker.wake();
         }
     }
+
+    /// Completes once the endpoint has closed its socket, which it does when every handle
+    /// to it is dropped and its connections are gone; `false` if that took longer than
+    /// `within`. The endpoint's task runs on a lane, so its end is not the caller's to see
+    /// otherwise: a proxy started again at once on the same port needs the port free.
+    pub(crate) async fn closed(&self, within: Duration) -> bool {
+        tokio::time::timeout(within, self.0.closed.cancelled())
+            .await
+            .is_ok()
+    }
 }
 
 /// The UDP socket as quinn sees it, with a [`ReadSwitch`] on the receiving side.
@@ -141,6 +156,36 @@ impl ReadSwitch {
 struct Switchable {
     inner: Arc<dyn quinn::AsyncUdpSocket>,
     switch: Arc<SwitchState>,
+    /// Dropped after `inner` (fields drop in order), when the socket is closed: every
+    /// poller of `inner` holds this `Switchable` too ([`Poller`]).
+    _closed: FiresOnDrop,
+}
+
+/// Fires [`SwitchState::closed`] when dropped.
+#[derive(Debug)]
+struct FiresOnDrop(Arc<SwitchState>);
+
+impl Drop for FiresOnDrop {
+    fn drop(&mut self) {
+        self.0.closed.fire();
+    }
+}
+
+/// A poller of the socket, which keeps its [`Switchable`] until it is dropped itself.
+#[derive(Debug)]
+struct Poller {
+    /// Dropped first (fields drop in order).
+    inner: std::pin::Pin<Box<dyn quinn::UdpPoller>>,
+    _socket: Arc<Switchable>,
+}
+
+impl quinn::UdpPoller for Poller {
+    fn poll_writable(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.get_mut().inner.as_mut().poll_writable(cx)
+    }
 }
 
 impl Switchable {
@@ -151,7 +196,10 @@ impl Switchable {
 
 impl quinn::AsyncUdpSocket for Switchable {
     fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
-        self.inner.clone().create_io_poller()
+        Box::pin(Poller {
+            inner: self.inner.clone().create_io_poller(),
+            _socket: self,
+        })
     }
 
     fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
