@@ -15,7 +15,6 @@ use super::accept::{self, AcceptCounters, Acceptor, PerSource, SourceSlot};
 use super::admit::{admit, Peer};
 use super::registry::Tunnel;
 use super::{enroll, mesh, Limits, Shared};
-use crate::runtime::lanes::{Lanes, Picked};
 use crate::runtime::shutdown::Trigger;
 use crate::tls;
 use crate::tunnel::{self, quic, Upward, HANDSHAKE_TIMEOUT};
@@ -24,10 +23,6 @@ use crate::tunnel::{self, quic, Upward, HANDSHAKE_TIMEOUT};
 pub(super) struct AgentPort {
     tcp: TcpListener,
     quic: Option<(quinn::Endpoint, quic::proxy::ReadSwitch)>,
-    /// The lane the QUIC endpoint runs on, with every QUIC tunnel and the client streams
-    /// spliced onto them: quinn drives a connection's packets in the endpoint's tasks, and
-    /// on one thread they wake each other without a futex or a context switch.
-    quic_lane: Picked,
 }
 
 /// A UDP socket for QUIC tunnels at the agent listener's address.
@@ -51,20 +46,13 @@ impl AgentPort {
         reading: bool,
         reset_secret: &[u8],
     ) -> std::io::Result<AgentPort> {
-        let quic_lane = Lanes::shared()?.pick();
         let quic = quic
             .map(|socket| {
-                // Made on the lane's runtime: its socket and driver are the lane's.
-                let _on_lane = quic_lane.lane().enter();
                 let config = quic::proxy::endpoint_config(reset_secret);
                 quic::proxy::endpoint(socket, tunnel_tls, reading, config)
             })
             .transpose()?;
-        Ok(AgentPort {
-            tcp,
-            quic,
-            quic_lane,
-        })
+        Ok(AgentPort { tcp, quic })
     }
 
     pub(super) fn addr(&self) -> std::io::Result<SocketAddr> {
@@ -120,9 +108,7 @@ impl AgentPort {
                 handle,
             )
         };
-        // Accepted on the endpoint's lane: quinn starts each connection's driver where
-        // it is accepted.
-        let quic = self.quic_lane.run(async move {
+        let quic = async {
             let Some((endpoint, _)) = self.quic else {
                 return;
             };
@@ -145,7 +131,7 @@ impl AgentPort {
             )
             .await;
             quic::proxy::close(&endpoint, "proxy shutting down").await;
-        });
+        };
         tokio::join!(tcp, quic);
     }
 }

@@ -360,7 +360,9 @@ async fn handle(
                 }
             }
         }
-        None => dispatch(shared, tcp, routed, access).await,
+        // A static route only: served here. Boxed, so that the state of every
+        // connection's task does not hold room for it.
+        None => Box::pin(dispatch(shared, tcp, routed, access)).await,
     }
 }
 

@@ -7,8 +7,17 @@
 //! request that was about a third of the CPU the proxy and the agent spent
 //! (docs/benchmarks.md). On a lane, a tunnel's work stays on one thread and its wake-ups
 //! are local; tunnels are spread over the lanes, so the cores are still all used once there
-//! are several. What is not a tunnel's (accepting, routing, enrollment, QUIC, the admin
-//! listener) stays on the main runtime.
+//! are several. On the proxy, every lane also accepts from each public listener and routes
+//! what it accepted: a client whose tunnel runs on the lane that took it never changes
+//! thread. What is no h2 tunnel's (the agent port's TCP accept, enrollment, QUIC
+//! tunnels, the admin listener, the store) stays on the main runtime; a client of a QUIC
+//! tunnel moves there.
+//!
+//! QUIC tunnels are not on lanes: quinn runs every connection of an endpoint from the
+//! runtime that accepted it, so one lane would carry them all, one core for every QUIC
+//! agent. (Tried: per small request a third less CPU, but a single stream 15–20% slower,
+//! docs/benchmarks.md.) An endpoint per lane needs packets steered to the lane by
+//! connection ID, which the kernel's port sharing does not do.
 //!
 //! A socket moves to a lane by leaving the runtime it was registered with and joining the
 //! lane's ([`Picked::run_with`]). Work on a lane is cancelled when the future that waits
@@ -19,6 +28,7 @@
 
 use std::cell::RefCell;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -120,7 +130,7 @@ pub(crate) struct Picked {
 impl Lane {
     /// Where the caller runs: the lane whose thread this is, or else the current runtime
     /// (the main one) as a lane of its own, with a load no pick looks at. Work for a tunnel
-    /// goes where the tunnel runs, lane or not (a QUIC tunnel runs on the main runtime).
+    /// goes where the tunnel runs, lane or not.
     ///
     /// # Panics
     /// Outside a tokio runtime.
@@ -131,12 +141,6 @@ impl Lane {
                 handle: tokio::runtime::Handle::current(),
                 load: Arc::default(),
             })
-    }
-
-    /// Enters this lane's runtime on the calling thread until the guard is dropped: what
-    /// is spawned or registered meanwhile (a socket, a driver task) is the lane's.
-    pub(crate) fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
-        self.handle.enter()
     }
 
     /// Whether the caller runs on this lane's runtime.
@@ -153,67 +157,74 @@ impl Lane {
     }
 }
 
-impl Picked {
-    /// The lane picked.
-    pub(crate) fn lane(&self) -> &Lane {
-        &self.lane
-    }
+/// Work handed to a lane, as its caller waits for it: a pointer, whatever the size of the
+/// work. Async functions keep their arguments in their own state, and a caller's state
+/// holds the futures it awaits, so a connection's whole handling (tens of KiB of state)
+/// passed down by value would be held once more by every task that waits for it.
+pub(crate) type Waiting<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+impl Picked {
     /// Runs `work` on the lane, counted in its load until it ends; the current tracing
     /// span goes with it. Dropping the returned future cancels the work. A panic in it is
-    /// carried on to the caller. Called on the lane itself, it runs `work` in place.
-    pub(crate) async fn run<T: Send + 'static>(
+    /// carried on to the caller. Called on the lane itself, it runs `work` in place (when
+    /// awaited); else it is spawned there at once.
+    pub(crate) fn run<T: Send + 'static>(
         self,
         work: impl Future<Output = T> + Send + 'static,
-    ) -> T {
+    ) -> Waiting<T> {
         let Picked { lane, load } = self;
-        if lane.is_current() {
-            let _load = load;
-            return work.await;
-        }
-        lane.run(async move {
+        let work = async move {
             let _load = load;
             work.await
-        })
-        .await
+        };
+        if lane.is_current() {
+            Box::pin(work)
+        } else {
+            Box::pin(lane.run(work))
+        }
     }
 
     /// Runs `work` on the lane with `tcp` moved there (registered with the lane's runtime
     /// instead of the current one), as [`Picked::run`] does. An error is the move's. Called
     /// on the lane itself, nothing moves.
-    pub(crate) async fn run_with<T, F, Fut>(self, tcp: TcpStream, work: F) -> std::io::Result<T>
+    pub(crate) fn run_with<T, F, Fut>(self, tcp: TcpStream, work: F) -> Waiting<std::io::Result<T>>
     where
         T: Send + 'static,
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = T> + Send + 'static,
     {
         if self.lane.is_current() {
-            return Ok(self.run(work(tcp)).await);
+            return self.run(async move { Ok(work(tcp).await) });
         }
-        let std = tcp.into_std()?;
+        let std = match tcp.into_std() {
+            Ok(std) => std,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
         self.run(async move {
             let tcp = TcpStream::from_std(std)?;
             Ok(work(tcp).await)
         })
-        .await
     }
 }
 
 impl Lane {
-    /// Runs `work` on this lane without counting it in the lane's load (work that every
-    /// lane carries alike, such as accepting), as [`Picked::run`] does otherwise.
-    pub(crate) async fn run<T: Send + 'static>(
+    /// Spawns `work` on this lane at once, without counting it in the lane's load (work
+    /// that every lane carries alike, such as accepting), and returns what waits for it,
+    /// as [`Picked::run`] does otherwise.
+    pub(crate) fn run<T: Send + 'static>(
         &self,
         work: impl Future<Output = T> + Send + 'static,
-    ) -> T {
+    ) -> impl Future<Output = T> + Send + 'static {
         let span = tracing::Span::current();
         let task =
             AbortOnDropHandle::new(self.handle.spawn(with_subscriber(work.instrument(span))));
-        match task.await {
-            Ok(done) => done,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // Only the lane's runtime shutting down cancels it: the process is stopping.
-            Err(_) => std::future::pending().await,
+        async move {
+            match task.await {
+                Ok(done) => done,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // Only the lane's runtime shutting down cancels it: the process is stopping.
+                Err(_) => std::future::pending().await,
+            }
         }
     }
 }
