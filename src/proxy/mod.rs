@@ -77,6 +77,9 @@ pub const MAX_HANDSHAKES_PER_SOURCE: usize = 64;
 /// File descriptors kept back from the connection caps for listeners, the state files,
 /// the log and the resolver.
 pub const FD_RESERVE: usize = 64;
+/// Public listeners the reserve also makes room for on every lane: each lane accepts
+/// with a descriptor of its own (`reload::PublicListeners::start`).
+const LISTENERS_PER_LANE_RESERVED: usize = 16;
 
 /// The connection caps in force, sized from the open-file limit at build time.
 #[derive(Clone, Copy, Debug)]
@@ -89,10 +92,17 @@ struct Limits {
 
 impl Limits {
     /// The configured caps, lowered so that together they fit in `fd_limit` descriptors
-    /// with [`FD_RESERVE`] to spare: past that, accepting fails with EMFILE, which would
-    /// stop the agent port and the state watch along with the public listeners.
-    fn sized(clients_per_source: usize, handshakes_per_source: usize, fd_limit: u64) -> Limits {
-        let usable = (fd_limit as usize).saturating_sub(FD_RESERVE).max(16);
+    /// with [`FD_RESERVE`] to spare, plus the listeners' descriptors on `lanes` lanes:
+    /// past that, accepting fails with EMFILE, which would stop the agent port and the
+    /// state watch along with the public listeners.
+    fn sized(
+        clients_per_source: usize,
+        handshakes_per_source: usize,
+        fd_limit: u64,
+        lanes: usize,
+    ) -> Limits {
+        let reserve = FD_RESERVE + lanes * LISTENERS_PER_LANE_RESERVED;
+        let usable = (fd_limit as usize).saturating_sub(reserve).max(16);
         // The agent port gets an eighth, the public listeners the rest.
         let agents = MAX_AGENT_CONNECTIONS.min(usable / 8).max(1);
         let clients = MAX_CLIENT_CONNECTIONS.min(usable - agents).max(1);
@@ -426,6 +436,7 @@ impl ProxyBuilder {
             self.max_connections_per_source,
             self.max_handshakes_per_source,
             fd_limit,
+            crate::runtime::lanes::Lanes::shared()?.all().len(),
         );
         info!(fd_limit, ?limits, "connection caps");
         let metrics = Arc::new(metrics::ProxyMetrics::new());

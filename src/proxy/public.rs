@@ -339,8 +339,9 @@ async fn handle(
     };
     drop(state);
     // Opened and spliced where the first tunnel runs (`runtime::lanes`): the open wakes no
-    // other thread, and the client's socket moves at most once (not at all when it was
-    // accepted there).
+    // other thread. The client's socket moves there unless it was accepted there; if that
+    // tunnel refuses it and the next one runs on another lane, it moves once more (and
+    // stays counted in the first lane's load until it ends).
     let lane = (routed.found.exact.iter())
         .chain(&routed.found.wildcard)
         .next()

@@ -115,6 +115,25 @@ struct Running {
     fd: OwnedFd,
 }
 
+/// Fires its trigger when dropped.
+struct FiresWhenDropped(Trigger);
+
+impl Drop for FiresWhenDropped {
+    fn drop(&mut self) {
+        self.0.fire();
+    }
+}
+
+/// A bound listener made ready to start ([`PublicListeners::prepare`]).
+struct Prepared {
+    addr: SocketAddr,
+    kind: ListenerKind,
+    /// For an upgrade to hand over.
+    fd: OwnedFd,
+    /// A descriptor of the socket for each lane to accept with.
+    sockets: Vec<(crate::runtime::lanes::Lane, std::net::TcpListener)>,
+}
+
 /// The running public listeners, each an accept loop with a trigger of its own.
 pub(super) struct PublicListeners {
     shared: Arc<Shared>,
@@ -155,15 +174,37 @@ impl PublicListeners {
         listener: TcpListener,
         kind: ListenerKind,
     ) -> std::io::Result<()> {
+        let prepared = self.prepare(listener, kind)?;
+        self.launch(prepared);
+        Ok(())
+    }
+
+    /// What can fail in starting a listener: its address and its descriptors, one for the
+    /// hand-over and one per lane.
+    fn prepare(&self, listener: TcpListener, kind: ListenerKind) -> std::io::Result<Prepared> {
         let addr = listener.local_addr()?;
         let fd = listener.as_fd().try_clone_to_owned()?;
         let listener = listener.into_std()?;
-        let lanes = self.shared.lanes.clone();
         let mut sockets = Vec::new();
-        for lane in lanes.all() {
+        for lane in self.shared.lanes.all() {
             sockets.push((lane.clone(), listener.try_clone()?));
         }
-        drop(listener);
+        Ok(Prepared {
+            addr,
+            kind,
+            fd,
+            sockets,
+        })
+    }
+
+    /// Starts the accept loops of a prepared listener; nothing here fails.
+    fn launch(&mut self, prepared: Prepared) {
+        let Prepared {
+            addr,
+            kind,
+            fd,
+            sockets,
+        } = prepared;
         info!(%addr, kind = ?kind, lanes = sockets.len(), "public listener ready");
         let stop = Trigger::default();
         let (shared, sources) = (self.shared.clone(), self.per_source.clone());
@@ -196,12 +237,14 @@ impl PublicListeners {
             let (clients, per_source) = (self.clients.clone(), self.per_source.clone());
             let (grace, counters, handle) = (self.grace, counters.clone(), handle.clone());
             let loop_ = async move {
+                // However the loop ends (a panic too), it accepts no more: an upgrade
+                // waiting for that must not wait for its timeout.
+                let _stopped = FiresWhenDropped(stopping.stopped.clone());
                 // Registered with the lane's runtime, so it must be made there.
                 let listener = match TcpListener::from_std(socket) {
                     Ok(listener) => listener,
                     Err(e) => {
                         error!(error = %e, "could not accept on a lane");
-                        stopping.stopped.fire();
                         return;
                     }
                 };
@@ -231,7 +274,6 @@ impl PublicListeners {
             },
         );
         self.publish();
-        Ok(())
     }
 
     /// The listeners as the status page shows them.
@@ -258,7 +300,13 @@ impl PublicListeners {
                             addr: *addr,
                             source,
                         })?;
-                    added.push((*addr, listener, kind.clone()));
+                    let prepared = self.prepare(listener, kind.clone()).map_err(|source| {
+                        ReloadError::Bind {
+                            addr: *addr,
+                            source,
+                        }
+                    })?;
+                    added.push(prepared);
                 }
             }
         }
@@ -274,9 +322,8 @@ impl PublicListeners {
             }
         }
         let count = added.len();
-        for (addr, listener, kind) in added {
-            self.start(listener, kind)
-                .map_err(|source| ReloadError::Bind { addr, source })?;
+        for prepared in added {
+            self.launch(prepared);
         }
         self.publish();
         self.per_source.set_exempt(reload.trusted_proxies.clone());

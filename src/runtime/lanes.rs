@@ -15,9 +15,10 @@
 //!
 //! QUIC tunnels are not on lanes: quinn runs every connection of an endpoint from the
 //! runtime that accepted it, so one lane would carry them all, one core for every QUIC
-//! agent. (Tried: per small request a third less CPU, but a single stream 15–20% slower,
-//! docs/benchmarks.md.) An endpoint per lane needs packets steered to the lane by
-//! connection ID, which the kernel's port sharing does not do.
+//! agent. (Tried: per small request a fifth less CPU, but a single stream 15–20%
+//! slower; docs/benchmarks.md, "Accepting on the lanes".) An endpoint per lane needs
+//! packets steered to the lane by connection ID, which the kernel's port sharing does
+//! not do.
 //!
 //! A socket moves to a lane by leaving the runtime it was registered with and joining the
 //! lane's ([`Picked::run_with`]). Work on a lane is cancelled when the future that waits
@@ -50,8 +51,8 @@ pub(crate) struct Lanes {
 #[derive(Clone)]
 pub(crate) struct Lane {
     handle: tokio::runtime::Handle,
-    /// Units of work on this lane now (tunnels and the client streams spliced onto them,
-    /// agent sessions): new tunnels go to the least loaded lane.
+    /// Units of work on this lane now (tunnels, the clients routed to them from the moment
+    /// they are, agent sessions): new tunnels go to the least loaded lane.
     load: Arc<AtomicUsize>,
 }
 

@@ -60,18 +60,23 @@ pub(crate) async fn socket_to_stream(
                 // write and one wake-up less on each side. This read is the one the next
                 // round would make anyway, finding the socket drained, so it costs no
                 // system call.
-                let mut end = false;
+                // An error found by it (a reset right behind the answer) comes after
+                // the bytes read before it, as it would have in the next round.
+                let (mut end, mut failed) = (false, None);
                 if buf.capacity() > buf.len() {
                     match rd.try_read_buf(&mut buf) {
                         Ok(0) => end = true,
                         Ok(more) => n += more,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e),
+                        Err(e) => failed = Some(e),
                     }
                 }
                 total += n as u64;
                 meter.read(n);
                 send_all(send, buf.split().freeze(), end).await?;
+                if let Some(e) = failed {
+                    return Err(e);
+                }
                 if end {
                     return Ok(total);
                 }

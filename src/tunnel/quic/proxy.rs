@@ -142,8 +142,9 @@ impl ReadSwitch {
 
     /// Completes once the endpoint has closed its socket, which it does when every handle
     /// to it is dropped and its connections are gone; `false` if that took longer than
-    /// `within`. The endpoint's task runs on a lane, so its end is not the caller's to see
-    /// otherwise: a proxy started again at once on the same port needs the port free.
+    /// `within`. The endpoint's tasks (its driver, its connections') are spawned, so
+    /// their end is not the caller's to see otherwise, and they may run on other threads:
+    /// a proxy started again at once on the same port needs the port free.
     pub(crate) async fn closed(&self, within: Duration) -> bool {
         tokio::time::timeout(within, self.0.closed.cancelled())
             .await
