@@ -23,7 +23,7 @@ use super::registry::Tunnel;
 use super::replies::{http_error, ConnId, Reply, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME};
 use super::Shared;
 use crate::route::{http, sni, ListenerKind, Target};
-use crate::tunnel::{Counted, OpenRequest, StreamCounters};
+use crate::tunnel::{Counted, OpenError, OpenRequest, StreamCounters};
 use crate::wire::proxy_header::{self, Origin, Parsed};
 
 /// Most bytes read while looking for a name: a 16 KiB ClientHello may come in many small
@@ -476,6 +476,13 @@ async fn dispatch(shared: &Arc<Shared>, mut tcp: TcpStream, routed: Routed, acce
                 // the open request), what it got came down.
                 let moved = Some((moved.up + peeked.len() as u64, moved.down));
                 return access.served(t.agent.clone(), moved);
+            }
+            Ok(Err(e @ OpenError::Aborted { .. })) => {
+                debug!(%peer, conn = %id, host = %name, agent = %t.agent, tunnel = t.id, error = %e, "stream reset before its answer; resetting the client");
+                crate::tunnel::reset_whole(tcp);
+                access.served(t.agent.clone(), Some((peeked.len() as u64, 0)));
+                access.outcome = "reset";
+                return;
             }
             Ok(Err(e)) => {
                 if e.tunnel_is_gone() {

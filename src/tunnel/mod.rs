@@ -334,6 +334,12 @@ pub(crate) enum OpenError {
     },
     #[error("answered {status}: {reason}")]
     Refused { status: u16, reason: String },
+    /// The agent took the stream and its backend, then reset the stream (its backend
+    /// failed) before its answer was read: on QUIC a reset discards what was not read
+    /// yet. The backend may have had the client's first bytes: the client gets a reset,
+    /// as it would a moment later, and no other agent is tried.
+    #[error("the agent's backend failed before its answer arrived: {reason}")]
+    Aborted { reason: String },
 }
 
 impl OpenError {
@@ -937,6 +943,11 @@ pub(crate) async fn both_ways(
         sent: sent.is_some(),
         delivered: received.is_some(),
     }
+}
+
+/// [`reset`] for a socket not split in halves.
+pub(crate) fn reset_whole(tcp: tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
 }
 
 /// Closes a socket with a reset (RST) instead of an orderly end (FIN): for a stream that

@@ -395,13 +395,23 @@ pub(crate) async fn open(
     // A refusing agent drops the header and first bytes.
     let mut chunks = [header, req.early.clone()];
     let _ = send.write_all_chunks(&mut chunks).await;
-    let (answer, first) =
-        read_frame(&mut recv, Answer::parse)
-            .await
-            .map_err(|e| OpenError::Tunnel {
+    let (answer, first) = read_frame(&mut recv, Answer::parse).await.map_err(|e| {
+        let aborted = (e.get_ref())
+                .and_then(|e| e.downcast_ref::<quinn::ReadError>())
+                .is_some_and(|e| {
+                    matches!(e, quinn::ReadError::Reset(c) if *c == VarInt::from_u32(code::ABORTED))
+                });
+        if aborted {
+            OpenError::Aborted {
+                reason: e.to_string(),
+            }
+        } else {
+            OpenError::Tunnel {
                 reason: format!("no answer: {e}"),
                 gone: conn.close_reason().is_some(),
-            })?;
+            }
+        }
+    })?;
     if answer.status != 200 {
         return Err(OpenError::Refused {
             status: answer.status,
