@@ -454,20 +454,18 @@ async fn dispatch(shared: &Arc<Shared>, mut tcp: TcpStream, routed: Routed, acce
                 // Spliced where the tunnel runs, so that the client's bytes and the
                 // tunnel's frames never wake a task on another thread. (On the tunnel's
                 // lane already, the connection was counted in its load when it came.)
-                let moved = match &t.lane {
-                    lane if !lane.is_current() => {
-                        let on_lane = lane
-                            .take()
-                            .run_with(tcp, move |tcp| stream.splice(tcp, limits, counters));
-                        match on_lane.await {
-                            Ok(moved) => moved,
-                            Err(e) => {
-                                warn!(%peer, conn = %id, host = %name, error = %e, "could not move a connection to its tunnel's lane; dropped");
-                                return access.refuse(metrics, Refused::Unavailable);
-                            }
+                let moved = if t.lane.is_current() {
+                    stream.splice(tcp, limits, counters).await
+                } else {
+                    let on_lane = (t.lane.take())
+                        .run_with(tcp, move |tcp| stream.splice(tcp, limits, counters));
+                    match on_lane.await {
+                        Ok(moved) => moved,
+                        Err(e) => {
+                            warn!(%peer, conn = %id, host = %name, error = %e, "could not move a connection to its tunnel's lane; dropped");
+                            return access.refuse(metrics, Refused::Unavailable);
                         }
                     }
-                    _ => stream.splice(tcp, limits, counters).await,
                 };
                 if let Some(e) = &moved.error {
                     debug!(%peer, conn = %id, host = %name, error = %e, "stream ended with an error");

@@ -254,7 +254,7 @@ impl PublicListeners {
                 .await
             };
             let loop_ = loop_.instrument(tracing::info_span!("listener", %addr));
-            self.tasks.spawn(async move { lane.run(loop_).await });
+            self.tasks.spawn(lane.run(loop_));
         }
         // The listener has stopped accepting once every lane's loop has.
         let all_stopped = stopped.clone();
