@@ -121,7 +121,7 @@ pub async fn get_from(
             .expect("valid request");
         let (status, body) = crate::runtime::http1::exchange(io, request, MAX_ANSWER)
             .await
-            .map_err(unreachable)?;
+            .map_err(|e| unreachable(e.to_string()))?;
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(TIMEOUT, attempt)

@@ -55,7 +55,30 @@ pub(crate) trait View: Send + Sync + 'static {
     /// The status document.
     fn status(&self) -> serde_json::Value;
     /// `Ok` when ready for traffic, else why not.
-    fn ready(&self) -> Result<(), String>;
+    fn ready(&self) -> Result<(), NotReady>;
+}
+
+/// Why a program is not ready for traffic (`/ready`).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NotReady {
+    #[error("not serving (starting or shutting down)")]
+    NotServing,
+    /// The shared store is unreachable or stale, as the state view says.
+    #[error("{0}")]
+    Store(String),
+    #[error("no tunnel to the proxy is up")]
+    NoTunnel,
+}
+
+/// Why a client certificate on the admin listener admits no operator.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OperatorRefused {
+    #[error("no readable certificate")]
+    Unreadable,
+    #[error("certificate {serial} is not an operator's (identities: {identities})")]
+    NotOperator { serial: String, identities: String },
+    #[error("operator certificate {serial} is not on record or was revoked")]
+    NotOnRecord { serial: String },
 }
 
 /// TLS for an admin listener beyond loopback: the configuration (a client certificate
@@ -82,9 +105,9 @@ pub(crate) struct Admitted {
 pub(crate) type Authorize = Arc<
     dyn Fn(
             Vec<u8>,
-        )
-            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Admitted, String>> + Send>>
-        + Send
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Admitted, OperatorRefused>> + Send>,
+        > + Send
         + Sync,
 >;
 
@@ -232,9 +255,9 @@ async fn connection(
             let admitted = match (tls.authorize)(der).await {
                 Ok(admitted) => admitted,
                 Err(why) if refusals.loud_now() => {
-                    return warn!(%peer, reason = why, "admin client refused (further refusals for 10 s at debug)")
+                    return warn!(%peer, reason = %why, "admin client refused (further refusals for 10 s at debug)")
                 }
-                Err(why) => return debug!(%peer, reason = why, "admin client refused"),
+                Err(why) => return debug!(%peer, reason = %why, "admin client refused"),
             };
             debug!(%peer, operator = %admitted.name, "admin client admitted");
             // Behind TLS only operators get this far, and a browser tricked by DNS

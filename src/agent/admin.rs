@@ -22,9 +22,9 @@ impl crate::admin::View for AgentView {
         self.ctx.metrics.render(not_after)
     }
 
-    fn ready(&self) -> Result<(), String> {
+    fn ready(&self) -> Result<(), crate::admin::NotReady> {
         if self.ctx.metrics.tunnels().is_empty() {
-            Err("no tunnel to the proxy is up".into())
+            Err(crate::admin::NotReady::NoTunnel)
         } else {
             Ok(())
         }

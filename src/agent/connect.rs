@@ -142,8 +142,18 @@ impl UpLinks {
 /// where to say what became of it.
 pub(crate) type Reload = (
     Vec<(String, SocketAddr)>,
-    tokio::sync::oneshot::Sender<Result<String, String>>,
+    tokio::sync::oneshot::Sender<Result<String, ListenError>>,
 );
+
+/// A connect listener that could not be bound (on a reload nothing changed then).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {listen} for [[connect]] {name}: {source}")]
+pub struct ListenError {
+    listen: SocketAddr,
+    name: String,
+    #[source]
+    source: std::io::Error,
+}
 
 /// One running connect listener.
 struct Running {
@@ -205,16 +215,20 @@ impl Listeners {
     /// Makes the running listeners those of `wanted`: each new one is bound before
     /// anything changes (one that cannot be changes nothing), listeners that stay keep
     /// accepting, removed ones stop accepting while their connections run on.
-    async fn apply(&mut self, wanted: Vec<(String, SocketAddr)>) -> Result<String, String> {
+    async fn apply(&mut self, wanted: Vec<(String, SocketAddr)>) -> Result<String, ListenError> {
         let mut added = Vec::new();
         for (name, listen) in &wanted {
             let same = self.running.get(name).is_some_and(|r| {
                 r.listen == *listen || (listen.port() == 0 && r.listen.ip() == listen.ip())
             });
             if !same {
-                let listener = TcpListener::bind(listen).await.map_err(|e| {
-                    format!("cannot listen on {listen} for [[connect]] {name}: {e}")
-                })?;
+                let listener = TcpListener::bind(listen)
+                    .await
+                    .map_err(|source| ListenError {
+                        listen: *listen,
+                        name: name.clone(),
+                        source,
+                    })?;
                 added.push((name.clone(), listener));
             }
         }

@@ -309,7 +309,7 @@ pub(super) async fn call(
             })?;
         crate::runtime::http1::exchange(stream, request, MAX_RESPONSE_BODY)
             .await
-            .map_err(unreachable)
+            .map_err(|e| unreachable(e.to_string()))
     };
     tokio::time::timeout(ATTEMPT_TIMEOUT, attempt)
         .await

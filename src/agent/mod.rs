@@ -72,8 +72,8 @@ pub enum AgentError {
     AdminNotLocal(std::net::SocketAddr),
     #[error("admin listener: {0}")]
     Admin(#[source] std::io::Error),
-    #[error("{0}")]
-    Connect(String),
+    #[error(transparent)]
+    Connect(#[from] connect::ListenError),
     #[error("cannot start the tunnels' threads: {0}")]
     Threads(#[source] std::io::Error),
 }

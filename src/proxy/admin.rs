@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::state::{Snapshot, StateView};
 use super::Shared;
-use crate::admin::Admitted;
+use crate::admin::{Admitted, NotReady, OperatorRefused};
 
 /// Who may use the admin listener beyond loopback: a certificate (already verified against
 /// the CA, validity and revocation by TLS) whose identity starts with `prefix`
@@ -21,20 +21,19 @@ pub(super) fn authorize_operator(state: StateView, prefix: String) -> crate::adm
     Arc::new(move |der| {
         let (state, prefix) = (state.clone(), prefix.clone());
         Box::pin(async move {
-            let cert = revproxy_ca::CertSummary::from_der(&der).ok_or("no readable certificate")?;
+            let cert =
+                revproxy_ca::CertSummary::from_der(&der).ok_or(OperatorRefused::Unreadable)?;
             let Some(name) = cert.uris.iter().find_map(|u| u.strip_prefix(&prefix)) else {
-                return Err(format!(
-                    "certificate {} is not an operator's (identities: {})",
-                    cert.serial,
-                    cert.uris.join(", ")
-                ));
+                return Err(OperatorRefused::NotOperator {
+                    serial: cert.serial,
+                    identities: cert.uris.join(", "),
+                });
             };
             let known = |s: Arc<Snapshot>| s.operators.contains(&cert.serial);
             if !known(state.get()) && !known(state.refresh_seldom(RELOAD_AT_MOST).await) {
-                return Err(format!(
-                    "operator certificate {} is not on record or was revoked",
-                    cert.serial
-                ));
+                return Err(OperatorRefused::NotOnRecord {
+                    serial: cert.serial,
+                });
             }
             Ok(Admitted {
                 name: name.to_string(),
@@ -68,12 +67,12 @@ impl crate::admin::View for ProxyView {
         shared.metrics.render(&shared.registry, &shared.state.get())
     }
 
-    fn ready(&self) -> Result<(), String> {
+    fn ready(&self) -> Result<(), NotReady> {
         if !self.0.ready.load(Ordering::Relaxed) {
-            return Err("not serving (starting or shutting down)".into());
+            return Err(NotReady::NotServing);
         }
         match self.0.state.store_problem(super::state::STORE_STALE_AFTER) {
-            Some(problem) => Err(problem),
+            Some(problem) => Err(NotReady::Store(problem)),
             None => Ok(()),
         }
     }
@@ -162,7 +161,7 @@ impl crate::admin::View for ProxyView {
             "started": shared.started,
             "now": time::OffsetDateTime::now_utc().unix_timestamp(),
             "ready": self.ready().is_ok(),
-            "not_ready_because": self.ready().err(),
+            "not_ready_because": self.ready().err().map(|e| e.to_string()),
             "proxy": {
                 "id": shared.me.id,
                 "advertise": shared.me.address,

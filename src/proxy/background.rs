@@ -114,7 +114,7 @@ async fn renew_server_cert(shared: Arc<Shared>) {
         let loaded = tokio::task::spawn_blocking(move || {
             ca.server_identity(
                 time::OffsetDateTime::now_utc(),
-                advertised.as_deref().map(super::advertised_host),
+                advertised.as_deref().map(super::builder::advertised_host),
             )
         })
         .await;

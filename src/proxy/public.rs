@@ -1,39 +1,32 @@
-//! One public connection, top to bottom: peek at its first bytes for a name (SNI or
-//! `Host`, or the listener's fixed target) -> route (the registry's live tunnels, then a
-//! static route) -> open a stream on a tunnel (the next agent if one refuses) -> splice.
-//! A connection that cannot be served is told why where its protocol allows
-//! (`replies.rs`).
-//!
-//! The peeked bytes are replayed to the backend exactly. Peeking is bounded in bytes and
-//! in time, so a client that sends nothing, or one byte a second, costs a buffer of at most
-//! [`MAX_PEEK`] for at most the peek timeout.
+//! One public connection, top to bottom: read its first bytes for a name (`peek.rs`; or
+//! the listener's fixed target) -> route (the registry's live tunnels, then a static
+//! route) -> open a stream on a tunnel (the next agent if one refuses) -> splice. A static
+//! `tcp://` route is joined in `static_route.rs`; a connection that cannot be served is
+//! told why where its protocol allows (`replies.rs`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::accept::{PerSource, SourceSlot};
 use super::metrics::Refused;
-use super::registry::Tunnel;
+use super::peek::{http_host, peek, read_proxy_header, sni_name};
+use super::registry::{Found, Tunnel};
+use super::reload::Settings;
 use super::replies::{http_error, ConnId, Reply, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME};
+use super::static_route::{connect_static, forward_tcp, header_for, Prelude};
 use super::Shared;
-use crate::route::{http, sni, ListenerKind, Target};
-use crate::tunnel::{Counted, OpenError, OpenRequest, StreamCounters};
-use crate::wire::proxy_header::{self, Origin, Parsed};
+use crate::route::{ListenerKind, Target};
+use crate::tunnel::{OpenError, OpenRequest};
+use crate::wire::proxy_header::Origin;
 
-/// Most bytes read while looking for a name: a 16 KiB ClientHello may come in many small
-/// records, each with a 5-byte header.
-pub(super) const MAX_PEEK: usize = 32 * 1024;
 /// Time allowed to open a stream on a tunnel (the agent dials its backend meanwhile).
 pub(super) const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
-/// Copy buffer per direction for static `tcp://` routes (tokio's default is 8 KiB, which
-/// costs a syscall pair per 8 KiB).
-pub(super) const STATIC_COPY_BUFFER: usize = 64 * 1024;
 
 /// Where a name may be served, tried in order.
 enum Candidate<'a> {
@@ -94,6 +87,8 @@ pub(super) async fn serve(
     // next one.
     let settings = shared.settings();
     let mut arrival = Arrival {
+        peer,
+        id,
         server: tcp.local_addr().ok(),
         early: BytesMut::new(),
         settings: settings.clone(),
@@ -124,6 +119,7 @@ pub(super) async fn serve(
                 if let Some(client) = client {
                     debug!(balancer = %peer, %client, conn = %id, "client named by a PROXY header");
                     peer = client;
+                    arrival.peer = client;
                     arrival.server = server.or(arrival.server);
                 }
             }
@@ -140,7 +136,7 @@ pub(super) async fn serve(
         }
     }
     if admitted {
-        handle(&shared, kind, tcp, peer, arrival, id, &mut access).await;
+        handle(&shared, kind, tcp, arrival, &mut access).await;
     }
     let ms = started.elapsed().as_millis() as u64;
     let (host, by) = (
@@ -156,177 +152,59 @@ pub(super) async fn serve(
     }
 }
 
-/// Where a connection arrived, beyond its peer.
+/// A public connection as it arrived: who, where, and what was read of it already.
 struct Arrival {
+    /// The client (named by a trusted balancer's PROXY header, if one came first).
+    peer: SocketAddr,
+    id: ConnId,
     /// The address the client connected to.
     server: Option<SocketAddr>,
     /// Bytes read after a PROXY header, before anything else.
     early: BytesMut,
     /// The settings in force when it came.
-    settings: Arc<super::reload::Settings>,
+    settings: Arc<Settings>,
 }
 
-/// Reads a PROXY header (v1 or v2) from the start of `tcp`, within `timeout` and
-/// [`proxy_header::MAX_HEADER`] bytes: the client and the address it reached, if the
-/// header names them, and the bytes that came after it. `Err(None)`: closed before any
-/// byte.
-async fn read_proxy_header(
-    tcp: &mut TcpStream,
-    timeout: Duration,
-) -> Result<(Option<SocketAddr>, Option<SocketAddr>, BytesMut), Option<String>> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = BytesMut::with_capacity(512);
-    loop {
-        match proxy_header::parse(&buf) {
-            Parsed::Header {
-                client,
-                server,
-                len,
-            } => {
-                let rest = buf.split_off(len);
-                return Ok((client, server, rest));
-            }
-            Parsed::Invalid(reason) => return Err(Some(reason)),
-            Parsed::Incomplete => {}
-        }
-        buf.reserve(512);
-        match tokio::time::timeout_at(deadline, tcp.read_buf(&mut buf)).await {
-            Ok(Ok(0)) if buf.is_empty() => return Err(None),
-            Ok(Ok(0)) => return Err(Some("closed before its PROXY header was complete".into())),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(Some(e.to_string())),
-            Err(_) => return Err(Some(format!("no complete PROXY header within {timeout:?}"))),
-        }
-    }
-}
-
+/// Finds the connection's name, looks it up and hands it to [`dispatch`] on its tunnel's
+/// lane; or serves a fixed `tcp://` listener; or tells the client why it cannot be served.
 async fn handle(
     shared: &Arc<Shared>,
     kind: ListenerKind,
     mut tcp: TcpStream,
-    peer: SocketAddr,
     arrival: Arrival,
-    id: ConnId,
     access: &mut Access,
 ) {
     let _ = tcp.set_nodelay(true);
-    let metrics = &shared.metrics;
-    let settings = arrival.settings.clone();
-    let arrival_server = arrival.server;
     access.outcome = "client_closed";
-    let (name, peeked, reply) = match &kind {
-        ListenerKind::Fixed(Target::Tcp(addr)) => {
-            let deadline = tokio::time::Instant::now() + crate::runtime::CONNECT_TIMEOUT;
-            match connect_static(addr, peer, id, deadline).await {
-                Some(backend) => {
-                    let counters = metrics.routed(&format!("tcp://{addr}"));
-                    access.served(format!("tcp://{addr}"), None);
-                    let origin = Origin {
-                        client: Some(peer),
-                        server: arrival_server,
-                        name: None,
-                        caller: None,
-                    };
-                    let first = Prelude {
-                        header: header_for(&settings, addr, &origin),
-                        peeked: arrival.early.freeze(),
-                    };
-                    let moved = forward_tcp(tcp, backend, addr, first, peer, id, counters).await;
-                    access.served(format!("tcp://{addr}"), moved);
-                }
-                None => access.refuse(metrics, Refused::BackendDown),
-            }
-            return;
-        }
-        ListenerKind::Fixed(Target::Name(name)) => {
-            (name.clone(), arrival.early.freeze(), Reply::Silent)
-        }
-        ListenerKind::Sni => {
-            match peek(&mut tcp, arrival.early, settings.peek_timeout, sni_name).await {
-                Ok((Some(name), bytes)) => (name, bytes, Reply::Tls),
-                Ok((None, _)) => {
-                    debug!(%peer, conn = %id, "TLS client sent no server name; no route");
-                    access.refuse(metrics, Refused::NoServerName);
-                    let _ = tcp.write_all(&ALERT_UNRECOGNIZED_NAME).await;
-                    return;
-                }
-                Err(e) => {
-                    debug!(%peer, conn = %id, error = %e, "no usable ClientHello; closing");
-                    access.refuse(metrics, e.why);
-                    return;
-                }
-            }
-        }
-        ListenerKind::Http => {
-            match peek(&mut tcp, arrival.early, settings.peek_timeout, http_host).await {
-                Ok((name, bytes)) => (name, bytes, Reply::Http),
-                Err(e) => {
-                    debug!(%peer, conn = %id, error = %e, "no usable HTTP request head; closing");
-                    access.refuse(metrics, e.why);
-                    if e.answerable {
-                        http_error(&mut tcp, 400, "Bad Request", &e.reason, id).await;
-                    }
-                    return;
-                }
-            }
-        }
+    if let ListenerKind::Fixed(Target::Tcp(addr)) = &kind {
+        return serve_fixed_tcp(shared, tcp, addr, arrival, access).await;
+    }
+    let (peer, id, server) = (arrival.peer, arrival.id, arrival.server);
+    let settings = arrival.settings.clone();
+    let Some((name, peeked, reply)) = read_name(shared, &kind, &mut tcp, arrival, access).await
+    else {
+        return;
     };
-
     access.host = Some(name.clone());
-    // The most specific match first (DESIGN.md section 5): agents granted the exact name,
-    // then a static route for it, then agents holding a wildcard. Only what agents serve
-    // publicly is looked up: a name granted privately looks like any unknown name (and a
-    // static route under a private grant is not offered either).
-    let state = shared.state.get();
     let wildcard = name
         .split_once('.')
         .map(|(_, parent)| format!("*.{parent}"))
         .unwrap_or_default();
-    let mut found = shared.registry.lookup(&name);
-    let route = settings
-        .routes
-        .get(&name)
-        .filter(|_| !state.covers_private(&name));
-    // Just after an upgrade the agents are still moving here: a client of a name they
-    // serve waits for its tunnel rather than hearing that the name is offline.
-    if let Some(until) = shared.hold_until {
-        if found.is_empty()
-            && route.is_none()
-            && tokio::time::Instant::now() < until
-            && state.is_granted_anywhere(&name)
-        {
-            debug!(%peer, conn = %id, host = %name, "just upgraded: waiting for the agent to move here");
-            found = shared.registry.wait_for(&name, until).await;
-        }
-    }
-    if found.is_empty() && route.is_none() {
-        let offline = state.is_granted_anywhere(&name);
-        if offline {
-            debug!(%peer, conn = %id, host = %name, "agent for this name is offline");
-            access.refuse(metrics, Refused::Offline);
-        } else {
-            debug!(%peer, conn = %id, host = %name, "no route");
-            access.refuse(metrics, Refused::NoRoute);
-        }
-        match (reply, offline) {
-            (Reply::Tls, _) => {
-                let _ = tcp.write_all(&ALERT_UNRECOGNIZED_NAME).await;
+    let (found, route) = match lookup(shared, &name, &settings, peer, id).await {
+        Ok(found) => found,
+        Err(offline) => {
+            if offline {
+                debug!(%peer, conn = %id, host = %name, "agent for this name is offline");
+                access.refuse(&shared.metrics, Refused::Offline);
+            } else {
+                debug!(%peer, conn = %id, host = %name, "no route");
+                access.refuse(&shared.metrics, Refused::NoRoute);
             }
-            (Reply::Http, true) => {
-                let reason = format!("{name} is offline");
-                http_error(&mut tcp, 503, "Service Unavailable", &reason, id).await;
-            }
-            (Reply::Http, false) => {
-                let reason = format!("no route for {name}");
-                http_error(&mut tcp, 502, "Bad Gateway", &reason, id).await;
-            }
-            (Reply::Silent, _) => {}
+            return tell_unrouted(&mut tcp, &name, reply, offline, id).await;
         }
-        return;
-    }
-
+    };
     let routed = Routed {
-        route: route.cloned(),
+        route,
         name,
         wildcard,
         found,
@@ -334,10 +212,9 @@ async fn handle(
         reply,
         peer,
         id,
-        server: arrival_server,
+        server,
         settings,
     };
-    drop(state);
     // Opened and spliced where the first tunnel runs (`runtime::lanes`): the open wakes no
     // other thread. The client's socket moves there unless it was accepted there; if that
     // tunnel refuses it and the next one runs on another lane, it moves once more (and
@@ -348,16 +225,16 @@ async fn handle(
         .map(|t| t.lane.clone());
     match lane {
         Some(lane) => {
-            let (shared, mut taken) = (shared.clone(), std::mem::take(access));
+            let (on, mut taken) = (shared.clone(), std::mem::take(access));
             let on_lane = lane.take().run_with(tcp, move |tcp| async move {
-                dispatch(&shared, tcp, routed, &mut taken).await;
+                dispatch(&on, tcp, routed, &mut taken).await;
                 taken
             });
             match on_lane.await {
                 Ok(done) => *access = done,
                 Err(e) => {
                     warn!(%peer, conn = %id, error = %e, "could not move a connection to its tunnel's lane; dropped");
-                    access.refuse(metrics, Refused::Unavailable);
+                    access.refuse(&shared.metrics, Refused::Unavailable);
                 }
             }
         }
@@ -367,12 +244,143 @@ async fn handle(
     }
 }
 
+/// A listener fixed to `tcp://addr`: joined to that backend, nothing read first.
+async fn serve_fixed_tcp(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    addr: &str,
+    arrival: Arrival,
+    access: &mut Access,
+) {
+    let (peer, id) = (arrival.peer, arrival.id);
+    let deadline = tokio::time::Instant::now() + crate::runtime::CONNECT_TIMEOUT;
+    let Some(backend) = connect_static(addr, peer, id, deadline).await else {
+        return access.refuse(&shared.metrics, Refused::BackendDown);
+    };
+    let counters = shared.metrics.routed(&format!("tcp://{addr}"));
+    access.served(format!("tcp://{addr}"), None);
+    let origin = Origin {
+        client: Some(peer),
+        server: arrival.server,
+        name: None,
+        caller: None,
+    };
+    let first = Prelude {
+        header: header_for(&arrival.settings, addr, &origin),
+        peeked: arrival.early.freeze(),
+    };
+    let moved = forward_tcp(tcp, backend, addr, first, peer, id, counters).await;
+    access.served(format!("tcp://{addr}"), moved);
+}
+
+/// The name a connection asks for, the bytes read to find it, and how a refusal is told;
+/// `None` once the client was told it gave none (or closed, or took too long).
+async fn read_name(
+    shared: &Shared,
+    kind: &ListenerKind,
+    tcp: &mut TcpStream,
+    arrival: Arrival,
+    access: &mut Access,
+) -> Option<(String, Bytes, Reply)> {
+    let (peer, id, metrics) = (arrival.peer, arrival.id, &shared.metrics);
+    let timeout = arrival.settings.peek_timeout;
+    match kind {
+        ListenerKind::Fixed(Target::Name(name)) => {
+            Some((name.clone(), arrival.early.freeze(), Reply::Silent))
+        }
+        ListenerKind::Fixed(Target::Tcp(_)) => None,
+        ListenerKind::Sni => match peek(tcp, arrival.early, timeout, sni_name).await {
+            Ok((Some(name), bytes)) => Some((name, bytes, Reply::Tls)),
+            Ok((None, _)) => {
+                debug!(%peer, conn = %id, "TLS client sent no server name; no route");
+                access.refuse(metrics, Refused::NoServerName);
+                let _ = tcp.write_all(&ALERT_UNRECOGNIZED_NAME).await;
+                None
+            }
+            Err(e) => {
+                debug!(%peer, conn = %id, error = %e, "no usable ClientHello; closing");
+                access.refuse(metrics, e.why);
+                None
+            }
+        },
+        ListenerKind::Http => match peek(tcp, arrival.early, timeout, http_host).await {
+            Ok((name, bytes)) => Some((name, bytes, Reply::Http)),
+            Err(e) => {
+                debug!(%peer, conn = %id, error = %e, "no usable HTTP request head; closing");
+                access.refuse(metrics, e.why);
+                if e.answerable {
+                    http_error(tcp, 400, "Bad Request", &e.reason, id).await;
+                }
+                None
+            }
+        },
+    }
+}
+
+/// The live tunnels and the static route that may serve `name`; if there are none,
+/// whether some agent is granted it (offline) or nothing is (no route).
+///
+/// The most specific match first (DESIGN.md section 5): agents granted the exact name,
+/// then a static route for it, then agents holding a wildcard. Only what agents serve
+/// publicly is looked up: a name granted privately looks like any unknown name (and a
+/// static route under a private grant is not offered either).
+async fn lookup(
+    shared: &Shared,
+    name: &str,
+    settings: &Settings,
+    peer: SocketAddr,
+    id: ConnId,
+) -> Result<(Found, Option<String>), bool> {
+    let state = shared.state.get();
+    let mut found = shared.registry.lookup(name);
+    let route = settings
+        .routes
+        .get(name)
+        .filter(|_| !state.covers_private(name))
+        .cloned();
+    // Just after an upgrade the agents are still moving here: a client of a name they
+    // serve waits for its tunnel rather than hearing that the name is offline.
+    if let Some(until) = shared.hold_until {
+        if found.is_empty()
+            && route.is_none()
+            && tokio::time::Instant::now() < until
+            && state.is_granted_anywhere(name)
+        {
+            debug!(%peer, conn = %id, host = %name, "just upgraded: waiting for the agent to move here");
+            found = shared.registry.wait_for(name, until).await;
+        }
+    }
+    if found.is_empty() && route.is_none() {
+        return Err(state.is_granted_anywhere(name));
+    }
+    Ok((found, route))
+}
+
+/// Tells a client that nothing serves `name` (`offline`: some agent is granted it), where
+/// its protocol allows.
+async fn tell_unrouted(tcp: &mut TcpStream, name: &str, reply: Reply, offline: bool, id: ConnId) {
+    match (reply, offline) {
+        (Reply::Tls, _) => {
+            let _ = tcp.write_all(&ALERT_UNRECOGNIZED_NAME).await;
+        }
+        (Reply::Http, true) => {
+            let reason = format!("{name} is offline");
+            http_error(tcp, 503, "Service Unavailable", &reason, id).await;
+        }
+        (Reply::Http, false) => {
+            let reason = format!("no route for {name}");
+            http_error(tcp, 502, "Bad Gateway", &reason, id).await;
+        }
+        (Reply::Silent, _) => {}
+    }
+}
+
 /// A connection whose name was read and looked up, with somewhere to go.
 struct Routed {
     name: String,
     /// The wildcard covering the name (`*.parent`).
     wildcard: String,
-    found: super::registry::Found,
+    found: Found,
     /// A static route for the name.
     route: Option<String>,
     /// What was read to find the name: it goes first.
@@ -381,7 +389,7 @@ struct Routed {
     peer: SocketAddr,
     id: ConnId,
     server: Option<SocketAddr>,
-    settings: Arc<super::reload::Settings>,
+    settings: Arc<Settings>,
 }
 
 /// Opens a stream on the first candidate that takes it (agents granted the exact name,
@@ -508,187 +516,4 @@ async fn dispatch(shared: &Arc<Shared>, mut tcp: TcpStream, routed: Routed, acce
         }
         Reply::Silent => {}
     }
-}
-
-/// Why a peek gave up.
-#[derive(Debug)]
-struct PeekError {
-    reason: String,
-    /// Whether the client spoke the protocol well enough to be told.
-    answerable: bool,
-    /// What it counts as.
-    why: Refused,
-}
-
-impl std::fmt::Display for PeekError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.reason)
-    }
-}
-
-/// What a peek parser says about the bytes so far.
-enum Peeked<T> {
-    NeedMore,
-    Done(T),
-}
-
-fn sni_name(buf: &[u8]) -> Result<Peeked<Option<String>>, PeekError> {
-    match sni::peek_sni(buf) {
-        Ok(sni::SniPeek::NeedMore) => Ok(Peeked::NeedMore),
-        Ok(sni::SniPeek::Found(name)) => Ok(Peeked::Done(name)),
-        Err(e) => Err(PeekError {
-            reason: e.to_string(),
-            answerable: false,
-            why: Refused::BadHead,
-        }),
-    }
-}
-
-fn http_host(buf: &[u8]) -> Result<Peeked<String>, PeekError> {
-    match http::peek_host(buf) {
-        Ok(http::HostPeek::NeedMore) => Ok(Peeked::NeedMore),
-        Ok(http::HostPeek::Found(host)) => Ok(Peeked::Done(host)),
-        Err(e) => Err(PeekError {
-            answerable: !matches!(e, http::HostError::NotHttp),
-            reason: e.to_string(),
-            why: Refused::BadHead,
-        }),
-    }
-}
-
-/// Reads (after the bytes already in `buf`) until `parse` decides, within `timeout`
-/// overall and [`MAX_PEEK`] bytes.
-async fn peek<T>(
-    tcp: &mut TcpStream,
-    mut buf: BytesMut,
-    timeout: Duration,
-    parse: impl Fn(&[u8]) -> Result<Peeked<T>, PeekError>,
-) -> Result<(T, Bytes), PeekError> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    buf.reserve(2048);
-    loop {
-        if let Peeked::Done(v) = parse(&buf)? {
-            return Ok((v, buf.freeze()));
-        }
-        if buf.len() >= MAX_PEEK {
-            return Err(PeekError {
-                reason: format!("nothing to route on in the first {MAX_PEEK} bytes"),
-                answerable: true,
-                why: Refused::BadHead,
-            });
-        }
-        buf.reserve(4096.min(MAX_PEEK - buf.len()));
-        let read = tokio::time::timeout_at(deadline, tcp.read_buf(&mut buf)).await;
-        match read {
-            Ok(Ok(0)) => {
-                return Err(PeekError {
-                    reason: "client closed before saying where to go".into(),
-                    answerable: false,
-                    why: Refused::ClientClosed,
-                })
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                return Err(PeekError {
-                    reason: e.to_string(),
-                    answerable: false,
-                    why: Refused::ClientClosed,
-                })
-            }
-            Err(_) => {
-                return Err(PeekError {
-                    reason: format!("client did not say where to go within {timeout:?}"),
-                    answerable: true,
-                    why: Refused::PeekTimeout,
-                })
-            }
-        }
-    }
-}
-
-/// The PROXY header the static backend `addr` wants (empty if none).
-fn header_for(settings: &super::reload::Settings, addr: &str, origin: &Origin) -> Vec<u8> {
-    match settings.static_proxy_protocol.get(addr) {
-        Some(version) => proxy_header::encode(*version, origin),
-        None => Vec::new(),
-    }
-}
-
-/// Connects to a static route's backend within the connection's deadline.
-async fn connect_static(
-    addr: &str,
-    peer: SocketAddr,
-    id: ConnId,
-    deadline: tokio::time::Instant,
-) -> Option<TcpStream> {
-    match tokio::time::timeout_at(deadline, crate::runtime::connect(addr)).await {
-        Ok(Ok(backend)) => Some(backend),
-        Ok(Err(e)) => {
-            warn!(%peer, conn = %id, backend = addr, error = %e, "cannot reach static backend");
-            None
-        }
-        Err(_) => {
-            warn!(%peer, conn = %id, backend = addr, "static backend did not accept in time");
-            None
-        }
-    }
-}
-
-/// What a static backend gets before the client's bytes flow.
-struct Prelude {
-    /// The PROXY header it wants (empty if none).
-    header: Vec<u8>,
-    /// The client's bytes already read (counted as the client's).
-    peeked: Bytes,
-}
-
-/// Joins a client to a static route's backend, the prelude first.
-async fn forward_tcp(
-    client: TcpStream,
-    mut backend: TcpStream,
-    addr: &str,
-    first: Prelude,
-    peer: SocketAddr,
-    id: ConnId,
-    counters: StreamCounters,
-) -> Option<(u64, u64)> {
-    let Prelude { header, peeked } = first;
-    counters.read(peeked.len());
-    if backend.write_all(&header).await.is_err() || backend.write_all(&peeked).await.is_err() {
-        return None;
-    }
-    // Counted as the bytes move, like a tunnel stream; each direction on its own, so that
-    // a break resets only the side that did not get its whole stream.
-    let mut client = client;
-    let (mut from_client, mut to_client) = client.split();
-    let (mut from_backend, mut to_backend) = backend.split();
-    let mut counted_in = Counted::new(&mut from_client, &counters);
-    let mut counted_out = Counted::new(&mut to_client, &counters);
-    let up = async {
-        let mut from = tokio::io::BufReader::with_capacity(STATIC_COPY_BUFFER, &mut counted_in);
-        let n = tokio::io::copy_buf(&mut from, &mut to_backend).await?;
-        to_backend.shutdown().await?;
-        Ok(n)
-    };
-    let down = async {
-        let mut from = tokio::io::BufReader::with_capacity(STATIC_COPY_BUFFER, &mut from_backend);
-        let n = tokio::io::copy_buf(&mut from, &mut counted_out).await?;
-        counted_out.shutdown().await?;
-        Ok(n)
-    };
-    // No idle timeout on a static route (as before).
-    let pumped = crate::tunnel::both_ways(up, down, std::future::pending()).await;
-    let (up, down) = (counted_in.totals.0, counted_out.totals.1);
-    if let Err(e) = &pumped.result {
-        debug!(%peer, conn = %id, backend = addr, error = %e, "static route ended with an error");
-        // Broken: a side that did not get its whole stream is reset, so it never takes
-        // the cut stream for a complete one.
-        if !pumped.delivered {
-            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
-        }
-        if !pumped.sent {
-            let _ = socket2::SockRef::from(&backend).set_linger(Some(Duration::ZERO));
-        }
-    }
-    Some((up + peeked.len() as u64, down))
 }

@@ -288,7 +288,7 @@ impl PublicListeners {
     /// Applies `reload`: binds what is new, then (only if every bind worked) stops what is
     /// gone and swaps the settings.
     pub(super) async fn apply(&mut self, reload: Reload) -> Result<String, ReloadError> {
-        let routes = super::checked_routes(reload.routes.iter().cloned().collect())?;
+        let routes = super::builder::checked_routes(reload.routes.iter().cloned().collect())?;
         let mut added = Vec::new();
         for (addr, kind) in &reload.listeners {
             match self.running.get(addr) {

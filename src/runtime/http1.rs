@@ -8,32 +8,36 @@ use http_body_util::{BodyExt, Limited};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+/// Why an exchange failed; each says in one line what failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ExchangeError {
+    /// The HTTP/1.1 handshake or the request itself failed.
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+    #[error("reading the answer failed: {0}")]
+    Body(Box<dyn std::error::Error + Send + Sync>),
+}
+
 /// Sends `request` on `io` and reads the answer (at most `max_body` bytes of body).
-/// An error is one line saying what failed.
 pub(crate) async fn exchange<S, B>(
     io: S,
     request: Request<B>,
     max_body: usize,
-) -> Result<(StatusCode, Bytes), String>
+) -> Result<(StatusCode, Bytes), ExchangeError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
     let answer = async move {
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
+        let response = sender.send_request(request).await?;
         let status = response.status();
         let body = Limited::new(response.into_body(), max_body)
             .collect()
             .await
-            .map_err(|e| format!("reading the answer failed: {e}"))?
+            .map_err(ExchangeError::Body)?
             .to_bytes();
         Ok((status, body))
     };

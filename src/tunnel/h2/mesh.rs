@@ -25,12 +25,23 @@ use super::{keepalive, KeepaliveError, TunnelIo, ERROR_HEADER};
 use crate::tls::Credentials;
 use crate::tunnel::{ConnectError, MAX_UPWARD, STREAM_WINDOW};
 
-/// The agent's end: a channel to open upward streams on, and the task that drives it
-/// (it ends when the connection does).
-pub(crate) type Channel = (
-    SendRequest<Bytes>,
-    Pin<Box<dyn Future<Output = Result<(), String>> + Send>>,
-);
+/// Why a mesh channel ended badly, at either end.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum MeshError {
+    #[error("HTTP/2 handshake timed out")]
+    HandshakeTimeout,
+    #[error(transparent)]
+    H2(#[from] h2::Error),
+    #[error(transparent)]
+    Keepalive(#[from] KeepaliveError),
+}
+
+/// The task that drives a mesh channel at the agent's end (it ends when the connection
+/// does).
+pub(crate) type Drive = Pin<Box<dyn Future<Output = Result<(), MeshError>> + Send>>;
+
+/// The agent's end: a channel to open upward streams on, and the task that drives it.
+pub(crate) type Channel = (SendRequest<Bytes>, Drive);
 
 /// Dials the proxy's agent port for a mesh channel (the caller bounds the whole).
 pub(crate) async fn connect(
@@ -60,8 +71,8 @@ pub(crate) async fn connect(
     let ping = conn.ping_pong().expect("ping_pong is taken once");
     let drive = Box::pin(async move {
         tokio::select! {
-            r = conn => r.map_err(|e| e.to_string()),
-            e = keepalive(ping) => Err::<(), String>(e.to_string()),
+            r = conn => r.map_err(MeshError::from),
+            e = keepalive(ping) => Err(MeshError::from(e)),
         }
     });
     Ok((sender, drive))
@@ -85,7 +96,7 @@ pub(crate) async fn serve(
     on_stream: impl Fn(Incoming),
     retire: impl Future<Output = ()>,
     close: impl Future<Output = ()>,
-) -> Result<(), String> {
+) -> Result<(), MeshError> {
     let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(STREAM_WINDOW * MAX_UPWARD)
@@ -95,8 +106,7 @@ pub(crate) async fn serve(
         .handshake::<_, Bytes>(Gathered::new(tls));
     let mut conn = tokio::time::timeout(crate::tunnel::HANDSHAKE_TIMEOUT, handshake)
         .await
-        .map_err(|_| "HTTP/2 handshake timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| MeshError::HandshakeTimeout)??;
     let ping = conn.ping_pong().expect("ping_pong is taken once");
     let alive = keepalive(ping);
     tokio::pin!(alive, close, retire);
@@ -109,10 +119,10 @@ pub(crate) async fn serve(
             }
             accepted = conn.accept() => match accepted {
                 Some(Ok((request, respond))) => on_stream(incoming(request, respond)),
-                Some(Err(e)) => return Err(e.to_string()),
+                Some(Err(e)) => return Err(e.into()),
                 None => return Ok(()),
             },
-            e = &mut alive => return Err(KeepaliveError::to_string(&e)),
+            e = &mut alive => return Err(e.into()),
             () = &mut close => return Ok(()),
         }
     }

@@ -1,0 +1,278 @@
+//! The agent's end of a tunnel: dialing the proxy on a transport, then serving the
+//! streams the proxy opens against the agent's [`Backends`]. Matches on the transport;
+//! what a backend is and how it is dialed live in `agent/backend.rs`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn, Instrument};
+
+use super::{h2, quic, Kind, Link, StreamCounters, StreamLimits};
+use crate::runtime::lanes::with_subscriber;
+use crate::runtime::shutdown::Trigger;
+use crate::tls::{Credentials, TlsError};
+
+/// A refused stream: an HTTP status code (on both transports) and a one-line reason.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub(crate) status: u16,
+    pub(crate) reason: String,
+}
+
+/// What the agent's end of a tunnel does with each stream: find and dial the backend for
+/// a name. `caller` is the calling agent's SPIFFE identity on a mesh stream (set by the
+/// proxy), kept with the stream for whoever hands it to the backend.
+pub(crate) trait Backends: Send + Sync + 'static {
+    fn dial(
+        &self,
+        request: DialRequest<'_>,
+    ) -> impl Future<Output = Result<Dialed, Refusal>> + Send;
+}
+
+/// What the proxy said about a stream it opened.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DialRequest<'a> {
+    /// The name the client asked for.
+    pub(crate) name: &'a str,
+    /// On a mesh stream, who calls (SPIFFE identity).
+    pub(crate) caller: Option<&'a str>,
+    /// The public client's address.
+    pub(crate) client: Option<SocketAddr>,
+    /// The address it connected to (the proxy's public listener).
+    pub(crate) server: Option<SocketAddr>,
+}
+
+/// The stream's client field on the wire: the client's `ip:port`, then, after a space, the
+/// address it connected to. Agents before the server address read the whole field as the
+/// client's address and, failing to, only log less.
+pub(crate) fn client_field(client: SocketAddr, server: Option<SocketAddr>) -> String {
+    match server {
+        Some(server) => format!("{client} {server}"),
+        None => client.to_string(),
+    }
+}
+
+/// Reads a client field ([`client_field`]): (client, server).
+pub(crate) fn parse_client_field(field: &str) -> (Option<SocketAddr>, Option<SocketAddr>) {
+    let mut parts = field.split(' ');
+    let client = parts.next().and_then(|c| c.parse().ok());
+    let server = parts.next().and_then(|s| s.parse().ok());
+    (client, server)
+}
+
+/// A backend connected for one stream.
+pub(crate) struct Dialed {
+    pub(crate) stream: TcpStream,
+    /// On a mesh stream, who calls (SPIFFE identity).
+    pub(crate) caller: Option<String>,
+    /// Its address, for logs.
+    pub(crate) addr: String,
+    /// Where the stream counts its bytes.
+    pub(crate) counters: StreamCounters,
+}
+
+/// Why the agent could not connect to the proxy.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    #[error("cannot resolve the proxy's address: {0}")]
+    Resolve(#[source] std::io::Error),
+    #[error("the proxy's address resolves to nothing")]
+    NoAddress,
+    #[error("cannot connect: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("cannot open a UDP socket: {0}")]
+    Udp(#[source] std::io::Error),
+    #[error(transparent)]
+    Config(#[from] TlsError),
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
+    #[error("HTTP/2 handshake failed: {0}")]
+    H2(#[source] ::h2::Error),
+    #[error("{} handshake timed out after {limit:?}", kind.name())]
+    Timeout { kind: Kind, limit: Duration },
+}
+
+impl ConnectError {
+    /// Whether the TLS handshake itself failed (the proxy refused our certificate, or we
+    /// refused its), as opposed to the network.
+    pub(crate) fn is_handshake(&self) -> bool {
+        matches!(self, ConnectError::Tls(_))
+    }
+}
+
+/// Why a tunnel that was up ended badly.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TunnelError {
+    #[error("tunnel error: {0}")]
+    Broken(String),
+}
+
+impl AgentConn {
+    /// For a QUIC tunnel, the link to open mesh streams on (an h2 tunnel has none: its
+    /// agent is the HTTP/2 server).
+    pub(crate) fn up_link(&self) -> Option<Link> {
+        match self {
+            AgentConn::H2(_) => None,
+            AgentConn::Quic(conn) => Some(Link::Quic(conn.connection())),
+        }
+    }
+}
+
+/// An agent's tunnel whose handshakes are done.
+pub(crate) enum AgentConn {
+    H2(Box<h2::agent::Conn>),
+    Quic(quic::agent::Conn),
+}
+
+/// One stream the proxy opened on an agent's tunnel, not yet answered.
+enum Incoming {
+    H2(h2::agent::Incoming),
+    Quic(quic::agent::Incoming),
+}
+
+/// Dials the proxy at `server` on `kind` and completes every handshake within `limit`.
+pub(crate) async fn connect(
+    kind: Kind,
+    server: &str,
+    creds: &Credentials<'_>,
+    limit: Duration,
+) -> Result<AgentConn, ConnectError> {
+    let attempt = async {
+        Ok(match kind {
+            Kind::H2 => AgentConn::H2(Box::new(h2::agent::connect(server, creds).await?)),
+            Kind::Quic => AgentConn::Quic(quic::agent::connect(server, creds).await?),
+        })
+    };
+    tokio::time::timeout(limit, attempt)
+        .await
+        .map_err(|_| ConnectError::Timeout { kind, limit })?
+}
+
+impl AgentConn {
+    async fn accept(&mut self) -> Result<Option<Incoming>, TunnelError> {
+        Ok(match self {
+            AgentConn::H2(conn) => conn.accept().await?.map(Incoming::H2),
+            AgentConn::Quic(conn) => conn.accept().await?.map(Incoming::Quic),
+        })
+    }
+
+    /// Tells the proxy to route nothing new here.
+    async fn goaway(&mut self) {
+        match self {
+            AgentConn::H2(conn) => conn.goaway(),
+            AgentConn::Quic(conn) => conn.goaway().await,
+        }
+    }
+
+    /// Closes the tunnel once draining is over. An h2 tunnel closes by itself when its
+    /// last stream ends after a GOAWAY; a QUIC one is closed here.
+    fn close(&self, reason: &'static str) {
+        if let AgentConn::Quic(conn) = self {
+            conn.close(reason);
+        }
+    }
+
+    /// Whether the proxy closed the tunnel because it moved to a new process (QUIC; on h2
+    /// the move is a message and the tunnel stays until the next one is up).
+    fn moved(&self) -> bool {
+        matches!(self, AgentConn::Quic(conn) if conn.moved())
+    }
+
+    /// Whether draining ends when the last stream does (QUIC) or when the connection says
+    /// so after its GOAWAY (h2, whose `accept` then returns `None`).
+    fn drained_when_idle(&self) -> bool {
+        matches!(self, AgentConn::Quic(_))
+    }
+
+    async fn finish(self) {
+        if let AgentConn::Quic(conn) = self {
+            conn.finish().await;
+        }
+    }
+
+    /// Serves the proxy's streams until the tunnel ends. `retire` (a renewal, or a better
+    /// transport up) stops new streams and lets open ones finish however long they take;
+    /// `stop` (shutdown) does the same with `grace` as a deadline. `limits` bound each
+    /// stream's backend socket. `moving` fires when the proxy says a new process serves it
+    /// now (the supervisor then opens the next tunnel at once).
+    pub(crate) async fn serve<B: Backends>(
+        mut self,
+        backends: Arc<B>,
+        stop: Trigger,
+        retire: Trigger,
+        moving: Trigger,
+        grace: Duration,
+        limits: StreamLimits,
+    ) -> Result<(), TunnelError> {
+        // On a lane (`runtime::lanes`) the streams' tasks run on the tunnel's thread.
+        let mut streams = JoinSet::new();
+        let mut retiring = false;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let result = loop {
+            let draining = retiring || deadline.is_some();
+            if draining && streams.is_empty() && self.drained_when_idle() {
+                self.close("drained");
+                break Ok(());
+            }
+            tokio::select! {
+                accepted = self.accept() => match accepted {
+                    Ok(Some(Incoming::H2(mut s))) => {
+                        if h2::agent::is_moving(&mut s) {
+                            info!("the proxy is moving to a new process");
+                            moving.fire();
+                        } else {
+                            let span = tracing::debug_span!("stream");
+                            streams.spawn(with_subscriber(h2::agent::serve_stream(backends.clone(), s, limits).instrument(span)));
+                        }
+                    }
+                    Ok(Some(Incoming::Quic(s))) => {
+                        let span = tracing::debug_span!("stream");
+                        streams.spawn(with_subscriber(quic::agent::serve_stream(backends.clone(), s, limits).instrument(span)));
+                    }
+                    // The proxy closed the tunnel, or a graceful shutdown completed.
+                    Ok(None) => {
+                        if self.moved() {
+                            info!("the proxy is moving to a new process");
+                            moving.fire();
+                        }
+                        break Ok(());
+                    }
+                    Err(e) => break Err(e),
+                },
+                () = retire.cancelled(), if !retiring => {
+                    debug!(open = streams.len(), "retiring this tunnel: no new streams");
+                    self.goaway().await;
+                    retiring = true;
+                }
+                () = stop.cancelled(), if deadline.is_none() => {
+                    info!(open = streams.len(), "shutting down: no new streams; draining");
+                    if !retiring {
+                        self.goaway().await;
+                    }
+                    deadline = Some(tokio::time::Instant::now() + grace);
+                }
+                () = sleep_until(deadline), if deadline.is_some() => {
+                    warn!(open = streams.len(), "streams still open after the grace period; closing them");
+                    self.close("drain grace over");
+                    break Ok(());
+                }
+                Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            }
+        };
+        drop(streams);
+        self.finish().await;
+        result
+    }
+}
+
+/// Completes at `deadline`; never without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
