@@ -2,9 +2,9 @@
 //! (the process runs), `/ready`, `/status` (JSON) and `/` (a small status page, one file
 //! with no external assets, that draws `/status`).
 //!
-//! What it shows comes from a [`View`] (the proxy's or the agent's). On loopback it is
+//! What it shows comes from a `View` (the proxy's or the agent's). On loopback it is
 //! plain HTTP; anywhere else the proxy serves it over TLS and admits only clients with an
-//! operator certificate from its CA ([`AdminTls`], `revproxy operator create`), and the
+//! operator certificate from its CA (`AdminTls`, `revproxy operator create`), and the
 //! agent refuses to start. On loopback, requests whose `Host` is not a loopback address or
 //! `localhost` are refused, so a web page in an operator's browser cannot read it through
 //! DNS rebinding.

@@ -29,6 +29,7 @@ use tracing::{error, info};
 
 pub use crate::tunnel::Transport;
 pub use crate::wire::proxy_header::ProxyProtocol;
+pub use connect::ListenError;
 pub use enroll::{enroll, EnrollClientError};
 pub use identity::{
     Identity, IdentityError, AGENT_CERT_FILE, AGENT_INFO_FILE, AGENT_KEY_FILE, CA_CERT_FILE,

@@ -145,7 +145,7 @@ impl ProxyBuilder {
 
     /// This proxy took its listeners over from a running one ([`handover::take_over`]):
     /// once it serves it says so through `confirmation`, and for a while holds clients of
-    /// names whose agents have not moved here yet ([`upgrade::HOLD`]).
+    /// names whose agents have not moved here yet (10 s).
     pub fn upgraded(mut self, confirmation: handover::Confirmation) -> Self {
         self.upgraded = Some(confirmation);
         self
@@ -399,7 +399,7 @@ impl ProxyBuilder {
 /// IDs are derived from (`tunnel::quic::proxy::endpoint_config`): 32 random bytes, 0600,
 /// made at the first start and kept, so that a restarted or upgraded proxy's resets are
 /// accepted by the agents of the one before.
-pub const QUIC_SECRET_FILE: &str = "quic.secret";
+pub(crate) const QUIC_SECRET_FILE: &str = "quic.secret";
 
 /// The QUIC secret, made now if there is none yet.
 fn quic_secret(dir: &Path) -> Result<Vec<u8>, ProxyError> {

@@ -48,7 +48,7 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 pub use crate::route::{Cidr, ListenerKind, Target, TargetError};
-pub use builder::{ProxyBuilder, QUIC_SECRET_FILE};
+pub use builder::ProxyBuilder;
 pub use registry::ProxyStatus;
 pub use reload::{Reload, ReloadError, Reloader};
 

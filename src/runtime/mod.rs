@@ -8,7 +8,7 @@ pub mod handover;
 pub(crate) mod http1;
 pub(crate) mod lanes;
 pub mod logging;
-pub mod notify;
+pub(crate) mod notify;
 pub(crate) mod shutdown;
 
 pub use logging::rfc3339;

@@ -6,7 +6,7 @@
 use std::os::unix::net::UnixDatagram;
 
 /// Says the service is ready; `main` also names this process as the service's main one.
-pub fn ready(main: bool) {
+pub(crate) fn ready(main: bool) {
     let message = match main {
         true => format!("MAINPID={}\nREADY=1\n", std::process::id()),
         false => "READY=1\n".to_string(),

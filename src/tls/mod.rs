@@ -31,7 +31,7 @@ pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_QUIC: &[u8] = b"revproxy-quic/1";
 /// ALPN of an h2 agent's mesh channel: HTTP/2 with the agent as client, for the streams it
 /// opens to reach private names.
-pub const ALPN_CONNECT: &[u8] = b"revproxy-connect/1";
+pub(crate) const ALPN_CONNECT: &[u8] = b"revproxy-connect/1";
 
 /// Why a TLS setup step failed.
 #[derive(Debug, thiserror::Error)]
