@@ -152,6 +152,13 @@ pub fn report(status: &serde_json::Value) -> String {
     };
     let empty = Vec::new();
     let items = |v: &serde_json::Value| v.as_array().unwrap_or(&empty).clone();
+    let state = |t: &serde_json::Value| {
+        if t["draining"] == true {
+            "draining"
+        } else {
+            "up"
+        }
+    };
     let mut out = String::new();
     if status["role"] == "agent" {
         let _ = writeln!(
@@ -164,47 +171,44 @@ pub fn report(status: &serde_json::Value) -> String {
             s(&status["certificate"]["serial"]),
             time(&status["certificate"]["not_after"]),
         );
-        let _ = writeln!(out, "\n{:<10}  {:<9}  SINCE", "TUNNEL", "TRANSPORT");
+        let table = Table(&[Col::Left(10), Col::Left(9), Col::Last]);
+        table.head(&mut out, &["TUNNEL", "TRANSPORT", "SINCE"]);
         let tunnels = items(&status["tunnels"]);
         if tunnels.is_empty() {
             let _ = writeln!(out, "(no tunnel is up)");
         }
         for t in tunnels {
-            let state = if t["draining"] == true {
-                "draining"
-            } else {
-                "up"
-            };
-            let _ = writeln!(
-                out,
-                "{:<10}  {:<9}  {}",
-                state,
-                s(&t["transport"]),
-                time(&t["since"])
-            );
+            let row = [state(&t).into(), s(&t["transport"]), time(&t["since"])];
+            table.row(&mut out, &row);
         }
-        let _ = writeln!(
-            out,
-            "\n{:<30}  {:<22}  {:>6}  {:>14}  {:>14}",
-            "SERVICE", "BACKEND", "OPEN", "TO BACKEND", "FROM BACKEND"
+        let table = Table(&[
+            Col::Left(30),
+            Col::Left(22),
+            Col::Right(6),
+            Col::Right(14),
+            Col::Right(14),
+        ]);
+        table.head(
+            &mut out,
+            &["SERVICE", "BACKEND", "OPEN", "TO BACKEND", "FROM BACKEND"],
         );
         for v in items(&status["services"]) {
-            let _ = writeln!(
-                out,
-                "{:<30}  {:<22}  {:>6}  {:>14}  {:>14}",
-                s(&v["name"]),
-                s(&v["to"]),
-                s(&v["open_streams"]),
-                s(&v["sent_bytes"]),
-                s(&v["received_bytes"]),
-            );
+            let row =
+                ["name", "to", "open_streams", "sent_bytes", "received_bytes"].map(|k| s(&v[k]));
+            table.row(&mut out, &row);
         }
         let connects = items(&status["connect"]);
         if !connects.is_empty() {
-            let _ = writeln!(
-                out,
-                "\n{:<30}  {:<22}  {:>6}  {:>8}  LAST ERROR",
-                "CONNECT", "LISTEN", "OPEN", "STREAMS"
+            let table = Table(&[
+                Col::Left(30),
+                Col::Left(22),
+                Col::Right(6),
+                Col::Right(8),
+                Col::Last,
+            ]);
+            table.head(
+                &mut out,
+                &["CONNECT", "LISTEN", "OPEN", "STREAMS", "LAST ERROR"],
             );
             for c in connects {
                 let error = match (&c["last_error"], c["last_error_at"].as_i64()) {
@@ -213,15 +217,9 @@ pub fn report(status: &serde_json::Value) -> String {
                     }
                     _ => "-".into(),
                 };
-                let _ = writeln!(
-                    out,
-                    "{:<30}  {:<22}  {:>6}  {:>8}  {}",
-                    s(&c["name"]),
-                    s(&c["listen"]),
-                    s(&c["open_streams"]),
-                    s(&c["streams"]),
-                    error,
-                );
+                let [name, listen, open, streams] =
+                    ["name", "listen", "open_streams", "streams"].map(|k| s(&c[k]));
+                table.row(&mut out, &[name, listen, open, streams, error]);
             }
         }
         return out;
@@ -259,61 +257,193 @@ pub fn report(status: &serde_json::Value) -> String {
             let _ = writeln!(out, "store: {problem}");
         }
     }
-    let _ = writeln!(
-        out,
-        "\n{:<20}  {:<9}  {:<5}  {:<22}  {:<20}  {:<20}  NAMES",
-        "AGENT", "TUNNEL", "VIA", "FROM", "SINCE", "CERT EXPIRES"
+    let table = Table(&[
+        Col::Left(20),
+        Col::Left(9),
+        Col::Left(5),
+        Col::Left(22),
+        Col::Left(20),
+        Col::Left(20),
+        Col::Last,
+    ]);
+    table.head(
+        &mut out,
+        &[
+            "AGENT",
+            "TUNNEL",
+            "VIA",
+            "FROM",
+            "SINCE",
+            "CERT EXPIRES",
+            "NAMES",
+        ],
     );
     for a in items(&status["agents"]) {
+        let agent = s(&a["agent"]);
         let tunnels = items(&a["tunnels"]);
         if tunnels.is_empty() {
-            let _ = writeln!(
-                out,
-                "{:<20}  {:<9}  {:<5}  {:<22}  {:<20}  {:<20}  {}",
-                s(&a["agent"]),
-                "offline",
-                "-",
-                "-",
-                "-",
+            let offline = ["offline", "-", "-", "-"].map(String::from);
+            let [state, via, from, since] = offline;
+            let row = [
+                agent.clone(),
+                state,
+                via,
+                from,
+                since,
                 time(&a["certificate_expires"]),
                 list(&a["granted"]),
-            );
+            ];
+            table.row(&mut out, &row);
         }
         for t in tunnels {
-            let state = if t["draining"] == true {
-                "draining"
-            } else {
-                "up"
-            };
-            let _ = writeln!(
-                out,
-                "{:<20}  {:<9}  {:<5}  {:<22}  {:<20}  {:<20}  {}",
-                s(&a["agent"]),
-                state,
+            let row = [
+                agent.clone(),
+                state(&t).into(),
                 s(&t["transport"]),
                 s(&t["peer"]),
                 time(&t["since"]),
                 time(&t["not_after"]),
                 list(&t["names"]),
-            );
+            ];
+            table.row(&mut out, &row);
         }
     }
-    let _ = writeln!(
-        out,
-        "\n{:<30}  {:<24}  {:>7}  {:>6}  {:>14}  {:>14}",
-        "NAME", "SERVED BY", "TUNNELS", "OPEN", "IN", "OUT"
+    let table = Table(&[
+        Col::Left(30),
+        Col::Left(24),
+        Col::Right(7),
+        Col::Right(6),
+        Col::Right(14),
+        Col::Right(14),
+    ]);
+    table.head(
+        &mut out,
+        &["NAME", "SERVED BY", "TUNNELS", "OPEN", "IN", "OUT"],
     );
     for n in items(&status["names"]) {
-        let _ = writeln!(
-            out,
-            "{:<30}  {:<24}  {:>7}  {:>6}  {:>14}  {:>14}",
-            s(&n["name"]),
-            s(&n["served_by"]),
-            s(&n["tunnels"]),
-            s(&n["open_streams"]),
-            s(&n["received_bytes"]),
-            s(&n["sent_bytes"]),
-        );
+        let row = [
+            "name",
+            "served_by",
+            "tunnels",
+            "open_streams",
+            "received_bytes",
+            "sent_bytes",
+        ]
+        .map(|k| s(&n[k]));
+        table.row(&mut out, &row);
     }
     out
+}
+
+/// A column of a report's table: padded to a width on the left or the right, or the last
+/// one, unpadded.
+#[derive(Clone, Copy)]
+enum Col {
+    Left(usize),
+    Right(usize),
+    Last,
+}
+
+/// One table of a report: its columns, two spaces apart.
+struct Table(&'static [Col]);
+
+impl Table {
+    /// The head line, after an empty line.
+    fn head(&self, out: &mut String, names: &[&str]) {
+        out.push('\n');
+        self.row(out, names);
+    }
+
+    fn row(&self, out: &mut String, cells: &[impl AsRef<str>]) {
+        use std::fmt::Write as _;
+        for (i, (col, cell)) in self.0.iter().zip(cells).enumerate() {
+            if i > 0 {
+                out.push_str("  ");
+            }
+            let cell = cell.as_ref();
+            let _ = match *col {
+                Col::Left(w) => write!(out, "{cell:<w$}"),
+                Col::Right(w) => write!(out, "{cell:>w$}"),
+                Col::Last => write!(out, "{cell}"),
+            };
+        }
+        out.push('\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::report;
+
+    #[test]
+    fn a_proxy_report_has_its_agents_and_names_in_columns() {
+        let proxy = serde_json::json!({
+            "role": "proxy", "version": "0.1.0", "started": 1700000000, "ready": false,
+            "not_ready_because": "not serving (starting or shutting down)",
+            "proxy": {"id": "p1", "advertise": "proxy.example.com:7443", "store": "file",
+                "peers": [{"id": "p2", "address": "b:7443"}], "store_problem": "down"},
+            "agents": [
+                {"agent": "web-1", "certificate_expires": 1700086400,
+                    "granted": ["app.example.com"], "tunnels": []},
+                {"agent": "web-2", "tunnels": [
+                    {"draining": true, "transport": "h2", "peer": "127.0.0.1:5000",
+                        "since": 1700000100, "not_after": 1700086400,
+                        "names": ["a.example.com", "b.example.com"]},
+                    {"draining": false, "transport": "quic", "peer": "[::1]:6000",
+                        "since": 1700000200, "not_after": null, "names": []}]}
+            ],
+            "names": [{"name": "app.example.com", "served_by": "web-1", "tunnels": 2,
+                "open_streams": 3, "received_bytes": 12345678901u64, "sent_bytes": 5}]
+        });
+        let expected = "\
+proxy 0.1.0 running since 2023-11-14T22:13:20Z, not ready: not serving (starting or shutting down)
+id p1, advertised at proxy.example.com:7443, state in file, proxies sharing it: p2=b:7443
+store: down
+
+AGENT                 TUNNEL     VIA    FROM                    SINCE                 CERT EXPIRES          NAMES
+web-1                 offline    -      -                       -                     2023-11-15T22:13:20Z  app.example.com
+web-2                 draining   h2     127.0.0.1:5000          2023-11-14T22:15:00Z  2023-11-15T22:13:20Z  a.example.com,b.example.com
+web-2                 up         quic   [::1]:6000              2023-11-14T22:16:40Z  -                     -
+
+NAME                            SERVED BY                 TUNNELS    OPEN              IN             OUT
+app.example.com                 web-1                           2       3     12345678901               5
+";
+        assert_eq!(report(&proxy), expected);
+    }
+
+    #[test]
+    fn an_agent_report_has_its_tunnels_services_and_connect_listeners() {
+        let agent = serde_json::json!({
+            "role": "agent", "agent": "web-1", "identity": "spiffe://x/agent/web-1",
+            "server": "localhost:7443", "transport": "h2",
+            "certificate": {"serial": "ab", "not_after": 1700086400},
+            "tunnels": [{"draining": false, "transport": "h2", "since": 1700000000},
+                {"draining": true, "transport": "quic", "since": 1700000001}],
+            "services": [{"name": "app.example.com", "to": "127.0.0.1:9000",
+                "open_streams": 1, "sent_bytes": 10, "received_bytes": 20}],
+            "connect": [{"name": "db.internal", "listen": "127.0.0.1:5432", "open_streams": 0,
+                "streams": 4, "last_error": "refused", "last_error_at": 1700000000},
+                {"name": "x", "listen": "y", "open_streams": 0, "streams": 0, "last_error": null}]
+        });
+        let expected = "\
+agent web-1 (spiffe://x/agent/web-1) -> proxy localhost:7443, transport h2, certificate ab valid until 2023-11-15T22:13:20Z
+
+TUNNEL      TRANSPORT  SINCE
+up          h2         2023-11-14T22:13:20Z
+draining    quic       2023-11-14T22:13:21Z
+
+SERVICE                         BACKEND                   OPEN      TO BACKEND    FROM BACKEND
+app.example.com                 127.0.0.1:9000               1              10              20
+
+CONNECT                         LISTEN                    OPEN   STREAMS  LAST ERROR
+db.internal                     127.0.0.1:5432               0         4  refused (2023-11-14T22:13:20Z)
+x                               y                            0         0  -
+";
+        assert_eq!(report(&agent), expected);
+        let none = report(&serde_json::json!({"role": "agent"}));
+        assert!(
+            none.contains("TUNNEL      TRANSPORT  SINCE\n(no tunnel is up)\n"),
+            "{none}"
+        );
+    }
 }
