@@ -6,15 +6,25 @@
 //! (after [`agent::enroll`] traded a one-time token for an identity). The CA lives in its
 //! own crate, re-exported as [`ca`]; the configuration files are [`config`].
 //!
+//! # What is public
+//!
+//! For embedders: the builders, [`Proxy`] and [`Agent`] with their handles
+//! ([`proxy::Reloader`], [`ProxyStatus`], [`agent::AgentReloader`]), the [`config`] types,
+//! and each operation's error. For the command-line tools (and tests that act as one):
+//! [`store`] (opening and migrating the CA state), [`admin::client`] (`status`, `ready`),
+//! [`tls`]'s client configurations, and [`runtime`]'s process plumbing (logging, signals,
+//! listening sockets, state directories, handing sockets to a successor). Everything
+//! else is crate-private.
+//!
 //! # Layout
 //!
 //! The data path reads top to bottom, one module per step:
 //!
 //! | module | what |
 //! |---|---|
-//! | `proxy` | accept loop → one public connection (peek → route → open → splice) → replies to refused clients; the registry of live tunnels; the agent port (TLS, enrollment, tunnels), certificate admission, the state view, background tasks |
+//! | `proxy` | accept loop → one public connection (peek → route → open → splice; static routes apart) → replies to refused clients; the registry of live tunnels; the agent port (TLS, enrollment, tunnels), certificate admission, the state view, background tasks; the builder |
 //! | `route` | pure: listener kinds and targets, the SNI and HTTP `Host` peeks, name matching |
-//! | `tunnel` | `mod.rs` is the only place that matches on the transport; `h2/` and `quic/` each hold their proxy end, agent end and byte pumps |
+//! | `tunnel` | one file an end matches on the transport (`link.rs` the proxy's, `agent_end.rs` the agent's, `upward.rs` mesh streams); `meter.rs` and `pump.rs` serve both transports; `h2/` and `quic/` each hold their proxy end, agent end and byte pumps |
 //! | `agent` | enrollment, identity on disk, renewal, the supervisor that keeps a tunnel up, one session, the backend dial |
 //! | `tls` | TLS for the agent port: the proxy's server side, the agent's pinned client side |
 //! | `wire` | pure codecs: enrollment bodies, the QUIC stream header |
