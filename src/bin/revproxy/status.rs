@@ -1,0 +1,45 @@
+//! `revproxy status`: a running proxy's status from its admin listener, as a report or JSON.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Args;
+use revproxy::admin::client::{self, Target};
+
+use crate::serve::DEFAULT_ADMIN;
+use crate::Failure;
+
+#[derive(Args)]
+pub(crate) struct StatusArgs {
+    /// The proxy's admin listener: HOST:PORT, or https://HOST:PORT with --operator
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADMIN)]
+    admin: String,
+    /// Directory with an operator certificate (from `revproxy operator create`), for
+    /// an https:// admin listener
+    #[arg(long, value_name = "DIR")]
+    operator: Option<PathBuf>,
+    /// Print the status document as JSON, for scripts
+    #[arg(long)]
+    json: bool,
+}
+
+impl StatusArgs {
+    pub(crate) fn run(self) -> Result<(), Failure> {
+        let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+        let target = Target::new(&self.admin, self.operator.as_deref()).map_err(Failure::usage)?;
+        let (status, body) = runtime.block_on(client::get_from(&target, "/status"))?;
+        if !status.is_success() {
+            return Err(
+                anyhow::anyhow!("the admin listener answered {status}: {}", body.trim()).into(),
+            );
+        }
+        if self.json {
+            print!("{body}");
+        } else {
+            let doc: serde_json::Value =
+                serde_json::from_str(&body).context("the admin listener's status is not JSON")?;
+            print!("{}", client::report(&doc));
+        }
+        Ok(())
+    }
+}
