@@ -1,7 +1,8 @@
-//! The one X.509 reader: everything revproxy reads out of a certificate, parsed in one
-//! place. The proxy reads who a tunnel belongs to from the verified client certificate,
-//! the agent reads what its own certificate grants and when it expires, and both check an
-//! issued certificate against its CA and key with [`check_issued`].
+//! The one X.509 reader: everything revproxy reads out of a certificate or a PEM text,
+//! parsed in one place. The proxy reads who a tunnel belongs to from the verified client
+//! certificate, the agent reads what its own certificate grants and when it expires, and
+//! both check an issued certificate against its CA and key with [`check_issued`]. Making
+//! certificates is `profile.rs`.
 
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
@@ -40,8 +41,24 @@ impl CertSummary {
 
     /// Reads the first certificate of a PEM text.
     pub fn from_pem(pem: &str) -> Option<CertSummary> {
-        CertSummary::from_der(&crate::pem_to_der(pem, "CERTIFICATE")?)
+        CertSummary::from_der(&pem_to_der(pem, "CERTIFICATE")?)
     }
+}
+
+/// Decodes the first PEM block with the given label.
+pub fn pem_to_der(pem: &str, label: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let start = pem.find(&begin)? + begin.len();
+    let stop = start + pem[start..].find(&end)?;
+    let body: String = pem[start..stop].split_whitespace().collect();
+    base64::engine::general_purpose::STANDARD.decode(body).ok()
+}
+
+/// The validity period (not-before, not-after) of the first certificate in `pem`.
+pub fn validity(pem: &str) -> Option<(Unix, Unix)> {
+    CertSummary::from_pem(pem).map(|c| (c.not_before, c.not_after))
 }
 
 fn summarize(cert: &X509Certificate<'_>) -> CertSummary {
@@ -81,13 +98,32 @@ fn summarize(cert: &X509Certificate<'_>) -> CertSummary {
 /// Whether the first certificate in `pem` is signed by the CA certificate `ca_der`.
 pub fn signed_by(pem: &str, ca_der: &[u8]) -> bool {
     let (Some(der), Ok((_, ca))) = (
-        crate::pem_to_der(pem, "CERTIFICATE"),
+        pem_to_der(pem, "CERTIFICATE"),
         X509Certificate::from_der(ca_der),
     ) else {
         return false;
     };
     X509Certificate::from_der(&der)
         .is_ok_and(|(_, cert)| cert.verify_signature(Some(ca.public_key())).is_ok())
+}
+
+/// Which check an issued certificate failed ([`check_issued`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IssuedError {
+    #[error("no CA certificate")]
+    NoCa,
+    #[error("unreadable CA certificate")]
+    UnreadableCa,
+    #[error("its CA certificate does not match the pinned CA")]
+    UnpinnedCa,
+    #[error("no certificate")]
+    NoCert,
+    #[error("unreadable certificate")]
+    UnreadableCert,
+    #[error("the certificate is not for this agent's key")]
+    OtherKey,
+    #[error("the certificate is not signed by the CA")]
+    NotSigned,
 }
 
 /// Checks a certificate the proxy issued to us: the CA certificate matches one of `pins`,
@@ -98,18 +134,18 @@ pub fn check_issued(
     ca_pem: &str,
     pins: &[Pin],
     spki: &[u8],
-) -> Result<CertSummary, &'static str> {
-    let ca_der = crate::pem_to_der(ca_pem, "CERTIFICATE").ok_or("no CA certificate")?;
-    let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|_| "unreadable CA certificate")?;
+) -> Result<CertSummary, IssuedError> {
+    let ca_der = pem_to_der(ca_pem, "CERTIFICATE").ok_or(IssuedError::NoCa)?;
+    let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|_| IssuedError::UnreadableCa)?;
     if !pins.contains(&Pin::from_spki(ca.public_key().raw)) {
-        return Err("its CA certificate does not match the pinned CA");
+        return Err(IssuedError::UnpinnedCa);
     }
-    let der = crate::pem_to_der(cert_pem, "CERTIFICATE").ok_or("no certificate")?;
-    let (_, cert) = X509Certificate::from_der(&der).map_err(|_| "unreadable certificate")?;
+    let der = pem_to_der(cert_pem, "CERTIFICATE").ok_or(IssuedError::NoCert)?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|_| IssuedError::UnreadableCert)?;
     if cert.public_key().raw != spki {
-        return Err("the certificate is not for this agent's key");
+        return Err(IssuedError::OtherKey);
     }
     cert.verify_signature(Some(ca.public_key()))
-        .map_err(|_| "the certificate is not signed by the CA")?;
+        .map_err(|_| IssuedError::NotSigned)?;
     Ok(summarize(&cert))
 }

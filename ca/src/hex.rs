@@ -1,4 +1,6 @@
-//! Lower-case hex, for pins, hashes and serial numbers.
+//! Lower-case hex, for pins, hashes and serial numbers, and random hex ids.
+
+use ring::rand::{SecureRandom, SystemRandom};
 
 pub fn encode(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -19,6 +21,15 @@ pub fn decode(s: &str) -> Option<Vec<u8>> {
         .chunks(2)
         .map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?))
         .collect()
+}
+
+/// `len` random bytes from the OS, in hex: token ids and proxy ids.
+pub(crate) fn random(len: usize) -> String {
+    let mut bytes = vec![0u8; len];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the OS random number generator failed");
+    encode(&bytes)
 }
 
 #[cfg(test)]

@@ -1,22 +1,56 @@
 //! Issuing agent certificates: enrollment (a one-time token and a CSR) and renewal (the
 //! current certificate and a CSR). Both consume or check state and record the certificate
-//! inside one locked state update, so what is answered is on disk.
+//! inside one locked state update, so what is answered is on disk. Reading the CSR is
+//! `csr.rs`; the certificate's profile is `profile.rs`.
 
 use std::time::Duration;
 
-use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
-    PublicKeyData, SanType, SerialNumber,
-};
-use ring::rand::{SecureRandom, SystemRandom};
+use rcgen::{ExtendedKeyUsagePurpose, PublicKeyData, SanType};
 use time::OffsetDateTime;
 
-use crate::ca::{pem_to_der, Ca, EnrollRequest, Enrolled, BACKDATE, MAX_CSR_LEN, REISSUE_WINDOW};
+use crate::ca::Ca;
+use crate::csr::requested_key;
 use crate::error::{CaError, EnrollError};
+use crate::grants::add_access;
 use crate::hex;
-use crate::pin::Pin;
+use crate::profile::{self, BACKDATE};
 use crate::state::{AgentGrant, CertRecord, State, Traded, Unix};
-use crate::token::SecretHash;
+use crate::token::{Secret, SecretHash};
+
+/// Lifetime of agent certificates by default.
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Bounds of agent certificate lifetimes accepted from operators (`--cert-ttl`).
+pub const MIN_CERT_TTL: Duration = Duration::from_secs(3600);
+pub const MAX_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// A retried enrollment (same token, same key) this soon after the first gets the same
+/// certificate back instead of "token already used": the first answer may have been lost.
+pub const REISSUE_WINDOW: Duration = Duration::from_secs(5 * 60);
+/// Part of a certificate's lifetime, in percent, that must pass before it may be renewed.
+/// Agents renew at about two thirds; this leaves room for their clocks to run a sixth of
+/// the lifetime ahead (four hours of a day-long certificate).
+pub const MIN_RENEWAL_AGE_PERCENT: u8 = 50;
+
+/// An enrollment request as received from an agent.
+#[derive(Debug)]
+pub struct EnrollRequest<'a> {
+    pub token_id: &'a str,
+    pub secret: &'a Secret,
+    pub csr_pem: &'a str,
+}
+
+/// The outcome of a successful enrollment.
+#[derive(Clone, Debug)]
+pub struct Enrolled {
+    pub agent: String,
+    pub identity: String,
+    pub hosts: Vec<String>,
+    pub serial: String,
+    pub not_after: Unix,
+    pub cert_pem: String,
+    pub ca_pem: String,
+    /// True when this answered a retry with the certificate issued before.
+    pub reissued: bool,
+}
 
 impl Ca {
     /// Issues a fresh certificate for the holder of certificate `serial` (proven by the mTLS
@@ -35,13 +69,7 @@ impl Ca {
         now: OffsetDateTime,
         min_age_percent: u8,
     ) -> Result<Enrolled, EnrollError> {
-        if csr_pem.len() > MAX_CSR_LEN {
-            return Err(EnrollError::BadCsr(format!(
-                "it is larger than {MAX_CSR_LEN} bytes"
-            )));
-        }
-        let public_key = csr_public_key(csr_pem)?;
-        let spki = hex::encode(Pin::from_spki(&public_key.subject_public_key_info()).as_bytes());
+        let (public_key, spki) = requested_key(csr_pem)?;
         let now_s = now.unix_timestamp();
         self.state.update(|state: &mut State| {
             let old = state
@@ -114,13 +142,7 @@ impl Ca {
         req: &EnrollRequest<'_>,
         now: OffsetDateTime,
     ) -> Result<Enrolled, EnrollError> {
-        if req.csr_pem.len() > MAX_CSR_LEN {
-            return Err(EnrollError::BadCsr(format!(
-                "it is larger than {MAX_CSR_LEN} bytes"
-            )));
-        }
-        let public_key = csr_public_key(req.csr_pem)?;
-        let spki = hex::encode(Pin::from_spki(&public_key.subject_public_key_info()).as_bytes());
+        let (public_key, spki) = requested_key(req.csr_pem)?;
         let presented = req.secret.hash();
         let now_s = now.unix_timestamp();
 
@@ -185,12 +207,7 @@ impl Ca {
                 serial: done.serial.clone(),
             });
             if !connect.is_empty() {
-                let rules = state.access.entry(agent.clone()).or_default();
-                for name in connect {
-                    if !rules.contains(&name) {
-                        rules.push(name);
-                    }
-                }
+                add_access(state, &agent, connect);
             }
             state.agents.insert(agent, AgentGrant { hosts, private });
             Ok(done)
@@ -264,89 +281,20 @@ impl Ca {
         ttl: Duration,
         now: OffsetDateTime,
     ) -> Result<(String, String, Unix), CaError> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
         let mut sans = vec![SanType::URI(identity.to_string().try_into()?)];
         for host in hosts {
             sans.push(SanType::DnsName(host.clone().try_into()?));
         }
-        params.subject_alt_names = sans;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = now - BACKDATE;
-        params.not_after = now + ttl;
-        let serial = random_serial();
+        let params = profile::leaf(
+            common_name,
+            sans,
+            ExtendedKeyUsagePurpose::ClientAuth,
+            now,
+            ttl,
+        );
+        let serial = params.serial_number.as_ref().expect("a leaf has a serial");
         let serial_hex = hex::encode(&serial.to_bytes());
-        params.serial_number = Some(serial);
         let cert = params.signed_by(public_key, &self.issuer()?)?;
         Ok((cert.pem(), serial_hex, params.not_after.unix_timestamp()))
     }
-}
-
-/// An agent's public key, taken from a CSR.
-struct CsrKey(Vec<u8>);
-
-impl PublicKeyData for CsrKey {
-    fn der_bytes(&self) -> &[u8] {
-        &self.0
-    }
-
-    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
-        &rcgen::PKCS_ECDSA_P256_SHA256
-    }
-}
-
-/// Verifies a PEM CSR's signature (the requester holds the key) and returns its public
-/// key, which must be ECDSA P-256. Everything else in the CSR is ignored.
-fn csr_public_key(pem: &str) -> Result<CsrKey, EnrollError> {
-    let der = pem_to_der(pem, "CERTIFICATE REQUEST")
-        .ok_or_else(|| EnrollError::BadCsr("it is not a PEM CERTIFICATE REQUEST".to_string()))?;
-    csr_der_public_key(&der)
-}
-
-/// [`csr_public_key`] once the PEM armour is off.
-fn csr_der_public_key(der: &[u8]) -> Result<CsrKey, EnrollError> {
-    use x509_parser::prelude::FromDer;
-    const EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
-    const P256: &str = "1.2.840.10045.3.1.7";
-    let bad = |m: &str| EnrollError::BadCsr(m.to_string());
-    let (rest, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(der)
-        .map_err(|_| bad("it is not a valid PKCS#10 request"))?;
-    if !rest.is_empty() {
-        return Err(bad("it has trailing bytes"));
-    }
-    csr.verify_signature()
-        .map_err(|_| bad("its signature does not verify"))?;
-    let spki = &csr.certification_request_info.subject_pki;
-    let curve = spki
-        .algorithm
-        .parameters
-        .as_ref()
-        .and_then(|p| p.as_oid().ok())
-        .map(|o| o.to_id_string());
-    if spki.algorithm.algorithm.to_id_string() != EC_PUBLIC_KEY || curve.as_deref() != Some(P256) {
-        return Err(bad("its key is not ECDSA P-256"));
-    }
-    Ok(CsrKey(spki.subject_public_key.data.to_vec()))
-}
-
-/// A positive serial of 159 random bits (RFC 5280 allows up to 20 bytes).
-pub(crate) fn random_serial() -> SerialNumber {
-    let mut bytes = [0u8; 20];
-    SystemRandom::new()
-        .fill(&mut bytes)
-        .expect("the OS random number generator failed");
-    bytes[0] = (bytes[0] & 0x7f) | 0x40; // positive, and exactly 20 bytes long
-    SerialNumber::from_slice(&bytes)
-}
-
-/// For the fuzz targets: whether a CSR, as PEM and as DER, is one enrollment takes.
-#[cfg(fuzzing)]
-pub fn csr_is_acceptable(pem: &str, der: &[u8]) -> (bool, bool) {
-    (csr_public_key(pem).is_ok(), csr_der_public_key(der).is_ok())
 }

@@ -6,40 +6,57 @@
 //! unit-testable on its own. Time is always passed in (`now`), never read from the clock,
 //! so tests can move it.
 //!
-//! Layout: `ca.rs` (the CA on disk, tokens, certificate records), `records.rs` (what operator commands change), `issue.rs` (enrollment
-//! and renewal), `cert.rs` (the one X.509 reader), `token.rs` (the token string), `pin.rs`
-//! (CA pins), `names.rs` (host and agent names), `operators.rs` (admin-listener client certificates), `state.rs` (the state document and its locked file), `store.rs` (the `Store` trait),
-//! `fsutil.rs` (crash-safe private files).
+//! Layout: `ca.rs` (the CA on disk: open and init), `server.rs` (the proxy's server
+//! certificate and enrollment address), `profile.rs` (what a certificate of each kind
+//! holds), `csr.rs` (reading an agent's CSR), `issue.rs` (enrollment and renewal),
+//! `tokens.rs` (tokens minted, listed, revoked), `certs.rs` (certificates listed, revoked),
+//! `grants.rs` (names an agent may serve and reach), `operators.rs` (admin-listener client
+//! certificates), `cert.rs` (the one X.509 reader), `token.rs` (the token string), `pin.rs`
+//! (CA pins), `names.rs` (host and agent names), `state.rs` (the state document and its
+//! locked file), `store.rs` (the `Store` trait), `fsutil.rs` (crash-safe private files).
 #![forbid(unsafe_code)]
 
 mod ca;
 pub mod cert;
+mod certs;
+mod csr;
 mod error;
 pub mod fsutil;
+mod grants;
 pub mod hex;
 mod issue;
 pub mod names;
 mod operators;
 mod pin;
-mod records;
+mod profile;
+mod server;
 pub mod state;
 pub mod store;
 mod token;
+mod tokens;
 
 pub use ca::{
-    pem_to_der, proxy_id_of, proxy_uri, validate_server, validity, Ca, CertInfo, CertState,
-    EnrollRequest, Enrolled, InitOptions, NewToken, ServerIdentity, TokenInfo, TokenState,
-    BACKDATE, CA_CERT_FILE, CA_KEY_FILE, CA_TTL, DEFAULT_AGENT_PORT, DEFAULT_CERT_TTL,
-    DEFAULT_SANS, DEFAULT_TOKEN_TTL, DEFAULT_TRUST_DOMAIN, MAX_CERT_TTL, MAX_CSR_LEN, MAX_HOSTS,
-    MAX_TOKEN_TTL, MIN_CERT_TTL, MIN_RENEWAL_AGE_PERCENT, REISSUE_WINDOW, SERVER_CERT_FILE,
-    SERVER_CERT_TTL, SERVER_KEY_FILE,
+    Ca, InitOptions, CA_CERT_FILE, CA_KEY_FILE, DEFAULT_SANS, DEFAULT_TRUST_DOMAIN,
+    SERVER_CERT_FILE, SERVER_KEY_FILE,
 };
-pub use cert::CertSummary;
-pub use error::{CaError, EnrollError};
+pub use cert::{pem_to_der, validity, CertSummary};
+pub use certs::{CertInfo, CertState};
 #[cfg(fuzzing)]
 #[doc(hidden)]
-pub use issue::csr_is_acceptable;
+pub use csr::csr_is_acceptable;
+pub use csr::MAX_CSR_LEN;
+pub use error::{CaError, EnrollError};
+pub use issue::{
+    EnrollRequest, Enrolled, DEFAULT_CERT_TTL, MAX_CERT_TTL, MIN_CERT_TTL, MIN_RENEWAL_AGE_PERCENT,
+    REISSUE_WINDOW,
+};
+pub use names::MAX_HOSTS;
 pub use operators::{OperatorCert, OperatorInfo, DEFAULT_OPERATOR_TTL, MAX_OPERATOR_TTL};
 pub use pin::{Pin, PinError};
+pub use profile::{BACKDATE, CA_TTL};
+pub use server::{
+    proxy_id_of, proxy_uri, validate_server, ServerIdentity, DEFAULT_AGENT_PORT, SERVER_CERT_TTL,
+};
 pub use store::{ProxyEntry, Store};
 pub use token::{Secret, SecretHash, Token, TokenParseError, TokenPublic, TOKEN_PREFIX};
+pub use tokens::{NewToken, TokenInfo, TokenState, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL};

@@ -1,9 +1,14 @@
-//! Validation of agent names and host names (the names routing selects on).
+//! Validation of agent names and host names (the names routing selects on), one at a time
+//! and as the lists operators give. Which names an agent is granted is `grants.rs`.
+
+use crate::error::CaError;
 
 /// Longest agent name accepted; it becomes a certificate CN and a SPIFFE path segment.
 pub const MAX_AGENT_NAME: usize = 64;
 /// Longest DNS name accepted.
 pub const MAX_HOST_NAME: usize = 253;
+/// Most names one token may grant.
+pub const MAX_HOSTS: usize = 100;
 
 /// A name that cannot be used; the message says what a valid one looks like.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -50,6 +55,33 @@ pub fn normalize_host(name: &str) -> Result<String, NameError> {
         return Err(bad());
     }
     Ok(lower)
+}
+
+/// Normalizes the names given with `--host`: 1 to [`MAX_HOSTS`] of them, repeats dropped.
+pub(crate) fn normalize_hosts(hosts: &[String]) -> Result<Vec<String>, CaError> {
+    if hosts.is_empty() || hosts.len() > MAX_HOSTS {
+        return Err(CaError::InvalidInput(format!(
+            "give between 1 and {MAX_HOSTS} host names with --host"
+        )));
+    }
+    normalize_names(hosts)
+}
+
+/// Normalizes names (any number up to [`MAX_HOSTS`]), dropping repeats.
+pub(crate) fn normalize_names(hosts: &[String]) -> Result<Vec<String>, CaError> {
+    if hosts.len() > MAX_HOSTS {
+        return Err(CaError::InvalidInput(format!(
+            "give at most {MAX_HOSTS} names"
+        )));
+    }
+    let mut out = Vec::with_capacity(hosts.len());
+    for h in hosts {
+        let h = normalize_host(h).map_err(|e| CaError::InvalidInput(e.to_string()))?;
+        if !out.contains(&h) {
+            out.push(h);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -9,9 +9,11 @@ use std::time::Duration;
 use rcgen::KeyPair;
 use time::OffsetDateTime;
 
-use crate::ca::{Ca, BACKDATE};
+use crate::ca::Ca;
+use crate::certs::{revoke_matching, Revocable};
 use crate::error::CaError;
 use crate::names::validate_agent_name;
+use crate::profile::BACKDATE;
 use crate::state::{OperatorRecord, State, Unix};
 
 /// Lifetime of operator certificates unless `--ttl` says otherwise.
@@ -125,26 +127,26 @@ impl Ca {
     /// Revokes the operator certificate with serial `what`, or every one of operator
     /// `what`. Returns the serials revoked now.
     pub fn revoke_operator(&self, what: &str, now: OffsetDateTime) -> Result<Vec<String>, CaError> {
-        let serial = what.to_ascii_lowercase();
         self.state.update(|state: &mut State| {
-            let matching: Vec<&mut OperatorRecord> = state
-                .operators
-                .iter_mut()
-                .filter(|o| o.serial == serial || o.name == what)
-                .collect();
-            if matching.is_empty() {
-                return Err(CaError::InvalidInput(format!(
+            revoke_matching(&mut state.operators, what, now.unix_timestamp()).ok_or_else(|| {
+                CaError::InvalidInput(format!(
                     "no operator certificate or operator {what:?}; `revproxy operator list` shows them"
-                )));
-            }
-            let mut revoked = Vec::new();
-            for o in matching {
-                if o.revoked_at.is_none() {
-                    o.revoked_at = Some(now.unix_timestamp());
-                    revoked.push(o.serial.clone());
-                }
-            }
-            Ok(revoked)
+                ))
+            })
         })
+    }
+}
+
+impl Revocable for OperatorRecord {
+    fn serial(&self) -> &str {
+        &self.serial
+    }
+
+    fn holder(&self) -> &str {
+        &self.name
+    }
+
+    fn revoked_at(&mut self) -> &mut Option<Unix> {
+        &mut self.revoked_at
     }
 }

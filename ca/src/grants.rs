@@ -1,0 +1,79 @@
+//! What an enrolled agent is granted beyond its certificate: the names it may serve now
+//! ([`Ca::set_hosts`]) and the names it may reach through its tunnel (access rules).
+
+use crate::ca::Ca;
+use crate::error::CaError;
+use crate::names::{normalize_hosts, validate_agent_name};
+use crate::state::State;
+
+impl Ca {
+    /// Sets the names agent `agent` may serve. Live tunnels follow within seconds; names
+    /// outside the agent's certificate stay unserved until it is reissued.
+    pub fn set_hosts(&self, agent: &str, hosts: &[String]) -> Result<Vec<String>, CaError> {
+        let hosts = if hosts.is_empty() {
+            Vec::new()
+        } else {
+            normalize_hosts(hosts)?
+        };
+        self.state.update(|state: &mut State| {
+            let grant = state
+                .agents
+                .get_mut(agent)
+                .ok_or_else(|| CaError::UnknownCert(agent.to_string()))?;
+            grant.hosts = hosts.clone();
+            Ok(hosts)
+        })
+    }
+
+    /// Lets `agent` reach `names` through its tunnel (exact names or `*.example.com`).
+    /// Returns everything it may reach now.
+    pub fn allow_access(&self, agent: &str, names: &[String]) -> Result<Vec<String>, CaError> {
+        validate_agent_name(agent).map_err(|e| CaError::InvalidInput(e.to_string()))?;
+        let names = normalize_hosts(names)?;
+        self.state.update(|state: &mut State| {
+            if !state.agents.contains_key(agent) {
+                return Err(CaError::UnknownCert(agent.to_string()));
+            }
+            Ok(add_access(state, agent, names).to_vec())
+        })
+    }
+
+    /// Takes back `names` from `agent`'s access; open streams to them are cut within
+    /// seconds. Returns what it may still reach.
+    pub fn revoke_access(&self, agent: &str, names: &[String]) -> Result<Vec<String>, CaError> {
+        let names = normalize_hosts(names)?;
+        self.state.update(|state: &mut State| {
+            let rules = state
+                .access
+                .get_mut(agent)
+                .ok_or_else(|| CaError::InvalidInput(format!("{agent} has no access rules")))?;
+            rules.retain(|n| !names.contains(n));
+            let left = rules.clone();
+            if left.is_empty() {
+                state.access.remove(agent);
+            }
+            Ok(left)
+        })
+    }
+
+    /// Every access rule: agent and the names it may reach.
+    pub fn list_access(&self) -> Result<Vec<(String, Vec<String>)>, CaError> {
+        Ok(self.state.read()?.access.into_iter().collect())
+    }
+}
+
+/// Adds `names` to what `agent` may reach, keeping the rules it has (each name once), and
+/// returns them all.
+pub(crate) fn add_access<'a>(
+    state: &'a mut State,
+    agent: &str,
+    names: impl IntoIterator<Item = String>,
+) -> &'a [String] {
+    let rules = state.access.entry(agent.to_string()).or_default();
+    for name in names {
+        if !rules.contains(&name) {
+            rules.push(name);
+        }
+    }
+    rules
+}

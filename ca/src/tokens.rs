@@ -1,0 +1,181 @@
+//! Enrollment tokens on record: minting, listing and revoking them, each one locked state
+//! update. The token string itself is `token.rs`; trading a token is `issue.rs`.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::ca::Ca;
+use crate::error::CaError;
+use crate::hex;
+use crate::issue::MAX_CERT_TTL;
+use crate::names::{normalize_names, validate_agent_name, MAX_HOSTS};
+use crate::server::validate_server;
+use crate::state::{State, TokenRecord, Unix};
+use crate::token::{Secret, Token, TokenPublic};
+
+/// How long an enrollment token stays valid by default.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// Longest token lifetime accepted: tokens are meant to be used right away.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// What to mint with [`Ca::create_token`].
+#[derive(Clone, Debug)]
+pub struct NewToken {
+    pub agent: String,
+    /// Names the agent may serve to public clients.
+    pub hosts: Vec<String>,
+    /// Names the agent may serve only to enrolled identities with access (never routed
+    /// from a public listener).
+    pub private_hosts: Vec<String>,
+    /// Names the agent may reach through its tunnel (access rules granted at enrollment).
+    pub connect: Vec<String>,
+    pub ttl: Duration,
+    pub cert_ttl: Duration,
+    /// Enrollment address to put into the token instead of the state's default.
+    pub server: Option<String>,
+}
+
+/// A token as `revproxy token list` shows it. Never carries the secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub id: String,
+    pub agent: String,
+    pub hosts: Vec<String>,
+    pub expires: Unix,
+    pub state: TokenState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenState {
+    Unused,
+    Used,
+    Expired,
+    Revoked,
+}
+
+impl TokenState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenState::Unused => "unused",
+            TokenState::Used => "used",
+            TokenState::Expired => "expired",
+            TokenState::Revoked => "revoked",
+        }
+    }
+}
+
+impl Ca {
+    /// Mints a one-time token; returns it whole. Only its secret's hash is stored.
+    pub fn create_token(&self, req: &NewToken, now: OffsetDateTime) -> Result<Token, CaError> {
+        validate_agent_name(&req.agent).map_err(|e| CaError::InvalidInput(e.to_string()))?;
+        let hosts = normalize_names(&req.hosts)?;
+        let private_hosts = normalize_names(&req.private_hosts)?;
+        let connect = normalize_names(&req.connect)?;
+        if hosts.is_empty() && private_hosts.is_empty() && connect.is_empty() {
+            return Err(CaError::InvalidInput(
+                "give at least one name: --host (public), --private-host or --connect".into(),
+            ));
+        }
+        if hosts.len() + private_hosts.len() > MAX_HOSTS {
+            return Err(CaError::InvalidInput(format!(
+                "give at most {MAX_HOSTS} names to serve"
+            )));
+        }
+        if let Some(both) = hosts.iter().find(|h| private_hosts.contains(h)) {
+            return Err(CaError::InvalidInput(format!(
+                "{both} cannot be both public (--host) and private (--private-host)"
+            )));
+        }
+        if req.ttl.is_zero() || req.ttl > MAX_TOKEN_TTL {
+            return Err(CaError::InvalidInput(format!(
+                "token lifetime must be between 1s and {} days",
+                MAX_TOKEN_TTL.as_secs() / 86400
+            )));
+        }
+        // Operators are held to MIN_CERT_TTL by the command line; the library accepts
+        // shorter lifetimes so that tests can run many renewals quickly.
+        if req.cert_ttl.is_zero() || req.cert_ttl > MAX_CERT_TTL {
+            return Err(CaError::InvalidInput(
+                "certificate lifetime must be between 1h and 7d".into(),
+            ));
+        }
+        let server = req.server.as_deref().map(validate_server).transpose()?;
+        let secret = Secret::generate();
+        let now_s = now.unix_timestamp();
+        self.state.update(|state: &mut State| {
+            let id = loop {
+                let id = hex::random(8);
+                if !state.tokens.iter().any(|t| t.id == id) {
+                    break id;
+                }
+            };
+            state.prune(now_s);
+            state.tokens.push(TokenRecord {
+                id: id.clone(),
+                agent: req.agent.clone(),
+                hosts,
+                secret_sha256: hex::encode(&secret.hash().0),
+                created: now_s,
+                expires: now_s + req.ttl.as_secs() as i64,
+                cert_ttl_secs: req.cert_ttl.as_secs() as i64,
+                revoked: false,
+                used: None,
+                private_hosts,
+                connect,
+            });
+            Ok::<_, CaError>(Token {
+                public: TokenPublic {
+                    server: server.unwrap_or_else(|| state.server.clone()),
+                    pins: vec![self.pin.to_string()],
+                    id,
+                },
+                secret,
+            })
+        })
+    }
+
+    /// All tokens still on record, oldest first.
+    pub fn list_tokens(&self, now: OffsetDateTime) -> Result<Vec<TokenInfo>, CaError> {
+        let now = now.unix_timestamp();
+        Ok(self
+            .state
+            .read()?
+            .tokens
+            .into_iter()
+            .map(|t| TokenInfo {
+                state: token_state(&t, now),
+                id: t.id,
+                agent: t.agent,
+                hosts: t.hosts,
+                expires: t.expires,
+            })
+            .collect())
+    }
+
+    /// Revokes a token so that it can never be used. Revoking a used token is allowed (and
+    /// harmless): it stops a lost-answer retry from fetching the certificate again.
+    pub fn revoke_token(&self, id: &str) -> Result<(), CaError> {
+        self.state.update(|state: &mut State| {
+            let token = state
+                .tokens
+                .iter_mut()
+                .find(|t| t.id == id)
+                .ok_or_else(|| CaError::UnknownToken(id.to_string()))?;
+            token.revoked = true;
+            Ok(())
+        })
+    }
+}
+
+fn token_state(t: &TokenRecord, now: Unix) -> TokenState {
+    if t.revoked {
+        TokenState::Revoked
+    } else if t.used.is_some() {
+        TokenState::Used
+    } else if now >= t.expires {
+        TokenState::Expired
+    } else {
+        TokenState::Unused
+    }
+}
