@@ -24,6 +24,10 @@ pub enum AdminClientError {
     Timeout { addr: String },
     #[error("{0}")]
     Operator(String),
+    #[error("the admin listener answered {status}: {body}")]
+    Answered { status: StatusCode, body: String },
+    #[error("the admin listener's status is not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
 }
 
 /// File names in an operator directory (`revproxy operator create --out DIR`).
@@ -90,6 +94,21 @@ impl Target {
 /// status and the body.
 pub async fn get(addr: &str, path: &str) -> Result<(StatusCode, String), AdminClientError> {
     get_from(&Target::new(addr, None)?, path).await
+}
+
+/// The `/status` of the program at `target` as the `status` commands print it: the JSON
+/// document as it came (`json`), or a readable [`report`].
+pub async fn status_text(target: &Target, json: bool) -> Result<String, AdminClientError> {
+    let (status, body) = get_from(target, "/status").await?;
+    if !status.is_success() {
+        let body = body.trim().to_string();
+        return Err(AdminClientError::Answered { status, body });
+    }
+    if json {
+        return Ok(body);
+    }
+    let doc: serde_json::Value = serde_json::from_str(&body).map_err(AdminClientError::NotJson)?;
+    Ok(report(&doc))
 }
 
 /// GETs `path` from `target`; returns the status and the body.

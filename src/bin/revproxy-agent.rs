@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use revproxy::admin::client::Target;
 use revproxy::ca::Token;
 use revproxy::config::{self, AgentConfig};
 use revproxy::runtime::logging::LogFormat;
@@ -331,23 +332,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             );
         }
         Command::Status { admin, json } => {
-            let (status, body) = runtime()?
-                .block_on(revproxy::admin::client::get(&admin, "/status"))
+            let target = Target::new(&admin, None).map_err(|e| (1, e.into()))?;
+            let text = runtime()?
+                .block_on(revproxy::admin::client::status_text(&target, json))
                 .map_err(|e| (1, e.into()))?;
-            if !status.is_success() {
-                return Err((
-                    1,
-                    anyhow::anyhow!("the admin listener answered {status}: {}", body.trim()),
-                ));
-            }
-            if json {
-                print!("{body}");
-            } else {
-                let doc: serde_json::Value = serde_json::from_str(&body)
-                    .context("the admin listener's status is not JSON")
-                    .map_err(|e| (1, e))?;
-                print!("{}", revproxy::admin::client::report(&doc));
-            }
+            print!("{text}");
         }
         Command::Ready { admin } => {
             let (status, body) = runtime()?

@@ -45,7 +45,7 @@ pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most sockets handed over at once (the kernel passes at most 253 descriptors in one
 /// message; a proxy has its agent port, QUIC, admin and the public listeners).
-pub(crate) const MAX_SOCKETS: usize = 128;
+pub const MAX_SOCKETS: usize = 128;
 /// Largest description accepted (the JSON list of [`MAX_SOCKETS`] entries fits easily).
 const MAX_DESCRIPTION: usize = 64 * 1024;
 const REQUEST: &[u8] = b"revproxy upgrade 1\n";
@@ -121,7 +121,7 @@ impl Listener {
     }
 
     /// Listens in `dir` under a name of this process's own, for a process that takes the
-    /// sockets over: `Listener::take_name` moves it to [`SOCKET_NAME`] once the running
+    /// sockets over: [`Listener::take_name`] moves it to [`SOCKET_NAME`] once the running
     /// process has let go.
     pub fn pending(dir: &Path) -> Result<Listener, HandoverError> {
         Self::listen(dir.join(format!("{SOCKET_NAME}.{}", std::process::id())))
@@ -129,7 +129,7 @@ impl Listener {
 
     /// Takes [`SOCKET_NAME`] over from the process this one replaced (which keeps its
     /// socket, nameless, until it exits).
-    pub(crate) fn take_name(&mut self) -> std::io::Result<()> {
+    pub fn take_name(&mut self) -> std::io::Result<()> {
         let name = self.path.with_file_name(SOCKET_NAME);
         if self.path != name {
             std::fs::rename(&self.path, &name)?;
@@ -161,7 +161,7 @@ impl Listener {
     /// for the sockets within [`EXCHANGE_TIMEOUT`]. Others are turned away and logged; a
     /// connection that asks nothing (another `serve` checking whether one runs here) is
     /// let go quietly. Not cancel-safe: keep the future across `select!` turns.
-    pub(crate) async fn accept(&self) -> std::io::Result<Successor> {
+    pub async fn accept(&self) -> std::io::Result<Successor> {
         use tokio::io::AsyncReadExt;
         loop {
             let (mut stream, _) = self.inner.accept().await?;
@@ -226,7 +226,7 @@ impl Drop for Listener {
 /// A process asking for the sockets. Its methods block (within [`EXCHANGE_TIMEOUT`] per
 /// step); run them off the async threads.
 #[derive(Debug)]
-pub(crate) struct Successor {
+pub struct Successor {
     stream: UnixStream,
     /// Its process id, for the log.
     pub pid: i32,
@@ -235,15 +235,12 @@ pub(crate) struct Successor {
 impl Successor {
     /// A second handle on the connection: shutting it down ends a hand-over under way
     /// (its blocking calls return) when the running process stops for another reason.
-    pub(crate) fn aborter(&self) -> std::io::Result<UnixStream> {
+    pub fn aborter(&self) -> std::io::Result<UnixStream> {
         self.stream.try_clone()
     }
 
     /// Sends `sockets` with their description.
-    pub(crate) fn hand_over(
-        &mut self,
-        sockets: &[(Described, OwnedFd)],
-    ) -> Result<(), HandoverError> {
+    pub fn hand_over(&mut self, sockets: &[(Described, OwnedFd)]) -> Result<(), HandoverError> {
         if sockets.len() > MAX_SOCKETS {
             return Err(HandoverError::Protocol(format!(
                 "{} sockets, more than the {MAX_SOCKETS} one hand-over carries",
@@ -280,7 +277,7 @@ impl Successor {
     /// Waits up to `timeout` for the successor to say it serves, and answers "go": from
     /// then on the caller must step aside. `Ok(false)`: it closed the connection, said
     /// something else, or did not hear the answer (it failed; the running process goes on).
-    pub(crate) fn wait_ready(&mut self, timeout: Duration) -> Result<bool, HandoverError> {
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<bool, HandoverError> {
         self.stream.set_read_timeout(Some(timeout))?;
         let mut answer = [0u8; READY.len()];
         match self.stream.read_exact(&mut answer) {

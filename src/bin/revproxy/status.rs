@@ -27,19 +27,10 @@ impl StatusArgs {
     pub(crate) fn run(self) -> Result<(), Failure> {
         let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
         let target = Target::new(&self.admin, self.operator.as_deref()).map_err(Failure::usage)?;
-        let (status, body) = runtime.block_on(client::get_from(&target, "/status"))?;
-        if !status.is_success() {
-            return Err(
-                anyhow::anyhow!("the admin listener answered {status}: {}", body.trim()).into(),
-            );
-        }
-        if self.json {
-            print!("{body}");
-        } else {
-            let doc: serde_json::Value =
-                serde_json::from_str(&body).context("the admin listener's status is not JSON")?;
-            print!("{}", client::report(&doc));
-        }
+        print!(
+            "{}",
+            runtime.block_on(client::status_text(&target, self.json))?
+        );
         Ok(())
     }
 }
