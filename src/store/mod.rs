@@ -6,7 +6,6 @@
 //! without.
 
 mod postgres;
-mod tls;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,15 +13,22 @@ use std::sync::Arc;
 use revproxy_ca::state::StateFile;
 use revproxy_ca::Store;
 
-pub use postgres::{PgStore, SCHEMA_VERSION};
+pub use postgres::{PgStore, RootCertError, UrlError, SCHEMA_VERSION};
 
 /// Why a store could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Not a `source`: the CLI prints an error's chain, which would say it twice.
     #[error("invalid store URL: {0}")]
-    Url(String),
+    Url(UrlError),
     #[error(transparent)]
     Ca(#[from] revproxy_ca::CaError),
+}
+
+impl From<UrlError> for StoreError {
+    fn from(e: UrlError) -> Self {
+        StoreError::Url(e)
+    }
 }
 
 /// Opens the CA whose key is in `dir` and whose state is in the store `url` names (the
@@ -76,10 +82,7 @@ fn postgres(url: &str) -> Result<&str, StoreError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(url)
     } else {
-        Err(StoreError::Url(
-            "expected postgres://USER@HOST/DATABASE (the state directory's file store needs no URL)"
-                .into(),
-        ))
+        Err(UrlError::NotPostgres.into())
     }
 }
 

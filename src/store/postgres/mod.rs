@@ -1,0 +1,229 @@
+//! The PostgreSQL store: several proxies share one CA state. This file holds the store's
+//! connection and how each call runs; the URL, the schema, the change feed, the queries
+//! and TLS are files of their own.
+//!
+//! Callers are synchronous (the `ca` crate's [`Store`] is): the store runs its connections
+//! on a runtime of its own, one thread, and every call waits at most [`OP_TIMEOUT`].
+//! Async code calls it through `spawn_blocking`: a call blocks its thread.
+//!
+//! [`Store`]: revproxy_ca::Store
+
+mod feed;
+mod queries;
+mod schema;
+mod tls;
+mod url;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use revproxy_ca::CaError;
+use tokio_postgres::{Client, Config};
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tracing::debug;
+
+pub use schema::SCHEMA_VERSION;
+pub use tls::RootCertError;
+pub use url::UrlError;
+
+use super::StoreError;
+
+/// Longest any one store operation may take, connecting included.
+const OP_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a failed operation, others fail at once for this long instead of trying again.
+const FAIL_FAST: Duration = Duration::from_secs(1);
+
+/// The CA state in PostgreSQL.
+pub struct PgStore {
+    runtime: Option<tokio::runtime::Runtime>,
+    config: Config,
+    tls: MakeRustlsConnect,
+    /// The URL without its password.
+    described: String,
+    /// The connection for reads and changes; made again after any failure.
+    client: Mutex<Option<Client>>,
+    /// Whether this process has checked the schema.
+    migrated: AtomicBool,
+    /// Until when calls fail at once, after one failed: while the database does not
+    /// answer, callers queued behind the connection do not each wait [`OP_TIMEOUT`].
+    failing: Mutex<Option<(Instant, String)>>,
+    /// Marks this process's heartbeats: another process announcing the same proxy id
+    /// (a copied state directory) is noticed.
+    instance: String,
+    /// The `LISTEN` task, once [`Store::on_change`](revproxy_ca::Store::on_change) asked
+    /// for it.
+    listening: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("url", &self.described)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl PgStore {
+    /// Parses `url` and prepares the store; connects on first use.
+    ///
+    /// TLS follows libpq's `sslmode` and `sslrootcert` parameters, but stricter: the
+    /// database's certificate is always verified (`require` and `verify-full` both verify
+    /// the chain against `sslrootcert` and the name against the host), and a database
+    /// beyond loopback must either use TLS or be named with `sslmode=disable` on purpose.
+    pub fn open(url: &str) -> Result<PgStore, StoreError> {
+        let (config, tls) = url::parse(url)?;
+        let described = url::describe(&config);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("revproxy-store")
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| CaError::StoreUnavailable {
+                store: described.clone(),
+                reason: format!("cannot start its runtime: {e}"),
+            })?;
+        Ok(PgStore {
+            runtime: Some(runtime),
+            config,
+            tls,
+            described,
+            client: Mutex::new(None),
+            migrated: AtomicBool::new(false),
+            failing: Mutex::new(None),
+            instance: format!("{}-{}", std::process::id(), rand_suffix()),
+            listening: Mutex::new(None),
+        })
+    }
+
+    /// Checks `url` (syntax, TLS settings, the `sslrootcert` file) without connecting:
+    /// what `revproxy check` does.
+    pub fn check_url(url: &str) -> Result<(), StoreError> {
+        url::parse(url)?;
+        Ok(())
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime
+            .as_ref()
+            .expect("the runtime lives as long as the store")
+    }
+
+    fn unavailable(&self, reason: impl std::fmt::Display) -> CaError {
+        CaError::StoreUnavailable {
+            store: self.described.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Runs `op` on the store's connection (made first if there is none), within
+    /// [`OP_TIMEOUT`]. A failed or timed-out operation drops the connection: the next
+    /// one starts afresh.
+    fn with_client<T: Send>(
+        &self,
+        op: impl AsyncFnOnce(&mut Client) -> Result<Result<T, CaError>, tokio_postgres::Error> + Send,
+    ) -> Result<T, CaError> {
+        // A panic in a change leaves the lock poisoned; the connection is made again.
+        let mut guard = self.client.lock().unwrap_or_else(|poisoned| {
+            let mut guard = poisoned.into_inner();
+            *guard = None;
+            guard
+        });
+        if let Some((until, reason)) = &*self.failing.lock().unwrap_or_else(|p| p.into_inner()) {
+            if Instant::now() < *until {
+                return Err(self.unavailable(reason));
+            }
+        }
+        let slot: &mut Option<Client> = &mut guard;
+        let run = || {
+            self.runtime().block_on(async {
+                tokio::time::timeout(OP_TIMEOUT, async {
+                    if slot.as_ref().is_none_or(Client::is_closed) {
+                        *slot = Some(self.connect().await?);
+                    }
+                    let client = slot.as_mut().expect("connected above");
+                    if !self.migrated.load(Ordering::Acquire) {
+                        if let Err(e) = schema::migrate(client).await? {
+                            return Ok(Err(e));
+                        }
+                        self.migrated.store(true, Ordering::Release);
+                    }
+                    op(client).await
+                })
+                .await
+            })
+        };
+        // Called on a thread that belongs to another runtime (a proxy starting up), this
+        // thread may not block on ours: a scoped thread does it instead.
+        let outcome = if tokio::runtime::Handle::try_current().is_ok() {
+            std::thread::scope(|s| s.spawn(run).join())
+        } else {
+            Ok(run())
+        };
+        let reason = match outcome {
+            Ok(Ok(Ok(result))) => {
+                *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                return result;
+            }
+            Ok(Ok(Err(e))) => pg_reason(&e),
+            Ok(Err(_)) => format!("no answer within {} s", OP_TIMEOUT.as_secs()),
+            Err(_) => "a store operation panicked".to_string(),
+        };
+        *slot = None;
+        *self.failing.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now() + FAIL_FAST, reason.clone()));
+        Err(self.unavailable(reason))
+    }
+
+    async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
+        let (client, connection) = self.config.connect(self.tls.clone()).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(error = %e, "store connection ended");
+            }
+        });
+        // A proxy that stops in the middle of a change (frozen, killed) must not hold the
+        // state's row lock for long: the others would wait on it.
+        client
+            .batch_execute(
+                "SET statement_timeout = '10s'; SET lock_timeout = '10s'; \
+                 SET idle_in_transaction_session_timeout = '10s'",
+            )
+            .await?;
+        Ok(client)
+    }
+}
+
+/// A few random hex digits.
+fn rand_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{nanos:08x}")
+}
+
+/// What went wrong, in one line: the server's message for a database error, else the
+/// client's.
+fn pg_reason(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(inner) = source {
+                text = format!("{text}: {inner}");
+                source = inner.source();
+            }
+            text
+        }
+    }
+}
