@@ -277,7 +277,7 @@ async fn store_migrate_moves_a_deployment_without_anyone_enrolling_again() {
 
 /// TLS to the database: verified against `sslrootcert`, name included; a database whose
 /// certificate another CA signed is refused, and one beyond loopback is never reached in
-/// plaintext by accident (see the unit tests of `store::postgres`).
+/// plaintext by accident (see the unit tests of `store::postgres::url`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_certificate_is_verified() {
     let (pg, ca_pem) = Postgres::start_with_tls();
