@@ -728,6 +728,30 @@ fn private_names_and_access_rules_from_the_command_line() {
         &state,
     );
     assert!(db.status.success(), "{}", stderr(&db));
+    assert!(!stderr(&db).contains("note:"), "{}", stderr(&db));
+    // A public wildcard over a private name: the private grant wins, and the tool says so
+    // (the token is still minted: stdout has it and only it).
+    let edge = run(
+        PROXY,
+        &[
+            "token",
+            "create",
+            "--name",
+            "edge",
+            "--host",
+            "*.example.com",
+            "--private-host",
+            "db.example.com",
+        ],
+        &state,
+    );
+    assert!(edge.status.success(), "{}", stderr(&edge));
+    assert_eq!(stdout(&edge).trim().lines().count(), 1);
+    assert!(
+        stderr(&edge).contains("note: db.example.com is granted privately, so no public listener routes it, although the public grant *.example.com covers it"),
+        "{}",
+        stderr(&edge)
+    );
 
     // Rules apply to enrolled agents; this one has not enrolled yet.
     let early = run(PROXY, &["access", "allow", "laptop", "db.internal"], &state);

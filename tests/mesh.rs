@@ -80,6 +80,73 @@ async fn a_public_listener_never_reaches_a_private_name(t: Transport) {
     assert!(got.is_empty(), "{got:?}");
 }
 
+/// A private grant wins over every public one: with `*.example.com` granted publicly (to
+/// the same agent and to another) and `db.example.com` privately, public clients reach
+/// `www.example.com` but never `db.example.com`: not by Host, not by SNI, not through a
+/// listener fixed to it, not through a static route for it.
+async fn a_public_wildcard_does_not_open_a_private_name_under_it(t: Transport) {
+    let (fixed, fixed_addr) = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        (tokio::net::TcpListener::from_std(l).unwrap(), addr)
+    };
+    let private = echo_backend(b"private:").await;
+    let public = echo_backend(b"public:").await;
+    let proxy = TestProxy::start_with(move |b| {
+        b.listener(
+            fixed,
+            revproxy::ListenerKind::Fixed(revproxy::Target::Name("db.example.com".into())),
+        )
+        .route("db.example.com", &private.to_string())
+    })
+    .await;
+    let edge =
+        enroll_mesh_agent(&proxy, "edge", &["*.example.com"], &["db.example.com"], &[]).await;
+    // The agent learned which of its names are private (it refuses them to public streams).
+    let identity = revproxy::agent::Identity::load(edge.path()).unwrap();
+    assert_eq!(identity.private, ["db.example.com"]);
+    let _edge = start_agent(
+        edge.path(),
+        &[("*.example.com", public), ("db.example.com", private)],
+        on(t),
+    );
+    let other = enroll_mesh_agent(&proxy, "other", &["*.example.com"], &[], &[]).await;
+    let _other = start_agent(other.path(), &[("*.example.com", private)], on(t));
+    proxy.wait_for("*.example.com", 2).await;
+
+    let www = round_trip(proxy.http, &http_head("www.example.com"), b"")
+        .await
+        .unwrap();
+    assert!(
+        www.starts_with(b"public:") || www.starts_with(b"private:"),
+        "{www:?}"
+    );
+    let back = round_trip(proxy.http, &http_head("db.example.com"), b"")
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&back);
+    assert!(text.starts_with("HTTP/1.1 502"), "{text}");
+    assert!(text.contains("no route for db.example.com"), "{text}");
+    assert!(!text.contains("private:"), "{text}");
+    // By SNI: a real TLS client gets the alert for an unrecognized name.
+    let config = revproxy::tls::pinned_client_config(vec![proxy.pin()], &[]).unwrap();
+    let tcp = TcpStream::connect(proxy.sni).await.unwrap();
+    let err = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("db.example.com".try_into().unwrap(), tcp)
+        .await
+        .unwrap_err();
+    assert!(format!("{err:?}").contains("UnrecognisedName"), "{err:?}");
+    // A listener fixed to the name closes at once, without a byte.
+    let mut fixed = TcpStream::connect(fixed_addr).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), fixed.read_to_end(&mut got))
+        .await
+        .expect("closed, not hanging")
+        .ok();
+    assert!(got.is_empty(), "{got:?}");
+}
+
 /// A local listener of the kernel's choosing for `--connect`.
 fn connect_port() -> (std::net::TcpListener, std::net::SocketAddr) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -234,6 +301,7 @@ async fn revoking_access_or_the_caller_cuts_open_streams_within_two_seconds(t: T
 
 over_both_transports!(
     a_public_listener_never_reaches_a_private_name,
+    a_public_wildcard_does_not_open_a_private_name_under_it,
     an_agent_reaches_a_private_name_through_its_tunnel,
     an_identity_without_access_is_refused,
     revoking_access_or_the_caller_cuts_open_streams_within_two_seconds,

@@ -1,10 +1,12 @@
 //! What an enrolled agent is granted beyond its certificate: the names it may serve now
 //! ([`Ca::set_hosts`]) and the names it may reach through its tunnel (access rules).
 
+use std::collections::BTreeSet;
+
 use crate::ca::Ca;
 use crate::error::CaError;
-use crate::names::{normalize_hosts, validate_agent_name};
-use crate::state::State;
+use crate::names::{name_matches, normalize_hosts, validate_agent_name};
+use crate::state::{State, Unix};
 
 impl Ca {
     /// Sets the names agent `agent` may serve. Live tunnels follow within seconds; names
@@ -59,6 +61,34 @@ impl Ca {
     /// Every access rule: agent and the names it may reach.
     pub fn list_access(&self) -> Result<Vec<(String, Vec<String>)>, CaError> {
         Ok(self.state.read()?.access.into_iter().collect())
+    }
+
+    /// Names granted privately that a public wildcard also covers, as (private name,
+    /// public pattern), over every agent's grant and every token not yet used. The private
+    /// grant wins: such a name is never routed from a public listener, which an operator
+    /// who granted the wildcard may not expect (`token create` and `agent set-hosts` say
+    /// so).
+    pub fn private_under_public(&self, now: Unix) -> Result<Vec<(String, String)>, CaError> {
+        let state = self.state.read()?;
+        let open = state
+            .tokens
+            .iter()
+            .filter(|t| t.used.is_none() && !t.revoked && t.expires > now);
+        let grants = state.agents.values();
+        let public: BTreeSet<&String> = (grants.clone().flat_map(|g| &g.hosts))
+            .chain(open.clone().flat_map(|t| &t.hosts))
+            .filter(|p| p.starts_with("*."))
+            .collect();
+        let private: BTreeSet<&String> = (grants.flat_map(|g| &g.private))
+            .chain(open.flat_map(|t| &t.private_hosts))
+            .collect();
+        Ok((private.iter())
+            .flat_map(|name| {
+                (public.iter())
+                    .filter(|pattern| name_matches(pattern, name))
+                    .map(|pattern| (name.to_string(), pattern.to_string()))
+            })
+            .collect())
     }
 }
 

@@ -57,6 +57,19 @@ pub fn normalize_host(name: &str) -> Result<String, NameError> {
     Ok(lower)
 }
 
+/// Whether the granted/served `pattern` covers the `name` a client asked for.
+///
+/// Both are lower-case DNS names. `*.example.com` covers exactly one more label
+/// (`a.example.com`, not `example.com` nor `a.b.example.com`), as in RFC 6125.
+pub fn name_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => name
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
+        None => pattern == name,
+    }
+}
+
 /// Normalizes the names given with `--host`: 1 to [`MAX_HOSTS`] of them, repeats dropped.
 pub(crate) fn normalize_hosts(hosts: &[String]) -> Result<Vec<String>, CaError> {
     if hosts.is_empty() || hosts.len() > MAX_HOSTS {

@@ -29,6 +29,8 @@ pub(crate) struct ServiceMap {
     /// In the order given; replaced whole by a reload (a stream keeps the entry it was
     /// dialed with).
     entries: std::sync::RwLock<Arc<Vec<Arc<Service>>>>,
+    /// The names granted privately (the identity's): served only to streams with a caller.
+    private: std::sync::RwLock<Arc<Vec<String>>>,
     metrics: Arc<AgentMetrics>,
 }
 
@@ -47,20 +49,32 @@ pub(crate) fn check_backend(addr: &str) -> Result<(), BadBackend> {
 }
 
 impl ServiceMap {
-    pub(crate) fn new(entries: Vec<Service>, metrics: Arc<AgentMetrics>) -> ServiceMap {
+    pub(crate) fn new(
+        entries: Vec<Service>,
+        private: Vec<String>,
+        metrics: Arc<AgentMetrics>,
+    ) -> ServiceMap {
         metrics.ensure_services(entries.iter().map(|s| s.pattern.as_str()));
         ServiceMap {
             entries: std::sync::RwLock::new(Arc::new(entries.into_iter().map(Arc::new).collect())),
+            private: std::sync::RwLock::new(Arc::new(private)),
             metrics,
         }
     }
 
-    /// Replaces every entry (a reload): new streams use the new map.
-    pub(crate) fn replace(&self, entries: Vec<Service>) {
+    /// Replaces every entry and the private names (a reload): new streams use the new map.
+    pub(crate) fn replace(&self, entries: Vec<Service>, private: Vec<String>) {
         self.metrics
             .ensure_services(entries.iter().map(|s| s.pattern.as_str()));
         *self.entries.write().expect("service map lock") =
             Arc::new(entries.into_iter().map(Arc::new).collect());
+        *self.private.write().expect("service map lock") = Arc::new(private);
+    }
+
+    /// Whether `name` is granted privately: only a mesh stream (with a caller) may have it.
+    fn is_private(&self, name: &str) -> bool {
+        let private = self.private.read().expect("service map lock").clone();
+        private.iter().any(|p| p == name || name_matches(p, name))
     }
 
     /// The entry for `name`: an exact entry first, then a wildcard.
@@ -79,6 +93,7 @@ impl ServiceMap {
 }
 
 /// Status codes of refusals (HTTP's, on both transports).
+const FORBIDDEN: u16 = 403;
 const NOT_FOUND: u16 = 404;
 const BAD_GATEWAY: u16 = 502;
 const GATEWAY_TIMEOUT: u16 = 504;
@@ -88,6 +103,17 @@ impl Backends for ServiceMap {
     /// it wants).
     async fn dial(&self, request: DialRequest<'_>) -> Result<Dialed, Refusal> {
         let (name, caller) = (request.name, request.caller);
+        // A proxy routes a private name only to mesh streams; one that asks without a
+        // caller is wrong (or not ours to trust), and the backend never sees it.
+        if caller.is_none() && self.is_private(name) {
+            self.metrics.unknown_name();
+            return Err(Refusal {
+                status: FORBIDDEN,
+                reason: format!(
+                    "{name} is private: this agent serves it only to callers through the mesh"
+                ),
+            });
+        }
         let Some(found) = self.lookup(name) else {
             self.metrics.unknown_name();
             return Err(Refusal {
@@ -161,6 +187,7 @@ mod tests {
                 service("*.example.com", "127.0.0.1:1"),
                 service("app.example.com", "127.0.0.1:2"),
             ],
+            Vec::new(),
             Arc::new(AgentMetrics::new()),
         );
         let found = |name| {
@@ -174,6 +201,39 @@ mod tests {
         );
         assert_eq!(found("x.example.com"), pair("*.example.com", "127.0.0.1:1"));
         assert_eq!(found("example.com"), None);
+    }
+
+    #[tokio::test]
+    async fn a_private_name_is_refused_to_a_stream_without_a_caller() {
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = backend.local_addr().unwrap().to_string();
+        let service = |pattern: &str| Service {
+            pattern: pattern.into(),
+            addr: addr.clone(),
+            proxy_protocol: None,
+        };
+        let map = ServiceMap::new(
+            vec![service("*.example.com")],
+            vec!["db.example.com".into()],
+            Arc::new(AgentMetrics::new()),
+        );
+        let request = |name, caller| DialRequest {
+            name,
+            caller,
+            client: None,
+            server: None,
+        };
+        let refused = map
+            .dial(request("db.example.com", None))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(refused.status, 403, "{refused:?}");
+        assert!(refused.reason.contains("private"), "{refused:?}");
+        // A mesh stream (it names its caller) and a public name are dialed.
+        let caller = Some("spiffe://revproxy.local/agent/laptop");
+        assert!(map.dial(request("db.example.com", caller)).await.is_ok());
+        assert!(map.dial(request("www.example.com", None)).await.is_ok());
     }
 
     #[test]

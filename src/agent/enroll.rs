@@ -240,10 +240,15 @@ pub(super) fn check_reply(
     )
     .map_err(|m| EnrollClientError::BadReply(m.to_string()))?;
     let (hosts, not_after) = (cert.dns_names, cert.not_after);
+    // Only names the certificate holds: the rest would mean nothing here.
+    let private = (reply.private.into_iter())
+        .filter(|p| hosts.contains(p))
+        .collect();
     Ok(Identity {
         server: server.to_string(),
         agent: reply.agent,
         identity: reply.identity,
+        private,
         hosts,
         not_after,
         cert_pem: reply.certificate,

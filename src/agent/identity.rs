@@ -5,7 +5,7 @@
 //! | `agent.key`  | 0600 | the agent's private key; generated here, never sent anywhere |
 //! | `agent.crt`  | 0644 | the agent's certificate, issued by the proxy's CA |
 //! | `ca.crt`     | 0644 | the proxy's CA certificate, pinned at enrollment |
-//! | `agent.json` | 0644 | proxy address, agent name and identity |
+//! | `agent.json` | 0644 | proxy address, agent name and identity, the names granted privately |
 //!
 //! The four files are replaced together with `fsutil::replace_all`, so a crash during a
 //! re-enrollment leaves the old identity or the new one, never a key that does not match
@@ -34,6 +34,9 @@ pub struct Identity {
     pub identity: String,
     /// Names the certificate authorizes.
     pub hosts: Vec<String>,
+    /// Of those, the ones granted privately at enrollment or the last renewal: served only
+    /// to mesh streams, never to a stream without a caller.
+    pub private: Vec<String>,
     /// Expiry, seconds since the Unix epoch.
     pub not_after: i64,
     pub cert_pem: String,
@@ -47,6 +50,7 @@ impl std::fmt::Debug for Identity {
             .field("server", &self.server)
             .field("identity", &self.identity)
             .field("hosts", &self.hosts)
+            .field("private", &self.private)
             .field("not_after", &self.not_after)
             .finish_non_exhaustive()
     }
@@ -58,6 +62,8 @@ struct Info {
     server: String,
     agent: String,
     identity: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    private: Vec<String>,
 }
 
 /// Why the identity could not be loaded or saved.
@@ -136,6 +142,7 @@ impl Identity {
             server: info.server,
             agent: info.agent,
             identity: info.identity,
+            private: info.private,
             hosts,
             not_after,
             cert_pem,
@@ -152,6 +159,7 @@ impl Identity {
             server: self.server.clone(),
             agent: self.agent.clone(),
             identity: self.identity.clone(),
+            private: self.private.clone(),
         })
         .expect("info serializes");
         fsutil::replace_all(

@@ -244,7 +244,11 @@ impl AgentBuilder {
             ctx: Arc::new(SessionCtx {
                 server: self.server.unwrap_or_else(|| identity.server.clone()),
                 tunnels_up: tokio::sync::watch::channel(Default::default()).0,
-                services: Arc::new(ServiceMap::new(entries, metrics.clone())),
+                services: Arc::new(ServiceMap::new(
+                    entries,
+                    identity.private.clone(),
+                    metrics.clone(),
+                )),
                 metrics,
                 up: Arc::default(),
                 drain_grace: self.drain_grace,
@@ -340,7 +344,7 @@ impl AgentReloader {
             .map_err(|_| stopped())?
             .map_err(AgentError::Connect)?;
         let count = entries.len();
-        self.services.replace(entries);
+        self.services.replace(entries, identity.private.clone());
         Ok(format!("{count} service(s); {connected}"))
     }
 }

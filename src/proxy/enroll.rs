@@ -284,7 +284,7 @@ async fn handle(
             shared.state.refresh().await;
             info!(%peer, token_id = %body.token_id, agent = %done.agent, serial = %done.serial,
                   retry = done.reissued, "agent enrolled");
-            json(StatusCode::OK, &reply(done))
+            json(StatusCode::OK, &reply(done, &shared.state.get()))
         }
         Ok(Err(EnrollError::Internal(e))) if e.is_unavailable() => {
             forgive();
@@ -403,7 +403,7 @@ async fn renew(
             shared.state.refresh().await;
             info!(%peer, agent = %done.agent, old_serial = %serial, serial = %done.serial,
                   retry = done.reissued, "certificate renewed");
-            json(StatusCode::OK, &reply(done))
+            json(StatusCode::OK, &reply(done, &shared.state.get()))
         }
         Ok(Err(EnrollError::Internal(e))) if e.is_unavailable() => {
             warn!(%peer, error = %e, "renewal deferred: the store is unavailable");
@@ -435,8 +435,15 @@ fn rate_limited(wait: Duration, what: &str) -> Response<Full<Bytes>> {
     )
 }
 
-fn reply(done: revproxy_ca::Enrolled) -> EnrollReply {
+/// The answer to an enrollment or renewal; `state` holds the agent's grant (read after
+/// the change), which says which of its names are private.
+fn reply(done: revproxy_ca::Enrolled, state: &Snapshot) -> EnrollReply {
+    let private = (state.private_of.get(&done.agent).into_iter().flatten())
+        .filter(|p| done.hosts.contains(p))
+        .cloned()
+        .collect();
     EnrollReply {
+        private,
         agent: done.agent,
         identity: done.identity,
         hosts: done.hosts,

@@ -321,9 +321,9 @@ async fn read_name(
 /// whether some agent is granted it (offline) or nothing is (no route).
 ///
 /// The most specific match first (DESIGN.md section 5): agents granted the exact name,
-/// then a static route for it, then agents holding a wildcard. Only what agents serve
-/// publicly is looked up: a name granted privately looks like any unknown name (and a
-/// static route under a private grant is not offered either).
+/// then a static route for it, then agents holding a wildcard. A name any agent's private
+/// grant covers is never routed from here, whatever public grant (an exact name or a
+/// wildcard, of any agent) or static route covers it too: it looks like any unknown name.
 async fn lookup(
     shared: &Shared,
     name: &str,
@@ -332,12 +332,12 @@ async fn lookup(
     id: ConnId,
 ) -> Result<(Found, Option<String>), bool> {
     let state = shared.state.get();
+    if state.covers_private(name) {
+        debug!(%peer, conn = %id, host = %name, "a private name asked for on a public listener");
+        return Err(false);
+    }
     let mut found = shared.registry.lookup(name);
-    let route = settings
-        .routes
-        .get(name)
-        .filter(|_| !state.covers_private(name))
-        .cloned();
+    let route = settings.routes.get(name).cloned();
     // Just after an upgrade the agents are still moving here: a client of a name they
     // serve waits for its tunnel rather than hearing that the name is offline.
     if let Some(until) = shared.hold_until {

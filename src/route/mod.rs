@@ -124,18 +124,9 @@ impl std::fmt::Display for Cidr {
     }
 }
 
-/// Whether the granted/served `pattern` covers the `name` a client asked for.
-///
-/// Both are lower-case DNS names. `*.example.com` covers exactly one more label
-/// (`a.example.com`, not `example.com` nor `a.b.example.com`), as in RFC 6125.
-pub(crate) fn name_matches(pattern: &str, name: &str) -> bool {
-    match pattern.strip_prefix("*.") {
-        Some(suffix) => name
-            .split_once('.')
-            .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
-        None => pattern == name,
-    }
-}
+/// Whether the granted/served `pattern` covers the `name` a client asked for (one rule
+/// for the CA's tools and for routing).
+pub(crate) use revproxy_ca::names::name_matches;
 
 #[cfg(test)]
 mod tests {

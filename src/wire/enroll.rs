@@ -84,6 +84,10 @@ pub struct EnrollReply {
     pub certificate: String,
     /// The CA certificate, PEM.
     pub ca: String,
+    /// Of `hosts`, those granted privately: the agent serves them only to mesh streams
+    /// (which carry a caller). Absent from proxies before it, and when there are none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub private: Vec<String>,
 }
 
 /// The body of every error answer (HTTP 4xx/5xx).

@@ -618,6 +618,7 @@ pub fn issue_identity(
         agent: issued.agent.clone(),
         identity: issued.identity.clone(),
         hosts: issued.hosts.clone(),
+        private: Vec::new(),
         not_after: issued.not_after,
         cert_pem: issued.cert_pem.clone(),
         key_pem: key.serialize_pem(),

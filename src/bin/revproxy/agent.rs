@@ -1,9 +1,10 @@
 //! `revproxy agent set-hosts`: the names an enrolled agent may serve, without a new certificate.
 
 use clap::Subcommand;
+use time::OffsetDateTime;
 
 use crate::state::StateArg;
-use crate::{names_or_nothing, Failure};
+use crate::{names_or_nothing, note_private_under_public, Failure};
 
 #[derive(Subcommand)]
 pub(crate) enum AgentCommand {
@@ -22,15 +23,17 @@ pub(crate) enum AgentCommand {
 }
 
 impl AgentCommand {
-    pub(crate) fn run(self) -> Result<(), Failure> {
+    pub(crate) fn run(self, now: OffsetDateTime) -> Result<(), Failure> {
         match self {
             AgentCommand::SetHosts {
                 state,
                 agent,
                 hosts,
             } => {
-                let hosts = state.open()?.set_hosts(&agent, &hosts)?;
+                let ca = state.open()?;
+                let hosts = ca.set_hosts(&agent, &hosts)?;
                 eprintln!("{agent} may now serve: {}", names_or_nothing(&hosts));
+                note_private_under_public(&ca, now, &hosts);
             }
         }
         Ok(())

@@ -114,7 +114,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Ca(command) => command.run(now),
         Command::Token(command) => command.run(now),
         Command::Cert(command) => command.run(now),
-        Command::Agent(command) => command.run(),
+        Command::Agent(command) => command.run(now),
         Command::Access(command) => command.run(),
         Command::Operator(command) => command.run(now),
         Command::Serve(args) => args.run(),
@@ -130,6 +130,22 @@ fn names_or_nothing(names: &[String]) -> String {
         "nothing".to_string()
     } else {
         names.join(" ")
+    }
+}
+
+/// Says on stderr which private names a public wildcard also covers, among those that
+/// involve `granted` (names just granted, publicly or privately): the private grant wins,
+/// so such a name is never routed from a public listener.
+fn note_private_under_public(ca: &revproxy::ca::Ca, now: time::OffsetDateTime, granted: &[String]) {
+    let Ok(pairs) = ca.private_under_public(now.unix_timestamp()) else {
+        return;
+    };
+    for (name, pattern) in pairs {
+        if granted.contains(&name) || granted.contains(&pattern) {
+            eprintln!(
+                "note: {name} is granted privately, so no public listener routes it, although the public grant {pattern} covers it"
+            );
+        }
     }
 }
 

@@ -66,6 +66,9 @@ impl TokenCommand {
                 cert_ttl,
             } => {
                 let ca = state.open()?;
+                let granted: Vec<String> = (hosts.iter().chain(&private_hosts))
+                    .filter_map(|h| ca::names::normalize_host(h).ok())
+                    .collect();
                 let token = ca.create_token(
                     &NewToken {
                         agent: name,
@@ -79,6 +82,7 @@ impl TokenCommand {
                     now,
                 )?;
                 println!("{}", token.encode());
+                crate::note_private_under_public(&ca, now, &granted);
             }
             TokenCommand::List(state) => {
                 let ca = state.open()?;
