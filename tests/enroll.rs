@@ -277,6 +277,50 @@ async fn failed_attempts_are_rate_limited_per_source() {
     proxy.stop().await;
 }
 
+/// A wrong secret or an unknown token id is refused from memory, before the enrollment
+/// queue and the state's lock: with the lock held elsewhere (a command on the state, a
+/// slow disk), the refusals still come at once. Wrong secrets are counted per token too:
+/// past the limit the proxy says someone is trying secrets for that token (whatever
+/// addresses they come from), and its holder still enrolls.
+#[tokio::test]
+async fn wrong_secrets_are_refused_from_memory_and_counted_per_token() {
+    let (_guard, mut logs) = common::watch_logs(tracing::Level::WARN);
+    // The per-source limit (429 past it) is not what this is about.
+    let proxy =
+        TestProxy::start_with(|b| b.enroll_failure_limit(100, Duration::from_secs(60))).await;
+    let good = proxy.token(&["app.example.com"]);
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(proxy.dir.path().join("state.lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let mut unknown = good.clone();
+    unknown.public.id = "0123456789abcdef".into();
+    let err = agent::enroll(&unknown, state.path()).await.unwrap_err();
+    assert_eq!(err.code(), Some("unknown_token"), "{err}");
+    for i in 0..10 {
+        let mut bad = good.clone();
+        bad.secret = revproxy::ca::Secret::generate();
+        let err = agent::enroll(&bad, state.path()).await.unwrap_err();
+        assert_eq!(err.code(), Some("wrong_secret"), "attempt {i}: {err}");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "refusals waited for the lock: {took:?}"
+    );
+    common::log_line(&mut logs, "someone is trying secrets for it").await;
+    lock.unlock().unwrap();
+    drop(lock);
+    agent::enroll(&good, state.path()).await.unwrap();
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn re_enrolling_replaces_the_identity_and_a_failed_one_keeps_it() {
     let proxy = TestProxy::start().await;

@@ -29,13 +29,9 @@ pub(super) struct Peer {
 /// Least time between two store reads for tunnel admission (at most 20 a second).
 const RELOAD_AT_MOST: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// Reads the agent's certificate `der` and returns who it is and the names to register
-/// its tunnel under, or `None` (logged) to refuse the tunnel.
-pub(super) async fn admit(
-    shared: &Shared,
-    der: Option<&[u8]>,
-    peer: SocketAddr,
-) -> Option<(Peer, super::registry::Served)> {
+/// Reads the agent's certificate `der` and returns who it is, or `None` (logged) to refuse
+/// the tunnel. What it serves is decided as it is registered (`Registry::insert`).
+pub(super) async fn admit(shared: &Shared, der: Option<&[u8]>, peer: SocketAddr) -> Option<Peer> {
     let Some(who) = der.and_then(peer_of) else {
         warn!(%peer, "tunnel without a readable client certificate; closing");
         shared.metrics.tunnel_refused("no_certificate");
@@ -64,8 +60,7 @@ pub(super) async fn admit(
         shared.metrics.tunnel_refused("unknown_certificate");
         return None;
     }
-    let hosts = state.served(&who.agent, &who.cert_hosts);
-    Some((who, hosts))
+    Some(who)
 }
 
 fn peer_of(der: &[u8]) -> Option<Peer> {

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::accept::{self, AcceptCounters, Acceptor, PerSource, SourceSlot};
 use super::admit::{admit, Peer};
-use super::registry::Tunnel;
+use super::registry::{NotRegistered, Tunnel};
 use super::{enroll, mesh, Limits, Shared};
 use crate::runtime::shutdown::Trigger;
 use crate::tls;
@@ -213,14 +213,14 @@ async fn serve_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, unprov
             .map(|c| c.serial);
         return enroll::serve(shared, stream, peer, client_serial).await;
     }
-    let Some((who, hosts)) = admit(&shared, der.as_deref(), peer).await else {
+    let Some(who) = admit(&shared, der.as_deref(), peer).await else {
         return;
     };
     if stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_CONNECT) {
         return mesh_channel(shared, who, stream, peer, unproven).await;
     }
     match tunnel::accept_h2(stream).await {
-        Ok((link, conn)) => hold(shared, who, hosts, link, conn, peer, unproven).await,
+        Ok((link, conn)) => hold(shared, who, link, conn, peer, unproven).await,
         Err(e) => debug!(%peer, agent = %who.agent, error = %e, "tunnel handshake failed"),
     }
 }
@@ -295,10 +295,10 @@ async fn serve_quic(
         }
         Err(e) => return debug!(%peer, error = %e, "QUIC handshake failed"),
     };
-    let Some((who, hosts)) = admit(&shared, der.as_deref(), peer).await else {
+    let Some(who) = admit(&shared, der.as_deref(), peer).await else {
         return conn.refuse();
     };
-    hold(shared, who, hosts, link, conn, peer, unproven).await;
+    hold(shared, who, link, conn, peer, unproven).await;
 }
 
 /// Registers a tunnel under `hosts` and holds it until it closes, dies, is closed by the
@@ -307,7 +307,6 @@ async fn serve_quic(
 async fn hold(
     shared: Arc<Shared>,
     who: Peer,
-    hosts: super::registry::Served,
     link: tunnel::Link,
     conn: tunnel::ProxyConn,
     peer: SocketAddr,
@@ -316,15 +315,27 @@ async fn hold(
     let id = shared.registry.next_id();
     let on_upward = upward(&shared, &who, peer);
     let tunnel = Arc::new(Tunnel::new(id, who, link, peer));
-    if let Err(held) =
-        shared
-            .registry
-            .insert(tunnel.clone(), hosts.clone(), shared.max_tunnels_per_agent)
-    {
-        warn!(%peer, agent = %tunnel.agent, held, "agent holds its most tunnels already; refusing another");
-        shared.metrics.tunnel_refused("over_limit");
-        return conn.refuse();
-    }
+    let current = || shared.state.get();
+    let registered =
+        (shared.registry).insert(tunnel.clone(), shared.max_tunnels_per_agent, current);
+    let hosts = match registered {
+        Ok(hosts) => hosts,
+        Err(NotRegistered::OverLimit(held)) => {
+            warn!(%peer, agent = %tunnel.agent, held, "agent holds its most tunnels already; refusing another");
+            shared.metrics.tunnel_refused("over_limit");
+            return conn.refuse();
+        }
+        Err(NotRegistered::Revoked) => {
+            warn!(%peer, agent = %tunnel.agent, serial = %tunnel.serial, "certificate revoked while its tunnel was being admitted; closing it");
+            shared.metrics.tunnel_refused("revoked");
+            return conn.refuse();
+        }
+        Err(NotRegistered::NotOnRecord) => {
+            warn!(%peer, agent = %tunnel.agent, serial = %tunnel.serial, "certificate no longer on record; closing the tunnel");
+            shared.metrics.tunnel_refused("unknown_certificate");
+            return conn.refuse();
+        }
+    };
     drop(unproven);
     shared.metrics.tunnel_up(tunnel.transport());
     info!(agent = %tunnel.agent, tunnel = id, transport = tunnel.transport(), ?hosts, "tunnel up");

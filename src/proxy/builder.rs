@@ -355,6 +355,10 @@ impl ProxyBuilder {
                     ratelimit::RENEWALS_PER_WINDOW,
                     ratelimit::RENEWAL_WINDOW,
                 )),
+                wrong_secrets: Mutex::new(AttemptLimiter::new(
+                    ratelimit::WRONG_SECRETS_PER_TOKEN,
+                    ratelimit::WRONG_SECRET_WINDOW,
+                )),
                 min_renewal_age_percent: self.min_renewal_age_percent,
                 registry: Arc::new(Registry::default()),
                 state,

@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
 use super::accept::source_key;
+use super::ratelimit;
 use super::state::Snapshot;
 use super::Shared;
 use crate::wire::enroll::{
@@ -253,6 +254,25 @@ async fn handle(
         let e = EnrollError::WrongSecret;
         return fail(status_of(&e), e.code(), e.to_string());
     };
+    // The id and the secret are checked against memory before the queue and the state's
+    // lock: an unknown id or a wrong secret costs neither. (A token minted a moment ago
+    // may not be in the view yet: read again, at most a few times a second for all.)
+    let stored = |snapshot: Arc<Snapshot>| snapshot.token_secrets.get(&body.token_id).copied();
+    let stored = match stored(shared.state.get()) {
+        Some(hash) => Some(hash),
+        None => stored(shared.state.refresh_seldom(FORCED_RELOAD).await),
+    };
+    let e = match stored {
+        None => Some(EnrollError::UnknownToken),
+        Some(hash) if !hash.matches(&secret.hash()) => {
+            wrong_secret(shared, &body.token_id);
+            Some(EnrollError::WrongSecret)
+        }
+        Some(_) => None,
+    };
+    if let Some(e) = e {
+        return fail(status_of(&e), e.code(), e.to_string());
+    }
 
     let outcome = {
         let Ok(_turn) = tokio::time::timeout(GATE_TIMEOUT, shared.enroll_gate.lock()).await else {
@@ -305,6 +325,20 @@ async fn handle(
             tracing::error!(%peer, error = %join, "enrollment task failed");
             internal("enrollment")
         }
+    }
+}
+
+/// Counts a wrong secret for `token_id`, and says once per window when a token gets more
+/// than [`ratelimit::WRONG_SECRETS_PER_TOKEN`] (someone is trying secrets for it, from
+/// however many addresses). Its holder is never locked out: the right secret still works.
+fn wrong_secret(shared: &Shared, token_id: &str) {
+    let mut limiter = shared.wrong_secrets.lock().expect("limiter lock");
+    let now = Instant::now();
+    let was_under = limiter.check(&token_id.to_string(), now).is_ok();
+    limiter.record(&token_id.to_string(), now);
+    if was_under && limiter.check(&token_id.to_string(), now).is_err() {
+        warn!(token_id, "more than {} wrong secrets for this token within {:?}: someone is trying secrets for it; it stays usable by its holder (revoke it with `revproxy token revoke {token_id}` if it leaked)",
+              ratelimit::WRONG_SECRETS_PER_TOKEN, ratelimit::WRONG_SECRET_WINDOW);
     }
 }
 

@@ -178,6 +178,8 @@ struct Shared {
     limiter: Mutex<AttemptLimiter<IpAddr>>,
     /// Renewal requests per certificate serial.
     renew_limiter: Mutex<AttemptLimiter<String>>,
+    /// Wrong enrollment secrets per token id.
+    wrong_secrets: Mutex<AttemptLimiter<String>>,
     /// Part of its lifetime a certificate must have lived before it may be renewed.
     min_renewal_age_percent: u8,
     registry: Arc<Registry>,

@@ -20,6 +20,11 @@ pub(super) const RENEWALS_PER_WINDOW: u32 = 10;
 /// Length of the renewal window: short next to the third of a one-hour certificate's
 /// lifetime that is left when its agent starts renewing.
 pub(super) const RENEWAL_WINDOW: Duration = Duration::from_secs(5 * 60);
+/// Wrong secrets per token id in one window before the proxy says someone is trying
+/// secrets for it (from any number of addresses; the per-source limit does not see that).
+pub(super) const WRONG_SECRETS_PER_TOKEN: u32 = 10;
+/// Length of that window.
+pub(super) const WRONG_SECRET_WINDOW: Duration = Duration::from_secs(60);
 /// Most keys tracked at once.
 pub(super) const MAX_TRACKED: usize = 10_000;
 

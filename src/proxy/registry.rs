@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use super::admit::Peer;
+use super::state::Snapshot;
 use crate::tunnel::{Link, OpenError, OpenRequest, TunnelStream};
 
 /// One live tunnel to an agent.
@@ -185,20 +186,37 @@ impl Default for Registry {
     }
 }
 
+/// Why a tunnel was not registered.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum NotRegistered {
+    /// Its agent holds this many tunnels already.
+    OverLimit(usize),
+    /// Its certificate was revoked since it was admitted.
+    Revoked,
+    /// Its certificate is no longer on record.
+    NotOnRecord,
+}
+
 impl Registry {
     /// A fresh tunnel id.
     pub(super) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Registers `tunnel` as serving `hosts`, unless its agent already holds `max`
-    /// tunnels (draining ones included): then returns how many it holds.
+    /// Registers `tunnel` as serving what the state in force grants it, and returns that,
+    /// unless its agent already holds `max` tunnels (draining ones included) or its
+    /// certificate is revoked by now.
+    ///
+    /// The state is read (`current`) under the registry's lock: a tunnel admitted on a
+    /// state read just before a revocation is either refused here or still registered
+    /// when the state watch applies the revocation ([`Self::apply`]), never missed by
+    /// both.
     pub(super) fn insert(
         &self,
         tunnel: Arc<Tunnel>,
-        hosts: Served,
         max: usize,
-    ) -> Result<(), usize> {
+        current: impl FnOnce() -> Arc<Snapshot>,
+    ) -> Result<Served, NotRegistered> {
         let mut inner = self.inner.write().expect("registry lock");
         let held = inner
             .tunnels
@@ -206,13 +224,21 @@ impl Registry {
             .filter(|(t, _)| t.agent == tunnel.agent)
             .count();
         if held >= max {
-            return Err(held);
+            return Err(NotRegistered::OverLimit(held));
         }
-        inner.tunnels.insert(tunnel.id, (tunnel, hosts));
+        let state = current();
+        if state.revoked.contains(&tunnel.serial) {
+            return Err(NotRegistered::Revoked);
+        }
+        if !state.live.contains(&tunnel.serial) {
+            return Err(NotRegistered::NotOnRecord);
+        }
+        let hosts = state.served(&tunnel.agent, &tunnel.cert_hosts);
+        inner.tunnels.insert(tunnel.id, (tunnel, hosts.clone()));
         inner.reindex();
         drop(inner);
         self.changes.send_modify(|n| *n += 1);
-        Ok(())
+        Ok(hosts)
     }
 
     /// The tunnels serving `name` to public clients ([`Self::lookup`]), waiting until
@@ -264,7 +290,7 @@ impl Registry {
 
     /// Brings live tunnels in line with the proxy state: tunnels of revoked certificates
     /// are closed, and every tunnel serves what its agent is granted now.
-    pub(super) fn apply(&self, state: &super::state::Snapshot) {
+    pub(super) fn apply(&self, state: &Snapshot) {
         let mut inner = self.inner.write().expect("registry lock");
         let mut changed = false;
         inner.tunnels.retain(|_, (tunnel, hosts)| {
@@ -487,5 +513,64 @@ impl ProxyStatus {
             }
         };
         tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tunnel of agent `web` (serial `01`, certificate for `app.example.com`) over a
+    /// real HTTP/2 connection in memory.
+    async fn tunnel(id: u64) -> Arc<Tunnel> {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            if let Ok(mut conn) = h2::server::handshake(server).await {
+                while conn.accept().await.is_some() {}
+            }
+        });
+        let (send, conn) = h2::client::handshake(client).await.unwrap();
+        tokio::spawn(conn);
+        let who = Peer {
+            agent: "web".into(),
+            serial: "01".into(),
+            cert_hosts: vec!["app.example.com".into()],
+            not_after: i64::MAX,
+        };
+        let peer = "127.0.0.1:9".parse().unwrap();
+        Arc::new(Tunnel::new(id, who, Link::H2(send), peer))
+    }
+
+    fn state(revoked: bool) -> Arc<Snapshot> {
+        let mut s = Snapshot::default();
+        s.live.insert("01".into());
+        if revoked {
+            s.live.clear();
+            s.revoked.insert("01".into());
+        }
+        s.public
+            .insert("web".into(), vec!["app.example.com".into()]);
+        s.grants
+            .insert("web".into(), vec!["app.example.com".into()]);
+        Arc::new(s)
+    }
+
+    /// A tunnel admitted on a state read just before a revocation is checked again as it
+    /// registers, against the state in force then: refused, and nothing routes to it.
+    #[tokio::test]
+    async fn a_tunnel_revoked_while_it_was_admitted_is_not_registered() {
+        let registry = Registry::default();
+        let refused = registry.insert(tunnel(1).await, 4, || state(true));
+        assert_eq!(refused.err(), Some(NotRegistered::Revoked));
+        assert!(registry.lookup("app.example.com").is_empty());
+
+        let served = registry
+            .insert(tunnel(2).await, 4, || state(false))
+            .unwrap();
+        assert_eq!(served.public, ["app.example.com"]);
+        assert!(!registry.lookup("app.example.com").is_empty());
+        // And one arriving once the agent holds its most is refused for that.
+        let over = registry.insert(tunnel(3).await, 1, || state(false));
+        assert_eq!(over.err(), Some(NotRegistered::OverLimit(1)));
     }
 }

@@ -36,6 +36,10 @@ pub(super) struct Snapshot {
     /// Ids of the tokens that can still be used (unused, not revoked, not expired when
     /// loaded): enrollment hears these even from a source over its failure limit.
     pub(super) open_tokens: HashSet<String>,
+    /// The stored hash of every token's secret (used ones too: a retry with the same key
+    /// gets its certificate again), by token id: enrollment checks a secret here before
+    /// it queues for the state's lock.
+    pub(super) token_secrets: HashMap<String, revproxy_ca::SecretHash>,
     /// Names each agent may currently serve, public and private.
     pub(super) grants: HashMap<String, Vec<String>>,
     /// Of those, the ones each agent serves to public clients.
@@ -51,6 +55,12 @@ pub(super) struct Snapshot {
     /// Hex serials of the operator certificates on record and not revoked: the only
     /// clients the admin listener admits beyond loopback.
     pub(super) operators: HashSet<String>,
+}
+
+/// A stored secret hash (hex); `None` if malformed (the CA then says so at enrollment).
+fn secret_hash(hex: &str) -> Option<revproxy_ca::SecretHash> {
+    let bytes = revproxy_ca::hex::decode(hex)?;
+    Some(revproxy_ca::SecretHash(bytes.try_into().ok()?))
 }
 
 impl Snapshot {
@@ -88,6 +98,9 @@ impl Snapshot {
                     .map(|t| t.id.clone())
                     .collect()
             },
+            token_secrets: (state.tokens.iter())
+                .filter_map(|t| Some((t.id.clone(), secret_hash(&t.secret_sha256)?)))
+                .collect(),
             private: (state.agents.values())
                 .flat_map(|g| g.private.iter().cloned())
                 .collect(),
