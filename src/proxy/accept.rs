@@ -69,11 +69,24 @@ pub(super) fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// How many connections each source has, bounded per source (see [`source_key`]).
+/// The wider network a source belongs to: an IPv4 /24 or an IPv6 /48 (one site's
+/// allocation), for caps that many addresses of one network share.
+pub(super) fn prefix_key(ip: IpAddr) -> IpAddr {
+    match source_key(ip) {
+        IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) & !0xff).into()),
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 80) - 1)).into()),
+    }
+}
+
+/// How many connections each source has, bounded per source (see [`source_key`]) and,
+/// where a cap is set, per wider prefix ([`prefix_key`]).
 #[derive(Debug)]
 pub(super) struct PerSource {
     max: usize,
     counts: Mutex<HashMap<IpAddr, usize>>,
+    /// Most connections at once from one prefix, and how many each has.
+    prefix_max: Option<usize>,
+    prefixes: Mutex<HashMap<IpAddr, usize>>,
     /// Sources not counted here: trusted load balancers, whose clients are counted once
     /// their PROXY header says who they are (`public.rs`).
     exempt: std::sync::RwLock<Vec<crate::route::Cidr>>,
@@ -85,19 +98,40 @@ pub(super) struct SourceSlot {
     owner: Arc<PerSource>,
     /// `None` for an exempt source: nothing to give back.
     ip: Option<IpAddr>,
+    /// Its prefix, when prefixes are counted.
+    prefix: Option<IpAddr>,
+}
+
+/// Why a source got no slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Full {
+    /// The address (or IPv6 /64) holds its share.
+    Source,
+    /// Its /24 (IPv6 /48) holds its share.
+    Prefix,
 }
 
 impl PerSource {
-    pub(super) fn new(max: usize) -> Arc<PerSource> {
-        PerSource::with_exempt(max, Vec::new())
-    }
-
-    /// Like [`PerSource::new`], not counting sources in `exempt`.
+    /// At most `max` connections per source, not counting sources in `exempt`.
     pub(super) fn with_exempt(max: usize, exempt: Vec<crate::route::Cidr>) -> Arc<PerSource> {
         Arc::new(PerSource {
             max,
             counts: Mutex::default(),
+            prefix_max: None,
+            prefixes: Mutex::default(),
             exempt: std::sync::RwLock::new(exempt),
+        })
+    }
+
+    /// At most `max` connections per source, and also bounding each prefix ([`prefix_key`]) to
+    /// `prefix_max` connections at once.
+    pub(super) fn with_prefix_cap(max: usize, prefix_max: usize) -> Arc<PerSource> {
+        Arc::new(PerSource {
+            max,
+            counts: Mutex::default(),
+            prefix_max: Some(prefix_max),
+            prefixes: Mutex::default(),
+            exempt: std::sync::RwLock::new(Vec::new()),
         })
     }
 
@@ -106,18 +140,41 @@ impl PerSource {
         *self.exempt.write().expect("exempt sources") = exempt;
     }
 
-    /// A slot for one more connection from `ip`'s source, unless it has `max` already.
-    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+    /// A slot for one more connection from `ip`'s source, unless it (or its prefix) has
+    /// its most already.
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Result<SourceSlot, Full> {
         if (self.exempt.read().expect("exempt sources"))
             .iter()
             .any(|net| net.contains(ip))
         {
-            return Some(SourceSlot {
+            return Ok(SourceSlot {
                 owner: self.clone(),
                 ip: None,
+                prefix: None,
             });
         }
-        self.take_counted(ip)
+        let prefix = match self.prefix_max {
+            Some(most) => {
+                let prefix = prefix_key(ip);
+                let mut prefixes = self.prefixes.lock().expect("per-prefix counts");
+                let count = prefixes.entry(prefix).or_insert(0);
+                if *count >= most {
+                    return Err(Full::Prefix);
+                }
+                *count += 1;
+                Some(prefix)
+            }
+            None => None,
+        };
+        // Counted in its prefix already: if the address has no room, this gives it back.
+        let mut in_prefix = SourceSlot {
+            owner: self.clone(),
+            ip: None,
+            prefix,
+        };
+        let mut slot = self.take_counted(ip).ok_or(Full::Source)?;
+        slot.prefix = in_prefix.prefix.take();
+        Ok(slot)
     }
 
     /// A slot for `ip`'s source, counted even if it is exempt: for the client a trusted
@@ -133,20 +190,70 @@ impl PerSource {
         Some(SourceSlot {
             owner: self.clone(),
             ip: Some(ip),
+            prefix: None,
         })
     }
 }
 
 impl Drop for SourceSlot {
     fn drop(&mut self) {
-        let Some(ip) = self.ip else { return };
-        let mut counts = self.owner.counts.lock().expect("per-source counts");
-        if let Some(count) = counts.get_mut(&ip) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&ip); // the map holds only sources with connections
+        // The maps hold only sources and prefixes with connections.
+        let give_back = |map: &Mutex<HashMap<IpAddr, usize>>, key: IpAddr| {
+            let mut counts = map.lock().expect("per-source counts");
+            if let Some(count) = counts.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    counts.remove(&key);
+                }
+            }
+        };
+        if let Some(ip) = self.ip {
+            give_back(&self.owner.counts, ip);
+        }
+        if let Some(prefix) = self.prefix {
+            give_back(&self.owner.prefixes, prefix);
+        }
+    }
+}
+
+/// Says a refusal at warn at most once per source per [`REFUSAL_LOG_EVERY`], with how
+/// many went unsaid since; the rest at debug. A flood from many connections then costs
+/// the log a line per source and interval, not a line per connection.
+#[derive(Debug, Default)]
+pub(super) struct RefusalLog {
+    last: Mutex<HashMap<IpAddr, (std::time::Instant, u64)>>,
+}
+
+/// Least time between two warnings about one source's refused connections.
+pub(super) const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Sources the refusal log remembers at once; past that, new ones are refused quietly
+/// until old entries expire (a flood from that many sources is one event to the log).
+const REFUSAL_LOG_SOURCES: usize = 4096;
+
+impl RefusalLog {
+    /// `Some(unsaid)` if a refusal from `ip` is to be said now (with how many were not
+    /// since the last time), `None` if it goes to debug.
+    pub(super) fn loud(&self, ip: IpAddr) -> Option<u64> {
+        let key = source_key(ip);
+        let now = std::time::Instant::now();
+        let mut last = self.last.lock().expect("refusal log");
+        if let Some((at, unsaid)) = last.get_mut(&key) {
+            if now.duration_since(*at) < REFUSAL_LOG_EVERY {
+                *unsaid += 1;
+                return None;
+            }
+            let said = *unsaid;
+            (*at, *unsaid) = (now, 0);
+            return Some(said);
+        }
+        if last.len() >= REFUSAL_LOG_SOURCES {
+            last.retain(|_, (at, _)| now.duration_since(*at) < REFUSAL_LOG_EVERY);
+            if last.len() >= REFUSAL_LOG_SOURCES {
+                return None;
             }
         }
+        last.insert(key, (now, 0));
+        Some(0)
     }
 }
 
@@ -156,8 +263,10 @@ pub(super) struct AcceptCounters {
     pub(super) accepted: Option<prometheus::IntCounter>,
     /// Turned away: the listener held its most connections.
     pub(super) over_limit: Option<prometheus::IntCounter>,
-    /// Turned away: the source held its share.
+    /// Turned away: the source (or its prefix) held its share.
     pub(super) over_source: Option<prometheus::IntCounter>,
+    /// Where refusals are said (at most once per source and interval).
+    pub(super) log: Arc<RefusalLog>,
 }
 
 fn count(counter: &Option<prometheus::IntCounter>) {
@@ -216,16 +325,22 @@ pub(super) async fn serve<A, F, Fut>(
                 let Some((conn, peer)) = accepted else { break };
                 count(&counters.accepted);
                 let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    warn!(%peer, "at the connection limit; refusing");
+                    match counters.log.loud(peer.ip()) {
+                        Some(unsaid) => warn!(%peer, unsaid, "at the connection limit; refusing (further refusals from this source for 10 s at debug)"),
+                        None => debug!(%peer, "at the connection limit; refusing"),
+                    }
                     count(&counters.over_limit);
                     A::refuse(conn);
                     continue;
                 };
-                let Some(slot) = per_source.take(peer.ip()) else {
-                    debug!(%peer, max = per_source.max, "at the limit for this source; refusing");
-                    count(&counters.over_source);
-                    A::refuse(conn);
-                    continue;
+                let slot = match per_source.take(peer.ip()) {
+                    Ok(slot) => slot,
+                    Err(full) => {
+                        debug!(%peer, max = per_source.max, ?full, "at the limit for this source; refusing");
+                        count(&counters.over_source);
+                        A::refuse(conn);
+                        continue;
+                    }
                 };
                 let span = tracing::debug_span!("conn", %peer);
                 let work = handle(conn, peer, slot);
@@ -260,22 +375,57 @@ mod tests {
 
     #[test]
     fn one_source_is_an_ipv4_address_or_an_ipv6_64() {
-        let per = PerSource::new(2);
+        let per = PerSource::with_exempt(2, Vec::new());
         let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
         let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
         let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
         let (_x, _y) = (per.take(a).unwrap(), per.take(b).unwrap());
-        assert!(per.take(a).is_none(), "a third from the same /64");
-        assert!(per.take(c).is_some(), "another /64 is another source");
+        assert!(per.take(a).is_err(), "a third from the same /64");
+        assert!(per.take(c).is_ok(), "another /64 is another source");
         let v4: IpAddr = "192.0.2.7".parse().unwrap();
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
         let slot = per.take(v4).unwrap();
         let _m = per.take(mapped).unwrap();
         assert!(
-            per.take(v4).is_none(),
+            per.take(v4).is_err(),
             "v4-mapped counts as the same IPv4 address"
         );
         drop(slot);
-        assert!(per.take(v4).is_some(), "a slot is given back when dropped");
+        assert!(per.take(v4).is_ok(), "a slot is given back when dropped");
+    }
+
+    #[test]
+    fn a_prefix_cap_bounds_many_addresses_of_one_network() {
+        let per = PerSource::with_prefix_cap(2, 3);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let held: Vec<_> = ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+            .iter()
+            .map(|a| per.take(ip(a)).unwrap())
+            .collect();
+        assert_eq!(per.take(ip("192.0.2.4")).err(), Some(Full::Prefix));
+        assert!(per.take(ip("192.0.3.4")).is_ok(), "another /24");
+        // An address at its own cap gives its prefix slot back.
+        let per = PerSource::with_prefix_cap(1, 3);
+        let _one = per.take(ip("2001:db8:1::1")).unwrap();
+        assert_eq!(per.take(ip("2001:db8:1::1")).err(), Some(Full::Source));
+        let _two = per.take(ip("2001:db8:1:5::1")).unwrap();
+        let _three = per.take(ip("2001:db8:1:6::1")).unwrap();
+        assert_eq!(
+            per.take(ip("2001:db8:1:7::1")).err(),
+            Some(Full::Prefix),
+            "one /48"
+        );
+        assert!(per.take(ip("2001:db8:2::1")).is_ok());
+        drop(held);
+    }
+
+    #[test]
+    fn refusals_are_said_once_per_source_and_interval() {
+        let log = RefusalLog::default();
+        let (a, b) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        assert_eq!(log.loud(a), Some(0));
+        assert_eq!(log.loud(a), None);
+        assert_eq!(log.loud(a), None);
+        assert_eq!(log.loud(b), Some(0), "another source is said");
     }
 }

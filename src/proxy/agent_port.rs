@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::LazyConfigAcceptor;
 use tracing::{debug, info, warn};
 
-use super::accept::{self, AcceptCounters, Acceptor, PerSource, SourceSlot};
+use super::accept::{self, AcceptCounters, Acceptor, PerSource, RefusalLog, SourceSlot};
 use super::admit::{admit, Peer};
 use super::registry::{NotRegistered, Tunnel};
 use super::{enroll, mesh, Limits, Shared};
@@ -79,17 +79,34 @@ impl AgentPort {
         if let Ok(addr) = self.tcp.local_addr() {
             info!(%addr, pin = %shared.ca.pin(), "agent listener ready");
         }
+        let budgets = Arc::new(Budgets {
+            handshakes: Arc::new(Semaphore::new(limits.handshakes)),
+            enrollments: Arc::new(Semaphore::new(limits.enrollments)),
+            log: Arc::default(),
+        });
+        let counters = AcceptCounters {
+            accepted: None,
+            over_limit: Some(shared.metrics.agent_port_refused("connection_limit")),
+            over_source: Some(shared.metrics.agent_port_refused("source_limit")),
+            log: budgets.log.clone(),
+        };
         let tcp = {
-            let shared = shared.clone();
+            let (shared, budgets) = (shared.clone(), budgets.clone());
             let permits = Arc::new(Semaphore::new(limits.agents));
-            let per_source = PerSource::new(limits.handshakes_per_source);
+            let per_source = PerSource::with_prefix_cap(
+                limits.handshakes_per_source,
+                limits.handshakes_per_prefix,
+            );
             // Each connection runs on a lane: a tunnel there, with its client streams.
-            let handle = move |tcp: TcpStream, peer, slot| {
-                let shared = shared.clone();
+            let handle = move |tcp: TcpStream, peer: SocketAddr, slot| {
+                let (shared, budgets) = (shared.clone(), budgets.clone());
                 async move {
+                    let Some(unproven) = budgets.handshake(&shared, peer, slot) else {
+                        return;
+                    };
                     let lane = shared.lanes.pick();
-                    let on_lane = lane.run_with(tcp, move |tcp| serve_tcp(shared, tcp, peer, slot));
-                    if let Err(e) = on_lane.await {
+                    let serve = move |tcp| serve_tcp(shared, budgets, tcp, peer, unproven);
+                    if let Err(e) = lane.run_with(tcp, serve).await {
                         warn!(%peer, error = %e, "could not move a connection to a lane; dropped");
                     }
                 }
@@ -104,7 +121,7 @@ impl AgentPort {
                 permits,
                 per_source,
                 grace * 2,
-                AcceptCounters::default(),
+                counters.clone(),
                 handle,
             )
         };
@@ -116,9 +133,19 @@ impl AgentPort {
                 info!(%addr, "QUIC tunnel listener ready (udp)");
             }
             let permits = Arc::new(Semaphore::new(limits.agents));
-            let per_source = PerSource::new(limits.handshakes_per_source);
-            let handle =
-                move |incoming, peer, slot| serve_quic(shared.clone(), incoming, peer, slot);
+            let per_source = PerSource::with_prefix_cap(
+                limits.handshakes_per_source,
+                limits.handshakes_per_prefix,
+            );
+            let handle = move |incoming: quinn::Incoming, peer: SocketAddr, slot| {
+                let (shared, budgets) = (shared.clone(), budgets.clone());
+                async move {
+                    let Some(unproven) = budgets.handshake(&shared, peer, slot) else {
+                        return incoming.refuse();
+                    };
+                    serve_quic(shared, budgets, incoming, peer, unproven).await
+                }
+            };
             let acceptor = QuicAcceptor(endpoint.clone());
             accept::serve(
                 acceptor,
@@ -126,13 +153,63 @@ impl AgentPort {
                 permits,
                 per_source,
                 grace * 2,
-                AcceptCounters::default(),
+                counters,
                 handle,
             )
             .await;
             quic::proxy::close(&endpoint, "proxy shutting down").await;
         };
         tokio::join!(tcp, quic);
+    }
+}
+
+/// The agent port's budgets for connections that have not proven themselves yet (no
+/// verified client certificate): TLS handshakes under way, and enrollment exchanges. Kept
+/// apart from the port's connection limit, so that strangers can never take the room
+/// agents with certificates need to reconnect, renew and open mesh channels.
+struct Budgets {
+    handshakes: Arc<Semaphore>,
+    enrollments: Arc<Semaphore>,
+    /// Where refusals are said: once per source and interval.
+    log: Arc<RefusalLog>,
+}
+
+/// What a connection holds until it proves itself: its source's slot, and its place among
+/// the handshakes (given back once TLS is done).
+struct Unproven {
+    slot: SourceSlot,
+    handshake: OwnedSemaphorePermit,
+}
+
+impl Budgets {
+    /// A place among the handshakes, or `None` (counted, said) if there is none.
+    fn handshake(&self, shared: &Shared, peer: SocketAddr, slot: SourceSlot) -> Option<Unproven> {
+        match self.handshakes.clone().try_acquire_owned() {
+            Ok(handshake) => Some(Unproven { slot, handshake }),
+            Err(_) => {
+                self.refused(shared, peer, "handshakes");
+                None
+            }
+        }
+    }
+
+    /// A place among the enrollment exchanges, or `None` (counted, said).
+    fn enrollment(&self, shared: &Shared, peer: SocketAddr) -> Option<OwnedSemaphorePermit> {
+        let permit = self.enrollments.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.refused(shared, peer, "enrollments");
+        }
+        permit
+    }
+
+    fn refused(&self, shared: &Shared, peer: SocketAddr, budget: &'static str) {
+        shared.metrics.agent_port_refused(budget).inc();
+        match self.log.loud(peer.ip()) {
+            Some(unsaid) => {
+                warn!(%peer, budget, unsaid, "agent port: this budget is full; refusing a connection (further refusals from this source for 10 s at debug)")
+            }
+            None => debug!(%peer, budget, "agent port: this budget is full; refusing a connection"),
+        }
     }
 }
 
@@ -161,7 +238,13 @@ impl Acceptor for QuicAcceptor {
 /// `unproven` counts against its source until the connection is a registered tunnel or its
 /// enrollment exchange is over: a source cannot hold the port's permits with connections
 /// that finished TLS (enrollment needs no certificate) and then sit.
-async fn serve_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, unproven: SourceSlot) {
+async fn serve_tcp(
+    shared: Arc<Shared>,
+    budgets: Arc<Budgets>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    unproven: Unproven,
+) {
     let _ = tcp.set_nodelay(true);
     // Look at the ClientHello first: tunnels (ALPN h2) must present a certificate, which
     // is then checked in the handshake itself; enrollment cannot have one yet.
@@ -189,7 +272,12 @@ async fn serve_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, unprov
                     | rustls::Error::NoCertificatesPresented),
                 ) => {
                     shared.metrics.tunnel_refused("certificate");
-                    warn!(%peer, error = %tls_error, "agent certificate refused")
+                    match budgets.log.loud(peer.ip()) {
+                        Some(unsaid) => {
+                            warn!(%peer, error = %tls_error, unsaid, "agent certificate refused (further refusals from this source for 10 s at debug)")
+                        }
+                        None => debug!(%peer, error = %tls_error, "agent certificate refused"),
+                    }
                 }
                 _ => debug!(%peer, error = %e, "TLS handshake failed on the agent port"),
             }
@@ -200,6 +288,11 @@ async fn serve_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, unprov
             return;
         }
     };
+    let Unproven {
+        slot: unproven,
+        handshake,
+    } = unproven;
+    drop(handshake);
     let der = stream
         .get_ref()
         .1
@@ -211,6 +304,15 @@ async fn serve_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, unprov
             .as_deref()
             .and_then(revproxy_ca::CertSummary::from_der)
             .map(|c| c.serial);
+        // A renewal (a verified certificate) is an agent's; an enrollment anyone's, so it
+        // takes a place among the enrollments, and counts against its source meanwhile.
+        let _place = match client_serial {
+            Some(_) => None,
+            None => match budgets.enrollment(&shared, peer) {
+                Some(permit) => Some((permit, unproven)),
+                None => return,
+            },
+        };
         return enroll::serve(shared, stream, peer, client_serial).await;
     }
     let Some(who) = admit(&shared, der.as_deref(), peer).await else {
@@ -283,15 +385,27 @@ async fn mesh_channel(
 /// One QUIC connection on the agent port: always a tunnel.
 async fn serve_quic(
     shared: Arc<Shared>,
+    budgets: Arc<Budgets>,
     incoming: quinn::Incoming,
     peer: SocketAddr,
-    unproven: SourceSlot,
+    unproven: Unproven,
 ) {
-    let (link, conn, der) = match tunnel::accept_quic(incoming).await {
+    let accepted = tunnel::accept_quic(incoming).await;
+    let Unproven {
+        slot: unproven,
+        handshake,
+    } = unproven;
+    drop(handshake);
+    let (link, conn, der) = match accepted {
         Ok(accepted) => accepted,
         Err(e) if e.certificate_refused() => {
             shared.metrics.tunnel_refused("certificate");
-            return warn!(%peer, error = %e, "agent certificate refused (QUIC)");
+            return match budgets.log.loud(peer.ip()) {
+                Some(unsaid) => {
+                    warn!(%peer, error = %e, unsaid, "agent certificate refused (QUIC; further refusals from this source for 10 s at debug)")
+                }
+                None => debug!(%peer, error = %e, "agent certificate refused (QUIC)"),
+            };
         }
         Err(e) => return debug!(%peer, error = %e, "QUIC handshake failed"),
     };

@@ -29,6 +29,10 @@ use crate::wire::enroll::{
 
 /// Time allowed for the request head to arrive.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for the request body once its head came: an enrollment body is a CSR of
+/// a few hundred bytes (at most [`MAX_REQUEST_BODY`]), sent at once; a client that sends a
+/// head and then sits gives its place back this soon.
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time allowed for the whole exchange, body and answer included.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for the enrollment queue before answering 503.
@@ -202,10 +206,15 @@ async fn handle(
         error(status, code, message)
     };
 
-    let body = match Limited::new(req.into_body(), MAX_REQUEST_BODY)
-        .collect()
-        .await
-    {
+    let collected = Limited::new(req.into_body(), MAX_REQUEST_BODY).collect();
+    let Ok(collected) = tokio::time::timeout(BODY_TIMEOUT, collected).await else {
+        return fail(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+        );
+    };
+    let body = match collected {
         Ok(body) => body.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return fail(
@@ -383,10 +392,15 @@ async fn renew(
         warn!(%peer, %serial, "renewal refused: too many requests for this certificate");
         return rate_limited(wait, "too many renewal requests for this certificate");
     }
-    let body = match Limited::new(req.into_body(), MAX_REQUEST_BODY)
-        .collect()
-        .await
-    {
+    let collected = Limited::new(req.into_body(), MAX_REQUEST_BODY).collect();
+    let Ok(collected) = tokio::time::timeout(BODY_TIMEOUT, collected).await else {
+        return error(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+        );
+    };
+    let body = match collected {
         Ok(body) => body.to_bytes(),
         Err(_) => {
             return error(

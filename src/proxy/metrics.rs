@@ -74,6 +74,7 @@ pub(super) struct ProxyMetrics {
     tunnel_connects: IntCounterVec,
     tunnel_disconnects: IntCounterVec,
     tunnel_refusals: IntCounterVec,
+    agent_port_refused: IntCounterVec,
     enrollments: IntCounterVec,
     renewals: IntCounterVec,
     revocations: IntCounter,
@@ -185,6 +186,12 @@ impl ProxyMetrics {
                 "Tunnels refused after their handshake, by reason.",
                 &["reason"],
             ),
+            agent_port_refused: counter(
+                r,
+                "revproxy_agent_port_refused_total",
+                "Connections the agent port turned away before any exchange, by the budget that was full: connection_limit, source_limit, handshakes, enrollments.",
+                &["reason"],
+            ),
             enrollments: counter(
                 r,
                 "revproxy_enrollments_total",
@@ -258,6 +265,11 @@ impl ProxyMetrics {
 
     pub(super) fn tunnel_refused(&self, reason: &str) {
         self.tunnel_refusals.with_label_values(&[reason]).inc();
+    }
+
+    /// The counter of agent-port connections turned away for `reason`.
+    pub(super) fn agent_port_refused(&self, reason: &str) -> IntCounter {
+        self.agent_port_refused.with_label_values(&[reason])
     }
 
     pub(super) fn enrollment(&self, outcome: &str) {

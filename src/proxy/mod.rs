@@ -92,7 +92,23 @@ struct Limits {
     clients_per_source: usize,
     agents: usize,
     handshakes_per_source: usize,
+    /// Four addresses' worth, per IPv4 /24 or IPv6 /48.
+    handshakes_per_prefix: usize,
+    /// TLS handshakes under way at once on the agent port ([`HANDSHAKE_SHARE`]).
+    handshakes: usize,
+    /// Enrollment exchanges (no client certificate) at once ([`ENROLLMENT_SHARE`]).
+    enrollments: usize,
 }
+
+/// The part of the agent port's connections that may be in their TLS handshake at once:
+/// half. Each takes at most the handshake timeout; agents with certificates then hold the
+/// rest, so handshakes that never finish cannot take their room.
+const HANDSHAKE_SHARE: usize = 2;
+/// The part that may be enrollment exchanges at once (anyone may start one: no
+/// certificate): an eighth. A proxy enrolls a few agents a minute; a flood of slow
+/// enrollments beyond this is closed at once and never holds what tunnels, renewals and
+/// mesh channels need.
+const ENROLLMENT_SHARE: usize = 8;
 
 impl Limits {
     /// The configured caps, lowered so that together they fit in `fd_limit` descriptors
@@ -115,6 +131,9 @@ impl Limits {
             clients_per_source,
             agents,
             handshakes_per_source,
+            handshakes_per_prefix: 4 * handshakes_per_source,
+            handshakes: (agents / HANDSHAKE_SHARE).max(1),
+            enrollments: (agents / ENROLLMENT_SHARE).max(1),
         }
     }
 }

@@ -224,6 +224,7 @@ impl PublicListeners {
             accepted: Some(metrics.accepted(&addr.to_string())),
             over_limit: Some(metrics.refused(metrics::Refused::ConnectionLimit)),
             over_source: Some(metrics.refused(metrics::Refused::SourceLimit)),
+            log: Arc::default(),
         };
         let stopped = Trigger::default();
         let mut each_stopped = Vec::new();
