@@ -738,3 +738,161 @@ async fn beyond_loopback_only_operator_certificates_get_in() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A TCP connection to `to` from the loopback address `source` (all of 127.0.0.0/8 is this
+/// machine's: one local user can open connections from many source addresses).
+async fn connect_from(source: std::net::Ipv4Addr, to: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((source, 0).into()).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// As [`connect_from`], with a receive buffer too small to grow: a client that does not
+/// read holds only a few KiB of answers in its own kernel.
+async fn stalling_from(source: std::net::Ipv4Addr, to: SocketAddr) -> TcpStream {
+    /// The smallest receive buffer worth asking for; the kernel rounds it up.
+    const STALLER_WINDOW: u32 = 4 * 1024;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(STALLER_WINDOW).unwrap();
+    socket.bind((source, 0).into()).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// Reads what the listener sends on `tcp` until it closes the connection (an orderly close
+/// or a reset), within `within`.
+async fn read_until_closed(tcp: &mut TcpStream, within: Duration) -> String {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    tokio::time::timeout(within, async {
+        while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the admin listener closes the connection");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// One local user opens more connections than the admin listener holds, from several
+/// loopback addresses, each pipelining a thousand requests and reading nothing. A
+/// health probe and a scrape that come next are still answered within a few seconds, and
+/// each of those connections got at most one answer before the listener closed it: answers
+/// never pile up for a client that does not read them.
+#[tokio::test]
+async fn clients_that_pipeline_and_never_read_do_not_stop_the_admin_listener() {
+    /// More than the listener's 32 slots, from addresses holding 8 each.
+    const STALLERS: usize = 40;
+    /// Requests each sends at once: a few dozen KiB the kernel takes whole, whose answers
+    /// (the status page, 6.5 KiB each: megabytes) fill any socket buffer.
+    const PIPELINED: usize = 1000;
+    /// What "within a few seconds" means for the probe and the scrape.
+    const ANSWERED_WITHIN: Duration = Duration::from_secs(5);
+    let (admin, admin_addr) = local_listener();
+    let _proxy = TestProxy::start_with(|b| b.admin_listener(admin)).await;
+
+    let requests = "GET / HTTP/1.1\r\nhost: localhost\r\n\r\n".repeat(PIPELINED);
+    let mut stallers = Vec::new();
+    for i in 0..STALLERS {
+        let source = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i / 8) as u8);
+        let mut tcp = stalling_from(source, admin_addr).await;
+        // The kernel takes the requests whole (they fit its buffers); nobody reads answers.
+        tokio::time::timeout(WAIT, tcp.write_all(requests.as_bytes()))
+            .await
+            .unwrap()
+            .ok();
+        stallers.push(tcp);
+    }
+
+    let answered = |path: &'static str| async move {
+        let started = tokio::time::Instant::now();
+        loop {
+            // A refused attempt ends at once; the probe tries again as a scraper would.
+            if let Ok((status, body)) =
+                revproxy::admin::client::get(&admin_addr.to_string(), path).await
+            {
+                return (status.as_u16(), body);
+            }
+            assert!(
+                started.elapsed() < ANSWERED_WITHIN,
+                "{path} not answered within {ANSWERED_WITHIN:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let ready = tokio::time::timeout(ANSWERED_WITHIN, answered("/ready"))
+        .await
+        .expect("/ready is answered within a few seconds");
+    assert_eq!(ready, (200, "ready\n".into()));
+    let (status, metrics) = tokio::time::timeout(ANSWERED_WITHIN, answered("/metrics"))
+        .await
+        .expect("/metrics is answered within a few seconds");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("revproxy_build_info"), "{metrics}");
+
+    for (i, staller) in stallers.iter_mut().enumerate() {
+        let got = read_until_closed(staller, WAIT).await;
+        let answers = got.matches("HTTP/1.1 200").count();
+        assert!(
+            answers <= 1,
+            "staller {i} got {answers} answers queued for it"
+        );
+    }
+}
+
+/// Every slot held by connections that say nothing: a new client is refused at once
+/// (closed, counted), never left waiting, and once the holders leave a fresh client is
+/// served again. An address holding its share (8) is refused the same way.
+#[tokio::test]
+async fn a_full_admin_listener_refuses_at_once_and_serves_again() {
+    /// The listener's slots, taken 8 per address.
+    const SLOTS: usize = 32;
+    /// How soon a client learns it is refused (or is served).
+    const DECIDED_WITHIN: Duration = Duration::from_secs(2);
+    let (admin, admin_addr) = local_listener();
+    let _proxy = TestProxy::start_with(|b| b.admin_listener(admin)).await;
+
+    let mut holders = Vec::new();
+    for i in 0..SLOTS {
+        let source = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i / 8) as u8);
+        holders.push(connect_from(source, admin_addr).await);
+    }
+    let probe = |source: std::net::Ipv4Addr| async move {
+        let mut tcp = connect_from(source, admin_addr).await;
+        tcp.write_all(b"GET /ready HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .await
+            .ok();
+        read_until_closed(&mut tcp, DECIDED_WITHIN).await
+    };
+    // The holders are taken in turn, before any later client: this one is refused.
+    let refused = probe(std::net::Ipv4Addr::LOCALHOST).await;
+    assert_eq!(
+        refused, "",
+        "a client beyond the slots is closed without an answer"
+    );
+    // A ninth connection from an address that holds eight: refused too.
+    let ninth = probe(std::net::Ipv4Addr::new(127, 0, 0, 2)).await;
+    assert_eq!(ninth, "");
+
+    drop(holders);
+    eventually("a fresh client is served once the holders left", || async {
+        probe(std::net::Ipv4Addr::LOCALHOST)
+            .await
+            .starts_with("HTTP/1.1 200")
+    })
+    .await;
+    let (_, metrics) = admin_get(admin_addr, "/metrics").await;
+    assert!(
+        sample(&metrics, "revproxy_admin_refused_total", r#"reason="full""#).unwrap() >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            "revproxy_admin_refused_total",
+            r#"reason="source_limit""#
+        )
+        .unwrap()
+            >= 1.0,
+        "{metrics}"
+    );
+}

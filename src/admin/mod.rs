@@ -10,19 +10,17 @@
 //! DNS rebinding.
 
 pub mod client;
+mod conn;
 pub(crate) mod metrics;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -30,18 +28,21 @@ use tracing::{debug, info, warn};
 
 use crate::runtime::shutdown::Trigger;
 
-/// Admin connections served at once; more wait in the kernel's backlog.
+/// Admin connections served at once. One more is accepted and closed at once (counted),
+/// never left waiting in the backlog: a client always learns its fate.
 const MAX_CONNECTIONS: usize = 32;
 /// Connections one source address may hold at once, so that a stranger opening sockets
 /// cannot take every slot from the operators.
 const MAX_PER_SOURCE: usize = 8;
-/// Time allowed for a request head (and for a kept-alive connection to send the next).
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a TLS handshake on a non-loopback admin listener may take: a slot held by a
 /// stranger who never finishes is given back soon.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Bound on a request head.
-const MAX_HEAD: usize = 16 * 1024;
+/// A connection's whole life, handshake and every request included: bounds a client that
+/// takes an answer one byte at a time, just fast enough to escape the write deadline.
+/// Generous beside a scrape (Prometheus gives up after its scrape timeout, 10 s by default,
+/// at most its interval), and kept-alive connections close after
+/// [`conn::KEEP_ALIVE_FOR`], well before it.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(120);
 /// Refused admin clients are logged at warn at most this often (the rest at debug).
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -126,6 +127,8 @@ pub(crate) async fn serve(
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_source: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     let refusals = Arc::new(Quiet::default());
+    let crowded = Quiet::default();
+    let counts = Arc::new(Counts::default());
     let mut tasks = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -141,20 +144,35 @@ pub(crate) async fn serve(
                 continue;
             }
         };
+        // Refusals close at once: waiting for a slot would leave every later client,
+        // health probes included, unanswered in the backlog.
         let Some(slot) = SourceSlot::take(&per_source, peer.ip()) else {
-            debug!(%peer, "admin connections from this address at their limit; closing");
+            counts.refused_source.fetch_add(1, Ordering::Relaxed);
+            crowded.say(
+                &peer,
+                "this address holds its share of admin connections (8)",
+            );
             continue;
         };
-        // Waiting here leaves further connections in the backlog.
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            counts.refused_full.fetch_add(1, Ordering::Relaxed);
+            crowded.say(&peer, "every admin connection slot is taken (32)");
+            continue;
         };
-        let (view, tls, stop, refusals) =
-            (view.clone(), tls.clone(), stop.clone(), refusals.clone());
+        let (view, tls, stop, refusals, counts) = (
+            view.clone(),
+            tls.clone(),
+            stop.clone(),
+            refusals.clone(),
+            counts.clone(),
+        );
         tasks.spawn(async move {
-            let conn = connection(tcp, peer, view, tls, &refusals);
+            let conn = connection(tcp, peer, view, tls, &refusals, &counts);
             tokio::select! {
-                () = conn => {}
+                served = tokio::time::timeout(CONNECTION_DEADLINE, conn) => if served.is_err() {
+                    counts.deadline.fetch_add(1, Ordering::Relaxed);
+                    debug!(%peer, "admin connection reached its deadline ({CONNECTION_DEADLINE:?}); closed");
+                },
                 () = stop.cancelled() => {}
             }
             drop((permit, slot));
@@ -204,6 +222,15 @@ struct Quiet {
 }
 
 impl Quiet {
+    /// Logs that `peer` was refused for `why`: at warn when the gate is open, else at debug.
+    fn say(&self, peer: &SocketAddr, why: &str) {
+        if self.loud_now() {
+            warn!(%peer, reason = why, "admin connection refused and closed (further refusals for 10 s at debug)");
+        } else {
+            debug!(%peer, reason = why, "admin connection refused and closed");
+        }
+    }
+
     fn loud_now(&self) -> bool {
         let mut last = self.last.lock().expect("log gate");
         let now = std::time::Instant::now();
@@ -215,32 +242,56 @@ impl Quiet {
     }
 }
 
+/// Counts of what the admin listener refused or cut short, appended to its `/metrics`.
+#[derive(Default)]
+struct Counts {
+    refused_full: AtomicU64,
+    refused_source: AtomicU64,
+    write_stalled: AtomicU64,
+    deadline: AtomicU64,
+}
+
+impl Counts {
+    /// The admin listener's own families, in the Prometheus text format.
+    fn exposition(&self) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "# HELP revproxy_admin_refused_total Admin connections closed as soon as accepted.\n\
+             # TYPE revproxy_admin_refused_total counter\n\
+             revproxy_admin_refused_total{{reason=\"full\"}} {}\n\
+             revproxy_admin_refused_total{{reason=\"source_limit\"}} {}\n\
+             # HELP revproxy_admin_dropped_total Admin connections ended by a deadline.\n\
+             # TYPE revproxy_admin_dropped_total counter\n\
+             revproxy_admin_dropped_total{{reason=\"write_stalled\"}} {}\n\
+             revproxy_admin_dropped_total{{reason=\"deadline\"}} {}\n",
+            get(&self.refused_full),
+            get(&self.refused_source),
+            get(&self.write_stalled),
+            get(&self.deadline),
+        )
+    }
+}
+
 async fn connection(
-    tcp: tokio::net::TcpStream,
+    mut tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     view: Arc<dyn View>,
     tls: Option<AdminTls>,
     refusals: &Quiet,
+    counts: &Counts,
 ) {
-    let builder = {
-        let mut b = hyper::server::conn::http1::Builder::new();
-        b.timer(TokioTimer::new())
-            .header_read_timeout(HEAD_TIMEOUT)
-            .max_buf_size(MAX_HEAD);
-        b
-    };
+    let opened = std::time::Instant::now();
     let served = match tls {
         // Plain HTTP is for loopback, where the Host check keeps DNS rebinding out.
         None => {
-            let service = hyper::service::service_fn(move |req| {
-                let view = view.clone();
-                async move { Ok::<_, Infallible>(answer(view.as_ref(), true, &req)) }
-            });
-            builder.serve_connection(TokioIo::new(tcp), service).await
+            conn::serve(&mut tcp, opened, |req| {
+                answer(view.as_ref(), counts, true, req)
+            })
+            .await
         }
         Some(tls) => {
             let accept = tokio_rustls::TlsAcceptor::from(tls.config.clone()).accept(tcp);
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+            let mut stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => return debug!(%peer, error = %e, "admin TLS handshake failed"),
                 Err(_) => return debug!(%peer, "admin TLS handshake timed out"),
@@ -262,33 +313,38 @@ async fn connection(
             debug!(%peer, operator = %admitted.name, "admin client admitted");
             // Behind TLS only operators get this far, and a browser tricked by DNS
             // rebinding would not get past the certificate's names: no Host check.
-            let service = hyper::service::service_fn(move |req| {
-                let (view, still, admitted) = (view.clone(), tls.still.clone(), admitted.clone());
-                async move {
-                    if !still(&admitted) {
-                        let mut gone = text(
-                            StatusCode::FORBIDDEN,
-                            "this operator certificate was revoked or has expired\n".into(),
-                        );
-                        gone.headers_mut()
-                            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
-                        return Ok::<_, Infallible>(gone);
-                    }
-                    Ok(answer(view.as_ref(), false, &req))
+            conn::serve(&mut stream, opened, |req| {
+                if !(tls.still)(&admitted) {
+                    let mut gone = text(
+                        StatusCode::FORBIDDEN,
+                        "this operator certificate was revoked or has expired\n".into(),
+                    );
+                    gone.headers_mut()
+                        .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+                    return gone;
                 }
-            });
-            builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
+                answer(view.as_ref(), counts, false, req)
+            })
+            .await
         }
     };
-    if let Err(e) = served {
-        debug!(%peer, error = %e, "admin connection ended with an error");
+    match served {
+        Ok(()) => {}
+        Err(conn::Ended::WriteStalled) => {
+            counts.write_stalled.fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, "admin client stopped reading its answer; closed");
+        }
+        Err(e) => debug!(%peer, error = %e, "admin connection ended"),
     }
 }
 
 /// The answer to one request.
-fn answer(view: &dyn View, check_host: bool, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn answer(
+    view: &dyn View,
+    counts: &Counts,
+    check_host: bool,
+    req: &Request<()>,
+) -> Response<Bytes> {
     if check_host && !host_is_ours(req) {
         return text(
             StatusCode::MISDIRECTED_REQUEST,
@@ -302,7 +358,7 @@ fn answer(view: &dyn View, check_host: bool, req: &Request<Incoming>) -> Respons
         "/metrics" => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            view.metrics(),
+            view.metrics() + &counts.exposition(),
         ),
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/ready" => match view.ready() {
@@ -353,7 +409,7 @@ fn page_policy() -> &'static str {
 }
 
 /// Whether the request names a loopback listener: a loopback address or `localhost`.
-fn host_is_ours(req: &Request<Incoming>) -> bool {
+fn host_is_ours(req: &Request<()>) -> bool {
     // No Host at all is an HTTP/1.0 probe (a load balancer's health check), never a
     // browser: DNS rebinding needs a browser, and browsers always send one.
     let Some(host) = req.headers().get(header::HOST) else {
@@ -373,17 +429,17 @@ fn host_is_ours(req: &Request<Incoming>) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+fn text(status: StatusCode, body: String) -> Response<Bytes> {
     respond(status, "text/plain; charset=utf-8", body)
 }
 
-fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Bytes> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)
         .header(header::CACHE_CONTROL, "no-store")
         .header("x-content-type-options", "nosniff")
-        .body(Full::new(Bytes::from(body)))
+        .body(Bytes::from(body))
         .expect("valid response")
 }
 
