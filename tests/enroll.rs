@@ -357,3 +357,25 @@ async fn an_agent_killed_before_the_answer_recovers_its_certificate_on_rerun() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_proxy_refuses_a_quic_secret_others_can_read() {
+    let mut proxy = TestProxy::start().await;
+    let dir = proxy.dir.path().to_path_buf();
+    let secret = dir.join("quic.secret");
+    assert_eq!(mode(&secret), 0o600, "the proxy made its QUIC secret private");
+    proxy.pause().await;
+
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let agents = revproxy::runtime::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let err = revproxy::Proxy::builder(&dir)
+        .agent_listener(agents)
+        .build()
+        .err()
+        .expect("the proxy refuses to start");
+    let err = err.to_string();
+    assert!(
+        err.contains(&secret.display().to_string()) && err.contains("chmod 600"),
+        "the error names the file and the fix: {err}"
+    );
+}
