@@ -452,7 +452,63 @@ async fn narrowing_an_agent_takes_effect_on_the_next_stream_without_a_reconnect(
     assert_eq!(&still, b"still");
 }
 
+/// How long the test watches a revoked agent knock.
+const KNOCKING: Duration = Duration::from_secs(6);
+/// The most reconnect attempts a revoked agent may make in [`KNOCKING`]: its backoff
+/// (0.1 s doubling, each delay drawn from its upper half) allows 7; knocking every
+/// 0.25-0.5 s, as it did, makes 12 or more.
+const KNOCKS_AT_MOST: usize = 9;
+
+async fn a_revoked_agent_backs_off_and_says_once_that_it_must_enroll_again(t: Transport) {
+    let (_logs, mut logs) = watch_logs(tracing::Level::DEBUG);
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], on(t));
+    proxy.wait_for("app.example.com", 1).await;
+    let back = round_trip(proxy.http, &http_head("app.example.com"), b"up")
+        .await
+        .unwrap();
+    assert!(back.ends_with(b"up"));
+    // A tunnel that served a while (longer than the agent's 1 s overlap), as a real one
+    // has: after losing one the agent reconnects fast, which a revoked agent must not.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    while logs.try_recv().is_ok() {}
+
+    proxy.ca.revoke_certs("web-1", now()).unwrap();
+    let until = tokio::time::Instant::now() + KNOCKING;
+    let (mut advice, mut loud, mut knocks) = (Vec::new(), Vec::new(), 0);
+    while let Ok(Some(line)) = tokio::time::timeout_at(until, logs.recv()).await {
+        let agent = line.contains("revproxy::agent") || line.contains("revproxy::tunnel::choice");
+        if agent && line.contains("enrolled again") {
+            advice.push(line);
+        } else if agent && (line.contains(" WARN ") || line.contains(" ERROR ")) {
+            loud.push(line);
+        } else if line.contains("reconnecting after a pause") {
+            knocks += 1;
+        }
+    }
+    assert!(
+        knocks <= KNOCKS_AT_MOST,
+        "{knocks} reconnect attempts in {KNOCKING:?}: the revoked agent backs off"
+    );
+    eprintln!("{knocks} reconnect attempts in {KNOCKING:?} after the revocation");
+    assert!(loud.is_empty(), "later refusals are quiet: {loud:#?}");
+    assert_eq!(advice.len(), 1, "the advice is given once: {advice:#?}");
+    let state = dir.path().display().to_string();
+    assert!(
+        advice[0].contains(" ERROR ")
+            && advice[0].contains("revoked")
+            && advice[0].contains("revproxy token create --name web-1 --host app.example.com")
+            && advice[0].contains(&format!("revproxy-agent enroll --state {state} --token")),
+        "{}",
+        advice[0]
+    );
+    assert_eq!(proxy.status.tunnels_for("app.example.com"), 0);
+}
+
 over_both_transports!(
+    a_revoked_agent_backs_off_and_says_once_that_it_must_enroll_again,
     renewal_keeps_a_continuous_stream_through_five_generations,
     revoking_an_agent_closes_its_tunnel_within_two_seconds_and_keeps_it_out,
     narrowing_an_agent_takes_effect_on_the_next_stream_without_a_reconnect,

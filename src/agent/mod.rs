@@ -15,6 +15,7 @@ mod enroll;
 mod identity;
 mod metrics;
 mod proxies;
+mod refusal;
 mod renew;
 mod session;
 mod supervisor;
@@ -257,6 +258,8 @@ impl AgentBuilder {
                 quic_fallback_after: self.quic_fallback_after,
                 quic_reprobe: self.quic_reprobe,
                 lanes: crate::runtime::lanes::Lanes::shared().map_err(AgentError::Threads)?,
+                state_dir: self.state_dir.clone(),
+                told: Default::default(),
             }),
             identity: tokio::sync::watch::channel(Arc::new(identity)).0,
             state_dir: self.state_dir,

@@ -80,18 +80,27 @@ pub(super) fn reenroll_hint(
     why: &str,
     clock_now: i64,
 ) -> String {
-    let hosts: String = identity
-        .hosts
-        .iter()
-        .map(|h| format!(" --host {h}"))
-        .collect();
     format!(
         "{why} (certificate of {} valid until {}, this machine's clock says {}). It cannot be renewed: \
-         on the proxy run `revproxy token create --name {}{hosts}`, then here \
-         `revproxy-agent enroll --state {} --token TOKEN` (the agent keeps its identity)",
+         {} (the agent keeps its identity)",
         identity.identity,
         rfc3339(identity.not_after),
         rfc3339(clock_now),
+        reenroll_commands(identity, state_dir),
+    )
+}
+
+/// How an operator enrolls this agent again, names and all.
+pub(super) fn reenroll_commands(identity: &Identity, state_dir: &Path) -> String {
+    let hosts: String = (identity.hosts.iter())
+        .map(|h| match identity.private.contains(h) {
+            true => format!(" --private-host {h}"),
+            false => format!(" --host {h}"),
+        })
+        .collect();
+    format!(
+        "on the proxy run `revproxy token create --name {}{hosts}`, then here \
+         `revproxy-agent enroll --state {} --token TOKEN`",
         identity.agent,
         state_dir.display(),
     )
