@@ -507,7 +507,63 @@ async fn a_revoked_agent_backs_off_and_says_once_that_it_must_enroll_again(t: Tr
     assert_eq!(proxy.status.tunnels_for("app.example.com"), 0);
 }
 
+/// A revoked agent enrolled again into its state directory, while it runs, is back
+/// without a restart: it notices the new identity (it looks every
+/// `revproxy::agent::IDENTITY_CHECK`) and moves its tunnel to it.
+async fn an_agent_enrolled_again_while_running_serves_again_without_a_restart(t: Transport) {
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let mut agent = start_agent(dir.path(), &[("app.example.com", backend)], on(t));
+    proxy.wait_for("app.example.com", 1).await;
+    proxy.ca.revoke_certs("web-1", now()).unwrap();
+    assert!(
+        proxy
+            .status
+            .wait_for_tunnels("app.example.com", 0, WAIT)
+            .await,
+        "the revoked agent is cut off"
+    );
+
+    // A set that does not belong together (another agent's key over this one's) is not
+    // taken up: the agent says so and keeps its identity.
+    let (_logs, mut logs) = watch_logs(tracing::Level::WARN);
+    let other = enroll_agent(&proxy, "other", &["other.example.com"]).await;
+    let old = agent.renewals.borrow().clone();
+    std::fs::copy(other.path().join("agent.key"), dir.path().join("agent.key")).unwrap();
+    log_line(&mut logs, "do not belong together").await;
+    assert_eq!(agent.renewals.borrow().cert_pem, old.cert_pem);
+
+    let token = proxy.token_for(
+        "web-1",
+        &["app.example.com"],
+        now(),
+        Duration::from_secs(3600),
+    );
+    let enrolled_at = Instant::now();
+    let new = revproxy::agent::enroll(&token, dir.path()).await.unwrap();
+    tokio::time::timeout(
+        WAIT,
+        agent.renewals.wait_for(|id| id.cert_pem == new.cert_pem),
+    )
+    .await
+    .expect("the running agent takes the new identity up")
+    .unwrap();
+    // Only the new certificate can open a tunnel: the old one is revoked.
+    proxy.wait_for("app.example.com", 1).await;
+    let back = round_trip(proxy.http, &http_head("app.example.com"), b"again")
+        .await
+        .unwrap();
+    assert!(back.ends_with(b"again"));
+    eprintln!(
+        "served again {:?} after the enrollment",
+        enrolled_at.elapsed()
+    );
+    agent.stop().await;
+}
+
 over_both_transports!(
+    an_agent_enrolled_again_while_running_serves_again_without_a_restart,
     a_revoked_agent_backs_off_and_says_once_that_it_must_enroll_again,
     renewal_keeps_a_continuous_stream_through_five_generations,
     revoking_an_agent_closes_its_tunnel_within_two_seconds_and_keeps_it_out,

@@ -157,6 +157,13 @@ impl Identity {
         if dir.exists() {
             fsutil::recover(dir).map_err(io_err(dir))?;
         }
+        Identity::read(dir)
+    }
+
+    /// Reads the identity in `dir` as it is, without finishing an interrupted save (a
+    /// running agent looking for a re-enrollment leaves that to the writer).
+    pub(super) fn read(dir: &Path) -> Result<Identity, IdentityError> {
+        Identity::check_dir(dir)?;
         if !dir.join(AGENT_INFO_FILE).exists() {
             return Err(IdentityError::NotEnrolled(dir.join(AGENT_INFO_FILE)));
         }
@@ -223,6 +230,22 @@ impl Identity {
             ],
         )
         .map_err(io_err(dir))
+    }
+
+    /// Whether the files belong together: the certificate is for this key and signed by
+    /// this CA (a set read while a save was replacing it may mix two identities).
+    pub(super) fn is_consistent(&self) -> bool {
+        use rcgen::PublicKeyData;
+        let (Some(pin), Ok(key)) = (self.ca_pin(), rcgen::KeyPair::from_pem(&self.key_pem)) else {
+            return false;
+        };
+        revproxy_ca::cert::check_issued(
+            &self.cert_pem,
+            &self.ca_pem,
+            &[pin],
+            &key.subject_public_key_info(),
+        )
+        .is_ok()
     }
 
     /// The pin of the CA this agent trusts.
