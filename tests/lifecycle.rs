@@ -365,6 +365,29 @@ async fn a_renewal_the_agent_failed_to_store_is_fetched_again_not_minted_again()
     );
 }
 
+/// A renewal of the old identity that ends after the agent was enrolled again (the
+/// operator re-enrolled it while its renewal ran) leaves the new identity in place.
+#[tokio::test]
+async fn a_renewal_that_ends_after_a_new_enrollment_leaves_the_new_identity() {
+    let proxy = TestProxy::start_with(|b| b.min_renewal_age_percent(0)).await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let old = Identity::load(dir.path()).unwrap();
+    let token = proxy.token_for(
+        "web-1",
+        &["app.example.com"],
+        now(),
+        Duration::from_secs(3600),
+    );
+    let new = revproxy::agent::enroll(&token, dir.path()).await.unwrap();
+    let err = renew_once(&old, dir.path()).await.unwrap_err();
+    assert!(err.to_string().contains("enrolled again"), "{err}");
+    assert_eq!(
+        Identity::load(dir.path()).unwrap().cert_pem,
+        new.cert_pem,
+        "the new identity stays"
+    );
+}
+
 /// A copy of an agent's identity (a stolen key, a restored backup) whose certificate the
 /// real agent already renewed: the proxy refuses it another certificate, and it says so
 /// loudly but keeps serving with the certificate it has (it stops at that one's expiry).

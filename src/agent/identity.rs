@@ -85,6 +85,8 @@ pub enum IdentityError {
     },
     #[error("{path} is damaged: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("{0} holds another certificate now (the agent was enrolled again meanwhile); the renewed certificate of the old one was not stored")]
+    Replaced(PathBuf),
     #[error("the agent's state directory {path} can be written by group or others (mode {mode:03o}): whoever can write there can replace the CA certificate this agent trusts; run `chmod 700 {path}`")]
     WritableDir { path: PathBuf, mode: u32 },
     #[error("{path} can be written by group or others (mode {mode:03o}): whoever can change it can change whom this agent trusts or is; run `chmod 644 {path}`")]

@@ -284,6 +284,12 @@ pub async fn renew_once(
                 pending.clear();
             }
         })?;
+    // Enrolled again while this exchange ran: the new identity stays (the running agent
+    // takes it up), the old one's successor is not stored over it.
+    let cert_path = state_dir.join(super::AGENT_CERT_FILE);
+    if std::fs::read_to_string(&cert_path).is_ok_and(|pem| pem != identity.cert_pem) {
+        return Err(IdentityError::Replaced(cert_path).into());
+    }
     renewed.save(state_dir)?;
     pending.clear();
     Ok(renewed)
