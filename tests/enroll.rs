@@ -382,6 +382,24 @@ async fn a_proxy_refuses_a_quic_secret_others_can_read() {
         err.contains(&secret.display().to_string()) && err.contains("chmod 600"),
         "the error names the file and the fix: {err}"
     );
+
+    // Owned by another user: only root can make one to test with.
+    chmod(&secret, 0o600);
+    if std::os::unix::fs::chown(&secret, Some(65534), None).is_ok() {
+        let agents = revproxy::runtime::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let err = revproxy::Proxy::builder(&dir)
+            .agent_listener(agents)
+            .build()
+            .err()
+            .expect("the proxy refuses to start")
+            .to_string();
+        assert!(
+            err.contains(&secret.display().to_string()) && err.contains("chown"),
+            "{err}"
+        );
+    } else {
+        eprintln!("not root: the foreign-owner case is left to a root run");
+    }
 }
 
 /// Builds an agent from `dir` serving `a.example.com` and returns why it refused.
