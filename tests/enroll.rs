@@ -401,3 +401,138 @@ async fn an_agent_killed_before_the_answer_recovers_its_certificate_on_rerun() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_proxy_refuses_a_quic_secret_others_can_read() {
+    let mut proxy = TestProxy::start().await;
+    let dir = proxy.dir.path().to_path_buf();
+    let secret = dir.join("quic.secret");
+    assert_eq!(
+        mode(&secret),
+        0o600,
+        "the proxy made its QUIC secret private"
+    );
+    proxy.pause().await;
+
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let agents = revproxy::runtime::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let err = revproxy::Proxy::builder(&dir)
+        .agent_listener(agents)
+        .build()
+        .err()
+        .expect("the proxy refuses to start");
+    let err = err.to_string();
+    assert!(
+        err.contains(&secret.display().to_string()) && err.contains("chmod 600"),
+        "the error names the file and the fix: {err}"
+    );
+
+    // Owned by another user: only root can make one to test with.
+    chmod(&secret, 0o600);
+    if std::os::unix::fs::chown(&secret, Some(65534), None).is_ok() {
+        let agents = revproxy::runtime::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let err = revproxy::Proxy::builder(&dir)
+            .agent_listener(agents)
+            .build()
+            .err()
+            .expect("the proxy refuses to start")
+            .to_string();
+        assert!(
+            err.contains(&secret.display().to_string()) && err.contains("chown"),
+            "{err}"
+        );
+    } else {
+        eprintln!("not root: the foreign-owner case is left to a root run");
+    }
+}
+
+/// Builds an agent from `dir` serving `a.example.com` and returns why it refused.
+fn agent_refusal(dir: &Path) -> String {
+    match revproxy::Agent::builder(dir)
+        .service("a.example.com", "127.0.0.1:9")
+        .build()
+    {
+        Ok(_) => panic!("the agent started from {}", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[tokio::test]
+async fn the_agent_refuses_a_state_directory_others_can_change_and_says_how_to_fix_it() {
+    let proxy = TestProxy::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path();
+    let first = agent::enroll(&proxy.token(&["a.example.com"]), dir)
+        .await
+        .unwrap();
+
+    // A directory group or others can write to: anyone there could swap ca.crt.
+    chmod(dir, 0o777);
+    let err = agent_refusal(dir);
+    assert!(
+        err.contains(&dir.display().to_string()) && err.contains("chmod 700"),
+        "{err}"
+    );
+    // Enrolling there is refused too, and writes nothing.
+    let refused = agent::enroll(&proxy.token(&["b.example.com"]), dir)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("chmod 700"), "{refused}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("agent.crt")).unwrap(),
+        first.cert_pem
+    );
+    chmod(dir, 0o700);
+
+    // A pinned CA certificate others can rewrite.
+    let ca = dir.join("ca.crt");
+    chmod(&ca, 0o666);
+    let err = agent_refusal(dir);
+    assert!(
+        err.contains(&ca.display().to_string()) && err.contains("chmod 644"),
+        "{err}"
+    );
+    chmod(&ca, 0o644);
+
+    // A key group or others can read.
+    let key = dir.join("agent.key");
+    chmod(&key, 0o640);
+    let err = agent_refusal(dir);
+    assert!(
+        err.contains(&key.display().to_string()) && err.contains("chmod 600"),
+        "{err}"
+    );
+    chmod(&key, 0o600);
+
+    // Owned by another user: only root can make one to test with.
+    let nobody = 65534;
+    if std::os::unix::fs::chown(dir, Some(nobody), None).is_ok() {
+        let err = agent_refusal(dir);
+        assert!(
+            err.contains(&dir.display().to_string()) && err.contains("chown"),
+            "{err}"
+        );
+        std::os::unix::fs::chown(dir, Some(rustix::process::geteuid().as_raw()), None).unwrap();
+        std::os::unix::fs::chown(&ca, Some(nobody), None).unwrap();
+        let err = agent_refusal(dir);
+        assert!(
+            err.contains(&ca.display().to_string()) && err.contains("chown"),
+            "{err}"
+        );
+        std::os::unix::fs::chown(&ca, Some(rustix::process::geteuid().as_raw()), None).unwrap();
+    } else {
+        eprintln!("not root: the foreign-owner cases are left to a root run");
+    }
+
+    // Put right, the agent starts.
+    revproxy::Agent::builder(dir)
+        .service("a.example.com", "127.0.0.1:9")
+        .build()
+        .unwrap();
+    proxy.stop().await;
+}

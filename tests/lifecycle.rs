@@ -365,6 +365,29 @@ async fn a_renewal_the_agent_failed_to_store_is_fetched_again_not_minted_again()
     );
 }
 
+/// A renewal of the old identity that ends after the agent was enrolled again (the
+/// operator re-enrolled it while its renewal ran) leaves the new identity in place.
+#[tokio::test]
+async fn a_renewal_that_ends_after_a_new_enrollment_leaves_the_new_identity() {
+    let proxy = TestProxy::start_with(|b| b.min_renewal_age_percent(0)).await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let old = Identity::load(dir.path()).unwrap();
+    let token = proxy.token_for(
+        "web-1",
+        &["app.example.com"],
+        now(),
+        Duration::from_secs(3600),
+    );
+    let new = revproxy::agent::enroll(&token, dir.path()).await.unwrap();
+    let err = renew_once(&old, dir.path()).await.unwrap_err();
+    assert!(err.to_string().contains("enrolled again"), "{err}");
+    assert_eq!(
+        Identity::load(dir.path()).unwrap().cert_pem,
+        new.cert_pem,
+        "the new identity stays"
+    );
+}
+
 /// A copy of an agent's identity (a stolen key, a restored backup) whose certificate the
 /// real agent already renewed: the proxy refuses it another certificate, and it says so
 /// loudly but keeps serving with the certificate it has (it stops at that one's expiry).
@@ -452,7 +475,119 @@ async fn narrowing_an_agent_takes_effect_on_the_next_stream_without_a_reconnect(
     assert_eq!(&still, b"still");
 }
 
+/// How long the test watches a revoked agent knock.
+const KNOCKING: Duration = Duration::from_secs(6);
+/// The most reconnect attempts a revoked agent may make in [`KNOCKING`]: its backoff
+/// (0.1 s doubling, each delay drawn from its upper half) allows 7; knocking every
+/// 0.25-0.5 s, as it did, makes 12 or more.
+const KNOCKS_AT_MOST: usize = 9;
+
+async fn a_revoked_agent_backs_off_and_says_once_that_it_must_enroll_again(t: Transport) {
+    let (_logs, mut logs) = watch_logs(tracing::Level::DEBUG);
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], on(t));
+    proxy.wait_for("app.example.com", 1).await;
+    let back = round_trip(proxy.http, &http_head("app.example.com"), b"up")
+        .await
+        .unwrap();
+    assert!(back.ends_with(b"up"));
+    // A tunnel that served a while (longer than the agent's 1 s overlap), as a real one
+    // has: after losing one the agent reconnects fast, which a revoked agent must not.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    while logs.try_recv().is_ok() {}
+
+    proxy.ca.revoke_certs("web-1", now()).unwrap();
+    let until = tokio::time::Instant::now() + KNOCKING;
+    let (mut advice, mut loud, mut knocks) = (Vec::new(), Vec::new(), 0);
+    while let Ok(Some(line)) = tokio::time::timeout_at(until, logs.recv()).await {
+        let agent = line.contains("revproxy::agent") || line.contains("revproxy::tunnel::choice");
+        if agent && line.contains("enrolled again") {
+            advice.push(line);
+        } else if agent && (line.contains(" WARN ") || line.contains(" ERROR ")) {
+            loud.push(line);
+        } else if line.contains("reconnecting after a pause") {
+            knocks += 1;
+        }
+    }
+    assert!(
+        knocks <= KNOCKS_AT_MOST,
+        "{knocks} reconnect attempts in {KNOCKING:?}: the revoked agent backs off"
+    );
+    eprintln!("{knocks} reconnect attempts in {KNOCKING:?} after the revocation");
+    assert!(loud.is_empty(), "later refusals are quiet: {loud:#?}");
+    assert_eq!(advice.len(), 1, "the advice is given once: {advice:#?}");
+    let state = dir.path().display().to_string();
+    assert!(
+        advice[0].contains(" ERROR ")
+            && advice[0].contains("revoked")
+            && advice[0].contains("revproxy token create --name web-1 --host app.example.com")
+            && advice[0].contains(&format!("revproxy-agent enroll --state {state} --token")),
+        "{}",
+        advice[0]
+    );
+    assert_eq!(proxy.status.tunnels_for("app.example.com"), 0);
+}
+
+/// A revoked agent enrolled again into its state directory, while it runs, is back
+/// without a restart: it notices the new identity (it looks every
+/// `revproxy::agent::IDENTITY_CHECK`) and moves its tunnel to it.
+async fn an_agent_enrolled_again_while_running_serves_again_without_a_restart(t: Transport) {
+    let proxy = TestProxy::start().await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let mut agent = start_agent(dir.path(), &[("app.example.com", backend)], on(t));
+    proxy.wait_for("app.example.com", 1).await;
+    proxy.ca.revoke_certs("web-1", now()).unwrap();
+    assert!(
+        proxy
+            .status
+            .wait_for_tunnels("app.example.com", 0, WAIT)
+            .await,
+        "the revoked agent is cut off"
+    );
+
+    // A set that does not belong together (another agent's key over this one's) is not
+    // taken up: the agent says so and keeps its identity.
+    let (_logs, mut logs) = watch_logs(tracing::Level::WARN);
+    let other = enroll_agent(&proxy, "other", &["other.example.com"]).await;
+    let old = agent.renewals.borrow().clone();
+    std::fs::copy(other.path().join("agent.key"), dir.path().join("agent.key")).unwrap();
+    log_line(&mut logs, "do not belong together").await;
+    assert_eq!(agent.renewals.borrow().cert_pem, old.cert_pem);
+
+    let token = proxy.token_for(
+        "web-1",
+        &["app.example.com"],
+        now(),
+        Duration::from_secs(3600),
+    );
+    let enrolled_at = Instant::now();
+    let new = revproxy::agent::enroll(&token, dir.path()).await.unwrap();
+    tokio::time::timeout(
+        WAIT,
+        agent.renewals.wait_for(|id| id.cert_pem == new.cert_pem),
+    )
+    .await
+    .expect("the running agent takes the new identity up")
+    .unwrap();
+    // Only the new certificate can open a tunnel: the old one is revoked.
+    proxy.wait_for("app.example.com", 1).await;
+    let back = round_trip(proxy.http, &http_head("app.example.com"), b"again")
+        .await
+        .unwrap();
+    assert!(back.ends_with(b"again"));
+    eprintln!(
+        "served again {:?} after the enrollment",
+        enrolled_at.elapsed()
+    );
+    agent.stop().await;
+}
+
 over_both_transports!(
+    an_agent_enrolled_again_while_running_serves_again_without_a_restart,
+    a_revoked_agent_backs_off_and_says_once_that_it_must_enroll_again,
     renewal_keeps_a_continuous_stream_through_five_generations,
     revoking_an_agent_closes_its_tunnel_within_two_seconds_and_keeps_it_out,
     narrowing_an_agent_takes_effect_on_the_next_stream_without_a_reconnect,

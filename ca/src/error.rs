@@ -24,6 +24,8 @@ pub enum CaError {
     WritableDir { path: PathBuf, mode: u32 },
     #[error("the state directory {path} belongs to user {owner}, not to the user running revproxy ({me}); run revproxy as its owner, or `chown` it")]
     ForeignOwner { path: PathBuf, owner: u32, me: u32 },
+    #[error("{path} belongs to user {owner}, not to the user running revproxy ({me}); run revproxy as its owner, or `chown {me} {path}`")]
+    ForeignFile { path: PathBuf, owner: u32, me: u32 },
     #[error("the state in {0} is locked by another revproxy process; try again when it is done")]
     Locked(PathBuf),
     #[error("{path} is damaged: {reason}")]

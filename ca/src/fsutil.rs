@@ -99,6 +99,36 @@ pub enum DirProblem {
     Owner { owner: u32, me: u32 },
 }
 
+/// Checks that the file `path` is owned by the user this process runs as and that group
+/// and others hold none of the permission bits in `forbidden` (`0o077` for a key: no
+/// access at all; `0o022` for a file others must not be able to change, such as a pinned
+/// CA certificate). Returns what is wrong.
+pub fn unsafe_file(path: &Path, forbidden: u32) -> io::Result<Option<FileProblem>> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & forbidden & 0o077 != 0 {
+        return Ok(Some(FileProblem::Mode(mode)));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Ok(Some(FileProblem::Owner {
+            owner: meta.uid(),
+            me,
+        }));
+    }
+    Ok(None)
+}
+
+/// What is wrong with a file (see [`unsafe_file`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileProblem {
+    /// Group or others hold forbidden permission bits (the mode).
+    Mode(u32),
+    /// Someone else owns it.
+    Owner { owner: u32, me: u32 },
+}
+
 /// Returns the mode bits of `path` if group or others may access it, `None` if it is private.
 pub fn exposed_mode(path: &Path) -> io::Result<Option<u32>> {
     let mode = fs::metadata(path)?.permissions().mode() & 0o777;
@@ -193,6 +223,23 @@ mod tests {
         write_atomic(&d.join("a.new"), b"a3", 0o600).unwrap();
         recover(d).unwrap();
         assert_eq!(fs::read(d.join("a")).unwrap(), b"a2");
+    }
+
+    #[test]
+    fn unsafe_file_reports_forbidden_bits_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.crt");
+        write_atomic(&path, b"x", 0o644).unwrap();
+        assert_eq!(unsafe_file(&path, 0o022).unwrap(), None);
+        assert_eq!(
+            unsafe_file(&path, 0o077).unwrap(),
+            Some(FileProblem::Mode(0o644))
+        );
+        write_atomic(&path, b"x", 0o664).unwrap();
+        assert_eq!(
+            unsafe_file(&path, 0o022).unwrap(),
+            Some(FileProblem::Mode(0o664))
+        );
     }
 
     #[test]

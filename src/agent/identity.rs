@@ -85,6 +85,14 @@ pub enum IdentityError {
     },
     #[error("{path} is damaged: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("{0} holds another certificate now (the agent was enrolled again meanwhile); the renewed certificate of the old one was not stored")]
+    Replaced(PathBuf),
+    #[error("the agent's state directory {path} can be written by group or others (mode {mode:03o}): whoever can write there can replace the CA certificate this agent trusts; run `chmod 700 {path}`")]
+    WritableDir { path: PathBuf, mode: u32 },
+    #[error("{path} can be written by group or others (mode {mode:03o}): whoever can change it can change whom this agent trusts or is; run `chmod 644 {path}`")]
+    WritableFile { path: PathBuf, mode: u32 },
+    #[error("{path} belongs to user {owner}, not to the user running revproxy-agent ({me}); run the agent as its owner, or `chown -R {me} {path}`")]
+    ForeignOwner { path: PathBuf, owner: u32, me: u32 },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
@@ -96,10 +104,50 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
 
 impl Identity {
     /// Refuses a directory that is a proxy's state, so the two can never overwrite
-    /// each other's `ca.crt`.
+    /// each other's `ca.crt`, and one the proxy's rules refuse for its own state: that
+    /// group or others can write to, or that another user owns (whoever can write there
+    /// can swap `ca.crt`, the agent's trust anchor). A directory not made yet passes.
     pub fn check_dir(dir: &Path) -> Result<(), IdentityError> {
         if dir.join(revproxy_ca::CA_KEY_FILE).exists() {
             return Err(IdentityError::ProxyStateDir(dir.to_path_buf()));
+        }
+        let path = dir.to_path_buf();
+        match fsutil::unsafe_dir(dir) {
+            Ok(None) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(dir)(e)),
+            Ok(Some(fsutil::DirProblem::Writable(mode))) => {
+                Err(IdentityError::WritableDir { path, mode })
+            }
+            Ok(Some(fsutil::DirProblem::Owner { owner, me })) => {
+                Err(IdentityError::ForeignOwner { path, owner, me })
+            }
+        }
+    }
+
+    /// Refuses the identity's files when others could read the key or change any of them
+    /// (the proxy's rules for its own key and state): the key must be `0600`, the others
+    /// writable by their owner only, and all owned by the user the agent runs as.
+    fn check_files(dir: &Path) -> Result<(), IdentityError> {
+        for (name, forbidden) in [
+            (AGENT_KEY_FILE, 0o077),
+            (AGENT_CERT_FILE, 0o022),
+            (CA_CERT_FILE, 0o022),
+            (AGENT_INFO_FILE, 0o022),
+        ] {
+            let path = dir.join(name);
+            match fsutil::unsafe_file(&path, forbidden).map_err(io_err(&path))? {
+                None => {}
+                Some(fsutil::FileProblem::Mode(mode)) if forbidden == 0o077 => {
+                    return Err(CaError::InsecurePermissions { path, mode }.into())
+                }
+                Some(fsutil::FileProblem::Mode(mode)) => {
+                    return Err(IdentityError::WritableFile { path, mode })
+                }
+                Some(fsutil::FileProblem::Owner { owner, me }) => {
+                    return Err(IdentityError::ForeignOwner { path, owner, me })
+                }
+            }
         }
         Ok(())
     }
@@ -111,6 +159,13 @@ impl Identity {
         if dir.exists() {
             fsutil::recover(dir).map_err(io_err(dir))?;
         }
+        Identity::read(dir)
+    }
+
+    /// Reads the identity in `dir` as it is, without finishing an interrupted save (a
+    /// running agent looking for a re-enrollment leaves that to the writer).
+    pub(super) fn read(dir: &Path) -> Result<Identity, IdentityError> {
+        Identity::check_dir(dir)?;
         if !dir.join(AGENT_INFO_FILE).exists() {
             return Err(IdentityError::NotEnrolled(dir.join(AGENT_INFO_FILE)));
         }
@@ -118,14 +173,7 @@ impl Identity {
             let path = dir.join(name);
             std::fs::read_to_string(&path).map_err(io_err(&path))
         };
-        let key_path = dir.join(AGENT_KEY_FILE);
-        if let Some(mode) = fsutil::exposed_mode(&key_path).map_err(io_err(&key_path))? {
-            return Err(CaError::InsecurePermissions {
-                path: key_path,
-                mode,
-            }
-            .into());
-        }
+        Identity::check_files(dir)?;
         let info_path = dir.join(AGENT_INFO_FILE);
         let info: Info =
             serde_json::from_str(&read(AGENT_INFO_FILE)?).map_err(|e| IdentityError::Corrupt {
@@ -184,6 +232,22 @@ impl Identity {
             ],
         )
         .map_err(io_err(dir))
+    }
+
+    /// Whether the files belong together: the certificate is for this key and signed by
+    /// this CA (a set read while a save was replacing it may mix two identities).
+    pub(super) fn is_consistent(&self) -> bool {
+        use rcgen::PublicKeyData;
+        let (Some(pin), Ok(key)) = (self.ca_pin(), rcgen::KeyPair::from_pem(&self.key_pem)) else {
+            return false;
+        };
+        revproxy_ca::cert::check_issued(
+            &self.cert_pem,
+            &self.ca_pem,
+            &[pin],
+            &key.subject_public_key_info(),
+        )
+        .is_ok()
     }
 
     /// The pin of the CA this agent trusts.

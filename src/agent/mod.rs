@@ -3,7 +3,8 @@
 //!
 //! [`enroll`] trades a one-time token for an identity (`identity.rs` keeps it on disk).
 //! [`Agent::run`] is two halves side by side: the renewal loop (`renew.rs`, a fresh
-//! certificate at about 2/3 of each lifetime) and the tunnels: one supervisor per proxy
+//! certificate at about 2/3 of each lifetime; `follow.rs` takes up an identity enrolled
+//! into the state directory meanwhile) and the tunnels: one supervisor per proxy
 //! (`proxies.rs` learns which proxies share the store; `supervisor.rs` keeps one tunnel
 //! up: reconnecting with backoff, moving to a renewed certificate or a better transport). Each tunnel is a session (`session.rs`); each stream in it is dialed
 //! to a backend from the service map (`backend.rs`).
@@ -12,9 +13,11 @@ mod admin;
 mod backend;
 mod connect;
 mod enroll;
+mod follow;
 mod identity;
 mod metrics;
 mod proxies;
+mod refusal;
 mod renew;
 mod session;
 mod supervisor;
@@ -31,6 +34,7 @@ pub use crate::tunnel::Transport;
 pub use crate::wire::proxy_header::ProxyProtocol;
 pub use connect::ListenError;
 pub use enroll::{enroll, EnrollClientError};
+pub use follow::IDENTITY_CHECK;
 pub use identity::{
     Identity, IdentityError, AGENT_CERT_FILE, AGENT_INFO_FILE, AGENT_KEY_FILE, CA_CERT_FILE,
 };
@@ -257,6 +261,8 @@ impl AgentBuilder {
                 quic_fallback_after: self.quic_fallback_after,
                 quic_reprobe: self.quic_reprobe,
                 lanes: crate::runtime::lanes::Lanes::shared().map_err(AgentError::Threads)?,
+                state_dir: self.state_dir.clone(),
+                told: Default::default(),
             }),
             identity: tokio::sync::watch::channel(Arc::new(identity)).0,
             state_dir: self.state_dir,
@@ -449,12 +455,14 @@ impl Agent {
             self.clock.as_ref(),
             self.renew_check,
         );
+        let follow = follow::follow_state_dir(&self.identity, &self.state_dir, IDENTITY_CHECK);
         let supervise = async {
             tokio::select! {
                 e = renewal => {
                     error!("{e}");
                     fatal = Some(e);
                 }
+                () = follow => {}
                 () = shutdown => {}
                 () = stop.cancelled() => {}
             }

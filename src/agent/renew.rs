@@ -80,42 +80,60 @@ pub(super) fn reenroll_hint(
     why: &str,
     clock_now: i64,
 ) -> String {
-    let hosts: String = identity
-        .hosts
-        .iter()
-        .map(|h| format!(" --host {h}"))
-        .collect();
     format!(
         "{why} (certificate of {} valid until {}, this machine's clock says {}). It cannot be renewed: \
-         on the proxy run `revproxy token create --name {}{hosts}`, then here \
-         `revproxy-agent enroll --state {} --token TOKEN` (the agent keeps its identity)",
+         {} (the agent keeps its identity)",
         identity.identity,
         rfc3339(identity.not_after),
         rfc3339(clock_now),
+        reenroll_commands(identity, state_dir),
+    )
+}
+
+/// How an operator enrolls this agent again, names and all.
+pub(super) fn reenroll_commands(identity: &Identity, state_dir: &Path) -> String {
+    let hosts: String = (identity.hosts.iter())
+        .map(|h| match identity.private.contains(h) {
+            true => format!(" --private-host {h}"),
+            false => format!(" --host {h}"),
+        })
+        .collect();
+    format!(
+        "on the proxy run `revproxy token create --name {}{hosts}`, then here \
+         `revproxy-agent enroll --state {} --token TOKEN`",
         identity.agent,
         state_dir.display(),
     )
 }
 
 /// Renews at about 2/3 of each certificate's lifetime, forever; returns only when it
-/// cannot go on.
+/// cannot go on. A new identity published meanwhile (one enrolled into the state
+/// directory, `follow.rs`) starts its own schedule; the old one is dropped.
 pub(super) async fn renewal_loop(
     identity: &tokio::sync::watch::Sender<Arc<Identity>>,
     state_dir: &Path,
     clock: &dyn Clock,
     renew_check: Duration,
 ) -> AgentError {
-    loop {
-        let id = identity.borrow().clone();
+    let mut seen = identity.subscribe();
+    'identity: loop {
+        let id = seen.borrow_and_update().clone();
         let Some((not_before, not_after)) = validity(&id) else {
             return AgentError::Expired("agent.crt is unreadable; enroll again".into());
         };
         let renew_at = renewal_time(not_before, not_after, random());
-        wait_until(clock, renew_at, renew_check).await;
+        tokio::select! {
+            () = wait_until(clock, renew_at, renew_check) => {}
+            Ok(()) = seen.changed() => continue 'identity,
+        }
         let mut failures = 0;
         let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
         let mut last_error_log: Option<i64> = None;
         loop {
+            // Whatever this one's fate, a new identity has arrived.
+            if seen.has_changed().unwrap_or(false) {
+                continue 'identity;
+            }
             let now = clock.now();
             if now >= not_after {
                 return AgentError::Expired(reenroll_hint(
@@ -125,15 +143,23 @@ pub(super) async fn renewal_loop(
                     now,
                 ));
             }
-            match renew_once(&id, state_dir).await {
+            let pause = match renew_once(&id, state_dir).await {
                 Ok(new) => {
                     info!(
                         serial_not_after = %rfc3339(new.not_after),
                         "certificate renewed; new tunnels use it"
                     );
-                    identity.send_replace(Arc::new(new));
-                    break;
+                    identity.send_if_modified(|current| {
+                        // The state directory's follower may have published it already.
+                        let fresh = current.cert_pem != new.cert_pem;
+                        if fresh {
+                            *current = Arc::new(new);
+                        }
+                        fresh
+                    });
+                    continue 'identity;
                 }
+                Err(_) if seen.has_changed().unwrap_or(false) => continue 'identity,
                 Err(e) if e.needs_reenrollment() => {
                     return AgentError::Expired(reenroll_hint(
                         &id,
@@ -153,14 +179,14 @@ pub(super) async fn renewal_loop(
                         "certificate renewal refused; this agent stops when its certificate expires"
                     );
                     let next = now.saturating_add(ALREADY_RENEWED_RETRY.as_secs() as i64);
-                    wait_until(clock, next.min(not_after), renew_check).await;
+                    Pause::Until(next.min(not_after))
                 }
                 Err(e) if e.retry_after().is_some() => {
                     // Not due yet by the proxy's clock, or asked too often: wait as told.
                     let wait = e.retry_after().unwrap_or(RETRY_MIN).max(RETRY_MIN);
                     warn!(error = %e, wait_secs = wait.as_secs(), "the proxy asks to renew later");
                     let next = now.saturating_add(wait.as_secs().min(i64::MAX as u64) as i64);
-                    wait_until(clock, next.min(not_after), renew_check).await;
+                    Pause::Until(next.min(not_after))
                 }
                 Err(e) => {
                     failures += 1;
@@ -177,11 +203,28 @@ pub(super) async fn renewal_loop(
                     } else {
                         warn!(error = %e, attempt = failures, "certificate renewal failed; retrying");
                     }
-                    tokio::time::sleep(backoff.next_delay()).await;
+                    Pause::For(backoff.next_delay())
                 }
+            };
+            let wait = async {
+                match pause {
+                    Pause::Until(at) => wait_until(clock, at, renew_check).await,
+                    Pause::For(delay) => tokio::time::sleep(delay).await,
+                }
+            };
+            tokio::select! {
+                () = wait => {}
+                Ok(()) = seen.changed() => continue 'identity,
             }
         }
     }
+}
+
+/// How long the renewal loop waits before its next attempt.
+enum Pause {
+    /// Until the wall clock reads this (Unix seconds).
+    Until(i64),
+    For(Duration),
 }
 
 /// Waits until the wall clock reads `at`, looking at it at least every `step`: a machine
@@ -241,6 +284,12 @@ pub async fn renew_once(
                 pending.clear();
             }
         })?;
+    // Enrolled again while this exchange ran: the new identity stays (the running agent
+    // takes it up), the old one's successor is not stored over it.
+    let cert_path = state_dir.join(super::AGENT_CERT_FILE);
+    if std::fs::read_to_string(&cert_path).is_ok_and(|pem| pem != identity.cert_pem) {
+        return Err(IdentityError::Replaced(cert_path).into());
+    }
     renewed.save(state_dir)?;
     pending.clear();
     Ok(renewed)

@@ -47,6 +47,10 @@ pub(super) struct SessionCtx {
     pub(super) quic_reprobe: Duration,
     /// Where tunnels run, each with its streams (`runtime::lanes`).
     pub(super) lanes: crate::runtime::lanes::Lanes,
+    /// The agent's state directory, for the advice to enroll again.
+    pub(super) state_dir: std::path::PathBuf,
+    /// Whether the proxy's refusal of the current certificate was reported already.
+    pub(super) told: super::refusal::Told,
 }
 
 /// Why a session ended badly.

@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use super::identity::Identity;
+use super::refusal;
 use super::session::{connect, Session, SessionCtx, Target};
 use crate::runtime::backoff::Backoff;
 use crate::runtime::shutdown::Trigger;
@@ -149,18 +150,34 @@ pub(super) async fn keep_tunnel_up(
         let was_up = established
             .get()
             .is_some_and(|at: &tokio::time::Instant| at.elapsed() >= super::session::OVERLAP);
-        match outcome {
-            Ok(Ok(())) if stop.is_fired() => break,
-            Ok(Ok(())) => info!("tunnel closed by the proxy; reconnecting"),
-            Ok(Err(e)) if !was_up => {
-                if choice.failed(kind, &e) {
-                    continue; // the fallback, at once
-                }
+        // The proxy refused the certificate itself: only a new enrollment helps. Say so
+        // once, then knock at the backoff's pace (up to its cap), not the fast one.
+        let refused = match &outcome {
+            Ok(Err(e)) if !was_up => refusal::refusal(&e.to_string()).map(|why| (why, e)),
+            _ => None,
+        };
+        if let Some((why, e)) = refused {
+            if ctx.told.first_for(&id.serial().unwrap_or_default()) {
+                error!("{}", refusal::advice(why, &id, &ctx.state_dir));
+            } else {
+                debug!(error = %e, "the proxy still refuses this agent's certificate");
             }
-            Ok(Err(e)) => warn!(error = %e, "tunnel failed"),
-            Err(e) => warn!(error = %e, "tunnel task failed"),
+            lost_at = None;
+        } else {
+            match outcome {
+                Ok(Ok(())) if stop.is_fired() => break,
+                Ok(Ok(())) => info!("tunnel closed by the proxy; reconnecting"),
+                Ok(Err(e)) if !was_up => {
+                    if choice.failed(kind, &e) {
+                        continue; // the fallback, at once
+                    }
+                }
+                Ok(Err(e)) => warn!(error = %e, "tunnel failed"),
+                Err(e) => warn!(error = %e, "tunnel task failed"),
+            }
         }
         if was_up {
+            ctx.told.forget();
             backoff.reset();
             choice.was_up(kind);
             lost_at = Some(tokio::time::Instant::now());

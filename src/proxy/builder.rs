@@ -407,7 +407,20 @@ pub(crate) const QUIC_SECRET_FILE: &str = "quic.secret";
 
 /// The QUIC secret, made now if there is none yet.
 fn quic_secret(dir: &Path) -> Result<Vec<u8>, ProxyError> {
+    use revproxy_ca::fsutil::{unsafe_file, FileProblem};
     let path = dir.join(QUIC_SECRET_FILE);
+    // A key like `ca.key`: whoever reads it can forge resets that end this proxy's QUIC tunnels.
+    match unsafe_file(&path, 0o077) {
+        Ok(None) => {}
+        Ok(Some(FileProblem::Mode(mode))) => {
+            return Err(revproxy_ca::CaError::InsecurePermissions { path, mode }.into())
+        }
+        Ok(Some(FileProblem::Owner { owner, me })) => {
+            return Err(revproxy_ca::CaError::ForeignFile { path, owner, me }.into())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
     match std::fs::read(&path) {
         Ok(secret) if secret.len() == 32 => return Ok(secret),
         Ok(_) => warn!(path = %path.display(), "the QUIC secret is not 32 bytes; making a new one"),
