@@ -394,8 +394,9 @@ async fn a_revocation_cuts_tunnels_on_all_three_proxies_within_two_seconds() {
 }
 
 /// With the database down, clients are still routed by every proxy (the snapshot),
-/// enrollment answers 503 with Retry-After, and each proxy stops reporting ready once the
-/// store has been gone for the bound, saying why; it is ready again once the store is back.
+/// enrollment answers 503 with Retry-After, and each proxy goes on reporting ready (it can
+/// route) while it reports the store down, saying why, in `/status`, `revproxy_store_up` and
+/// `revproxy status`; the store is reported up again once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_database_stopped_routing_goes_on_and_enrollment_answers_503() {
     let mut d = Deployment::new();
@@ -418,10 +419,10 @@ async fn with_the_database_stopped_routing_goes_on_and_enrollment_answers_503() 
     let waiting = d.token("later", &["later.example.com"], proxies[0].addr);
     for admin in &admins {
         assert_eq!(admin_get(*admin, "/ready").await.0, 200);
+        assert_eq!(store_up(*admin).await, Some(1.0));
     }
 
     d.pg.stop();
-    let stopped = Instant::now();
     for p in &proxies {
         reaches(p, "app.example.com", b"B:").await;
     }
@@ -432,21 +433,21 @@ async fn with_the_database_stopped_routing_goes_on_and_enrollment_answers_503() 
     assert!(answer.contains("store_unavailable"), "{answer}");
 
     for admin in &admins {
-        let mut last = (0, String::new());
-        while stopped.elapsed() < Duration::from_secs(30) {
-            last = admin_get(*admin, "/ready").await;
-            if last.0 == 503 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert_eq!(last.0, 503, "{admin} still ready: {}", last.1);
-        assert!(last.1.contains("state store"), "{}", last.1);
+        eventually("the store reported down", || async {
+            store_up(*admin).await == Some(0.0)
+        })
+        .await;
+        let (ready, why) = admin_get(*admin, "/ready").await;
+        assert_eq!(ready, 200, "{admin} unready with the store down: {why}");
+        let status: serde_json::Value =
+            serde_json::from_str(&admin_get(*admin, "/status").await.1).unwrap();
+        assert_eq!(status["ready"], true, "{status}");
+        assert_eq!(status["proxy"]["store_up"], false, "{status}");
+        let problem = status["proxy"]["store_problem"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(problem.contains("state store"), "{status}");
     }
-    eprintln!(
-        "every proxy reported unready {:?} after the database stopped",
-        stopped.elapsed()
-    );
     // `revproxy status` says so, and which proxies share the store.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_revproxy"))
         .args(["status", "--admin", &admins[0].to_string()])
@@ -454,7 +455,11 @@ async fn with_the_database_stopped_routing_goes_on_and_enrollment_answers_503() 
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(
-        report.contains("not ready: the state store has not answered"),
+        report.lines().next().unwrap().ends_with(", ready"),
+        "{report}"
+    );
+    assert!(
+        report.contains("store: the state store has not answered"),
         "{report}"
     );
     assert!(report.contains("proxies sharing it:"), "{report}");
@@ -466,17 +471,25 @@ async fn with_the_database_stopped_routing_goes_on_and_enrollment_answers_503() 
 
     d.pg.restart();
     for admin in &admins {
-        let back = Instant::now();
-        while admin_get(*admin, "/ready").await.0 != 200 {
-            assert!(
-                back.elapsed() < Duration::from_secs(30),
-                "{admin} not ready again"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually("the store reported up again", || async {
+            store_up(*admin).await == Some(1.0)
+        })
+        .await;
+        let status: serde_json::Value =
+            serde_json::from_str(&admin_get(*admin, "/status").await.1).unwrap();
+        assert!(status["proxy"]["store_problem"].is_null(), "{status}");
     }
     let (status, answer) = post_raw(proxies[2].addr, pin, body.into_bytes()).await;
     assert_eq!(status, 200, "{answer}");
+}
+
+/// `revproxy_store_up` on the admin listener at `admin`.
+async fn store_up(admin: SocketAddr) -> Option<f64> {
+    sample(
+        &admin_get(admin, "/metrics").await.1,
+        "revproxy_store_up",
+        "",
+    )
 }
 
 impl Deployment {
@@ -598,7 +611,7 @@ async fn stream_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_proxy_under_load_fails_only_the_streams_through_it() {
     let d = Deployment::new();
-    let (procs, _agent) = d.processes_and_an_agent().await;
+    let (procs, _agent) = d.processes_and_an_agent(&THREE).await;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (flowing_tx, mut flowing) = tokio::sync::mpsc::channel(12);
@@ -650,13 +663,19 @@ async fn killing_a_proxy_under_load_fails_only_the_streams_through_it() {
     }
 }
 
+/// Three loopback addresses, a proxy on each.
+const THREE: [&str; 3] = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
+
 impl Deployment {
-    /// Three `revproxy serve` processes (127.0.0.1, .2, .3) and an agent enrolled through
-    /// the first; returns once each proxy routes clients to it.
-    async fn processes_and_an_agent(&self) -> (Vec<ProxyProcess>, (TempDir, TestAgent)) {
+    /// A `revproxy serve` process on each of `ips` and an agent enrolled through the
+    /// first; returns once each proxy routes clients to it.
+    async fn processes_and_an_agent(
+        &self,
+        ips: &[&str],
+    ) -> (Vec<ProxyProcess>, (TempDir, TestAgent)) {
         let mut procs = Vec::new();
         let mut agent_addrs = Vec::new();
-        for ip in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
+        for ip in ips {
             let (p, agents) = ProxyProcess::start(self, ip);
             procs.push(p);
             agent_addrs.push(agents);
@@ -688,15 +707,11 @@ async fn serves(http: SocketAddr) {
     }
 }
 
-/// HAProxy in front of three `revproxy serve` processes, checking each one's `/ready`: when
-/// one proxy is killed, clients of the load balancer go on being served (HAProxy retries a
-/// refused connection on another proxy, and its health check takes the dead one out).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn behind_haproxy_clients_do_not_notice_a_proxy_dying() {
+/// HAProxy in front of `procs`, configured as docs/operations.md's example (TCP, `/ready`
+/// checked on each proxy's admin listener every 200 ms); returns its front address and the
+/// running HAProxy with its configuration's directory.
+fn haproxy_in_front(procs: &[ProxyProcess]) -> (SocketAddr, Killed, TempDir) {
     let haproxy = tool("haproxy");
-    let d = Deployment::new();
-    let (mut procs, _agent) = d.processes_and_an_agent().await;
-
     // HAProxy takes no port 0 either: a free one from the kernel, handed over.
     let front = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")));
     let servers: String = (procs.iter().enumerate())
@@ -719,7 +734,7 @@ async fn behind_haproxy_clients_do_not_notice_a_proxy_dying() {
     let files = tempfile::tempdir().unwrap();
     let cfg = files.path().join("haproxy.cfg");
     std::fs::write(&cfg, config).unwrap();
-    let _lb = Killed(
+    let lb = Killed(
         std::process::Command::new(haproxy)
             .arg("-db")
             .arg("-f")
@@ -728,17 +743,29 @@ async fn behind_haproxy_clients_do_not_notice_a_proxy_dying() {
             .spawn()
             .unwrap(),
     );
+    (front, lb, files)
+}
 
+/// One request through `front` to the agent's echo backend: whether the bytes came back.
+async fn through(front: SocketAddr, i: u64) -> bool {
+    let data = pattern(4096, i);
+    round_trip(front, &http_head("app.example.com"), &data)
+        .await
+        .is_ok_and(|got| got.ends_with(&data))
+}
+
+/// HAProxy in front of three `revproxy serve` processes, checking each one's `/ready`: when
+/// one proxy is killed, clients of the load balancer go on being served (HAProxy retries a
+/// refused connection on another proxy, and its health check takes the dead one out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_haproxy_clients_do_not_notice_a_proxy_dying() {
+    let d = Deployment::new();
+    let (mut procs, _agent) = d.processes_and_an_agent(&THREE).await;
+    let (front, _lb, _files) = haproxy_in_front(&procs);
     serves(front).await;
 
-    let request = |i: u64| async move {
-        let data = pattern(4096, i);
-        round_trip(front, &http_head("app.example.com"), &data)
-            .await
-            .is_ok_and(|got| got.ends_with(&data))
-    };
     for i in 0..30 {
-        assert!(request(i).await, "request {i} before the kill");
+        assert!(through(front, i).await, "request {i} before the kill");
     }
     signal(procs[1].child.id(), "KILL");
     // Dead, not dying: a connection the kernel accepted for it an instant before is lost
@@ -747,7 +774,7 @@ async fn behind_haproxy_clients_do_not_notice_a_proxy_dying() {
     let killed = Instant::now();
     let mut failed = 0;
     for i in 30..230 {
-        if !request(i).await {
+        if !through(front, i).await {
             failed += 1;
         }
     }
@@ -759,4 +786,108 @@ async fn behind_haproxy_clients_do_not_notice_a_proxy_dying() {
         failed, 0,
         "clients of the load balancer noticed the dead proxy"
     );
+}
+
+/// How long the database stays stopped in
+/// `behind_haproxy_clients_do_not_notice_the_database_stopping`: longer than the 10 s
+/// after which proxies used to report unready, and than HAProxy's checks need to act
+/// (2 failed checks 200 ms apart).
+const DATABASE_OUTAGE: Duration = Duration::from_secs(15);
+/// Longest a client of that test waits for one request's answer (HAProxy's own timeouts
+/// are 2 s to connect and 10 s of silence).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(12);
+
+/// The several-proxies setup of docs/operations.md: HAProxy health-checking `/ready` in
+/// front of two proxies on one PostgreSQL. Clients keep sending requests through HAProxy
+/// while the database is stopped for longer than the old readiness bound: none fails,
+/// because `/ready` stays 200 (each proxy routes from memory) while each reports the store
+/// down in `/status` and `revproxy_store_up`, and up again once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_haproxy_clients_do_not_notice_the_database_stopping() {
+    let mut d = Deployment::new();
+    let (procs, _agent) = d.processes_and_an_agent(&THREE[..2]).await;
+    let (front, _lb, _files) = haproxy_in_front(&procs);
+    serves(front).await;
+
+    // Clients, one request after another, until told to stop: (requests, failures).
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let clients: Vec<_> = (0..2u64)
+        .map(|c| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut sent, mut failed) = (0u64, 0u64);
+                while !*stop.borrow() {
+                    let answer =
+                        tokio::time::timeout(REQUEST_DEADLINE, through(front, c << 32 | sent));
+                    if !answer.await.unwrap_or(false) {
+                        failed += 1;
+                    }
+                    sent += 1;
+                }
+                (sent, failed)
+            })
+        })
+        .collect();
+
+    d.pg.stop();
+    let stopped = Instant::now();
+    for p in &procs {
+        eventually("the store reported down", || async {
+            store_up(p.admin).await == Some(0.0)
+        })
+        .await;
+    }
+    eprintln!(
+        "both proxies reported the store down {:?} after it stopped",
+        stopped.elapsed()
+    );
+    tokio::time::sleep_until((stopped + DATABASE_OUTAGE).into()).await;
+    for p in &procs {
+        let (ready, why) = admin_get(p.admin, "/ready").await;
+        assert_eq!(ready, 200, "unready with the store down: {why}");
+        let status: serde_json::Value =
+            serde_json::from_str(&admin_get(p.admin, "/status").await.1).unwrap();
+        assert_eq!(status["proxy"]["store_up"], false, "{status}");
+        let problem = status["proxy"]["store_problem"]
+            .as_str()
+            .unwrap_or_default();
+        let down: u64 = (problem.strip_prefix("the state store has not answered for "))
+            .and_then(|rest| rest.split(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{status}"));
+        assert!(down + 2 >= DATABASE_OUTAGE.as_secs(), "{status}");
+        assert_eq!(store_up(p.admin).await, Some(0.0));
+    }
+
+    d.pg.restart();
+    for p in &procs {
+        eventually("the store reported up again", || async {
+            store_up(p.admin).await == Some(1.0)
+        })
+        .await;
+        let status: serde_json::Value =
+            serde_json::from_str(&admin_get(p.admin, "/status").await.1).unwrap();
+        assert!(status["proxy"]["store_problem"].is_null(), "{status}");
+    }
+    stop_tx.send(true).unwrap();
+    let (mut sent, mut failed) = (0, 0);
+    for client in clients {
+        let (s, f) = client.await.unwrap();
+        (sent, failed) = (sent + s, failed + f);
+    }
+    eprintln!(
+        "{sent} requests through HAProxy over a {:?} database outage: {failed} failed",
+        stopped.elapsed()
+    );
+    assert!(sent > 100, "only {sent} requests were sent");
+    assert_eq!(
+        failed, 0,
+        "clients of the load balancer noticed the database stop"
+    );
+    // Each proxy said once that the store was down, and once that it was back.
+    for p in &procs {
+        let lines: Vec<String> = p.logs.try_iter().collect();
+        let said = |what: &str| lines.iter().filter(|l| l.contains(what)).count();
+        assert_eq!(said("cannot read the state store"), 1, "{lines:#?}");
+        assert_eq!(said("the state store answers again"), 1, "{lines:#?}");
+    }
 }
