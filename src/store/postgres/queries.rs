@@ -23,18 +23,23 @@ impl Store for PgStore {
 
     fn read(&self) -> Result<State, CaError> {
         let described = &self.described;
-        self.with_client(async |client| {
-            let row = state_row(client, described, "SELECT doc::text FROM revproxy.state").await?;
-            Ok(row.and_then(|row| parse_state(described, row.get(0))))
-        })
+        let (version, state) = self.with_client(async |client| {
+            let sql = "SELECT version, doc::text FROM revproxy.state";
+            let row = state_row(client, described, sql).await?;
+            Ok(row.and_then(|row| Ok((row.get::<_, i64>(0), parse_state(described, row.get(1))?))))
+        })?;
+        self.check_version(version)?;
+        Ok(state)
     }
 
     fn version(&self) -> Result<u64, CaError> {
         let described = &self.described;
-        self.with_client(async |client| {
+        let version = self.with_client(async |client| {
             let row = state_row(client, described, "SELECT version FROM revproxy.state").await?;
-            Ok(row.map(|row| row.get::<_, i64>(0) as u64))
-        })
+            Ok(row.map(|row| row.get::<_, i64>(0)))
+        })?;
+        self.check_version(version)?;
+        Ok(version as u64)
     }
 
     fn apply(&self, change: &mut (dyn FnMut(&mut State) -> bool + Send)) -> Result<(), CaError> {
@@ -47,6 +52,11 @@ impl Store for PgStore {
                 Err(e) => return Ok(Err(e)),
             };
             let version: i64 = row.get(0);
+            // Never a change written over an older state than this process has seen.
+            if let Err(e) = self.check_version(version) {
+                tx.rollback().await?;
+                return Ok(Err(e));
+            }
             let mut state = match parse_state(described, row.get(1)) {
                 Ok(state) => state,
                 Err(e) => return Ok(Err(e)),
@@ -64,7 +74,7 @@ impl Store for PgStore {
             .await?;
             feed::notify(&tx, version + 1).await?;
             tx.commit().await?;
-            Ok(Ok(()))
+            Ok(self.check_version(version + 1))
         })
     }
 
