@@ -21,25 +21,29 @@ impl Store for PgStore {
         self.described.clone()
     }
 
+    // The version is checked while the call holds the connection: calls run one at a
+    // time on it, so the versions are checked in the order the database answered them.
     fn read(&self) -> Result<State, CaError> {
         let described = &self.described;
-        let (version, state) = self.with_client(async |client| {
+        self.with_client(async |client| {
             let sql = "SELECT version, doc::text FROM revproxy.state";
             let row = state_row(client, described, sql).await?;
-            Ok(row.and_then(|row| Ok((row.get::<_, i64>(0), parse_state(described, row.get(1))?))))
-        })?;
-        self.check_version(version)?;
-        Ok(state)
+            Ok(row.and_then(|row| {
+                self.check_version(row.get(0))?;
+                parse_state(described, row.get(1))
+            }))
+        })
     }
 
     fn version(&self) -> Result<u64, CaError> {
         let described = &self.described;
-        let version = self.with_client(async |client| {
+        self.with_client(async |client| {
             let row = state_row(client, described, "SELECT version FROM revproxy.state").await?;
-            Ok(row.map(|row| row.get::<_, i64>(0)))
-        })?;
-        self.check_version(version)?;
-        Ok(version as u64)
+            Ok(row.and_then(|row| {
+                let version: i64 = row.get(0);
+                self.check_version(version).map(|()| version as u64)
+            }))
+        })
     }
 
     fn apply(&self, change: &mut (dyn FnMut(&mut State) -> bool + Send)) -> Result<(), CaError> {
