@@ -57,8 +57,9 @@ impl PgStore {
     }
 }
 
-/// Keeps a connection that `LISTEN`s and calls `wake` at every notification and after
-/// every (re)connection (a notification may have been missed while there was none).
+/// Keeps a connection that `LISTEN`s and calls `wake` after notifications (at most once
+/// per [`WAKE_AT_MOST_EVERY`]) and after every (re)connection (a notification may have been
+/// missed while there was none).
 async fn listen(
     config: Config,
     tls: MakeRustlsConnect,
