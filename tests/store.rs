@@ -394,8 +394,9 @@ async fn a_revocation_cuts_tunnels_on_all_three_proxies_within_two_seconds() {
 }
 
 /// With the database down, clients are still routed by every proxy (the snapshot),
-/// enrollment answers 503 with Retry-After, and each proxy stops reporting ready once the
-/// store has been gone for the bound, saying why; it is ready again once the store is back.
+/// enrollment answers 503 with Retry-After, and each proxy goes on reporting ready (it can
+/// route) while it reports the store down, saying why, in `/status`, `revproxy_store_up` and
+/// `revproxy status`; the store is reported up again once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_database_stopped_routing_goes_on_and_enrollment_answers_503() {
     let mut d = Deployment::new();
@@ -418,10 +419,10 @@ async fn with_the_database_stopped_routing_goes_on_and_enrollment_answers_503() 
     let waiting = d.token("later", &["later.example.com"], proxies[0].addr);
     for admin in &admins {
         assert_eq!(admin_get(*admin, "/ready").await.0, 200);
+        assert_eq!(store_up(*admin).await, Some(1.0));
     }
 
     d.pg.stop();
-    let stopped = Instant::now();
     for p in &proxies {
         reaches(p, "app.example.com", b"B:").await;
     }
@@ -432,21 +433,21 @@ async fn with_the_database_stopped_routing_goes_on_and_enrollment_answers_503() 
     assert!(answer.contains("store_unavailable"), "{answer}");
 
     for admin in &admins {
-        let mut last = (0, String::new());
-        while stopped.elapsed() < Duration::from_secs(30) {
-            last = admin_get(*admin, "/ready").await;
-            if last.0 == 503 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert_eq!(last.0, 503, "{admin} still ready: {}", last.1);
-        assert!(last.1.contains("state store"), "{}", last.1);
+        eventually("the store reported down", || async {
+            store_up(*admin).await == Some(0.0)
+        })
+        .await;
+        let (ready, why) = admin_get(*admin, "/ready").await;
+        assert_eq!(ready, 200, "{admin} unready with the store down: {why}");
+        let status: serde_json::Value =
+            serde_json::from_str(&admin_get(*admin, "/status").await.1).unwrap();
+        assert_eq!(status["ready"], true, "{status}");
+        assert_eq!(status["proxy"]["store_up"], false, "{status}");
+        let problem = status["proxy"]["store_problem"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(problem.contains("state store"), "{status}");
     }
-    eprintln!(
-        "every proxy reported unready {:?} after the database stopped",
-        stopped.elapsed()
-    );
     // `revproxy status` says so, and which proxies share the store.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_revproxy"))
         .args(["status", "--admin", &admins[0].to_string()])
@@ -454,7 +455,11 @@ async fn with_the_database_stopped_routing_goes_on_and_enrollment_answers_503() 
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(
-        report.contains("not ready: the state store has not answered"),
+        report.lines().next().unwrap().ends_with(", ready"),
+        "{report}"
+    );
+    assert!(
+        report.contains("store: the state store has not answered"),
         "{report}"
     );
     assert!(report.contains("proxies sharing it:"), "{report}");
@@ -466,17 +471,25 @@ async fn with_the_database_stopped_routing_goes_on_and_enrollment_answers_503() 
 
     d.pg.restart();
     for admin in &admins {
-        let back = Instant::now();
-        while admin_get(*admin, "/ready").await.0 != 200 {
-            assert!(
-                back.elapsed() < Duration::from_secs(30),
-                "{admin} not ready again"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually("the store reported up again", || async {
+            store_up(*admin).await == Some(1.0)
+        })
+        .await;
+        let status: serde_json::Value =
+            serde_json::from_str(&admin_get(*admin, "/status").await.1).unwrap();
+        assert!(status["proxy"]["store_problem"].is_null(), "{status}");
     }
     let (status, answer) = post_raw(proxies[2].addr, pin, body.into_bytes()).await;
     assert_eq!(status, 200, "{answer}");
+}
+
+/// `revproxy_store_up` on the admin listener at `admin`.
+async fn store_up(admin: SocketAddr) -> Option<f64> {
+    sample(
+        &admin_get(admin, "/metrics").await.1,
+        "revproxy_store_up",
+        "",
+    )
 }
 
 impl Deployment {
@@ -496,6 +509,8 @@ struct ProxyProcess {
     _dir: TempDir,
     http: SocketAddr,
     admin: SocketAddr,
+    /// Its agent listener (enrollment and tunnels).
+    agents: SocketAddr,
 }
 
 impl Drop for ProxyProcess {
@@ -546,6 +561,7 @@ impl ProxyProcess {
                 _dir: dir,
                 http: http.unwrap(),
                 admin: admin.unwrap(),
+                agents: agents.unwrap(),
             },
             agents.unwrap(),
         )
@@ -598,7 +614,7 @@ async fn stream_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_proxy_under_load_fails_only_the_streams_through_it() {
     let d = Deployment::new();
-    let (procs, _agent) = d.processes_and_an_agent().await;
+    let (procs, _agent) = d.processes_and_an_agent(&THREE).await;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (flowing_tx, mut flowing) = tokio::sync::mpsc::channel(12);
@@ -650,13 +666,19 @@ async fn killing_a_proxy_under_load_fails_only_the_streams_through_it() {
     }
 }
 
+/// Three loopback addresses, a proxy on each.
+const THREE: [&str; 3] = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
+
 impl Deployment {
-    /// Three `revproxy serve` processes (127.0.0.1, .2, .3) and an agent enrolled through
-    /// the first; returns once each proxy routes clients to it.
-    async fn processes_and_an_agent(&self) -> (Vec<ProxyProcess>, (TempDir, TestAgent)) {
+    /// A `revproxy serve` process on each of `ips` and an agent enrolled through the
+    /// first; returns once each proxy routes clients to it.
+    async fn processes_and_an_agent(
+        &self,
+        ips: &[&str],
+    ) -> (Vec<ProxyProcess>, (TempDir, TestAgent)) {
         let mut procs = Vec::new();
         let mut agent_addrs = Vec::new();
-        for ip in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
+        for ip in ips {
             let (p, agents) = ProxyProcess::start(self, ip);
             procs.push(p);
             agent_addrs.push(agents);
@@ -688,15 +710,11 @@ async fn serves(http: SocketAddr) {
     }
 }
 
-/// HAProxy in front of three `revproxy serve` processes, checking each one's `/ready`: when
-/// one proxy is killed, clients of the load balancer go on being served (HAProxy retries a
-/// refused connection on another proxy, and its health check takes the dead one out).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn behind_haproxy_clients_do_not_notice_a_proxy_dying() {
+/// HAProxy in front of `procs`, configured as docs/operations.md's example (TCP, `/ready`
+/// checked on each proxy's admin listener every 200 ms); returns its front address and the
+/// running HAProxy with its configuration's directory.
+fn haproxy_in_front(procs: &[ProxyProcess]) -> (SocketAddr, Killed, TempDir) {
     let haproxy = tool("haproxy");
-    let d = Deployment::new();
-    let (mut procs, _agent) = d.processes_and_an_agent().await;
-
     // HAProxy takes no port 0 either: a free one from the kernel, handed over.
     let front = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")));
     let servers: String = (procs.iter().enumerate())
@@ -719,7 +737,7 @@ async fn behind_haproxy_clients_do_not_notice_a_proxy_dying() {
     let files = tempfile::tempdir().unwrap();
     let cfg = files.path().join("haproxy.cfg");
     std::fs::write(&cfg, config).unwrap();
-    let _lb = Killed(
+    let lb = Killed(
         std::process::Command::new(haproxy)
             .arg("-db")
             .arg("-f")
@@ -728,17 +746,29 @@ async fn behind_haproxy_clients_do_not_notice_a_proxy_dying() {
             .spawn()
             .unwrap(),
     );
+    (front, lb, files)
+}
 
+/// One request through `front` to the agent's echo backend: whether the bytes came back.
+async fn through(front: SocketAddr, i: u64) -> bool {
+    let data = pattern(4096, i);
+    round_trip(front, &http_head("app.example.com"), &data)
+        .await
+        .is_ok_and(|got| got.ends_with(&data))
+}
+
+/// HAProxy in front of three `revproxy serve` processes, checking each one's `/ready`: when
+/// one proxy is killed, clients of the load balancer go on being served (HAProxy retries a
+/// refused connection on another proxy, and its health check takes the dead one out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_haproxy_clients_do_not_notice_a_proxy_dying() {
+    let d = Deployment::new();
+    let (mut procs, _agent) = d.processes_and_an_agent(&THREE).await;
+    let (front, _lb, _files) = haproxy_in_front(&procs);
     serves(front).await;
 
-    let request = |i: u64| async move {
-        let data = pattern(4096, i);
-        round_trip(front, &http_head("app.example.com"), &data)
-            .await
-            .is_ok_and(|got| got.ends_with(&data))
-    };
     for i in 0..30 {
-        assert!(request(i).await, "request {i} before the kill");
+        assert!(through(front, i).await, "request {i} before the kill");
     }
     signal(procs[1].child.id(), "KILL");
     // Dead, not dying: a connection the kernel accepted for it an instant before is lost
@@ -747,7 +777,7 @@ async fn behind_haproxy_clients_do_not_notice_a_proxy_dying() {
     let killed = Instant::now();
     let mut failed = 0;
     for i in 30..230 {
-        if !request(i).await {
+        if !through(front, i).await {
             failed += 1;
         }
     }
@@ -759,4 +789,317 @@ async fn behind_haproxy_clients_do_not_notice_a_proxy_dying() {
         failed, 0,
         "clients of the load balancer noticed the dead proxy"
     );
+}
+
+/// How long the database stays stopped in
+/// `behind_haproxy_clients_do_not_notice_the_database_stopping`: longer than the 10 s
+/// after which proxies used to report unready, and than HAProxy's checks need to act
+/// (2 failed checks 200 ms apart).
+const DATABASE_OUTAGE: Duration = Duration::from_secs(15);
+/// Longest a client of that test waits for one request's answer (HAProxy's own timeouts
+/// are 2 s to connect and 10 s of silence).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(12);
+
+/// The several-proxies setup of docs/operations.md: HAProxy health-checking `/ready` in
+/// front of two proxies on one PostgreSQL. Clients keep sending requests through HAProxy
+/// while the database is stopped for longer than the old readiness bound: none fails,
+/// because `/ready` stays 200 (each proxy routes from memory) while each reports the store
+/// down in `/status` and `revproxy_store_up`, and up again once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_haproxy_clients_do_not_notice_the_database_stopping() {
+    let mut d = Deployment::new();
+    let (procs, _agent) = d.processes_and_an_agent(&THREE[..2]).await;
+    let (front, _lb, _files) = haproxy_in_front(&procs);
+    serves(front).await;
+
+    // Clients, one request after another, until told to stop: (requests, failures).
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let clients: Vec<_> = (0..2u64)
+        .map(|c| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut sent, mut failed) = (0u64, 0u64);
+                while !*stop.borrow() {
+                    let answer =
+                        tokio::time::timeout(REQUEST_DEADLINE, through(front, c << 32 | sent));
+                    if !answer.await.unwrap_or(false) {
+                        failed += 1;
+                    }
+                    sent += 1;
+                }
+                (sent, failed)
+            })
+        })
+        .collect();
+
+    d.pg.stop();
+    let stopped = Instant::now();
+    for p in &procs {
+        eventually("the store reported down", || async {
+            store_up(p.admin).await == Some(0.0)
+        })
+        .await;
+    }
+    eprintln!(
+        "both proxies reported the store down {:?} after it stopped",
+        stopped.elapsed()
+    );
+    tokio::time::sleep_until((stopped + DATABASE_OUTAGE).into()).await;
+    for p in &procs {
+        let (ready, why) = admin_get(p.admin, "/ready").await;
+        assert_eq!(ready, 200, "unready with the store down: {why}");
+        let status: serde_json::Value =
+            serde_json::from_str(&admin_get(p.admin, "/status").await.1).unwrap();
+        assert_eq!(status["proxy"]["store_up"], false, "{status}");
+        let problem = status["proxy"]["store_problem"]
+            .as_str()
+            .unwrap_or_default();
+        let down: u64 = (problem.strip_prefix("the state store has not answered for "))
+            .and_then(|rest| rest.split(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{status}"));
+        assert!(down + 2 >= DATABASE_OUTAGE.as_secs(), "{status}");
+        assert_eq!(store_up(p.admin).await, Some(0.0));
+    }
+
+    d.pg.restart();
+    for p in &procs {
+        eventually("the store reported up again", || async {
+            store_up(p.admin).await == Some(1.0)
+        })
+        .await;
+        let status: serde_json::Value =
+            serde_json::from_str(&admin_get(p.admin, "/status").await.1).unwrap();
+        assert!(status["proxy"]["store_problem"].is_null(), "{status}");
+    }
+    stop_tx.send(true).unwrap();
+    let (mut sent, mut failed) = (0, 0);
+    for client in clients {
+        let (s, f) = client.await.unwrap();
+        (sent, failed) = (sent + s, failed + f);
+    }
+    eprintln!(
+        "{sent} requests through HAProxy over a {:?} database outage: {failed} failed",
+        stopped.elapsed()
+    );
+    assert!(sent > 100, "only {sent} requests were sent");
+    assert_eq!(
+        failed, 0,
+        "clients of the load balancer noticed the database stop"
+    );
+    // Each proxy said once that the store was down, and once that it was back.
+    for p in &procs {
+        let lines: Vec<String> = p.logs.try_iter().collect();
+        let said = |what: &str| lines.iter().filter(|l| l.contains(what)).count();
+        assert_eq!(said("cannot read the state store"), 1, "{lines:#?}");
+        assert_eq!(said("the state store answers again"), 1, "{lines:#?}");
+    }
+}
+
+/// How long `a_flood_of_notifications_costs_a_few_checks_not_one_each` floods the channel.
+const FLOOD: Duration = Duration::from_secs(2);
+
+/// Any role that can connect may `NOTIFY` the store's channel. A role with no other right
+/// floods it for two seconds: the proxy checks the store's version a few times a second
+/// (the first notification at once, then at most one per 200 ms, plus its poll), not once
+/// per notification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_notifications_costs_a_few_checks_not_one_each() {
+    let d = Deployment::new();
+    d.pg.psql("CREATE ROLE stranger LOGIN");
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let _proxy = TestProxy::start_member(d.member_dir(), &d.url, "127.0.0.1", move |b| {
+        b.admin_listener(admin)
+    })
+    .await;
+    let checks = || async {
+        let m = admin_get(admin_addr, "/metrics").await.1;
+        let count = |result: &str| {
+            sample(
+                &m,
+                "revproxy_store_checks_total",
+                &format!(r#"result="{result}""#),
+            )
+            .unwrap_or(0.0)
+        };
+        count("ok") + count("error")
+    };
+    let stranger = format!(
+        "host=127.0.0.1 port={} user=stranger dbname=postgres",
+        d.pg.port
+    );
+    let (client, connection) = tokio_postgres::connect(&stranger, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+
+    let before = checks().await;
+    let started = Instant::now();
+    let mut sent = 0u32;
+    while started.elapsed() < FLOOD {
+        // One statement, one transaction, one notification delivered.
+        (client
+            .batch_execute("NOTIFY revproxy_state, '999999'")
+            .await)
+            .unwrap();
+        sent += 1;
+    }
+    let flooded = started.elapsed();
+    let after = checks().await;
+    drop(client);
+    let _ = driver.await;
+    let checked = after - before;
+    eprintln!("{sent} notifications in {flooded:?}: {checked} version checks");
+    assert!(sent > 500, "only {sent} notifications: not a flood");
+    // Five wakes a second and the one-second poll, with one of each to spare.
+    let most = 5.0 * flooded.as_secs_f64().ceil() + flooded.as_secs_f64().ceil() + 2.0;
+    assert!(checked <= most, "{checked} checks for {sent} notifications");
+}
+
+/// A role allowed to create in `public` (every role, before PostgreSQL 15) adds functions
+/// that match the store's untyped parameters better than the built-in ones do
+/// (CVE-2018-1058): the store never resolves a name there, so it works as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_another_role_adds_to_public_never_stand_in_for_the_builtins() {
+    let pg = Postgres::start();
+    pg.psql(
+        "CREATE ROLE intruder; GRANT CREATE ON SCHEMA public TO intruder; SET ROLE intruder; \
+         CREATE FUNCTION public.pg_advisory_xact_lock(text) RETURNS void LANGUAGE sql \
+             AS 'SELECT NULL'; \
+         CREATE FUNCTION public.make_interval(secs text) RETURNS interval LANGUAGE sql \
+             AS 'SELECT interval ''100 years''';",
+    );
+    let seed = tempfile::tempdir().unwrap();
+    let store = revproxy::store::open(seed.path(), Some(&pg.url())).unwrap();
+    Ca::init_in(
+        seed.path(),
+        store.clone(),
+        &InitOptions::default(),
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    let me = revproxy::ca::ProxyEntry {
+        id: "p1".into(),
+        address: Some("127.0.0.1:7443".into()),
+    };
+    store.announce(&me).unwrap();
+    assert_eq!(store.proxies().unwrap(), vec![me]);
+}
+
+/// Whoever owns the store's schema or a table in it can rewrite the CA state. A schema
+/// another role made before revproxy first ran, or a table handed to another role later:
+/// revproxy refuses the store, naming the owner and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_or_table_another_role_owns_is_refused_naming_the_owner() {
+    let pg = Postgres::start();
+    pg.psql("CREATE ROLE intruder; CREATE SCHEMA revproxy AUTHORIZATION intruder");
+    let seed = tempfile::tempdir().unwrap();
+    let e = revproxy::store::open(seed.path(), Some(&pg.url()))
+        .unwrap()
+        .has_state()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(r#"SCHEMA revproxy belongs to role "intruder""#)
+            && e.contains("ALTER SCHEMA revproxy OWNER TO postgres"),
+        "{e}"
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'revproxy'"),
+        "0\n"
+    );
+
+    let d = Deployment::new();
+    d.pg.psql("CREATE ROLE intruder; ALTER TABLE revproxy.state OWNER TO intruder");
+    let e = revproxy::store::open_ca(d.seed.path(), Some(&d.url))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(r#"TABLE revproxy.state belongs to role "intruder""#),
+        "{e}"
+    );
+}
+
+/// The database's state goes back (a backup from before a revocation and an enrollment is
+/// restored): the running proxy does not take it for a newer one. The revoked agent stays
+/// out, the token used since cannot enroll again, `/ready` stays 200, and the proxy raises
+/// the alarm: one ERROR saying what to do, `revproxy_store_went_back_total`, the store shown
+/// down in `/status` and `revproxy_store_up`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_whose_state_goes_back_is_an_alarm_not_a_newer_state() {
+    let d = Deployment::new();
+    let (procs, _agent) = d.processes_and_an_agent(&THREE[..1]).await;
+    let p = &procs[0];
+    let status = || async {
+        serde_json::from_str::<serde_json::Value>(&admin_get(p.admin, "/status").await.1).unwrap()
+    };
+    let web1 = |status: &serde_json::Value| {
+        (status["agents"].as_array().unwrap().iter())
+            .find(|a| a["agent"] == "web-1")
+            .cloned()
+            .unwrap()
+    };
+    let later = d.token("later", &["later.example.com"], p.agents);
+    d.pg.psql("CREATE TABLE public.backup AS SELECT * FROM revproxy.state");
+
+    // After the backup: web-1 is revoked, and the token is used.
+    d.ca()
+        .revoke_certs("web-1", time::OffsetDateTime::now_utc())
+        .unwrap();
+    eventually("web-1 revoked and cut", || async {
+        let agent = web1(&status().await);
+        agent["certificate_expires"].is_null() && agent["tunnels"] == serde_json::json!([])
+    })
+    .await;
+    let pin = d.ca_pin();
+    let (_, body) = enroll_body(&later);
+    let (code, answer) = post_raw(p.agents, pin, body.into_bytes()).await;
+    assert_eq!(code, 200, "{answer}");
+
+    // The backup is restored.
+    d.pg.psql("UPDATE revproxy.state s SET version = b.version, doc = b.doc FROM public.backup b");
+    let metric = |name: &'static str, labels: &'static str| async move {
+        sample(&admin_get(p.admin, "/metrics").await.1, name, labels)
+    };
+    // Either the alarm, or (wrongly) the older state taken: web-1 valid again.
+    eventually("the alarm, or the older state taken", || async {
+        metric("revproxy_store_went_back_total", "").await == Some(1.0)
+            || !web1(&status().await)["certificate_expires"].is_null()
+    })
+    .await;
+    let now = status().await;
+    assert!(
+        web1(&now)["certificate_expires"].is_null(),
+        "the older state was taken: web-1 is valid again: {now}"
+    );
+    assert_eq!(
+        metric("revproxy_store_went_back_total", "").await,
+        Some(1.0)
+    );
+    assert_eq!(now["ready"], true, "{now}");
+    assert_eq!(now["proxy"]["store_up"], false, "{now}");
+    let problem = now["proxy"]["store_problem"].as_str().unwrap_or_default();
+    assert!(
+        problem.contains("went back from version") && problem.contains("restart every proxy"),
+        "{now}"
+    );
+    assert_eq!(metric("revproxy_store_up", "").await, Some(0.0));
+    // The token used after the backup does not enroll again.
+    let (_, again) = enroll_body(&later);
+    let (code, answer) = post_raw(p.agents, pin, again.into_bytes()).await;
+    assert_eq!(code, 503, "{answer}");
+    assert!(answer.contains("store_unavailable"), "{answer}");
+
+    // Said once, as an error, however many checks see it again.
+    let failed = metric("revproxy_store_checks_total", r#"result="error""#).await;
+    eventually("two more checks", || async {
+        metric("revproxy_store_checks_total", r#"result="error""#).await >= failed.map(|f| f + 2.0)
+    })
+    .await;
+    let lines: Vec<String> = p.logs.try_iter().collect();
+    let errors: Vec<_> = (lines.iter())
+        .filter(|l| l.contains("went back") && l.contains("\"ERROR\""))
+        .collect();
+    assert_eq!(errors.len(), 1, "{lines:#?}");
+    assert!(errors[0].contains("restart every proxy"), "{}", errors[0]);
 }

@@ -46,6 +46,10 @@ pub enum CaError {
     NoStateFile(PathBuf),
     #[error("the state store {store} is unavailable: {reason}")]
     StoreUnavailable { store: String, reason: String },
+    /// A shared store's version is a counter that only grows; a smaller one means another
+    /// state took its place. Refused until the process restarts.
+    #[error("the state in {store} went back from version {from} to {to} (a restored backup, or another database?); this process keeps the newer state it read and refuses changes. If the older state is the right one, re-apply what was changed since (revocations first: `revproxy cert list`) and restart every proxy; otherwise point --store back at the right database")]
+    StoreWentBack { store: String, from: u64, to: u64 },
     #[error("the state of {0} was moved to a database by `revproxy store migrate` (state.json.migrated is the old copy); run with --store URL or REVPROXY_STORE")]
     Migrated(PathBuf),
     #[error("the CA in {dir} (pin {dir_pin}) is not the CA of the store {store} (pin {store_pin}); copy ca.key and ca.crt from a proxy that uses this store")]
@@ -63,7 +67,10 @@ impl CaError {
     /// Whether the error passes once the store is reachable again: the request may be
     /// retried (the proxy answers 503).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, CaError::StoreUnavailable { .. } | CaError::Locked(_))
+        matches!(
+            self,
+            CaError::StoreUnavailable { .. } | CaError::StoreWentBack { .. } | CaError::Locked(_)
+        )
     }
 
     pub(crate) fn io(path: &Path, source: io::Error) -> CaError {

@@ -64,9 +64,6 @@ pub(crate) trait View: Send + Sync + 'static {
 pub(crate) enum NotReady {
     #[error("not serving (starting or shutting down)")]
     NotServing,
-    /// The shared store is unreachable or stale, as the state view says.
-    #[error("{0}")]
-    Store(String),
     #[error("no tunnel to the proxy is up")]
     NoTunnel,
 }

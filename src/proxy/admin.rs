@@ -64,22 +64,26 @@ pub(super) struct ProxyView(pub(super) Arc<Shared>);
 impl crate::admin::View for ProxyView {
     fn metrics(&self) -> String {
         let shared = &self.0;
-        shared.metrics.render(&shared.registry, &shared.state.get())
+        let store = shared.state.store_health();
+        (shared.metrics).render(&shared.registry, &shared.state.get(), &store)
     }
 
+    /// Ready means "can route clients": listeners up, state loaded, not shutting down.
+    /// The store's health is not part of it: routing goes on from the last snapshot while
+    /// the store is down, and a load balancer that took out every proxy whose database
+    /// stopped would turn a database outage into a public one. The store is reported
+    /// apart (`/status`, `revproxy_store_up`, the log).
     fn ready(&self) -> Result<(), NotReady> {
         if !self.0.ready.load(Ordering::Relaxed) {
             return Err(NotReady::NotServing);
         }
-        match self.0.state.store_problem(super::state::STORE_STALE_AFTER) {
-            Some(problem) => Err(NotReady::Store(problem)),
-            None => Ok(()),
-        }
+        Ok(())
     }
 
     fn status(&self) -> serde_json::Value {
         let shared = &self.0;
         let state = shared.state.get();
+        let store = shared.state.store_health();
         let tunnels = shared.registry.snapshot();
 
         // Every agent on record with a grant or a tunnel, and its tunnels.
@@ -166,7 +170,9 @@ impl crate::admin::View for ProxyView {
                 "id": shared.me.id,
                 "advertise": shared.me.address,
                 "store": shared.state.store_name(),
-                "store_problem": shared.state.store_problem(std::time::Duration::ZERO),
+                "store_up": store.up,
+                "store_problem": store.problem,
+                "store_last_ok": store.last_ok,
                 "peers": shared.peers.read().expect("peers lock").iter().map(|p| json!({"id": p.id, "address": p.address})).collect::<Vec<_>>(),
             },
             "agents": agents,

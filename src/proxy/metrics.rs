@@ -8,11 +8,12 @@
 //! under its pattern, `*.example.com`).
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Registry,
 };
 
 use super::registry::Registry as Tunnels;
-use super::state::Snapshot;
+use super::state::{Snapshot, StoreHealth};
 use crate::admin::metrics::{counter, encode, gauge, register_process};
 use crate::tunnel::StreamCounters;
 
@@ -80,6 +81,10 @@ pub(super) struct ProxyMetrics {
     revocations: IntCounter,
     mesh: IntCounterVec,
     cert_expiry: IntGaugeVec,
+    store_up: IntGauge,
+    store_last_ok: IntGauge,
+    store_checks: IntCounterVec,
+    store_went_back: IntCounter,
     /// Held while the scrape-time gauges are rebuilt and encoded.
     rendering: std::sync::Mutex<()>,
 }
@@ -112,7 +117,36 @@ impl ProxyMetrics {
         .expect("valid metric");
         r.register(Box::new(revocations.clone()))
             .expect("registered once");
+        let new_gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            r.register(Box::new(g.clone())).expect("registered once");
+            g
+        };
+        let store_up = new_gauge(
+            "revproxy_store_up",
+            "1 when the last check of the state store succeeded, else 0 (routing goes on from memory either way).",
+        );
+        let store_last_ok = new_gauge(
+            "revproxy_store_last_ok_timestamp_seconds",
+            "When the state store last answered a check, Unix seconds.",
+        );
+        let store_went_back = IntCounter::new(
+            "revproxy_store_went_back_total",
+            "Times the state store's version went back (a restored backup, another database): the proxy keeps its newer state and refuses changes until restarted.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(store_went_back.clone()))
+            .expect("registered once");
         ProxyMetrics {
+            store_up,
+            store_last_ok,
+            store_went_back,
+            store_checks: counter(
+                r,
+                "revproxy_store_checks_total",
+                "Checks of the state store's version (the poll, change notifications, reloads requests forced), by result: ok, or error.",
+                &["result"],
+            ),
             accepted: counter(
                 r,
                 "revproxy_connections_accepted_total",
@@ -324,10 +358,24 @@ impl ProxyMetrics {
         }
     }
 
-    /// The text exposition, with the gauges read from the live tunnels and the state
-    /// just now. Renders one at a time: the scrape-time gauges are reset and refilled.
-    pub(super) fn render(&self, tunnels: &Tunnels, state: &Snapshot) -> String {
+    /// The text exposition, with the gauges read from the live tunnels, the state and the
+    /// store's health just now. Renders one at a time: the scrape-time gauges are reset
+    /// and refilled, the store's counters brought up to what `store` counted.
+    pub(super) fn render(
+        &self,
+        tunnels: &Tunnels,
+        state: &Snapshot,
+        store: &StoreHealth,
+    ) -> String {
         let _one_at_a_time = self.rendering.lock().expect("render lock");
+        self.store_up.set(i64::from(store.up));
+        self.store_last_ok.set(store.last_ok);
+        for (result, count) in [("ok", store.checks.0), ("error", store.checks.1)] {
+            let counter = self.store_checks.with_label_values(&[result]);
+            counter.inc_by(count.saturating_sub(counter.get()));
+        }
+        let went_back = u64::from(store.went_back);
+        (self.store_went_back).inc_by(went_back.saturating_sub(self.store_went_back.get()));
         self.tunnels.reset();
         for (agent, transport, count) in tunnels.counts() {
             self.tunnels

@@ -7,22 +7,23 @@
 //! store says something changed (PostgreSQL's `NOTIFY`), and reloads when the version
 //! moved. The TLS verifier and the tunnel handshake read the snapshot, never the store.
 //!
-//! The view also keeps the store's health: a store that cannot be read for longer than
-//! [`STORE_STALE_AFTER`] makes the proxy stop reporting ready (`/ready`), while routing and
-//! tunnels go on with the last snapshot.
+//! The view also keeps the store's health, which the proxy reports apart from readiness
+//! (`/status`, the `revproxy_store_*` metrics, one log line at each change, `revproxy
+//! status`): routing and tunnels go on with the last snapshot while the store is down, so
+//! `/ready` does not depend on it, and a database outage never takes every proxy out of a
+//! load balancer at once. A store whose state went back to an older version (a restored
+//! backup, another database) is not taken as newer: the view keeps the snapshot it has and
+//! raises an alarm until this process is restarted (see [`StoreHealth::went_back`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use revproxy_ca::Store;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// How often the store's version is checked for changes.
 pub(super) const WATCH_INTERVAL: Duration = Duration::from_secs(1);
-/// A store unreadable for this long makes the proxy unready: a load balancer then sends
-/// clients to proxies that see revocations as they happen.
-pub const STORE_STALE_AFTER: Duration = Duration::from_secs(10);
 
 /// What the tunnel gate needs to know.
 #[derive(Debug, Default)]
@@ -176,11 +177,38 @@ impl Snapshot {
     }
 }
 
-/// Whether the store answers.
-#[derive(Debug)]
+/// Whether the store answers, as the checks of its version found it.
+#[derive(Debug, Default)]
 struct Health {
-    /// Since when every attempt to read it failed, and the last error.
+    /// Since when every check failed, and the last error.
     failing: Option<(Instant, String)>,
+    /// When the last check that succeeded ended, Unix seconds.
+    last_ok: i64,
+    /// Checks that succeeded and that failed, since the start.
+    checks: (u64, u64),
+    /// The alarm of a state that went back (what the store said), once raised.
+    went_back: Option<String>,
+}
+
+/// The store's health as the proxy reports it.
+#[derive(Clone, Debug)]
+pub(super) struct StoreHealth {
+    /// The last check of the store's version succeeded.
+    pub(super) up: bool,
+    /// What is wrong, when something is: how long it has failed and the last error, or the
+    /// alarm of a state that went back.
+    pub(super) problem: Option<String>,
+    /// When the store last answered a check, Unix seconds.
+    pub(super) last_ok: i64,
+    /// Checks of its version so far (polls, notifications, reloads forced by requests):
+    /// those that succeeded and those that failed.
+    pub(super) checks: (u64, u64),
+    /// Whether the store's state went back to an older version while this proxy ran. The
+    /// proxy then keeps the newer view it holds rather than taking the older one, which
+    /// would bring back revoked certificates and used tokens, and the store refuses
+    /// changes; the alarm holds until the proxy is restarted (by then an operator has
+    /// decided which state is right).
+    pub(super) went_back: bool,
 }
 
 /// The shared, refreshed snapshot.
@@ -212,7 +240,10 @@ impl StateView {
             reads: Arc::default(),
             loaded_at: version,
             forced: Arc::default(),
-            health: Arc::new(Mutex::new(Health { failing: None })),
+            health: Arc::new(Mutex::new(Health {
+                last_ok: time::OffsetDateTime::now_utc().unix_timestamp(),
+                ..Health::default()
+            })),
             changed: Arc::default(),
         })
     }
@@ -222,18 +253,24 @@ impl StateView {
         self.current.read().expect("state view lock").1.clone()
     }
 
-    /// What is wrong with the store, when it has failed for longer than `after`: how long,
-    /// and the last error.
-    pub(super) fn store_problem(&self, after: Duration) -> Option<String> {
+    /// The store's health now.
+    pub(super) fn store_health(&self) -> StoreHealth {
         let health = self.health.lock().expect("store health lock");
-        let (since, error) = health.failing.as_ref()?;
-        let down = since.elapsed();
-        (down >= after).then(|| {
-            format!(
+        let problem = match (&health.went_back, &health.failing) {
+            (Some(alarm), _) => Some(alarm.clone()),
+            (None, Some((since, error))) => Some(format!(
                 "the state store has not answered for {} s: {error}",
-                down.as_secs()
-            )
-        })
+                since.elapsed().as_secs()
+            )),
+            (None, None) => None,
+        };
+        StoreHealth {
+            up: health.failing.is_none(),
+            problem,
+            last_ok: health.last_ok,
+            checks: health.checks,
+            went_back: health.went_back.is_some(),
+        }
     }
 
     /// Where the state lives, as messages name it.
@@ -241,22 +278,35 @@ impl StateView {
         self.store.describe()
     }
 
+    /// Records a check that succeeded; says once that the store is back.
     fn store_ok(&self) {
         let mut health = self.health.lock().expect("store health lock");
+        health.checks.0 += 1;
+        health.last_ok = time::OffsetDateTime::now_utc().unix_timestamp();
         if let Some((since, _)) = health.failing.take() {
             info!(store = %self.store.describe(), down_secs = since.elapsed().as_secs(), "the state store answers again");
         }
     }
 
-    /// Records a failed read that began at `began` (a read may take the store's whole
-    /// timeout to fail: the outage is counted from its start).
-    fn store_failed(&self, error: String, began: Instant) {
+    /// Records a failed check that began at `began` (a check may take the store's whole
+    /// timeout to fail: the outage is counted from its start); says once that the store is
+    /// down, and once, as an error, that its state went back.
+    fn store_failed(&self, error: &revproxy_ca::CaError, began: Instant) {
+        let text = error.to_string();
         let mut health = self.health.lock().expect("store health lock");
+        health.checks.1 += 1;
+        if matches!(error, revproxy_ca::CaError::StoreWentBack { .. }) && health.went_back.is_none()
+        {
+            error!(%error, "the state store went back to an older state; routing goes on from the newer state this proxy holds");
+            health.went_back = Some(text.clone());
+        }
         match &mut health.failing {
-            Some((_, last)) => *last = error,
+            Some((_, last)) => *last = text,
             None => {
-                warn!(%error, "cannot read the state store; serving with the last state read");
-                health.failing = Some((began, error));
+                if health.went_back.is_none() {
+                    warn!(error = %text, "cannot read the state store; routing goes on from the last state read (enrollment and renewal answer 503 until it is back)");
+                }
+                health.failing = Some((began, text));
             }
         }
     }
@@ -290,11 +340,15 @@ impl StateView {
                 Some((version, current.1.clone()))
             }
             Ok(Err(e)) => {
-                self.store_failed(e.to_string(), began);
+                self.store_failed(&e, began);
                 None
             }
             Err(e) => {
-                self.store_failed(format!("the reading task failed: {e}"), began);
+                let e = revproxy_ca::CaError::StoreUnavailable {
+                    store: self.store.describe(),
+                    reason: format!("the reading task failed: {e}"),
+                };
+                self.store_failed(&e, began);
                 None
             }
         }

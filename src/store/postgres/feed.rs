@@ -2,9 +2,16 @@
 //! connection of its own `LISTEN`s and wakes the proxy. Proxies also poll the version
 //! ([`Store::version`](revproxy_ca::Store::version)), so a lost notification (a listening
 //! connection cut) costs at most one poll. The changes themselves are in `queries.rs`.
+//!
+//! Any role that can connect to the database may `NOTIFY` the channel (PostgreSQL has no
+//! privilege for it), so a notification is only a hint to check the version: its payload
+//! is never read, and a flood of them wakes the proxy at most once per
+//! [`WAKE_AT_MOST_EVERY`].
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio_postgres::{AsyncMessage, Config, Transaction};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -14,6 +21,11 @@ use super::{pg_reason, PgStore, OP_TIMEOUT};
 
 /// The channel changes are announced on.
 const CHANNEL: &str = "revproxy_state";
+/// Least time between two wakes from notifications: the first after a quiet spell wakes at
+/// once (a revocation reaches every proxy in milliseconds), the others within this time
+/// are folded into one wake at its end. A role flooding the channel then costs each proxy
+/// five version checks a second, where each notification used to cost one.
+const WAKE_AT_MOST_EVERY: Duration = Duration::from_millis(200);
 
 /// Announces `version` to the listeners when `tx` commits.
 pub(super) async fn notify(
@@ -45,8 +57,9 @@ impl PgStore {
     }
 }
 
-/// Keeps a connection that `LISTEN`s and calls `wake` at every notification and after
-/// every (re)connection (a notification may have been missed while there was none).
+/// Keeps a connection that `LISTEN`s and calls `wake` after notifications (at most once
+/// per [`WAKE_AT_MOST_EVERY`]) and after every (re)connection (a notification may have been
+/// missed while there was none).
 async fn listen(
     config: Config,
     tls: MakeRustlsConnect,
@@ -61,13 +74,32 @@ async fn listen(
             Ok(Ok((client, mut connection))) => {
                 let on_message = wake.clone();
                 let mut driver = tokio::spawn(async move {
+                    // When the last wake was, and whether a notification came since.
+                    let (mut woke, mut owed) = (None::<Instant>, false);
                     loop {
-                        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                            Some(Ok(AsyncMessage::Notification(_))) => on_message(),
-                            Some(Ok(_)) => {}
-                            Some(Err(e)) => return pg_reason(&e),
-                            None => return "the database closed the connection".into(),
+                        let due = async {
+                            match woke.filter(|_| owed) {
+                                Some(at) => tokio::time::sleep_until(at + WAKE_AT_MOST_EVERY).await,
+                                None => std::future::pending().await,
+                            }
+                        };
+                        tokio::select! {
+                            message = std::future::poll_fn(|cx| connection.poll_message(cx)) => {
+                                match message {
+                                    Some(Ok(AsyncMessage::Notification(_))) => owed = true,
+                                    Some(Ok(_)) => continue,
+                                    Some(Err(e)) => return pg_reason(&e),
+                                    None => return "the database closed the connection".into(),
+                                }
+                                if woke.is_some_and(|at| at.elapsed() < WAKE_AT_MOST_EVERY) {
+                                    continue;
+                                }
+                            }
+                            () = due => {}
                         }
+                        woke = Some(Instant::now());
+                        owed = false;
+                        on_message();
                     }
                 });
                 let sql = format!("LISTEN {CHANNEL}");

@@ -54,6 +54,20 @@ pub struct PgStore {
     /// The `LISTEN` task, once [`Store::on_change`](revproxy_ca::Store::on_change) asked
     /// for it.
     listening: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The newest state version this process has seen, and whether the store went back.
+    seen: Mutex<Seen>,
+}
+
+/// What a process remembers of the store's version, a counter each change adds one to.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The newest version read or written.
+    newest: i64,
+    /// Once the store answered an older version than `newest`: the two. From then on every
+    /// call is refused, until the process restarts: taking the older state for a newer one
+    /// would bring back what was revoked since and let used tokens enroll again, and no
+    /// later version can be trusted to descend from what this process saw.
+    went_back: Option<(i64, i64)>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -102,7 +116,27 @@ impl PgStore {
             failing: Mutex::new(None),
             instance: format!("{}-{}", std::process::id(), rand_suffix()),
             listening: Mutex::new(None),
+            seen: Mutex::new(Seen::default()),
         })
+    }
+
+    /// Checks the state's `version` as the store answered it against the newest this
+    /// process has seen: an older one is refused (see [`Seen::went_back`]); the proxy's
+    /// state view says so in its log, once.
+    fn check_version(&self, version: i64) -> Result<(), CaError> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.went_back.is_none() && version < seen.newest {
+            seen.went_back = Some((seen.newest, version));
+        }
+        if let Some((from, to)) = seen.went_back {
+            return Err(CaError::StoreWentBack {
+                store: self.described.clone(),
+                from: from as u64,
+                to: to as u64,
+            });
+        }
+        seen.newest = version;
+        Ok(())
     }
 
     /// Checks `url` (syntax, TLS settings, the `sslrootcert` file) without connecting:
@@ -192,10 +226,16 @@ impl PgStore {
             }
         });
         // A proxy that stops in the middle of a change (frozen, killed) must not hold the
-        // state's row lock for long: the others would wait on it.
+        // state's row lock for long: the others would wait on it. Every table is named
+        // with its schema, and everything else resolves in the system catalog only: no
+        // function, operator or type another role put in `public` or its own schema can
+        // be called in place of the built-in one (a closer match on argument types wins
+        // over `pg_catalog`'s otherwise, CVE-2018-1058), whatever search_path the role or
+        // the database were given.
         client
             .batch_execute(
-                "SET statement_timeout = '10s'; SET lock_timeout = '10s'; \
+                "SET search_path = pg_catalog, pg_temp; \
+                 SET statement_timeout = '10s'; SET lock_timeout = '10s'; \
                  SET idle_in_transaction_session_timeout = '10s'",
             )
             .await?;

@@ -21,11 +21,17 @@ impl Store for PgStore {
         self.described.clone()
     }
 
+    // The version is checked while the call holds the connection: calls run one at a
+    // time on it, so the versions are checked in the order the database answered them.
     fn read(&self) -> Result<State, CaError> {
         let described = &self.described;
         self.with_client(async |client| {
-            let row = state_row(client, described, "SELECT doc::text FROM revproxy.state").await?;
-            Ok(row.and_then(|row| parse_state(described, row.get(0))))
+            let sql = "SELECT version, doc::text FROM revproxy.state";
+            let row = state_row(client, described, sql).await?;
+            Ok(row.and_then(|row| {
+                self.check_version(row.get(0))?;
+                parse_state(described, row.get(1))
+            }))
         })
     }
 
@@ -33,7 +39,10 @@ impl Store for PgStore {
         let described = &self.described;
         self.with_client(async |client| {
             let row = state_row(client, described, "SELECT version FROM revproxy.state").await?;
-            Ok(row.map(|row| row.get::<_, i64>(0) as u64))
+            Ok(row.and_then(|row| {
+                let version: i64 = row.get(0);
+                self.check_version(version).map(|()| version as u64)
+            }))
         })
     }
 
@@ -47,6 +56,11 @@ impl Store for PgStore {
                 Err(e) => return Ok(Err(e)),
             };
             let version: i64 = row.get(0);
+            // Never a change written over an older state than this process has seen.
+            if let Err(e) = self.check_version(version) {
+                tx.rollback().await?;
+                return Ok(Err(e));
+            }
             let mut state = match parse_state(described, row.get(1)) {
                 Ok(state) => state,
                 Err(e) => return Ok(Err(e)),
@@ -64,7 +78,7 @@ impl Store for PgStore {
             .await?;
             feed::notify(&tx, version + 1).await?;
             tx.commit().await?;
-            Ok(Ok(()))
+            Ok(self.check_version(version + 1))
         })
     }
 
