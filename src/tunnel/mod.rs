@@ -35,7 +35,7 @@ pub(crate) use link::{
     accept_h2, accept_quic, Link, OpenError, OpenRequest, ProxyConn, TunnelStream,
 };
 pub(crate) use meter::{Counted, Meter, StreamCounters, StreamLimits};
-pub(crate) use pump::{both_ways, read_some, reset, reset_whole, write_all_within, Progress};
+pub(crate) use pump::{both_ways, read_some, reset, reset_whole, within, write_all_within};
 pub(crate) use upward::{connect_mesh_channel, serve_mesh_channel, Upward};
 
 /// Longest time a tunnel handshake may take on the proxy's side, per step: TLS on the agent

@@ -5,8 +5,6 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::io::{AsyncWrite, AsyncWriteExt};
-
 /// Waits until `rd` is readable, then reads what is there into `buf`, growing it by
 /// `chunk` first. The buffer is only allocated once data is there, so an idle stream holds
 /// none; once the previous chunk was split off and dropped downstream, `reserve` gets the
@@ -84,106 +82,31 @@ pub(crate) fn reset(rd: tokio::net::tcp::OwnedReadHalf, wr: tokio::net::tcp::Own
     }
 }
 
-/// Least a reader must take per send timeout while bytes wait for it (about 550 bytes a
-/// second at the default 60 s): below that a reader holds its stream's window (up to
-/// [`super::STREAM_WINDOW`] at either end) without using it, and the stream is reset as
-/// if it had taken nothing. A slow link (a few kbit/s) keeps up; a reader of a byte a
-/// minute does not.
-pub(crate) const MIN_PROGRESS: usize = 32 * 1024;
-
-/// The send timeout of one socket, over a stream's life: how long its writes waited for
-/// the reader and what the reader took meanwhile. Only time spent waiting counts, so an
-/// idle stream is never at fault; a reader that takes less than [`MIN_PROGRESS`] within a
-/// send timeout's worth of waiting fails the next write with `TimedOut`.
-pub(crate) struct Progress {
+/// Runs one socket write, failing with `TimedOut` if it makes no progress within
+/// `timeout` (the send timeout: the reader accepts nothing).
+pub(crate) async fn within<T>(
     timeout: Duration,
-    waited: Duration,
-    taken: usize,
+    write: impl Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    tokio::time::timeout(timeout, write)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the reader accepted nothing for {timeout:?}"),
+            ))
+        })
 }
 
-impl Progress {
-    pub(crate) fn new(timeout: Duration) -> Progress {
-        Progress {
-            timeout,
-            waited: Duration::ZERO,
-            taken: 0,
-        }
-    }
-
-    /// Writes some of `buf` to `wr` (the bytes written, as `write` returns them).
-    pub(crate) async fn write<W: AsyncWrite + Unpin>(
-        &mut self,
-        wr: &mut W,
-        buf: &[u8],
-    ) -> std::io::Result<usize> {
-        loop {
-            let started = std::time::Instant::now();
-            let left = self.timeout.saturating_sub(self.waited);
-            let wrote = tokio::time::timeout(left, wr.write(buf)).await;
-            if let Some(n) = self.account(started, wrote)? {
-                return Ok(n);
-            }
-        }
-    }
-
-    /// Writes some of `slices` to `wr`, as [`Progress::write`].
-    pub(crate) async fn write_vectored<W: AsyncWrite + Unpin>(
-        &mut self,
-        wr: &mut W,
-        slices: &[std::io::IoSlice<'_>],
-    ) -> std::io::Result<usize> {
-        loop {
-            let started = std::time::Instant::now();
-            let left = self.timeout.saturating_sub(self.waited);
-            let wrote = tokio::time::timeout(left, wr.write_vectored(slices)).await;
-            if let Some(n) = self.account(started, wrote)? {
-                return Ok(n);
-            }
-        }
-    }
-
-    /// Counts one write that began at `started`: `Some(n)` once it wrote, `None` to write
-    /// again (the window ran out with enough taken: a new one begins).
-    fn account(
-        &mut self,
-        started: std::time::Instant,
-        wrote: Result<std::io::Result<usize>, tokio::time::error::Elapsed>,
-    ) -> std::io::Result<Option<usize>> {
-        self.waited += started.elapsed();
-        let n = match wrote {
-            Ok(Ok(n)) => Some(n),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                self.waited = self.timeout;
-                None
-            }
-        };
-        self.taken += n.unwrap_or(0);
-        if self.waited >= self.timeout {
-            if self.taken < MIN_PROGRESS {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "the reader took {} bytes in {:?} of waiting (less than {MIN_PROGRESS})",
-                        self.taken, self.timeout
-                    ),
-                ));
-            }
-            (self.waited, self.taken) = (Duration::ZERO, 0);
-        }
-        Ok(n)
-    }
-}
-
-/// Writes all of `buf`, counting against `progress` (the send timeout and the least
-/// progress a reader must make).
+/// Writes all of `buf`, failing if the socket accepts no byte for `timeout`.
 pub(crate) async fn write_all_within(
     wr: &mut tokio::net::tcp::OwnedWriteHalf,
     mut buf: &[u8],
-    progress: &mut Progress,
+    timeout: Duration,
 ) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
     while !buf.is_empty() {
-        let n = progress.write(wr, buf).await?;
+        let n = within(timeout, wr.write(buf)).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
