@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 
 use super::metrics::AgentMetrics;
+use super::Identity;
 use crate::route::name_matches;
 use crate::tunnel::{Backends, DialRequest, Dialed, Refusal};
 use crate::wire::proxy_header::{self, Origin, ProxyProtocol};
@@ -29,8 +30,9 @@ pub(crate) struct ServiceMap {
     /// In the order given; replaced whole by a reload (a stream keeps the entry it was
     /// dialed with).
     entries: std::sync::RwLock<Arc<Vec<Arc<Service>>>>,
-    /// The names granted privately (the identity's): served only to streams with a caller.
-    private: std::sync::RwLock<Arc<Vec<String>>>,
+    /// The identity in use (renewals and re-enrollments replace it): the names it was
+    /// granted privately are served only to streams with a caller.
+    identity: tokio::sync::watch::Receiver<Arc<Identity>>,
     metrics: Arc<AgentMetrics>,
 }
 
@@ -51,30 +53,33 @@ pub(crate) fn check_backend(addr: &str) -> Result<(), BadBackend> {
 impl ServiceMap {
     pub(crate) fn new(
         entries: Vec<Service>,
-        private: Vec<String>,
+        identity: tokio::sync::watch::Receiver<Arc<Identity>>,
         metrics: Arc<AgentMetrics>,
     ) -> ServiceMap {
         metrics.ensure_services(entries.iter().map(|s| s.pattern.as_str()));
         ServiceMap {
             entries: std::sync::RwLock::new(Arc::new(entries.into_iter().map(Arc::new).collect())),
-            private: std::sync::RwLock::new(Arc::new(private)),
+            identity,
             metrics,
         }
     }
 
-    /// Replaces every entry and the private names (a reload): new streams use the new map.
-    pub(crate) fn replace(&self, entries: Vec<Service>, private: Vec<String>) {
+    /// Replaces every entry (a reload): new streams use the new map.
+    pub(crate) fn replace(&self, entries: Vec<Service>) {
         self.metrics
             .ensure_services(entries.iter().map(|s| s.pattern.as_str()));
         *self.entries.write().expect("service map lock") =
             Arc::new(entries.into_iter().map(Arc::new).collect());
-        *self.private.write().expect("service map lock") = Arc::new(private);
     }
 
-    /// Whether `name` is granted privately: only a mesh stream (with a caller) may have it.
+    /// Whether `name` is granted privately (to the identity in use now): only a mesh
+    /// stream, with a caller, may have it.
     fn is_private(&self, name: &str) -> bool {
-        let private = self.private.read().expect("service map lock").clone();
-        private.iter().any(|p| p == name || name_matches(p, name))
+        let identity = self.identity.borrow();
+        identity
+            .private
+            .iter()
+            .any(|p| p == name || name_matches(p, name))
     }
 
     /// The entry for `name`: an exact entry first, then a wildcard.
@@ -187,7 +192,7 @@ mod tests {
                 service("*.example.com", "127.0.0.1:1"),
                 service("app.example.com", "127.0.0.1:2"),
             ],
-            Vec::new(),
+            tokio::sync::watch::channel(Arc::new(identity())).1,
             Arc::new(AgentMetrics::new()),
         );
         let found = |name| {
@@ -203,6 +208,21 @@ mod tests {
         assert_eq!(found("example.com"), None);
     }
 
+    /// An identity with nothing private and no files behind it.
+    fn identity() -> Identity {
+        Identity {
+            server: "localhost:7443".into(),
+            agent: "web-1".into(),
+            identity: "spiffe://revproxy.local/agent/web-1".into(),
+            hosts: vec!["*.example.com".into()],
+            private: Vec::new(),
+            not_after: i64::MAX,
+            cert_pem: String::new(),
+            key_pem: String::new(),
+            ca_pem: String::new(),
+        }
+    }
+
     #[tokio::test]
     async fn a_private_name_is_refused_to_a_stream_without_a_caller() {
         let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -212,9 +232,14 @@ mod tests {
             addr: addr.clone(),
             proxy_protocol: None,
         };
+        let identity = Identity {
+            private: vec!["db.example.com".into()],
+            ..identity()
+        };
+        let (_tx, identity) = tokio::sync::watch::channel(Arc::new(identity));
         let map = ServiceMap::new(
             vec![service("*.example.com")],
-            vec!["db.example.com".into()],
+            identity,
             Arc::new(AgentMetrics::new()),
         );
         let request = |name, caller| DialRequest {

@@ -241,16 +241,19 @@ impl AgentBuilder {
             }
         }
         let metrics = Arc::new(metrics::AgentMetrics::new());
+        let identity = tokio::sync::watch::channel(Arc::new(identity)).0;
         Ok(Agent {
             admin: self.admin,
             connects,
             connect_reloads: tokio::sync::mpsc::channel(1),
             ctx: Arc::new(SessionCtx {
-                server: self.server.unwrap_or_else(|| identity.server.clone()),
+                server: self
+                    .server
+                    .unwrap_or_else(|| identity.borrow().server.clone()),
                 tunnels_up: tokio::sync::watch::channel(Default::default()).0,
                 services: Arc::new(ServiceMap::new(
                     entries,
-                    identity.private.clone(),
+                    identity.subscribe(),
                     metrics.clone(),
                 )),
                 metrics,
@@ -264,7 +267,7 @@ impl AgentBuilder {
                 state_dir: self.state_dir.clone(),
                 told: Default::default(),
             }),
-            identity: tokio::sync::watch::channel(Arc::new(identity)).0,
+            identity,
             state_dir: self.state_dir,
             clock: self.clock,
             renew_check: self.renew_check,
@@ -350,7 +353,7 @@ impl AgentReloader {
             .map_err(|_| stopped())?
             .map_err(AgentError::Connect)?;
         let count = entries.len();
-        self.services.replace(entries, identity.private.clone());
+        self.services.replace(entries);
         Ok(format!("{count} service(s); {connected}"))
     }
 }
