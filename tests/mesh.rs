@@ -3,22 +3,41 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+/// A private `name` is not served by SNI (a real TLS client gets the alert for an
+/// unrecognized name) nor through the listener at `fixed` that is fixed to it (closed at
+/// once, without a byte).
+async fn refused_by_sni_and_fixed_listener(proxy: &TestProxy, name: &str, fixed: SocketAddr) {
+    let config = revproxy::tls::pinned_client_config(vec![proxy.pin()], &[]).unwrap();
+    let tcp = TcpStream::connect(proxy.sni).await.unwrap();
+    let err = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name.to_string().try_into().unwrap(), tcp)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:?}").contains("UnrecognisedName"),
+        "{name}: {err:?}"
+    );
+    let mut fixed = TcpStream::connect(fixed).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), fixed.read_to_end(&mut got))
+        .await
+        .expect("closed, not hanging")
+        .ok();
+    assert!(got.is_empty(), "{name}: {got:?}");
+}
+
 /// A privately granted name is not there for public clients: by Host, by SNI and by a
 /// fixed listener they get what an unknown name gets, even with its agent connected, and
 /// a wildcard granted privately hides every name under it.
 async fn a_public_listener_never_reaches_a_private_name(t: Transport) {
-    let (fixed, fixed_addr) = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.set_nonblocking(true).unwrap();
-        let addr = l.local_addr().unwrap();
-        (tokio::net::TcpListener::from_std(l).unwrap(), addr)
-    };
+    let (fixed, fixed_addr) = local_listener();
     let proxy = TestProxy::start_with(move |b| {
         b.listener(
             fixed,
@@ -62,22 +81,7 @@ async fn a_public_listener_never_reaches_a_private_name(t: Transport) {
         );
         assert!(!text.contains("secret"), "{name}: {text}");
     }
-    // By SNI: a real TLS client gets the alert for an unrecognized name.
-    let config = revproxy::tls::pinned_client_config(vec![proxy.pin()], &[]).unwrap();
-    let tcp = TcpStream::connect(proxy.sni).await.unwrap();
-    let err = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect("db.internal".try_into().unwrap(), tcp)
-        .await
-        .unwrap_err();
-    assert!(format!("{err:?}").contains("UnrecognisedName"), "{err:?}");
-    // A fixed listener for the private name is closed at once, without a byte.
-    let mut fixed = TcpStream::connect(fixed_addr).await.unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), fixed.read_to_end(&mut got))
-        .await
-        .expect("closed, not hanging")
-        .ok();
-    assert!(got.is_empty(), "{got:?}");
+    refused_by_sni_and_fixed_listener(&proxy, "db.internal", fixed_addr).await;
 }
 
 /// A private grant wins over every public one: with `*.example.com` granted publicly (to
@@ -85,12 +89,7 @@ async fn a_public_listener_never_reaches_a_private_name(t: Transport) {
 /// `www.example.com` but never `db.example.com`: not by Host, not by SNI, not through a
 /// listener fixed to it, not through a static route for it.
 async fn a_public_wildcard_does_not_open_a_private_name_under_it(t: Transport) {
-    let (fixed, fixed_addr) = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.set_nonblocking(true).unwrap();
-        let addr = l.local_addr().unwrap();
-        (tokio::net::TcpListener::from_std(l).unwrap(), addr)
-    };
+    let (fixed, fixed_addr) = local_listener();
     let private = echo_backend(b"private:").await;
     let public = echo_backend(b"public:").await;
     let proxy = TestProxy::start_with(move |b| {
@@ -129,22 +128,7 @@ async fn a_public_wildcard_does_not_open_a_private_name_under_it(t: Transport) {
     assert!(text.starts_with("HTTP/1.1 502"), "{text}");
     assert!(text.contains("no route for db.example.com"), "{text}");
     assert!(!text.contains("private:"), "{text}");
-    // By SNI: a real TLS client gets the alert for an unrecognized name.
-    let config = revproxy::tls::pinned_client_config(vec![proxy.pin()], &[]).unwrap();
-    let tcp = TcpStream::connect(proxy.sni).await.unwrap();
-    let err = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect("db.example.com".try_into().unwrap(), tcp)
-        .await
-        .unwrap_err();
-    assert!(format!("{err:?}").contains("UnrecognisedName"), "{err:?}");
-    // A listener fixed to the name closes at once, without a byte.
-    let mut fixed = TcpStream::connect(fixed_addr).await.unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), fixed.read_to_end(&mut got))
-        .await
-        .expect("closed, not hanging")
-        .ok();
-    assert!(got.is_empty(), "{got:?}");
+    refused_by_sni_and_fixed_listener(&proxy, "db.example.com", fixed_addr).await;
 }
 
 /// A local listener of the kernel's choosing for `--connect`.
