@@ -13,7 +13,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+mod deployment;
 mod postgres;
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use deployment::*;
 #[allow(unused_imports)] // each test binary uses its own subset
 pub use postgres::Postgres;
 
