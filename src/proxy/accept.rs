@@ -326,7 +326,7 @@ pub(super) async fn serve<A, F, Fut>(
                 count(&counters.accepted);
                 let Ok(permit) = permits.clone().try_acquire_owned() else {
                     match counters.log.loud(peer.ip()) {
-                        Some(unsaid) => warn!(%peer, unsaid, "at the connection limit; refusing (further refusals from this source for 10 s at debug)"),
+                        Some(unsaid) => warn!(%peer, unsaid, "at the connection limit; refusing (further refusals from this source for {REFUSAL_LOG_EVERY:?} at debug)"),
                         None => debug!(%peer, "at the connection limit; refusing"),
                     }
                     count(&counters.over_limit);

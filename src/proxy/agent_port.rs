@@ -11,7 +11,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::LazyConfigAcceptor;
 use tracing::{debug, info, warn};
 
-use super::accept::{self, AcceptCounters, Acceptor, PerSource, RefusalLog, SourceSlot};
+use super::accept::{
+    self, AcceptCounters, Acceptor, PerSource, RefusalLog, SourceSlot, REFUSAL_LOG_EVERY,
+};
 use super::admit::{admit, Peer};
 use super::registry::{NotRegistered, Tunnel};
 use super::{enroll, mesh, Limits, Shared};
@@ -206,7 +208,7 @@ impl Budgets {
         shared.metrics.agent_port_refused(budget).inc();
         match self.log.loud(peer.ip()) {
             Some(unsaid) => {
-                warn!(%peer, budget, unsaid, "agent port: this budget is full; refusing a connection (further refusals from this source for 10 s at debug)")
+                warn!(%peer, budget, unsaid, "agent port: this budget is full; refusing a connection (further refusals from this source for {REFUSAL_LOG_EVERY:?} at debug)")
             }
             None => debug!(%peer, budget, "agent port: this budget is full; refusing a connection"),
         }
@@ -274,7 +276,7 @@ async fn serve_tcp(
                     shared.metrics.tunnel_refused("certificate");
                     match budgets.log.loud(peer.ip()) {
                         Some(unsaid) => {
-                            warn!(%peer, error = %tls_error, unsaid, "agent certificate refused (further refusals from this source for 10 s at debug)")
+                            warn!(%peer, error = %tls_error, unsaid, "agent certificate refused (further refusals from this source for {REFUSAL_LOG_EVERY:?} at debug)")
                         }
                         None => debug!(%peer, error = %tls_error, "agent certificate refused"),
                     }
@@ -402,7 +404,7 @@ async fn serve_quic(
             shared.metrics.tunnel_refused("certificate");
             return match budgets.log.loud(peer.ip()) {
                 Some(unsaid) => {
-                    warn!(%peer, error = %e, unsaid, "agent certificate refused (QUIC; further refusals from this source for 10 s at debug)")
+                    warn!(%peer, error = %e, unsaid, "agent certificate refused (QUIC; further refusals from this source for {REFUSAL_LOG_EVERY:?} at debug)")
                 }
                 None => debug!(%peer, error = %e, "agent certificate refused (QUIC)"),
             };
