@@ -141,6 +141,8 @@ http {{
     access_log off;
     keepalive_requests 1000000;
     client_header_timeout 600s;
+    # Stalled readers (bench/stalled.py) hold their downloads open for minutes.
+    send_timeout 600s;
     server {{ listen 127.0.0.1:{port} backlog=16384; root {work}/www; }}
 }}
 """
