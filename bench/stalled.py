@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """The proxy's memory under stalled readers: N clients each ask for a large download through
-the proxy and never read it. Each stream fills what the proxy lets it hold (its window, and
-what its pump reads ahead within the stream buffer budget); the figure is the proxy's peak
-RSS once every stream is full, beside its RSS before the clients came.
+the proxy and never read it. Each stream fills what the proxy lets it hold (its window);
+the figure is the proxy's peak RSS once every stream is full, beside its RSS before the
+clients came.
 
     python3 bench/stalled.py                          # 2,000 readers, this build
     python3 bench/stalled.py --baseline DIR           # also the binaries in DIR, side by side
-    python3 bench/stalled.py --budget 256MiB          # also this build with that budget
+    python3 bench/stalled.py --extra 'send_timeout = "600s"'   # a config line for this build's run
 
 Two agents serve the name (one tunnel carries at most 1,023 streams). Everything runs on
 127.0.0.1; the nginx, ports and helpers are bench/run.py's. Prints a Markdown table for
@@ -33,14 +33,14 @@ def peak_kib(pid):
         return int(re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M).group(1))
 
 
-def start(procs, bindir, work, nginx_port, transport, label, budget):
+def start(procs, bindir, work, nginx_port, transport, label, extra_line):
     """Proxy with a fixed listener for web.bench, served by two agents. Returns (port, pid)."""
     work = f"{work}/{label}"
     os.makedirs(work)
     env = dict(os.environ, RUST_LOG="warn")
     agents, web = run.free_port(), run.free_port()
     state = f"{work}/proxy"
-    extra = f'stream_buffer_budget = "{budget}"\n' if budget else ""
+    extra = f"{extra_line}\n" if extra_line else ""
     with open(f"{work}/proxy.toml", "w") as f:
         f.write(f'agents = "127.0.0.1:{agents}"\nmax_connections_per_source = 100000\nsend_timeout = "600s"\n{extra}'
                 f'[[listener]]\nlisten = "127.0.0.1:{web}"\nto = "web.bench"\n')
@@ -104,8 +104,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--readers", type=int, default=2000)
     ap.add_argument("--baseline", metavar="DIR", help="also the binaries in DIR (an earlier build)")
-    ap.add_argument("--budget", metavar="SIZE", action="append", default=[],
-                    help="also this build with stream_buffer_budget = SIZE (repeatable)")
+    ap.add_argument("--extra", metavar="LINE", action="append", default=[],
+                    help="also this build with LINE added to its proxy.toml (repeatable)")
     ap.add_argument("--transport", default="h2", choices=["h2", "quic"])
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -127,16 +127,16 @@ def main():
     try:
         nginx_port = run.free_port()
         run.start_nginx(procs, work, nginx_port)
-        setups = [("this build, default budget", bindir, None)]
-        setups += [(f"this build, budget {b}", bindir, b) for b in args.budget]
+        setups = [("this build", bindir, None)]
+        setups += [(f"this build, {line}", bindir, line) for line in args.extra]
         if args.baseline:
             setups.insert(0, ("baseline", os.path.abspath(args.baseline), None))
         rows = []
-        for i, (label, binaries, budget) in enumerate(setups):
+        for i, (label, binaries, extra_line) in enumerate(setups):
             # One proxy at a time: each gets the machine's memory to itself.
             one = run.Procs()
             try:
-                port, pid = start(one, binaries, work, nginx_port, args.transport, f"s{i}", budget)
+                port, pid = start(one, binaries, work, nginx_port, args.transport, f"s{i}", extra_line)
                 before, peak, reached = stalled_readers(port, pid, args.readers, nginx_port)
             finally:
                 one.stop()

@@ -198,7 +198,7 @@ impl Listeners {
             self.up.clone(),
             self.server.clone(),
             self.identity.clone(),
-            self.limits.clone(),
+            self.limits,
             accepting.clone(),
             self.stop.clone(),
         ));
@@ -336,13 +336,12 @@ async fn accept_loop(
             continue;
         }
         let _ = tcp.set_nodelay(true);
-        let (name, status, up, server, identity, limits) = (
+        let (name, status, up, server, identity) = (
             name.clone(),
             status.clone(),
             up.clone(),
             server.clone(),
             identity.clone(),
-            limits.clone(),
         );
         streams.spawn(async move {
             let failed = |why: String| {

@@ -30,7 +30,6 @@ pub struct ProxyBuilder {
     enroll_failure_window: Duration,
     peek_timeout: Duration,
     stream_limits: tunnel::StreamLimits,
-    stream_buffer_budget: Option<u64>,
     max_tunnels_per_agent: usize,
     max_connections_per_source: usize,
     max_handshakes_per_source: usize,
@@ -71,7 +70,6 @@ impl ProxyBuilder {
             enroll_failure_window: ratelimit::DEFAULT_WINDOW,
             peek_timeout: PEEK_TIMEOUT,
             stream_limits: tunnel::StreamLimits::default(),
-            stream_buffer_budget: None,
             max_tunnels_per_agent: MAX_TUNNELS_PER_AGENT,
             max_connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
             max_handshakes_per_source: MAX_HANDSHAKES_PER_SOURCE,
@@ -211,14 +209,6 @@ impl ProxyBuilder {
         self
     }
 
-    /// What all client streams together may hold of bytes read ahead of their clients,
-    /// beyond each stream's small minimum (default: a sixteenth of memory, between 64 MiB
-    /// and 1 GiB). A spent budget slows streams down; it ends none.
-    pub fn stream_buffer_budget(mut self, bytes: u64) -> Self {
-        self.stream_buffer_budget = Some(bytes);
-        self
-    }
-
     /// Most public connections one source address may hold at once
     /// ([`MAX_CONNECTIONS_PER_SOURCE`]).
     pub fn max_connections_per_source(mut self, max: usize) -> Self {
@@ -255,7 +245,7 @@ impl ProxyBuilder {
     }
 
     /// Opens the CA and prepares TLS. Nothing is accepted until [`Proxy::run`].
-    pub fn build(mut self) -> Result<Proxy, ProxyError> {
+    pub fn build(self) -> Result<Proxy, ProxyError> {
         let agents = self.agents.ok_or(ProxyError::NoAgentListener)?;
         let routes = checked_routes(self.routes)?;
         let advertise = match self.advertise {
@@ -340,15 +330,8 @@ impl ProxyBuilder {
             fd_limit,
             crate::runtime::lanes::Lanes::shared()?.all().len(),
         );
+        info!(fd_limit, ?limits, "connection caps");
         let metrics = Arc::new(metrics::ProxyMetrics::new());
-        let budget = (self.stream_buffer_budget).unwrap_or_else(tunnel::default_budget);
-        info!(
-            fd_limit,
-            ?limits,
-            stream_buffer_budget = budget,
-            "connection caps"
-        );
-        self.stream_limits.budget = Arc::new(metrics.stream_buffer_budget(budget));
         metrics.ensure_reloads();
         let (reloader, reloads) = tokio::sync::mpsc::channel(1);
         Ok(Proxy {

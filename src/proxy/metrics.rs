@@ -85,9 +85,6 @@ pub(super) struct ProxyMetrics {
     store_last_ok: IntGauge,
     store_checks: IntCounterVec,
     store_went_back: IntCounter,
-    stream_buffer: IntGauge,
-    stream_buffer_budget: IntGauge,
-    stream_buffer_spent: IntCounter,
     /// Held while the scrape-time gauges are rebuilt and encoded.
     rendering: std::sync::Mutex<()>,
 }
@@ -140,25 +137,7 @@ impl ProxyMetrics {
         .expect("valid metric");
         r.register(Box::new(store_went_back.clone()))
             .expect("registered once");
-        let stream_buffer = new_gauge(
-            "revproxy_stream_buffer_bytes",
-            "Bytes client streams hold read ahead of their clients, beyond each one's minimum: what counts against the stream buffer budget.",
-        );
-        let stream_buffer_budget = new_gauge(
-            "revproxy_stream_buffer_budget_bytes",
-            "The stream buffer budget (stream_buffer_budget).",
-        );
-        let stream_buffer_spent = IntCounter::new(
-            "revproxy_stream_buffer_spent_total",
-            "Times a stream would have read further ahead of its client but the budget was spent (it goes on with its minimum window).",
-        )
-        .expect("valid metric");
-        r.register(Box::new(stream_buffer_spent.clone()))
-            .expect("registered once");
         ProxyMetrics {
-            stream_buffer,
-            stream_buffer_budget,
-            stream_buffer_spent,
             store_up,
             store_last_ok,
             store_went_back,
@@ -275,16 +254,6 @@ impl ProxyMetrics {
             registry,
             rendering: std::sync::Mutex::new(()),
         }
-    }
-
-    /// The stream buffer budget of `limit` bytes, counted into these metrics.
-    pub(super) fn stream_buffer_budget(&self, limit: u64) -> crate::tunnel::Budget {
-        (self.stream_buffer_budget).set(i64::try_from(limit).unwrap_or(i64::MAX));
-        crate::tunnel::Budget::new(
-            limit,
-            self.stream_buffer.clone(),
-            self.stream_buffer_spent.clone(),
-        )
     }
 
     pub(super) fn accepted(&self, listener: &str) -> IntCounter {

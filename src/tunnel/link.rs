@@ -184,7 +184,7 @@ impl TunnelStream {
         limits: StreamLimits,
         counters: StreamCounters,
     ) -> Moved {
-        let meter = Meter::new(&limits, counters);
+        let meter = Meter::new(limits.idle_timeout, counters);
         let result = match self {
             TunnelStream::H2(send, recv) => {
                 h2::splice::splice(tcp, send, recv, limits.send_timeout, &meter).await

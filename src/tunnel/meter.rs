@@ -1,31 +1,25 @@
 //! Stream metering: the limits that bound one stream's sockets, the counters it moves
 //! bytes into (metrics), and the idle clock. No I/O of its own beyond wrapping a socket.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Budget, SEND_TIMEOUT};
+use super::SEND_TIMEOUT;
 
 /// What bounds the sockets of one stream, from the proxy's or the agent's configuration.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct StreamLimits {
     /// A socket that accepts no byte this long: the stream is reset ([`SEND_TIMEOUT`]).
     pub(crate) send_timeout: Duration,
     /// No byte either way this long: the stream is closed. Off unless configured: an idle
     /// SSH or database session is not a fault.
     pub(crate) idle_timeout: Option<Duration>,
-    /// What all streams of the process may hold beyond their minimum ([`super::ahead`]).
-    pub(crate) budget: Arc<Budget>,
 }
 
 impl Default for StreamLimits {
-    /// The agent's: its streams keep their full window ([`super::STREAM_WINDOW`]) and hold
-    /// nothing beyond the minimum.
     fn default() -> Self {
         StreamLimits {
             send_timeout: SEND_TIMEOUT,
             idle_timeout: None,
-            budget: Arc::new(Budget::unmetered(0)),
         }
     }
 }
@@ -150,7 +144,6 @@ impl Drop for StreamCounters {
 /// chunk, and nothing at all when no idle timeout is set).
 pub(crate) struct Meter {
     limit: Option<Duration>,
-    budget: Arc<Budget>,
     start: tokio::time::Instant,
     /// Milliseconds from `start` to the last byte moved.
     last: std::sync::atomic::AtomicU64,
@@ -161,11 +154,9 @@ pub(crate) struct Meter {
 }
 
 impl Meter {
-    /// A meter for a stream under `limits`.
-    pub(crate) fn new(limits: &StreamLimits, counters: StreamCounters) -> Meter {
+    pub(crate) fn new(limit: Option<Duration>, counters: StreamCounters) -> Meter {
         Meter {
-            limit: limits.idle_timeout,
-            budget: limits.budget.clone(),
+            limit,
             start: tokio::time::Instant::now(),
             last: std::sync::atomic::AtomicU64::new(0),
             counters,
@@ -188,11 +179,6 @@ impl Meter {
         self.written_total
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         self.touch();
-    }
-
-    /// What the stream's pump may hold ahead of its socket within.
-    pub(crate) fn budget(&self) -> &Budget {
-        &self.budget
     }
 
     /// Bytes (read from, written to) the socket so far.

@@ -9,13 +9,10 @@
 //! which transport to dial. `meter.rs` counts a stream's bytes and `pump.rs` holds what
 //! both transports' pumps share. Neither the proxy nor the agent names h2 or QUIC.
 //!
-//! Back pressure is per stream on both transports: a pump takes a stream's bytes (handing
-//! the peer that much credit again) only as far as it may hold them for its socket
-//! (`ahead.rs`: a small minimum, more within one budget per process), so a reader that
-//! stops holds back its own stream and pins a bounded amount.
+//! Back pressure is per stream on both transports: a pump releases flow-control credit only
+//! after the bytes were written onward, so a reader that stops holds back its own stream.
 
 mod agent_end;
-pub(crate) mod ahead;
 mod choice;
 pub(crate) mod duplex;
 pub(crate) mod h2;
@@ -33,13 +30,12 @@ pub(crate) use agent_end::{
     client_field, connect, parse_client_field, AgentConn, Backends, ConnectError, DialRequest,
     Dialed, Refusal, TunnelError,
 };
-pub(crate) use ahead::{default_budget, Budget};
 pub(crate) use choice::Choice;
 pub(crate) use link::{
     accept_h2, accept_quic, Link, OpenError, OpenRequest, ProxyConn, TunnelStream,
 };
 pub(crate) use meter::{Counted, Meter, StreamCounters, StreamLimits};
-pub(crate) use pump::{both_ways, read_some, reset, reset_whole};
+pub(crate) use pump::{both_ways, read_some, reset, reset_whole, within, write_all_within};
 pub(crate) use upward::{connect_mesh_channel, serve_mesh_channel, Upward};
 
 /// Longest time a tunnel handshake may take on the proxy's side, per step: TLS on the agent
@@ -47,17 +43,12 @@ pub(crate) use upward::{connect_mesh_channel, serve_mesh_channel, Upward};
 /// [`crate::runtime::CONNECT_TIMEOUT`] for a whole connection attempt.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Per-stream receive window of the agent, on both transports, and the most a stream has
-/// in flight toward the proxy (its [`PROXY_STREAM_WINDOW`] and what its pump may hold
-/// ahead). It bounds what a backend that stopped reading pins at the agent. Measured on loopback (`docs/benchmarks.md`), 2 MiB
+/// Per-stream receive window, on both transports and both ends. It bounds what one stream
+/// can have in flight, and so the memory a reader that stopped pins on the far side: at
+/// most this much per stalled stream. Measured on loopback (`docs/benchmarks.md`), 2 MiB
 /// gave about 5.3 Gbit/s single-stream and 8 MiB 6-7 (over a WAN, 2 MiB allows about
 /// 2 MiB per round trip: 560 Mbit/s at 30 ms).
 pub(crate) const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-/// The proxy's per-stream receive window, on both transports: what an agent may send on a
-/// stream before the proxy took any of it, and so what a stalled stream pins there beside
-/// the pump's [`ahead::MIN_AHEAD`]. Up to [`STREAM_WINDOW`] in flight comes from the pump
-/// taking bytes ahead of the client within the process's budget ([`ahead`]).
-pub(crate) const PROXY_STREAM_WINDOW: u32 = 256 * 1024;
 /// Most client streams one tunnel carries at once (the agent advertises it; more wait for
 /// a free one, within the proxy's open deadline).
 pub(crate) const MAX_STREAMS: u32 = 1023;

@@ -1,6 +1,6 @@
 //! Shared by the byte pumps of both transports: the two-way select, reads that allocate
-//! only when data is there, the send timeout's error, and closing a broken socket with a
-//! reset (writes toward the socket are `ahead.rs`). The per-transport pumps are `h2/splice.rs` and `quic/splice.rs`.
+//! only when data is there, writes with a deadline, and closing a broken socket with a
+//! reset. The per-transport pumps are `h2/splice.rs` and `quic/splice.rs`.
 
 use std::future::Future;
 use std::time::Duration;
@@ -82,10 +82,35 @@ pub(crate) fn reset(rd: tokio::net::tcp::OwnedReadHalf, wr: tokio::net::tcp::Own
     }
 }
 
-/// The error of a socket that accepted no byte for the send timeout.
-pub(crate) fn stalled(timeout: Duration) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("the reader accepted nothing for {timeout:?}"),
-    )
+/// Runs one socket write, failing with `TimedOut` if it makes no progress within
+/// `timeout` (the send timeout: the reader accepts nothing).
+pub(crate) async fn within<T>(
+    timeout: Duration,
+    write: impl Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    tokio::time::timeout(timeout, write)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the reader accepted nothing for {timeout:?}"),
+            ))
+        })
+}
+
+/// Writes all of `buf`, failing if the socket accepts no byte for `timeout`.
+pub(crate) async fn write_all_within(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    mut buf: &[u8],
+    timeout: Duration,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    while !buf.is_empty() {
+        let n = within(timeout, wr.write(buf)).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
 }

@@ -15,7 +15,7 @@ use super::{
     keepalive, TunnelIo, CALLER_HEADER, CLIENT_ADDR_HEADER, CONTROL_AUTHORITY, CONTROL_HEADER,
     ERROR_HEADER, MOVING, TLS_SEND_BUFFER,
 };
-use crate::tunnel::{OpenError, OpenRequest, HANDSHAKE_TIMEOUT, PROXY_STREAM_WINDOW};
+use crate::tunnel::{OpenError, OpenRequest, HANDSHAKE_TIMEOUT};
 
 /// The HTTP/2 connection of a tunnel, driven by [`drive`].
 pub(crate) type Conn = h2::client::Connection<Gathered<TlsStream<TunnelIo>>, Bytes>;
@@ -31,12 +31,11 @@ pub(crate) enum HandshakeError {
 
 /// The h2 client settings of the proxy. The agent on the other end may be hostile, so it
 /// gets nothing the protocol does not need: no server push and no streams of its own, and
-/// answers with at most [`MAX_HEADER_LIST`] of headers. Its streams' receive window is
-/// the proxy's small one: the pumps take bytes ahead of the client within the budget.
+/// answers with at most [`MAX_HEADER_LIST`] of headers.
 fn builder() -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
-    b.initial_window_size(PROXY_STREAM_WINDOW)
-        .initial_connection_window_size(PROXY_STREAM_WINDOW * super::MAX_STREAMS)
+    b.initial_window_size(super::STREAM_WINDOW)
+        .initial_connection_window_size(super::CONNECTION_WINDOW)
         .max_frame_size(super::MAX_FRAME_SIZE)
         .max_send_buffer_size(super::STREAM_WINDOW as usize)
         .enable_push(false)

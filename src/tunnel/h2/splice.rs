@@ -2,8 +2,8 @@
 //! used alike by the proxy (client socket) and the agent (backend socket).
 
 use std::future::poll_fn;
-use std::io;
-use std::task::{Context, Poll};
+use std::io::{self, IoSlice};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -12,8 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::h2_io;
-use crate::tunnel::ahead::{deliver, Source};
-use crate::tunnel::{read_some, Meter};
+use crate::tunnel::{read_some, within, Meter};
 
 /// Bytes read from a socket per step. Only allocated once the socket is readable, so an
 /// idle stream holds no buffer. Large reads mean fewer wakeups of the connection task per
@@ -86,38 +85,77 @@ pub(crate) async fn socket_to_stream(
     }
 }
 
-/// An h2 stream's receive side as the pump's source: each chunk's capacity is released as
-/// it is taken, so the agent may send that much more while the pump holds it for the
-/// socket (within the budget, see [`crate::tunnel::ahead`]).
-struct H2Source<'a>(&'a mut RecvStream);
-
-impl Source for H2Source<'_> {
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
-        match self.0.poll_data(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
-                let released = self.0.flow_control().release_capacity(chunk.len());
-                Poll::Ready(Some(released.map(|()| chunk).map_err(h2_io)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(h2_io(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
 /// Copies an h2 stream into a socket until the stream ends, then shuts down the socket's
-/// write side (half-close). What the pump may hold ahead of the socket is bounded
-/// ([`crate::tunnel::ahead`]), which is what makes a slow reader hold back only its own
-/// stream.
+/// write side (half-close). Capacity is released only after the bytes were written, which
+/// is what makes a slow reader hold back only its own stream.
+///
+/// DATA frames that have already arrived are gathered (up to [`WRITE_BATCH`] bytes) and
+/// written with one vectored write: a syscall per frame was the largest cost per byte.
 pub(crate) async fn stream_to_socket(
     recv: &mut RecvStream,
     wr: &mut OwnedWriteHalf,
     send_timeout: Duration,
     meter: &Meter,
 ) -> io::Result<u64> {
-    let total = deliver(&mut H2Source(recv), wr, Bytes::new(), send_timeout, meter).await?;
+    let mut total = 0u64;
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut ended = false;
+    while !ended {
+        match recv.data().await {
+            Some(chunk) => batch.push(chunk.map_err(h2_io)?),
+            None => break,
+        }
+        let mut size = batch[0].len();
+        while size < WRITE_BATCH {
+            match poll_fn(|cx| Poll::Ready(recv.poll_data(cx))).await {
+                Poll::Ready(Some(chunk)) => {
+                    let chunk = chunk.map_err(h2_io)?;
+                    size += chunk.len();
+                    batch.push(chunk);
+                }
+                Poll::Ready(None) => {
+                    ended = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        write_all_vectored(wr, &batch, send_timeout, meter).await?;
+        batch.clear();
+        total += size as u64;
+        recv.flow_control().release_capacity(size).map_err(h2_io)?;
+    }
     wr.shutdown().await?;
     Ok(total)
+}
+
+/// Most bytes gathered into one write by [`stream_to_socket`].
+pub(crate) const WRITE_BATCH: usize = 256 * 1024;
+
+/// Writes every chunk, counting the bytes into `meter` as each write takes them (a batch
+/// is large: the counters must not lag what the client already has by a whole batch).
+async fn write_all_vectored(
+    wr: &mut OwnedWriteHalf,
+    chunks: &[Bytes],
+    send_timeout: Duration,
+    meter: &Meter,
+) -> io::Result<()> {
+    // An empty DATA frame (a bare END_STREAM) yields an empty chunk: nothing to write.
+    let mut slices: Vec<IoSlice<'_>> = chunks
+        .iter()
+        .filter(|c| !c.is_empty())
+        .map(|c| IoSlice::new(c))
+        .collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let n = within(send_timeout, wr.write_vectored(slices)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        meter.written(n);
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
 }
 
 /// Pumps both directions between a socket and an h2 stream until both are finished, or

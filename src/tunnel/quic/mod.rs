@@ -21,7 +21,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use quinn::{RecvStream, VarInt};
 use tracing::{debug, warn};
 
-use super::{CONNECTION_WINDOW, MAX_STREAMS, PROXY_STREAM_WINDOW, STREAM_WINDOW};
+use super::{CONNECTION_WINDOW, MAX_STREAMS, STREAM_WINDOW};
 use crate::wire::stream::{FrameError, Parse, MAX_FRAME};
 
 /// Time the agent allows for a stream's header (the proxy bounds the wait for the answer
@@ -178,18 +178,16 @@ pub(crate) fn transport_config(role: Role) -> quinn::TransportConfig {
     // The proxy takes at most MAX_UPWARD mesh streams from an agent; the agent takes the
     // proxy's client streams. Both receive on both kinds, so the connection window covers
     // every stream's window at once (stalled streams never hold back the others).
-    // The proxy's streams get its small window: its pumps take bytes ahead of the client
-    // within the budget (`tunnel::ahead`).
-    let (bidi, uni, stream_window) = match role {
-        Role::Proxy => (crate::tunnel::MAX_UPWARD, 2, PROXY_STREAM_WINDOW),
-        Role::Agent => (MAX_STREAMS, 0, STREAM_WINDOW),
+    let (bidi, uni) = match role {
+        Role::Proxy => (crate::tunnel::MAX_UPWARD, 2),
+        Role::Agent => (MAX_STREAMS, 0),
     };
-    let window = u64::from(stream_window) * u64::from(MAX_STREAMS + crate::tunnel::MAX_UPWARD);
+    let window = u64::from(STREAM_WINDOW) * u64::from(MAX_STREAMS + crate::tunnel::MAX_UPWARD);
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(bidi))
         .max_concurrent_uni_streams(VarInt::from_u32(uni))
         .datagram_receive_buffer_size(None)
-        .stream_receive_window(VarInt::from_u32(stream_window))
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u64(window).expect("fits a VarInt"))
         .send_window(u64::from(CONNECTION_WINDOW))
         .keep_alive_interval(Some(KEEPALIVE))

@@ -1,9 +1,7 @@
 //! The QUIC tunnel's byte pump: a TCP socket joined to one QUIC stream, both directions,
 //! used alike by the proxy (client socket) and the agent (backend socket).
 
-use std::future::Future;
 use std::io;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -11,8 +9,7 @@ use quinn::{RecvStream, VarInt};
 use tokio::io::AsyncWriteExt;
 
 use super::{code, Unfinished, IDLE_TIMEOUT};
-use crate::tunnel::ahead::{deliver, Source};
-use crate::tunnel::{read_some, Meter};
+use crate::tunnel::{read_some, write_all_within, Meter};
 
 /// Bytes read from a TCP socket per step, handed to quinn without another copy.
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
@@ -57,16 +54,23 @@ pub(crate) async fn splice(
         }
     };
     let down = async {
-        let total = deliver(
-            &mut QuicSource(&mut recv),
-            &mut wr,
-            first,
-            send_timeout,
-            meter,
-        )
-        .await?;
-        wr.shutdown().await?;
-        Ok::<u64, io::Error>(total)
+        let mut total = first.len() as u64;
+        write_all_within(&mut wr, &first, send_timeout).await?;
+        meter.written(first.len());
+        loop {
+            match recv.read_chunk(usize::MAX, true).await {
+                Ok(Some(chunk)) => {
+                    total += chunk.bytes.len() as u64;
+                    write_all_within(&mut wr, &chunk.bytes, send_timeout).await?;
+                    meter.written(chunk.bytes.len());
+                }
+                Ok(None) => {
+                    wr.shutdown().await?;
+                    return Ok::<u64, io::Error>(total);
+                }
+                Err(e) => return Err(io::Error::other(e)),
+            }
+        }
     };
     let pumped = crate::tunnel::both_ways(up, down, meter.idle()).await;
     if pumped.result.is_err() {
@@ -79,23 +83,4 @@ pub(crate) async fn splice(
         }
     }
     pumped.result
-}
-
-/// A QUIC stream's receive side as the pump's source: quinn hands the peer credit for
-/// what is read, so the agent may send that much more while the pump holds it for the
-/// socket (within the budget, see [`crate::tunnel::ahead`]).
-struct QuicSource<'a>(&'a mut RecvStream);
-
-impl Source for QuicSource<'_> {
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
-        // `read_chunk` is cancel-safe: a future made and dropped on every poll loses no
-        // byte, and its wake-up is registered with the stream.
-        let read = std::pin::pin!(self.0.read_chunk(usize::MAX, true));
-        match read.poll(cx) {
-            Poll::Ready(Ok(Some(chunk))) => Poll::Ready(Some(Ok(chunk.bytes))),
-            Poll::Ready(Ok(None)) => Poll::Ready(None),
-            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(io::Error::other(e)))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
 }
