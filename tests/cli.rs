@@ -35,9 +35,19 @@ impl Drop for Serve {
 }
 
 fn serve(state: &Path) -> (Serve, String, Vec<String>) {
+    serve_with(
+        state,
+        &["--agents", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
+    )
+}
+
+/// `revproxy serve ARGS`; returns the child, its agent listener's address and what it said
+/// before that listener was ready.
+fn serve_with(state: &Path, args: &[&str]) -> (Serve, String, Vec<String>) {
     let mut child = Serve(
         Command::new(PROXY)
-            .args(["serve", "--agents", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .arg("serve")
+            .args(args)
             .env("REVPROXY_STATE", state)
             .env_remove("RUST_LOG")
             .stderr(Stdio::piped())
@@ -818,4 +828,223 @@ fn check_validates_configs_without_binding_anything() {
         assert_eq!(out.status.code(), Some(2), "{text}: {}", stderr(&out));
         assert!(stderr(&out).contains(says), "{text}: {}", stderr(&out));
     }
+}
+
+/// The server certificate in a proxy state directory.
+fn server_cert(state: &Path) -> revproxy::ca::CertSummary {
+    let pem = std::fs::read_to_string(state.join("server.crt")).unwrap();
+    revproxy::ca::CertSummary::from_pem(&pem).unwrap()
+}
+
+/// `serve` created a CA for localhost; `ca init --san` then adds the names to its server
+/// certificate (same CA key, same pin, same proxy id) instead of refusing, says so, and
+/// still refuses what only a new CA could do.
+#[test]
+fn ca_init_san_adds_names_to_the_ca_serve_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("proxy");
+    let (serving, _, startup) = serve(&state);
+    drop(serving);
+    let startup = startup.join("\n");
+    let pin = startup
+        .split("CA pin: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("serve printed the pin: {startup}"))
+        .to_string();
+    let key = std::fs::read(state.join("ca.key")).unwrap();
+    let before = server_cert(&state);
+    let id = revproxy::ca::proxy_id_of(&before.uris).unwrap().to_string();
+
+    let out = run(
+        PROXY,
+        &[
+            "ca",
+            "init",
+            "--san",
+            "proxy.example.com",
+            "--san",
+            "203.0.113.7",
+        ],
+        &state,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), pin, "the pin is printed and unchanged");
+    assert!(
+        stderr(&out).contains("Added proxy.example.com, 203.0.113.7")
+            && stderr(&out).contains("same pin")
+            && stderr(&out).contains("hourly"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(state.join("ca.key")).unwrap(), key);
+    let after = server_cert(&state);
+    assert_ne!(after.serial, before.serial, "server.crt was reissued");
+    assert_eq!(revproxy::ca::proxy_id_of(&after.uris), Some(id.as_str()));
+    for dns in ["localhost", "proxy.example.com"] {
+        assert!(after.dns_names.iter().any(|d| d == dns), "{dns}: {after:?}");
+    }
+    for ip in ["127.0.0.1", "203.0.113.7"] {
+        assert!(after.ips.contains(&ip.parse().unwrap()), "{ip}: {after:?}");
+    }
+
+    // The same names again: nothing to do, nothing reissued.
+    let again = run(PROXY, &["ca", "init", "--san", "proxy.example.com"], &state);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("nothing changed"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(server_cert(&state).serial, after.serial);
+
+    // A trust domain is the CA's: another one is a new CA, refused with what to do.
+    let other = run(
+        PROXY,
+        &[
+            "ca",
+            "init",
+            "--san",
+            "more.example.com",
+            "--trust-domain",
+            "other.example.org",
+        ],
+        &state,
+    );
+    assert_eq!(other.status.code(), Some(1));
+    assert!(
+        stderr(&other).contains("trust domain cannot change") && stderr(&other).contains("move "),
+        "{}",
+        stderr(&other)
+    );
+    let bare = run(PROXY, &["ca", "init"], &state);
+    assert_eq!(bare.status.code(), Some(1));
+    assert!(
+        stderr(&bare).contains("already exists") && stderr(&bare).contains("--san"),
+        "{}",
+        stderr(&bare)
+    );
+    assert_eq!(std::fs::read(state.join("ca.key")).unwrap(), key);
+    assert_eq!(server_cert(&state).serial, after.serial);
+
+    // A proxy started on it keeps that certificate.
+    let (_serving, _, _) = serve(&state);
+    assert_eq!(server_cert(&state).serial, after.serial);
+}
+
+/// The address in a token created without --server is where `serve` listens for agents:
+/// its --advertise, else its --agents address; for a wildcard listener, the CA's name with
+/// the listener's port, and a note that says how to be sure.
+#[test]
+fn tokens_name_where_serve_listens_for_agents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("proxy");
+    let token_server = |state: &Path| {
+        let out = run(
+            PROXY,
+            &[
+                "token",
+                "create",
+                "--name",
+                "web-1",
+                "--host",
+                "app.example.com",
+            ],
+            state,
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let token = revproxy::ca::Token::parse(&stdout(&out)).unwrap();
+        (token.public.server, stderr(&out))
+    };
+
+    let (serving, addr, _) = serve_with(&state, &["--agents", "127.0.0.1:0", "--admin", "off"]);
+    let (server, said) = token_server(&state);
+    assert_eq!(server, addr);
+    assert!(!said.contains("note"), "{said}");
+    drop(serving);
+
+    let (serving, _, _) = serve_with(
+        &state,
+        &[
+            "--agents",
+            "127.0.0.1:0",
+            "--admin",
+            "off",
+            "--advertise",
+            "proxy.internal.example:9443",
+        ],
+    );
+    assert_eq!(token_server(&state).0, "proxy.internal.example:9443");
+    drop(serving);
+
+    let (_serving, addr, _) = serve_with(&state, &["--agents", "0.0.0.0:0", "--admin", "off"]);
+    let port = addr.rsplit(':').next().unwrap();
+    let (server, said) = token_server(&state);
+    assert_eq!(server, format!("localhost:{port}"));
+    assert!(
+        said.contains("note: the proxy listens for agents on every address")
+            && said.contains("--server HOST:PORT")
+            && said.contains("--advertise"),
+        "{said}"
+    );
+}
+
+/// `enroll --server` reaches the proxy at another address than the token's and keeps it
+/// for `run`; the token's pin still decides: another CA's proxy there is refused.
+#[test]
+fn enroll_server_overrides_the_token_address() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("proxy");
+    let (_serving, addr, _) = serve(&state);
+    let token = |state: &Path| {
+        let out = run(
+            PROXY,
+            &[
+                "token",
+                "create",
+                "--name",
+                "web-1",
+                "--host",
+                "app.example.com",
+                "--server",
+                "nowhere.invalid:7443",
+            ],
+            state,
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out).trim().to_string()
+    };
+
+    let agent = tmp.path().join("agent");
+    let bad = run(
+        AGENT,
+        &["enroll", "--token", &token(&state), "--server", "no-port"],
+        &agent,
+    );
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("HOST:PORT"), "{}", stderr(&bad));
+
+    let other_state = tmp.path().join("other");
+    let (_other, other_addr, _) = serve(&other_state);
+    let refused = run(
+        AGENT,
+        &["enroll", "--token", &token(&state), "--server", &other_addr],
+        &agent,
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr(&refused).contains("not the proxy that issued your token"),
+        "{}",
+        stderr(&refused)
+    );
+
+    let out = run(
+        AGENT,
+        &["enroll", "--token", &token(&state), "--server", &addr],
+        &agent,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(agent.join("agent.json")).unwrap()).unwrap();
+    assert_eq!(saved["server"], addr.as_str());
 }

@@ -55,7 +55,8 @@ pub use operators::{OperatorCert, OperatorInfo, DEFAULT_OPERATOR_TTL, MAX_OPERAT
 pub use pin::{Pin, PinError};
 pub use profile::{BACKDATE, CA_TTL};
 pub use server::{
-    proxy_id_of, proxy_uri, validate_server, ServerIdentity, DEFAULT_AGENT_PORT, SERVER_CERT_TTL,
+    proxy_id_of, proxy_uri, validate_server, EnrollmentAddress, NamesAdded, ServerIdentity,
+    DEFAULT_AGENT_PORT, SERVER_CERT_TTL,
 };
 pub use store::{ProxyEntry, Store};
 pub use token::{Secret, SecretHash, Token, TokenParseError, TokenPublic, TOKEN_PREFIX};

@@ -7,11 +7,11 @@ use std::time::Duration;
 use rcgen::{ExtendedKeyUsagePurpose, KeyPair, SanType};
 use time::OffsetDateTime;
 
-use crate::ca::{read_private, Ca, SERVER_CERT_FILE, SERVER_KEY_FILE};
+use crate::ca::{read_private, Ca, DEFAULT_SANS, SERVER_CERT_FILE, SERVER_KEY_FILE};
 use crate::cert::{signed_by, CertSummary};
 use crate::error::CaError;
 use crate::names::normalize_host;
-use crate::state::StateFile;
+use crate::state::{AgentListener, State, StateFile};
 use crate::{fsutil, hex, profile};
 
 /// Port of the agent listener unless configured otherwise.
@@ -48,8 +48,9 @@ impl Ca {
     /// The agent listener's certificate chain and key, and this proxy's id. (Re)issues the
     /// server certificate first when there is none (a proxy just added to a shared store),
     /// when a third or less of its lifetime is left, when it names no proxy id (written by
-    /// an older revproxy), or when it lacks `extra_san` (the host of the address this
-    /// proxy advertises to agents). The id stays the same across reissues.
+    /// an older revproxy), when it lacks a name of the state's (added by `ca init --san`),
+    /// or when it lacks `extra_san` (the host of the address this proxy advertises to
+    /// agents). The id stays the same across reissues.
     pub fn server_identity(
         &self,
         now: OffsetDateTime,
@@ -72,6 +73,8 @@ impl Ca {
             Err(e) => return Err(CaError::io(&cert_path, e)),
         };
         let extra_san = extra_san.and_then(|h| normalize_sans(&[h.to_string()]).ok());
+        // Names `ca init --san` added since (perhaps from another proxy on a shared store).
+        let recorded = self.state.read()?.server_sans;
         let (cert_pem, proxy_id) = match current {
             Some((pem, summary))
                 if signed_by(&pem, &self.cert_der)
@@ -80,7 +83,8 @@ impl Ca {
                     && proxy_id_of(&summary.uris).is_some()
                     && extra_san
                         .as_ref()
-                        .is_none_or(|extra| has_san(&summary, &extra[0])) =>
+                        .is_none_or(|extra| has_san(&summary, &extra[0]))
+                    && recorded.iter().all(|san| has_san(&summary, san)) =>
             {
                 let id = proxy_id_of(&summary.uris).unwrap_or_default().to_string();
                 (pem, id)
@@ -90,7 +94,7 @@ impl Ca {
                     .as_ref()
                     .and_then(|(_, summary)| proxy_id_of(&summary.uris))
                     .map_or_else(|| hex::random(8), str::to_string);
-                let mut sans = self.state.read()?.server_sans;
+                let mut sans = recorded;
                 for extra in extra_san.into_iter().flatten() {
                     if !sans.contains(&extra) {
                         sans.push(extra);
@@ -107,9 +111,90 @@ impl Ca {
         })
     }
 
-    /// The enrollment address tokens name by default.
-    pub fn default_server(&self) -> Result<String, CaError> {
-        Ok(self.state.read()?.server)
+    /// The enrollment address tokens name by default, and where it comes from.
+    pub fn default_server(&self) -> Result<EnrollmentAddress, CaError> {
+        Ok(enrollment_address(&self.state.read()?))
+    }
+
+    /// Records where this proxy listens for agents (`listen`, its bound address) and the
+    /// address agents reach it at (`advertised`), for tokens to name. Writes only when
+    /// they changed.
+    pub fn record_agent_listener(
+        &self,
+        listen: &str,
+        advertised: Option<&str>,
+    ) -> Result<(), CaError> {
+        let record = AgentListener {
+            listen: listen.to_string(),
+            advertised: advertised.map(str::to_string),
+        };
+        self.state.update(|state: &mut State| {
+            state.agent_listener = Some(record);
+            Ok::<_, CaError>(())
+        })
+    }
+
+    /// Adds `names` to the proxy's server certificate on an existing CA (`ca init --san`
+    /// after `serve` created the CA): records them in the state, so that every later
+    /// reissue keeps them, and reissues `server.crt` with the same CA key and proxy id,
+    /// keeping the names it had. A CA created with the default names (as `serve` does)
+    /// takes the first of `names` as its enrollment host.
+    pub fn add_server_names(
+        &self,
+        names: &[String],
+        now: OffsetDateTime,
+    ) -> Result<NamesAdded, CaError> {
+        let names = normalize_sans(names)?;
+        let (added, sans) = self.state.update(|state: &mut State| {
+            let added: Vec<String> = (names.iter())
+                .filter(|n| !state.server_sans.contains(n))
+                .fold(Vec::new(), |mut added, n| {
+                    if !added.contains(n) {
+                        added.push(n.clone());
+                    }
+                    added
+                });
+            let defaults = state
+                .server_sans
+                .iter()
+                .map(String::as_str)
+                .eq(DEFAULT_SANS);
+            if !added.is_empty() && defaults && state.server == default_server(DEFAULT_SANS[0]) {
+                state.server = default_server(&names[0]);
+            }
+            state.server_sans.extend(added.iter().cloned());
+            Ok::<_, CaError>((added, state.server_sans.clone()))
+        })?;
+        let _lock = StateFile::new(&self.dir).lock()?;
+        let cert_path = self.dir.join(SERVER_CERT_FILE);
+        let current = match std::fs::read_to_string(&cert_path) {
+            Ok(pem) => CertSummary::from_pem(&pem).filter(|_| signed_by(&pem, &self.cert_der)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(CaError::io(&cert_path, e)),
+        };
+        let covered = current
+            .as_ref()
+            .is_some_and(|c| sans.iter().all(|san| has_san(c, san)));
+        if !covered {
+            let mut all = sans.clone();
+            // Names the certificate has beyond the state's (an advertised host) stay.
+            for kept in current.iter().flat_map(|c| {
+                (c.dns_names.iter().cloned()).chain(c.ips.iter().map(IpAddr::to_string))
+            }) {
+                if !all.contains(&kept) {
+                    all.push(kept);
+                }
+            }
+            let id = (current.as_ref())
+                .and_then(|c| proxy_id_of(&c.uris))
+                .map_or_else(|| hex::random(8), str::to_string);
+            self.write_server_cert(&all, &id, now)?;
+        }
+        Ok(NamesAdded {
+            added,
+            sans,
+            reissued: !covered,
+        })
     }
 
     /// Issues a new server certificate with a new key for `sans` and `proxy_id`, writes
@@ -153,6 +238,62 @@ impl Ca {
             fsutil::PUBLIC_FILE_MODE,
         )?;
         Ok(cert.pem())
+    }
+}
+
+/// What [`Ca::add_server_names`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamesAdded {
+    /// The names that were new.
+    pub added: Vec<String>,
+    /// Every name the state now records for the server certificate.
+    pub sans: Vec<String>,
+    /// Whether `server.crt` was reissued (it was not when it named them all already).
+    pub reissued: bool,
+}
+
+/// The address a token names when `token create` is given no `--server`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EnrollmentAddress {
+    /// Where the proxy said agents reach it: its `advertise`, or its agent listener.
+    Advertised(String),
+    /// The proxy listens on every address (`listen`, a wildcard): the CA's enrollment host
+    /// with that listener's port.
+    Wildcard { address: String, listen: String },
+    /// No proxy has recorded where it listens: the address chosen at `ca init`.
+    Initial(String),
+}
+
+impl EnrollmentAddress {
+    /// The `host:port` itself.
+    pub fn address(&self) -> &str {
+        match self {
+            EnrollmentAddress::Advertised(a)
+            | EnrollmentAddress::Wildcard { address: a, .. }
+            | EnrollmentAddress::Initial(a) => a,
+        }
+    }
+}
+
+/// Where tokens of `state` point by default: the advertised address a proxy recorded,
+/// else the `ca init` host with the recorded listener's port, else the `ca init` address.
+pub(crate) fn enrollment_address(state: &State) -> EnrollmentAddress {
+    match &state.agent_listener {
+        Some(AgentListener {
+            advertised: Some(a),
+            ..
+        }) => EnrollmentAddress::Advertised(a.clone()),
+        Some(AgentListener { listen, .. }) => {
+            let host = state.server.rsplit_once(':').map_or("", |(h, _)| h);
+            match listen.rsplit_once(':') {
+                Some((_, port)) if !host.is_empty() => EnrollmentAddress::Wildcard {
+                    address: format!("{host}:{port}"),
+                    listen: listen.clone(),
+                },
+                _ => EnrollmentAddress::Initial(state.server.clone()),
+            }
+        }
+        None => EnrollmentAddress::Initial(state.server.clone()),
     }
 }
 

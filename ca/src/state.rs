@@ -68,6 +68,21 @@ pub struct State {
     /// Certificates issued to operators, for the admin listener.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub operators: Vec<OperatorRecord>,
+    /// Where the last proxy to start on this state listens for agents: tokens name it
+    /// unless `--server` says otherwise. Absent until a proxy has started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_listener: Option<AgentListener>,
+}
+
+/// Where a proxy listens for agents, as it recorded at start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentListener {
+    /// The agent listener's own address, a wildcard such as `0.0.0.0:7443` included.
+    pub listen: String,
+    /// The address agents reach it at: its `advertise`, else `listen` when that is not a
+    /// wildcard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertised: Option<String>,
 }
 
 /// One operator certificate: it opens the admin listener when that is not on loopback.

@@ -126,7 +126,11 @@ impl Ca {
             });
             Ok::<_, CaError>(Token {
                 public: TokenPublic {
-                    server: server.unwrap_or_else(|| state.server.clone()),
+                    server: server.unwrap_or_else(|| {
+                        crate::server::enrollment_address(state)
+                            .address()
+                            .to_string()
+                    }),
                     pins: vec![self.pin.to_string()],
                     id,
                 },

@@ -583,3 +583,44 @@ fn private_names_and_access_rules() {
         Err(CaError::UnknownCert(_))
     ));
 }
+
+/// Names `ca init --san` adds are recorded in the state: a proxy whose certificate lacks
+/// one (another proxy's directory on a shared store) reissues at its next check, keeping
+/// its id; one that has them all keeps its certificate.
+#[test]
+fn added_server_names_reach_every_proxy_at_its_next_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = new_ca(dir.path());
+    let first = ca.server_identity(now(), None).unwrap();
+    let added = ca
+        .add_server_names(&["proxy.example.com".into(), "localhost".into()], now())
+        .unwrap();
+    assert_eq!(added.added, ["proxy.example.com"]);
+    assert!(added.reissued);
+    let second = ca.server_identity(now(), None).unwrap();
+    assert_ne!(second.chain_pem, first.chain_pem);
+    assert_eq!(second.proxy_id, first.proxy_id);
+    assert_eq!(
+        ca.server_identity(now(), None).unwrap().chain_pem,
+        second.chain_pem
+    );
+
+    // Another process adds a name to the shared state; this proxy's next check picks it up.
+    let store: &Arc<dyn revproxy_ca::Store> = ca.state();
+    store
+        .update(|s| {
+            s.server_sans.push("more.example.com".into());
+            Ok::<_, CaError>(())
+        })
+        .unwrap();
+    let third = ca.server_identity(now(), None).unwrap();
+    let summary = revproxy_ca::CertSummary::from_pem(&third.chain_pem).unwrap();
+    assert!(summary.dns_names.contains(&"more.example.com".to_string()));
+    assert!(summary.dns_names.contains(&"proxy.example.com".to_string()));
+    assert_eq!(third.proxy_id, first.proxy_id);
+    // A CA made with the default names takes the first added name as its enrollment host.
+    assert_eq!(
+        ca.default_server().unwrap().address(),
+        "proxy.example.com:7443"
+    );
+}

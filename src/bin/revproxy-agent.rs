@@ -38,6 +38,10 @@ enum Command {
         /// State directory [default: per-user data directory, e.g. ~/.local/share/revproxy-agent]
         #[arg(long, env = "REVPROXY_STATE", value_name = "DIR")]
         state: Option<PathBuf>,
+        /// Enroll at this address instead of the token's (the token's CA pin still decides
+        /// whom to trust); saved as the proxy's address for `run`
+        #[arg(long, value_name = "HOST:PORT")]
+        server: Option<String>,
     },
     /// Connect to the proxy and serve the mapped names until stopped.
     Run {
@@ -196,7 +200,11 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Enroll { token, state } => {
+        Command::Enroll {
+            token,
+            state,
+            server,
+        } => {
             let text = if token == "-" {
                 let mut s = String::new();
                 std::io::stdin()
@@ -209,7 +217,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             } else {
                 token
             };
-            let token = Token::parse(&text).map_err(usage)?;
+            let mut token = Token::parse(&text).map_err(usage)?;
+            if let Some(server) = server {
+                token.public.server = revproxy::ca::validate_server(&server).map_err(usage)?;
+            }
             let dir = state.unwrap_or_else(revproxy::runtime::dirs::agent_state_dir);
             let id = runtime()?
                 .block_on(revproxy::agent::enroll(&token, &dir))

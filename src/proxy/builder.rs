@@ -262,6 +262,12 @@ impl ProxyBuilder {
             time::OffsetDateTime::now_utc(),
             advertise.as_deref().map(advertised_host),
         )?;
+        // For `token create` to name where agents really reach this proxy.
+        if let Err(e) =
+            ca.record_agent_listener(&agents.local_addr()?.to_string(), advertise.as_deref())
+        {
+            warn!(error = %e, "cannot record the agent listener's address; tokens name the one chosen at `ca init`");
+        }
         let server_cert = tls::ServerCert::new(&identity.chain_pem, &identity.key_pem)?;
         let enroll_config =
             tls::agent_listener_config(server_cert.clone(), ca.cert_der(), &[tls::ALPN_HTTP1])?;

@@ -118,6 +118,9 @@ impl ServeArgs {
             // From here on SIGHUP reloads (its default would end the process).
             let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
                 .context("cannot watch for SIGHUP")?;
+            // SIGINT and SIGTERM stop the proxy cleanly from here on, not only once it runs:
+            // a Ctrl-C right after "agent listener ready" would otherwise kill it outright.
+            let shutdown = stop_signals()?;
             // SIGUSR2 upgrades in place (its default would end the process too).
             let usr2 =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())
@@ -206,10 +209,24 @@ impl ServeArgs {
             let proxy = proxy.answer_upgrades(upgrades);
             tokio::spawn(reload_on_hangup(self, hangups, proxy.reloader()));
             tokio::spawn(upgrade_on_usr2(usr2));
-            proxy.run(revproxy::runtime::shutdown_signal()).await?;
+            proxy.run(shutdown).await?;
             Ok::<_, Failure>(())
         })
     }
+}
+
+/// Resolves on SIGINT or SIGTERM; both are caught from the moment this returns.
+fn stop_signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::info!("shutdown signal received");
+    })
 }
 
 /// What a reload may change, from a configuration.

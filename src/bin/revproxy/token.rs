@@ -33,7 +33,8 @@ pub(crate) enum TokenCommand {
         /// How long the token stays valid
         #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
-        /// Enrollment address to put in the token [default: the one chosen at `ca init`]
+        /// Enrollment address to put in the token [default: where `serve` listens for
+        /// agents: its --advertise, else its --agents address unless a wildcard]
         #[arg(long, value_name = "HOST:PORT")]
         server: Option<String>,
         /// Lifetime of the certificate the token buys (1h to 7d); renewals keep it
@@ -66,6 +67,9 @@ impl TokenCommand {
                 cert_ttl,
             } => {
                 let ca = state.open()?;
+                if server.is_none() {
+                    note_wildcard(&ca)?;
+                }
                 let granted: Vec<String> = (hosts.iter().chain(&private_hosts))
                     .filter_map(|h| ca::names::normalize_host(h).ok())
                     .collect();
@@ -117,4 +121,15 @@ fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
         return Err(format!("{s} is outside 1h to 7d"));
     }
     Ok(d)
+}
+
+/// Says on stderr when the token's address is a guess: the proxy listens on every address,
+/// so the host is the one chosen at `ca init` (the port is the listener's).
+fn note_wildcard(ca: &ca::Ca) -> Result<(), Failure> {
+    if let ca::EnrollmentAddress::Wildcard { address, listen } = ca.default_server()? {
+        eprintln!(
+            "note: the proxy listens for agents on every address ({listen}), so the token names {address} (the CA's first name); if agents reach the proxy elsewhere, give --server HOST:PORT, or start the proxy with --advertise HOST:PORT (`advertise` in its config)"
+        );
+    }
+    Ok(())
 }
