@@ -5,7 +5,7 @@ mod cli_helpers;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use cli_helpers::*;
 
