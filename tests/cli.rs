@@ -1,78 +1,13 @@
 //! The command-line contract: what a newcomer types, exit statuses and messages.
 
+#[path = "common/cli.rs"]
+mod cli_helpers;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 
-const PROXY: &str = env!("CARGO_BIN_EXE_revproxy");
-const AGENT: &str = env!("CARGO_BIN_EXE_revproxy-agent");
-
-fn run(bin: &str, args: &[&str], state: &Path) -> Output {
-    Command::new(bin)
-        .args(args)
-        .env("REVPROXY_STATE", state)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// `revproxy serve` on port 0; returns the child and the address it listens on.
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(state: &Path) -> (Serve, String, Vec<String>) {
-    serve_with(
-        state,
-        &["--agents", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
-    )
-}
-
-/// `revproxy serve ARGS`; returns the child, its agent listener's address and what it said
-/// before that listener was ready.
-fn serve_with(state: &Path, args: &[&str]) -> (Serve, String, Vec<String>) {
-    let mut child = Serve(
-        Command::new(PROXY)
-            .arg("serve")
-            .args(args)
-            .env("REVPROXY_STATE", state)
-            .env_remove("RUST_LOG")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if let Some(rest) = line
-            .contains("agent listener ready")
-            .then(|| line.split("addr=").nth(1))
-            .flatten()
-        {
-            let addr = rest.split_whitespace().next().unwrap().to_string();
-            // Keep draining stderr so the proxy never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines {});
-            return (child, addr, seen);
-        }
-        seen.push(line);
-    }
-    panic!("serve exited without listening: {seen:?}");
-}
+use cli_helpers::*;
 
 #[test]
 fn newcomer_walk_through_from_serve_to_an_enrolled_agent() {
@@ -327,11 +262,46 @@ fn certificate_lifetimes_listing_revocation_and_narrowing_from_the_command_line(
         &state,
     );
     assert!(out.status.success(), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(said.contains("web-1 is granted: a.example.com\n"), "{said}");
     assert!(
-        stderr(&out).contains("web-1 may now serve: a.example.com"),
-        "{}",
-        stderr(&out)
+        said.contains("in effect now") && !said.contains("not served"),
+        "{said}"
     );
+    // A name the certificate lacks is granted but not served, and the tool says so and
+    // how to get there: renewals keep the certificate's names; a new token does it.
+    let out = run(
+        PROXY,
+        &[
+            "agent",
+            "set-hosts",
+            "web-1",
+            "a.example.com",
+            "new.example.com",
+        ],
+        &state,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("in effect now (its certificate carries them; live tunnels follow within seconds): a.example.com\n"),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!(
+            "not served: new.example.com (not in web-1's certificate, serial {serial})"
+        )),
+        "{said}"
+    );
+    assert!(
+        said.contains("Renewals keep a certificate's names"),
+        "{said}"
+    );
+    assert!(
+        said.contains("--name web-1 --host a.example.com --host new.example.com\n"),
+        "{said}"
+    );
+    assert!(!said.contains("may now serve"), "{said}");
     let out = run(
         PROXY,
         &["agent", "set-hosts", "nobody", "a.example.com"],
@@ -356,6 +326,17 @@ fn certificate_lifetimes_listing_revocation_and_narrowing_from_the_command_line(
     );
     let out = run(PROXY, &["cert", "revoke", "ffff"], &state);
     assert_eq!(out.status.code(), Some(1));
+    // Its only certificate revoked, nothing it is granted is served.
+    let out = run(
+        PROXY,
+        &["agent", "set-hosts", "web-1", "a.example.com"],
+        &state,
+    );
+    let said = stderr(&out);
+    assert!(
+        said.contains("not served: a.example.com (web-1 has no valid certificate)"),
+        "{said}"
+    );
 }
 
 /// `revproxy serve` raises its soft open-file limit to the hard one: the connection caps
@@ -478,24 +459,6 @@ impl Logged {
                 return event;
             }
         }
-    }
-}
-
-/// Runs `bin args` until it exits with `code`, at most 10 s; returns its last output.
-fn until_exit(bin: &str, args: &[&str], code: i32) -> Output {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let out = Command::new(bin).args(args).output().unwrap();
-        if out.status.code() == Some(code) {
-            return out;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{bin} {args:?} did not exit {code}: {}{}",
-            stdout(&out),
-            stderr(&out)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 
@@ -773,6 +736,69 @@ fn private_names_and_access_rules_from_the_command_line() {
             .count()
             == 1
     );
+
+    // A name no agent (nor an unused token) is granted is a likely typo: refused, with the
+    // granted names closest to it, or the private names when none is close.
+    let typo = run(PROXY, &["access", "allow", "laptop", "db.intenral"], &state);
+    assert_eq!(typo.status.code(), Some(2), "{}", stderr(&typo));
+    assert!(
+        stderr(&typo).contains("no agent is granted db.intenral: did you mean db.internal?"),
+        "{}",
+        stderr(&typo)
+    );
+    let far = run(
+        PROXY,
+        &["access", "allow", "laptop", "cache.internal"],
+        &state,
+    );
+    assert_eq!(far.status.code(), Some(2), "{}", stderr(&far));
+    assert!(
+        stderr(&far).contains("the private names are: db.example.com db.internal"),
+        "{}",
+        stderr(&far)
+    );
+    // --force allows it (for an agent that enrolls with it later); a wildcard over a
+    // granted name needs no force.
+    let (_serve, addr, _) = serve(&state);
+    let token = run(
+        PROXY,
+        &[
+            "token",
+            "create",
+            "--name",
+            "laptop-2",
+            "--connect",
+            "db.internal",
+            "--server",
+            &addr,
+        ],
+        &state,
+    );
+    let agent = tmp.path().join("laptop-2");
+    let out = run(AGENT, &["enroll", "--token", stdout(&token).trim()], &agent);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let forced = run(
+        PROXY,
+        &["access", "allow", "laptop-2", "later.internal", "--force"],
+        &state,
+    );
+    assert!(forced.status.success(), "{}", stderr(&forced));
+    assert!(
+        stderr(&forced).contains("note: no agent is granted later.internal yet"),
+        "{}",
+        stderr(&forced)
+    );
+    let wild = run(
+        PROXY,
+        &["access", "allow", "laptop-2", "*.example.com"],
+        &state,
+    );
+    assert!(wild.status.success(), "{}", stderr(&wild));
+    assert!(
+        stderr(&wild).contains("laptop-2 may now reach: db.internal later.internal *.example.com"),
+        "{}",
+        stderr(&wild)
+    );
 }
 
 /// `check` validates a configuration without binding or connecting anything: the example
@@ -1047,4 +1073,34 @@ fn enroll_server_overrides_the_token_address() {
     let saved: serde_json::Value =
         serde_json::from_slice(&std::fs::read(agent.join("agent.json")).unwrap()).unwrap();
     assert_eq!(saved["server"], addr.as_str());
+}
+
+/// `store migrate` refuses while a `revproxy serve` serves on the state directory (it
+/// would go on serving a stale state, and ready), and says how to proceed; the socket file
+/// a killed proxy leaves behind does not hold it back.
+#[test]
+fn store_migrate_refuses_while_a_proxy_serves_on_the_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("proxy");
+    let dir = state.to_str().unwrap();
+    // Nothing listens on port 1: a migration that got as far as the store fails there.
+    let url = "postgres://revproxy@127.0.0.1:1/revproxy";
+    let migrate = ["store", "migrate", "--from", dir, "--to", url];
+    let (serving, _, _) = serve(&state);
+    let out = run(PROXY, &migrate, &state);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("a proxy is serving on {dir}")),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("stop it first"), "{}", stderr(&out));
+    assert!(state.join("state.json").exists());
+    // Killed, it leaves its socket file; the migration goes on to the store.
+    drop(serving);
+    assert!(state.join("upgrade.sock").exists());
+    let out = run(PROXY, &migrate, &state);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("serving"), "{}", stderr(&out));
+    assert!(state.join("state.json").exists());
 }

@@ -283,7 +283,69 @@ async fn revoking_access_or_the_caller_cuts_open_streams_within_two_seconds(t: T
     }
 }
 
+/// Private traffic is counted per name like public traffic: a stream through a private
+/// name holds its open-stream gauge up, its bytes (the caller is the client) move its byte
+/// counters on the admin listener, and `revproxy status` shows them.
+async fn private_traffic_is_counted_per_name(t: Transport) {
+    use tokio::io::AsyncWriteExt;
+    let (admin, admin_addr) = local_listener();
+    let proxy = TestProxy::start_with(|b| b.admin_listener(admin)).await;
+    let backend = echo_backend(b"db:").await;
+    let db = enroll_mesh_agent(&proxy, "db-1", &[], &["db.internal"], &[]).await;
+    let _db = start_agent(db.path(), &[("db.internal", backend)], on(t));
+    proxy.wait_for("db.internal", 1).await;
+    let laptop = enroll_mesh_agent(&proxy, "laptop", &[], &[], &["db.internal"]).await;
+    let (listener, local) = connect_port();
+    let _laptop = start_agent(laptop.path(), &[], move |b| {
+        b.transport(t).connect("db.internal", listener)
+    });
+    let host = r#"host="db.internal""#;
+    let metric = move |name: &'static str| async move {
+        sample(&admin_get(admin_addr, "/metrics").await.1, name, host)
+    };
+
+    let mut open = TcpStream::connect(local).await.unwrap();
+    open.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 7];
+    open.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"db:ping");
+    assert_eq!(metric("revproxy_open_streams").await, Some(1.0));
+    drop(open);
+    eventually("the closed stream leaves the gauge", || async {
+        metric("revproxy_open_streams").await == Some(0.0)
+    })
+    .await;
+
+    let data = pattern(100_000, 7);
+    let back = through(local, &data, 3 + data.len()).await.unwrap();
+    assert!(back[3..] == data[..], "came back intact");
+    // Received from the caller: "ping" and the 100 kB; sent to it: both echoes.
+    assert_eq!(
+        metric("revproxy_received_bytes_total").await,
+        Some(100_004.0)
+    );
+    assert_eq!(metric("revproxy_sent_bytes_total").await, Some(100_010.0));
+
+    let admin = admin_addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_revproxy"))
+            .args(["status", "--admin", &admin])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let row: Vec<&str> = (report.lines())
+        .find(|l| l.starts_with("db.internal "))
+        .unwrap_or_else(|| panic!("no row for db.internal: {report}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[row.len() - 2..], ["100004", "100010"], "{report}");
+}
+
 over_both_transports!(
+    private_traffic_is_counted_per_name,
     a_public_listener_never_reaches_a_private_name,
     a_public_wildcard_does_not_open_a_private_name_under_it,
     an_agent_reaches_a_private_name_through_its_tunnel,

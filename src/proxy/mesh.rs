@@ -19,7 +19,7 @@ use super::public::OPEN_TIMEOUT;
 use super::state::Snapshot;
 use super::Shared;
 use crate::runtime::shutdown::Trigger;
-use crate::tunnel::{OpenRequest, Upward};
+use crate::tunnel::{Counted, OpenRequest, Upward};
 
 /// Copy buffer per direction when joining two tunnel streams.
 const JOIN_BUFFER: usize = 64 * 1024;
@@ -280,10 +280,16 @@ pub(super) async fn serve_upward(
     };
     let mut down = None;
     let mut refused = None;
-    for t in found.all() {
+    // Counted under the pattern that found the tunnel, as a public client's stream is.
+    let wildcard = name
+        .split_once('.')
+        .map_or_else(String::new, |(_, parent)| format!("*.{parent}"));
+    let candidates = (found.exact.iter().map(|t| (t, &name)))
+        .chain(found.wildcard.iter().map(|t| (t, &wildcard)));
+    for (t, pattern) in candidates {
         match tokio::time::timeout_at(deadline, t.open(&request)).await {
             Ok(Ok(stream)) => {
-                down = Some((stream, t.agent.clone()));
+                down = Some((stream, t.agent.clone(), pattern.clone()));
                 break;
             }
             Ok(Err(e)) => {
@@ -298,7 +304,7 @@ pub(super) async fn serve_upward(
             Err(_) => break,
         }
     }
-    let Some((down, serving)) = down else {
+    let Some((down, serving, pattern)) = down else {
         shared.metrics.mesh("unavailable");
         // The serving agent's own status (its backend did not answer, say), without the
         // details, which are that agent's business.
@@ -322,8 +328,11 @@ pub(super) async fn serve_upward(
     }
     shared.metrics.mesh("ok");
     info!(caller = %caller.identity, agent = %serving, host = %name, %client, "mesh stream open");
+    // The caller is the client: what it sends is received, what it gets is sent.
+    let counters = shared.metrics.mesh_stream(&pattern);
+    let mut counted = Counted::new(&mut up, &counters);
     let joined =
-        tokio::io::copy_bidirectional_with_sizes(&mut up, &mut down, JOIN_BUFFER, JOIN_BUFFER);
+        tokio::io::copy_bidirectional_with_sizes(&mut counted, &mut down, JOIN_BUFFER, JOIN_BUFFER);
     let cut = tokio::select! {
         r = joined => {
             match r {

@@ -181,19 +181,19 @@ impl ProxyMetrics {
             received: counter(
                 r,
                 "revproxy_received_bytes_total",
-                "Bytes received from public clients, by name pattern; moves while streams are open.",
+                "Bytes received from clients, public ones and agents reaching a private name through the mesh, by name pattern; moves while streams are open.",
                 &["host"],
             ),
             sent: counter(
                 r,
                 "revproxy_sent_bytes_total",
-                "Bytes sent to public clients, by name pattern; moves while streams are open.",
+                "Bytes sent to clients, public ones and agents reaching a private name through the mesh, by name pattern; moves while streams are open.",
                 &["host"],
             ),
             open_streams: gauge(
                 r,
                 "revproxy_open_streams",
-                "Public connections joined to a backend right now, by name pattern.",
+                "Streams joined to a backend right now, by name pattern: public connections and mesh streams.",
                 &["host"],
             ),
             tunnels: gauge(
@@ -268,6 +268,16 @@ impl ProxyMetrics {
     /// its bytes (received from the client = read from its socket).
     pub(super) fn routed(&self, pattern: &str) -> StreamCounters {
         self.routed.with_label_values(&[pattern]).inc();
+        StreamCounters::new(
+            self.received.with_label_values(&[pattern]),
+            self.sent.with_label_values(&[pattern]),
+            self.open_streams.with_label_values(&[pattern]),
+        )
+    }
+
+    /// A mesh stream joined under `pattern` (counted apart in `revproxy_mesh_streams_total`):
+    /// where its bytes count, the caller being the client, as a public client's do.
+    pub(super) fn mesh_stream(&self, pattern: &str) -> StreamCounters {
         StreamCounters::new(
             self.received.with_label_values(&[pattern]),
             self.sent.with_label_values(&[pattern]),

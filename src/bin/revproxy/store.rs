@@ -1,9 +1,12 @@
 //! `revproxy store migrate`: a stopped proxy's CA state from its directory into PostgreSQL.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 use revproxy::ca;
+
+use anyhow::anyhow;
+use revproxy::runtime::handover::SOCKET_NAME;
 
 use crate::state::store_failure;
 use crate::Failure;
@@ -12,7 +15,7 @@ use crate::Failure;
 pub(crate) enum StoreCommand {
     /// Copy the state of a stopped proxy's state directory into an empty PostgreSQL store
     /// (nobody enrolls again), and rename its state.json so that nothing serves from the
-    /// old copy.
+    /// old copy. Refused while a proxy serves on that directory.
     Migrate {
         /// The state directory to move from
         #[arg(long, value_name = "DIR")]
@@ -32,6 +35,7 @@ impl StoreCommand {
     pub(crate) fn run(self) -> Result<(), Failure> {
         match self {
             StoreCommand::Migrate { from, to } => {
+                refuse_while_served(&from)?;
                 let moved = revproxy::store::migrate(&from, &to).map_err(store_failure)?;
                 eprintln!(
                     "moved {} tokens, {} certificates and {} agents from {} to {}; {} is the old copy, kept as a backup\n  Next: revproxy serve --state {} --store URL (or REVPROXY_STORE)",
@@ -41,5 +45,34 @@ impl StoreCommand {
             }
         }
         Ok(())
+    }
+}
+
+/// Refuses while a `revproxy serve` serves on `dir`: it answers on its upgrade socket
+/// there for as long as it runs (a socket file left by a process that died answers nothing
+/// and does not count). Migrating under it would leave it serving a state nobody changes
+/// any more, and ready.
+fn refuse_while_served(dir: &Path) -> Result<(), Failure> {
+    let socket = dir.join(SOCKET_NAME);
+    match std::os::unix::net::UnixStream::connect(&socket) {
+        Ok(_) => Err(Failure::from(anyhow!(
+            "a proxy is serving on {} (it answers on {}); stop it first (systemctl stop revproxy, or end that `revproxy serve`), migrate, then start it with --store URL",
+            dir.display(),
+            socket.display()
+        ))),
+        // No socket, or one nobody listens on any more: nothing serves here.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(Failure::from(anyhow!(
+            "cannot tell whether a proxy serves on {}: cannot connect to {}: {e}; run this as the user the proxy runs as",
+            dir.display(),
+            socket.display()
+        ))),
     }
 }
