@@ -856,6 +856,95 @@ fn check_validates_configs_without_binding_anything() {
     }
 }
 
+/// A failure prints one line that says each reason once: `a: b: b` (an error whose message
+/// embeds its cause and also exposes it) or a TOML snippet printed twice says it twice.
+fn assert_said_once(what: &str, out: &std::process::Output) {
+    let text = stderr(out);
+    assert_eq!(text.trim_end().lines().count(), 1, "{what}: {text}");
+    let parts: Vec<&str> = text.trim().split(": ").collect();
+    for (i, part) in parts.iter().enumerate() {
+        assert!(
+            !parts[i + 1..].contains(part),
+            "{what}: {part:?} is said twice in {text}"
+        );
+    }
+}
+
+#[test]
+fn errors_say_each_reason_once_with_file_line_key_and_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.toml");
+    let missing = missing.to_str().unwrap();
+    for (bin, args) in [
+        (PROXY, vec!["serve", "--config", missing]),
+        (PROXY, vec!["check", "--config", missing]),
+        (AGENT, vec!["run", "--config", missing]),
+        (AGENT, vec!["check", "--config", missing]),
+    ] {
+        let out = run(bin, &args, dir.path());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("cannot read"), "{}", stderr(&out));
+        assert_said_once(&format!("{args:?}"), &out);
+    }
+    // One pair of brackets for a table a config may repeat: say which two to use.
+    let cases = [
+        (PROXY, "[listener]\nlisten = \"127.0.0.1:1\"\nprotocol = \"sni\"\n", ":1: listener: use [[listener]] (two brackets)"),
+        (PROXY, "[route]\nhost = \"a.example.com\"\nto = \"tcp://127.0.0.1:1\"\n", ":1: route: use [[route]] (two brackets)"),
+        (AGENT, "[service]\nhost = \"a.example.com\"\nto = \"127.0.0.1:1\"\n", ":1: service: use [[service]] (two brackets)"),
+        (AGENT, "[connect]\nhost = \"db.internal\"\nlisten = \"127.0.0.1:1\"\n", ":1: connect: use [[connect]] (two brackets)"),
+        // Line and dotted key of a bad value, said once and without the parser's snippet.
+        (PROXY, "http = \"127.0.0.1:8080\"\n\n[[listener]]\nlisten = \"127.0.0.1\"\nprotocol = \"sni\"\n", ":4: listener.listen: invalid socket address"),
+        (PROXY, "agents = \"nope\"\n", ":1: agents: invalid socket address"),
+    ];
+    for (bin, text, says) in cases {
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, text).unwrap();
+        let out = run(
+            bin,
+            &["check", "--config", file.to_str().unwrap()],
+            dir.path(),
+        );
+        assert_eq!(out.status.code(), Some(2), "{text}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("bad.toml{says}")),
+            "{text}: {}",
+            stderr(&out)
+        );
+        assert!(
+            !stderr(&out).contains("expected a sequence"),
+            "{}",
+            stderr(&out)
+        );
+        assert_said_once(text, &out);
+    }
+}
+
+#[test]
+fn mistyped_flags_and_subcommands_get_a_suggestion() {
+    let dir = tempfile::tempdir().unwrap();
+    for (bin, args, suggested) in [
+        (PROXY, &["serve", "--htpp", "127.0.0.1:0"][..], "'--http'"),
+        (PROXY, &["ca", "int"][..], "'init'"),
+        (AGENT, &["run", "--mapp", "a=b:1"][..], "'--map'"),
+        (AGENT, &["enrol"][..], "'enroll'"),
+    ] {
+        let out = run(bin, args, dir.path());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!(
+                "similar {} exists: {suggested}",
+                if suggested.starts_with("'-") {
+                    "argument"
+                } else {
+                    "subcommand"
+                }
+            )),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
 /// The server certificate in a proxy state directory.
 fn server_cert(state: &Path) -> revproxy::ca::CertSummary {
     let pem = std::fs::read_to_string(state.join("server.crt")).unwrap();

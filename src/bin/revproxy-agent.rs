@@ -12,6 +12,9 @@ use revproxy::ca::Token;
 use revproxy::config::{self, AgentConfig};
 use revproxy::runtime::logging::LogFormat;
 
+#[path = "revproxy/sentence.rs"]
+mod sentence;
+
 #[derive(Parser)]
 #[command(
     name = "revproxy-agent",
@@ -113,7 +116,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err((status, e)) => {
-            eprintln!("revproxy-agent: {e:#}");
+            eprintln!("revproxy-agent: {}", sentence::sentence(&e));
             ExitCode::from(status)
         }
     }
@@ -166,7 +169,7 @@ async fn reload(
     match applied {
         Ok(what) => tracing::info!(%what, "configuration reloaded"),
         Err(e) => {
-            tracing::warn!(error = %format!("{e:#}"), "configuration not reloaded; the running one stays")
+            tracing::warn!(error = %sentence::sentence(&e), "configuration not reloaded; the running one stays")
         }
     }
 }

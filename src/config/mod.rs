@@ -22,17 +22,20 @@ mod duration;
 /// A configuration file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    /// The reason is in the message, not exposed as a source: a chain printer would say
+    /// it twice.
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    /// `FILE:LINE: KEY: what is wrong` (line and key when the parser knows them).
+    #[error("{}{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default(), key.as_ref().map(|k| format!(": {k}")).unwrap_or_default())]
     Parse {
         path: PathBuf,
-        #[source]
-        source: toml::de::Error,
+        line: Option<usize>,
+        key: Option<String>,
+        message: String,
     },
     #[error("{0}")]
     Invalid(String),
@@ -129,10 +132,8 @@ pub struct RouteConfig {
 impl ProxyConfig {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
-        let config = ProxyConfig::from_toml(&read(path)?).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = read(path)?;
+        let config = ProxyConfig::from_toml(&text).map_err(|e| parse_error(path, &text, &e))?;
         config.validate()?;
         Ok(config)
     }
@@ -348,10 +349,8 @@ pub struct ServiceConfig {
 impl AgentConfig {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let config = AgentConfig::from_toml(&read(path)?).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = read(path)?;
+        let config = AgentConfig::from_toml(&text).map_err(|e| parse_error(path, &text, &e))?;
         config.validate()?;
         Ok(config)
     }
@@ -445,10 +444,50 @@ fn positive(key: &str, value: Option<u128>) -> Result<(), ConfigError> {
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })
+}
+
+/// The tables a config may repeat: written with one pair of brackets they are a table,
+/// and serde says "invalid type: map, expected a sequence".
+const LISTS: [&str; 4] = ["listener", "route", "service", "connect"];
+
+/// A TOML error as one line, `FILE:LINE: KEY: message`, instead of the parser's snippet
+/// (which anyhow's chain would print twice), with a hint for `[listener]` written for
+/// `[[listener]]`.
+fn parse_error(path: &Path, text: &str, error: &toml::de::Error) -> ConfigError {
+    let line =
+        (error.span()).map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    let key = error_key(error);
+    let mut message = error.message().trim().replace('\n', "; ");
+    if let Some(table) = key.as_deref().filter(|k| LISTS.contains(k)) {
+        if message.starts_with("invalid type: map, expected a sequence") {
+            message =
+                format!("use [[{table}]] (two brackets), not [{table}]: a config may have several");
+        }
+    }
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        line,
+        key,
+        message,
+    }
+}
+
+/// The dotted key an error is about, e.g. `listener.listen`. The parser keeps it private
+/// and prints it only when it has no input to quote, so ask it for that form.
+fn error_key(error: &toml::de::Error) -> Option<String> {
+    let mut bare = error.clone();
+    bare.set_input(None);
+    let shown = bare.to_string();
+    let key = shown
+        .lines()
+        .last()?
+        .strip_prefix("in `")?
+        .strip_suffix('`')?;
+    (!key.is_empty()).then(|| key.to_string())
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {

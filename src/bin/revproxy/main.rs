@@ -6,6 +6,7 @@ mod ca;
 mod cert;
 mod check;
 mod operator;
+mod sentence;
 mod serve;
 mod signals;
 mod state;
@@ -102,7 +103,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("revproxy: {:#}", f.error);
+            eprintln!("revproxy: {}", sentence::sentence(&f.error));
             ExitCode::from(f.status)
         }
     }

@@ -19,7 +19,7 @@ pub(crate) async fn reload_on_hangup(
                 // The proxy logs and counts the outcome.
                 let _ = reloader.reload(reload).await;
             }
-            Err(e) => reloader.invalid(format!("{e:#}")).await,
+            Err(e) => reloader.invalid(crate::sentence::sentence(&e)).await,
         }
     }
 }
