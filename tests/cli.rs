@@ -945,6 +945,71 @@ fn mistyped_flags_and_subcommands_get_a_suggestion() {
     }
 }
 
+#[test]
+fn enroll_says_when_the_address_is_no_tls_port_or_does_not_resolve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("proxy");
+    let out = run(PROXY, &["ca", "init"], &state);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(
+        PROXY,
+        &[
+            "token",
+            "create",
+            "--name",
+            "web-1",
+            "--host",
+            "app.example.com",
+            "--server",
+            "nowhere.invalid:7443",
+        ],
+        &state,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = stdout(&out).trim().to_string();
+    let agent = tmp.path().join("agent");
+
+    // A plain HTTP server where the agent port should be: it answers the ClientHello
+    // with `HTTP/1.1 400`.
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let http_addr = http.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in http.incoming() {
+            let mut conn = conn.unwrap();
+            let _ = std::io::Read::read(&mut conn, &mut [0; 1024]);
+            let _ = std::io::Write::write_all(
+                &mut conn,
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+            );
+        }
+    });
+    let out = run(
+        AGENT,
+        &["enroll", "--token", &token, "--server", &http_addr],
+        &agent,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "the server at {http_addr} does not speak TLS: is this the proxy's agent port?"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !stderr(&out).contains("InvalidContentType"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The token's own address does not resolve here: say so, and how to give another.
+    let out = run(AGENT, &["enroll", "--token", &token], &agent);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(said.contains("cannot resolve nowhere.invalid"), "{said}");
+    assert!(said.contains("--server HOST:PORT"), "{said}");
+}
+
 /// The server certificate in a proxy state directory.
 fn server_cert(state: &Path) -> revproxy::ca::CertSummary {
     let pem = std::fs::read_to_string(state.join("server.crt")).unwrap();

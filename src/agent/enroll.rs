@@ -42,6 +42,8 @@ pub enum EnrollClientError {
     },
     #[error("cannot reach the proxy at {server}: {reason}")]
     Unreachable { server: String, reason: String },
+    #[error("the server at {server} does not speak TLS: is this the proxy's agent port? (`revproxy-agent enroll --server HOST:PORT` names another)")]
+    NotTls { server: String },
     #[error("the proxy refused: {message}")]
     Refused {
         status: u16,
@@ -281,6 +283,27 @@ pub(super) async fn post(
     call(server, expected_pins, config, request).await
 }
 
+/// Whether a handshake failed because the first bytes back were not TLS records (an HTTP
+/// server answers `HTTP/1.1 400`, which rustls reads as a record of an invalid type).
+fn speaks_no_tls(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType
+                | rustls::InvalidMessage::UnknownProtocolVersion
+        ))
+    )
+}
+
+/// The host part of `host:port` (`[v6]:port` too).
+fn host_of(server: &str) -> &str {
+    server
+        .rsplit_once(':')
+        .map_or(server, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+}
+
 /// One attempt at `request`: connect, verify the proxy with `config`, send it, read the
 /// answer.
 pub(super) async fn call(
@@ -295,6 +318,14 @@ pub(super) async fn call(
     };
     let name = tls::server_name(server).map_err(|e| unreachable(e.to_string()))?;
     let attempt = async {
+        // Resolved apart from connecting, so that a name that does not resolve here can
+        // be told apart (and another address suggested).
+        if let Err(e) = tokio::net::lookup_host(server).await {
+            return Err(unreachable(format!(
+                "cannot resolve {} ({e}); give the proxy's address as this machine reaches it with `revproxy-agent enroll --server HOST:PORT`",
+                host_of(server)
+            )));
+        }
         let tcp = crate::runtime::connect(server)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
@@ -309,6 +340,9 @@ pub(super) async fn call(
                         .first()
                         .map_or_else(|| "none".into(), |p| p.to_string()),
                     expected: expected_pins.to_string(),
+                },
+                None if speaks_no_tls(&e) => EnrollClientError::NotTls {
+                    server: server.to_string(),
                 },
                 None => unreachable(format!("TLS handshake failed: {e}")),
             })?;
