@@ -305,7 +305,7 @@ fn two_networks_with_no_route_between_them_meet_through_the_proxy() {
         },
         false,
     );
-    let local = field(&laptop.line("connect listener ready"), "listen");
+    let local = field(&laptop.line("connect listener ready"), "addr");
     let local_port = local.rsplit(':').next().unwrap();
 
     // No route from B to A: the database's network is out of reach directly.

@@ -222,9 +222,9 @@ impl Quiet {
     /// Logs that `peer` was refused for `why`: at warn when the gate is open, else at debug.
     fn say(&self, peer: &SocketAddr, why: &str) {
         if self.loud_now() {
-            warn!(%peer, reason = why, "admin connection refused and closed (further refusals for 10 s at debug)");
+            warn!(%peer, reason = %why, "admin connection refused and closed (further refusals for 10 s at debug)");
         } else {
-            debug!(%peer, reason = why, "admin connection refused and closed");
+            debug!(%peer, reason = %why, "admin connection refused and closed");
         }
     }
 

@@ -178,9 +178,9 @@ impl Listeners {
     fn start(&mut self, name: String, listener: TcpListener) {
         let listen = match listener.local_addr() {
             Ok(addr) => addr,
-            Err(e) => return warn!(%name, error = %e, "cannot use the connect listener"),
+            Err(e) => return warn!(host = %name, error = %e, "cannot use the connect listener"),
         };
-        info!(host = %name, %listen, "connect listener ready");
+        info!(host = %name, addr = %listen, "connect listener ready");
         let status = Arc::new(Mutex::new(ConnectStatus {
             name: name.clone(),
             listen: listen.to_string(),
@@ -245,7 +245,7 @@ impl Listeners {
             .collect();
         for name in &gone {
             if let Some(running) = self.running.remove(name) {
-                info!(host = %name, listen = %running.listen, "connect listener removed: no new connections; open ones run to their end");
+                info!(host = %name, addr = %running.listen, "connect listener removed: no new connections; open ones run to their end");
                 running.accepting.fire();
                 (self.up.listeners.lock().expect("connect listeners"))
                     .retain(|s| !Arc::ptr_eq(s, &running.status));
@@ -289,7 +289,7 @@ pub(crate) async fn serve(
             .and_then(|()| TcpListener::from_std(spec.listener));
         match listener {
             Ok(listener) => listeners.start(spec.name, listener),
-            Err(e) => warn!(name = %spec.name, error = %e, "cannot use the connect listener"),
+            Err(e) => warn!(host = %spec.name, error = %e, "cannot use the connect listener"),
         }
     }
     loop {

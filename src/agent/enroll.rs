@@ -139,7 +139,7 @@ pub async fn enroll(token: &Token, state_dir: &Path) -> Result<Identity, EnrollC
     identity.save(state_dir)?;
     // A renewal left unfinished by the identity this one replaces has nothing to fetch.
     Pending::new(state_dir, RENEW_PENDING_FILE).clear();
-    info!(identity = %identity.identity, hosts = ?identity.hosts, "enrolled");
+    info!(identity = %identity.identity, hosts = %crate::runtime::logging::list(&identity.hosts), "enrolled");
     Ok(identity)
 }
 

@@ -85,8 +85,8 @@ pub(super) async fn follow_state_dir(
         if moved {
             info!(
                 identity = %new.identity,
-                hosts = ?new.hosts,
-                not_after = %crate::runtime::rfc3339(new.not_after),
+                hosts = %crate::runtime::logging::list(&new.hosts),
+                valid_until = %crate::runtime::rfc3339(new.not_after),
                 "a new identity was enrolled into the state directory; moving the tunnels to it"
             );
         }

@@ -424,8 +424,8 @@ impl Agent {
         info!(
             server = %self.ctx.server,
             identity = %id.identity,
-            not_after = %crate::runtime::rfc3339(id.not_after),
-            "agent starting; certificate valid until not_after"
+            valid_until = %crate::runtime::rfc3339(id.not_after),
+            "agent starting"
         );
         let admin_stop = Trigger::default();
         let admin = self.admin.map(|listener| {

@@ -109,9 +109,9 @@ async fn manage(
         }
         if !leaving.is_empty() {
             let mut up = ctx.tunnels_up.subscribe();
-            let gone: Vec<&str> = leaving.iter().map(|(t, _)| t.addr.as_str()).collect();
+            let gone = crate::runtime::logging::list(leaving.iter().map(|(t, _)| &t.addr));
             info!(
-                ?gone,
+                proxies = %gone,
                 "no longer keeping a tunnel to these once a new one is up; they drain"
             );
             let stopping = stop.clone();
@@ -185,7 +185,7 @@ async fn learn(
             Some(proxies) => {
                 failing = false;
                 if *list.borrow() != proxies {
-                    info!(proxies = ?proxies.iter().map(|p| format!("{}={}", p.id, p.address)).collect::<Vec<_>>(),
+                    info!(proxies = %crate::runtime::logging::list(proxies.iter().map(|p| format!("{}@{}", p.id, p.address))),
                           "proxies to keep a tunnel to");
                     if let Err(e) = save(state_dir, &proxies) {
                         warn!(error = %e, "cannot remember the proxy list");

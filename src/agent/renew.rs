@@ -146,7 +146,7 @@ pub(super) async fn renewal_loop(
             let pause = match renew_once(&id, state_dir).await {
                 Ok(new) => {
                     info!(
-                        serial_not_after = %rfc3339(new.not_after),
+                        valid_until = %rfc3339(new.not_after),
                         "certificate renewed; new tunnels use it"
                     );
                     identity.send_if_modified(|current| {
@@ -175,7 +175,7 @@ pub(super) async fn renewal_loop(
                     // and say so loudly every hour.
                     error!(
                         error = %e,
-                        expires = %rfc3339(not_after),
+                        valid_until = %rfc3339(not_after),
                         "certificate renewal refused; this agent stops when its certificate expires"
                     );
                     let next = now.saturating_add(ALREADY_RENEWED_RETRY.as_secs() as i64);
@@ -184,7 +184,7 @@ pub(super) async fn renewal_loop(
                 Err(e) if e.retry_after().is_some() => {
                     // Not due yet by the proxy's clock, or asked too often: wait as told.
                     let wait = e.retry_after().unwrap_or(RETRY_MIN).max(RETRY_MIN);
-                    warn!(error = %e, wait_secs = wait.as_secs(), "the proxy asks to renew later");
+                    warn!(error = %e, retry_in = %crate::runtime::logging::duration(wait), "the proxy asks to renew later");
                     let next = now.saturating_add(wait.as_secs().min(i64::MAX as u64) as i64);
                     Pause::Until(next.min(not_after))
                 }
@@ -195,7 +195,7 @@ pub(super) async fn renewal_loop(
                         if last_error_log.is_none_or(|t| now - t >= 3600) {
                             error!(
                                 error = %e,
-                                expires = %rfc3339(not_after),
+                                valid_until = %rfc3339(not_after),
                                 "certificate renewal keeps failing and the certificate expires soon"
                             );
                             last_error_log = Some(now);

@@ -66,6 +66,13 @@ pub(super) enum SessionError {
     Tunnel(#[from] TunnelError),
 }
 
+impl SessionError {
+    /// Whether the tunnel was up and the proxy's end went away (it stopped or restarts).
+    pub(super) fn went_away(&self) -> bool {
+        matches!(self, SessionError::Tunnel(e) if e.went_away())
+    }
+}
+
 /// Both clocks' view, which helps with "expired" or "not yet valid" refusals.
 fn clock_note(e: &ConnectError, not_after: i64) -> String {
     if !e.is_handshake() {

@@ -47,6 +47,10 @@ pub(super) async fn keep_tunnel_up(
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     // When the last tunnel that was up ended.
     let mut lost_at: Option<tokio::time::Instant> = None;
+    // When the proxy last closed a tunnel or went away (stopping or restarting): for
+    // [`FAST_RECONNECT_FOR`] after it, failing to reach it is expected and logged at
+    // debug; past that it warns again, as a proxy that never left would.
+    let mut proxy_left: Option<tokio::time::Instant> = None;
     let mut choice = Choice::new(ctx.transport, ctx.quic_fallback_after);
     let mut sessions = JoinSet::new();
     // Tunnels on an old certificate or transport, retired as soon as the next tunnel is
@@ -78,7 +82,7 @@ pub(super) async fn keep_tunnel_up(
             established: established.clone(),
             to_retire: to_retire.clone(),
         };
-        let span = tracing::info_span!("tunnel", server = %target.addr, proxy = target.proxy.as_deref().unwrap_or("-"), transport = kind.name());
+        let span = tracing::info_span!("tunnel", server = %target.addr, proxy = %target.proxy.as_deref().unwrap_or("-"), transport = %kind.name());
         // The tunnel and its streams run together on the least loaded lane.
         let lane = ctx.lanes.pick();
         let current = sessions
@@ -122,7 +126,7 @@ pub(super) async fn keep_tunnel_up(
                 }
                 probed = &mut probe, if probing.is_some() => match probed {
                     Ok(conn) => {
-                        info!(transport = probe_kind.name(), "this transport works again: new streams use it; the old tunnel drains");
+                        info!(transport = %probe_kind.name(), "this transport works again: new streams use it; the old tunnel drains");
                         choice.probe_worked();
                         next_preconnected = Some((conn, id.clone()));
                         to_retire.lock().expect("retire list").push(retire.clone());
@@ -164,11 +168,30 @@ pub(super) async fn keep_tunnel_up(
             }
             lost_at = None;
         } else {
+            let came_up = established.get().is_some();
+            if came_up {
+                proxy_left = None;
+            }
+            // Connection failures while the proxy is expected back are no news.
+            let expected = proxy_left.is_some_and(|at| at.elapsed() < FAST_RECONNECT_FOR);
             match outcome {
-                Ok(Ok(())) if stop.is_fired() => break,
-                Ok(Ok(())) => info!("tunnel closed by the proxy; reconnecting"),
+                // This agent is stopping: however its tunnel ended, that is no failure.
+                Ok(r) if stop.is_fired() => {
+                    if let Err(e) = r {
+                        debug!(error = %e, "tunnel ended while shutting down");
+                    }
+                    break;
+                }
+                Ok(Ok(())) => {
+                    info!("the proxy closed the tunnel; reconnecting");
+                    proxy_left = Some(tokio::time::Instant::now());
+                }
+                Ok(Err(e)) if came_up && e.went_away() => {
+                    info!(reason = %e, "the proxy went away (it stops or restarts); reconnecting");
+                    proxy_left = Some(tokio::time::Instant::now());
+                }
                 Ok(Err(e)) if !was_up => {
-                    if choice.failed(kind, &e) {
+                    if choice.failed(kind, &e, expected) {
                         continue; // the fallback, at once
                     }
                 }
@@ -187,7 +210,7 @@ pub(super) async fn keep_tunnel_up(
             let jittered = 0.5 + (crate::runtime::random() % 1000) as f64 / 2000.0;
             delay = delay.min(FAST_RECONNECT_MAX.mul_f64(jittered));
         }
-        debug!(?delay, "reconnecting after a pause");
+        debug!(delay = %crate::runtime::logging::duration(delay), "reconnecting after a pause");
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             Ok(()) = renewed.changed() => {}

@@ -64,7 +64,7 @@ async fn heartbeat(shared: Arc<Shared>) {
                 failing = false;
                 let mut known = shared.peers.write().expect("peers lock");
                 if *known != peers {
-                    info!(proxies = ?peers.iter().map(|p| &p.id).collect::<Vec<_>>(), "proxies sharing the store");
+                    info!(proxies = %crate::runtime::logging::list(peers.iter().map(|p| &p.id)), "proxies sharing the store");
                     *known = peers;
                 }
             }

@@ -336,7 +336,17 @@ impl ProxyBuilder {
             fd_limit,
             crate::runtime::lanes::Lanes::shared()?.all().len(),
         );
-        info!(fd_limit, ?limits, "connection caps");
+        info!(
+            fd_limit,
+            clients = limits.clients,
+            clients_per_source = limits.clients_per_source,
+            agents = limits.agents,
+            handshakes = limits.handshakes,
+            handshakes_per_source = limits.handshakes_per_source,
+            handshakes_per_prefix = limits.handshakes_per_prefix,
+            enrollments = limits.enrollments,
+            "connection caps"
+        );
         let metrics = Arc::new(metrics::ProxyMetrics::new());
         metrics.ensure_reloads();
         let (reloader, reloads) = tokio::sync::mpsc::channel(1);

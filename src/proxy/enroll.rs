@@ -202,7 +202,7 @@ async fn handle(
         if let Some(wait) = limited {
             return too_many(wait);
         }
-        warn!(%peer, code, "enrollment refused");
+        warn!(%peer, code = %code, "enrollment refused");
         error(status, code, message)
     };
 
@@ -346,7 +346,7 @@ fn wrong_secret(shared: &Shared, token_id: &str) {
     let was_under = limiter.check(&token_id.to_string(), now).is_ok();
     limiter.record(&token_id.to_string(), now);
     if was_under && limiter.check(&token_id.to_string(), now).is_err() {
-        warn!(token_id, "more than {} wrong secrets for this token within {:?}: someone is trying secrets for it; it stays usable by its holder (revoke it with `revproxy token revoke {token_id}` if it leaked)",
+        warn!(%token_id, "more than {} wrong secrets for this token within {:?}: someone is trying secrets for it; it stays usable by its holder (revoke it with `revproxy token revoke {token_id}` if it leaked)",
               ratelimit::WRONG_SECRETS_PER_TOKEN, ratelimit::WRONG_SECRET_WINDOW);
     }
 }
@@ -462,7 +462,7 @@ async fn renew(
             internal("renewal")
         }
         Ok(Err(e)) => {
-            warn!(%peer, serial = %serial, code = e.code(), reason = %e, "renewal refused");
+            warn!(%peer, serial = %serial, code = %e.code(), reason = %e, "renewal refused");
             refusal(status_of(&e), e.code(), e.to_string(), e.retry_after())
         }
         Err(join) => {

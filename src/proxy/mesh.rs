@@ -193,7 +193,7 @@ impl Streams {
                 } else {
                     "access taken back"
                 };
-                info!(agent = %entry.agent, host = %entry.name, why, "cutting a mesh stream");
+                info!(agent = %entry.agent, host = %entry.name, reason = %why, "cutting a mesh stream");
                 entry.cut.fire();
             }
         }

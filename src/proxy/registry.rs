@@ -302,7 +302,7 @@ impl Registry {
             }
             let now = state.served(&tunnel.agent, &tunnel.cert_hosts);
             if now != *hosts {
-                tracing::info!(agent = %tunnel.agent, tunnel = tunnel.id, before = ?hosts, after = ?now, "grant changed; tunnel now serves these names");
+                tracing::info!(agent = %tunnel.agent, tunnel = tunnel.id, hosts = %crate::runtime::logging::list(&now.public), private = %crate::runtime::logging::list(&now.private), was = %crate::runtime::logging::list(hosts.all()), "grant changed; tunnel now serves these names");
                 *hosts = now;
                 changed = true;
             }

@@ -205,7 +205,7 @@ impl PublicListeners {
             fd,
             sockets,
         } = prepared;
-        info!(%addr, kind = ?kind, lanes = sockets.len(), "public listener ready");
+        info!(%addr, kind = %kind.name(), to = kind.target().map(tracing::field::display), lanes = sockets.len(), "public listener ready");
         let stop = Trigger::default();
         let (shared, sources) = (self.shared.clone(), self.per_source.clone());
         let routing = kind.clone();

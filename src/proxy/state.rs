@@ -284,7 +284,7 @@ impl StateView {
         health.checks.0 += 1;
         health.last_ok = time::OffsetDateTime::now_utc().unix_timestamp();
         if let Some((since, _)) = health.failing.take() {
-            info!(store = %self.store.describe(), down_secs = since.elapsed().as_secs(), "the state store answers again");
+            info!(store = %self.store.describe(), outage = %crate::runtime::logging::duration(since.elapsed()), "the state store answers again");
         }
     }
 

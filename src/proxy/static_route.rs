@@ -40,11 +40,11 @@ pub(super) async fn connect_static(
     match tokio::time::timeout_at(deadline, crate::runtime::connect(addr)).await {
         Ok(Ok(backend)) => Some(backend),
         Ok(Err(e)) => {
-            warn!(%peer, conn = %id, backend = addr, error = %e, "cannot reach static backend");
+            warn!(%peer, conn = %id, backend = %addr, error = %e, "cannot reach static backend");
             None
         }
         Err(_) => {
-            warn!(%peer, conn = %id, backend = addr, "static backend did not accept in time");
+            warn!(%peer, conn = %id, backend = %addr, "static backend did not accept in time");
             None
         }
     }
@@ -96,7 +96,7 @@ pub(super) async fn forward_tcp(
     let pumped = crate::tunnel::both_ways(up, down, std::future::pending()).await;
     let (up, down) = (counted_in.totals.0, counted_out.totals.1);
     if let Err(e) = &pumped.result {
-        debug!(%peer, conn = %id, backend = addr, error = %e, "static route ended with an error");
+        debug!(%peer, conn = %id, backend = %addr, error = %e, "static route ended with an error");
         // Broken: a side that did not get its whole stream is reset, so it never takes
         // the cut stream for a complete one.
         if !pumped.delivered {

@@ -18,6 +18,25 @@ pub enum ListenerKind {
     Fixed(Target),
 }
 
+impl ListenerKind {
+    /// `sni`, `http` or `fixed`, as logs name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ListenerKind::Sni => "sni",
+            ListenerKind::Http => "http",
+            ListenerKind::Fixed(_) => "fixed",
+        }
+    }
+
+    /// Where a `fixed` listener sends everything.
+    pub fn target(&self) -> Option<&Target> {
+        match self {
+            ListenerKind::Fixed(target) => Some(target),
+            _ => None,
+        }
+    }
+}
+
 /// Where a connection goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -25,6 +44,16 @@ pub enum Target {
     Name(String),
     /// A fixed TCP backend, `host:port`.
     Tcp(String),
+}
+
+/// As the configuration writes it: a name, or `tcp://HOST:PORT`.
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Name(name) => f.write_str(name),
+            Target::Tcp(addr) => write!(f, "tcp://{addr}"),
+        }
+    }
 }
 
 /// A target that does not parse.

@@ -73,6 +73,19 @@ pub struct Described {
     pub addr: SocketAddr,
 }
 
+/// `agents:127.0.0.1:7443`, `quic:…`, `admin:…`, `public:…`, as logs list them.
+impl std::fmt::Display for Described {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let role = match self.role {
+            Role::Agents => "agents",
+            Role::Quic => "quic",
+            Role::Admin => "admin",
+            Role::Public => "public",
+        };
+        write!(f, "{role}:{}", self.addr)
+    }
+}
+
 /// Why a hand-over could not start or complete.
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {

@@ -55,3 +55,50 @@ pub fn rfc3339(unix: i64) -> String {
         })
         .unwrap_or_else(|| unix.to_string())
 }
+
+/// A list as one log field value: its items joined by commas (`a.example.com,b.example.com`),
+/// or `-` when it is empty, so a line never carries Rust's `["…"]` shape.
+pub fn list<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    let mut out = String::new();
+    for item in items {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(&item.to_string());
+    }
+    if out.is_empty() {
+        out.push('-');
+    }
+    out
+}
+
+/// A duration as one log field value: `30s`, `1.5s`, `250ms`.
+pub fn duration(d: std::time::Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else if d < std::time::Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_list_reads_as_one_field_value() {
+        assert_eq!(
+            super::list(["a.example.com", "*.example.com"]),
+            "a.example.com,*.example.com"
+        );
+        assert_eq!(super::list(Vec::<String>::new()), "-");
+    }
+
+    #[test]
+    fn a_duration_reads_as_one_field_value() {
+        use std::time::Duration;
+        assert_eq!(super::duration(Duration::from_secs(30)), "30s");
+        assert_eq!(super::duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(super::duration(Duration::from_millis(250)), "250ms");
+    }
+}

@@ -109,6 +109,27 @@ impl ConnectError {
 pub(crate) enum TunnelError {
     #[error("tunnel error: {0}")]
     Broken(String),
+    /// The proxy's end of the connection went away without a word (a broken pipe, a
+    /// reset, a QUIC stateless reset): what a proxy that stops or restarts looks like on
+    /// h2, where it drops the connection rather than closing it.
+    #[error("the connection closed: {0}")]
+    Closed(String),
+}
+
+impl TunnelError {
+    /// Whether the proxy's end went away, rather than the tunnel failing.
+    pub(crate) fn went_away(&self) -> bool {
+        matches!(self, TunnelError::Closed(_))
+    }
+}
+
+/// Whether an I/O error is the other end of the connection going away.
+pub(crate) fn is_gone(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        kind,
+        BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof
+    )
 }
 
 impl AgentConn {

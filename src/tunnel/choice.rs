@@ -70,15 +70,20 @@ impl Choice {
         }
     }
 
-    /// An attempt on `kind` failed before its tunnel came up. Returns whether to try the
+    /// An attempt on `kind` failed before its tunnel came up. `expected`: the proxy just
+    /// stopped or restarts, so the failure is logged at debug. Returns whether to try the
     /// fallback at once, without the usual pause.
-    pub(crate) fn failed(&mut self, kind: Kind, error: &dyn Display) -> bool {
+    pub(crate) fn failed(&mut self, kind: Kind, error: &dyn Display, expected: bool) -> bool {
         if self.configured != Transport::Auto {
-            warn!(%error, "tunnel failed");
+            if expected {
+                debug!(%error, "the proxy is not back yet");
+            } else {
+                warn!(%error, "tunnel failed");
+            }
             return false;
         }
         if kind == Kind::Quic {
-            if self.fallback_logged {
+            if self.fallback_logged || expected {
                 debug!(%error, "QUIC still unavailable; using h2");
             } else {
                 warn!(%error, "QUIC unavailable; falling back to h2 and trying QUIC again in the background");
@@ -88,7 +93,11 @@ impl Choice {
             return true;
         }
         // h2 did not come up either: next time, QUIC first again.
-        warn!(%error, "tunnel failed");
+        if expected {
+            debug!(%error, "the proxy is not back yet");
+        } else {
+            warn!(%error, "tunnel failed");
+        }
         self.on_fallback = false;
         false
     }
@@ -102,7 +111,7 @@ mod tests {
     fn fixed_transports_never_change() {
         for (configured, kind) in [(Transport::H2, Kind::H2), (Transport::Quic, Kind::Quic)] {
             let mut c = Choice::new(configured, Duration::from_secs(3));
-            assert!(!c.failed(kind, &"refused"));
+            assert!(!c.failed(kind, &"refused", false));
             assert_eq!(c.next(), kind);
             assert_eq!(c.probe_while_on(kind), None);
         }
@@ -113,17 +122,20 @@ mod tests {
         let mut c = Choice::new(Transport::Auto, Duration::from_secs(3));
         assert_eq!(c.next(), Kind::Quic);
         assert_eq!(c.connect_limit(Kind::Quic), Duration::from_secs(3));
-        assert!(c.failed(Kind::Quic, &"timed out"), "falls back at once");
+        assert!(
+            c.failed(Kind::Quic, &"timed out", false),
+            "falls back at once"
+        );
         assert_eq!(c.next(), Kind::H2);
         assert_eq!(c.probe_while_on(Kind::H2), Some(Kind::Quic));
         c.probe_worked();
         assert_eq!(c.next(), Kind::Quic);
         // QUIC fails, then h2 fails too: QUIC first again, after a pause.
-        assert!(c.failed(Kind::Quic, &"timed out"));
-        assert!(!c.failed(Kind::H2, &"refused"));
+        assert!(c.failed(Kind::Quic, &"timed out", false));
+        assert!(!c.failed(Kind::H2, &"refused", false));
         assert_eq!(c.next(), Kind::Quic);
         // A tunnel that was up on the fallback and then failed: QUIC first again.
-        assert!(c.failed(Kind::Quic, &"timed out"));
+        assert!(c.failed(Kind::Quic, &"timed out", false));
         c.was_up(Kind::H2);
         assert_eq!(c.next(), Kind::Quic);
     }

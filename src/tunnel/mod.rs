@@ -27,8 +27,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub(crate) use agent_end::{
-    client_field, connect, parse_client_field, AgentConn, Backends, ConnectError, DialRequest,
-    Dialed, Refusal, TunnelError,
+    client_field, connect, is_gone, parse_client_field, AgentConn, Backends, ConnectError,
+    DialRequest, Dialed, Refusal, TunnelError,
 };
 pub(crate) use choice::Choice;
 pub(crate) use link::{

@@ -95,6 +95,8 @@ struct Logged {
     lines: std::sync::mpsc::Receiver<String>,
     /// Events read so far, in order (they may come in any order across tasks).
     seen: std::cell::RefCell<Vec<serde_json::Value>>,
+    /// Every line read so far, as written.
+    said: std::cell::RefCell<Vec<String>>,
 }
 
 impl Drop for Logged {
@@ -106,10 +108,19 @@ impl Drop for Logged {
 
 impl Logged {
     fn start(bin: &str, args: &[&str], state: &Path) -> Logged {
-        let mut child = Command::new(bin)
+        Logged::start_logging(bin, args, state, None)
+    }
+
+    /// Starts `bin` with `RUST_LOG` set to `filter` (none: the program's default).
+    fn start_logging(bin: &str, args: &[&str], state: &Path, filter: Option<&str>) -> Logged {
+        let mut command = Command::new(bin);
+        match filter {
+            Some(filter) => command.env("RUST_LOG", filter),
+            None => command.env_remove("RUST_LOG"),
+        };
+        let mut child = command
             .args(args)
             .env("REVPROXY_STATE", state)
-            .env_remove("RUST_LOG")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -125,7 +136,53 @@ impl Logged {
             child,
             lines,
             seen: Default::default(),
+            said: Default::default(),
         }
+    }
+
+    /// Waits (bounded) for a line containing `needle` among those after the first `from`
+    /// lines; returns its index and the line.
+    fn text_line(&self, from: usize, needle: &str) -> (usize, String) {
+        let found = |said: &[String]| {
+            (said.iter().enumerate())
+                .skip(from)
+                .find(|(_, l)| l.contains(needle))
+                .map(|(i, l)| (i, l.clone()))
+        };
+        if let Some(found) = found(&self.said.borrow()) {
+            return found;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "no log line with {needle:?} within 10 s: {:#?}",
+                    self.said.borrow()
+                )
+            });
+            self.said.borrow_mut().push(line);
+            if let Some(found) = found(&self.said.borrow()) {
+                return found;
+            }
+        }
+    }
+
+    /// SIGTERM, then every line the program wrote, up to its exit (which must be clean).
+    fn terminate(mut self) -> Vec<String> {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = self.child.wait().unwrap();
+        // The reader sees the end of stderr once the program has exited.
+        while let Ok(line) = self.lines.recv_timeout(std::time::Duration::from_secs(10)) {
+            self.said.borrow_mut().push(line);
+        }
+        let said = self.said.take();
+        assert!(status.success(), "{status}: {said:#?}");
+        said
     }
 
     /// Waits (bounded) for a JSON log line whose message is `message`, seen now or
@@ -147,6 +204,7 @@ impl Logged {
                 assert!(event.get(field).is_some(), "no {field} in {line}");
             }
             self.seen.borrow_mut().push(event.clone());
+            self.said.borrow_mut().push(line);
             if event["message"] == message {
                 return event;
             }

@@ -274,3 +274,157 @@ fn store_migrate_refuses_while_a_proxy_serves_on_the_directory() {
     assert!(!stderr(&out).contains("serving"), "{}", stderr(&out));
     assert!(state.join("state.json").exists());
 }
+
+/// The level of a text log line (`2026-12-06T13:06:51.390008Z  INFO target: message`), or
+/// `None` for what is no log line (the CA notice `serve` prints on its first start).
+fn level(line: &str) -> Option<&str> {
+    let mut words = line.split_whitespace();
+    let time = words.next()?;
+    (time.len() > 20 && time.ends_with('Z') && time.as_bytes()[10] == b'T')
+        .then(|| words.next())
+        .flatten()
+}
+
+/// Logs for people: stopping either side cleanly (SIGTERM) is news at `info`, never a
+/// warning on either side, also while the agent knocks at a proxy that is gone; and info
+/// lines carry `key=value` fields with readable values, no Rust `Debug` shapes.
+#[test]
+fn a_clean_stop_warns_nobody_and_info_lines_read_as_key_value() {
+    let tmp = tempfile::tempdir().unwrap();
+    let proxy_state = tmp.path().join("proxy");
+    let config = tmp.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        "[[listener]]\nlisten = \"127.0.0.1:0\"\nto = \"tcp://127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let proxy = Logged::start(
+        PROXY,
+        &[
+            "serve",
+            "--config",
+            config,
+            "--agents",
+            "127.0.0.1:0",
+            "--sni",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        &proxy_state,
+    );
+    let (_, ready) = proxy.text_line(0, "agent listener ready");
+    let agents = ready
+        .split("addr=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let token = stdout(&run(
+        PROXY,
+        &[
+            "token",
+            "create",
+            "--name",
+            "web-1",
+            "--host",
+            "app.example.com",
+            "--host",
+            "*.example.com",
+            "--private-host",
+            "db.internal",
+            "--server",
+            agents,
+        ],
+        &proxy_state,
+    ));
+    let agent_state = tmp.path().join("agent");
+    let enrolled = run(AGENT, &["enroll", "--token", token.trim()], &agent_state);
+    assert!(enrolled.status.success(), "{}", stderr(&enrolled));
+    let run_agent = ["run", "--map", "app.example.com=127.0.0.1:9"];
+    // The supervisor at debug: its reconnect pauses show that it knocked at the proxy.
+    let filter = Some("info,revproxy::agent::supervisor=debug");
+
+    // The agent stops: the proxy says at info that its tunnel went down.
+    let first = Logged::start_logging(AGENT, &run_agent, &agent_state, filter);
+    first.text_line(0, "tunnel up");
+    let (up, _) = proxy.text_line(0, "tunnel up");
+    let first = first.terminate();
+    let (down, down_line) = proxy.text_line(up, "tunnel down");
+
+    // The proxy stops: the agent says so at info and knocks until it is stopped too.
+    let second = Logged::start_logging(AGENT, &run_agent, &agent_state, filter);
+    second.text_line(0, "tunnel up");
+    proxy.text_line(down, "tunnel up");
+    let proxy = proxy.terminate();
+    let (closed, reconnecting) = second.text_line(0, "; reconnecting");
+    let (pause, _) = second.text_line(closed, "reconnecting after a pause");
+    second.text_line(pause + 1, "reconnecting after a pause");
+    let second = second.terminate();
+
+    let everyone = [
+        ("proxy", &proxy),
+        ("first agent", &first),
+        ("second agent", &second),
+    ];
+    for (who, said) in everyone {
+        let all = said.join("\n");
+        for line in said {
+            match level(line) {
+                // The host's kernel caps UDP buffers below what QUIC asks for (a tuning
+                // hint, documented in docs/configuration.md), not news about a stop.
+                Some("WARN") if line.contains("the OS capped the QUIC UDP socket buffers") => {}
+                Some("WARN" | "ERROR") => panic!("{who} warned: {line}\n{all}"),
+                _ => {}
+            }
+        }
+    }
+    for (who, said) in everyone {
+        for line in said.iter().filter(|l| level(l) == Some("INFO")) {
+            for shape in [
+                "{ ", "Some(", "Fixed(", "Served {", "Limits {", "[\"", "=\"",
+            ] {
+                assert!(!line.contains(shape), "{who}: {shape:?} in {line}");
+            }
+        }
+    }
+    let find = |said: &[String], needle: &str| -> String {
+        said.iter()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in {said:#?}"))
+            .clone()
+    };
+    // However the agent's connection ended, the reason says the agent left.
+    assert_eq!(level(&down_line), Some("INFO"), "{down_line}");
+    assert!(
+        down_line.contains("reason=closed by the agent")
+            || down_line.contains("reason=the agent went away"),
+        "{down_line}"
+    );
+    assert_eq!(level(&reconnecting), Some("INFO"), "{reconnecting}");
+    assert!(
+        reconnecting.contains("the proxy closed the tunnel"),
+        "{reconnecting}"
+    );
+    let start = find(&second, "agent starting");
+    assert!(start.contains(" valid_until=20"), "{start}");
+    assert!(!start.contains("not_after"), "{start}");
+    let up = find(&proxy, "tunnel up");
+    assert!(
+        up.contains(" transport=h2 hosts=app.example.com,*.example.com private=db.internal"),
+        "{up}"
+    );
+    let fixed = find(&proxy, "kind=fixed");
+    assert!(fixed.contains(" to=tcp://127.0.0.1:9"), "{fixed}");
+    assert!(find(&proxy, "connection caps").contains(" clients="));
+    // Nothing secret: not the token's secret, not a key.
+    let secret = token.trim().rsplit('.').next().unwrap();
+    for line in proxy.iter().chain(&first).chain(&second) {
+        assert!(
+            !line.contains(secret) && !line.contains("PRIVATE KEY"),
+            "{line}"
+        );
+    }
+}

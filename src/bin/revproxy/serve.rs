@@ -95,7 +95,7 @@ impl ServeArgs {
         let mut inherited = match self.upgrade {
             true => {
                 let taken = handover::take_over(&dir)?;
-                tracing::info!(sockets = ?taken.described(), "listening sockets taken over from the running proxy");
+                tracing::info!(sockets = %revproxy::runtime::logging::list(taken.described()), "listening sockets taken over from the running proxy");
                 Some(taken)
             }
             false => None,
@@ -165,7 +165,7 @@ impl ServeArgs {
             if let Some(inherited) = inherited.take() {
                 let (confirmation, unused) = inherited.finish();
                 if !unused.is_empty() {
-                    tracing::info!(?unused, "sockets the configuration no longer has are closed here (the old process stops accepting on them)");
+                    tracing::info!(sockets = %revproxy::runtime::logging::list(&unused), "sockets the configuration no longer has are closed here (the old process stops accepting on them)");
                 }
                 builder = builder.upgraded(confirmation);
             }

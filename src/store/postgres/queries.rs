@@ -130,7 +130,7 @@ impl Store for PgStore {
                 .await?;
             if let Some(row) = other {
                 let address: Option<String> = row.get(0);
-                warn!(id = %proxy.id, other = ?address,
+                warn!(proxy = %proxy.id, other = %address.as_deref().unwrap_or("-"),
                       "another proxy announces this proxy's id (a copied state directory?): agents take the two for one; give each proxy a state directory of its own with only ca.key and ca.crt copied");
             }
             client

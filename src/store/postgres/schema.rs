@@ -114,7 +114,7 @@ pub(super) async fn migrate(
     }
     for (from, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         tx.batch_execute(sql).await?;
-        info!(from, to = from + 1, "store schema migrated");
+        info!(version = from + 1, was = from, "store schema migrated");
     }
     tx.execute(
         "UPDATE revproxy.schema_version SET version = $1",

@@ -80,6 +80,9 @@ impl Conn {
         tokio::select! {
             accepted = self.conn.accept() => match accepted {
                 Some(Ok(incoming)) => Ok(Some(incoming)),
+                Some(Err(e)) if e.get_io().is_some_and(|io| crate::tunnel::is_gone(io.kind())) => {
+                    Err(TunnelError::Closed(e.to_string()))
+                }
                 Some(Err(e)) => Err(TunnelError::Broken(e.to_string())),
                 None => Ok(None),
             },
@@ -121,7 +124,7 @@ pub(crate) async fn serve_stream<B: Backends>(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let refuse = |respond: &mut SendResponse<Bytes>, refusal: Refusal| {
-        warn!(host = %name, ?client, status = refusal.status, reason = %refusal.reason, "stream refused");
+        warn!(host = %name, client = client.map(tracing::field::display), status = refusal.status, reason = %refusal.reason, "stream refused");
         let response = Response::builder()
             .status(refusal.status)
             .header(ERROR_HEADER, refusal.reason)
@@ -154,9 +157,11 @@ pub(crate) async fn serve_stream<B: Backends>(
     };
     match &dialed.caller {
         Some(caller) => {
-            info!(host = %name, ?client, caller = %caller, backend = dialed.addr, "mesh stream open")
+            info!(host = %name, client = client.map(tracing::field::display), caller = %caller, backend = %dialed.addr, "mesh stream open")
         }
-        None => debug!(host = %name, ?client, backend = dialed.addr, "stream open"),
+        None => {
+            debug!(host = %name, client = client.map(tracing::field::display), backend = %dialed.addr, "stream open")
+        }
     }
     let meter = Meter::new(limits.idle_timeout, dialed.counters);
     match splice::splice(

@@ -63,6 +63,10 @@ pub(crate) async fn drive(mut conn: Conn, close: impl Future<Output = &'static s
     tokio::select! {
         r = &mut conn => match r {
             Ok(()) => "closed by the agent".to_string(),
+            // An agent that stops drops its connection as soon as it has drained.
+            Err(e) if e.get_io().is_some_and(|io| crate::tunnel::is_gone(io.kind())) => {
+                format!("the agent went away ({e})")
+            }
             Err(e) => format!("connection failed: {e}"),
         },
         e = keepalive(ping) => e.to_string(),

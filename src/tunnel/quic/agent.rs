@@ -84,6 +84,7 @@ impl Conn {
                 self.moved = close.error_code == VarInt::from_u32(code::MOVING);
                 Ok(None)
             }
+            Err(e @ quinn::ConnectionError::Reset) => Err(TunnelError::Closed(e.to_string())),
             Err(e) => Err(TunnelError::Broken(e.to_string())),
         }
     }
@@ -154,7 +155,7 @@ pub(crate) async fn serve_stream<B: Backends>(
     let dialed = match backends.dial(dial).await {
         Ok(dialed) => dialed,
         Err(refusal) => {
-            warn!(host = %name, %client, status = refusal.status, reason = %refusal.reason, "stream refused");
+            warn!(host = %name, client = client_addr.map(tracing::field::display), status = refusal.status, reason = %refusal.reason, "stream refused");
             let answer = Answer {
                 status: refusal.status,
                 reason: refusal.reason,
@@ -169,9 +170,11 @@ pub(crate) async fn serve_stream<B: Backends>(
     }
     match &dialed.caller {
         Some(caller) => {
-            info!(host = %name, %client, caller = %caller, backend = dialed.addr, "mesh stream open")
+            info!(host = %name, client = client_addr.map(tracing::field::display), caller = %caller, backend = %dialed.addr, "mesh stream open")
         }
-        None => debug!(host = %name, %client, backend = dialed.addr, "stream open"),
+        None => {
+            debug!(host = %name, client = client_addr.map(tracing::field::display), backend = %dialed.addr, "stream open")
+        }
     }
     let meter = Meter::new(limits.idle_timeout, dialed.counters);
     match splice::splice(

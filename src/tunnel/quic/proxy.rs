@@ -287,6 +287,20 @@ pub(crate) fn refuse(conn: &quinn::Connection) {
     conn.close(VarInt::from_u32(code::CLOSED_BY_PROXY), b"refused");
 }
 
+/// Why a tunnel ended, for the log: an agent that closed it says why (stopping, or done
+/// draining).
+fn ended(e: quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            format!(
+                "closed by the agent: {}",
+                String::from_utf8_lossy(&c.reason)
+            )
+        }
+        e => e.to_string(),
+    }
+}
+
 /// Holds the tunnel until it closes or `close` completes (then it is closed with that
 /// reason). Control streams are read on their own tasks (the transport allows the agent
 /// two at once), so a slow one never holds up a revocation or a shutdown; on [`GOAWAY`]
@@ -302,7 +316,7 @@ pub(crate) async fn drive(
     let mut heads = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            e = conn.closed() => return e.to_string(),
+            e = conn.closed() => return ended(e),
             uni = conn.accept_uni() => match uni {
                 Ok(mut stream) => {
                     control.spawn(async move {
@@ -310,7 +324,7 @@ pub(crate) async fn drive(
                         matches!(read, Ok(Ok(ref msg)) if msg == GOAWAY)
                     });
                 }
-                Err(e) => return e.to_string(),
+                Err(e) => return ended(e),
             },
             // A mesh stream the agent opened: its header first (bounded), then it is the
             // proxy's to route.
@@ -337,7 +351,7 @@ pub(crate) async fn drive(
                         }
                     });
                 }
-                Err(e) => return e.to_string(),
+                Err(e) => return ended(e),
             },
             Some(_) = heads.join_next(), if !heads.is_empty() => {}
             Some(done) = control.join_next(), if !control.is_empty() => {
