@@ -6,6 +6,9 @@
 #   ip (Debian's `iproute2`):          network namespaces for the mesh across networks
 #   haproxy (Debian's `haproxy`):      a real load balancer in front of the proxies
 #   nginx, curl:                       a real backend and client for PROXY protocol tests
+#   systemd-analyze (Debian's `systemd`), deb-systemd-helper (`init-system-helpers`):
+#                                      verify the units; install the Debian package
+#                                      (scripts/package-test.sh; systemd need not run)
 # Safe to run again and from several processes at once (one installs, the others wait).
 # Needs root and Debian's package registry; prints what it does on stderr.
 set -euo pipefail
@@ -20,6 +23,8 @@ missing() {
     command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
     command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
     command -v curl >/dev/null 2>&1 || need+=(curl)
+    command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+    command -v deb-systemd-helper >/dev/null 2>&1 || need+=(init-system-helpers)
 }
 missing
 [ ${#need[@]} -eq 0 ] && exit 0

@@ -33,20 +33,54 @@ fn every_example_config_is_valid() {
     assert!(checked >= 2, "found {checked} example configs");
 }
 
+/// As installed (the Debian package's /etc/revproxy/proxy.toml), the example opens the agent
+/// port, HTTP on 80 and TLS on 443 and nothing else (no fixed port that a local service such
+/// as PostgreSQL may hold); its commented-out lines, uncommented, are valid and mean what
+/// they say.
 #[test]
 fn the_example_proxy_config_means_what_it_says() {
     let text = include_str!("../examples/proxy.toml");
     let config = ProxyConfig::from_toml(text).unwrap();
-    let listeners = config.listeners().unwrap();
-    assert_eq!(listeners.len(), 4);
+    config.validate().unwrap();
+    let ports = |config: &ProxyConfig| -> Vec<u16> {
+        let mut ports: Vec<u16> = (config.listeners().unwrap().iter())
+            .map(|(addr, _)| addr.port())
+            .collect();
+        ports.sort();
+        ports
+    };
+    assert_eq!(ports(&config), [80, 443]);
+    assert_eq!(config.agents.map(|a| a.port()), Some(7443));
+    assert!(config.routes().unwrap().is_empty());
+
+    // Every `# key = value` and `# [[table]]` line, uncommented.
+    let uncommented: String = (text.lines())
+        .map(|line| match line.strip_prefix("# ") {
+            Some(rest)
+                if rest.starts_with("[[")
+                    || rest.split_once(" = ").is_some_and(|(key, _)| {
+                        key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    }) =>
+            {
+                rest
+            }
+            _ => line,
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let config = ProxyConfig::from_toml(&uncommented).unwrap();
+    config.validate().unwrap();
+    assert_eq!(ports(&config), [80, 443, 2222, 15432]);
     assert_eq!(
         config.routes().unwrap(),
         [("legacy.example.com".to_string(), "10.0.0.7:443".to_string())]
     );
+    assert_eq!(config.state, Some(PathBuf::from("/var/lib/revproxy")));
 }
 
-/// The systemd units in `examples/systemd/` carry what the operations guide promises, and
-/// `systemd-analyze verify` (where installed) finds nothing wrong with them, not even a
+/// The systemd units in `examples/systemd/` carry what the operations guide promises (a
+/// fixed system user, so that operators run their commands as it on the service's state),
+/// and `systemd-analyze verify` (where installed) finds nothing wrong with them, not even a
 /// warning, once they point at the binaries this build made.
 #[test]
 fn systemd_units_verify() {
@@ -73,6 +107,17 @@ fn systemd_units_verify() {
             assert!(text.contains(key), "{unit} lacks {key}");
         }
         let name = unit.trim_end_matches(".service");
+        for key in [format!("\nUser={name}\n"), format!("\nGroup={name}\n")] {
+            assert!(text.contains(&key), "{unit} lacks {}", key.trim());
+        }
+        assert!(!text.contains("DynamicUser="), "{unit} has a dynamic user");
+        let users = include_str!("../examples/systemd/revproxy.sysusers");
+        assert!(
+            users
+                .lines()
+                .any(|l| l.split_whitespace().take(2).eq(["u", name])),
+            "revproxy.sysusers does not create the user {name}"
+        );
         let local = text.replace(&format!("/usr/local/bin/{name} "), &format!("{bin} "));
         assert_ne!(local, text, "{unit} starts /usr/local/bin/{name}");
         std::fs::write(out.path().join(unit), local).unwrap();
