@@ -173,7 +173,7 @@ pub(crate) async fn serve_stream<B: Backends>(
         }
         None => debug!(host = %name, %client, backend = dialed.addr, "stream open"),
     }
-    let meter = Meter::new(limits.idle_timeout, dialed.counters);
+    let meter = Meter::new(&limits, dialed.counters);
     match splice::splice(
         dialed.stream,
         send,
