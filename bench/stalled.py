@@ -78,8 +78,9 @@ def stalled_readers(port, pid, count, backend_port):
             s.sendall(b"GET /big HTTP/1.1\r\nHost: web.bench\r\n\r\n")
             socks.append(s)
         # Every reader at the backend (at most 30 s), then full once the proxy's RSS
-        # stopped growing for 5 s (filling 2,000 streams takes a while on 2 cores: the
-        # send timeout is 10 minutes here, so that none is reset meanwhile).
+        # stopped growing for 30 s (filling 2,000 streams takes a while on 2 cores, and
+        # nginx feeds them in bursts with pauses of several seconds: the send timeout is
+        # 10 minutes here, so that none is reset meanwhile).
         deadline = time.time() + 30
         while run.established(backend_port) < count and time.time() < deadline:
             time.sleep(0.2)
@@ -89,7 +90,7 @@ def stalled_readers(port, pid, count, backend_port):
             now = run.rss_kib(pid)
             if abs(now - last) > 1024:
                 last, still = now, time.time()
-            elif time.time() - still > 5:
+            elif time.time() - still > 30:
                 break
             time.sleep(0.2)
         else:

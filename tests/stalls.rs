@@ -152,6 +152,86 @@ async fn stalled_uploads_leave_the_other_streams_moving(t: Transport) {
     a_transfer_still_moves(proxy).await;
 }
 
+/// Stalled downloads pin little at the proxy: as streams multiply, the windows narrow so
+/// that all of them together stay near the budget (bytes granted before a narrowing stay
+/// granted), and no stream is ended for it. What the proxy holds is measured from both
+/// ends: the bytes the agent read from the backend (and sent up the tunnel, less at most a
+/// read it still holds) less those the proxy wrote to its clients' sockets.
+///
+/// h2 only: quinn fixes a QUIC stream's window when its tunnel starts, so a stalled QUIC
+/// stream holds its full window until the send timeout or the minimum-progress rule cuts
+/// it (`tunnel/pump.rs`).
+#[tokio::test]
+async fn h2_stalled_downloads_pin_little_beyond_the_budget() {
+    let t = Transport::H2;
+    const BUDGET: u64 = 8 * 1024 * 1024;
+    let (proxy_admin, proxy_admin_addr) = local_listener();
+    let (agent_admin, agent_admin_addr) = local_listener();
+    // Stalled for as long as the test takes: the minimum-progress rule is tested below.
+    let patient = Duration::from_secs(600);
+    let s = setup(
+        t,
+        |b| (b.stream_buffer_budget(BUDGET).admin_listener(proxy_admin)).send_timeout(patient),
+        |b| b.admin_listener(agent_admin),
+    )
+    .await;
+    let (proxy, written) = (&s.proxy, &s.written);
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut tcp = socket.connect(proxy.http).await.unwrap();
+        tcp.write_all(&http_head("big.example.com")).await.unwrap();
+        stalled.push(tcp); // not read, for now
+    }
+    until_still(written).await;
+    let (_, proxy_metrics) = admin_get(proxy_admin_addr, "/metrics").await;
+    let (_, agent_metrics) = admin_get(agent_admin_addr, "/metrics").await;
+    let host = r#"host="big.example.com""#;
+    let to_clients = sample(&proxy_metrics, "revproxy_sent_bytes_total", host).unwrap();
+    let service = r#"service="big.example.com""#;
+    let up_tunnel = sample(
+        &agent_metrics,
+        "revproxy_agent_received_bytes_total",
+        service,
+    )
+    .unwrap();
+    let held = (up_tunnel - to_clients) / STALLED as f64;
+    let window = sample(&proxy_metrics, "revproxy_stream_window_bytes", "").unwrap();
+    eprintln!("{t:?}: {held:.0} bytes held per stalled stream, windows now {window}");
+    // 40 streams at full windows would need 80 MiB: the windows narrowed to the floor.
+    assert_eq!(window, 64.0 * 1024.0, "the windows did not narrow");
+    assert_eq!(
+        sample(&proxy_metrics, "revproxy_receiving_streams", "").unwrap(),
+        STALLED as f64
+    );
+    // About twice the budget over 40 streams (0.4 MiB each) and the agent's last read
+    // (up to 512 KiB on h2); the full windows of main were more than 2 MiB each.
+    assert!(
+        held < 1024.0 * 1024.0,
+        "{held:.0} bytes held per stalled stream: the budget did not bound them"
+    );
+    // The budget is spent, and another client still gets its transfer.
+    a_transfer_still_moves(proxy).await;
+    // No stalled stream was ended: each goes on once its client reads again, with the
+    // backend's bytes in order.
+    let chunk = pattern(64 * 1024, 7);
+    for tcp in &mut stalled {
+        let mut got = vec![0u8; 3 * 1024 * 1024];
+        tokio::time::timeout(Duration::from_secs(20), tcp.read_exact(&mut got))
+            .await
+            .expect("a stalled stream did not move again")
+            .expect("a stalled stream was ended");
+        // The firehose writes its chunk over and over from the first byte.
+        for (i, part) in got.chunks(chunk.len()).enumerate() {
+            assert!(
+                part == &chunk[..part.len()],
+                "chunk {i} of a resumed stream differs"
+            );
+        }
+    }
+}
+
 /// The proxy resets a stream whose client accepted nothing for the send timeout, and
 /// closes the client; the agent does the same for a backend that stops reading.
 async fn a_stream_nobody_reads_is_reset_after_the_send_timeout(t: Transport) {

@@ -198,7 +198,7 @@ impl Listeners {
             self.up.clone(),
             self.server.clone(),
             self.identity.clone(),
-            self.limits,
+            self.limits.clone(),
             accepting.clone(),
             self.stop.clone(),
         ));
@@ -336,12 +336,13 @@ async fn accept_loop(
             continue;
         }
         let _ = tcp.set_nodelay(true);
-        let (name, status, up, server, identity) = (
+        let (name, status, up, server, identity, limits) = (
             name.clone(),
             status.clone(),
             up.clone(),
             server.clone(),
             identity.clone(),
+            limits.clone(),
         );
         streams.spawn(async move {
             let failed = |why: String| {

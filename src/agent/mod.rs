@@ -447,7 +447,7 @@ impl Agent {
             self.ctx.up.clone(),
             self.ctx.server.clone(),
             self.identity.subscribe(),
-            self.ctx.stream_limits,
+            self.ctx.stream_limits.clone(),
             stop.clone(),
             self.connect_reloads.1,
         );

@@ -165,7 +165,7 @@ impl Session {
             self.retire.clone(),
             self.moving,
             self.ctx.drain_grace,
-            self.ctx.stream_limits,
+            self.ctx.stream_limits.clone(),
         );
         tokio::pin!(serve);
         let mut retiring = false;

@@ -14,10 +14,12 @@ use serde::{Deserialize, Deserializer};
 
 pub use crate::tunnel::Transport;
 pub use duration::{parse_duration, DurationError};
+pub use size::{parse_size, SizeError};
 
 use crate::route::{ListenerKind, Target};
 
 mod duration;
+mod size;
 
 /// A configuration file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +70,10 @@ pub struct ProxyConfig {
     pub max_connections_per_source: Option<usize>,
     /// Most handshakes one source address may have under way on the agent port.
     pub max_handshakes_per_source: Option<usize>,
+    /// What all client streams together may hold of bytes read ahead of slow clients,
+    /// e.g. "512MiB" (default: a sixteenth of memory, 64 MiB to 1 GiB).
+    #[serde(default, deserialize_with = "size")]
+    pub stream_buffer_budget: Option<u64>,
     /// Time open connections get to finish on shutdown, e.g. "10s".
     #[serde(default, deserialize_with = "duration")]
     pub shutdown_grace: Option<Duration>,
@@ -490,6 +496,12 @@ fn error_key(error: &toml::de::Error) -> Option<String> {
     (!key.is_empty()).then(|| key.to_string())
 }
 
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let text = Option::<String>::deserialize(d)?;
+    text.map(|t| parse_size(&t).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let text = Option::<String>::deserialize(d)?;
     text.map(|t| parse_duration(&t).map_err(serde::de::Error::custom))
@@ -514,6 +526,12 @@ mod tests {
             ProxyConfig::from_toml("[[route]]\nhost = \"a.example.com\"\nto = \"b.example.com\"")
                 .unwrap();
         assert!(route.validate().is_err());
+        assert!(ProxyConfig::from_toml("stream_buffer_budget = \"lots\"").is_err());
+        assert_eq!(
+            (ProxyConfig::from_toml("stream_buffer_budget = \"64MiB\"").unwrap())
+                .stream_buffer_budget,
+            Some(64 << 20)
+        );
         for zero in ["send_timeout = \"0s\"", "max_tunnels_per_agent = 0"] {
             assert!(
                 ProxyConfig::from_toml(zero).unwrap().validate().is_err(),

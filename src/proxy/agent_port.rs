@@ -476,7 +476,8 @@ async fn hold(
             tunnel.tell_moving().await;
         }))
     };
-    let reason = conn.drive(close, retire, on_upward).await;
+    let budget = shared.settings().stream_limits.budget.clone();
+    let reason = conn.drive(close, retire, on_upward, &budget).await;
     shared.registry.remove(id);
     // After an upgrade every tunnel here ends because its agent moved.
     let moved = shared.moving.is_fired().then_some("upgrade");

@@ -30,6 +30,7 @@ pub struct ProxyBuilder {
     enroll_failure_window: Duration,
     peek_timeout: Duration,
     stream_limits: tunnel::StreamLimits,
+    stream_buffer_budget: Option<u64>,
     max_tunnels_per_agent: usize,
     max_connections_per_source: usize,
     max_handshakes_per_source: usize,
@@ -70,6 +71,7 @@ impl ProxyBuilder {
             enroll_failure_window: ratelimit::DEFAULT_WINDOW,
             peek_timeout: PEEK_TIMEOUT,
             stream_limits: tunnel::StreamLimits::default(),
+            stream_buffer_budget: None,
             max_tunnels_per_agent: MAX_TUNNELS_PER_AGENT,
             max_connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
             max_handshakes_per_source: MAX_HANDSHAKES_PER_SOURCE,
@@ -209,6 +211,14 @@ impl ProxyBuilder {
         self
     }
 
+    /// What all streams together may hold of bytes their clients have not taken yet
+    /// (default: a sixteenth of memory, between 64 MiB and 1 GiB). Kept by narrowing the
+    /// streams' windows as they multiply; it ends no stream.
+    pub fn stream_buffer_budget(mut self, bytes: u64) -> Self {
+        self.stream_buffer_budget = Some(bytes);
+        self
+    }
+
     /// Most public connections one source address may hold at once
     /// ([`MAX_CONNECTIONS_PER_SOURCE`]).
     pub fn max_connections_per_source(mut self, max: usize) -> Self {
@@ -245,7 +255,7 @@ impl ProxyBuilder {
     }
 
     /// Opens the CA and prepares TLS. Nothing is accepted until [`Proxy::run`].
-    pub fn build(self) -> Result<Proxy, ProxyError> {
+    pub fn build(mut self) -> Result<Proxy, ProxyError> {
         let agents = self.agents.ok_or(ProxyError::NoAgentListener)?;
         let routes = checked_routes(self.routes)?;
         let advertise = match self.advertise {
@@ -348,6 +358,9 @@ impl ProxyBuilder {
             "connection caps"
         );
         let metrics = Arc::new(metrics::ProxyMetrics::new());
+        // Shown as revproxy_stream_buffer_budget_bytes; each window change is logged.
+        let budget = (self.stream_buffer_budget).unwrap_or_else(tunnel::default_budget);
+        self.stream_limits.budget = Arc::new(metrics.stream_buffer_budget(budget));
         metrics.ensure_reloads();
         let (reloader, reloads) = tokio::sync::mpsc::channel(1);
         Ok(Proxy {

@@ -327,6 +327,9 @@ pub(super) async fn serve_upward(
         return down.reset();
     }
     shared.metrics.mesh("ok");
+    // Both streams receive here (from the caller and from the serving agent).
+    let budget = shared.settings().stream_limits.budget.clone();
+    let _receiving = (budget.receiving(), budget.receiving());
     info!(caller = %caller.identity, agent = %serving, host = %name, %client, "mesh stream open");
     // The caller is the client: what it sends is received, what it gets is sent.
     let counters = shared.metrics.mesh_stream(&pattern);

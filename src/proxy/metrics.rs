@@ -85,6 +85,9 @@ pub(super) struct ProxyMetrics {
     store_last_ok: IntGauge,
     store_checks: IntCounterVec,
     store_went_back: IntCounter,
+    stream_window: IntGauge,
+    receiving_streams: IntGauge,
+    stream_buffer_budget: IntGauge,
     /// Held while the scrape-time gauges are rebuilt and encoded.
     rendering: std::sync::Mutex<()>,
 }
@@ -137,7 +140,22 @@ impl ProxyMetrics {
         .expect("valid metric");
         r.register(Box::new(store_went_back.clone()))
             .expect("registered once");
+        let stream_window = new_gauge(
+            "revproxy_stream_window_bytes",
+            "The receive window each stream gets from the agent: 2 MiB, or narrower so that all streams at once fit the stream buffer budget.",
+        );
+        let receiving_streams = new_gauge(
+            "revproxy_receiving_streams",
+            "Streams receiving from tunnels (client and mesh), which share the stream buffer budget.",
+        );
+        let stream_buffer_budget = new_gauge(
+            "revproxy_stream_buffer_budget_bytes",
+            "The stream buffer budget (stream_buffer_budget): what all streams may hold at once.",
+        );
         ProxyMetrics {
+            stream_window,
+            receiving_streams,
+            stream_buffer_budget,
             store_up,
             store_last_ok,
             store_went_back,
@@ -254,6 +272,16 @@ impl ProxyMetrics {
             registry,
             rendering: std::sync::Mutex::new(()),
         }
+    }
+
+    /// The stream buffer budget of `limit` bytes, counted into these metrics.
+    pub(super) fn stream_buffer_budget(&self, limit: u64) -> crate::tunnel::Budget {
+        (self.stream_buffer_budget).set(i64::try_from(limit).unwrap_or(i64::MAX));
+        let gauges = crate::tunnel::Gauges {
+            window: self.stream_window.clone(),
+            streams: self.receiving_streams.clone(),
+        };
+        crate::tunnel::Budget::new(limit, Some(gauges))
     }
 
     pub(super) fn accepted(&self, listener: &str) -> IntCounter {

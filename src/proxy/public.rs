@@ -458,7 +458,7 @@ async fn dispatch(shared: &Arc<Shared>, mut tcp: TcpStream, routed: Routed, acce
                 let counters = metrics.routed(pattern);
                 // The peeked bytes went out with the open request.
                 counters.read(peeked.len());
-                let limits = settings.stream_limits;
+                let limits = settings.stream_limits.clone();
                 // Spliced where the tunnel runs, so that the client's bytes and the
                 // tunnel's frames never wake a task on another thread. (On the tunnel's
                 // lane already, the connection was counted in its load when it came.)

@@ -335,6 +335,8 @@ impl PublicListeners {
             stream_limits: StreamLimits {
                 send_timeout: reload.send_timeout,
                 idle_timeout: reload.idle_timeout,
+                // Sized at start: streams under way hold charges against it.
+                budget: old.stream_limits.budget.clone(),
             },
             trusted_proxies: reload.trusted_proxies,
             static_proxy_protocol: reload.static_proxy_protocol.into_iter().collect(),

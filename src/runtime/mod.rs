@@ -8,6 +8,7 @@ pub mod handover;
 pub(crate) mod http1;
 pub(crate) mod lanes;
 pub mod logging;
+pub(crate) mod memory;
 pub(crate) mod notify;
 pub(crate) mod shutdown;
 

@@ -247,12 +247,12 @@ impl AgentConn {
                             moving.fire();
                         } else {
                             let span = tracing::debug_span!("stream");
-                            streams.spawn(with_subscriber(h2::agent::serve_stream(backends.clone(), s, limits).instrument(span)));
+                            streams.spawn(with_subscriber(h2::agent::serve_stream(backends.clone(), s, limits.clone()).instrument(span)));
                         }
                     }
                     Ok(Some(Incoming::Quic(s))) => {
                         let span = tracing::debug_span!("stream");
-                        streams.spawn(with_subscriber(quic::agent::serve_stream(backends.clone(), s, limits).instrument(span)));
+                        streams.spawn(with_subscriber(quic::agent::serve_stream(backends.clone(), s, limits.clone()).instrument(span)));
                     }
                     // The proxy closed the tunnel, or a graceful shutdown completed.
                     Ok(None) => {

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::HANDSHAKE_TIMEOUT;
-use super::{duplex, h2, quic, Kind, Meter, StreamCounters, StreamLimits, Upward};
+use super::{duplex, h2, quic, Budget, Kind, Meter, StreamCounters, StreamLimits, Upward};
 
 /// What the proxy asks of an agent for one client connection.
 pub(crate) struct OpenRequest<'a> {
@@ -184,7 +184,7 @@ impl TunnelStream {
         limits: StreamLimits,
         counters: StreamCounters,
     ) -> Moved {
-        let meter = Meter::new(limits.idle_timeout, counters);
+        let meter = Meter::new(&limits, counters);
         let result = match self {
             TunnelStream::H2(send, recv) => {
                 h2::splice::splice(tcp, send, recv, limits.send_timeout, &meter).await
@@ -218,16 +218,20 @@ impl ProxyConn {
     /// A QUIC agent opens its mesh streams on the tunnel itself; each is handed to
     /// `upward` once its header arrived (an h2 agent uses a mesh channel instead:
     /// [`serve_mesh_channel`]).
+    ///
+    /// An h2 tunnel's streams get the window `budget` gives ([`Budget`]); quinn fixes a
+    /// QUIC stream's window when its tunnel starts, so a QUIC tunnel keeps full windows.
     pub(crate) async fn drive(
         self,
         close: impl Future<Output = &'static str>,
         retire: impl Fn(),
         upward: Arc<dyn Fn(Upward) + Send + Sync>,
+        budget: &Budget,
     ) -> String {
         match self {
             // An h2 agent retires a tunnel with GOAWAY, which the proxy learns from the
             // next stream it tries to open there.
-            ProxyConn::H2(conn) => h2::proxy::drive(*conn, close).await,
+            ProxyConn::H2(conn) => h2::proxy::drive(*conn, close, budget.watch()).await,
             ProxyConn::Quic(conn) => quic::proxy::drive(conn, close, retire, upward).await,
         }
     }

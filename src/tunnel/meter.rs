@@ -1,25 +1,31 @@
 //! Stream metering: the limits that bound one stream's sockets, the counters it moves
 //! bytes into (metrics), and the idle clock. No I/O of its own beyond wrapping a socket.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::SEND_TIMEOUT;
+use super::{Budget, Receiving, SEND_TIMEOUT};
 
 /// What bounds the sockets of one stream, from the proxy's or the agent's configuration.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct StreamLimits {
     /// A socket that accepts no byte this long: the stream is reset ([`SEND_TIMEOUT`]).
     pub(crate) send_timeout: Duration,
     /// No byte either way this long: the stream is closed. Off unless configured: an idle
     /// SSH or database session is not a fault.
     pub(crate) idle_timeout: Option<Duration>,
+    /// What all streams of the process may hold ([`Budget`]); each stream counts in it
+    /// while its [`Meter`] lives.
+    pub(crate) budget: Arc<Budget>,
 }
 
 impl Default for StreamLimits {
+    /// The agent's: no budget, its streams keep the full window ([`super::STREAM_WINDOW`]).
     fn default() -> Self {
         StreamLimits {
             send_timeout: SEND_TIMEOUT,
             idle_timeout: None,
+            budget: Arc::new(Budget::unlimited()),
         }
     }
 }
@@ -144,6 +150,8 @@ impl Drop for StreamCounters {
 /// chunk, and nothing at all when no idle timeout is set).
 pub(crate) struct Meter {
     limit: Option<Duration>,
+    /// The stream's place in the budget, given back as the meter drops.
+    _receiving: Receiving,
     start: tokio::time::Instant,
     /// Milliseconds from `start` to the last byte moved.
     last: std::sync::atomic::AtomicU64,
@@ -154,9 +162,11 @@ pub(crate) struct Meter {
 }
 
 impl Meter {
-    pub(crate) fn new(limit: Option<Duration>, counters: StreamCounters) -> Meter {
+    /// A meter for a stream under `limits`.
+    pub(crate) fn new(limits: &StreamLimits, counters: StreamCounters) -> Meter {
         Meter {
-            limit,
+            limit: limits.idle_timeout,
+            _receiving: limits.budget.receiving(),
             start: tokio::time::Instant::now(),
             last: std::sync::atomic::AtomicU64::new(0),
             counters,

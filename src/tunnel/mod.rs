@@ -13,6 +13,7 @@
 //! after the bytes were written onward, so a reader that stops holds back its own stream.
 
 mod agent_end;
+mod budget;
 mod choice;
 pub(crate) mod duplex;
 pub(crate) mod h2;
@@ -30,12 +31,13 @@ pub(crate) use agent_end::{
     client_field, connect, is_gone, parse_client_field, AgentConn, Backends, ConnectError,
     DialRequest, Dialed, Refusal, TunnelError,
 };
+pub(crate) use budget::{default_budget, Budget, Gauges, Receiving};
 pub(crate) use choice::Choice;
 pub(crate) use link::{
     accept_h2, accept_quic, Link, OpenError, OpenRequest, ProxyConn, TunnelStream,
 };
 pub(crate) use meter::{Counted, Meter, StreamCounters, StreamLimits};
-pub(crate) use pump::{both_ways, read_some, reset, reset_whole, within, write_all_within};
+pub(crate) use pump::{both_ways, read_some, reset, reset_whole, Progress};
 pub(crate) use upward::{connect_mesh_channel, serve_mesh_channel, Upward};
 
 /// Longest time a tunnel handshake may take on the proxy's side, per step: TLS on the agent

@@ -82,35 +82,178 @@ pub(crate) fn reset(rd: tokio::net::tcp::OwnedReadHalf, wr: tokio::net::tcp::Own
     }
 }
 
-/// Runs one socket write, failing with `TimedOut` if it makes no progress within
-/// `timeout` (the send timeout: the reader accepts nothing).
-pub(crate) async fn within<T>(
-    timeout: Duration,
-    write: impl Future<Output = std::io::Result<T>>,
-) -> std::io::Result<T> {
-    tokio::time::timeout(timeout, write)
-        .await
-        .unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("the reader accepted nothing for {timeout:?}"),
-            ))
-        })
+/// What a reader must take per send timeout while bytes wait for it (the
+/// minimum-progress rule, [`Progress`]): 64 KiB, about 1 KiB/s at the default 60 s.
+pub(crate) const MIN_PROGRESS: u64 = 64 * 1024;
+
+/// The deadlines of a stream's writes toward its socket. A write that takes no byte for
+/// the send timeout fails, and so does a reader that takes fewer than [`MIN_PROGRESS`]
+/// bytes in any send timeout during which bytes waited for it all along: one that reads a
+/// byte a minute would otherwise hold its stream's window for good. The clock runs only
+/// while bytes wait ([`Progress::caught_up`] stops it), so an interactive stream that
+/// sends a little now and then is never cut.
+pub(crate) struct Progress {
+    send_timeout: Duration,
+    /// When the current span began: bytes have waited for the socket since.
+    since: Option<tokio::time::Instant>,
+    /// Bytes the socket took in the current span.
+    taken: u64,
 }
 
-/// Writes all of `buf`, failing if the socket accepts no byte for `timeout`.
-pub(crate) async fn write_all_within(
-    wr: &mut tokio::net::tcp::OwnedWriteHalf,
-    mut buf: &[u8],
-    timeout: Duration,
-) -> std::io::Result<()> {
-    use tokio::io::AsyncWriteExt;
-    while !buf.is_empty() {
-        let n = within(timeout, wr.write(buf)).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
+impl Progress {
+    pub(crate) fn new(send_timeout: Duration) -> Progress {
+        Progress {
+            send_timeout,
+            since: None,
+            taken: 0,
         }
-        buf = &buf[n..];
     }
-    Ok(())
+
+    /// Nothing waits for the socket: the clock stops until the next write.
+    pub(crate) fn caught_up(&mut self) {
+        self.since = None;
+        self.taken = 0;
+    }
+
+    /// Awaits `next` (the next bytes for the socket); if they are not there at once, the
+    /// socket has caught up.
+    pub(crate) async fn next<T>(&mut self, next: impl Future<Output = T>) -> T {
+        tokio::pin!(next);
+        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(next.as_mut().poll(cx)));
+        if let std::task::Poll::Ready(out) = first.await {
+            return out;
+        }
+        self.caught_up();
+        next.await
+    }
+
+    /// Runs one socket write under both rules; returns the bytes it took.
+    pub(crate) async fn write(
+        &mut self,
+        write: impl Future<Output = std::io::Result<usize>>,
+    ) -> std::io::Result<usize> {
+        let now = tokio::time::Instant::now();
+        let stalled_at = now + self.send_timeout;
+        let since = *self.since.get_or_insert(now);
+        self.check(since, now)?;
+        tokio::pin!(write);
+        loop {
+            let span_end = self.since.unwrap_or(now) + self.send_timeout;
+            tokio::select! {
+                written = &mut write => {
+                    let n = written?;
+                    self.taken += n as u64;
+                    return Ok(n);
+                }
+                () = tokio::time::sleep_until(span_end.min(stalled_at)) => {
+                    let now = tokio::time::Instant::now();
+                    if now >= stalled_at {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("the reader accepted nothing for {:?}", self.send_timeout),
+                        ));
+                    }
+                    self.check(self.since.unwrap_or(now), now)?;
+                }
+            }
+        }
+    }
+
+    /// At the end of a span (`since` + send timeout, by `now`): fails if the reader took
+    /// too little in it, else starts the next span.
+    fn check(
+        &mut self,
+        since: tokio::time::Instant,
+        now: tokio::time::Instant,
+    ) -> std::io::Result<()> {
+        if now < since + self.send_timeout {
+            return Ok(());
+        }
+        if self.taken < MIN_PROGRESS {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the reader took {} bytes in {:?} while more waited (at least {} KiB are due)",
+                    self.taken,
+                    self.send_timeout,
+                    MIN_PROGRESS / 1024
+                ),
+            ));
+        }
+        self.since = Some(now);
+        self.taken = 0;
+        Ok(())
+    }
+
+    /// Writes all of `buf` (see [`Progress::write`]).
+    pub(crate) async fn write_all(
+        &mut self,
+        wr: &mut tokio::net::tcp::OwnedWriteHalf,
+        mut buf: &[u8],
+    ) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        while !buf.is_empty() {
+            let n = self.write(wr.write(buf)).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            buf = &buf[n..];
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    /// A write that takes `n` bytes after `after`.
+    async fn takes(n: usize, after: Duration) -> io::Result<usize> {
+        tokio::time::sleep(after).await;
+        Ok(n)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_takes_a_trickle_is_cut_after_one_send_timeout() {
+        let timeout = Duration::from_secs(60);
+        let mut progress = Progress::new(timeout);
+        let start = tokio::time::Instant::now();
+        // A KiB every 10 s: each write makes progress well within the send timeout.
+        let cut = loop {
+            if let Err(e) = progress.write(takes(1024, Duration::from_secs(10))).await {
+                break e;
+            }
+        };
+        assert_eq!(cut.kind(), io::ErrorKind::TimedOut);
+        assert!(cut.to_string().contains("took 6144 bytes in 60s"), "{cut}");
+        assert_eq!(start.elapsed(), timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_keeps_up_or_catches_up_is_not() {
+        let timeout = Duration::from_secs(60);
+        let mut progress = Progress::new(timeout);
+        // 16 KiB every 10 s: 96 KiB per send timeout, for ten of them.
+        for _ in 0..60 {
+            progress
+                .write(takes(16 * 1024, Duration::from_secs(10)))
+                .await
+                .unwrap();
+        }
+        // A trickle, but the reader catches up in between (nothing waits): never cut.
+        for _ in 0..60 {
+            progress
+                .write(takes(1024, Duration::from_secs(10)))
+                .await
+                .unwrap();
+            progress.caught_up();
+        }
+        // A write that takes nothing for the send timeout fails as before.
+        let stuck = progress.write(std::future::pending()).await.unwrap_err();
+        assert!(
+            stuck.to_string().contains("accepted nothing for 60s"),
+            "{stuck}"
+        );
+    }
 }

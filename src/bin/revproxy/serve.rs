@@ -193,6 +193,9 @@ impl ServeArgs {
             if let Some(max) = config.max_handshakes_per_source {
                 builder = builder.max_handshakes_per_source(max);
             }
+            if let Some(bytes) = config.stream_buffer_budget {
+                builder = builder.stream_buffer_budget(bytes);
+            }
             if let Some(g) = config.shutdown_grace {
                 builder = builder.shutdown_grace(g);
             }

@@ -3,11 +3,13 @@
 //! until it ends, and opens one `CONNECT` stream per routed client.
 
 use std::future::Future;
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
+use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 
 use super::gather::Gathered;
@@ -56,21 +58,52 @@ pub(crate) async fn handshake(
     }
 }
 
+/// How soon a window change is tried again while the agent has not acknowledged the
+/// previous one (HTTP/2 allows one unacknowledged SETTINGS at a time here).
+const SETTINGS_RETRY: Duration = Duration::from_millis(50);
+
 /// Drives the connection until the agent closes it, it stops answering PINGs, or `close`
 /// completes (then the connection is dropped, which closes it). Returns why it ended.
-pub(crate) async fn drive(mut conn: Conn, close: impl Future<Output = &'static str>) -> String {
+///
+/// Its streams' receive window follows `window` (the proxy's stream buffer budget): each
+/// change is sent as `SETTINGS_INITIAL_WINDOW_SIZE`, which moves the window of every open
+/// stream too.
+pub(crate) async fn drive(
+    mut conn: Conn,
+    close: impl Future<Output = &'static str>,
+    mut window: watch::Receiver<u32>,
+) -> String {
     let ping = conn.ping_pong().expect("ping_pong is taken once");
-    tokio::select! {
-        r = &mut conn => match r {
-            Ok(()) => "closed by the agent".to_string(),
-            // An agent that stops drops its connection as soon as it has drained.
-            Err(e) if e.get_io().is_some_and(|io| crate::tunnel::is_gone(io.kind())) => {
-                format!("the agent went away ({e})")
+    let keepalive = keepalive(ping);
+    tokio::pin!(close, keepalive);
+    let mut applied = super::STREAM_WINDOW;
+    let (mut follow, mut pending) = (true, *window.borrow() != applied);
+    loop {
+        tokio::select! {
+            r = &mut conn => return match r {
+                Ok(()) => "closed by the agent".to_string(),
+                // An agent that stops drops its connection as soon as it has drained.
+                Err(e) if e.get_io().is_some_and(|io| crate::tunnel::is_gone(io.kind())) => {
+                    format!("the agent went away ({e})")
+                }
+                Err(e) => format!("connection failed: {e}"),
+            },
+            e = &mut keepalive => return e.to_string(),
+            reason = &mut close => return reason.to_string(),
+            changed = window.changed(), if follow => {
+                follow = changed.is_ok();
+                pending = true;
             }
-            Err(e) => format!("connection failed: {e}"),
-        },
-        e = keepalive(ping) => e.to_string(),
-        reason = close => reason.to_string(),
+            () = tokio::time::sleep(SETTINGS_RETRY), if pending => {}
+        }
+        if pending {
+            let want = *window.borrow_and_update();
+            // Refused only while the previous change is unacknowledged: tried again soon.
+            if want == applied || conn.set_initial_window_size(want).is_ok() {
+                applied = want;
+                pending = false;
+            }
+        }
     }
 }
 

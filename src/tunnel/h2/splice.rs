@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::h2_io;
-use crate::tunnel::{read_some, within, Meter};
+use crate::tunnel::{read_some, Meter, Progress};
 
 /// Bytes read from a socket per step. Only allocated once the socket is readable, so an
 /// idle stream holds no buffer. Large reads mean fewer wakeups of the connection task per
@@ -100,8 +100,9 @@ pub(crate) async fn stream_to_socket(
     let mut total = 0u64;
     let mut batch: Vec<Bytes> = Vec::new();
     let mut ended = false;
+    let mut progress = Progress::new(send_timeout);
     while !ended {
-        match recv.data().await {
+        match progress.next(recv.data()).await {
             Some(chunk) => batch.push(chunk.map_err(h2_io)?),
             None => break,
         }
@@ -120,7 +121,7 @@ pub(crate) async fn stream_to_socket(
                 Poll::Pending => break,
             }
         }
-        write_all_vectored(wr, &batch, send_timeout, meter).await?;
+        write_all_vectored(wr, &batch, &mut progress, meter).await?;
         batch.clear();
         total += size as u64;
         recv.flow_control().release_capacity(size).map_err(h2_io)?;
@@ -137,7 +138,7 @@ pub(crate) const WRITE_BATCH: usize = 256 * 1024;
 async fn write_all_vectored(
     wr: &mut OwnedWriteHalf,
     chunks: &[Bytes],
-    send_timeout: Duration,
+    progress: &mut Progress,
     meter: &Meter,
 ) -> io::Result<()> {
     // An empty DATA frame (a bare END_STREAM) yields an empty chunk: nothing to write.
@@ -148,7 +149,7 @@ async fn write_all_vectored(
         .collect();
     let mut slices = &mut slices[..];
     while !slices.is_empty() {
-        let n = within(send_timeout, wr.write_vectored(slices)).await?;
+        let n = progress.write(wr.write_vectored(slices)).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }

@@ -176,7 +176,7 @@ pub(crate) async fn serve_stream<B: Backends>(
             debug!(host = %name, client = client_addr.map(tracing::field::display), backend = %dialed.addr, "stream open")
         }
     }
-    let meter = Meter::new(limits.idle_timeout, dialed.counters);
+    let meter = Meter::new(&limits, dialed.counters);
     match splice::splice(
         dialed.stream,
         send,

@@ -9,7 +9,7 @@ use quinn::{RecvStream, VarInt};
 use tokio::io::AsyncWriteExt;
 
 use super::{code, Unfinished, IDLE_TIMEOUT};
-use crate::tunnel::{read_some, write_all_within, Meter};
+use crate::tunnel::{read_some, Meter, Progress};
 
 /// Bytes read from a TCP socket per step, handed to quinn without another copy.
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
@@ -55,13 +55,14 @@ pub(crate) async fn splice(
     };
     let down = async {
         let mut total = first.len() as u64;
-        write_all_within(&mut wr, &first, send_timeout).await?;
+        let mut progress = Progress::new(send_timeout);
+        progress.write_all(&mut wr, &first).await?;
         meter.written(first.len());
         loop {
-            match recv.read_chunk(usize::MAX, true).await {
+            match progress.next(recv.read_chunk(usize::MAX, true)).await {
                 Ok(Some(chunk)) => {
                     total += chunk.bytes.len() as u64;
-                    write_all_within(&mut wr, &chunk.bytes, send_timeout).await?;
+                    progress.write_all(&mut wr, &chunk.bytes).await?;
                     meter.written(chunk.bytes.len());
                 }
                 Ok(None) => {
