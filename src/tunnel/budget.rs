@@ -135,9 +135,9 @@ impl Budget {
             }
             info!(
                 streams,
-                budget_mib = self.limit >> 20,
-                window_kib = now / 1024,
-                was_kib = was / 1024,
+                budget = format_args!("{}MiB", self.limit >> 20),
+                window = format_args!("{}KiB", now / 1024),
+                was = format_args!("{}KiB", was / 1024),
                 "stream windows {} to fit the stream buffer budget",
                 if now < was { "narrowed" } else { "widened" },
             );
