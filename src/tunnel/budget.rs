@@ -20,10 +20,9 @@
 //! budget's share but keep their full window, and what bounds a stalled one is the
 //! minimum-progress rule (`pump.rs`), which cuts it after one send timeout.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::watch;
 use tracing::info;
 
 use super::STREAM_WINDOW;
@@ -50,7 +49,8 @@ pub(crate) struct Budget {
     limit: u64,
     /// Streams receiving from tunnels now.
     streams: AtomicU64,
-    window: watch::Sender<u32>,
+    /// The window each stream gets now; tunnels read it as they wake (see h2's `drive`).
+    window: AtomicU32,
     gauges: Option<Gauges>,
 }
 
@@ -70,7 +70,7 @@ impl Budget {
         Budget {
             limit,
             streams: AtomicU64::new(0),
-            window: watch::Sender::new(STREAM_WINDOW),
+            window: AtomicU32::new(STREAM_WINDOW),
             gauges,
         }
     }
@@ -80,15 +80,10 @@ impl Budget {
         Budget::new(u64::MAX, None)
     }
 
-    /// The window each stream gets now.
-    #[cfg(test)]
+    /// The window each stream gets now: one atomic load, cheap enough for a tunnel to
+    /// check each time it wakes.
     pub(crate) fn window(&self) -> u32 {
-        *self.window.borrow()
-    }
-
-    /// Follows the window as it changes (a tunnel applies it).
-    pub(crate) fn watch(&self) -> watch::Receiver<u32> {
-        self.window.subscribe()
+        self.window.load(Ordering::Relaxed)
     }
 
     /// Counts a stream that receives from a tunnel until the returned guard drops.
@@ -109,9 +104,8 @@ impl Budget {
         let fits = |w: u32, num: u64, den: u64| {
             streams.saturating_mul(u64::from(w)) <= self.limit / den * num
         };
-        let mut changed = None;
-        self.window.send_if_modified(|now| {
-            let next = if !fits(*now, 1, 2) {
+        let next = |now: u32| {
+            let next = if !fits(now, 1, 2) {
                 WINDOWS
                     .into_iter()
                     .find(|&w| fits(w, 1, 2))
@@ -119,16 +113,15 @@ impl Budget {
             } else {
                 WINDOWS
                     .into_iter()
-                    .find(|&w| w <= *now || fits(w, 3, 8))
-                    .unwrap_or(*now)
+                    .find(|&w| w <= now || fits(w, 3, 8))
+                    .unwrap_or(now)
             };
-            let modified = next != *now;
-            if modified {
-                changed = Some((*now, next));
-                *now = next;
-            }
-            modified
-        });
+            (next != now).then_some(next)
+        };
+        let changed = (self.window)
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, next)
+            .ok()
+            .map(|was| (was, next(was).unwrap_or(was)));
         if let Some((was, now)) = changed {
             if let Some(g) = &self.gauges {
                 g.window.set(i64::from(now));
@@ -205,17 +198,22 @@ mod tests {
     }
 
     #[test]
-    fn a_tunnel_hears_of_each_change() {
+    fn each_stream_moves_the_window_when_it_must() {
         let budget = Arc::new(Budget::new(8 * MIB, None));
-        let mut watch = budget.watch();
         let a = budget.receiving();
         let b = budget.receiving();
-        assert!(!watch.has_changed().unwrap(), "2 x 2 MiB fit half of 8 MiB");
+        assert_eq!(
+            budget.window(),
+            STREAM_WINDOW,
+            "2 x 2 MiB fit half of 8 MiB"
+        );
         let c = budget.receiving();
-        assert!(watch.has_changed().unwrap());
-        assert_eq!(*watch.borrow_and_update(), STREAM_WINDOW / 2);
+        assert_eq!(budget.window(), STREAM_WINDOW / 2);
         drop((a, b, c));
-        assert_eq!(*watch.borrow_and_update(), STREAM_WINDOW);
-        assert!(Budget::unlimited().window() == STREAM_WINDOW);
+        assert_eq!(budget.window(), STREAM_WINDOW);
+        let unlimited = Arc::new(Budget::unlimited());
+        let many: Vec<_> = (0..5000).map(|_| unlimited.receiving()).collect();
+        assert_eq!(unlimited.window(), STREAM_WINDOW);
+        drop(many);
     }
 }

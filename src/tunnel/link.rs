@@ -231,7 +231,7 @@ impl ProxyConn {
         match self {
             // An h2 agent retires a tunnel with GOAWAY, which the proxy learns from the
             // next stream it tries to open there.
-            ProxyConn::H2(conn) => h2::proxy::drive(*conn, close, budget.watch()).await,
+            ProxyConn::H2(conn) => h2::proxy::drive(*conn, close, budget).await,
             ProxyConn::Quic(conn) => quic::proxy::drive(conn, close, retire, upward).await,
         }
     }

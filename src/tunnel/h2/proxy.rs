@@ -3,13 +3,13 @@
 //! until it ends, and opens one `CONNECT` stream per routed client.
 
 use std::future::Future;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
-use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 
 use super::gather::Gathered;
@@ -17,7 +17,7 @@ use super::{
     keepalive, TunnelIo, CALLER_HEADER, CLIENT_ADDR_HEADER, CONTROL_AUTHORITY, CONTROL_HEADER,
     ERROR_HEADER, MOVING, TLS_SEND_BUFFER,
 };
-use crate::tunnel::{OpenError, OpenRequest, HANDSHAKE_TIMEOUT};
+use crate::tunnel::{Budget, OpenError, OpenRequest, HANDSHAKE_TIMEOUT};
 
 /// The HTTP/2 connection of a tunnel, driven by [`drive`].
 pub(crate) type Conn = h2::client::Connection<Gathered<TlsStream<TunnelIo>>, Bytes>;
@@ -65,20 +65,26 @@ const SETTINGS_RETRY: Duration = Duration::from_millis(50);
 /// Drives the connection until the agent closes it, it stops answering PINGs, or `close`
 /// completes (then the connection is dropped, which closes it). Returns why it ended.
 ///
-/// Its streams' receive window follows `window` (the proxy's stream buffer budget): each
-/// change is sent as `SETTINGS_INITIAL_WINDOW_SIZE`, which moves the window of every open
-/// stream too.
+/// Its streams' receive window follows `budget` ([`Budget`]): each change is sent as
+/// `SETTINGS_INITIAL_WINDOW_SIZE`, which moves the window of every open stream too. The
+/// budget wakes nobody: the connection reads its window (one atomic load) each time it
+/// wakes anyway, for a frame or at the latest the keep-alive PING.
 pub(crate) async fn drive(
     mut conn: Conn,
     close: impl Future<Output = &'static str>,
-    mut window: watch::Receiver<u32>,
+    budget: &Budget,
 ) -> String {
     let ping = conn.ping_pong().expect("ping_pong is taken once");
     let keepalive = keepalive(ping);
     tokio::pin!(close, keepalive);
     let mut applied = super::STREAM_WINDOW;
-    let (mut follow, mut pending) = (true, *window.borrow() != applied);
+    // The agent has not acknowledged the previous change yet.
+    let mut unacknowledged = false;
     loop {
+        let changed = std::future::poll_fn(|_| match budget.window() {
+            want if want == applied => Poll::Pending,
+            want => Poll::Ready(want),
+        });
         tokio::select! {
             r = &mut conn => return match r {
                 Ok(()) => "closed by the agent".to_string(),
@@ -90,19 +96,14 @@ pub(crate) async fn drive(
             },
             e = &mut keepalive => return e.to_string(),
             reason = &mut close => return reason.to_string(),
-            changed = window.changed(), if follow => {
-                follow = changed.is_ok();
-                pending = true;
+            want = changed, if !unacknowledged => {
+                // Refused only while the previous change is unacknowledged.
+                match conn.set_initial_window_size(want) {
+                    Ok(()) => applied = want,
+                    Err(_) => unacknowledged = true,
+                }
             }
-            () = tokio::time::sleep(SETTINGS_RETRY), if pending => {}
-        }
-        if pending {
-            let want = *window.borrow_and_update();
-            // Refused only while the previous change is unacknowledged: tried again soon.
-            if want == applied || conn.set_initial_window_size(want).is_ok() {
-                applied = want;
-                pending = false;
-            }
+            () = tokio::time::sleep(SETTINGS_RETRY), if unacknowledged => unacknowledged = false,
         }
     }
 }
