@@ -139,7 +139,10 @@ impl Progress {
         tokio::pin!(write);
         loop {
             let span_end = self.since.unwrap_or(now) + self.send_timeout;
+            // The write first, as `tokio::time::timeout` does: one that completes at once
+            // never registers the timer.
             tokio::select! {
+                biased;
                 written = &mut write => {
                     let n = written?;
                     self.taken += n as u64;
