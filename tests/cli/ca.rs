@@ -356,24 +356,7 @@ fn enroll_server_overrides_the_token_address() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("proxy");
     let (_serving, addr, _) = serve(&state);
-    let token = |state: &Path| {
-        let out = run(
-            PROXY,
-            &[
-                "token",
-                "create",
-                "--name",
-                "web-1",
-                "--host",
-                "app.example.com",
-                "--server",
-                "nowhere.invalid:7443",
-            ],
-            state,
-        );
-        assert!(out.status.success(), "{}", stderr(&out));
-        stdout(&out).trim().to_string()
-    };
+    let token = |state: &Path| web_token(state, "nowhere.invalid:7443");
 
     let agent = tmp.path().join("agent");
     let bad = run(

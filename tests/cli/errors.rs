@@ -165,22 +165,7 @@ fn enroll_says_when_the_address_is_no_tls_port_or_does_not_resolve() {
     let state = tmp.path().join("proxy");
     let out = run(PROXY, &["ca", "init"], &state);
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = run(
-        PROXY,
-        &[
-            "token",
-            "create",
-            "--name",
-            "web-1",
-            "--host",
-            "app.example.com",
-            "--server",
-            "nowhere.invalid:7443",
-        ],
-        &state,
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let token = stdout(&out).trim().to_string();
+    let token = web_token(&state, "nowhere.invalid:7443");
     let agent = tmp.path().join("agent");
 
     // A plain HTTP server where the agent port should be: it answers the ClientHello

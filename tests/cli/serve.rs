@@ -88,20 +88,7 @@ fn status_ready_and_json_logs_from_the_command_line() {
         .unwrap()
         .to_string();
 
-    let token = stdout(&run(
-        PROXY,
-        &[
-            "token",
-            "create",
-            "--name",
-            "web-1",
-            "--host",
-            "app.example.com",
-            "--server",
-            &agents,
-        ],
-        &proxy_state,
-    ));
+    let token = web_token(&proxy_state, &agents);
     let agent_state = tmp.path().join("agent");
     assert!(
         run(AGENT, &["enroll", "--token", token.trim()], &agent_state)

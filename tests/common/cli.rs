@@ -26,6 +26,22 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `revproxy token create --name web-1 --host app.example.com --server SERVER` on `state`,
+/// which must succeed: the token.
+pub fn web_token(state: &Path, server: &str) -> String {
+    let args = [
+        "token",
+        "create",
+        "--name",
+        "web-1",
+        "--host",
+        "app.example.com",
+    ];
+    let out = run(PROXY, &[&args[..], &["--server", server]].concat(), state);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).trim().to_string()
+}
+
 /// `revproxy serve` on port 0; returns the child and the address it listens on.
 pub struct Serve(pub Child);
 
