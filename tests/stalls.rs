@@ -1,7 +1,8 @@
 //! Clients and backends that stop reading must hold back only their own streams: any
 //! number of them (up to the stream limit) leave every other stream of the tunnel moving,
 //! in both directions and over both transports; and a stream whose reader accepts nothing
-//! for the send timeout is reset and its connection closed.
+//! for the send timeout is reset and its connection closed. And one agent holds ten
+//! thousand clients open at once, stalled readers among them, each still served.
 
 mod common;
 
@@ -106,11 +107,11 @@ async fn setup(
 }
 
 /// A 4 MiB round trip through the tunnel must finish, and quickly.
-async fn a_transfer_still_moves(proxy: &TestProxy) {
+async fn a_transfer_still_moves(http: std::net::SocketAddr) {
     let data = pattern(4 * 1024 * 1024, 99);
     let back = tokio::time::timeout(
         Duration::from_secs(15),
-        round_trip(proxy.http, &http_head("app.example.com"), &data),
+        round_trip(http, &http_head("app.example.com"), &data),
     )
     .await
     .expect("a transfer stalled behind the streams that stopped reading")
@@ -128,7 +129,7 @@ async fn stalled_downloads_leave_the_other_streams_moving(t: Transport) {
         stalled.push(tcp); // never read
     }
     until_still(written).await;
-    a_transfer_still_moves(proxy).await;
+    a_transfer_still_moves(proxy.http).await;
 }
 
 async fn stalled_uploads_leave_the_other_streams_moving(t: Transport) {
@@ -149,7 +150,7 @@ async fn stalled_uploads_leave_the_other_streams_moving(t: Transport) {
     }
     until_still(&sent).await;
     assert_eq!(accepted.load(Ordering::Relaxed), STALLED as u64);
-    a_transfer_still_moves(proxy).await;
+    a_transfer_still_moves(proxy.http).await;
 }
 
 /// Stalled downloads pin little at the proxy: as streams multiply, the windows narrow so
@@ -212,7 +213,7 @@ async fn h2_stalled_downloads_pin_little_beyond_the_budget() {
         "{held:.0} bytes held per stalled stream: the budget did not bound them"
     );
     // The budget is spent, and another client still gets its transfer.
-    a_transfer_still_moves(proxy).await;
+    a_transfer_still_moves(proxy.http).await;
     // No stalled stream was ended: each goes on once its client reads again, with the
     // backend's bytes in order.
     let chunk = pattern(64 * 1024, 7);
@@ -319,9 +320,155 @@ async fn an_idle_stream_is_closed_after_the_idle_timeout(t: Transport) {
     }
 }
 
+/// Clients held open at once through one agent: about ten tunnels' worth of streams.
+const HELD: usize = 10_000;
+/// Clients being connected and answered at once while the held ones pile up: quick, yet
+/// few enough that the listener's SYN queue never overflows.
+const OPENING: usize = 256;
+/// How long one client may wait for its echo: longer than the proxy's 15 s open deadline,
+/// so that a client who got no stream sees the proxy's answer, not this timeout.
+const ECHO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Raises this process's open-file limit to its hard limit, which must allow one
+/// descriptor per held client and some to spare (the proxy, the agent and the backend
+/// are processes of their own, each with its own limit).
+fn raise_open_files() {
+    let (_, hard) = rlimit::Resource::NOFILE.get().unwrap();
+    let needed = (HELD + 4 * STALLED + 1024) as u64;
+    assert!(
+        hard >= needed,
+        "holding {HELD} clients takes {needed} open files in this process; the hard limit is {hard}"
+    );
+    rlimit::Resource::NOFILE.set(hard, hard).unwrap();
+}
+
+/// Sends `message` on `tcp` and reads back exactly as many bytes, which must be the same.
+async fn echoed(tcp: &mut TcpStream, message: &[u8]) -> Result<(), String> {
+    tcp.write_all(message)
+        .await
+        .map_err(|e| format!("could not send: {e}"))?;
+    let mut back = vec![0u8; message.len()];
+    let mut got = 0;
+    let read = tokio::time::timeout(ECHO_TIMEOUT, async {
+        while got < back.len() {
+            match tcp.read(&mut back[got..]).await {
+                Ok(0) => return Err("closed".to_string()),
+                Ok(n) => got += n,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    })
+    .await;
+    let said = || String::from_utf8_lossy(&back[..got.min(120)]).into_owned();
+    match read {
+        Err(_) => Err(format!("no echo within {ECHO_TIMEOUT:?}; got {:?}", said())),
+        Ok(Err(e)) => Err(format!("{e} after {got} bytes: {:?}", said())),
+        Ok(Ok(())) if back != message => Err(format!("a different echo: {:?}", said())),
+        Ok(Ok(())) => Ok(()),
+    }
+}
+
+/// A unique line for client `i` in round `round`.
+fn line(i: usize, round: u8) -> Vec<u8> {
+    format!("client {i} says hello in round {round}\n").into_bytes()
+}
+
+/// Ten thousand clients of one agent, all held open at once, are each served byte-exact:
+/// each is answered as it comes while every one before it stays open, and once all are
+/// open each is answered again. Forty clients that stopped reading a firehose, there
+/// from the start, hold back none of them, nor a transfer of some MiB after them. The
+/// clients outnumber what one tunnel carries (1,023 streams): the agent adds tunnels.
+///
+/// The proxy, the agent and the backend run as processes of their own, as in a
+/// deployment: each holds one side of every connection ([`Apart`]).
+async fn ten_thousand_clients_held_open_through_one_agent_are_all_served_beside_stalled_readers(
+    t: Transport,
+) {
+    raise_open_files();
+    let started = std::time::Instant::now();
+    // All clients come from 127.0.0.1, as from one large NAT: its operator lifts the
+    // per-source cap. The stalled readers stay stalled for the whole test.
+    let (big, written) = firehose().await;
+    let config = "max_connections_per_source = 20000\nsend_timeout = \"600s\"";
+    let apart = Apart::start(t, config, &[("big.example.com", big)]).await;
+    let http = apart.http;
+
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        let mut tcp = TcpStream::connect(http).await.unwrap();
+        tcp.write_all(&http_head("big.example.com")).await.unwrap();
+        stalled.push(tcp); // never read
+    }
+    until_still(&written).await;
+    let stalled_at = started.elapsed();
+
+    // Round 1: each client is answered as it comes; none is let go.
+    let mut held = Vec::with_capacity(HELD);
+    let mut opening = tokio::task::JoinSet::new();
+    let mut next = 0;
+    while held.len() < HELD {
+        while next < HELD && opening.len() < OPENING {
+            let i = next;
+            next += 1;
+            opening.spawn(async move {
+                let mut tcp = TcpStream::connect(http)
+                    .await
+                    .map_err(|e| format!("client {i} could not connect: {e}"))?;
+                let mut hello = http_head("app.example.com");
+                hello.extend_from_slice(&line(i, 1));
+                echoed(&mut tcp, &hello)
+                    .await
+                    .map_err(|e| format!("client {i}: {e}"))?;
+                Ok::<_, String>((i, tcp))
+            });
+        }
+        match opening.join_next().await.unwrap().unwrap() {
+            Ok(client) => held.push(client),
+            Err(e) => panic!(
+                "{} of {HELD} clients were served while every one before them stayed open \
+                 ({STALLED} stalled readers beside them, {t:?}); then {e}",
+                held.len()
+            ),
+        }
+    }
+    let opened = started.elapsed();
+
+    // Round 2: with all of them open, each is answered again, all at once.
+    let mut again = tokio::task::JoinSet::new();
+    for (i, mut tcp) in held {
+        again.spawn(async move {
+            echoed(&mut tcp, &line(i, 2))
+                .await
+                .map_err(|e| format!("client {i}: {e}"))?;
+            Ok::<_, String>((i, tcp))
+        });
+    }
+    let mut held = Vec::with_capacity(HELD);
+    while let Some(done) = again.join_next().await {
+        match done.unwrap() {
+            Ok(client) => held.push(client),
+            Err(e) => panic!(
+                "with all {HELD} clients open, {} were answered again ({t:?}); then {e}",
+                held.len()
+            ),
+        }
+    }
+    let answered = started.elapsed();
+    a_transfer_still_moves(http).await;
+    eprintln!(
+        "{t:?}: {HELD} clients held open and served twice beside {STALLED} stalled readers \
+         in {:?} (stalled at {stalled_at:?}, all open at {opened:?}, all answered again at \
+         {answered:?})",
+        started.elapsed()
+    );
+    drop((held, stalled));
+}
+
 over_both_transports!(
     stalled_downloads_leave_the_other_streams_moving,
     stalled_uploads_leave_the_other_streams_moving,
     a_stream_nobody_reads_is_reset_after_the_send_timeout,
     an_idle_stream_is_closed_after_the_idle_timeout,
+    ten_thousand_clients_held_open_through_one_agent_are_all_served_beside_stalled_readers,
 );

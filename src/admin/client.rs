@@ -280,6 +280,7 @@ pub fn report(status: &serde_json::Value) -> String {
         Col::Left(20),
         Col::Left(9),
         Col::Left(5),
+        Col::Right(7),
         Col::Left(22),
         Col::Left(20),
         Col::Left(20),
@@ -291,6 +292,7 @@ pub fn report(status: &serde_json::Value) -> String {
             "AGENT",
             "TUNNEL",
             "VIA",
+            "STREAMS",
             "FROM",
             "SINCE",
             "CERT EXPIRES",
@@ -301,12 +303,13 @@ pub fn report(status: &serde_json::Value) -> String {
         let agent = s(&a["agent"]);
         let tunnels = items(&a["tunnels"]);
         if tunnels.is_empty() {
-            let offline = ["offline", "-", "-", "-"].map(String::from);
-            let [state, via, from, since] = offline;
+            let offline = ["offline", "-", "-", "-", "-"].map(String::from);
+            let [state, via, streams, from, since] = offline;
             let row = [
                 agent.clone(),
                 state,
                 via,
+                streams,
                 from,
                 since,
                 time(&a["certificate_expires"]),
@@ -315,10 +318,16 @@ pub fn report(status: &serde_json::Value) -> String {
             table.row(&mut out, &row);
         }
         for t in tunnels {
+            // An extra tunnel: one the agent added while its tunnels were busy.
+            let state = match state(&t) {
+                "up" if t["extra"] == true => "extra",
+                state => state,
+            };
             let row = [
                 agent.clone(),
-                state(&t).into(),
+                state.into(),
                 s(&t["transport"]),
+                s(&t["streams"]),
                 s(&t["peer"]),
                 time(&t["since"]),
                 time(&t["not_after"]),
@@ -406,10 +415,14 @@ mod tests {
                     "granted": ["app.example.com"], "tunnels": []},
                 {"agent": "web-2", "tunnels": [
                     {"draining": true, "transport": "h2", "peer": "127.0.0.1:5000",
-                        "since": 1700000100, "not_after": 1700086400,
+                        "since": 1700000100, "not_after": 1700086400, "streams": 3,
                         "names": ["a.example.com", "b.example.com"]},
                     {"draining": false, "transport": "quic", "peer": "[::1]:6000",
-                        "since": 1700000200, "not_after": null, "names": []}]}
+                        "since": 1700000200, "not_after": null, "streams": 1023,
+                        "names": []},
+                    {"draining": false, "extra": true, "transport": "quic",
+                        "peer": "[::1]:6001", "since": 1700000300, "not_after": null,
+                        "streams": 512, "names": []}]}
             ],
             "names": [{"name": "app.example.com", "served_by": "web-1", "tunnels": 2,
                 "open_streams": 3, "received_bytes": 12345678901u64, "sent_bytes": 5}]
@@ -419,10 +432,11 @@ proxy 0.1.0 running since 2023-11-14T22:13:20Z, not ready: not serving (starting
 id p1, advertised at proxy.example.com:7443, state in file, proxies sharing it: p2=b:7443
 store: down
 
-AGENT                 TUNNEL     VIA    FROM                    SINCE                 CERT EXPIRES          NAMES
-web-1                 offline    -      -                       -                     2023-11-15T22:13:20Z  app.example.com
-web-2                 draining   h2     127.0.0.1:5000          2023-11-14T22:15:00Z  2023-11-15T22:13:20Z  a.example.com,b.example.com
-web-2                 up         quic   [::1]:6000              2023-11-14T22:16:40Z  -                     -
+AGENT                 TUNNEL     VIA    STREAMS  FROM                    SINCE                 CERT EXPIRES          NAMES
+web-1                 offline    -            -  -                       -                     2023-11-15T22:13:20Z  app.example.com
+web-2                 draining   h2           3  127.0.0.1:5000          2023-11-14T22:15:00Z  2023-11-15T22:13:20Z  a.example.com,b.example.com
+web-2                 up         quic      1023  [::1]:6000              2023-11-14T22:16:40Z  -                     -
+web-2                 extra      quic       512  [::1]:6001              2023-11-14T22:18:20Z  -                     -
 
 NAME                            SERVED BY                 TUNNELS    OPEN              IN             OUT
 app.example.com                 web-1                           2       3     12345678901               5

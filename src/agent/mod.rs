@@ -16,6 +16,7 @@ mod enroll;
 mod follow;
 mod identity;
 mod metrics;
+mod pool;
 mod proxies;
 mod refusal;
 mod renew;

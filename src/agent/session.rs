@@ -11,7 +11,9 @@ use super::backend::ServiceMap;
 use super::identity::Identity;
 use crate::runtime::rfc3339;
 use crate::runtime::shutdown::Trigger;
-use crate::tunnel::{self, AgentConn, ConnectError, Kind, StreamLimits, Transport, TunnelError};
+use crate::tunnel::{
+    self, AgentConn, ConnectError, Kind, Load, Serving, StreamLimits, Transport, TunnelError,
+};
 
 /// Where a tunnel goes: an address, and which proxy must answer there when the agent
 /// knows (one of several proxies sharing a store).
@@ -85,12 +87,14 @@ fn clock_note(e: &ConnectError, not_after: i64) -> String {
     )
 }
 
-/// Connects to `target` as `id` on `kind` within `limit`.
+/// Connects to `target` as `id` on `kind` within `limit`; an `extra` tunnel is one added
+/// beside the agent's tunnel while it is crowded (`pool.rs`).
 pub(super) async fn connect(
     target: &Target,
     kind: Kind,
     id: &Identity,
     limit: Duration,
+    extra: bool,
 ) -> Result<AgentConn, SessionError> {
     let failed = |source| SessionError::Connect {
         source,
@@ -100,7 +104,7 @@ pub(super) async fn connect(
         .credentials()
         .map_err(|e| failed(ConnectError::Config(e)))?;
     creds.proxy = target.proxy.as_deref();
-    tunnel::connect(kind, &target.addr, &creds, limit)
+    tunnel::connect(kind, &target.addr, &creds, limit, extra)
         .await
         .map_err(failed)
 }
@@ -126,6 +130,11 @@ pub(super) struct Session {
     /// The retire triggers of older tunnels, fired once this one is up (not before: a
     /// client must always find a tunnel).
     pub(super) to_retire: Arc<Mutex<Vec<Trigger>>>,
+    /// Where the streams of this tunnel and of the extra ones beside it are counted.
+    pub(super) load: Arc<Load>,
+    /// An extra tunnel (`pool.rs`): it only adds streams; the tunnel it joined does the
+    /// rest (mesh streams, taking over from older tunnels).
+    pub(super) extra: bool,
 }
 
 impl Session {
@@ -134,7 +143,7 @@ impl Session {
         let conn = match self.preconnected {
             Some(conn) => conn,
             None => tokio::select! {
-                r = connect(&self.target, self.kind, &self.identity, self.limit) => {
+                r = connect(&self.target, self.kind, &self.identity, self.limit, self.extra) => {
                     r.inspect_err(|_| metrics.connect_failed(self.kind.name()))?
                 }
                 () = self.stop.cancelled() => return Ok(()),
@@ -144,29 +153,31 @@ impl Session {
         let _ = self.established.set(tokio::time::Instant::now());
         let listed = metrics.tunnel_up(self.kind.name());
         // A QUIC tunnel carries this agent's mesh streams too.
-        let up = conn.up_link().map(|link| self.ctx.up.tunnel_up(link));
-        info!("tunnel up");
-        let _counted = Counted::new(&self.ctx.tunnels_up, &self.target);
+        let up = (conn.up_link())
+            .filter(|_| !self.extra)
+            .map(|link| self.ctx.up.tunnel_up(link));
+        info!(extra = self.extra, "tunnel up");
+        let _counted = (!self.extra).then(|| Counted::new(&self.ctx.tunnels_up, &self.target));
         // The tunnels this one replaces are retired once it has lived `OVERLAP`: the proxy
         // registers a tunnel only after its own checks, a moment after the handshake, and
         // may refuse it (then this one ends first and they stay).
-        let mut olds: Vec<Trigger> = self
-            .to_retire
-            .lock()
-            .expect("retire list")
-            .drain(..)
-            .collect();
+        let mut olds: Vec<Trigger> = if self.extra {
+            Vec::new()
+        } else {
+            (self.to_retire.lock().expect("retire list").drain(..)).collect()
+        };
         let overlap = tokio::time::sleep(OVERLAP);
         tokio::pin!(overlap);
         let services = self.ctx.services.clone();
-        let serve = conn.serve(
-            services,
-            self.stop,
-            self.retire.clone(),
-            self.moving,
-            self.ctx.drain_grace,
-            self.ctx.stream_limits.clone(),
-        );
+        let serve = conn.serve(Serving {
+            backends: services,
+            stop: self.stop,
+            retire: self.retire.clone(),
+            moving: self.moving,
+            grace: self.ctx.drain_grace,
+            limits: self.ctx.stream_limits.clone(),
+            load: self.load.clone(),
+        });
         tokio::pin!(serve);
         let mut retiring = false;
         let served = loop {

@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn, Instrument};
 
 use super::identity::Identity;
+use super::pool::Pool;
 use super::refusal;
 use super::session::{connect, Session, SessionCtx, Target};
 use crate::runtime::backoff::Backoff;
@@ -58,7 +59,10 @@ pub(super) async fn keep_tunnel_up(
     let to_retire: Arc<Mutex<Vec<Trigger>>> = Arc::default();
     // A connection a probe made, and the identity it was made with.
     let mut preconnected: Option<(AgentConn, Arc<Identity>)> = None;
+    // The extra tunnels beside the current one (`pool.rs`).
+    let mut pool = Pool::default();
     'connect: while !stop.is_fired() {
+        pool.start_over(&to_retire);
         let id = renewed.borrow_and_update().clone();
         // A probe that raced a renewal used the old certificate: not that one.
         let ready = preconnected
@@ -81,6 +85,8 @@ pub(super) async fn keep_tunnel_up(
             moving: moving.clone(),
             established: established.clone(),
             to_retire: to_retire.clone(),
+            load: pool.load(),
+            extra: false,
         };
         let span = tracing::info_span!("tunnel", server = %target.addr, proxy = %target.proxy.as_deref().unwrap_or("-"), transport = %kind.name());
         // The tunnel and its streams run together on the least loaded lane.
@@ -98,7 +104,7 @@ pub(super) async fn keep_tunnel_up(
             let (ctx, id, target) = (ctx.clone(), id.clone(), target.clone());
             Box::pin(async move {
                 tokio::time::sleep(ctx.quic_reprobe).await;
-                connect(&target, probe_kind, &id, probe_limit).await
+                connect(&target, probe_kind, &id, probe_limit, false).await
             })
         };
         let mut probe = new_probe();
@@ -108,8 +114,34 @@ pub(super) async fn keep_tunnel_up(
                 Some(done) = sessions.join_next_with_id() => match done {
                     Ok((task, r)) if task == current => break Ok(r),
                     Err(e) if e.id() == current => break Err(e),
-                    _ => {} // a retired session finished draining
+                    // An extra tunnel, or a retired session that finished draining.
+                    Ok((task, _)) => pool.ended(task),
+                    Err(e) => pool.ended(e.id()),
                 },
+                // Streams open only on a tunnel that is up: crowded means it is.
+                () = pool.crowded() => {
+                    let extra = Session {
+                        ctx: ctx.clone(),
+                        target: target.clone(),
+                        kind,
+                        limit: choice.connect_limit(kind),
+                        preconnected: None,
+                        identity: id.clone(),
+                        stop: stop.clone(),
+                        retire: Trigger::default(),
+                        moving: moving.clone(),
+                        established: Arc::default(),
+                        to_retire: to_retire.clone(),
+                        load: pool.load(),
+                        extra: true,
+                    };
+                    let (retire, established) = (extra.retire.clone(), extra.established.clone());
+                    let span = tracing::info_span!("tunnel", server = %target.addr, proxy = %target.proxy.as_deref().unwrap_or("-"), transport = %kind.name(), extra = true);
+                    let lane = ctx.lanes.pick();
+                    let task = sessions.spawn(async move { lane.run(extra.run()).await }.instrument(span)).id();
+                    pool.added(task, retire, established);
+                }
+                () = pool.next_check() => pool.check(),
                 Ok(()) = renewed.changed() => {
                     info!("opening a tunnel with the renewed certificate; the old one drains once it is up");
                     to_retire.lock().expect("retire list").push(retire.clone());

@@ -101,6 +101,8 @@ impl crate::admin::View for ProxyView {
                 "serial": t.serial,
                 "not_after": t.not_after,
                 "draining": draining,
+                "extra": t.extra,
+                "streams": t.streams(),
                 "names": hosts,
             }));
         }

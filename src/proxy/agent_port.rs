@@ -15,7 +15,7 @@ use super::accept::{
     self, AcceptCounters, Acceptor, PerSource, RefusalLog, SourceSlot, REFUSAL_LOG_EVERY,
 };
 use super::admit::{admit, Peer};
-use super::registry::{NotRegistered, Tunnel};
+use super::registry::{NewTunnel, NotRegistered, Tunnel};
 use super::{enroll, mesh, Limits, Shared};
 use crate::runtime::shutdown::Trigger;
 use crate::tls;
@@ -323,8 +323,17 @@ async fn serve_tcp(
     if stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_CONNECT) {
         return mesh_channel(shared, who, stream, peer, unproven).await;
     }
+    let extra = stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_H2_EXTRA);
     match tunnel::accept_h2(stream).await {
-        Ok((link, conn)) => hold(shared, who, link, conn, peer, unproven).await,
+        Ok((link, conn)) => {
+            let held = Held {
+                who,
+                link,
+                peer,
+                extra,
+            };
+            hold(shared, held, conn, unproven).await
+        }
         Err(e) => debug!(%peer, agent = %who.agent, error = %e, "tunnel handshake failed"),
     }
 }
@@ -398,7 +407,7 @@ async fn serve_quic(
         handshake,
     } = unproven;
     drop(handshake);
-    let (link, conn, der) = match accepted {
+    let (link, conn, der, extra) = match accepted {
         Ok(accepted) => accepted,
         Err(e) if e.certificate_refused() => {
             shared.metrics.tunnel_refused("certificate");
@@ -414,23 +423,48 @@ async fn serve_quic(
     let Some(who) = admit(&shared, der.as_deref(), peer).await else {
         return conn.refuse();
     };
-    hold(shared, who, link, conn, peer, unproven).await;
+    hold(
+        shared,
+        Held {
+            who,
+            link,
+            peer,
+            extra,
+        },
+        conn,
+        unproven,
+    )
+    .await;
+}
+
+/// A tunnel to hold: whose, on what, from where, and whether it is an extra one.
+struct Held {
+    who: Peer,
+    link: tunnel::Link,
+    peer: SocketAddr,
+    extra: bool,
 }
 
 /// Registers a tunnel under `hosts` and holds it until it closes, dies, is closed by the
 /// proxy (revocation) or the proxy shuts down; then forgets it. The source's slot is given
 /// back once the tunnel is registered (or refused).
-async fn hold(
-    shared: Arc<Shared>,
-    who: Peer,
-    link: tunnel::Link,
-    conn: tunnel::ProxyConn,
-    peer: SocketAddr,
-    unproven: SourceSlot,
-) {
+async fn hold(shared: Arc<Shared>, held: Held, conn: tunnel::ProxyConn, unproven: SourceSlot) {
+    let Held {
+        who,
+        link,
+        peer,
+        extra,
+    } = held;
     let id = shared.registry.next_id();
     let on_upward = upward(&shared, &who, peer);
-    let tunnel = Arc::new(Tunnel::new(id, who, link, peer));
+    let tunnel = Arc::new(Tunnel::new(NewTunnel {
+        id,
+        who,
+        link,
+        peer,
+        extra,
+        room: shared.registry.room(),
+    }));
     let current = || shared.state.get();
     let registered =
         (shared.registry).insert(tunnel.clone(), shared.max_tunnels_per_agent, current);
@@ -439,6 +473,11 @@ async fn hold(
         Err(NotRegistered::OverLimit(held)) => {
             warn!(%peer, agent = %tunnel.agent, held, "agent holds its most tunnels already; refusing another");
             shared.metrics.tunnel_refused("over_limit");
+            return conn.refuse();
+        }
+        Err(NotRegistered::NotBusy { streams, tunnels }) => {
+            debug!(%peer, agent = %tunnel.agent, streams, tunnels, "an extra tunnel while the agent's tunnels are not busy; refusing it");
+            shared.metrics.tunnel_refused("not_busy");
             return conn.refuse();
         }
         Err(NotRegistered::Revoked) => {
@@ -454,7 +493,7 @@ async fn hold(
     };
     drop(unproven);
     shared.metrics.tunnel_up(tunnel.transport());
-    info!(agent = %tunnel.agent, tunnel = id, transport = %tunnel.transport(), hosts = %crate::runtime::logging::list(&hosts.public), private = %crate::runtime::logging::list(&hosts.private), "tunnel up");
+    info!(agent = %tunnel.agent, tunnel = id, transport = %tunnel.transport(), extra = tunnel.extra, hosts = %crate::runtime::logging::list(&hosts.public), private = %crate::runtime::logging::list(&hosts.private), "tunnel up");
     // Which of the proxy's reasons closed it, if one did (the metric's label).
     let closed_by = std::sync::OnceLock::new();
     let close = async {

@@ -287,9 +287,15 @@ pub(super) async fn serve_upward(
     let candidates = (found.exact.iter().map(|t| (t, &name)))
         .chain(found.wildcard.iter().map(|t| (t, &wildcard)));
     for (t, pattern) in candidates {
-        match tokio::time::timeout_at(deadline, t.open(&request)).await {
+        let Some((t, slot)) = shared.registry.claim(t, deadline).await else {
+            if tokio::time::Instant::now() < deadline {
+                continue; // retired meanwhile, and its pool full
+            }
+            break;
+        };
+        match tokio::time::timeout_at(deadline, t.open(&request, &slot)).await {
             Ok(Ok(stream)) => {
-                down = Some((stream, t.agent.clone(), pattern.clone()));
+                down = Some((stream, t.agent.clone(), pattern.clone(), slot));
                 break;
             }
             Ok(Err(e)) => {
@@ -304,7 +310,7 @@ pub(super) async fn serve_upward(
             Err(_) => break,
         }
     }
-    let Some((down, serving, pattern)) = down else {
+    let Some((down, serving, pattern, _slot)) = down else {
         shared.metrics.mesh("unavailable");
         // The serving agent's own status (its backend did not answer, say), without the
         // details, which are that agent's business.

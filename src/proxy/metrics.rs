@@ -72,6 +72,7 @@ pub(super) struct ProxyMetrics {
     sent: IntCounterVec,
     open_streams: IntGaugeVec,
     tunnels: IntGaugeVec,
+    tunnel_streams: IntGaugeVec,
     tunnel_connects: IntCounterVec,
     tunnel_disconnects: IntCounterVec,
     tunnel_refusals: IntCounterVec,
@@ -219,6 +220,12 @@ impl ProxyMetrics {
                 "revproxy_tunnels",
                 "Tunnels up, by agent and transport (draining ones included).",
                 &["agent", "transport"],
+            ),
+            tunnel_streams: gauge(
+                r,
+                "revproxy_tunnel_streams",
+                "Streams being opened or open on each live tunnel, by agent and tunnel id (an agent adds tunnels as its streams near 1,023 a tunnel).",
+                &["agent", "tunnel"],
             ),
             tunnel_connects: counter(
                 r,
@@ -419,6 +426,12 @@ impl ProxyMetrics {
             self.tunnels
                 .with_label_values(&[&agent, transport])
                 .set(count as i64);
+        }
+        self.tunnel_streams.reset();
+        for (tunnel, _, _) in tunnels.snapshot() {
+            self.tunnel_streams
+                .with_label_values(&[&tunnel.agent, &tunnel.id.to_string()])
+                .set(tunnel.streams() as i64);
         }
         self.cert_expiry.reset();
         for (agent, not_after) in &state.expiry {

@@ -34,6 +34,7 @@ mod reload;
 mod replies;
 mod state;
 mod static_route;
+mod tunnel;
 mod upgrade;
 
 use std::future::Future;

@@ -449,7 +449,16 @@ async fn dispatch(shared: &Arc<Shared>, mut tcp: TcpStream, routed: Routed, acce
             },
         };
         let asked = std::time::Instant::now();
-        match tokio::time::timeout_at(deadline, t.open(&request)).await {
+        // A slot on this tunnel, or on another its agent added beside it.
+        let Some((t, slot)) = shared.registry.claim(t, deadline).await else {
+            if tokio::time::Instant::now() < deadline {
+                continue; // retired meanwhile, and its pool full
+            }
+            warn!(%peer, conn = %id, host = %name, agent = %t.agent, tunnel = t.id, "every stream of the agent's tunnels stayed taken for {OPEN_TIMEOUT:?}");
+            break;
+        };
+        let t = &t;
+        match tokio::time::timeout_at(deadline, t.open(&request, &slot)).await {
             Ok(Ok(stream)) => {
                 metrics
                     .open_time(t.transport())

@@ -8,82 +8,13 @@
 //! robin within each group, and a failed open lets the caller move to the next one.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use super::admit::Peer;
 use super::state::Snapshot;
-use crate::tunnel::{Link, OpenError, OpenRequest, TunnelStream};
-
-/// One live tunnel to an agent.
-pub(super) struct Tunnel {
-    pub(super) id: u64,
-    /// Agent name (certificate CN).
-    pub(super) agent: String,
-    /// Serial of the certificate the agent connected with, hex.
-    pub(super) serial: String,
-    /// DNS names in the agent's certificate: the most it may ever serve.
-    pub(super) cert_hosts: Vec<String>,
-    /// End of the certificate's validity, Unix seconds.
-    pub(super) not_after: i64,
-    /// Where the agent connected from.
-    pub(super) peer: std::net::SocketAddr,
-    /// When the tunnel came up, Unix seconds.
-    pub(super) since: i64,
-    link: Link,
-    /// Where the tunnel runs (a lane for h2, the main runtime for QUIC), and its client
-    /// streams are spliced too.
-    pub(super) lane: crate::runtime::lanes::Lane,
-    /// Notified to close the tunnel (revocation).
-    pub(super) close: tokio::sync::Notify,
-    /// The agent retired this tunnel (GOAWAY): no new streams, but it stays on record so
-    /// that a revocation still closes it and its open streams.
-    draining: AtomicBool,
-}
-
-impl std::fmt::Debug for Tunnel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tunnel")
-            .field("id", &self.id)
-            .field("agent", &self.agent)
-            .field("cert_hosts", &self.cert_hosts)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Tunnel {
-    pub(super) fn new(id: u64, who: Peer, link: Link, peer: std::net::SocketAddr) -> Tunnel {
-        Tunnel {
-            id,
-            agent: who.agent,
-            serial: who.serial,
-            cert_hosts: who.cert_hosts,
-            not_after: who.not_after,
-            peer,
-            since: time::OffsetDateTime::now_utc().unix_timestamp(),
-            link,
-            lane: crate::runtime::lanes::Lane::here(),
-            close: tokio::sync::Notify::new(),
-            draining: AtomicBool::new(false),
-        }
-    }
-
-    /// Which transport the tunnel runs on, for logs and status.
-    pub(super) fn transport(&self) -> &'static str {
-        self.link.kind().name()
-    }
-
-    /// Tells the agent that a new process serves this proxy now.
-    pub(super) async fn tell_moving(&self) {
-        self.link.tell_moving().await;
-    }
-
-    /// Opens a stream for a client; the caller bounds the wait.
-    pub(super) async fn open(&self, req: &OpenRequest<'_>) -> Result<TunnelStream, OpenError> {
-        self.link.open(req).await
-    }
-}
+pub(super) use super::tunnel::{NewTunnel, Slot, Tunnel};
+use crate::tunnel::{MAX_EXTRA_TUNNELS, MAX_STREAMS};
 
 /// The names a tunnel serves: to public clients, and only through the mesh.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -108,33 +39,74 @@ struct Inner {
     by_pattern: HashMap<String, Routes>,
     /// The same for names served only through the mesh.
     by_private: HashMap<String, Routes>,
+    /// Certificate serial → the tunnels its streams are spread over ([`Routes`]).
+    pools: HashMap<String, Vec<Arc<Tunnel>>>,
 }
 
-/// The tunnels serving one name pattern: for each certificate the newest tunnel first
-/// (streams are spread round robin over these: several agents, or replicas of one agent
-/// enrolled apart, each with a certificate of its own), then the older tunnels of the same
-/// certificate, tried only when those fail. An agent that restarts after a crash comes
-/// back with the same certificate while its dead tunnel has not timed out yet (a QUIC peer
-/// that died sends nothing): new streams go to the new tunnel at once. A transport change
-/// keeps the certificate too, and the newer tunnel is the one that stays.
+/// The tunnels serving one name pattern. For each certificate a pool: its newest tunnel
+/// and the extra tunnels its agent added beside it, over which streams are spread by load
+/// (several agents, or replicas of one agent enrolled apart, each with a certificate of
+/// its own, take turns). Then the older tunnels of the same certificates, tried only when
+/// those fail. An agent that restarts after a crash comes back with the same certificate
+/// while its dead tunnels have not timed out yet (a QUIC peer that died sends nothing):
+/// new streams go to the new tunnel at once. A transport change keeps the certificate
+/// too, and the newer tunnel is the one that stays.
 #[derive(Debug, Default, Clone)]
 struct Routes {
-    first: Vec<Arc<Tunnel>>,
+    pools: Vec<Vec<Arc<Tunnel>>>,
     later: Vec<Arc<Tunnel>>,
+}
+
+/// Whether a pool still takes tunnels: they come newest first, so an agent's extra
+/// tunnels come before the tunnel they joined, and once that one is in, every older
+/// tunnel of the certificate is a fallback.
+fn is_open(pool: &[Arc<Tunnel>]) -> bool {
+    pool.iter().all(|t| t.extra)
 }
 
 impl Routes {
     fn push(&mut self, tunnel: &Arc<Tunnel>) {
-        // Tunnels come newest first: a certificate seen already has a newer one here.
-        if self.first.iter().any(|t| t.serial == tunnel.serial) {
-            self.later.push(tunnel.clone());
-        } else {
-            self.first.push(tunnel.clone());
+        match (self.pools.iter_mut()).find(|pool| pool[0].serial == tunnel.serial) {
+            None => self.pools.push(vec![tunnel.clone()]),
+            Some(pool) if is_open(pool) => pool.push(tunnel.clone()),
+            Some(_) => self.later.push(tunnel.clone()),
         }
     }
 
     fn contains(&self, id: u64) -> bool {
-        self.first.iter().chain(&self.later).any(|t| t.id == id)
+        self.all().any(|t| t.id == id)
+    }
+
+    /// Every tunnel, in the order they were pushed.
+    fn all(&self) -> impl Iterator<Item = &Arc<Tunnel>> {
+        self.pools.iter().flatten().chain(&self.later)
+    }
+
+    /// Without the tunnels `drop` says.
+    fn without(self, drop: impl Fn(&Tunnel) -> bool) -> Routes {
+        Routes {
+            pools: (self.pools.into_iter())
+                .map(|pool| pool.into_iter().filter(|t| !drop(t)).collect::<Vec<_>>())
+                .filter(|pool| !pool.is_empty())
+                .collect(),
+            later: self.later.into_iter().filter(|t| !drop(t)).collect(),
+        }
+    }
+
+    /// The order to try them in: the least loaded tunnel of each pool, the pools taking
+    /// turns by `turn`; then the rest of each pool, least loaded first; then the older
+    /// tunnels.
+    fn ordered(self, turn: usize) -> Vec<Arc<Tunnel>> {
+        let mut pools = self.pools;
+        for pool in &mut pools {
+            // Loads move while this sorts: each is read once.
+            pool.sort_by_cached_key(|t| t.streams());
+        }
+        let heads = pools.iter().map(|pool| pool[0].clone()).collect();
+        let mut all = rotated(heads, turn);
+        all.extend(pools.into_iter().flat_map(|pool| pool.into_iter().skip(1)));
+        all.extend(self.later);
+        all
     }
 }
 
@@ -142,12 +114,17 @@ impl Inner {
     fn reindex(&mut self) {
         self.by_pattern.clear();
         self.by_private.clear();
+        self.pools.clear();
         let mut ids: Vec<&u64> = self.tunnels.keys().collect();
         ids.sort_by(|a, b| b.cmp(a)); // newest tunnel first
         for id in ids {
             let (tunnel, served) = &self.tunnels[id];
-            if tunnel.draining.load(Ordering::Relaxed) {
+            if tunnel.is_draining() {
                 continue;
+            }
+            let pool = self.pools.entry(tunnel.serial.clone()).or_default();
+            if is_open(pool) {
+                pool.push(tunnel.clone());
             }
             for host in &served.public {
                 self.by_pattern
@@ -173,6 +150,8 @@ pub(super) struct Registry {
     turn: AtomicUsize,
     /// Bumped on every change, for whoever waits for one.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Notified when a stream slot frees on a tunnel that had none ([`Tunnel::claim`]).
+    room: Arc<tokio::sync::Notify>,
 }
 
 impl Default for Registry {
@@ -182,6 +161,7 @@ impl Default for Registry {
             next_id: AtomicU64::new(1),
             turn: AtomicUsize::new(0),
             changes: tokio::sync::watch::channel(0).0,
+            room: Arc::default(),
         }
     }
 }
@@ -189,8 +169,10 @@ impl Default for Registry {
 /// Why a tunnel was not registered.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum NotRegistered {
-    /// Its agent holds this many tunnels already.
+    /// Its agent holds this many tunnels (of its own, or extra ones) already.
     OverLimit(usize),
+    /// An extra tunnel, while the agent's tunnels carry fewer than half their streams.
+    NotBusy { streams: usize, tunnels: usize },
     /// Its certificate was revoked since it was admitted.
     Revoked,
     /// Its certificate is no longer on record.
@@ -203,9 +185,17 @@ impl Registry {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// What a new tunnel's slots notify as they free ([`Tunnel::claim`]).
+    pub(super) fn room(&self) -> Arc<tokio::sync::Notify> {
+        self.room.clone()
+    }
+
     /// Registers `tunnel` as serving what the state in force grants it, and returns that,
-    /// unless its agent already holds `max` tunnels (draining ones included) or its
-    /// certificate is revoked by now.
+    /// unless its agent already holds `max` tunnels of its own (draining ones included),
+    /// or its certificate is revoked by now. An extra tunnel counts apart: at most
+    /// [`MAX_EXTRA_TUNNELS`] of them, each admitted only while the agent's tunnels carry
+    /// at least half their streams, so the tunnels an agent holds grow with its load and
+    /// an idle agent cannot pile them up.
     ///
     /// The state is read (`current`) under the registry's lock: a tunnel admitted on a
     /// state read just before a revocation is either refused here or still registered
@@ -218,13 +208,28 @@ impl Registry {
         current: impl FnOnce() -> Arc<Snapshot>,
     ) -> Result<Served, NotRegistered> {
         let mut inner = self.inner.write().expect("registry lock");
-        let held = inner
-            .tunnels
-            .values()
-            .filter(|(t, _)| t.agent == tunnel.agent)
-            .count();
-        if held >= max {
-            return Err(NotRegistered::OverLimit(held));
+        let held: Vec<&Arc<Tunnel>> = (inner.tunnels.values())
+            .map(|(t, _)| t)
+            .filter(|t| t.agent == tunnel.agent)
+            .collect();
+        if tunnel.extra {
+            let extras = held.iter().filter(|t| t.extra).count();
+            if extras >= MAX_EXTRA_TUNNELS {
+                return Err(NotRegistered::OverLimit(extras));
+            }
+            let live: Vec<_> = held.iter().filter(|t| !t.is_draining()).collect();
+            let streams = live.iter().map(|t| t.streams()).sum::<usize>();
+            if live.is_empty() || streams < live.len() * MAX_STREAMS as usize / 2 {
+                return Err(NotRegistered::NotBusy {
+                    streams,
+                    tunnels: live.len(),
+                });
+            }
+        } else {
+            let own = held.iter().filter(|t| !t.extra).count();
+            if own >= max {
+                return Err(NotRegistered::OverLimit(own));
+            }
         }
         let state = current();
         if state.revoked.contains(&tunnel.serial) {
@@ -255,6 +260,49 @@ impl Registry {
                 _ => return found,
             }
         }
+    }
+
+    /// A stream slot on `tunnel`, or when it has none free, on the least loaded tunnel of
+    /// its pool that has one ([`Routes`]); when none has, waits for a slot to free or a
+    /// tunnel to join until `deadline`. `None` at the deadline, or at once when `tunnel`
+    /// was retired and its pool is full: the caller tries its next tunnel.
+    pub(super) async fn claim(
+        &self,
+        tunnel: &Arc<Tunnel>,
+        deadline: tokio::time::Instant,
+    ) -> Option<(Arc<Tunnel>, Slot)> {
+        let mut changes = self.subscribe();
+        loop {
+            // Listening before looking, so that a slot freed in between is not missed.
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if let Some(slot) = tunnel.claim() {
+                return Some((tunnel.clone(), slot));
+            }
+            let mut pool = self.pool_of(tunnel);
+            pool.sort_by_cached_key(|t| t.streams());
+            if let Some(found) = pool.into_iter().find_map(|t| Some((t.clone(), t.claim()?))) {
+                return Some(found);
+            }
+            if tunnel.is_draining() {
+                return None;
+            }
+            tokio::select! {
+                () = room => {}
+                _ = changes.changed() => {}
+                () = tokio::time::sleep_until(deadline) => return None,
+            }
+        }
+    }
+
+    /// The other tunnels streams for `tunnel`'s certificate are spread over.
+    fn pool_of(&self, tunnel: &Tunnel) -> Vec<Arc<Tunnel>> {
+        let inner = self.inner.read().expect("registry lock");
+        (inner.pools.get(&tunnel.serial).into_iter().flatten())
+            .filter(|t| t.id != tunnel.id)
+            .cloned()
+            .collect()
     }
 
     /// A receiver that sees every change to the set of tunnels.
@@ -336,7 +384,7 @@ impl Registry {
         let mut all: Vec<_> = inner
             .tunnels
             .values()
-            .map(|(t, served)| (t.clone(), served.all(), t.draining.load(Ordering::Relaxed)))
+            .map(|(t, served)| (t.clone(), served.all(), t.is_draining()))
             .collect();
         all.sort_by_key(|(t, _, _)| t.id);
         all
@@ -361,9 +409,7 @@ impl Registry {
         let get = |pattern: &str| {
             let mut found = inner.by_pattern.get(pattern).cloned().unwrap_or_default();
             if mesh {
-                for t in (inner.by_private.get(pattern).into_iter())
-                    .flat_map(|r| r.first.iter().chain(&r.later))
-                {
+                for t in (inner.by_private.get(pattern).into_iter()).flat_map(Routes::all) {
                     if !found.contains(t.id) {
                         found.push(t);
                     }
@@ -376,25 +422,13 @@ impl Registry {
             .split_once('.')
             .filter(|(label, _)| !label.is_empty()) // as `route::name_matches` has it
             .map(|(_, parent)| get(&format!("*.{parent}")))
-            .map(|wild| Routes {
-                first: (wild.first.into_iter())
-                    .filter(|t| !exact.contains(t.id))
-                    .collect(),
-                later: (wild.later.into_iter())
-                    .filter(|t| !exact.contains(t.id))
-                    .collect(),
-            })
+            .map(|wild| wild.without(|t| exact.contains(t.id)))
             .unwrap_or_default();
         drop(inner);
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let ordered = |routes: Routes| {
-            let mut all = rotated(routes.first, turn);
-            all.extend(routes.later);
-            all
-        };
         Found {
-            exact: ordered(exact),
-            wildcard: ordered(wildcard),
+            exact: exact.ordered(turn),
+            wildcard: wildcard.ordered(turn),
         }
     }
 }
@@ -519,10 +553,16 @@ impl ProxyStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::admit::Peer;
 
     /// A tunnel of agent `web` (serial `01`, certificate for `app.example.com`) over a
     /// real HTTP/2 connection in memory.
     async fn tunnel(id: u64) -> Arc<Tunnel> {
+        tunnel_of(id, false, Arc::default()).await
+    }
+
+    /// The same, an extra tunnel or not, notifying `room` as its slots free.
+    async fn tunnel_of(id: u64, extra: bool, room: Arc<tokio::sync::Notify>) -> Arc<Tunnel> {
         let (client, server) = tokio::io::duplex(64 * 1024);
         tokio::spawn(async move {
             if let Ok(mut conn) = h2::server::handshake(server).await {
@@ -538,7 +578,14 @@ mod tests {
             not_after: i64::MAX,
         };
         let peer = "127.0.0.1:9".parse().unwrap();
-        Arc::new(Tunnel::new(id, who, Link::H2(send), peer))
+        Arc::new(Tunnel::new(NewTunnel {
+            id,
+            who,
+            link: crate::tunnel::Link::H2(send),
+            peer,
+            extra,
+            room,
+        }))
     }
 
     fn state(revoked: bool) -> Arc<Snapshot> {
@@ -572,5 +619,72 @@ mod tests {
         // And one arriving once the agent holds its most is refused for that.
         let over = registry.insert(tunnel(3).await, 1, || state(false));
         assert_eq!(over.err(), Some(NotRegistered::OverLimit(1)));
+    }
+
+    /// Takes `n` stream slots on `t`.
+    fn take(t: &Tunnel, n: usize) -> Vec<Slot> {
+        (0..n).map(|_| t.claim().expect("a free slot")).collect()
+    }
+
+    /// An agent whose tunnel carries half its streams may add an extra one, which joins
+    /// it: streams go to the less loaded of the two. An idle agent may not. When the
+    /// agent comes back with a tunnel of its own (a restart), both older ones are only a
+    /// fallback, and an extra tunnel then joins the new one.
+    #[tokio::test]
+    async fn an_extra_tunnel_joins_a_busy_agent_and_takes_the_streams_its_tunnel_has_no_room_for() {
+        let registry = Registry::default();
+        let ok = || state(false);
+        let first = tunnel_of(1, false, registry.room()).await;
+        registry.insert(first.clone(), 4, ok).unwrap();
+        let idle = registry.insert(tunnel_of(2, true, registry.room()).await, 4, ok);
+        let not_busy = NotRegistered::NotBusy {
+            streams: 0,
+            tunnels: 1,
+        };
+        assert_eq!(idle.err(), Some(not_busy));
+
+        let mut held = take(&first, MAX_STREAMS as usize / 2);
+        let extra = tunnel_of(3, true, registry.room()).await;
+        registry.insert(extra.clone(), 4, ok).unwrap();
+        let ids = |found: Found| found.all().map(|t| t.id).collect::<Vec<_>>();
+        assert_eq!(ids(registry.lookup("app.example.com")), [3, 1]);
+        held.extend(take(&extra, MAX_STREAMS as usize));
+        assert_eq!(ids(registry.lookup("app.example.com")), [1, 3]);
+
+        // A full tunnel hands its claim to the one beside it; with both full, a claim
+        // waits for a slot to free.
+        held.extend(take(&first, MAX_STREAMS as usize / 2 + 1));
+        assert!(first.claim().is_none());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let waiting = registry.claim(&first, deadline);
+        tokio::pin!(waiting);
+        assert!(poll_once(waiting.as_mut()).await.is_none());
+        held.truncate(held.len() - 1); // the last slot taken was `first`'s
+        let (got, _slot) = waiting.await.expect("the slot that freed");
+        assert_eq!(got.id, 1);
+
+        // The agent restarted: its new tunnel takes the streams, the old ones are kept
+        // as a fallback, and an extra tunnel joins the new one.
+        let restarted = tunnel_of(4, false, registry.room()).await;
+        registry.insert(restarted.clone(), 4, ok).unwrap();
+        assert_eq!(ids(registry.lookup("app.example.com")), [4, 3, 1]);
+        held.extend(take(&restarted, MAX_STREAMS as usize / 2));
+        registry
+            .insert(tunnel_of(5, true, registry.room()).await, 4, ok)
+            .unwrap();
+        assert_eq!(ids(registry.lookup("app.example.com")), [5, 4, 3, 1]);
+        drop(held);
+    }
+
+    /// Polls `f` once: `Some` if it completed.
+    async fn poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
+        let mut f = f;
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut f).poll(cx) {
+                std::task::Poll::Ready(out) => Some(out),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
     }
 }

@@ -32,6 +32,13 @@ pub const ALPN_QUIC: &[u8] = b"revproxy-quic/1";
 /// ALPN of an h2 agent's mesh channel: HTTP/2 with the agent as client, for the streams it
 /// opens to reach private names.
 pub(crate) const ALPN_CONNECT: &[u8] = b"revproxy-connect/1";
+/// ALPN of an agent's extra h2 tunnel: one it adds beside its tunnel while that one's
+/// streams near their limit, and closes when they are few again (`docs/protocol.md`).
+/// The proxy spreads streams over it and the tunnel it joins, and admits it only while
+/// the agent's tunnels are busy.
+pub(crate) const ALPN_H2_EXTRA: &[u8] = b"revproxy-h2-extra/1";
+/// ALPN of an agent's extra QUIC tunnel (as [`ALPN_H2_EXTRA`]).
+pub(crate) const ALPN_QUIC_EXTRA: &[u8] = b"revproxy-quic-extra/1";
 
 /// Why a TLS setup step failed.
 #[derive(Debug, thiserror::Error)]

@@ -88,7 +88,12 @@ pub(crate) fn tunnel_listener_config(
     ca_der: &[u8],
     is_revoked: Arc<dyn Fn(&str) -> bool + Send + Sync>,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    verified_client_config(cert, ca_der, is_revoked, &[ALPN_H2, super::ALPN_CONNECT])
+    verified_client_config(
+        cert,
+        ca_der,
+        is_revoked,
+        &[ALPN_H2, super::ALPN_CONNECT, super::ALPN_H2_EXTRA],
+    )
 }
 
 /// The admin listener beyond loopback: the same client-certificate checks as a tunnel's
@@ -137,12 +142,12 @@ fn server_config(
     Ok(config)
 }
 
-/// Whether a ClientHello offers ALPN `h2` or the mesh channel's: a connection that needs
-/// a client certificate (a tunnel), rather than an enrollment.
+/// Whether a ClientHello offers ALPN `h2`, an extra tunnel's or the mesh channel's: a
+/// connection that needs a client certificate (a tunnel), rather than an enrollment.
 pub(crate) fn offers_h2(hello: &rustls::server::ClientHello<'_>) -> bool {
-    hello
-        .alpn()
-        .is_some_and(|mut protocols| protocols.any(|p| p == ALPN_H2 || p == super::ALPN_CONNECT))
+    hello.alpn().is_some_and(|mut protocols| {
+        protocols.any(|p| [ALPN_H2, super::ALPN_CONNECT, super::ALPN_H2_EXTRA].contains(&p))
+    })
 }
 
 /// Adds a revocation check to the standard client certificate verification.

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
-use super::{h2, quic, Kind, Link, StreamCounters, StreamLimits};
+use super::{h2, quic, Kind, Link, StreamCounters, StreamLimits, MAX_STREAMS};
 use crate::runtime::lanes::with_subscriber;
 use crate::runtime::shutdown::Trigger;
 use crate::tls::{Credentials, TlsError};
@@ -156,16 +157,33 @@ enum Incoming {
 }
 
 /// Dials the proxy at `server` on `kind` and completes every handshake within `limit`.
+/// An `extra` tunnel is one the agent adds beside its tunnel while that one is busy
+/// ([`crate::tls::ALPN_H2_EXTRA`]).
 pub(crate) async fn connect(
     kind: Kind,
     server: &str,
     creds: &Credentials<'_>,
     limit: Duration,
+    extra: bool,
 ) -> Result<AgentConn, ConnectError> {
     let attempt = async {
         Ok(match kind {
-            Kind::H2 => AgentConn::H2(Box::new(h2::agent::connect(server, creds).await?)),
-            Kind::Quic => AgentConn::Quic(quic::agent::connect(server, creds).await?),
+            Kind::H2 => {
+                let alpn = if extra {
+                    crate::tls::ALPN_H2_EXTRA
+                } else {
+                    crate::tls::ALPN_H2
+                };
+                AgentConn::H2(Box::new(h2::agent::connect(server, creds, alpn).await?))
+            }
+            Kind::Quic => {
+                let alpn = if extra {
+                    crate::tls::ALPN_QUIC_EXTRA
+                } else {
+                    crate::tls::ALPN_QUIC
+                };
+                AgentConn::Quic(quic::agent::connect(server, creds, alpn).await?)
+            }
         })
     };
     tokio::time::timeout(limit, attempt)
@@ -215,48 +233,48 @@ impl AgentConn {
         }
     }
 
-    /// Serves the proxy's streams until the tunnel ends. `retire` (a renewal, or a better
-    /// transport up) stops new streams and lets open ones finish however long they take;
-    /// `stop` (shutdown) does the same with `grace` as a deadline. `limits` bound each
-    /// stream's backend socket. `moving` fires when the proxy says a new process serves it
-    /// now (the supervisor then opens the next tunnel at once).
-    pub(crate) async fn serve<B: Backends>(
-        mut self,
-        backends: Arc<B>,
-        stop: Trigger,
-        retire: Trigger,
-        moving: Trigger,
-        grace: Duration,
-        limits: StreamLimits,
-    ) -> Result<(), TunnelError> {
+    /// Serves the proxy's streams until the tunnel ends ([`Serving`] says how).
+    pub(crate) async fn serve<B: Backends>(self, serving: Serving<B>) -> Result<(), TunnelError> {
+        let Serving {
+            backends,
+            stop,
+            retire,
+            moving,
+            grace,
+            limits,
+            load,
+        } = serving;
+        let mut this = self;
         // On a lane (`runtime::lanes`) the streams' tasks run on the tunnel's thread.
         let mut streams = JoinSet::new();
         let mut retiring = false;
         let mut deadline: Option<tokio::time::Instant> = None;
         let result = loop {
             let draining = retiring || deadline.is_some();
-            if draining && streams.is_empty() && self.drained_when_idle() {
-                self.close("drained");
+            if draining && streams.is_empty() && this.drained_when_idle() {
+                this.close("drained");
                 break Ok(());
             }
             tokio::select! {
-                accepted = self.accept() => match accepted {
+                accepted = this.accept() => match accepted {
                     Ok(Some(Incoming::H2(mut s))) => {
                         if h2::agent::is_moving(&mut s) {
                             info!("the proxy is moving to a new process");
                             moving.fire();
                         } else {
                             let span = tracing::debug_span!("stream");
-                            streams.spawn(with_subscriber(h2::agent::serve_stream(backends.clone(), s, limits.clone()).instrument(span)));
+                            let open = load.opened();
+                            streams.spawn(with_subscriber(counted(open, h2::agent::serve_stream(backends.clone(), s, limits.clone())).instrument(span)));
                         }
                     }
                     Ok(Some(Incoming::Quic(s))) => {
                         let span = tracing::debug_span!("stream");
-                        streams.spawn(with_subscriber(quic::agent::serve_stream(backends.clone(), s, limits.clone()).instrument(span)));
+                        let open = load.opened();
+                        streams.spawn(with_subscriber(counted(open, quic::agent::serve_stream(backends.clone(), s, limits.clone())).instrument(span)));
                     }
                     // The proxy closed the tunnel, or a graceful shutdown completed.
                     Ok(None) => {
-                        if self.moved() {
+                        if this.moved() {
                             info!("the proxy is moving to a new process");
                             moving.fire();
                         }
@@ -266,28 +284,120 @@ impl AgentConn {
                 },
                 () = retire.cancelled(), if !retiring => {
                     debug!(open = streams.len(), "retiring this tunnel: no new streams");
-                    self.goaway().await;
+                    this.goaway().await;
                     retiring = true;
                 }
                 () = stop.cancelled(), if deadline.is_none() => {
                     info!(open = streams.len(), "shutting down: no new streams; draining");
                     if !retiring {
-                        self.goaway().await;
+                        this.goaway().await;
                     }
                     deadline = Some(tokio::time::Instant::now() + grace);
                 }
                 () = sleep_until(deadline), if deadline.is_some() => {
                     warn!(open = streams.len(), "streams still open after the grace period; closing them");
-                    self.close("drain grace over");
+                    this.close("drain grace over");
                     break Ok(());
                 }
                 Some(_) = streams.join_next(), if !streams.is_empty() => {}
             }
         };
         drop(streams);
-        self.finish().await;
+        this.finish().await;
         result
     }
+}
+
+/// How an [`AgentConn`] serves the proxy's streams.
+pub(crate) struct Serving<B> {
+    /// Where each stream goes.
+    pub(crate) backends: Arc<B>,
+    /// Shutdown: no new streams, open ones finish within `grace`.
+    pub(crate) stop: Trigger,
+    /// A renewal, a better transport up, or a tunnel no longer needed: no new streams,
+    /// open ones finish however long they take.
+    pub(crate) retire: Trigger,
+    /// Fired when the proxy says a new process serves it now (the supervisor then opens
+    /// the next tunnel at once).
+    pub(crate) moving: Trigger,
+    pub(crate) grace: Duration,
+    /// Bounds on each stream's backend socket.
+    pub(crate) limits: StreamLimits,
+    /// Where the streams open on the agent's tunnels to this proxy are counted.
+    pub(crate) load: Arc<Load>,
+}
+
+/// The streams open on an agent's tunnels to one proxy (its tunnel and the extra ones it
+/// added beside it), and whether they crowd those tunnels: when the streams reach
+/// [`CROWDED`] of every tunnel's [`MAX_STREAMS`], the agent adds a tunnel.
+#[derive(Debug, Default)]
+pub(crate) struct Load {
+    open: AtomicUsize,
+    /// Tunnels up and taking streams.
+    tunnels: AtomicUsize,
+    crowded: tokio::sync::Notify,
+}
+
+/// The share of its streams a tunnel carries when the agent adds another: early enough
+/// that the next one is up before the last stream is taken (its handshakes take a round
+/// trip or two), late enough that a tunnel is never added for a few streams.
+pub(crate) const CROWDED: (usize, usize) = (3, 4);
+
+impl Load {
+    /// Counts a stream opened; returns its place, which counts it closed as it drops.
+    fn opened(self: &Arc<Self>) -> OpenStream {
+        let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        if open >= self.crowded_at() {
+            self.crowded.notify_one();
+        }
+        OpenStream(self.clone())
+    }
+
+    /// How many streams make the tunnels crowded now.
+    fn crowded_at(&self) -> usize {
+        let tunnels = self.tunnels.load(Ordering::Relaxed).max(1);
+        tunnels * MAX_STREAMS as usize * CROWDED.0 / CROWDED.1
+    }
+
+    /// Streams open now.
+    pub(crate) fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Tunnels counted as taking streams.
+    pub(crate) fn tunnels(&self) -> usize {
+        self.tunnels.load(Ordering::Relaxed)
+    }
+
+    /// Sets the number of tunnels taking streams.
+    pub(crate) fn set_tunnels(&self, tunnels: usize) {
+        self.tunnels.store(tunnels, Ordering::Relaxed);
+    }
+
+    /// Completes once a stream opened while the tunnels were crowded (at once if one did
+    /// since the last call).
+    pub(crate) async fn crowded(&self) {
+        self.crowded.notified().await;
+        // A notification left from before a tunnel was added may be stale.
+        while self.open() < self.crowded_at() {
+            self.crowded.notified().await;
+        }
+    }
+}
+
+/// One open stream's place in a [`Load`].
+struct OpenStream(Arc<Load>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs `stream`, counted open meanwhile.
+async fn counted(open: OpenStream, stream: impl Future<Output = ()>) {
+    stream.await;
+    drop(open);
 }
 
 /// Completes at `deadline`; never without one.

@@ -104,12 +104,14 @@ pub(crate) async fn accept_h2(
     Ok((Link::H2(sender), ProxyConn::H2(Box::new(conn))))
 }
 
-/// Completes a QUIC tunnel; returns it with the agent's (verified) certificate.
+/// Completes a QUIC tunnel; returns it with the agent's (verified) certificate, and
+/// whether it is an extra tunnel ([`crate::tls::ALPN_QUIC_EXTRA`]).
 pub(crate) async fn accept_quic(
     incoming: quinn::Incoming,
-) -> Result<(Link, ProxyConn, Option<Vec<u8>>), AcceptError> {
-    let (conn, der) = quic::proxy::handshake(incoming).await?;
-    Ok((Link::Quic(conn.clone()), ProxyConn::Quic(conn), der))
+) -> Result<(Link, ProxyConn, Option<Vec<u8>>, bool), AcceptError> {
+    let done = quic::proxy::handshake(incoming).await?;
+    let link = Link::Quic(done.conn.clone());
+    Ok((link, ProxyConn::Quic(done.conn), done.der, done.extra))
 }
 
 impl Link {

@@ -29,7 +29,7 @@ use serde::Deserialize;
 
 pub(crate) use agent_end::{
     client_field, connect, is_gone, parse_client_field, AgentConn, Backends, ConnectError,
-    DialRequest, Dialed, Refusal, TunnelError,
+    DialRequest, Dialed, Load, Refusal, Serving, TunnelError, CROWDED,
 };
 pub(crate) use budget::{default_budget, Budget, Gauges, Receiving};
 pub(crate) use choice::Choice;
@@ -60,6 +60,12 @@ pub(crate) const MAX_STREAMS: u32 = 1023;
 /// largest window (2^31 - 1 bytes). Window and stream count trade against each other
 /// under that ceiling; this split keeps a thousand concurrent clients per tunnel.
 pub(crate) const CONNECTION_WINDOW: u32 = STREAM_WINDOW * MAX_STREAMS;
+/// Most extra tunnels an agent adds to one proxy beside its own when its tunnels near
+/// their stream limit (`agent/pool.rs`), and the most the proxy admits for one identity:
+/// with its own tunnel, 64 x [`MAX_STREAMS`], about 65,000 clients at once per agent. An
+/// h2 tunnel cannot carry more streams than [`MAX_STREAMS`] without giving up the stall
+/// isolation its connection window gives; more tunnels can (`docs/protocol.md`).
+pub(crate) const MAX_EXTRA_TUNNELS: usize = 63;
 /// Mesh streams (agent → proxy, to reach a private name) one agent may have open at once
 /// on one tunnel; each pins at most [`STREAM_WINDOW`] at either end like any stream.
 pub(crate) const MAX_UPWARD: u32 = 64;

@@ -13,9 +13,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+mod apart;
 mod deployment;
 mod postgres;
 mod proxy;
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use apart::Apart;
 #[allow(unused_imports)] // each test binary uses its own subset
 pub use deployment::*;
 #[allow(unused_imports)] // each test binary uses its own subset

@@ -47,10 +47,14 @@ fn builder() -> h2::server::Builder {
     b
 }
 
-/// Dials the proxy at `server` and completes TLS and the HTTP/2 handshake (the caller
-/// bounds the whole).
-pub(crate) async fn connect(server: &str, creds: &Credentials<'_>) -> Result<Conn, ConnectError> {
-    let config = creds.client_config(crate::tls::ALPN_H2)?;
+/// Dials the proxy at `server` and completes TLS, offering `alpn`, and the HTTP/2
+/// handshake (the caller bounds the whole).
+pub(crate) async fn connect(
+    server: &str,
+    creds: &Credentials<'_>,
+    alpn: &[u8],
+) -> Result<Conn, ConnectError> {
+    let config = creds.client_config(alpn)?;
     let name = crate::tls::server_name(server)?;
     let tcp = crate::runtime::connect(server)
         .await

@@ -33,14 +33,18 @@ impl Conn {
     }
 }
 
-/// Dials the proxy at `server` over QUIC (the caller bounds the whole).
-pub(crate) async fn connect(server: &str, creds: &Credentials<'_>) -> Result<Conn, ConnectError> {
+/// Dials the proxy at `server` over QUIC, offering `alpn` (the caller bounds the whole).
+pub(crate) async fn connect(
+    server: &str,
+    creds: &Credentials<'_>,
+    alpn: &[u8],
+) -> Result<Conn, ConnectError> {
     let addr = tokio::net::lookup_host(server)
         .await
         .map_err(ConnectError::Resolve)?
         .next()
         .ok_or(ConnectError::NoAddress)?;
-    let crypto = creds.client_config(crate::tls::ALPN_QUIC)?;
+    let crypto = creds.client_config(alpn)?;
     let mut config = crate::tls::quic_client_config(crypto);
     config.transport_config(Arc::new(transport_config(Role::Agent)));
     let local: SocketAddr = if addr.is_ipv6() {

@@ -52,7 +52,10 @@ pub(crate) fn endpoint(
     reading: bool,
     config: quinn::EndpointConfig,
 ) -> std::io::Result<(quinn::Endpoint, ReadSwitch)> {
-    tls.alpn_protocols = vec![crate::tls::ALPN_QUIC.to_vec()];
+    tls.alpn_protocols = vec![
+        crate::tls::ALPN_QUIC.to_vec(),
+        crate::tls::ALPN_QUIC_EXTRA.to_vec(),
+    ];
     let mut server = quinn::ServerConfig::with_crypto(server_crypto(tls));
     server.transport_config(Arc::new(transport_config(Role::Proxy)));
     let switch = ReadSwitch(Arc::new(SwitchState {
@@ -268,9 +271,7 @@ pub(crate) async fn close(endpoint: &quinn::Endpoint, reason: &'static str) {
 /// Completes the handshake (the client certificate is verified inside it, revocation
 /// included) within [`HANDSHAKE_TIMEOUT`]; returns the connection and the agent's
 /// certificate.
-pub(crate) async fn handshake(
-    incoming: quinn::Incoming,
-) -> Result<(quinn::Connection, Option<Vec<u8>>), HandshakeError> {
+pub(crate) async fn handshake(incoming: quinn::Incoming) -> Result<Handshaken, HandshakeError> {
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, async { incoming.await }).await {
         Ok(conn) => conn?,
         Err(_) => return Err(HandshakeError::Timeout),
@@ -279,7 +280,20 @@ pub(crate) async fn handshake(
         .peer_identity()
         .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
         .and_then(|certs| certs.first().map(|c| c.to_vec()));
-    Ok((conn, der))
+    let extra = conn
+        .handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .is_some_and(|data| data.protocol.as_deref() == Some(crate::tls::ALPN_QUIC_EXTRA));
+    Ok(Handshaken { conn, der, extra })
+}
+
+/// A QUIC tunnel whose handshake is done.
+pub(crate) struct Handshaken {
+    pub(crate) conn: quinn::Connection,
+    /// The agent's certificate (verified in the handshake).
+    pub(crate) der: Option<Vec<u8>>,
+    /// An extra tunnel ([`crate::tls::ALPN_QUIC_EXTRA`]).
+    pub(crate) extra: bool,
 }
 
 /// Refuses a tunnel after its handshake (the state no longer admits the agent).

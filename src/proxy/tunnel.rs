@@ -1,0 +1,163 @@
+//! One live tunnel to an agent as the registry holds it: who it belongs to, the [`Link`] to
+//! open streams on, and its stream slots. The proxy counts a tunnel's streams itself (from
+//! the moment one is asked for until it ends) and takes a slot before it asks: a tunnel
+//! whose slots are taken is passed over for another of the same agent that has one, or
+//! waited on, instead of queueing opens inside the tunnel where no other tunnel could
+//! take them.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::admit::Peer;
+use crate::tunnel::{Link, OpenError, OpenRequest, TunnelStream, MAX_STREAMS};
+
+/// One live tunnel to an agent.
+pub(super) struct Tunnel {
+    pub(super) id: u64,
+    /// Agent name (certificate CN).
+    pub(super) agent: String,
+    /// Serial of the certificate the agent connected with, hex.
+    pub(super) serial: String,
+    /// DNS names in the agent's certificate: the most it may ever serve.
+    pub(super) cert_hosts: Vec<String>,
+    /// End of the certificate's validity, Unix seconds.
+    pub(super) not_after: i64,
+    /// Where the agent connected from.
+    pub(super) peer: std::net::SocketAddr,
+    /// When the tunnel came up, Unix seconds.
+    pub(super) since: i64,
+    /// An extra tunnel: one the agent added beside its tunnel while that one was busy
+    /// ([`crate::tls::ALPN_H2_EXTRA`]); it shares the load of the tunnel it joined.
+    pub(super) extra: bool,
+    link: Link,
+    slots: Slots,
+    /// Where the tunnel runs (a lane for h2, the main runtime for QUIC), and its client
+    /// streams are spliced too.
+    pub(super) lane: crate::runtime::lanes::Lane,
+    /// Notified to close the tunnel (revocation).
+    pub(super) close: tokio::sync::Notify,
+    /// The agent retired this tunnel (GOAWAY): no new streams, but it stays on record so
+    /// that a revocation still closes it and its open streams.
+    pub(super) draining: AtomicBool,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("id", &self.id)
+            .field("agent", &self.agent)
+            .field("extra", &self.extra)
+            .field("streams", &self.streams())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a new tunnel is: who, on what, from where, and whether it is an extra one.
+pub(super) struct NewTunnel {
+    pub(super) id: u64,
+    pub(super) who: Peer,
+    pub(super) link: Link,
+    pub(super) peer: std::net::SocketAddr,
+    pub(super) extra: bool,
+    /// Notified whenever a slot frees on a tunnel that had none ([`Registry::room`]).
+    ///
+    /// [`Registry::room`]: super::registry::Registry::room
+    pub(super) room: Arc<tokio::sync::Notify>,
+}
+
+impl Tunnel {
+    pub(super) fn new(new: NewTunnel) -> Tunnel {
+        Tunnel {
+            id: new.id,
+            agent: new.who.agent,
+            serial: new.who.serial,
+            cert_hosts: new.who.cert_hosts,
+            not_after: new.who.not_after,
+            peer: new.peer,
+            since: time::OffsetDateTime::now_utc().unix_timestamp(),
+            extra: new.extra,
+            link: new.link,
+            slots: Slots {
+                used: Arc::new(AtomicUsize::new(0)),
+                room: new.room,
+            },
+            lane: crate::runtime::lanes::Lane::here(),
+            close: tokio::sync::Notify::new(),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Which transport the tunnel runs on, for logs and status.
+    pub(super) fn transport(&self) -> &'static str {
+        self.link.kind().name()
+    }
+
+    /// Streams being opened or open on this tunnel now.
+    pub(super) fn streams(&self) -> usize {
+        self.slots.used.load(Ordering::Relaxed)
+    }
+
+    /// Whether it routes new streams (its agent did not retire it).
+    pub(super) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Takes one of the tunnel's [`MAX_STREAMS`] stream slots, if one is free; it is given
+    /// back as the returned [`Slot`] drops.
+    pub(super) fn claim(&self) -> Option<Slot> {
+        let used = &self.slots.used;
+        let mut now = used.load(Ordering::Relaxed);
+        loop {
+            if now >= MAX_STREAMS as usize {
+                return None;
+            }
+            match used.compare_exchange_weak(now, now + 1, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => {
+                    return Some(Slot {
+                        used: used.clone(),
+                        room: self.slots.room.clone(),
+                    })
+                }
+                Err(actual) => now = actual,
+            }
+        }
+    }
+
+    /// Tells the agent that a new process serves this proxy now.
+    pub(super) async fn tell_moving(&self) {
+        self.link.tell_moving().await;
+    }
+
+    /// Opens a stream for a client on a slot taken with [`Self::claim`]; the caller
+    /// bounds the wait and holds the slot until the stream ends.
+    pub(super) async fn open(
+        &self,
+        req: &OpenRequest<'_>,
+        _slot: &Slot,
+    ) -> Result<TunnelStream, OpenError> {
+        self.link.open(req).await
+    }
+}
+
+/// A tunnel's stream slots.
+struct Slots {
+    used: Arc<AtomicUsize>,
+    room: Arc<tokio::sync::Notify>,
+}
+
+/// One stream's slot on a tunnel, held while the stream is opened and open.
+#[derive(Debug)]
+pub(super) struct Slot {
+    used: Arc<AtomicUsize>,
+    room: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let was = self.used.fetch_sub(1, Ordering::AcqRel);
+        if was >= MAX_STREAMS as usize {
+            // The tunnel had no slot free: whoever waits for one may take this.
+            self.room.notify_waiters();
+        }
+    }
+}
