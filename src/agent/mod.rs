@@ -39,6 +39,7 @@ pub use follow::IDENTITY_CHECK;
 pub use identity::{
     Identity, IdentityError, AGENT_CERT_FILE, AGENT_INFO_FILE, AGENT_KEY_FILE, CA_CERT_FILE,
 };
+pub use pool::EXTRA_TUNNEL_IDLE;
 pub use proxies::{PROXIES_FILE, PROXY_REFRESH};
 pub use renew::{renew_once, Clock, SystemClock};
 
@@ -97,6 +98,7 @@ pub struct AgentBuilder {
     transport: Transport,
     quic_fallback_after: Duration,
     quic_reprobe: Duration,
+    extra_tunnel_idle: Duration,
     admin: Option<tokio::net::TcpListener>,
     connects: Vec<connect::ConnectSpec>,
     proxy_refresh: Duration,
@@ -178,6 +180,13 @@ impl AgentBuilder {
     pub fn quic_fallback(mut self, after: Duration, reprobe: Duration) -> Self {
         self.quic_fallback_after = after;
         self.quic_reprobe = reprobe;
+        self
+    }
+
+    /// How long the streams must have fitted in one tunnel fewer before the agent retires
+    /// an extra tunnel it added while its tunnels were crowded ([`EXTRA_TUNNEL_IDLE`]).
+    pub fn extra_tunnel_idle(mut self, idle: Duration) -> Self {
+        self.extra_tunnel_idle = idle;
         self
     }
 
@@ -264,6 +273,7 @@ impl AgentBuilder {
                 transport: self.transport,
                 quic_fallback_after: self.quic_fallback_after,
                 quic_reprobe: self.quic_reprobe,
+                extra_tunnel_idle: self.extra_tunnel_idle,
                 lanes: crate::runtime::lanes::Lanes::shared().map_err(AgentError::Threads)?,
                 state_dir: self.state_dir.clone(),
                 told: Default::default(),
@@ -391,6 +401,7 @@ impl Agent {
             transport: Transport::H2,
             quic_fallback_after: QUIC_FALLBACK_AFTER,
             quic_reprobe: QUIC_REPROBE,
+            extra_tunnel_idle: EXTRA_TUNNEL_IDLE,
             admin: None,
             connects: Vec::new(),
             proxy_refresh: PROXY_REFRESH,

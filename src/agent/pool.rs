@@ -5,7 +5,7 @@
 //! tunnels to a proxy reach [`CROWDED`] of what those carry, the supervisor adds one more
 //! beside them, an extra tunnel: the proxy spreads streams over it and the tunnel it
 //! joined, least loaded first. Up to [`MAX_EXTRA_TUNNELS`], one at a time. Once the
-//! streams have fitted in one tunnel fewer at a quarter each for [`IDLE_FOR`], the newest
+//! streams have fitted in one tunnel fewer at a quarter each for [`EXTRA_TUNNEL_IDLE`] (or as set), the newest
 //! extra tunnel is retired (its open streams run to their end).
 //!
 //! Extra tunnels belong to the tunnel they joined: when that one is replaced (a renewal,
@@ -25,8 +25,9 @@ use crate::tunnel::{Load, CROWDED, MAX_EXTRA_TUNNELS, MAX_STREAMS};
 
 /// How long the streams must fit in one tunnel fewer before an extra one is retired: long
 /// enough that a load going up and down does not open and close tunnels each time.
-pub(super) const IDLE_FOR: Duration = Duration::from_secs(30);
-/// How often the streams are compared with the tunnels while there are extra ones.
+pub const EXTRA_TUNNEL_IDLE: Duration = Duration::from_secs(30);
+/// How often the streams are compared with the tunnels while there are extra ones, at
+/// most (and a fifth of the idle time when that is shorter).
 const CHECK_EVERY: Duration = Duration::from_secs(5);
 /// First pause after an extra tunnel failed or was refused (the proxy admits one only
 /// while the agent's tunnels are busy by its own count), doubling up to the cap.
@@ -53,10 +54,13 @@ pub(super) struct Pool {
     quiet_since: Option<Instant>,
     /// When the streams are next compared with the tunnels.
     next_check: Instant,
+    /// How long the streams must fit in one tunnel fewer before an extra one is retired.
+    idle: Duration,
 }
 
-impl Default for Pool {
-    fn default() -> Self {
+impl Pool {
+    /// An empty pool whose extra tunnels are retired after `idle` unneeded.
+    pub(super) fn new(idle: Duration) -> Pool {
         let load = Arc::new(Load::default());
         load.set_tunnels(1);
         Pool {
@@ -65,12 +69,15 @@ impl Default for Pool {
             not_before: None,
             retry: Backoff::new(RETRY_MIN, RETRY_MAX),
             quiet_since: None,
-            next_check: Instant::now() + CHECK_EVERY,
+            next_check: Instant::now() + Self::check_every(idle),
+            idle,
         }
     }
-}
 
-impl Pool {
+    fn check_every(idle: Duration) -> Duration {
+        CHECK_EVERY.min(idle / 5)
+    }
+
     /// Where the current tunnel and its extra ones count their streams.
     pub(super) fn load(&self) -> Arc<Load> {
         self.load.clone()
@@ -79,7 +86,7 @@ impl Pool {
     /// A fresh pool for the next tunnel; this one's extra tunnels are retired with the
     /// tunnel they joined (`to_retire`: once the next one is up).
     pub(super) fn start_over(&mut self, to_retire: &Mutex<Vec<Trigger>>) {
-        let old = std::mem::take(self);
+        let old = std::mem::replace(self, Pool::new(self.idle));
         (to_retire.lock().expect("retire list")).extend(old.extras.into_iter().map(|e| e.retire));
     }
 
@@ -140,10 +147,10 @@ impl Pool {
     }
 
     /// Ends a pause that is over, and retires the newest extra tunnel once the streams
-    /// have fitted in one tunnel fewer, at a quarter of each, for [`IDLE_FOR`].
+    /// have fitted in one tunnel fewer, at a quarter of each, for [`EXTRA_TUNNEL_IDLE`] (or as set).
     pub(super) fn check(&mut self) {
         let now = Instant::now();
-        self.next_check = now + CHECK_EVERY;
+        self.next_check = now + Self::check_every(self.idle);
         if self.not_before.is_some_and(|at| at <= now) {
             self.not_before = None;
         }
@@ -154,7 +161,7 @@ impl Pool {
             return;
         }
         let since = *self.quiet_since.get_or_insert(now);
-        if now.duration_since(since) < IDLE_FOR {
+        if now.duration_since(since) < self.idle {
             return;
         }
         self.quiet_since = None;

@@ -47,6 +47,8 @@ pub(super) struct SessionCtx {
     pub(super) transport: Transport,
     pub(super) quic_fallback_after: Duration,
     pub(super) quic_reprobe: Duration,
+    /// How long an extra tunnel must have been unneeded before it is retired (`pool.rs`).
+    pub(super) extra_tunnel_idle: Duration,
     /// Where tunnels run, each with its streams (`runtime::lanes`).
     pub(super) lanes: crate::runtime::lanes::Lanes,
     /// The agent's state directory, for the advice to enroll again.

@@ -60,7 +60,7 @@ pub(super) async fn keep_tunnel_up(
     // A connection a probe made, and the identity it was made with.
     let mut preconnected: Option<(AgentConn, Arc<Identity>)> = None;
     // The extra tunnels beside the current one (`pool.rs`).
-    let mut pool = Pool::default();
+    let mut pool = Pool::new(ctx.extra_tunnel_idle);
     'connect: while !stop.is_fired() {
         pool.start_over(&to_retire);
         let id = renewed.borrow_and_update().clone();
