@@ -158,7 +158,7 @@ impl Session {
         let up = (conn.up_link())
             .filter(|_| !self.extra)
             .map(|link| self.ctx.up.tunnel_up(link));
-        info!(extra = self.extra, "tunnel up");
+        info!(extra = self.extra.then_some(true), "tunnel up");
         let _counted = (!self.extra).then(|| Counted::new(&self.ctx.tunnels_up, &self.target));
         // The tunnels this one replaces are retired once it has lived `OVERLAP`: the proxy
         // registers a tunnel only after its own checks, a moment after the handshake, and

@@ -493,7 +493,7 @@ async fn hold(shared: Arc<Shared>, held: Held, conn: tunnel::ProxyConn, unproven
     };
     drop(unproven);
     shared.metrics.tunnel_up(tunnel.transport());
-    info!(agent = %tunnel.agent, tunnel = id, transport = %tunnel.transport(), extra = tunnel.extra, hosts = %crate::runtime::logging::list(&hosts.public), private = %crate::runtime::logging::list(&hosts.private), "tunnel up");
+    info!(agent = %tunnel.agent, tunnel = id, transport = %tunnel.transport(), extra = tunnel.extra.then_some(true), hosts = %crate::runtime::logging::list(&hosts.public), private = %crate::runtime::logging::list(&hosts.private), "tunnel up");
     // Which of the proxy's reasons closed it, if one did (the metric's label).
     let closed_by = std::sync::OnceLock::new();
     let close = async {
