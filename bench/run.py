@@ -32,6 +32,8 @@ import tempfile
 import termios
 import time
 
+import held
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = {"iperf3": "iperf3", "wrk": "wrk", "ab": "apache2-utils", "nginx": "nginx-light", "openssl": "openssl",
          "ss": "iproute2", "curl": "curl"}
@@ -205,7 +207,8 @@ def start_revproxy(procs, bindir, work, backends, transport="h2", label="revprox
     wait_http(http, f"revproxy {transport}", [f"{work}/proxy.log", f"{work}/agent.log"])
     # Plain HTTP workloads go through the Host-routing listener (the realistic path); the idle
     # and stalled connections use the fixed listener, which opens the stream at accept.
-    return {"iperf": fixed["iperf.bench"], "http": http, "web": fixed["web.bench"], "pids": [proxy.pid, agent.pid]}
+    return {"iperf": fixed["iperf.bench"], "http": http, "web": fixed["web.bench"], "ports": fixed,
+            "pids": [proxy.pid, agent.pid]}
 
 
 def start_rathole(procs, rathole, work, backends):
@@ -244,7 +247,7 @@ def start_rathole(procs, rathole, work, backends):
     cli = procs.start([rathole, "-c", f"{d}/client.toml"], env=env, stderr=open(f"{d}/client.log", "w"))
     wait_http(public["web.bench"], "rathole", [f"{d}/server.log", f"{d}/client.log"])
     return {"iperf": public["iperf.bench"], "http": public["web.bench"], "web": public["web.bench"],
-            "pids": [srv.pid, cli.pid]}
+            "ports": public, "pids": [srv.pid, cli.pid]}
 
 
 def nofile_limit():
@@ -405,6 +408,7 @@ def main():
     ap.add_argument("--only", metavar="TEXT", action="append",
                     help="measure only the figures whose name contains TEXT (repeatable), "
                          "e.g. --only 'new connections': for iterating on one path")
+    ap.add_argument("--held", metavar="N", type=int, help="connections held at once (default 10,000, quick 500)")
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     seconds = 2 if args.quick else 10
@@ -430,6 +434,7 @@ def main():
     if hard < 2 * idle_count + 1000:
         idle_count = max(100, (hard - 1000) // 2)
         log(f"open-file hard limit is {hard}: measuring memory with {idle_count} idle connections")
+    held_count = held.connection_count(args.quick, args.held)
 
     # Stopped from outside: still stop everything started (the `finally` below).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -441,14 +446,15 @@ def main():
     os.chmod(work, 0o755)  # nginx workers run as another user and must read www/
     started = time.time()
     try:
-        nginx_port, iperf_port = free_port(), free_port()
+        nginx_port, iperf_port, echo_port = free_port(), free_port(), free_port()
         start_nginx(procs, work, nginx_port)
         procs.start(["iperf3", "-s", "-p", str(iperf_port)])
         wait_port(iperf_port)
-        backends = {"web.bench": nginx_port, "iperf.bench": iperf_port}
+        held.start_echo(procs, echo_port)
+        backends = {"web.bench": nginx_port, "iperf.bench": iperf_port, "echo.bench": echo_port}
 
         setups = {
-            "direct": {"iperf": iperf_port, "http": nginx_port, "web": nginx_port, "pids": []},
+            "direct": {"iperf": iperf_port, "http": nginx_port, "web": nginx_port, "ports": backends, "pids": []},
             "revproxy h2": start_revproxy(procs, bindir, work, backends),
             "revproxy QUIC": start_revproxy(procs, bindir, work, backends, "quic"),
         }
@@ -504,6 +510,7 @@ def main():
             ("memory per idle stream, both ends (KiB)",
              lambda s: idle_memory(s, nginx_port, idle_count) if s["pids"] else None),
             ("8 streams while a 9th is stalled (Gbit/s)", lambda s: fairness(s, seconds)),
+            ("connections held at once through one agent", lambda s: held.held_connections(s, echo_port, held_count)),
         ]
         if args.only:
             figures = [(name, fn) for name, fn in figures if any(t in name for t in args.only)]
@@ -554,7 +561,8 @@ def main():
         print(f"Machine: {cores} cores ({cpu}), Linux {kernel}. {version}. "
               f"Median of {repeats} alternating repetition(s); "
               + ("QUICK run" if args.quick else f"{seconds}s per iperf3/wrk run, {ab_requests} requests per ab run")
-              + f", {idle_count} idle connections for memory. Took {(time.time() - started) / 60:.1f} min.")
+              + f", {idle_count} idle connections for memory, {held_count} held at once."
+              f" Took {(time.time() - started) / 60:.1f} min.")
         print("Tools: " + "; ".join(tools))
         if not rathole:
             print("rathole: skipped (see the log above).")
