@@ -234,7 +234,10 @@ impl AgentConn {
     }
 
     /// Serves the proxy's streams until the tunnel ends ([`Serving`] says how).
-    pub(crate) async fn serve<B: Backends>(self, serving: Serving<B>) -> Result<(), TunnelError> {
+    pub(crate) async fn serve<B: Backends>(
+        mut self,
+        serving: Serving<B>,
+    ) -> Result<(), TunnelError> {
         let Serving {
             backends,
             stop,
@@ -244,19 +247,18 @@ impl AgentConn {
             limits,
             load,
         } = serving;
-        let mut this = self;
         // On a lane (`runtime::lanes`) the streams' tasks run on the tunnel's thread.
         let mut streams = JoinSet::new();
         let mut retiring = false;
         let mut deadline: Option<tokio::time::Instant> = None;
         let result = loop {
             let draining = retiring || deadline.is_some();
-            if draining && streams.is_empty() && this.drained_when_idle() {
-                this.close("drained");
+            if draining && streams.is_empty() && self.drained_when_idle() {
+                self.close("drained");
                 break Ok(());
             }
             tokio::select! {
-                accepted = this.accept() => match accepted {
+                accepted = self.accept() => match accepted {
                     Ok(Some(Incoming::H2(mut s))) => {
                         if h2::agent::is_moving(&mut s) {
                             info!("the proxy is moving to a new process");
@@ -274,7 +276,7 @@ impl AgentConn {
                     }
                     // The proxy closed the tunnel, or a graceful shutdown completed.
                     Ok(None) => {
-                        if this.moved() {
+                        if self.moved() {
                             info!("the proxy is moving to a new process");
                             moving.fire();
                         }
@@ -284,26 +286,26 @@ impl AgentConn {
                 },
                 () = retire.cancelled(), if !retiring => {
                     debug!(open = streams.len(), "retiring this tunnel: no new streams");
-                    this.goaway().await;
+                    self.goaway().await;
                     retiring = true;
                 }
                 () = stop.cancelled(), if deadline.is_none() => {
                     info!(open = streams.len(), "shutting down: no new streams; draining");
                     if !retiring {
-                        this.goaway().await;
+                        self.goaway().await;
                     }
                     deadline = Some(tokio::time::Instant::now() + grace);
                 }
                 () = sleep_until(deadline), if deadline.is_some() => {
                     warn!(open = streams.len(), "streams still open after the grace period; closing them");
-                    this.close("drain grace over");
+                    self.close("drain grace over");
                     break Ok(());
                 }
                 Some(_) = streams.join_next(), if !streams.is_empty() => {}
             }
         };
         drop(streams);
-        this.finish().await;
+        self.finish().await;
         result
     }
 }
