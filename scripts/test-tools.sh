@@ -6,6 +6,8 @@
 #   ip (Debian's `iproute2`):          network namespaces for the mesh across networks
 #   haproxy (Debian's `haproxy`):      a real load balancer in front of the proxies
 #   nginx, curl:                       a real backend and client for PROXY protocol tests
+#   python3 (Debian's `python3`):      an echo backend in a process of its own (ten thousand
+#                                      clients held through one agent, tests/stalls.rs)
 #   systemd-analyze (Debian's `systemd`), deb-systemd-helper (`init-system-helpers`):
 #                                      verify the units; install the Debian package
 #                                      (scripts/package-test.sh; systemd need not run)
@@ -23,6 +25,7 @@ missing() {
     command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
     command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
     command -v curl >/dev/null 2>&1 || need+=(curl)
+    command -v python3 >/dev/null 2>&1 || need+=(python3)
     command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
     command -v deb-systemd-helper >/dev/null 2>&1 || need+=(init-system-helpers)
 }

@@ -186,7 +186,7 @@ fn serve(file: &std::path::Path, state: &std::path::Path) -> (Running, String, S
 
 /// The echo server in a `python3` process, and its port.
 fn echo_backend_process() -> (Running, u16) {
-    let mut child = Command::new("python3")
+    let mut child = Command::new(tool("python3"))
         .args(["-c", ECHO])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
