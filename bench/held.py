@@ -4,13 +4,12 @@
 N clients connect through the public port to one echo backend behind one agent; each sends
 a unique line and must get exactly that line back while all the others stay open. A
 connection is held once it is answered and still open when the figure is read. The figure
-is how many of N were held, and what each held connection costs in resident memory at
-either end of the tunnel: RSS after all are held minus RSS before, divided by those held.
-"Before" is before the process first held connections: memory it keeps from an earlier
-repetition (its allocator does not give it back) would make later repetitions look free.
-
-Connections that a tunnel accepts but never answers (more than it carries at once) are not
-counted as held, but their memory is in the growth: the figure divides it by the held ones.
+is how many of N were held, and what one more held connection costs in resident memory
+at either end of the tunnel, measured at the margin: the connections are opened in two
+halves, and the RSS growth from the first half held to all held is divided by the
+connections the second half added. The fixed costs (the runtime, the tunnels' buffers) and
+memory a process kept from an earlier repetition (its allocator does not give it back)
+are left out; a build that holds none of the second half shows no figure.
 
     python3 bench/held.py echo PORT   # the echo backend (run.py starts it this way)
 """
@@ -28,8 +27,6 @@ OPENING = 300  # connections being opened (connect + line sent) at once
 OPEN_TIMEOUT = 10.0  # for one connection's connect and send
 OPEN_PHASE = 120.0  # for all N to be opened
 STRAGGLERS = 20.0  # answers still awaited once all are opened (a tunnel may never answer some)
-
-first_rss = {}  # pid -> KiB before the process first held connections
 
 
 def start_echo(procs, port):
@@ -55,10 +52,11 @@ async def serve_echo(port):
         await server.serve_forever()
 
 
-async def hold_many(port, count, on_held):
-    """Opens `count` connections to `port`, each sending a unique line and awaiting its echo.
-    Calls `on_held(held, opened)` once every connection is answered or the stragglers' time
-    is up, with all still open; returns what it returns."""
+async def hold_many(port, count, on_half, on_held):
+    """Opens `count` connections to `port`, each sending a unique line and awaiting its echo,
+    in two halves. Calls `on_half(held, opened)`, then `on_held(held, opened)`, once every
+    connection of the half (all, the second time) is answered or the stragglers' time is
+    up, with all still open; returns what `on_held` returns."""
     opening = asyncio.Semaphore(OPENING)
     writers, answered, done = [], set(), set()  # done: opened or given up on
     salt = secrets.token_hex(6)
@@ -89,19 +87,22 @@ async def hold_many(port, count, on_held):
             pass
         answered.discard(i)
 
-    tasks = [asyncio.create_task(one(i)) for i in range(count)]
+    tasks = []
     try:
-        deadline = time.time() + OPEN_PHASE
-        while len(done) < count and time.time() < deadline:
-            await asyncio.sleep(0.1)
-        opened = len(writers)
-        if opened < count:
-            run.log(f"{opened} of {count} connections opened (the others failed or timed out)")
-        deadline = time.time() + STRAGGLERS
-        while len(answered) < opened and time.time() < deadline:
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(1)  # let lazily started per-connection work settle before reading RSS
-        return on_held(len(answered), opened)
+        for first, last, then in ((0, count // 2, on_half), (count // 2, count, on_held)):
+            tasks += [asyncio.create_task(one(i)) for i in range(first, last)]
+            deadline = time.time() + OPEN_PHASE
+            while len(done) < last and time.time() < deadline:
+                await asyncio.sleep(0.1)
+            opened = len(writers)
+            if opened < last:
+                run.log(f"{opened} of {last} connections opened (the others failed or timed out)")
+            deadline = time.time() + STRAGGLERS
+            while len(answered) < opened and time.time() < deadline:
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1)  # let lazily started per-connection work settle before reading RSS
+            result = then(len(answered), opened)
+        return result
     finally:
         for t in tasks:
             t.cancel()
@@ -111,19 +112,24 @@ async def hold_many(port, count, on_held):
 
 
 def held_connections(setup, echo_port, count):
-    """The figures for one setup: held connections of `count`, and KiB of RSS per held
-    connection at the proxy end and the agent end (None for the direct setup)."""
+    """The figures for one setup: held connections of `count`, and the KiB of RSS one more
+    held connection costs at the proxy end and the agent end, at the margin (None for the
+    direct setup)."""
     port = setup["ports"]["echo.bench"]
     pids = setup["pids"]
     base_conns = run.established(echo_port)
-    before = [first_rss.setdefault(p, run.rss_kib(p)) for p in pids]
     started = time.time()
+    half = {}
+
+    def at_half(held, opened):
+        half.update(held=held, rss=[run.rss_kib(p) for p in pids])
 
     def measure(held, opened):
         after = [run.rss_kib(p) for p in pids]
-        return held, opened, [(a - b) / held if held else None for a, b in zip(after, before)]
+        more = held - half["held"]
+        return held, opened, [(a - b) / more if more > 0 else None for a, b in zip(after, half["rss"])]
 
-    held, opened, per = asyncio.run(hold_many(port, count, measure))
+    held, opened, per = asyncio.run(hold_many(port, count, at_half, measure))
     kib = " and ".join(f"{k:.1f}" if k is not None else "-" for k in per)
     run.log(f"{held:,} of {count:,} connections held ({opened:,} opened) in {time.time() - started:.1f} s"
             + (f"; RSS per held connection, proxy end and agent end: {kib} KiB" if pids else ""))
