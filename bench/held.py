@@ -7,9 +7,11 @@ connection is held once it is answered and still open when the figure is read. T
 is how many of N were held, and what one more held connection costs in resident memory
 at either end of the tunnel, measured at the margin: the connections are opened in two
 halves, and the RSS growth from the first half held to all held is divided by the
-connections the second half added. The fixed costs (the runtime, the tunnels' buffers) and
-memory a process kept from an earlier repetition (its allocator does not give it back)
-are left out; a build that holds none of the second half shows no figure.
+connections the second half added, leaving the fixed costs (the runtime, the tunnels'
+buffers) out. It is measured in each process's first repetition only: later ones hold
+their connections in memory the allocator kept from the first (it does not give it back)
+and would look nearly free, so they report the first one's figure again. A build that
+holds none of the second half shows no figure.
 
     python3 bench/held.py echo PORT   # the echo backend (run.py starts it this way)
 """
@@ -23,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run  # noqa: E402
 
+first_figures = {}  # pids -> the memory figures of their first repetition
 OPENING = 300  # connections being opened (connect + line sent) at once
 OPEN_TIMEOUT = 10.0  # for one connection's connect and send
 OPEN_PHASE = 120.0  # for all N to be opened
@@ -130,6 +133,7 @@ def held_connections(setup, echo_port, count):
         return held, opened, [(a - b) / more if more > 0 else None for a, b in zip(after, half["rss"])]
 
     held, opened, per = asyncio.run(hold_many(port, count, at_half, measure))
+    per = first_figures.setdefault(tuple(pids), per)
     kib = " and ".join(f"{k:.1f}" if k is not None else "-" for k in per)
     run.log(f"{held:,} of {count:,} connections held ({opened:,} opened) in {time.time() - started:.1f} s"
             + (f"; RSS per held connection, proxy end and agent end: {kib} KiB" if pids else ""))
