@@ -183,7 +183,7 @@ async fn handle(
     let settings = arrival.settings.clone();
     // Each phase's state in a box of its own, freed when it is over: what a connection
     // holds while its stream is open is only the splice's (measured: 18 KiB per held
-    // connection on the proxy with these inline, 16 boxed; docs/benchmarks.md).
+    // connection on the proxy with these inline, 13 boxed; docs/benchmarks.md).
     let peeking = Box::pin(read_name(shared, &kind, &mut tcp, arrival, access));
     let Some((name, peeked, reply)) = peeking.await else {
         return;
