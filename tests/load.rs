@@ -1,7 +1,7 @@
 //! Load, over both transports: thousands of client connections at once through one
-//! tunnel, each with bytes of its own that must come back exact. A tunnel carries at most
-//! 1,023 streams at a time (the agent's limit): the rest wait for a slot, within the
-//! proxy's 15 s open deadline, and none may be lost.
+//! agent, each with bytes of its own that must come back exact. A tunnel carries at most
+//! 1,023 streams at a time (the agent's limit): the agent adds tunnels as its streams near
+//! that, the proxy spreads streams over them, and none may be lost.
 //!
 //! `REVPROXY_LOAD_STREAMS` sets the number of connections (default 10,000). Also: a
 //! thousand agents with a tunnel each to one proxy, every name routed to its own agent
@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use revproxy::Transport;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const NAME: &str = "app.example.com";
 
@@ -119,7 +121,6 @@ async fn exchange(
     prefix: &[u8],
     data: &[u8],
 ) -> std::io::Result<Vec<u8>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut rd, mut wr) = tcp.into_split();
     let mut out = prefix.to_vec();
     out.extend_from_slice(data);
@@ -152,7 +153,7 @@ async fn ten_thousand_connections_through_one_tunnel_arrive_byte_exact(t: Transp
                 let back = async {
                     let tcp = {
                         let _turn = connecting.acquire().await.unwrap();
-                        tokio::net::TcpStream::connect(http).await?
+                        TcpStream::connect(http).await?
                     };
                     exchange(tcp, &head, &data).await
                 }
@@ -376,3 +377,94 @@ async fn short_connections(http: std::net::SocketAddr, count: usize) {
         done.unwrap();
     }
 }
+
+/// How long one crowd client may wait for its answer.
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
+/// Clients held at once in the test below: more than one tunnel's 1,023 streams.
+const CROWD: usize = 1_200;
+
+/// An agent whose clients outnumber what one tunnel carries adds a tunnel: the proxy's
+/// status and metrics show the agent's tunnels, the extra one marked, with the streams
+/// each carries; once the clients are gone the agent retires the extra tunnel.
+async fn an_agent_adds_a_tunnel_for_more_clients_than_one_carries_and_retires_it_when_quiet(
+    t: Transport,
+) {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (_, hard) = rlimit::Resource::NOFILE.get().unwrap();
+    rlimit::Resource::NOFILE.set(hard, hard).unwrap();
+    let (admin, admin_addr) = local_listener();
+    let proxy = TestProxy::start_with(|b| {
+        b.admin_listener(admin)
+            .max_connections_per_source(2 * CROWD)
+    })
+    .await;
+    let backend = echo_backend(b"").await;
+    let dir = enroll_agent(&proxy, "web-1", &["app.example.com"]).await;
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], move |b| {
+        b.transport(t).extra_tunnel_idle(Duration::from_secs(1))
+    });
+    proxy.wait_for("app.example.com", 1).await;
+
+    let mut clients = Vec::new();
+    let mut opening = tokio::task::JoinSet::new();
+    for i in 0..CROWD {
+        let http = proxy.http;
+        opening.spawn(async move {
+            let mut tcp = TcpStream::connect(http).await.unwrap();
+            let mut hello = http_head("app.example.com");
+            hello.extend_from_slice(format!("client {i}\n").as_bytes());
+            tcp.write_all(&hello).await.unwrap();
+            let mut back = vec![0; hello.len()];
+            tokio::time::timeout(ANSWER_WAIT, tcp.read_exact(&mut back))
+                .await
+                .unwrap_or_else(|_| panic!("client {i} got no answer"))
+                .unwrap();
+            assert_eq!(back, hello, "client {i}");
+            tcp
+        });
+        if opening.len() == 200 {
+            clients.push(opening.join_next().await.unwrap().unwrap());
+        }
+    }
+    while let Some(client) = opening.join_next().await {
+        clients.push(client.unwrap());
+    }
+
+    let (_, status) = admin_get(admin_addr, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let agent = (status["agents"].as_array().unwrap().iter())
+        .find(|a| a["agent"] == "web-1")
+        .unwrap();
+    let tunnels = agent["tunnels"].as_array().unwrap();
+    let streams: Vec<u64> = tunnels
+        .iter()
+        .map(|t| t["streams"].as_u64().unwrap())
+        .collect();
+    assert_eq!(streams.iter().sum::<u64>(), CROWD as u64, "{tunnels:?}");
+    assert!(streams.iter().all(|&n| n <= 1023), "{streams:?}");
+    assert_eq!(
+        tunnels.iter().filter(|t| t["extra"] == false).count(),
+        1,
+        "one tunnel of its own, the others extra: {tunnels:?}"
+    );
+    let (_, metrics) = admin_get(admin_addr, "/metrics").await;
+    for tunnel in tunnels {
+        let labels = format!(r#"agent="web-1",tunnel="{}""#, tunnel["id"]);
+        let shown = sample(&metrics, "revproxy_tunnel_streams", &labels);
+        assert_eq!(shown, tunnel["streams"].as_f64(), "{labels}");
+    }
+
+    drop(clients);
+    assert!(
+        proxy
+            .status
+            .wait_for_agent("web-1", 1, Duration::from_secs(15))
+            .await,
+        "the extra tunnels were not retired: {} up",
+        proxy.status.tunnels_of("web-1")
+    );
+}
+
+over_both_transports!(
+    an_agent_adds_a_tunnel_for_more_clients_than_one_carries_and_retires_it_when_quiet
+);

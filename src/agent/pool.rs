@@ -2,7 +2,7 @@
 //!
 //! A tunnel carries at most [`MAX_STREAMS`] streams (more would give up the stall isolation
 //! an h2 connection window gives, `docs/protocol.md`). When the streams on an agent's
-//! tunnels to a proxy reach [`CROWDED`] of what those carry, the supervisor adds one more
+//! tunnels to a proxy reach [`CROWDED`](crate::tunnel::agent_end::CROWDED) of what those carry, the supervisor adds one more
 //! beside them, an extra tunnel: the proxy spreads streams over it and the tunnel it
 //! joined, least loaded first. Up to [`MAX_EXTRA_TUNNELS`], one at a time. Once the
 //! streams have fitted in one tunnel fewer at a quarter each for [`EXTRA_TUNNEL_IDLE`] (or as set), the newest
@@ -21,7 +21,7 @@ use tracing::{debug, info};
 use super::session::OVERLAP;
 use crate::runtime::backoff::Backoff;
 use crate::runtime::shutdown::Trigger;
-use crate::tunnel::{Load, CROWDED, MAX_EXTRA_TUNNELS, MAX_STREAMS};
+use crate::tunnel::{Load, MAX_EXTRA_TUNNELS, MAX_STREAMS};
 
 /// How long the streams must fit in one tunnel fewer before an extra one is retired: long
 /// enough that a load going up and down does not open and close tunnels each time.
@@ -176,5 +176,3 @@ impl Pool {
         }
     }
 }
-
-const _: () = assert!(CROWDED.0 * 4 > CROWDED.1, "retiring must not undo adding");

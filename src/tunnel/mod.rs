@@ -29,7 +29,7 @@ use serde::Deserialize;
 
 pub(crate) use agent_end::{
     client_field, connect, is_gone, parse_client_field, AgentConn, Backends, ConnectError,
-    DialRequest, Dialed, Load, Refusal, Serving, TunnelError, CROWDED,
+    DialRequest, Dialed, Load, Refusal, Serving, TunnelError,
 };
 pub(crate) use budget::{default_budget, Budget, Gauges, Receiving};
 pub(crate) use choice::Choice;

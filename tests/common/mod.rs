@@ -13,10 +13,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+mod admin;
 mod apart;
 mod deployment;
 mod postgres;
 mod proxy;
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use admin::{admin_get, sample};
 #[allow(unused_imports)] // each test binary uses its own subset
 pub use apart::Apart;
 #[allow(unused_imports)] // each test binary uses its own subset
@@ -459,28 +462,6 @@ pub fn local_listener() -> (tokio::net::TcpListener, SocketAddr) {
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
     (tokio::net::TcpListener::from_std(listener).unwrap(), addr)
-}
-
-/// `GET path` on an admin listener: (status, body).
-pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let (status, body) = revproxy::admin::client::get(&addr.to_string(), path)
-        .await
-        .unwrap();
-    (status.as_u16(), body)
-}
-
-/// The value of the sample `name{labels}` (labels exactly as exposed, e.g.
-/// `host="app.example.com"`, or empty) in a Prometheus text exposition.
-pub fn sample(exposition: &str, name: &str, labels: &str) -> Option<f64> {
-    let key = if labels.is_empty() {
-        name.to_string()
-    } else {
-        format!("{name}{{{labels}}}")
-    };
-    exposition.lines().find_map(|line| {
-        let (k, v) = line.rsplit_once(' ')?;
-        (k == key).then(|| v.parse().ok()).flatten()
-    })
 }
 
 /// Waits (bounded, looking every 20 ms) until `check` holds; panics with `what` if not.
