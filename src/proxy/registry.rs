@@ -581,7 +581,7 @@ mod tests {
         Arc::new(Tunnel::new(NewTunnel {
             id,
             who,
-            link: crate::tunnel::Link::H2(send),
+            link: crate::tunnel::Link::H2(send, crate::tunnel::h2::settled::channel().1),
             peer,
             extra,
             room,

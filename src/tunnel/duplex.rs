@@ -14,22 +14,25 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::h2::h2_io;
+use super::h2::settled::Settled;
 use super::quic::Unfinished;
 
 /// An h2 stream (either role: the types are the same) as a byte pipe.
 pub(crate) struct H2Io {
     send: h2::SendStream<Bytes>,
     recv: h2::RecvStream,
+    settled: Settled,
     /// Received, not yet read.
     pending: Bytes,
     finished: bool,
 }
 
 impl H2Io {
-    pub(crate) fn new(send: h2::SendStream<Bytes>, recv: h2::RecvStream) -> H2Io {
+    pub(crate) fn new(send: h2::SendStream<Bytes>, recv: h2::RecvStream, settled: Settled) -> H2Io {
         H2Io {
             send,
             recv,
+            settled,
             pending: Bytes::new(),
             finished: false,
         }
@@ -45,6 +48,7 @@ impl AsyncRead for H2Io {
         let this = self.get_mut();
         // An empty DATA frame is not the end: wait for bytes or the end of the stream.
         while this.pending.is_empty() {
+            this.settled.recheck(cx, &mut this.recv);
             match ready!(this.recv.poll_data(cx)) {
                 None => return Poll::Ready(Ok(())),
                 Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),

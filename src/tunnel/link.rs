@@ -8,8 +8,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tracing::debug;
 
+use super::h2::settled::Settled;
 use super::HANDSHAKE_TIMEOUT;
 use super::{duplex, h2, quic, Budget, Kind, Meter, StreamCounters, StreamLimits, Upward};
 
@@ -60,20 +62,22 @@ impl OpenError {
 /// How the proxy opens streams on a tunnel (and an agent its mesh streams).
 #[derive(Clone)]
 pub(crate) enum Link {
-    H2(::h2::client::SendRequest<Bytes>),
+    /// With the tunnel's news of window narrowings that took effect (`h2/settled.rs`).
+    H2(::h2::client::SendRequest<Bytes>, watch::Receiver<()>),
     Quic(quinn::Connection),
 }
 
 /// An open stream, ready to be joined to its client's socket.
 pub(crate) enum TunnelStream {
-    H2(::h2::SendStream<Bytes>, ::h2::RecvStream),
+    H2(::h2::SendStream<Bytes>, ::h2::RecvStream, Settled),
     /// The bytes are what followed the agent's answer in the same read.
     Quic(quinn::SendStream, quinn::RecvStream, Bytes),
 }
 
 /// A tunnel connection on the proxy whose handshakes are done, to be driven until it ends.
 pub(crate) enum ProxyConn {
-    H2(Box<h2::proxy::Conn>),
+    /// With where to say that a window narrowing took effect.
+    H2(Box<h2::proxy::Conn>, h2::settled::Narrowed),
     Quic(quinn::Connection),
 }
 
@@ -101,7 +105,9 @@ pub(crate) async fn accept_h2(
     tls: tokio_rustls::server::TlsStream<h2::TunnelIo>,
 ) -> Result<(Link, ProxyConn), AcceptError> {
     let (sender, conn) = h2::proxy::handshake(tls).await?;
-    Ok((Link::H2(sender), ProxyConn::H2(Box::new(conn))))
+    let (narrowed, settled) = h2::settled::channel();
+    let link = Link::H2(sender, settled);
+    Ok((link, ProxyConn::H2(Box::new(conn), narrowed)))
 }
 
 /// Completes a QUIC tunnel; returns it with the agent's (verified) certificate, and
@@ -118,7 +124,7 @@ impl Link {
     /// Which transport the tunnel runs on.
     pub(crate) fn kind(&self) -> Kind {
         match self {
-            Link::H2(_) => Kind::H2,
+            Link::H2(..) => Kind::H2,
             Link::Quic(_) => Kind::Quic,
         }
     }
@@ -127,9 +133,9 @@ impl Link {
     /// the wait.
     pub(crate) async fn open(&self, req: &OpenRequest<'_>) -> Result<TunnelStream, OpenError> {
         match self {
-            Link::H2(sender) => {
+            Link::H2(sender, settled) => {
                 let (send, recv) = h2::proxy::open(sender, req).await?;
-                Ok(TunnelStream::H2(send, recv))
+                Ok(TunnelStream::H2(send, recv, Settled::new(settled)))
             }
             Link::Quic(conn) => {
                 let (send, recv, first) = quic::proxy::open(conn, req).await?;
@@ -146,7 +152,7 @@ impl Link {
     /// [`HANDSHAKE_TIMEOUT`].
     pub(crate) async fn tell_moving(&self) {
         match self {
-            Link::H2(sender) => {
+            Link::H2(sender, _) => {
                 let told = tokio::time::timeout(HANDSHAKE_TIMEOUT, h2::proxy::tell_moving(sender));
                 if let Ok(Err(e)) = told.await {
                     debug!(error = %e, "could not tell an agent to move");
@@ -172,7 +178,9 @@ impl TunnelStream {
     /// The stream as a byte pipe, to be joined to another tunnel stream (the mesh).
     pub(crate) fn into_duplex(self) -> duplex::Duplex {
         match self {
-            TunnelStream::H2(send, recv) => duplex::Duplex::H2(duplex::H2Io::new(send, recv)),
+            TunnelStream::H2(send, recv, settled) => {
+                duplex::Duplex::H2(duplex::H2Io::new(send, recv, settled))
+            }
             TunnelStream::Quic(send, recv, first) => {
                 duplex::Duplex::Quic(duplex::quic_io(send, recv, first))
             }
@@ -188,8 +196,8 @@ impl TunnelStream {
     ) -> Moved {
         let meter = Meter::new(&limits, counters);
         let result = match self {
-            TunnelStream::H2(send, recv) => {
-                h2::splice::splice(tcp, send, recv, limits.send_timeout, &meter).await
+            TunnelStream::H2(send, recv, settled) => {
+                h2::splice::splice(tcp, send, recv, settled, limits.send_timeout, &meter).await
             }
             TunnelStream::Quic(send, recv, first) => {
                 let send = quic::Unfinished::new(send);
@@ -233,7 +241,7 @@ impl ProxyConn {
         match self {
             // An h2 agent retires a tunnel with GOAWAY, which the proxy learns from the
             // next stream it tries to open there.
-            ProxyConn::H2(conn) => h2::proxy::drive(*conn, close, budget).await,
+            ProxyConn::H2(conn, narrowed) => h2::proxy::drive(*conn, close, budget, narrowed).await,
             ProxyConn::Quic(conn) => quic::proxy::drive(conn, close, retire, upward).await,
         }
     }

@@ -99,5 +99,7 @@ pub(crate) async fn connect_mesh_channel(
     creds: &Credentials<'_>,
 ) -> Result<(Link, h2::mesh::Drive), ConnectError> {
     let (sender, drive) = h2::mesh::connect(server, creds).await?;
-    Ok((Link::H2(sender), drive))
+    // The agent has no budget: its windows never narrow (the sender is dropped).
+    let (_, settled) = h2::settled::channel();
+    Ok((Link::H2(sender, settled), drive))
 }

@@ -172,6 +172,8 @@ pub(crate) async fn serve_stream<B: Backends>(
         dialed.stream,
         send,
         request.into_body(),
+        // The agent's windows never narrow: it has no budget.
+        super::settled::Settled::never(),
         limits.send_timeout,
         &meter,
     )

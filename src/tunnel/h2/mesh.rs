@@ -153,6 +153,8 @@ impl Incoming {
     /// Accepts the stream: answers 200 and returns it as a byte pipe.
     pub(crate) fn accept(mut self) -> Option<crate::tunnel::duplex::H2Io> {
         let send = self.respond.send_response(Response::new(()), false).ok()?;
-        Some(crate::tunnel::duplex::H2Io::new(send, self.recv))
+        // The mesh channel's windows never narrow (the budget applies to tunnels).
+        let settled = super::settled::Settled::never();
+        Some(crate::tunnel::duplex::H2Io::new(send, self.recv, settled))
     }
 }

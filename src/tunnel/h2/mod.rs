@@ -13,6 +13,7 @@ pub(crate) mod agent;
 pub(crate) mod gather;
 pub(crate) mod mesh;
 pub(crate) mod proxy;
+pub(crate) mod settled;
 pub(crate) mod splice;
 
 use std::io;

@@ -13,6 +13,7 @@ use http::{Method, Request, StatusCode};
 use tokio_rustls::server::TlsStream;
 
 use super::gather::Gathered;
+use super::settled::Narrowed;
 use super::{
     keepalive, TunnelIo, CALLER_HEADER, CLIENT_ADDR_HEADER, CONTROL_AUTHORITY, CONTROL_HEADER,
     ERROR_HEADER, MOVING, TLS_SEND_BUFFER,
@@ -68,11 +69,13 @@ const SETTINGS_RETRY: Duration = Duration::from_millis(50);
 /// Its streams' receive window follows `budget` ([`Budget`]): each change is sent as
 /// `SETTINGS_INITIAL_WINDOW_SIZE`, which moves the window of every open stream too. The
 /// budget wakes nobody: the connection reads its window (one atomic load) each time it
-/// wakes anyway, for a frame or at the latest the keep-alive PING.
+/// wakes anyway, for a frame or at the latest the keep-alive PING. Once the agent has
+/// acknowledged a narrower window, `narrowed` tells the streams (`settled.rs`).
 pub(crate) async fn drive(
     mut conn: Conn,
     close: impl Future<Output = &'static str>,
     budget: &Budget,
+    narrowed: Narrowed,
 ) -> String {
     let ping = conn.ping_pong().expect("ping_pong is taken once");
     let keepalive = keepalive(ping);
@@ -80,6 +83,8 @@ pub(crate) async fn drive(
     let mut applied = super::STREAM_WINDOW;
     // The agent has not acknowledged the previous change yet.
     let mut unacknowledged = false;
+    // A narrower window was sent, and the streams have not been told it took effect.
+    let mut narrowing = false;
     loop {
         let changed = std::future::poll_fn(|_| match budget.window() {
             want if want == applied => Poll::Pending,
@@ -99,11 +104,23 @@ pub(crate) async fn drive(
             want = changed, if !unacknowledged => {
                 // Refused only while the previous change is unacknowledged.
                 match conn.set_initial_window_size(want) {
-                    Ok(()) => applied = want,
+                    Ok(()) => {
+                        narrowing |= want < applied;
+                        applied = want;
+                    }
                     Err(_) => unacknowledged = true,
                 }
             }
-            () = tokio::time::sleep(SETTINGS_RETRY), if unacknowledged => unacknowledged = false,
+            () = tokio::time::sleep(SETTINGS_RETRY), if unacknowledged || narrowing => {
+                unacknowledged = false;
+                // h2 tells nobody when the agent acknowledges SETTINGS; it refuses new
+                // ones until then. Accepted, the same window again changes nothing, and
+                // the narrower one before it is in effect on every open stream.
+                if narrowing && conn.set_initial_window_size(applied).is_ok() {
+                    narrowing = false;
+                    narrowed.send_replace(());
+                }
+            }
         }
     }
 }

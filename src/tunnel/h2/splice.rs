@@ -12,6 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::h2_io;
+use super::settled::Settled;
 use crate::tunnel::{read_some, Meter, Progress};
 
 /// Bytes read from a socket per step. Only allocated once the socket is readable, so an
@@ -93,6 +94,7 @@ pub(crate) async fn socket_to_stream(
 /// written with one vectored write: a syscall per frame was the largest cost per byte.
 pub(crate) async fn stream_to_socket(
     recv: &mut RecvStream,
+    settled: &mut Settled,
     wr: &mut OwnedWriteHalf,
     send_timeout: Duration,
     meter: &Meter,
@@ -102,7 +104,11 @@ pub(crate) async fn stream_to_socket(
     let mut ended = false;
     let mut progress = Progress::new(send_timeout);
     while !ended {
-        match progress.next(recv.data()).await {
+        let data = poll_fn(|cx| {
+            settled.recheck(cx, recv);
+            recv.poll_data(cx)
+        });
+        match progress.next(data).await {
             Some(chunk) => batch.push(chunk.map_err(h2_io)?),
             None => break,
         }
@@ -166,13 +172,14 @@ pub(crate) async fn splice(
     tcp: tokio::net::TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
+    mut settled: Settled,
     send_timeout: Duration,
     meter: &Meter,
 ) -> io::Result<(u64, u64)> {
     let (mut rd, mut wr) = tcp.into_split();
     let pumped = crate::tunnel::both_ways(
         socket_to_stream(&mut rd, &mut send, meter),
-        stream_to_socket(&mut recv, &mut wr, send_timeout, meter),
+        stream_to_socket(&mut recv, &mut settled, &mut wr, send_timeout, meter),
         meter.idle(),
     )
     .await;
