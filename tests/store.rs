@@ -130,6 +130,59 @@ async fn an_agent_enrolled_through_one_proxy_serves_clients_arriving_at_all_thre
     }
 }
 
+/// When a proxy joins or leaves, the proxies tell the agents on their tunnels: an agent
+/// that asked for the list at its start (and would ask again only in a minute) serves
+/// through each of two proxies started after it within 10 s (`wait_for`'s limit), and
+/// drops one that stopped from its list within as long.
+async fn agents_hear_of_proxies_joining_and_leaving(t: revproxy::agent::Transport) {
+    let d = Deployment::new();
+    let first = TestProxy::start_member(d.member_dir(), &d.url, "127.0.0.1", |b| b).await;
+    let backend = echo_backend(b"A:").await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = d.token("web-1", &["app.example.com"], first.addr);
+    revproxy::agent::enroll(&token, dir.path()).await.unwrap();
+    // The default poll, every minute: longer than anything here waits.
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], |b| {
+        b.transport(t)
+    });
+    first.wait_for("app.example.com", 1).await;
+    let mut proxies = vec![first];
+    for ip in ["127.0.0.2", "127.0.0.3"] {
+        let joined = TestProxy::start_member(d.member_dir(), &d.url, ip, |b| b).await;
+        // The others see it at their next heartbeat (5 s at most) and tell their agents.
+        joined.wait_for("app.example.com", 1).await;
+        proxies.push(joined);
+    }
+    for p in &proxies {
+        reaches(p, "app.example.com", b"A:").await;
+    }
+    let gone = proxies.pop().unwrap();
+    let gone_addr = gone.addr.to_string();
+    gone.stop().await;
+    let list = dir.path().join(revproxy::agent::PROXIES_FILE);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&list).unwrap().contains(&gone_addr) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent still lists {gone_addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for p in &proxies {
+        reaches(p, "app.example.com", b"A:").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_agents_hear_of_proxies_joining_and_leaving() {
+    agents_hear_of_proxies_joining_and_leaving(revproxy::agent::Transport::H2).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_agents_hear_of_proxies_joining_and_leaving() {
+    agents_hear_of_proxies_joining_and_leaving(revproxy::agent::Transport::Quic).await
+}
+
 /// `store migrate` moves a proxy's state into PostgreSQL: the agent enrolled before goes
 /// on without enrolling again, and nothing serves from the old file any more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -277,6 +277,7 @@ impl AgentBuilder {
                 lanes: crate::runtime::lanes::Lanes::shared().map_err(AgentError::Threads)?,
                 state_dir: self.state_dir.clone(),
                 told: Default::default(),
+                proxies_told: tokio::sync::watch::channel(bytes::Bytes::new()).0,
             }),
             identity,
             state_dir: self.state_dir,

@@ -153,7 +153,8 @@ async fn finish(running: HashMap<Target, Trigger>, mut tasks: JoinSet<()>) {
     while tasks.join_next().await.is_some() {}
 }
 
-/// Asks for the list now and every `refresh`, and hands on every change.
+/// Asks for the list now and every `refresh`, and hands on every change; a list a proxy
+/// sends over a tunnel (`tunnel/control.rs`) counts as an answer, at once.
 async fn learn(
     ctx: &SessionCtx,
     identity: watch::Receiver<Arc<Identity>>,
@@ -162,6 +163,7 @@ async fn learn(
     list: watch::Sender<Vec<ProxyAddr>>,
     stop: &Trigger,
 ) {
+    let mut told = ctx.proxies_told.subscribe();
     let mut failing = false;
     loop {
         let id = identity.borrow().clone();
@@ -184,14 +186,7 @@ async fn learn(
         match learned {
             Some(proxies) => {
                 failing = false;
-                if *list.borrow() != proxies {
-                    info!(proxies = %crate::runtime::logging::list(proxies.iter().map(|p| format!("{}@{}", p.id, p.address))),
-                          "proxies to keep a tunnel to");
-                    if let Err(e) = save(state_dir, &proxies) {
-                        warn!(error = %e, "cannot remember the proxy list");
-                    }
-                    list.send_replace(proxies);
-                }
+                adopt(state_dir, &list, proxies);
             }
             None if !failing => {
                 failing = true;
@@ -199,11 +194,43 @@ async fn learn(
             }
             None => {}
         }
-        tokio::select! {
-            () = tokio::time::sleep(refresh) => {}
-            () = stop.cancelled() => return,
+        let next_poll = tokio::time::sleep(refresh);
+        tokio::pin!(next_poll);
+        loop {
+            tokio::select! {
+                () = &mut next_poll => break,
+                () = stop.cancelled() => return,
+                Ok(()) = told.changed() => {
+                    let sent = told.borrow_and_update().clone();
+                    match parse(&sent) {
+                        Ok(proxies) => adopt(state_dir, &list, proxies),
+                        Err(e) => warn!(error = %e, "a proxy sent a proxy list this agent cannot use; ignored"),
+                    }
+                }
+            }
         }
     }
+}
+
+/// Takes `proxies` as the list if it differs from the one in `list`: remembered, and
+/// handed to the supervisors.
+fn adopt(state_dir: &Path, list: &watch::Sender<Vec<ProxyAddr>>, proxies: Vec<ProxyAddr>) {
+    if *list.borrow() == proxies {
+        return;
+    }
+    info!(proxies = %crate::runtime::logging::list(proxies.iter().map(|p| format!("{}@{}", p.id, p.address))),
+          "proxies to keep a tunnel to");
+    if let Err(e) = save(state_dir, &proxies) {
+        warn!(error = %e, "cannot remember the proxy list");
+    }
+    list.send_replace(proxies);
+}
+
+/// The list in a `GET /v1/proxies` answer, checked.
+fn parse(body: &[u8]) -> Result<Vec<ProxyAddr>, String> {
+    let reply: ProxiesReply =
+        serde_json::from_slice(body).map_err(|e| format!("unreadable proxy list: {e}"))?;
+    checked(reply.proxies)
 }
 
 /// Asks the proxy at `addr` for the list. A proxy that does not know the request (older)
@@ -230,9 +257,7 @@ async fn fetch(addr: &str, id: &Identity) -> Result<Vec<ProxyAddr>, String> {
             ))
         }
     }
-    let reply: ProxiesReply =
-        serde_json::from_slice(&body).map_err(|e| format!("unreadable proxy list: {e}"))?;
-    checked(reply.proxies)
+    parse(&body)
 }
 
 /// The list, if every entry is a valid id and address and there are not too many;

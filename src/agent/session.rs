@@ -55,6 +55,9 @@ pub(super) struct SessionCtx {
     pub(super) state_dir: std::path::PathBuf,
     /// Whether the proxy's refusal of the current certificate was reported already.
     pub(super) told: super::refusal::Told,
+    /// The newest proxy list a proxy sent over a tunnel, unchecked (`proxies.rs` checks
+    /// it).
+    pub(super) proxies_told: tokio::sync::watch::Sender<bytes::Bytes>,
 }
 
 /// Why a session ended badly.
@@ -179,6 +182,7 @@ impl Session {
             grace: self.ctx.drain_grace,
             limits: self.ctx.stream_limits.clone(),
             load: self.load.clone(),
+            proxies: self.ctx.proxies_told.clone(),
         });
         tokio::pin!(serve);
         let mut retiring = false;

@@ -44,13 +44,17 @@ pub(super) fn start(shared: Arc<Shared>) -> Background {
 /// within the store's staleness bound (`PROXY_STALE_SECS`, 30 s).
 pub(super) const HEARTBEAT: Duration = Duration::from_secs(5);
 
-/// Announces this proxy in the shared store and keeps the list of its peers.
+/// Announces this proxy in the shared store and keeps the list of its peers; tells the
+/// agents on its tunnels when the list changes.
 async fn heartbeat(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    // Telling the agents of the newest change; a newer change replaces it.
+    let mut telling: JoinSet<()> = JoinSet::new();
     loop {
         tick.tick().await;
+        while telling.try_join_next().is_some() {}
         let (store, me, beating) = (shared.ca.state().clone(), shared.me.clone(), shared.clone());
         let beat = tokio::task::spawn_blocking(move || {
             if !beating.withdrawn.load(std::sync::atomic::Ordering::SeqCst) {
@@ -66,6 +70,9 @@ async fn heartbeat(shared: Arc<Shared>) {
                 if *known != peers {
                     info!(proxies = %crate::runtime::logging::list(peers.iter().map(|p| &p.id)), "proxies sharing the store");
                     *known = peers;
+                    drop(known);
+                    telling.abort_all();
+                    telling.spawn(tell_agents(shared.clone()));
                 }
             }
             Ok(Err(e)) if !failing => {
@@ -75,6 +82,40 @@ async fn heartbeat(shared: Arc<Shared>) {
             Ok(Err(_)) => {}
             Err(e) => warn!(error = %e, "heartbeat task failed"),
         }
+    }
+}
+
+/// Most agents told of a change in the proxy list at once.
+const TELL_AT_ONCE: usize = 256;
+
+/// Tells the agent of each tunnel (its own ones; extra tunnels share their agent) which
+/// proxies share the store now, so that it opens a tunnel to one that joined within
+/// seconds, not at its next poll (`tunnel/control.rs`).
+async fn tell_agents(shared: Arc<Shared>) {
+    let list = serde_json::to_vec(&super::enroll::proxy_list(&shared)).expect("list serializes");
+    if list.len() > crate::tunnel::control::MAX_PROXY_LIST {
+        warn!(
+            bytes = list.len(),
+            "the proxy list is too long to send to agents; they poll for it"
+        );
+        return;
+    }
+    let list = bytes::Bytes::from(list);
+    let tunnels = shared.registry.own_tunnels();
+    let total = tunnels.len();
+    let (mut told, mut running) = (0usize, JoinSet::new());
+    for tunnel in tunnels {
+        if running.len() >= TELL_AT_ONCE {
+            told += usize::from(matches!(running.join_next().await, Some(Ok(true))));
+        }
+        let list = list.clone();
+        running.spawn(async move { tunnel.tell_proxies(list).await });
+    }
+    while let Some(done) = running.join_next().await {
+        told += usize::from(matches!(done, Ok(true)));
+    }
+    if total > 0 {
+        info!(told, tunnels = total, "told the agents of the proxy list");
     }
 }
 

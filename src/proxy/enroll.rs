@@ -114,6 +114,13 @@ fn proxies(
         );
     };
     debug!(serial, "proxy list asked for");
+    json(StatusCode::OK, &proxy_list(shared))
+}
+
+/// The proxies sharing this proxy's store that agents can reach, from memory (the
+/// heartbeat's last read): what `GET /v1/proxies` answers, and what a change tells the
+/// agents on this proxy's tunnels (`background.rs`).
+pub(super) fn proxy_list(shared: &Shared) -> ProxiesReply {
     let mut list: Vec<ProxyAddr> = (shared.peers.read().expect("peers lock").iter())
         .filter_map(|p| {
             Some(ProxyAddr {
@@ -132,13 +139,10 @@ fn proxies(
             address: address.clone(),
         });
     }
-    json(
-        StatusCode::OK,
-        &ProxiesReply {
-            proxy: shared.me.id.clone(),
-            proxies: list,
-        },
-    )
+    ProxiesReply {
+        proxy: shared.me.id.clone(),
+        proxies: list,
+    }
 }
 
 /// A 503 for a store that cannot be reached: the request may be repeated as it is.

@@ -378,6 +378,15 @@ impl Registry {
             .collect()
     }
 
+    /// The tunnels an agent opened as its own (not extra ones) and has not retired.
+    pub(super) fn own_tunnels(&self) -> Vec<Arc<Tunnel>> {
+        let inner = self.inner.read().expect("registry lock");
+        (inner.tunnels.values())
+            .filter(|(t, _)| !t.extra && !t.is_draining())
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
+
     /// Every live tunnel and the names it serves now, oldest first.
     pub(super) fn snapshot(&self) -> Vec<(Arc<Tunnel>, Vec<String>, bool)> {
         let inner = self.inner.read().expect("registry lock");

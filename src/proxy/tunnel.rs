@@ -128,6 +128,11 @@ impl Tunnel {
         self.link.tell_moving().await;
     }
 
+    /// Tells the agent which proxies share the store now; says whether it took it.
+    pub(super) async fn tell_proxies(&self, list: bytes::Bytes) -> bool {
+        self.link.tell_proxies(list).await
+    }
+
     /// Opens a stream for a client on a slot taken with [`Self::claim`]; the caller
     /// bounds the wait and holds the slot until the stream ends.
     pub(super) async fn open(

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
@@ -154,6 +155,8 @@ pub(crate) enum AgentConn {
 enum Incoming {
     H2(h2::agent::Incoming),
     Quic(quic::agent::Incoming),
+    /// A control stream (`control.rs`).
+    QuicControl(quinn::RecvStream),
 }
 
 /// Dials the proxy at `server` on `kind` and completes every handshake within `limit`.
@@ -195,7 +198,10 @@ impl AgentConn {
     async fn accept(&mut self) -> Result<Option<Incoming>, TunnelError> {
         Ok(match self {
             AgentConn::H2(conn) => conn.accept().await?.map(Incoming::H2),
-            AgentConn::Quic(conn) => conn.accept().await?.map(Incoming::Quic),
+            AgentConn::Quic(conn) => conn.accept().await?.map(|accepted| match accepted {
+                quic::agent::Accepted::Stream(s) => Incoming::Quic(s),
+                quic::agent::Accepted::Control(c) => Incoming::QuicControl(c),
+            }),
         })
     }
 
@@ -246,9 +252,12 @@ impl AgentConn {
             grace,
             limits,
             load,
+            proxies,
         } = serving;
         // On a lane (`runtime::lanes`) the streams' tasks run on the tunnel's thread.
         let mut streams = JoinSet::new();
+        // Control messages being read (each bounded by `CONTROL_TIMEOUT`).
+        let mut messages = JoinSet::new();
         let mut retiring = false;
         let mut deadline: Option<tokio::time::Instant> = None;
         let result = loop {
@@ -259,15 +268,22 @@ impl AgentConn {
             }
             tokio::select! {
                 accepted = self.accept() => match accepted {
-                    Ok(Some(Incoming::H2(mut s))) => {
-                        if h2::agent::is_moving(&mut s) {
+                    Ok(Some(Incoming::H2(mut s))) => match h2::agent::control(&mut s) {
+                        Some(h2::agent::Control::Moving) => {
                             info!("the proxy is moving to a new process");
                             moving.fire();
-                        } else {
+                        }
+                        Some(h2::agent::Control::Proxies) => {
+                            messages.spawn(with_subscriber(told(h2::agent::read_proxy_list(s), proxies.clone())));
+                        }
+                        None => {
                             let span = tracing::debug_span!("stream");
                             let open = load.opened();
                             streams.spawn(with_subscriber(counted(open, h2::agent::serve_stream(backends.clone(), s, limits.clone())).instrument(span)));
                         }
+                    },
+                    Ok(Some(Incoming::QuicControl(c))) => {
+                        messages.spawn(with_subscriber(told(quic::agent::read_proxy_list(c), proxies.clone())));
                     }
                     Ok(Some(Incoming::Quic(s))) => {
                         let span = tracing::debug_span!("stream");
@@ -302,9 +318,10 @@ impl AgentConn {
                     break Ok(());
                 }
                 Some(_) = streams.join_next(), if !streams.is_empty() => {}
+                Some(_) = messages.join_next(), if !messages.is_empty() => {}
             }
         };
-        drop(streams);
+        drop((streams, messages));
         self.finish().await;
         result
     }
@@ -327,6 +344,17 @@ pub(crate) struct Serving<B> {
     pub(crate) limits: StreamLimits,
     /// Where the streams open on the agent's tunnels to this proxy are counted.
     pub(crate) load: Arc<Load>,
+    /// Where a proxy list the proxy sends goes (`control.rs`), as the proxy sent it: the
+    /// agent checks it as it checks an answer to its poll.
+    pub(crate) proxies: tokio::sync::watch::Sender<Bytes>,
+}
+
+/// Hands on the proxy list a control message carries, once read.
+async fn told(list: impl Future<Output = Option<Bytes>>, to: tokio::sync::watch::Sender<Bytes>) {
+    if let Some(list) = list.await {
+        debug!("the proxy told of the proxies sharing its store");
+        to.send_replace(list);
+    }
 }
 
 /// The streams open on an agent's tunnels to one proxy (its tunnel and the extra ones it

@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::debug;
 
+use super::control::CONTROL_TIMEOUT;
 use super::h2::settled::Settled;
 use super::HANDSHAKE_TIMEOUT;
 use super::{duplex, h2, quic, Budget, Kind, Meter, StreamCounters, StreamLimits, Upward};
@@ -162,6 +163,27 @@ impl Link {
                 quinn::VarInt::from_u32(quic::code::MOVING),
                 b"proxy moving to a new process",
             ),
+        }
+    }
+
+    /// Tells the agent which proxies share the store now (`control.rs`), within
+    /// [`CONTROL_TIMEOUT`]; says whether the agent took it.
+    pub(crate) async fn tell_proxies(&self, list: Bytes) -> bool {
+        let told = async {
+            match self {
+                Link::H2(sender, _) => h2::proxy::tell_proxies(sender, list)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Link::Quic(conn) => quic::proxy::tell_proxies(conn, list).await,
+            }
+        };
+        match tokio::time::timeout(CONTROL_TIMEOUT, told).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                debug!(error = %e, "could not tell an agent of the proxy list");
+                false
+            }
+            Err(_) => false,
         }
     }
 }

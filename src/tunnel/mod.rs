@@ -15,6 +15,7 @@
 mod agent_end;
 mod budget;
 mod choice;
+pub(crate) mod control;
 pub(crate) mod duplex;
 pub(crate) mod h2;
 mod link;

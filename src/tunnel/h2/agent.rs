@@ -16,9 +16,10 @@ use tracing::{debug, info, warn};
 use super::gather::Gathered;
 use super::{
     keepalive, splice, KeepaliveError, TunnelIo, CALLER_HEADER, CONTROL_HEADER, ERROR_HEADER,
-    MOVING,
+    MOVING, PROXIES,
 };
 use crate::tls::Credentials;
+use crate::tunnel::control::{CONTROL_TIMEOUT, MAX_PROXY_LIST};
 use crate::tunnel::{
     Backends, ConnectError, DialRequest, Meter, Refusal, StreamLimits, TunnelError,
 };
@@ -100,15 +101,56 @@ impl Conn {
     }
 }
 
-/// Whether a `CONNECT` is the proxy saying it is moving to a new process; if so it is
-/// answered here.
-pub(crate) fn is_moving((request, respond): &mut Incoming) -> bool {
-    let moving =
-        request.headers().get(CONTROL_HEADER).map(|v| v.as_bytes()) == Some(MOVING.as_bytes());
-    if moving {
+/// A message from the proxy rather than a stream (see [`CONTROL_HEADER`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Control {
+    /// A new process serves the proxy now; answered already.
+    Moving,
+    /// The proxy list is in the body: [`read_proxy_list`] reads and answers it.
+    Proxies,
+}
+
+/// Which message a `CONNECT` is, if it is one; a `moving` one is answered here.
+pub(crate) fn control((request, respond): &mut Incoming) -> Option<Control> {
+    let control = match request.headers().get(CONTROL_HEADER)?.as_bytes() {
+        v if v == MOVING.as_bytes() => Control::Moving,
+        v if v == PROXIES.as_bytes() => Control::Proxies,
+        _ => return None,
+    };
+    if control == Control::Moving {
         let _ = respond.send_response(Response::new(()), true);
     }
-    moving
+    Some(control)
+}
+
+/// Reads the proxy list a [`Control::Proxies`] message carries, if it is whole within
+/// [`CONTROL_TIMEOUT`] and [`MAX_PROXY_LIST`], and answers the message (400 otherwise).
+pub(crate) async fn read_proxy_list((request, mut respond): Incoming) -> Option<Bytes> {
+    let mut body = request.into_body();
+    let read = async {
+        let mut list = bytes::BytesMut::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.ok()?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            if list.len() + chunk.len() > MAX_PROXY_LIST {
+                return None;
+            }
+            list.extend_from_slice(&chunk);
+        }
+        Some(list.freeze())
+    };
+    let list = tokio::time::timeout(CONTROL_TIMEOUT, read)
+        .await
+        .ok()
+        .flatten();
+    let status = match list {
+        Some(_) => StatusCode::OK,
+        None => StatusCode::BAD_REQUEST,
+    };
+    let mut answer = Response::new(());
+    *answer.status_mut() = status;
+    let _ = respond.send_response(answer, true);
+    list
 }
 
 /// Serves one `CONNECT`: find the backend, dial it, answer, splice.

@@ -33,12 +33,16 @@ pub(crate) const CLIENT_ADDR_HEADER: &str = "x-revproxy-client";
 pub(crate) const CALLER_HEADER: &str = "x-revproxy-caller";
 /// Header carrying a one-line reason on a refused `CONNECT`.
 pub(crate) const ERROR_HEADER: &str = "x-revproxy-error";
-/// A `CONNECT` with this header is no stream but a message from the proxy: `moving` says
-/// that a new process serves the proxy's sockets now (`serve --upgrade`): the agent opens
-/// a tunnel there at once and retires this one once that is up.
+/// A `CONNECT` with this header is no stream but a message from the proxy: [`MOVING`] or
+/// [`PROXIES`].
 pub(crate) const CONTROL_HEADER: &str = "x-revproxy-control";
-/// The one control message, and the authority its `CONNECT` names (never a real name).
+/// A new process serves the proxy's sockets now (`serve --upgrade`): the agent opens a
+/// tunnel there at once and retires this one once that is up.
 pub(crate) const MOVING: &str = "moving";
+/// The proxies sharing the store changed: the body is the new list, as `GET /v1/proxies`
+/// answers it (at most [`crate::tunnel::control::MAX_PROXY_LIST`] bytes).
+pub(crate) const PROXIES: &str = "proxies";
+/// The authority a control message's `CONNECT` names (never a real name).
 pub(crate) const CONTROL_AUTHORITY: &str = "control.revproxy.invalid";
 
 /// What a `CONNECT` asks for: the name (`:authority`, lower-cased) and the client address

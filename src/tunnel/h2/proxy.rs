@@ -16,7 +16,7 @@ use super::gather::Gathered;
 use super::settled::Narrowed;
 use super::{
     keepalive, TunnelIo, CALLER_HEADER, CLIENT_ADDR_HEADER, CONTROL_AUTHORITY, CONTROL_HEADER,
-    ERROR_HEADER, MOVING, TLS_SEND_BUFFER,
+    ERROR_HEADER, MOVING, PROXIES, TLS_SEND_BUFFER,
 };
 use crate::tunnel::{Budget, OpenError, OpenRequest, HANDSHAKE_TIMEOUT};
 
@@ -186,6 +186,26 @@ pub(crate) async fn tell_moving(sender: &SendRequest<Bytes>) -> Result<(), h2::E
         .body(())
         .expect("a valid control request");
     let (response, _send) = sender.send_request(request, true)?;
+    response.await?;
+    Ok(())
+}
+
+/// Tells the agent which proxies share the store now ([`PROXIES`]: `list` is the body);
+/// returns once the agent answered (the caller bounds the wait). An agent from before
+/// this answers with a refusal and learns the list at its next poll.
+pub(crate) async fn tell_proxies(
+    sender: &SendRequest<Bytes>,
+    list: Bytes,
+) -> Result<(), h2::Error> {
+    let mut sender = sender.clone().ready().await?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(CONTROL_AUTHORITY)
+        .header(CONTROL_HEADER, PROXIES)
+        .body(())
+        .expect("a valid control request");
+    let (response, mut send) = sender.send_request(request, false)?;
+    send.send_data(list, true)?;
     response.await?;
     Ok(())
 }

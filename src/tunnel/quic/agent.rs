@@ -11,11 +11,42 @@ use tracing::{debug, info, warn};
 
 use super::{code, read_frame, splice, transport_config, udp_socket, Role, GOAWAY, HEADER_TIMEOUT};
 use crate::tls::Credentials;
+use crate::tunnel::control::{CONTROL_TIMEOUT, MAX_PROXY_LIST, QUIC_PROXIES};
 use crate::tunnel::{Backends, ConnectError, DialRequest, Meter, StreamLimits, TunnelError};
 use crate::wire::stream::{Answer, StreamHeader};
 
 /// One stream the proxy opened, not yet answered.
 pub(crate) type Incoming = (quinn::SendStream, quinn::RecvStream);
+
+/// What the proxy opened: a stream for a client, or a control message (`control.rs`).
+pub(crate) enum Accepted {
+    Stream(Incoming),
+    Control(quinn::RecvStream),
+}
+
+/// Reads a control message: the proxy list it carries, if that is what it is and it is
+/// whole within [`CONTROL_TIMEOUT`] and [`MAX_PROXY_LIST`].
+pub(crate) async fn read_proxy_list(mut recv: quinn::RecvStream) -> Option<bytes::Bytes> {
+    let limit = QUIC_PROXIES.len() + MAX_PROXY_LIST;
+    let read = tokio::time::timeout(CONTROL_TIMEOUT, recv.read_to_end(limit)).await;
+    match read {
+        Ok(Ok(msg)) if msg.starts_with(QUIC_PROXIES) => {
+            Some(bytes::Bytes::from(msg).slice(QUIC_PROXIES.len()..))
+        }
+        Ok(Ok(_)) => {
+            debug!("a control message this agent does not know; ignored");
+            None
+        }
+        Ok(Err(e)) => {
+            debug!(error = %e, "a control message could not be read");
+            None
+        }
+        Err(_) => {
+            debug!("a control message did not arrive whole in time");
+            None
+        }
+    }
+}
 
 /// A QUIC tunnel whose handshake is done. The endpoint is kept so that the close is sent
 /// before its socket goes.
@@ -79,10 +110,14 @@ pub(crate) async fn connect(
 }
 
 impl Conn {
-    /// The next stream; `None` once the proxy closed the tunnel.
-    pub(crate) async fn accept(&mut self) -> Result<Option<Incoming>, TunnelError> {
-        match self.conn.accept_bi().await {
-            Ok(incoming) => Ok(Some(incoming)),
+    /// The next stream or control message; `None` once the proxy closed the tunnel.
+    pub(crate) async fn accept(&mut self) -> Result<Option<Accepted>, TunnelError> {
+        let accepted = tokio::select! {
+            bi = self.conn.accept_bi() => bi.map(Accepted::Stream),
+            uni = self.conn.accept_uni() => uni.map(Accepted::Control),
+        };
+        match accepted {
+            Ok(accepted) => Ok(Some(accepted)),
             Err(quinn::ConnectionError::ApplicationClosed(close)) => {
                 debug!(reason = %String::from_utf8_lossy(&close.reason), "tunnel closed by the proxy");
                 self.moved = close.error_code == VarInt::from_u32(code::MOVING);

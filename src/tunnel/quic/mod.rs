@@ -171,16 +171,18 @@ pub(crate) enum Role {
 }
 
 /// The transport settings of a tunnel end. Each side lets its peer open only what the
-/// protocol needs: the proxy takes no bidirectional streams from an agent (so an agent
-/// cannot make it buffer data nobody reads) and at most two control streams; the agent
-/// takes client streams and no control streams. No datagrams either way.
+/// protocol needs: the proxy takes at most [`MAX_UPWARD`] mesh streams from an agent and
+/// at most two control streams; the agent takes client streams and two control streams
+/// (the proxy list, `control.rs`). No datagrams either way.
+///
+/// [`MAX_UPWARD`]: crate::tunnel::MAX_UPWARD
 pub(crate) fn transport_config(role: Role) -> quinn::TransportConfig {
     // The proxy takes at most MAX_UPWARD mesh streams from an agent; the agent takes the
     // proxy's client streams. Both receive on both kinds, so the connection window covers
     // every stream's window at once (stalled streams never hold back the others).
     let (bidi, uni) = match role {
         Role::Proxy => (crate::tunnel::MAX_UPWARD, 2),
-        Role::Agent => (MAX_STREAMS, 0),
+        Role::Agent => (MAX_STREAMS, 2),
     };
     let window = u64::from(STREAM_WINDOW) * u64::from(MAX_STREAMS + crate::tunnel::MAX_UPWARD);
     let mut t = quinn::TransportConfig::default();

@@ -454,3 +454,18 @@ pub(crate) async fn open(
 pub(crate) fn stop_accepting(endpoint: &quinn::Endpoint) {
     endpoint.set_server_config(None);
 }
+
+/// Tells the agent which proxies share the store now: a control stream of its own
+/// (`control.rs`); the caller bounds the wait. An agent from before this takes no control
+/// streams: the wait runs out, and it learns the list at its next poll.
+pub(crate) async fn tell_proxies(conn: &quinn::Connection, list: Bytes) -> Result<(), String> {
+    let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
+    let mut chunks = [
+        Bytes::from_static(crate::tunnel::control::QUIC_PROXIES),
+        list,
+    ];
+    send.write_all_chunks(&mut chunks)
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())
+}
