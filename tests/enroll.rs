@@ -128,7 +128,7 @@ async fn a_proxy_with_another_ca_is_not_trusted() {
         .ca
         .list_tokens(time::OffsetDateTime::now_utc())
         .unwrap();
-    assert_eq!(tokens[0].state, revproxy::ca::TokenState::Unused);
+    assert_eq!(tokens[0].state, revproxy::ca::TokenState::Open);
     proxy.stop().await;
 }
 
@@ -269,7 +269,7 @@ async fn failed_attempts_are_rate_limited_per_source() {
         .unwrap();
     assert_eq!(
         tokens[0].state,
-        revproxy::ca::TokenState::Unused,
+        revproxy::ca::TokenState::Open,
         "a refused attempt spends nothing"
     );
     // ...but the holder of the valid token, behind the same address (a NAT), enrolls.

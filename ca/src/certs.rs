@@ -41,33 +41,47 @@ impl CertState {
 impl Ca {
     /// Every certificate still on record, oldest first.
     pub fn list_certs(&self, now: OffsetDateTime) -> Result<Vec<CertInfo>, CaError> {
+        let mut all = Vec::new();
+        self.each_cert(now, None, |c| {
+            all.push(c);
+            Ok::<_, CaError>(())
+        })?;
+        Ok(all)
+    }
+
+    /// Calls `each` with every certificate on record (of `agent` only, when given), oldest
+    /// first; stops at the first error `each` returns.
+    pub fn each_cert<E: From<CaError>>(
+        &self,
+        now: OffsetDateTime,
+        agent: Option<&str>,
+        mut each: impl FnMut(CertInfo) -> Result<(), E>,
+    ) -> Result<(), E> {
         let now = now.unix_timestamp();
-        Ok(self
-            .state
-            .read()?
-            .certs
-            .into_iter()
-            .map(|c| {
-                let third = (c.not_after - c.not_before) / 3;
-                let state = if c.revoked_at.is_some() {
-                    CertState::Revoked
-                } else if now >= c.not_after {
-                    CertState::Expired
-                } else if c.not_after - now <= third {
-                    CertState::Expiring
-                } else {
-                    CertState::Valid
-                };
-                CertInfo {
-                    serial: c.serial,
-                    agent: c.agent,
-                    hosts: c.hosts,
-                    not_before: c.not_before,
-                    not_after: c.not_after,
-                    state,
-                }
-            })
-            .collect())
+        for c in self.state.read()?.certs {
+            if agent.is_some_and(|a| a != c.agent) {
+                continue;
+            }
+            let third = (c.not_after - c.not_before) / 3;
+            let state = if c.revoked_at.is_some() {
+                CertState::Revoked
+            } else if now >= c.not_after {
+                CertState::Expired
+            } else if c.not_after - now <= third {
+                CertState::Expiring
+            } else {
+                CertState::Valid
+            };
+            each(CertInfo {
+                serial: c.serial,
+                agent: c.agent,
+                hosts: c.hosts,
+                not_before: c.not_before,
+                not_after: c.not_after,
+                state,
+            })?;
+        }
+        Ok(())
     }
 
     /// Revokes the certificate with serial `what`, or every certificate of agent `what`.

@@ -58,9 +58,29 @@ impl Ca {
         })
     }
 
-    /// Every access rule: agent and the names it may reach.
+    /// Every access rule: agent and the names it may reach, by agent name.
     pub fn list_access(&self) -> Result<Vec<(String, Vec<String>)>, CaError> {
-        Ok(self.state.read()?.access.into_iter().collect())
+        let mut all = Vec::new();
+        self.each_access(None, |agent, names| {
+            all.push((agent, names));
+            Ok::<_, CaError>(())
+        })?;
+        Ok(all)
+    }
+
+    /// Calls `each` with every agent's access rule (only `agent`'s, when given), by agent
+    /// name; stops at the first error `each` returns.
+    pub fn each_access<E: From<CaError>>(
+        &self,
+        agent: Option<&str>,
+        mut each: impl FnMut(String, Vec<String>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for (name, names) in self.state.read()?.access {
+            if agent.is_none_or(|a| a == name) {
+                each(name, names)?;
+            }
+        }
+        Ok(())
     }
 
     /// Names granted privately that a public wildcard also covers, as (private name,

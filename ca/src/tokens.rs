@@ -42,22 +42,36 @@ pub struct TokenInfo {
     pub id: String,
     pub agent: String,
     pub hosts: Vec<String>,
+    pub private_hosts: Vec<String>,
+    pub connect: Vec<String>,
+    pub created: Unix,
     pub expires: Unix,
     pub state: TokenState,
+    /// When it was traded, and the serial of the certificate it bought.
+    pub used: Option<(Unix, String)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenState {
-    Unused,
+    /// Can still be traded.
+    Open,
     Used,
     Expired,
     Revoked,
 }
 
+/// Which tokens [`Ca::each_token`] visits: those of one agent, in one state (all when
+/// `None`).
+#[derive(Clone, Debug, Default)]
+pub struct TokenFilter {
+    pub agent: Option<String>,
+    pub state: Option<TokenState>,
+}
+
 impl TokenState {
     pub fn as_str(self) -> &'static str {
         match self {
-            TokenState::Unused => "unused",
+            TokenState::Open => "open",
             TokenState::Used => "used",
             TokenState::Expired => "expired",
             TokenState::Revoked => "revoked",
@@ -141,20 +155,43 @@ impl Ca {
 
     /// All tokens still on record, oldest first.
     pub fn list_tokens(&self, now: OffsetDateTime) -> Result<Vec<TokenInfo>, CaError> {
+        let mut all = Vec::new();
+        self.each_token(now, &TokenFilter::default(), |t| {
+            all.push(t);
+            Ok::<_, CaError>(())
+        })?;
+        Ok(all)
+    }
+
+    /// Calls `each` with every token on record that `filter` lets through, oldest first;
+    /// stops at the first error `each` returns.
+    pub fn each_token<E: From<CaError>>(
+        &self,
+        now: OffsetDateTime,
+        filter: &TokenFilter,
+        mut each: impl FnMut(TokenInfo) -> Result<(), E>,
+    ) -> Result<(), E> {
         let now = now.unix_timestamp();
-        Ok(self
-            .state
-            .read()?
-            .tokens
-            .into_iter()
-            .map(|t| TokenInfo {
-                state: token_state(&t, now),
+        let state = self.state.read()?;
+        let agent = filter.agent.as_deref();
+        for t in state.tokens {
+            let status = token_state(&t, now);
+            if agent.is_some_and(|a| a != t.agent) || filter.state.is_some_and(|s| s != status) {
+                continue;
+            }
+            each(TokenInfo {
+                state: status,
+                used: t.used.map(|u| (u.at, u.serial)),
                 id: t.id,
                 agent: t.agent,
                 hosts: t.hosts,
+                private_hosts: t.private_hosts,
+                connect: t.connect,
+                created: t.created,
                 expires: t.expires,
-            })
-            .collect())
+            })?;
+        }
+        Ok(())
     }
 
     /// Revokes a token so that it can never be used. Revoking a used token is allowed (and
@@ -180,6 +217,6 @@ fn token_state(t: &TokenRecord, now: Unix) -> TokenState {
     } else if now >= t.expires {
         TokenState::Expired
     } else {
-        TokenState::Unused
+        TokenState::Open
     }
 }

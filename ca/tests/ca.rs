@@ -133,7 +133,7 @@ fn token_names_server_pin_and_lists_without_secret() {
     let list = ca.list_tokens(now()).unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].hosts, ["app.example.com", "*.example.org"]);
-    assert_eq!(list[0].state, TokenState::Unused);
+    assert_eq!(list[0].state, TokenState::Open);
     let on_disk = String::from_utf8(state_bytes(tmp.path())).unwrap();
     assert!(
         !on_disk.contains(&t.secret.to_base64()),

@@ -391,3 +391,90 @@ fn enroll_server_overrides_the_token_address() {
         serde_json::from_slice(&std::fs::read(agent.join("agent.json")).unwrap()).unwrap();
     assert_eq!(saved["server"], addr.as_str());
 }
+
+/// `token list`, `cert list` and `access list` take `--agent` (and `token list`
+/// `--status`) and print one JSON array with `--json`; a status that does not exist is a
+/// usage error.
+#[test]
+fn lists_filter_by_agent_and_status_and_print_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("proxy");
+    let (_serve, addr, _) = serve(&state);
+    let token = |agent: &str| {
+        let args = ["token", "create", "--name", agent, "--host"];
+        let host = format!("{agent}.example.com");
+        let out = run(
+            PROXY,
+            &[&args[..], &[&host, "--server", &addr]].concat(),
+            &state,
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out).trim().to_string()
+    };
+    let (used, _open, revoked) = (token("web-1"), token("web-1"), token("web-1"));
+    token("db-1");
+    let out = run(
+        AGENT,
+        &["enroll", "--token", &used],
+        &tmp.path().join("agent"),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed = |args: &[&str]| -> Vec<serde_json::Value> {
+        let out = run(PROXY, args, &state);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        serde_json::from_str::<serde_json::Value>(&stdout(&out))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", stdout(&out)))
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let all = listed(&["token", "list", "--json"]);
+    assert_eq!(all.len(), 4, "{all:?}");
+    let web = listed(&["token", "list", "--agent", "web-1", "--json"]);
+    assert_eq!(web.len(), 3, "{web:?}");
+    assert!(web.iter().all(|t| t["agent"] == "web-1"));
+    let victim = revproxy::ca::Token::parse(&revoked).unwrap().public.id;
+    assert!(web.iter().any(|t| t["id"] == victim.as_str()), "{web:?}");
+    assert!(run(PROXY, &["token", "revoke", &victim], &state)
+        .status
+        .success());
+    for (status, want) in [("open", 1), ("used", 1), ("revoked", 1), ("expired", 0)] {
+        let got = listed(&[
+            "token", "list", "--agent", "web-1", "--status", status, "--json",
+        ]);
+        assert_eq!(got.len(), want, "{status}: {got:?}");
+        assert!(got.iter().all(|t| t["status"] == status), "{got:?}");
+    }
+    let spent = &listed(&["token", "list", "--status", "used", "--json"])[0];
+    assert!(
+        spent["used_at"].is_string() && spent["serial"].is_string(),
+        "{spent}"
+    );
+    assert_eq!(spent["hosts"], serde_json::json!(["web-1.example.com"]));
+    // The table filters too.
+    let table = stdout(&run(PROXY, &["token", "list", "--agent", "db-1"], &state));
+    assert_eq!(table.lines().count(), 2, "{table}");
+    assert!(table.lines().nth(1).unwrap().contains("db-1"), "{table}");
+    let bad = run(PROXY, &["token", "list", "--status", "unused"], &state);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("open"), "{}", stderr(&bad));
+
+    let certs = listed(&["cert", "list", "--agent", "web-1", "--json"]);
+    assert_eq!(certs.len(), 1, "{certs:?}");
+    assert_eq!(certs[0]["status"], "valid");
+    assert_eq!(certs[0]["serial"], spent["serial"]);
+    assert!(listed(&["cert", "list", "--agent", "db-1", "--json"]).is_empty());
+
+    let out = run(
+        PROXY,
+        &["access", "allow", "web-1", "db-1.example.com"],
+        &state,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rules = listed(&["access", "list", "--agent", "web-1", "--json"]);
+    assert_eq!(
+        rules,
+        vec![serde_json::json!({"agent": "web-1", "names": ["db-1.example.com"]})]
+    );
+    assert!(listed(&["access", "list", "--agent", "db-1", "--json"]).is_empty());
+}

@@ -5,6 +5,7 @@ use revproxy::ca::names::{name_matches, normalize_host};
 use revproxy::ca::state::State;
 use time::OffsetDateTime;
 
+use crate::listing::Listing;
 use crate::state::StateArg;
 use crate::{names_or_nothing, Failure};
 
@@ -22,8 +23,17 @@ pub(crate) enum AccessCommand {
     },
     /// Take NAME... back from AGENT; its open streams to them are cut within seconds.
     Revoke(Rule),
-    /// Show every access rule.
-    List(StateArg),
+    /// Show the access rules, by agent name.
+    List {
+        #[command(flatten)]
+        state: StateArg,
+        /// Only this agent's rule
+        #[arg(long, value_name = "NAME")]
+        agent: Option<String>,
+        /// One JSON array of {"agent", "names"}
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The arguments of `allow` and `revoke`: an agent and the names it gains or loses.
@@ -77,11 +87,15 @@ impl AccessCommand {
                 let left = state.open()?.revoke_access(&agent, &names)?;
                 eprintln!("{agent} may now reach: {}", names_or_nothing(&left));
             }
-            AccessCommand::List(state) => {
-                println!("{:<20}  NAMES", "AGENT");
-                for (agent, names) in state.open()?.list_access()? {
-                    println!("{:<20}  {}", agent, names.join(","));
-                }
+            AccessCommand::List { state, agent, json } => {
+                let ca = state.open()?;
+                let mut out = Listing::start(json, &format!("{:<20}  NAMES", "AGENT"))?;
+                ca.each_access(agent.as_deref(), |agent, names| {
+                    let text = || format!("{:<20}  {}", agent, names.join(","));
+                    let json = || serde_json::json!({"agent": agent, "names": names});
+                    out.row(text, json).map_err(Failure::from)
+                })?;
+                out.finish()?;
             }
         }
         Ok(())

@@ -3,13 +3,24 @@
 use clap::Subcommand;
 use time::OffsetDateTime;
 
+use crate::listing::{self, Listing};
 use crate::state::StateArg;
 use crate::{report_revoked, Failure};
 
 #[derive(Subcommand)]
 pub(crate) enum CertCommand {
-    /// List issued certificates with their state.
-    List(StateArg),
+    /// List issued certificates with their state, oldest first.
+    List {
+        #[command(flatten)]
+        state: StateArg,
+        /// Only the certificates of this agent
+        #[arg(long, value_name = "NAME")]
+        agent: Option<String>,
+        /// One JSON array of {"serial", "agent", "status", "hosts", "not_before",
+        /// "not_after"} (times RFC 3339)
+        #[arg(long)]
+        json: bool,
+    },
     /// Revoke a certificate by serial, or every certificate of an agent.
     Revoke {
         #[command(flatten)]
@@ -23,23 +34,38 @@ pub(crate) enum CertCommand {
 impl CertCommand {
     pub(crate) fn run(self, now: OffsetDateTime) -> Result<(), Failure> {
         match self {
-            CertCommand::List(state) => {
+            CertCommand::List { state, agent, json } => {
                 let ca = state.open()?;
-                println!(
+                let header = format!(
                     "{:<40}  {:<20}  {:<8}  {:<20}  {:<20}  HOSTS",
                     "SERIAL", "AGENT", "STATE", "NOT BEFORE", "NOT AFTER"
                 );
-                for c in ca.list_certs(now)? {
-                    println!(
-                        "{:<40}  {:<20}  {:<8}  {:<20}  {:<20}  {}",
-                        c.serial,
-                        c.agent,
-                        c.state.as_str(),
-                        revproxy::runtime::rfc3339(c.not_before),
-                        revproxy::runtime::rfc3339(c.not_after),
-                        c.hosts.join(",")
-                    );
-                }
+                let mut out = Listing::start(json, &header)?;
+                ca.each_cert(now, agent.as_deref(), |c| {
+                    let text = || {
+                        format!(
+                            "{:<40}  {:<20}  {:<8}  {:<20}  {:<20}  {}",
+                            c.serial,
+                            c.agent,
+                            c.state.as_str(),
+                            listing::time(c.not_before),
+                            listing::time(c.not_after),
+                            c.hosts.join(",")
+                        )
+                    };
+                    let json = || {
+                        serde_json::json!({
+                            "serial": c.serial,
+                            "agent": c.agent,
+                            "status": c.state.as_str(),
+                            "hosts": c.hosts,
+                            "not_before": listing::time(c.not_before),
+                            "not_after": listing::time(c.not_after),
+                        })
+                    };
+                    out.row(text, json).map_err(Failure::from)
+                })?;
+                out.finish()?;
             }
             CertCommand::Revoke { state, what } => {
                 report_revoked(&what, &state.open()?.revoke_certs(&what, now)?);

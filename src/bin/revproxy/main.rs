@@ -5,6 +5,7 @@ mod agent;
 mod ca;
 mod cert;
 mod check;
+mod listing;
 mod operator;
 mod sentence;
 mod serve;

@@ -7,6 +7,7 @@ use revproxy::ca::{self, NewToken};
 use revproxy::config::parse_duration;
 use time::OffsetDateTime;
 
+use crate::listing::{self, Listing};
 use crate::state::StateArg;
 use crate::Failure;
 
@@ -41,8 +42,22 @@ pub(crate) enum TokenCommand {
         #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_cert_ttl)]
         cert_ttl: Duration,
     },
-    /// List tokens with their state; never shows secrets.
-    List(StateArg),
+    /// List tokens with their state, oldest first; never shows secrets.
+    List {
+        #[command(flatten)]
+        state: StateArg,
+        /// Only the tokens of this agent
+        #[arg(long, value_name = "NAME")]
+        agent: Option<String>,
+        /// Only the tokens in this state
+        #[arg(long, value_enum)]
+        status: Option<Status>,
+        /// One JSON array of {"id", "agent", "status", "hosts", "private_hosts",
+        /// "connect", "created", "expires", "used_at", "serial"} (times RFC 3339; the last
+        /// two null until the token is used)
+        #[arg(long)]
+        json: bool,
+    },
     /// Revoke a token so that it can never be used.
     Revoke {
         #[command(flatten)]
@@ -51,6 +66,27 @@ pub(crate) enum TokenCommand {
         #[arg(value_name = "TOKEN_ID")]
         id: String,
     },
+}
+
+/// A token's state, as `--status` names it.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum Status {
+    /// Can still be traded
+    Open,
+    Used,
+    Expired,
+    Revoked,
+}
+
+impl From<Status> for ca::TokenState {
+    fn from(s: Status) -> Self {
+        match s {
+            Status::Open => ca::TokenState::Open,
+            Status::Used => ca::TokenState::Used,
+            Status::Expired => ca::TokenState::Expired,
+            Status::Revoked => ca::TokenState::Revoked,
+        }
+    }
 }
 
 impl TokenCommand {
@@ -88,22 +124,50 @@ impl TokenCommand {
                 println!("{}", token.encode());
                 crate::note_private_under_public(&ca, now, &granted);
             }
-            TokenCommand::List(state) => {
+            TokenCommand::List {
+                state,
+                agent,
+                status,
+                json,
+            } => {
                 let ca = state.open()?;
-                println!(
+                let filter = ca::TokenFilter {
+                    agent,
+                    state: status.map(Into::into),
+                };
+                let header = format!(
                     "{:<16}  {:<20}  {:<8}  {:<20}  HOSTS",
                     "ID", "AGENT", "STATE", "EXPIRES"
                 );
-                for t in ca.list_tokens(now)? {
-                    println!(
-                        "{:<16}  {:<20}  {:<8}  {:<20}  {}",
-                        t.id,
-                        t.agent,
-                        t.state.as_str(),
-                        revproxy::runtime::rfc3339(t.expires),
-                        t.hosts.join(",")
-                    );
-                }
+                let mut out = Listing::start(json, &header)?;
+                ca.each_token(now, &filter, |t| {
+                    let text = || {
+                        format!(
+                            "{:<16}  {:<20}  {:<8}  {:<20}  {}",
+                            t.id,
+                            t.agent,
+                            t.state.as_str(),
+                            listing::time(t.expires),
+                            t.hosts.join(",")
+                        )
+                    };
+                    let json = || {
+                        serde_json::json!({
+                            "id": t.id,
+                            "agent": t.agent,
+                            "status": t.state.as_str(),
+                            "hosts": t.hosts,
+                            "private_hosts": t.private_hosts,
+                            "connect": t.connect,
+                            "created": listing::time(t.created),
+                            "expires": listing::time(t.expires),
+                            "used_at": t.used.as_ref().map(|(at, _)| listing::time(*at)),
+                            "serial": t.used.as_ref().map(|(_, serial)| serial),
+                        })
+                    };
+                    out.row(text, json).map_err(Failure::from)
+                })?;
+                out.finish()?;
             }
             TokenCommand::Revoke { state, id } => {
                 state.open()?.revoke_token(&id)?;
