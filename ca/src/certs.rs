@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 
 use crate::ca::Ca;
 use crate::error::CaError;
-use crate::state::{CertRecord, State, Unix};
+use crate::state::{CertRecord, Unix};
 
 /// A certificate as `revproxy cert list` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,9 +87,19 @@ impl Ca {
     /// Revokes the certificate with serial `what`, or every certificate of agent `what`.
     /// Returns the serials revoked now (already revoked ones are not repeated).
     pub fn revoke_certs(&self, what: &str, now: OffsetDateTime) -> Result<Vec<String>, CaError> {
-        self.state.update(|state: &mut State| {
-            revoke_matching(&mut state.certs, what, now.unix_timestamp())
-                .ok_or_else(|| CaError::UnknownCert(what.to_string()))
+        self.state.update(|tx| {
+            let mut certs = tx.certs_of(what)?;
+            if let Some(cert) = tx.cert(&what.to_ascii_lowercase())? {
+                if !certs.iter().any(|c| c.serial == cert.serial) {
+                    certs.push(cert);
+                }
+            }
+            let revoked = revoke_matching(&mut certs, what, now.unix_timestamp())
+                .ok_or_else(|| CaError::UnknownCert(what.to_string()))?;
+            for cert in certs.into_iter().filter(|c| revoked.contains(&c.serial)) {
+                tx.put_cert(cert)?;
+            }
+            Ok(revoked)
         })
     }
 }

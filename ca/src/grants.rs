@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 use crate::ca::Ca;
 use crate::error::CaError;
 use crate::names::{name_matches, normalize_hosts, validate_agent_name};
-use crate::state::{State, Unix};
+use crate::records::Tx;
+use crate::state::Unix;
 
 impl Ca {
     /// Sets the names agent `agent` may serve. Live tunnels follow within seconds; names
@@ -17,12 +18,12 @@ impl Ca {
         } else {
             normalize_hosts(hosts)?
         };
-        self.state.update(|state: &mut State| {
-            let grant = state
-                .agents
-                .get_mut(agent)
+        self.state.update(|tx| {
+            let mut grant = tx
+                .grant(agent)?
                 .ok_or_else(|| CaError::UnknownCert(agent.to_string()))?;
             grant.hosts = hosts.clone();
+            tx.put_grant(agent, grant)?;
             Ok(hosts)
         })
     }
@@ -32,11 +33,11 @@ impl Ca {
     pub fn allow_access(&self, agent: &str, names: &[String]) -> Result<Vec<String>, CaError> {
         validate_agent_name(agent).map_err(|e| CaError::InvalidInput(e.to_string()))?;
         let names = normalize_hosts(names)?;
-        self.state.update(|state: &mut State| {
-            if !state.agents.contains_key(agent) {
+        self.state.update(|tx| {
+            if tx.grant(agent)?.is_none() {
                 return Err(CaError::UnknownCert(agent.to_string()));
             }
-            Ok(add_access(state, agent, names).to_vec())
+            add_access(tx, agent, names)
         })
     }
 
@@ -44,17 +45,14 @@ impl Ca {
     /// seconds. Returns what it may still reach.
     pub fn revoke_access(&self, agent: &str, names: &[String]) -> Result<Vec<String>, CaError> {
         let names = normalize_hosts(names)?;
-        self.state.update(|state: &mut State| {
-            let rules = state
-                .access
-                .get_mut(agent)
-                .ok_or_else(|| CaError::InvalidInput(format!("{agent} has no access rules")))?;
-            rules.retain(|n| !names.contains(n));
-            let left = rules.clone();
-            if left.is_empty() {
-                state.access.remove(agent);
+        self.state.update(|tx| {
+            let mut rules = tx.access(agent)?;
+            if rules.is_empty() {
+                return Err(CaError::InvalidInput(format!("{agent} has no access rules")));
             }
-            Ok(left)
+            rules.retain(|n| !names.contains(n));
+            tx.put_access(agent, rules.clone())?;
+            Ok(rules)
         })
     }
 
@@ -112,18 +110,19 @@ impl Ca {
     }
 }
 
-/// Adds `names` to what `agent` may reach, keeping the rules it has (each name once), and
-/// returns them all.
-pub(crate) fn add_access<'a>(
-    state: &'a mut State,
+/// Adds `names` to `agent`'s access rule (those it has already stay once); returns the
+/// whole rule.
+pub(crate) fn add_access(
+    tx: &mut dyn Tx,
     agent: &str,
     names: impl IntoIterator<Item = String>,
-) -> &'a [String] {
-    let rules = state.access.entry(agent.to_string()).or_default();
+) -> Result<Vec<String>, CaError> {
+    let mut rules = tx.access(agent)?;
     for name in names {
         if !rules.contains(&name) {
             rules.push(name);
         }
     }
-    rules
+    tx.put_access(agent, rules.clone())?;
+    Ok(rules)
 }

@@ -14,7 +14,8 @@ use crate::error::{CaError, EnrollError};
 use crate::grants::add_access;
 use crate::hex;
 use crate::profile::{self, BACKDATE};
-use crate::state::{AgentGrant, CertRecord, State, Traded, Unix};
+use crate::records::Tx;
+use crate::state::{AgentGrant, CertRecord, Traded, Unix};
 use crate::token::{Secret, SecretHash};
 
 /// Lifetime of agent certificates by default.
@@ -71,12 +72,8 @@ impl Ca {
     ) -> Result<Enrolled, EnrollError> {
         let (public_key, spki) = requested_key(csr_pem)?;
         let now_s = now.unix_timestamp();
-        self.state.update(|state: &mut State| {
-            let old = state
-                .certs
-                .iter()
-                .find(|c| c.serial == serial)
-                .ok_or(EnrollError::UnknownCert)?;
+        self.state.update(|tx| {
+            let mut old = tx.cert(serial)?.ok_or(EnrollError::UnknownCert)?;
             if old.revoked_at.is_some() {
                 return Err(EnrollError::CertRevoked);
             }
@@ -92,11 +89,11 @@ impl Ca {
                         successor: renewed.serial.clone(),
                     });
                 }
-                let successor = state.certs.iter().find(|c| c.serial == renewed.serial);
+                let successor = tx.cert(&renewed.serial)?;
                 return match successor {
                     Some(cert) if cert.revoked_at.is_none() => Ok(Enrolled {
                         reissued: true,
-                        ..self.enrolled(cert)
+                        ..self.enrolled(&cert)
                     }),
                     Some(_) => Err(EnrollError::CertRevoked),
                     None => Err(EnrollError::AlreadyRenewed {
@@ -116,17 +113,13 @@ impl Ca {
             let agent = old.agent.clone();
             let hosts = old.hosts.clone();
             let ttl = Duration::from_secs(lifetime as u64);
-            let done = self.issue_and_record(state, agent, hosts, &public_key, ttl, now)?;
-            let old = state
-                .certs
-                .iter_mut()
-                .find(|c| c.serial == serial)
-                .expect("found above, and pruning keeps unexpired certificates");
+            let done = self.issue_and_record(tx, agent, hosts, &public_key, ttl, now)?;
             old.renewed = Some(Traded {
                 at: now_s,
                 spki_sha256: spki,
                 serial: done.serial.clone(),
             });
+            tx.put_cert(old)?;
             Ok(done)
         })
     }
@@ -146,12 +139,8 @@ impl Ca {
         let presented = req.secret.hash();
         let now_s = now.unix_timestamp();
 
-        self.state.update(|state: &mut State| {
-            let token = state
-                .tokens
-                .iter()
-                .find(|t| t.id == req.token_id)
-                .ok_or(EnrollError::UnknownToken)?;
+        self.state.update(|tx| {
+            let mut token = tx.token(req.token_id)?.ok_or(EnrollError::UnknownToken)?;
             let stored = hex::decode(&token.secret_sha256)
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
                 .map(SecretHash)
@@ -171,14 +160,14 @@ impl Ca {
             if let Some(used) = &token.used {
                 let retry =
                     used.spki_sha256 == spki && now_s - used.at <= REISSUE_WINDOW.as_secs() as i64;
-                let earlier = state
-                    .certs
-                    .iter()
-                    .find(|c| retry && c.serial == used.serial && c.revoked_at.is_none());
+                let earlier = match retry {
+                    true => tx.cert(&used.serial)?.filter(|c| c.revoked_at.is_none()),
+                    false => None,
+                };
                 return match earlier {
                     Some(cert) => Ok(Enrolled {
                         reissued: true,
-                        ..self.enrolled(cert)
+                        ..self.enrolled(&cert)
                     }),
                     None => Err(EnrollError::Used),
                 };
@@ -194,31 +183,26 @@ impl Ca {
             // The certificate names everything the agent may serve, public or private; the
             // grant says which is which.
             let served: Vec<String> = hosts.iter().chain(&private).cloned().collect();
-            let done =
-                self.issue_and_record(state, agent.clone(), served, &public_key, ttl, now)?;
-            let token = state
-                .tokens
-                .iter_mut()
-                .find(|t| t.id == req.token_id)
-                .expect("token found above");
+            let done = self.issue_and_record(tx, agent.clone(), served, &public_key, ttl, now)?;
             token.used = Some(Traded {
                 at: now_s,
                 spki_sha256: spki,
                 serial: done.serial.clone(),
             });
+            tx.put_token(token)?;
             if !connect.is_empty() {
-                add_access(state, &agent, connect);
+                add_access(tx, &agent, connect)?;
             }
-            state.agents.insert(agent, AgentGrant { hosts, private });
+            tx.put_grant(&agent, AgentGrant { hosts, private })?;
             Ok(done)
         })
     }
 
-    /// Issues an agent certificate and records it in `state` (the caller's `update`
-    /// writes it out before anyone sees the certificate).
+    /// Issues an agent certificate and records it in `tx` (the caller's `update` writes
+    /// it out before anyone sees the certificate).
     pub(crate) fn issue_and_record(
         &self,
-        state: &mut State,
+        tx: &mut dyn Tx,
         agent: String,
         hosts: Vec<String>,
         public_key: &impl PublicKeyData,
@@ -227,7 +211,7 @@ impl Ca {
     ) -> Result<Enrolled, CaError> {
         let (pem, serial, not_after) =
             self.issue_agent_cert(&agent, &hosts, public_key, ttl, now)?;
-        state.prune(now.unix_timestamp());
+        tx.prune(now.unix_timestamp())?;
         let record = CertRecord {
             serial,
             agent,
@@ -239,7 +223,7 @@ impl Ca {
             renewed: None,
         };
         let done = self.enrolled(&record);
-        state.certs.push(record);
+        tx.put_cert(record)?;
         Ok(done)
     }
 

@@ -29,6 +29,7 @@ pub mod names;
 mod operators;
 mod pin;
 mod profile;
+pub mod records;
 mod server;
 pub mod state;
 pub mod store;
@@ -58,6 +59,7 @@ pub use server::{
     proxy_id_of, proxy_uri, validate_server, EnrollmentAddress, NamesAdded, ServerIdentity,
     DEFAULT_AGENT_PORT, SERVER_CERT_TTL,
 };
+pub use records::{DocTx, Settings, Tx};
 pub use store::{ProxyEntry, Store};
 pub use token::{Secret, SecretHash, Token, TokenParseError, TokenPublic, TOKEN_PREFIX};
 pub use tokens::{NewToken, TokenFilter, TokenInfo, TokenState, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL};

@@ -14,7 +14,7 @@ use crate::certs::{revoke_matching, Revocable};
 use crate::error::CaError;
 use crate::names::validate_agent_name;
 use crate::profile::BACKDATE;
-use crate::state::{OperatorRecord, State, Unix};
+use crate::state::{OperatorRecord, Unix};
 
 /// Lifetime of operator certificates unless `--ttl` says otherwise.
 pub const DEFAULT_OPERATOR_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
@@ -85,10 +85,9 @@ impl Ca {
             not_after,
             revoked_at: None,
         };
-        self.state.update(|state: &mut State| {
-            state.prune(now.unix_timestamp());
-            state.operators.push(record);
-            Ok::<_, CaError>(())
+        self.state.update(|tx| {
+            tx.prune(now.unix_timestamp())?;
+            tx.put_operator(record)
         })?;
         Ok(OperatorCert {
             name: name.to_string(),
@@ -127,12 +126,23 @@ impl Ca {
     /// Revokes the operator certificate with serial `what`, or every one of operator
     /// `what`. Returns the serials revoked now.
     pub fn revoke_operator(&self, what: &str, now: OffsetDateTime) -> Result<Vec<String>, CaError> {
-        self.state.update(|state: &mut State| {
-            revoke_matching(&mut state.operators, what, now.unix_timestamp()).ok_or_else(|| {
-                CaError::InvalidInput(format!(
-                    "no operator certificate or operator {what:?}; `revproxy operator list` shows them"
-                ))
-            })
+        self.state.update(|tx| {
+            let mut operators = tx.operators_named(what)?;
+            if let Some(operator) = tx.operator(&what.to_ascii_lowercase())? {
+                if !operators.iter().any(|o| o.serial == operator.serial) {
+                    operators.push(operator);
+                }
+            }
+            let revoked = revoke_matching(&mut operators, what, now.unix_timestamp())
+                .ok_or_else(|| {
+                    CaError::InvalidInput(format!(
+                        "no operator certificate or operator {what:?}; `revproxy operator list` shows them"
+                    ))
+                })?;
+            for operator in operators.into_iter().filter(|o| revoked.contains(&o.serial)) {
+                tx.put_operator(operator)?;
+            }
+            Ok(revoked)
         })
     }
 }

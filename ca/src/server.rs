@@ -10,8 +10,9 @@ use time::OffsetDateTime;
 use crate::ca::{read_private, Ca, DEFAULT_SANS, SERVER_CERT_FILE, SERVER_KEY_FILE};
 use crate::cert::{signed_by, CertSummary};
 use crate::error::CaError;
+use crate::records::Settings;
 use crate::names::normalize_host;
-use crate::state::{AgentListener, State, StateFile};
+use crate::state::{AgentListener, StateFile};
 use crate::{fsutil, hex, profile};
 
 /// Port of the agent listener unless configured otherwise.
@@ -113,7 +114,7 @@ impl Ca {
 
     /// The enrollment address tokens name by default, and where it comes from.
     pub fn default_server(&self) -> Result<EnrollmentAddress, CaError> {
-        Ok(enrollment_address(&self.state.read()?))
+        Ok(enrollment_address(&Settings::of(&self.state.read()?)))
     }
 
     /// Records where this proxy listens for agents (`listen`, its bound address) and the
@@ -128,8 +129,14 @@ impl Ca {
             listen: listen.to_string(),
             advertised: advertised.map(str::to_string),
         };
-        self.state.update(|state: &mut State| {
-            state.agent_listener = Some(record);
+        self.state.update(|tx| {
+            let settings = tx.settings()?;
+            if settings.agent_listener.as_ref() != Some(&record) {
+                tx.put_settings(Settings {
+                    agent_listener: Some(record),
+                    ..settings
+                })?;
+            }
             Ok::<_, CaError>(())
         })
     }
@@ -145,7 +152,8 @@ impl Ca {
         now: OffsetDateTime,
     ) -> Result<NamesAdded, CaError> {
         let names = normalize_sans(names)?;
-        let (added, sans) = self.state.update(|state: &mut State| {
+        let (added, sans) = self.state.update(|tx| {
+            let mut state = tx.settings()?;
             let added: Vec<String> = (names.iter())
                 .filter(|n| !state.server_sans.contains(n))
                 .fold(Vec::new(), |mut added, n| {
@@ -163,7 +171,11 @@ impl Ca {
                 state.server = default_server(&names[0]);
             }
             state.server_sans.extend(added.iter().cloned());
-            Ok::<_, CaError>((added, state.server_sans.clone()))
+            let sans = state.server_sans.clone();
+            if !added.is_empty() {
+                tx.put_settings(state)?;
+            }
+            Ok::<_, CaError>((added, sans))
         })?;
         let _lock = StateFile::new(&self.dir).lock()?;
         let cert_path = self.dir.join(SERVER_CERT_FILE);
@@ -277,7 +289,7 @@ impl EnrollmentAddress {
 
 /// Where tokens of `state` point by default: the advertised address a proxy recorded,
 /// else the `ca init` host with the recorded listener's port, else the `ca init` address.
-pub(crate) fn enrollment_address(state: &State) -> EnrollmentAddress {
+pub(crate) fn enrollment_address(state: &Settings) -> EnrollmentAddress {
     match &state.agent_listener {
         Some(AgentListener {
             advertised: Some(a),

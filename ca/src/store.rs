@@ -19,6 +19,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::CaError;
+use crate::records::{DocTx, Tx};
 use crate::state::{State, StateFile};
 
 /// A proxy serving from a shared store, as the others and the agents see it.
@@ -48,6 +49,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Returns an error without calling `change` when the store cannot be reached or
     /// locked, and an error after it when the result could not be written.
     fn apply(&self, change: &mut (dyn FnMut(&mut State) -> bool + Send)) -> Result<(), CaError>;
+
+    /// Runs `change` once in one transaction on the newest records; commits its writes
+    /// if it returns true. The errors are those of [`Store::apply`]. A store that keeps one
+    /// document runs it on that document ([`DocTx`]); one that keeps records apart reads
+    /// and writes only what `change` asks for.
+    fn transact(
+        &self,
+        change: &mut (dyn FnMut(&mut dyn Tx) -> bool + Send),
+    ) -> Result<(), CaError> {
+        self.apply(&mut |state| change(&mut DocTx::new(state)))
+    }
 
     /// Whether the store holds a state.
     fn has_state(&self) -> Result<bool, CaError>;
@@ -85,12 +97,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 }
 
 impl dyn Store {
-    /// Applies `change` to the newest state and makes the result durable, all under the
-    /// store's lock. If `change` fails, or changes nothing (a retried request answered
-    /// from the record), nothing is written.
+    /// Runs `change` on the newest records in one transaction and makes its writes
+    /// durable ([`Store::transact`]). If `change` fails, nothing is written.
     pub fn update<T, E>(
         &self,
-        change: impl FnOnce(&mut State) -> Result<T, E> + Send,
+        change: impl FnOnce(&mut dyn Tx) -> Result<T, E> + Send,
     ) -> Result<T, E>
     where
         T: Send,
@@ -98,9 +109,9 @@ impl dyn Store {
     {
         let mut change = Some(change);
         let mut out = None;
-        self.apply(&mut |state| {
+        self.transact(&mut |tx| {
             let change = change.take().expect("a store calls the change once");
-            let result = change(state);
+            let result = change(tx);
             let commit = result.is_ok();
             out = Some(result);
             commit
@@ -170,6 +181,7 @@ impl From<CaError> for ApplyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::records::Settings;
 
     fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
         let dir = tempfile::tempdir().unwrap();
@@ -190,15 +202,23 @@ mod tests {
     fn update_through_the_trait() {
         let (_dir, store) = store();
         let before = store.version().unwrap();
-        let failed: Result<(), CaError> = store.update(|s| {
-            s.server = "changed:1".into();
+        let failed: Result<(), CaError> = store.update(|tx| {
+            let settings = Settings {
+                server: "changed:1".into(),
+                ..tx.settings()?
+            };
+            tx.put_settings(settings)?;
             Err(CaError::InvalidInput("no".into()))
         });
         assert!(matches!(failed, Err(CaError::InvalidInput(_))));
         assert_eq!(store.read().unwrap().server, "");
         assert_eq!(store.version().unwrap(), before);
-        let n: Result<u32, CaError> = store.update(|s| {
-            s.server = "proxy.example.com:7443".into();
+        let n: Result<u32, CaError> = store.update(|tx| {
+            let settings = Settings {
+                server: "proxy.example.com:7443".into(),
+                ..tx.settings()?
+            };
+            tx.put_settings(settings)?;
             Ok(7)
         });
         assert_eq!(n.unwrap(), 7);

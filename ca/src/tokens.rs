@@ -11,7 +11,7 @@ use crate::hex;
 use crate::issue::MAX_CERT_TTL;
 use crate::names::{normalize_names, validate_agent_name, MAX_HOSTS};
 use crate::server::validate_server;
-use crate::state::{State, TokenRecord, Unix};
+use crate::state::{TokenRecord, Unix};
 use crate::token::{Secret, Token, TokenPublic};
 
 /// How long an enrollment token stays valid by default.
@@ -117,15 +117,15 @@ impl Ca {
         let server = req.server.as_deref().map(validate_server).transpose()?;
         let secret = Secret::generate();
         let now_s = now.unix_timestamp();
-        self.state.update(|state: &mut State| {
+        self.state.update(|tx| {
             let id = loop {
                 let id = hex::random(8);
-                if !state.tokens.iter().any(|t| t.id == id) {
+                if tx.token(&id)?.is_none() {
                     break id;
                 }
             };
-            state.prune(now_s);
-            state.tokens.push(TokenRecord {
+            tx.prune(now_s)?;
+            tx.put_token(TokenRecord {
                 id: id.clone(),
                 agent: req.agent.clone(),
                 hosts,
@@ -137,14 +137,16 @@ impl Ca {
                 used: None,
                 private_hosts,
                 connect,
-            });
+            })?;
+            let server = match server {
+                Some(server) => server,
+                None => crate::server::enrollment_address(&tx.settings()?)
+                    .address()
+                    .to_string(),
+            };
             Ok::<_, CaError>(Token {
                 public: TokenPublic {
-                    server: server.unwrap_or_else(|| {
-                        crate::server::enrollment_address(state)
-                            .address()
-                            .to_string()
-                    }),
+                    server,
                     pins: vec![self.pin.to_string()],
                     id,
                 },
@@ -197,14 +199,12 @@ impl Ca {
     /// Revokes a token so that it can never be used. Revoking a used token is allowed (and
     /// harmless): it stops a lost-answer retry from fetching the certificate again.
     pub fn revoke_token(&self, id: &str) -> Result<(), CaError> {
-        self.state.update(|state: &mut State| {
-            let token = state
-                .tokens
-                .iter_mut()
-                .find(|t| t.id == id)
+        self.state.update(|tx| {
+            let mut token = tx
+                .token(id)?
                 .ok_or_else(|| CaError::UnknownToken(id.to_string()))?;
             token.revoked = true;
-            Ok(())
+            tx.put_token(token)
         })
     }
 }

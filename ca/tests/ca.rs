@@ -608,9 +608,10 @@ fn added_server_names_reach_every_proxy_at_its_next_check() {
     // Another process adds a name to the shared state; this proxy's next check picks it up.
     let store: &Arc<dyn revproxy_ca::Store> = ca.state();
     store
-        .update(|s| {
-            s.server_sans.push("more.example.com".into());
-            Ok::<_, CaError>(())
+        .update(|tx| {
+            let mut settings = tx.settings()?;
+            settings.server_sans.push("more.example.com".into());
+            tx.put_settings(settings)
         })
         .unwrap();
     let third = ca.server_identity(now(), None).unwrap();
