@@ -82,7 +82,7 @@ async fn used_expired_revoked_and_unknown_tokens_are_refused_and_leave_no_state(
         (unknown, "unknown_token", "unknown token"),
         (wrong_secret, "wrong_secret", "secret is wrong"),
     ];
-    let before = std::fs::read(proxy.dir.path().join("state.json")).unwrap();
+    let before = common::stored(proxy.dir.path());
     for (token, code, words) in cases {
         let dir = state.path().join(code);
         let err = agent::enroll(&token, &dir).await.unwrap_err();
@@ -93,7 +93,7 @@ async fn used_expired_revoked_and_unknown_tokens_are_refused_and_leave_no_state(
             "{code}: no agent state was written"
         );
     }
-    let after = std::fs::read(proxy.dir.path().join("state.json")).unwrap();
+    let after = common::stored(proxy.dir.path());
     assert_eq!(before, after, "no refusal changed the proxy's state");
     proxy.stop().await;
 }
@@ -136,7 +136,7 @@ async fn a_proxy_with_another_ca_is_not_trusted() {
 async fn malformed_requests_get_a_4xx_with_a_reason() {
     let proxy = TestProxy::start().await;
     let token = proxy.token(&["app.example.com"]);
-    let before = std::fs::read(proxy.dir.path().join("state.json")).unwrap();
+    let before = common::stored(proxy.dir.path());
 
     // A CSR whose signature does not verify.
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
@@ -162,10 +162,7 @@ async fn malformed_requests_get_a_4xx_with_a_reason() {
     assert_eq!(status, 413, "{reply}");
     assert!(reply.contains("larger than 64 KiB"), "{reply}");
 
-    assert_eq!(
-        std::fs::read(proxy.dir.path().join("state.json")).unwrap(),
-        before
-    );
+    assert_eq!(common::stored(proxy.dir.path()), before);
     // The token still works.
     let state = tempfile::tempdir().unwrap();
     agent::enroll(&token, state.path()).await.unwrap();

@@ -544,8 +544,7 @@ async fn renewing_in_a_loop_mints_one_certificate_and_is_rate_limited() {
     let (_, csr) = new_csr();
     let first = renew_raw(&proxy, old.path(), &csr).await;
     assert_eq!(first.status, 200, "{first:?}");
-    let state = proxy.ca.dir().join("state.json");
-    let written = std::fs::read(&state).unwrap();
+    let written = stored(proxy.ca.dir());
 
     // The same key again (the answer was lost): the same certificate.
     let again = renew_raw(&proxy, old.path(), &csr).await;
@@ -565,7 +564,7 @@ async fn renewing_in_a_loop_mints_one_certificate_and_is_rate_limited() {
     let certs = proxy.ca.list_certs(now).unwrap();
     assert_eq!(certs.iter().filter(|c| c.agent == "web-1").count(), 2);
     assert_eq!(
-        std::fs::read(&state).unwrap(),
+        stored(proxy.ca.dir()),
         written,
         "the state was written once"
     );

@@ -211,8 +211,8 @@ async fn store_migrate_moves_a_deployment_without_anyone_enrolling_again() {
         said.contains("1 tokens, 1 certificates and 1 agents"),
         "{said}"
     );
-    assert!(!proxy.dir.path().join("state.json").exists());
-    assert!(proxy.dir.path().join("state.json.migrated").exists());
+    assert!(!proxy.dir.path().join("state.db").exists());
+    assert!(proxy.dir.path().join("state.db.migrated").exists());
     // Without the store, the old copy is not served from.
     let out = revproxy(&["cert", "list", "--state", &state]);
     assert_eq!(out.status.code(), Some(1));
@@ -282,7 +282,7 @@ async fn a_proxy_with_another_cas_key_is_refused() {
         time::OffsetDateTime::now_utc(),
     )
     .unwrap();
-    std::fs::remove_file(stranger.path().join("state.json")).unwrap();
+    std::fs::remove_file(stranger.path().join("state.db")).unwrap();
     let e = revproxy::store::open_ca(stranger.path(), Some(&d.url))
         .unwrap_err()
         .to_string();

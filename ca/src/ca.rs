@@ -28,6 +28,7 @@ use crate::error::CaError;
 use crate::names::normalize_host;
 use crate::pin::Pin;
 use crate::server::{default_server, normalize_sans, validate_server};
+use crate::sqlite::SqliteStore;
 use crate::state::{State, StateFile};
 use crate::store::Store;
 use crate::{fsutil, hex, profile};
@@ -87,14 +88,19 @@ impl Ca {
     /// Whether `dir` holds a CA, or what is left of one (any of its files): then `init`
     /// refuses, so a missing `ca.key` is restored from backup rather than replaced.
     pub fn exists(dir: &Path) -> bool {
-        [CA_KEY_FILE, CA_CERT_FILE, crate::state::STATE_FILE]
-            .iter()
-            .any(|f| dir.join(f).exists())
+        [
+            CA_KEY_FILE,
+            CA_CERT_FILE,
+            crate::state::STATE_FILE,
+            crate::sqlite::DB_FILE,
+        ]
+        .iter()
+        .any(|f| dir.join(f).exists())
     }
 
     /// Creates a new CA, its server certificate and an empty state in `dir`.
     pub fn init(dir: &Path, opts: &InitOptions, now: OffsetDateTime) -> Result<Ca, CaError> {
-        Ca::init_in(dir, Arc::new(StateFile::new(dir)), opts, now)
+        Ca::init_in(dir, Arc::new(SqliteStore::new(dir)), opts, now)
     }
 
     /// Creates a new CA in `dir` (its key and certificate, the server certificate) with its
@@ -171,17 +177,22 @@ impl Ca {
 
     /// Opens the CA in `dir`, refusing private files that others can read.
     pub fn open(dir: &Path) -> Result<Ca, CaError> {
-        if !dir.join(crate::state::STATE_FILE).exists() && dir.join(CA_KEY_FILE).exists() {
-            let migrated = [crate::state::MIGRATED_FILE, crate::state::MIGRATING_FILE]
-                .iter()
-                .any(|f| dir.join(f).exists());
+        if !SqliteStore::exists_in(dir) && dir.join(CA_KEY_FILE).exists() {
+            let migrated = [
+                crate::state::MIGRATED_FILE,
+                crate::state::MIGRATING_FILE,
+                crate::sqlite::MIGRATED_FILE,
+                crate::sqlite::MIGRATING_FILE,
+            ]
+            .iter()
+            .any(|f| dir.join(f).exists());
             return Err(if migrated {
                 CaError::Migrated(dir.to_path_buf())
             } else {
                 CaError::NoStateFile(dir.to_path_buf())
             });
         }
-        Ca::open_in(dir, Arc::new(StateFile::new(dir)))
+        Ca::open_in(dir, Arc::new(SqliteStore::new(dir)))
     }
 
     /// Opens the CA whose key and certificate are in `dir` and whose state is in `store`:

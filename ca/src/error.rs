@@ -50,7 +50,7 @@ pub enum CaError {
     /// state took its place. Refused until the process restarts.
     #[error("the state in {store} went back from version {from} to {to} (a restored backup, or another database?); this process keeps the newer state it read and refuses changes. If the older state is the right one, re-apply what was changed since (revocations first: `revproxy cert list`) and restart every proxy; otherwise point --store back at the right database")]
     StoreWentBack { store: String, from: u64, to: u64 },
-    #[error("the state of {0} was moved to a database by `revproxy store migrate` (state.json.migrated is the old copy); run with --store URL or REVPROXY_STORE")]
+    #[error("the state of {0} was moved to a database by `revproxy store migrate` (state.db.migrated or state.json.migrated is the old copy); run with --store URL or REVPROXY_STORE")]
     Migrated(PathBuf),
     #[error("the CA in {dir} (pin {dir_pin}) is not the CA of the store {store} (pin {store_pin}); copy ca.key and ca.crt from a proxy that uses this store")]
     WrongCa {

@@ -48,7 +48,9 @@ impl Ca {
         self.state.update(|tx| {
             let mut rules = tx.access(agent)?;
             if rules.is_empty() {
-                return Err(CaError::InvalidInput(format!("{agent} has no access rules")));
+                return Err(CaError::InvalidInput(format!(
+                    "{agent} has no access rules"
+                )));
             }
             rules.retain(|n| !names.contains(n));
             tx.put_access(agent, rules.clone())?;

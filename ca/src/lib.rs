@@ -31,6 +31,7 @@ mod pin;
 mod profile;
 pub mod records;
 mod server;
+pub mod sqlite;
 pub mod state;
 pub mod store;
 mod token;
@@ -55,11 +56,11 @@ pub use names::MAX_HOSTS;
 pub use operators::{OperatorCert, OperatorInfo, DEFAULT_OPERATOR_TTL, MAX_OPERATOR_TTL};
 pub use pin::{Pin, PinError};
 pub use profile::{BACKDATE, CA_TTL};
+pub use records::{DocTx, Settings, Tx};
 pub use server::{
     proxy_id_of, proxy_uri, validate_server, EnrollmentAddress, NamesAdded, ServerIdentity,
     DEFAULT_AGENT_PORT, SERVER_CERT_TTL,
 };
-pub use records::{DocTx, Settings, Tx};
 pub use store::{ProxyEntry, Store};
 pub use token::{Secret, SecretHash, Token, TokenParseError, TokenPublic, TOKEN_PREFIX};
 pub use tokens::{NewToken, TokenFilter, TokenInfo, TokenState, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL};

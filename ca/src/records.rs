@@ -100,7 +100,12 @@ impl Tx for DocTx<'_> {
     }
 
     fn cert(&mut self, serial: &str) -> Result<Option<CertRecord>, CaError> {
-        Ok(self.state.certs.iter().find(|c| c.serial == serial).cloned())
+        Ok(self
+            .state
+            .certs
+            .iter()
+            .find(|c| c.serial == serial)
+            .cloned())
     }
 
     fn certs_of(&mut self, agent: &str) -> Result<Vec<CertRecord>, CaError> {

@@ -10,8 +10,8 @@ use time::OffsetDateTime;
 use crate::ca::{read_private, Ca, DEFAULT_SANS, SERVER_CERT_FILE, SERVER_KEY_FILE};
 use crate::cert::{signed_by, CertSummary};
 use crate::error::CaError;
-use crate::records::Settings;
 use crate::names::normalize_host;
+use crate::records::Settings;
 use crate::state::{AgentListener, StateFile};
 use crate::{fsutil, hex, profile};
 

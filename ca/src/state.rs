@@ -1,10 +1,10 @@
-//! The proxy's persistent state: tokens, issued certificates and agent grants.
+//! The proxy's persistent state as one document ([`State`]): tokens, issued certificates,
+//! agent grants. It is what a store exports whole (a proxy's snapshot, `store migrate`),
+//! the form of the PostgreSQL store's single row, and `state.json`, the file store of the
+//! releases before the embedded store (`sqlite.rs`), which migrates it.
 //!
-//! Stored as `state.json` in the state directory and changed only inside
-//! [`StateFile::update`], which holds an exclusive lock on `state.lock` (an `flock`, so it
-//! excludes other processes and other handles in this process alike), re-reads the file,
-//! applies the change, and writes it back crash-safe before the lock is released. A change
-//! that is reported as done is on disk.
+//! [`StateFile`] still reads and changes `state.json` (under an exclusive `flock` on
+//! `state.lock`, which also serializes `ca init` and migrations of the state directory).
 //!
 //! Fields added later are optional (`serde(default)`), and readers ignore fields they do not
 //! know, so that an older revproxy keeps reading the state a newer one wrote (two versions

@@ -1,11 +1,10 @@
-//! Where the CA state lives: the [`Store`] trait, and the file store (`state.json` in the
-//! state directory, [`StateFile`]) that is the embedded default.
+//! Where the CA state lives: the [`Store`] trait. The embedded default is `sqlite.rs`
+//! (records in `state.db`); [`StateFile`] (`state.json`) is the store of earlier releases.
 //!
-//! Every store keeps one [`State`] document and changes it only inside
-//! [`Store::apply`], which reads the newest version under an exclusive lock, applies the
-//! change and makes the result durable before the lock is released, so that concurrent
-//! writers (two proxies trading the same token, `revproxy cert revoke` beside a renewal)
-//! see each other's changes and never lose one. A store several proxies share also keeps
+//! Every change runs in one transaction ([`Store::transact`], [`Tx`]) that reads the
+//! newest records under the store's write lock and makes its writes durable before the
+//! lock is released, so that concurrent writers (two proxies trading the same token,
+//! `revproxy cert revoke` beside a renewal) see each other's changes and never lose one. A store several proxies share also keeps
 //! the list of those proxies ([`Store::announce`], [`Store::proxies`]), which agents use
 //! to keep a tunnel to each of them.
 //!

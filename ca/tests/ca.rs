@@ -65,8 +65,21 @@ fn enroll(
     )
 }
 
+/// What the store holds, as one comparable value: its version (which every write moves)
+/// and every record.
 fn state_bytes(dir: &Path) -> Vec<u8> {
-    std::fs::read(dir.join("state.json")).unwrap()
+    use revproxy_ca::Store;
+    let store = revproxy_ca::sqlite::SqliteStore::new(dir);
+    let mut seen = store.version().unwrap().to_be_bytes().to_vec();
+    seen.extend(serde_json::to_vec(&store.read().unwrap()).unwrap());
+    seen
+}
+
+/// Every byte the store keeps on disk, its write-ahead log included.
+fn raw_store(dir: &Path) -> Vec<u8> {
+    let mut raw = std::fs::read(dir.join("state.db")).unwrap();
+    raw.extend(std::fs::read(dir.join("state.db-wal")).unwrap_or_default());
+    raw
 }
 
 #[test]
@@ -78,7 +91,10 @@ fn init_creates_private_files_and_refuses_to_run_twice() {
     assert_eq!(mode(""), 0o700);
     assert_eq!(mode("ca.key"), 0o600);
     assert_eq!(mode("server.key"), 0o600);
-    assert_eq!(mode("state.json"), 0o600);
+    assert_eq!(mode("state.db"), 0o600);
+    if dir.join("state.db-wal").exists() {
+        assert_eq!(mode("state.db-wal"), 0o600);
+    }
     assert!(ca.pin().to_string().starts_with("sha256:"));
 
     let key_before = std::fs::read(dir.join("ca.key")).unwrap();
@@ -134,7 +150,7 @@ fn token_names_server_pin_and_lists_without_secret() {
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].hosts, ["app.example.com", "*.example.org"]);
     assert_eq!(list[0].state, TokenState::Open);
-    let on_disk = String::from_utf8(state_bytes(tmp.path())).unwrap();
+    let on_disk = String::from_utf8_lossy(&raw_store(tmp.path())).into_owned();
     assert!(
         !on_disk.contains(&t.secret.to_base64()),
         "the secret is never stored"
@@ -439,9 +455,7 @@ fn each_certificate_renews_once_and_not_before_half_its_lifetime() {
         .renew(&first.serial, &key_a, due, MIN_RENEWAL_AGE_PERCENT)
         .unwrap();
     assert!(!second.reissued);
-    let state_file = tmp.path().join("state.json");
-    let written = std::fs::read(&state_file).unwrap();
-    let modified = std::fs::metadata(&state_file).unwrap().modified().unwrap();
+    let written = state_bytes(tmp.path());
 
     // The answer was lost; the agent retries with the same key.
     let again = ca
@@ -457,15 +471,7 @@ fn each_certificate_renews_once_and_not_before_half_its_lifetime() {
         (again.serial, again.cert_pem),
         (second.serial.clone(), second.cert_pem.clone())
     );
-    assert_eq!(
-        std::fs::read(&state_file).unwrap(),
-        written,
-        "nothing rewritten"
-    );
-    assert_eq!(
-        std::fs::metadata(&state_file).unwrap().modified().unwrap(),
-        modified
-    );
+    assert_eq!(state_bytes(tmp.path()), written, "nothing rewritten");
 
     // Another key (a copy of the identity elsewhere) gets nothing.
     for _ in 0..3 {
@@ -624,4 +630,106 @@ fn added_server_names_reach_every_proxy_at_its_next_check() {
         ca.default_server().unwrap().address(),
         "proxy.example.com:7443"
     );
+}
+
+/// The state the previous release wrote (`state.json`; tests/fixtures/release-0.1 says
+/// what is in it) moves into `state.db` the first time it is opened, without anyone doing
+/// anything: every record is there, the old file is kept as `state.json.bak`, the new
+/// store is private, and the CA goes on from it.
+#[test]
+fn the_previous_releases_state_moves_into_the_embedded_store() {
+    use revproxy_ca::Store;
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/release-0.1");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    revproxy_ca::fsutil::create_private_dir(&dir).unwrap();
+    for (file, mode) in [("state.json", 0o600), ("ca.key", 0o600), ("ca.crt", 0o644)] {
+        std::fs::copy(fixture.join(file), dir.join(file)).unwrap();
+        std::fs::set_permissions(dir.join(file), std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let written: revproxy_ca::state::State =
+        serde_json::from_slice(&std::fs::read(fixture.join("state.json")).unwrap()).unwrap();
+    assert_eq!((written.tokens.len(), written.certs.len()), (4, 2));
+    assert!(!written.operators.is_empty() && !written.access.is_empty());
+
+    let ca = Ca::open(&dir).unwrap();
+    assert_eq!(ca.state().read().unwrap(), written, "every record moved");
+    assert!(!dir.join("state.json").exists());
+    assert_eq!(
+        std::fs::read(dir.join("state.json.bak")).unwrap(),
+        std::fs::read(fixture.join("state.json")).unwrap(),
+        "the old file is kept as it was"
+    );
+    let mode = std::fs::metadata(dir.join("state.db"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // It goes on: at the time the fixture was written, a revoked certificate stays
+    // revoked, the open token enrolls, the used one does not.
+    let then = OffsetDateTime::from_unix_timestamp(written.tokens[3].created).unwrap();
+    let states: Vec<_> = ca
+        .list_tokens(then)
+        .unwrap()
+        .into_iter()
+        .map(|t| t.state)
+        .collect();
+    use revproxy_ca::TokenState::*;
+    assert_eq!(states, [Used, Used, Revoked, Open]);
+    let revoked = written.certs.iter().find(|c| c.agent == "web-1").unwrap();
+    assert!(revoked.revoked_at.is_some());
+    let listed = ca.list_certs(then).unwrap();
+    let web = listed.iter().find(|c| c.serial == revoked.serial).unwrap();
+    assert_eq!(web.state, revproxy_ca::CertState::Revoked);
+    assert_eq!(
+        ca.list_access().unwrap(),
+        written.access.clone().into_iter().collect::<Vec<_>>()
+    );
+    let before = ca.state().version().unwrap();
+    let open = ca.state().read().unwrap().tokens[3].clone();
+    ca.revoke_token(&open.id).unwrap();
+    assert!(
+        ca.state().version().unwrap() > before,
+        "a change moves the version"
+    );
+    let reopened = Ca::open(&dir).unwrap();
+    assert_eq!(reopened.list_tokens(then).unwrap()[3].state, Revoked);
+    assert_eq!(reopened.pin(), ca.pin());
+}
+
+/// Two processes' stores on one directory (two connections) trading one record at once:
+/// each change sees the other's, and exactly one wins.
+#[test]
+fn two_connections_never_lose_a_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = new_ca(tmp.path());
+    let token = token(&ca, &["app.example.com"]);
+    let id = token.public.id.clone();
+    let barrier = Arc::new(Barrier::new(8));
+    let wins: Vec<bool> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let (dir, id, barrier) = (tmp.path(), id.clone(), barrier.clone());
+                s.spawn(move || {
+                    let other = Ca::open(dir).unwrap();
+                    barrier.wait();
+                    other
+                        .state()
+                        .update(|tx| {
+                            let mut t = tx.token(&id)?.unwrap();
+                            if t.revoked {
+                                return Ok(false);
+                            }
+                            t.revoked = true;
+                            tx.put_token(t)?;
+                            Ok::<_, CaError>(true)
+                        })
+                        .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(wins.iter().filter(|w| **w).count(), 1, "{wins:?}");
 }

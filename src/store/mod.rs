@@ -10,7 +10,7 @@ mod postgres;
 use std::path::Path;
 use std::sync::Arc;
 
-use revproxy_ca::state::StateFile;
+use revproxy_ca::sqlite::SqliteStore;
 use revproxy_ca::Store;
 
 pub use postgres::{PgStore, RootCertError, UrlError, SCHEMA_VERSION};
@@ -32,15 +32,18 @@ impl From<UrlError> for StoreError {
 }
 
 /// Opens the CA whose key is in `dir` and whose state is in the store `url` names (the
-/// file store of `dir` when there is none). A `state.json` beside a shared store is
-/// refused: nothing would read it, and a command run without `--store` would change it.
+/// embedded store of `dir` when there is none). An embedded state (`state.db`, or the
+/// `state.json` of an earlier release) beside a shared store is refused: nothing would
+/// read it, and a command run without `--store` would change it.
 pub fn open_ca(dir: &Path, url: Option<&str>) -> Result<revproxy_ca::Ca, StoreError> {
     Ok(match url {
         None => revproxy_ca::Ca::open(dir)?,
         Some(_) => {
-            let stale = dir.join(revproxy_ca::state::STATE_FILE);
-            if stale.exists() {
-                return Err(revproxy_ca::CaError::StaleStateFile(stale).into());
+            for file in [revproxy_ca::sqlite::DB_FILE, revproxy_ca::state::STATE_FILE] {
+                let stale = dir.join(file);
+                if stale.exists() {
+                    return Err(revproxy_ca::CaError::StaleStateFile(stale).into());
+                }
             }
             revproxy_ca::Ca::open_in(dir, open(dir, url)?)?
         }
@@ -86,10 +89,10 @@ fn postgres(url: &str) -> Result<&str, StoreError> {
     }
 }
 
-/// The store `url` names, or the file store of `dir` when there is none.
+/// The store `url` names, or the embedded store of `dir` when there is none.
 pub fn open(dir: &Path, url: Option<&str>) -> Result<Arc<dyn Store>, StoreError> {
     match url {
-        None => Ok(Arc::new(StateFile::new(dir))),
+        None => Ok(Arc::new(SqliteStore::new(dir))),
         Some(url) => Ok(Arc::new(PgStore::open(postgres(url)?)?)),
     }
 }
@@ -104,18 +107,19 @@ pub struct Migrated {
     pub store: String,
 }
 
-/// Copies the state of the file store in `from` into the empty store at `to`, then renames
-/// `state.json` to [`MIGRATED_FILE`](revproxy_ca::state::MIGRATED_FILE) under the
+/// Copies the state of the embedded store in `from` into the empty store at `to`, then
+/// renames `state.db` to [`MIGRATED_FILE`](revproxy_ca::sqlite::MIGRATED_FILE) under the
 /// directory's lock, so that a proxy started later without `--store` refuses to serve from
-/// the stale copy. The CA itself (its key) stays in `from`.
+/// the stale copy (one still running finds it gone at its next call). The CA itself (its
+/// key) stays in `from`. A `state.json` of an earlier release moves into `state.db` first.
 pub fn migrate(from: &Path, to: &str) -> Result<Migrated, StoreError> {
     let ca = revproxy_ca::Ca::open(from)?;
     let target = open(from, Some(to))?;
-    let file = StateFile::new(from);
-    let _lock = file.lock()?;
-    let mut state = file.read()?;
+    let mut state = ca.state().read()?;
     state.ca_pin = Some(ca.pin().to_string());
-    // The file steps aside first, so that no moment has two live copies: a proxy or a
+    drop(ca);
+    let _lock = revproxy_ca::state::StateFile::new(from).lock()?;
+    // The store steps aside first, so that no moment has two live copies: a proxy or a
     // command that starts now finds neither and refuses, and a failed copy puts it back.
     let rename = |from: &Path, to: &Path| {
         std::fs::rename(from, to).map_err(|e| revproxy_ca::CaError::Io {
@@ -124,11 +128,13 @@ pub fn migrate(from: &Path, to: &str) -> Result<Migrated, StoreError> {
         })
     };
     let (live, aside, done) = (
-        file.path(),
-        from.join(revproxy_ca::state::MIGRATING_FILE),
-        from.join(revproxy_ca::state::MIGRATED_FILE),
+        from.join(revproxy_ca::sqlite::DB_FILE),
+        from.join(revproxy_ca::sqlite::MIGRATING_FILE),
+        from.join(revproxy_ca::sqlite::MIGRATED_FILE),
     );
-    rename(&live, &aside)?;
+    // Anything written since the read above is in the copy only if the store was quiet:
+    // `store migrate` is run with the proxies stopped (docs/operations.md).
+    SqliteStore::retire(from, &aside)?;
     if let Err(e) = target.create(&state) {
         rename(&aside, &live)?;
         return Err(e.into());

@@ -2,6 +2,7 @@
 //! where they point, `enroll --server`.
 
 use super::*;
+use std::os::unix::fs::PermissionsExt;
 
 #[test]
 fn ca_init_twice_is_refused_and_keeps_the_ca() {
@@ -477,4 +478,41 @@ fn lists_filter_by_agent_and_status_and_print_json() {
         vec![serde_json::json!({"agent": "web-1", "names": ["db-1.example.com"]})]
     );
     assert!(listed(&["access", "list", "--agent", "db-1", "--json"]).is_empty());
+
+    // A backup taken while the proxy serves is the whole state: restored into another
+    // directory (with the CA's key and certificate) it lists the same records.
+    let backup = tmp.path().join("backup.db");
+    let out = run(
+        PROXY,
+        &["store", "backup", "--to", backup.to_str().unwrap()],
+        &state,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mode = std::fs::metadata(&backup).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let again = run(
+        PROXY,
+        &["store", "backup", "--to", backup.to_str().unwrap()],
+        &state,
+    );
+    assert_eq!(
+        again.status.code(),
+        Some(1),
+        "an existing file is not overwritten"
+    );
+    let restored = tmp.path().join("restored");
+    std::fs::create_dir(&restored).unwrap();
+    std::fs::set_permissions(&restored, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::copy(&backup, restored.join("state.db")).unwrap();
+    for file in ["ca.key", "ca.crt"] {
+        std::fs::copy(state.join(file), restored.join(file)).unwrap();
+    }
+    for list in [
+        &["token", "list", "--json"][..],
+        &["cert", "list", "--json"],
+    ] {
+        let here = stdout(&run(PROXY, list, &state));
+        let there = stdout(&run(PROXY, list, &restored));
+        assert_eq!(here, there, "{list:?}");
+    }
 }

@@ -6,7 +6,7 @@ use super::*;
 fn bad_input_exits_2_with_one_sentence_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     assert!(run(PROXY, &["ca", "init"], tmp.path()).status.success());
-    let state_before = std::fs::read(tmp.path().join("state.json")).unwrap();
+    let state_before = stored(tmp.path());
     for args in [
         &["token", "create", "--name", "a", "--host", "bad_host!"][..],
         &[
@@ -43,10 +43,7 @@ fn bad_input_exits_2_with_one_sentence_and_writes_nothing() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
         assert!(stdout(&out).is_empty(), "{args:?}");
     }
-    assert_eq!(
-        std::fs::read(tmp.path().join("state.json")).unwrap(),
-        state_before
-    );
+    assert_eq!(stored(tmp.path()), state_before);
 
     let out = run(PROXY, &["token", "revoke", "0000"], tmp.path());
     assert_eq!(out.status.code(), Some(1));

@@ -252,14 +252,14 @@ fn store_migrate_refuses_while_a_proxy_serves_on_the_directory() {
         stderr(&out)
     );
     assert!(stderr(&out).contains("stop it first"), "{}", stderr(&out));
-    assert!(state.join("state.json").exists());
+    assert!(state.join("state.db").exists());
     // Killed, it leaves its socket file; the migration goes on to the store.
     drop(serving);
     assert!(state.join("upgrade.sock").exists());
     let out = run(PROXY, &migrate, &state);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(!stderr(&out).contains("serving"), "{}", stderr(&out));
-    assert!(state.join("state.json").exists());
+    assert!(state.join("state.db").exists());
 }
 
 /// The level of a text log line (`2026-12-06T13:06:51.390008Z  INFO target: message`), or

@@ -109,3 +109,11 @@ pub fn until_exit(bin: &str, args: &[&str], code: i32) -> Output {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// What the embedded store in `dir` holds: its version (every write moves it) and every
+/// record. Equal before and after: nothing was written.
+pub fn stored(dir: &std::path::Path) -> (u64, revproxy::ca::state::State) {
+    use revproxy::ca::Store;
+    let store = revproxy::ca::sqlite::SqliteStore::new(dir);
+    (store.version().unwrap(), store.read().unwrap())
+}

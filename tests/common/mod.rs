@@ -581,3 +581,11 @@ pub async fn enrolled(
     revproxy::agent::enroll(&token, dir.path()).await.unwrap();
     dir
 }
+
+/// What the embedded store in `dir` holds: its version (every write moves it) and every
+/// record. Equal before and after: nothing was written.
+pub fn stored(dir: &std::path::Path) -> (u64, revproxy::ca::state::State) {
+    use revproxy::ca::Store;
+    let store = revproxy::ca::sqlite::SqliteStore::new(dir);
+    (store.version().unwrap(), store.read().unwrap())
+}

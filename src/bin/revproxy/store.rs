@@ -14,8 +14,8 @@ use crate::Failure;
 #[derive(Subcommand)]
 pub(crate) enum StoreCommand {
     /// Copy the state of a stopped proxy's state directory into an empty PostgreSQL store
-    /// (nobody enrolls again), and rename its state.json so that nothing serves from the
-    /// old copy. Refused while a proxy serves on that directory.
+    /// (nobody enrolls again), and rename its state.db so that nothing serves from the old
+    /// copy. Refused while a proxy serves on that directory.
     Migrate {
         /// The state directory to move from
         #[arg(long, value_name = "DIR")]
@@ -29,6 +29,16 @@ pub(crate) enum StoreCommand {
         )]
         to: String,
     },
+    /// Write a consistent copy of the state directory's store (state.db) to FILE, also
+    /// while a proxy serves from it: a backup. To restore it, stop the proxy and copy it
+    /// back as state.db.
+    Backup {
+        #[command(flatten)]
+        state: crate::state::StateArg,
+        /// Where to write the copy (must not exist; made readable by its owner only)
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+    },
 }
 
 impl StoreCommand {
@@ -40,7 +50,23 @@ impl StoreCommand {
                 eprintln!(
                     "moved {} tokens, {} certificates and {} agents from {} to {}; {} is the old copy, kept as a backup\n  Next: revproxy serve --state {} --store URL (or REVPROXY_STORE)",
                     moved.tokens, moved.certs, moved.agents, from.display(), moved.store,
-                    from.join(ca::state::MIGRATED_FILE).display(), from.display()
+                    from.join(ca::sqlite::MIGRATED_FILE).display(), from.display()
+                );
+            }
+            StoreCommand::Backup { state, to } => {
+                if state.store.is_some() {
+                    return Err(Failure::usage(anyhow!(
+                        "store backup copies the state directory's own store; back up a PostgreSQL store with the database's tools (pg_dump)"
+                    )));
+                }
+                let dir = state.dir();
+                let copied = ca::sqlite::SqliteStore::new(&dir).backup(&to)?;
+                eprintln!(
+                    "copied the state of {} ({} records) to {}\n  To restore: stop the proxy, then copy it to {}",
+                    dir.display(),
+                    copied,
+                    to.display(),
+                    dir.join(ca::sqlite::DB_FILE).display()
                 );
             }
         }
