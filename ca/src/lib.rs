@@ -61,6 +61,6 @@ pub use server::{
     proxy_id_of, proxy_uri, validate_server, EnrollmentAddress, NamesAdded, ServerIdentity,
     DEFAULT_AGENT_PORT, SERVER_CERT_TTL,
 };
-pub use store::{ProxyEntry, Store};
+pub use store::{Changed, Changes, ProxyEntry, Store};
 pub use token::{Secret, SecretHash, Token, TokenParseError, TokenPublic, TOKEN_PREFIX};
 pub use tokens::{NewToken, TokenFilter, TokenInfo, TokenState, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL};

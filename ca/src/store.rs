@@ -31,6 +31,32 @@ pub struct ProxyEntry {
     pub address: Option<String>,
 }
 
+/// What changed in a store after a version ([`Store::changes_since`]): every record that
+/// changed, as it is now.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// The version these changes bring the state to.
+    pub version: u64,
+    pub records: Vec<Changed>,
+}
+
+/// One record that changed, as it is now (`None`, or empty: it is gone).
+#[derive(Debug)]
+pub enum Changed {
+    Token(String, Option<crate::state::TokenRecord>),
+    /// A certificate, with every certificate its agent has now (for the agent's expiry).
+    Cert {
+        serial: String,
+        cert: Option<crate::state::CertRecord>,
+        of_agent: Vec<crate::state::CertRecord>,
+    },
+    Grant(String, Option<crate::state::AgentGrant>),
+    Access(String, Vec<String>),
+    Operator(String, Option<crate::state::OperatorRecord>),
+    /// The CA-wide settings (nothing a proxy's snapshot holds).
+    Settings,
+}
+
 /// Where the CA state lives.
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// What to call this store in messages and logs: a path, or a database URL without
@@ -58,6 +84,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         change: &mut (dyn FnMut(&mut dyn Tx) -> bool + Send),
     ) -> Result<(), CaError> {
         self.apply(&mut |state| change(&mut DocTx::new(state)))
+    }
+
+    /// The records that changed after version `since` (from [`Store::version`]), read
+    /// together with the version they bring the state to; `None` when the store cannot
+    /// say (it keeps no record of changes, or not back to `since`): read it whole then.
+    fn changes_since(&self, since: u64) -> Result<Option<Changes>, CaError> {
+        let _ = since;
+        Ok(None)
     }
 
     /// Whether the store holds a state.

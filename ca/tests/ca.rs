@@ -638,7 +638,6 @@ fn added_server_names_reach_every_proxy_at_its_next_check() {
 /// store is private, and the CA goes on from it.
 #[test]
 fn the_previous_releases_state_moves_into_the_embedded_store() {
-    use revproxy_ca::Store;
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/release-0.1");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("state");

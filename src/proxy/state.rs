@@ -4,8 +4,10 @@
 //!
 //! `revproxy cert revoke` and friends (or another proxy sharing the store) change the
 //! state; the proxy asks the store for its version once a second, and at once when the
-//! store says something changed (PostgreSQL's `NOTIFY`), and reloads when the version
-//! moved. The TLS verifier and the tunnel handshake read the snapshot, never the store.
+//! store says something changed (PostgreSQL's `NOTIFY`), and when the version moved reads
+//! the records that changed and applies them by key (`state/changes.rs`), or the state
+//! whole from a store that cannot tell what changed. The TLS verifier and the tunnel
+//! handshake read the snapshot, never the store.
 //!
 //! The view also keeps the store's health, which the proxy reports apart from readiness
 //! (`/status`, the `revproxy_store_*` metrics, one log line at each change, `revproxy
@@ -20,13 +22,15 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use revproxy_ca::Store;
+
+mod changes;
 use tracing::{debug, error, info, warn};
 
 /// How often the store's version is checked for changes.
 pub(super) const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the tunnel gate needs to know.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(super) struct Snapshot {
     /// Hex serials of revoked certificates.
     pub(super) revoked: HashSet<String>,
@@ -47,8 +51,9 @@ pub(super) struct Snapshot {
     pub(super) public: HashMap<String, Vec<String>>,
     /// And the ones it serves only through the mesh.
     pub(super) private_of: HashMap<String, Vec<String>>,
-    /// Name patterns granted for private serving: never routed from a public listener.
-    pub(super) private: HashSet<String>,
+    /// Name patterns granted for private serving: never routed from a public listener;
+    /// with how many agents' grants hold each (a change of one grant adjusts the counts).
+    pub(super) private: HashMap<String, usize>,
     /// Access rules: the name patterns each agent may reach through its tunnel.
     pub(super) access: HashMap<String, Vec<String>>,
     /// The latest expiry among each agent's valid certificates, Unix seconds.
@@ -102,9 +107,13 @@ impl Snapshot {
             token_secrets: (state.tokens.iter())
                 .filter_map(|t| Some((t.id.clone(), secret_hash(&t.secret_sha256)?)))
                 .collect(),
-            private: (state.agents.values())
-                .flat_map(|g| g.private.iter().cloned())
-                .collect(),
+            private: (state.agents.values()).flat_map(|g| g.private.iter()).fold(
+                HashMap::new(),
+                |mut counts, pattern| {
+                    *counts.entry(pattern.clone()).or_default() += 1;
+                    counts
+                },
+            ),
             public: (state.agents.iter())
                 .map(|(k, v)| (k.clone(), v.hosts.clone()))
                 .collect(),
@@ -132,13 +141,13 @@ impl Snapshot {
     /// for it is not offered to public clients.
     pub(super) fn covers_private(&self, name: &str) -> bool {
         self.private
-            .iter()
+            .keys()
             .any(|pattern| pattern == name || crate::route::name_matches(pattern, name))
     }
 
     /// Whether the pattern `pattern` (a name, or `*.suffix`) is granted privately.
     pub(super) fn is_private(&self, pattern: &str) -> bool {
-        self.private.contains(pattern)
+        self.private.contains_key(pattern)
     }
 
     /// What a tunnel of `agent` with a certificate for `cert_hosts` serves now: to public
@@ -211,12 +220,21 @@ pub(super) struct StoreHealth {
     pub(super) went_back: bool,
 }
 
+/// The installed snapshot.
+#[derive(Debug)]
+struct Current {
+    ticket: u64,
+    version: u64,
+    snapshot: Arc<Snapshot>,
+}
+
 /// The shared, refreshed snapshot.
 #[derive(Clone, Debug)]
 pub(super) struct StateView {
     store: Arc<dyn Store>,
-    /// The snapshot, with the ticket of the read that made it.
-    current: Arc<RwLock<(u64, Arc<Snapshot>)>>,
+    /// The snapshot, with the ticket of the read that made it and the store's version it
+    /// reflects.
+    current: Arc<RwLock<Current>>,
     /// Tickets of reads, taken as each begins: a read that began later saw a state at least
     /// as new, so a slow read never replaces what a later one installed.
     reads: Arc<std::sync::atomic::AtomicU64>,
@@ -236,7 +254,11 @@ impl StateView {
         let snapshot = Snapshot::load(&*store)?;
         Ok(StateView {
             store,
-            current: Arc::new(RwLock::new((0, Arc::new(snapshot)))),
+            current: Arc::new(RwLock::new(Current {
+                ticket: 0,
+                version,
+                snapshot: Arc::new(snapshot),
+            })),
             reads: Arc::default(),
             loaded_at: version,
             forced: Arc::default(),
@@ -250,7 +272,11 @@ impl StateView {
 
     /// The current snapshot.
     pub(super) fn get(&self) -> Arc<Snapshot> {
-        self.current.read().expect("state view lock").1.clone()
+        self.current
+            .read()
+            .expect("state view lock")
+            .snapshot
+            .clone()
     }
 
     /// The store's health now.
@@ -313,17 +339,31 @@ impl StateView {
 
     /// Reads the store's version and, unless it is `seen`, the state; installs the new
     /// snapshot and returns it with its version, or `None` when nothing changed or the
-    /// store failed (then the last snapshot stays).
+    /// store failed (then the last snapshot stays). A store that tells what changed since
+    /// the installed snapshot's version ([`Store::changes_since`]) has only those records
+    /// read and applied; otherwise the state is read whole.
     async fn reload(&self, seen: Option<u64>) -> Option<(u64, Arc<Snapshot>)> {
         let store = self.store.clone();
         let began = Instant::now();
         let ticket = 1 + self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (base_version, base) = {
+            let current = self.current.read().expect("state view lock");
+            (current.version, current.snapshot.clone())
+        };
         let read = tokio::task::spawn_blocking(move || {
             let version = store.version()?;
             if Some(version) == seen {
                 return Ok::<_, revproxy_ca::CaError>(None);
             }
-            Ok(Some((version, Snapshot::load(&*store)?)))
+            if let Some(changes) = store.changes_since(base_version)? {
+                if changes.records.is_empty() {
+                    return Ok(Some((changes.version, base)));
+                }
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                let snapshot = Arc::new(base.with_changes(&changes, now));
+                return Ok(Some((changes.version, snapshot)));
+            }
+            Ok(Some((version, Arc::new(Snapshot::load(&*store)?))))
         })
         .await;
         match read {
@@ -334,10 +374,14 @@ impl StateView {
             Ok(Ok(Some((version, snapshot)))) => {
                 self.store_ok();
                 let mut current = self.current.write().expect("state view lock");
-                if ticket > current.0 {
-                    *current = (ticket, Arc::new(snapshot));
+                if ticket > current.ticket {
+                    *current = Current {
+                        ticket,
+                        version,
+                        snapshot,
+                    };
                 }
-                Some((version, current.1.clone()))
+                Some((version, current.snapshot.clone()))
             }
             Ok(Err(e)) => {
                 self.store_failed(&e, began);

@@ -16,15 +16,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
-use serde::{de::DeserializeOwned, Serialize};
+
+mod rows;
+use rows::SqlTx;
 
 use crate::error::CaError;
-use crate::records::{Settings, Tx};
-use crate::state::{
-    AgentGrant, CertRecord, OperatorRecord, State, StateFile, TokenRecord, Unix, LOCK_TIMEOUT,
-    RETENTION_SECS, STATE_FILE,
-};
-use crate::store::Store;
+use crate::records::Tx;
+use crate::state::{State, StateFile, LOCK_TIMEOUT, STATE_FILE};
+use crate::store::{Changed, Changes, Store};
 
 /// File name of the embedded store.
 pub const DB_FILE: &str = "state.db";
@@ -41,6 +40,8 @@ const NEW_FILE: &str = "state.db.new";
 const SCHEMA_VERSION: i64 = 1;
 /// Change records kept: a proxy that fell further behind reads the whole state again.
 const CHANGES_KEPT: i64 = 100_000;
+/// Most records a proxy reads one by one to catch up; beyond, it reads the state whole.
+const MAX_CHANGES: i64 = 10_000;
 
 const SCHEMA: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -375,6 +376,74 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn changes_since(&self, since: u64) -> Result<Option<Changes>, CaError> {
+        let mut held = self.conn()?;
+        let conn = held.get();
+        // One read transaction: the changes and the records as of one moment.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)
+            .map_err(|e| self.error(e))?;
+        let (oldest, newest): (i64, i64) = tx
+            .query_row(
+                "SELECT coalesce(min(seq), 0), coalesce(max(seq), 0) FROM changes",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| self.error(e))?;
+        let since = i64::try_from(since).unwrap_or(i64::MAX);
+        // Trimmed past `since` (or a store that went back): no telling what changed.
+        if since > newest || (since < newest && oldest > since + 1) {
+            return Ok(None);
+        }
+        let keys: Vec<(String, String)> = {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT kind, key FROM changes WHERE seq > ?1 \
+                     GROUP BY kind, key ORDER BY max(seq) LIMIT ?2",
+                )
+                .map_err(|e| self.error(e))?;
+            let rows = stmt
+                .query_map(params![since, MAX_CHANGES + 1], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .map_err(|e| self.error(e))?;
+            rows.collect::<Result<_, _>>().map_err(|e| self.error(e))?
+        };
+        if keys.len() > MAX_CHANGES as usize {
+            return Ok(None); // as cheap to read whole
+        }
+        let mut rows = SqlTx {
+            tx: &tx,
+            store: self,
+        };
+        let mut records = Vec::with_capacity(keys.len());
+        for (kind, key) in keys {
+            records.push(match kind.as_str() {
+                "token" => Changed::Token(key.clone(), rows.token(&key)?),
+                "cert" => {
+                    let cert = rows.cert(&key)?;
+                    let of_agent = match &cert {
+                        Some(c) => rows.certs_of(&c.agent)?,
+                        None => Vec::new(),
+                    };
+                    Changed::Cert {
+                        serial: key,
+                        cert,
+                        of_agent,
+                    }
+                }
+                "grant" => Changed::Grant(key.clone(), rows.grant(&key)?),
+                "access" => Changed::Access(key.clone(), rows.access(&key)?),
+                "operator" => Changed::Operator(key.clone(), rows.operator(&key)?),
+                _ => Changed::Settings,
+            });
+        }
+        Ok(Some(Changes {
+            version: newest as u64,
+            records,
+        }))
+    }
+
     fn has_state(&self) -> Result<bool, CaError> {
         Ok(SqliteStore::exists_in(&self.dir))
     }
@@ -385,326 +454,5 @@ impl Store for SqliteStore {
             return Err(CaError::StoreHoldsState(self.describe()));
         }
         self.write_new(state)
-    }
-}
-
-/// A [`Tx`] on the rows of one SQLite transaction.
-struct SqlTx<'a> {
-    tx: &'a rusqlite::Transaction<'a>,
-    store: &'a SqliteStore,
-}
-
-impl SqlTx<'_> {
-    fn one<T: DeserializeOwned>(&self, sql: &str, key: &str) -> Result<Option<T>, CaError> {
-        let doc: Option<String> = self
-            .tx
-            .query_row(sql, params![key], |r| r.get(0))
-            .optional()
-            .map_err(|e| self.store.error(e))?;
-        doc.map(|d| self.parse(&d)).transpose()
-    }
-
-    fn many<T: DeserializeOwned>(
-        &self,
-        sql: &str,
-        key: &[&dyn rusqlite::ToSql],
-    ) -> Result<Vec<T>, CaError> {
-        let mut stmt = self
-            .tx
-            .prepare_cached(sql)
-            .map_err(|e| self.store.error(e))?;
-        let docs = stmt
-            .query_map(key, |r| r.get::<_, String>(0))
-            .map_err(|e| self.store.error(e))?;
-        let mut out = Vec::new();
-        for doc in docs {
-            out.push(self.parse(&doc.map_err(|e| self.store.error(e))?)?);
-        }
-        Ok(out)
-    }
-
-    fn parse<T: DeserializeOwned>(&self, doc: &str) -> Result<T, CaError> {
-        serde_json::from_str(doc).map_err(|e| self.store.corrupt(e))
-    }
-
-    fn run(&self, sql: &str, values: &[&dyn rusqlite::ToSql]) -> Result<(), CaError> {
-        let mut stmt = self
-            .tx
-            .prepare_cached(sql)
-            .map_err(|e| self.store.error(e))?;
-        stmt.execute(values).map_err(|e| self.store.error(e))?;
-        Ok(())
-    }
-
-    /// Records that the record `kind`/`key` changed (the state's version moves).
-    fn changed(&self, kind: &str, key: &str) -> Result<(), CaError> {
-        self.run(
-            "INSERT INTO changes (kind, key) VALUES (?1, ?2)",
-            &[&kind, &key],
-        )
-    }
-
-    /// Every record, as one document.
-    fn export(&mut self) -> Result<State, CaError> {
-        let settings: Settings = self.settings()?;
-        let mut state = State {
-            version: State::VERSION,
-            trust_domain: settings.trust_domain,
-            server: settings.server,
-            server_sans: settings.server_sans,
-            ca_pin: settings.ca_pin,
-            agent_listener: settings.agent_listener,
-            tokens: self.many("SELECT doc FROM tokens ORDER BY rowid", &[])?,
-            certs: self.many("SELECT doc FROM certs ORDER BY rowid", &[])?,
-            operators: self.many("SELECT doc FROM operators ORDER BY rowid", &[])?,
-            ..State::default()
-        };
-        let keyed = |sql: &str| -> Result<Vec<(String, String)>, CaError> {
-            let mut stmt = self.tx.prepare(sql).map_err(|e| self.store.error(e))?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .map_err(|e| self.store.error(e))?;
-            rows.collect::<Result<_, _>>()
-                .map_err(|e| self.store.error(e))
-        };
-        for (agent, doc) in keyed("SELECT agent, doc FROM grants")? {
-            state.agents.insert(agent, self.parse(&doc)?);
-        }
-        for (agent, doc) in keyed("SELECT agent, doc FROM access")? {
-            state.access.insert(agent, self.parse(&doc)?);
-        }
-        Ok(state)
-    }
-
-    /// Writes every record of `state` (into an empty store).
-    fn import(&mut self, state: &State) -> Result<(), CaError> {
-        self.put_settings(Settings::of(state))?;
-        for t in &state.tokens {
-            self.put_token(t.clone())?;
-        }
-        for c in &state.certs {
-            self.put_cert(c.clone())?;
-        }
-        for o in &state.operators {
-            self.put_operator(o.clone())?;
-        }
-        for (agent, grant) in &state.agents {
-            self.put_grant(agent, grant.clone())?;
-        }
-        for (agent, names) in &state.access {
-            self.put_access(agent, names.clone())?;
-        }
-        Ok(())
-    }
-
-    /// Writes what differs between two whole documents.
-    fn write_diff(&mut self, before: &State, after: &State) -> Result<(), CaError> {
-        if Settings::of(before) != Settings::of(after) {
-            self.put_settings(Settings::of(after))?;
-        }
-        for t in after.tokens.iter().filter(|t| !before.tokens.contains(t)) {
-            self.put_token(t.clone())?;
-        }
-        for c in after.certs.iter().filter(|c| !before.certs.contains(c)) {
-            self.put_cert(c.clone())?;
-        }
-        for o in after
-            .operators
-            .iter()
-            .filter(|o| !before.operators.contains(o))
-        {
-            self.put_operator(o.clone())?;
-        }
-        for (agent, grant) in &after.agents {
-            if before.agents.get(agent) != Some(grant) {
-                self.put_grant(agent, grant.clone())?;
-            }
-        }
-        for (agent, names) in &after.access {
-            if before.access.get(agent) != Some(names) {
-                self.put_access(agent, names.clone())?;
-            }
-        }
-        for agent in before
-            .access
-            .keys()
-            .filter(|a| !after.access.contains_key(*a))
-        {
-            self.put_access(agent, Vec::new())?;
-        }
-        Ok(())
-    }
-}
-
-fn json(record: &impl Serialize) -> String {
-    serde_json::to_string(record).expect("records serialize")
-}
-
-/// When a token stops mattering: once used, or at its expiry.
-fn token_end(t: &TokenRecord) -> Unix {
-    t.used.as_ref().map_or(t.expires, |u| u.at.min(t.expires))
-}
-
-impl Tx for SqlTx<'_> {
-    fn token(&mut self, id: &str) -> Result<Option<TokenRecord>, CaError> {
-        self.one("SELECT doc FROM tokens WHERE id = ?1", id)
-    }
-
-    fn put_token(&mut self, token: TokenRecord) -> Result<(), CaError> {
-        self.run(
-            "INSERT INTO tokens (id, agent, ended, doc) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (id) DO UPDATE SET agent = ?2, ended = ?3, doc = ?4",
-            &[&token.id, &token.agent, &token_end(&token), &json(&token)],
-        )?;
-        self.changed("token", &token.id)
-    }
-
-    fn cert(&mut self, serial: &str) -> Result<Option<CertRecord>, CaError> {
-        self.one("SELECT doc FROM certs WHERE serial = ?1", serial)
-    }
-
-    fn certs_of(&mut self, agent: &str) -> Result<Vec<CertRecord>, CaError> {
-        self.many(
-            "SELECT doc FROM certs WHERE agent = ?1 ORDER BY rowid",
-            &[&agent],
-        )
-    }
-
-    fn put_cert(&mut self, cert: CertRecord) -> Result<(), CaError> {
-        self.run(
-            "INSERT INTO certs (serial, agent, not_after, doc) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (serial) DO UPDATE SET agent = ?2, not_after = ?3, doc = ?4",
-            &[&cert.serial, &cert.agent, &cert.not_after, &json(&cert)],
-        )?;
-        self.changed("cert", &cert.serial)
-    }
-
-    fn grant(&mut self, agent: &str) -> Result<Option<AgentGrant>, CaError> {
-        self.one("SELECT doc FROM grants WHERE agent = ?1", agent)
-    }
-
-    fn put_grant(&mut self, agent: &str, grant: AgentGrant) -> Result<(), CaError> {
-        self.run(
-            "INSERT INTO grants (agent, doc) VALUES (?1, ?2) \
-             ON CONFLICT (agent) DO UPDATE SET doc = ?2",
-            &[&agent, &json(&grant)],
-        )?;
-        self.changed("grant", agent)
-    }
-
-    fn access(&mut self, agent: &str) -> Result<Vec<String>, CaError> {
-        Ok(self
-            .one("SELECT doc FROM access WHERE agent = ?1", agent)?
-            .unwrap_or_default())
-    }
-
-    fn put_access(&mut self, agent: &str, names: Vec<String>) -> Result<(), CaError> {
-        if names.is_empty() {
-            self.run("DELETE FROM access WHERE agent = ?1", &[&agent])?;
-        } else {
-            self.run(
-                "INSERT INTO access (agent, doc) VALUES (?1, ?2) \
-                 ON CONFLICT (agent) DO UPDATE SET doc = ?2",
-                &[&agent, &json(&names)],
-            )?;
-        }
-        self.changed("access", agent)
-    }
-
-    fn operator(&mut self, serial: &str) -> Result<Option<OperatorRecord>, CaError> {
-        self.one("SELECT doc FROM operators WHERE serial = ?1", serial)
-    }
-
-    fn operators_named(&mut self, name: &str) -> Result<Vec<OperatorRecord>, CaError> {
-        self.many(
-            "SELECT doc FROM operators WHERE name = ?1 ORDER BY rowid",
-            &[&name],
-        )
-    }
-
-    fn put_operator(&mut self, operator: OperatorRecord) -> Result<(), CaError> {
-        self.run(
-            "INSERT INTO operators (serial, name, not_after, doc) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (serial) DO UPDATE SET name = ?2, not_after = ?3, doc = ?4",
-            &[
-                &operator.serial,
-                &operator.name,
-                &operator.not_after,
-                &json(&operator),
-            ],
-        )?;
-        self.changed("operator", &operator.serial)
-    }
-
-    fn settings(&mut self) -> Result<Settings, CaError> {
-        let settings: Option<SettingsDoc> =
-            self.one("SELECT value FROM meta WHERE key = ?1", "settings")?;
-        Ok(settings.map(Settings::from).unwrap_or_default())
-    }
-
-    fn put_settings(&mut self, settings: Settings) -> Result<(), CaError> {
-        self.run(
-            "INSERT INTO meta (key, value) VALUES ('settings', ?1) \
-             ON CONFLICT (key) DO UPDATE SET value = ?1",
-            &[&json(&SettingsDoc::from(settings))],
-        )?;
-        self.changed("settings", "")
-    }
-
-    fn prune(&mut self, now: Unix) -> Result<(), CaError> {
-        let horizon = now - RETENTION_SECS;
-        for (kind, sql) in [
-            ("cert", "serial FROM certs WHERE not_after <= ?1"),
-            ("operator", "serial FROM operators WHERE not_after <= ?1"),
-            ("token", "id FROM tokens WHERE ended <= ?1"),
-        ] {
-            self.run(
-                &format!("INSERT INTO changes (kind, key) SELECT '{kind}', {sql}"),
-                &[&horizon],
-            )?;
-        }
-        self.run("DELETE FROM certs WHERE not_after <= ?1", &[&horizon])?;
-        self.run("DELETE FROM operators WHERE not_after <= ?1", &[&horizon])?;
-        self.run("DELETE FROM tokens WHERE ended <= ?1", &[&horizon])?;
-        self.run(
-            "DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - ?1",
-            &[&CHANGES_KEPT],
-        )
-    }
-}
-
-/// [`Settings`] as stored (the fields of the document they came from).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SettingsDoc {
-    trust_domain: String,
-    server: String,
-    server_sans: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    ca_pin: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    agent_listener: Option<crate::state::AgentListener>,
-}
-
-impl From<Settings> for SettingsDoc {
-    fn from(s: Settings) -> Self {
-        SettingsDoc {
-            trust_domain: s.trust_domain,
-            server: s.server,
-            server_sans: s.server_sans,
-            ca_pin: s.ca_pin,
-            agent_listener: s.agent_listener,
-        }
-    }
-}
-
-impl From<SettingsDoc> for Settings {
-    fn from(s: SettingsDoc) -> Self {
-        Settings {
-            trust_domain: s.trust_domain,
-            server: s.server,
-            server_sans: s.server_sans,
-            ca_pin: s.ca_pin,
-            agent_listener: s.agent_listener,
-        }
     }
 }
