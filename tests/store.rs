@@ -11,6 +11,17 @@ use common::*;
 use revproxy::ca::{Ca, InitOptions, Token};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Waits until the agent whose state is in `dir` no longer lists `addr` among its
+/// proxies (the file it remembers them in), within `limit`.
+async fn until_unlisted(dir: &std::path::Path, addr: &str, limit: Duration) {
+    let list = dir.join(revproxy::agent::PROXIES_FILE);
+    let deadline = Instant::now() + limit;
+    while std::fs::read_to_string(&list).unwrap().contains(addr) {
+        assert!(Instant::now() < deadline, "the agent still lists {addr}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A load balancer would send clients anywhere: a client of each proxy reaches the backend.
 async fn reaches(proxy: &TestProxy, name: &str, tag: &[u8]) {
     let data = pattern(64 * 1024, proxy.http.port() as u64);
@@ -116,15 +127,7 @@ async fn an_agent_enrolled_through_one_proxy_serves_clients_arriving_at_all_thre
     let gone = proxies.pop().unwrap();
     let gone_addr = gone.addr.to_string();
     gone.stop().await;
-    let list = dir.path().join(revproxy::agent::PROXIES_FILE);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::fs::read_to_string(&list).unwrap().contains(&gone_addr) {
-        assert!(
-            Instant::now() < deadline,
-            "the agent still lists {gone_addr}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_unlisted(dir.path(), &gone_addr, Duration::from_secs(20)).await;
     for p in &proxies {
         reaches(p, "app.example.com", b"A:").await;
     }
@@ -159,15 +162,7 @@ async fn agents_hear_of_proxies_joining_and_leaving(t: revproxy::agent::Transpor
     let gone = proxies.pop().unwrap();
     let gone_addr = gone.addr.to_string();
     gone.stop().await;
-    let list = dir.path().join(revproxy::agent::PROXIES_FILE);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(&list).unwrap().contains(&gone_addr) {
-        assert!(
-            Instant::now() < deadline,
-            "the agent still lists {gone_addr}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_unlisted(dir.path(), &gone_addr, Duration::from_secs(10)).await;
     for p in &proxies {
         reaches(p, "app.example.com", b"A:").await;
     }

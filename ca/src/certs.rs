@@ -88,15 +88,10 @@ impl Ca {
     /// Returns the serials revoked now (already revoked ones are not repeated).
     pub fn revoke_certs(&self, what: &str, now: OffsetDateTime) -> Result<Vec<String>, CaError> {
         self.state.update(|tx| {
-            let mut certs = tx.certs_of(what)?;
-            if let Some(cert) = tx.cert(&what.to_ascii_lowercase())? {
-                if !certs.iter().any(|c| c.serial == cert.serial) {
-                    certs.push(cert);
-                }
-            }
-            let revoked = revoke_matching(&mut certs, what, now.unix_timestamp())
+            let (of_agent, by_serial) = (tx.certs_of(what)?, tx.cert(&what.to_ascii_lowercase())?);
+            let (revoked, changed) = revoke_matching(of_agent, by_serial, now.unix_timestamp())
                 .ok_or_else(|| CaError::UnknownCert(what.to_string()))?;
-            for cert in certs.into_iter().filter(|c| revoked.contains(&c.serial)) {
+            for cert in changed {
                 tx.put_cert(cert)?;
             }
             Ok(revoked)
@@ -108,8 +103,6 @@ impl Ca {
 pub(crate) trait Revocable {
     /// The hex serial number.
     fn serial(&self) -> &str;
-    /// Whose it is: the agent's or the operator's name.
-    fn holder(&self) -> &str;
     /// When it was revoked, if it was.
     fn revoked_at(&mut self) -> &mut Option<Unix>;
 }
@@ -119,35 +112,37 @@ impl Revocable for CertRecord {
         &self.serial
     }
 
-    fn holder(&self) -> &str {
-        &self.agent
-    }
-
     fn revoked_at(&mut self) -> &mut Option<Unix> {
         &mut self.revoked_at
     }
 }
 
-/// Revokes at `now` each of `records` whose serial is `what` (in any case) or whose holder
-/// is `what`. Returns the serials revoked now (already revoked ones are not repeated), or
-/// `None` when nothing matched.
+/// Revokes at `now` the records of holder `what` (`of_holder`) and the one whose serial is
+/// `what` in any case (`by_serial`). Returns the serials revoked now with the records to
+/// write back (already revoked ones are not repeated), or `None` when nothing matched.
 pub(crate) fn revoke_matching<R: Revocable>(
-    records: &mut [R],
-    what: &str,
+    of_holder: Vec<R>,
+    by_serial: Option<R>,
     now: Unix,
-) -> Option<Vec<String>> {
-    let serial = what.to_ascii_lowercase();
-    let mut matched = false;
-    let mut revoked = Vec::new();
-    for record in records
-        .iter_mut()
-        .filter(|r| r.serial() == serial || r.holder() == what)
-    {
-        matched = true;
-        if record.revoked_at().is_none() {
-            *record.revoked_at() = Some(now);
-            revoked.push(record.serial().to_string());
+) -> Option<(Vec<String>, Vec<R>)> {
+    let mut records = of_holder;
+    if let Some(r) = by_serial {
+        if !records.iter().any(|o| o.serial() == r.serial()) {
+            records.push(r);
         }
     }
-    matched.then_some(revoked)
+    if records.is_empty() {
+        return None;
+    }
+    let changed: Vec<R> = (records.into_iter())
+        .filter_map(|mut r| {
+            let fresh = r.revoked_at().is_none();
+            if fresh {
+                *r.revoked_at() = Some(now);
+            }
+            fresh.then_some(r)
+        })
+        .collect();
+    let serials = changed.iter().map(|r| r.serial().to_string()).collect();
+    Some((serials, changed))
 }

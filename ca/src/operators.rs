@@ -127,19 +127,15 @@ impl Ca {
     /// `what`. Returns the serials revoked now.
     pub fn revoke_operator(&self, what: &str, now: OffsetDateTime) -> Result<Vec<String>, CaError> {
         self.state.update(|tx| {
-            let mut operators = tx.operators_named(what)?;
-            if let Some(operator) = tx.operator(&what.to_ascii_lowercase())? {
-                if !operators.iter().any(|o| o.serial == operator.serial) {
-                    operators.push(operator);
-                }
-            }
-            let revoked = revoke_matching(&mut operators, what, now.unix_timestamp())
+            let named = tx.operators_named(what)?;
+            let by_serial = tx.operator(&what.to_ascii_lowercase())?;
+            let (revoked, changed) = revoke_matching(named, by_serial, now.unix_timestamp())
                 .ok_or_else(|| {
                     CaError::InvalidInput(format!(
                         "no operator certificate or operator {what:?}; `revproxy operator list` shows them"
                     ))
                 })?;
-            for operator in operators.into_iter().filter(|o| revoked.contains(&o.serial)) {
+            for operator in changed {
                 tx.put_operator(operator)?;
             }
             Ok(revoked)
@@ -150,10 +146,6 @@ impl Ca {
 impl Revocable for OperatorRecord {
     fn serial(&self) -> &str {
         &self.serial
-    }
-
-    fn holder(&self) -> &str {
-        &self.name
     }
 
     fn revoked_at(&mut self) -> &mut Option<Unix> {

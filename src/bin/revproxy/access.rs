@@ -5,7 +5,7 @@ use revproxy::ca::names::{name_matches, normalize_host};
 use revproxy::ca::state::State;
 use time::OffsetDateTime;
 
-use crate::listing::Listing;
+use crate::listing::{ListArgs, Listing};
 use crate::state::StateArg;
 use crate::{names_or_nothing, Failure};
 
@@ -23,17 +23,8 @@ pub(crate) enum AccessCommand {
     },
     /// Take NAME... back from AGENT; its open streams to them are cut within seconds.
     Revoke(Rule),
-    /// Show the access rules, by agent name.
-    List {
-        #[command(flatten)]
-        state: StateArg,
-        /// Only this agent's rule
-        #[arg(long, value_name = "NAME")]
-        agent: Option<String>,
-        /// One JSON array of {"agent", "names"}
-        #[arg(long)]
-        json: bool,
-    },
+    /// Show the access rules, by agent name. JSON: {"agent", "names"}.
+    List(ListArgs),
 }
 
 /// The arguments of `allow` and `revoke`: an agent and the names it gains or loses.
@@ -87,7 +78,7 @@ impl AccessCommand {
                 let left = state.open()?.revoke_access(&agent, &names)?;
                 eprintln!("{agent} may now reach: {}", names_or_nothing(&left));
             }
-            AccessCommand::List { state, agent, json } => {
+            AccessCommand::List(ListArgs { state, agent, json }) => {
                 let ca = state.open()?;
                 let mut out = Listing::start(json, &format!("{:<20}  NAMES", "AGENT"))?;
                 ca.each_access(agent.as_deref(), |agent, names| {

@@ -3,24 +3,15 @@
 use clap::Subcommand;
 use time::OffsetDateTime;
 
-use crate::listing::{self, Listing};
+use crate::listing::{self, ListArgs, Listing};
 use crate::state::StateArg;
 use crate::{report_revoked, Failure};
 
 #[derive(Subcommand)]
 pub(crate) enum CertCommand {
-    /// List issued certificates with their state, oldest first.
-    List {
-        #[command(flatten)]
-        state: StateArg,
-        /// Only the certificates of this agent
-        #[arg(long, value_name = "NAME")]
-        agent: Option<String>,
-        /// One JSON array of {"serial", "agent", "status", "hosts", "not_before",
-        /// "not_after"} (times RFC 3339)
-        #[arg(long)]
-        json: bool,
-    },
+    /// List issued certificates with their state, oldest first. JSON: {"serial",
+    /// "agent", "status", "hosts", "not_before", "not_after"} (times RFC 3339).
+    List(ListArgs),
     /// Revoke a certificate by serial, or every certificate of an agent.
     Revoke {
         #[command(flatten)]
@@ -34,7 +25,7 @@ pub(crate) enum CertCommand {
 impl CertCommand {
     pub(crate) fn run(self, now: OffsetDateTime) -> Result<(), Failure> {
         match self {
-            CertCommand::List { state, agent, json } => {
+            CertCommand::List(ListArgs { state, agent, json }) => {
                 let ca = state.open()?;
                 let header = format!(
                     "{:<40}  {:<20}  {:<8}  {:<20}  {:<20}  HOSTS",

@@ -4,6 +4,23 @@
 
 use std::io::{self, BufWriter, StdoutLock, Write};
 
+use clap::Args;
+
+use crate::state::StateArg;
+
+/// What every `list` takes: where the state is, one agent's records only, JSON.
+#[derive(Args)]
+pub(crate) struct ListArgs {
+    #[command(flatten)]
+    pub(crate) state: StateArg,
+    /// Only this agent's records
+    #[arg(long, value_name = "NAME")]
+    pub(crate) agent: Option<String>,
+    /// One JSON array of objects, one a row (docs/operations.md names their fields)
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
 /// Rows on their way to stdout.
 pub(crate) struct Listing {
     out: BufWriter<StdoutLock<'static>>,

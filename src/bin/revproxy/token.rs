@@ -7,7 +7,7 @@ use revproxy::ca::{self, NewToken};
 use revproxy::config::parse_duration;
 use time::OffsetDateTime;
 
-use crate::listing::{self, Listing};
+use crate::listing::{self, ListArgs, Listing};
 use crate::state::StateArg;
 use crate::Failure;
 
@@ -42,21 +42,15 @@ pub(crate) enum TokenCommand {
         #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_cert_ttl)]
         cert_ttl: Duration,
     },
-    /// List tokens with their state, oldest first; never shows secrets.
+    /// List tokens with their state, oldest first; never shows secrets. JSON: {"id",
+    /// "agent", "status", "hosts", "private_hosts", "connect", "created", "expires",
+    /// "used_at", "serial"} (times RFC 3339; the last two null until the token is used).
     List {
         #[command(flatten)]
-        state: StateArg,
-        /// Only the tokens of this agent
-        #[arg(long, value_name = "NAME")]
-        agent: Option<String>,
+        list: ListArgs,
         /// Only the tokens in this state
         #[arg(long, value_enum)]
         status: Option<Status>,
-        /// One JSON array of {"id", "agent", "status", "hosts", "private_hosts",
-        /// "connect", "created", "expires", "used_at", "serial"} (times RFC 3339; the last
-        /// two null until the token is used)
-        #[arg(long)]
-        json: bool,
     },
     /// Revoke a token so that it can never be used.
     Revoke {
@@ -125,10 +119,8 @@ impl TokenCommand {
                 crate::note_private_under_public(&ca, now, &granted);
             }
             TokenCommand::List {
-                state,
-                agent,
+                list: ListArgs { state, agent, json },
                 status,
-                json,
             } => {
                 let ca = state.open()?;
                 let filter = ca::TokenFilter {
