@@ -219,15 +219,23 @@ async fn every_metric_appears_after_a_scripted_scenario_and_passes_promtool() {
             .wait_for_tunnels("app.example.com", 0, WAIT)
             .await
     );
-    eventually("the agent's reconnect is refused", || async {
-        let (_, m) = admin_get(admin_addr, "/metrics").await;
-        sample(
-            &m,
-            "revproxy_tunnel_refusals_total",
-            r#"reason="certificate""#,
-        )
-        .is_some()
-    })
+    // Each side counts the refusal when it sees it: the agent a moment after the proxy.
+    eventually(
+        "the agent's reconnect is refused, as both sides count",
+        || async {
+            let (_, m) = admin_get(admin_addr, "/metrics").await;
+            let (_, a) = admin_get(agent_admin_addr, "/metrics").await;
+            let failures = r#"transport="h2""#;
+            sample(
+                &m,
+                "revproxy_tunnel_refusals_total",
+                r#"reason="certificate""#,
+            )
+            .is_some()
+                && sample(&a, "revproxy_agent_tunnel_connect_failures_total", failures)
+                    .is_some_and(|n| n >= 1.0)
+        },
+    )
     .await;
     let (_, agent_after) = admin_get(agent_admin_addr, "/metrics").await;
     drop(agent);
