@@ -634,8 +634,8 @@ fn added_server_names_reach_every_proxy_at_its_next_check() {
 
 /// The state the previous release wrote (`state.json`; tests/fixtures/release-0.1 says
 /// what is in it) moves into `state.db` the first time it is opened, without anyone doing
-/// anything: every record is there, the old file is kept as `state.json.bak`, the new
-/// store is private, and the CA goes on from it.
+/// anything: every record is there, the old file is kept (as `state.json.bak`, or beside
+/// a backup of that name), the new store is private, and the CA goes on from it.
 #[test]
 fn the_previous_releases_state_moves_into_the_embedded_store() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/release-0.1");
@@ -651,13 +651,20 @@ fn the_previous_releases_state_moves_into_the_embedded_store() {
     assert_eq!((written.tokens.len(), written.certs.len()), (4, 2));
     assert!(!written.operators.is_empty() && !written.access.is_empty());
 
+    // A backup of the operator's own is there already: it is never overwritten.
+    std::fs::write(dir.join("state.json.bak"), "an older backup").unwrap();
+
     let ca = Ca::open(&dir).unwrap();
     assert_eq!(ca.state().read().unwrap(), written, "every record moved");
     assert!(!dir.join("state.json").exists());
     assert_eq!(
-        std::fs::read(dir.join("state.json.bak")).unwrap(),
+        std::fs::read(dir.join("state.json.bak.1")).unwrap(),
         std::fs::read(fixture.join("state.json")).unwrap(),
         "the old file is kept as it was"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("state.json.bak")).unwrap(),
+        "an older backup"
     );
     let mode = std::fs::metadata(dir.join("state.db"))
         .unwrap()

@@ -156,6 +156,8 @@ impl SqliteStore {
     fn open(&self) -> Result<Connection, CaError> {
         let path = self.path();
         if !path.exists() {
+            // Under the lock that writers of `state.json` take: a process of the previous
+            // release (`serve --upgrade` from it) finds the file gone, not changed unseen.
             let _lock = StateFile::new(&self.dir).lock()?;
             if !path.exists() {
                 let old = StateFile::new(&self.dir);
@@ -163,7 +165,12 @@ impl SqliteStore {
                     return Err(CaError::NoStateFile(self.dir.clone()));
                 }
                 self.write_new(&old.read()?)?;
-                tracing_free_note(&self.dir);
+                let kept = self.keep_old_file()?;
+                eprintln!(
+                    "note: the state in {} moved from state.json to state.db (the old file is kept as {})",
+                    self.dir.display(),
+                    kept.display()
+                );
             }
         }
         let conn = self.connect(&path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
@@ -183,12 +190,28 @@ impl SqliteStore {
             other => return Err(self.corrupt(format!("unknown schema version {other:?}"))),
         }
         // A migration interrupted after `state.db` took its name leaves `state.json`.
-        let json = self.dir.join(STATE_FILE);
-        if json.exists() {
-            std::fs::rename(&json, self.dir.join(BACKUP_FILE))
-                .map_err(|e| CaError::io(&json, e))?;
+        if self.dir.join(STATE_FILE).exists() {
+            let _lock = StateFile::new(&self.dir).lock()?;
+            if self.dir.join(STATE_FILE).exists() {
+                self.keep_old_file()?;
+            }
         }
         Ok(conn)
+    }
+
+    /// Renames a migrated `state.json` to [`BACKUP_FILE`], or to the first of
+    /// `state.json.bak.1`, `.2`, ... that does not exist (a backup is never overwritten);
+    /// returns where it went. The caller holds the directory's lock.
+    fn keep_old_file(&self) -> Result<PathBuf, CaError> {
+        let json = self.dir.join(STATE_FILE);
+        let mut kept = self.dir.join(BACKUP_FILE);
+        let mut n = 0;
+        while kept.exists() {
+            n += 1;
+            kept = self.dir.join(format!("{BACKUP_FILE}.{n}"));
+        }
+        std::fs::rename(&json, &kept).map_err(|e| CaError::io(&json, e))?;
+        Ok(kept)
     }
 
     fn connect(&self, path: &Path, flags: OpenFlags) -> Result<Connection, CaError> {
@@ -285,15 +308,6 @@ impl SqliteStore {
         }
         Ok(())
     }
-}
-
-/// Says on stderr that a `state.json` was migrated (the CA crate has no logger; this
-/// happens once per state directory).
-fn tracing_free_note(dir: &Path) {
-    eprintln!(
-        "note: the state in {} moved from state.json to state.db (state.json is kept as {BACKUP_FILE})",
-        dir.display()
-    );
 }
 
 impl Drop for SqliteStore {
