@@ -12,7 +12,8 @@ its certificate and its grant. They are written straight into a new CA's store (
 state.db, or state.json for a build from before the embedded store), then, with the real
 binaries on 127.0.0.1:
 - `token create`: the median of five, each a new process (what an operator's script pays);
-- the proxy's start: from exec until its agent listener accepts, and its resident memory;
+- the proxy's start: from exec until its `/ready` answers 200 (the state loaded, every
+  listener up), and its resident memory then;
 - an enrollment: `revproxy-agent enroll` with a fresh token, the whole command;
 - a revocation reaching a live tunnel: from starting `revproxy cert revoke` until the
   agent's `/ready` says it has no tunnel (the proxy closed it).
@@ -60,14 +61,16 @@ def fill(state_dir, agents):
     now = int(time.time())
     db, doc = f"{state_dir}/state.db", f"{state_dir}/state.json"
     if os.path.exists(db):
-        with sqlite3.connect(db) as conn:
+        conn = sqlite3.connect(db)
+        with conn:  # one transaction
             for name, token, cert, grant in records(agents, now):
                 conn.execute("INSERT INTO tokens (id, agent, ended, doc) VALUES (?, ?, ?, ?)",
                              (token["id"], name, token["used"]["at"], json.dumps(token)))
                 conn.execute("INSERT INTO certs (serial, agent, not_after, doc) VALUES (?, ?, ?, ?)",
                              (cert["serial"], name, cert["not_after"], json.dumps(cert)))
                 conn.execute("INSERT INTO grants (agent, doc) VALUES (?, ?)", (name, json.dumps(grant)))
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
         return os.path.getsize(db)
     with open(doc) as f:
         state = json.load(f)
@@ -112,7 +115,7 @@ def measure(bindir, agents, work):
         proxy = procs.start([proxy_bin, "serve", "--state", state, "--agents", f"127.0.0.1:{port}",
                              "--admin", f"127.0.0.1:{admin}"], env=env,
                             stderr=open(f"{work}/proxy.log", "w"))
-        run.wait_port(port, timeout=600)
+        run.wait_until("the proxy's /ready", lambda: ready(admin), 600)
         start = time.perf_counter() - started
         rss = run.rss_kib(proxy.pid) / 1024
         _, token = timed([proxy_bin, "token", "create", "--state", state, "--name", "live", "--host",

@@ -225,7 +225,7 @@ impl Ca {
                 reason: "it does not match ca.key".into(),
             });
         }
-        let state = store.read()?;
+        let state = store.look(|tx| tx.settings())?;
         if state.ca_pin.is_none() && store.shared() {
             return Err(CaError::CorruptState {
                 path: store.describe().into(),

@@ -58,10 +58,11 @@ impl Ca {
         mut each: impl FnMut(CertInfo) -> Result<(), E>,
     ) -> Result<(), E> {
         let now = now.unix_timestamp();
-        for c in self.state.read()?.certs {
-            if agent.is_some_and(|a| a != c.agent) {
-                continue;
-            }
+        let certs = match agent {
+            Some(agent) => self.state.look(|tx| tx.certs_of(agent))?,
+            None => self.state.read()?.certs,
+        };
+        for c in certs {
             let third = (c.not_after - c.not_before) / 3;
             let state = if c.revoked_at.is_some() {
                 CertState::Revoked

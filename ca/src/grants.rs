@@ -75,10 +75,18 @@ impl Ca {
         agent: Option<&str>,
         mut each: impl FnMut(String, Vec<String>) -> Result<(), E>,
     ) -> Result<(), E> {
-        for (name, names) in self.state.read()?.access {
-            if agent.is_none_or(|a| a == name) {
-                each(name, names)?;
+        let rules: Vec<(String, Vec<String>)> = match agent {
+            Some(agent) => {
+                let names = self.state.look(|tx| tx.access(agent))?;
+                (!names.is_empty())
+                    .then(|| (agent.to_string(), names))
+                    .into_iter()
+                    .collect()
             }
+            None => self.state.read()?.access.into_iter().collect(),
+        };
+        for (name, names) in rules {
+            each(name, names)?;
         }
         Ok(())
     }

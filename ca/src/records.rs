@@ -40,6 +40,8 @@ impl Settings {
 /// at all.
 pub trait Tx {
     fn token(&mut self, id: &str) -> Result<Option<TokenRecord>, CaError>;
+    /// Every token of `agent` on record, oldest first.
+    fn tokens_of(&mut self, agent: &str) -> Result<Vec<TokenRecord>, CaError>;
     /// Adds a token or replaces the one with its id.
     fn put_token(&mut self, token: TokenRecord) -> Result<(), CaError>;
 
@@ -92,6 +94,13 @@ fn put<T>(records: &mut Vec<T>, record: T, key: impl Fn(&T) -> &str) {
 impl Tx for DocTx<'_> {
     fn token(&mut self, id: &str) -> Result<Option<TokenRecord>, CaError> {
         Ok(self.state.tokens.iter().find(|t| t.id == id).cloned())
+    }
+
+    fn tokens_of(&mut self, agent: &str) -> Result<Vec<TokenRecord>, CaError> {
+        Ok((self.state.tokens.iter())
+            .filter(|t| t.agent == agent)
+            .cloned()
+            .collect())
     }
 
     fn put_token(&mut self, token: TokenRecord) -> Result<(), CaError> {

@@ -75,7 +75,7 @@ impl Ca {
         };
         let extra_san = extra_san.and_then(|h| normalize_sans(&[h.to_string()]).ok());
         // Names `ca init --san` added since (perhaps from another proxy on a shared store).
-        let recorded = self.state.read()?.server_sans;
+        let recorded = self.state.look(|tx| tx.settings())?.server_sans;
         let (cert_pem, proxy_id) = match current {
             Some((pem, summary))
                 if signed_by(&pem, &self.cert_der)
@@ -114,7 +114,7 @@ impl Ca {
 
     /// The enrollment address tokens name by default, and where it comes from.
     pub fn default_server(&self) -> Result<EnrollmentAddress, CaError> {
-        Ok(enrollment_address(&Settings::of(&self.state.read()?)))
+        Ok(enrollment_address(&self.state.look(|tx| tx.settings())?))
     }
 
     /// Records where this proxy listens for agents (`listen`, its bound address) and the

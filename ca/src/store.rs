@@ -86,6 +86,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         self.apply(&mut |state| change(&mut DocTx::new(state)))
     }
 
+    /// Runs `look` once on the newest records in one read (nothing it does is written).
+    /// A store that keeps one document reads it whole; one that keeps records apart
+    /// reads only what `look` asks for.
+    fn view(&self, look: &mut (dyn FnMut(&mut dyn Tx) + Send)) -> Result<(), CaError> {
+        let mut state = self.read()?;
+        look(&mut DocTx::new(&mut state));
+        Ok(())
+    }
+
     /// The records that changed after version `since` (from [`Store::version`]), read
     /// together with the version they bring the state to; `None` when the store cannot
     /// say (it keeps no record of changes, or not back to `since`): read it whole then.
@@ -150,6 +159,20 @@ impl dyn Store {
             commit
         })?;
         out.expect("a store that succeeds has called the change")
+    }
+
+    /// What `look` reads from the newest records ([`Store::view`]).
+    pub fn look<T: Send>(
+        &self,
+        look: impl FnOnce(&mut dyn Tx) -> Result<T, CaError> + Send,
+    ) -> Result<T, CaError> {
+        let mut look = Some(look);
+        let mut out = None;
+        self.view(&mut |tx| {
+            let look = look.take().expect("a store calls the look once");
+            out = Some(look(tx));
+        })?;
+        out.expect("a store that succeeds has called the look")
     }
 }
 

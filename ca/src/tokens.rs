@@ -174,9 +174,13 @@ impl Ca {
         mut each: impl FnMut(TokenInfo) -> Result<(), E>,
     ) -> Result<(), E> {
         let now = now.unix_timestamp();
-        let state = self.state.read()?;
+        // One agent's by its key; all of them as the whole state.
         let agent = filter.agent.as_deref();
-        for t in state.tokens {
+        let tokens = match agent {
+            Some(agent) => self.state.look(|tx| tx.tokens_of(agent))?,
+            None => self.state.read()?.tokens,
+        };
+        for t in tokens {
             let status = token_state(&t, now);
             if agent.is_some_and(|a| a != t.agent) || filter.state.is_some_and(|s| s != status) {
                 continue;

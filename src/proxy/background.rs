@@ -27,7 +27,7 @@ pub(super) fn start(shared: Arc<Shared>) -> Background {
     let known = std::sync::Mutex::new(shared.state.get().revoked.clone());
     tasks.spawn(shared.state.clone().watch(move |s| {
         let mut known = known.lock().expect("revoked set");
-        metrics.revoked(s.revoked.difference(&known).count());
+        metrics.revoked(s.revoked.iter().filter(|r| !known.contains(*r)).count());
         known.clone_from(&s.revoked);
         drop(known);
         registry.apply(s);

@@ -17,7 +17,6 @@
 //! backup, another database) is not taken as newer: the view keeps the snapshot it has and
 //! raises an alarm until this process is restarted (see [`StoreHealth::went_back`]).
 
-use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -29,38 +28,44 @@ use tracing::{debug, error, info, warn};
 /// How often the store's version is checked for changes.
 pub(super) const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// A set of keys in a [`Snapshot`]: persistent, so that a snapshot with one change applied
+/// shares everything else with the one before (a clone costs nothing, a change a path).
+pub(super) type Set = imbl::HashSet<String>;
+/// A map in a [`Snapshot`], persistent as [`Set`] is.
+pub(super) type Map<V> = imbl::HashMap<String, V>;
+
 /// What the tunnel gate needs to know.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Snapshot {
     /// Hex serials of revoked certificates.
-    pub(super) revoked: HashSet<String>,
+    pub(super) revoked: Set,
     /// Hex serials of the certificates on record and not revoked: the only ones admitted
     /// (an allow-list: a certificate the CA signed but never recorded, from a copy of the
     /// CA key, say, is refused).
-    pub(super) live: HashSet<String>,
+    pub(super) live: Set,
     /// Ids of the tokens that can still be used (unused, not revoked, not expired when
     /// loaded): enrollment hears these even from a source over its failure limit.
-    pub(super) open_tokens: HashSet<String>,
+    pub(super) open_tokens: Set,
     /// The stored hash of every token's secret (used ones too: a retry with the same key
     /// gets its certificate again), by token id: enrollment checks a secret here before
     /// it queues for the state's lock.
-    pub(super) token_secrets: HashMap<String, revproxy_ca::SecretHash>,
+    pub(super) token_secrets: Map<revproxy_ca::SecretHash>,
     /// Names each agent may currently serve, public and private.
-    pub(super) grants: HashMap<String, Vec<String>>,
+    pub(super) grants: Map<Vec<String>>,
     /// Of those, the ones each agent serves to public clients.
-    pub(super) public: HashMap<String, Vec<String>>,
+    pub(super) public: Map<Vec<String>>,
     /// And the ones it serves only through the mesh.
-    pub(super) private_of: HashMap<String, Vec<String>>,
+    pub(super) private_of: Map<Vec<String>>,
     /// Name patterns granted for private serving: never routed from a public listener;
     /// with how many agents' grants hold each (a change of one grant adjusts the counts).
-    pub(super) private: HashMap<String, usize>,
+    pub(super) private: Map<usize>,
     /// Access rules: the name patterns each agent may reach through its tunnel.
-    pub(super) access: HashMap<String, Vec<String>>,
+    pub(super) access: Map<Vec<String>>,
     /// The latest expiry among each agent's valid certificates, Unix seconds.
-    pub(super) expiry: HashMap<String, i64>,
+    pub(super) expiry: Map<i64>,
     /// Hex serials of the operator certificates on record and not revoked: the only
     /// clients the admin listener admits beyond loopback.
-    pub(super) operators: HashSet<String>,
+    pub(super) operators: Set,
 }
 
 /// A stored secret hash (hex); `None` if malformed (the CA then says so at enrollment).
@@ -72,7 +77,7 @@ fn secret_hash(hex: &str) -> Option<revproxy_ca::SecretHash> {
 impl Snapshot {
     fn load(store: &dyn Store) -> Result<Snapshot, revproxy_ca::CaError> {
         let state = store.read()?;
-        let mut expiry: HashMap<String, i64> = HashMap::new();
+        let mut expiry: Map<i64> = Map::new();
         for cert in state.certs.iter().filter(|c| c.revoked_at.is_none()) {
             let latest = expiry.entry(cert.agent.clone()).or_insert(cert.not_after);
             *latest = (*latest).max(cert.not_after);
@@ -108,7 +113,7 @@ impl Snapshot {
                 .filter_map(|t| Some((t.id.clone(), secret_hash(&t.secret_sha256)?)))
                 .collect(),
             private: (state.agents.values()).flat_map(|g| g.private.iter()).fold(
-                HashMap::new(),
+                Map::new(),
                 |mut counts, pattern| {
                     *counts.entry(pattern.clone()).or_default() += 1;
                     counts

@@ -390,6 +390,19 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn view(&self, look: &mut (dyn FnMut(&mut dyn Tx) + Send)) -> Result<(), CaError> {
+        let mut held = self.conn()?;
+        let conn = held.get();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)
+            .map_err(|e| self.error(e))?;
+        look(&mut SqlTx {
+            tx: &tx,
+            store: self,
+        });
+        Ok(()) // dropped: rolled back, whatever `look` did
+    }
+
     fn changes_since(&self, since: u64) -> Result<Option<Changes>, CaError> {
         let mut held = self.conn()?;
         let conn = held.get();

@@ -174,6 +174,13 @@ impl Tx for SqlTx<'_> {
         self.one("SELECT doc FROM tokens WHERE id = ?1", id)
     }
 
+    fn tokens_of(&mut self, agent: &str) -> Result<Vec<TokenRecord>, CaError> {
+        self.many(
+            "SELECT doc FROM tokens WHERE agent = ?1 ORDER BY rowid",
+            &[&agent],
+        )
+    }
+
     fn put_token(&mut self, token: TokenRecord) -> Result<(), CaError> {
         self.run(
             "INSERT INTO tokens (id, agent, ended, doc) VALUES (?1, ?2, ?3, ?4) \
