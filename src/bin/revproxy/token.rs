@@ -103,6 +103,7 @@ impl TokenCommand {
                 let granted: Vec<String> = (hosts.iter().chain(&private_hosts))
                     .filter_map(|h| ca::names::normalize_host(h).ok())
                     .collect();
+                let private = private_hosts.clone();
                 let token = ca.create_token(
                     &NewToken {
                         agent: name,
@@ -116,7 +117,11 @@ impl TokenCommand {
                     now,
                 )?;
                 println!("{}", token.encode());
-                crate::note_private_under_public(&ca, now, &granted);
+                // Only a private name or a public wildcard can make a new overlap; a token
+                // of exact public names is minted without reading every grant.
+                if granted.iter().any(|n| n.starts_with("*.")) || !private.is_empty() {
+                    crate::note_private_under_public(&ca, now, &granted);
+                }
             }
             TokenCommand::List {
                 list: ListArgs { state, agent, json },
