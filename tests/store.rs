@@ -369,6 +369,17 @@ async fn with_the_database_stopped_routing_goes_on_and_enrollment_answers_503() 
     for admin in &admins {
         assert_eq!(admin_get(*admin, "/ready").await.0, 200);
         assert_eq!(store_up(*admin).await, Some(1.0));
+        // Every proxy has read the state since the token was made (two checks begun
+        // after it), so each knows the token when the database goes.
+        let checks = || async {
+            let (_, m) = admin_get(*admin, "/metrics").await;
+            sample(&m, "revproxy_store_checks_total", r#"result="ok""#).unwrap_or(0.0)
+        };
+        let before = checks().await;
+        eventually("two checks of the store after the token", || async {
+            checks().await >= before + 2.0
+        })
+        .await;
     }
 
     d.pg.stop();

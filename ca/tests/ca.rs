@@ -739,3 +739,28 @@ fn two_connections_never_lose_a_change() {
     });
     assert_eq!(wins.iter().filter(|w| **w).count(), 1, "{wins:?}");
 }
+
+/// `store migrate` takes the store out of use under its write lock: a process that opened
+/// it before (a `cert revoke` at that moment) cannot commit into the moved copy, which
+/// holds everything, and a failed migration puts it back.
+#[test]
+fn a_retired_store_takes_no_more_changes() {
+    use revproxy_ca::sqlite::SqliteStore;
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = new_ca(tmp.path());
+    let t = token(&ca, &["app.example.com"]);
+    let before = ca.list_tokens(now()).unwrap();
+    let aside = tmp.path().join("state.db.migrating");
+    let read = SqliteStore::retire(tmp.path(), &aside).unwrap();
+    assert_eq!(read.tokens.len(), 1);
+    let late = ca.revoke_token(&t.public.id).unwrap_err();
+    assert!(matches!(late, CaError::Migrated(_)), "{late}");
+    SqliteStore::restore(tmp.path(), &aside).unwrap();
+    let back = Ca::open(tmp.path()).unwrap();
+    assert_eq!(
+        back.list_tokens(now()).unwrap(),
+        before,
+        "nothing lost, nothing added"
+    );
+    back.revoke_token(&t.public.id).unwrap();
+}

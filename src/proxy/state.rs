@@ -225,10 +225,10 @@ pub(super) struct StoreHealth {
     pub(super) went_back: bool,
 }
 
-/// The installed snapshot.
+/// The installed snapshot. Every store's version only grows (a change adds to it), so of
+/// two reads the one that saw the higher version is the newer, whichever finished first.
 #[derive(Debug)]
 struct Current {
-    ticket: u64,
     version: u64,
     snapshot: Arc<Snapshot>,
 }
@@ -237,12 +237,8 @@ struct Current {
 #[derive(Clone, Debug)]
 pub(super) struct StateView {
     store: Arc<dyn Store>,
-    /// The snapshot, with the ticket of the read that made it and the store's version it
-    /// reflects.
+    /// The snapshot, with the store's version it reflects.
     current: Arc<RwLock<Current>>,
-    /// Tickets of reads, taken as each begins: a read that began later saw a state at least
-    /// as new, so a slow read never replaces what a later one installed.
-    reads: Arc<std::sync::atomic::AtomicU64>,
     /// The store's version when it was first read: where [`StateView::watch`] starts.
     loaded_at: u64,
     /// When the last reload a request forced began (see [`StateView::refresh_seldom`]).
@@ -260,11 +256,9 @@ impl StateView {
         Ok(StateView {
             store,
             current: Arc::new(RwLock::new(Current {
-                ticket: 0,
                 version,
                 snapshot: Arc::new(snapshot),
             })),
-            reads: Arc::default(),
             loaded_at: version,
             forced: Arc::default(),
             health: Arc::new(Mutex::new(Health {
@@ -350,13 +344,21 @@ impl StateView {
     async fn reload(&self, seen: Option<u64>) -> Option<(u64, Arc<Snapshot>)> {
         let store = self.store.clone();
         let began = Instant::now();
-        let ticket = 1 + self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let (base_version, base) = {
             let current = self.current.read().expect("state view lock");
             (current.version, current.snapshot.clone())
         };
         let read = tokio::task::spawn_blocking(move || {
             let version = store.version()?;
+            // Below what was installed before this read began: the store went back (an
+            // older backup put in place). Taking it would bring back what was revoked.
+            if version < base_version {
+                return Err(revproxy_ca::CaError::StoreWentBack {
+                    store: store.describe(),
+                    from: base_version,
+                    to: version,
+                });
+            }
             if Some(version) == seen {
                 return Ok::<_, revproxy_ca::CaError>(None);
             }
@@ -378,15 +380,13 @@ impl StateView {
             }
             Ok(Ok(Some((version, snapshot)))) => {
                 self.store_ok();
+                // The newest state wins, whichever read finished last (a read that began
+                // earlier may have read a newer state); the caller learns what is installed.
                 let mut current = self.current.write().expect("state view lock");
-                if ticket > current.ticket {
-                    *current = Current {
-                        ticket,
-                        version,
-                        snapshot,
-                    };
+                if version > current.version {
+                    *current = Current { version, snapshot };
                 }
-                Some((version, current.snapshot.clone()))
+                Some((current.version, current.snapshot.clone()))
             }
             Ok(Err(e)) => {
                 self.store_failed(&e, began);

@@ -114,32 +114,39 @@ pub struct Migrated {
 /// key) stays in `from`. A `state.json` of an earlier release moves into `state.db` first.
 pub fn migrate(from: &Path, to: &str) -> Result<Migrated, StoreError> {
     let ca = revproxy_ca::Ca::open(from)?;
-    let target = open(from, Some(to))?;
-    let mut state = ca.state().read()?;
-    state.ca_pin = Some(ca.pin().to_string());
+    let pin = ca.pin().to_string();
     drop(ca);
+    let target = open(from, Some(to))?;
     let _lock = revproxy_ca::state::StateFile::new(from).lock()?;
-    // The store steps aside first, so that no moment has two live copies: a proxy or a
-    // command that starts now finds neither and refuses, and a failed copy puts it back.
     let rename = |from: &Path, to: &Path| {
         std::fs::rename(from, to).map_err(|e| revproxy_ca::CaError::Io {
             path: from.to_path_buf(),
             source: e,
         })
     };
-    let (live, aside, done) = (
-        from.join(revproxy_ca::sqlite::DB_FILE),
+    let (aside, done) = (
         from.join(revproxy_ca::sqlite::MIGRATING_FILE),
         from.join(revproxy_ca::sqlite::MIGRATED_FILE),
     );
-    // Anything written since the read above is in the copy only if the store was quiet:
-    // `store migrate` is run with the proxies stopped (docs/operations.md).
-    SqliteStore::retire(from, &aside)?;
+    // The store steps aside as it is read, under its write lock, so that no moment has
+    // two live copies and no change lands in the old one: a proxy or a command that
+    // starts now finds neither and refuses, and a failed copy puts it back.
+    let mut state = SqliteStore::retire(from, &aside)?;
+    state.ca_pin = Some(pin);
     if let Err(e) = target.create(&state) {
-        rename(&aside, &live)?;
+        SqliteStore::restore(from, &aside)?;
         return Err(e.into());
     }
     rename(&aside, &done)?;
+    for side in ["-wal", "-shm"] {
+        let moved = from.join(format!("{}{side}", revproxy_ca::sqlite::MIGRATING_FILE));
+        if moved.exists() {
+            rename(
+                &moved,
+                &from.join(format!("{}{side}", revproxy_ca::sqlite::MIGRATED_FILE)),
+            )?;
+        }
+    }
     Ok(Migrated {
         tokens: state.tokens.len(),
         certs: state.certs.len(),

@@ -69,6 +69,11 @@ impl Held<'_> {
     fn get(&mut self) -> &mut Connection {
         &mut self.0.as_mut().expect("opened by SqliteStore::conn").0
     }
+
+    /// The file the connection opened.
+    fn opened(&self) -> FileId {
+        self.0.as_ref().expect("opened by SqliteStore::conn").1
+    }
 }
 
 /// The CA state in `state.db`.
@@ -162,7 +167,19 @@ impl SqliteStore {
             if !path.exists() {
                 let old = StateFile::new(&self.dir);
                 if !old.path().exists() {
-                    return Err(CaError::NoStateFile(self.dir.clone()));
+                    let moved = [
+                        MIGRATED_FILE,
+                        MIGRATING_FILE,
+                        crate::state::MIGRATED_FILE,
+                        crate::state::MIGRATING_FILE,
+                    ]
+                    .iter()
+                    .any(|f| self.dir.join(f).exists());
+                    return Err(if moved {
+                        CaError::Migrated(self.dir.clone())
+                    } else {
+                        CaError::NoStateFile(self.dir.clone())
+                    });
                 }
                 self.write_new(&old.read()?)?;
                 let kept = self.keep_old_file()?;
@@ -291,23 +308,61 @@ impl SqliteStore {
         }
     }
 
-    /// Takes the store out of use after `revproxy store migrate` copied it elsewhere:
-    /// everything written is folded into `state.db`, which is renamed to `to`.
-    pub fn retire(dir: &Path, to: &Path) -> Result<(), CaError> {
+    /// Takes the store out of use for `revproxy store migrate`: under the write lock, reads
+    /// the whole state and renames `state.db` (with its write-ahead log) to `to`, so that
+    /// no change is committed between the read and the rename (a writer that waited for
+    /// the lock finds the file gone: [`Store::transact`] checks). Returns what was read;
+    /// [`SqliteStore::restore`] puts the file back.
+    pub fn retire(dir: &Path, to: &Path) -> Result<State, CaError> {
         let store = SqliteStore::new(dir);
-        store
-            .conn()?
-            .get()
-            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
-            .map_err(|e| store.error(e))?;
+        let state = {
+            let mut held = store.conn()?;
+            let conn = held.get();
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(|e| store.error(e))?;
+            let state = SqlTx {
+                tx: &tx,
+                store: &store,
+            }
+            .export()?;
+            move_with_log(dir, DB_FILE, to)?;
+            state
+        }; // the transaction ends (nothing written), then the connection
         drop(store);
-        let path = dir.join(DB_FILE);
-        std::fs::rename(&path, to).map_err(|e| CaError::io(&path, e))?;
-        for side in ["state.db-wal", "state.db-shm"] {
-            let _ = std::fs::remove_file(dir.join(side));
+        // Fold the log into the moved file, so that it is whole by itself (best effort:
+        // its log moved with it, and SQLite reads both).
+        if let Ok(copy) = Connection::open_with_flags(to, OpenFlags::SQLITE_OPEN_READ_WRITE) {
+            let _ = copy.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
         }
-        Ok(())
+        Ok(state)
     }
+
+    /// Puts back a store [`SqliteStore::retire`] moved to `from` (a migration failed).
+    pub fn restore(dir: &Path, from: &Path) -> Result<(), CaError> {
+        let name = from
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| CaError::InvalidInput(format!("{} has no file name", from.display())))?;
+        move_with_log(dir, name, &dir.join(DB_FILE))
+    }
+}
+
+/// Renames the database `name` in `dir` to `to`, its `-wal` and `-shm` files beside it.
+fn move_with_log(dir: &Path, name: &str, to: &Path) -> Result<(), CaError> {
+    let from = dir.join(name);
+    std::fs::rename(&from, to).map_err(|e| CaError::io(&from, e))?;
+    for side in ["-wal", "-shm"] {
+        let (old, new) = (dir.join(format!("{name}{side}")), {
+            let mut n = to.as_os_str().to_owned();
+            n.push(side);
+            PathBuf::from(n)
+        });
+        if old.exists() {
+            std::fs::rename(&old, &new).map_err(|e| CaError::io(&old, e))?;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for SqliteStore {
@@ -376,10 +431,17 @@ impl Store for SqliteStore {
         change: &mut (dyn FnMut(&mut dyn Tx) -> bool + Send),
     ) -> Result<(), CaError> {
         let mut held = self.conn()?;
+        let opened = held.opened();
         let conn = held.get();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.error(e))?;
+        // Under the write lock, the path must still name the file this connection opened:
+        // `store migrate` renames it away while holding that lock, and a change written
+        // now would be in the old copy only.
+        if file_id(&self.path()) != Some(opened) {
+            return Err(CaError::Migrated(self.dir.clone()));
+        }
         let commit = change(&mut SqlTx {
             tx: &tx,
             store: self,
