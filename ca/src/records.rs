@@ -12,13 +12,16 @@ use crate::state::{
     AgentGrant, AgentListener, CertRecord, OperatorRecord, State, TokenRecord, Unix,
 };
 
-/// The CA-wide settings: one record.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// The CA-wide settings: one record (stored with the field names of the document they
+/// came from).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Settings {
     pub trust_domain: String,
     pub server: String,
     pub server_sans: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_pin: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_listener: Option<AgentListener>,
 }
 

@@ -405,25 +405,13 @@ impl Store for SqliteStore {
         Ok(seq as u64)
     }
 
-    /// The document form of a change, for what still changes the whole state: it is
-    /// read whole, changed, and what changed is written back.
-    fn apply(&self, change: &mut (dyn FnMut(&mut State) -> bool + Send)) -> Result<(), CaError> {
-        let mut held = self.conn()?;
-        let conn = held.get();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| self.error(e))?;
-        let mut rows = SqlTx {
-            tx: &tx,
-            store: self,
-        };
-        let before = rows.export()?;
-        let mut after = before.clone();
-        if !change(&mut after) || after == before {
-            return Ok(());
-        }
-        rows.write_diff(&before, &after)?;
-        tx.commit().map_err(|e| self.error(e))
+    /// Every change here is a [`Store::transact`] on records; a change of the whole
+    /// document is refused rather than written half (it could not say what was removed).
+    fn apply(&self, _: &mut (dyn FnMut(&mut State) -> bool + Send)) -> Result<(), CaError> {
+        Err(CaError::InvalidInput(format!(
+            "{} keeps records: change it through transactions",
+            self.describe()
+        )))
     }
 
     fn transact(

@@ -120,44 +120,6 @@ impl SqlTx<'_> {
         }
         Ok(())
     }
-
-    /// Writes what differs between two whole documents.
-    pub(super) fn write_diff(&mut self, before: &State, after: &State) -> Result<(), CaError> {
-        if Settings::of(before) != Settings::of(after) {
-            self.put_settings(Settings::of(after))?;
-        }
-        for t in after.tokens.iter().filter(|t| !before.tokens.contains(t)) {
-            self.put_token(t.clone())?;
-        }
-        for c in after.certs.iter().filter(|c| !before.certs.contains(c)) {
-            self.put_cert(c.clone())?;
-        }
-        for o in after
-            .operators
-            .iter()
-            .filter(|o| !before.operators.contains(o))
-        {
-            self.put_operator(o.clone())?;
-        }
-        for (agent, grant) in &after.agents {
-            if before.agents.get(agent) != Some(grant) {
-                self.put_grant(agent, grant.clone())?;
-            }
-        }
-        for (agent, names) in &after.access {
-            if before.access.get(agent) != Some(names) {
-                self.put_access(agent, names.clone())?;
-            }
-        }
-        for agent in before
-            .access
-            .keys()
-            .filter(|a| !after.access.contains_key(*a))
-        {
-            self.put_access(agent, Vec::new())?;
-        }
-        Ok(())
-    }
 }
 
 fn json(record: &impl Serialize) -> String {
@@ -268,16 +230,16 @@ impl Tx for SqlTx<'_> {
     }
 
     fn settings(&mut self) -> Result<Settings, CaError> {
-        let settings: Option<SettingsDoc> =
+        let settings: Option<Settings> =
             self.one("SELECT value FROM meta WHERE key = ?1", "settings")?;
-        Ok(settings.map(Settings::from).unwrap_or_default())
+        Ok(settings.unwrap_or_default())
     }
 
     fn put_settings(&mut self, settings: Settings) -> Result<(), CaError> {
         self.run(
             "INSERT INTO meta (key, value) VALUES ('settings', ?1) \
              ON CONFLICT (key) DO UPDATE SET value = ?1",
-            &[&json(&SettingsDoc::from(settings))],
+            &[&json(&settings)],
         )?;
         self.changed("settings", "")
     }
@@ -301,41 +263,5 @@ impl Tx for SqlTx<'_> {
             "DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - ?1",
             &[&CHANGES_KEPT],
         )
-    }
-}
-
-/// [`Settings`] as stored (the fields of the document they came from).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SettingsDoc {
-    trust_domain: String,
-    server: String,
-    server_sans: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    ca_pin: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    agent_listener: Option<crate::state::AgentListener>,
-}
-
-impl From<Settings> for SettingsDoc {
-    fn from(s: Settings) -> Self {
-        SettingsDoc {
-            trust_domain: s.trust_domain,
-            server: s.server,
-            server_sans: s.server_sans,
-            ca_pin: s.ca_pin,
-            agent_listener: s.agent_listener,
-        }
-    }
-}
-
-impl From<SettingsDoc> for Settings {
-    fn from(s: SettingsDoc) -> Self {
-        Settings {
-            trust_domain: s.trust_domain,
-            server: s.server,
-            server_sans: s.server_sans,
-            ca_pin: s.ca_pin,
-            agent_listener: s.agent_listener,
-        }
     }
 }

@@ -1,0 +1,97 @@
+//! Agents and the proxies sharing a store: each agent keeps a tunnel to every proxy, and
+//! follows them joining and leaving.
+
+use std::time::{Duration, Instant};
+
+use super::common::*;
+use super::reaches;
+
+/// Waits until the agent whose state is in `dir` no longer lists `addr` among its
+/// proxies (the file it remembers them in), within `limit`.
+async fn until_unlisted(dir: &std::path::Path, addr: &str, limit: Duration) {
+    let list = dir.join(revproxy::agent::PROXIES_FILE);
+    let deadline = Instant::now() + limit;
+    while std::fs::read_to_string(&list).unwrap().contains(addr) {
+        assert!(Instant::now() < deadline, "the agent still lists {addr}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An agent given one proxy's address learns the other two and keeps a tunnel to each:
+/// clients arriving at any of the three reach its backend. A proxy added later is
+/// followed too, and so is one that stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_enrolled_through_one_proxy_serves_clients_arriving_at_all_three() {
+    let d = Deployment::new();
+    let mut proxies = d.three(|b| b).await;
+    let backend = echo_backend(b"A:").await;
+    let (dir, _agent) = d
+        .agent(&proxies[1], &proxies, "web-1", "app.example.com", backend)
+        .await;
+    let fourth = TestProxy::start_member(d.member_dir(), &d.url, "127.0.0.4", |b| b).await;
+    // Listed at the next heartbeat of the proxy the agent asks (5 s at most).
+    fourth.wait_for("app.example.com", 1).await;
+    proxies.push(fourth);
+    for p in &proxies {
+        reaches(p, "app.example.com", b"A:").await;
+    }
+    // It remembers them for its next start.
+    let remembered =
+        std::fs::read_to_string(dir.path().join(revproxy::agent::PROXIES_FILE)).unwrap();
+    for p in &proxies {
+        assert!(remembered.contains(&p.addr.to_string()), "{remembered}");
+    }
+    // A proxy that stops takes itself off the list; the agent follows.
+    let gone = proxies.pop().unwrap();
+    let gone_addr = gone.addr.to_string();
+    gone.stop().await;
+    until_unlisted(dir.path(), &gone_addr, Duration::from_secs(20)).await;
+    for p in &proxies {
+        reaches(p, "app.example.com", b"A:").await;
+    }
+}
+
+/// When a proxy joins or leaves, the proxies tell the agents on their tunnels: an agent
+/// that asked for the list at its start (and would ask again only in a minute) serves
+/// through each of two proxies started after it within 10 s (`wait_for`'s limit), and
+/// drops one that stopped from its list within as long.
+async fn agents_hear_of_proxies_joining_and_leaving(t: revproxy::agent::Transport) {
+    let d = Deployment::new();
+    let first = TestProxy::start_member(d.member_dir(), &d.url, "127.0.0.1", |b| b).await;
+    let backend = echo_backend(b"A:").await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = d.token("web-1", &["app.example.com"], first.addr);
+    revproxy::agent::enroll(&token, dir.path()).await.unwrap();
+    // The default poll, every minute: longer than anything here waits.
+    let _agent = start_agent(dir.path(), &[("app.example.com", backend)], |b| {
+        b.transport(t)
+    });
+    first.wait_for("app.example.com", 1).await;
+    let mut proxies = vec![first];
+    for ip in ["127.0.0.2", "127.0.0.3"] {
+        let joined = TestProxy::start_member(d.member_dir(), &d.url, ip, |b| b).await;
+        // The others see it at their next heartbeat (5 s at most) and tell their agents.
+        joined.wait_for("app.example.com", 1).await;
+        proxies.push(joined);
+    }
+    for p in &proxies {
+        reaches(p, "app.example.com", b"A:").await;
+    }
+    let gone = proxies.pop().unwrap();
+    let gone_addr = gone.addr.to_string();
+    gone.stop().await;
+    until_unlisted(dir.path(), &gone_addr, Duration::from_secs(10)).await;
+    for p in &proxies {
+        reaches(p, "app.example.com", b"A:").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_agents_hear_of_proxies_joining_and_leaving() {
+    agents_hear_of_proxies_joining_and_leaving(revproxy::agent::Transport::H2).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_agents_hear_of_proxies_joining_and_leaving() {
+    agents_hear_of_proxies_joining_and_leaving(revproxy::agent::Transport::Quic).await
+}
