@@ -31,7 +31,7 @@
 //! | `config` | the TOML files and duration syntax |
 //! | `runtime` | what both programs need from the process: shutdown, the one backoff, logging, directories |
 //! | `admin` | the admin listener of both programs: metrics, status, readiness, the status page |
-//! | `store` | opening the CA state's store: the file store, or PostgreSQL shared by several proxies |
+//! | `store` | opening the CA state's store: the embedded store, or PostgreSQL shared by several proxies |
 #![forbid(unsafe_code)]
 
 pub mod admin;

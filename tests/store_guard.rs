@@ -154,7 +154,20 @@ async fn a_store_whose_state_goes_back_is_an_alarm_not_a_newer_state() {
             .unwrap()
     };
     let later = d.token("later", &["later.example.com"], p.agents);
-    d.pg.psql("CREATE TABLE public.backup AS SELECT * FROM revproxy.state");
+    // Every table of the state, as a backup of the database would have it.
+    let tables = [
+        "state",
+        "tokens",
+        "certs",
+        "grants",
+        "access",
+        "operators",
+        "changes",
+    ];
+    let backup: String = (tables.iter())
+        .map(|t| format!("CREATE TABLE backup.{t} AS SELECT * FROM revproxy.{t};"))
+        .collect();
+    d.pg.psql(&format!("CREATE SCHEMA backup; {backup}"));
 
     // After the backup: web-1 is revoked, and the token is used.
     d.ca()
@@ -171,7 +184,17 @@ async fn a_store_whose_state_goes_back_is_an_alarm_not_a_newer_state() {
     assert_eq!(code, 200, "{answer}");
 
     // The backup is restored.
-    d.pg.psql("UPDATE revproxy.state s SET version = b.version, doc = b.doc FROM public.backup b");
+    let restore: String = (tables.iter().skip(1))
+        .map(|t| format!("INSERT INTO revproxy.{t} SELECT * FROM backup.{t};"))
+        .collect();
+    d.pg.psql(&format!(
+        "BEGIN; TRUNCATE {}; {restore} UPDATE revproxy.state s SET version = b.version, \
+         settings = b.settings FROM backup.state b; COMMIT;",
+        (tables.iter().skip(1))
+            .map(|t| format!("revproxy.{t}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     let metric = |name: &'static str, labels: &'static str| async move {
         sample(&admin_get(p.admin, "/metrics").await.1, name, labels)
     };

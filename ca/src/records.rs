@@ -5,7 +5,9 @@
 //! (a proxy's first snapshot, `store migrate`).
 //!
 //! [`DocTx`] is the transaction of a store that keeps one document ([`State`]): the file
-//! store and, until it keeps rows, PostgreSQL.
+//! store of release 0.1 (`state.json`), which tests and the default
+//! [`Store::transact`](crate::Store::transact) still use. The embedded store and
+//! PostgreSQL keep rows.
 
 use crate::error::CaError;
 use crate::state::{

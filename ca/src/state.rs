@@ -1,7 +1,8 @@
 //! The proxy's persistent state as one document ([`State`]): tokens, issued certificates,
 //! agent grants. It is what a store exports whole (a proxy's snapshot, `store migrate`),
-//! the form of the PostgreSQL store's single row, and `state.json`, the file store of the
-//! releases before the embedded store (`sqlite.rs`), which migrates it.
+//! and what release 0.1 kept: `state.json`, its file store, which the embedded store
+//! (`sqlite.rs`) migrates, and the single row of its PostgreSQL store, which the schema's
+//! version 2 moves into tables.
 //!
 //! [`StateFile`] still reads and changes `state.json` (under an exclusive `flock` on
 //! `state.lock`, which also serializes `ca init` and migrations of the state directory).

@@ -57,6 +57,32 @@ pub enum Changed {
     Settings,
 }
 
+impl Changed {
+    /// The record of `kind` (as a store's change log names it: `token`, `cert`, `grant`,
+    /// `access`, `operator`, `settings`) and `key`, as `tx` reads it now.
+    pub fn read(tx: &mut dyn Tx, kind: &str, key: String) -> Result<Changed, CaError> {
+        Ok(match kind {
+            "token" => Changed::Token(key.clone(), tx.token(&key)?),
+            "cert" => {
+                let cert = tx.cert(&key)?;
+                let of_agent = match &cert {
+                    Some(c) => tx.certs_of(&c.agent)?,
+                    None => Vec::new(),
+                };
+                Changed::Cert {
+                    serial: key,
+                    cert,
+                    of_agent,
+                }
+            }
+            "grant" => Changed::Grant(key.clone(), tx.grant(&key)?),
+            "access" => Changed::Access(key.clone(), tx.access(&key)?),
+            "operator" => Changed::Operator(key.clone(), tx.operator(&key)?),
+            _ => Changed::Settings,
+        })
+    }
+}
+
 /// Where the CA state lives.
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// What to call this store in messages and logs: a path, or a database URL without

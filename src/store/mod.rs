@@ -1,7 +1,7 @@
-//! Opening the CA state's [`Store`]: the file store in the state directory (the default),
-//! or PostgreSQL (`postgres://...`), which several proxies can share.
+//! Opening the CA state's [`Store`]: the embedded store in the state directory (the
+//! default, `state.db`), or PostgreSQL (`postgres://...`), which several proxies can share.
 //!
-//! The [`Store`] trait and the file store are in the `ca` crate; the PostgreSQL store is
+//! The [`Store`] trait and the embedded store are in the `ca` crate; the PostgreSQL store is
 //! here because it needs sockets, TLS and an async runtime, which the `ca` crate does
 //! without.
 

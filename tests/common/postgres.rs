@@ -171,6 +171,15 @@ impl Postgres {
 
     /// Runs `sql` with psql and returns its unaligned output.
     pub fn psql(&self, sql: &str) -> String {
+        self.psql_with(&["-c", sql])
+    }
+
+    /// Runs the SQL script `file` (a `pg_dump`, say) with psql.
+    pub fn psql_file(&self, file: &std::path::Path) -> String {
+        self.psql_with(&["-f", file.to_str().expect("a UTF-8 path")])
+    }
+
+    fn psql_with(&self, what: &[&str]) -> String {
         let out = std::process::Command::new(tool("psql"))
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
             .args([
@@ -181,9 +190,8 @@ impl Postgres {
                 "-At",
                 "-v",
                 "ON_ERROR_STOP=1",
-                "-c",
-                sql,
             ])
+            .args(what)
             .output()
             .unwrap();
         assert!(

@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod proxies;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

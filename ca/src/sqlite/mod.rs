@@ -495,25 +495,7 @@ impl Store for SqliteStore {
         };
         let mut records = Vec::with_capacity(keys.len());
         for (kind, key) in keys {
-            records.push(match kind.as_str() {
-                "token" => Changed::Token(key.clone(), rows.token(&key)?),
-                "cert" => {
-                    let cert = rows.cert(&key)?;
-                    let of_agent = match &cert {
-                        Some(c) => rows.certs_of(&c.agent)?,
-                        None => Vec::new(),
-                    };
-                    Changed::Cert {
-                        serial: key,
-                        cert,
-                        of_agent,
-                    }
-                }
-                "grant" => Changed::Grant(key.clone(), rows.grant(&key)?),
-                "access" => Changed::Access(key.clone(), rows.access(&key)?),
-                "operator" => Changed::Operator(key.clone(), rows.operator(&key)?),
-                _ => Changed::Settings,
-            });
+            records.push(Changed::read(&mut rows, &kind, key)?);
         }
         Ok(Some(Changes {
             version: newest as u64,

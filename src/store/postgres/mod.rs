@@ -10,7 +10,9 @@
 
 mod feed;
 mod queries;
+mod rows;
 mod schema;
+mod session;
 mod tls;
 mod url;
 
@@ -22,6 +24,8 @@ use revproxy_ca::CaError;
 use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::debug;
+
+use session::Session;
 
 pub use schema::SCHEMA_VERSION;
 pub use tls::RootCertError;
@@ -159,12 +163,13 @@ impl PgStore {
         }
     }
 
-    /// Runs `op` on the store's connection (made first if there is none), within
-    /// [`OP_TIMEOUT`]. A failed or timed-out operation drops the connection: the next
-    /// one starts afresh.
-    fn with_client<T: Send>(
+    /// Runs `op` on the store's connection (made first if there is none, the schema
+    /// checked once per process), its queries within [`OP_TIMEOUT`] in all
+    /// ([`Session::wait`]). A failed or timed-out query drops the connection: the next
+    /// call starts afresh.
+    fn session<T: Send>(
         &self,
-        op: impl AsyncFnOnce(&mut Client) -> Result<Result<T, CaError>, tokio_postgres::Error> + Send,
+        op: impl FnOnce(&mut Client, &mut Session) -> Result<T, CaError> + Send,
     ) -> Result<T, CaError> {
         // A panic in a change leaves the lock poisoned; the connection is made again.
         let mut guard = self.client.lock().unwrap_or_else(|poisoned| {
@@ -179,22 +184,24 @@ impl PgStore {
         }
         let slot: &mut Option<Client> = &mut guard;
         let run = || {
-            self.runtime().block_on(async {
-                tokio::time::timeout(OP_TIMEOUT, async {
-                    if slot.as_ref().is_none_or(Client::is_closed) {
-                        *slot = Some(self.connect().await?);
-                    }
-                    let client = slot.as_mut().expect("connected above");
-                    if !self.migrated.load(Ordering::Acquire) {
-                        if let Err(e) = schema::migrate(client).await? {
-                            return Ok(Err(e));
-                        }
-                        self.migrated.store(true, Ordering::Release);
-                    }
-                    op(client).await
-                })
-                .await
-            })
+            let handle = self.runtime().handle().clone();
+            let mut session = Session::new(handle, self.described.clone());
+            let call = || {
+                if slot.as_ref().is_none_or(Client::is_closed) {
+                    *slot = Some(session.wait(self.connect())?);
+                }
+                let client = slot.as_mut().expect("connected above");
+                if !self.migrated.load(Ordering::Acquire) {
+                    // Moving a large state into a new schema takes longer than a call.
+                    session.allow(schema::MIGRATION_TIMEOUT);
+                    session.wait(schema::migrate(client))??;
+                    session.allow(OP_TIMEOUT);
+                    self.migrated.store(true, Ordering::Release);
+                }
+                op(client, &mut session)
+            };
+            let result = call();
+            (result, session.failed)
         };
         // Called on a thread that belongs to another runtime (a proxy starting up), this
         // thread may not block on ours: a scoped thread does it instead.
@@ -203,19 +210,29 @@ impl PgStore {
         } else {
             Ok(run())
         };
-        let reason = match outcome {
-            Ok(Ok(Ok(result))) => {
+        let (result, reason) = match outcome {
+            Ok((result, None)) => {
                 *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 return result;
             }
-            Ok(Ok(Err(e))) => pg_reason(&e),
-            Ok(Err(_)) => format!("no answer within {} s", OP_TIMEOUT.as_secs()),
-            Err(_) => "a store operation panicked".to_string(),
+            Ok((result, Some(reason))) => (result, reason),
+            Err(_) => {
+                let reason = "a store operation panicked".to_string();
+                (Err(self.unavailable(&reason)), reason)
+            }
         };
-        *slot = None;
+        *guard = None;
         *self.failing.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((Instant::now() + FAIL_FAST, reason.clone()));
-        Err(self.unavailable(reason))
+            Some((Instant::now() + FAIL_FAST, reason));
+        result
+    }
+
+    /// Runs one async `op` on the store's connection ([`PgStore::session`]).
+    fn with_client<T: Send>(
+        &self,
+        op: impl AsyncFnOnce(&mut Client) -> Result<Result<T, CaError>, tokio_postgres::Error> + Send,
+    ) -> Result<T, CaError> {
+        self.session(|client, session| session.wait(op(client))?)
     }
 
     async fn connect(&self) -> Result<Client, tokio_postgres::Error> {

@@ -1,17 +1,23 @@
-//! The [`Store`] calls as SQL. The state is one versioned document (`revproxy.state`, a
-//! single JSONB row), changed only in a transaction that holds that row `FOR UPDATE`: of
-//! two proxies trading one token at the same moment, the second reads what the first
-//! wrote and refuses. Proxies heartbeat in `revproxy.proxies`, which is how they and their
-//! agents know each other. How a call runs (connection, timeout) is in `mod.rs`.
+//! The [`Store`] calls as SQL. The records are rows (`rows.rs`); `revproxy.state` is one
+//! row holding the state's version and the CA-wide settings, which every change holds
+//! `FOR UPDATE` while it runs. Proxies heartbeat in `revproxy.proxies`, which is how they
+//! and their agents know each other. How a call runs (connection, timeout) is in `mod.rs`
+//! and `session.rs`.
 
 use std::sync::Arc;
 
+use revproxy_ca::records::Tx;
 use revproxy_ca::state::State;
-use revproxy_ca::{CaError, ProxyEntry, Store};
-use tokio_postgres::{GenericClient, Row};
+use revproxy_ca::{CaError, Changed, Changes, ProxyEntry, Store};
+use tokio_postgres::{Client, IsolationLevel, Transaction};
 use tracing::warn;
 
+use super::rows::{self, PgTx};
+use super::session::Session;
 use super::{feed, PgStore};
+
+/// Most records a proxy reads one by one to catch up; beyond, it reads the state whole.
+const MAX_CHANGES: i64 = 10_000;
 
 /// A proxy that has not announced itself for this long is no longer listed.
 const PROXY_STALE_SECS: u32 = 30;
@@ -24,61 +30,135 @@ impl Store for PgStore {
     // The version is checked while the call holds the connection: calls run one at a
     // time on it, so the versions are checked in the order the database answered them.
     fn read(&self) -> Result<State, CaError> {
-        let described = &self.described;
-        self.with_client(async |client| {
-            let sql = "SELECT version, doc::text FROM revproxy.state";
-            let row = state_row(client, described, sql).await?;
-            Ok(row.and_then(|row| {
-                self.check_version(row.get(0))?;
-                parse_state(described, row.get(1))
-            }))
+        self.session(|client, s| {
+            let tx = s.wait(snapshot(client))?;
+            let version = self.state_version(s, &tx, "")?;
+            self.check_version(version)?;
+            s.wait(rows::export(&tx))
         })
     }
 
     fn version(&self) -> Result<u64, CaError> {
         let described = &self.described;
         self.with_client(async |client| {
-            let row = state_row(client, described, "SELECT version FROM revproxy.state").await?;
-            Ok(row.and_then(|row| {
-                let version: i64 = row.get(0);
-                self.check_version(version).map(|()| version as u64)
-            }))
+            let row = client
+                .query_opt("SELECT version FROM revproxy.state", &[])
+                .await?;
+            Ok(match row {
+                Some(row) => {
+                    let version: i64 = row.get(0);
+                    self.check_version(version).map(|()| version as u64)
+                }
+                None => Err(CaError::StoreEmpty(described.clone())),
+            })
         })
     }
 
-    fn apply(&self, change: &mut (dyn FnMut(&mut State) -> bool + Send)) -> Result<(), CaError> {
-        let described = &self.described;
-        self.with_client(async |client| {
-            let tx = client.transaction().await?;
-            let sql = "SELECT version, doc::text FROM revproxy.state FOR UPDATE";
-            let row = match state_row(&tx, described, sql).await? {
-                Ok(row) => row,
-                Err(e) => return Ok(Err(e)),
-            };
-            let version: i64 = row.get(0);
+    /// Every change here is a [`Store::transact`] on rows; a change of the whole document
+    /// is refused rather than written half (it could not say what was removed).
+    fn apply(&self, _: &mut (dyn FnMut(&mut State) -> bool + Send)) -> Result<(), CaError> {
+        Err(CaError::InvalidInput(format!(
+            "{} keeps records: change it through transactions",
+            self.describe()
+        )))
+    }
+
+    /// Changes run one at a time: each holds the state's row (`FOR UPDATE`) from its
+    /// first read to its commit, so that of two proxies trading one token at the same
+    /// moment the second reads what the first wrote and refuses, and versions commit in
+    /// their order (a proxy that read the changes up to one version never misses one
+    /// committed below it later).
+    fn transact(
+        &self,
+        change: &mut (dyn FnMut(&mut dyn Tx) -> bool + Send),
+    ) -> Result<(), CaError> {
+        self.session(|client, s| {
+            let tx = s.wait(client.transaction())?;
+            let version = self.state_version(s, &tx, " FOR UPDATE")?;
             // Never a change written over an older state than this process has seen.
-            if let Err(e) = self.check_version(version) {
-                tx.rollback().await?;
-                return Ok(Err(e));
-            }
-            let mut state = match parse_state(described, row.get(1)) {
-                Ok(state) => state,
-                Err(e) => return Ok(Err(e)),
+            self.check_version(version)?;
+            let mut rows = PgTx {
+                tx,
+                session: s,
+                next: version + 1,
+                wrote: false,
             };
-            let before = state.clone();
-            if !change(&mut state) || state == before {
-                tx.rollback().await?;
-                return Ok(Ok(()));
+            let commit = change(&mut rows);
+            let PgTx {
+                tx,
+                session: s,
+                wrote,
+                ..
+            } = rows;
+            if let Some(reason) = &s.failed {
+                return Err(self.unavailable(reason));
             }
-            let doc = serde_json::to_string(&state).expect("state serializes");
-            tx.execute(
-                "UPDATE revproxy.state SET version = $1, doc = $2::text::jsonb, updated = now()",
-                &[&(version + 1), &doc],
-            )
-            .await?;
-            feed::notify(&tx, version + 1).await?;
-            tx.commit().await?;
-            Ok(self.check_version(version + 1))
+            if !(commit && wrote) {
+                return s.wait(tx.rollback());
+            }
+            s.wait(async {
+                tx.execute(
+                    "UPDATE revproxy.state SET version = $1, updated = now()",
+                    &[&(version + 1)],
+                )
+                .await?;
+                feed::notify(&tx, version + 1).await?;
+                tx.commit().await
+            })?;
+            self.check_version(version + 1)
+        })
+    }
+
+    fn view(&self, look: &mut (dyn FnMut(&mut dyn Tx) + Send)) -> Result<(), CaError> {
+        self.session(|client, s| {
+            let tx = s.wait(snapshot(client))?;
+            let mut rows = PgTx {
+                tx,
+                session: s,
+                next: 0,
+                wrote: false,
+            };
+            look(&mut rows);
+            match &rows.session.failed {
+                Some(reason) => Err(self.unavailable(reason)),
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn changes_since(&self, since: u64) -> Result<Option<Changes>, CaError> {
+        self.session(|client, s| {
+            // One snapshot: the changes and the records as of one moment.
+            let tx = s.wait(snapshot(client))?;
+            let newest = self.state_version(s, &tx, "")?;
+            self.check_version(newest)?;
+            let oldest: Option<i64> = s
+                .wait(tx.query_one("SELECT min(version) FROM revproxy.changes", &[]))?
+                .get(0);
+            let since = i64::try_from(since).unwrap_or(i64::MAX);
+            // Trimmed past `since`, or changed without a record of what (a state written
+            // whole): no telling what changed.
+            if since > newest || (since < newest && oldest.is_none_or(|o| o > since + 1)) {
+                return Ok(None);
+            }
+            let keys = s.wait(rows::changed_keys(&tx, since, MAX_CHANGES + 1))?;
+            if keys.len() > MAX_CHANGES as usize {
+                return Ok(None); // as cheap to read whole
+            }
+            let mut rows = PgTx {
+                tx,
+                session: s,
+                next: 0,
+                wrote: false,
+            };
+            let mut records = Vec::with_capacity(keys.len());
+            for (kind, key) in keys {
+                records.push(Changed::read(&mut rows, &kind, key)?);
+            }
+            Ok(Some(Changes {
+                version: newest as u64,
+                records,
+            }))
         })
     }
 
@@ -92,21 +172,14 @@ impl Store for PgStore {
     }
 
     fn create(&self, state: &State) -> Result<(), CaError> {
-        let described = &self.described;
-        let doc = serde_json::to_string(state).expect("state serializes");
-        self.with_client(async |client| {
-            let added = client
-                .execute(
-                    "INSERT INTO revproxy.state (version, doc) VALUES (1, $1::text::jsonb) \
-                     ON CONFLICT DO NOTHING",
-                    &[&doc],
-                )
-                .await?;
-            Ok(if added == 1 {
-                Ok(())
-            } else {
-                Err(CaError::StoreHoldsState(described.clone()))
-            })
+        self.session(|client, s| {
+            let tx = s.wait(client.transaction())?;
+            let sql = "INSERT INTO revproxy.state (version) VALUES (1) ON CONFLICT DO NOTHING";
+            if s.wait(tx.execute(sql, &[]))? != 1 {
+                return Err(CaError::StoreHoldsState(self.described.clone()));
+            }
+            s.wait(rows::import(&tx, state))?;
+            s.wait(tx.commit())
         })
     }
 
@@ -181,31 +254,29 @@ impl Store for PgStore {
     }
 }
 
-/// The state's row as `sql` selects it, or [`CaError::StoreEmpty`] when the store holds
-/// no state yet.
-async fn state_row(
-    client: &(impl GenericClient + Sync),
-    described: &str,
-    sql: &str,
-) -> Result<Result<Row, CaError>, tokio_postgres::Error> {
-    let row = client.query_opt(sql, &[]).await?;
-    Ok(row.ok_or_else(|| CaError::StoreEmpty(described.into())))
+/// A read-only transaction that sees one moment throughout.
+async fn snapshot(client: &mut Client) -> Result<Transaction<'_>, tokio_postgres::Error> {
+    client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
 }
 
-fn parse_state(described: &str, text: &str) -> Result<State, CaError> {
-    let state: State = serde_json::from_str(text).map_err(|e| CaError::CorruptState {
-        path: described.into(),
-        reason: e.to_string(),
-    })?;
-    if state.version != State::VERSION {
-        return Err(CaError::CorruptState {
-            path: described.into(),
-            reason: format!(
-                "format version {} is not {} (written by another revproxy version?)",
-                state.version,
-                State::VERSION
-            ),
-        });
+impl PgStore {
+    /// The state's version (`lock`: the SQL that follows the select, to lock its row), or
+    /// [`CaError::StoreEmpty`] when the store holds no state yet.
+    fn state_version(
+        &self,
+        s: &mut Session,
+        tx: &Transaction<'_>,
+        lock: &str,
+    ) -> Result<i64, CaError> {
+        let sql = format!("SELECT version FROM revproxy.state{lock}");
+        match s.wait(tx.query_opt(&sql, &[]))? {
+            Some(row) => Ok(row.get(0)),
+            None => Err(CaError::StoreEmpty(self.described.clone())),
+        }
     }
-    Ok(state)
 }
