@@ -28,6 +28,19 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// A state with these settings and no records.
+    pub fn into_state(self) -> State {
+        State {
+            version: State::VERSION,
+            trust_domain: self.trust_domain,
+            server: self.server,
+            server_sans: self.server_sans,
+            ca_pin: self.ca_pin,
+            agent_listener: self.agent_listener,
+            ..State::default()
+        }
+    }
+
     /// The settings in a whole document.
     pub fn of(s: &State) -> Settings {
         Settings {

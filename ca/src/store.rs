@@ -99,7 +99,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// `change` returns true and the state differs, writes it back before returning.
     /// Returns an error without calling `change` when the store cannot be reached or
     /// locked, and an error after it when the result could not be written.
-    fn apply(&self, change: &mut (dyn FnMut(&mut State) -> bool + Send)) -> Result<(), CaError>;
+    ///
+    /// A store that keeps records apart refuses (the default): a change of the whole
+    /// document could not say what was removed, so it would be written half.
+    fn apply(&self, change: &mut (dyn FnMut(&mut State) -> bool + Send)) -> Result<(), CaError> {
+        let _ = change;
+        Err(CaError::InvalidInput(format!(
+            "{} keeps records: change it through transactions",
+            self.describe()
+        )))
+    }
 
     /// Runs `change` once in one transaction on the newest records; commits its writes
     /// if it returns true. The errors are those of [`Store::apply`]. A store that keeps one

@@ -405,15 +405,6 @@ impl Store for SqliteStore {
         Ok(seq as u64)
     }
 
-    /// Every change here is a [`Store::transact`] on records; a change of the whole
-    /// document is refused rather than written half (it could not say what was removed).
-    fn apply(&self, _: &mut (dyn FnMut(&mut State) -> bool + Send)) -> Result<(), CaError> {
-        Err(CaError::InvalidInput(format!(
-            "{} keeps records: change it through transactions",
-            self.describe()
-        )))
-    }
-
     fn transact(
         &self,
         change: &mut (dyn FnMut(&mut dyn Tx) -> bool + Send),

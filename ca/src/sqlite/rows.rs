@@ -70,18 +70,11 @@ impl SqlTx<'_> {
 
     /// Every record, as one document.
     pub(super) fn export(&mut self) -> Result<State, CaError> {
-        let settings: Settings = self.settings()?;
         let mut state = State {
-            version: State::VERSION,
-            trust_domain: settings.trust_domain,
-            server: settings.server,
-            server_sans: settings.server_sans,
-            ca_pin: settings.ca_pin,
-            agent_listener: settings.agent_listener,
             tokens: self.many("SELECT doc FROM tokens ORDER BY rowid", &[])?,
             certs: self.many("SELECT doc FROM certs ORDER BY rowid", &[])?,
             operators: self.many("SELECT doc FROM operators ORDER BY rowid", &[])?,
-            ..State::default()
+            ..self.settings()?.into_state()
         };
         let keyed = |sql: &str| -> Result<Vec<(String, String)>, CaError> {
             let mut stmt = self.tx.prepare(sql).map_err(|e| self.store.error(e))?;

@@ -54,20 +54,6 @@ impl Store for PgStore {
         })
     }
 
-    /// Every change here is a [`Store::transact`] on rows; a change of the whole document
-    /// is refused rather than written half (it could not say what was removed).
-    fn apply(&self, _: &mut (dyn FnMut(&mut State) -> bool + Send)) -> Result<(), CaError> {
-        Err(CaError::InvalidInput(format!(
-            "{} keeps records: change it through transactions",
-            self.describe()
-        )))
-    }
-
-    /// Changes run one at a time: each holds the state's row (`FOR UPDATE`) from its
-    /// first read to its commit, so that of two proxies trading one token at the same
-    /// moment the second reads what the first wrote and refuses, and versions commit in
-    /// their order (a proxy that read the changes up to one version never misses one
-    /// committed below it later).
     fn transact(
         &self,
         change: &mut (dyn FnMut(&mut dyn Tx) -> bool + Send),

@@ -123,14 +123,7 @@ pub(super) async fn settings(tx: &Transaction<'_>) -> Result<Settings, Fault> {
 
 /// Every record, as one document (in one transaction that sees one moment).
 pub(super) async fn export(tx: &Transaction<'_>) -> Result<State, Fault> {
-    let settings = settings(tx).await?;
     let mut state = State {
-        version: State::VERSION,
-        trust_domain: settings.trust_domain,
-        server: settings.server,
-        server_sans: settings.server_sans,
-        ca_pin: settings.ca_pin,
-        agent_listener: settings.agent_listener,
         tokens: many(tx, "SELECT doc::text FROM revproxy.tokens ORDER BY n", &[]).await?,
         certs: many(tx, "SELECT doc::text FROM revproxy.certs ORDER BY n", &[]).await?,
         operators: many(
@@ -139,7 +132,7 @@ pub(super) async fn export(tx: &Transaction<'_>) -> Result<State, Fault> {
             &[],
         )
         .await?,
-        ..State::default()
+        ..settings(tx).await?.into_state()
     };
     for row in (tx.query("SELECT agent, doc::text FROM revproxy.grants", &[])).await? {
         state.agents.insert(row.get(0), parse(row.get(1))?);
