@@ -93,6 +93,53 @@ fn the_previous_releases_postgres_store_moves_into_tables() {
         "{:?}",
         feed.records
     );
+    // Several kinds of change at once come back as the records are now, each once.
+    let api = written.certs.iter().find(|c| c.agent == "api-1").unwrap();
+    ca.revoke_certs("api-1", time::OffsetDateTime::now_utc())
+        .unwrap();
+    ca.allow_access("api-1", &["db.internal".to_string()])
+        .unwrap();
+    ca.set_hosts("api-1", &["api2.example.com".to_string()])
+        .unwrap();
+    let feed = ca
+        .state()
+        .changes_since(after)
+        .unwrap()
+        .expect("the feed says");
+    assert_eq!(feed.version, after + 3);
+    use revproxy::ca::Changed;
+    let mut kinds = Vec::new();
+    for record in &feed.records {
+        match record {
+            Changed::Cert {
+                serial,
+                cert: Some(cert),
+                of_agent,
+            } => {
+                assert_eq!(serial, &api.serial);
+                assert!(cert.revoked_at.is_some());
+                assert_eq!(of_agent.len(), 1, "{of_agent:?}");
+                kinds.push("cert");
+            }
+            Changed::Access(agent, names) => {
+                assert_eq!(agent, "api-1");
+                assert!(names.contains(&"db.internal".to_string()), "{names:?}");
+                kinds.push("access");
+            }
+            Changed::Grant(agent, Some(grant)) => {
+                assert_eq!(
+                    (agent.as_str(), &grant.hosts[..]),
+                    ("api-1", &["api2.example.com".to_string()][..])
+                );
+                kinds.push("grant");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(kinds, ["cert", "access", "grant"]);
+    // A proxy that holds a version from before the move into tables reads the state whole.
+    assert!(ca.state().changes_since(before - 1).unwrap().is_none());
+
     let reopened = revproxy::store::open_ca(&dir, Some(&url)).unwrap();
     assert_eq!(reopened.list_tokens(then).unwrap()[3].state, Revoked);
 }

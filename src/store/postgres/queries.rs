@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use revproxy_ca::records::Tx;
 use revproxy_ca::state::State;
-use revproxy_ca::{CaError, Changed, Changes, ProxyEntry, Store};
+use revproxy_ca::{CaError, Changes, ProxyEntry, Store};
 use tokio_postgres::{Client, IsolationLevel, Transaction};
 use tracing::warn;
 
@@ -59,7 +59,12 @@ impl Store for PgStore {
         change: &mut (dyn FnMut(&mut dyn Tx) -> bool + Send),
     ) -> Result<(), CaError> {
         self.session(|client, s| {
-            let tx = s.wait(client.transaction())?;
+            // Read committed, whatever the role's default: each statement after the lock
+            // sees what the changes before this one committed.
+            let begin = client
+                .build_transaction()
+                .isolation_level(IsolationLevel::ReadCommitted);
+            let tx = s.wait(begin.start())?;
             let version = self.state_version(s, &tx, " FOR UPDATE")?;
             // Never a change written over an older state than this process has seen.
             self.check_version(version)?;
@@ -118,29 +123,20 @@ impl Store for PgStore {
             let tx = s.wait(snapshot(client))?;
             let newest = self.state_version(s, &tx, "")?;
             self.check_version(newest)?;
-            let oldest: Option<i64> = s
-                .wait(tx.query_one("SELECT min(version) FROM revproxy.changes", &[]))?
+            let trimmed: i64 = s
+                .wait(tx.query_one("SELECT trimmed FROM revproxy.state", &[]))?
                 .get(0);
             let since = i64::try_from(since).unwrap_or(i64::MAX);
-            // Trimmed past `since`, or changed without a record of what (a state written
-            // whole): no telling what changed.
-            if since > newest || (since < newest && oldest.is_none_or(|o| o > since + 1)) {
+            // Changes after `since` trimmed, or written without a record of what (the
+            // migration into tables): no telling what changed.
+            if since > newest || since < trimmed {
                 return Ok(None);
             }
-            let keys = s.wait(rows::changed_keys(&tx, since, MAX_CHANGES + 1))?;
+            let keys = s.wait(rows::changed_keys(&tx, since, newest, MAX_CHANGES + 1))?;
             if keys.len() > MAX_CHANGES as usize {
                 return Ok(None); // as cheap to read whole
             }
-            let mut rows = PgTx {
-                tx,
-                session: s,
-                next: 0,
-                wrote: false,
-            };
-            let mut records = Vec::with_capacity(keys.len());
-            for (kind, key) in keys {
-                records.push(Changed::read(&mut rows, &kind, key)?);
-            }
+            let records = s.wait(rows::changed_records(&tx, keys))?;
             Ok(Some(Changes {
                 version: newest as u64,
                 records,

@@ -10,11 +10,13 @@
 //!
 //! [`Store::changes_since`]: revproxy_ca::Store::changes_since
 
+use std::collections::HashMap;
+
 use revproxy_ca::records::{Settings, Tx};
 use revproxy_ca::state::{
     AgentGrant, CertRecord, OperatorRecord, State, TokenRecord, Unix, RETENTION_SECS,
 };
-use revproxy_ca::CaError;
+use revproxy_ca::{CaError, Changed};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_postgres::types::ToSql;
@@ -220,21 +222,94 @@ async fn put_operator(
     }
 }
 
-/// The change records after version `since` (each kind and key once, by its last change),
-/// at most `limit`.
+/// The records changed after version `since` up to `newest` (each kind and key once, by
+/// its last change), at most `limit`.
 pub(super) async fn changed_keys(
     tx: &Transaction<'_>,
     since: i64,
+    newest: i64,
     limit: i64,
 ) -> Result<Vec<(String, String)>, Fault> {
     let rows = tx
         .query(
-            "SELECT kind, key FROM revproxy.changes WHERE version > $1 \
-             GROUP BY kind, key ORDER BY max(version) LIMIT $2",
-            &[&since, &limit],
+            "SELECT kind, key FROM revproxy.changes WHERE version > $1 AND version <= $2 \
+             GROUP BY kind, key ORDER BY max(version) LIMIT $3",
+            &[&since, &newest, &limit],
         )
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// The records whose JSON `sql` selects with their key (`$1`: the keys wanted), by key.
+async fn by_key<T: DeserializeOwned>(
+    tx: &Transaction<'_>,
+    sql: &str,
+    keys: &[&str],
+) -> Result<HashMap<String, T>, Fault> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = tx.query(sql, &[&keys]).await?;
+    rows.iter()
+        .map(|r| Ok((r.get(0), parse(r.get(1))?)))
+        .collect()
+}
+
+/// The records `keys` name (from [`changed_keys`]), as they are now: a few queries in
+/// all, however many changed (one round trip a record would not keep up with a burst of
+/// enrollments on a database a millisecond away).
+pub(super) async fn changed_records(
+    tx: &Transaction<'_>,
+    keys: Vec<(String, String)>,
+) -> Result<Vec<Changed>, Fault> {
+    let of = |kind: &str| -> Vec<&str> {
+        (keys.iter())
+            .filter(|(k, _)| k == kind)
+            .map(|(_, key)| key.as_str())
+            .collect()
+    };
+    let sql = "SELECT id, doc::text FROM revproxy.tokens WHERE id = ANY($1)";
+    let mut tokens: HashMap<String, TokenRecord> = by_key(tx, sql, &of("token")).await?;
+    let sql = "SELECT serial, doc::text FROM revproxy.certs WHERE serial = ANY($1)";
+    let mut certs: HashMap<String, CertRecord> = by_key(tx, sql, &of("cert")).await?;
+    let sql = "SELECT agent, doc::text FROM revproxy.grants WHERE agent = ANY($1)";
+    let mut grants: HashMap<String, AgentGrant> = by_key(tx, sql, &of("grant")).await?;
+    let sql = "SELECT agent, doc::text FROM revproxy.access WHERE agent = ANY($1)";
+    let mut access: HashMap<String, Vec<String>> = by_key(tx, sql, &of("access")).await?;
+    let sql = "SELECT serial, doc::text FROM revproxy.operators WHERE serial = ANY($1)";
+    let mut operators: HashMap<String, OperatorRecord> = by_key(tx, sql, &of("operator")).await?;
+    // Every certificate of the agents whose certificates changed, oldest first.
+    let mut agents: Vec<&str> = certs.values().map(|c| c.agent.as_str()).collect();
+    agents.sort_unstable();
+    agents.dedup();
+    let mut of_agent: HashMap<String, Vec<CertRecord>> = HashMap::new();
+    if !agents.is_empty() {
+        let sql = "SELECT doc::text FROM revproxy.certs WHERE agent = ANY($1) ORDER BY n";
+        for cert in many::<CertRecord>(tx, sql, &[&agents]).await? {
+            of_agent.entry(cert.agent.clone()).or_default().push(cert);
+        }
+    }
+    // Each kind and key comes once (`changed_keys` groups them).
+    Ok((keys.into_iter())
+        .map(|(kind, key)| match kind.as_str() {
+            "token" => Changed::Token(key.clone(), tokens.remove(&key)),
+            "cert" => {
+                let cert = certs.remove(&key);
+                let of_agent = (cert.as_ref())
+                    .and_then(|c| of_agent.get(&c.agent).cloned())
+                    .unwrap_or_default();
+                Changed::Cert {
+                    serial: key,
+                    cert,
+                    of_agent,
+                }
+            }
+            "grant" => Changed::Grant(key.clone(), grants.remove(&key)),
+            "access" => Changed::Access(key.clone(), access.remove(&key).unwrap_or_default()),
+            "operator" => Changed::Operator(key.clone(), operators.remove(&key)),
+            _ => Changed::Settings,
+        })
+        .collect())
 }
 
 /// A [`Tx`] on the rows of one transaction; its writes belong to version `next`.
@@ -385,11 +460,11 @@ impl Tx for PgTx<'_, '_> {
                 );
                 tx.execute(&sql, &[&horizon, &next, &kind]).await?;
             }
-            tx.execute(
-                "DELETE FROM revproxy.changes WHERE version <= $1",
-                &[&(next - CHANGES_KEPT)],
-            )
-            .await?;
+            let trim = next - CHANGES_KEPT;
+            tx.execute("DELETE FROM revproxy.changes WHERE version <= $1", &[&trim])
+                .await?;
+            let sql = "UPDATE revproxy.state SET trimmed = greatest(trimmed, $1)";
+            tx.execute(sql, &[&trim]).await?;
             Ok::<_, Fault>(())
         })
     }
