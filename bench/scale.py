@@ -20,6 +20,7 @@ with the real binaries on 127.0.0.1:
 - a renewal: one `POST /v1/renew` with the enrolled agent's certificate (TLS included),
   after its record was aged in the store (a certificate is renewable only after half its
   lifetime: the record says it was issued two hours ago for three);
+- `token list` of every token, its output thrown away: its time and peak memory;
 - a revocation reaching a live tunnel: from starting `revproxy cert revoke` until the
   agent's `/ready` says it has no tunnel (the proxy closed it).
 
@@ -197,6 +198,17 @@ def renew(agent_dir, port, work):
     return took
 
 
+def listed(args, env):
+    """Runs a listing with its output thrown away: (seconds, peak resident KiB)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    took = time.perf_counter() - started
+    if status != 0:
+        raise RuntimeError(f"{' '.join(args[:3])} failed: {proc.stderr.read().decode().strip()}")
+    return took, usage.ru_maxrss
+
+
 def timed(args, env):
     started = time.perf_counter()
     out = subprocess.run(args, env=env, capture_output=True, text=True)
@@ -230,6 +242,7 @@ def measure(bindir, agents, work, pg=None):
         size = pg.size(db)
     creates = [timed([proxy_bin, "token", "create", "--state", state, "--name", f"new-{n}", "--host",
                       f"new-{n}.example.com", "--server", "127.0.0.1:1"], env)[0] for n in range(5)]
+    list_time, list_rss = listed([proxy_bin, "token", "list", "--state", state], env)
     procs = run.Procs()
     try:
         port, admin, agent_admin = run.free_port(), run.free_port(), run.free_port()
@@ -264,6 +277,8 @@ def measure(bindir, agents, work, pg=None):
         "enrollment (ms)": enroll * 1000,
         "renewal (ms)": renewal * 1000,
         "revocation to tunnel cut (ms)": revoke * 1000,
+        "token list, every token (ms)": list_time * 1000,
+        "token list, peak memory (MiB)": list_rss / 1024,
         "proxy start (ms)": start * 1000,
         "proxy memory after start (MiB)": rss,
         "state stored (MB)": size / 1e6,

@@ -50,19 +50,17 @@ impl Ca {
     }
 
     /// Calls `each` with every certificate on record (of `agent` only, when given), oldest
-    /// first; stops at the first error `each` returns.
-    pub fn each_cert<E: From<CaError>>(
+    /// first; stops at the first error `each` returns. All of them are read a batch at a
+    /// time ([`Tx::each_cert`](crate::Tx::each_cert)).
+    pub fn each_cert<E: From<CaError> + Send>(
         &self,
         now: OffsetDateTime,
         agent: Option<&str>,
-        mut each: impl FnMut(CertInfo) -> Result<(), E>,
+        mut each: impl FnMut(CertInfo) -> Result<(), E> + Send,
     ) -> Result<(), E> {
         let now = now.unix_timestamp();
-        let certs = match agent {
-            Some(agent) => self.state.look(|tx| tx.certs_of(agent))?,
-            None => self.state.read()?.certs,
-        };
-        for c in certs {
+        let mut failed = None;
+        let mut one = |c: CertRecord| {
             let third = (c.not_after - c.not_before) / 3;
             let state = if c.revoked_at.is_some() {
                 CertState::Revoked
@@ -73,16 +71,24 @@ impl Ca {
             } else {
                 CertState::Valid
             };
-            each(CertInfo {
+            let info = CertInfo {
                 serial: c.serial,
                 agent: c.agent,
                 hosts: c.hosts,
                 not_before: c.not_before,
                 not_after: c.not_after,
                 state,
-            })?;
+            };
+            each(info).map_err(|e| failed = Some(e)).is_ok()
+        };
+        match agent {
+            Some(agent) => {
+                let certs = self.state.look(|tx| tx.certs_of(agent))?;
+                let _ = certs.into_iter().all(&mut one);
+            }
+            None => self.state.look(|tx| tx.each_cert(&mut one))?,
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Revokes the certificate with serial `what`, or every certificate of agent `what`.

@@ -69,26 +69,27 @@ impl Ca {
     }
 
     /// Calls `each` with every agent's access rule (only `agent`'s, when given), by agent
-    /// name; stops at the first error `each` returns.
-    pub fn each_access<E: From<CaError>>(
+    /// name; stops at the first error `each` returns. All of them are read a batch at a
+    /// time ([`Tx::each_access`](crate::Tx::each_access)).
+    pub fn each_access<E: From<CaError> + Send>(
         &self,
         agent: Option<&str>,
-        mut each: impl FnMut(String, Vec<String>) -> Result<(), E>,
+        mut each: impl FnMut(String, Vec<String>) -> Result<(), E> + Send,
     ) -> Result<(), E> {
-        let rules: Vec<(String, Vec<String>)> = match agent {
+        let mut failed = None;
+        let mut one = |agent: String, names: Vec<String>| {
+            each(agent, names).map_err(|e| failed = Some(e)).is_ok()
+        };
+        match agent {
             Some(agent) => {
                 let names = self.state.look(|tx| tx.access(agent))?;
-                (!names.is_empty())
-                    .then(|| (agent.to_string(), names))
-                    .into_iter()
-                    .collect()
+                if !names.is_empty() {
+                    one(agent.to_string(), names);
+                }
             }
-            None => self.state.read()?.access.into_iter().collect(),
-        };
-        for (name, names) in rules {
-            each(name, names)?;
+            None => self.state.look(|tx| tx.each_access(&mut one))?,
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Names granted privately that a public wildcard also covers, as (private name,

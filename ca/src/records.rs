@@ -82,6 +82,17 @@ pub trait Tx {
     fn operators_named(&mut self, name: &str) -> Result<Vec<OperatorRecord>, CaError>;
     fn put_operator(&mut self, operator: OperatorRecord) -> Result<(), CaError>;
 
+    /// Calls `each` with every token on record, oldest first, while it returns true: a
+    /// store that keeps rows reads them a batch at a time, never all at once.
+    fn each_token(&mut self, each: &mut dyn FnMut(TokenRecord) -> bool) -> Result<(), CaError>;
+    /// Every certificate on record, oldest first, as [`Tx::each_token`].
+    fn each_cert(&mut self, each: &mut dyn FnMut(CertRecord) -> bool) -> Result<(), CaError>;
+    /// Every access rule (agent, names), by agent, as [`Tx::each_token`].
+    fn each_access(
+        &mut self,
+        each: &mut dyn FnMut(String, Vec<String>) -> bool,
+    ) -> Result<(), CaError>;
+
     fn settings(&mut self) -> Result<Settings, CaError>;
     fn put_settings(&mut self, settings: Settings) -> Result<(), CaError>;
 
@@ -184,6 +195,24 @@ impl Tx for DocTx<'_> {
 
     fn put_operator(&mut self, operator: OperatorRecord) -> Result<(), CaError> {
         put(&mut self.state.operators, operator, |o| &o.serial);
+        Ok(())
+    }
+
+    fn each_token(&mut self, each: &mut dyn FnMut(TokenRecord) -> bool) -> Result<(), CaError> {
+        let _ = self.state.tokens.iter().cloned().all(each);
+        Ok(())
+    }
+
+    fn each_cert(&mut self, each: &mut dyn FnMut(CertRecord) -> bool) -> Result<(), CaError> {
+        let _ = self.state.certs.iter().cloned().all(each);
+        Ok(())
+    }
+
+    fn each_access(
+        &mut self,
+        each: &mut dyn FnMut(String, Vec<String>) -> bool,
+    ) -> Result<(), CaError> {
+        let _ = (self.state.access.iter()).all(|(agent, names)| each(agent.clone(), names.clone()));
         Ok(())
     }
 

@@ -166,26 +166,23 @@ impl Ca {
     }
 
     /// Calls `each` with every token on record that `filter` lets through, oldest first;
-    /// stops at the first error `each` returns.
-    pub fn each_token<E: From<CaError>>(
+    /// stops at the first error `each` returns. One agent's are read by their key; all of
+    /// them a batch at a time ([`Tx::each_token`](crate::Tx::each_token)).
+    pub fn each_token<E: From<CaError> + Send>(
         &self,
         now: OffsetDateTime,
         filter: &TokenFilter,
-        mut each: impl FnMut(TokenInfo) -> Result<(), E>,
+        mut each: impl FnMut(TokenInfo) -> Result<(), E> + Send,
     ) -> Result<(), E> {
         let now = now.unix_timestamp();
-        // One agent's by its key; all of them as the whole state.
         let agent = filter.agent.as_deref();
-        let tokens = match agent {
-            Some(agent) => self.state.look(|tx| tx.tokens_of(agent))?,
-            None => self.state.read()?.tokens,
-        };
-        for t in tokens {
+        let mut failed = None;
+        let mut one = |t: TokenRecord| {
             let status = token_state(&t, now);
             if agent.is_some_and(|a| a != t.agent) || filter.state.is_some_and(|s| s != status) {
-                continue;
+                return true;
             }
-            each(TokenInfo {
+            let info = TokenInfo {
                 state: status,
                 used: t.used.map(|u| (u.at, u.serial)),
                 id: t.id,
@@ -195,9 +192,17 @@ impl Ca {
                 connect: t.connect,
                 created: t.created,
                 expires: t.expires,
-            })?;
+            };
+            each(info).map_err(|e| failed = Some(e)).is_ok()
+        };
+        match agent {
+            Some(agent) => {
+                let tokens = self.state.look(|tx| tx.tokens_of(agent))?;
+                let _ = tokens.into_iter().all(&mut one);
+            }
+            None => self.state.look(|tx| tx.each_token(&mut one))?,
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Revokes a token so that it can never be used. Revoking a used token is allowed (and

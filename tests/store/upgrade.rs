@@ -76,6 +76,11 @@ fn the_previous_releases_postgres_store_moves_into_tables() {
     let listed = ca.list_certs(then).unwrap();
     let web = listed.iter().find(|c| c.serial == revoked.serial).unwrap();
     assert_eq!(web.state, revproxy::ca::CertState::Revoked);
+    assert_eq!(listed.len(), written.certs.len());
+    assert_eq!(
+        ca.list_access().unwrap(),
+        written.access.clone().into_iter().collect::<Vec<_>>()
+    );
 
     let before = ca.state().version().unwrap();
     let open = &written.tokens[3];

@@ -47,6 +47,25 @@ impl SqlTx<'_> {
         Ok(out)
     }
 
+    /// Calls `each` with the key and the record of every row `sql` selects (key, JSON), one
+    /// row at a time, while it returns true.
+    fn each<T: DeserializeOwned>(
+        &self,
+        sql: &str,
+        each: &mut dyn FnMut(String, T) -> bool,
+    ) -> Result<(), CaError> {
+        let mut stmt = self.tx.prepare(sql).map_err(|e| self.store.error(e))?;
+        let mut rows = stmt.query([]).map_err(|e| self.store.error(e))?;
+        while let Some(row) = rows.next().map_err(|e| self.store.error(e))? {
+            let key: String = row.get(0).map_err(|e| self.store.error(e))?;
+            let doc: String = row.get(1).map_err(|e| self.store.error(e))?;
+            if !each(key, self.parse(&doc)?) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn parse<T: DeserializeOwned>(&self, doc: &str) -> Result<T, CaError> {
         serde_json::from_str(doc).map_err(|e| self.store.corrupt(e))
     }
@@ -220,6 +239,25 @@ impl Tx for SqlTx<'_> {
             ],
         )?;
         self.changed("operator", &operator.serial)
+    }
+
+    fn each_token(&mut self, each: &mut dyn FnMut(TokenRecord) -> bool) -> Result<(), CaError> {
+        self.each("SELECT '', doc FROM tokens ORDER BY rowid", &mut |_, t| {
+            each(t)
+        })
+    }
+
+    fn each_cert(&mut self, each: &mut dyn FnMut(CertRecord) -> bool) -> Result<(), CaError> {
+        self.each("SELECT '', doc FROM certs ORDER BY rowid", &mut |_, c| {
+            each(c)
+        })
+    }
+
+    fn each_access(
+        &mut self,
+        each: &mut dyn FnMut(String, Vec<String>) -> bool,
+    ) -> Result<(), CaError> {
+        self.each("SELECT agent, doc FROM access ORDER BY agent", each)
     }
 
     fn settings(&mut self) -> Result<Settings, CaError> {

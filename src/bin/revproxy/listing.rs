@@ -2,7 +2,7 @@
 //! written as it is read, through one buffer, so a list of 100,000 tokens is never held
 //! whole as text; a reader that goes away (`| head`) ends the listing quietly.
 
-use std::io::{self, BufWriter, StdoutLock, Write};
+use std::io::{self, BufWriter, Stdout, Write};
 
 use clap::Args;
 
@@ -23,7 +23,7 @@ pub(crate) struct ListArgs {
 
 /// Rows on their way to stdout.
 pub(crate) struct Listing {
-    out: BufWriter<StdoutLock<'static>>,
+    out: BufWriter<Stdout>,
     json: bool,
     /// Rows written so far.
     rows: usize,
@@ -35,7 +35,7 @@ impl Listing {
     /// Starts a table under `header`, or a JSON array.
     pub(crate) fn start(json: bool, header: &str) -> io::Result<Listing> {
         let mut listing = Listing {
-            out: BufWriter::new(io::stdout().lock()),
+            out: BufWriter::with_capacity(64 * 1024, io::stdout()),
             json,
             rows: 0,
             closed: false,
@@ -81,7 +81,7 @@ impl Listing {
 
     fn write(
         &mut self,
-        step: impl FnOnce(&mut BufWriter<StdoutLock<'static>>) -> io::Result<()>,
+        step: impl FnOnce(&mut BufWriter<Stdout>) -> io::Result<()>,
     ) -> io::Result<()> {
         if self.closed {
             return Ok(());

@@ -322,7 +322,37 @@ pub(super) struct PgTx<'s, 'c> {
     pub(super) wrote: bool,
 }
 
+/// Rows a listing reads at a time.
+const EACH_BATCH: i32 = 1_000;
+
 impl PgTx<'_, '_> {
+    /// Calls `each` with the key and the record of every row `sql` selects (key, JSON as
+    /// text), [`EACH_BATCH`] rows at a time from one cursor, while it returns true. Each
+    /// batch has a call's time: a long listing is many reads, not one.
+    fn each<T: DeserializeOwned>(
+        &mut self,
+        sql: &str,
+        each: &mut dyn FnMut(String, T) -> bool,
+    ) -> Result<(), CaError> {
+        let portal = self.session.wait(self.tx.bind(sql, &[]))?;
+        loop {
+            self.session.allow(super::OP_TIMEOUT);
+            let rows = self
+                .session
+                .wait(self.tx.query_portal(&portal, EACH_BATCH))?;
+            let last = rows.len() < EACH_BATCH as usize;
+            for row in rows {
+                let record = parse(row.get(1)).map_err(|f| self.session.fault(f))?;
+                if !each(row.get(0), record) {
+                    return Ok(());
+                }
+            }
+            if last {
+                return Ok(());
+            }
+        }
+    }
+
     /// Writes a record with `sql` (`$1` its key, then `values`) and notes the change.
     fn put(
         &mut self,
@@ -427,6 +457,24 @@ impl Tx for PgTx<'_, '_> {
         self.wrote = true;
         let next = self.next;
         self.session.wait(put_operator(&self.tx, Some(next), &o))
+    }
+
+    fn each_token(&mut self, each: &mut dyn FnMut(TokenRecord) -> bool) -> Result<(), CaError> {
+        let sql = "SELECT '', doc::text FROM revproxy.tokens ORDER BY n";
+        self.each(sql, &mut |_, t| each(t))
+    }
+
+    fn each_cert(&mut self, each: &mut dyn FnMut(CertRecord) -> bool) -> Result<(), CaError> {
+        let sql = "SELECT '', doc::text FROM revproxy.certs ORDER BY n";
+        self.each(sql, &mut |_, c| each(c))
+    }
+
+    fn each_access(
+        &mut self,
+        each: &mut dyn FnMut(String, Vec<String>) -> bool,
+    ) -> Result<(), CaError> {
+        let sql = "SELECT agent, doc::text FROM revproxy.access ORDER BY agent";
+        self.each(sql, each)
     }
 
     fn settings(&mut self) -> Result<Settings, CaError> {

@@ -62,21 +62,30 @@ impl Session {
         let answer = self
             .runtime
             .block_on(async { tokio::time::timeout_at(deadline, query).await });
-        let reason = match answer {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(e)) => match e.into() {
-                Fault::Corrupt(reason) => {
-                    return Err(CaError::CorruptState {
-                        path: self.described.clone().into(),
-                        reason,
-                    })
-                }
-                Fault::Pg(e) => pg_reason(&e),
+        match answer {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(self.fault(e.into())),
+            Err(_) => {
+                let reason = format!("no answer within {} s", OP_TIMEOUT.as_secs());
+                self.failed = Some(reason.clone());
+                Err(self.unavailable(reason))
+            }
+        }
+    }
+
+    /// What `fault` means to the caller; a database error also ends the session.
+    pub(super) fn fault(&mut self, fault: Fault) -> CaError {
+        match fault {
+            Fault::Corrupt(reason) => CaError::CorruptState {
+                path: self.described.clone().into(),
+                reason,
             },
-            Err(_) => format!("no answer within {} s", OP_TIMEOUT.as_secs()),
-        };
-        self.failed = Some(reason.clone());
-        Err(self.unavailable(reason))
+            Fault::Pg(e) => {
+                let reason = pg_reason(&e);
+                self.failed = Some(reason.clone());
+                self.unavailable(reason)
+            }
+        }
     }
 
     fn unavailable(&self, reason: String) -> CaError {
