@@ -473,7 +473,8 @@ impl Tx for PgTx<'_, '_> {
         &mut self,
         each: &mut dyn FnMut(String, Vec<String>) -> bool,
     ) -> Result<(), CaError> {
-        let sql = "SELECT agent, doc::text FROM revproxy.access ORDER BY agent";
+        // Bytewise, as the other stores order them, whatever the database's collation.
+        let sql = "SELECT agent, doc::text FROM revproxy.access ORDER BY agent COLLATE \"C\"";
         self.each(sql, each)
     }
 
