@@ -56,7 +56,7 @@ pub use names::MAX_HOSTS;
 pub use operators::{OperatorCert, OperatorInfo, DEFAULT_OPERATOR_TTL, MAX_OPERATOR_TTL};
 pub use pin::{Pin, PinError};
 pub use profile::{BACKDATE, CA_TTL};
-pub use records::{DocTx, Settings, Tx};
+pub use records::{Settings, Tx};
 pub use server::{
     proxy_id_of, proxy_uri, validate_server, EnrollmentAddress, NamesAdded, ServerIdentity,
     DEFAULT_AGENT_PORT, SERVER_CERT_TTL,

@@ -4,8 +4,9 @@
 //! (`sqlite.rs`) migrates, and the single row of its PostgreSQL store, which the schema's
 //! version 2 moves into tables.
 //!
-//! [`StateFile`] still reads and changes `state.json` (under an exclusive `flock` on
-//! `state.lock`, which also serializes `ca init` and migrations of the state directory).
+//! [`StateFile`] reads `state.json` to migrate it, and holds the directory's exclusive
+//! `flock` on `state.lock`, which serializes `ca init` and migrations of the state
+//! directory.
 //!
 //! Fields added later are optional (`serde(default)`), and readers ignore fields they do not
 //! know, so that an older revproxy keeps reading the state a newer one wrote (two versions
@@ -202,23 +203,6 @@ impl StateFile {
         self.load()
     }
 
-    /// Applies `change` to the current state and makes the result durable, all under the
-    /// lock. If `change` fails, or changes nothing (a retried request answered from the
-    /// record), nothing is written.
-    pub fn update<T, E>(&self, change: impl FnOnce(&mut State) -> Result<T, E>) -> Result<T, E>
-    where
-        E: From<CaError>,
-    {
-        let _lock = self.lock()?;
-        let mut state = self.load()?;
-        let before = state.clone();
-        let out = change(&mut state)?;
-        if state != before {
-            self.store(&state)?;
-        }
-        Ok(out)
-    }
-
     fn load(&self) -> Result<State, CaError> {
         let path = self.path();
         let bytes = std::fs::read(&path).map_err(|e| CaError::io(&path, e))?;
@@ -239,7 +223,8 @@ impl StateFile {
         Ok(state)
     }
 
-    /// Writes `state`; the caller holds the lock.
+    /// Writes `state`; the caller holds the lock. (Only tests write `state.json` now.)
+    #[cfg(test)]
     pub(crate) fn store(&self, state: &State) -> Result<(), CaError> {
         let path = self.path();
         let bytes = serde_json::to_vec_pretty(state).expect("state serializes");

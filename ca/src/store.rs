@@ -1,25 +1,24 @@
 //! Where the CA state lives: the [`Store`] trait. The embedded default is `sqlite.rs`
-//! (records in `state.db`); [`StateFile`] (`state.json`) is the store of earlier releases.
+//! (records in `state.db`); `state.json`, the file of earlier releases
+//! ([`StateFile`](crate::state::StateFile)), is only read, to be migrated.
 //!
 //! Every change runs in one transaction ([`Store::transact`], [`Tx`]) that reads the
 //! newest records under the store's write lock and makes its writes durable before the
 //! lock is released, so that concurrent writers (two proxies trading the same token,
-//! `revproxy cert revoke` beside a renewal) see each other's changes and never lose one. A store several proxies share also keeps
-//! the list of those proxies ([`Store::announce`], [`Store::proxies`]), which agents use
+//! `revproxy cert revoke` beside a renewal) see each other's changes and never lose one.
+//! A store several proxies share also keeps the list of those proxies ([`Store::announce`], [`Store::proxies`]), which agents use
 //! to keep a tunnel to each of them.
 //!
 //! The PostgreSQL store lives in the main crate (it needs sockets and an async runtime,
 //! which this crate does without).
 
-use std::hash::{Hash, Hasher};
-use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::CaError;
-use crate::records::{DocTx, Tx};
-use crate::state::{State, StateFile};
+use crate::records::Tx;
+use crate::state::State;
 
 /// A proxy serving from a shared store, as the others and the agents see it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,40 +94,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// A number that changes whenever the state does (cheaper than [`Store::read`]).
     fn version(&self) -> Result<u64, CaError>;
 
-    /// Reads the newest state under an exclusive lock and calls `change` on it once; if
-    /// `change` returns true and the state differs, writes it back before returning.
+    /// Runs `change` once in one transaction on the newest records, under the store's
+    /// write lock; commits its writes if it returns true, durably before returning.
     /// Returns an error without calling `change` when the store cannot be reached or
-    /// locked, and an error after it when the result could not be written.
-    ///
-    /// A store that keeps records apart refuses (the default): a change of the whole
-    /// document could not say what was removed, so it would be written half.
-    fn apply(&self, change: &mut (dyn FnMut(&mut State) -> bool + Send)) -> Result<(), CaError> {
-        let _ = change;
-        Err(CaError::InvalidInput(format!(
-            "{} keeps records: change it through transactions",
-            self.describe()
-        )))
-    }
+    /// locked, and an error after it when the writes could not be committed.
+    fn transact(&self, change: &mut (dyn FnMut(&mut dyn Tx) -> bool + Send))
+        -> Result<(), CaError>;
 
-    /// Runs `change` once in one transaction on the newest records; commits its writes
-    /// if it returns true. The errors are those of [`Store::apply`]. A store that keeps one
-    /// document runs it on that document ([`DocTx`]); one that keeps records apart reads
-    /// and writes only what `change` asks for.
-    fn transact(
-        &self,
-        change: &mut (dyn FnMut(&mut dyn Tx) -> bool + Send),
-    ) -> Result<(), CaError> {
-        self.apply(&mut |state| change(&mut DocTx::new(state)))
-    }
-
-    /// Runs `look` once on the newest records in one read (nothing it does is written).
-    /// A store that keeps one document reads it whole; one that keeps records apart
-    /// reads only what `look` asks for.
-    fn view(&self, look: &mut (dyn FnMut(&mut dyn Tx) + Send)) -> Result<(), CaError> {
-        let mut state = self.read()?;
-        look(&mut DocTx::new(&mut state));
-        Ok(())
-    }
+    /// Runs `look` once on the newest records in one read (nothing it does is written),
+    /// reading only what `look` asks for.
+    fn view(&self, look: &mut (dyn FnMut(&mut dyn Tx) + Send)) -> Result<(), CaError>;
 
     /// The records that changed after version `since` (from [`Store::version`]), read
     /// together with the version they bring the state to; `None` when the store cannot
@@ -211,64 +186,6 @@ impl dyn Store {
     }
 }
 
-impl Store for StateFile {
-    fn describe(&self) -> String {
-        self.path().display().to_string()
-    }
-
-    fn read(&self) -> Result<State, CaError> {
-        StateFile::read(self)
-    }
-
-    fn version(&self) -> Result<u64, CaError> {
-        // The file is only ever replaced whole, by rename: a new inode, time and length.
-        let path = self.path();
-        let m = std::fs::metadata(&path).map_err(|e| CaError::io(&path, e))?;
-        let mut hash = std::collections::hash_map::DefaultHasher::new();
-        (m.ino(), m.mtime(), m.mtime_nsec(), m.len()).hash(&mut hash);
-        Ok(hash.finish())
-    }
-
-    fn apply(&self, change: &mut (dyn FnMut(&mut State) -> bool + Send)) -> Result<(), CaError> {
-        StateFile::update(self, |state| {
-            if change(state) {
-                Ok(())
-            } else {
-                Err(ApplyError::Unchanged)
-            }
-        })
-        .or_else(|e| match e {
-            ApplyError::Ca(e) => Err(e),
-            ApplyError::Unchanged => Ok(()),
-        })
-    }
-
-    fn has_state(&self) -> Result<bool, CaError> {
-        Ok(self.path().exists())
-    }
-
-    /// The caller holds the directory's lock ([`Ca::init_in`](crate::Ca::init_in) does,
-    /// for the CA's files and the state alike).
-    fn create(&self, state: &State) -> Result<(), CaError> {
-        if self.path().exists() {
-            return Err(CaError::StoreHoldsState(self.describe()));
-        }
-        self.store(state)
-    }
-}
-
-/// Why [`StateFile::update`] wrote nothing.
-enum ApplyError {
-    Ca(CaError),
-    Unchanged,
-}
-
-impl From<CaError> for ApplyError {
-    fn from(e: CaError) -> Self {
-        ApplyError::Ca(e)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,8 +193,7 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
         let dir = tempfile::tempdir().unwrap();
-        let file = StateFile::new(dir.path());
-        let store: Arc<dyn Store> = Arc::new(file);
+        let store: Arc<dyn Store> = Arc::new(crate::sqlite::SqliteStore::new(dir.path()));
         store
             .create(&State {
                 version: State::VERSION,
