@@ -347,8 +347,9 @@ fn footprint(pid: u32) -> (u64, usize) {
 /// issue's full figures are 10,000 and 100,000): afterwards the proxy holds the
 /// descriptors it held before, and its memory is back near where it was. The agents run
 /// in this test's process (each restart is a new agent there, with its own tunnel,
-/// TLS state and tasks), so the same holds for this process (its live heap, counted by the allocator): what an agent leaves behind
-/// when it stops or when a connection ends would show here.
+/// TLS state and tasks), so the same holds for this process, whose live heap the
+/// allocator counts: what an agent leaves behind when it stops or when a connection ends
+/// would show here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_reconnect_churn_and_many_short_connections_the_proxy_is_back_to_its_baseline() {
     let _alone = ONE_AT_A_TIME.lock().await;
