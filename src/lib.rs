@@ -37,6 +37,7 @@
 pub mod admin;
 pub mod agent;
 pub mod config;
+mod edge;
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing;

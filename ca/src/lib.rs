@@ -11,7 +11,8 @@
 //! holds), `csr.rs` (reading an agent's CSR), `issue.rs` (enrollment and renewal),
 //! `tokens.rs` (tokens minted, listed, revoked), `certs.rs` (certificates listed, revoked),
 //! `grants.rs` (names an agent may serve and reach), `operators.rs` (admin-listener client
-//! certificates), `cert.rs` (the one X.509 reader), `token.rs` (the token string), `pin.rs`
+//! certificates), `tls.rs` (names the proxy terminates TLS for), `seal.rs` (private keys
+//! sealed in the store), `cert.rs` (the one X.509 reader), `token.rs` (the token string), `pin.rs`
 //! (CA pins), `names.rs` (host and agent names), `state.rs` (the state document and its
 //! locked file), `store.rs` (the `Store` trait), `fsutil.rs` (crash-safe private files).
 #![forbid(unsafe_code)]
@@ -30,10 +31,12 @@ mod operators;
 mod pin;
 mod profile;
 pub mod records;
+mod seal;
 mod server;
 pub mod sqlite;
 pub mod state;
 pub mod store;
+mod tls;
 mod token;
 mod tokens;
 
@@ -57,10 +60,12 @@ pub use operators::{OperatorCert, OperatorInfo, DEFAULT_OPERATOR_TTL, MAX_OPERAT
 pub use pin::{Pin, PinError};
 pub use profile::{BACKDATE, CA_TTL};
 pub use records::{Settings, Tx};
+pub use seal::Sealer;
 pub use server::{
     proxy_id_of, proxy_uri, validate_server, EnrollmentAddress, NamesAdded, ServerIdentity,
     DEFAULT_AGENT_PORT, SERVER_CERT_TTL,
 };
 pub use store::{Changed, Changes, ProxyEntry, Store};
+pub use tls::{check_own_cert, tls_key_purpose, OwnCert};
 pub use token::{Secret, SecretHash, Token, TokenParseError, TokenPublic, TOKEN_PREFIX};
 pub use tokens::{NewToken, TokenFilter, TokenInfo, TokenState, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL};

@@ -6,7 +6,7 @@
 
 use crate::error::CaError;
 use crate::state::{
-    AgentGrant, AgentListener, CertRecord, OperatorRecord, State, TokenRecord, Unix,
+    AgentGrant, AgentListener, CertRecord, OperatorRecord, State, TlsRecord, TokenRecord, Unix,
 };
 
 /// The CA-wide settings: one record (stored with the field names of the document they
@@ -87,6 +87,21 @@ pub trait Tx {
         &mut self,
         each: &mut dyn FnMut(String, Vec<String>) -> bool,
     ) -> Result<(), CaError>;
+
+    /// Every agent's grant, by agent, as [`Tx::each_token`].
+    fn each_grant(
+        &mut self,
+        each: &mut dyn FnMut(String, AgentGrant) -> bool,
+    ) -> Result<(), CaError>;
+
+    /// The terminated name `name`, if it is one.
+    fn tls(&mut self, name: &str) -> Result<Option<TlsRecord>, CaError>;
+    /// Adds a terminated name or replaces its record.
+    fn put_tls(&mut self, record: TlsRecord) -> Result<(), CaError>;
+    /// Passes `name` through again (its record goes).
+    fn remove_tls(&mut self, name: &str) -> Result<(), CaError>;
+    /// Every terminated name, by name, as [`Tx::each_token`].
+    fn each_tls(&mut self, each: &mut dyn FnMut(TlsRecord) -> bool) -> Result<(), CaError>;
 
     fn settings(&mut self) -> Result<Settings, CaError>;
     fn put_settings(&mut self, settings: Settings) -> Result<(), CaError>;

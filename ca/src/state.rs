@@ -74,6 +74,9 @@ pub struct State {
     /// unless `--server` says otherwise. Absent until a proxy has started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_listener: Option<AgentListener>,
+    /// Names whose TLS the proxy terminates (DESIGN.md section 10), by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tls: BTreeMap<String, TlsRecord>,
 }
 
 /// Where a proxy listens for agents, as it recorded at start.
@@ -148,6 +151,54 @@ pub struct CertRecord {
     /// would only allow one more renewal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renewed: Option<Traded>,
+}
+
+/// A name whose TLS the proxy terminates, with the certificate it serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsRecord {
+    /// The exact name (never a wildcard).
+    pub name: String,
+    /// Where its certificate comes from.
+    pub source: TlsSource,
+    /// Plain HTTP to the name is served as before, not redirected to https.
+    #[serde(default)]
+    pub keep_http: bool,
+    /// The certificate chain served (PEM, the name's certificate first); none yet while
+    /// one is being ordered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain_pem: Option<String>,
+    /// Its private key, sealed with the key only proxies hold ([`crate::Sealer`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_sealed: Option<String>,
+    /// When the certificate expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<Unix>,
+    /// Why the last attempt to get or reload its certificate failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When this record last changed.
+    pub updated: Unix,
+}
+
+/// Where a terminated name's certificate comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum TlsSource {
+    /// Ordered from the ACME CA in the proxies' `[acme]`.
+    Acme,
+    /// The operator's files (absolute paths): a proxy that can read them serves their
+    /// contents again when they change.
+    File { cert: String, key: String },
+}
+
+impl TlsSource {
+    /// `acme` or `file`, as `tls list` says.
+    pub fn label(&self) -> &'static str {
+        match self {
+            TlsSource::Acme => "acme",
+            TlsSource::File { .. } => "file",
+        }
+    }
 }
 
 /// The names an agent may serve now (an operator may narrow this without reissuing).

@@ -52,13 +52,15 @@ pub enum Changed {
     Grant(String, Option<crate::state::AgentGrant>),
     Access(String, Vec<String>),
     Operator(String, Option<crate::state::OperatorRecord>),
+    /// A terminated name (`None`: passed through again).
+    Tls(String, Option<crate::state::TlsRecord>),
     /// The CA-wide settings (nothing a proxy's snapshot holds).
     Settings,
 }
 
 impl Changed {
     /// The record of `kind` (as a store's change log names it: `token`, `cert`, `grant`,
-    /// `access`, `operator`, `settings`) and `key`, as `tx` reads it now.
+    /// `access`, `operator`, `tls`, `settings`) and `key`, as `tx` reads it now.
     pub fn read(tx: &mut dyn Tx, kind: &str, key: String) -> Result<Changed, CaError> {
         Ok(match kind {
             "token" => Changed::Token(key.clone(), tx.token(&key)?),
@@ -77,6 +79,7 @@ impl Changed {
             "grant" => Changed::Grant(key.clone(), tx.grant(&key)?),
             "access" => Changed::Access(key.clone(), tx.access(&key)?),
             "operator" => Changed::Operator(key.clone(), tx.operator(&key)?),
+            "tls" => Changed::Tls(key.clone(), tx.tls(&key)?),
             _ => Changed::Settings,
         })
     }

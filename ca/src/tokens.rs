@@ -218,7 +218,7 @@ impl Ca {
     }
 }
 
-fn token_state(t: &TokenRecord, now: Unix) -> TokenState {
+pub(crate) fn token_state(t: &TokenRecord, now: Unix) -> TokenState {
     if t.revoked {
         TokenState::Revoked
     } else if t.used.is_some() {

@@ -367,6 +367,7 @@ impl ProxyBuilder {
             reloader: Reloader(reloader),
             reloads,
             shared: Arc::new(Shared {
+                terminator: crate::edge::Terminator::new(ca.sealer()),
                 ca: Arc::new(ca),
                 me: revproxy_ca::ProxyEntry {
                     id: identity.proxy_id,

@@ -40,6 +40,10 @@ pub(super) enum Refused {
     ConnectionLimit,
     /// A static route's backend did not accept.
     BackendDown,
+    /// A terminated name's client did not complete its TLS handshake.
+    Handshake,
+    /// A terminated name has no certificate to serve (yet).
+    NoCertificate,
 }
 
 impl Refused {
@@ -55,6 +59,8 @@ impl Refused {
             Refused::SourceLimit => "source_limit",
             Refused::ConnectionLimit => "connection_limit",
             Refused::BackendDown => "backend_down",
+            Refused::Handshake => "tls_handshake",
+            Refused::NoCertificate => "no_certificate",
         }
     }
 }

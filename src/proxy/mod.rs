@@ -232,6 +232,8 @@ struct Shared {
     server_cert: Arc<tls::ServerCert>,
     /// Where h2 tunnels run, each with its client streams (`runtime::lanes`).
     lanes: crate::runtime::lanes::Lanes,
+    /// The TLS configurations of the names this proxy terminates.
+    terminator: crate::edge::Terminator,
 }
 
 impl Shared {

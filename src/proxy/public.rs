@@ -18,7 +18,9 @@ use super::metrics::Refused;
 use super::peek::{http_host, peek, read_proxy_header, sni_name};
 use super::registry::{Found, Tunnel};
 use super::reload::Settings;
-use super::replies::{http_error, ConnId, Reply, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME};
+use super::replies::{
+    http_error, ConnId, Reply, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME, CONN_ID_HEADER,
+};
 use super::static_route::{connect_static, forward_tcp, header_for, Prelude};
 use super::Shared;
 use crate::route::{ListenerKind, Target};
@@ -189,6 +191,28 @@ async fn handle(
         return;
     };
     access.host = Some(name.clone());
+    // A name whose TLS this proxy terminates: its handshake is completed here, and plain
+    // HTTP to it is sent to https.
+    let record = shared.state.get().tls.get(&name).cloned();
+    let terminate = match (record, &reply) {
+        (Some(record), Reply::Http) if !record.keep_http => {
+            access.outcome = "redirect";
+            return redirect_to_https(&mut tcp, &name, &peeked, id).await;
+        }
+        (Some(record), Reply::Tls) => {
+            let terminated = shared.state.get().tls.len();
+            match shared.terminator.config(&record, terminated) {
+                Ok(config) => Some(config),
+                Err(reason) => {
+                    debug!(%peer, conn = %id, host = %name, %reason, "no certificate to terminate TLS with");
+                    access.refuse(&shared.metrics, Refused::NoCertificate);
+                    let _ = tcp.write_all(&ALERT_INTERNAL_ERROR).await;
+                    return;
+                }
+            }
+        }
+        _ => None,
+    };
     let wildcard = name
         .split_once('.')
         .map(|(_, parent)| format!("*.{parent}"))
@@ -208,6 +232,7 @@ async fn handle(
     };
     let routed = Routed {
         route,
+        terminate,
         name,
         wildcard,
         found,
@@ -381,6 +406,8 @@ async fn tell_unrouted(tcp: &mut TcpStream, name: &str, reply: Reply, offline: b
 /// A connection whose name was read and looked up, with somewhere to go.
 struct Routed {
     name: String,
+    /// The TLS configuration to complete its handshake with, when its TLS ends here.
+    terminate: Option<Arc<rustls::ServerConfig>>,
     /// The wildcard covering the name (`*.parent`).
     wildcard: String,
     found: Found,
@@ -395,13 +422,33 @@ struct Routed {
     settings: Arc<Settings>,
 }
 
+/// The client's side of a routed connection: its socket, or, when its TLS ends here, the
+/// TLS session on it.
+enum Client {
+    Plain(TcpStream),
+    Tls(Box<crate::edge::Terminated>),
+}
+
+impl Client {
+    /// Closes the connection with a reset.
+    fn reset(self) {
+        let tcp = match self {
+            Client::Plain(tcp) => tcp,
+            Client::Tls(tls) => tls.into_inner().0.into_tcp(),
+        };
+        crate::tunnel::reset_whole(tcp);
+    }
+}
+
 /// Opens a stream on the first candidate that takes it (agents granted the exact name,
 /// the static route, agents holding a wildcard) and joins the client to it; or tells the
-/// client the name cannot be served.
-async fn dispatch(shared: &Arc<Shared>, mut tcp: TcpStream, routed: Routed, access: &mut Access) {
+/// client the name cannot be served. A connection whose TLS ends here completes its
+/// handshake first, and sends its plaintext (its ClientHello stays here).
+async fn dispatch(shared: &Arc<Shared>, tcp: TcpStream, routed: Routed, access: &mut Access) {
     let metrics = &shared.metrics;
     let Routed {
         name,
+        terminate,
         wildcard,
         found,
         route,
@@ -412,6 +459,16 @@ async fn dispatch(shared: &Arc<Shared>, mut tcp: TcpStream, routed: Routed, acce
         server: arrival_server,
         settings,
     } = routed;
+    let (client, peeked) = match terminate {
+        None => (Client::Plain(tcp), peeked),
+        Some(config) => match Box::pin(crate::edge::accept(config, tcp, peeked)).await {
+            Ok(tls) => (Client::Tls(Box::new(tls)), Bytes::new()),
+            Err(e) => {
+                debug!(%peer, conn = %id, host = %name, error = %e, "TLS handshake failed");
+                return access.refuse(metrics, Refused::Handshake);
+            }
+        },
+    };
     // One deadline for the whole search, however many agents refuse or stay silent.
     let deadline = tokio::time::Instant::now() + OPEN_TIMEOUT;
     let request = OpenRequest {
@@ -431,10 +488,15 @@ async fn dispatch(shared: &Arc<Shared>, mut tcp: TcpStream, routed: Routed, acce
         );
     for candidate in candidates {
         let (t, pattern) = match candidate {
+            // A static route takes the client's bytes as they came (passed through).
+            Candidate::Static(_) if matches!(client, Client::Tls(_)) => continue,
             Candidate::Agent(t, pattern) => (t, pattern),
             Candidate::Static(addr) => {
                 match Box::pin(connect_static(addr, peer, id, deadline)).await {
                     Some(backend) => {
+                        let Client::Plain(tcp) = client else {
+                            continue;
+                        };
                         let counters = metrics.routed(&name);
                         let origin = Origin {
                             client: Some(peer),
@@ -474,21 +536,27 @@ async fn dispatch(shared: &Arc<Shared>, mut tcp: TcpStream, routed: Routed, acce
                 // The peeked bytes went out with the open request.
                 counters.read(peeked.len());
                 let limits = settings.stream_limits.clone();
-                // Spliced where the tunnel runs, so that the client's bytes and the
-                // tunnel's frames never wake a task on another thread. (On the tunnel's
-                // lane already, the connection was counted in its load when it came.)
-                let moved = if t.lane.is_current() {
-                    Box::pin(stream.splice(tcp, limits, counters)).await
-                } else {
-                    let on_lane = (t.lane.take())
-                        .run_with(tcp, move |tcp| stream.splice(tcp, limits, counters));
-                    match on_lane.await {
-                        Ok(moved) => moved,
-                        Err(e) => {
-                            warn!(%peer, conn = %id, host = %name, error = %e, "could not move a connection to its tunnel's lane; dropped");
-                            return access.refuse(metrics, Refused::Unavailable);
+                let moved = match client {
+                    // Spliced where the tunnel runs, so that the client's bytes and the
+                    // tunnel's frames never wake a task on another thread. (On the
+                    // tunnel's lane already, the connection was counted in its load when
+                    // it came.)
+                    Client::Plain(tcp) if t.lane.is_current() => {
+                        Box::pin(stream.splice(tcp, limits, counters)).await
+                    }
+                    Client::Plain(tcp) => {
+                        let on_lane = (t.lane.take())
+                            .run_with(tcp, move |tcp| stream.splice(tcp, limits, counters));
+                        match on_lane.await {
+                            Ok(moved) => moved,
+                            Err(e) => {
+                                warn!(%peer, conn = %id, host = %name, error = %e, "could not move a connection to its tunnel's lane; dropped");
+                                return access.refuse(metrics, Refused::Unavailable);
+                            }
                         }
                     }
+                    // A TLS session stays where its handshake ran.
+                    Client::Tls(tls) => Box::pin(stream.splice_io(tls, limits, counters)).await,
                 };
                 if let Some(e) = &moved.error {
                     debug!(%peer, conn = %id, host = %name, error = %e, "stream ended with an error");
@@ -500,7 +568,7 @@ async fn dispatch(shared: &Arc<Shared>, mut tcp: TcpStream, routed: Routed, acce
             }
             Ok(Err(e @ OpenError::Aborted { .. })) => {
                 debug!(%peer, conn = %id, host = %name, agent = %t.agent, tunnel = t.id, error = %e, "stream reset before its answer; resetting the client");
-                crate::tunnel::reset_whole(tcp);
+                client.reset();
                 access.served(t.agent.clone(), Some((peeked.len() as u64, 0)));
                 access.outcome = "reset";
                 return;
@@ -521,14 +589,34 @@ async fn dispatch(shared: &Arc<Shared>, mut tcp: TcpStream, routed: Routed, acce
     // The client learns only that the name cannot be served now; the log above has why,
     // under the connection id the answer carries.
     access.refuse(metrics, Refused::Unavailable);
-    match reply {
-        Reply::Tls => {
+    let reason = format!("{name} cannot be served right now");
+    match (client, reply) {
+        // Its TLS ended here: it speaks HTTP/1.1 inside (the only protocol offered).
+        (Client::Tls(mut tls), _) => {
+            http_error(&mut tls, 503, "Service Unavailable", &reason, id).await
+        }
+        (Client::Plain(mut tcp), Reply::Tls) => {
             let _ = tcp.write_all(&ALERT_INTERNAL_ERROR).await;
         }
-        Reply::Http => {
-            let reason = format!("{name} cannot be served right now");
+        (Client::Plain(mut tcp), Reply::Http) => {
             http_error(&mut tcp, 503, "Service Unavailable", &reason, id).await
         }
-        Reply::Silent => {}
+        (Client::Plain(_), Reply::Silent) => {}
     }
+}
+
+/// Sends a plain-HTTP client of a terminated name to https, the same path (`308`: the
+/// method and body are kept).
+async fn redirect_to_https(tcp: &mut TcpStream, name: &str, head: &[u8], id: ConnId) {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut headers);
+    let path = match request.parse(head) {
+        Ok(_) => request.path.filter(|p| p.starts_with('/')).unwrap_or("/"),
+        Err(_) => "/",
+    };
+    let response = format!(
+        "HTTP/1.1 308 Permanent Redirect\r\nlocation: https://{name}{path}\r\ncontent-length: 0\r\n{CONN_ID_HEADER}: {id}\r\nconnection: close\r\n\r\n"
+    );
+    let _ = tcp.write_all(response.as_bytes()).await;
+    let _ = tcp.shutdown().await;
 }

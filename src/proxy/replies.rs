@@ -3,7 +3,6 @@
 //! silence on a fixed-target listener (whose protocol we do not know).
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 /// How a connection's protocol lets us say "no".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +41,7 @@ pub(super) const CONN_ID_HEADER: &str = "revproxy-connection-id";
 /// backend's address or an error from inside: those go to the log under `id`), then
 /// closes.
 pub(super) async fn http_error(
-    tcp: &mut TcpStream,
+    tcp: &mut (impl tokio::io::AsyncWrite + Unpin),
     status: u16,
     text: &str,
     reason: &str,

@@ -66,6 +66,8 @@ pub(super) struct Snapshot {
     /// Hex serials of the operator certificates on record and not revoked: the only
     /// clients the admin listener admits beyond loopback.
     pub(super) operators: Set,
+    /// Names whose TLS this proxy terminates, with their certificates (`crate::edge`).
+    pub(super) tls: Map<Arc<revproxy_ca::state::TlsRecord>>,
 }
 
 /// A stored secret hash (hex); `None` if malformed (the CA then says so at enrollment).
@@ -84,6 +86,9 @@ impl Snapshot {
         }
         Ok(Snapshot {
             expiry,
+            tls: (state.tls.iter())
+                .map(|(name, r)| (name.clone(), Arc::new(r.clone())))
+                .collect(),
             revoked: (state.certs.iter().filter(|c| c.revoked_at.is_some()))
                 .map(|c| c.serial.clone())
                 .chain(

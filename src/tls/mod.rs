@@ -95,3 +95,15 @@ pub(crate) fn server_name(addr: &str) -> Result<ServerName<'static>, TlsError> {
         .unwrap_or(host);
     ServerName::try_from(host.to_string()).map_err(|_| TlsError::ServerName(host.to_string()))
 }
+
+/// Checks that `key_pem` is the private key of the first certificate in `chain_pem`, and
+/// that rustls can serve them (`revproxy tls terminate --cert --key`).
+pub fn check_cert_and_key(chain_pem: &str, key_pem: &str) -> Result<(), TlsError> {
+    let certified = rustls::sign::CertifiedKey::from_der(
+        certs_from_pem(chain_pem, "the certificate file")?,
+        key_from_pem(key_pem, "the key file")?,
+        &provider(),
+    )?;
+    certified.keys_match()?;
+    Ok(())
+}

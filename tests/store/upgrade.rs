@@ -53,7 +53,7 @@ fn the_previous_releases_postgres_store_moves_into_tables() {
     }
     assert_eq!(
         pg.psql("SELECT version FROM revproxy.schema_version"),
-        "2\n"
+        format!("{}\n", revproxy::store::SCHEMA_VERSION)
     );
     let counts = "SELECT (SELECT count(*) FROM revproxy.tokens), \
                   (SELECT count(*) FROM revproxy.certs), (SELECT count(*) FROM revproxy.grants), \

@@ -62,6 +62,10 @@ CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,
                       key TEXT NOT NULL);
 ";
 
+/// Terminated names (in every store: a store made before it gets it when opened).
+const TLS_TABLE: &str =
+    "CREATE TABLE IF NOT EXISTS tls (name TEXT PRIMARY KEY, doc TEXT NOT NULL);";
+
 /// The open connection, held for one call.
 struct Held<'a>(MutexGuard<'a, Option<(Connection, FileId)>>);
 
@@ -206,6 +210,8 @@ impl SqliteStore {
             }
             other => return Err(self.corrupt(format!("unknown schema version {other:?}"))),
         }
+        // Added within schema 1 (readers that know nothing of it ignore it).
+        conn.execute_batch(TLS_TABLE).map_err(|e| self.error(e))?;
         // A migration interrupted after `state.db` took its name leaves `state.json`.
         if self.dir.join(STATE_FILE).exists() {
             let _lock = StateFile::new(&self.dir).lock()?;
@@ -254,6 +260,7 @@ impl SqliteStore {
             let mut conn = self.connect(&new, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
             let tx = conn.transaction().map_err(|e| self.error(e))?;
             tx.execute_batch(SCHEMA).map_err(|e| self.error(e))?;
+            tx.execute_batch(TLS_TABLE).map_err(|e| self.error(e))?;
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
                 params![SCHEMA_VERSION.to_string()],
@@ -294,7 +301,7 @@ impl SqliteStore {
                 copy.query_row(
                     "SELECT (SELECT count(*) FROM tokens) + (SELECT count(*) FROM certs) \
                      + (SELECT count(*) FROM grants) + (SELECT count(*) FROM access) \
-                     + (SELECT count(*) FROM operators)",
+                     + (SELECT count(*) FROM operators) + (SELECT count(*) FROM tls)",
                     [],
                     |r| r.get::<_, i64>(0),
                 )

@@ -9,7 +9,7 @@ use super::{SqliteStore, CHANGES_KEPT};
 use crate::error::CaError;
 use crate::records::{Settings, Tx};
 use crate::state::{
-    AgentGrant, CertRecord, OperatorRecord, State, TokenRecord, Unix, RETENTION_SECS,
+    AgentGrant, CertRecord, OperatorRecord, State, TlsRecord, TokenRecord, Unix, RETENTION_SECS,
 };
 
 /// A [`Tx`] on the rows of one SQLite transaction.
@@ -109,6 +109,9 @@ impl SqlTx<'_> {
         for (agent, doc) in keyed("SELECT agent, doc FROM access")? {
             state.access.insert(agent, self.parse(&doc)?);
         }
+        for (name, doc) in keyed("SELECT name, doc FROM tls")? {
+            state.tls.insert(name, self.parse(&doc)?);
+        }
         Ok(state)
     }
 
@@ -126,6 +129,9 @@ impl SqlTx<'_> {
         }
         for (agent, grant) in &state.agents {
             self.put_grant(agent, grant.clone())?;
+        }
+        for record in state.tls.values() {
+            self.put_tls(record.clone())?;
         }
         for (agent, names) in &state.access {
             self.put_access(agent, names.clone())?;
@@ -258,6 +264,37 @@ impl Tx for SqlTx<'_> {
         each: &mut dyn FnMut(String, Vec<String>) -> bool,
     ) -> Result<(), CaError> {
         self.each("SELECT agent, doc FROM access ORDER BY agent", each)
+    }
+
+    fn each_grant(
+        &mut self,
+        each: &mut dyn FnMut(String, AgentGrant) -> bool,
+    ) -> Result<(), CaError> {
+        self.each("SELECT agent, doc FROM grants ORDER BY agent", each)
+    }
+
+    fn tls(&mut self, name: &str) -> Result<Option<TlsRecord>, CaError> {
+        self.one("SELECT doc FROM tls WHERE name = ?1", name)
+    }
+
+    fn put_tls(&mut self, record: TlsRecord) -> Result<(), CaError> {
+        self.run(
+            "INSERT INTO tls (name, doc) VALUES (?1, ?2) \
+             ON CONFLICT (name) DO UPDATE SET doc = ?2",
+            &[&record.name, &json(&record)],
+        )?;
+        self.changed("tls", &record.name)
+    }
+
+    fn remove_tls(&mut self, name: &str) -> Result<(), CaError> {
+        self.run("DELETE FROM tls WHERE name = ?1", &[&name])?;
+        self.changed("tls", name)
+    }
+
+    fn each_tls(&mut self, each: &mut dyn FnMut(TlsRecord) -> bool) -> Result<(), CaError> {
+        self.each("SELECT name, doc FROM tls ORDER BY name", &mut |_, r| {
+            each(r)
+        })
     }
 
     fn settings(&mut self) -> Result<Settings, CaError> {

@@ -13,6 +13,7 @@ mod signals;
 mod state;
 mod status;
 mod store;
+mod tls;
 mod token;
 
 use std::process::ExitCode;
@@ -60,6 +61,9 @@ enum Command {
     /// Move the CA state to a database that several proxies can share.
     #[command(subcommand)]
     Store(store::StoreCommand),
+    /// Terminate TLS at the proxies for names you choose, or pass it through (the default).
+    #[command(subcommand)]
+    Tls(tls::TlsCommand),
     /// Show agents, tunnels, names, streams and bytes of a running proxy (from its admin
     /// listener).
     Status(status::StatusArgs),
@@ -122,6 +126,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Serve(args) => args.run(),
         Command::Check(args) => args.run(),
         Command::Store(command) => command.run(),
+        Command::Tls(command) => command.run(now),
         Command::Status(args) => args.run(),
     }
 }

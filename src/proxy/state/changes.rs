@@ -73,6 +73,14 @@ impl Snapshot {
                         };
                     }
                 }
+                Changed::Tls(name, record) => match record {
+                    Some(r) => {
+                        s.tls.insert(name.clone(), std::sync::Arc::new(r.clone()));
+                    }
+                    None => {
+                        s.tls.remove(name);
+                    }
+                },
                 Changed::Settings => {}
             }
         }

@@ -1,4 +1,4 @@
-//! The CA's records as rows (schema version 2): each record's key, the columns lookups
+//! The CA's records as rows (schema version 2; 3 adds terminated names): each record's key, the columns lookups
 //! need, and the record itself as JSONB, so that fields added later ride along as in the
 //! document of earlier releases. Every write also adds its record's kind and key to
 //! `revproxy.changes` under the version of the change that made it: what a proxy that
@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use revproxy_ca::records::{Settings, Tx};
 use revproxy_ca::state::{
-    AgentGrant, CertRecord, OperatorRecord, State, TokenRecord, Unix, RETENTION_SECS,
+    AgentGrant, CertRecord, OperatorRecord, State, TlsRecord, TokenRecord, Unix, RETENTION_SECS,
 };
 use revproxy_ca::{CaError, Changed};
 use serde::de::DeserializeOwned;
@@ -142,6 +142,9 @@ pub(super) async fn export(tx: &Transaction<'_>) -> Result<State, Fault> {
     for row in (tx.query("SELECT agent, doc::text FROM revproxy.access", &[])).await? {
         state.access.insert(row.get(0), parse(row.get(1))?);
     }
+    for row in (tx.query("SELECT name, doc::text FROM revproxy.tls", &[])).await? {
+        state.tls.insert(row.get(0), parse(row.get(1))?);
+    }
     Ok(state)
 }
 
@@ -183,6 +186,9 @@ pub(super) async fn import(tx: &Transaction<'_>, state: &State) -> Result<(), Fa
     for o in &state.operators {
         put_operator(tx, None, o).await?;
     }
+    for record in state.tls.values() {
+        put_tls(tx, None, record).await?;
+    }
     let grants: Vec<(&String, String)> = (state.agents.iter())
         .map(|(agent, g)| (agent, json(g)))
         .collect();
@@ -218,6 +224,24 @@ async fn put_operator(
     .await?;
     match version {
         Some(v) => changed(tx, v, "operator", &o.serial).await,
+        None => Ok(()),
+    }
+}
+
+/// Adds or replaces a terminated name; notes the change when `version` says which.
+async fn put_tls(
+    tx: &Transaction<'_>,
+    version: Option<i64>,
+    record: &TlsRecord,
+) -> Result<(), Fault> {
+    tx.execute(
+        "INSERT INTO revproxy.tls (name, doc) VALUES ($1, $2::text::jsonb) \
+         ON CONFLICT (name) DO UPDATE SET doc = excluded.doc",
+        &[&record.name, &json(record)],
+    )
+    .await?;
+    match version {
+        Some(v) => changed(tx, v, "tls", &record.name).await,
         None => Ok(()),
     }
 }
@@ -278,6 +302,8 @@ pub(super) async fn changed_records(
     let mut access: HashMap<String, Vec<String>> = by_key(tx, sql, &of("access")).await?;
     let sql = "SELECT serial, doc::text FROM revproxy.operators WHERE serial = ANY($1)";
     let mut operators: HashMap<String, OperatorRecord> = by_key(tx, sql, &of("operator")).await?;
+    let sql = "SELECT name, doc::text FROM revproxy.tls WHERE name = ANY($1)";
+    let mut tls: HashMap<String, TlsRecord> = by_key(tx, sql, &of("tls")).await?;
     // Every certificate of the agents whose certificates changed, oldest first.
     let mut agents: Vec<&str> = certs.values().map(|c| c.agent.as_str()).collect();
     agents.sort_unstable();
@@ -307,6 +333,7 @@ pub(super) async fn changed_records(
             "grant" => Changed::Grant(key.clone(), grants.remove(&key)),
             "access" => Changed::Access(key.clone(), access.remove(&key).unwrap_or_default()),
             "operator" => Changed::Operator(key.clone(), operators.remove(&key)),
+            "tls" => Changed::Tls(key.clone(), tls.remove(&key)),
             _ => Changed::Settings,
         })
         .collect())
@@ -476,6 +503,40 @@ impl Tx for PgTx<'_, '_> {
         // Bytewise, as the other stores order them, whatever the database's collation.
         let sql = "SELECT agent, doc::text FROM revproxy.access ORDER BY agent COLLATE \"C\"";
         self.each(sql, each)
+    }
+
+    fn each_grant(
+        &mut self,
+        each: &mut dyn FnMut(String, AgentGrant) -> bool,
+    ) -> Result<(), CaError> {
+        let sql = "SELECT agent, doc::text FROM revproxy.grants ORDER BY agent COLLATE \"C\"";
+        self.each(sql, each)
+    }
+
+    fn tls(&mut self, name: &str) -> Result<Option<TlsRecord>, CaError> {
+        let sql = "SELECT doc::text FROM revproxy.tls WHERE name = $1";
+        self.session.wait(one(&self.tx, sql, name))
+    }
+
+    fn put_tls(&mut self, record: TlsRecord) -> Result<(), CaError> {
+        self.wrote = true;
+        let next = self.next;
+        self.session.wait(put_tls(&self.tx, Some(next), &record))
+    }
+
+    fn remove_tls(&mut self, name: &str) -> Result<(), CaError> {
+        self.wrote = true;
+        let (tx, next) = (&self.tx, self.next);
+        self.session.wait(async move {
+            tx.execute("DELETE FROM revproxy.tls WHERE name = $1", &[&name])
+                .await?;
+            changed(tx, next, "tls", name).await
+        })
+    }
+
+    fn each_tls(&mut self, each: &mut dyn FnMut(TlsRecord) -> bool) -> Result<(), CaError> {
+        let sql = "SELECT name, doc::text FROM revproxy.tls ORDER BY name COLLATE \"C\"";
+        self.each(sql, &mut |_, r| each(r))
     }
 
     fn settings(&mut self) -> Result<Settings, CaError> {

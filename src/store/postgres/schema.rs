@@ -15,7 +15,7 @@ use super::rows;
 use super::session::Fault;
 
 /// The schema version this revproxy writes (`revproxy.schema_version`).
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 /// Longest a migration may take (the records of 100,000 agents move in seconds); the
 /// statements in it are allowed as long.
 pub(super) const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
@@ -24,7 +24,7 @@ const MIGRATION_LOCK: i64 = 0x7265_7670_726f_7879;
 
 /// Schema migrations; entry `n` brings version `n` to `n + 1` (with, for version 2,
 /// [`records_from_document`]).
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     // The state as one JSONB document (release 0.1).
     r#"
 CREATE TABLE revproxy.state (
@@ -83,6 +83,10 @@ CREATE TABLE revproxy.changes (
     key     text NOT NULL
 );
 CREATE INDEX changes_by_version ON revproxy.changes (version);
+"#,
+    // Names whose TLS the proxies terminate, with their certificates (keys sealed).
+    r#"
+CREATE TABLE revproxy.tls (name text PRIMARY KEY, doc jsonb NOT NULL);
 "#,
 ];
 

@@ -1,0 +1,89 @@
+//! The TLS configuration of each terminated name, built from its record when a client
+//! first asks for it and kept while the record is unchanged: opening the sealed key and
+//! checking it against the certificate takes a fraction of a millisecond, a handshake
+//! should not pay it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use revproxy_ca::state::TlsRecord;
+use revproxy_ca::{tls_key_purpose, Sealer};
+
+use crate::tls::{certs_from_pem, key_from_pem, provider, ALPN_HTTP1};
+
+/// A record and the configuration built from it.
+type Built = (Arc<TlsRecord>, Arc<rustls::ServerConfig>);
+
+/// Terminated names' configurations, by name.
+pub(crate) struct Terminator {
+    sealer: Sealer,
+    built: Mutex<HashMap<String, Built>>,
+}
+
+impl std::fmt::Debug for Terminator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Terminator").finish_non_exhaustive()
+    }
+}
+
+impl Terminator {
+    pub(crate) fn new(sealer: Sealer) -> Terminator {
+        Terminator {
+            sealer,
+            built: Mutex::default(),
+        }
+    }
+
+    /// The configuration that serves `record`'s certificate, or why there is none (no
+    /// certificate yet, a key that does not open or does not match).
+    pub(crate) fn config(
+        &self,
+        record: &Arc<TlsRecord>,
+        terminated: usize,
+    ) -> Result<Arc<rustls::ServerConfig>, String> {
+        if let Some((seen, config)) = self
+            .built
+            .lock()
+            .expect("terminator lock")
+            .get(&record.name)
+        {
+            if Arc::ptr_eq(seen, record) || seen == record {
+                return Ok(config.clone());
+            }
+        }
+        let config = Arc::new(self.build(record)?);
+        let mut built = self.built.lock().expect("terminator lock");
+        // Names no longer terminated leave their entries behind; bounded by the number
+        // terminated now.
+        if built.len() > 2 * terminated + 16 {
+            built.clear();
+        }
+        built.insert(record.name.clone(), (record.clone(), config.clone()));
+        Ok(config)
+    }
+
+    fn build(&self, record: &TlsRecord) -> Result<rustls::ServerConfig, String> {
+        let name = &record.name;
+        let (Some(chain), Some(sealed)) = (&record.chain_pem, &record.key_sealed) else {
+            return Err(format!("{name} has no certificate yet"));
+        };
+        let key_pem = self
+            .sealer
+            .open(&tls_key_purpose(name), sealed)
+            .map_err(|e| e.to_string())?;
+        let key_pem =
+            String::from_utf8(key_pem).map_err(|_| format!("the key of {name} is not PEM"))?;
+        let what = format!("the certificate of {name}");
+        let chain = certs_from_pem(chain, &what).map_err(|e| e.to_string())?;
+        let key = key_from_pem(&key_pem, &what).map_err(|e| e.to_string())?;
+        let certified = rustls::sign::CertifiedKey::from_der(chain, key, &provider())
+            .map_err(|e| format!("{what}: {e}"))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
+        config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+        Ok(config)
+    }
+}

@@ -1,0 +1,14 @@
+//! TLS termination at the proxy (DESIGN.md section 10): for the names the operator marked
+//! (`revproxy tls terminate`), the proxy completes the client's TLS handshake itself, with
+//! the certificate on record, and sends the plaintext down the tunnel like any stream.
+//! Every other name is passed through untouched.
+//!
+//! `certs.rs` turns a name's record into the configuration its handshakes use (its key
+//! opened with the CA-derived key, once per certificate); `handshake.rs` completes a
+//! handshake whose ClientHello was already read to route the connection.
+
+mod certs;
+mod handshake;
+
+pub(crate) use certs::Terminator;
+pub(crate) use handshake::{accept, Terminated};

@@ -1,0 +1,412 @@
+//! TLS terminated at the proxy with the operator's own certificate (`revproxy tls
+//! terminate NAME --cert --key`): a real proxy and agent, the CLI an operator runs, TLS
+//! clients that verify the chain (rustls, and curl), and a backend that speaks plaintext.
+//! Passthrough names are untouched; the refusals say why and change nothing.
+
+#[path = "common/cli.rs"]
+mod cli_helpers;
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cli_helpers::{run, stderr, stdout, PROXY};
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const NAME: &str = "app.example.com";
+
+/// An operator's own PKI: a CA that signs a certificate for some names, written to files
+/// as `tls terminate --cert --key` takes them.
+struct OperatorCert {
+    dir: tempfile::TempDir,
+    /// The CA's certificate: what clients trust.
+    ca_pem: String,
+}
+
+impl OperatorCert {
+    fn new(names: &[&str]) -> OperatorCert {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "operator test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let cert = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        std::fs::write(dir.path().join("chain.pem"), cert.pem() + &ca_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+        OperatorCert {
+            dir,
+            ca_pem: ca_cert.pem(),
+        }
+    }
+
+    fn cert(&self) -> PathBuf {
+        self.dir.path().join("chain.pem")
+    }
+
+    fn key(&self) -> PathBuf {
+        self.dir.path().join("key.pem")
+    }
+
+    fn key_pem(&self) -> String {
+        std::fs::read_to_string(self.key()).unwrap()
+    }
+
+    /// A TLS client that trusts this CA only, offering `alpn`.
+    fn client(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(revproxy::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+}
+
+use rustls::pki_types::pem::PemObject;
+
+/// `revproxy tls ARGS...` on the proxy's state, which must succeed: its stderr.
+fn tls(state: &Path, args: &[&str]) -> String {
+    let out = run(PROXY, &[&["tls"], args].concat(), state);
+    assert!(out.status.success(), "tls {args:?}: {}", stderr(&out));
+    stderr(&out)
+}
+
+/// `revproxy tls ARGS...`, which must be refused as bad input (exit 2): its stderr.
+fn tls_refused(state: &Path, args: &[&str]) -> String {
+    let out = run(PROXY, &[&["tls"], args].concat(), state);
+    assert_eq!(out.status.code(), Some(2), "tls {args:?}: {}", stderr(&out));
+    stderr(&out)
+}
+
+/// A TLS connection to `name` on the SNI listener, its handshake verified by `with`.
+async fn connect_tls(
+    sni: std::net::SocketAddr,
+    with: &tokio_rustls::TlsConnector,
+    name: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(sni).await?;
+    with.connect(name.to_string().try_into().unwrap(), tcp)
+        .await
+}
+
+/// Sends `data` over TLS to `name`, half-closes, and returns what comes back.
+async fn tls_round_trip(
+    sni: std::net::SocketAddr,
+    with: &tokio_rustls::TlsConnector,
+    name: &str,
+    data: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    let mut tls = connect_tls(sni, with, name).await?;
+    tls.write_all(data).await?;
+    tls.shutdown().await?;
+    let mut back = Vec::new();
+    tls.read_to_end(&mut back).await?;
+    Ok(back)
+}
+
+/// The proxy completes the handshake with the operator's certificate and the backend
+/// gets the client's plaintext: an echo backend that first says `plain:` sends it back
+/// through the proxy's TLS, byte for byte (a megabyte, both ways). Before `tls terminate`
+/// and after `tls passthrough` the same name is passed through to the backend untouched
+/// (it sees the ClientHello, which a TLS client cannot take for an answer).
+async fn a_terminated_name_serves_the_operators_certificate_and_plaintext_goes_down(t: Transport) {
+    let proxy = TestProxy::start().await;
+    let state = proxy.dir.path();
+    let agent_dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
+    let backend = echo_backend(b"plain:").await;
+    let _agent = start_agent(agent_dir.path(), &[(NAME, backend)], on(t));
+    let pki = OperatorCert::new(&[NAME]);
+    let client = pki.client(&[b"http/1.1"]);
+    // Passed through: the backend is no TLS server.
+    eventually("the agent serves the name", || async {
+        round_trip(proxy.http, &http_head(NAME), b"")
+            .await
+            .is_ok_and(|b| b.starts_with(b"plain:"))
+    })
+    .await;
+    assert!(tls_round_trip(proxy.sni, &client, NAME, b"x")
+        .await
+        .is_err());
+
+    let cert = pki.cert();
+    let key = pki.key();
+    let said = tls(
+        state,
+        &[
+            "terminate",
+            NAME,
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(said.contains("TLS terminated"), "{said}");
+    let data = pattern(1 << 20, 7);
+    eventually("the proxy terminates the name", || async {
+        tls_round_trip(proxy.sni, &client, NAME, b"ping")
+            .await
+            .is_ok_and(|back| back == b"plain:ping")
+    })
+    .await;
+    let back = tls_round_trip(proxy.sni, &client, NAME, &data)
+        .await
+        .unwrap();
+    assert_eq!(&back[..6], b"plain:");
+    assert!(back[6..] == data[..], "a megabyte came back exact");
+    // What was negotiated: HTTP/1.1 (the only protocol offered), TLS 1.3.
+    let session = connect_tls(proxy.sni, &client, NAME).await.unwrap();
+    assert_eq!(session.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    assert_eq!(
+        session.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    drop(session);
+
+    let said = tls(state, &["passthrough", NAME]);
+    assert!(said.contains(NAME), "{said}");
+    let hello = client_hello(NAME);
+    eventually("the name is passed through again", || async {
+        round_trip(proxy.sni, &hello, b"")
+            .await
+            .is_ok_and(|b| b.starts_with(b"plain:") && b[6..] == hello[..])
+    })
+    .await;
+}
+
+/// The first bytes a TLS client sends to `name`: its ClientHello.
+fn client_hello(name: &str) -> Vec<u8> {
+    let config = rustls::ClientConfig::builder_with_provider(revproxy::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), name.to_string().try_into().unwrap())
+            .unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    hello
+}
+
+/// A small HTTP/1.1 backend: answers every request with 200 and the request line it got.
+async fn http_backend() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&head);
+                let line = line.lines().next().unwrap_or("").to_string();
+                let body = format!("backend got: {line}\n");
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(response.as_bytes()).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// curl verifies the chain the proxy serves against the operator's CA and gets the
+/// backend's plaintext answer; plain HTTP to the name is redirected to https with its
+/// path (308) unless `--keep-http`; `tls list` shows the name, text and JSON.
+#[tokio::test]
+async fn curl_verifies_the_chain_and_plain_http_is_redirected() {
+    let curl = tool("curl");
+    let proxy = TestProxy::start().await;
+    let state = proxy.dir.path();
+    let agent_dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
+    let backend = http_backend().await;
+    let _agent = start_agent(agent_dir.path(), &[(NAME, backend)], |b| b);
+    let pki = OperatorCert::new(&[NAME]);
+    let ca_file = pki.dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let (cert, key) = (pki.cert(), pki.key());
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    tls(state, &["terminate", NAME, "--cert", cert, "--key", key]);
+    let resolve = format!("{NAME}:{}:127.0.0.1", proxy.sni.port());
+    let url = format!("https://{NAME}:{}/hello?x=1", proxy.sni.port());
+    // Run apart: the proxy runs on this test's thread.
+    let curl_https = || {
+        let mut command = std::process::Command::new(curl);
+        command
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(&ca_file)
+            .args(["--resolve", &resolve, &url]);
+        tokio::task::spawn_blocking(move || command.output().unwrap())
+    };
+    eventually(
+        "curl gets the backend's answer over the proxy's TLS",
+        || async {
+            let out = curl_https().await.unwrap();
+            String::from_utf8_lossy(&out.stdout) == "backend got: GET /hello?x=1 HTTP/1.1\n"
+        },
+    )
+    .await;
+
+    // Plain HTTP: sent to https, path kept.
+    let redirect = round_trip(
+        proxy.http,
+        format!("GET /a/b?c=d HTTP/1.1\r\nHost: {NAME}\r\n\r\n").as_bytes(),
+        b"",
+    )
+    .await
+    .unwrap();
+    let redirect = String::from_utf8_lossy(&redirect);
+    assert!(redirect.starts_with("HTTP/1.1 308 "), "{redirect}");
+    assert!(
+        redirect.contains(&format!("location: https://{NAME}/a/b?c=d\r\n")),
+        "{redirect}"
+    );
+    // --keep-http: plain HTTP is served as before.
+    tls(
+        state,
+        &[
+            "terminate",
+            NAME,
+            "--cert",
+            cert,
+            "--key",
+            key,
+            "--keep-http",
+        ],
+    );
+    eventually("plain HTTP is served again", || async {
+        round_trip(proxy.http, &http_head(NAME), b"")
+            .await
+            .is_ok_and(|b| b.starts_with(b"HTTP/1.1 200 OK"))
+    })
+    .await;
+
+    let out = run(PROXY, &["tls", "list"], state);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(text.starts_with("NAME"), "{text}");
+    assert!(text.contains(NAME) && text.contains(" file "), "{text}");
+    let out = run(PROXY, &["tls", "list", "--json"], state);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = &list.as_array().unwrap()[0];
+    assert_eq!(row["name"], NAME);
+    assert_eq!(row["source"], "file");
+    assert!(row["last_error"].is_null());
+    let not_after = row["not_after"].as_str().unwrap();
+    assert!(
+        not_after.ends_with('Z') && not_after.len() == 20,
+        "{not_after}"
+    );
+}
+
+/// What is refused, changing nothing: a name no agent is granted, a wildcard, a private
+/// name, a certificate for other names, a key that is not the certificate's, one flag
+/// without the other, passing through a name that is not terminated. The key is never
+/// in the store in the clear.
+#[tokio::test]
+async fn refusals_change_nothing_and_the_key_is_sealed_in_the_store() {
+    let proxy = TestProxy::start().await;
+    let state = proxy.dir.path();
+    let _agent_dir = enroll_agent(&proxy, "web-1", &[NAME, "*.apps.example.com"]).await;
+    let pki = OperatorCert::new(&[NAME, "other.example.com"]);
+    let other = OperatorCert::new(&[NAME]);
+    let (cert, key) = (pki.cert(), pki.key());
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let other_key = other.key();
+    let with = |name: &str| {
+        vec![
+            "terminate".to_string(),
+            name.to_string(),
+            "--cert".into(),
+            cert.into(),
+            "--key".into(),
+            key.into(),
+        ]
+    };
+    let refused = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tls_refused(state, &args)
+    };
+    let said = refused(with("other.example.com"));
+    assert!(
+        said.contains("no agent is granted other.example.com"),
+        "{said}"
+    );
+    let said = refused(with("*.apps.example.com"));
+    assert!(said.contains("wildcard"), "{said}");
+    // A name under a granted wildcard is granted; this certificate does not cover it.
+    let said = refused(with("x.apps.example.com"));
+    assert!(said.contains("not for x.apps.example.com"), "{said}");
+    let said = tls_refused(
+        state,
+        &[
+            "terminate",
+            NAME,
+            "--cert",
+            cert,
+            "--key",
+            other_key.to_str().unwrap(),
+        ],
+    );
+    assert!(said.contains("cannot be served together"), "{said}");
+    let said = tls_refused(state, &["terminate", NAME, "--cert", cert]);
+    assert!(said.contains("--key"), "{said}");
+    let said = tls_refused(state, &["passthrough", NAME]);
+    assert!(said.contains("not terminated"), "{said}");
+    let out = run(PROXY, &["tls", "list", "--json"], state);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list, serde_json::json!([]), "nothing was recorded");
+
+    tls(state, &["terminate", NAME, "--cert", cert, "--key", key]);
+    // The key's PEM body is nowhere in the store's files.
+    let key_pem = pki.key_pem();
+    let body: String = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    // (The end: the start of every P-256 key's PKCS#8 is the same.)
+    let needle = &body[body.len() - 40..];
+    for entry in std::fs::read_dir(state).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "{} holds the key in the clear",
+                path.display()
+            );
+        }
+    }
+    let record = proxy.ca.state().read().unwrap().tls[NAME].clone();
+    assert!(record.key_sealed.unwrap().starts_with("v1."));
+}
+
+over_both_transports!(a_terminated_name_serves_the_operators_certificate_and_plaintext_goes_down);
