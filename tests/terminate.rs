@@ -23,6 +23,8 @@ struct OperatorCert {
     dir: tempfile::TempDir,
     /// The CA's certificate: what clients trust.
     ca_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    names: Vec<String>,
 }
 
 impl OperatorCert {
@@ -35,19 +37,27 @@ impl OperatorCert {
             .distinguished_name
             .push(rcgen::DnType::CommonName, "operator test CA");
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let cert = rcgen::CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        std::fs::write(dir.path().join("chain.pem"), cert.pem() + &ca_cert.pem()).unwrap();
-        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
-        OperatorCert {
+        let pki = OperatorCert {
             dir,
             ca_pem: ca_cert.pem(),
-        }
+            issuer: rcgen::Issuer::new(ca_params, ca_key),
+            names: names.iter().map(|n| n.to_string()).collect(),
+        };
+        pki.renew();
+        pki
+    }
+
+    /// Writes a new certificate and key into the files (as certbot's renewal would):
+    /// the new certificate's DER.
+    fn renew(&self) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(self.names.clone())
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        std::fs::write(self.cert(), cert.pem() + &self.ca_pem).unwrap();
+        std::fs::write(self.key(), key.serialize_pem()).unwrap();
+        cert.der().to_vec()
     }
 
     fn cert(&self) -> PathBuf {
@@ -407,6 +417,59 @@ async fn refusals_change_nothing_and_the_key_is_sealed_in_the_store() {
     }
     let record = proxy.ca.state().read().unwrap().tls[NAME].clone();
     assert!(record.key_sealed.unwrap().starts_with("v1."));
+}
+
+/// The certificate a TLS client to `name` is served.
+async fn served_cert(
+    sni: std::net::SocketAddr,
+    with: &tokio_rustls::TlsConnector,
+    name: &str,
+) -> Option<Vec<u8>> {
+    let session = connect_tls(sni, with, name).await.ok()?;
+    Some(session.get_ref().1.peer_certificates()?[0].to_vec())
+}
+
+/// The operator replaces the files (a renewal): every handshake after gets the new
+/// certificate, with no command run. Files that do not go together (a certificate with
+/// another key) are noted in `tls list` and the certificate served stays.
+#[tokio::test]
+async fn renewed_files_are_served_and_a_broken_pair_keeps_the_old_certificate() {
+    let proxy = TestProxy::start().await;
+    let state = proxy.dir.path();
+    let agent_dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
+    let backend = echo_backend(b"").await;
+    let _agent = start_agent(agent_dir.path(), &[(NAME, backend)], |b| b);
+    let pki = OperatorCert::new(&[NAME]);
+    let client = pki.client(&[b"http/1.1"]);
+    let first = std::fs::read_to_string(pki.cert()).unwrap();
+    let first = rustls::pki_types::CertificateDer::from_pem_slice(first.as_bytes()).unwrap();
+    let (cert, key) = (pki.cert(), pki.key());
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    tls(state, &["terminate", NAME, "--cert", cert, "--key", key]);
+    eventually("the first certificate is served", || async {
+        served_cert(proxy.sni, &client, NAME).await.as_deref() == Some(&first[..])
+    })
+    .await;
+
+    let renewed = pki.renew();
+    eventually("the renewed certificate is served", || async {
+        served_cert(proxy.sni, &client, NAME).await == Some(renewed.clone())
+    })
+    .await;
+
+    // A certificate with a key that is not its own: noted, not served.
+    let key_before = std::fs::read(pki.key()).unwrap();
+    let _ = pki.renew();
+    std::fs::write(pki.key(), key_before).unwrap();
+    eventually("the broken pair is noted", || async {
+        let out = run(PROXY, &["tls", "list", "--json"], state);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        list[0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot be served together"))
+    })
+    .await;
+    assert_eq!(served_cert(proxy.sni, &client, NAME).await, Some(renewed));
 }
 
 over_both_transports!(a_terminated_name_serves_the_operators_certificate_and_plaintext_goes_down);

@@ -195,3 +195,55 @@ impl Ca {
         failed.map_or(Ok(()), Err)
     }
 }
+
+impl Ca {
+    /// Serves `own` for `name` from now on, read again from the operator's files; `false`
+    /// (nothing written) when the record already holds that chain, or `name` is no longer
+    /// terminated with those files.
+    pub fn tls_reload(&self, name: &str, own: &OwnCert, now: Unix) -> Result<bool, CaError> {
+        let not_after = check_own_cert(&own.chain_pem, &[name.to_string()], now)?;
+        let key_sealed = self
+            .sealer()
+            .seal(&tls_key_purpose(name), own.key_pem.as_bytes())?;
+        self.state.update(|tx| {
+            let Some(old) = tx.tls(name)? else {
+                return Ok(false);
+            };
+            let same_files = old.source
+                == TlsSource::File {
+                    cert: own.cert_path.clone(),
+                    key: own.key_path.clone(),
+                };
+            if !same_files || old.chain_pem.as_deref() == Some(own.chain_pem.as_str()) {
+                return Ok(false);
+            }
+            tx.put_tls(TlsRecord {
+                chain_pem: Some(own.chain_pem.clone()),
+                key_sealed: Some(key_sealed.clone()),
+                not_after: Some(not_after),
+                last_error: None,
+                updated: now,
+                ..old
+            })?;
+            Ok(true)
+        })
+    }
+
+    /// Notes why `name`'s certificate could not be renewed or reloaded (`tls list` shows
+    /// it); the certificate it has is kept.
+    pub fn tls_failed(&self, name: &str, error: &str, now: Unix) -> Result<(), CaError> {
+        self.state.update(|tx| {
+            let Some(old) = tx.tls(name)? else {
+                return Ok(());
+            };
+            if old.last_error.as_deref() == Some(error) {
+                return Ok(());
+            }
+            tx.put_tls(TlsRecord {
+                last_error: Some(error.to_string()),
+                updated: now,
+                ..old
+            })
+        })
+    }
+}

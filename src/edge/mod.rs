@@ -5,10 +5,13 @@
 //!
 //! `certs.rs` turns a name's record into the configuration its handshakes use (its key
 //! opened with the CA-derived key, once per certificate); `handshake.rs` completes a
-//! handshake whose ClientHello was already read to route the connection.
+//! handshake whose ClientHello was already read to route the connection; `files.rs` follows
+//! the operator's certificate files and stores what they hold when it changes.
 
 mod certs;
+mod files;
 mod handshake;
 
 pub(crate) use certs::Terminator;
+pub(crate) use files::follow_files;
 pub(crate) use handshake::{accept, Terminated};

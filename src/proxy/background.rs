@@ -1,6 +1,7 @@
 //! The proxy's background tasks, each named and owned: the state watch (revocations and
 //! grants reach live tunnels within seconds), the heartbeat in a shared store (how proxies
-//! and their agents know each other) and the server certificate's renewal.
+//! and their agents know each other), the server certificate's renewal, and the operator's
+//! certificate files of terminated names (`crate::edge`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +37,10 @@ pub(super) fn start(shared: Arc<Shared>) -> Background {
     if shared.ca.state().shared() {
         tasks.spawn(heartbeat(shared.clone()));
     }
+    let state = shared.state.clone();
+    tasks.spawn(crate::edge::follow_files(shared.ca.clone(), move || {
+        state.get().tls.values().cloned().collect()
+    }));
     tasks.spawn(renew_server_cert(shared));
     Background { _tasks: tasks }
 }
