@@ -434,7 +434,8 @@ async fn served_cert(
 /// another key) are noted in `tls list` and the certificate served stays.
 #[tokio::test]
 async fn renewed_files_are_served_and_a_broken_pair_keeps_the_old_certificate() {
-    let proxy = TestProxy::start().await;
+    let (admin, admin_addr) = local_listener();
+    let proxy = TestProxy::start_with(|b| b.admin_listener(admin)).await;
     let state = proxy.dir.path();
     let agent_dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
     let backend = echo_backend(b"").await;
@@ -456,6 +457,26 @@ async fn renewed_files_are_served_and_a_broken_pair_keeps_the_old_certificate() 
         served_cert(proxy.sni, &client, NAME).await == Some(renewed.clone())
     })
     .await;
+    // Its expiry, in the metrics and in /status.
+    let not_after = revproxy::ca::CertSummary::from_der(&renewed)
+        .unwrap()
+        .not_after;
+    let (_, metrics) = admin_get(admin_addr, "/metrics").await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "revproxy_tls_certificate_expiry_timestamp_seconds",
+            &format!("name=\"{NAME}\"")
+        ),
+        Some(not_after as f64)
+    );
+    let (_, status) = admin_get(admin_addr, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(
+        status["tls"],
+        serde_json::json!([{"name": NAME, "source": "file", "not_after": not_after,
+                            "keep_http": false, "last_error": null}])
+    );
 
     // A certificate with a key that is not its own: noted, not served.
     let key_before = std::fs::read(pki.key()).unwrap();

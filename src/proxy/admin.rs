@@ -157,6 +157,19 @@ impl crate::admin::View for ProxyView {
             })
             .collect();
 
+        // Names whose TLS ends here.
+        let tls: Vec<_> = (state.tls.values())
+            .map(|r| {
+                json!({
+                    "name": r.name,
+                    "source": r.source.label(),
+                    "not_after": r.not_after,
+                    "keep_http": r.keep_http,
+                    "last_error": r.last_error,
+                })
+            })
+            .collect();
+
         let listeners: Vec<_> = (shared.listeners.read().expect("listeners lock"))
             .iter()
             .map(|(address, protocol)| json!({ "address": address, "protocol": protocol }))
@@ -179,6 +192,7 @@ impl crate::admin::View for ProxyView {
             },
             "agents": agents,
             "names": names,
+            "tls": tls,
             "listeners": listeners,
         })
     }

@@ -88,6 +88,7 @@ pub(super) struct ProxyMetrics {
     revocations: IntCounter,
     mesh: IntCounterVec,
     cert_expiry: IntGaugeVec,
+    tls_expiry: IntGaugeVec,
     store_up: IntGauge,
     store_last_ok: IntGauge,
     store_checks: IntCounterVec,
@@ -276,6 +277,12 @@ impl ProxyMetrics {
                 "Streams agents opened to reach a name, by outcome: ok, no_access, unknown, offline, unavailable, revoked, bad_name.",
                 &["outcome"],
             ),
+            tls_expiry: gauge(
+                r,
+                "revproxy_tls_certificate_expiry_timestamp_seconds",
+                "Expiry of the certificate served for each name whose TLS the proxies terminate, Unix seconds.",
+                &["name"],
+            ),
             cert_expiry: gauge(
                 r,
                 "revproxy_agent_certificate_expiry_timestamp_seconds",
@@ -442,6 +449,12 @@ impl ProxyMetrics {
         self.cert_expiry.reset();
         for (agent, not_after) in &state.expiry {
             self.cert_expiry.with_label_values(&[agent]).set(*not_after);
+        }
+        self.tls_expiry.reset();
+        for (name, record) in &state.tls {
+            if let Some(not_after) = record.not_after {
+                self.tls_expiry.with_label_values(&[name]).set(not_after);
+            }
         }
         encode(&self.registry)
     }
