@@ -7,88 +7,15 @@
 mod cli_helpers;
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use cli_helpers::{run, stderr, stdout, PROXY};
 use common::*;
+use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const NAME: &str = "app.example.com";
-
-/// An operator's own PKI: a CA that signs a certificate for some names, written to files
-/// as `tls terminate --cert --key` takes them.
-struct OperatorCert {
-    dir: tempfile::TempDir,
-    /// The CA's certificate: what clients trust.
-    ca_pem: String,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-    names: Vec<String>,
-}
-
-impl OperatorCert {
-    fn new(names: &[&str]) -> OperatorCert {
-        let dir = tempfile::tempdir().unwrap();
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "operator test CA");
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let pki = OperatorCert {
-            dir,
-            ca_pem: ca_cert.pem(),
-            issuer: rcgen::Issuer::new(ca_params, ca_key),
-            names: names.iter().map(|n| n.to_string()).collect(),
-        };
-        pki.renew();
-        pki
-    }
-
-    /// Writes a new certificate and key into the files (as certbot's renewal would):
-    /// the new certificate's DER.
-    fn renew(&self) -> Vec<u8> {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(self.names.clone())
-            .unwrap()
-            .signed_by(&key, &self.issuer)
-            .unwrap();
-        std::fs::write(self.cert(), cert.pem() + &self.ca_pem).unwrap();
-        std::fs::write(self.key(), key.serialize_pem()).unwrap();
-        cert.der().to_vec()
-    }
-
-    fn cert(&self) -> PathBuf {
-        self.dir.path().join("chain.pem")
-    }
-
-    fn key(&self) -> PathBuf {
-        self.dir.path().join("key.pem")
-    }
-
-    fn key_pem(&self) -> String {
-        std::fs::read_to_string(self.key()).unwrap()
-    }
-
-    /// A TLS client that trusts this CA only, offering `alpn`.
-    fn client(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let mut config = rustls::ClientConfig::builder_with_provider(revproxy::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        tokio_rustls::TlsConnector::from(Arc::new(config))
-    }
-}
-
-use rustls::pki_types::pem::PemObject;
 
 /// `revproxy tls ARGS...` on the proxy's state, which must succeed: its stderr.
 fn tls(state: &Path, args: &[&str]) -> String {
@@ -102,32 +29,6 @@ fn tls_refused(state: &Path, args: &[&str]) -> String {
     let out = run(PROXY, &[&["tls"], args].concat(), state);
     assert_eq!(out.status.code(), Some(2), "tls {args:?}: {}", stderr(&out));
     stderr(&out)
-}
-
-/// A TLS connection to `name` on the SNI listener, its handshake verified by `with`.
-async fn connect_tls(
-    sni: std::net::SocketAddr,
-    with: &tokio_rustls::TlsConnector,
-    name: &str,
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(sni).await?;
-    with.connect(name.to_string().try_into().unwrap(), tcp)
-        .await
-}
-
-/// Sends `data` over TLS to `name`, half-closes, and returns what comes back.
-async fn tls_round_trip(
-    sni: std::net::SocketAddr,
-    with: &tokio_rustls::TlsConnector,
-    name: &str,
-    data: &[u8],
-) -> std::io::Result<Vec<u8>> {
-    let mut tls = connect_tls(sni, with, name).await?;
-    tls.write_all(data).await?;
-    tls.shutdown().await?;
-    let mut back = Vec::new();
-    tls.read_to_end(&mut back).await?;
-    Ok(back)
 }
 
 /// The proxy completes the handshake with the operator's certificate and the backend
@@ -198,21 +99,6 @@ async fn a_terminated_name_serves_the_operators_certificate_and_plaintext_goes_d
             .is_ok_and(|b| b.starts_with(b"plain:") && b[6..] == hello[..])
     })
     .await;
-}
-
-/// The first bytes a TLS client sends to `name`: its ClientHello.
-fn client_hello(name: &str) -> Vec<u8> {
-    let config = rustls::ClientConfig::builder_with_provider(revproxy::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let mut conn =
-        rustls::ClientConnection::new(Arc::new(config), name.to_string().try_into().unwrap())
-            .unwrap();
-    let mut hello = Vec::new();
-    conn.write_tls(&mut hello).unwrap();
-    hello
 }
 
 /// A small HTTP/1.1 backend: answers every request with 200 and the request line it got.

@@ -40,9 +40,7 @@ pub(crate) async fn follow_files(
         tick.tick().await;
         let files: Vec<(String, String, String)> = (records().iter())
             .filter_map(|r| match &r.source {
-                TlsSource::File { cert, key } => {
-                    Some((r.name.clone(), cert.clone(), key.clone()))
-                }
+                TlsSource::File { cert, key } => Some((r.name.clone(), cert.clone(), key.clone())),
                 TlsSource::Acme => None,
             })
             .collect();
@@ -112,7 +110,8 @@ fn reload(ca: &Ca, name: &str, cert: &str, key: &str) -> Result<bool, Refused> {
         if size > MAX_PEM_FILE {
             return Err(Refused::Files(format!("{path} is {size} bytes, too large")));
         }
-        std::fs::read_to_string(path).map_err(|e| Refused::Files(format!("cannot read {path}: {e}")))
+        std::fs::read_to_string(path)
+            .map_err(|e| Refused::Files(format!("cannot read {path}: {e}")))
     };
     let own = OwnCert {
         chain_pem: read(cert)?,

@@ -18,6 +18,7 @@ mod apart;
 mod deployment;
 mod postgres;
 mod proxy;
+mod terminate;
 #[allow(unused_imports)] // each test binary uses its own subset
 pub use admin::{admin_get, sample};
 #[allow(unused_imports)] // each test binary uses its own subset
@@ -28,6 +29,8 @@ pub use deployment::*;
 pub use postgres::Postgres;
 use proxy::bind;
 pub use proxy::TestProxy;
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use terminate::*;
 
 /// Logs to the test's captured output; `RUST_LOG` sets the level (default: warn).
 pub fn init_logging() {

@@ -95,3 +95,44 @@ async fn h2_agents_hear_of_proxies_joining_and_leaving() {
 async fn quic_agents_hear_of_proxies_joining_and_leaving() {
     agents_hear_of_proxies_joining_and_leaving(revproxy::agent::Transport::Quic).await
 }
+
+/// A name terminated through one proxy's CA handle is terminated by all three (its record
+/// reaches the others by the change feed): each serves the operator's certificate, its
+/// key unsealed with the CA key every proxy holds, and the backend gets plaintext; passed
+/// through again, it is passed through by all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_terminated_once_is_terminated_by_every_proxy_on_the_store() {
+    let d = Deployment::new();
+    let proxies = d.three(|b| b).await;
+    let backend = echo_backend(b"plain:").await;
+    let (_dir, _agent) = d
+        .agent(&proxies[1], &proxies, "web-1", "app.example.com", backend)
+        .await;
+    let pki = OperatorCert::new(&["app.example.com"]);
+    let client = pki.client(&[b"http/1.1"]);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    (proxies[0].ca)
+        .tls_terminate(&["app.example.com".into()], Some(&pki.own()), false, now)
+        .unwrap();
+    for p in &proxies {
+        eventually("every proxy terminates the name", || async {
+            tls_round_trip(p.sni, &client, "app.example.com", b"hello")
+                .await
+                .is_ok_and(|back| back == b"plain:hello")
+        })
+        .await;
+    }
+    (proxies[2].ca)
+        .tls_passthrough(&["app.example.com".into()])
+        .unwrap();
+    // The backend gets the ClientHello itself again.
+    let hello = client_hello("app.example.com");
+    for p in &proxies {
+        eventually("every proxy passes it through again", || async {
+            round_trip(p.sni, &hello, b"")
+                .await
+                .is_ok_and(|b| b.starts_with(b"plain:") && b[6..] == hello[..])
+        })
+        .await;
+    }
+}
