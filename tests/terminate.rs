@@ -8,7 +8,6 @@ mod cli_helpers;
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
 
 use cli_helpers::{run, stderr, stdout, PROXY};
 use common::*;
