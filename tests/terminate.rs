@@ -7,7 +7,7 @@
 mod cli_helpers;
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use cli_helpers::{run, stderr, stdout, PROXY};
 use common::*;
@@ -276,11 +276,38 @@ async fn refusals_change_nothing_and_the_key_is_sealed_in_the_store() {
     assert!(said.contains("--key"), "{said}");
     let said = tls_refused(state, &["passthrough", NAME]);
     assert!(said.contains("not terminated"), "{said}");
+    let now = time::OffsetDateTime::now_utc();
+    let expired = OperatorCert::expiring(&[NAME], now - time::Duration::days(1));
+    let (expired_cert, expired_key) = (expired.cert(), expired.key());
+    let said = tls_refused(
+        state,
+        &[
+            "terminate",
+            NAME,
+            "--cert",
+            expired_cert.to_str().unwrap(),
+            "--key",
+            expired_key.to_str().unwrap(),
+        ],
+    );
+    assert!(said.contains("expired"), "{said}");
     let out = run(PROXY, &["tls", "list", "--json"], state);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list, serde_json::json!([]), "nothing was recorded");
 
-    tls(state, &["terminate", NAME, "--cert", cert, "--key", key]);
+    // Given a file that holds the key as well (as some tools keep them), the store gets
+    // the certificates only.
+    let combined = pki.dir.path().join("combined.pem");
+    std::fs::write(
+        &combined,
+        std::fs::read_to_string(pki.cert()).unwrap() + &pki.key_pem(),
+    )
+    .unwrap();
+    let combined = combined.to_str().unwrap();
+    tls(
+        state,
+        &["terminate", NAME, "--cert", combined, "--key", key],
+    );
     // The key's PEM body is nowhere in the store's files.
     let key_pem = pki.key_pem();
     let body: String = key_pem
@@ -302,6 +329,65 @@ async fn refusals_change_nothing_and_the_key_is_sealed_in_the_store() {
     }
     let record = proxy.ca.state().read().unwrap().tls[NAME].clone();
     assert!(record.key_sealed.unwrap().starts_with("v1."));
+
+    // A certificate that expires within 14 days: `tls list` warns, naming the file.
+    let soon = OperatorCert::expiring(&[NAME], now + time::Duration::days(5));
+    let (soon_cert, soon_key) = (soon.cert(), soon.key());
+    let (soon_cert, soon_key) = (soon_cert.to_str().unwrap(), soon_key.to_str().unwrap());
+    tls(
+        state,
+        &["terminate", NAME, "--cert", soon_cert, "--key", soon_key],
+    );
+    let listed = tls(state, &["list"]);
+    assert!(
+        listed.contains(&format!("warning: the certificate of {NAME} expires in "))
+            && listed.contains(soon_cert),
+        "{listed}"
+    );
+}
+
+/// Certificate files kept as certbot keeps them: `live/NAME` are links to the newest
+/// renewal's files, `archive/NAMEn`.
+struct Certbot {
+    dir: tempfile::TempDir,
+    renewals: std::cell::Cell<u32>,
+}
+
+impl Certbot {
+    fn new(pki: &OperatorCert) -> Certbot {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("live")).unwrap();
+        std::fs::create_dir(dir.path().join("archive")).unwrap();
+        let certbot = Certbot {
+            dir,
+            renewals: std::cell::Cell::new(0),
+        };
+        certbot.renewed(pki);
+        certbot
+    }
+
+    fn live(&self, file: &str) -> PathBuf {
+        self.dir.path().join("live").join(file)
+    }
+
+    /// Copies `pki`'s files in as the next renewal and points the links at them (each link
+    /// replaced by a rename, as certbot does).
+    fn renewed(&self, pki: &OperatorCert) {
+        let n = self.renewals.get() + 1;
+        self.renewals.set(n);
+        for (from, name) in [(pki.cert(), "fullchain"), (pki.key(), "privkey")] {
+            let archived = self
+                .dir
+                .path()
+                .join("archive")
+                .join(format!("{name}{n}.pem"));
+            std::fs::copy(from, &archived).unwrap();
+            let link = self.live(&format!("{name}.pem"));
+            let new_link = self.live(&format!("{name}.pem.new"));
+            std::os::unix::fs::symlink(&archived, &new_link).unwrap();
+            std::fs::rename(&new_link, &link).unwrap();
+        }
+    }
 }
 
 /// The certificate a TLS client to `name` is served.
@@ -329,7 +415,9 @@ async fn renewed_files_are_served_and_a_broken_pair_keeps_the_old_certificate() 
     let client = pki.client(&[b"http/1.1"]);
     let first = std::fs::read_to_string(pki.cert()).unwrap();
     let first = rustls::pki_types::CertificateDer::from_pem_slice(first.as_bytes()).unwrap();
-    let (cert, key) = (pki.cert(), pki.key());
+    // As certbot keeps them: live/ names are links to each renewal's files in archive/.
+    let certbot = Certbot::new(&pki);
+    let (cert, key) = (certbot.live("fullchain.pem"), certbot.live("privkey.pem"));
     let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
     tls(state, &["terminate", NAME, "--cert", cert, "--key", key]);
     eventually("the first certificate is served", || async {
@@ -338,6 +426,7 @@ async fn renewed_files_are_served_and_a_broken_pair_keeps_the_old_certificate() 
     .await;
 
     let renewed = pki.renew();
+    certbot.renewed(&pki);
     eventually("the renewed certificate is served", || async {
         served_cert(proxy.sni, &client, NAME).await == Some(renewed.clone())
     })
@@ -367,6 +456,7 @@ async fn renewed_files_are_served_and_a_broken_pair_keeps_the_old_certificate() 
     let key_before = std::fs::read(pki.key()).unwrap();
     let _ = pki.renew();
     std::fs::write(pki.key(), key_before).unwrap();
+    certbot.renewed(&pki);
     eventually("the broken pair is noted", || async {
         let out = run(PROXY, &["tls", "list", "--json"], state);
         let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -198,8 +198,8 @@ impl Ca {
 
 impl Ca {
     /// Serves `own` for `name` from now on, read again from the operator's files; `false`
-    /// (nothing written) when the record already holds that chain, or `name` is no longer
-    /// terminated with those files.
+    /// (nothing written) when the record already holds that chain or one that expires
+    /// later, or `name` is no longer terminated with those files.
     pub fn tls_reload(&self, name: &str, own: &OwnCert, now: Unix) -> Result<bool, CaError> {
         let not_after = check_own_cert(&own.chain_pem, &[name.to_string()], now)?;
         let key_sealed = self
@@ -214,7 +214,10 @@ impl Ca {
                     cert: own.cert_path.clone(),
                     key: own.key_path.clone(),
                 };
-            if !same_files || old.chain_pem.as_deref() == Some(own.chain_pem.as_str()) {
+            // Another proxy's older copy of the files does not replace a newer
+            // certificate (a renewal reaches the store from whichever proxy saw it).
+            let older = old.not_after.is_some_and(|had| not_after < had);
+            if !same_files || older || old.chain_pem.as_deref() == Some(own.chain_pem.as_str()) {
                 return Ok(false);
             }
             tx.put_tls(TlsRecord {

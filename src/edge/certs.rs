@@ -11,8 +11,9 @@ use revproxy_ca::{tls_key_purpose, Sealer};
 
 use crate::tls::{certs_from_pem, key_from_pem, provider, ALPN_HTTP1};
 
-/// A record and the configuration built from it.
-type Built = (Arc<TlsRecord>, Arc<rustls::ServerConfig>);
+/// A record and what was built from it: its configuration, or why there is none (kept
+/// too, so that clients of a name whose record is broken do not each pay for finding out).
+type Built = (Arc<TlsRecord>, Result<Arc<rustls::ServerConfig>, String>);
 
 /// Terminated names' configurations, by name.
 pub(crate) struct Terminator {
@@ -35,31 +36,28 @@ impl Terminator {
     }
 
     /// The configuration that serves `record`'s certificate, or why there is none (no
-    /// certificate yet, a key that does not open or does not match).
+    /// certificate yet, a key that does not open or does not match). What is kept for
+    /// names `is_terminated` no longer says are terminated goes (their keys with it).
     pub(crate) fn config(
         &self,
         record: &Arc<TlsRecord>,
-        terminated: usize,
+        is_terminated: impl Fn(&str) -> bool,
     ) -> Result<Arc<rustls::ServerConfig>, String> {
-        if let Some((seen, config)) = self
+        if let Some((seen, built)) = self
             .built
             .lock()
             .expect("terminator lock")
             .get(&record.name)
         {
             if Arc::ptr_eq(seen, record) || seen == record {
-                return Ok(config.clone());
+                return built.clone();
             }
         }
-        let config = Arc::new(self.build(record)?);
-        let mut built = self.built.lock().expect("terminator lock");
-        // Names no longer terminated leave their entries behind; bounded by the number
-        // terminated now.
-        if built.len() > 2 * terminated + 16 {
-            built.clear();
-        }
-        built.insert(record.name.clone(), (record.clone(), config.clone()));
-        Ok(config)
+        let built = self.build(record).map(Arc::new);
+        let mut all = self.built.lock().expect("terminator lock");
+        all.retain(|name, _| is_terminated(name));
+        all.insert(record.name.clone(), (record.clone(), built.clone()));
+        built
     }
 
     fn build(&self, record: &TlsRecord) -> Result<rustls::ServerConfig, String> {

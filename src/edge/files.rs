@@ -15,8 +15,9 @@ use tracing::{debug, info, warn};
 /// How often the files are looked at (their size and modification time; they are read
 /// only when those change).
 pub(crate) const FILE_CHECK: Duration = Duration::from_secs(2);
-/// Largest certificate or key file read.
-const MAX_PEM_FILE: u64 = 1024 * 1024;
+/// Longest a look at one name's files may take (a hung network mount): the others are
+/// looked at meanwhile, and it is tried again later.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a name's files looked like when last read.
 #[derive(Clone, PartialEq, Eq)]
@@ -46,14 +47,20 @@ pub(crate) async fn follow_files(
             .collect();
         seen.retain(|name, _| files.iter().any(|(n, _, _)| n == name));
         for (name, cert, key) in files {
-            let Some(now) = look(&cert, &key) else {
+            let (c, k) = (cert.clone(), key.clone());
+            let looked = tokio::task::spawn_blocking(move || look(&c, &k));
+            let Ok(Ok(Some(now))) = tokio::time::timeout(READ_TIMEOUT, looked).await else {
                 continue; // not readable from here
             };
             if seen.get(&name) == Some(&now) {
                 continue;
             }
             let (on, n, c, k) = (ca.clone(), name.clone(), cert.clone(), key.clone());
-            let reloaded = tokio::task::spawn_blocking(move || reload(&on, &n, &c, &k)).await;
+            let reloading = tokio::task::spawn_blocking(move || reload(&on, &n, &c, &k));
+            let Ok(reloaded) = tokio::time::timeout(READ_TIMEOUT, reloading).await else {
+                warn!(host = %name, cert = %cert, "reading the certificate files took more than {READ_TIMEOUT:?}; will try again");
+                continue;
+            };
             match reloaded {
                 Ok(Ok(true)) => {
                     info!(host = %name, cert = %cert, "certificate reloaded from its files")
@@ -105,22 +112,16 @@ enum Refused {
 
 /// Reads the files and stores what they hold if it is new: whether it was.
 fn reload(ca: &Ca, name: &str, cert: &str, key: &str) -> Result<bool, Refused> {
-    let read = |path: &str| -> Result<String, Refused> {
-        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        if size > MAX_PEM_FILE {
-            return Err(Refused::Files(format!("{path} is {size} bytes, too large")));
-        }
-        std::fs::read_to_string(path)
-            .map_err(|e| Refused::Files(format!("cannot read {path}: {e}")))
-    };
+    let read = |path: &str| crate::tls::read_pem_file(path.as_ref()).map_err(Refused::Files);
+    let (chain_pem, key_pem) = (read(cert)?, read(key)?);
+    let chain_pem = crate::tls::check_cert_and_key(&chain_pem, &key_pem)
+        .map_err(|e| Refused::Files(format!("{cert} and {key} cannot be served together: {e}")))?;
     let own = OwnCert {
-        chain_pem: read(cert)?,
-        key_pem: read(key)?,
+        chain_pem,
+        key_pem,
         cert_path: cert.to_string(),
         key_path: key.to_string(),
     };
-    crate::tls::check_cert_and_key(&own.chain_pem, &own.key_pem)
-        .map_err(|e| Refused::Files(format!("{cert} and {key} cannot be served together: {e}")))?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     ca.tls_reload(name, &own, now).map_err(|e| match e {
         revproxy_ca::CaError::InvalidInput(e) => Refused::Files(e),

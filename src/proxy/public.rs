@@ -193,15 +193,20 @@ async fn handle(
     access.host = Some(name.clone());
     // A name whose TLS this proxy terminates: its handshake is completed here, and plain
     // HTTP to it is sent to https.
-    let record = shared.state.get().tls.get(&name).cloned();
+    // (A private name is refused by the lookup below as any unknown name is, whatever is
+    // on record for it.)
+    let state = shared.state.get();
+    let record = match state.covers_private(&name) {
+        true => None,
+        false => state.tls.get(&name).cloned(),
+    };
     let terminate = match (record, &reply) {
         (Some(record), Reply::Http) if !record.keep_http => {
             access.outcome = "redirect";
-            return redirect_to_https(&mut tcp, &name, &peeked, id).await;
+            return redirect_to_https(tcp, &name, &peeked, id).await;
         }
         (Some(record), Reply::Tls) => {
-            let terminated = shared.state.get().tls.len();
-            match shared.terminator.config(&record, terminated) {
+            match (shared.terminator).config(&record, |n| state.tls.contains_key(n)) {
                 Ok(config) => Some(config),
                 Err(reason) => {
                     debug!(%peer, conn = %id, host = %name, %reason, "no certificate to terminate TLS with");
@@ -213,6 +218,7 @@ async fn handle(
         }
         _ => None,
     };
+    drop(state);
     let wildcard = name
         .split_once('.')
         .map(|(_, parent)| format!("*.{parent}"))
@@ -556,7 +562,10 @@ async fn dispatch(shared: &Arc<Shared>, tcp: TcpStream, routed: Routed, access: 
                         }
                     }
                     // A TLS session stays where its handshake ran.
-                    Client::Tls(tls) => Box::pin(stream.splice_io(tls, limits, counters)).await,
+                    Client::Tls(tls) => {
+                        let reset = |tls| Client::Tls(tls).reset();
+                        Box::pin(stream.splice_io(tls, limits, counters, reset)).await
+                    }
                 };
                 if let Some(e) = &moved.error {
                     debug!(%peer, conn = %id, host = %name, error = %e, "stream ended with an error");
@@ -606,17 +615,42 @@ async fn dispatch(shared: &Arc<Shared>, tcp: TcpStream, routed: Routed, access: 
 }
 
 /// Sends a plain-HTTP client of a terminated name to https, the same path (`308`: the
-/// method and body are kept).
-async fn redirect_to_https(tcp: &mut TcpStream, name: &str, head: &[u8], id: ConnId) {
+/// method and body are kept), then closes once the client has sent what it was sending
+/// (closing with its request body unread would reset the connection, and the client
+/// could lose the answer), within [`REDIRECT_DRAIN`].
+async fn redirect_to_https(mut tcp: TcpStream, name: &str, head: &[u8], id: ConnId) {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut request = httparse::Request::new(&mut headers);
-    let path = match request.parse(head) {
-        Ok(_) => request.path.filter(|p| p.starts_with('/')).unwrap_or("/"),
+    let target = match request.parse(head) {
+        Ok(_) => request.path.unwrap_or("/"),
         Err(_) => "/",
+    };
+    // Origin form (`/a?b`) as it is; absolute form (`http://host/a?b`) from its path.
+    let path = match target.strip_prefix("http://") {
+        Some(rest) => rest.find('/').map_or("/", |i| &rest[i..]),
+        None if target.starts_with('/') => target,
+        None => "/",
     };
     let response = format!(
         "HTTP/1.1 308 Permanent Redirect\r\nlocation: https://{name}{path}\r\ncontent-length: 0\r\n{CONN_ID_HEADER}: {id}\r\nconnection: close\r\n\r\n"
     );
-    let _ = tcp.write_all(response.as_bytes()).await;
-    let _ = tcp.shutdown().await;
+    if tcp.write_all(response.as_bytes()).await.is_err() || tcp.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut left = MAX_REDIRECT_DRAIN;
+        while left > 0 {
+            match tokio::io::AsyncReadExt::read(&mut tcp, &mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REDIRECT_DRAIN, drain).await;
 }
+
+/// Longest a redirected client's remaining bytes are read (and dropped) before closing.
+const REDIRECT_DRAIN: Duration = Duration::from_secs(2);
+/// Most bytes read from it meanwhile.
+const MAX_REDIRECT_DRAIN: usize = 256 * 1024;

@@ -96,14 +96,56 @@ pub(crate) fn server_name(addr: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(host.to_string()).map_err(|_| TlsError::ServerName(host.to_string()))
 }
 
+/// Largest certificate or key file an operator may give (a chain of a few certificates is
+/// a few KiB).
+pub const MAX_PEM_FILE: u64 = 1024 * 1024;
+
+/// Reads an operator's certificate or key file: a regular file (not a FIFO or a device,
+/// which could block or never end) of at most [`MAX_PEM_FILE`] bytes.
+pub fn read_pem_file(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let shown = path.display();
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{shown} is not a regular file"));
+    }
+    let mut text = String::new();
+    file.take(MAX_PEM_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if text.len() as u64 > MAX_PEM_FILE {
+        return Err(format!(
+            "{shown} is larger than {MAX_PEM_FILE} bytes, too large for a certificate or key"
+        ));
+    }
+    Ok(text)
+}
+
 /// Checks that `key_pem` is the private key of the first certificate in `chain_pem`, and
-/// that rustls can serve them (`revproxy tls terminate --cert --key`).
-pub fn check_cert_and_key(chain_pem: &str, key_pem: &str) -> Result<(), TlsError> {
+/// that rustls can serve them (`revproxy tls terminate --cert --key`). Returns the chain's
+/// certificates alone, as PEM: what is stored (a file that holds the key as well would
+/// otherwise put the key in the store unsealed).
+pub fn check_cert_and_key(chain_pem: &str, key_pem: &str) -> Result<String, TlsError> {
+    use base64::Engine as _;
+    let chain = certs_from_pem(chain_pem, "the certificate file")?;
+    let mut certs_only = String::new();
+    for cert in &chain {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        certs_only.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            certs_only.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+            certs_only.push('\n');
+        }
+        certs_only.push_str("-----END CERTIFICATE-----\n");
+    }
     let certified = rustls::sign::CertifiedKey::from_der(
-        certs_from_pem(chain_pem, "the certificate file")?,
+        chain,
         key_from_pem(key_pem, "the key file")?,
         &provider(),
     )?;
     certified.keys_match()?;
-    Ok(())
+    Ok(certs_only)
 }

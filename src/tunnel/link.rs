@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::debug;
@@ -232,88 +231,6 @@ impl TunnelStream {
             up,
             down,
             error: result.err(),
-        }
-    }
-}
-
-/// Copies `rd` into `wr` until `rd` ends (then ends `wr`), each write within
-/// `send_timeout`, calling `moved` with every chunk's size.
-async fn copy_metered(
-    rd: &mut (impl AsyncRead + Unpin),
-    wr: &mut (impl AsyncWrite + Unpin),
-    send_timeout: std::time::Duration,
-    moved: impl Fn(usize),
-) -> std::io::Result<u64> {
-    let mut buf = vec![0u8; SPLICE_IO_BUFFER];
-    let mut total = 0;
-    loop {
-        let n = match rd.read(&mut buf).await {
-            // A TLS client that closed without close_notify (most HTTPS clients, once
-            // they have their answer): its end, as a TCP client's FIN would be.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
-            read => read?,
-        };
-        if n == 0 {
-            wr.shutdown().await?;
-            return Ok(total);
-        }
-        let write = async {
-            wr.write_all(&buf[..n]).await?;
-            wr.flush().await
-        };
-        match tokio::time::timeout(send_timeout, write).await {
-            Ok(written) => written?,
-            Err(_) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("the reader took nothing for {send_timeout:?}"),
-                ))
-            }
-        }
-        moved(n);
-        total += n as u64;
-    }
-}
-
-/// Each direction's buffer when a client is not a bare socket ([`TunnelStream::splice_io`]):
-/// a TLS record's worth of plaintext.
-const SPLICE_IO_BUFFER: usize = 16 * 1024;
-
-impl TunnelStream {
-    /// [`TunnelStream::splice`] for a client that is not a bare socket (a connection whose
-    /// TLS the proxy terminated): the same counts and limits, each direction ending as
-    /// its source does; broken, the tunnel stream is reset.
-    pub(crate) async fn splice_io<S: AsyncRead + AsyncWrite + Unpin>(
-        self,
-        io: S,
-        limits: StreamLimits,
-        counters: StreamCounters,
-    ) -> Moved {
-        let meter = Meter::new(&limits, counters);
-        let mut down = self.into_duplex();
-        let pumped = {
-            let (mut client_rd, mut client_wr) = tokio::io::split(io);
-            let (mut tunnel_rd, mut tunnel_wr) = tokio::io::split(&mut down);
-            let send_timeout = limits.send_timeout;
-            crate::tunnel::both_ways(
-                copy_metered(&mut client_rd, &mut tunnel_wr, send_timeout, |n| {
-                    meter.read(n)
-                }),
-                copy_metered(&mut tunnel_rd, &mut client_wr, send_timeout, |n| {
-                    meter.written(n)
-                }),
-                meter.idle(),
-            )
-            .await
-        };
-        if pumped.result.is_err() {
-            down.reset();
-        }
-        let (up, down) = meter.totals();
-        Moved {
-            up,
-            down,
-            error: pumped.result.err(),
         }
     }
 }

@@ -22,6 +22,7 @@ mod link;
 mod meter;
 mod pump;
 pub(crate) mod quic;
+mod splice_io;
 mod upward;
 
 use std::time::Duration;

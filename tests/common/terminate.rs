@@ -16,6 +16,8 @@ pub struct OperatorCert {
     pub ca_pem: String,
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
     names: Vec<String>,
+    /// When the certificates it writes expire (rcgen's default when `None`).
+    pub not_after: Option<time::OffsetDateTime>,
 }
 
 impl OperatorCert {
@@ -33,7 +35,16 @@ impl OperatorCert {
             ca_pem: ca_cert.pem(),
             issuer: rcgen::Issuer::new(ca_params, ca_key),
             names: names.iter().map(|n| n.to_string()).collect(),
+            not_after: None,
         };
+        pki.renew();
+        pki
+    }
+
+    /// As [`OperatorCert::new`], its certificate expiring at `not_after`.
+    pub fn expiring(names: &[&str], not_after: time::OffsetDateTime) -> OperatorCert {
+        let mut pki = OperatorCert::new(names);
+        pki.not_after = Some(not_after);
         pki.renew();
         pki
     }
@@ -42,10 +53,12 @@ impl OperatorCert {
     /// the new certificate's DER.
     pub fn renew(&self) -> Vec<u8> {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(self.names.clone())
-            .unwrap()
-            .signed_by(&key, &self.issuer)
-            .unwrap();
+        let mut params = rcgen::CertificateParams::new(self.names.clone()).unwrap();
+        if let Some(not_after) = self.not_after {
+            params.not_before = not_after - time::Duration::days(30);
+            params.not_after = not_after;
+        }
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
         std::fs::write(self.cert(), cert.pem() + &self.ca_pem).unwrap();
         std::fs::write(self.key(), key.serialize_pem()).unwrap();
         cert.der().to_vec()

@@ -15,8 +15,6 @@ use crate::Failure;
 
 /// `tls list` warns of a certificate this close to its expiry.
 const EXPIRY_WARNING_DAYS: i64 = 14;
-/// Largest certificate or key file read (a chain of a few certificates is a few KiB).
-const MAX_PEM_FILE: u64 = 1024 * 1024;
 
 #[derive(Subcommand)]
 pub(crate) enum TlsCommand {
@@ -106,19 +104,14 @@ impl TerminateArgs {
     }
 }
 
-/// The operator's certificate and key, read and checked against each other.
+/// The operator's certificate and key, read and checked against each other. The paths
+/// are kept as given, made absolute (not resolved: certbot's `live/` names are links that
+/// move to each renewal's files).
 fn read_own(cert: &Path, key: &Path) -> Result<OwnCert, Failure> {
     let read = |path: &Path| -> Result<(String, String), Failure> {
-        let absolute = std::fs::canonicalize(path)
-            .map_err(|e| Failure::usage(anyhow::anyhow!("cannot read {}: {e}", path.display())))?;
-        let size = std::fs::metadata(&absolute).map(|m| m.len()).unwrap_or(0);
-        if size > MAX_PEM_FILE {
-            return Err(Failure::usage(anyhow::anyhow!(
-                "{} is {size} bytes, too large for a PEM certificate or key",
-                path.display()
-            )));
-        }
-        let text = std::fs::read_to_string(&absolute)
+        let text =
+            revproxy::tls::read_pem_file(path).map_err(|e| Failure::usage(anyhow::anyhow!(e)))?;
+        let absolute = std::path::absolute(path)
             .map_err(|e| Failure::usage(anyhow::anyhow!("cannot read {}: {e}", path.display())))?;
         let absolute = absolute.to_str().map(str::to_owned).ok_or_else(|| {
             Failure::usage(anyhow::anyhow!("{} is not a UTF-8 path", path.display()))
@@ -127,7 +120,7 @@ fn read_own(cert: &Path, key: &Path) -> Result<OwnCert, Failure> {
     };
     let (chain_pem, cert_path) = read(cert)?;
     let (key_pem, key_path) = read(key)?;
-    revproxy::tls::check_cert_and_key(&chain_pem, &key_pem).map_err(|e| {
+    let chain_pem = revproxy::tls::check_cert_and_key(&chain_pem, &key_pem).map_err(|e| {
         Failure::usage(anyhow::anyhow!(
             "{} and {} cannot be served together: {e}",
             cert.display(),
