@@ -211,10 +211,9 @@ def start_revproxy(procs, bindir, work, backends, transport="h2", label="revprox
             "pids": [proxy.pid, agent.pid]}
 
 
-def start_rathole(procs, rathole, work, backends):
-    """rathole server + client with its TLS transport, one service per backend (by port)."""
-    d = f"{work}/rathole"
-    os.makedirs(d)
+def localhost_cert(d):
+    """A throwaway P-256 CA (`ca.crt`, `ca.key`) and a certificate for localhost signed by it
+    (`srv.crt`, `srv.key`), made with openssl in `d`."""
 
     def openssl(*args):
         subprocess.run(["openssl"] + list(args), check=True, capture_output=True, cwd=d)
@@ -226,8 +225,16 @@ def start_rathole(procs, rathole, work, backends):
         f.write("subjectAltName=DNS:localhost\n")
     openssl("x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
             "-out", "srv.crt", "-days", "2", "-extfile", "ext")
-    openssl("pkcs12", "-export", "-out", "id.pfx", "-inkey", "srv.key", "-in", "srv.crt", "-certfile", "ca.crt",
-            "-passout", "pass:bench")
+
+
+def start_rathole(procs, rathole, work, backends):
+    """rathole server + client with its TLS transport, one service per backend (by port)."""
+    d = f"{work}/rathole"
+    os.makedirs(d)
+
+    localhost_cert(d)
+    subprocess.run(["openssl", "pkcs12", "-export", "-out", "id.pfx", "-inkey", "srv.key", "-in", "srv.crt", "-certfile", "ca.crt",
+            "-passout", "pass:bench"], check=True, capture_output=True, cwd=d)
     control = free_port()
     public = {name: free_port() for name in backends}
     server = (f'[server]\nbind_addr = "127.0.0.1:{control}"\n[server.transport]\ntype = "tls"\n'

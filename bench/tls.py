@@ -31,16 +31,7 @@ from run import Procs, free_port, log, wait_port
 def make_cert(d):
     """A CA and an ECDSA P-256 certificate for localhost, signed by it: (cert, key)."""
 
-    def openssl(*args):
-        subprocess.run(["openssl"] + list(args), check=True, capture_output=True, cwd=d)
-
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=bench-ca")
-    openssl("req", *ec, "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=localhost")
-    with open(f"{d}/ext", "w") as f:
-        f.write("subjectAltName=DNS:localhost\n")
-    openssl("x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "srv.crt", "-days", "2", "-extfile", "ext")
+    run.localhost_cert(d)
     with open(f"{d}/srv.crt") as leaf, open(f"{d}/ca.crt") as ca, open(f"{d}/chain.pem", "w") as out:
         out.write(leaf.read() + ca.read())
     return f"{d}/chain.pem", f"{d}/srv.key"

@@ -16,16 +16,28 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const NAME: &str = "app.example.com";
 
+/// The arguments of `tls terminate NAME --cert FILE --key FILE`, then `extra`.
+fn terminate_args(name: &str, cert: &Path, key: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["terminate", name, "--cert"].map(String::from).into();
+    args.push(cert.to_str().unwrap().into());
+    args.push("--key".into());
+    args.push(key.to_str().unwrap().into());
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
 /// `revproxy tls ARGS...` on the proxy's state, which must succeed: its stderr.
-fn tls(state: &Path, args: &[&str]) -> String {
-    let out = run(PROXY, &[&["tls"], args].concat(), state);
+fn tls(state: &Path, args: &[impl AsRef<str>]) -> String {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+    let out = run(PROXY, &[&["tls"], &args[..]].concat(), state);
     assert!(out.status.success(), "tls {args:?}: {}", stderr(&out));
     stderr(&out)
 }
 
 /// `revproxy tls ARGS...`, which must be refused as bad input (exit 2): its stderr.
-fn tls_refused(state: &Path, args: &[&str]) -> String {
-    let out = run(PROXY, &[&["tls"], args].concat(), state);
+fn tls_refused(state: &Path, args: &[impl AsRef<str>]) -> String {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+    let out = run(PROXY, &[&["tls"], &args[..]].concat(), state);
     assert_eq!(out.status.code(), Some(2), "tls {args:?}: {}", stderr(&out));
     stderr(&out)
 }
@@ -54,19 +66,7 @@ async fn a_terminated_name_serves_the_operators_certificate_and_plaintext_goes_d
         .await
         .is_err());
 
-    let cert = pki.cert();
-    let key = pki.key();
-    let said = tls(
-        state,
-        &[
-            "terminate",
-            NAME,
-            "--cert",
-            cert.to_str().unwrap(),
-            "--key",
-            key.to_str().unwrap(),
-        ],
-    );
+    let said = tls(state, &terminate_args(NAME, &pki.cert(), &pki.key(), &[]));
     assert!(said.contains("TLS terminated"), "{said}");
     let data = pattern(1 << 20, 7);
     eventually("the proxy terminates the name", || async {
@@ -278,18 +278,8 @@ async fn refusals_change_nothing_and_the_key_is_sealed_in_the_store() {
     assert!(said.contains("not terminated"), "{said}");
     let now = time::OffsetDateTime::now_utc();
     let expired = OperatorCert::expiring(&[NAME], now - time::Duration::days(1));
-    let (expired_cert, expired_key) = (expired.cert(), expired.key());
-    let said = tls_refused(
-        state,
-        &[
-            "terminate",
-            NAME,
-            "--cert",
-            expired_cert.to_str().unwrap(),
-            "--key",
-            expired_key.to_str().unwrap(),
-        ],
-    );
+    let args = terminate_args(NAME, &expired.cert(), &expired.key(), &[]);
+    let said = tls_refused(state, &args);
     assert!(said.contains("expired"), "{said}");
     let out = run(PROXY, &["tls", "list", "--json"], state);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
