@@ -94,3 +94,21 @@ pub(crate) async fn accept(
         )),
     }
 }
+
+/// The client's side of a routed connection: its socket, or, when its TLS ends here, the
+/// TLS session on it.
+pub(crate) enum Client {
+    Plain(TcpStream),
+    Tls(Box<Terminated>),
+}
+
+impl Client {
+    /// Closes the connection with a reset.
+    pub(crate) fn reset(self) {
+        let tcp = match self {
+            Client::Plain(tcp) => tcp,
+            Client::Tls(tls) => tls.into_inner().0.into_tcp(),
+        };
+        crate::tunnel::reset_whole(tcp);
+    }
+}

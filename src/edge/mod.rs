@@ -5,7 +5,8 @@
 //!
 //! `certs.rs` turns a name's record into the configuration its handshakes use (its key
 //! opened with the CA-derived key, once per certificate); `handshake.rs` completes a
-//! handshake whose ClientHello was already read to route the connection; `files.rs` follows
+//! handshake whose ClientHello was already read to route the connection (and names the
+//! client's side of a routed connection, a socket or a TLS session on one); `files.rs` follows
 //! the operator's certificate files and stores what they hold when it changes.
 
 mod certs;
@@ -14,4 +15,4 @@ mod handshake;
 
 pub(crate) use certs::Terminator;
 pub(crate) use files::follow_files;
-pub(crate) use handshake::{accept, Terminated};
+pub(crate) use handshake::{accept, Client};

@@ -19,10 +19,11 @@ use super::peek::{http_host, peek, read_proxy_header, sni_name};
 use super::registry::{Found, Tunnel};
 use super::reload::Settings;
 use super::replies::{
-    http_error, ConnId, Reply, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME, CONN_ID_HEADER,
+    http_error, redirect_to_https, ConnId, Reply, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME,
 };
 use super::static_route::{connect_static, forward_tcp, header_for, Prelude};
 use super::Shared;
+use crate::edge::Client;
 use crate::route::{ListenerKind, Target};
 use crate::tunnel::{OpenError, OpenRequest};
 use crate::wire::proxy_header::Origin;
@@ -428,24 +429,6 @@ struct Routed {
     settings: Arc<Settings>,
 }
 
-/// The client's side of a routed connection: its socket, or, when its TLS ends here, the
-/// TLS session on it.
-enum Client {
-    Plain(TcpStream),
-    Tls(Box<crate::edge::Terminated>),
-}
-
-impl Client {
-    /// Closes the connection with a reset.
-    fn reset(self) {
-        let tcp = match self {
-            Client::Plain(tcp) => tcp,
-            Client::Tls(tls) => tls.into_inner().0.into_tcp(),
-        };
-        crate::tunnel::reset_whole(tcp);
-    }
-}
-
 /// Opens a stream on the first candidate that takes it (agents granted the exact name,
 /// the static route, agents holding a wildcard) and joins the client to it; or tells the
 /// client the name cannot be served. A connection whose TLS ends here completes its
@@ -613,44 +596,3 @@ async fn dispatch(shared: &Arc<Shared>, tcp: TcpStream, routed: Routed, access: 
         (Client::Plain(_), Reply::Silent) => {}
     }
 }
-
-/// Sends a plain-HTTP client of a terminated name to https, the same path (`308`: the
-/// method and body are kept), then closes once the client has sent what it was sending
-/// (closing with its request body unread would reset the connection, and the client
-/// could lose the answer), within [`REDIRECT_DRAIN`].
-async fn redirect_to_https(mut tcp: TcpStream, name: &str, head: &[u8], id: ConnId) {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut request = httparse::Request::new(&mut headers);
-    let target = match request.parse(head) {
-        Ok(_) => request.path.unwrap_or("/"),
-        Err(_) => "/",
-    };
-    // Origin form (`/a?b`) as it is; absolute form (`http://host/a?b`) from its path.
-    let path = match target.strip_prefix("http://") {
-        Some(rest) => rest.find('/').map_or("/", |i| &rest[i..]),
-        None if target.starts_with('/') => target,
-        None => "/",
-    };
-    let response = format!(
-        "HTTP/1.1 308 Permanent Redirect\r\nlocation: https://{name}{path}\r\ncontent-length: 0\r\n{CONN_ID_HEADER}: {id}\r\nconnection: close\r\n\r\n"
-    );
-    if tcp.write_all(response.as_bytes()).await.is_err() || tcp.shutdown().await.is_err() {
-        return;
-    }
-    let drain = async {
-        let mut sink = [0u8; 4096];
-        let mut left = MAX_REDIRECT_DRAIN;
-        while left > 0 {
-            match tokio::io::AsyncReadExt::read(&mut tcp, &mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => left = left.saturating_sub(n),
-            }
-        }
-    };
-    let _ = tokio::time::timeout(REDIRECT_DRAIN, drain).await;
-}
-
-/// Longest a redirected client's remaining bytes are read (and dropped) before closing.
-const REDIRECT_DRAIN: Duration = Duration::from_secs(2);
-/// Most bytes read from it meanwhile.
-const MAX_REDIRECT_DRAIN: usize = 256 * 1024;

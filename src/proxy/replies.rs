@@ -1,8 +1,12 @@
 //! What a public client is told when it cannot be served, in its own protocol: a TLS alert
 //! for an SNI client, an HTTP status with a one-line reason for an HTTP client, and
-//! silence on a fixed-target listener (whose protocol we do not know).
+//! silence on a fixed-target listener (whose protocol we do not know); and the redirect
+//! to https that a plain-HTTP client of a name whose TLS ends at the proxy gets.
+
+use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 /// How a connection's protocol lets us say "no".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,3 +59,44 @@ pub(super) async fn http_error(
     let _ = tcp.write_all(response.as_bytes()).await;
     let _ = tcp.shutdown().await;
 }
+
+/// Sends a plain-HTTP client of a terminated name to https, the same path (`308`: the
+/// method and body are kept), then closes once the client has sent what it was sending
+/// (closing with its request body unread would reset the connection, and the client
+/// could lose the answer), within [`REDIRECT_DRAIN`].
+pub(super) async fn redirect_to_https(mut tcp: TcpStream, name: &str, head: &[u8], id: ConnId) {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut headers);
+    let target = match request.parse(head) {
+        Ok(_) => request.path.unwrap_or("/"),
+        Err(_) => "/",
+    };
+    // Origin form (`/a?b`) as it is; absolute form (`http://host/a?b`) from its path.
+    let path = match target.strip_prefix("http://") {
+        Some(rest) => rest.find('/').map_or("/", |i| &rest[i..]),
+        None if target.starts_with('/') => target,
+        None => "/",
+    };
+    let response = format!(
+        "HTTP/1.1 308 Permanent Redirect\r\nlocation: https://{name}{path}\r\ncontent-length: 0\r\n{CONN_ID_HEADER}: {id}\r\nconnection: close\r\n\r\n"
+    );
+    if tcp.write_all(response.as_bytes()).await.is_err() || tcp.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut left = MAX_REDIRECT_DRAIN;
+        while left > 0 {
+            match tokio::io::AsyncReadExt::read(&mut tcp, &mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REDIRECT_DRAIN, drain).await;
+}
+
+/// Longest a redirected client's remaining bytes are read (and dropped) before closing.
+const REDIRECT_DRAIN: Duration = Duration::from_secs(2);
+/// Most bytes read from it meanwhile.
+const MAX_REDIRECT_DRAIN: usize = 256 * 1024;
