@@ -187,15 +187,7 @@ async fn curl_verifies_the_chain_and_plain_http_is_redirected() {
     // --keep-http: plain HTTP is served as before.
     tls(
         state,
-        &[
-            "terminate",
-            NAME,
-            "--cert",
-            cert,
-            "--key",
-            key,
-            "--keep-http",
-        ],
+        &terminate_args(NAME, &pki.cert(), &pki.key(), &["--keep-http"]),
     );
     eventually("plain HTTP is served again", || async {
         round_trip(proxy.http, &http_head(NAME), b"")
@@ -235,42 +227,18 @@ async fn refusals_change_nothing_and_the_key_is_sealed_in_the_store() {
     let other = OperatorCert::new(&[NAME]);
     let (cert, key) = (pki.cert(), pki.key());
     let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
-    let other_key = other.key();
-    let with = |name: &str| {
-        vec![
-            "terminate".to_string(),
-            name.to_string(),
-            "--cert".into(),
-            cert.into(),
-            "--key".into(),
-            key.into(),
-        ]
-    };
-    let refused = |args: Vec<String>| {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        tls_refused(state, &args)
-    };
-    let said = refused(with("other.example.com"));
+    let with = |name: &str| terminate_args(name, &pki.cert(), &pki.key(), &[]);
+    let said = tls_refused(state, &with("other.example.com"));
     assert!(
         said.contains("no agent is granted other.example.com"),
         "{said}"
     );
-    let said = refused(with("*.apps.example.com"));
+    let said = tls_refused(state, &with("*.apps.example.com"));
     assert!(said.contains("wildcard"), "{said}");
     // A name under a granted wildcard is granted; this certificate does not cover it.
-    let said = refused(with("x.apps.example.com"));
+    let said = tls_refused(state, &with("x.apps.example.com"));
     assert!(said.contains("not for x.apps.example.com"), "{said}");
-    let said = tls_refused(
-        state,
-        &[
-            "terminate",
-            NAME,
-            "--cert",
-            cert,
-            "--key",
-            other_key.to_str().unwrap(),
-        ],
-    );
+    let said = tls_refused(state, &terminate_args(NAME, &pki.cert(), &other.key(), &[]));
     assert!(said.contains("cannot be served together"), "{said}");
     let said = tls_refused(state, &["terminate", NAME, "--cert", cert]);
     assert!(said.contains("--key"), "{said}");

@@ -43,13 +43,16 @@ impl Terminator {
         record: &Arc<TlsRecord>,
         is_terminated: impl Fn(&str) -> bool,
     ) -> Result<Arc<rustls::ServerConfig>, String> {
-        if let Some((seen, built)) = self
-            .built
-            .lock()
-            .expect("terminator lock")
-            .get(&record.name)
+        if let Some((seen, built)) =
+            (self.built.lock().expect("terminator lock")).get_mut(&record.name)
         {
-            if Arc::ptr_eq(seen, record) || seen == record {
+            if Arc::ptr_eq(seen, record) {
+                return built.clone();
+            }
+            // The same record read again (a whole-state read makes new ones): kept, and
+            // the next handshake finds it by pointer.
+            if **seen == **record {
+                *seen = record.clone();
                 return built.clone();
             }
         }
