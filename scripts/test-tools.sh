@@ -6,6 +6,8 @@
 #   ip (Debian's `iproute2`):          network namespaces for the mesh across networks
 #   haproxy (Debian's `haproxy`):      a real load balancer in front of the proxies
 #   nginx, curl:                       a real backend and client for PROXY protocol tests
+#   pebble, pebble-challtestsrv (Debian's `pebble`): a real ACME server and its DNS, for
+#                                      certificates ordered by the proxy (tests/terminate/acme.rs)
 #   python3 (Debian's `python3`):      an echo backend in a process of its own (ten thousand
 #                                      clients held through one agent, tests/stalls.rs)
 #   systemd-analyze (Debian's `systemd`), deb-systemd-helper (`init-system-helpers`):
@@ -28,6 +30,8 @@ missing() {
     command -v python3 >/dev/null 2>&1 || need+=(python3)
     command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
     command -v deb-systemd-helper >/dev/null 2>&1 || need+=(init-system-helpers)
+    command -v pebble >/dev/null 2>&1 && command -v pebble-challtestsrv >/dev/null 2>&1 || need+=(pebble)
+    [ -f /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 }
 missing
 [ ${#need[@]} -eq 0 ] && exit 0

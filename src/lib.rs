@@ -38,6 +38,7 @@ pub mod admin;
 pub mod agent;
 pub mod config;
 mod edge;
+pub use edge::{AcmeSettings, ChallengeKind};
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing;

@@ -17,6 +17,7 @@
 //! locked file), `store.rs` (the `Store` trait), `fsutil.rs` (crash-safe private files).
 #![forbid(unsafe_code)]
 
+mod acme;
 mod ca;
 pub mod cert;
 mod certs;
@@ -40,6 +41,7 @@ mod tls;
 mod token;
 mod tokens;
 
+pub use acme::acme_account_purpose;
 pub use ca::{
     Ca, InitOptions, CA_CERT_FILE, CA_KEY_FILE, DEFAULT_SANS, DEFAULT_TRUST_DOMAIN,
     SERVER_CERT_FILE, SERVER_KEY_FILE,

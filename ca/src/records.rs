@@ -20,6 +20,8 @@ pub struct Settings {
     pub ca_pin: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_listener: Option<AgentListener>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub acme_accounts: std::collections::BTreeMap<String, String>,
 }
 
 impl Settings {
@@ -32,6 +34,7 @@ impl Settings {
             server_sans: self.server_sans,
             ca_pin: self.ca_pin,
             agent_listener: self.agent_listener,
+            acme_accounts: self.acme_accounts,
             ..State::default()
         }
     }
@@ -44,6 +47,7 @@ impl Settings {
             server_sans: s.server_sans.clone(),
             ca_pin: s.ca_pin.clone(),
             agent_listener: s.agent_listener.clone(),
+            acme_accounts: s.acme_accounts.clone(),
         }
     }
 }

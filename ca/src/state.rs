@@ -77,6 +77,10 @@ pub struct State {
     /// Names whose TLS the proxy terminates (DESIGN.md section 10), by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tls: BTreeMap<String, TlsRecord>,
+    /// The proxies' ACME accounts, by directory URL: their credentials (which hold the
+    /// account key), sealed ([`crate::Sealer`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub acme_accounts: BTreeMap<String, String>,
 }
 
 /// Where a proxy listens for agents, as it recorded at start.
@@ -178,6 +182,63 @@ pub struct TlsRecord {
     pub last_error: Option<String>,
     /// When this record last changed.
     pub updated: Unix,
+    /// Where ordering its certificate from ACME stands (empty for the operator's files).
+    #[serde(default, skip_serializing_if = "AcmeProgress::is_idle")]
+    pub acme: AcmeProgress,
+}
+
+/// Where ordering a name's certificate from ACME stands, shared by every proxy.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcmeProgress {
+    /// The proxy ordering it now: no other orders it until the lease ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+    /// The answer the ACME server may ask any proxy for now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub challenge: Option<Challenge>,
+    /// Orders that failed since the last certificate.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failures: u32,
+    /// No order before then (backing off after failures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<Unix>,
+}
+
+impl AcmeProgress {
+    /// Nothing under way and nothing to wait for.
+    pub fn is_idle(&self) -> bool {
+        self == &AcmeProgress::default()
+    }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// A proxy's hold on ordering one name's certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The proxy's id.
+    pub holder: String,
+    pub until: Unix,
+}
+
+/// A pending ACME challenge's answer (nothing in it is secret: the ACME server publishes
+/// what it checks).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Challenge {
+    /// On the HTTP listener: `GET /.well-known/acme-challenge/TOKEN` answers the key
+    /// authorization.
+    #[serde(rename = "http-01")]
+    Http01 {
+        token: String,
+        key_authorization: String,
+    },
+    /// On the SNI listener: a ClientHello offering only `acme-tls/1` gets a certificate
+    /// carrying this SHA-256 of the key authorization (hex).
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01 { digest: String },
 }
 
 /// Where a terminated name's certificate comes from.

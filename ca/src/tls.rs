@@ -105,6 +105,7 @@ impl Ca {
                 not_after,
                 last_error: None,
                 updated: now,
+                acme: Default::default(),
             });
         }
         self.state.update(|tx| {

@@ -18,8 +18,11 @@ pub use size::{parse_size, SizeError};
 
 use crate::route::{ListenerKind, Target};
 
+mod acme;
 mod duration;
 mod size;
+
+pub use acme::AcmeConfig;
 
 /// A configuration file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +105,8 @@ pub struct ProxyConfig {
     /// agents holding a wildcard.
     #[serde(default)]
     pub route: Vec<RouteConfig>,
+    /// Where terminated names' certificates are ordered (`revproxy tls terminate`).
+    pub acme: Option<AcmeConfig>,
 }
 
 /// One public listener: routes on `protocol`, or sends everything `to` one target.
@@ -236,6 +241,12 @@ impl ProxyConfig {
         Ok(wanted)
     }
 
+    /// `[acme]`, checked against the listeners (its `ca_roots` read).
+    pub fn acme_settings(&self) -> Result<Option<crate::edge::AcmeSettings>, ConfigError> {
+        let kinds: Vec<ListenerKind> = self.listeners()?.into_iter().map(|(_, k)| k).collect();
+        self.acme.as_ref().map(|a| a.settings(&kinds)).transpose()
+    }
+
     /// The `trusted_proxies` ranges, parsed.
     pub fn trusted_proxies(&self) -> Result<Vec<crate::route::Cidr>, ConfigError> {
         (self.trusted_proxies.iter())
@@ -266,6 +277,7 @@ impl ProxyConfig {
         )?;
         let listeners = self.listeners()?;
         self.routes()?;
+        self.acme_settings()?;
         // Port 0 asks the kernel for a free port: those never collide.
         let mut addrs: Vec<SocketAddr> = listeners.iter().map(|(a, _)| *a).collect();
         addrs.extend(self.agents);

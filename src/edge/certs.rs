@@ -19,6 +19,8 @@ type Built = (Arc<TlsRecord>, Result<Arc<rustls::ServerConfig>, String>);
 pub(crate) struct Terminator {
     sealer: Sealer,
     built: Mutex<HashMap<String, Built>>,
+    /// The certificates answering pending TLS-ALPN-01 challenges.
+    challenges: super::acme::ChallengeCerts,
 }
 
 impl std::fmt::Debug for Terminator {
@@ -32,7 +34,19 @@ impl Terminator {
         Terminator {
             sealer,
             built: Mutex::default(),
+            challenges: Default::default(),
         }
+    }
+
+    /// The answer to `record`'s pending ACME challenge, if the connection that sent
+    /// `first` (its ClientHello when `tls`, else its HTTP request head) asks for it.
+    pub(crate) fn challenge(
+        &self,
+        record: Option<&Arc<TlsRecord>>,
+        tls: bool,
+        first: &[u8],
+    ) -> Option<super::Answer> {
+        self.challenges.answer(record?, tls, first)
     }
 
     /// The configuration that serves `record`'s certificate, or why there is none (no

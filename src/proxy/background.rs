@@ -41,8 +41,32 @@ pub(super) fn start(shared: Arc<Shared>) -> Background {
     tasks.spawn(crate::edge::follow_files(shared.ca.clone(), move || {
         state.get().tls.values().cloned().collect()
     }));
+    if let Some(settings) = shared.acme.clone() {
+        tasks.spawn(crate::edge::order_certificates(orders(&shared, settings)));
+    }
     tasks.spawn(renew_server_cert(shared));
     Background { _tasks: tasks }
+}
+
+/// What ordering ACME certificates needs from this proxy.
+fn orders(shared: &Arc<Shared>, settings: crate::edge::AcmeSettings) -> crate::edge::Orders {
+    let (records, served, metrics) = (shared.clone(), shared.clone(), shared.metrics.clone());
+    crate::edge::Orders {
+        ca: shared.ca.clone(),
+        me: shared.me.id.clone(),
+        settings,
+        records: Box::new(move || records.state.get().tls.values().cloned().collect()),
+        served: Box::new(move |name| {
+            let state = served.state.get();
+            !state.covers_private(name)
+                && (state.public.values()).any(|hosts| {
+                    hosts
+                        .iter()
+                        .any(|p| revproxy_ca::names::name_matches(p, name))
+                })
+        }),
+        counted: Box::new(move |result| metrics.acme_order(result)),
+    }
 }
 
 /// How often a proxy on a shared store says it is alive and reads who else is: well

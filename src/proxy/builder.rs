@@ -42,6 +42,7 @@ pub struct ProxyBuilder {
     store: Option<crate::store::StoreUrl>,
     advertise: Option<String>,
     trusted_proxies: Vec<crate::route::Cidr>,
+    acme: Option<crate::edge::AcmeSettings>,
     static_proxy_protocol: HashMap<String, crate::wire::proxy_header::ProxyProtocol>,
     upgraded: Option<handover::Confirmation>,
 }
@@ -80,6 +81,7 @@ impl ProxyBuilder {
             store: None,
             advertise: None,
             trusted_proxies: Vec::new(),
+            acme: None,
             static_proxy_protocol: HashMap::new(),
             upgraded: None,
         }
@@ -123,6 +125,14 @@ impl ProxyBuilder {
     /// listener's address, unless that is a wildcard.
     pub fn advertise(mut self, addr: &str) -> Self {
         self.advertise = Some(addr.to_string());
+        self
+    }
+
+    /// Orders the certificates of terminated names from the ACME CA in `settings`
+    /// (`[acme]`); without it the proxy orders nothing but still answers the challenges
+    /// other proxies on its store publish.
+    pub fn acme(mut self, settings: crate::edge::AcmeSettings) -> Self {
+        self.acme = Some(settings);
         self
     }
 
@@ -368,6 +378,7 @@ impl ProxyBuilder {
             reloads,
             shared: Arc::new(Shared {
                 terminator: crate::edge::Terminator::new(ca.sealer()),
+                acme: self.acme,
                 ca: Arc::new(ca),
                 me: revproxy_ca::ProxyEntry {
                     id: identity.proxy_id,

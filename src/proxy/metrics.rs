@@ -89,6 +89,7 @@ pub(super) struct ProxyMetrics {
     mesh: IntCounterVec,
     cert_expiry: IntGaugeVec,
     tls_expiry: IntGaugeVec,
+    acme_orders: IntCounterVec,
     store_up: IntGauge,
     store_last_ok: IntGauge,
     store_checks: IntCounterVec,
@@ -283,6 +284,12 @@ impl ProxyMetrics {
                 "Expiry of the certificate served for each name whose TLS the proxies terminate, Unix seconds.",
                 &["name"],
             ),
+            acme_orders: counter(
+                r,
+                "revproxy_acme_orders_total",
+                "Certificate orders this proxy made to the ACME CA, by result: valid (issued), invalid (the CA refused: a failed validation, a rate limit), error (the CA could not be asked, or took too long).",
+                &["result"],
+            ),
             cert_expiry: gauge(
                 r,
                 "revproxy_agent_certificate_expiry_timestamp_seconds",
@@ -372,6 +379,11 @@ impl ProxyMetrics {
         self.renewals.with_label_values(&[outcome]).inc();
     }
 
+    /// Counts a certificate order's result (`valid`, `invalid`, `error`).
+    pub(super) fn acme_order(&self, result: &str) {
+        self.acme_orders.with_label_values(&[result]).inc();
+    }
+
     pub(super) fn mesh(&self, outcome: &str) {
         self.mesh.with_label_values(&[outcome]).inc();
     }
@@ -383,6 +395,9 @@ impl ProxyMetrics {
         }
         for result in ["handed_over", "failed"] {
             self.upgrades.with_label_values(&[result]);
+        }
+        for result in ["valid", "invalid", "error"] {
+            self.acme_orders.with_label_values(&[result]);
         }
     }
 

@@ -234,6 +234,8 @@ struct Shared {
     lanes: crate::runtime::lanes::Lanes,
     /// The TLS configurations of the names this proxy terminates.
     terminator: crate::edge::Terminator,
+    /// Where it orders their certificates (`[acme]`), if it does.
+    acme: Option<crate::edge::AcmeSettings>,
 }
 
 impl Shared {

@@ -19,11 +19,12 @@ use super::peek::{http_host, peek, read_proxy_header, sni_name};
 use super::registry::{Found, Tunnel};
 use super::reload::Settings;
 use super::replies::{
-    http_error, redirect_to_https, ConnId, Reply, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME,
+    acme_challenge_answer, http_error, redirect_to_https, ConnId, Reply, ALERT_INTERNAL_ERROR,
+    ALERT_UNRECOGNIZED_NAME,
 };
 use super::static_route::{connect_static, forward_tcp, header_for, Prelude};
 use super::Shared;
-use crate::edge::Client;
+use crate::edge::{Answer, Client};
 use crate::route::{ListenerKind, Target};
 use crate::tunnel::{OpenError, OpenRequest};
 use crate::wire::proxy_header::Origin;
@@ -192,11 +193,23 @@ async fn handle(
         return;
     };
     access.host = Some(name.clone());
-    // A name whose TLS this proxy terminates: its handshake is completed here, and plain
-    // HTTP to it is sent to https.
-    // (A private name is refused by the lookup below as any unknown name is, whatever is
-    // on record for it.)
     let state = shared.state.get();
+    // The ACME server validating a terminated name's pending challenge: answered here.
+    let first_is_tls = matches!(reply, Reply::Tls);
+    if matches!(reply, Reply::Tls | Reply::Http) {
+        let record = state.tls.get(&name);
+        if let Some(answer) = shared.terminator.challenge(record, first_is_tls, &peeked) {
+            drop(state);
+            access.outcome = "acme_challenge";
+            return match answer {
+                Answer::Http(body) => acme_challenge_answer(tcp, &body, id).await,
+                Answer::Tls(config) => crate::edge::answer_tls_alpn01(config, tcp, peeked).await,
+            };
+        }
+    }
+    // A name whose TLS this proxy terminates: its handshake is completed here, and plain
+    // HTTP to it is sent to https. (A private name is refused by the lookup below as any
+    // unknown name is, whatever is on record for it.)
     let record = match state.covers_private(&name) {
         true => None,
         false => state.tls.get(&name).cloned(),

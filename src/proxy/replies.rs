@@ -61,10 +61,8 @@ pub(super) async fn http_error(
 }
 
 /// Sends a plain-HTTP client of a terminated name to https, the same path (`308`: the
-/// method and body are kept), then closes once the client has sent what it was sending
-/// (closing with its request body unread would reset the connection, and the client
-/// could lose the answer), within [`REDIRECT_DRAIN`].
-pub(super) async fn redirect_to_https(mut tcp: TcpStream, name: &str, head: &[u8], id: ConnId) {
+/// method and body are kept), then closes.
+pub(super) async fn redirect_to_https(tcp: TcpStream, name: &str, head: &[u8], id: ConnId) {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut request = httparse::Request::new(&mut headers);
     let target = match request.parse(head) {
@@ -80,7 +78,23 @@ pub(super) async fn redirect_to_https(mut tcp: TcpStream, name: &str, head: &[u8
     let response = format!(
         "HTTP/1.1 308 Permanent Redirect\r\nlocation: https://{name}{path}\r\ncontent-length: 0\r\n{CONN_ID_HEADER}: {id}\r\nconnection: close\r\n\r\n"
     );
-    if tcp.write_all(response.as_bytes()).await.is_err() || tcp.shutdown().await.is_err() {
+    answer_and_close(tcp, response.as_bytes()).await;
+}
+
+/// Answers an ACME server's HTTP-01 validation with the key authorization it asked for.
+pub(super) async fn acme_challenge_answer(tcp: TcpStream, key_authorization: &str, id: ConnId) {
+    let response = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n{CONN_ID_HEADER}: {id}\r\nconnection: close\r\n\r\n{key_authorization}",
+        key_authorization.len()
+    );
+    answer_and_close(tcp, response.as_bytes()).await;
+}
+
+/// Sends `response`, then closes once the client has sent what it was sending (closing
+/// with its request body unread would reset the connection, and the client could lose
+/// the answer), within [`REDIRECT_DRAIN`].
+async fn answer_and_close(mut tcp: TcpStream, response: &[u8]) {
+    if tcp.write_all(response).await.is_err() || tcp.shutdown().await.is_err() {
         return;
     }
     let drain = async {

@@ -124,6 +124,21 @@ pub fn read_pem_file(path: &std::path::Path) -> Result<String, String> {
     Ok(text)
 }
 
+/// Where Debian's ca-certificates keeps the system's trusted roots.
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Reads a PEM file of trusted roots (`[acme] ca_roots`, or the system's).
+pub fn read_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
+    let pem = read_pem_file(path)?;
+    let certs = certs_from_pem(&pem, "the roots file").map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _unusable) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(format!("{} holds no usable certificate", path.display()));
+    }
+    Ok(roots)
+}
+
 /// Checks that `key_pem` is the private key of the first certificate in `chain_pem`, and
 /// that rustls can serve them (`revproxy tls terminate --cert --key`). Returns the chain's
 /// certificates alone, as PEM: what is stored (a file that holds the key as well would

@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+mod acme;
 mod admin;
 mod apart;
 mod deployment;
@@ -20,6 +21,7 @@ mod postgres;
 mod proxy;
 mod terminate;
 #[allow(unused_imports)] // each test binary uses its own subset
+pub use acme::{Pebble, PebbleOptions};
 pub use admin::{admin_get, sample};
 #[allow(unused_imports)] // each test binary uses its own subset
 pub use apart::Apart;
@@ -468,16 +470,25 @@ pub fn local_listener() -> (tokio::net::TcpListener, SocketAddr) {
 }
 
 /// Waits (bounded, looking every 20 ms) until `check` holds; panics with `what` if not.
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
+pub async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    eventually_within(Duration::from_secs(10), what, check).await
+}
+
+/// As [`eventually`], for up to `limit`.
+pub async fn eventually_within<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
     while !check().await {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{what}: not within 10 s"
+            "{what}: not within {limit:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -149,6 +149,9 @@ impl ServeArgs {
                 builder = builder.advertise(addr);
             }
             builder = builder.trusted_proxies(initial.trusted_proxies);
+            if let Some(acme) = config.acme_settings().map_err(Failure::usage)? {
+                builder = builder.acme(acme);
+            }
             let admin = match config.admin {
                 Some(AdminAddr::Off) => None,
                 Some(AdminAddr::At(addr)) => Some(addr),

@@ -19,8 +19,9 @@ const EXPIRY_WARNING_DAYS: i64 = 14;
 #[derive(Subcommand)]
 pub(crate) enum TlsCommand {
     /// Terminate TLS for NAME... at the proxies: clients get the certificate from the
-    /// proxy, the agent's backend gets plaintext. With --cert and --key, the operator's
-    /// certificate (a proxy that can read the files serves them again when they change).
+    /// proxy, the agent's backend gets plaintext. The certificate is ordered from ACME by
+    /// the proxies with [acme] in their configuration; with --cert and --key, the
+    /// operator's own (a proxy that can read the files serves them again when they change).
     /// Exact names only, each granted to some agent for public serving. Plain HTTP to them
     /// is redirected to https (308) unless --keep-http.
     Terminate(TerminateArgs),
@@ -78,27 +79,38 @@ impl TlsCommand {
 
 impl TerminateArgs {
     fn run(self, now: OffsetDateTime) -> Result<(), Failure> {
-        let (Some(cert), Some(key)) = (&self.cert, &self.key) else {
-            return Err(Failure::usage(anyhow::anyhow!(
-                "give the certificate to serve with --cert FILE --key FILE: certificates from ACME are not ordered by this revproxy yet"
-            )));
+        let own = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some(read_own(cert, key)?),
+            _ => None,
         };
-        let own = read_own(cert, key)?;
         let ca = self.state.open()?;
         let records = ca.tls_terminate(
             &self.names,
-            Some(&own),
+            own.as_ref(),
             self.keep_http,
             now.unix_timestamp(),
         )?;
+        let redirect = match self.keep_http {
+            true => "",
+            false => "; plain HTTP to it is redirected to https",
+        };
         for r in &records {
-            let until = r.not_after.map(rfc3339).unwrap_or_default();
-            eprintln!(
-                "{}: TLS terminated at the proxies with {} (valid until {until}); its backend now gets plaintext{}",
-                r.name,
-                cert.display(),
-                if r.keep_http { "" } else { "; plain HTTP to it is redirected to https" }
-            );
+            let until = r.not_after.map(rfc3339);
+            match (&self.cert, until) {
+                (Some(cert), Some(until)) => eprintln!(
+                    "{}: TLS terminated at the proxies with {} (valid until {until}); its backend now gets plaintext{redirect}",
+                    r.name,
+                    cert.display(),
+                ),
+                (None, Some(until)) => eprintln!(
+                    "{}: TLS terminated at the proxies with its ACME certificate (valid until {until}){redirect}",
+                    r.name
+                ),
+                (_, None) => eprintln!(
+                    "{}: a proxy with [acme] orders its certificate now; until it is issued, its TLS clients are refused (`revproxy tls list` shows progress and errors){redirect}",
+                    r.name
+                ),
+            }
         }
         Ok(())
     }
@@ -160,7 +172,9 @@ fn list(state: &StateArg, json: bool, now: OffsetDateTime) -> Result<(), Failure
                     rfc3339(at),
                     match &r.source {
                         TlsSource::File { cert, .. } => format!(": replace {cert}"),
-                        TlsSource::Acme => String::new(),
+                        TlsSource::Acme => {
+                            ": its renewal has not succeeded yet (see LAST ERROR)".into()
+                        }
                     }
                 );
             }

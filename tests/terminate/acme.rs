@@ -1,0 +1,135 @@
+//! Certificates from a real ACME server (Debian's pebble, validating against the proxy's
+//! own listeners): `revproxy tls terminate NAME` with no files, a proxy with `[acme]`
+//! orders, answers the challenge, serves the chain pebble issued (verified by curl and a
+//! rustls client against pebble's root), and renews it at two thirds of its lifetime.
+
+use std::time::Duration;
+
+use super::common::*;
+use super::{http_backend, served_cert, tls, NAME};
+use crate::cli_helpers::{run, stdout, PROXY};
+
+/// Pebble's certificates live this long: renewed about 20 s after issue.
+const LIFETIME: Duration = Duration::from_secs(30);
+
+/// TLS-ALPN-01 on the SNI listener: ordered once the name is terminated, the challenge
+/// answered by the proxy, the chain served, then renewed before it expires; the order
+/// counted and listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_is_ordered_with_tls_alpn_01_served_and_renewed() {
+    let curl = tool("curl");
+    let mut pebble = Pebble::new();
+    let settings = pebble.settings(revproxy::ChallengeKind::TlsAlpn01);
+    let (admin, admin_addr) = local_listener();
+    let proxy = TestProxy::start_with(move |b| b.acme(settings).admin_listener(admin)).await;
+    pebble.start(PebbleOptions {
+        http_port: proxy.http.port(),
+        tls_port: proxy.sni.port(),
+        validity: LIFETIME,
+    });
+    let state = proxy.dir.path();
+    let agent_dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
+    let backend = http_backend().await;
+    let _agent = start_agent(agent_dir.path(), &[(NAME, backend)], |b| b);
+    let said = tls(state, &["terminate", NAME]);
+    assert!(said.contains("orders its certificate"), "{said}");
+
+    let client = pebble.client(&[b"http/1.1"]);
+    eventually_within(
+        Duration::from_secs(30),
+        "the ordered certificate is served",
+        || async { served_cert(proxy.sni, &client, NAME).await.is_some() },
+    )
+    .await;
+    let first = served_cert(proxy.sni, &client, NAME).await.unwrap();
+    // curl, verifying against pebble's root, gets the backend's plaintext answer.
+    let root = proxy.dir.path().join("pebble-root.pem");
+    std::fs::write(&root, pebble.root_pem()).unwrap();
+    let url = format!("https://{NAME}:{}/hello", proxy.sni.port());
+    let resolve = format!("{NAME}:{}:127.0.0.1", proxy.sni.port());
+    let mut command = std::process::Command::new(curl);
+    command
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&root);
+    command.args(["--resolve", &resolve, &url]);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "backend got: GET /hello HTTP/1.1\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(PROXY, &["tls", "list", "--json"], state);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = &list.as_array().unwrap()[0];
+    assert_eq!(row["source"], "acme", "{list}");
+    assert!(row["last_error"].is_null(), "{list}");
+    assert!(row["not_after"].is_string(), "{list}");
+
+    // Renewed at two thirds of its 30 s: a new certificate, from the same CA.
+    eventually_within(
+        Duration::from_secs(40),
+        "the certificate is renewed",
+        || async {
+            served_cert(proxy.sni, &client, NAME)
+                .await
+                .is_some_and(|now| now != first)
+        },
+    )
+    .await;
+    let (status, metrics) = admin_get(admin_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let orders = |result: &str| {
+        sample(
+            &metrics,
+            "revproxy_acme_orders_total",
+            &format!("result=\"{result}\""),
+        )
+        .unwrap()
+    };
+    assert!(orders("valid") >= 2.0, "{metrics}");
+    assert_eq!(orders("invalid"), 0.0, "{metrics}");
+    let listed = stdout(&run(PROXY, &["tls", "list"], state));
+    assert!(listed.contains(" acme "), "{listed}");
+}
+
+/// HTTP-01 on the HTTP listener, with plain HTTP to the name still redirected to https:
+/// pebble's validation request gets the key authorization, everything else the 308.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_is_ordered_with_http_01_before_the_redirect() {
+    let mut pebble = Pebble::new();
+    let settings = pebble.settings(revproxy::ChallengeKind::Http01);
+    let proxy = TestProxy::start_with(move |b| b.acme(settings)).await;
+    pebble.start(PebbleOptions {
+        http_port: proxy.http.port(),
+        tls_port: proxy.sni.port(),
+        validity: Duration::from_secs(3600),
+    });
+    let agent_dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
+    let backend = http_backend().await;
+    let _agent = start_agent(agent_dir.path(), &[(NAME, backend)], |b| b);
+    tls(proxy.dir.path(), &["terminate", NAME]);
+    let client = pebble.client(&[b"http/1.1"]);
+    eventually_within(
+        Duration::from_secs(30),
+        "the ordered certificate is served",
+        || async { served_cert(proxy.sni, &client, NAME).await.is_some() },
+    )
+    .await;
+    let answer = round_trip(proxy.http, &http_head(NAME), b"").await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 308 "),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    // A challenge path with no pending challenge is routed as any path (to the 308 here).
+    let head = format!("GET /.well-known/acme-challenge/nothing HTTP/1.1\r\nHost: {NAME}\r\n\r\n");
+    let answer = round_trip(proxy.http, head.as_bytes(), b"").await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 308 "),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
