@@ -18,13 +18,16 @@ impl Ca {
     /// is ACME-sourced, not leased to another proxy, not backing off, and its certificate
     /// still the one `seen` (its expiry: the caller decided from that record that an order
     /// is due, and another proxy may have renewed it since): its record, or `None`
-    /// (nothing written).
+    /// (nothing written). No proxy orders it again before `retry_at(failures so far)`
+    /// unless the order reports back ([`Ca::acme_issued`], [`Ca::acme_failed`]): a proxy
+    /// that dies or loses the store mid-order backs off as after a failure.
     pub fn acme_lease(
         &self,
         name: &str,
         holder: &str,
         seen: Option<Unix>,
         (now, until): (Unix, Unix),
+        retry_at: impl Fn(u32) -> Unix + Sync,
     ) -> Result<Option<TlsRecord>, CaError> {
         self.state.update(|tx| {
             let Some(mut record) = tx.tls(name)? else {
@@ -45,6 +48,7 @@ impl Ca {
                 until,
             });
             record.acme.challenge = None;
+            record.acme.retry_at = Some(retry_at(record.acme.failures));
             tx.put_tls(record.clone())?;
             Ok(Some(record))
         })

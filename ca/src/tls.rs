@@ -114,9 +114,13 @@ impl Ca {
                 // Asked again for ACME: the certificate it has is kept.
                 if let (TlsSource::Acme, Some(old)) = (&record.source, tx.tls(&record.name)?) {
                     if old.source == TlsSource::Acme {
+                        // Asked again: ordered at once, whatever the backoff.
+                        let mut acme = old.acme.clone();
+                        (acme.failures, acme.retry_at) = (0, None);
                         record = TlsRecord {
                             keep_http: record.keep_http,
                             updated: now,
+                            acme,
                             ..old
                         };
                     }

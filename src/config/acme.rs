@@ -11,7 +11,7 @@ use crate::edge::{AcmeSettings, ChallengeKind};
 use crate::route::ListenerKind;
 
 /// `[acme]` as written.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AcmeConfig {
     /// The ACME server's directory URL (https), e.g. Let's Encrypt's
@@ -29,6 +29,19 @@ pub struct AcmeConfig {
     pub eab_hmac_key: Option<String>,
     /// `tls-alpn-01` (default when an SNI listener exists) or `http-01`.
     pub challenge: Option<ChallengeKind>,
+}
+
+impl std::fmt::Debug for AcmeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the EAB key.
+        f.debug_struct("AcmeConfig")
+            .field("directory", &self.directory)
+            .field("contact", &self.contact)
+            .field("ca_roots", &self.ca_roots)
+            .field("eab_kid", &self.eab_kid)
+            .field("challenge", &self.challenge)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One contact or several.
@@ -108,5 +121,93 @@ impl AcmeConfig {
             eab,
             challenge,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProxyConfig;
+
+    fn settings(text: &str) -> Result<Option<AcmeSettings>, String> {
+        let config = ProxyConfig::from_toml(text).map_err(|e| e.to_string())?;
+        config.acme_settings().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn acme_tables() {
+        let le = "directory = \"https://acme-v02.api.letsencrypt.org/directory\"";
+        let both = "sni = \"0.0.0.0:443\"\nhttp = \"0.0.0.0:80\"\n";
+        let s = settings(&format!(
+            "{both}[acme]\n{le}\ncontact = \"ops@example.com\"\n"
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            s.challenge,
+            ChallengeKind::TlsAlpn01,
+            "an SNI listener: TLS-ALPN-01"
+        );
+        assert_eq!(s.contact, ["mailto:ops@example.com"]);
+        assert!(s.roots.is_none() && s.eab.is_none());
+        let http_only = "http = \"0.0.0.0:80\"\n";
+        let s = settings(&format!("{http_only}[acme]\n{le}\n"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.challenge, ChallengeKind::Http01);
+        let s = settings(&format!(
+            "{both}[acme]\n{le}\ncontact = [\"mailto:a@example.com\", \"b@example.com\"]\nchallenge = \"http-01\"\neab_kid = \"kid-1\"\neab_hmac_key = \"c2VjcmV0\"\n"
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.contact, ["mailto:a@example.com", "mailto:b@example.com"]);
+        assert_eq!(s.eab, Some(("kid-1".into(), b"secret".to_vec())));
+        assert!(
+            !format!("{s:?}").contains("c2VjcmV0"),
+            "the EAB key is never shown"
+        );
+        assert!(settings(both).unwrap().is_none());
+
+        for (bad, says) in [
+            (
+                format!("{both}[acme]\ndirectory = \"http://ca.example/dir\"\n"),
+                "https://",
+            ),
+            (
+                format!("{both}[acme]\n{le}\neab_kid = \"k\"\n"),
+                "go together",
+            ),
+            (
+                format!("{both}[acme]\n{le}\neab_kid = \"k\"\neab_hmac_key = \"not base64!\"\n"),
+                "base64url",
+            ),
+            (
+                format!("{both}[acme]\n{le}\ncontact = \"nobody\"\n"),
+                "e-mail",
+            ),
+            (
+                format!("{http_only}[acme]\n{le}\nchallenge = \"tls-alpn-01\"\n"),
+                "SNI listener",
+            ),
+            (
+                format!("{both}[acme]\n{le}\nchallenge = \"dns-01\"\n"),
+                "unknown variant",
+            ),
+            (
+                format!("{both}[acme]\n{le}\nca_roots = \"/nonexistent/roots.pem\"\n"),
+                "ca_roots",
+            ),
+            (
+                format!("{both}[acme]\n{le}\nemail = \"a@b\"\n"),
+                "unknown field",
+            ),
+        ] {
+            let error = settings(&bad).unwrap_err();
+            assert!(error.contains(says), "{bad}: {error}");
+            assert!(
+                !error.contains("c2VjcmV0") && !error.contains("not base64!"),
+                "{error}"
+            );
+        }
     }
 }

@@ -19,8 +19,8 @@ use super::peek::{http_host, peek, read_proxy_header, sni_name};
 use super::registry::{Found, Tunnel};
 use super::reload::Settings;
 use super::replies::{
-    acme_challenge_answer, http_error, redirect_to_https, ConnId, Reply, ALERT_INTERNAL_ERROR,
-    ALERT_UNRECOGNIZED_NAME,
+    acme_challenge_answer, http_error, redirect_to_https, tell_unrouted, ConnId, Reply,
+    ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME,
 };
 use super::static_route::{connect_static, forward_tcp, header_for, Prelude};
 use super::Shared;
@@ -402,25 +402,6 @@ async fn lookup(
         return Err(state.is_granted_anywhere(name));
     }
     Ok((found, route))
-}
-
-/// Tells a client that nothing serves `name` (`offline`: some agent is granted it), where
-/// its protocol allows.
-async fn tell_unrouted(tcp: &mut TcpStream, name: &str, reply: Reply, offline: bool, id: ConnId) {
-    match (reply, offline) {
-        (Reply::Tls, _) => {
-            let _ = tcp.write_all(&ALERT_UNRECOGNIZED_NAME).await;
-        }
-        (Reply::Http, true) => {
-            let reason = format!("{name} is offline");
-            http_error(tcp, 503, "Service Unavailable", &reason, id).await;
-        }
-        (Reply::Http, false) => {
-            let reason = format!("no route for {name}");
-            http_error(tcp, 502, "Bad Gateway", &reason, id).await;
-        }
-        (Reply::Silent, _) => {}
-    }
 }
 
 /// A connection whose name was read and looked up, with somewhere to go.

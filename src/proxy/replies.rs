@@ -114,3 +114,28 @@ async fn answer_and_close(mut tcp: TcpStream, response: &[u8]) {
 const REDIRECT_DRAIN: Duration = Duration::from_secs(2);
 /// Most bytes read from it meanwhile.
 const MAX_REDIRECT_DRAIN: usize = 256 * 1024;
+
+/// Tells a client that nothing serves `name` (`offline`: some agent is granted it), where
+/// its protocol allows.
+pub(super) async fn tell_unrouted(
+    tcp: &mut TcpStream,
+    name: &str,
+    reply: Reply,
+    offline: bool,
+    id: ConnId,
+) {
+    match (reply, offline) {
+        (Reply::Tls, _) => {
+            let _ = tcp.write_all(&ALERT_UNRECOGNIZED_NAME).await;
+        }
+        (Reply::Http, true) => {
+            let reason = format!("{name} is offline");
+            http_error(tcp, 503, "Service Unavailable", &reason, id).await;
+        }
+        (Reply::Http, false) => {
+            let reason = format!("no route for {name}");
+            http_error(tcp, 502, "Bad Gateway", &reason, id).await;
+        }
+        (Reply::Silent, _) => {}
+    }
+}

@@ -105,6 +105,11 @@ pub const MAX_PEM_FILE: u64 = 1024 * 1024;
 pub fn read_pem_file(path: &std::path::Path) -> Result<String, String> {
     use std::io::Read;
     let shown = path.display();
+    // Looked at before opening: opening a FIFO would wait for a writer.
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{shown} is not a regular file"));
+    }
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
     let meta = file
         .metadata()

@@ -136,3 +136,59 @@ async fn a_name_terminated_once_is_terminated_by_every_proxy_on_the_store() {
         .await;
     }
 }
+
+/// A proxy without `[acme]` answers the challenge of an order another proxy on the store
+/// made: pebble validates HTTP-01 against the first proxy only (every name resolves to
+/// 127.0.0.1), the one on 127.0.0.2 orders; the certificate issued is then served by both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_that_did_not_order_answers_the_acme_challenge() {
+    let d = Deployment::new();
+    let mut pebble = Pebble::new();
+    let settings = pebble.settings(revproxy::ChallengeKind::Http01);
+    let answering = TestProxy::start_member(d.member_dir(), &d.url, "127.0.0.1", |b| b).await;
+    let ordering = TestProxy::start_member(d.member_dir(), &d.url, "127.0.0.2", move |b| {
+        b.acme(settings)
+    })
+    .await;
+    pebble.start(PebbleOptions {
+        http_port: answering.http.port(),
+        tls_port: answering.sni.port(),
+        validity: Duration::from_secs(3600),
+    });
+    let proxies = [answering, ordering];
+    let backend = echo_backend(b"plain:").await;
+    let (_dir, _agent) = d
+        .agent(&proxies[0], &proxies, "web-1", "app.example.com", backend)
+        .await;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    (proxies[1].ca)
+        .tls_terminate(&["app.example.com".into()], None, false, now)
+        .unwrap();
+    let client = pebble.client(&[b"http/1.1"]);
+    for p in &proxies {
+        eventually_within(
+            Duration::from_secs(30),
+            "each proxy serves the certificate",
+            || async {
+                tls_round_trip(p.sni, &client, "app.example.com", b"hello")
+                    .await
+                    .is_ok_and(|back| back == b"plain:hello")
+            },
+        )
+        .await;
+    }
+    let mut listed = Vec::new();
+    (proxies[0].ca)
+        .each_tls(|r| {
+            listed.push(r);
+            Ok::<_, revproxy::ca::CaError>(())
+        })
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(
+        listed[0].acme.is_idle(),
+        "no lease or challenge left: {:?}",
+        listed[0].acme
+    );
+    assert!(listed[0].last_error.is_none());
+}

@@ -47,20 +47,21 @@ async fn a_certificate_is_ordered_with_tls_alpn_01_served_and_renewed() {
     std::fs::write(&root, pebble.root_pem()).unwrap();
     let url = format!("https://{NAME}:{}/hello", proxy.sni.port());
     let resolve = format!("{NAME}:{}:127.0.0.1", proxy.sni.port());
-    let mut command = std::process::Command::new(curl);
-    command
-        .args(["-sS", "--max-time", "10", "--cacert"])
-        .arg(&root);
-    command.args(["--resolve", &resolve, &url]);
-    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "backend got: GET /hello HTTP/1.1\n",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // TLS 1.3, and 1.2 for older clients (as nginx serves them).
+    for tls_max in ["1.3", "1.2"] {
+        let mut command = std::process::Command::new(curl);
+        command.args(["-sS", "--max-time", "10", "--tls-max", tls_max, "--cacert"]);
+        command.arg(&root).args(["--resolve", &resolve, &url]);
+        let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "backend got: GET /hello HTTP/1.1\n",
+            "TLS {tls_max}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let out = run(PROXY, &["tls", "list", "--json"], state);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let row = &list.as_array().unwrap()[0];
@@ -89,7 +90,7 @@ async fn a_certificate_is_ordered_with_tls_alpn_01_served_and_renewed() {
         )
         .unwrap()
     };
-    assert!(orders("valid") >= 2.0, "{metrics}");
+    assert_eq!(orders("valid"), 2.0, "issued, then renewed once: {metrics}");
     assert_eq!(orders("invalid"), 0.0, "{metrics}");
     let listed = stdout(&run(PROXY, &["tls", "list"], state));
     assert!(listed.contains(" acme "), "{listed}");
@@ -131,5 +132,69 @@ async fn a_certificate_is_ordered_with_http_01_before_the_redirect() {
         answer.starts_with(b"HTTP/1.1 308 "),
         "{}",
         String::from_utf8_lossy(&answer)
+    );
+}
+
+/// A validation that fails (pebble checks TLS-ALPN-01 on a port where nothing listens):
+/// counted `invalid`, its reason listed by `tls list`, and no proxy orders the name again
+/// for at least a minute (Let's Encrypt allows 5 failed validations per name and hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_validation_is_listed_and_backed_off() {
+    let mut pebble = Pebble::new();
+    let settings = pebble.settings(revproxy::ChallengeKind::TlsAlpn01);
+    let (admin, admin_addr) = local_listener();
+    let proxy = TestProxy::start_with(move |b| b.acme(settings).admin_listener(admin)).await;
+    pebble.start(PebbleOptions {
+        http_port: proxy.http.port(),
+        tls_port: free_port("127.0.0.1"),
+        validity: Duration::from_secs(3600),
+    });
+    let state = proxy.dir.path();
+    let _agent_dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
+    tls(state, &["terminate", NAME]);
+    let listed = || {
+        let out = run(PROXY, &["tls", "list", "--json"], state);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        list[0].clone()
+    };
+    eventually_within(Duration::from_secs(30), "the failure is listed", || async {
+        listed()["last_error"].is_string()
+    })
+    .await;
+    let row = listed();
+    assert!(row["not_after"].is_null(), "{row}");
+    let error = row["last_error"].as_str().unwrap();
+    // The CA's own words: which check failed, and where.
+    assert!(
+        error.contains("tls-alpn-01") && error.contains("unauthorized"),
+        "{error}"
+    );
+    let record = proxy.ca.state().read().unwrap().tls[NAME].clone();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert_eq!(record.acme.failures, 1);
+    assert!(
+        record.acme.retry_at.unwrap() >= now + 55,
+        "{:?}",
+        record.acme
+    );
+    assert!(record.acme.lease.is_none() && record.acme.challenge.is_none());
+    let (_, metrics) = admin_get(admin_addr, "/metrics").await;
+    let orders = |result: &str| {
+        sample(
+            &metrics,
+            "revproxy_acme_orders_total",
+            &format!("result=\"{result}\""),
+        )
+    };
+    assert_eq!(orders("invalid"), Some(1.0), "{metrics}");
+    assert_eq!(orders("valid"), Some(0.0), "{metrics}");
+    // The operator fixed the cause: `tls terminate` again orders at once.
+    tls(state, &["terminate", NAME]);
+    let record = proxy.ca.state().read().unwrap().tls[NAME].clone();
+    assert_eq!((record.acme.failures, record.acme.retry_at), (0, None));
+    assert_eq!(
+        record.last_error.as_deref(),
+        Some(error),
+        "the last error stays until then"
     );
 }

@@ -14,6 +14,8 @@ use tokio::net::TcpStream;
 
 /// RFC 8737's ALPN protocol.
 pub(crate) const ALPN_ACME_TLS: &[u8] = b"acme-tls/1";
+/// Most challenge certificates kept (names with a challenge pending at once).
+const MAX_CHALLENGE_CERTS: usize = 256;
 /// Where HTTP-01 asks (RFC 8555 section 8.3).
 const HTTP01_PATH: &str = "/.well-known/acme-challenge/";
 
@@ -46,21 +48,29 @@ impl ChallengeCerts {
             ) => (http01_token(first)? == token.as_str())
                 .then(|| Answer::Http(key_authorization.clone())),
             (Challenge::TlsAlpn01 { digest }, true) if offers_only_acme_tls(first) => {
-                let mut made = self.made.lock().expect("challenge certificates");
-                made.retain(|_, (d, _)| d == digest);
-                if let Some((_, config)) = made.get(&record.name) {
-                    return Some(Answer::Tls(config.clone()));
+                let made = |this: &Self| {
+                    let all = this.made.lock().expect("challenge certificates");
+                    (all.get(&record.name))
+                        .filter(|(d, _)| d == digest)
+                        .map(|(_, config)| config.clone())
+                };
+                if let Some(config) = made(self) {
+                    return Some(Answer::Tls(config));
                 }
-                match tls_alpn01_config(&record.name, digest) {
-                    Ok(config) => {
-                        made.insert(record.name.clone(), (digest.clone(), config.clone()));
-                        Some(Answer::Tls(config))
-                    }
+                // Made outside the lock; at most one per pending challenge is kept.
+                let config = match tls_alpn01_config(&record.name, digest) {
+                    Ok(config) => config,
                     Err(e) => {
                         tracing::warn!(host = %record.name, error = %e, "cannot make the TLS-ALPN-01 challenge certificate");
-                        None
+                        return None;
                     }
+                };
+                let mut all = self.made.lock().expect("challenge certificates");
+                if all.len() >= MAX_CHALLENGE_CERTS && !all.contains_key(&record.name) {
+                    all.clear();
                 }
+                all.insert(record.name.clone(), (digest.clone(), config.clone()));
+                Some(Answer::Tls(config))
             }
             _ => None,
         }
@@ -73,7 +83,7 @@ fn http01_token(head: &[u8]) -> Option<&str> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut request = httparse::Request::new(&mut headers);
     request.parse(head).ok()?;
-    if !matches!(request.method, Some("GET" | "HEAD")) {
+    if request.method != Some("GET") {
         return None;
     }
     let target = request.path?;
@@ -155,6 +165,7 @@ mod tests {
         assert_eq!(ask(absolute).as_deref(), Some("t"));
         for other in [
             "POST /.well-known/acme-challenge/t HTTP/1.1\r\nHost: a\r\n\r\n",
+            "HEAD /.well-known/acme-challenge/t HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET /.well-known/acme-challenge/ HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET /.well-known/acme-challenge/t/x HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET /index.html HTTP/1.1\r\nHost: a\r\n\r\n",

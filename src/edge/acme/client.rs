@@ -83,7 +83,8 @@ async fn send(
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(|e| e.to_string())?;
-    let driving = tokio::spawn(connection);
+    // Ends with this request, however it ends (a timeout drops this future).
+    let _driving = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(connection));
     let (mut parts, body) = req.into_parts();
     // On a connection of its own, the request names its host itself (origin form).
     let authority = uri.authority().map(|a| a.as_str().to_string());
@@ -109,7 +110,6 @@ async fn send(
         .await
         .map_err(|e| format!("reading the answer: {e}"))?
         .to_bytes();
-    driving.abort();
     Ok(BytesResponse::from(http::Response::from_parts(
         parts,
         Full::new(body),

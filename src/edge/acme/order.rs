@@ -35,17 +35,30 @@ pub(super) struct Failed {
     /// not be asked, or took too long).
     pub(super) result: &'static str,
     pub(super) reason: String,
+    /// The CA refused for its rate limits (`rateLimited`).
+    pub(super) rate_limited: bool,
+}
+
+impl Failed {
+    /// An order that could not be made, or whose outcome cannot be used.
+    pub(super) fn error(reason: impl Into<String>) -> Failed {
+        failed("error", reason)
+    }
 }
 
 impl From<instant_acme::Error> for Failed {
     fn from(e: instant_acme::Error) -> Failed {
-        let result = match &e {
-            instant_acme::Error::Api(_) => "invalid",
-            _ => "error",
+        let (result, rate_limited) = match &e {
+            instant_acme::Error::Api(p) => (
+                "invalid",
+                p.r#type.as_deref() == Some("urn:ietf:params:acme:error:rateLimited"),
+            ),
+            _ => ("error", false),
         };
         Failed {
             result,
             reason: describe(&e),
+            rate_limited,
         }
     }
 }
@@ -54,6 +67,7 @@ fn failed(result: &'static str, reason: impl Into<String>) -> Failed {
     Failed {
         result,
         reason: reason.into(),
+        rate_limited: false,
     }
 }
 
