@@ -429,3 +429,70 @@ async fn renewed_files_are_served_and_a_broken_pair_keeps_the_old_certificate() 
 }
 
 over_both_transports!(a_terminated_name_serves_the_operators_certificate_and_plaintext_goes_down);
+
+/// A backend that reads a PROXY v2 header, then answers with the TLVs it carried (type
+/// and value, one per line) and closes.
+async fn proxy_v2_backend() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = vec![0u8; 16];
+                tcp.read_exact(&mut head).await.unwrap();
+                let len = u16::from_be_bytes([head[14], head[15]]) as usize;
+                head.resize(16 + len, 0);
+                tcp.read_exact(&mut head[16..]).await.unwrap();
+                let header = ppp::v2::Header::try_from(&head[..]).unwrap();
+                let mut said = String::new();
+                for tlv in header.tlvs() {
+                    let tlv = tlv.unwrap();
+                    said.push_str(&format!("{:#04x} {:?}\n", tlv.kind, tlv.value));
+                }
+                let _ = tcp.write_all(said.as_bytes()).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A service that asks for PROXY v2 behind a terminated name learns what the client and
+/// the proxy agreed: ALPN `http/1.1` and TLS 1.3 (the TLVs HAProxy sends), beside the
+/// name; over both transports.
+#[tokio::test]
+async fn the_backend_gets_the_tls_facts_in_its_proxy_v2_header() {
+    let proxy = TestProxy::start().await;
+    let agent_dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
+    let backend = proxy_v2_backend().await.to_string();
+    let pki = OperatorCert::new(&[NAME]);
+    tls(
+        proxy.dir.path(),
+        &terminate_args(NAME, &pki.cert(), &pki.key(), &[]),
+    );
+    let client = pki.client(&[b"h2", b"http/1.1"]);
+    for t in [Transport::H2, Transport::Quic] {
+        let backend = backend.clone();
+        let agent = start_agent(agent_dir.path(), &[], move |b| {
+            on(t)(b).service_with_proxy_protocol(NAME, &backend, revproxy::agent::ProxyProtocol::V2)
+        });
+        proxy.wait_for(NAME, 1).await;
+        let said = tls_round_trip(proxy.sni, &client, NAME, b"").await.unwrap();
+        let said = String::from_utf8(said).unwrap();
+        assert!(
+            said.contains(r#"0x01 [104, 116, 116, 112, 47, 49, 46, 49]"#),
+            "ALPN http/1.1 ({t:?}): {said}"
+        );
+        assert!(
+            said.contains(&format!("0x02 {:?}", NAME.as_bytes())),
+            "{said}"
+        );
+        let ssl = [&[1u8, 0, 0, 0, 0, 0x21, 0, 7][..], b"TLSv1.3"].concat();
+        assert!(
+            said.contains(&format!("0x20 {ssl:?}")),
+            "TLS 1.3 ({t:?}): {said}"
+        );
+        agent.stop().await;
+        proxy.wait_for(NAME, 0).await;
+    }
+}

@@ -139,6 +139,7 @@ impl Backends for ServiceMap {
                     server: request.server.or_else(|| stream.peer_addr().ok()),
                     name: Some(name.to_string()),
                     caller: caller.map(str::to_string),
+                    tls: request.tls.cloned(),
                 },
             );
             // A fresh connection takes a few hundred bytes at once; bounded all the same.
@@ -247,6 +248,7 @@ mod tests {
             caller,
             client: None,
             server: None,
+            tls: None,
         };
         let refused = map
             .dial(request("db.example.com", None))

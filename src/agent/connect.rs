@@ -358,6 +358,7 @@ async fn accept_loop(
                 server: None,
                 early: &early,
                 caller: None,
+                tls: None,
             };
             let mut retried = false;
             let stream = loop {

@@ -103,6 +103,23 @@ pub(crate) enum Client {
 }
 
 impl Client {
+    /// What a terminated client agreed with the proxy (for the backend's PROXY header).
+    pub(crate) fn tls_facts(&self) -> Option<crate::wire::proxy_header::TlsFacts> {
+        let Client::Tls(tls) = self else {
+            return None;
+        };
+        let session = tls.get_ref().1;
+        let version = match session.protocol_version()? {
+            rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
+            rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
+            _ => "TLS",
+        };
+        Some(crate::wire::proxy_header::TlsFacts {
+            version: version.into(),
+            alpn: (session.alpn_protocol()).map(|p| String::from_utf8_lossy(p).into_owned()),
+        })
+    }
+
     /// Closes the connection with a reset.
     pub(crate) fn reset(self) {
         let tcp = match self {

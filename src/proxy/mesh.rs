@@ -277,6 +277,7 @@ pub(super) async fn serve_upward(
         server: None,
         early: &early,
         caller: Some(&caller.identity),
+        tls: None,
     };
     let mut down = None;
     let mut refused = None;

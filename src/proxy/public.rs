@@ -310,8 +310,7 @@ async fn serve_fixed_tcp(
     let origin = Origin {
         client: Some(peer),
         server: arrival.server,
-        name: None,
-        caller: None,
+        ..Origin::default()
     };
     let first = Prelude {
         header: header_for(&arrival.settings, addr, &origin),
@@ -460,6 +459,7 @@ async fn dispatch(shared: &Arc<Shared>, tcp: TcpStream, routed: Routed, access: 
         server: arrival_server,
         early: &peeked,
         caller: None,
+        tls: client.tls_facts(),
     };
     let candidates = (found.exact.iter().map(|t| Candidate::Agent(t, &name)))
         .chain(route.as_deref().map(Candidate::Static))
@@ -485,7 +485,7 @@ async fn dispatch(shared: &Arc<Shared>, tcp: TcpStream, routed: Routed, access: 
                             client: Some(peer),
                             server: arrival_server,
                             name: Some(name.clone()),
-                            caller: None,
+                            ..Origin::default()
                         };
                         let first = Prelude {
                             header: header_for(&settings, addr, &origin),

@@ -17,6 +17,7 @@ use super::{h2, quic, Kind, Link, StreamCounters, StreamLimits, MAX_STREAMS};
 use crate::runtime::lanes::with_subscriber;
 use crate::runtime::shutdown::Trigger;
 use crate::tls::{Credentials, TlsError};
+use crate::wire::proxy_header::TlsFacts;
 
 /// A refused stream: an HTTP status code (on both transports) and a one-line reason.
 #[derive(Debug)]
@@ -46,24 +47,66 @@ pub(crate) struct DialRequest<'a> {
     pub(crate) client: Option<SocketAddr>,
     /// The address it connected to (the proxy's public listener).
     pub(crate) server: Option<SocketAddr>,
+    /// When the proxy terminated the client's TLS: what was agreed.
+    pub(crate) tls: Option<&'a TlsFacts>,
 }
 
 /// The stream's client field on the wire: the client's `ip:port`, then, after a space, the
-/// address it connected to. Agents before the server address read the whole field as the
-/// client's address and, failing to, only log less.
-pub(crate) fn client_field(client: SocketAddr, server: Option<SocketAddr>) -> String {
-    match server {
-        Some(server) => format!("{client} {server}"),
-        None => client.to_string(),
+/// address it connected to, then, when the proxy terminated the client's TLS, a token
+/// `tls:VERSION:ALPN`. Agents before the server address read the whole field as the
+/// client's address and, failing to, only log less; agents before the TLS token read the
+/// first two tokens only.
+pub(crate) fn client_field(
+    client: SocketAddr,
+    server: Option<SocketAddr>,
+    tls: Option<&TlsFacts>,
+) -> String {
+    let mut field = client.to_string();
+    if let Some(server) = server {
+        field.push_str(&format!(" {server}"));
     }
+    if let Some(tls) = tls {
+        field.push_str(&format!(
+            " tls:{}:{}",
+            tls.version,
+            tls.alpn.as_deref().unwrap_or("")
+        ));
+    }
+    field
 }
 
-/// Reads a client field ([`client_field`]): (client, server).
-pub(crate) fn parse_client_field(field: &str) -> (Option<SocketAddr>, Option<SocketAddr>) {
+/// What a client field ([`client_field`]) says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ClientField {
+    pub(crate) client: Option<SocketAddr>,
+    pub(crate) server: Option<SocketAddr>,
+    pub(crate) tls: Option<TlsFacts>,
+}
+
+/// Reads a client field ([`client_field`]); what it cannot read is left out.
+pub(crate) fn parse_client_field(field: &str) -> ClientField {
     let mut parts = field.split(' ');
     let client = parts.next().and_then(|c| c.parse().ok());
-    let server = parts.next().and_then(|s| s.parse().ok());
-    (client, server)
+    let mut read = ClientField {
+        client,
+        ..ClientField::default()
+    };
+    for part in parts {
+        if let Some(tls) = part.strip_prefix("tls:") {
+            let (version, alpn) = tls.split_once(':').unwrap_or((tls, ""));
+            // Printable, as they go into the backend's PROXY header.
+            let printable = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
+            if printable(version) {
+                read.tls = Some(TlsFacts {
+                    version: version.to_string(),
+                    alpn: printable(alpn).then(|| alpn.to_string()),
+                });
+            }
+        } else if read.server.is_none() {
+            read.server = part.parse().ok();
+        }
+    }
+    read
 }
 
 /// A backend connected for one stream.
@@ -435,5 +478,47 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The client field reads back; an older proxy's field (one or two tokens) reads as
+    /// it did; what does not parse is left out.
+    #[test]
+    fn client_fields() {
+        let client: SocketAddr = "203.0.113.9:51234".parse().unwrap();
+        let server: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        let tls = TlsFacts {
+            version: "TLSv1.3".into(),
+            alpn: Some("http/1.1".into()),
+        };
+        let field = client_field(client, Some(server), Some(&tls));
+        assert_eq!(
+            field,
+            "203.0.113.9:51234 [2001:db8::1]:443 tls:TLSv1.3:http/1.1"
+        );
+        let read = parse_client_field(&field);
+        assert_eq!(
+            read,
+            ClientField {
+                client: Some(client),
+                server: Some(server),
+                tls: Some(tls.clone())
+            }
+        );
+        let no_server = parse_client_field(&client_field(client, None, Some(&tls)));
+        assert_eq!((no_server.server, no_server.tls), (None, Some(tls)));
+        let old = parse_client_field("203.0.113.9:51234 198.51.100.1:443");
+        assert_eq!(old.server, Some("198.51.100.1:443".parse().unwrap()));
+        assert_eq!(old.tls, None);
+        let no_alpn = parse_client_field("203.0.113.9:51234 tls:TLSv1.2:");
+        assert_eq!(no_alpn.tls.unwrap().alpn, None);
+        assert_eq!(
+            parse_client_field("garbage tls: tls:\u{7f}:x"),
+            ClientField::default()
+        );
     }
 }

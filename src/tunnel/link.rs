@@ -30,6 +30,9 @@ pub(crate) struct OpenRequest<'a> {
     pub(crate) early: &'a Bytes,
     /// On a mesh stream, the calling agent's SPIFFE identity, for the serving agent.
     pub(crate) caller: Option<&'a str>,
+    /// When the proxy terminated the client's TLS: what was agreed, for the backend's
+    /// PROXY header.
+    pub(crate) tls: Option<crate::wire::proxy_header::TlsFacts>,
 }
 
 /// Why a stream could not be opened on a tunnel.

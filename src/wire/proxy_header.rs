@@ -17,6 +17,14 @@ pub const TLV_CALLER: u8 = 0xE0;
 /// The v2 TLV type carrying the name that routed the connection (the specification's
 /// `PP2_TYPE_AUTHORITY`).
 pub const TLV_AUTHORITY: u8 = 0x02;
+/// The v2 TLV types of a connection whose TLS the proxy terminated: the protocol the
+/// client and the proxy agreed on (`PP2_TYPE_ALPN`), and the TLS facts (`PP2_TYPE_SSL`,
+/// with its `PP2_SUBTYPE_SSL_VERSION`), as HAProxy sends them.
+pub const TLV_ALPN: u8 = 0x01;
+pub const TLV_SSL: u8 = 0x20;
+pub const TLV_SSL_VERSION: u8 = 0x21;
+/// `PP2_CLIENT_SSL`: the client connected over TLS (no client certificate was asked).
+const PP2_CLIENT_SSL: u8 = 0x01;
 /// Longest value of a TLV revproxy writes.
 const MAX_TLV: usize = 1024;
 /// Longest v1 header, CRLF included (the specification's bound).
@@ -43,6 +51,29 @@ pub struct Origin {
     pub name: Option<String>,
     /// On a mesh stream, the calling agent's SPIFFE identity.
     pub caller: Option<String>,
+    /// When the proxy terminated the client's TLS: what was agreed.
+    pub tls: Option<TlsFacts>,
+}
+
+/// The TLS a client spoke with the proxy, when the proxy terminated it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFacts {
+    /// `TLSv1.3` or `TLSv1.2` (OpenSSL's spelling, as HAProxy sends it).
+    pub version: String,
+    /// The application protocol agreed by ALPN (`http/1.1`), if any.
+    pub alpn: Option<String>,
+}
+
+impl TlsFacts {
+    /// The `PP2_TYPE_SSL` value: client flags, verify result (0: no client certificate
+    /// failed, as none was asked), then the version sub-TLV.
+    fn ssl_tlv(&self) -> Vec<u8> {
+        let version = &self.version.as_bytes()[..self.version.len().min(64)];
+        let mut value = vec![PP2_CLIENT_SSL, 0, 0, 0, 0, TLV_SSL_VERSION];
+        value.extend_from_slice(&(version.len() as u16).to_be_bytes());
+        value.extend_from_slice(version);
+        value
+    }
 }
 
 /// The header to send for `origin`. Without both addresses it says so (v1 `UNKNOWN`, v2
@@ -82,8 +113,15 @@ pub fn encode(version: ProxyProtocol, origin: &Origin) -> Vec<u8> {
                 ),
             };
             let mut tlvs: Vec<(u8, &[u8])> = Vec::new();
+            let ssl = origin.tls.as_ref().map(TlsFacts::ssl_tlv);
+            if let Some(alpn) = origin.tls.as_ref().and_then(|t| t.alpn.as_ref()) {
+                tlvs.push((TLV_ALPN, alpn.as_bytes()));
+            }
             if let Some(name) = &origin.name {
                 tlvs.push((TLV_AUTHORITY, name.as_bytes()));
+            }
+            if let Some(ssl) = &ssl {
+                tlvs.push((TLV_SSL, ssl));
             }
             if let Some(caller) = &origin.caller {
                 tlvs.push((TLV_CALLER, caller.as_bytes()));
@@ -231,7 +269,41 @@ mod tests {
             server: Some("198.51.100.1:443".parse().unwrap()),
             name: Some("app.example.com".into()),
             caller: Some("spiffe://revproxy.local/agent/laptop".into()),
+            tls: None,
         }
+    }
+
+    /// A terminated connection's TLS facts ride as HAProxy sends them: the ALPN TLV, and
+    /// the SSL TLV (client over TLS, verify 0) with its version sub-TLV.
+    #[test]
+    fn v2_carries_the_tls_facts() {
+        let terminated = Origin {
+            tls: Some(TlsFacts {
+                version: "TLSv1.3".into(),
+                alpn: Some("http/1.1".into()),
+            }),
+            ..origin()
+        };
+        let header = encode(ProxyProtocol::V2, &terminated);
+        let parsed = v2::Header::try_from(&header[..]).unwrap();
+        let tlvs: Vec<(u8, Vec<u8>)> = (parsed.tlvs())
+            .map(|t| {
+                let t = t.unwrap();
+                (t.kind, t.value.to_vec())
+            })
+            .collect();
+        assert!(tlvs.contains(&(TLV_ALPN, b"http/1.1".to_vec())), "{tlvs:?}");
+        let ssl = &tlvs.iter().find(|(k, _)| *k == TLV_SSL).unwrap().1;
+        assert_eq!(ssl[0], PP2_CLIENT_SSL);
+        assert_eq!(&ssl[1..5], &[0, 0, 0, 0]);
+        assert_eq!(&ssl[5..8], &[TLV_SSL_VERSION, 0, 7]);
+        assert_eq!(&ssl[8..], b"TLSv1.3");
+        // Not terminated: neither TLV.
+        let plain = encode(ProxyProtocol::V2, &origin());
+        let parsed = v2::Header::try_from(&plain[..]).unwrap();
+        assert!(parsed
+            .tlvs()
+            .all(|t| !matches!(t.unwrap().kind, TLV_ALPN | TLV_SSL)));
     }
 
     /// What we send parses back to the same addresses, with any bytes after it, and on

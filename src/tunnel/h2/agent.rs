@@ -160,9 +160,10 @@ pub(crate) async fn serve_stream<B: Backends>(
     limits: StreamLimits,
 ) {
     let (name, client) = super::connect_target(&request);
-    let (client, server) = client
+    let field = client
         .map(crate::tunnel::parse_client_field)
         .unwrap_or_default();
+    let (client, server) = (field.client, field.server);
     // On a mesh stream, who calls (set by the proxy from the caller's certificate).
     let caller = request
         .headers()
@@ -192,6 +193,7 @@ pub(crate) async fn serve_stream<B: Backends>(
         caller: caller.as_deref(),
         client,
         server,
+        tls: field.tls.as_ref(),
     };
     let dialed = match backends.dial(dial).await {
         Ok(dialed) => dialed,

@@ -143,7 +143,7 @@ pub(crate) async fn open(
         .uri(req.name)
         .header(
             CLIENT_ADDR_HEADER,
-            crate::tunnel::client_field(req.client, req.server),
+            crate::tunnel::client_field(req.client, req.server, req.tls.as_ref()),
         );
     if let Some(caller) = req.caller {
         request = request.header(CALLER_HEADER, caller);

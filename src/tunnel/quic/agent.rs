@@ -184,12 +184,14 @@ pub(crate) async fn serve_stream<B: Backends>(
     };
     let (name, client, caller) = (header.name, header.client, header.caller);
     let caller = (!caller.is_empty()).then_some(caller);
-    let (client_addr, server) = crate::tunnel::parse_client_field(&client);
+    let field = crate::tunnel::parse_client_field(&client);
+    let client_addr = field.client;
     let dial = DialRequest {
         name: &name,
         caller: caller.as_deref(),
         client: client_addr,
-        server,
+        server: field.server,
+        tls: field.tls.as_ref(),
     };
     let dialed = match backends.dial(dial).await {
         Ok(dialed) => dialed,

@@ -403,7 +403,7 @@ pub(crate) async fn open(
 ) -> Result<(quinn::SendStream, quinn::RecvStream, Bytes), OpenError> {
     let header = StreamHeader {
         name: req.name.to_string(),
-        client: crate::tunnel::client_field(req.client, req.server),
+        client: crate::tunnel::client_field(req.client, req.server, req.tls.as_ref()),
         caller: req.caller.unwrap_or_default().to_string(),
     }
     .encode()
