@@ -496,3 +496,103 @@ async fn the_backend_gets_the_tls_facts_in_its_proxy_v2_header() {
         proxy.wait_for(NAME, 0).await;
     }
 }
+
+/// An HTTP/2 backend without TLS (h2c, prior knowledge): answers every request with
+/// `h2c backend: PATH`.
+async fn h2c_backend() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = ::h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((request, mut respond))) = conn.accept().await {
+                    let body = format!("h2c backend: {}", request.uri().path());
+                    let response = http::Response::new(());
+                    if let Ok(mut send) = respond.send_response(response, false) {
+                        let _ = send.send_data(bytes::Bytes::from(body), true);
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A service that declares it speaks h2c (`[[service]] h2c = true`) gets HTTP/2 from
+/// clients that offer it (ALPN `h2`), over both transports; a service that does not
+/// declare it gets HTTP/1.1 from the same client (curl offers both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_is_offered_only_for_services_that_speak_h2c() {
+    let curl = tool("curl");
+    let plain = "plain.example.com";
+    let proxy = TestProxy::start().await;
+    let agent_dir = enroll_agent(&proxy, "web-1", &[NAME, plain]).await;
+    let (h2c, http1) = (
+        h2c_backend().await.to_string(),
+        http_backend().await.to_string(),
+    );
+    let pki = OperatorCert::new(&[NAME, plain]);
+    let ca_file = pki.dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let (cert, key) = (pki.cert(), pki.key());
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    tls(
+        proxy.dir.path(),
+        &["terminate", NAME, plain, "--cert", cert, "--key", key],
+    );
+    let get = |name: &'static str| {
+        let mut command = std::process::Command::new(curl);
+        command.args([
+            "-sS",
+            "--max-time",
+            "10",
+            "--http2",
+            "-w",
+            " %{http_version}",
+            "--cacert",
+        ]);
+        command.arg(&ca_file);
+        command.args([
+            "--resolve",
+            &format!("{name}:{}:127.0.0.1", proxy.sni.port()),
+        ]);
+        command.arg(format!("https://{name}:{}/x", proxy.sni.port()));
+        async move {
+            let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+                .await
+                .unwrap();
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        }
+    };
+    for t in [Transport::H2, Transport::Quic] {
+        let (h2c, http1) = (h2c.clone(), http1.clone());
+        let agent = start_agent(agent_dir.path(), &[], move |b| {
+            on(t)(b)
+                .service_with(
+                    NAME,
+                    &h2c,
+                    revproxy::agent::ServiceOptions {
+                        h2c: true,
+                        ..Default::default()
+                    },
+                )
+                .service(plain, &http1)
+        });
+        proxy.wait_for(NAME, 1).await;
+        assert_eq!(get(NAME).await, "h2c backend: /x 2", "{t:?}");
+        assert_eq!(
+            get(plain).await,
+            "backend got: GET /x HTTP/1.1\n 1.1",
+            "{t:?}"
+        );
+        agent.stop().await;
+        proxy.wait_for(NAME, 0).await;
+    }
+}

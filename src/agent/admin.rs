@@ -47,6 +47,7 @@ impl crate::admin::View for AgentView {
                         crate::wire::proxy_header::ProxyProtocol::V1 => "v1",
                         crate::wire::proxy_header::ProxyProtocol::V2 => "v2",
                     }),
+                    "h2c": service.h2c,
                     "open_streams": open,
                     "sent_bytes": sent,
                     "received_bytes": received,

@@ -23,6 +23,18 @@ pub(crate) struct Service {
     /// Backend `host:port`.
     pub(crate) addr: String,
     pub(crate) proxy_protocol: Option<ProxyProtocol>,
+    /// It speaks HTTP/2 without TLS (h2c): a proxy terminating its name's TLS offers h2.
+    pub(crate) h2c: bool,
+}
+
+/// How a service is served, beyond its name and backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceOptions {
+    /// The backend gets a PROXY header (v1 or v2) before the first byte.
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// The backend speaks HTTP/2 without TLS (h2c, prior knowledge): a proxy that
+    /// terminates the name's TLS offers `h2` to clients as well as `http/1.1`.
+    pub h2c: bool,
 }
 
 /// The names this agent serves and where each goes.
@@ -104,6 +116,10 @@ const BAD_GATEWAY: u16 = 502;
 const GATEWAY_TIMEOUT: u16 = 504;
 
 impl Backends for ServiceMap {
+    fn speaks_h2c(&self, name: &str) -> Option<bool> {
+        self.lookup(name).map(|s| s.h2c)
+    }
+
     /// Finds the backend for the name and connects to it (and sends it the PROXY header
     /// it wants).
     async fn dial(&self, request: DialRequest<'_>) -> Result<Dialed, Refusal> {
@@ -187,6 +203,7 @@ mod tests {
             pattern: pattern.into(),
             addr: addr.into(),
             proxy_protocol: None,
+            h2c: false,
         };
         let map = ServiceMap::new(
             vec![
@@ -232,6 +249,7 @@ mod tests {
             pattern: pattern.into(),
             addr: addr.clone(),
             proxy_protocol: None,
+            h2c: false,
         };
         let identity = Identity {
             private: vec!["db.example.com".into()],

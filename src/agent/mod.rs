@@ -33,6 +33,7 @@ use tracing::{error, info};
 
 pub use crate::tunnel::Transport;
 pub use crate::wire::proxy_header::ProxyProtocol;
+pub use backend::ServiceOptions;
 pub use connect::ListenError;
 pub use enroll::{enroll, EnrollClientError};
 pub use follow::IDENTITY_CHECK;
@@ -89,7 +90,7 @@ pub enum AgentError {
 #[derive(Debug)]
 pub struct AgentBuilder {
     state_dir: PathBuf,
-    services: Vec<(String, String, Option<ProxyProtocol>)>,
+    services: Vec<(String, String, ServiceOptions)>,
     server: Option<String>,
     drain_grace: Duration,
     stream_limits: crate::tunnel::StreamLimits,
@@ -113,22 +114,34 @@ impl std::fmt::Debug for dyn Clock {
 impl AgentBuilder {
     /// Serves `name` (exact or `*.example.com`) from the backend at `addr` (`host:port`).
     pub fn service(mut self, name: &str, addr: &str) -> Self {
+        self.services.push((
+            name.to_string(),
+            addr.to_string(),
+            ServiceOptions::default(),
+        ));
+        self
+    }
+
+    /// Like [`AgentBuilder::service`], served as `options` say.
+    pub fn service_with(mut self, name: &str, addr: &str, options: ServiceOptions) -> Self {
         self.services
-            .push((name.to_string(), addr.to_string(), None));
+            .push((name.to_string(), addr.to_string(), options));
         self
     }
 
     /// Like [`AgentBuilder::service`], and the backend gets a PROXY header (v1 or v2) with
     /// the public client's address before the first byte (`proxy_protocol`).
     pub fn service_with_proxy_protocol(
-        mut self,
+        self,
         name: &str,
         addr: &str,
         version: ProxyProtocol,
     ) -> Self {
-        self.services
-            .push((name.to_string(), addr.to_string(), Some(version)));
-        self
+        let options = ServiceOptions {
+            proxy_protocol: Some(version),
+            ..ServiceOptions::default()
+        };
+        self.service_with(name, addr, options)
     }
 
     /// Connects to `addr` instead of the proxy address saved at enrollment.
@@ -292,10 +305,10 @@ impl AgentBuilder {
 /// every name one the certificate grants.
 fn checked_services(
     identity: &Identity,
-    services: Vec<(String, String, Option<ProxyProtocol>)>,
+    services: Vec<(String, String, ServiceOptions)>,
 ) -> Result<Vec<backend::Service>, AgentError> {
     let mut entries = Vec::new();
-    for (name, addr, proxy_protocol) in services {
+    for (name, addr, options) in services {
         let name = normalize_host(&name).map_err(|e| AgentError::InvalidService(e.to_string()))?;
         check_backend(&addr)
             .map_err(|e| AgentError::InvalidService(format!("{name}={addr}: {e}")))?;
@@ -312,7 +325,8 @@ fn checked_services(
         entries.push(backend::Service {
             pattern: name,
             addr,
-            proxy_protocol,
+            proxy_protocol: options.proxy_protocol,
+            h2c: options.h2c,
         });
     }
     Ok(entries)
@@ -339,14 +353,14 @@ pub struct AgentReloader {
 }
 
 impl AgentReloader {
-    /// Replaces the services with `services` ((name, backend, PROXY header)), checked as
+    /// Replaces the services with `services` ((name, backend, options)), checked as
     /// at start against the current certificate, and the connect listeners with
     /// `connects` ((name, listen address): those that stay keep accepting, new ones are
     /// bound, removed ones stop accepting while their connections run on). All or
     /// nothing: on an error nothing changes. Says what changed.
     pub async fn apply(
         &self,
-        services: Vec<(String, String, Option<ProxyProtocol>)>,
+        services: Vec<(String, String, ServiceOptions)>,
         connects: Vec<(String, std::net::SocketAddr)>,
     ) -> Result<String, AgentError> {
         let identity = self.identity.borrow().clone();

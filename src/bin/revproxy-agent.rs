@@ -125,23 +125,28 @@ fn main() -> ExitCode {
 type Failure = (u8, anyhow::Error);
 
 /// The services of a configuration, `--map` entries replacing the file's for the same name
-/// (the file's `proxy_protocol` for that name stays: `--map` moves the backend).
+/// (the file's `proxy_protocol` and `h2c` for that name stay: `--map` moves the backend).
 fn services_of(
     file: &AgentConfig,
     maps: &[String],
-) -> Result<Vec<(String, String, Option<revproxy::agent::ProxyProtocol>)>, anyhow::Error> {
+) -> Result<Vec<(String, String, revproxy::agent::ServiceOptions)>, anyhow::Error> {
     let mut services = Vec::new();
     for s in &file.service {
         let (name, to) = config::parse_map(&format!("{}={}", s.host, s.to))?;
-        services.push((name, to, s.proxy_protocol));
+        let options = revproxy::agent::ServiceOptions {
+            proxy_protocol: s.proxy_protocol,
+            h2c: s.h2c,
+        };
+        services.push((name, to, options));
     }
     for m in maps {
         let (name, to) = config::parse_map(m)?;
-        let proxy_protocol = (services.iter())
+        let options = (services.iter())
             .find(|(n, _, _)| *n == name)
-            .and_then(|(_, _, pp)| *pp);
+            .map(|(_, _, o)| *o)
+            .unwrap_or_default();
         services.retain(|(n, _, _)| *n != name);
-        services.push((name, to, proxy_protocol));
+        services.push((name, to, options));
     }
     Ok(services)
 }
@@ -273,11 +278,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             // --connect entries override [[connect]] entries for the same name.
             let reach = reach_of(&file, &connects).map_err(usage)?;
             let mut builder = revproxy::Agent::builder(&dir);
-            for (name, to, proxy_protocol) in &services {
-                builder = match proxy_protocol {
-                    Some(version) => builder.service_with_proxy_protocol(name, to, *version),
-                    None => builder.service(name, to),
-                };
+            for (name, to, options) in &services {
+                builder = builder.service_with(name, to, *options);
             }
             for (name, listen) in &reach {
                 let listener = std::net::TcpListener::bind(listen)

@@ -362,6 +362,10 @@ pub struct ServiceConfig {
     /// `"v1"` or `"v2"`: a PROXY header with the public client's address before the
     /// first byte.
     pub proxy_protocol: Option<crate::wire::proxy_header::ProxyProtocol>,
+    /// The backend speaks HTTP/2 without TLS (h2c): a proxy terminating the name's TLS
+    /// offers `h2` to its clients.
+    #[serde(default)]
+    pub h2c: bool,
 }
 
 impl AgentConfig {

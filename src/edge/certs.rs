@@ -9,11 +9,18 @@ use std::sync::{Arc, Mutex};
 use revproxy_ca::state::TlsRecord;
 use revproxy_ca::{tls_key_purpose, Sealer};
 
-use crate::tls::{certs_from_pem, key_from_pem, provider, ALPN_HTTP1};
+use crate::tls::{certs_from_pem, key_from_pem, provider, ALPN_H2, ALPN_HTTP1};
 
-/// A record and what was built from it: its configuration, or why there is none (kept
+/// A record and what was built from it: its configurations, or why there are none (kept
 /// too, so that clients of a name whose record is broken do not each pay for finding out).
-type Built = (Arc<TlsRecord>, Result<Arc<rustls::ServerConfig>, String>);
+type Built = (Arc<TlsRecord>, Result<Arc<Configs>, String>);
+
+/// A terminated name's TLS configurations, one certificate: offering `http/1.1` (the
+/// default), or `h2` first as well (for a service that speaks h2c).
+pub(crate) struct Configs {
+    pub(crate) http1: Arc<rustls::ServerConfig>,
+    pub(crate) h2: Arc<rustls::ServerConfig>,
+}
 
 /// Terminated names' configurations, by name.
 pub(crate) struct Terminator {
@@ -56,7 +63,7 @@ impl Terminator {
         &self,
         record: &Arc<TlsRecord>,
         is_terminated: impl Fn(&str) -> bool,
-    ) -> Result<Arc<rustls::ServerConfig>, String> {
+    ) -> Result<Arc<Configs>, String> {
         if let Some((seen, built)) =
             (self.built.lock().expect("terminator lock")).get_mut(&record.name)
         {
@@ -77,7 +84,7 @@ impl Terminator {
         built
     }
 
-    fn build(&self, record: &TlsRecord) -> Result<rustls::ServerConfig, String> {
+    fn build(&self, record: &TlsRecord) -> Result<Configs, String> {
         let name = &record.name;
         let (Some(chain), Some(sealed)) = (&record.chain_pem, &record.key_sealed) else {
             return Err(format!("{name} has no certificate yet"));
@@ -98,9 +105,14 @@ impl Terminator {
             .map_err(|e| e.to_string())?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
-        config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
         config.ignore_client_order = true;
-        Ok(config)
+        let mut h2 = config.clone();
+        config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+        h2.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+        Ok(Configs {
+            http1: Arc::new(config),
+            h2: Arc::new(h2),
+        })
     }
 }
 

@@ -250,6 +250,12 @@ async fn handle(
             return tell_unrouted(&mut tcp, &name, reply, offline, id).await;
         }
     };
+    // `h2` is offered as well when every agent that would serve the name says its
+    // service speaks h2c (asked once per tunnel and name).
+    let terminate = match terminate {
+        Some(c) if found.all_speak_h2c(&name).await => Some(c.h2.clone()),
+        other => other.map(|c| c.http1.clone()),
+    };
     let routed = Routed {
         route,
         terminate,

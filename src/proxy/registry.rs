@@ -456,6 +456,21 @@ impl Found {
         self.exact.is_empty() && self.wildcard.is_empty()
     }
 
+    /// Whether every tunnel that would serve `name` first (those granted it exactly, else
+    /// those holding a wildcard) has a service for it that speaks h2c.
+    pub(super) async fn all_speak_h2c(&self, name: &str) -> bool {
+        let first = match self.exact.is_empty() {
+            true => &self.wildcard,
+            false => &self.exact,
+        };
+        for t in first {
+            if !t.speaks_h2c(name).await {
+                return false;
+            }
+        }
+        !first.is_empty()
+    }
+
     /// Every tunnel found, the most specific first.
     pub(super) fn all(&self) -> impl Iterator<Item = &Arc<Tunnel>> {
         self.exact.iter().chain(&self.wildcard)

@@ -39,6 +39,9 @@ pub(super) struct Tunnel {
     /// The agent retired this tunnel (GOAWAY): no new streams, but it stays on record so
     /// that a revocation still closes it and its open streams.
     pub(super) draining: AtomicBool,
+    /// What the agent said of its services' protocols, by name (asked once each; bounded
+    /// by the names its certificate grants, wildcards aside, and cleared at 1,024).
+    h2c_answers: std::sync::Mutex<std::collections::HashMap<String, bool>>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -84,6 +87,7 @@ impl Tunnel {
             lane: crate::runtime::lanes::Lane::here(),
             close: tokio::sync::Notify::new(),
             draining: AtomicBool::new(false),
+            h2c_answers: std::sync::Mutex::default(),
         }
     }
 
@@ -131,6 +135,24 @@ impl Tunnel {
     /// Tells the agent which proxies share the store now; says whether it took it.
     pub(super) async fn tell_proxies(&self, list: bytes::Bytes) -> bool {
         self.link.tell_proxies(list).await
+    }
+
+    /// Whether the agent's service for `name` speaks h2c (asked on first need, then
+    /// remembered for the tunnel's life; a question that failed is asked again next time,
+    /// and meanwhile the answer is no).
+    pub(super) async fn speaks_h2c(&self, name: &str) -> bool {
+        if let Some(said) = self.h2c_answers.lock().expect("h2c answers").get(name) {
+            return *said;
+        }
+        let Some(said) = self.link.speaks_h2c(name).await else {
+            return false;
+        };
+        let mut known = self.h2c_answers.lock().expect("h2c answers");
+        if known.len() >= 1024 {
+            known.clear();
+        }
+        known.insert(name.to_string(), said);
+        said
     }
 
     /// Opens a stream for a client on a slot taken with [`Self::claim`]; the caller

@@ -34,6 +34,10 @@ pub(crate) trait Backends: Send + Sync + 'static {
         &self,
         request: DialRequest<'_>,
     ) -> impl Future<Output = Result<Dialed, Refusal>> + Send;
+
+    /// Whether the service for `name` speaks h2c (`None`: no service for it), for a proxy
+    /// deciding which protocols to offer a terminated name's clients.
+    fn speaks_h2c(&self, name: &str) -> Option<bool>;
 }
 
 /// What the proxy said about a stream it opened.
@@ -319,6 +323,7 @@ impl AgentConn {
                         Some(h2::agent::Control::Proxies) => {
                             messages.spawn(with_subscriber(told(h2::agent::read_proxy_list(s), proxies.clone())));
                         }
+                        Some(h2::agent::Control::Alpn) => h2::agent::answer_alpn(s, &*backends),
                         None => {
                             let span = tracing::debug_span!("stream");
                             let open = load.opened();

@@ -5,6 +5,12 @@
 //! control header (`h2::PROXIES`), on QUIC a unidirectional stream starting with
 //! [`QUIC_PROXIES`]; the body is the JSON `GET /v1/proxies` answers. The agent checks it
 //! as it checks an answer to its poll.
+//!
+//! And one question, proxy to agent: which protocols the service for a name speaks
+//! (before a proxy offers `h2` to the clients of a name whose TLS it terminates). On h2 a
+//! control `CONNECT` (`h2::ALPN`); on QUIC a stream whose header names
+//! `h2::CONTROL_AUTHORITY` with the client field [`QUIC_ALPN`]`NAME`. The answer: `200`
+//! saying `h2` (h2c) or `http/1.1`, or `404` (no such service, or an agent before this).
 
 use std::time::Duration;
 
@@ -13,5 +19,19 @@ pub(crate) const MAX_PROXY_LIST: usize = 64 * 1024;
 /// How long one message may take, each way: a tunnel too slow for this learns the list at
 /// its agent's next poll.
 pub(crate) const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How the client field of a QUIC question about a service's protocols starts.
+pub(crate) const QUIC_ALPN: &str = "alpn:";
+/// Longest a proxy waits for the answer about a service's protocols (a client's
+/// handshake waits for it, once per tunnel and name).
+pub(crate) const ALPN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What an agent says of a service that speaks h2c (`true`) or not.
+pub(crate) fn alpn_answer(h2c: bool) -> &'static str {
+    match h2c {
+        true => "h2",
+        false => "http/1.1",
+    }
+}
+
 /// The first bytes of a QUIC control stream that carries the proxy list.
 pub(crate) const QUIC_PROXIES: &[u8] = b"proxies\n";

@@ -148,6 +148,28 @@ impl Link {
         }
     }
 
+    /// Whether the agent's service for `name` speaks h2c, asked within
+    /// [`super::control::ALPN_TIMEOUT`]: `None` when the question failed or took too long
+    /// (to be asked again); an agent before the question says no.
+    pub(crate) async fn speaks_h2c(&self, name: &str) -> Option<bool> {
+        let asked = async {
+            match self {
+                Link::H2(sender, _) => h2::proxy::ask_alpn(sender, name)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Link::Quic(conn) => quic::proxy::ask_alpn(conn, name).await,
+            }
+        };
+        match tokio::time::timeout(super::control::ALPN_TIMEOUT, asked).await {
+            Ok(Ok(said)) => Some(said.unwrap_or(false)),
+            Ok(Err(e)) => {
+                debug!(host = %name, error = %e, "the agent did not say which protocols its service speaks");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
     /// Tells the agent that a new process serves this proxy now, so that it moves there at
     /// once. On h2 a control message: the agent opens its next tunnel, then retires this
     /// one, whose open streams finish here. A QUIC tunnel cannot outlive the swap (both

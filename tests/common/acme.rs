@@ -3,12 +3,9 @@
 //! loopback ports of the test's own. Pebble validates against the proxy's listeners.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-
-use super::{free_port, stderr_lines, tool, Killed, OperatorCert};
+use super::{free_port, tool, Killed, OperatorCert};
 
 /// One pebble and its DNS: ports and certificates chosen first ([`Pebble::new`], so that
 /// the proxy can be configured with its directory), started once the proxy listens
@@ -136,50 +133,17 @@ impl Pebble {
 
     /// A TLS client trusting pebble's root only, offering `alpn`.
     pub fn client(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
-        let mut roots = rustls::RootCertStore::empty();
-        let pem = self.root_pem();
-        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let mut config = rustls::ClientConfig::builder_with_provider(revproxy::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        tokio_rustls::TlsConnector::from(Arc::new(config))
+        super::tls_client(&self.root_pem(), alpn)
     }
-}
-
-/// The lines a child writes on stdout (which must be piped).
-fn stdout_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    rx
 }
 
 /// Stdout and stderr lines together (pebble logs on one or the other by version).
 fn merged_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
-    let err = stderr_lines(child);
-    let out = stdout_lines(child);
     let (tx, rx) = std::sync::mpsc::channel();
-    for from in [err, out] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in from {
-                let _ = tx.send(line);
-            }
-        });
-    }
+    let out = child.stdout.take().expect("stdout is piped");
+    super::lines_to(out, tx.clone());
+    let err = child.stderr.take().expect("stderr is piped");
+    super::lines_to(err, tx);
     rx
 }
 

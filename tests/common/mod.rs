@@ -76,16 +76,19 @@ pub fn watch_logs(
 pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
     let stderr = child.stderr.take().expect("stderr is piped");
     let (tx, rx) = std::sync::mpsc::channel();
+    lines_to(stderr, tx);
+    rx
+}
+
+/// Sends each line `from` gives to `to`, as they come, on a thread of its own (which
+/// keeps reading after the receiver is gone, so the writer never blocks).
+pub fn lines_to(from: impl std::io::Read + Send + 'static, to: std::sync::mpsc::Sender<String>) {
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
+        for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
+            let _ = to.send(line);
         }
     });
-    rx
 }
 
 /// Waits (bounded) for a log line from [`watch_logs`] that contains `text`.

@@ -15,36 +15,77 @@ const LIFETIME: Duration = Duration::from_secs(30);
 /// TLS-ALPN-01 on the SNI listener: ordered once the name is terminated, the challenge
 /// answered by the proxy, the chain served, then renewed before it expires; the order
 /// counted and listed.
+/// A proxy with `[acme]` for a pebble validating against it (TLS-ALPN-01 at `tls_port`
+/// when given, else at the proxy's SNI listener), an agent serving NAME from an HTTP
+/// backend, and NAME terminated (`tls terminate NAME`, no files).
+struct Ordering {
+    pebble: Pebble,
+    proxy: TestProxy,
+    admin: std::net::SocketAddr,
+    _agent: TestAgent,
+    _agent_dir: tempfile::TempDir,
+}
+
+impl Ordering {
+    async fn start(
+        challenge: revproxy::ChallengeKind,
+        validity: Duration,
+        tls_port: Option<u16>,
+    ) -> Ordering {
+        let mut pebble = Pebble::new();
+        let settings = pebble.settings(challenge);
+        let (admin_listener, admin) = local_listener();
+        let proxy =
+            TestProxy::start_with(move |b| b.acme(settings).admin_listener(admin_listener)).await;
+        pebble.start(PebbleOptions {
+            http_port: proxy.http.port(),
+            tls_port: tls_port.unwrap_or(proxy.sni.port()),
+            validity,
+        });
+        let agent_dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
+        let backend = http_backend().await;
+        let agent = start_agent(agent_dir.path(), &[(NAME, backend)], |b| b);
+        let said = tls(proxy.dir.path(), &["terminate", NAME]);
+        assert!(said.contains("orders its certificate"), "{said}");
+        Ordering {
+            pebble,
+            proxy,
+            admin,
+            _agent: agent,
+            _agent_dir: agent_dir,
+        }
+    }
+
+    /// Waits (30 s at most) until NAME is served with a certificate from pebble.
+    async fn served(&self, client: &tokio_rustls::TlsConnector) -> Vec<u8> {
+        eventually_within(
+            Duration::from_secs(30),
+            "the ordered certificate is served",
+            || async { served_cert(self.proxy.sni, client, NAME).await.is_some() },
+        )
+        .await;
+        served_cert(self.proxy.sni, client, NAME).await.unwrap()
+    }
+
+    /// `revproxy_acme_orders_total{result}`.
+    async fn orders(&self, result: &str) -> Option<f64> {
+        let (status, metrics) = admin_get(self.admin, "/metrics").await;
+        assert_eq!(status, 200);
+        let labels = format!("result=\"{result}\"");
+        sample(&metrics, "revproxy_acme_orders_total", &labels)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_is_ordered_with_tls_alpn_01_served_and_renewed() {
     let curl = tool("curl");
-    let mut pebble = Pebble::new();
-    let settings = pebble.settings(revproxy::ChallengeKind::TlsAlpn01);
-    let (admin, admin_addr) = local_listener();
-    let proxy = TestProxy::start_with(move |b| b.acme(settings).admin_listener(admin)).await;
-    pebble.start(PebbleOptions {
-        http_port: proxy.http.port(),
-        tls_port: proxy.sni.port(),
-        validity: LIFETIME,
-    });
-    let state = proxy.dir.path();
-    let agent_dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
-    let backend = http_backend().await;
-    let _agent = start_agent(agent_dir.path(), &[(NAME, backend)], |b| b);
-    let said = tls(state, &["terminate", NAME]);
-    assert!(said.contains("orders its certificate"), "{said}");
-
-    let client = pebble.client(&[b"http/1.1"]);
-    eventually_within(
-        Duration::from_secs(30),
-        "the ordered certificate is served",
-        || async { served_cert(proxy.sni, &client, NAME).await.is_some() },
-    )
-    .await;
-    let first = served_cert(proxy.sni, &client, NAME).await.unwrap();
+    let o = Ordering::start(revproxy::ChallengeKind::TlsAlpn01, LIFETIME, None).await;
+    let (proxy, state) = (&o.proxy, o.proxy.dir.path());
+    let client = o.pebble.client(&[b"http/1.1"]);
+    let first = o.served(&client).await;
     // curl, verifying against pebble's root, gets the backend's plaintext answer.
     let root = proxy.dir.path().join("pebble-root.pem");
-    std::fs::write(&root, pebble.root_pem()).unwrap();
+    std::fs::write(&root, o.pebble.root_pem()).unwrap();
     let url = format!("https://{NAME}:{}/hello", proxy.sni.port());
     let resolve = format!("{NAME}:{}:127.0.0.1", proxy.sni.port());
     // TLS 1.3, and 1.2 for older clients (as nginx serves them).
@@ -80,18 +121,12 @@ async fn a_certificate_is_ordered_with_tls_alpn_01_served_and_renewed() {
         },
     )
     .await;
-    let (status, metrics) = admin_get(admin_addr, "/metrics").await;
-    assert_eq!(status, 200);
-    let orders = |result: &str| {
-        sample(
-            &metrics,
-            "revproxy_acme_orders_total",
-            &format!("result=\"{result}\""),
-        )
-        .unwrap()
-    };
-    assert_eq!(orders("valid"), 2.0, "issued, then renewed once: {metrics}");
-    assert_eq!(orders("invalid"), 0.0, "{metrics}");
+    assert_eq!(
+        o.orders("valid").await,
+        Some(2.0),
+        "issued, then renewed once"
+    );
+    assert_eq!(o.orders("invalid").await, Some(0.0));
     let listed = stdout(&run(PROXY, &["tls", "list"], state));
     assert!(listed.contains(" acme "), "{listed}");
 }
@@ -100,25 +135,10 @@ async fn a_certificate_is_ordered_with_tls_alpn_01_served_and_renewed() {
 /// pebble's validation request gets the key authorization, everything else the 308.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_is_ordered_with_http_01_before_the_redirect() {
-    let mut pebble = Pebble::new();
-    let settings = pebble.settings(revproxy::ChallengeKind::Http01);
-    let proxy = TestProxy::start_with(move |b| b.acme(settings)).await;
-    pebble.start(PebbleOptions {
-        http_port: proxy.http.port(),
-        tls_port: proxy.sni.port(),
-        validity: Duration::from_secs(3600),
-    });
-    let agent_dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
-    let backend = http_backend().await;
-    let _agent = start_agent(agent_dir.path(), &[(NAME, backend)], |b| b);
-    tls(proxy.dir.path(), &["terminate", NAME]);
-    let client = pebble.client(&[b"http/1.1"]);
-    eventually_within(
-        Duration::from_secs(30),
-        "the ordered certificate is served",
-        || async { served_cert(proxy.sni, &client, NAME).await.is_some() },
-    )
-    .await;
+    let hour = Duration::from_secs(3600);
+    let o = Ordering::start(revproxy::ChallengeKind::Http01, hour, None).await;
+    let proxy = &o.proxy;
+    o.served(&o.pebble.client(&[b"http/1.1"])).await;
     let answer = round_trip(proxy.http, &http_head(NAME), b"").await.unwrap();
     assert!(
         answer.starts_with(b"HTTP/1.1 308 "),
@@ -140,18 +160,10 @@ async fn a_certificate_is_ordered_with_http_01_before_the_redirect() {
 /// for at least a minute (Let's Encrypt allows 5 failed validations per name and hour).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_validation_is_listed_and_backed_off() {
-    let mut pebble = Pebble::new();
-    let settings = pebble.settings(revproxy::ChallengeKind::TlsAlpn01);
-    let (admin, admin_addr) = local_listener();
-    let proxy = TestProxy::start_with(move |b| b.acme(settings).admin_listener(admin)).await;
-    pebble.start(PebbleOptions {
-        http_port: proxy.http.port(),
-        tls_port: free_port("127.0.0.1"),
-        validity: Duration::from_secs(3600),
-    });
-    let state = proxy.dir.path();
-    let _agent_dir = enroll_agent(&proxy, "web-1", &[NAME]).await;
-    tls(state, &["terminate", NAME]);
+    let nobody = Some(free_port("127.0.0.1"));
+    let hour = Duration::from_secs(3600);
+    let o = Ordering::start(revproxy::ChallengeKind::TlsAlpn01, hour, nobody).await;
+    let (proxy, state) = (&o.proxy, o.proxy.dir.path());
     let listed = || {
         let out = run(PROXY, &["tls", "list", "--json"], state);
         let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -178,16 +190,8 @@ async fn a_failed_validation_is_listed_and_backed_off() {
         record.acme
     );
     assert!(record.acme.lease.is_none() && record.acme.challenge.is_none());
-    let (_, metrics) = admin_get(admin_addr, "/metrics").await;
-    let orders = |result: &str| {
-        sample(
-            &metrics,
-            "revproxy_acme_orders_total",
-            &format!("result=\"{result}\""),
-        )
-    };
-    assert_eq!(orders("invalid"), Some(1.0), "{metrics}");
-    assert_eq!(orders("valid"), Some(0.0), "{metrics}");
+    assert_eq!(o.orders("invalid").await, Some(1.0));
+    assert_eq!(o.orders("valid").await, Some(0.0));
     // The operator fixed the cause: `tls terminate` again orders at once.
     tls(state, &["terminate", NAME]);
     let record = proxy.ca.state().read().unwrap().tls[NAME].clone();

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use instant_acme::{
-    Account, AuthorizationStatus, ChallengeType, Identifier, NewOrder, OrderStatus, RetryPolicy,
+    Account, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewOrder,
+    OrderStatus, RetryPolicy,
 };
 use revproxy_ca::state::{Challenge, TlsRecord};
 use revproxy_ca::Ca;
@@ -91,14 +92,29 @@ pub(super) fn describe(e: &instant_acme::Error) -> String {
     }
 }
 
-/// Orders a certificate for `name` with `account`: its chain and key (PEM).
+/// Orders a certificate for `name` with `account`: its chain and key (PEM). A renewal
+/// names the certificate it `replaces` (ARI, RFC 9773: Let's Encrypt exempts such orders
+/// from its limits); a CA that takes no such field gets the order without it.
 pub(super) async fn order(
     ctx: &OrderCtx<'_>,
     account: &Account,
     name: &str,
+    replaces: Option<CertificateIdentifier<'static>>,
 ) -> Result<(String, String), Failed> {
     let ids = [Identifier::Dns(name.to_string())];
-    let mut order = account.new_order(&NewOrder::new(&ids)).await?;
+    let plain = || NewOrder::new(&ids);
+    let mut order = match replaces {
+        Some(id) => match account.new_order(&plain().replaces(id)).await {
+            Ok(order) => order,
+            // No renewal information at this CA, or it will not have this certificate
+            // replaced (replaced already, say): ordered as a new certificate.
+            Err(instant_acme::Error::Unsupported(_) | instant_acme::Error::Api(_)) => {
+                account.new_order(&plain()).await?
+            }
+            Err(e) => return Err(e.into()),
+        },
+        None => account.new_order(&plain()).await?,
+    };
     let mut authorizations = order.authorizations();
     while let Some(authz) = authorizations.next().await {
         let mut authz = authz?;

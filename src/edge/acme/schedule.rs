@@ -126,7 +126,11 @@ impl Scheduler {
             self.over_budget = false;
             self.recent.push_back(Instant::now());
             let account = self.account.as_ref().expect("opened above");
-            match ordered(&self.orders, account, &record).await {
+            // Named as the certificate replaced, unless the CA said it has no ARI.
+            let replaces = (self.ari.is_some())
+                .then(|| record.chain_pem.as_deref().and_then(certificate_id))
+                .flatten();
+            match ordered(&self.orders, account, &record, replaces).await {
                 Outcome::Issued(lifetime) => {
                     let quiet = Instant::now() + lifetime / QUIET_FRACTION;
                     self.quiet.insert(record.name.clone(), quiet);
@@ -196,11 +200,7 @@ impl Scheduler {
                 return ari.renew_at.is_some_and(|at| at <= now);
             }
         }
-        let Some(leaf) = revproxy_ca::pem_to_der(chain, "CERTIFICATE") else {
-            return false;
-        };
-        let der = rustls::pki_types::CertificateDer::from(leaf);
-        let Ok(id) = CertificateIdentifier::try_from(&der) else {
+        let Some(id) = certificate_id(chain) else {
             return false;
         };
         let asked = tokio::time::timeout(client::REQUEST_TIMEOUT, account.renewal_info(&id)).await;
@@ -228,7 +228,12 @@ impl Scheduler {
 /// Takes the lease of `seen`'s name (if the store still holds the certificate seen, and
 /// notes the backoff the order would need should it never report back), orders its
 /// certificate and stores the outcome.
-async fn ordered(orders: &Orders, account: &Account, seen: &TlsRecord) -> Outcome {
+async fn ordered(
+    orders: &Orders,
+    account: &Account,
+    seen: &TlsRecord,
+    replaces: Option<CertificateIdentifier<'static>>,
+) -> Outcome {
     let name = seen.name.as_str();
     let (ca, n, me, had) = (
         orders.ca.clone(),
@@ -253,8 +258,8 @@ async fn ordered(orders: &Orders, account: &Account, seen: &TlsRecord) -> Outcom
         challenge: orders.settings.challenge,
         records: &*orders.records,
     };
-    let result = match tokio::time::timeout(ORDER_TIMEOUT, order::order(&ctx, account, name)).await
-    {
+    let ordering = order::order(&ctx, account, name, replaces);
+    let result = match tokio::time::timeout(ORDER_TIMEOUT, ordering).await {
         Ok(result) => result,
         Err(_) => Err(Failed::error(format!(
             "the order took longer than {ORDER_TIMEOUT:?}"
@@ -311,6 +316,14 @@ async fn ordered(orders: &Orders, account: &Account, seen: &TlsRecord) -> Outcom
         true => Outcome::RateLimited,
         false => Outcome::Other,
     }
+}
+
+/// The ARI identifier of the first certificate in `chain`.
+fn certificate_id(chain: &str) -> Option<CertificateIdentifier<'static>> {
+    let leaf = revproxy_ca::pem_to_der(chain, "CERTIFICATE")?;
+    let der = rustls::pki_types::CertificateDer::from(leaf);
+    let id = CertificateIdentifier::try_from(&der).ok()?;
+    Some(id.into_owned())
 }
 
 /// Whether `record`'s certificate is missing or past two thirds of its lifetime.

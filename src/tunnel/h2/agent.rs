@@ -15,8 +15,8 @@ use tracing::{debug, info, warn};
 
 use super::gather::Gathered;
 use super::{
-    keepalive, splice, KeepaliveError, TunnelIo, CALLER_HEADER, CONTROL_HEADER, ERROR_HEADER,
-    MOVING, PROXIES,
+    keepalive, splice, KeepaliveError, TunnelIo, ALPN, ALPN_HEADER, CALLER_HEADER, CONTROL_HEADER,
+    ERROR_HEADER, MOVING, PROXIES, SERVICE_HEADER,
 };
 use crate::tls::Credentials;
 use crate::tunnel::control::{CONTROL_TIMEOUT, MAX_PROXY_LIST};
@@ -108,6 +108,8 @@ pub(crate) enum Control {
     Moving,
     /// The proxy list is in the body: [`read_proxy_list`] reads and answers it.
     Proxies,
+    /// Which protocols a service speaks: [`answer_alpn`] answers.
+    Alpn,
 }
 
 /// Which message a `CONNECT` is, if it is one; a `moving` one is answered here.
@@ -115,12 +117,29 @@ pub(crate) fn control((request, respond): &mut Incoming) -> Option<Control> {
     let control = match request.headers().get(CONTROL_HEADER)?.as_bytes() {
         v if v == MOVING.as_bytes() => Control::Moving,
         v if v == PROXIES.as_bytes() => Control::Proxies,
+        v if v == ALPN.as_bytes() => Control::Alpn,
         _ => return None,
     };
     if control == Control::Moving {
         let _ = respond.send_response(Response::new(()), true);
     }
     Some(control)
+}
+
+/// Answers a [`Control::Alpn`] message: `200` with [`ALPN_HEADER`] `h2` when the service
+/// for the name in [`SERVICE_HEADER`] speaks h2c, `http/1.1` when it does not, `404` when
+/// there is none.
+pub(crate) fn answer_alpn<B: Backends>((request, mut respond): Incoming, backends: &B) {
+    let name = (request.headers().get(SERVICE_HEADER))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    let response = match name.and_then(|n| backends.speaks_h2c(&n)) {
+        Some(h2c) => {
+            Response::builder().header(ALPN_HEADER, crate::tunnel::control::alpn_answer(h2c))
+        }
+        None => Response::builder().status(StatusCode::NOT_FOUND),
+    };
+    let _ = respond.send_response(response.body(()).expect("valid response"), true);
 }
 
 /// Reads the proxy list a [`Control::Proxies`] message carries, if it is whole within

@@ -42,6 +42,13 @@ pub(crate) const MOVING: &str = "moving";
 /// The proxies sharing the store changed: the body is the new list, as `GET /v1/proxies`
 /// answers it (at most [`crate::tunnel::control::MAX_PROXY_LIST`] bytes).
 pub(crate) const PROXIES: &str = "proxies";
+/// Which protocols the service for a name speaks (the name in [`SERVICE_HEADER`]): the
+/// agent answers `200` with [`ALPN_HEADER`] `h2` (it speaks h2c) or `http/1.1`, or `404`
+/// when it serves no such name. A proxy asks before offering `h2` to the clients of a
+/// name whose TLS it terminates; agents before this answer `404`.
+pub(crate) const ALPN: &str = "alpn";
+pub(crate) const SERVICE_HEADER: &str = "x-revproxy-service";
+pub(crate) const ALPN_HEADER: &str = "x-revproxy-alpn";
 /// The authority a control message's `CONNECT` names (never a real name).
 pub(crate) const CONTROL_AUTHORITY: &str = "control.revproxy.invalid";
 

@@ -190,6 +190,27 @@ pub(crate) async fn tell_moving(sender: &SendRequest<Bytes>) -> Result<(), h2::E
     Ok(())
 }
 
+/// Asks the agent which protocols the service for `name` speaks ([`super::ALPN`]; the
+/// caller bounds the wait): `Some(true)` when it speaks h2c, `None` when the agent gave
+/// no answer (it serves no such name, or predates the question).
+pub(crate) async fn ask_alpn(
+    sender: &SendRequest<Bytes>,
+    name: &str,
+) -> Result<Option<bool>, h2::Error> {
+    let mut sender = sender.clone().ready().await?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(CONTROL_AUTHORITY)
+        .header(CONTROL_HEADER, super::ALPN)
+        .header(super::SERVICE_HEADER, name)
+        .body(())
+        .expect("a valid control request");
+    let (response, _send) = sender.send_request(request, true)?;
+    let response = response.await?;
+    let said = (response.headers().get(super::ALPN_HEADER)).map(|v| v.as_bytes() == b"h2");
+    Ok(said.filter(|_| response.status() == StatusCode::OK))
+}
+
 /// Tells the agent which proxies share the store now ([`PROXIES`]: `list` is the body);
 /// returns once the agent answered (the caller bounds the wait). An agent from before
 /// this answers with a refusal and learns the list at its next poll.

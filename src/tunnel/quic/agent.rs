@@ -183,6 +183,23 @@ pub(crate) async fn serve_stream<B: Backends>(
         }
     };
     let (name, client, caller) = (header.name, header.client, header.caller);
+    if name == crate::tunnel::h2::CONTROL_AUTHORITY {
+        if let Some(service) = client.strip_prefix(crate::tunnel::control::QUIC_ALPN) {
+            let answer = match backends.speaks_h2c(&service.to_ascii_lowercase()) {
+                Some(h2c) => Answer {
+                    status: 200,
+                    reason: crate::tunnel::control::alpn_answer(h2c).into(),
+                },
+                None => Answer {
+                    status: 404,
+                    reason: format!("this agent serves no {service}"),
+                },
+            };
+            let _ = send.write_all(&answer.encode()).await;
+            let _ = send.finish();
+            return;
+        }
+    }
     let caller = (!caller.is_empty()).then_some(caller);
     let field = crate::tunnel::parse_client_field(&client);
     let client_addr = field.client;

@@ -450,6 +450,26 @@ pub(crate) async fn open(
     Ok((send, recv, first))
 }
 
+/// Asks the agent which protocols the service for `name` speaks (`control.rs`; the
+/// caller bounds the wait): `Some(true)` when it speaks h2c, `None` when the agent gave
+/// no answer (it serves no such name, or predates the question).
+pub(crate) async fn ask_alpn(conn: &quinn::Connection, name: &str) -> Result<Option<bool>, String> {
+    let header = StreamHeader {
+        name: crate::tunnel::h2::CONTROL_AUTHORITY.into(),
+        client: format!("{}{name}", crate::tunnel::control::QUIC_ALPN),
+        caller: String::new(),
+    }
+    .encode()
+    .ok_or("the name does not fit a stream header")?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(&header).await.map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    let (answer, _) = read_frame(&mut recv, Answer::parse)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((answer.status == 200).then(|| answer.reason == "h2"))
+}
+
 /// Takes no new connections; established tunnels go on.
 pub(crate) fn stop_accepting(endpoint: &quinn::Endpoint) {
     endpoint.set_server_config(None);
