@@ -523,7 +523,8 @@ async fn h2c_backend() -> std::net::SocketAddr {
 
 /// A service that declares it speaks h2c (`[[service]] h2c = true`) gets HTTP/2 from
 /// clients that offer it (ALPN `h2`), over both transports; a service that does not
-/// declare it gets HTTP/1.1 from the same client (curl offers both).
+/// declare it gets HTTP/1.1 from the same client (curl offers both); and so does the h2c
+/// service once its name's certificate covers another name too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_is_offered_only_for_services_that_speak_h2c() {
     let curl = tool("curl");
@@ -534,16 +535,28 @@ async fn h2_is_offered_only_for_services_that_speak_h2c() {
         h2c_backend().await.to_string(),
         http_backend().await.to_string(),
     );
-    let pki = OperatorCert::new(&[NAME, plain]);
-    let ca_file = pki.dir.path().join("ca.pem");
-    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
-    let (cert, key) = (pki.cert(), pki.key());
-    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    // A certificate for NAME alone, and one for both names.
+    let (one, both) = (
+        OperatorCert::new(&[NAME]),
+        OperatorCert::new(&[NAME, plain]),
+    );
+    // Separate files: the two CAs have the same subject.
+    let (one_ca, both_ca) = (
+        one.dir.path().join("ca.pem"),
+        both.dir.path().join("ca.pem"),
+    );
+    std::fs::write(&one_ca, &one.ca_pem).unwrap();
+    std::fs::write(&both_ca, &both.ca_pem).unwrap();
     tls(
         proxy.dir.path(),
-        &["terminate", NAME, plain, "--cert", cert, "--key", key],
+        &terminate_args(NAME, &one.cert(), &one.key(), &[]),
+    );
+    tls(
+        proxy.dir.path(),
+        &terminate_args(plain, &both.cert(), &both.key(), &[]),
     );
     let get = |name: &'static str| {
+        let ca_file = if name == NAME { &one_ca } else { &both_ca };
         let mut command = std::process::Command::new(curl);
         command.args([
             "-sS",
@@ -554,7 +567,7 @@ async fn h2_is_offered_only_for_services_that_speak_h2c() {
             " %{http_version}",
             "--cacert",
         ]);
-        command.arg(&ca_file);
+        command.arg(ca_file);
         command.args([
             "--resolve",
             &format!("{name}:{}:127.0.0.1", proxy.sni.port()),
@@ -592,6 +605,22 @@ async fn h2_is_offered_only_for_services_that_speak_h2c() {
             "backend got: GET /x HTTP/1.1\n 1.1",
             "{t:?}"
         );
+        if t == Transport::Quic {
+            // With a certificate that covers another name too, h2 is not offered: a browser
+            // would send that name's requests down the same h2 connection.
+            tls(
+                proxy.dir.path(),
+                &terminate_args(NAME, &both.cert(), &both.key(), &[]),
+            );
+            let client = both.client(&[b"h2", b"http/1.1"]);
+            eventually("the two-name certificate is served", || async {
+                let Ok(session) = connect_tls(proxy.sni, &client, NAME).await else {
+                    return false;
+                };
+                session.get_ref().1.alpn_protocol() == Some(&b"http/1.1"[..])
+            })
+            .await;
+        }
         agent.stop().await;
         proxy.wait_for(NAME, 0).await;
     }

@@ -379,8 +379,26 @@ impl AgentReloader {
             .map_err(|_| stopped())?
             .map_err(AgentError::Connect)?;
         let count = entries.len();
+        // Proxies ask a tunnel once whether a service speaks h2c: a change reaches them
+        // with this agent's next tunnels.
+        let before = self.services.entries();
+        let h2c_changed: Vec<String> = (entries.iter())
+            .filter(|e| {
+                let was = before.iter().find(|b| b.pattern == e.pattern);
+                was.map_or(e.h2c, |b| b.h2c != e.h2c)
+            })
+            .map(|e| e.pattern.clone())
+            .collect();
         self.services.replace(entries);
-        Ok(format!("{count} service(s); {connected}"))
+        let mut said = format!("{count} service(s); {connected}");
+        if !h2c_changed.is_empty() {
+            let names = h2c_changed.join(", ");
+            tracing::warn!(services = %names, "h2c changed: proxies that terminate these names learn it when this agent's tunnels reconnect (restart the agent)");
+            said.push_str(&format!(
+                "; h2c changed for {names}: restart the agent for proxies to learn it"
+            ));
+        }
+        Ok(said)
     }
 }
 

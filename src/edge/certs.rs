@@ -109,9 +109,15 @@ impl Terminator {
         let mut h2 = config.clone();
         config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
         h2.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+        let http1 = Arc::new(config);
+        // h2 only with a certificate for this name alone: browsers send an h2 connection's
+        // requests for any other name its certificate covers down the same connection,
+        // which would reach this name's backend.
+        let leaf = revproxy_ca::CertSummary::from_pem(record.chain_pem.as_deref().unwrap_or(""));
+        let alone = leaf.is_some_and(|l| l.dns_names == [name.to_string()] && l.ips.is_empty());
         Ok(Configs {
-            http1: Arc::new(config),
-            h2: Arc::new(h2),
+            h2: if alone { Arc::new(h2) } else { http1.clone() },
+            http1,
         })
     }
 }

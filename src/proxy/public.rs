@@ -467,14 +467,15 @@ async fn dispatch(shared: &Arc<Shared>, tcp: TcpStream, routed: Routed, access: 
         caller: None,
         tls: client.tls_facts(),
     };
+    // A client that agreed on h2 goes only to the agents asked whether they speak h2c.
+    let h2 = request
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.alpn.as_deref() == Some("h2"));
+    let wildcards = (!h2 || found.exact.is_empty()).then_some(&found.wildcard);
     let candidates = (found.exact.iter().map(|t| Candidate::Agent(t, &name)))
         .chain(route.as_deref().map(Candidate::Static))
-        .chain(
-            found
-                .wildcard
-                .iter()
-                .map(|t| Candidate::Agent(t, &wildcard)),
-        );
+        .chain((wildcards.into_iter().flatten()).map(|t| Candidate::Agent(t, &wildcard)));
     for candidate in candidates {
         let (t, pattern) = match candidate {
             // A static route takes the client's bytes as they came (passed through).
@@ -583,9 +584,12 @@ async fn dispatch(shared: &Arc<Shared>, tcp: TcpStream, routed: Routed, access: 
     access.refuse(metrics, Refused::Unavailable);
     let reason = format!("{name} cannot be served right now");
     match (client, reply) {
-        // Its TLS ended here: it speaks HTTP/1.1 inside (the only protocol offered).
-        (Client::Tls(mut tls), _) => {
+        // Its TLS ended here: HTTP/1.1 inside gets the answer; h2 only the end.
+        (Client::Tls(mut tls), _) if !h2 => {
             http_error(&mut tls, 503, "Service Unavailable", &reason, id).await
+        }
+        (Client::Tls(mut tls), _) => {
+            let _ = tls.shutdown().await;
         }
         (Client::Plain(mut tcp), Reply::Tls) => {
             let _ = tcp.write_all(&ALERT_INTERNAL_ERROR).await;

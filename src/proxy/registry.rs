@@ -457,18 +457,28 @@ impl Found {
     }
 
     /// Whether every tunnel that would serve `name` first (those granted it exactly, else
-    /// those holding a wildcard) has a service for it that speaks h2c.
+    /// those holding a wildcard) has a service for it that speaks h2c; the tunnels not yet
+    /// asked are asked together, within [`ALPN_TIMEOUT`] in all.
     pub(super) async fn all_speak_h2c(&self, name: &str) -> bool {
         let first = match self.exact.is_empty() {
             true => &self.wildcard,
             false => &self.exact,
         };
+        let mut asking = tokio::task::JoinSet::new();
         for t in first {
-            if !t.speaks_h2c(name).await {
-                return false;
-            }
+            let (t, name) = (t.clone(), name.to_string());
+            asking.spawn(async move { t.speaks_h2c(&name).await });
         }
-        !first.is_empty()
+        let all = async {
+            while let Some(said) = asking.join_next().await {
+                if !matches!(said, Ok(true)) {
+                    return false;
+                }
+            }
+            true
+        };
+        let all = tokio::time::timeout(crate::tunnel::control::ALPN_TIMEOUT, all).await;
+        !first.is_empty() && matches!(all, Ok(true))
     }
 
     /// Every tunnel found, the most specific first.

@@ -41,8 +41,15 @@ pub(super) struct Tunnel {
     pub(super) draining: AtomicBool,
     /// What the agent said of its services' protocols, by name (asked once each; bounded
     /// by the names its certificate grants, wildcards aside, and cleared at 1,024).
-    h2c_answers: std::sync::Mutex<std::collections::HashMap<String, bool>>,
+    h2c_answers: std::sync::Mutex<H2cAnswers>,
 }
+
+/// What an agent said of its services' protocols, by name: whether it speaks h2c, and
+/// until when a failed question's "no" stands (`None`: an answer, for good).
+type H2cAnswers = std::collections::HashMap<String, (bool, Option<tokio::time::Instant>)>;
+
+/// How long a failed question about a service's protocols is not asked again.
+const H2C_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl std::fmt::Debug for Tunnel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -137,22 +144,24 @@ impl Tunnel {
         self.link.tell_proxies(list).await
     }
 
-    /// Whether the agent's service for `name` speaks h2c (asked on first need, then
-    /// remembered for the tunnel's life; a question that failed is asked again next time,
-    /// and meanwhile the answer is no).
+    /// Whether the agent's service for `name` speaks h2c: asked on first need, the answer
+    /// remembered for the tunnel's life; a question that failed is not asked again for
+    /// [`H2C_RETRY`] (the answer meanwhile is no).
     pub(super) async fn speaks_h2c(&self, name: &str) -> bool {
-        if let Some(said) = self.h2c_answers.lock().expect("h2c answers").get(name) {
-            return *said;
+        let now = tokio::time::Instant::now();
+        if let Some(&(said, until)) = self.h2c_answers.lock().expect("h2c answers").get(name) {
+            if until.is_none_or(|until| until > now) {
+                return said;
+            }
         }
-        let Some(said) = self.link.speaks_h2c(name).await else {
-            return false;
-        };
+        let said = self.link.speaks_h2c(name).await;
         let mut known = self.h2c_answers.lock().expect("h2c answers");
         if known.len() >= 1024 {
             known.clear();
         }
-        known.insert(name.to_string(), said);
-        said
+        let until = said.is_none().then(|| now + H2C_RETRY);
+        known.insert(name.to_string(), (said.unwrap_or(false), until));
+        said.unwrap_or(false)
     }
 
     /// Opens a stream for a client on a slot taken with [`Self::claim`]; the caller

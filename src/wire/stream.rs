@@ -39,7 +39,8 @@ pub struct StreamHeader {
 ///
 /// ```text
 /// u16 status, big-endian (the HTTP status codes of the h2 transport: 200, 404, 502, 504)
-/// u16 reason length, big-endian, then the reason (UTF-8, at most 1024 bytes; empty on 200)
+/// u16 reason length, big-endian, then the reason (UTF-8, at most 1024 bytes; empty on 200,
+///     but for the answer to a proxy's question about a service's protocols)
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {

@@ -107,8 +107,11 @@ pub(super) async fn order(
         Some(id) => match account.new_order(&plain().replaces(id)).await {
             Ok(order) => order,
             // No renewal information at this CA, or it will not have this certificate
-            // replaced (replaced already, say): ordered as a new certificate.
-            Err(instant_acme::Error::Unsupported(_) | instant_acme::Error::Api(_)) => {
+            // replaced (replaced already, say): ordered as a new certificate. Anything
+            // else (a rate limit above all) fails the order as it is.
+            Err(instant_acme::Error::Unsupported(_)) => account.new_order(&plain()).await?,
+            Err(instant_acme::Error::Api(p)) if replaced_refused(&p) => {
+                tracing::info!(host = %name, problem = ?p.r#type, detail = ?p.detail, "the CA will not have the certificate replaced; ordering a new one");
                 account.new_order(&plain()).await?
             }
             Err(e) => return Err(e.into()),
@@ -163,6 +166,15 @@ pub(super) async fn order(
     let key_pem = order.finalize().await?;
     let chain_pem = order.poll_certificate(&policy).await?;
     Ok((chain_pem, key_pem))
+}
+
+/// Whether the CA refused an order only for the certificate it `replaces` (RFC 9773:
+/// replaced already, or not one it knows).
+fn replaced_refused(problem: &instant_acme::Problem) -> bool {
+    matches!(
+        problem.r#type.as_deref(),
+        Some("urn:ietf:params:acme:error:alreadyReplaced" | "urn:ietf:params:acme:error:malformed")
+    )
 }
 
 /// Puts `answer` in the store, and waits until the proxies can give it.
