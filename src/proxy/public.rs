@@ -195,17 +195,15 @@ async fn handle(
     access.host = Some(name.clone());
     let state = shared.state.get();
     // The ACME server validating a terminated name's pending challenge: answered here.
-    let first_is_tls = matches!(reply, Reply::Tls);
-    if matches!(reply, Reply::Tls | Reply::Http) {
-        let record = state.tls.get(&name);
-        if let Some(answer) = shared.terminator.challenge(record, first_is_tls, &peeked) {
-            drop(state);
-            access.outcome = "acme_challenge";
-            return match answer {
-                Answer::Http(body) => acme_challenge_answer(tcp, &body, id).await,
-                Answer::Tls(config) => crate::edge::answer_tls_alpn01(config, tcp, peeked).await,
-            };
-        }
+    let (tls, silent) = (matches!(reply, Reply::Tls), matches!(reply, Reply::Silent));
+    let record = (state.tls.get(&name)).filter(|_| !silent);
+    if let Some(answer) = shared.terminator.challenge(record, tls, &peeked) {
+        drop(state);
+        access.outcome = "acme_challenge";
+        return match answer {
+            Answer::Http(body) => acme_challenge_answer(tcp, &body, id).await,
+            Answer::Tls(config) => crate::edge::answer_tls_alpn01(config, tcp, peeked).await,
+        };
     }
     // A name whose TLS this proxy terminates: its handshake is completed here, and plain
     // HTTP to it is sent to https. (A private name is refused by the lookup below as any
@@ -250,8 +248,7 @@ async fn handle(
             return tell_unrouted(&mut tcp, &name, reply, offline, id).await;
         }
     };
-    // `h2` is offered as well when every agent that would serve the name says its
-    // service speaks h2c (asked once per tunnel and name).
+    // `h2` too when every agent that would serve the name says its service speaks h2c.
     let terminate = match terminate {
         Some(c) if found.all_speak_h2c(&name).await => Some(c.h2.clone()),
         other => other.map(|c| c.http1.clone()),
