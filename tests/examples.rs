@@ -33,6 +33,36 @@ fn every_example_config_is_valid() {
     assert!(checked >= 2, "found {checked} example configs");
 }
 
+/// The agent's example, its commented lines uncommented, is valid and means what it says.
+#[test]
+fn the_example_agent_config_means_what_it_says() {
+    let text = include_str!("../examples/agent.toml");
+    let config = AgentConfig::from_toml(&uncomment(text)).unwrap();
+    config.validate().unwrap();
+    let app = (config.service.iter()).find(|s| s.host == "app.example.com");
+    assert!(app.unwrap().h2c);
+    assert_eq!(config.state, Some(PathBuf::from("/var/lib/revproxy-agent")));
+}
+
+/// `text` with every commented `key = value` line and table header uncommented.
+fn uncomment(text: &str) -> String {
+    (text.lines())
+        .map(|line| match line.strip_prefix("# ") {
+            Some(rest)
+                if rest.starts_with('[')
+                    || rest.split_once(" = ").is_some_and(|(key, _)| {
+                        (key.chars())
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                    }) =>
+            {
+                rest
+            }
+            _ => line,
+        })
+        .map(|line| format!("{line}\n"))
+        .collect()
+}
+
 /// As installed (the Debian package's /etc/revproxy/proxy.toml), the example opens the agent
 /// port, HTTP on 80 and TLS on 443 and nothing else (no fixed port that a local service such
 /// as PostgreSQL may hold); its commented-out lines, uncommented, are valid and mean what
@@ -53,23 +83,13 @@ fn the_example_proxy_config_means_what_it_says() {
     assert_eq!(config.agents.map(|a| a.port()), Some(7443));
     assert!(config.routes().unwrap().is_empty());
 
-    // Every `# key = value` and `# [[table]]` line, uncommented.
-    let uncommented: String = (text.lines())
-        .map(|line| match line.strip_prefix("# ") {
-            Some(rest)
-                if rest.starts_with("[[")
-                    || rest.split_once(" = ").is_some_and(|(key, _)| {
-                        key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-                    }) =>
-            {
-                rest
-            }
-            _ => line,
-        })
-        .map(|line| format!("{line}\n"))
-        .collect();
+    // Every `# key = value`, `# [table]` and `# [[table]]` line, uncommented.
+    let uncommented = uncomment(text);
     let config = ProxyConfig::from_toml(&uncommented).unwrap();
     config.validate().unwrap();
+    let acme = config.acme_settings().unwrap().expect("[acme]");
+    assert_eq!(acme.challenge, revproxy::ChallengeKind::TlsAlpn01);
+    assert_eq!(acme.contact, ["mailto:ops@example.com"]);
     assert_eq!(ports(&config), [80, 443, 2222, 15432]);
     assert_eq!(
         config.routes().unwrap(),
