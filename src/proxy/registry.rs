@@ -464,10 +464,20 @@ impl Found {
             true => &self.wildcard,
             false => &self.exact,
         };
+        // Most connections find every answer known: no task, no wait.
         let mut asking = tokio::task::JoinSet::new();
         for t in first {
-            let (t, name) = (t.clone(), name.to_string());
-            asking.spawn(async move { t.speaks_h2c(&name).await });
+            match t.known_h2c(name) {
+                Some(true) => {}
+                Some(false) => return false,
+                None => {
+                    let (t, name) = (t.clone(), name.to_string());
+                    asking.spawn(async move { t.speaks_h2c(&name).await });
+                }
+            }
+        }
+        if asking.is_empty() {
+            return !first.is_empty();
         }
         let all = async {
             while let Some(said) = asking.join_next().await {

@@ -148,12 +148,10 @@ impl Tunnel {
     /// remembered for the tunnel's life; a question that failed is not asked again for
     /// [`H2C_RETRY`] (the answer meanwhile is no).
     pub(super) async fn speaks_h2c(&self, name: &str) -> bool {
-        let now = tokio::time::Instant::now();
-        if let Some(&(said, until)) = self.h2c_answers.lock().expect("h2c answers").get(name) {
-            if until.is_none_or(|until| until > now) {
-                return said;
-            }
+        if let Some(said) = self.known_h2c(name) {
+            return said;
         }
+        let now = tokio::time::Instant::now();
         let said = self.link.speaks_h2c(name).await;
         let mut known = self.h2c_answers.lock().expect("h2c answers");
         if known.len() >= 1024 {
@@ -162,6 +160,15 @@ impl Tunnel {
         let until = said.is_none().then(|| now + H2C_RETRY);
         known.insert(name.to_string(), (said.unwrap_or(false), until));
         said.unwrap_or(false)
+    }
+
+    /// What [`Self::speaks_h2c`] would answer without asking, if it would.
+    pub(super) fn known_h2c(&self, name: &str) -> Option<bool> {
+        let known = self.h2c_answers.lock().expect("h2c answers");
+        let &(said, until) = known.get(name)?;
+        until
+            .is_none_or(|until| until > tokio::time::Instant::now())
+            .then_some(said)
     }
 
     /// Opens a stream for a client on a slot taken with [`Self::claim`]; the caller

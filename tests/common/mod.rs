@@ -17,7 +17,9 @@ mod acme;
 mod admin;
 mod apart;
 mod deployment;
+mod logs;
 mod postgres;
+mod process;
 mod proxy;
 mod terminate;
 #[allow(unused_imports)] // each test binary uses its own subset
@@ -28,85 +30,13 @@ pub use apart::Apart;
 #[allow(unused_imports)] // each test binary uses its own subset
 pub use deployment::*;
 #[allow(unused_imports)] // each test binary uses its own subset
+pub use logs::*;
 pub use postgres::Postgres;
+pub use process::*;
 use proxy::bind;
 pub use proxy::TestProxy;
 #[allow(unused_imports)] // each test binary uses its own subset
 pub use terminate::*;
-
-/// Logs to the test's captured output; `RUST_LOG` sets the level (default: warn).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_test_writer()
-        .try_init();
-}
-
-/// Log lines of this thread (a `#[tokio::test]` runs every task it spawns on its own
-/// thread) from `level` up, one per event, as long as the guard lives: a test can await
-/// what an agent or proxy says instead of guessing when it has said it.
-pub fn watch_logs(
-    level: tracing::Level,
-) -> (
-    tracing::subscriber::DefaultGuard,
-    tokio::sync::mpsc::UnboundedReceiver<String>,
-) {
-    struct Lines(tokio::sync::mpsc::UnboundedSender<String>);
-    impl std::io::Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            let _ = self.0.send(String::from_utf8_lossy(buf).into_owned());
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_ansi(false)
-        .with_writer(move || Lines(tx.clone()))
-        .finish();
-    (tracing::subscriber::set_default(subscriber), rx)
-}
-
-/// The lines a child writes on stderr (which must be piped), as they come.
-pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    lines_to(stderr, tx);
-    rx
-}
-
-/// Sends each line `from` gives to `to`, as they come, on a thread of its own (which
-/// keeps reading after the receiver is gone, so the writer never blocks).
-pub fn lines_to(from: impl std::io::Read + Send + 'static, to: std::sync::mpsc::Sender<String>) {
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
-            let _ = to.send(line);
-        }
-    });
-}
-
-/// Waits (bounded) for a log line from [`watch_logs`] that contains `text`.
-pub async fn log_line(
-    logs: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
-    text: &str,
-) -> String {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let line = logs.recv().await.expect("logs are watched");
-            if line.contains(text) {
-                return line;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no log line with {text:?} within 10 s"))
-}
 
 /// Sends `body` as an enrollment request over pinned TLS and returns the status and body.
 pub async fn post_raw(addr: SocketAddr, pin: Pin, body: Vec<u8>) -> (u16, String) {
@@ -497,21 +427,6 @@ where
     }
 }
 
-/// Makes sure a program the test drives is installed (`scripts/test-tools.sh` installs
-/// what is missing) and returns its name.
-pub fn tool(name: &str) -> &str {
-    static INSTALL: std::sync::Once = std::sync::Once::new();
-    INSTALL.call_once(|| {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-tools.sh");
-        let status = std::process::Command::new("bash")
-            .arg(script)
-            .status()
-            .expect("run scripts/test-tools.sh");
-        assert!(status.success(), "scripts/test-tools.sh failed");
-    });
-    name
-}
-
 /// An agent enrolled over the network with public `hosts`, `private` names and `connect`
 /// access.
 pub async fn enroll_mesh_agent(
@@ -540,36 +455,6 @@ pub async fn enroll_mesh_agent(
     let dir = tempfile::tempdir().unwrap();
     revproxy::agent::enroll(&token, dir.path()).await.unwrap();
     dir
-}
-
-/// A child process killed (and reaped) when the test ends.
-pub struct Killed(pub std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Sends signal `name` (`HUP`, `KILL`) to process `pid`.
-pub fn signal(pid: u32, name: &str) {
-    let sent = std::process::Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(sent.success(), "kill -{name} {pid}");
-}
-
-/// A port on `ip` the kernel says is free now, for programs that take no port 0 (nginx,
-/// HAProxy, PostgreSQL) and for configuration files a reload compares by address.
-pub fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Enrolls agent `name` for `host` with the CA `ca`, its proxy's agent listener at
