@@ -6,6 +6,7 @@ CPU each setup spent per request.
 
     python3 bench/tls.py            # about 4 minutes after the build
     python3 bench/tls.py --quick    # smoke run, numbers not meaningful
+    python3 bench/tls.py --baseline DIR   # also revproxy and revproxy-agent from DIR, side by side
 
 revproxy: `revproxy tls terminate localhost --cert --key` (an ECDSA P-256 certificate), one
 agent over an h2 tunnel, its service the backend in plain HTTP. nginx: `listen ssl` with the
@@ -142,9 +143,14 @@ def measure(work_fn, pids_fn):
     return figure, spent / max(requests, 1) * 1e6
 
 
+BEFORE = "revproxy before (TLS terminated, h2)"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short smoke run; numbers are not meaningful")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also measure revproxy and revproxy-agent from DIR (an earlier build), side by side")
     ap.add_argument("--repeats", type=int, default=None, help="repetitions per figure (default 5, quick 1)")
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 5)
@@ -164,6 +170,9 @@ def main():
             "nginx (TLS)": start_nginx_tls(procs, work, backend, cert, key),
             "revproxy (TLS terminated, h2)": start_revproxy_tls(procs, bindir, work, backend, cert, key),
         }
+        if args.baseline:
+            setups[BEFORE] = start_revproxy_tls(procs, os.path.abspath(args.baseline), f"{work}/before",
+                                                backend, cert, key)
         for port, _ in setups.values():
             wait_https(port, f"{work}/ca.crt")
         workloads = {
@@ -185,12 +194,14 @@ def main():
                     log(f"{name}: {label} {figure:.0f} ({us:.0f} µs CPU/request)")
             rows.append((name, {label: (statistics.median(figures[label]), statistics.median(cpu[label]))
                                 for label in setups}))
-        print(f"| workload ({repeats} runs, median) | " + " | ".join(setups) + " | revproxy / nginx |")
-        print("|---|" + "---|" * (len(setups) + 1))
+        ratios = ["revproxy / nginx"] + (["before / nginx"] if args.baseline else [])
+        print(f"| workload ({repeats} runs, median) | " + " | ".join(setups) + " | " + " | ".join(ratios) + " |")
+        print("|---|" + "---|" * (len(setups) + len(ratios)))
         for name, by in rows:
-            (n, n_cpu), (r, r_cpu) = by["nginx (TLS)"], by["revproxy (TLS terminated, h2)"]
-            print(f"| {name} | {n:,.0f} ({n_cpu:.0f} µs CPU/req) | {r:,.0f} ({r_cpu:.0f} µs CPU/req) "
-                  f"| {r / n:.2f} |")
+            cells = [f"{f:,.0f} ({us:.0f} µs CPU/req)" for f, us in by.values()]
+            n = by["nginx (TLS)"][0]
+            shares = [f"{by[label][0] / n:.2f}" for label in setups if label != "nginx (TLS)"]
+            print(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(shares) + " |")
     finally:
         procs.stop()
         if os.environ.get("KEEP"):

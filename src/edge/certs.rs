@@ -100,7 +100,7 @@ impl Terminator {
         let key = key_from_pem(&key_pem, &what).map_err(|e| e.to_string())?;
         let certified = rustls::sign::CertifiedKey::from_der(chain, key, &provider())
             .map_err(|e| format!("{what}: {e}"))?;
-        let mut config = rustls::ServerConfig::builder_with_provider(suites_by_speed())
+        let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::suites_by_speed())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_no_client_auth()
@@ -120,16 +120,4 @@ impl Terminator {
             http1,
         })
     }
-}
-
-/// The crypto provider with the cipher suites whose hash is SHA-256 first (AES-128-GCM,
-/// ChaCha20), chosen over the client's order: most clients list AES-256-GCM-SHA384 first,
-/// and SHA-384 (the handshake's transcript and key schedule) runs without the CPU's SHA
-/// extensions in ring, where SHA-256 uses them. Measured with bench/tls.py: 6% of the
-/// proxy's CPU in a handshake-bound run was SHA-512 blocks (docs/benchmarks.md).
-fn suites_by_speed() -> Arc<rustls::crypto::CryptoProvider> {
-    let mut fast = (*provider()).clone();
-    fast.cipher_suites
-        .sort_by_key(|s| format!("{:?}", s.suite()).ends_with("SHA384"));
-    Arc::new(fast)
 }

@@ -11,7 +11,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureScheme};
 
-use super::{certs_from_pem, key_from_pem, provider, TlsError};
+use super::{certs_from_pem, key_from_pem, TlsError};
 
 /// DER content of the id-kp-serverAuth OID, 1.3.6.1.5.5.7.3.1.
 const EKU_SERVER_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01];
@@ -59,7 +59,7 @@ fn pinned_builder(
     proxy: Option<&str>,
 ) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, TlsError>
 {
-    let provider = provider();
+    let provider = super::suites_by_speed();
     let verifier = Arc::new(PinnedServerVerifier {
         pins,
         proxy: proxy.map(str::to_string),

@@ -20,14 +20,13 @@ const FIRST_READ: usize = 16 * 1024;
 /// allocation while the transfer lasts: once the previous chunk was split off and dropped
 /// downstream, `reserve` gets it back. Returns the bytes read, 0 at EOF.
 pub(crate) async fn read_some(
-    rd: &tokio::net::tcp::OwnedReadHalf,
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
     buf: &mut bytes::BytesMut,
     chunk: usize,
 ) -> std::io::Result<usize> {
+    use tokio::io::AsyncReadExt;
     loop {
-        let readable = rd.readable();
-        tokio::pin!(readable);
-        let now = std::future::poll_fn(|cx| Poll::Ready(readable.as_mut().poll(cx))).await;
+        let now = std::future::poll_fn(|cx| Poll::Ready(rd.as_ref().poll_read_ready(cx))).await;
         let want = match now {
             Poll::Ready(ready) => {
                 ready?;
@@ -37,14 +36,24 @@ pub(crate) async fn read_some(
                 if buf.is_empty() {
                     *buf = bytes::BytesMut::new();
                 }
-                readable.await?;
+                std::future::poll_fn(|cx| rd.as_ref().poll_read_ready(cx)).await?;
                 FIRST_READ.min(chunk)
             }
         };
         buf.reserve(want);
-        match rd.try_read_buf(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            read => return read,
+        // Through `AsyncRead`, not `try_read`: a read that fills less than the buffer
+        // clears the socket's readiness (epoll has said all it had), so the next round
+        // waits for the next event instead of spending a system call to learn the
+        // socket is empty: one `recvfrom` less per answer on a keep-alive connection.
+        // Readiness left over from a read that filled the buffer exactly makes this
+        // read find nothing: it is dropped (cancel safe, nothing read) and the round
+        // starts again, giving the buffer up while it waits.
+        let read = rd.read_buf(buf);
+        tokio::pin!(read);
+        if let Poll::Ready(read) =
+            std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await
+        {
+            return read;
         }
     }
 }

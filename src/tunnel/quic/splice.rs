@@ -29,13 +29,13 @@ pub(crate) async fn splice(
     send_timeout: Duration,
     meter: &Meter,
 ) -> io::Result<(u64, u64)> {
-    let (rd, mut wr) = tcp.into_split();
+    let (mut rd, mut wr) = tcp.into_split();
     let up = async {
         let mut total = 0u64;
         // Allocated only once the socket is readable, so an idle stream holds no buffer.
         let mut buf = BytesMut::new();
         loop {
-            match read_some(&rd, &mut buf, READ_CHUNK).await? {
+            match read_some(&mut rd, &mut buf, READ_CHUNK).await? {
                 0 => {
                     send.finish().map_err(io::Error::other)?;
                     // Bounded: a peer that never acknowledges is dead and the idle
