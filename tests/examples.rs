@@ -41,6 +41,10 @@ fn the_example_agent_config_means_what_it_says() {
     config.validate().unwrap();
     let app = (config.service.iter()).find(|s| s.host == "app.example.com");
     assert!(app.unwrap().h2c);
+    let ssh = (config.service.iter())
+        .find(|s| s.tcp_port.is_some())
+        .unwrap();
+    assert_eq!(ssh.name().unwrap(), "tcp:20022");
     assert_eq!(config.state, Some(PathBuf::from("/var/lib/revproxy-agent")));
 }
 
@@ -96,6 +100,10 @@ fn the_example_proxy_config_means_what_it_says() {
         [("legacy.example.com".to_string(), "10.0.0.7:443".to_string())]
     );
     assert_eq!(config.state, Some(PathBuf::from("/var/lib/revproxy")));
+    assert_eq!(
+        config.ports.map(|r| r.to_string()).as_deref(),
+        Some("20000-20099")
+    );
 }
 
 /// The systemd units in `examples/systemd/` carry what the operations guide promises (a

@@ -265,7 +265,41 @@ async fn static_routes_and_fixed_listeners_send_the_header_too() {
     }
 }
 
+/// A granted port (`token create --tcp-port`) carries the client's address to its
+/// backend as a name does: nginx behind `--map tcp:PORT=...` with PROXY v2 answers with
+/// curl's address.
+async fn a_granted_port_gives_its_backend_the_client_address(t: Transport) {
+    let nginx = Nginx::start();
+    let port = free_port("127.0.0.1");
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    let range = revproxy::ca::ports::PortRange {
+        low: port,
+        high: port,
+    };
+    let proxy = TestProxy::start_with(move |b| b.granted_ports(range, loopback)).await;
+    let name = format!("tcp:{port}");
+    let dir = enroll_agent(&proxy, "web-1", &[&name]).await;
+    let backend = nginx.addr(1).to_string();
+    let service = name.clone();
+    let _agent = start_agent(dir.path(), &[], move |b| {
+        b.transport(t)
+            .service_with_proxy_protocol(&service, &backend, ProxyProtocol::V2)
+    });
+    proxy.wait_for(&name, 1).await;
+    let url = format!("http://127.0.0.1:{port}/");
+    let (status, body) = tokio::task::spawn_blocking(move || {
+        // The listener follows the tunnel's registration by a moment.
+        wait_until_listening(("127.0.0.1", port));
+        curl(&url, "anything", &[])
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 0, "{body}");
+    assert!(body.starts_with(&format!("client={CLIENT_IP}:")), "{body}");
+}
+
 over_both_transports!(
     nginx_behind_an_agent_sees_the_client_address,
     a_trusted_balancer_is_believed_and_nobody_else,
+    a_granted_port_gives_its_backend_the_client_address,
 );

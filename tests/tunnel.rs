@@ -3,6 +3,8 @@
 //! Real proxy, real agents, real TLS, real backends, all on 127.0.0.1:0.
 
 mod common;
+#[path = "tunnel/ports.rs"]
+mod ports;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

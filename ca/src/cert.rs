@@ -20,8 +20,11 @@ pub struct CertSummary {
     pub serial: String,
     /// The DNS names (lower-cased): the names an agent certificate may serve.
     pub dns_names: Vec<String>,
-    /// The URI names: an agent's SPIFFE identity, a proxy's id.
+    /// The URI names: an agent's SPIFFE identity, a proxy's id, granted ports.
     pub uris: Vec<String>,
+    /// The ports an agent certificate may serve, as served names (`tcp:2222`), from its
+    /// `revproxy:tcp:PORT` URI names.
+    pub ports: Vec<String>,
     /// The IP address names.
     pub ips: Vec<std::net::IpAddr>,
     /// Start of validity, Unix seconds.
@@ -33,6 +36,11 @@ pub struct CertSummary {
 }
 
 impl CertSummary {
+    /// Every name an agent certificate may serve: its DNS names, then its granted ports.
+    pub fn served(&self) -> Vec<String> {
+        self.dns_names.iter().chain(&self.ports).cloned().collect()
+    }
+
     /// Reads a DER certificate; `None` if it does not parse.
     pub fn from_der(der: &[u8]) -> Option<CertSummary> {
         let (_, cert) = X509Certificate::from_der(der).ok()?;
@@ -77,6 +85,11 @@ fn summarize(cert: &X509Certificate<'_>) -> CertSummary {
             }
         }
     }
+    let ports = (uris.iter())
+        .filter_map(|u| u.strip_prefix(crate::ports::URI_PREFIX))
+        .filter(|name| crate::ports::tcp_port_of(name).is_some())
+        .map(str::to_string)
+        .collect();
     let validity = cert.validity();
     CertSummary {
         common_name: cert
@@ -88,6 +101,7 @@ fn summarize(cert: &X509Certificate<'_>) -> CertSummary {
         serial: crate::hex::encode(cert.raw_serial()),
         dns_names,
         uris,
+        ports,
         ips,
         not_before: validity.not_before.timestamp(),
         not_after: validity.not_after.timestamp(),

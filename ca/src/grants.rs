@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use crate::ca::Ca;
 use crate::error::CaError;
-use crate::names::{name_matches, normalize_hosts, validate_agent_name};
+use crate::names::{name_matches, normalize_hosts, normalize_served_names, validate_agent_name};
 use crate::records::Tx;
 use crate::state::Unix;
 
@@ -13,12 +13,9 @@ impl Ca {
     /// Sets the names agent `agent` may serve. Live tunnels follow within seconds; names
     /// outside the agent's certificate stay unserved until it is reissued.
     pub fn set_hosts(&self, agent: &str, hosts: &[String]) -> Result<Vec<String>, CaError> {
-        let hosts = if hosts.is_empty() {
-            Vec::new()
-        } else {
-            normalize_hosts(hosts)?
-        };
+        let hosts = normalize_served_names(hosts)?;
         self.state.update(|tx| {
+            crate::ports::check_granted(tx, &hosts)?;
             let mut grant = tx
                 .grant(agent)?
                 .ok_or_else(|| CaError::UnknownCert(agent.to_string()))?;

@@ -254,7 +254,7 @@ impl Ca {
     }
 
     /// Signs a client certificate (agent or operator): CN `common_name`, the SPIFFE URI
-    /// `identity`, DNS names `hosts`, EKU clientAuth, not a CA, valid from [`BACKDATE`]
+    /// `identity`, DNS names `hosts` (a granted port as the URI `revproxy:tcp:PORT`), EKU clientAuth, not a CA, valid from [`BACKDATE`]
     /// before `now` for `ttl`. Returns the PEM, the hex serial and the expiry.
     pub(crate) fn issue_client_cert(
         &self,
@@ -267,7 +267,10 @@ impl Ca {
     ) -> Result<(String, String, Unix), CaError> {
         let mut sans = vec![SanType::URI(identity.to_string().try_into()?)];
         for host in hosts {
-            sans.push(SanType::DnsName(host.clone().try_into()?));
+            sans.push(match crate::ports::is_port_name(host) {
+                true => SanType::URI(format!("{}{host}", crate::ports::URI_PREFIX).try_into()?),
+                false => SanType::DnsName(host.clone().try_into()?),
+            });
         }
         let params = profile::leaf(
             common_name,

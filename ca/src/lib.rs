@@ -30,6 +30,7 @@ mod issue;
 pub mod names;
 mod operators;
 mod pin;
+pub mod ports;
 mod profile;
 pub mod records;
 mod seal;

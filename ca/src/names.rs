@@ -19,6 +19,8 @@ pub enum NameError {
     Agent(String),
     #[error("invalid host name {0:?}: expected a DNS name like app.example.com or *.example.com")]
     Host(String),
+    #[error("invalid port {0:?}: expected tcp:PORT with PORT from 1 to 65535")]
+    Port(String),
 }
 
 /// Checks an agent name: 1 to 64 characters of `A-Z a-z 0-9 . _ -`, not starting with `.`.
@@ -57,6 +59,19 @@ pub fn normalize_host(name: &str) -> Result<String, NameError> {
     Ok(lower)
 }
 
+/// Normalizes a name an agent may serve: a host name as [`normalize_host`], or a granted
+/// port `tcp:PORT` ([`crate::ports`]).
+pub fn normalize_served(name: &str) -> Result<String, NameError> {
+    let lower = name.trim().to_ascii_lowercase();
+    match lower.strip_prefix("tcp:") {
+        Some(port) => match port.trim().parse::<u16>() {
+            Ok(port) if port != 0 => Ok(crate::ports::tcp_name(port)),
+            _ => Err(NameError::Port(name.to_string())),
+        },
+        None => normalize_host(name),
+    }
+}
+
 /// Whether the granted/served `pattern` covers the `name` a client asked for.
 ///
 /// Both are lower-case DNS names. `*.example.com` covers exactly one more label
@@ -82,6 +97,19 @@ pub(crate) fn normalize_hosts(hosts: &[String]) -> Result<Vec<String>, CaError> 
 
 /// Normalizes names (any number up to [`MAX_HOSTS`]), dropping repeats.
 pub(crate) fn normalize_names(hosts: &[String]) -> Result<Vec<String>, CaError> {
+    normalize_each(hosts, normalize_host)
+}
+
+/// Normalizes names an agent may serve publicly: host names and granted ports
+/// ([`normalize_served`]), any number up to [`MAX_HOSTS`], dropping repeats.
+pub(crate) fn normalize_served_names(hosts: &[String]) -> Result<Vec<String>, CaError> {
+    normalize_each(hosts, normalize_served)
+}
+
+fn normalize_each(
+    hosts: &[String],
+    normalize: fn(&str) -> Result<String, NameError>,
+) -> Result<Vec<String>, CaError> {
     if hosts.len() > MAX_HOSTS {
         return Err(CaError::InvalidInput(format!(
             "give at most {MAX_HOSTS} names"
@@ -89,7 +117,7 @@ pub(crate) fn normalize_names(hosts: &[String]) -> Result<Vec<String>, CaError> 
     }
     let mut out = Vec::with_capacity(hosts.len());
     for h in hosts {
-        let h = normalize_host(h).map_err(|e| CaError::InvalidInput(e.to_string()))?;
+        let h = normalize(h).map_err(|e| CaError::InvalidInput(e.to_string()))?;
         if !out.contains(&h) {
             out.push(h);
         }

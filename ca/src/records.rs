@@ -22,6 +22,10 @@ pub struct Settings {
     pub agent_listener: Option<AgentListener>,
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub acme_accounts: std::collections::BTreeMap<String, String>,
+    /// The ports agents may be granted (`token create --tcp-port`), as the last proxy
+    /// configured with a range recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<crate::ports::PortRange>,
 }
 
 impl Settings {
@@ -35,6 +39,7 @@ impl Settings {
             ca_pin: self.ca_pin,
             agent_listener: self.agent_listener,
             acme_accounts: self.acme_accounts,
+            ports: self.ports,
             ..State::default()
         }
     }
@@ -48,6 +53,7 @@ impl Settings {
             ca_pin: s.ca_pin.clone(),
             agent_listener: s.agent_listener.clone(),
             acme_accounts: s.acme_accounts.clone(),
+            ports: s.ports,
         }
     }
 }

@@ -141,6 +141,22 @@ impl Ca {
         })
     }
 
+    /// Records the ports agents may be granted (`ports` in the proxy's configuration):
+    /// `token create --tcp-port` checks against it. Proxies sharing a store should agree;
+    /// the last to start wins. A proxy without a range records nothing.
+    pub fn record_ports(&self, range: crate::ports::PortRange) -> Result<(), CaError> {
+        self.state.update(|tx| {
+            let settings = tx.settings()?;
+            if settings.ports != Some(range) {
+                tx.put_settings(Settings {
+                    ports: Some(range),
+                    ..settings
+                })?;
+            }
+            Ok::<_, CaError>(())
+        })
+    }
+
     /// Adds `names` to the proxy's server certificate on an existing CA (`ca init --san`
     /// after `serve` created the CA): records them in the state, so that every later
     /// reissue keeps them, and reissues `server.crt` with the same CA key and proxy id,

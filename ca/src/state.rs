@@ -81,6 +81,10 @@ pub struct State {
     /// account key), sealed ([`crate::Sealer`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub acme_accounts: BTreeMap<String, String>,
+    /// The ports agents may be granted, as the last proxy configured with a range
+    /// recorded it ([`crate::ports`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<crate::ports::PortRange>,
 }
 
 /// Where a proxy listens for agents, as it recorded at start.

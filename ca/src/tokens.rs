@@ -9,7 +9,7 @@ use crate::ca::Ca;
 use crate::error::CaError;
 use crate::hex;
 use crate::issue::MAX_CERT_TTL;
-use crate::names::{normalize_names, validate_agent_name, MAX_HOSTS};
+use crate::names::{normalize_names, normalize_served_names, validate_agent_name, MAX_HOSTS};
 use crate::server::validate_server;
 use crate::state::{TokenRecord, Unix};
 use crate::token::{Secret, Token, TokenPublic};
@@ -83,12 +83,12 @@ impl Ca {
     /// Mints a one-time token; returns it whole. Only its secret's hash is stored.
     pub fn create_token(&self, req: &NewToken, now: OffsetDateTime) -> Result<Token, CaError> {
         validate_agent_name(&req.agent).map_err(|e| CaError::InvalidInput(e.to_string()))?;
-        let hosts = normalize_names(&req.hosts)?;
+        let hosts = normalize_served_names(&req.hosts)?;
         let private_hosts = normalize_names(&req.private_hosts)?;
         let connect = normalize_names(&req.connect)?;
         if hosts.is_empty() && private_hosts.is_empty() && connect.is_empty() {
             return Err(CaError::InvalidInput(
-                "give at least one name: --host (public), --private-host or --connect".into(),
+                "give at least one name or port: --host (public), --tcp-port, --private-host or --connect".into(),
             ));
         }
         if hosts.len() + private_hosts.len() > MAX_HOSTS {
@@ -124,6 +124,7 @@ impl Ca {
                     break id;
                 }
             };
+            crate::ports::check_granted(tx, &hosts)?;
             tx.prune(now_s)?;
             tx.put_token(TokenRecord {
                 id: id.clone(),

@@ -153,7 +153,8 @@ impl Backends for ServiceMap {
                     // Without the listener's address (a mesh stream, an older proxy), the
                     // backend's own: a header with addresses carries its TLVs too.
                     server: request.server.or_else(|| stream.peer_addr().ok()),
-                    name: Some(name.to_string()),
+                    // A granted port is no host name: no PP2_TYPE_AUTHORITY for it.
+                    name: (!revproxy_ca::ports::is_port_name(name)).then(|| name.to_string()),
                     caller: caller.map(str::to_string),
                     tls: request.tls.cloned(),
                 },

@@ -241,7 +241,7 @@ pub(super) fn check_reply(
         &key.subject_public_key_info(),
     )
     .map_err(|m| EnrollClientError::BadReply(m.to_string()))?;
-    let (hosts, not_after) = (cert.dns_names, cert.not_after);
+    let (hosts, not_after) = (cert.served(), cert.not_after);
     // Only names the certificate holds: the rest would mean nothing here.
     let private = (reply.private.into_iter())
         .filter(|p| hosts.contains(p))

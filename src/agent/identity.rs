@@ -275,8 +275,9 @@ impl Identity {
     }
 }
 
-/// The DNS names and expiry in a PEM certificate.
+/// The names (DNS names, then granted ports as `tcp:PORT`) and expiry in a PEM
+/// certificate.
 pub(super) fn cert_hosts(pem: &str) -> Option<(Vec<String>, i64)> {
     let cert = revproxy_ca::CertSummary::from_pem(pem)?;
-    Some((cert.dns_names, cert.not_after))
+    Some((cert.served(), cert.not_after))
 }

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use revproxy_ca::names::normalize_host;
+use revproxy_ca::names::{normalize_host, normalize_served};
 use tracing::{error, info};
 
 pub use crate::tunnel::Transport;
@@ -72,8 +72,13 @@ pub enum AgentError {
     NoServices,
     #[error("invalid service {0}")]
     InvalidService(String),
-    #[error("this agent's certificate does not authorize {name} (it grants: {granted}); ask the operator for a token with --host {name}")]
-    NotAuthorized { name: String, granted: String },
+    #[error("this agent's certificate does not authorize {name} (it grants: {granted}); ask the operator for a token with {flag}")]
+    NotAuthorized {
+        name: String,
+        granted: String,
+        /// The `token create` flag that would grant it.
+        flag: String,
+    },
     #[error("{0}")]
     Expired(String),
     #[error("the admin listener {0} is not on a loopback address; bind it to 127.0.0.1 or ::1 (the agent's admin listener has no authentication)")]
@@ -309,7 +314,8 @@ fn checked_services(
 ) -> Result<Vec<backend::Service>, AgentError> {
     let mut entries = Vec::new();
     for (name, addr, options) in services {
-        let name = normalize_host(&name).map_err(|e| AgentError::InvalidService(e.to_string()))?;
+        let name =
+            normalize_served(&name).map_err(|e| AgentError::InvalidService(e.to_string()))?;
         check_backend(&addr)
             .map_err(|e| AgentError::InvalidService(format!("{name}={addr}: {e}")))?;
         let authorized = identity
@@ -317,9 +323,14 @@ fn checked_services(
             .iter()
             .any(|h| *h == name || name_matches(h, &name));
         if !authorized {
+            let flag = match revproxy_ca::ports::tcp_port_of(&name) {
+                Some(port) => format!("--tcp-port {port}"),
+                None => format!("--host {name}"),
+            };
             return Err(AgentError::NotAuthorized {
                 name,
                 granted: identity.hosts.join(", "),
+                flag,
             });
         }
         entries.push(backend::Service {

@@ -132,7 +132,7 @@ fn services_of(
 ) -> Result<Vec<(String, String, revproxy::agent::ServiceOptions)>, anyhow::Error> {
     let mut services = Vec::new();
     for s in &file.service {
-        let (name, to) = config::parse_map(&format!("{}={}", s.host, s.to))?;
+        let (name, to) = config::parse_map(&format!("{}={}", s.name()?, s.to))?;
         let options = revproxy::agent::ServiceOptions {
             proxy_protocol: s.proxy_protocol,
             h2c: s.h2c,

@@ -107,6 +107,11 @@ pub struct ProxyConfig {
     pub route: Vec<RouteConfig>,
     /// Where terminated names' certificates are ordered (`revproxy tls terminate`).
     pub acme: Option<AcmeConfig>,
+    /// The public ports agents may be granted (`"LOW-HIGH"`): the proxy listens on one
+    /// while an agent holding it is connected. Read at start.
+    pub ports: Option<revproxy_ca::ports::PortRange>,
+    /// The address granted ports listen on (default `0.0.0.0`).
+    pub ports_bind: Option<std::net::IpAddr>,
 }
 
 /// One public listener: routes on `protocol`, or sends everything `to` one target.
@@ -278,6 +283,15 @@ impl ProxyConfig {
         let listeners = self.listeners()?;
         self.routes()?;
         self.acme_settings()?;
+        // With the addresses `serve` takes when the file names none.
+        let admin = match self.admin {
+            Some(AdminAddr::At(addr)) => Some(addr),
+            Some(AdminAddr::Off) => None,
+            None => Some(DEFAULT_ADMIN),
+        };
+        let agents = self.agents.unwrap_or(DEFAULT_AGENTS);
+        let fixed = listeners.iter().map(|(a, _)| *a);
+        self.check_ports(fixed.chain([agents]).chain(admin))?;
         // Port 0 asks the kernel for a free port: those never collide.
         let mut addrs: Vec<SocketAddr> = listeners.iter().map(|(a, _)| *a).collect();
         addrs.extend(self.agents);
@@ -293,6 +307,46 @@ impl ProxyConfig {
         Ok(())
     }
 }
+
+impl ProxyConfig {
+    /// `ports_bind` needs `ports`; no configured listener (nor the agent or admin port)
+    /// may sit where a granted port would listen.
+    fn check_ports(&self, addrs: impl Iterator<Item = SocketAddr>) -> Result<(), ConfigError> {
+        let Some(range) = self.ports else {
+            return match self.ports_bind {
+                Some(_) => Err(ConfigError::Invalid(
+                    "ports_bind is set but ports is not: give the range agents may be granted, ports = \"LOW-HIGH\"".into(),
+                )),
+                None => Ok(()),
+            };
+        };
+        let bind = self.ports_bind.unwrap_or(DEFAULT_PORTS_BIND);
+        let overlaps = |a: &SocketAddr| {
+            range.contains(a.port())
+                && (a.ip() == bind || a.ip().is_unspecified() || bind.is_unspecified())
+        };
+        match addrs.filter(|a| a.port() != 0).find(overlaps) {
+            Some(a) => Err(ConfigError::Invalid(format!(
+                "listener {a} is inside ports = \"{range}\" (granted ports listen on {bind}): move it or narrow the range"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where agents connect unless told otherwise (`agents`, `--agents`).
+pub const DEFAULT_AGENTS: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+    revproxy_ca::DEFAULT_AGENT_PORT,
+);
+
+/// Where the proxy's admin listener is unless told otherwise (`admin`, `--admin`).
+pub const DEFAULT_ADMIN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7444);
+
+/// Where granted ports listen unless `ports_bind` says otherwise.
+pub const DEFAULT_PORTS_BIND: std::net::IpAddr =
+    std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
 
 /// `revproxy-agent run --config FILE`.
 #[derive(Debug, Default, Deserialize)]
@@ -355,8 +409,11 @@ pub fn parse_connect(s: &str) -> Result<(String, SocketAddr), ConfigError> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
-    /// Exact name or `*.example.com`.
+    /// Exact name or `*.example.com`; or instead `tcp_port`.
+    #[serde(default)]
     pub host: String,
+    /// A granted public TCP port (`token create --tcp-port`) instead of a name.
+    pub tcp_port: Option<u16>,
     /// Backend `HOST:PORT`.
     pub to: String,
     /// `"v1"` or `"v2"`: a PROXY header with the public client's address before the
@@ -366,6 +423,24 @@ pub struct ServiceConfig {
     /// offers `h2` to its clients.
     #[serde(default)]
     pub h2c: bool,
+}
+
+impl ServiceConfig {
+    /// The served name: `host`, or `tcp:PORT` for `tcp_port` (exactly one of them).
+    pub fn name(&self) -> Result<String, ConfigError> {
+        match (self.host.is_empty(), self.tcp_port) {
+            (false, None) => Ok(self.host.clone()),
+            (true, Some(port)) => Ok(revproxy_ca::ports::tcp_name(port)),
+            (true, None) => Err(ConfigError::Invalid(format!(
+                "[[service]] to = {:?} needs host = NAME or tcp_port = PORT",
+                self.to
+            ))),
+            (false, Some(port)) => Err(ConfigError::Invalid(format!(
+                "[[service]] has both host = {:?} and tcp_port = {port}: one service is one name or one port",
+                self.host
+            ))),
+        }
+    }
 }
 
 impl AgentConfig {
@@ -388,7 +463,7 @@ impl AgentConfig {
         positive("idle_timeout", self.idle_timeout.map(|d| d.as_millis()))?;
         loopback_admin(self.admin)?;
         for s in &self.service {
-            parse_map(&format!("{}={}", s.host, s.to))?;
+            parse_map(&format!("{}={}", s.name()?, s.to))?;
         }
         let mut names = std::collections::HashSet::new();
         for c in &self.connect {
@@ -443,13 +518,13 @@ fn loopback_admin(admin: Option<SocketAddr>) -> Result<(), ConfigError> {
     }
 }
 
-/// Parses `NAME=HOST:PORT` (a `--map` argument).
+/// Parses `NAME=HOST:PORT` or `tcp:PORT=HOST:PORT` (a `--map` argument).
 pub fn parse_map(s: &str) -> Result<(String, String), ConfigError> {
     let bad = |why: String| ConfigError::Invalid(format!("invalid service {s:?}: {why}"));
     let (name, to) = s
         .split_once('=')
-        .ok_or_else(|| bad("expected NAME=HOST:PORT".into()))?;
-    let name = revproxy_ca::names::normalize_host(name).map_err(|e| bad(e.to_string()))?;
+        .ok_or_else(|| bad("expected NAME=HOST:PORT or tcp:PORT=HOST:PORT".into()))?;
+    let name = revproxy_ca::names::normalize_served(name).map_err(|e| bad(e.to_string()))?;
     match Target::parse(&format!("tcp://{to}")) {
         Ok(_) => Ok((name, to.to_string())),
         Err(_) => Err(bad(format!("backend {to:?} is not HOST:PORT"))),
@@ -594,6 +669,65 @@ mod tests {
         .unwrap();
         let err = twice.validate().unwrap_err().to_string();
         assert!(err.contains("appears twice"), "{err}");
+    }
+
+    #[test]
+    fn granted_ports_and_their_services() {
+        let ok = ProxyConfig::from_toml(
+            "ports = \"20000-20099\"\nports_bind = \"127.0.0.1\"\nsni = \"0.0.0.0:443\"",
+        )
+        .unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.ports.unwrap().to_string(), "20000-20099");
+        for (bad, says) in [
+            ("ports = \"99-1\"", "LOW-HIGH"),
+            ("ports = \"0-10\"", "LOW-HIGH"),
+        ] {
+            let err = ProxyConfig::from_toml(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        for (bad, says) in [
+            ("ports_bind = \"0.0.0.0\"", "ports is not"),
+            // A listener where a granted port would listen.
+            ("ports = \"2000-2100\"\n[[listener]]\nlisten = \"127.0.0.1:2022\"\nto = \"a.example.com\"", "inside ports"),
+            ("ports = \"7000-7999\"\nagents = \"0.0.0.0:7443\"", "inside ports"),
+        ] {
+            let err = ProxyConfig::from_toml(bad).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        // Elsewhere than where granted ports listen, a listener in the range is fine.
+        let apart = ProxyConfig::from_toml(
+            "ports = \"2000-2100\"\nports_bind = \"127.0.0.2\"\n\
+             [[listener]]\nlisten = \"127.0.0.1:2022\"\nto = \"a.example.com\"",
+        )
+        .unwrap();
+        apart.validate().unwrap();
+
+        let agent =
+            AgentConfig::from_toml("[[service]]\ntcp_port = 2222\nto = \"127.0.0.1:22\"").unwrap();
+        agent.validate().unwrap();
+        assert_eq!(agent.service[0].name().unwrap(), "tcp:2222");
+        for bad in [
+            "[[service]]\nto = \"127.0.0.1:22\"",
+            "[[service]]\nhost = \"a.example.com\"\ntcp_port = 2222\nto = \"127.0.0.1:22\"",
+        ] {
+            assert!(
+                AgentConfig::from_toml(bad).unwrap().validate().is_err(),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse_map("TCP:2222=127.0.0.1:22").unwrap(),
+            ("tcp:2222".to_string(), "127.0.0.1:22".to_string())
+        );
+        for bad in [
+            "tcp:0=127.0.0.1:22",
+            "tcp:70000=127.0.0.1:22",
+            "tcp:ssh=127.0.0.1:22",
+        ] {
+            let err = parse_map(bad).unwrap_err().to_string();
+            assert!(err.contains("tcp:PORT"), "{bad}: {err}");
+        }
     }
 
     #[test]

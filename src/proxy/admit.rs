@@ -20,7 +20,8 @@ pub(super) struct Peer {
     pub(super) agent: String,
     /// Serial of the certificate, hex.
     pub(super) serial: String,
-    /// DNS names in the certificate: the most the agent may ever serve.
+    /// Names in the certificate (DNS names, granted ports as `tcp:PORT`): the most the
+    /// agent may ever serve.
     pub(super) cert_hosts: Vec<String>,
     /// End of the certificate's validity, Unix seconds: the tunnel closes then.
     pub(super) not_after: i64,
@@ -65,10 +66,11 @@ pub(super) async fn admit(shared: &Shared, der: Option<&[u8]>, peer: SocketAddr)
 
 fn peer_of(der: &[u8]) -> Option<Peer> {
     let cert = CertSummary::from_der(der)?;
+    let cert_hosts = cert.served();
     Some(Peer {
         agent: cert.common_name?,
         serial: cert.serial,
-        cert_hosts: cert.dns_names,
+        cert_hosts,
         not_after: cert.not_after,
     })
 }

@@ -45,6 +45,7 @@ pub struct ProxyBuilder {
     acme: Option<crate::edge::AcmeSettings>,
     static_proxy_protocol: HashMap<String, crate::wire::proxy_header::ProxyProtocol>,
     upgraded: Option<handover::Confirmation>,
+    granted_ports: Option<(revproxy_ca::ports::PortRange, std::net::IpAddr)>,
 }
 
 /// Where the proxy listens for QUIC tunnels.
@@ -84,7 +85,20 @@ impl ProxyBuilder {
             acme: None,
             static_proxy_protocol: HashMap::new(),
             upgraded: None,
+            granted_ports: None,
         }
+    }
+
+    /// The public ports agents may be granted (`ports`), listened on at `bind`
+    /// (`ports_bind`) while an agent holding one is connected (DESIGN.md section 11).
+    /// Recorded in the store for `token create --tcp-port` to check against.
+    pub fn granted_ports(
+        mut self,
+        range: revproxy_ca::ports::PortRange,
+        bind: std::net::IpAddr,
+    ) -> Self {
+        self.granted_ports = Some((range, bind));
+        self
     }
 
     /// The listener agents connect to (enrollment and tunnels).
@@ -288,6 +302,11 @@ impl ProxyBuilder {
         {
             warn!(error = %e, "cannot record the agent listener's address; tokens name the one chosen at `ca init`");
         }
+        if let Some((range, _)) = self.granted_ports {
+            if let Err(e) = ca.record_ports(range) {
+                warn!(error = %e, %range, "cannot record the ports agents may be granted; `token create --tcp-port` checks against the range recorded before");
+            }
+        }
         let server_cert = tls::ServerCert::new(&identity.chain_pem, &identity.key_pem)?;
         let enroll_config =
             tls::agent_listener_config(server_cert.clone(), ca.cert_der(), &[tls::ALPN_HTTP1])?;
@@ -436,6 +455,8 @@ impl ProxyBuilder {
             sockets,
             handover: None,
             upgraded: self.upgraded,
+            granted_ports: (self.granted_ports)
+                .map(|(range, bind)| super::ports::GrantedPorts::new(range, bind)),
         })
     }
 }

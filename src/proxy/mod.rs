@@ -27,6 +27,7 @@ mod enroll;
 mod mesh;
 mod metrics;
 mod peek;
+mod ports;
 mod public;
 mod ratelimit;
 mod registry;
@@ -238,6 +239,14 @@ struct Shared {
     acme: Option<crate::edge::AcmeSettings>,
 }
 
+/// Waits until `at`, or forever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Shared {
     /// The settings in force.
     fn settings(&self) -> Arc<reload::Settings> {
@@ -262,6 +271,8 @@ pub struct Proxy {
     handover: Option<handover::Listener>,
     /// Told once this proxy serves, when it took its sockets over.
     upgraded: Option<handover::Confirmation>,
+    /// The ports agents may be granted, and where they listen.
+    granted_ports: Option<ports::GrantedPorts>,
 }
 
 impl Proxy {
@@ -365,6 +376,10 @@ impl Proxy {
         }
 
         let mut reloads = self.reloads;
+        let mut granted = self.granted_ports;
+        let mut tunnels_changed = self.shared.registry.subscribe();
+        let mut ports_again =
+            (granted.as_mut()).and_then(|g| g.sync(&self.shared.registry, &mut public));
         let mut handing_over: Option<upgrade::HandingOver> = None;
         // Kept across turns of the loop: it reads the request after accepting.
         let mut asking = Box::pin(upgrade::next_successor(handover.as_ref()));
@@ -396,6 +411,12 @@ impl Proxy {
                     }
                 },
                 () = public.reap() => {}
+                _ = tunnels_changed.changed(), if granted.is_some() => {
+                    ports_again = (granted.as_mut()).and_then(|g| g.sync(&self.shared.registry, &mut public));
+                }
+                () = sleep_until_some(ports_again), if ports_again.is_some() => {
+                    ports_again = (granted.as_mut()).and_then(|g| g.sync(&self.shared.registry, &mut public));
+                }
                 asked = asking.as_mut(), if handing_over.is_none() => {
                     asking.set(upgrade::next_successor(handover.as_ref()));
                     match asked.and_then(|successor| Ok((successor, upgrade::sockets(&self.sockets, &public)?))) {

@@ -400,6 +400,14 @@ async fn lookup(
             found = shared.registry.wait_for(name, until).await;
         }
     }
+    // A granted port's listener stays a moment after its last tunnel left (an agent
+    // restarting, `ports.rs`): a client that came then waits for the agent to be back.
+    if found.is_empty() && revproxy_ca::ports::is_port_name(name) && state.is_granted_anywhere(name)
+    {
+        let until = tokio::time::Instant::now() + super::ports::CLIENT_WAIT;
+        debug!(%peer, conn = %id, host = %name, "no tunnel serves this granted port now: waiting for its agent");
+        found = shared.registry.wait_for(name, until).await;
+    }
     if found.is_empty() && route.is_none() {
         return Err(state.is_granted_anywhere(name));
     }

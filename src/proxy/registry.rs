@@ -41,6 +41,8 @@ struct Inner {
     by_private: HashMap<String, Routes>,
     /// Certificate serial → the tunnels its streams are spread over ([`Routes`]).
     pools: HashMap<String, Vec<Arc<Tunnel>>>,
+    /// The granted ports some live tunnel serves (`tcp:PORT` in `by_pattern`).
+    ports: std::collections::BTreeSet<u16>,
 }
 
 /// The tunnels serving one name pattern. For each certificate a pool: its newest tunnel
@@ -115,6 +117,7 @@ impl Inner {
         self.by_pattern.clear();
         self.by_private.clear();
         self.pools.clear();
+        self.ports.clear();
         let mut ids: Vec<&u64> = self.tunnels.keys().collect();
         ids.sort_by(|a, b| b.cmp(a)); // newest tunnel first
         for id in ids {
@@ -126,6 +129,11 @@ impl Inner {
             if is_open(pool) {
                 pool.push(tunnel.clone());
             }
+            let ports = served
+                .public
+                .iter()
+                .filter_map(|h| revproxy_ca::ports::tcp_port_of(h));
+            self.ports.extend(ports);
             for host in &served.public {
                 self.by_pattern
                     .entry(host.clone())
@@ -361,6 +369,12 @@ impl Registry {
             drop(inner);
             self.changes.send_modify(|n| *n += 1);
         }
+    }
+
+    /// The granted ports some live tunnel serves now: the proxy listens on those (in its
+    /// range).
+    pub(super) fn ports(&self) -> std::collections::BTreeSet<u16> {
+        self.inner.read().expect("registry lock").ports.clone()
     }
 
     /// How many tunnels each agent holds, by transport (draining ones included).

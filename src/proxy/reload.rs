@@ -111,8 +111,9 @@ struct Running {
     /// Fired by the loop once it accepts no more.
     stopped: Trigger,
     /// A second descriptor of the listening socket, for an upgrade to hand over; dropped
-    /// with the entry, so a removed listener's socket closes.
-    fd: OwnedFd,
+    /// with the entry, so a removed listener's socket closes. None for a granted port's
+    /// (not handed over: the successor listens once its agents are there).
+    fd: Option<OwnedFd>,
 }
 
 /// Fires its trigger when dropped.
@@ -129,7 +130,7 @@ struct Prepared {
     addr: SocketAddr,
     kind: ListenerKind,
     /// For an upgrade to hand over.
-    fd: OwnedFd,
+    fd: Option<OwnedFd>,
     /// A descriptor of the socket for each lane to accept with.
     sockets: Vec<(crate::runtime::lanes::Lane, std::net::TcpListener)>,
 }
@@ -141,6 +142,8 @@ pub(super) struct PublicListeners {
     per_source: Arc<PerSource>,
     grace: Duration,
     running: HashMap<SocketAddr, Running>,
+    /// The granted ports' listeners ([`super::ports`]), by port.
+    granted: HashMap<u16, (SocketAddr, Running)>,
     /// Fired at shutdown: every accept loop, running or removed, then gives its
     /// connections the grace period.
     shutdown: Trigger,
@@ -160,6 +163,7 @@ impl PublicListeners {
             per_source,
             grace,
             running: HashMap::new(),
+            granted: HashMap::new(),
             shutdown: Trigger::default(),
             tasks: JoinSet::new(),
         }
@@ -175,8 +179,54 @@ impl PublicListeners {
         kind: ListenerKind,
     ) -> std::io::Result<()> {
         let prepared = self.prepare(listener, kind)?;
-        self.launch(prepared);
+        let (addr, running) = self.launch(prepared);
+        self.running.insert(addr, running);
+        self.publish();
         Ok(())
+    }
+
+    /// The granted ports listened on now.
+    pub(super) fn granted_ports(&self) -> Vec<u16> {
+        self.granted.keys().copied().collect()
+    }
+
+    /// Listens on each port of `wanted` (on `bind`) that has no listener yet, and stops
+    /// listening on those no longer wanted (their open connections run on). Returns the
+    /// ports that could not be bound (the caller tries again later).
+    pub(super) fn sync_granted(
+        &mut self,
+        wanted: &std::collections::BTreeSet<u16>,
+        bind: std::net::IpAddr,
+    ) -> Vec<(u16, std::io::Error)> {
+        self.granted.retain(|port, (_, running)| {
+            let keep = wanted.contains(port);
+            if !keep {
+                info!(
+                    port,
+                    "no agent holding this port is connected: no longer listening"
+                );
+                running.stop.fire();
+            }
+            keep
+        });
+        let mut failed = Vec::new();
+        for &port in wanted {
+            if self.granted.contains_key(&port) {
+                continue;
+            }
+            let addr = SocketAddr::new(bind, port);
+            let kind = ListenerKind::Fixed(Target::Name(revproxy_ca::ports::tcp_name(port)));
+            match crate::runtime::listen(addr).and_then(|l| self.prepare(l, kind)) {
+                Ok(mut prepared) => {
+                    prepared.fd = None;
+                    let launched = self.launch(prepared);
+                    self.granted.insert(port, launched);
+                }
+                Err(e) => failed.push((port, e)),
+            }
+        }
+        self.publish();
+        failed
     }
 
     /// What can fail in starting a listener: its address and its descriptors, one for the
@@ -192,13 +242,14 @@ impl PublicListeners {
         Ok(Prepared {
             addr,
             kind,
-            fd,
+            fd: Some(fd),
             sockets,
         })
     }
 
-    /// Starts the accept loops of a prepared listener; nothing here fails.
-    fn launch(&mut self, prepared: Prepared) {
+    /// Starts the accept loops of a prepared listener; nothing here fails. The caller
+    /// keeps the returned entry (dropping it closes the socket).
+    fn launch(&mut self, prepared: Prepared) -> (SocketAddr, Running) {
         let Prepared {
             addr,
             kind,
@@ -265,7 +316,7 @@ impl PublicListeners {
             }
             all_stopped.fire();
         });
-        self.running.insert(
+        (
             addr,
             Running {
                 kind,
@@ -273,13 +324,13 @@ impl PublicListeners {
                 stopped,
                 fd,
             },
-        );
-        self.publish();
+        )
     }
 
-    /// The listeners as the status page shows them.
+    /// The listeners as the status page shows them, granted ports included.
     fn publish(&self) {
-        let mut list: Vec<(String, String)> = (self.running.iter())
+        let granted = self.granted.values().map(|(addr, running)| (addr, running));
+        let mut list: Vec<(String, String)> = (self.running.iter().chain(granted))
             .map(|(addr, running)| (addr.to_string(), describe(&running.kind)))
             .collect();
         list.sort();
@@ -324,7 +375,8 @@ impl PublicListeners {
         }
         let count = added.len();
         for prepared in added {
-            self.launch(prepared);
+            let (addr, running) = self.launch(prepared);
+            self.running.insert(addr, running);
         }
         self.publish();
         self.per_source.set_exempt(reload.trusted_proxies.clone());
@@ -358,18 +410,20 @@ impl PublicListeners {
         // The sockets close now (their accept loops let go of them at once): a client is
         // refused, not left waiting in a queue nobody reads.
         self.running.clear();
+        self.granted.clear();
         while self.tasks.join_next().await.is_some() {}
     }
 
     /// The listening sockets, for an upgrade to hand over (a descriptor of each).
     pub(super) fn sockets(&self) -> std::io::Result<Vec<(Described, OwnedFd)>> {
         (self.running.iter())
-            .map(|(addr, running)| {
+            .filter_map(|(addr, running)| Some((addr, running.fd.as_ref()?)))
+            .map(|(addr, fd)| {
                 let described = Described {
                     role: Role::Public,
                     addr: *addr,
                 };
-                Ok((described, running.fd.try_clone()?))
+                Ok((described, fd.try_clone()?))
             })
             .collect()
     }
@@ -378,10 +432,11 @@ impl PublicListeners {
     /// returns once none will accept again. Open connections run on until
     /// [`Self::stop_all`].
     pub(super) async fn stop_accepting(&self) {
-        for running in self.running.values() {
+        let all = || (self.running.values()).chain(self.granted.values().map(|(_, r)| r));
+        for running in all() {
             running.stop.fire();
         }
-        for running in self.running.values() {
+        for running in all() {
             running.stopped.cancelled().await;
         }
     }

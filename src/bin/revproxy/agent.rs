@@ -142,7 +142,10 @@ impl Effect {
         command += &format!(" --name {agent}");
         let public = (self.now.iter().map(|(n, _)| n)).chain(&self.missing);
         for name in public {
-            command += &format!(" --host {name}");
+            command += &match revproxy::ca::ports::tcp_port_of(name) {
+                Some(port) => format!(" --tcp-port {port}"),
+                None => format!(" --host {name}"),
+            };
         }
         for name in &self.private_grant {
             command += &format!(" --private-host {name}");

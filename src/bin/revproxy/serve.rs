@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Args;
-use revproxy::ca::{self, Ca, InitOptions};
+use revproxy::ca::{Ca, InitOptions};
 use revproxy::config::{AdminAddr, ProxyConfig};
 use revproxy::runtime::handover;
 use revproxy::runtime::logging::LogFormat;
@@ -16,14 +16,7 @@ use crate::signals::{reload_on_hangup, upgrade_on_usr2};
 use crate::state::{store_failure, StateArg};
 use crate::Failure;
 
-/// Where the proxy's admin listener is unless told otherwise.
-pub(crate) const DEFAULT_ADMIN: &str = "127.0.0.1:7444";
-
-/// Where agents connect unless told otherwise.
-const DEFAULT_AGENTS: SocketAddr = SocketAddr::new(
-    std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-    ca::DEFAULT_AGENT_PORT,
-);
+use revproxy::config::{DEFAULT_ADMIN, DEFAULT_AGENTS};
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {
@@ -149,13 +142,17 @@ impl ServeArgs {
                 builder = builder.advertise(addr);
             }
             builder = builder.trusted_proxies(initial.trusted_proxies);
+            if let Some(range) = config.ports {
+                let bind = config.ports_bind.unwrap_or(revproxy::config::DEFAULT_PORTS_BIND);
+                builder = builder.granted_ports(range, bind);
+            }
             if let Some(acme) = config.acme_settings().map_err(Failure::usage)? {
                 builder = builder.acme(acme);
             }
             let admin = match config.admin {
                 Some(AdminAddr::Off) => None,
                 Some(AdminAddr::At(addr)) => Some(addr),
-                None => Some(DEFAULT_ADMIN.parse().expect("valid address")),
+                None => Some(DEFAULT_ADMIN),
             };
             if let Some(addr) = admin {
                 builder = builder
@@ -213,7 +210,8 @@ impl ServeArgs {
                 None => handover::Listener::pending(&dir)?,
             };
             let proxy = proxy.answer_upgrades(upgrades);
-            tokio::spawn(reload_on_hangup(self, hangups, proxy.reloader()));
+            let ports = (config.ports, config.ports_bind);
+            tokio::spawn(reload_on_hangup(self, hangups, proxy.reloader(), ports));
             tokio::spawn(upgrade_on_usr2(usr2));
             proxy.run(shutdown).await?;
             Ok::<_, Failure>(())

@@ -8,13 +8,23 @@ pub(crate) async fn reload_on_hangup(
     args: ServeArgs,
     mut hangups: tokio::signal::unix::Signal,
     reloader: revproxy::proxy::Reloader,
+    ports_at_start: (
+        Option<revproxy::ca::ports::PortRange>,
+        Option<std::net::IpAddr>,
+    ),
 ) {
     while hangups.recv().await.is_some() {
         tracing::info!("SIGHUP: reading the configuration again");
-        match args
-            .effective_config()
-            .and_then(|config| reload_from(&config))
-        {
+        let read = args.effective_config();
+        // Read at start only: a reload that changes them says so.
+        if let Ok(config) = &read {
+            if (config.ports, config.ports_bind) != ports_at_start {
+                tracing::warn!(
+                    "ports and ports_bind are read at start: the running ones stay until a restart"
+                );
+            }
+        }
+        match read.and_then(|config| reload_from(&config)) {
             Ok(reload) => {
                 // The proxy logs and counts the outcome.
                 let _ = reloader.reload(reload).await;

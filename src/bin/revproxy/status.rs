@@ -6,13 +6,12 @@ use anyhow::Context as _;
 use clap::Args;
 use revproxy::admin::client::{self, Target};
 
-use crate::serve::DEFAULT_ADMIN;
 use crate::Failure;
 
 #[derive(Args)]
 pub(crate) struct StatusArgs {
     /// The proxy's admin listener: HOST:PORT, or https://HOST:PORT with --operator
-    #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADMIN)]
+    #[arg(long, value_name = "ADDR", default_value_t = revproxy::config::DEFAULT_ADMIN.to_string())]
     admin: String,
     /// Directory with an operator certificate (from `revproxy operator create`), for
     /// an https:// admin listener

@@ -31,6 +31,10 @@ pub(crate) enum TokenCommand {
         /// access rule granted at enrollment)
         #[arg(long = "connect", value_name = "NAME")]
         connect: Vec<String>,
+        /// Public TCP port the agent may serve (repeatable; within the proxy's `ports`
+        /// range): listings show it as tcp:PORT
+        #[arg(long = "tcp-port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+        tcp_ports: Vec<u16>,
         /// How long the token stays valid
         #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
@@ -89,13 +93,15 @@ impl TokenCommand {
             TokenCommand::Create {
                 state,
                 name,
-                hosts,
+                mut hosts,
                 private_hosts,
                 connect,
+                tcp_ports,
                 ttl,
                 server,
                 cert_ttl,
             } => {
+                hosts.extend(tcp_ports.into_iter().map(ca::ports::tcp_name));
                 let ca = state.open()?;
                 if server.is_none() {
                     note_wildcard(&ca)?;

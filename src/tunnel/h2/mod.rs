@@ -52,14 +52,30 @@ pub(crate) const ALPN_HEADER: &str = "x-revproxy-alpn";
 /// The authority a control message's `CONNECT` names (never a real name).
 pub(crate) const CONTROL_AUTHORITY: &str = "control.revproxy.invalid";
 
-/// What a `CONNECT` asks for: the name (`:authority`, lower-cased) and the client address
-/// header as sent (the proxy's for a public client, the caller's agent's for a mesh
-/// stream).
+/// The host of the authority that names a granted TCP port: `CONNECT` for `tcp:2222` asks
+/// for `tcp.port.revproxy.invalid:2222` (an authority's host cannot hold the colon).
+const PORT_HOST: &str = "tcp.port.revproxy.invalid";
+
+/// The `:authority` a `CONNECT` for `name` carries: the name itself, or for a granted port
+/// ([`revproxy_ca::ports`]) [`PORT_HOST`] with the port.
+pub(crate) fn authority_of(name: &str) -> std::borrow::Cow<'_, str> {
+    match revproxy_ca::ports::tcp_port_of(name) {
+        Some(port) => format!("{PORT_HOST}:{port}").into(),
+        None => name.into(),
+    }
+}
+
+/// What a `CONNECT` asks for: the name (`:authority`, lower-cased; a granted port as
+/// `tcp:PORT`, see [`authority_of`]) and the client address header as sent (the proxy's
+/// for a public client, the caller's agent's for a mesh stream).
 pub(crate) fn connect_target<B>(request: &http::Request<B>) -> (String, Option<&str>) {
-    let name = request
-        .uri()
-        .authority()
-        .map(|a| a.host().to_ascii_lowercase())
+    let name = (request.uri().authority())
+        .map(
+            |a| match (a.host().eq_ignore_ascii_case(PORT_HOST), a.port_u16()) {
+                (true, Some(port)) => revproxy_ca::ports::tcp_name(port),
+                _ => a.host().to_ascii_lowercase(),
+            },
+        )
         .unwrap_or_default();
     let client = request
         .headers()

@@ -140,7 +140,7 @@ pub(crate) async fn open(
     let mut sender = sender.clone().ready().await.map_err(tunnel_err)?;
     let mut request = Request::builder()
         .method(Method::CONNECT)
-        .uri(req.name)
+        .uri(super::authority_of(req.name).as_ref())
         .header(
             CLIENT_ADDR_HEADER,
             crate::tunnel::client_field(req.client, req.server, req.tls.as_ref()),
