@@ -495,3 +495,50 @@ async fn a_successor_that_is_not_let_go_stops_and_leaves_the_running_proxy_alone
     // The stand-in's listener still accepts.
     std::net::TcpStream::connect(agents_addr).unwrap();
 }
+
+/// A granted port (`ports` in the configuration, `token create --tcp-port`) is handed over
+/// with the other listeners: clients looping on it while the new process takes over and
+/// the agent moves there see no refused or failed connection. (Over h2: a QUIC agent's
+/// streams under way when it moves are cut, issue 32.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_granted_port_is_handed_over_and_refuses_no_client() {
+    let backend = echo_backend(b"B:").await;
+    let port = free_port("127.0.0.1");
+    let (_dir, state, config) = deployment(&format!(
+        "ports = \"{port}-{port}\"\nports_bind = \"127.0.0.1\"\n"
+    ));
+    let mut old = Serve::start(&state, &config, false);
+    let agents = old.addr("agent listener ready");
+    let name = format!("tcp:{port}");
+    let agent_dir = enrolled(&Ca::open(&state).unwrap(), agents, "game", &name).await;
+    let _agent = start_agent(
+        agent_dir.path(),
+        &[(name.as_str(), backend)],
+        on(Transport::H2),
+    );
+    let granted = SocketAddr::from(([127, 0, 0, 1], port));
+    eventually("the granted port is listened on", || async {
+        tokio::net::TcpStream::connect(granted).await.is_ok()
+    })
+    .await;
+    // The clients send an HTTP head first, which the echo backend returns like any bytes.
+    let clients = Clients::start(granted, 4);
+    clients.serve_more(50).await;
+
+    let mut new = Serve::start(&state, &config, true);
+    new.wait("serving on the sockets taken over; the old process stops accepting and moves its agents here");
+    old.wait("agents told to move to the new process");
+    new.wait("tunnel up");
+    clients.serve_more(200).await;
+    let failures = clients.stop().await;
+    assert!(
+        failures.is_empty(),
+        "{} client(s) failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let status = old.exited(Duration::from_secs(30));
+    assert!(status.success(), "{status}");
+    let got = round_trip(granted, b"", b"after").await.unwrap();
+    assert_eq!(got, b"B:after");
+}

@@ -46,6 +46,8 @@ pub struct ProxyBuilder {
     static_proxy_protocol: HashMap<String, crate::wire::proxy_header::ProxyProtocol>,
     upgraded: Option<handover::Confirmation>,
     granted_ports: Option<(revproxy_ca::ports::PortRange, std::net::IpAddr)>,
+    /// Granted ports' listeners taken over at an upgrade.
+    granted_listeners: Vec<TcpListener>,
 }
 
 /// Where the proxy listens for QUIC tunnels.
@@ -86,7 +88,15 @@ impl ProxyBuilder {
             static_proxy_protocol: HashMap::new(),
             upgraded: None,
             granted_ports: None,
+            granted_listeners: Vec::new(),
         }
+    }
+
+    /// A granted port's listener handed over by the process this one upgrades
+    /// (`serve --upgrade`): accepted on at once, kept while the agents move here.
+    pub fn granted_listener(mut self, listener: TcpListener) -> Self {
+        self.granted_listeners.push(listener);
+        self
     }
 
     /// The public ports agents may be granted (`ports`), listened on at `bind`
@@ -457,6 +467,7 @@ impl ProxyBuilder {
             upgraded: self.upgraded,
             granted_ports: (self.granted_ports)
                 .map(|(range, bind)| super::ports::GrantedPorts::new(range, bind)),
+            granted_listeners: self.granted_listeners,
         })
     }
 }

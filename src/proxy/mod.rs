@@ -273,6 +273,8 @@ pub struct Proxy {
     upgraded: Option<handover::Confirmation>,
     /// The ports agents may be granted, and where they listen.
     granted_ports: Option<ports::GrantedPorts>,
+    /// Granted ports' listeners taken over at an upgrade.
+    granted_listeners: Vec<TcpListener>,
 }
 
 impl Proxy {
@@ -377,6 +379,18 @@ impl Proxy {
 
         let mut reloads = self.reloads;
         let mut granted = self.granted_ports;
+        // Taken over at an upgrade (only with a range: `serve` passes none without).
+        let until = self
+            .shared
+            .hold_until
+            .unwrap_or_else(tokio::time::Instant::now);
+        for listener in self.granted_listeners {
+            let Some(g) = granted.as_mut() else { break };
+            match public.adopt_granted(listener) {
+                Ok(port) => g.adopted(port, until),
+                Err(e) => warn!(error = %e, "cannot accept on a granted port handed over"),
+            }
+        }
         let mut tunnels_changed = self.shared.registry.subscribe();
         let mut ports_again =
             (granted.as_mut()).and_then(|g| g.sync(&self.shared.registry, &mut public));

@@ -2,8 +2,9 @@
 //! configured range while some live tunnel serves it (its agent's certificate and grant
 //! hold `tcp:PORT`), and every connection there is a stream to such an agent, routed as
 //! by a `[[listener]] to = NAME` with the name `tcp:PORT`. The listeners themselves are
-//! kept by [`PublicListeners`]; this decides which ports to listen on. They are not handed
-//! to a successor at an upgrade: it listens once its agents are there.
+//! kept by [`PublicListeners`]; this decides which ports to listen on. At an upgrade they
+//! are handed to the successor with the other listeners: it keeps them while its agents
+//! move there, and their clients wait for them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -32,8 +33,8 @@ const RETRY: Duration = Duration::from_secs(1);
 pub(super) struct GrantedPorts {
     range: PortRange,
     bind: IpAddr,
-    /// Ports no tunnel serves any more, and since when.
-    leaving: HashMap<u16, Instant>,
+    /// Ports no tunnel serves any more, and when to stop listening on them.
+    closing: HashMap<u16, Instant>,
     /// Ports that could not be bound (said once until they are).
     failing: BTreeSet<u16>,
     /// Ports agents hold outside the range (said once).
@@ -45,10 +46,17 @@ impl GrantedPorts {
         GrantedPorts {
             range,
             bind,
-            leaving: HashMap::new(),
+            closing: HashMap::new(),
             failing: BTreeSet::new(),
             outside: BTreeSet::new(),
         }
+    }
+
+    /// A granted port's listener taken over from the process this one upgraded: kept
+    /// until `until` (the agents moving here meanwhile; their clients wait for them) and
+    /// [`LINGER`] after, unless a tunnel serves it by then.
+    pub(super) fn adopted(&mut self, port: u16, until: Instant) {
+        self.closing.insert(port, until + LINGER);
     }
 
     /// Listens on what the live tunnels serve now and stops listening on what none has
@@ -69,12 +77,12 @@ impl GrantedPorts {
         self.outside = outside;
         for port in public.granted_ports() {
             if !served.contains(&port) {
-                self.leaving.entry(port).or_insert(now);
+                self.closing.entry(port).or_insert(now + LINGER);
             }
         }
-        self.leaving
-            .retain(|port, since| !served.contains(port) && now < *since + LINGER);
-        let wanted: BTreeSet<u16> = served.iter().chain(self.leaving.keys()).copied().collect();
+        self.closing
+            .retain(|port, at| !served.contains(port) && now < *at);
+        let wanted: BTreeSet<u16> = served.iter().chain(self.closing.keys()).copied().collect();
         let failed = public.sync_granted(&wanted, self.bind);
         let failed_ports: BTreeSet<u16> = failed.iter().map(|(p, _)| *p).collect();
         for (port, error) in &failed {
@@ -88,7 +96,7 @@ impl GrantedPorts {
             }
         }
         self.failing = failed_ports;
-        let linger = self.leaving.values().map(|since| *since + LINGER).min();
+        let linger = self.closing.values().min().copied();
         let retry = (!self.failing.is_empty()).then(|| now + RETRY);
         linger.into_iter().chain(retry).min()
     }

@@ -111,9 +111,8 @@ struct Running {
     /// Fired by the loop once it accepts no more.
     stopped: Trigger,
     /// A second descriptor of the listening socket, for an upgrade to hand over; dropped
-    /// with the entry, so a removed listener's socket closes. None for a granted port's
-    /// (not handed over: the successor listens once its agents are there).
-    fd: Option<OwnedFd>,
+    /// with the entry, so a removed listener's socket closes.
+    fd: OwnedFd,
 }
 
 /// Fires its trigger when dropped.
@@ -130,7 +129,7 @@ struct Prepared {
     addr: SocketAddr,
     kind: ListenerKind,
     /// For an upgrade to hand over.
-    fd: Option<OwnedFd>,
+    fd: OwnedFd,
     /// A descriptor of the socket for each lane to accept with.
     sockets: Vec<(crate::runtime::lanes::Lane, std::net::TcpListener)>,
 }
@@ -185,6 +184,18 @@ impl PublicListeners {
         Ok(())
     }
 
+    /// Accepts on a granted port's listener taken over from the process this one
+    /// upgraded; returns its port.
+    pub(super) fn adopt_granted(&mut self, listener: TcpListener) -> std::io::Result<u16> {
+        let port = listener.local_addr()?.port();
+        let kind = ListenerKind::Fixed(Target::Name(revproxy_ca::ports::tcp_name(port)));
+        let prepared = self.prepare(listener, kind)?;
+        let launched = self.launch(prepared);
+        self.granted.insert(port, launched);
+        self.publish();
+        Ok(port)
+    }
+
     /// The granted ports listened on now.
     pub(super) fn granted_ports(&self) -> Vec<u16> {
         self.granted.keys().copied().collect()
@@ -217,8 +228,7 @@ impl PublicListeners {
             let addr = SocketAddr::new(bind, port);
             let kind = ListenerKind::Fixed(Target::Name(revproxy_ca::ports::tcp_name(port)));
             match crate::runtime::listen(addr).and_then(|l| self.prepare(l, kind)) {
-                Ok(mut prepared) => {
-                    prepared.fd = None;
+                Ok(prepared) => {
                     let launched = self.launch(prepared);
                     self.granted.insert(port, launched);
                 }
@@ -242,7 +252,7 @@ impl PublicListeners {
         Ok(Prepared {
             addr,
             kind,
-            fd: Some(fd),
+            fd,
             sockets,
         })
     }
@@ -414,16 +424,17 @@ impl PublicListeners {
         while self.tasks.join_next().await.is_some() {}
     }
 
-    /// The listening sockets, for an upgrade to hand over (a descriptor of each).
+    /// The listening sockets, granted ports' too, for an upgrade to hand over (a descriptor of
+    /// each).
     pub(super) fn sockets(&self) -> std::io::Result<Vec<(Described, OwnedFd)>> {
-        (self.running.iter())
-            .filter_map(|(addr, running)| Some((addr, running.fd.as_ref()?)))
-            .map(|(addr, fd)| {
+        let granted = self.granted.values().map(|(addr, running)| (addr, running));
+        (self.running.iter().chain(granted))
+            .map(|(addr, running)| {
                 let described = Described {
                     role: Role::Public,
                     addr: *addr,
                 };
-                Ok((described, fd.try_clone()?))
+                Ok((described, running.fd.try_clone()?))
             })
             .collect()
     }

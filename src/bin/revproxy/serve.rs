@@ -162,6 +162,23 @@ impl ServeArgs {
                 let listener = listen(&mut inherited, handover::Role::Public, addr).await?;
                 builder = builder.listener(listener, kind);
             }
+            // Granted ports the running process listens on: kept while its agents move here.
+            if let (Some(taken), Some(range)) = (inherited.as_mut(), config.ports) {
+                let bind = config.ports_bind.unwrap_or(revproxy::config::DEFAULT_PORTS_BIND);
+                for d in taken.described() {
+                    let granted = d.role == handover::Role::Public
+                        && d.addr.ip() == bind
+                        && range.contains(d.addr.port());
+                    if !granted {
+                        continue;
+                    }
+                    let socket = (taken.tcp(handover::Role::Public, d.addr))
+                        .with_context(|| format!("cannot take {} over", d.addr))?;
+                    if let Some(socket) = socket {
+                        builder = builder.granted_listener(tokio::net::TcpListener::from_std(socket)?);
+                    }
+                }
+            }
             if let Some(inherited) = inherited.take() {
                 let (confirmation, unused) = inherited.finish();
                 if !unused.is_empty() {
