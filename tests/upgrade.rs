@@ -253,6 +253,17 @@ impl Clients {
         eventually("clients served", || async { self.served() >= target }).await;
     }
 
+    /// Stops them, and fails the test if any of them failed.
+    async fn stop_without_failures(self) {
+        let failures = self.stop().await;
+        assert!(
+            failures.is_empty(),
+            "{} client(s) failed: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+    }
+
     /// Stops them; every failure seen.
     async fn stop(self) -> Vec<String> {
         self.stop.store(true, Ordering::Relaxed);
@@ -294,13 +305,7 @@ async fn an_upgrade_refuses_no_client_and_finishes_open_transfers() {
         assert!(back == chunk, "chunk {seed} came back intact");
     }
     clients.serve_more(200).await;
-    let failures = clients.stop().await;
-    assert!(
-        failures.is_empty(),
-        "{} client(s) failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    clients.stop_without_failures().await;
     transfer.shutdown().await.unwrap();
     let mut rest = Vec::new();
     transfer.read_to_end(&mut rest).await.unwrap();
@@ -530,13 +535,7 @@ async fn a_granted_port_is_handed_over_and_refuses_no_client() {
     old.wait("agents told to move to the new process");
     new.wait("tunnel up");
     clients.serve_more(200).await;
-    let failures = clients.stop().await;
-    assert!(
-        failures.is_empty(),
-        "{} client(s) failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    clients.stop_without_failures().await;
     let status = old.exited(Duration::from_secs(30));
     assert!(status.success(), "{status}");
     let got = round_trip(granted, b"", b"after").await.unwrap();

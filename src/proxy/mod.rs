@@ -24,6 +24,7 @@ mod agent_port;
 mod background;
 mod builder;
 mod enroll;
+mod lookup;
 mod mesh;
 mod metrics;
 mod peek;

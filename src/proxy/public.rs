@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::accept::{PerSource, SourceSlot};
+use super::lookup::lookup;
 use super::metrics::Refused;
 use super::peek::{http_host, peek, read_proxy_header, sni_name};
 use super::registry::{Found, Tunnel};
@@ -365,53 +366,6 @@ async fn read_name(
             }
         },
     }
-}
-
-/// The live tunnels and the static route that may serve `name`; if there are none,
-/// whether some agent is granted it (offline) or nothing is (no route).
-///
-/// The most specific match first (DESIGN.md section 5): agents granted the exact name,
-/// then a static route for it, then agents holding a wildcard. A name any agent's private
-/// grant covers is never routed from here, whatever public grant (an exact name or a
-/// wildcard, of any agent) or static route covers it too: it looks like any unknown name.
-async fn lookup(
-    shared: &Shared,
-    name: &str,
-    settings: &Settings,
-    peer: SocketAddr,
-    id: ConnId,
-) -> Result<(Found, Option<String>), bool> {
-    let state = shared.state.get();
-    if state.covers_private(name) {
-        debug!(%peer, conn = %id, host = %name, "a private name asked for on a public listener");
-        return Err(false);
-    }
-    let mut found = shared.registry.lookup(name);
-    let route = settings.routes.get(name).cloned();
-    // Just after an upgrade the agents are still moving here: a client of a name they
-    // serve waits for its tunnel rather than hearing that the name is offline.
-    if let Some(until) = shared.hold_until {
-        if found.is_empty()
-            && route.is_none()
-            && tokio::time::Instant::now() < until
-            && state.is_granted_anywhere(name)
-        {
-            debug!(%peer, conn = %id, host = %name, "just upgraded: waiting for the agent to move here");
-            found = shared.registry.wait_for(name, until).await;
-        }
-    }
-    // A granted port's listener stays a moment after its last tunnel left (an agent
-    // restarting, `ports.rs`): a client that came then waits for the agent to be back.
-    if found.is_empty() && revproxy_ca::ports::is_port_name(name) && state.is_granted_anywhere(name)
-    {
-        let until = tokio::time::Instant::now() + super::ports::CLIENT_WAIT;
-        debug!(%peer, conn = %id, host = %name, "no tunnel serves this granted port now: waiting for its agent");
-        found = shared.registry.wait_for(name, until).await;
-    }
-    if found.is_empty() && route.is_none() {
-        return Err(state.is_granted_anywhere(name));
-    }
-    Ok((found, route))
 }
 
 /// A connection whose name was read and looked up, with somewhere to go.
