@@ -28,6 +28,9 @@ fn bad_input_exits_2_with_one_sentence_and_writes_nothing() {
             "forever",
         ],
         &["token", "create", "--name", "a"],
+        // No proxy recorded a `ports` range; port 0 is no port.
+        &["token", "create", "--name", "a", "--tcp-port", "2222"],
+        &["token", "create", "--name", "a", "--tcp-port", "0"],
         &[
             "token",
             "create",
