@@ -36,6 +36,7 @@ mod reload;
 mod replies;
 mod state;
 mod static_route;
+mod status;
 mod tunnel;
 mod upgrade;
 
@@ -52,8 +53,8 @@ use tracing::{info, warn};
 
 pub use crate::route::{Cidr, ListenerKind, Target, TargetError};
 pub use builder::ProxyBuilder;
-pub use registry::ProxyStatus;
 pub use reload::{Reload, ReloadError, Reloader};
+pub use status::ProxyStatus;
 
 use crate::runtime::handover;
 use crate::runtime::shutdown::Trigger;

@@ -209,6 +209,8 @@ impl PublicListeners {
         wanted: &std::collections::BTreeSet<u16>,
         bind: std::net::IpAddr,
     ) -> Vec<(u16, std::io::Error)> {
+        let before = self.granted.len();
+        let mut started = false;
         self.granted.retain(|port, (_, running)| {
             let keep = wanted.contains(port);
             if !keep {
@@ -231,11 +233,15 @@ impl PublicListeners {
                 Ok(prepared) => {
                     let launched = self.launch(prepared);
                     self.granted.insert(port, launched);
+                    started = true;
                 }
                 Err(e) => failed.push((port, e)),
             }
         }
-        self.publish();
+        // Called at every registry change: the status page's list only when it moved.
+        if started || self.granted.len() != before {
+            self.publish();
+        }
         failed
     }
 
