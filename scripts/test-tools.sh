@@ -10,6 +10,9 @@
 #                                      certificates ordered by the proxy (tests/terminate/acme.rs)
 #   python3 (Debian's `python3`):      an echo backend in a process of its own (ten thousand
 #                                      clients held through one agent, tests/stalls.rs)
+#   dnsmasq (Debian's `dnsmasq-base`), dig (`bind9-dnsutils`), iperf3:
+#                                      a real DNS server and client, and UDP load, through
+#                                      granted UDP ports (tests/tunnel/udp.rs)
 #   systemd-analyze (Debian's `systemd`), deb-systemd-helper (`init-system-helpers`):
 #                                      verify the units; install the Debian package
 #                                      (scripts/package-test.sh; systemd need not run)
@@ -31,6 +34,9 @@ missing() {
     command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
     command -v deb-systemd-helper >/dev/null 2>&1 || need+=(init-system-helpers)
     command -v pebble >/dev/null 2>&1 && command -v pebble-challtestsrv >/dev/null 2>&1 || need+=(pebble)
+    command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
+    command -v dig >/dev/null 2>&1 || need+=(bind9-dnsutils)
+    command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
     [ -f /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 }
 missing

@@ -7,6 +7,8 @@ mod common;
 mod ports;
 #[path = "tunnel/refusals.rs"]
 mod refusals;
+#[path = "tunnel/udp.rs"]
+mod udp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -87,7 +87,7 @@ fn summarize(cert: &X509Certificate<'_>) -> CertSummary {
     }
     let ports = (uris.iter())
         .filter_map(|u| u.strip_prefix(crate::ports::URI_PREFIX))
-        .filter(|name| crate::ports::tcp_port_of(name).is_some())
+        .filter(|name| crate::ports::GrantedPort::of(name).is_some())
         .map(str::to_string)
         .collect();
     let validity = cert.validity();

@@ -19,7 +19,7 @@ pub enum NameError {
     Agent(String),
     #[error("invalid host name {0:?}: expected a DNS name like app.example.com or *.example.com")]
     Host(String),
-    #[error("invalid port {0:?}: expected tcp:PORT with PORT from 1 to 65535")]
+    #[error("invalid port {0:?}: expected tcp:PORT or udp:PORT with PORT from 1 to 65535")]
     Port(String),
 }
 
@@ -60,15 +60,17 @@ pub fn normalize_host(name: &str) -> Result<String, NameError> {
 }
 
 /// Normalizes a name an agent may serve: a host name as [`normalize_host`], or a granted
-/// port `tcp:PORT` ([`crate::ports`]).
+/// port `tcp:PORT` or `udp:PORT` ([`crate::ports`]).
 pub fn normalize_served(name: &str) -> Result<String, NameError> {
     let lower = name.trim().to_ascii_lowercase();
-    match lower.strip_prefix("tcp:") {
-        Some(port) => match port.trim().parse::<u16>() {
-            Ok(port) if port != 0 => Ok(crate::ports::tcp_name(port)),
-            _ => Err(NameError::Port(name.to_string())),
-        },
-        None => normalize_host(name),
+    let (port, named): (_, fn(u16) -> String) = match lower.split_once(':') {
+        Some(("tcp", port)) => (port, crate::ports::tcp_name),
+        Some(("udp", port)) => (port, crate::ports::udp_name),
+        _ => return normalize_host(name),
+    };
+    match port.trim().parse::<u16>() {
+        Ok(port) if port != 0 => Ok(named(port)),
+        _ => Err(NameError::Port(name.to_string())),
     }
 }
 

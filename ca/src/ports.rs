@@ -1,7 +1,7 @@
-//! Public ports an agent may be granted beside names (DESIGN.md section 11). A granted TCP
-//! port is written `tcp:PORT` wherever a served name goes: in tokens, grants, certificate
-//! records, `--map` and listings. In the certificate it is the URI name `revproxy:tcp:PORT`
-//! (a DNS name cannot hold it). Which ports may be granted at all is the range the
+//! Public ports an agent may be granted beside names (DESIGN.md section 11). A granted
+//! port is written `tcp:PORT` or `udp:PORT` wherever a served name goes: in tokens,
+//! grants, certificate records, `--map` and listings. In the certificate it is the URI name
+//! `revproxy:tcp:PORT` / `revproxy:udp:PORT` (a DNS name cannot hold it). Which ports may be granted at all is the range the
 //! proxies are configured with (`ports = "LOW-HIGH"`), recorded in the store's settings
 //! by each proxy as it starts.
 
@@ -16,25 +16,104 @@ use crate::records::Tx;
 /// Prefix of a granted port's URI name in a certificate: `revproxy:tcp:2222`.
 pub const URI_PREFIX: &str = "revproxy:";
 
+/// Which protocol a granted port carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The prefix of its served names: `tcp` or `udp`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// A granted public port: `tcp:2222` or `udp:51820` as a served name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GrantedPort {
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+impl GrantedPort {
+    pub fn tcp(port: u16) -> GrantedPort {
+        GrantedPort {
+            protocol: Protocol::Tcp,
+            port,
+        }
+    }
+
+    pub fn udp(port: u16) -> GrantedPort {
+        GrantedPort {
+            protocol: Protocol::Udp,
+            port,
+        }
+    }
+
+    /// The granted port a served name stands for (`tcp:PORT` or `udp:PORT`, lower-case,
+    /// as normalized); `None` for a host name.
+    pub fn of(name: &str) -> Option<GrantedPort> {
+        let (protocol, digits) = match name.split_once(':')? {
+            ("tcp", digits) => (Protocol::Tcp, digits),
+            ("udp", digits) => (Protocol::Udp, digits),
+            _ => return None,
+        };
+        // Only the canonical form: digits, no sign, no leading zero.
+        if digits.is_empty()
+            || digits.starts_with('0')
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+        {
+            return None;
+        }
+        let port = digits.parse().ok().filter(|p| *p != 0)?;
+        Some(GrantedPort { protocol, port })
+    }
+
+    /// The `token create` flag that grants it: `--tcp-port 2222`.
+    pub fn flag(&self) -> String {
+        format!("--{}-port {}", self.protocol.label(), self.port)
+    }
+}
+
+impl fmt::Display for GrantedPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.protocol.label(), self.port)
+    }
+}
+
 /// The served name of TCP port `port`: `tcp:2222`.
 pub fn tcp_name(port: u16) -> String {
-    format!("tcp:{port}")
+    GrantedPort::tcp(port).to_string()
+}
+
+/// The served name of UDP port `port`: `udp:51820`.
+pub fn udp_name(port: u16) -> String {
+    GrantedPort::udp(port).to_string()
 }
 
 /// The port of a served name `tcp:PORT` (lower-case, as normalized); `None` for a host
-/// name.
+/// name or a UDP port.
 pub fn tcp_port_of(name: &str) -> Option<u16> {
-    let digits = name.strip_prefix("tcp:")?;
-    // Only the canonical form: digits, no sign, no leading zero.
-    if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok().filter(|p| *p != 0)
+    GrantedPort::of(name)
+        .filter(|g| g.protocol == Protocol::Tcp)
+        .map(|g| g.port)
 }
 
-/// Whether `name` is a granted port rather than a host name.
+/// The port of a served name `udp:PORT`; `None` for anything else.
+pub fn udp_port_of(name: &str) -> Option<u16> {
+    GrantedPort::of(name)
+        .filter(|g| g.protocol == Protocol::Udp)
+        .map(|g| g.port)
+}
+
+/// Whether `name` is a granted port (TCP or UDP) rather than a host name.
 pub fn is_port_name(name: &str) -> bool {
-    name.starts_with("tcp:")
+    name.starts_with("tcp:") || name.starts_with("udp:")
 }
 
 /// The ports the proxies may grant, inclusive: `20000-20099`, or one port.
@@ -94,7 +173,10 @@ impl From<PortRange> for String {
 /// Refuses any granted port in `names` that the proxies may not grant: outside the range
 /// recorded in the store, or any at all when no proxy has recorded one.
 pub(crate) fn check_granted(tx: &mut dyn Tx, names: &[String]) -> Result<(), CaError> {
-    let ports: Vec<u16> = names.iter().filter_map(|n| tcp_port_of(n)).collect();
+    let ports: Vec<u16> = (names.iter())
+        .filter_map(|n| GrantedPort::of(n))
+        .map(|g| g.port)
+        .collect();
     let Some(first) = ports.first() else {
         return Ok(());
     };
@@ -130,10 +212,17 @@ mod tests {
             "tcp:2a",
             "udp:53",
             "app.example.com",
+            "sctp:5",
         ] {
             assert_eq!(tcp_port_of(bad), None, "{bad}");
         }
         assert_eq!(tcp_name(22), "tcp:22");
+        assert_eq!(udp_port_of("udp:53"), Some(53));
+        assert_eq!(udp_port_of("tcp:53"), None);
+        assert_eq!(udp_port_of("udp:053"), None);
+        assert_eq!(udp_name(51820), "udp:51820");
+        assert_eq!(GrantedPort::of("udp:51820"), Some(GrantedPort::udp(51820)));
+        assert!(is_port_name("udp:53") && is_port_name("tcp:22") && !is_port_name("a.b"));
     }
 
     #[test]

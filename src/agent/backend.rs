@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 use super::metrics::AgentMetrics;
 use super::Identity;
 use crate::route::name_matches;
-use crate::tunnel::{Backends, DialRequest, Dialed, Refusal};
+use crate::tunnel::{Backend, Backends, DialRequest, Dialed, Refusal};
 use crate::wire::proxy_header::{self, Origin, ProxyProtocol};
 
 /// One service: a name pattern, its backend, and the PROXY header it wants.
@@ -144,6 +144,23 @@ impl Backends for ServiceMap {
         };
         let (service, addr, proxy_protocol) = (&found.pattern, &found.addr, &found.proxy_protocol);
         let started = std::time::Instant::now();
+        if revproxy_ca::ports::udp_port_of(name).is_some() {
+            return match crate::runtime::connect_udp(addr).await {
+                Ok(socket) => Ok(Dialed {
+                    stream: Backend::Udp(socket),
+                    caller: caller.map(str::to_string),
+                    addr: addr.to_string(),
+                    counters: (self.metrics).stream(service, started.elapsed().as_secs_f64()),
+                }),
+                Err(e) => {
+                    self.metrics.dial_failed(service);
+                    Err(Refusal {
+                        status: BAD_GATEWAY,
+                        reason: format!("backend {addr} (UDP): {e}"),
+                    })
+                }
+            };
+        }
         let mut dialed = crate::runtime::connect(addr).await;
         if let (Ok(stream), Some(version)) = (&mut dialed, proxy_protocol) {
             let header = proxy_header::encode(
@@ -172,7 +189,7 @@ impl Backends for ServiceMap {
         }
         match dialed {
             Ok(stream) => Ok(Dialed {
-                stream,
+                stream: Backend::Tcp(stream),
                 caller: caller.map(str::to_string),
                 addr: addr.to_string(),
                 counters: self

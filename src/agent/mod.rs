@@ -318,13 +318,20 @@ fn checked_services(
             normalize_served(&name).map_err(|e| AgentError::InvalidService(e.to_string()))?;
         check_backend(&addr)
             .map_err(|e| AgentError::InvalidService(format!("{name}={addr}: {e}")))?;
+        let udp = revproxy_ca::ports::udp_port_of(&name).is_some();
+        if udp && (options.proxy_protocol.is_some() || options.h2c) {
+            return Err(AgentError::InvalidService(format!(
+                "{name}={addr}: proxy_protocol and h2c are for TCP services; a UDP port's \
+                 backend gets the datagrams as they came"
+            )));
+        }
         let authorized = identity
             .hosts
             .iter()
             .any(|h| *h == name || name_matches(h, &name));
         if !authorized {
-            let flag = match revproxy_ca::ports::tcp_port_of(&name) {
-                Some(port) => format!("--tcp-port {port}"),
+            let flag = match revproxy_ca::ports::GrantedPort::of(&name) {
+                Some(port) => port.flag(),
                 None => format!("--host {name}"),
             };
             return Err(AgentError::NotAuthorized {

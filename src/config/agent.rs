@@ -71,11 +71,14 @@ pub fn parse_connect(s: &str) -> Result<(String, SocketAddr), ConfigError> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
-    /// Exact name or `*.example.com`; or instead `tcp_port`.
+    /// Exact name or `*.example.com`; or instead `tcp_port` or `udp_port`.
     #[serde(default)]
     pub host: String,
     /// A granted public TCP port (`token create --tcp-port`) instead of a name.
     pub tcp_port: Option<u16>,
+    /// A granted public UDP port (`token create --udp-port`) instead of a name; `to` is
+    /// then the backend's UDP `HOST:PORT`.
+    pub udp_port: Option<u16>,
     /// Backend `HOST:PORT`.
     pub to: String,
     /// `"v1"` or `"v2"`: a PROXY header with the public client's address before the
@@ -88,18 +91,25 @@ pub struct ServiceConfig {
 }
 
 impl ServiceConfig {
-    /// The served name: `host`, or `tcp:PORT` for `tcp_port` (exactly one of them).
+    /// The served name: `host`, `tcp:PORT` for `tcp_port` or `udp:PORT` for `udp_port`
+    /// (exactly one of them).
     pub fn name(&self) -> Result<String, ConfigError> {
-        match (self.host.is_empty(), self.tcp_port) {
-            (false, None) => Ok(self.host.clone()),
-            (true, Some(port)) => Ok(revproxy_ca::ports::tcp_name(port)),
-            (true, None) => Err(ConfigError::Invalid(format!(
-                "[[service]] to = {:?} needs host = NAME or tcp_port = PORT",
+        let mut given = Vec::new();
+        if !self.host.is_empty() {
+            given.push(self.host.clone());
+        }
+        given.extend(self.tcp_port.map(revproxy_ca::ports::tcp_name));
+        given.extend(self.udp_port.map(revproxy_ca::ports::udp_name));
+        match given.len() {
+            1 => Ok(given.remove(0)),
+            0 => Err(ConfigError::Invalid(format!(
+                "[[service]] to = {:?} needs host = NAME, tcp_port = PORT or udp_port = PORT",
                 self.to
             ))),
-            (false, Some(port)) => Err(ConfigError::Invalid(format!(
-                "[[service]] has both host = {:?} and tcp_port = {port}: one service is one name or one port",
-                self.host
+            _ => Err(ConfigError::Invalid(format!(
+                "[[service]] to = {:?} has {}: one service is one name or one port",
+                self.to,
+                given.join(" and ")
             ))),
         }
     }
@@ -151,12 +161,13 @@ fn loopback_admin(admin: Option<SocketAddr>) -> Result<(), ConfigError> {
     }
 }
 
-/// Parses `NAME=HOST:PORT` or `tcp:PORT=HOST:PORT` (a `--map` argument).
+/// Parses `NAME=HOST:PORT`, `tcp:PORT=HOST:PORT` or `udp:PORT=HOST:PORT` (a `--map`
+/// argument).
 pub fn parse_map(s: &str) -> Result<(String, String), ConfigError> {
     let bad = |why: String| ConfigError::Invalid(format!("invalid service {s:?}: {why}"));
-    let (name, to) = s
-        .split_once('=')
-        .ok_or_else(|| bad("expected NAME=HOST:PORT or tcp:PORT=HOST:PORT".into()))?;
+    let (name, to) = s.split_once('=').ok_or_else(|| {
+        bad("expected NAME=HOST:PORT, tcp:PORT=HOST:PORT or udp:PORT=HOST:PORT".into())
+    })?;
     let name = revproxy_ca::names::normalize_served(name).map_err(|e| bad(e.to_string()))?;
     match Target::parse(&format!("tcp://{to}")) {
         Ok(_) => Ok((name, to.to_string())),

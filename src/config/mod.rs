@@ -114,6 +114,14 @@ pub struct ProxyConfig {
     pub ports: Option<revproxy_ca::ports::PortRange>,
     /// The address granted ports listen on (default `0.0.0.0`).
     pub ports_bind: Option<std::net::IpAddr>,
+    /// A flow on a granted UDP port that moved no datagram for this long ends (default
+    /// "60s", at most "1h").
+    #[serde(default, deserialize_with = "duration")]
+    pub udp_idle_timeout: Option<Duration>,
+    /// Most flows on all granted UDP ports together (default 16384).
+    pub max_udp_flows: Option<usize>,
+    /// Most flows of one source address on a granted UDP port (default 256).
+    pub max_udp_flows_per_source: Option<usize>,
 }
 
 /// One public listener: routes on `protocol`, or sends everything `to` one target.
@@ -294,6 +302,7 @@ impl ProxyConfig {
         let agents = self.agents.unwrap_or(DEFAULT_AGENTS);
         let fixed = listeners.iter().map(|(a, _)| *a);
         self.check_ports(fixed.chain([agents]).chain(admin))?;
+        self.udp_limits()?;
         // Port 0 asks the kernel for a free port: those never collide.
         let mut addrs: Vec<SocketAddr> = listeners.iter().map(|(a, _)| *a).collect();
         addrs.extend(self.agents);
@@ -311,6 +320,38 @@ impl ProxyConfig {
 }
 
 impl ProxyConfig {
+    /// How flows on granted UDP ports are bounded: the defaults, or what the file says.
+    pub fn udp_limits(&self) -> Result<crate::proxy::UdpLimits, ConfigError> {
+        let mut limits = crate::proxy::UdpLimits::default();
+        if let Some(idle) = self.udp_idle_timeout {
+            if idle < Duration::from_secs(1) || idle > Duration::from_secs(3600) {
+                return Err(ConfigError::Invalid(format!(
+                    "udp_idle_timeout = {idle:?} is out of bounds: from 1s to 1h"
+                )));
+            }
+            limits.idle = idle;
+        }
+        for (key, value, field) in [
+            ("max_udp_flows", self.max_udp_flows, &mut limits.flows),
+            (
+                "max_udp_flows_per_source",
+                self.max_udp_flows_per_source,
+                &mut limits.per_source,
+            ),
+        ] {
+            match value {
+                Some(0) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "{key} = 0 would refuse every UDP flow: give at least 1"
+                    )))
+                }
+                Some(n) => *field = n,
+                None => {}
+            }
+        }
+        Ok(limits)
+    }
+
     /// `ports_bind` needs `ports`; no configured listener (nor the agent or admin port)
     /// may sit where a granted port would listen.
     fn check_ports(&self, addrs: impl Iterator<Item = SocketAddr>) -> Result<(), ConfigError> {

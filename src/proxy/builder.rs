@@ -48,6 +48,7 @@ pub struct ProxyBuilder {
     granted_ports: Option<(revproxy_ca::ports::PortRange, std::net::IpAddr)>,
     /// Granted ports' listeners taken over at an upgrade.
     granted_listeners: Vec<TcpListener>,
+    udp_limits: super::UdpLimits,
 }
 
 /// Where the proxy listens for QUIC tunnels.
@@ -88,6 +89,7 @@ impl ProxyBuilder {
             static_proxy_protocol: HashMap::new(),
             upgraded: None,
             granted_ports: None,
+            udp_limits: super::UdpLimits::default(),
             granted_listeners: Vec::new(),
         }
     }
@@ -108,6 +110,12 @@ impl ProxyBuilder {
         bind: std::net::IpAddr,
     ) -> Self {
         self.granted_ports = Some((range, bind));
+        self
+    }
+
+    /// How flows on granted UDP ports are bounded.
+    pub fn udp_limits(mut self, limits: super::UdpLimits) -> Self {
+        self.udp_limits = limits;
         self
     }
 
@@ -466,7 +474,7 @@ impl ProxyBuilder {
             handover: None,
             upgraded: self.upgraded,
             granted_ports: (self.granted_ports)
-                .map(|(range, bind)| super::ports::GrantedPorts::new(range, bind)),
+                .map(|(range, bind)| super::ports::GrantedPorts::new(range, bind, self.udp_limits)),
             granted_listeners: self.granted_listeners,
         })
     }

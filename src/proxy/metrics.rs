@@ -97,6 +97,8 @@ pub(super) struct ProxyMetrics {
     stream_window: IntGauge,
     receiving_streams: IntGauge,
     stream_buffer_budget: IntGauge,
+    udp_datagrams: IntCounterVec,
+    udp_dropped: IntCounterVec,
     /// Held while the scrape-time gauges are rebuilt and encoded.
     rendering: std::sync::Mutex<()>,
 }
@@ -168,6 +170,18 @@ impl ProxyMetrics {
             store_up,
             store_last_ok,
             store_went_back,
+            udp_datagrams: counter(
+                r,
+                "revproxy_udp_datagrams_total",
+                "Datagrams carried on granted UDP ports, by port and direction: up (from clients) or down (to them).",
+                &["port", "direction"],
+            ),
+            udp_dropped: counter(
+                r,
+                "revproxy_udp_dropped_total",
+                "Datagrams from clients of granted UDP ports dropped, by port and reason: queue_full, flow_limit, no_agent.",
+                &["port", "reason"],
+            ),
             store_checks: counter(
                 r,
                 "revproxy_store_checks_total",
@@ -309,6 +323,23 @@ impl ProxyMetrics {
             streams: self.receiving_streams.clone(),
         };
         crate::tunnel::Budget::new(limit, Some(gauges))
+    }
+
+    /// Where a granted UDP port counts its datagrams.
+    pub(super) fn udp(&self, port: u16) -> super::udp::UdpMetrics {
+        use super::udp::Dropped;
+        let port = port.to_string();
+        let dropped =
+            |reason: Dropped| self.udp_dropped.with_label_values(&[&port, reason.label()]);
+        super::udp::UdpMetrics {
+            up: self.udp_datagrams.with_label_values(&[&port, "up"]),
+            down: self.udp_datagrams.with_label_values(&[&port, "down"]),
+            dropped: [
+                dropped(Dropped::QueueFull),
+                dropped(Dropped::FlowLimit),
+                dropped(Dropped::NoAgent),
+            ],
+        }
     }
 
     pub(super) fn accepted(&self, listener: &str) -> IntCounter {

@@ -38,6 +38,7 @@ mod state;
 mod static_route;
 mod status;
 mod tunnel;
+mod udp;
 mod upgrade;
 
 use std::future::Future;
@@ -55,6 +56,7 @@ pub use crate::route::{Cidr, ListenerKind, Target, TargetError};
 pub use builder::ProxyBuilder;
 pub use reload::{Reload, ReloadError, Reloader};
 pub use status::ProxyStatus;
+pub use udp::UdpLimits;
 
 use crate::runtime::handover;
 use crate::runtime::shutdown::Trigger;

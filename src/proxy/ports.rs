@@ -1,20 +1,23 @@
 //! Granted public ports (DESIGN.md section 11): the proxy listens on a port in its
 //! configured range while some live tunnel serves it (its agent's certificate and grant
-//! hold `tcp:PORT`), and every connection there is a stream to such an agent, routed as
-//! by a `[[listener]] to = NAME` with the name `tcp:PORT`. The listeners themselves are
-//! kept by [`PublicListeners`]; this decides which ports to listen on. At an upgrade they
-//! are handed to the successor with the other listeners: it keeps them while its agents
-//! move there, and their clients wait for them.
+//! hold `tcp:PORT` or `udp:PORT`). Every TCP connection there is a stream to such an
+//! agent, routed as by a `[[listener]] to = NAME` with the name `tcp:PORT`; every client
+//! address on a UDP port is a flow (`udp.rs`). The sockets themselves are kept by
+//! [`PublicListeners`]; this decides which ports to listen on. At an upgrade the TCP
+//! listeners are handed to the successor with the other listeners: it keeps them while its
+//! agents move there, and their clients wait for them. A UDP port's socket is closed as
+//! the old process stops accepting, and the successor binds it within [`RETRY`].
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use revproxy_ca::ports::PortRange;
+use revproxy_ca::ports::{GrantedPort, PortRange};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::reload::PublicListeners;
+use super::udp::UdpLimits;
 use super::Registry;
 
 /// How long a port stays open after its last tunnel left: a client that comes then waits
@@ -33,19 +36,21 @@ const RETRY: Duration = Duration::from_secs(1);
 pub(super) struct GrantedPorts {
     range: PortRange,
     bind: IpAddr,
+    udp: UdpLimits,
     /// Ports no tunnel serves any more, and when to stop listening on them.
-    closing: HashMap<u16, Instant>,
+    closing: HashMap<GrantedPort, Instant>,
     /// Ports that could not be bound (said once until they are).
-    failing: BTreeSet<u16>,
+    failing: BTreeSet<GrantedPort>,
     /// Ports agents hold outside the range (said once).
-    outside: BTreeSet<u16>,
+    outside: BTreeSet<GrantedPort>,
 }
 
 impl GrantedPorts {
-    pub(super) fn new(range: PortRange, bind: IpAddr) -> GrantedPorts {
+    pub(super) fn new(range: PortRange, bind: IpAddr, udp: UdpLimits) -> GrantedPorts {
         GrantedPorts {
             range,
             bind,
+            udp,
             closing: HashMap::new(),
             failing: BTreeSet::new(),
             outside: BTreeSet::new(),
@@ -56,7 +61,7 @@ impl GrantedPorts {
     /// until `until` (the agents moving here meanwhile; their clients wait for them) and
     /// [`LINGER`] after, unless a tunnel serves it by then.
     pub(super) fn adopted(&mut self, port: u16, until: Instant) {
-        self.closing.insert(port, until + LINGER);
+        self.closing.insert(GrantedPort::tcp(port), until + LINGER);
     }
 
     /// Listens on what the live tunnels serve now and stops listening on what none has
@@ -67,12 +72,12 @@ impl GrantedPorts {
         public: &mut PublicListeners,
     ) -> Option<Instant> {
         let now = Instant::now();
-        let (served, outside): (BTreeSet<u16>, BTreeSet<u16>) = registry
+        let (served, outside): (BTreeSet<GrantedPort>, BTreeSet<GrantedPort>) = registry
             .ports()
             .into_iter()
-            .partition(|p| self.range.contains(*p));
+            .partition(|p| self.range.contains(p.port));
         for port in outside.difference(&self.outside) {
-            warn!(port, range = %self.range, "an agent is granted a port outside this proxy's ports range: not listened on here");
+            warn!(%port, range = %self.range, "an agent is granted a port outside this proxy's ports range: not listened on here");
         }
         self.outside = outside;
         for port in public.granted_ports() {
@@ -82,17 +87,18 @@ impl GrantedPorts {
         }
         self.closing
             .retain(|port, at| !served.contains(port) && now < *at);
-        let wanted: BTreeSet<u16> = served.iter().chain(self.closing.keys()).copied().collect();
-        let failed = public.sync_granted(&wanted, self.bind);
-        let failed_ports: BTreeSet<u16> = failed.iter().map(|(p, _)| *p).collect();
+        let wanted: BTreeSet<GrantedPort> =
+            served.iter().chain(self.closing.keys()).copied().collect();
+        let failed = public.sync_granted(&wanted, self.bind, self.udp);
+        let failed_ports: BTreeSet<GrantedPort> = failed.iter().map(|(p, _)| *p).collect();
         for (port, error) in &failed {
             if !self.failing.contains(port) {
-                warn!(port, bind = %self.bind, %error, "cannot listen on a granted port; trying again every second");
+                warn!(%port, bind = %self.bind, %error, "cannot listen on a granted port; trying again every second");
             }
         }
         for port in self.failing.difference(&failed_ports) {
             if wanted.contains(port) {
-                info!(port, "listening on the granted port now");
+                info!(%port, "listening on the granted port now");
             }
         }
         self.failing = failed_ports;

@@ -41,7 +41,7 @@ struct Inner {
     /// Certificate serial → the tunnels its streams are spread over ([`Routes`]).
     pools: HashMap<String, Vec<Arc<Tunnel>>>,
     /// The granted ports some live tunnel serves (`tcp:PORT` in `by_pattern`).
-    ports: std::collections::BTreeSet<u16>,
+    ports: std::collections::BTreeSet<revproxy_ca::ports::GrantedPort>,
 }
 
 /// The tunnels serving one name pattern. For each certificate a pool: its newest tunnel
@@ -131,7 +131,7 @@ impl Inner {
             let ports = served
                 .public
                 .iter()
-                .filter_map(|h| revproxy_ca::ports::tcp_port_of(h));
+                .filter_map(|h| revproxy_ca::ports::GrantedPort::of(h));
             self.ports.extend(ports);
             for host in &served.public {
                 self.by_pattern
@@ -372,7 +372,7 @@ impl Registry {
 
     /// The granted ports some live tunnel serves now: the proxy listens on those (in its
     /// range).
-    pub(super) fn ports(&self) -> std::collections::BTreeSet<u16> {
+    pub(super) fn ports(&self) -> std::collections::BTreeSet<revproxy_ca::ports::GrantedPort> {
         self.inner.read().expect("registry lock").ports.clone()
     }
 

@@ -16,6 +16,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{error, info, Instrument};
 
+use revproxy_ca::ports::{GrantedPort, Protocol};
+
 use super::accept::{self, PerSource};
 use super::{metrics, public, ListenerKind, Shared, Target};
 use crate::route::Cidr;
@@ -141,8 +143,10 @@ pub(super) struct PublicListeners {
     per_source: Arc<PerSource>,
     grace: Duration,
     running: HashMap<SocketAddr, Running>,
-    /// The granted ports' listeners ([`super::ports`]), by port.
+    /// The granted TCP ports' listeners ([`super::ports`]), by port.
     granted: HashMap<u16, (SocketAddr, Running)>,
+    /// The granted UDP ports' sockets.
+    udp: super::udp::UdpPorts,
     /// Fired at shutdown: every accept loop, running or removed, then gives its
     /// connections the grace period.
     shutdown: Trigger,
@@ -163,6 +167,7 @@ impl PublicListeners {
             grace,
             running: HashMap::new(),
             granted: HashMap::new(),
+            udp: super::udp::UdpPorts::default(),
             shutdown: Trigger::default(),
             tasks: JoinSet::new(),
         }
@@ -197,20 +202,34 @@ impl PublicListeners {
     }
 
     /// The granted ports listened on now.
-    pub(super) fn granted_ports(&self) -> Vec<u16> {
-        self.granted.keys().copied().collect()
+    pub(super) fn granted_ports(&self) -> Vec<GrantedPort> {
+        let tcp = self.granted.keys().map(|p| GrantedPort::tcp(*p));
+        tcp.chain(self.udp.ports().into_iter().map(GrantedPort::udp))
+            .collect()
     }
 
-    /// Listens on each port of `wanted` (on `bind`) that has no listener yet, and stops
-    /// listening on those no longer wanted (their open connections run on). Returns the
-    /// ports that could not be bound (the caller tries again later).
+    /// Listens on each port of `wanted` (on `bind`) that has no socket yet, and stops
+    /// listening on those no longer wanted (open TCP connections run on; UDP flows end).
+    /// Returns the ports that could not be bound (the caller tries again later).
     pub(super) fn sync_granted(
         &mut self,
-        wanted: &std::collections::BTreeSet<u16>,
+        wanted: &std::collections::BTreeSet<GrantedPort>,
         bind: std::net::IpAddr,
-    ) -> Vec<(u16, std::io::Error)> {
+        udp: super::udp::UdpLimits,
+    ) -> Vec<(GrantedPort, std::io::Error)> {
+        let port_of = |protocol| {
+            (wanted.iter())
+                .filter(move |g| g.protocol == protocol)
+                .map(|g| g.port)
+        };
+        let wanted_udp = port_of(Protocol::Udp).collect();
+        let (udp_changed, udp_failed) = self.udp.sync(&self.shared, &wanted_udp, bind, udp);
+        let mut failed: Vec<_> = (udp_failed.into_iter())
+            .map(|(port, e)| (GrantedPort::udp(port), e))
+            .collect();
+        let wanted: std::collections::BTreeSet<u16> = port_of(Protocol::Tcp).collect();
         let before = self.granted.len();
-        let mut started = false;
+        let mut started = udp_changed;
         self.granted.retain(|port, (_, running)| {
             let keep = wanted.contains(port);
             if !keep {
@@ -222,8 +241,7 @@ impl PublicListeners {
             }
             keep
         });
-        let mut failed = Vec::new();
-        for &port in wanted {
+        for &port in &wanted {
             if self.granted.contains_key(&port) {
                 continue;
             }
@@ -235,7 +253,7 @@ impl PublicListeners {
                     self.granted.insert(port, launched);
                     started = true;
                 }
-                Err(e) => failed.push((port, e)),
+                Err(e) => failed.push((GrantedPort::tcp(port), e)),
             }
         }
         // Called at every registry change: the status page's list only when it moved.
@@ -349,6 +367,8 @@ impl PublicListeners {
         let mut list: Vec<(String, String)> = (self.running.iter().chain(granted))
             .map(|(addr, running)| (addr.to_string(), describe(&running.kind)))
             .collect();
+        let udp = self.udp.addrs();
+        list.extend(udp.map(|(port, addr)| (format!("udp {addr}"), format!("to udp:{port}"))));
         list.sort();
         *self.shared.listeners.write().expect("listeners lock") = list;
     }
@@ -427,6 +447,7 @@ impl PublicListeners {
         // refused, not left waiting in a queue nobody reads.
         self.running.clear();
         self.granted.clear();
+        self.udp.close();
         while self.tasks.join_next().await.is_some() {}
     }
 
@@ -449,6 +470,8 @@ impl PublicListeners {
     /// returns once none will accept again. Open connections run on until
     /// [`Self::stop_all`].
     pub(super) async fn stop_accepting(&self) {
+        // A UDP port has no queue to hand over: its socket closes, the successor binds it.
+        self.udp.close();
         let all = || (self.running.values()).chain(self.granted.values().map(|(_, r)| r));
         for running in all() {
             running.stop.fire();

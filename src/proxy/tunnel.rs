@@ -103,6 +103,14 @@ impl Tunnel {
         self.link.kind().name()
     }
 
+    /// The QUIC connection of a QUIC tunnel (a UDP flow's datagrams ride it).
+    pub(super) fn quic_connection(&self) -> Option<&quinn::Connection> {
+        match &self.link {
+            Link::Quic(conn) => Some(conn),
+            Link::H2(..) => None,
+        }
+    }
+
     /// Streams being opened or open on this tunnel now.
     pub(super) fn streams(&self) -> usize {
         self.slots.used.load(Ordering::Relaxed)

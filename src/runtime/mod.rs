@@ -54,6 +54,28 @@ pub(crate) async fn connect(addr: &str) -> std::io::Result<tokio::net::TcpStream
     Ok(tcp)
 }
 
+/// A UDP socket connected to `addr` (`HOST:PORT`, resolved within [`CONNECT_TIMEOUT`]),
+/// bound to an ephemeral port of the address's family.
+pub(crate) async fn connect_udp(addr: &str) -> std::io::Result<tokio::net::UdpSocket> {
+    let resolved = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host(addr))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{addr} did not resolve within {CONNECT_TIMEOUT:?}"),
+            )
+        })??
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("{addr} resolves to nothing")))?;
+    let local: std::net::SocketAddr = match resolved {
+        std::net::SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        std::net::SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = tokio::net::UdpSocket::bind(local).await?;
+    socket.connect(resolved).await?;
+    Ok(socket)
+}
+
 /// Raises this process's soft limit on open files to its hard limit (often 1024 against
 /// several hundred thousand): the proxy's connection caps and the agent's streams need
 /// the descriptors, and running out stops accepting altogether. Returns the limit now in

@@ -113,15 +113,41 @@ pub(crate) fn parse_client_field(field: &str) -> ClientField {
     read
 }
 
+/// A backend's end of one stream: a TCP connection, or for a granted UDP port a UDP socket
+/// connected to the backend (the stream is a flow of datagrams, `udp.rs`).
+pub(crate) enum Backend {
+    Tcp(TcpStream),
+    Udp(tokio::net::UdpSocket),
+}
+
 /// A backend connected for one stream.
 pub(crate) struct Dialed {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: Backend,
     /// On a mesh stream, who calls (SPIFFE identity).
     pub(crate) caller: Option<String>,
     /// Its address, for logs.
     pub(crate) addr: String,
     /// Where the stream counts its bytes.
     pub(crate) counters: StreamCounters,
+}
+
+/// Carries one UDP flow between its tunnel stream and the backend's socket until the
+/// proxy ends it (`udp.rs`).
+pub(crate) async fn relay_udp(
+    name: &str,
+    io: super::duplex::Duplex,
+    quic: Option<super::udp::QuicPath>,
+    socket: tokio::net::UdpSocket,
+    counters: StreamCounters,
+) {
+    let counts = super::udp::FlowCounts {
+        bytes: counters,
+        up: None,
+        down: None,
+    };
+    let local = super::udp::Local::Backend(socket);
+    let end = super::udp::relay(io, quic, local, super::udp::AGENT_IDLE, &counts).await;
+    debug!(host = %name, %end, "flow done");
 }
 
 /// Why the agent could not connect to the proxy.

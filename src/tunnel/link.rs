@@ -222,6 +222,14 @@ pub(crate) struct Moved {
 }
 
 impl TunnelStream {
+    /// A QUIC stream's id, as both ends of the tunnel know it.
+    pub(crate) fn quic_id(&self) -> Option<u64> {
+        match self {
+            TunnelStream::Quic(send, ..) => Some(send.id().into()),
+            TunnelStream::H2(..) => None,
+        }
+    }
+
     /// The stream as a byte pipe, to be joined to another tunnel stream (the mesh).
     pub(crate) fn into_duplex(self) -> duplex::Duplex {
         match self {

@@ -23,6 +23,7 @@ mod meter;
 mod pump;
 pub(crate) mod quic;
 mod splice_io;
+pub(crate) mod udp;
 mod upward;
 
 use std::time::Duration;
@@ -30,7 +31,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub(crate) use agent_end::{
-    client_field, connect, is_gone, parse_client_field, AgentConn, Backends, ConnectError,
+    client_field, connect, is_gone, parse_client_field, AgentConn, Backend, Backends, ConnectError,
     DialRequest, Dialed, Load, Refusal, Serving, TunnelError,
 };
 pub(crate) use budget::{default_budget, Budget, Gauges, Receiving};

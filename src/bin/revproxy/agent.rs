@@ -142,8 +142,8 @@ impl Effect {
         command += &format!(" --name {agent}");
         let public = (self.now.iter().map(|(n, _)| n)).chain(&self.missing);
         for name in public {
-            command += &match revproxy::ca::ports::tcp_port_of(name) {
-                Some(port) => format!(" --tcp-port {port}"),
+            command += &match revproxy::ca::ports::GrantedPort::of(name) {
+                Some(port) => format!(" {}", port.flag()),
                 None => format!(" --host {name}"),
             };
         }

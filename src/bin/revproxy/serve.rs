@@ -145,6 +145,7 @@ impl ServeArgs {
             if let Some(range) = config.ports {
                 let bind = config.ports_bind.unwrap_or(revproxy::config::DEFAULT_PORTS_BIND);
                 builder = builder.granted_ports(range, bind);
+                builder = builder.udp_limits(config.udp_limits().map_err(Failure::usage)?);
             }
             if let Some(acme) = config.acme_settings().map_err(Failure::usage)? {
                 builder = builder.acme(acme);

@@ -35,6 +35,10 @@ pub(crate) enum TokenCommand {
         /// range): listings show it as tcp:PORT
         #[arg(long = "tcp-port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
         tcp_ports: Vec<u16>,
+        /// Public UDP port the agent may serve (repeatable; within the proxy's `ports`
+        /// range): listings show it as udp:PORT
+        #[arg(long = "udp-port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+        udp_ports: Vec<u16>,
         /// How long the token stays valid
         #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
@@ -97,11 +101,13 @@ impl TokenCommand {
                 private_hosts,
                 connect,
                 tcp_ports,
+                udp_ports,
                 ttl,
                 server,
                 cert_ttl,
             } => {
                 hosts.extend(tcp_ports.into_iter().map(ca::ports::tcp_name));
+                hosts.extend(udp_ports.into_iter().map(ca::ports::udp_name));
                 let ca = state.open()?;
                 if server.is_none() {
                     note_wildcard(&ca)?;

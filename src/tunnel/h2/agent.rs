@@ -20,8 +20,9 @@ use super::{
 };
 use crate::tls::Credentials;
 use crate::tunnel::control::{CONTROL_TIMEOUT, MAX_PROXY_LIST};
+use crate::tunnel::duplex::{Duplex, H2Io};
 use crate::tunnel::{
-    Backends, ConnectError, DialRequest, Meter, Refusal, StreamLimits, TunnelError,
+    Backend, Backends, ConnectError, DialRequest, Meter, Refusal, StreamLimits, TunnelError,
 };
 
 type H2Conn = h2::server::Connection<Gathered<TlsStream<TunnelIo>>, Bytes>;
@@ -230,9 +231,23 @@ pub(crate) async fn serve_stream<B: Backends>(
             debug!(host = %name, client = client.map(tracing::field::display), backend = %dialed.addr, "stream open")
         }
     }
+    let backend = match dialed.stream {
+        Backend::Tcp(tcp) => tcp,
+        Backend::Udp(socket) => {
+            let io = H2Io::new(send, request.into_body(), super::settled::Settled::never());
+            return crate::tunnel::agent_end::relay_udp(
+                &name,
+                Duplex::H2(io),
+                None,
+                socket,
+                dialed.counters,
+            )
+            .await;
+        }
+    };
     let meter = Meter::new(&limits, dialed.counters);
     match splice::splice(
-        dialed.stream,
+        backend,
         send,
         request.into_body(),
         // The agent's windows never narrow: it has no budget.

@@ -55,12 +55,22 @@ pub(crate) const CONTROL_AUTHORITY: &str = "control.revproxy.invalid";
 /// The host of the authority that names a granted TCP port: `CONNECT` for `tcp:2222` asks
 /// for `tcp.port.revproxy.invalid:2222` (an authority's host cannot hold the colon).
 const PORT_HOST: &str = "tcp.port.revproxy.invalid";
+/// The same for a granted UDP port's flows: `udp.port.revproxy.invalid:53`.
+const UDP_PORT_HOST: &str = "udp.port.revproxy.invalid";
 
 /// The `:authority` a `CONNECT` for `name` carries: the name itself, or for a granted port
-/// ([`revproxy_ca::ports`]) [`PORT_HOST`] with the port.
+/// ([`revproxy_ca::ports`]) [`PORT_HOST`] or [`UDP_PORT_HOST`] with the port.
 pub(crate) fn authority_of(name: &str) -> std::borrow::Cow<'_, str> {
-    match revproxy_ca::ports::tcp_port_of(name) {
-        Some(port) => format!("{PORT_HOST}:{port}").into(),
+    use revproxy_ca::ports::{GrantedPort, Protocol};
+    match GrantedPort::of(name) {
+        Some(GrantedPort {
+            protocol: Protocol::Tcp,
+            port,
+        }) => format!("{PORT_HOST}:{port}").into(),
+        Some(GrantedPort {
+            protocol: Protocol::Udp,
+            port,
+        }) => format!("{UDP_PORT_HOST}:{port}").into(),
         None => name.into(),
     }
 }
@@ -70,12 +80,11 @@ pub(crate) fn authority_of(name: &str) -> std::borrow::Cow<'_, str> {
 /// for a public client, the caller's agent's for a mesh stream).
 pub(crate) fn connect_target<B>(request: &http::Request<B>) -> (String, Option<&str>) {
     let name = (request.uri().authority())
-        .map(
-            |a| match (a.host().eq_ignore_ascii_case(PORT_HOST), a.port_u16()) {
-                (true, Some(port)) => revproxy_ca::ports::tcp_name(port),
-                _ => a.host().to_ascii_lowercase(),
-            },
-        )
+        .map(|a| match (a.host().to_ascii_lowercase(), a.port_u16()) {
+            (host, Some(port)) if host == PORT_HOST => revproxy_ca::ports::tcp_name(port),
+            (host, Some(port)) if host == UDP_PORT_HOST => revproxy_ca::ports::udp_name(port),
+            (host, _) => host,
+        })
         .unwrap_or_default();
     let client = request
         .headers()

@@ -12,11 +12,15 @@ use tracing::{debug, info, warn};
 use super::{code, read_frame, splice, transport_config, udp_socket, Role, GOAWAY, HEADER_TIMEOUT};
 use crate::tls::Credentials;
 use crate::tunnel::control::{CONTROL_TIMEOUT, MAX_PROXY_LIST, QUIC_PROXIES};
-use crate::tunnel::{Backends, ConnectError, DialRequest, Meter, StreamLimits, TunnelError};
+use crate::tunnel::duplex::Duplex;
+use crate::tunnel::{
+    udp, Backend, Backends, ConnectError, DialRequest, Meter, StreamLimits, TunnelError,
+};
 use crate::wire::stream::{Answer, StreamHeader};
 
-/// One stream the proxy opened, not yet answered.
-pub(crate) type Incoming = (quinn::SendStream, quinn::RecvStream);
+/// One stream the proxy opened, not yet answered, with its connection (a UDP flow's
+/// datagrams ride the connection, `tunnel/udp.rs`).
+pub(crate) type Incoming = (quinn::SendStream, quinn::RecvStream, quinn::Connection);
 
 /// What the proxy opened: a stream for a client, or a control message (`control.rs`).
 pub(crate) enum Accepted {
@@ -113,7 +117,7 @@ impl Conn {
     /// The next stream or control message; `None` once the proxy closed the tunnel.
     pub(crate) async fn accept(&mut self) -> Result<Option<Accepted>, TunnelError> {
         let accepted = tokio::select! {
-            bi = self.conn.accept_bi() => bi.map(Accepted::Stream),
+            bi = self.conn.accept_bi() => bi.map(|(send, recv)| Accepted::Stream((send, recv, self.conn.clone()))),
             uni = self.conn.accept_uni() => uni.map(Accepted::Control),
         };
         match accepted {
@@ -163,7 +167,7 @@ pub(crate) async fn serve_stream<B: Backends>(
     stream: Incoming,
     limits: StreamLimits,
 ) {
-    let (send, mut recv) = stream;
+    let (send, mut recv, conn) = stream;
     // Reset, not finished, if this task ends before the stream does.
     let mut send = super::Unfinished::new(send);
     let header = tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut recv, StreamHeader::parse))
@@ -223,6 +227,9 @@ pub(crate) async fn serve_stream<B: Backends>(
             return;
         }
     };
+    // The proxy sends a UDP flow's QUIC datagrams once it has the answer: listen first.
+    let path = (matches!(dialed.stream, Backend::Udp(_)))
+        .then(|| udp::QuicPath::join(&conn, u64::from(recv.id()), false));
     if let Err(e) = send.write_all(&Answer::ok().encode()).await {
         return debug!(error = %e, "stream gone before the answer");
     }
@@ -234,17 +241,25 @@ pub(crate) async fn serve_stream<B: Backends>(
             debug!(host = %name, client = client_addr.map(tracing::field::display), backend = %dialed.addr, "stream open")
         }
     }
+    let backend = match dialed.stream {
+        Backend::Tcp(tcp) => tcp,
+        Backend::Udp(socket) => {
+            let io = tokio::io::join(
+                tokio::io::AsyncReadExt::chain(std::io::Cursor::new(first), recv),
+                send,
+            );
+            return crate::tunnel::agent_end::relay_udp(
+                &name,
+                Duplex::Quic(io),
+                path,
+                socket,
+                dialed.counters,
+            )
+            .await;
+        }
+    };
     let meter = Meter::new(&limits, dialed.counters);
-    match splice::splice(
-        dialed.stream,
-        send,
-        recv,
-        first,
-        limits.send_timeout,
-        &meter,
-    )
-    .await
-    {
+    match splice::splice(backend, send, recv, first, limits.send_timeout, &meter).await {
         Ok((up, down)) => debug!(host = %name, to_backend = down, from_backend = up, "stream done"),
         Err(e) => debug!(host = %name, error = %e, "stream ended with an error"),
     }

@@ -40,6 +40,10 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// QUIC throughput collapse, so the log says when the OS gives less.
 pub(crate) const UDP_BUFFER: usize = 8 * 1024 * 1024;
 
+/// QUIC datagrams (the UDP flows of granted ports, `tunnel/udp.rs`) received and not yet
+/// taken by their flows, in bytes; beyond it the oldest are dropped.
+const DATAGRAM_BUFFER: usize = 1024 * 1024;
+
 /// Sent by the agent on a unidirectional stream to retire a tunnel: route nothing new.
 pub(crate) const GOAWAY: &[u8] = b"goaway";
 
@@ -173,7 +177,7 @@ pub(crate) enum Role {
 /// The transport settings of a tunnel end. Each side lets its peer open only what the
 /// protocol needs: the proxy takes at most [`MAX_UPWARD`] mesh streams from an agent and
 /// at most two control streams; the agent takes client streams and two control streams
-/// (the proxy list, `control.rs`). No datagrams either way.
+/// (the proxy list, `control.rs`). Datagrams carry UDP flows ([`DATAGRAM_BUFFER`]).
 ///
 /// [`MAX_UPWARD`]: crate::tunnel::MAX_UPWARD
 pub(crate) fn transport_config(role: Role) -> quinn::TransportConfig {
@@ -188,7 +192,7 @@ pub(crate) fn transport_config(role: Role) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(bidi))
         .max_concurrent_uni_streams(VarInt::from_u32(uni))
-        .datagram_receive_buffer_size(None)
+        .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u64(window).expect("fits a VarInt"))
         .send_window(u64::from(CONNECTION_WINDOW))
