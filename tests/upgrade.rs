@@ -514,11 +514,13 @@ async fn a_granted_port_is_handed_over_and_refuses_no_client() {
     ));
     let mut old = Serve::start(&state, &config, false);
     let agents = old.addr("agent listener ready");
-    let name = format!("tcp:{port}");
-    let agent_dir = enrolled(&Ca::open(&state).unwrap(), agents, "game", &name).await;
+    let (name, udp) = (format!("tcp:{port}"), format!("udp:{port}"));
+    let ca = Ca::open(&state).unwrap();
+    let agent_dir = enrolled_for(&ca, agents, "game", &[&name, &udp]).await;
+    let udp_backend = udp_echo(b"U:").await;
     let _agent = start_agent(
         agent_dir.path(),
-        &[(name.as_str(), backend)],
+        &[(name.as_str(), backend), (udp.as_str(), udp_backend)],
         on(Transport::H2),
     );
     let granted = SocketAddr::from(([127, 0, 0, 1], port));
@@ -526,6 +528,17 @@ async fn a_granted_port_is_handed_over_and_refuses_no_client() {
         tokio::net::TcpStream::connect(granted).await.is_ok()
     })
     .await;
+    // The same port number granted for UDP: answered before the upgrade and after it
+    // (the new process binds it once the old one let it go).
+    let answered = || async {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        socket.connect(granted).await.unwrap();
+        let _ = socket.send(b"dgram").await;
+        let mut buf = [0u8; 64];
+        let got = tokio::time::timeout(Duration::from_millis(300), socket.recv(&mut buf)).await;
+        matches!(got, Ok(Ok(7))) && &buf[..7] == b"U:dgram"
+    };
+    eventually("the granted UDP port answers", answered).await;
     // The clients send an HTTP head first, which the echo backend returns like any bytes.
     let clients = Clients::start(granted, 4);
     clients.serve_more(50).await;
@@ -540,4 +553,9 @@ async fn a_granted_port_is_handed_over_and_refuses_no_client() {
     assert!(status.success(), "{status}");
     let got = round_trip(granted, b"", b"after").await.unwrap();
     assert_eq!(got, b"B:after");
+    eventually(
+        "the granted UDP port answers from the new process",
+        answered,
+    )
+    .await;
 }

@@ -580,6 +580,10 @@ mod tests {
             // A listener where a granted port would listen.
             ("ports = \"2000-2100\"\n[[listener]]\nlisten = \"127.0.0.1:2022\"\nto = \"a.example.com\"", "inside ports"),
             ("ports = \"7000-7999\"\nagents = \"0.0.0.0:7443\"", "inside ports"),
+            ("udp_idle_timeout = \"0s\"", "from 1s to 1h"),
+            ("udp_idle_timeout = \"2h\"", "from 1s to 1h"),
+            ("max_udp_flows = 0", "at least 1"),
+            ("max_udp_flows_per_source = 0", "at least 1"),
         ] {
             let err = ProxyConfig::from_toml(bad).unwrap().validate().unwrap_err().to_string();
             assert!(err.contains(says), "{bad}: {err}");
@@ -591,14 +595,30 @@ mod tests {
         )
         .unwrap();
         apart.validate().unwrap();
+        let udp = ProxyConfig::from_toml(
+            "udp_idle_timeout = \"15s\"\nmax_udp_flows = 100\nmax_udp_flows_per_source = 10",
+        )
+        .unwrap();
+        let limits = udp.udp_limits().unwrap();
+        assert_eq!(
+            (limits.idle, limits.flows, limits.per_source),
+            (Duration::from_secs(15), 100, 10)
+        );
+        let defaults = ProxyConfig::from_toml("").unwrap().udp_limits().unwrap();
+        assert_eq!(defaults, crate::proxy::UdpLimits::default());
 
         let agent =
             AgentConfig::from_toml("[[service]]\ntcp_port = 2222\nto = \"127.0.0.1:22\"").unwrap();
         agent.validate().unwrap();
         assert_eq!(agent.service[0].name().unwrap(), "tcp:2222");
+        let agent =
+            AgentConfig::from_toml("[[service]]\nudp_port = 53\nto = \"127.0.0.1:5353\"").unwrap();
+        agent.validate().unwrap();
+        assert_eq!(agent.service[0].name().unwrap(), "udp:53");
         for bad in [
             "[[service]]\nto = \"127.0.0.1:22\"",
             "[[service]]\nhost = \"a.example.com\"\ntcp_port = 2222\nto = \"127.0.0.1:22\"",
+            "[[service]]\ntcp_port = 53\nudp_port = 53\nto = \"127.0.0.1:53\"",
         ] {
             assert!(
                 AgentConfig::from_toml(bad).unwrap().validate().is_err(),
@@ -609,8 +629,13 @@ mod tests {
             parse_map("TCP:2222=127.0.0.1:22").unwrap(),
             ("tcp:2222".to_string(), "127.0.0.1:22".to_string())
         );
+        assert_eq!(
+            parse_map("udp:53=127.0.0.1:5353").unwrap(),
+            ("udp:53".to_string(), "127.0.0.1:5353".to_string())
+        );
         for bad in [
             "tcp:0=127.0.0.1:22",
+            "udp:0=127.0.0.1:53",
             "tcp:70000=127.0.0.1:22",
             "tcp:ssh=127.0.0.1:22",
         ] {

@@ -268,6 +268,21 @@ async fn serve_port(shared: Arc<Shared>, socket: Arc<UdpSocket>, port: u16, shar
     }
 }
 
+/// Returns once tunnel `id` no longer serves `name` (revoked, narrowed away, retired or
+/// gone): its flows end, and the client's next datagram is a new flow to a tunnel that
+/// does.
+async fn no_longer_served(shared: &Shared, name: &str, id: u64) {
+    let mut changes = shared.registry.subscribe();
+    loop {
+        if !(shared.registry.lookup(name).exact.iter()).any(|t| t.id == id) {
+            return;
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 /// Gives back a source's flow.
 fn release(per_source: &mut HashMap<IpAddr, usize>, ip: IpAddr) {
     if let Some(n) = per_source.get_mut(&ip) {
@@ -356,7 +371,11 @@ async fn run_flow(shared: &Arc<Shared>, start: FlowStart) {
             socket,
             addr: client,
         };
-        let end = udp::relay(stream.into_duplex(), quic, local, idle, &counts).await;
+        let relay = udp::relay(stream.into_duplex(), quic, local, idle, &counts);
+        let end = tokio::select! {
+            end = relay => end.to_string(),
+            () = no_longer_served(shared, &name, t.id) => "its tunnel no longer serves the port".into(),
+        };
         debug!(%client, host = %name, agent = %t.agent, %end, "flow done");
         drop(slot);
         return;

@@ -31,6 +31,8 @@ fn bad_input_exits_2_with_one_sentence_and_writes_nothing() {
         // No proxy recorded a `ports` range; port 0 is no port.
         &["token", "create", "--name", "a", "--tcp-port", "2222"],
         &["token", "create", "--name", "a", "--tcp-port", "0"],
+        &["token", "create", "--name", "a", "--udp-port", "51820"],
+        &["token", "create", "--name", "a", "--udp-port", "0"],
         &[
             "token",
             "create",

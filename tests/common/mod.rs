@@ -223,6 +223,24 @@ pub async fn echo_backend(tag: &'static [u8]) -> SocketAddr {
     addr
 }
 
+/// A UDP backend that answers each datagram with `tag` and the datagram, to its sender.
+pub async fn udp_echo(tag: &'static [u8]) -> SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                return;
+            };
+            let mut answer = tag.to_vec();
+            answer.extend_from_slice(&buf[..n]);
+            let _ = socket.send_to(&answer, from).await;
+        }
+    });
+    addr
+}
+
 /// Deterministic pseudo-random bytes.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -465,11 +483,21 @@ pub async fn enrolled(
     name: &str,
     host: &str,
 ) -> tempfile::TempDir {
+    enrolled_for(ca, agents, name, &[host]).await
+}
+
+/// [`enrolled`] for several names.
+pub async fn enrolled_for(
+    ca: &revproxy::ca::Ca,
+    agents: std::net::SocketAddr,
+    name: &str,
+    hosts: &[&str],
+) -> tempfile::TempDir {
     let token = ca
         .create_token(
             &revproxy::ca::NewToken {
                 agent: name.into(),
-                hosts: vec![host.into()],
+                hosts: hosts.iter().map(|h| h.to_string()).collect(),
                 private_hosts: Vec::new(),
                 connect: Vec::new(),
                 ttl: Duration::from_secs(3600),

@@ -39,24 +39,6 @@ async fn proxy_granting(port: u16, limits: UdpLimits) -> TestProxy {
     .await
 }
 
-/// A UDP backend that answers each datagram with `tag` and the datagram, to its sender.
-async fn udp_echo(tag: &'static [u8]) -> SocketAddr {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = socket.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        loop {
-            let Ok((n, from)) = socket.recv_from(&mut buf).await else {
-                return;
-            };
-            let mut answer = tag.to_vec();
-            answer.extend_from_slice(&buf[..n]);
-            let _ = socket.send_to(&answer, from).await;
-        }
-    });
-    addr
-}
-
 /// A client socket of its own (its own source port) talking to the granted port.
 async fn client(port: u16) -> UdpSocket {
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -302,7 +284,39 @@ async fn iperf3_pushes_100_mbit_through_with_at_most_one_percent_lost(t: Transpo
     );
 }
 
+async fn a_flow_moves_to_another_agent_when_its_own_is_narrowed_away(t: Transport) {
+    let port = free_udp_port();
+    let proxy = proxy_granting(port, UdpLimits::default()).await;
+    let name = format!("udp:{port}");
+    let (dir_a, dir_b) = (
+        enroll_agent(&proxy, "left", &[&name]).await,
+        enroll_agent(&proxy, "right", &[&name]).await,
+    );
+    let (left, right) = (udp_echo(b"left:").await, udp_echo(b"right:").await);
+    let _a = start_agent(dir_a.path(), &[(name.as_str(), left)], on(t));
+    let _b = start_agent(dir_b.path(), &[(name.as_str(), right)], on(t));
+    assert!(proxy.status.wait_for_tunnels(&name, 2, WAIT).await);
+    let socket = client(port).await;
+    let first = ask(&socket, b"x", WAIT).await.expect("answered");
+    let (from, other) = match first.starts_with(b"left:") {
+        true => ("left", "right:"),
+        false => ("right", "left:"),
+    };
+    // Narrowed away from the agent that has the flow: the same client address goes on,
+    // now to the other agent.
+    proxy.ca.set_hosts(from, &[]).unwrap();
+    eventually(
+        "the flow moved to the agent still holding the port",
+        || async {
+            let answer = ask(&socket, b"x", Duration::from_millis(300)).await;
+            answer.is_some_and(|a| a.starts_with(other.as_bytes()))
+        },
+    )
+    .await;
+}
+
 over_both_transports!(
+    a_flow_moves_to_another_agent_when_its_own_is_narrowed_away,
     each_client_address_is_a_flow_with_its_own_answers,
     revocation_silences_a_granted_udp_port_within_three_seconds,
     flows_are_bounded_per_source_and_idle_out,

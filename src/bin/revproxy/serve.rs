@@ -12,7 +12,7 @@ use revproxy::runtime::logging::LogFormat;
 use revproxy::Proxy;
 
 use crate::ca::print_init_notes;
-use crate::signals::{reload_on_hangup, upgrade_on_usr2};
+use crate::signals::{reload_on_hangup, upgrade_on_usr2, ReadAtStart};
 use crate::state::{store_failure, StateArg};
 use crate::Failure;
 
@@ -228,7 +228,7 @@ impl ServeArgs {
                 None => handover::Listener::pending(&dir)?,
             };
             let proxy = proxy.answer_upgrades(upgrades);
-            let ports = (config.ports, config.ports_bind);
+            let ports = ReadAtStart::of(&config);
             tokio::spawn(reload_on_hangup(self, hangups, proxy.reloader(), ports));
             tokio::spawn(upgrade_on_usr2(usr2));
             proxy.run(shutdown).await?;

@@ -2,25 +2,40 @@
 
 use crate::serve::{reload_from, ServeArgs};
 
+/// The granted ports' settings: read at start only.
+#[derive(Debug, PartialEq)]
+pub(crate) struct ReadAtStart {
+    ports: Option<revproxy::ca::ports::PortRange>,
+    bind: Option<std::net::IpAddr>,
+    udp: Option<revproxy::proxy::UdpLimits>,
+}
+
+impl ReadAtStart {
+    pub(crate) fn of(config: &revproxy::config::ProxyConfig) -> ReadAtStart {
+        ReadAtStart {
+            ports: config.ports,
+            bind: config.ports_bind,
+            udp: config.udp_limits().ok(),
+        }
+    }
+}
+
 /// Re-reads the configuration at every SIGHUP and hands it to the running proxy; a file
 /// that does not read keeps the running configuration (logged and counted).
 pub(crate) async fn reload_on_hangup(
     args: ServeArgs,
     mut hangups: tokio::signal::unix::Signal,
     reloader: revproxy::proxy::Reloader,
-    ports_at_start: (
-        Option<revproxy::ca::ports::PortRange>,
-        Option<std::net::IpAddr>,
-    ),
+    at_start: ReadAtStart,
 ) {
     while hangups.recv().await.is_some() {
         tracing::info!("SIGHUP: reading the configuration again");
         let read = args.effective_config();
         // Read at start only: a reload that changes them says so.
         if let Ok(config) = &read {
-            if (config.ports, config.ports_bind) != ports_at_start {
+            if ReadAtStart::of(config) != at_start {
                 tracing::warn!(
-                    "ports and ports_bind are read at start: the running ones stay until a restart"
+                    "ports, ports_bind and the udp_* keys are read at start: the running ones stay until a restart"
                 );
             }
         }
