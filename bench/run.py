@@ -33,6 +33,7 @@ import termios
 import time
 
 import held
+import udp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = {"iperf3": "iperf3", "wrk": "wrk", "ab": "apache2-utils", "nginx": "nginx-light", "openssl": "openssl",
@@ -60,11 +61,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_port(port, timeout=10.0):
+def wait_port(port, timeout=10.0, host="127.0.0.1"):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            with socket.create_connection((host, port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.05)
@@ -169,9 +170,11 @@ def wait_http(port, what, logs):
     raise RuntimeError(f"{what}: the tunnel did not come up:\n{r.stdout}{r.stderr}{tails}")
 
 
-def start_revproxy(procs, bindir, work, backends, transport="h2", label="revproxy"):
-    """Proxy + one enrolled agent, one tunnel over `transport`. `backends` maps name -> port.
-    Returns the setup: ports for each workload and the pids whose memory is measured."""
+def start_revproxy(procs, bindir, work, backends, transport="h2", label="revproxy", udp_backends=None):
+    """Proxy + one enrolled agent, one tunnel over `transport`. `backends` maps name -> port;
+    `udp_backends` ({"iperf": port, "echo": port}) are reached through granted ports, where
+    the build has them. Returns the setup: ports for each workload and the pids whose memory
+    is measured."""
     work = f"{work}/{label}-{transport}"
     os.makedirs(work)
     agents, http = free_port(), free_port()
@@ -183,7 +186,16 @@ def start_revproxy(procs, bindir, work, backends, transport="h2", label="revprox
     # where the build has one, or the idle-memory figure would measure 256 connections.
     with open(f"{bindir}/revproxy", "rb") as binary:
         caps = b"max_connections_per_source" in binary.read()
+        binary.seek(0)
+        grants_udp = b"udp_idle_timeout" in binary.read()
     per_source = "max_connections_per_source = 100000\n" if caps else ""
+    # Granted ports listen on 127.0.0.2, apart from the listeners the kernel picked ports for
+    # on 127.0.0.1 (a listener inside the range on the same address is refused).
+    granted = {}
+    if udp_backends and grants_udp:
+        granted = {role: udp.free_port_both("127.0.0.2") for role in udp_backends}
+        low, high = min(granted.values()), max(granted.values())
+        per_source += f'ports = "{low}-{high}"\nports_bind = "127.0.0.2"\n'
     with open(f"{work}/proxy.toml", "w") as f:
         f.write(f'agents = "127.0.0.1:{agents}"\nhttp = "127.0.0.1:{http}"\n{per_source}{listeners}')
     subprocess.run([f"{bindir}/revproxy", "ca", "init", "--state", state], check=True, env=env, capture_output=True)
@@ -195,20 +207,32 @@ def start_revproxy(procs, bindir, work, backends, transport="h2", label="revprox
                         env=env, stderr=open(f"{work}/proxy.log", "w"))
     wait_port(agents)
     hosts = sum((["--host", n] for n in backends), [])
+    # iperf3 needs its port for TCP (control) and UDP (data); the echo only UDP.
+    if granted:
+        hosts += ["--tcp-port", str(granted["iperf"])]
+        hosts += sum((["--udp-port", str(p)] for p in granted.values()), [])
     token = subprocess.run([f"{bindir}/revproxy", "token", "create", "--state", state, "--name", "bench",
                             "--server", f"127.0.0.1:{agents}"] + hosts,
                            check=True, env=env, capture_output=True, text=True).stdout.strip()
     subprocess.run([f"{bindir}/revproxy-agent", "enroll", "--state", f"{work}/agent", "--token", token],
                    check=True, env=env, capture_output=True)
     maps = sum((["--map", f"{n}=127.0.0.1:{p}"] for n, p in backends.items()), [])
+    if granted:
+        maps += ["--map", f"tcp:{granted['iperf']}=127.0.0.1:{udp_backends['iperf']}"]
+        maps += sum((["--map", f"udp:{granted[r]}=127.0.0.1:{udp_backends[r]}"] for r in granted), [])
     agent = procs.start([f"{bindir}/revproxy-agent", "run", "--state", f"{work}/agent", "--transport", transport] + maps,
                         env=env,
                         stderr=open(f"{work}/agent.log", "w"))
     wait_http(http, f"revproxy {transport}", [f"{work}/proxy.log", f"{work}/agent.log"])
     # Plain HTTP workloads go through the Host-routing listener (the realistic path); the idle
     # and stalled connections use the fixed listener, which opens the stream at accept.
-    return {"iperf": fixed["iperf.bench"], "http": http, "web": fixed["web.bench"], "ports": fixed,
-            "pids": [proxy.pid, agent.pid]}
+    setup = {"iperf": fixed["iperf.bench"], "http": http, "web": fixed["web.bench"], "ports": fixed,
+             "pids": [proxy.pid, agent.pid]}
+    if granted:
+        setup["udp"] = dict(granted, host="127.0.0.2")
+        # The agent maps its ports once its tunnel is up; the proxy listens on them then.
+        wait_port(granted["iperf"], host="127.0.0.2")
+    return setup
 
 
 def localhost_cert(d):
@@ -227,8 +251,10 @@ def localhost_cert(d):
             "-out", "srv.crt", "-days", "2", "-extfile", "ext")
 
 
-def start_rathole(procs, rathole, work, backends):
-    """rathole server + client with its TLS transport, one service per backend (by port)."""
+def start_rathole(procs, rathole, work, backends, udp_backends=None):
+    """rathole server + client with its TLS transport, one service per backend (by port), and
+    a UDP service per `udp_backends` entry (iperf3's beside its TCP service, on the same port
+    number)."""
     d = f"{work}/rathole"
     os.makedirs(d)
 
@@ -245,6 +271,13 @@ def start_rathole(procs, rathole, work, backends):
         svc = name.replace(".", "_")
         server += f'[server.services.{svc}]\ntoken = "bench-{svc}"\nbind_addr = "127.0.0.1:{public[name]}"\n'
         client += f'[client.services.{svc}]\ntoken = "bench-{svc}"\nlocal_addr = "127.0.0.1:{port}"\n'
+    udp_public = {}
+    for role, port in (udp_backends or {}).items():
+        udp_public[role] = public["iperf.bench"] if role == "iperf" else udp.free_port_both("127.0.0.1")
+        server += (f'[server.services.udp_{role}]\ntype = "udp"\ntoken = "bench-udp-{role}"\n'
+                   f'bind_addr = "127.0.0.1:{udp_public[role]}"\n')
+        client += (f'[client.services.udp_{role}]\ntype = "udp"\ntoken = "bench-udp-{role}"\n'
+                   f'local_addr = "127.0.0.1:{port}"\n')
     for role, text in (("server", server), ("client", client)):
         with open(f"{d}/{role}.toml", "w") as f:
             f.write(text)
@@ -253,8 +286,11 @@ def start_rathole(procs, rathole, work, backends):
     wait_port(control)
     cli = procs.start([rathole, "-c", f"{d}/client.toml"], env=env, stderr=open(f"{d}/client.log", "w"))
     wait_http(public["web.bench"], "rathole", [f"{d}/server.log", f"{d}/client.log"])
-    return {"iperf": public["iperf.bench"], "http": public["web.bench"], "web": public["web.bench"],
-            "ports": public, "pids": [srv.pid, cli.pid]}
+    setup = {"iperf": public["iperf.bench"], "http": public["web.bench"], "web": public["web.bench"],
+             "ports": public, "pids": [srv.pid, cli.pid]}
+    if udp_public:
+        setup["udp"] = dict(udp_public, host="127.0.0.1")
+    return setup
 
 
 def nofile_limit():
@@ -459,18 +495,25 @@ def main():
         wait_port(iperf_port)
         held.start_echo(procs, echo_port)
         backends = {"web.bench": nginx_port, "iperf.bench": iperf_port, "echo.bench": echo_port}
+        udp_echo_port = udp.free_port_both("127.0.0.1")
+        udp.start_echo(procs, udp_echo_port)
+        udp_backends = {"iperf": iperf_port, "echo": udp_echo_port}
 
+        direct = {"iperf": iperf_port, "http": nginx_port, "web": nginx_port, "ports": backends, "pids": [],
+                  "udp": dict(udp_backends, host="127.0.0.1")}
         setups = {
-            "direct": {"iperf": iperf_port, "http": nginx_port, "web": nginx_port, "ports": backends, "pids": []},
-            "revproxy h2": start_revproxy(procs, bindir, work, backends),
-            "revproxy QUIC": start_revproxy(procs, bindir, work, backends, "quic"),
+            "direct": direct,
+            "revproxy h2": start_revproxy(procs, bindir, work, backends, udp_backends=udp_backends),
+            "revproxy QUIC": start_revproxy(procs, bindir, work, backends, "quic", udp_backends=udp_backends),
         }
         if args.baseline:
             base = os.path.abspath(args.baseline)
-            setups["baseline h2"] = start_revproxy(procs, base, work, backends, label="baseline")
-            setups["baseline QUIC"] = start_revproxy(procs, base, work, backends, "quic", label="baseline")
+            setups["baseline h2"] = start_revproxy(procs, base, work, backends, label="baseline",
+                                                   udp_backends=udp_backends)
+            setups["baseline QUIC"] = start_revproxy(procs, base, work, backends, "quic", label="baseline",
+                                                     udp_backends=udp_backends)
         if rathole:
-            setups["rathole TLS"] = start_rathole(procs, rathole, work, backends)
+            setups["rathole TLS"] = start_rathole(procs, rathole, work, backends, udp_backends)
 
         def keepalive(conns):
             def run(s):
@@ -518,7 +561,7 @@ def main():
              lambda s: idle_memory(s, nginx_port, idle_count) if s["pids"] else None),
             ("8 streams while a 9th is stalled (Gbit/s)", lambda s: fairness(s, seconds)),
             ("connections held at once through one agent", lambda s: held.held_connections(s, echo_port, held_count)),
-        ]
+        ] + udp.figures(seconds, 200 if args.quick else 2000)
         if args.only:
             figures = [(name, fn) for name, fn in figures if any(t in name for t in args.only)]
             if not figures:
@@ -532,7 +575,8 @@ def main():
                     except Exception as e:  # one broken setup must not lose the whole run
                         log(f"rep {rep + 1}/{repeats} {name} {setup} FAILED: {e}")
                         value = None
-                    if value is None and fn is not None and name.startswith("keep-alive"):
+                    # A figure a setup cannot give (an older build without granted UDP ports).
+                    if value is None and fn is not None and name.startswith(("keep-alive", "UDP")):
                         continue
                     for key, v in (value.items() if isinstance(value, dict) else [(name, value)]):
                         results.setdefault((key, setup), []).append(v)

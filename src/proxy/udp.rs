@@ -204,7 +204,8 @@ async fn serve_port(shared: Arc<Shared>, socket: Arc<UdpSocket>, port: u16, shar
     let server = socket.local_addr().ok();
     let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
     let mut per_source: HashMap<IpAddr, usize> = HashMap::new();
-    let mut tasks: JoinSet<SocketAddr> = JoinSet::new();
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut clients: HashMap<tokio::task::Id, SocketAddr> = HashMap::new();
     let mut buf = vec![0u8; udp::MAX_PAYLOAD];
     loop {
         let (n, client) = tokio::select! {
@@ -216,11 +217,14 @@ async fn serve_port(shared: Arc<Shared>, socket: Arc<UdpSocket>, port: u16, shar
                     continue;
                 }
             },
-            Some(ended) = tasks.join_next() => {
-                if let Ok(client) = ended {
+            Some(ended) = tasks.join_next_with_id() => {
+                let id = match ended {
+                    Ok((id, ())) => id,
+                    Err(e) => e.id(),
+                };
+                if let Some(client) = clients.remove(&id) {
                     flows.remove(&client);
                     release(&mut per_source, client.ip());
-                    shares.flows.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 continue;
             }
@@ -236,18 +240,18 @@ async fn serve_port(shared: Arc<Shared>, socket: Arc<UdpSocket>, port: u16, shar
             continue;
         }
         let source = per_source.entry(client.ip()).or_default();
-        let total = shares.flows.load(std::sync::atomic::Ordering::Relaxed);
-        if *source >= shares.limits.per_source || total >= shares.limits.flows {
+        let ticket = match *source < shares.limits.per_source {
+            true => FlowTicket::take(&shares),
+            false => None,
+        };
+        let Some(ticket) = ticket else {
             if *source == 0 {
                 per_source.remove(&client.ip());
             }
             metrics.dropped(Dropped::FlowLimit);
             continue;
-        }
+        };
         *source += 1;
-        shares
-            .flows
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (to, from) = mpsc::channel(udp::FLOW_QUEUE);
         flows.insert(client, Flow { to });
         let start = FlowStart {
@@ -261,10 +265,31 @@ async fn serve_port(shared: Arc<Shared>, socket: Arc<UdpSocket>, port: u16, shar
             idle: shares.limits.idle,
         };
         let shared = shared.clone();
-        tasks.spawn(async move {
+        let task = tasks.spawn(async move {
+            let _ticket = ticket;
             run_flow(&shared, start).await;
-            client
         });
+        clients.insert(task.id(), client);
+    }
+}
+
+/// One flow's place among [`UdpLimits::flows`], given back as it drops (with its task,
+/// however that ends: the port closing aborts it).
+struct FlowTicket(Arc<std::sync::atomic::AtomicUsize>);
+
+impl FlowTicket {
+    fn take(shares: &Shares) -> Option<FlowTicket> {
+        use std::sync::atomic::Ordering;
+        let taken = shares.flows.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+            (n < shares.limits.flows).then_some(n + 1)
+        });
+        taken.ok().map(|_| FlowTicket(shares.flows.clone()))
+    }
+}
+
+impl Drop for FlowTicket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
