@@ -230,8 +230,9 @@ def start_revproxy(procs, bindir, work, backends, transport="h2", label="revprox
              "pids": [proxy.pid, agent.pid]}
     if granted:
         setup["udp"] = dict(granted, host="127.0.0.2")
-        # The agent maps its ports once its tunnel is up; the proxy listens on them then.
-        wait_port(granted["iperf"], host="127.0.0.2")
+        # The agent maps its ports once its tunnel is up; the proxy listens on them then
+        # (checked without connecting: iperf3 would take a probe for a test).
+        udp.wait_bound("127.0.0.2", granted["iperf"])
     return setup
 
 

@@ -35,6 +35,19 @@ def free_port_both(ip):
                     continue
 
 
+def wait_bound(ip, port, timeout=10.0):
+    """Waits until something listens on TCP `ip:port` (binding it fails), without connecting."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as t:
+            try:
+                t.bind((ip, port))
+            except OSError:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {ip}:{port} after {timeout}s")
+
+
 def start_echo(procs, port):
     """A UDP echo server on 127.0.0.1:`port` in its own process."""
     procs.start([sys.executable, os.path.abspath(__file__), "echo", str(port)])

@@ -88,7 +88,7 @@ impl Ca {
         let connect = normalize_names(&req.connect)?;
         if hosts.is_empty() && private_hosts.is_empty() && connect.is_empty() {
             return Err(CaError::InvalidInput(
-                "give at least one name or port: --host (public), --tcp-port, --private-host or --connect".into(),
+                "give at least one name or port: --host (public), --tcp-port, --udp-port, --private-host or --connect".into(),
             ));
         }
         if hosts.len() + private_hosts.len() > MAX_HOSTS {

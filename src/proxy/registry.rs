@@ -370,6 +370,13 @@ impl Registry {
         }
     }
 
+    /// Whether tunnel `id` is still on record and serves the public `name` (draining or
+    /// not: a retired tunnel's open streams and flows run to their end).
+    pub(super) fn serves(&self, id: u64, name: &str) -> bool {
+        let inner = self.inner.read().expect("registry lock");
+        (inner.tunnels.get(&id)).is_some_and(|(_, served)| served.public.iter().any(|h| h == name))
+    }
+
     /// The granted ports some live tunnel serves now: the proxy listens on those (in its
     /// range).
     pub(super) fn ports(&self) -> std::collections::BTreeSet<revproxy_ca::ports::GrantedPort> {

@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, Instrument};
 
+use super::accept::source_key;
 use super::public::OPEN_TIMEOUT;
 use super::replies::ConnId;
 use super::Shared;
@@ -34,7 +34,7 @@ pub struct UdpLimits {
     pub idle: Duration,
     /// Most flows on all granted UDP ports together.
     pub flows: usize,
-    /// Most flows of one source address (IP) on one port.
+    /// Most flows of one source on one port: an IPv4 address, or an IPv6 /64.
     pub per_source: usize,
 }
 
@@ -91,6 +91,8 @@ pub(super) struct UdpPorts {
     running: HashMap<u16, Running>,
     /// Flows open on all of them.
     flows: Arc<std::sync::atomic::AtomicUsize>,
+    /// Bytes their clients' datagrams queued.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
     /// Fired when the ports close for good (a successor binds them now).
     closed: Trigger,
 }
@@ -112,6 +114,8 @@ impl Drop for Running {
 struct Shares {
     limits: UdpLimits,
     flows: Arc<std::sync::atomic::AtomicUsize>,
+    /// Bytes of client datagrams queued in all flows ([`udp::QUEUED_BYTES`]).
+    queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl UdpPorts {
@@ -151,6 +155,7 @@ impl UdpPorts {
         let shares = Shares {
             limits,
             flows: self.flows.clone(),
+            queued: self.queued.clone(),
         };
         for &port in wanted {
             if !open || self.running.contains_key(&port) {
@@ -194,7 +199,7 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 
 /// One flow as the port's reader knows it.
 struct Flow {
-    to: mpsc::Sender<Bytes>,
+    to: udp::QueueTx,
 }
 
 /// Reads the port's datagrams, starting a flow for each new client address.
@@ -224,35 +229,35 @@ async fn serve_port(shared: Arc<Shared>, socket: Arc<UdpSocket>, port: u16, shar
                 };
                 if let Some(client) = clients.remove(&id) {
                     flows.remove(&client);
-                    release(&mut per_source, client.ip());
+                    release(&mut per_source, source_key(client.ip()));
                 }
                 continue;
             }
         };
         let payload = Bytes::copy_from_slice(&buf[..n]);
         if let Some(flow) = flows.get(&client) {
-            match flow.to.try_send(payload) {
+            match flow.to.push(payload) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => metrics.dropped(Dropped::QueueFull),
-                // Its flow found no agent, or just ended: counted where it ended.
-                Err(mpsc::error::TrySendError::Closed(_)) => metrics.dropped(Dropped::NoAgent),
+                Err(udp::NotQueued::Full) => metrics.dropped(Dropped::QueueFull),
+                // Its flow found no agent, or just ended.
+                Err(udp::NotQueued::Closed) => metrics.dropped(Dropped::NoAgent),
             }
             continue;
         }
-        let source = per_source.entry(client.ip()).or_default();
+        let source = per_source.entry(source_key(client.ip())).or_default();
         let ticket = match *source < shares.limits.per_source {
             true => FlowTicket::take(&shares),
             false => None,
         };
         let Some(ticket) = ticket else {
             if *source == 0 {
-                per_source.remove(&client.ip());
+                per_source.remove(&source_key(client.ip()));
             }
             metrics.dropped(Dropped::FlowLimit);
             continue;
         };
         *source += 1;
-        let (to, from) = mpsc::channel(udp::FLOW_QUEUE);
+        let (to, from) = udp::queue(shares.queued.clone());
         flows.insert(client, Flow { to });
         let start = FlowStart {
             name: name.clone(),
@@ -280,9 +285,11 @@ struct FlowTicket(Arc<std::sync::atomic::AtomicUsize>);
 impl FlowTicket {
     fn take(shares: &Shares) -> Option<FlowTicket> {
         use std::sync::atomic::Ordering;
-        let taken = shares.flows.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-            (n < shares.limits.flows).then_some(n + 1)
-        });
+        let taken = shares
+            .flows
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < shares.limits.flows).then_some(n + 1)
+            });
         taken.ok().map(|_| FlowTicket(shares.flows.clone()))
     }
 }
@@ -293,13 +300,13 @@ impl Drop for FlowTicket {
     }
 }
 
-/// Returns once tunnel `id` no longer serves `name` (revoked, narrowed away, retired or
-/// gone): its flows end, and the client's next datagram is a new flow to a tunnel that
-/// does.
+/// Returns once tunnel `id` no longer serves `name` (revoked, narrowed away, gone): its
+/// flows end, and the client's next datagram is a new flow to a tunnel that does. A
+/// retired tunnel (its agent moving, renewing) keeps its flows, as it keeps its streams.
 async fn no_longer_served(shared: &Shared, name: &str, id: u64) {
     let mut changes = shared.registry.subscribe();
     loop {
-        if !(shared.registry.lookup(name).exact.iter()).any(|t| t.id == id) {
+        if !shared.registry.serves(id, name) {
             return;
         }
         if changes.changed().await.is_err() {
@@ -327,7 +334,7 @@ struct FlowStart {
     /// The datagram that started it: sent with the stream's open request.
     first: Bytes,
     /// The client's next datagrams.
-    from: mpsc::Receiver<Bytes>,
+    from: udp::QueueRx,
     socket: Arc<UdpSocket>,
     idle: Duration,
 }
@@ -374,7 +381,9 @@ async fn run_flow(shared: &Arc<Shared>, start: FlowStart) {
                 if e.tunnel_is_gone() {
                     shared.registry.retire(t.id);
                 }
-                warn!(%client, host = %name, agent = %t.agent, tunnel = t.id, error = %e, "could not open a UDP flow; trying the next agent");
+                // Debug only: any source may cause this at packet rate (counted when no
+                // agent takes the flow).
+                debug!(%client, host = %name, agent = %t.agent, tunnel = t.id, error = %e, "could not open a UDP flow; trying the next agent");
                 continue;
             }
             Err(_) => break,
@@ -405,6 +414,6 @@ async fn run_flow(shared: &Arc<Shared>, start: FlowStart) {
         drop(slot);
         return;
     }
-    warn!(%client, host = %name, "no agent took the UDP flow within {OPEN_TIMEOUT:?}");
+    debug!(%client, host = %name, "no agent took the UDP flow within {OPEN_TIMEOUT:?}");
     metrics.dropped(Dropped::NoAgent);
 }

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -36,6 +36,13 @@ pub(crate) const MAX_PAYLOAD: usize = 65_527;
 /// Datagrams a flow holds waiting for its tunnel or its socket, each way; more are dropped
 /// (UDP's own answer to congestion), never queued without bound.
 pub(crate) const FLOW_QUEUE: usize = 256;
+/// Bytes of client datagrams one flow holds waiting for its tunnel (a [`Queue`]).
+const FLOW_QUEUE_BYTES: usize = 256 * 1024;
+/// Bytes of client datagrams all flows of a proxy hold waiting for their tunnels.
+pub(crate) const QUEUED_BYTES: usize = 64 * 1024 * 1024;
+/// A flow that never had an answer ends after this long without a datagram (if its idle
+/// timeout is not shorter): a forged source holds its place briefly.
+pub(crate) const UNANSWERED_IDLE: Duration = Duration::from_secs(10);
 /// An agent ends a flow that moved nothing for this long, whatever the proxy's timeout
 /// (which ends it sooner: this bounds only a proxy that never does).
 pub(crate) const AGENT_IDLE: Duration = Duration::from_secs(3600);
@@ -228,6 +235,111 @@ impl Datagrams {
     }
 }
 
+/// A queue of a flow's datagrams bounded in count ([`FLOW_QUEUE`]), in bytes
+/// ([`FLOW_QUEUE_BYTES`]) and, with every other queue sharing `all`, in bytes in all
+/// ([`QUEUED_BYTES`]): what does not fit is dropped.
+pub(crate) fn queue(all: Arc<AtomicUsize>) -> (QueueTx, QueueRx) {
+    let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+    let flow = Arc::new(AtomicUsize::new(0));
+    let counts = Counts { flow, all };
+    (
+        QueueTx {
+            tx,
+            counts: counts.clone(),
+        },
+        QueueRx { rx, counts },
+    )
+}
+
+/// The bytes a queue holds, and all queues together.
+#[derive(Clone)]
+struct Counts {
+    flow: Arc<AtomicUsize>,
+    all: Arc<AtomicUsize>,
+}
+
+impl Counts {
+    fn take(&self, n: usize) -> bool {
+        let fits = |max: usize| move |now: usize| (now + n <= max).then_some(now + n);
+        if (self.flow)
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, fits(FLOW_QUEUE_BYTES))
+            .is_err()
+        {
+            return false;
+        }
+        let all = self
+            .all
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, fits(QUEUED_BYTES));
+        if all.is_err() {
+            self.flow.fetch_sub(n, Ordering::AcqRel);
+        }
+        all.is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        self.flow.fetch_sub(n, Ordering::AcqRel);
+        self.all.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// Why a datagram was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum NotQueued {
+    Full,
+    Closed,
+}
+
+/// The sending end of a [`queue`].
+pub(crate) struct QueueTx {
+    tx: mpsc::Sender<Bytes>,
+    counts: Counts,
+}
+
+impl QueueTx {
+    pub(crate) fn push(&self, datagram: Bytes) -> Result<(), NotQueued> {
+        let n = datagram.len();
+        if self.tx.is_closed() {
+            return Err(NotQueued::Closed);
+        }
+        if !self.counts.take(n) {
+            return Err(NotQueued::Full);
+        }
+        match self.tx.try_send(datagram) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.counts.give(n);
+                match e {
+                    mpsc::error::TrySendError::Full(_) => Err(NotQueued::Full),
+                    mpsc::error::TrySendError::Closed(_) => Err(NotQueued::Closed),
+                }
+            }
+        }
+    }
+}
+
+/// The receiving end of a [`queue`]; what it still holds is given back as it drops.
+pub(crate) struct QueueRx {
+    rx: mpsc::Receiver<Bytes>,
+    counts: Counts,
+}
+
+impl QueueRx {
+    async fn recv(&mut self) -> Option<Bytes> {
+        let datagram = self.rx.recv().await?;
+        self.counts.give(datagram.len());
+        Some(datagram)
+    }
+}
+
+impl Drop for QueueRx {
+    fn drop(&mut self) {
+        self.rx.close();
+        while let Ok(datagram) = self.rx.try_recv() {
+            self.counts.give(datagram.len());
+        }
+    }
+}
+
 /// A flow's place in its connection's [`Datagrams`], left as it drops.
 pub(crate) struct Joined {
     datagrams: Arc<Datagrams>,
@@ -268,7 +380,7 @@ pub(crate) enum Local {
     /// The client's datagrams as the port's socket received them; answers go back from
     /// that socket to `addr`.
     Client {
-        from: mpsc::Receiver<Bytes>,
+        from: QueueRx,
         socket: Arc<UdpSocket>,
         addr: SocketAddr,
     },
@@ -298,7 +410,9 @@ pub(crate) enum FlowEnd {
 }
 
 /// Moves datagrams between `local` and the tunnel stream `io` (and `quic`'s datagrams)
-/// until the stream ends, a side fails, or nothing moved for `idle`. Ends the stream.
+/// until the stream ends, a side fails, or nothing moved for `idle` (or for
+/// [`UNANSWERED_IDLE`], if shorter, while nothing came back from the tunnel). Ends the
+/// stream.
 pub(crate) async fn relay(
     io: Duplex,
     quic: Option<QuicPath>,
@@ -309,6 +423,7 @@ pub(crate) async fn relay(
     let (read, write) = tokio::io::split(io);
     let mut capsules = Capsules::new(read);
     let heard_quic = AtomicBool::new(false);
+    let answered = AtomicBool::new(false);
     let last = Mutex::new(Instant::now());
     let moved = || *last.lock().expect("flow clock") = Instant::now();
     let (mut local_in, local_out, client) = match local {
@@ -330,7 +445,11 @@ pub(crate) async fn relay(
     };
     let mut write = write;
     let up = async {
-        let mut buf = vec![0; MAX_PAYLOAD];
+        // Only a socket is read into it (a queue hands over whole datagrams).
+        let mut buf = match &local_in {
+            LocalIn::Socket(_) => vec![0; MAX_PAYLOAD],
+            LocalIn::Queue(_) => Vec::new(),
+        };
         loop {
             let payload = match local_in.recv(&mut buf).await {
                 Some(payload) => payload,
@@ -376,6 +495,11 @@ pub(crate) async fn relay(
                 }
             };
             moved();
+            answered.store(true, Ordering::Relaxed);
+            // A capsule may be a little larger than any UDP payload: not sendable.
+            if payload.len() > MAX_PAYLOAD {
+                continue;
+            }
             if let Some(c) = &counts.down {
                 c.inc();
             }
@@ -396,10 +520,14 @@ pub(crate) async fn relay(
     let quiet = async {
         loop {
             let since = *last.lock().expect("flow clock");
-            if since.elapsed() >= idle {
+            let limit = match answered.load(Ordering::Relaxed) {
+                true => idle,
+                false => idle.min(UNANSWERED_IDLE),
+            };
+            if since.elapsed() >= limit {
                 return FlowEnd::Idle;
             }
-            tokio::time::sleep_until(since + idle).await;
+            tokio::time::sleep_until(since + limit).await;
         }
     };
     let end = {
@@ -424,7 +552,7 @@ async fn recv_quic(from: &mut Option<mpsc::Receiver<Bytes>>) -> Option<Bytes> {
 
 /// Where the local end's datagrams come from.
 enum LocalIn {
-    Queue(mpsc::Receiver<Bytes>),
+    Queue(QueueRx),
     Socket(Arc<UdpSocket>),
 }
 
@@ -508,6 +636,33 @@ mod tests {
             assert!(got[2].is_empty());
             assert!(buf.is_empty());
         }
+    }
+
+    #[tokio::test]
+    async fn queues_drop_what_does_not_fit_and_give_bytes_back() {
+        let all = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = queue(all.clone());
+        let big = Bytes::from(vec![0u8; 60_000]);
+        // 256 KiB per flow: four of these fit, a fifth not.
+        for _ in 0..4 {
+            tx.push(big.clone()).unwrap();
+        }
+        assert_eq!(tx.push(big.clone()), Err(NotQueued::Full));
+        assert_eq!(all.load(Ordering::Relaxed), 240_000);
+        assert_eq!(rx.recv().await.unwrap().len(), 60_000);
+        tx.push(big.clone()).unwrap();
+        // Count-bound too: small datagrams stop at FLOW_QUEUE.
+        let (small_tx, small_rx) = queue(all.clone());
+        let fitted = (0..FLOW_QUEUE + 10)
+            .filter(|_| small_tx.push(Bytes::from_static(b"x")).is_ok())
+            .count();
+        assert_eq!(fitted, FLOW_QUEUE);
+        // Dropped receivers give back what they held; a closed queue says so.
+        drop(rx);
+        drop(small_rx);
+        assert_eq!(all.load(Ordering::Relaxed), 0);
+        assert_eq!(tx.push(big), Err(NotQueued::Closed));
+        assert_eq!(all.load(Ordering::Relaxed), 0);
     }
 
     #[test]
