@@ -185,15 +185,20 @@ fn port_token(port: u16) -> revproxy::ca::NewToken {
 async fn mapping_a_port_the_certificate_does_not_grant_is_a_startup_error() {
     let (port, _proxy, _, dir) = game_granted_a_port().await;
     let other = if port == u16::MAX { port - 1 } else { port + 1 };
-    let err = revproxy::Agent::builder(dir.path())
-        .service(&format!("tcp:{other}"), "127.0.0.1:1")
-        .build()
-        .err()
-        .expect("refused");
-    let text = err.to_string();
-    assert!(
-        text.contains(&format!("does not authorize tcp:{other}"))
-            && text.contains(&format!("--tcp-port {other}")),
-        "{text}"
-    );
+    // Another TCP port, and the granted port's number for UDP (granted for TCP only).
+    for (name, flag) in [
+        (format!("tcp:{other}"), format!("--tcp-port {other}")),
+        (format!("udp:{port}"), format!("--udp-port {port}")),
+    ] {
+        let err = revproxy::Agent::builder(dir.path())
+            .service(&name, "127.0.0.1:1")
+            .build()
+            .err()
+            .expect("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("does not authorize {name}")) && text.contains(&flag),
+            "{text}"
+        );
+    }
 }

@@ -320,22 +320,3 @@ over_both_transports!(
     dig_asks_dnsmasq_through_a_granted_udp_port,
     iperf3_pushes_100_mbit_through_with_at_most_one_percent_lost,
 );
-
-#[tokio::test]
-async fn mapping_a_udp_port_the_certificate_does_not_grant_is_a_startup_error() {
-    let port = free_udp_port();
-    let proxy = proxy_granting(port, UdpLimits::default()).await;
-    // Granted TCP on that port, not UDP: the UDP mapping is refused, the flag named.
-    let dir = enroll_agent(&proxy, "dns", &[&format!("tcp:{port}")]).await;
-    let err = revproxy::Agent::builder(dir.path())
-        .service(&format!("udp:{port}"), "127.0.0.1:53")
-        .build()
-        .err()
-        .expect("refused");
-    let text = err.to_string();
-    assert!(
-        text.contains(&format!("does not authorize udp:{port}"))
-            && text.contains(&format!("--udp-port {port}")),
-        "{text}"
-    );
-}
