@@ -152,6 +152,13 @@ async fn a_port_outside_the_range_or_without_one_is_refused_at_token_create() {
         text.contains("port 80") && text.contains("20000-20099"),
         "{text}"
     );
+    let mut udp = port_token(20042);
+    udp.hosts = vec!["udp:53".into()];
+    let err = proxy
+        .ca
+        .create_token(&udp, time::OffsetDateTime::now_utc())
+        .expect_err("refused: a UDP port outside the range");
+    assert!(err.to_string().contains("port 53"), "{err}");
     let before = proxy
         .ca
         .list_tokens(time::OffsetDateTime::now_utc())
