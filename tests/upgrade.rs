@@ -277,8 +277,19 @@ impl Clients {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_refuses_no_client_and_finishes_open_transfers() {
+    upgrade_refuses_no_client_and_finishes_open_transfers(Transport::H2).await;
+}
+
+/// Over QUIC as over h2: the new process forwards the old tunnel's packets to the old
+/// process (`quic/takeover.rs`), so the transfer open on it finishes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_quic_an_upgrade_refuses_no_client_and_finishes_open_transfers() {
+    upgrade_refuses_no_client_and_finishes_open_transfers(Transport::Quic).await;
+}
+
+async fn upgrade_refuses_no_client_and_finishes_open_transfers(t: Transport) {
     let backend = echo_backend(b"B:").await;
-    let mut swap = Swap::start(Transport::H2, backend).await;
+    let mut swap = Swap::start(t, backend).await;
 
     // A long transfer, in flight across the swap: it stays on the old process.
     let mut transfer = tokio::net::TcpStream::connect(swap.http).await.unwrap();

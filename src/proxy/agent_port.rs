@@ -40,18 +40,25 @@ pub(super) fn quic_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSock
 impl AgentPort {
     /// `reading`: whether QUIC reads its socket from the start (not in a process that took
     /// the socket over, until the old one lets go). `reset_secret` keeps QUIC's stateless
-    /// reset key the same across restarts.
+    /// reset key the same across restarts; `state_dir` holds the QUIC generation and the
+    /// sockets an upgrade forwards packets through (`tunnel/quic/takeover.rs`).
     pub(super) fn new(
         tcp: TcpListener,
         quic: Option<std::net::UdpSocket>,
         tunnel_tls: rustls::ServerConfig,
         reading: bool,
         reset_secret: &[u8],
+        state_dir: &std::path::Path,
     ) -> std::io::Result<AgentPort> {
         let quic = quic
             .map(|socket| {
-                let config = quic::proxy::endpoint_config(reset_secret);
-                quic::proxy::endpoint(socket, tunnel_tls, reading, config)
+                let generation = quic::takeover::next_generation(state_dir);
+                let config = quic::proxy::endpoint_config(reset_secret, generation);
+                let takeover = quic::proxy::Takeover {
+                    dir: state_dir.to_path_buf(),
+                    generation,
+                };
+                quic::proxy::endpoint(socket, tunnel_tls, reading, config, takeover)
             })
             .transpose()?;
         Ok(AgentPort { tcp, quic })
@@ -513,6 +520,19 @@ async fn hold(shared: Arc<Shared>, held: Held, conn: tunnel::ProxyConn, unproven
         tokio_util::task::AbortOnDropHandle::new(crate::runtime::lanes::spawn(async move {
             shared.moving.cancelled().await;
             tunnel.tell_moving().await;
+            // An agent that moves retires this tunnel within a moment (its new one is up);
+            // a QUIC agent before the message does not, and is moved the old way.
+            let mut changes = shared.registry.subscribe();
+            let retired = tokio::time::timeout(MOVE_WAIT, async {
+                while !tunnel.is_draining() {
+                    if changes.changed().await.is_err() {
+                        return std::future::pending().await;
+                    }
+                }
+            });
+            if retired.await.is_err() {
+                tunnel.close_moving();
+            }
         }))
     };
     let budget = shared.settings().stream_limits.budget.clone();
@@ -525,6 +545,11 @@ async fn hold(shared: Arc<Shared>, held: Held, conn: tunnel::ProxyConn, unproven
         .tunnel_down(closed_by.get().copied().or(moved).unwrap_or("agent"));
     info!(%peer, agent = %tunnel.agent, tunnel = id, %reason, "tunnel down");
 }
+
+/// How long an agent told to move has to retire its tunnel here before a QUIC tunnel is
+/// closed (an agent before QUIC's moving message). An agent moves within a second or two:
+/// its new tunnel up, it retires the old one once that served for a second.
+const MOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Completes at the Unix time `at` by the wall clock (re-read every minute at most, so a
 /// clock step is noticed).

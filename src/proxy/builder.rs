@@ -364,6 +364,7 @@ impl ProxyBuilder {
             tunnel_config.clone(),
             self.upgraded.is_none(),
             &quic_secret(&self.state_dir)?,
+            &self.state_dir,
         )?;
         // Beyond loopback the admin listener takes operator certificates only.
         let admin_tls = match &self.admin {

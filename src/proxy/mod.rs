@@ -437,6 +437,13 @@ impl Proxy {
                 }
                 asked = asking.as_mut(), if handing_over.is_none() => {
                     asking.set(upgrade::next_successor(handover.as_ref()));
+                    // Before the successor reads the UDP socket: where our QUIC tunnels'
+                    // packets will come from (without it they are closed, as before).
+                    if let (Ok(_), Some((_, switch))) = (&asked, &quic) {
+                        if let Err(e) = switch.prepare_takeover() {
+                            warn!(error = %e, "cannot prepare to receive this process's QUIC packets from its successor; its QUIC tunnels will be closed at the upgrade");
+                        }
+                    }
                     match asked.and_then(|successor| Ok((successor, upgrade::sockets(&self.sockets, &public)?))) {
                         Ok((successor, sockets)) => match upgrade::hand_over(successor, sockets) {
                             Ok(under_way) => handing_over = Some(under_way),

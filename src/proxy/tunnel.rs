@@ -147,6 +147,11 @@ impl Tunnel {
         self.link.tell_moving().await;
     }
 
+    /// Closes a QUIC tunnel whose agent did not move when told (see [`Link::close_moving`]).
+    pub(super) fn close_moving(&self) {
+        self.link.close_moving();
+    }
+
     /// Tells the agent which proxies share the store now; says whether it took it.
     pub(super) async fn tell_proxies(&self, list: bytes::Bytes) -> bool {
         self.link.tell_proxies(list).await

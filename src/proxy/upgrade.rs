@@ -146,13 +146,16 @@ pub(super) async fn step_aside(
     let count = (shared.registry.snapshot().into_iter())
         .filter(|(_, _, draining)| !draining)
         .count();
-    // QUIC connections still in their handshake go too: the UDP socket is the new
-    // process's now.
-    if let Some((endpoint, _)) = quic {
-        endpoint.close(
-            quinn::VarInt::from_u32(crate::tunnel::quic::code::MOVING),
-            b"proxy moving to a new process",
-        );
+    // The new process forwards our QUIC tunnels' packets here (`quic/takeover.rs`), and
+    // they move as h2 tunnels do. Without that, every QUIC connection goes now, those
+    // still in their handshake too: the UDP socket is the new process's.
+    if let Some((endpoint, switch)) = quic {
+        if !switch.takes_over() {
+            endpoint.close(
+                quinn::VarInt::from_u32(crate::tunnel::quic::code::MOVING),
+                b"proxy moving to a new process",
+            );
+        }
     }
     info!(tunnels = count, "agents told to move to the new process");
 }

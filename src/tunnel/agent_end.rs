@@ -357,7 +357,7 @@ impl AgentConn {
                         }
                     },
                     Ok(Some(Incoming::QuicControl(c))) => {
-                        messages.spawn(with_subscriber(told(quic::agent::read_proxy_list(c), proxies.clone())));
+                        messages.spawn(with_subscriber(told_quic(quic::agent::read_control(c), proxies.clone(), moving.clone())));
                     }
                     Ok(Some(Incoming::Quic(s))) => {
                         let span = tracing::debug_span!("stream");
@@ -424,6 +424,22 @@ pub(crate) struct Serving<B> {
 }
 
 /// Hands on the proxy list a control message carries, once read.
+/// Acts on a QUIC control message: the proxy list, or the news that the proxy moves.
+async fn told_quic(
+    message: impl Future<Output = Option<quic::agent::Told>>,
+    to: tokio::sync::watch::Sender<Bytes>,
+    moving: Trigger,
+) {
+    match message.await {
+        Some(quic::agent::Told::Proxies(list)) => told(std::future::ready(Some(list)), to).await,
+        Some(quic::agent::Told::Moving) => {
+            info!("the proxy is moving to a new process");
+            moving.fire();
+        }
+        None => {}
+    }
+}
+
 async fn told(list: impl Future<Output = Option<Bytes>>, to: tokio::sync::watch::Sender<Bytes>) {
     if let Some(list) = list.await {
         debug!("the proxy told of the proxies sharing its store");

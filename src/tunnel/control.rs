@@ -35,3 +35,8 @@ pub(crate) fn alpn_answer(h2c: bool) -> &'static str {
 
 /// The first bytes of a QUIC control stream that carries the proxy list.
 pub(crate) const QUIC_PROXIES: &[u8] = b"proxies\n";
+/// The whole of a QUIC control stream that says the proxy moves to a new process: the
+/// agent opens a tunnel there and retires this one, whose open streams finish here (the
+/// new process forwards this tunnel's packets, `quic/takeover.rs`). Agents before it
+/// ignore it; the proxy then closes their tunnel with `MOVING` a moment later.
+pub(crate) const QUIC_MOVING: &[u8] = b"moving\n";

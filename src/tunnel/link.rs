@@ -171,23 +171,40 @@ impl Link {
     }
 
     /// Tells the agent that a new process serves this proxy now, so that it moves there at
-    /// once. On h2 a control message: the agent opens its next tunnel, then retires this
-    /// one, whose open streams finish here. A QUIC tunnel cannot outlive the swap (both
-    /// processes would read its UDP socket), so it is closed with [`quic::code::MOVING`]
-    /// and the agent reconnects without a pause; its open streams are cut. Bounded by
+    /// once: a control message on either transport. The agent opens its next tunnel, then
+    /// retires this one, whose open streams finish here (a QUIC tunnel's packets reach
+    /// this process through the new one, `quic/takeover.rs`). A QUIC tunnel that cannot be
+    /// told is closed with [`quic::code::MOVING`] (see [`Self::close_moving`]). Bounded by
     /// [`HANDSHAKE_TIMEOUT`].
     pub(crate) async fn tell_moving(&self) {
-        match self {
-            Link::H2(sender, _) => {
-                let told = tokio::time::timeout(HANDSHAKE_TIMEOUT, h2::proxy::tell_moving(sender));
-                if let Ok(Err(e)) = told.await {
-                    debug!(error = %e, "could not tell an agent to move");
-                }
+        let told = async {
+            match self {
+                Link::H2(sender, _) => h2::proxy::tell_moving(sender)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Link::Quic(conn) => quic::proxy::tell_moving(conn).await,
             }
-            Link::Quic(conn) => conn.close(
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, told).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!(error = %e, "could not tell an agent to move");
+                self.close_moving();
+            }
+            Err(_) => self.close_moving(),
+        }
+    }
+
+    /// Closes a QUIC tunnel with [`quic::code::MOVING`]: its agent reconnects without a
+    /// pause (to the new process), its open streams are cut. For an agent that did not
+    /// act on [`Self::tell_moving`] (one before the QUIC message), or a process whose
+    /// successor does not forward its packets. An h2 tunnel is left to drain.
+    pub(crate) fn close_moving(&self) {
+        if let Link::Quic(conn) = self {
+            conn.close(
                 quinn::VarInt::from_u32(quic::code::MOVING),
                 b"proxy moving to a new process",
-            ),
+            );
         }
     }
 

@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use super::{code, read_frame, splice, transport_config, udp_socket, Role, GOAWAY, HEADER_TIMEOUT};
 use crate::tls::Credentials;
-use crate::tunnel::control::{CONTROL_TIMEOUT, MAX_PROXY_LIST, QUIC_PROXIES};
+use crate::tunnel::control::{CONTROL_TIMEOUT, MAX_PROXY_LIST, QUIC_MOVING, QUIC_PROXIES};
 use crate::tunnel::duplex::Duplex;
 use crate::tunnel::{
     udp, Backend, Backends, ConnectError, DialRequest, Meter, StreamLimits, TunnelError,
@@ -28,15 +28,24 @@ pub(crate) enum Accepted {
     Control(quinn::RecvStream),
 }
 
-/// Reads a control message: the proxy list it carries, if that is what it is and it is
-/// whole within [`CONTROL_TIMEOUT`] and [`MAX_PROXY_LIST`].
-pub(crate) async fn read_proxy_list(mut recv: quinn::RecvStream) -> Option<bytes::Bytes> {
+/// What a control message said.
+pub(crate) enum Told {
+    /// The proxies sharing the store.
+    Proxies(bytes::Bytes),
+    /// The proxy moves to a new process ([`QUIC_MOVING`]).
+    Moving,
+}
+
+/// Reads a control message: the proxy list it carries, or the news that the proxy moves,
+/// if it is whole within [`CONTROL_TIMEOUT`] and [`MAX_PROXY_LIST`].
+pub(crate) async fn read_control(mut recv: quinn::RecvStream) -> Option<Told> {
     let limit = QUIC_PROXIES.len() + MAX_PROXY_LIST;
     let read = tokio::time::timeout(CONTROL_TIMEOUT, recv.read_to_end(limit)).await;
     match read {
-        Ok(Ok(msg)) if msg.starts_with(QUIC_PROXIES) => {
-            Some(bytes::Bytes::from(msg).slice(QUIC_PROXIES.len()..))
-        }
+        Ok(Ok(msg)) if msg.starts_with(QUIC_PROXIES) => Some(Told::Proxies(
+            bytes::Bytes::from(msg).slice(QUIC_PROXIES.len()..),
+        )),
+        Ok(Ok(msg)) if msg == QUIC_MOVING => Some(Told::Moving),
         Ok(Ok(_)) => {
             debug!("a control message this agent does not know; ignored");
             None

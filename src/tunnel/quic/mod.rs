@@ -10,7 +10,9 @@
 
 pub(crate) mod agent;
 pub(crate) mod proxy;
+mod socket;
 pub(crate) mod splice;
+pub(crate) mod takeover;
 
 use std::io;
 use std::net::SocketAddr;

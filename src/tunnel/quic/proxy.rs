@@ -12,8 +12,9 @@ use quinn::{TransportErrorCode, VarInt};
 use rustls::pki_types::CertificateDer;
 use tracing::debug;
 
+pub(crate) use super::socket::{ReadSwitch, Takeover};
+use super::takeover::GenerationCids;
 use super::{code, read_frame, server_crypto, transport_config, Role, GOAWAY, HEADER_TIMEOUT};
-use crate::runtime::shutdown::Trigger;
 use crate::tunnel::{OpenError, OpenRequest, HANDSHAKE_TIMEOUT};
 use crate::wire::stream::{Answer, StreamHeader};
 
@@ -51,6 +52,7 @@ pub(crate) fn endpoint(
     mut tls: rustls::ServerConfig,
     reading: bool,
     config: quinn::EndpointConfig,
+    takeover: Takeover,
 ) -> std::io::Result<(quinn::Endpoint, ReadSwitch)> {
     tls.alpn_protocols = vec![
         crate::tls::ALPN_QUIC.to_vec(),
@@ -58,16 +60,7 @@ pub(crate) fn endpoint(
     ];
     let mut server = quinn::ServerConfig::with_crypto(server_crypto(tls));
     server.transport_config(Arc::new(transport_config(Role::Proxy)));
-    let switch = ReadSwitch(Arc::new(SwitchState {
-        reading: std::sync::atomic::AtomicBool::new(reading),
-        waiting: std::sync::Mutex::new(None),
-        closed: Trigger::default(),
-    }));
-    let socket = Arc::new(Switchable {
-        inner: quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)?,
-        switch: switch.0.clone(),
-        _closed: FiresOnDrop(switch.0.clone()),
-    });
+    let (socket, switch) = super::socket::switchable(socket, reading, takeover)?;
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
         config,
         Some(server),
@@ -89,7 +82,7 @@ const MIN_RESET_INTERVAL: Duration = Duration::from_millis(1);
 /// with a reset their agents accept (the same reset key), so they reconnect at once
 /// instead of waiting out the idle timeout. Packets with IDs it could not have issued are
 /// dropped without a reset.
-pub(crate) fn endpoint_config(secret: &[u8]) -> quinn::EndpointConfig {
+pub(crate) fn endpoint_config(secret: &[u8], generation: u8) -> quinn::EndpointConfig {
     let derive = |label: &[u8]| {
         ring::hmac::sign(
             &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
@@ -101,146 +94,11 @@ pub(crate) fn endpoint_config(secret: &[u8]) -> quinn::EndpointConfig {
         ring::hmac::HMAC_SHA256,
         reset.as_ref(),
     )));
-    let cid = derive(b"revproxy QUIC connection ID key v1");
-    let cid_key = u64::from_le_bytes(cid.as_ref()[..8].try_into().expect("8 bytes"));
+    let cid_key = derive(b"revproxy QUIC connection ID key v2");
     config
-        .cid_generator(move || {
-            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-        })
+        .cid_generator(move || Box::new(GenerationCids::new(cid_key.as_ref(), generation)))
         .min_reset_interval(MIN_RESET_INTERVAL);
     config
-}
-
-/// Whether an endpoint reads its UDP socket; it sends either way. During an upgrade both
-/// processes hold the same socket, and a datagram goes to whichever reads first: the old
-/// process would swallow an agent's first reconnect packet (costing it a retransmission,
-/// a second at QUIC's initial timeout), the new one packets of the old one's live
-/// tunnels. So only one reads at a time: the new process from the moment the old one
-/// has let go, which stops reading then (its closes still go out).
-#[derive(Clone, Debug)]
-pub(crate) struct ReadSwitch(Arc<SwitchState>);
-
-#[derive(Debug)]
-struct SwitchState {
-    reading: std::sync::atomic::AtomicBool,
-    /// The endpoint's task, parked while reading is off.
-    waiting: std::sync::Mutex<Option<std::task::Waker>>,
-    /// Fired when the endpoint let go of the socket (its task ended).
-    closed: Trigger,
-}
-
-impl ReadSwitch {
-    /// Stops reading (the datagrams stay for the other process).
-    pub(crate) fn pause(&self) {
-        (self.0.reading).store(false, std::sync::atomic::Ordering::Release);
-    }
-
-    /// Reads again.
-    pub(crate) fn resume(&self) {
-        (self.0.reading).store(true, std::sync::atomic::Ordering::Release);
-        if let Some(waker) = self.0.waiting.lock().expect("switch lock").take() {
-            waker.wake();
-        }
-    }
-
-    /// Completes once the endpoint has closed its socket, which it does when every handle
-    /// to it is dropped and its connections are gone; `false` if that took longer than
-    /// `within`. The endpoint's tasks (its driver, its connections') are spawned, so
-    /// their end is not the caller's to see otherwise, and they may run on other threads:
-    /// a proxy started again at once on the same port needs the port free.
-    pub(crate) async fn closed(&self, within: Duration) -> bool {
-        tokio::time::timeout(within, self.0.closed.cancelled())
-            .await
-            .is_ok()
-    }
-}
-
-/// The UDP socket as quinn sees it, with a [`ReadSwitch`] on the receiving side.
-#[derive(Debug)]
-struct Switchable {
-    inner: Arc<dyn quinn::AsyncUdpSocket>,
-    switch: Arc<SwitchState>,
-    /// Dropped after `inner` (fields drop in order), when the socket is closed: every
-    /// poller of `inner` holds this `Switchable` too ([`Poller`]).
-    _closed: FiresOnDrop,
-}
-
-/// Fires [`SwitchState::closed`] when dropped.
-#[derive(Debug)]
-struct FiresOnDrop(Arc<SwitchState>);
-
-impl Drop for FiresOnDrop {
-    fn drop(&mut self) {
-        self.0.closed.fire();
-    }
-}
-
-/// A poller of the socket, which keeps its [`Switchable`] until it is dropped itself.
-#[derive(Debug)]
-struct Poller {
-    /// Dropped first (fields drop in order).
-    inner: std::pin::Pin<Box<dyn quinn::UdpPoller>>,
-    _socket: Arc<Switchable>,
-}
-
-impl quinn::UdpPoller for Poller {
-    fn poll_writable(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.get_mut().inner.as_mut().poll_writable(cx)
-    }
-}
-
-impl Switchable {
-    fn reading(&self) -> bool {
-        (self.switch.reading).load(std::sync::atomic::Ordering::Acquire)
-    }
-}
-
-impl quinn::AsyncUdpSocket for Switchable {
-    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
-        Box::pin(Poller {
-            inner: self.inner.clone().create_io_poller(),
-            _socket: self,
-        })
-    }
-
-    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
-        self.inner.try_send(transmit)
-    }
-
-    fn poll_recv(
-        &self,
-        cx: &mut std::task::Context,
-        bufs: &mut [std::io::IoSliceMut<'_>],
-        meta: &mut [quinn::udp::RecvMeta],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        if !self.reading() {
-            *self.switch.waiting.lock().expect("switch lock") = Some(cx.waker().clone());
-            // Switched back on meanwhile: its wake-up may have found no waker.
-            if !self.reading() {
-                return std::task::Poll::Pending;
-            }
-        }
-        self.inner.poll_recv(cx, bufs, meta)
-    }
-
-    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.inner.local_addr()
-    }
-
-    fn max_transmit_segments(&self) -> usize {
-        self.inner.max_transmit_segments()
-    }
-
-    fn max_receive_segments(&self) -> usize {
-        self.inner.max_receive_segments()
-    }
-
-    fn may_fragment(&self) -> bool {
-        self.inner.may_fragment()
-    }
 }
 
 /// The next connection attempt whose sender proved it owns its address; `None` once the
@@ -478,6 +336,17 @@ pub(crate) fn stop_accepting(endpoint: &quinn::Endpoint) {
 /// Tells the agent which proxies share the store now: a control stream of its own
 /// (`control.rs`); the caller bounds the wait. An agent from before this takes no control
 /// streams: the wait runs out, and it learns the list at its next poll.
+/// Tells the agent that the proxy moves to a new process ([`QUIC_MOVING`]).
+///
+/// [`QUIC_MOVING`]: crate::tunnel::control::QUIC_MOVING
+pub(crate) async fn tell_moving(conn: &quinn::Connection) -> Result<(), String> {
+    let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
+    send.write_all(crate::tunnel::control::QUIC_MOVING)
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())
+}
+
 pub(crate) async fn tell_proxies(conn: &quinn::Connection, list: Bytes) -> Result<(), String> {
     let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
     let mut chunks = [
