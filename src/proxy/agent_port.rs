@@ -52,12 +52,12 @@ impl AgentPort {
     ) -> std::io::Result<AgentPort> {
         let quic = quic
             .map(|socket| {
-                let generation = quic::takeover::next_generation(state_dir);
-                let config = quic::proxy::endpoint_config(reset_secret, generation);
                 let takeover = quic::proxy::Takeover {
                     dir: state_dir.to_path_buf(),
-                    generation,
+                    generation: quic::takeover::next_generation(state_dir),
+                    key: quic::proxy::cid_key(reset_secret),
                 };
+                let config = quic::proxy::endpoint_config(reset_secret, &takeover);
                 quic::proxy::endpoint(socket, tunnel_tls, reading, config, takeover)
             })
             .transpose()?;

@@ -358,11 +358,15 @@ impl Proxy {
         let mut handover = self.handover;
         // Taken over from a running proxy: it steps aside once told that this one serves,
         // and says so; without that answer this process must not serve beside it.
+        // With a QUIC endpoint this process forwards its predecessor's QUIC packets.
+        let takes_over_from = quic.is_some();
         let released = match self.upgraded {
             None => Ok(()),
-            Some(confirmation) => tokio::task::spawn_blocking(move || confirmation.ready())
-                .await
-                .unwrap_or(Err(handover::HandoverError::NotReleased)),
+            Some(confirmation) => {
+                tokio::task::spawn_blocking(move || confirmation.ready(takes_over_from))
+                    .await
+                    .unwrap_or(Err(handover::HandoverError::NotReleased))
+            }
         };
         if let Err(e) = &released {
             warn!(error = %e, "the old process did not step aside; stopping, it goes on serving");
@@ -399,6 +403,8 @@ impl Proxy {
         let mut ports_again =
             (granted.as_mut()).and_then(|g| g.sync(&self.shared.registry, &mut public));
         let mut handing_over: Option<upgrade::HandingOver> = None;
+        // Whether the successor forwards our QUIC tunnels' packets (`quic/takeover.rs`).
+        let mut takes_over = false;
         // Kept across turns of the loop: it reads the request after accepting.
         let mut asking = Box::pin(upgrade::next_successor(handover.as_ref()));
         tokio::pin!(shutdown);
@@ -445,7 +451,7 @@ impl Proxy {
                         }
                     }
                     match asked.and_then(|successor| Ok((successor, upgrade::sockets(&self.sockets, &public)?))) {
-                        Ok((successor, sockets)) => match upgrade::hand_over(successor, sockets) {
+                        Ok((successor, sockets)) => match upgrade::hand_over(successor, sockets, quic.as_ref().map(|(_, s)| s.clone())) {
                             Ok(under_way) => handing_over = Some(under_way),
                             Err(e) => warn!(error = %e, "cannot serve an upgrade request"),
                         },
@@ -453,8 +459,9 @@ impl Proxy {
                     }
                 }
                 served = upgrade::finished(&mut handing_over) => {
-                    self.shared.metrics.upgraded(served);
-                    if served {
+                    self.shared.metrics.upgraded(served.is_some());
+                    if let Some(forwarded) = served {
+                        takes_over = forwarded;
                         break true;
                     }
                 }
@@ -475,7 +482,14 @@ impl Proxy {
             info!("the new process serves: no new connections here; agents move to it; open connections drain");
             // The admin socket is the new process's too.
             admin_stop.fire();
-            upgrade::step_aside(&self.shared, &public, &agents_stopped, quic.as_ref()).await;
+            upgrade::step_aside(
+                &self.shared,
+                &public,
+                &agents_stopped,
+                quic.as_ref(),
+                takes_over,
+            )
+            .await;
         } else {
             info!("shutting down: no new connections; draining open ones");
         }

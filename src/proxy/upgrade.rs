@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use super::reload::PublicListeners;
 use super::Shared;
 use crate::runtime::handover::{self, Described, HandoverError, Role, Successor};
+use crate::tunnel::quic::proxy::ReadSwitch;
 
 /// After an upgrade, how long the new process holds a client whose name has no tunnel
 /// yet, waiting for its agent to move over (they move within a second; `OPEN_TIMEOUT`,
@@ -55,9 +56,11 @@ pub(super) fn sockets(
     Ok(all)
 }
 
-/// A hand-over under way: the task that sends the sockets and waits for "ready".
+/// A hand-over under way: the task that sends the sockets and waits for "ready". Its
+/// answer: `None` if the successor does not serve, or whether it forwards this process's
+/// QUIC packets.
 pub(super) struct HandingOver {
-    task: JoinHandle<Result<bool, HandoverError>>,
+    task: JoinHandle<Result<Option<bool>, HandoverError>>,
     /// The connection to the successor, to end the exchange early.
     aborter: std::os::unix::net::UnixStream,
 }
@@ -72,10 +75,14 @@ impl HandingOver {
 }
 
 /// Hands `sockets` to `successor` and waits for it to serve, off the async threads.
-/// The task's answer: whether the successor serves now (and was told "go").
+/// The task's answer: whether the successor serves now (and was told "go"), and whether
+/// it forwards this process's QUIC packets (`quic/takeover.rs`). The QUIC endpoint
+/// (`quic`) stops reading its socket before the successor is told "go": never do both
+/// read it.
 pub(super) fn hand_over(
     mut successor: Successor,
     sockets: Vec<(Described, OwnedFd)>,
+    quic: Option<ReadSwitch>,
 ) -> std::io::Result<HandingOver> {
     info!(
         pid = successor.pid,
@@ -86,31 +93,44 @@ pub(super) fn hand_over(
     let task = tokio::task::spawn_blocking(move || {
         successor.hand_over(&sockets)?;
         // Our copies stay open until the successor serves: until then we accept.
-        successor.wait_ready(handover::READY_TIMEOUT)
+        let Some(ready) = successor.wait_ready(handover::READY_TIMEOUT)? else {
+            return Ok(None);
+        };
+        if let Some(switch) = &quic {
+            switch.pause();
+        }
+        if !successor.go() {
+            if let Some(switch) = &quic {
+                switch.resume();
+            }
+            return Ok(None);
+        }
+        let takes_over = ready.takes_over && quic.as_ref().is_some_and(ReadSwitch::takes_over);
+        Ok(Some(takes_over))
     });
     Ok(HandingOver { task, aborter })
 }
 
-/// Completes when the hand-over under way does; never without one.
-pub(super) async fn finished(under_way: &mut Option<HandingOver>) -> bool {
+/// Completes when the hand-over under way does (see [`HandingOver`]); never without one.
+pub(super) async fn finished(under_way: &mut Option<HandingOver>) -> Option<bool> {
     let Some(handing) = under_way else {
         return std::future::pending().await;
     };
     let outcome = (&mut handing.task).await;
     *under_way = None;
     match outcome {
-        Ok(Ok(true)) => true,
-        Ok(Ok(false)) => {
+        Ok(Ok(Some(takes_over))) => Some(takes_over),
+        Ok(Ok(None)) => {
             warn!("the new process ended before it served; this one goes on serving");
-            false
+            None
         }
         Ok(Err(e)) => {
             warn!(error = %e, "socket hand-over failed; this process goes on serving");
-            false
+            None
         }
         Err(e) => {
             warn!(error = %e, "socket hand-over task failed; this process goes on serving");
-            false
+            None
         }
     }
 }
@@ -122,7 +142,8 @@ pub(super) async fn step_aside(
     shared: &Shared,
     public: &PublicListeners,
     agents_stopped: &crate::runtime::shutdown::Trigger,
-    quic: Option<&(quinn::Endpoint, crate::tunnel::quic::proxy::ReadSwitch)>,
+    quic: Option<&(quinn::Endpoint, ReadSwitch)>,
+    takes_over: bool,
 ) {
     // Every datagram is the new process's from now on; our closes still go out.
     if let Some((_, switch)) = quic {
@@ -149,8 +170,8 @@ pub(super) async fn step_aside(
     // The new process forwards our QUIC tunnels' packets here (`quic/takeover.rs`), and
     // they move as h2 tunnels do. Without that, every QUIC connection goes now, those
     // still in their handshake too: the UDP socket is the new process's.
-    if let Some((endpoint, switch)) = quic {
-        if !switch.takes_over() {
+    if let Some((endpoint, _)) = quic {
+        if !takes_over {
             endpoint.close(
                 quinn::VarInt::from_u32(crate::tunnel::quic::code::MOVING),
                 b"proxy moving to a new process",

@@ -50,6 +50,10 @@ pub const MAX_SOCKETS: usize = 128;
 const MAX_DESCRIPTION: usize = 64 * 1024;
 const REQUEST: &[u8] = b"revproxy upgrade 1\n";
 const READY: &[u8] = b"ready\n";
+/// Said right after [`READY`] by a successor that forwards the QUIC packets of earlier
+/// processes (`tunnel/quic/takeover.rs`); a running process before it reads only
+/// [`READY`], and one after it closes its QUIC tunnels the old way without it.
+const TAKEOVER: &[u8] = b"quic-takeover\n";
 const GO: &[u8] = b"go\n";
 
 /// What a handed-over socket is for.
@@ -287,19 +291,38 @@ impl Successor {
         Ok(())
     }
 
-    /// Waits up to `timeout` for the successor to say it serves, and answers "go": from
-    /// then on the caller must step aside. `Ok(false)`: it closed the connection, said
-    /// something else, or did not hear the answer (it failed; the running process goes on).
-    pub fn wait_ready(&mut self, timeout: Duration) -> Result<bool, HandoverError> {
+    /// Waits up to `timeout` for the successor to say it serves. `Ok(None)`: it closed
+    /// the connection or said something else (it failed; the running process goes on).
+    /// Then [`Self::go`] lets it serve.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<Option<Ready>, HandoverError> {
         self.stream.set_read_timeout(Some(timeout))?;
         let mut answer = [0u8; READY.len()];
         match self.stream.read_exact(&mut answer) {
-            Ok(()) if answer == READY => Ok(self.stream.write_all(GO).is_ok()),
-            Ok(()) => Ok(false),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
-            Err(e) => Err(e.into()),
+            Ok(()) if answer == READY => {}
+            Ok(()) => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e.into()),
         }
+        // Sent with "ready" in one write, if at all: a moment is plenty.
+        self.stream
+            .set_read_timeout(Some(Duration::from_millis(200)))?;
+        let mut more = [0u8; TAKEOVER.len()];
+        let takes_over = self.stream.read_exact(&mut more).is_ok() && more == TAKEOVER;
+        Ok(Some(Ready { takes_over }))
     }
+
+    /// Answers "go": from then on the caller must step aside. `false`: the successor did
+    /// not hear it (it failed; the running process goes on).
+    pub fn go(&mut self) -> bool {
+        self.stream.write_all(GO).is_ok()
+    }
+}
+
+/// What a successor said with "ready".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ready {
+    /// It forwards the QUIC packets of this process's tunnels to it.
+    pub takes_over: bool,
 }
 
 /// The successor's end: the sockets received, until it has taken what it needs.
@@ -444,11 +467,16 @@ impl Inherited {
 pub struct Confirmation(UnixStream);
 
 impl Confirmation {
-    /// Says "ready" and waits (within [`EXCHANGE_TIMEOUT`]) for "go": the running process
-    /// stops accepting and moves its agents here. Any other outcome means it did not let
-    /// go, and this process must not go on serving. Blocks.
-    pub fn ready(mut self) -> Result<(), HandoverError> {
-        self.0.write_all(READY)?;
+    /// Says "ready" (and that it forwards the QUIC packets of the running process's
+    /// tunnels, if `takes_over`) and waits (within [`EXCHANGE_TIMEOUT`]) for "go": the
+    /// running process stops accepting and moves its agents here. Any other outcome means
+    /// it did not let go, and this process must not go on serving. Blocks.
+    pub fn ready(mut self, takes_over: bool) -> Result<(), HandoverError> {
+        let said = match takes_over {
+            true => [READY, TAKEOVER].concat(),
+            false => READY.to_vec(),
+        };
+        self.0.write_all(&said)?;
         let mut answer = [0u8; GO.len()];
         match self.0.read_exact(&mut answer) {
             Ok(()) if answer == GO => Ok(()),
@@ -489,7 +517,7 @@ mod tests {
             assert!(inherited.tcp(Role::Agents, tcp_addr).unwrap().is_none());
             let (confirm, unused) = inherited.finish();
             assert!(unused.is_empty());
-            confirm.ready().unwrap();
+            confirm.ready(true).unwrap();
             (listener, socket)
         });
         let mut asked = listener.accept().await.unwrap();
@@ -511,12 +539,13 @@ mod tests {
         ];
         let ready = tokio::task::spawn_blocking(move || {
             asked.hand_over(&sockets)?;
-            asked.wait_ready(Duration::from_secs(10))
+            let ready = asked.wait_ready(Duration::from_secs(10))?;
+            Ok::<_, HandoverError>((ready, asked.go()))
         })
         .await
         .unwrap()
         .unwrap();
-        assert!(ready);
+        assert_eq!(ready, (Some(Ready { takes_over: true }), true));
         let (taken, socket) = successor.join().unwrap();
         drop(tcp); // the old process's copy goes; the successor's still listens
         taken.set_nonblocking(false).unwrap();
@@ -541,7 +570,7 @@ mod tests {
         let successor = std::thread::spawn(move || {
             let (confirm, unused) = take_over(&path).unwrap().finish();
             assert_eq!(unused.len(), 1, "a socket it did not take is closed");
-            confirm.ready()
+            confirm.ready(false)
         });
         let mut asked = running.accept().await.unwrap();
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -554,7 +583,8 @@ mod tests {
         )];
         let let_go = tokio::task::spawn_blocking(move || {
             asked.hand_over(&sockets)?;
-            asked.wait_ready(Duration::from_secs(10))
+            let ready = asked.wait_ready(Duration::from_secs(10))?;
+            Ok::<_, HandoverError>(ready == Some(Ready { takes_over: false }) && asked.go())
         })
         .await
         .unwrap()

@@ -82,23 +82,33 @@ const MIN_RESET_INTERVAL: Duration = Duration::from_millis(1);
 /// with a reset their agents accept (the same reset key), so they reconnect at once
 /// instead of waiting out the idle timeout. Packets with IDs it could not have issued are
 /// dropped without a reset.
-pub(crate) fn endpoint_config(secret: &[u8], generation: u8) -> quinn::EndpointConfig {
-    let derive = |label: &[u8]| {
-        ring::hmac::sign(
-            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
-            label,
-        )
-    };
-    let reset = derive(b"revproxy QUIC stateless reset key v1");
+/// Connection IDs carry the process's generation (`takeover.rs`), keyed with
+/// [`cid_key`].
+pub(crate) fn endpoint_config(secret: &[u8], takeover: &Takeover) -> quinn::EndpointConfig {
+    let reset = derive(secret, b"revproxy QUIC stateless reset key v1");
     let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
         ring::hmac::HMAC_SHA256,
         reset.as_ref(),
     )));
-    let cid_key = derive(b"revproxy QUIC connection ID key v2");
+    let (key, generation) = (takeover.key.clone(), takeover.generation);
     config
-        .cid_generator(move || Box::new(GenerationCids::new(cid_key.as_ref(), generation)))
+        .cid_generator(move || Box::new(GenerationCids::new(&key, generation)))
         .min_reset_interval(MIN_RESET_INTERVAL);
     config
+}
+
+/// The key of the connection IDs' signatures, from the same `secret`.
+pub(crate) fn cid_key(secret: &[u8]) -> Vec<u8> {
+    derive(secret, b"revproxy QUIC connection ID key v2")
+        .as_ref()
+        .to_vec()
+}
+
+fn derive(secret: &[u8], label: &[u8]) -> ring::hmac::Tag {
+    ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
+        label,
+    )
 }
 
 /// The next connection attempt whose sender proved it owns its address; `None` once the

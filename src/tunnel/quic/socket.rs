@@ -31,11 +31,22 @@ struct SwitchState {
     takeover: Takeover,
 }
 
-/// This process's generation and the state directory its forwarding sockets live in.
-#[derive(Clone, Debug)]
+/// This process's generation, the state directory its forwarding sockets live in, and
+/// the connection-ID key (to forward only IDs this state directory's processes issued).
+#[derive(Clone)]
 pub(crate) struct Takeover {
     pub(crate) dir: std::path::PathBuf,
     pub(crate) generation: u8,
+    pub(crate) key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Takeover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (f.debug_struct("Takeover"))
+            .field("dir", &self.dir)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The endpoint's socket: `socket` behind a [`ReadSwitch`] (reading from the start, or
@@ -48,7 +59,11 @@ pub(crate) fn switchable(
 ) -> std::io::Result<(Arc<dyn quinn::AsyncUdpSocket>, ReadSwitch)> {
     let forwarder = match reading {
         true => None,
-        false => Some(Forwarder::new(&takeover.dir, takeover.generation)?),
+        false => Some(Forwarder::new(
+            &takeover.dir,
+            takeover.generation,
+            &takeover.key,
+        )?),
     };
     let switch = Arc::new(SwitchState {
         reading: std::sync::atomic::AtomicBool::new(reading),
@@ -69,10 +84,14 @@ pub(crate) fn switchable(
 impl ReadSwitch {
     /// Makes ready to read this process's packets from its successor (before the
     /// successor reads the UDP socket): binds this generation's forwarding socket.
+    /// Bound once: a hand-over that failed leaves it for the next one.
     pub(crate) fn prepare_takeover(&self) -> std::io::Result<()> {
-        let takeover = &self.0.takeover;
-        let forwarded = Forwarded::bind(&takeover.dir, takeover.generation)?;
-        *self.0.forwarded.lock().expect("forwarded lock") = Some(Arc::new(forwarded));
+        let mut forwarded = self.0.forwarded.lock().expect("forwarded lock");
+        if forwarded.is_none() {
+            let takeover = &self.0.takeover;
+            let bound = Forwarded::bind(&takeover.dir, takeover.generation)?;
+            *forwarded = Some(Arc::new(bound));
+        }
         Ok(())
     }
 

@@ -20,12 +20,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::task::{Context, Poll};
 
+use quinn_proto::ConnectionIdGenerator;
 use tracing::{debug, info, warn};
 
-/// Where the process stepping aside reads the packets of its generation.
+/// Where the process stepping aside reads the packets of its generation: in a private
+/// (0700) folder of the state directory, so that no other user can send it packets.
 pub(crate) fn forward_path(dir: &Path, generation: u8) -> PathBuf {
-    dir.join(format!("quic-takeover-{generation}.sock"))
+    dir.join(FORWARD_DIR).join(format!("{generation}.sock"))
 }
+
+/// The folder of the forwarding sockets in the state directory.
+const FORWARD_DIR: &str = "quic-takeover";
 
 /// The file in the state directory that holds the last process's generation.
 const GENERATION_FILE: &str = "quic-generation";
@@ -45,8 +50,6 @@ pub(crate) fn next_generation(dir: &Path) -> u8 {
     if let Err(e) = revproxy_ca::fsutil::write_atomic(&path, next.to_string().as_bytes(), 0o600) {
         warn!(path = %path.display(), error = %e, "cannot record the QUIC generation; QUIC tunnels may be cut at an upgrade");
     }
-    // A socket left by a process of the same generation long ago (256 upgrades) is stale.
-    let _ = std::fs::remove_file(forward_path(dir, next));
     next
 }
 
@@ -119,30 +122,40 @@ pub(crate) fn generation_of(packet: &[u8]) -> Option<u8> {
     packet.get(6).copied()
 }
 
-/// A forwarded packet: the agent's address (16 bytes of IPv6 or v4-mapped, 2 of port),
-/// then the packet.
-const HEADER: usize = 18;
+/// A forwarded batch: the agent's address exactly as the socket gave it (4 for IPv4 or 6
+/// for IPv6, 16 bytes of address, 2 of port, 4 of flow info, 4 of scope id: a changed
+/// address would look like a migration to the connection), the size of each packet but
+/// the last (`stride`, 2 bytes), then the packets back to back, as GRO gives them.
+const HEADER: usize = 29;
 
-fn encode(from: SocketAddr, packet: &[u8], out: &mut Vec<u8>) {
+fn encode_header(from: SocketAddr, stride: usize, out: &mut Vec<u8>) {
     out.clear();
-    let ip = match from.ip() {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-        IpAddr::V6(v6) => v6,
+    let (family, ip, flow, scope) = match from {
+        SocketAddr::V4(v4) => (4u8, v4.ip().to_ipv6_mapped(), 0, 0),
+        SocketAddr::V6(v6) => (6u8, *v6.ip(), v6.flowinfo(), v6.scope_id()),
     };
+    out.push(family);
     out.extend_from_slice(&ip.octets());
     out.extend_from_slice(&from.port().to_be_bytes());
-    out.extend_from_slice(packet);
+    out.extend_from_slice(&flow.to_be_bytes());
+    out.extend_from_slice(&scope.to_be_bytes());
+    out.extend_from_slice(&(stride.min(u16::MAX as usize) as u16).to_be_bytes());
 }
 
-fn decode(datagram: &[u8]) -> Option<SocketAddr> {
-    let ip: [u8; 16] = datagram.get(..16)?.try_into().ok()?;
-    let port = u16::from_be_bytes(datagram.get(16..HEADER)?.try_into().ok()?);
-    let ip = Ipv6Addr::from(ip);
-    let ip = match ip.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(ip),
+/// The address and stride of a batch.
+fn decode_header(datagram: &[u8]) -> Option<(SocketAddr, usize)> {
+    let header = datagram.get(..HEADER)?;
+    let ip = Ipv6Addr::from(<[u8; 16]>::try_from(&header[1..17]).ok()?);
+    let port = u16::from_be_bytes([header[17], header[18]]);
+    let flow = u32::from_be_bytes(header[19..23].try_into().ok()?);
+    let scope = u32::from_be_bytes(header[23..27].try_into().ok()?);
+    let stride = u16::from_be_bytes([header[27], header[28]]) as usize;
+    let addr = match header[0] {
+        4 => SocketAddr::new(IpAddr::V4(ip.to_ipv4_mapped()?), port),
+        6 => SocketAddr::V6(std::net::SocketAddrV6::new(ip, port, flow, scope)),
+        _ => return None,
     };
-    Some(SocketAddr::new(ip, port))
+    Some((addr, stride.max(1)))
 }
 
 /// The new process's side: sends packets of earlier generations to their processes.
@@ -150,63 +163,121 @@ fn decode(datagram: &[u8]) -> Option<SocketAddr> {
 pub(crate) struct Forwarder {
     dir: PathBuf,
     generation: u8,
+    /// Only IDs this state directory's processes issued are forwarded (anyone may send
+    /// packets naming a generation).
+    ids: GenerationCids,
     socket: UnixDatagram,
     /// Generations whose process is gone (their socket refused): not tried again.
     gone: Box<[AtomicBool; 256]>,
-    buf: Mutex<Vec<u8>>,
+    /// A batch being gathered for each generation.
+    batches: Mutex<Vec<(u8, Vec<u8>)>>,
 }
 
+impl std::fmt::Debug for GenerationCids {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GenerationCids({})", self.generation)
+    }
+}
+
+/// What the forwarding socket may hold unsent: batches queue here while the old process
+/// reads (its receiving queue's depth is `net.unix.max_dgram_qlen` batches).
+const FORWARD_BUFFER: usize = 4 * 1024 * 1024;
+
 impl Forwarder {
-    pub(crate) fn new(dir: &Path, generation: u8) -> io::Result<Forwarder> {
+    /// `key`: the connection-ID key ([`GenerationCids::new`]).
+    pub(crate) fn new(dir: &Path, generation: u8, key: &[u8]) -> io::Result<Forwarder> {
         let socket = UnixDatagram::unbound()?;
         socket.set_nonblocking(true)?;
+        let _ = socket2::SockRef::from(&socket).set_send_buffer_size(FORWARD_BUFFER);
         Ok(Forwarder {
             dir: dir.to_path_buf(),
             generation,
+            ids: GenerationCids::new(key, generation),
             socket,
             gone: Box::new(std::array::from_fn(|_| AtomicBool::new(false))),
-            buf: Mutex::new(Vec::with_capacity(2048)),
+            batches: Mutex::new(Vec::new()),
         })
     }
 
     /// Forwards the received segments in `buf` (`meta.stride` apart) that belong to an
-    /// earlier generation whose process still reads, and packs the rest to the front;
-    /// returns the bytes left for this process.
+    /// earlier generation whose process still reads (one batch per generation), and packs
+    /// the rest to the front; returns the bytes left for this process.
     pub(crate) fn sift(&self, buf: &mut [u8], meta: &quinn::udp::RecvMeta) -> usize {
         let stride = meta.stride.max(1);
+        let mut batches = self.batches.lock().expect("forward batches");
         let (mut kept, mut at) = (0, 0);
         while at < meta.len {
             let end = (at + stride).min(meta.len);
-            if !self.forwarded(&buf[at..end], meta.addr) {
-                buf.copy_within(at..end, kept);
-                kept += end - at;
+            match self.owner(&buf[at..end]) {
+                Some(generation) => {
+                    let i = match batches.iter().position(|(g, _)| *g == generation) {
+                        Some(i) => i,
+                        None => {
+                            batches.push((generation, Vec::new()));
+                            batches.len() - 1
+                        }
+                    };
+                    let batch = &mut batches[i].1;
+                    if batch.is_empty() {
+                        encode_header(meta.addr, stride, batch);
+                    }
+                    batch.extend_from_slice(&buf[at..end]);
+                }
+                None => {
+                    buf.copy_within(at..end, kept);
+                    kept += end - at;
+                }
             }
             at = end;
+        }
+        // Sent, or given back to this process if their process is gone (only full-size
+        // packets came before the last, so they pack as they were).
+        for (generation, batch) in batches.iter_mut().filter(|(_, b)| !b.is_empty()) {
+            if !self.send(*generation, batch) {
+                for packet in batch[HEADER..].chunks(stride) {
+                    buf[kept..kept + packet.len()].copy_from_slice(packet);
+                    kept += packet.len();
+                }
+            }
+            batch.clear();
         }
         kept
     }
 
-    /// Whether `packet` went to the process of its generation.
-    fn forwarded(&self, packet: &[u8], from: SocketAddr) -> bool {
-        let Some(generation) = generation_of(packet) else {
-            return false;
-        };
-        if generation == self.generation || self.gone[generation as usize].load(Ordering::Relaxed) {
-            return false;
+    /// The earlier generation whose process should have `packet`, if any.
+    fn owner(&self, packet: &[u8]) -> Option<u8> {
+        let generation = generation_of(packet)?;
+        let gone = self.gone[generation as usize].load(Ordering::Relaxed);
+        if generation == self.generation || gone {
+            return None;
         }
-        let mut out = self.buf.lock().expect("forward buffer");
-        encode(from, packet, &mut out);
+        let id = match packet[0] & 0x80 {
+            0 => packet.get(1..1 + CID_LEN)?,
+            _ => packet.get(6..6 + CID_LEN)?,
+        };
+        let id = quinn_proto::ConnectionId::new(id);
+        self.ids.validate(&id).is_ok().then_some(generation)
+    }
+
+    /// Sends a batch to its generation's process; `false` if that process is gone.
+    fn send(&self, generation: u8, batch: &[u8]) -> bool {
         match self
             .socket
-            .send_to(&out, forward_path(&self.dir, generation))
+            .send_to(batch, forward_path(&self.dir, generation))
         {
             Ok(_) => true,
             // Its reader is behind: dropped, as a full socket buffer would (QUIC resends).
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
             Err(e) => {
-                debug!(generation, error = %e, "the process of an earlier generation is gone; its packets are this one's now");
-                self.gone[generation as usize].store(true, Ordering::Relaxed);
-                false
+                let gone = matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                );
+                debug!(generation, error = %e, gone, "could not forward packets to the process of an earlier generation");
+                if gone {
+                    self.gone[generation as usize].store(true, Ordering::Relaxed);
+                }
+                !gone
             }
         }
     }
@@ -218,27 +289,30 @@ impl Forwarder {
 pub(crate) struct Forwarded {
     socket: tokio::net::UnixDatagram,
     path: PathBuf,
+    /// The socket file's inode: only our own file is removed at the end.
+    ino: u64,
 }
 
 impl Forwarded {
     /// Binds this generation's socket in `dir` (before the new process reads the UDP
     /// socket, so that no packet of ours finds it missing). Needs a runtime.
     pub(crate) fn bind(dir: &Path, generation: u8) -> io::Result<Forwarded> {
+        use std::os::unix::fs::MetadataExt;
+        revproxy_ca::fsutil::create_private_dir(&dir.join(FORWARD_DIR))?;
         let path = forward_path(dir, generation);
         let _ = std::fs::remove_file(&path);
         let socket = UnixDatagram::bind(&path)?;
         socket.set_nonblocking(true)?;
-        // Room for bursts of a tunnel's packets, as on the UDP socket.
-        let socket2 = socket2::SockRef::from(&socket);
-        let _ = socket2.set_recv_buffer_size(super::UDP_BUFFER);
-        info!(path = %path.display(), "reading the packets of this process's QUIC tunnels from the new process");
+        let ino = std::fs::metadata(&path)?.ino();
+        info!(path = %path.display(), "ready to read this process's QUIC packets from its successor");
         Ok(Forwarded {
             socket: tokio::net::UnixDatagram::from_std(socket)?,
             path,
+            ino,
         })
     }
 
-    /// Reads one forwarded packet into `buf` as the UDP socket would have given it.
+    /// Reads one forwarded batch into `buf` as the UDP socket would have given it.
     pub(crate) fn poll_recv(
         &self,
         cx: &mut Context,
@@ -249,15 +323,14 @@ impl Forwarded {
             let mut read = tokio::io::ReadBuf::new(buf);
             std::task::ready!(self.socket.poll_recv(cx, &mut read))?;
             let len = read.filled().len();
-            let Some(from) = decode(&buf[..len]) else {
+            let Some((from, stride)) = decode_header(&buf[..len]) else {
                 continue; // not ours to read
             };
             buf.copy_within(HEADER..len, 0);
-            let len = len - HEADER;
             *meta = quinn::udp::RecvMeta {
                 addr: from,
-                len,
-                stride: len,
+                len: len - HEADER,
+                stride,
                 ecn: None,
                 dst_ip: None,
             };
@@ -268,14 +341,17 @@ impl Forwarded {
 
 impl Drop for Forwarded {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        use std::os::unix::fs::MetadataExt;
+        // A later bind of the same generation replaced the file: that one is not ours.
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use quinn_proto::ConnectionIdGenerator;
 
     #[test]
     fn ids_carry_their_generation_and_validate_with_the_key() {
@@ -301,51 +377,89 @@ mod tests {
     }
 
     #[test]
-    fn addresses_cross_whole() {
+    fn addresses_cross_exactly() {
         let mut out = Vec::new();
-        for from in ["192.0.2.1:4433", "[2001:db8::1]:443"] {
+        for from in [
+            "192.0.2.1:4433",
+            "[2001:db8::1]:443",
+            "[::ffff:192.0.2.1]:4433",
+        ] {
             let from: SocketAddr = from.parse().unwrap();
-            encode(from, b"packet", &mut out);
-            assert_eq!(decode(&out), Some(from));
-            assert_eq!(&out[HEADER..], b"packet");
+            encode_header(from, 1200, &mut out);
+            assert_eq!(decode_header(&out), Some((from, 1200)), "{from}");
         }
-        assert_eq!(decode(&[0; 5]), None);
+        let scoped = SocketAddr::V6(std::net::SocketAddrV6::new(
+            "fe80::1".parse().unwrap(),
+            443,
+            7,
+            3,
+        ));
+        encode_header(scoped, 1, &mut out);
+        assert_eq!(decode_header(&out), Some((scoped, 1)));
+        assert_eq!(decode_header(&[4; 5]), None);
+        let mut bad = out.clone();
+        bad[0] = 9;
+        assert_eq!(decode_header(&bad), None);
+    }
+
+    /// A packet of generation `generation` with a valid ID under `key`, `len` bytes.
+    fn packet(key: &[u8], generation: u8, len: usize) -> Vec<u8> {
+        let cid = GenerationCids::new(key, generation).generate_cid();
+        let mut p = vec![0x40];
+        p.extend_from_slice(&cid[..]);
+        p.resize(len, generation);
+        p
     }
 
     #[tokio::test]
     async fn packets_of_an_earlier_generation_reach_its_process() {
         let dir = tempfile::tempdir().unwrap();
         let old = Forwarded::bind(dir.path(), 3).unwrap();
-        let new = Forwarder::new(dir.path(), 4).unwrap();
+        let new = Forwarder::new(dir.path(), 4, b"key").unwrap();
         let from: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        // A batch of three segments: ours, the old process's, ours (shorter, last).
-        let mut batch = Vec::new();
-        batch.extend_from_slice(&[0x40, 4, 1, 1, 1]);
-        batch.extend_from_slice(&[0x40, 3, 2, 2, 2]);
-        batch.extend_from_slice(&[0x40, 4, 3]);
+        // A batch of four: ours, the old process's, a forged ID naming generation 3, and
+        // the old process's again (shorter, last).
+        let (ours, theirs) = (packet(b"key", 4, 20), packet(b"key", 3, 20));
+        let mut forged = theirs.clone();
+        forged[5] ^= 1;
+        let last = packet(b"key", 3, 12);
+        let mut batch = [&ours[..], &theirs, &forged, &last].concat();
         let meta = quinn::udp::RecvMeta {
             addr: from,
             len: batch.len(),
-            stride: 5,
+            stride: 20,
             ecn: None,
             dst_ip: None,
         };
         let kept = new.sift(&mut batch, &meta);
-        assert_eq!(&batch[..kept], &[0x40, 4, 1, 1, 1, 0x40, 4, 3]);
-        let mut buf = [0u8; 64];
+        assert_eq!(&batch[..kept], &[&ours[..], &forged].concat()[..]);
+        let mut buf = [0u8; 256];
         let mut got = quinn::udp::RecvMeta::default();
         std::future::poll_fn(|cx| old.poll_recv(cx, &mut buf, &mut got))
             .await
             .unwrap();
-        assert_eq!((got.addr, &buf[..got.len]), (from, &[0x40, 3, 2, 2, 2][..]));
+        assert_eq!((got.addr, got.stride), (from, 20));
+        assert_eq!(&buf[..got.len], &[&theirs[..], &last].concat()[..]);
         // Once the old process is gone its packets stay here.
         drop(old);
-        let mut lone = vec![0x40, 3, 9];
+        let mut lone = theirs.clone();
         let meta = quinn::udp::RecvMeta {
-            len: 3,
-            stride: 3,
+            len: 20,
+            stride: 20,
             ..meta
         };
-        assert_eq!(new.sift(&mut lone, &meta), 3);
+        assert_eq!(new.sift(&mut lone, &meta), 20);
+        assert_eq!(lone, theirs);
+    }
+
+    #[tokio::test]
+    async fn a_second_bind_of_a_generation_keeps_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Forwarded::bind(dir.path(), 9).unwrap();
+        let second = Forwarded::bind(dir.path(), 9).unwrap();
+        drop(first);
+        assert!(forward_path(dir.path(), 9).exists());
+        drop(second);
+        assert!(!forward_path(dir.path(), 9).exists());
     }
 }
