@@ -7,10 +7,18 @@ use super::*;
 use revproxy::ca::ports::PortRange;
 use std::net::IpAddr;
 
-const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+pub(super) const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// A proxy that may grant exactly `port`, listening for it on 127.0.0.1.
 async fn proxy_granting(port: u16) -> TestProxy {
+    proxy_granting_with(port, revproxy::proxy::UdpLimits::default()).await
+}
+
+/// [`proxy_granting`], with UDP flows bounded by `limits`.
+pub(super) async fn proxy_granting_with(
+    port: u16,
+    limits: revproxy::proxy::UdpLimits,
+) -> TestProxy {
     TestProxy::start_with(move |b| {
         b.granted_ports(
             PortRange {
@@ -19,6 +27,7 @@ async fn proxy_granting(port: u16) -> TestProxy {
             },
             LOOPBACK,
         )
+        .udp_limits(limits)
     })
     .await
 }

@@ -5,12 +5,8 @@
 //! it as well as the test's own sockets.
 
 use super::*;
-use revproxy::ca::ports::PortRange;
 use revproxy::proxy::UdpLimits;
-use std::net::IpAddr;
 use tokio::net::UdpSocket;
-
-const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// A port free for both UDP and TCP on 127.0.0.1 a moment ago (granted ports cannot be
 /// ones the kernel picks: the grant names them).
@@ -24,20 +20,7 @@ fn free_udp_port() -> u16 {
     }
 }
 
-/// A proxy that may grant exactly `port`, on 127.0.0.1, with UDP flows bounded by `limits`.
-async fn proxy_granting(port: u16, limits: UdpLimits) -> TestProxy {
-    TestProxy::start_with(move |b| {
-        b.granted_ports(
-            PortRange {
-                low: port,
-                high: port,
-            },
-            LOOPBACK,
-        )
-        .udp_limits(limits)
-    })
-    .await
-}
+use super::ports::{proxy_granting_with as proxy_granting, LOOPBACK};
 
 /// A client socket of its own (its own source port) talking to the granted port.
 async fn client(port: u16) -> UdpSocket {
