@@ -521,7 +521,11 @@ async fn hold(shared: Arc<Shared>, held: Held, conn: tunnel::ProxyConn, unproven
             shared.moving.cancelled().await;
             tunnel.tell_moving().await;
             // An agent that moves retires this tunnel within a moment (its new one is up);
-            // a QUIC agent before the message does not, and is moved the old way.
+            // a QUIC agent before the message does not, and is moved the old way. (An h2
+            // agent has always acted on its message.)
+            if tunnel.quic_connection().is_none() {
+                return;
+            }
             let mut changes = shared.registry.subscribe();
             let retired = tokio::time::timeout(MOVE_WAIT, async {
                 while !tunnel.is_draining() {

@@ -15,10 +15,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::UdpSocket;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{debug, info, Instrument};
 
-use super::accept::source_key;
+use super::accept::PerSource;
 use super::public::OPEN_TIMEOUT;
 use super::replies::ConnId;
 use super::Shared;
@@ -89,10 +90,8 @@ impl UdpMetrics {
 #[derive(Default)]
 pub(super) struct UdpPorts {
     running: HashMap<u16, Running>,
-    /// Flows open on all of them.
-    flows: Arc<std::sync::atomic::AtomicUsize>,
-    /// Bytes their clients' datagrams queued.
-    queued: Arc<std::sync::atomic::AtomicUsize>,
+    /// What their flows share, made with the limits at the first port.
+    shares: Option<Shares>,
     /// Fired when the ports close for good (a successor binds them now).
     closed: Trigger,
 }
@@ -109,11 +108,12 @@ impl Drop for Running {
     }
 }
 
-/// What every flow of the proxy shares: the count of flows in all.
+/// What every flow of the proxy shares.
 #[derive(Clone)]
 struct Shares {
     limits: UdpLimits,
-    flows: Arc<std::sync::atomic::AtomicUsize>,
+    /// A permit per flow, [`UdpLimits::flows`] in all (as the public listeners' clients).
+    flows: Arc<Semaphore>,
     /// Bytes of client datagrams queued in all flows ([`udp::QUEUED_BYTES`]).
     queued: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -152,11 +152,13 @@ impl UdpPorts {
         });
         let mut changed = self.running.len() != before;
         let mut failed = Vec::new();
-        let shares = Shares {
-            limits,
-            flows: self.flows.clone(),
-            queued: self.queued.clone(),
-        };
+        let shares = (self.shares)
+            .get_or_insert_with(|| Shares {
+                limits,
+                flows: Arc::new(Semaphore::new(limits.flows.min(Semaphore::MAX_PERMITS))),
+                queued: Arc::default(),
+            })
+            .clone();
         for &port in wanted {
             if !open || self.running.contains_key(&port) {
                 continue;
@@ -208,7 +210,8 @@ async fn serve_port(shared: Arc<Shared>, socket: Arc<UdpSocket>, port: u16, shar
     let metrics = shared.metrics.udp(port);
     let server = socket.local_addr().ok();
     let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
-    let mut per_source: HashMap<IpAddr, usize> = HashMap::new();
+    // Per port: a source's flows here do not count against it on other ports.
+    let per_source = PerSource::with_exempt(shares.limits.per_source, Vec::new());
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut clients: HashMap<tokio::task::Id, SocketAddr> = HashMap::new();
     let mut buf = vec![0u8; udp::MAX_PAYLOAD];
@@ -229,7 +232,6 @@ async fn serve_port(shared: Arc<Shared>, socket: Arc<UdpSocket>, port: u16, shar
                 };
                 if let Some(client) = clients.remove(&id) {
                     flows.remove(&client);
-                    release(&mut per_source, source_key(client.ip()));
                 }
                 continue;
             }
@@ -244,19 +246,15 @@ async fn serve_port(shared: Arc<Shared>, socket: Arc<UdpSocket>, port: u16, shar
             }
             continue;
         }
-        let source = per_source.entry(source_key(client.ip())).or_default();
-        let ticket = match *source < shares.limits.per_source {
-            true => FlowTicket::take(&shares),
-            false => None,
-        };
-        let Some(ticket) = ticket else {
-            if *source == 0 {
-                per_source.remove(&source_key(client.ip()));
-            }
+        // Both given back as the flow's task ends, however it ends (the port closing
+        // aborts it).
+        let held = per_source
+            .take_counted(client.ip())
+            .zip(shares.flows.clone().try_acquire_owned().ok());
+        let Some(held) = held else {
             metrics.dropped(Dropped::FlowLimit);
             continue;
         };
-        *source += 1;
         let (to, from) = udp::queue(shares.queued.clone());
         flows.insert(client, Flow { to });
         let start = FlowStart {
@@ -271,32 +269,10 @@ async fn serve_port(shared: Arc<Shared>, socket: Arc<UdpSocket>, port: u16, shar
         };
         let shared = shared.clone();
         let task = tasks.spawn(async move {
-            let _ticket = ticket;
+            let _held = held;
             run_flow(&shared, start).await;
         });
         clients.insert(task.id(), client);
-    }
-}
-
-/// One flow's place among [`UdpLimits::flows`], given back as it drops (with its task,
-/// however that ends: the port closing aborts it).
-struct FlowTicket(Arc<std::sync::atomic::AtomicUsize>);
-
-impl FlowTicket {
-    fn take(shares: &Shares) -> Option<FlowTicket> {
-        use std::sync::atomic::Ordering;
-        let taken = shares
-            .flows
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (n < shares.limits.flows).then_some(n + 1)
-            });
-        taken.ok().map(|_| FlowTicket(shares.flows.clone()))
-    }
-}
-
-impl Drop for FlowTicket {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -311,16 +287,6 @@ async fn no_longer_served(shared: &Shared, name: &str, id: u64) {
         }
         if changes.changed().await.is_err() {
             return std::future::pending().await;
-        }
-    }
-}
-
-/// Gives back a source's flow.
-fn release(per_source: &mut HashMap<IpAddr, usize>, ip: IpAddr) {
-    if let Some(n) = per_source.get_mut(&ip) {
-        *n -= 1;
-        if *n == 0 {
-            per_source.remove(&ip);
         }
     }
 }

@@ -127,9 +127,18 @@ async fn flows_are_bounded_per_source_and_idle_out(t: Transport) {
         per_source: 2,
     };
     let (port, _proxy, _agent, _dir) = serving(t, limits).await;
-    // The probe's flow idles out first: then two flows from 127.0.0.1 fit, a third not.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (a, b, c) = (client(port).await, client(port).await, client(port).await);
+    // From 127.0.0.2, a source apart from the readiness probes' 127.0.0.1: two flows fit,
+    // a third not.
+    let from_other_source = || async {
+        let socket = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+        socket.connect((LOOPBACK, port)).await.unwrap();
+        socket
+    };
+    let (a, b, c) = (
+        from_other_source().await,
+        from_other_source().await,
+        from_other_source().await,
+    );
     assert!(ask(&a, b"a", WAIT).await.is_some());
     assert!(ask(&b, b"b", WAIT).await.is_some());
     assert_eq!(
