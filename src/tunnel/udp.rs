@@ -420,7 +420,7 @@ pub(crate) async fn relay(
     idle: Duration,
     counts: &FlowCounts,
 ) -> FlowEnd {
-    let (read, write) = tokio::io::split(io);
+    let (read, mut write) = tokio::io::split(io);
     let mut capsules = Capsules::new(read);
     let heard_quic = AtomicBool::new(false);
     let answered = AtomicBool::new(false);
@@ -443,7 +443,6 @@ pub(crate) async fn relay(
         }
         None => (None, None),
     };
-    let mut write = write;
     let up = async {
         // Only a socket is read into it (a queue hands over whole datagrams).
         let mut buf = match &local_in {

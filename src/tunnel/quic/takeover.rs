@@ -204,6 +204,13 @@ impl Forwarder {
     /// the rest to the front; returns the bytes left for this process.
     pub(crate) fn sift(&self, buf: &mut [u8], meta: &quinn::udp::RecvMeta) -> usize {
         let stride = meta.stride.max(1);
+        // Every packet on the socket passes here: most are this process's, left in place.
+        let foreign = (0..meta.len)
+            .step_by(stride)
+            .any(|at| self.owner(&buf[at..(at + stride).min(meta.len)]).is_some());
+        if !foreign {
+            return meta.len;
+        }
         let mut batches = self.batches.lock().expect("forward batches");
         let (mut kept, mut at) = (0, 0);
         while at < meta.len {
@@ -224,7 +231,9 @@ impl Forwarder {
                     batch.extend_from_slice(&buf[at..end]);
                 }
                 None => {
-                    buf.copy_within(at..end, kept);
+                    if kept != at {
+                        buf.copy_within(at..end, kept);
+                    }
                     kept += end - at;
                 }
             }
