@@ -57,7 +57,8 @@ enum Command {
         /// Tunnel transport: h2 (TCP), quic (UDP), or auto (QUIC, falling back to h2) [default: h2]
         #[arg(long, value_enum)]
         transport: Option<TransportArg>,
-        /// Serve NAME from the backend at HOST:PORT (repeatable)
+        /// Serve NAME from the backend at HOST:PORT (repeatable); NAME may be a granted
+        /// port, tcp:PORT or udp:PORT (then HOST:PORT is the backend's UDP address)
         #[arg(long = "map", value_name = "NAME=HOST:PORT")]
         maps: Vec<String>,
         /// Reach the private name NAME: connections to LISTEN_ADDR go through the tunnel
