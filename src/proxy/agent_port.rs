@@ -17,6 +17,7 @@ use super::accept::{
 use super::admit::{admit, Peer};
 use super::registry::{NewTunnel, NotRegistered, Tunnel};
 use super::{enroll, mesh, Limits, Shared};
+use crate::runtime::lanes::{Lane, Lanes};
 use crate::runtime::shutdown::Trigger;
 use crate::tls;
 use crate::tunnel::{self, quic, Upward, HANDSHAKE_TIMEOUT};
@@ -24,17 +25,28 @@ use crate::tunnel::{self, quic, Upward, HANDSHAKE_TIMEOUT};
 /// The agent port's listeners.
 pub(super) struct AgentPort {
     tcp: TcpListener,
-    quic: Option<(quinn::Endpoint, quic::proxy::ReadSwitch)>,
+    quic: Option<QuicPort>,
 }
 
-/// A UDP socket for QUIC tunnels at the agent listener's address.
-pub(super) fn quic_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    quic::udp_socket(addr).map_err(|e| {
+/// The QUIC side of the agent port: an endpoint per socket of the port's group, each on
+/// its lane (`tunnel/quic/steer.rs`), and the switch of their reading.
+struct QuicPort {
+    endpoints: Vec<(Lane, quinn::Endpoint)>,
+    switch: quic::proxy::ReadSwitch,
+}
+
+/// The UDP sockets for QUIC tunnels at the agent listener's address: one per lane.
+pub(super) fn quic_sockets(
+    addr: SocketAddr,
+    lanes: usize,
+) -> std::io::Result<Vec<std::net::UdpSocket>> {
+    let bound = quic::steer::bind_group(addr, lanes).map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!("cannot listen for QUIC on udp {addr}: {e}"),
         )
-    })
+    })?;
+    bound.into_iter().map(quic::tune_udp_socket).collect()
 }
 
 impl AgentPort {
@@ -42,36 +54,59 @@ impl AgentPort {
     /// the socket over, until the old one lets go). `reset_secret` keeps QUIC's stateless
     /// reset key the same across restarts; `state_dir` holds the QUIC generation and the
     /// sockets an upgrade forwards packets through (`tunnel/quic/takeover.rs`).
+    ///
+    /// `quic`: the sockets of the QUIC port's group in its order, each read by an
+    /// endpoint on a lane of `lanes` (round robin: as many sockets as lanes, normally).
     pub(super) fn new(
         tcp: TcpListener,
-        quic: Option<std::net::UdpSocket>,
+        quic: Vec<std::net::UdpSocket>,
         tunnel_tls: rustls::ServerConfig,
         reading: bool,
         reset_secret: &[u8],
         state_dir: &std::path::Path,
+        lanes: &Lanes,
     ) -> std::io::Result<AgentPort> {
-        let quic = quic
-            .map(|socket| {
-                let takeover = quic::proxy::Takeover {
-                    dir: state_dir.to_path_buf(),
-                    generation: quic::takeover::next_generation(state_dir),
-                    key: quic::proxy::cid_key(reset_secret),
-                };
-                let config = quic::proxy::endpoint_config(reset_secret, &takeover);
-                quic::proxy::endpoint(socket, tunnel_tls, reading, config, takeover)
-            })
-            .transpose()?;
-        Ok(AgentPort { tcp, quic })
+        if quic.is_empty() {
+            return Ok(AgentPort { tcp, quic: None });
+        }
+        let count = u8::try_from(quic.len())
+            .ok()
+            .filter(|&n| usize::from(n) <= quic::steer::MAX_GROUP)
+            .ok_or_else(|| std::io::Error::other("too many QUIC sockets"))?;
+        let generation = quic::takeover::next_generation(state_dir);
+        let (mut endpoints, mut switches) = (Vec::new(), Vec::new());
+        for ((index, socket), lane) in (0..).zip(quic).zip(lanes.all().iter().cycle()) {
+            let takeover = quic::proxy::Takeover {
+                dir: state_dir.to_path_buf(),
+                generation,
+                key: quic::proxy::cid_key(reset_secret),
+                steer: quic::steer::Steer { index, count },
+            };
+            let config = quic::proxy::endpoint_config(reset_secret, &takeover);
+            // Its socket, its driver and the connections it accepts are the lane's.
+            let _on_lane = lane.enter();
+            let (endpoint, switch) =
+                quic::proxy::endpoint(socket, tunnel_tls.clone(), reading, config, takeover)?;
+            endpoints.push((lane.clone(), endpoint));
+            switches.push(switch);
+        }
+        let switch = quic::proxy::ReadSwitch::join(switches);
+        Ok(AgentPort {
+            tcp,
+            quic: Some(QuicPort { endpoints, switch }),
+        })
     }
 
     pub(super) fn addr(&self) -> std::io::Result<SocketAddr> {
         self.tcp.local_addr()
     }
 
-    /// The QUIC endpoint and the switch that stops it reading, for an upgrade to move the
-    /// agents.
-    pub(super) fn quic_endpoint(&self) -> Option<(quinn::Endpoint, quic::proxy::ReadSwitch)> {
-        self.quic.clone()
+    /// The QUIC endpoints and the switch that stops them reading, for an upgrade to move
+    /// the agents.
+    pub(super) fn quic_endpoints(&self) -> Option<(Vec<quinn::Endpoint>, quic::proxy::ReadSwitch)> {
+        let port = self.quic.as_ref()?;
+        let endpoints = port.endpoints.iter().map(|(_, e)| e.clone()).collect();
+        Some((endpoints, port.switch.clone()))
     }
 
     /// Accepts agents until `stop`, then waits for their connections to end (tunnels close
@@ -135,38 +170,49 @@ impl AgentPort {
             )
         };
         let quic = async {
-            let Some((endpoint, _)) = self.quic else {
+            let Some(port) = self.quic else {
                 return;
             };
-            if let Ok(addr) = endpoint.local_addr() {
-                info!(%addr, "QUIC tunnel listener ready (udp)");
+            if let Some(Ok(addr)) = port.endpoints.first().map(|(_, e)| e.local_addr()) {
+                let endpoints = port.endpoints.len();
+                info!(%addr, endpoints, "QUIC tunnel listener ready (udp)");
             }
             let permits = Arc::new(Semaphore::new(limits.agents));
             let per_source = PerSource::with_prefix_cap(
                 limits.handshakes_per_source,
                 limits.handshakes_per_prefix,
             );
-            let handle = move |incoming: quinn::Incoming, peer: SocketAddr, slot| {
+            // Each endpoint accepts on its lane: a connection runs where it was accepted
+            // (quinn spawns its task there), with its streams and its clients.
+            let loops = port.endpoints.into_iter().map(|(lane, endpoint)| {
                 let (shared, budgets) = (shared.clone(), budgets.clone());
-                async move {
-                    let Some(unproven) = budgets.handshake(&shared, peer, slot) else {
-                        return incoming.refuse();
-                    };
-                    serve_quic(shared, budgets, incoming, peer, unproven).await
-                }
-            };
-            let acceptor = QuicAcceptor(endpoint.clone());
-            accept::serve(
-                acceptor,
-                accept::Stopping::at(&stop),
-                permits,
-                per_source,
-                grace * 2,
-                counters,
-                handle,
-            )
-            .await;
-            quic::proxy::close(&endpoint, "proxy shutting down").await;
+                let handle = move |incoming: quinn::Incoming, peer: SocketAddr, slot| {
+                    let (shared, budgets) = (shared.clone(), budgets.clone());
+                    async move {
+                        let Some(unproven) = budgets.handshake(&shared, peer, slot) else {
+                            return incoming.refuse();
+                        };
+                        serve_quic(shared, budgets, incoming, peer, unproven).await
+                    }
+                };
+                let serve = accept::serve(
+                    QuicAcceptor(endpoint.clone()),
+                    accept::Stopping::at(&stop),
+                    permits.clone(),
+                    per_source.clone(),
+                    grace * 2,
+                    counters.clone(),
+                    handle,
+                );
+                lane.run(async move {
+                    serve.await;
+                    quic::proxy::close(&endpoint, "proxy shutting down").await;
+                })
+            });
+            // Spawned on their lanes as they are collected; each then awaited.
+            for running in loops.collect::<Vec<_>>() {
+                running.await;
+            }
         };
         tokio::join!(tcp, quic);
     }
@@ -430,6 +476,8 @@ async fn serve_quic(
     let Some(who) = admit(&shared, der.as_deref(), peer).await else {
         return conn.refuse();
     };
+    // Counted in its lane's load, as an h2 tunnel is: new h2 tunnels go elsewhere first.
+    let _counted = Lane::here().take();
     hold(
         shared,
         Held {

@@ -57,7 +57,10 @@ enum QuicListener {
     /// UDP on the agent listener's address (the default).
     #[default]
     SamePort,
+    /// A socket the caller bound: more join it, one per lane, if it shares its port.
     Socket(std::net::UdpSocket),
+    /// The QUIC port's group as an upgrade hands it over, in its order.
+    Group(Vec<std::net::UdpSocket>),
     Off,
 }
 
@@ -126,9 +129,23 @@ impl ProxyBuilder {
     }
 
     /// Takes QUIC tunnels on `socket` (already bound) instead of UDP at the agent
-    /// listener's address. Its buffers are enlarged as on the default socket.
+    /// listener's address. Its buffers are enlarged as on the default socket. If it was
+    /// bound with `SO_REUSEPORT`, the proxy binds more sockets at its address, one per lane
+    /// in all, each read by an endpoint on its lane (as on the default port); otherwise
+    /// one endpoint reads it.
     pub fn quic_listener(mut self, socket: std::net::UdpSocket) -> Self {
         self.quic = QuicListener::Socket(socket);
+        self
+    }
+
+    /// Takes QUIC tunnels on exactly these sockets, an endpoint on each: the QUIC port's
+    /// group of a running proxy, in the order its upgrade hands them over
+    /// (`handover::Inherited::udp`).
+    pub fn quic_listeners(mut self, group: Vec<std::net::UdpSocket>) -> Self {
+        self.quic = match group.is_empty() {
+            true => QuicListener::SamePort,
+            false => QuicListener::Group(group),
+        };
         self
     }
 
@@ -333,10 +350,19 @@ impl ProxyBuilder {
             Arc::new(move |serial| revocations.get().revoked.contains(serial));
         let tunnel_config =
             tls::tunnel_listener_config(server_cert.clone(), ca.cert_der(), is_revoked)?;
-        let quic_socket = match self.quic {
-            QuicListener::Off => None,
-            QuicListener::SamePort => Some(agent_port::quic_socket(agents.local_addr()?)?),
-            QuicListener::Socket(socket) => Some(tunnel::quic::tune_udp_socket(socket)?),
+        let lanes = crate::runtime::lanes::Lanes::shared()?;
+        let quic_sockets = match self.quic {
+            QuicListener::Off => Vec::new(),
+            QuicListener::SamePort => {
+                agent_port::quic_sockets(agents.local_addr()?, lanes.all().len())?
+            }
+            QuicListener::Socket(socket) => {
+                let group = tunnel::quic::steer::grow(socket, lanes.all().len())?;
+                (group.into_iter().map(tunnel::quic::tune_udp_socket)).collect::<Result<_, _>>()?
+            }
+            QuicListener::Group(group) => (group.into_iter())
+                .map(tunnel::quic::tune_udp_socket)
+                .collect::<Result<_, _>>()?,
         };
         // A second descriptor of each fixed listener, for an upgrade to hand over.
         let mut sockets = vec![upgrade::described(
@@ -344,7 +370,7 @@ impl ProxyBuilder {
             &agents,
             agents.local_addr()?,
         )?];
-        if let Some(socket) = &quic_socket {
+        for socket in &quic_sockets {
             sockets.push(upgrade::described(
                 handover::Role::Quic,
                 socket,
@@ -360,11 +386,12 @@ impl ProxyBuilder {
         }
         let agent_port = AgentPort::new(
             agents,
-            quic_socket,
+            quic_sockets,
             tunnel_config.clone(),
             self.upgraded.is_none(),
             &quic_secret(&self.state_dir)?,
             &self.state_dir,
+            &lanes,
         )?;
         // Beyond loopback the admin listener takes operator certificates only.
         let admin_tls = match &self.admin {

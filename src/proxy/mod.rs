@@ -337,7 +337,7 @@ impl Proxy {
             public.start(listener, kind)?;
         }
         let background = background::start(self.shared.clone());
-        let quic = self.agent_port.quic_endpoint();
+        let quic = self.agent_port.quic_endpoints();
         // Tunnels end on `close_tunnels`, fired after the client connections drained.
         let agents = tokio::spawn(self.agent_port.run(
             self.shared.clone(),
@@ -500,10 +500,10 @@ impl Proxy {
         self.shared.close_tunnels.fire();
         let _ = agents.await;
         // The QUIC socket closes before this returns, as the TCP ones do.
-        if let Some((endpoint, switch)) = quic {
-            drop(endpoint);
+        if let Some((endpoints, switch)) = quic {
+            drop(endpoints);
             if !switch.closed(QUIC_CLOSE_WAIT).await {
-                warn!("the QUIC endpoint still held its socket {QUIC_CLOSE_WAIT:?} after closing");
+                warn!("a QUIC endpoint still held its socket {QUIC_CLOSE_WAIT:?} after closing");
             }
         }
         drop(background);

@@ -142,7 +142,7 @@ pub(super) async fn step_aside(
     shared: &Shared,
     public: &PublicListeners,
     agents_stopped: &crate::runtime::shutdown::Trigger,
-    quic: Option<&(quinn::Endpoint, ReadSwitch)>,
+    quic: Option<&(Vec<quinn::Endpoint>, ReadSwitch)>,
     takes_over: bool,
 ) {
     // Every datagram is the new process's from now on; our closes still go out.
@@ -170,12 +170,14 @@ pub(super) async fn step_aside(
     // The new process forwards our QUIC tunnels' packets here (`quic/takeover.rs`), and
     // they move as h2 tunnels do. Without that, every QUIC connection goes now, those
     // still in their handshake too: the UDP socket is the new process's.
-    if let Some((endpoint, _)) = quic {
+    if let Some((endpoints, _)) = quic {
         if !takes_over {
-            endpoint.close(
-                quinn::VarInt::from_u32(crate::tunnel::quic::code::MOVING),
-                b"proxy moving to a new process",
-            );
+            for endpoint in endpoints {
+                endpoint.close(
+                    quinn::VarInt::from_u32(crate::tunnel::quic::code::MOVING),
+                    b"proxy moving to a new process",
+                );
+            }
         }
     }
     info!(tunnels = count, "agents told to move to the new process");

@@ -436,7 +436,8 @@ impl Inherited {
         Ok(Some(listener))
     }
 
-    /// The UDP socket for QUIC at `want`, if one was handed over.
+    /// The next UDP socket for QUIC at `want`, if one more was handed over: the QUIC
+    /// port's group comes in its order, one socket per call.
     pub fn udp(&mut self, want: SocketAddr) -> std::io::Result<Option<std::net::UdpSocket>> {
         let Some(fd) = self.take(Role::Quic, want) else {
             return Ok(None);

@@ -34,6 +34,8 @@ pub use logs::*;
 pub use postgres::Postgres;
 pub use process::*;
 use proxy::bind;
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use proxy::shared_udp;
 pub use proxy::TestProxy;
 #[allow(unused_imports)] // each test binary uses its own subset
 pub use terminate::*;

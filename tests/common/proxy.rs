@@ -32,11 +32,24 @@ async fn bind_agent_port() -> (tokio::net::TcpListener, std::net::UdpSocket) {
 async fn bind_agent_port_on(ip: &str) -> (tokio::net::TcpListener, std::net::UdpSocket) {
     for _ in 0..100 {
         let tcp = bind(&format!("{ip}:0")).await;
-        if let Ok(udp) = std::net::UdpSocket::bind(tcp.local_addr().unwrap()) {
+        if let Ok(udp) = shared_udp(tcp.local_addr().unwrap()) {
             return (tcp, udp);
         }
     }
     panic!("no port number free on both TCP and UDP");
+}
+
+/// A UDP socket that shares its port (`SO_REUSEPORT`): the proxy binds one more per
+/// lane beside it, an endpoint on each, as on its default port.
+pub fn shared_udp(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 fn launch(

@@ -128,12 +128,14 @@ impl ServeArgs {
                 listen(&mut inherited, handover::Role::Agents, agents_addr).await?,
             );
             if let Some(inherited) = inherited.as_mut() {
-                if let Some(udp) = inherited
+                let mut group = Vec::new();
+                while let Some(udp) = inherited
                     .udp(agents_addr)
-                    .context("cannot take the QUIC socket over")?
+                    .context("cannot take the QUIC sockets over")?
                 {
-                    builder = builder.quic_listener(udp);
+                    group.push(udp);
                 }
+                builder = builder.quic_listeners(group);
             }
             if let Some(url) = &config.store {
                 builder = builder.store(&url.0);

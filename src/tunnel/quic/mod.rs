@@ -5,13 +5,15 @@
 //! agent retires a tunnel with [`GOAWAY`] on a unidirectional stream (`docs/protocol.md`).
 //!
 //! This folder holds both ends: `proxy.rs` (endpoint, accepting and driving tunnels,
-//! opening streams), `agent.rs` (dialing, serving streams), `splice.rs` (the byte pump).
+//! opening streams), `agent.rs` (dialing, serving streams), `splice.rs` (the byte pump),
+//! `steer.rs` (the proxy's socket per lane), `socket.rs` and `takeover.rs` (upgrades).
 //! Here: settings, error codes, UDP sockets and the header reader both ends share.
 
 pub(crate) mod agent;
 pub(crate) mod proxy;
 mod socket;
 pub(crate) mod splice;
+pub(crate) mod steer;
 pub(crate) mod takeover;
 
 use std::io;

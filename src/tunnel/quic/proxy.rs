@@ -83,16 +83,16 @@ const MIN_RESET_INTERVAL: Duration = Duration::from_millis(1);
 /// instead of waiting out the idle timeout. Packets with IDs it could not have issued are
 /// dropped without a reset.
 /// Connection IDs carry the process's generation (`takeover.rs`), keyed with
-/// [`cid_key`].
+/// [`cid_key`], and name the endpoint's socket in the port's group (`steer.rs`).
 pub(crate) fn endpoint_config(secret: &[u8], takeover: &Takeover) -> quinn::EndpointConfig {
     let reset = derive(secret, b"revproxy QUIC stateless reset key v1");
     let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
         ring::hmac::HMAC_SHA256,
         reset.as_ref(),
     )));
-    let (key, generation) = (takeover.key.clone(), takeover.generation);
+    let (key, generation, steer) = (takeover.key.clone(), takeover.generation, takeover.steer);
     config
-        .cid_generator(move || Box::new(GenerationCids::new(&key, generation)))
+        .cid_generator(move || Box::new(GenerationCids::new(&key, generation).steered(steer)))
         .min_reset_interval(MIN_RESET_INTERVAL);
     config
 }

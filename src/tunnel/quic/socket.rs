@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::steer::Steer;
 use super::takeover::{Forwarded, Forwarder};
 use crate::runtime::shutdown::Trigger;
 
@@ -16,8 +17,9 @@ use crate::runtime::shutdown::Trigger;
 /// tunnels. So only one reads at a time: the new process from the moment the old one
 /// has let go, which stops reading then (its closes still go out) and from then on reads
 /// what the new one forwards of its tunnels' packets (`takeover.rs`).
+/// One switch works every endpoint of the port's group (`steer.rs`) together.
 #[derive(Clone, Debug)]
-pub(crate) struct ReadSwitch(Arc<SwitchState>);
+pub(crate) struct ReadSwitch(Arc<[Arc<SwitchState>]>);
 
 #[derive(Debug)]
 struct SwitchState {
@@ -31,13 +33,15 @@ struct SwitchState {
     takeover: Takeover,
 }
 
-/// This process's generation, the state directory its forwarding sockets live in, and
-/// the connection-ID key (to forward only IDs this state directory's processes issued).
+/// This process's generation, the state directory its forwarding sockets live in, the
+/// connection-ID key (to forward only IDs this state directory's processes issued), and
+/// which socket of the port's group the endpoint reads.
 #[derive(Clone)]
 pub(crate) struct Takeover {
     pub(crate) dir: std::path::PathBuf,
     pub(crate) generation: u8,
     pub(crate) key: Vec<u8>,
+    pub(crate) steer: Steer,
 }
 
 impl std::fmt::Debug for Takeover {
@@ -45,6 +49,7 @@ impl std::fmt::Debug for Takeover {
         (f.debug_struct("Takeover"))
             .field("dir", &self.dir)
             .field("generation", &self.generation)
+            .field("steer", &self.steer)
             .finish_non_exhaustive()
     }
 }
@@ -63,6 +68,7 @@ pub(crate) fn switchable(
             &takeover.dir,
             takeover.generation,
             &takeover.key,
+            takeover.steer.index,
         )?),
     };
     let switch = Arc::new(SwitchState {
@@ -78,51 +84,70 @@ pub(crate) fn switchable(
         forwarder,
         _closed: FiresOnDrop(switch.clone()),
     });
-    Ok((socket, ReadSwitch(switch)))
+    Ok((socket, ReadSwitch(Arc::new([switch]))))
 }
 
 impl ReadSwitch {
+    /// One switch for the endpoints of all of `switches`.
+    pub(crate) fn join(switches: impl IntoIterator<Item = ReadSwitch>) -> ReadSwitch {
+        let all: Vec<_> = (switches.into_iter())
+            .flat_map(|s| s.0.iter().cloned().collect::<Vec<_>>())
+            .collect();
+        ReadSwitch(all.into())
+    }
+
     /// Makes ready to read this process's packets from its successor (before the
-    /// successor reads the UDP socket): binds this generation's forwarding socket.
-    /// Bound once: a hand-over that failed leaves it for the next one.
+    /// successor reads the UDP socket): binds this generation's forwarding socket of each
+    /// endpoint. Bound once: a hand-over that failed leaves them for the next one.
     pub(crate) fn prepare_takeover(&self) -> std::io::Result<()> {
-        let mut forwarded = self.0.forwarded.lock().expect("forwarded lock");
-        if forwarded.is_none() {
-            let takeover = &self.0.takeover;
-            let bound = Forwarded::bind(&takeover.dir, takeover.generation)?;
-            *forwarded = Some(Arc::new(bound));
+        for state in self.0.iter() {
+            let mut forwarded = state.forwarded.lock().expect("forwarded lock");
+            if forwarded.is_none() {
+                let takeover = &state.takeover;
+                let index = takeover.steer.index;
+                let bound = Forwarded::bind(&takeover.dir, takeover.generation, index)?;
+                *forwarded = Some(Arc::new(bound));
+            }
         }
         Ok(())
     }
 
-    /// Whether this process reads its packets from its successor once it steps aside.
+    /// Whether this process reads its packets from its successor once it steps aside
+    /// (every endpoint does).
     pub(crate) fn takes_over(&self) -> bool {
-        self.0.forwarded.lock().expect("forwarded lock").is_some()
+        (self.0.iter()).all(|state| state.forwarded.lock().expect("forwarded lock").is_some())
     }
 
-    /// Stops reading the UDP socket (the datagrams stay for the other process); reads
+    /// Stops reading the UDP sockets (the datagrams stay for the other process); reads
     /// what it forwards instead, if [`Self::prepare_takeover`] was called.
     pub(crate) fn pause(&self) {
-        (self.0.reading).store(false, std::sync::atomic::Ordering::Release);
+        for state in self.0.iter() {
+            (state.reading).store(false, std::sync::atomic::Ordering::Release);
+        }
     }
 
     /// Reads again.
     pub(crate) fn resume(&self) {
-        (self.0.reading).store(true, std::sync::atomic::Ordering::Release);
-        if let Some(waker) = self.0.waiting.lock().expect("switch lock").take() {
-            waker.wake();
+        for state in self.0.iter() {
+            (state.reading).store(true, std::sync::atomic::Ordering::Release);
+            if let Some(waker) = state.waiting.lock().expect("switch lock").take() {
+                waker.wake();
+            }
         }
     }
 
-    /// Completes once the endpoint has closed its socket, which it does when every handle
+    /// Completes once every endpoint has closed its socket, which it does when every handle
     /// to it is dropped and its connections are gone; `false` if that took longer than
     /// `within`. The endpoint's tasks (its driver, its connections') are spawned, so
     /// their end is not the caller's to see otherwise, and they may run on other threads:
     /// a proxy started again at once on the same port needs the port free.
     pub(crate) async fn closed(&self, within: Duration) -> bool {
-        tokio::time::timeout(within, self.0.closed.cancelled())
-            .await
-            .is_ok()
+        let all = async {
+            for state in self.0.iter() {
+                state.closed.cancelled().await;
+            }
+        };
+        tokio::time::timeout(within, all).await.is_ok()
     }
 }
 

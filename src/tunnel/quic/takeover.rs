@@ -21,12 +21,20 @@ use std::sync::Mutex;
 use std::task::{Context, Poll};
 
 use quinn_proto::ConnectionIdGenerator;
+
+use super::steer::Steer;
 use tracing::{debug, info, warn};
 
 /// Where the process stepping aside reads the packets of its generation: in a private
 /// (0700) folder of the state directory, so that no other user can send it packets.
-pub(crate) fn forward_path(dir: &Path, generation: u8) -> PathBuf {
-    dir.join(FORWARD_DIR).join(format!("{generation}.sock"))
+/// One per socket of the QUIC port's group (`steer.rs`): the new process's endpoint
+/// `index` forwards to the old one's endpoint `index`, which read the same socket.
+pub(crate) fn forward_path(dir: &Path, generation: u8, index: u8) -> PathBuf {
+    let name = match index {
+        0 => format!("{generation}.sock"),
+        _ => format!("{generation}-{index}.sock"),
+    };
+    dir.join(FORWARD_DIR).join(name)
 }
 
 /// The folder of the forwarding sockets in the state directory.
@@ -53,12 +61,14 @@ pub(crate) fn next_generation(dir: &Path) -> u8 {
     next
 }
 
-/// Connection IDs of 8 bytes: the generation, 3 random bytes, and 4 bytes of a keyed
+/// Connection IDs of 8 bytes: the generation, 3 random bytes (the first of which also
+/// names the endpoint's socket in the port's group, `steer.rs`), and 4 bytes of a keyed
 /// hash of the first 4 (so that a restarted process tells IDs a process of this state
 /// directory issued, and answers them with a stateless reset, from anyone else's).
 pub(crate) struct GenerationCids {
     key: ring::hmac::Key,
     generation: u8,
+    steer: Steer,
 }
 
 impl GenerationCids {
@@ -66,7 +76,13 @@ impl GenerationCids {
         GenerationCids {
             key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key),
             generation,
+            steer: Steer::ALONE,
         }
+    }
+
+    /// IDs whose packets the port's steering program gives to the socket `steer` names.
+    pub(crate) fn steered(self, steer: Steer) -> GenerationCids {
+        GenerationCids { steer, ..self }
     }
 
     fn signature(&self, head: &[u8]) -> [u8; 4] {
@@ -83,6 +99,7 @@ impl quinn_proto::ConnectionIdGenerator for GenerationCids {
         if ring::rand::SystemRandom::new().fill(&mut id[1..4]).is_err() {
             id[1..4].copy_from_slice(&crate::runtime::random().to_le_bytes()[..3]);
         }
+        id[1] = self.steer.byte(id[1]);
         let signature = self.signature(&id[..4]);
         id[4..].copy_from_slice(&signature);
         quinn_proto::ConnectionId::new(&id)
@@ -163,6 +180,7 @@ fn decode_header(datagram: &[u8]) -> Option<(SocketAddr, usize)> {
 pub(crate) struct Forwarder {
     dir: PathBuf,
     generation: u8,
+    index: u8,
     /// Only IDs this state directory's processes issued are forwarded (anyone may send
     /// packets naming a generation).
     ids: GenerationCids,
@@ -184,14 +202,16 @@ impl std::fmt::Debug for GenerationCids {
 const FORWARD_BUFFER: usize = 4 * 1024 * 1024;
 
 impl Forwarder {
-    /// `key`: the connection-ID key ([`GenerationCids::new`]).
-    pub(crate) fn new(dir: &Path, generation: u8, key: &[u8]) -> io::Result<Forwarder> {
+    /// `key`: the connection-ID key ([`GenerationCids::new`]); `index`: the socket in the
+    /// port's group this forwarder's endpoint reads ([`forward_path`]).
+    pub(crate) fn new(dir: &Path, generation: u8, key: &[u8], index: u8) -> io::Result<Forwarder> {
         let socket = UnixDatagram::unbound()?;
         socket.set_nonblocking(true)?;
         let _ = socket2::SockRef::from(&socket).set_send_buffer_size(FORWARD_BUFFER);
         Ok(Forwarder {
             dir: dir.to_path_buf(),
             generation,
+            index,
             ids: GenerationCids::new(key, generation),
             socket,
             gone: Box::new(std::array::from_fn(|_| AtomicBool::new(false))),
@@ -272,7 +292,7 @@ impl Forwarder {
     fn send(&self, generation: u8, batch: &[u8]) -> bool {
         match self
             .socket
-            .send_to(batch, forward_path(&self.dir, generation))
+            .send_to(batch, forward_path(&self.dir, generation, self.index))
         {
             Ok(_) => true,
             // Its reader is behind: dropped, as a full socket buffer would (QUIC resends).
@@ -304,11 +324,12 @@ pub(crate) struct Forwarded {
 
 impl Forwarded {
     /// Binds this generation's socket in `dir` (before the new process reads the UDP
-    /// socket, so that no packet of ours finds it missing). Needs a runtime.
-    pub(crate) fn bind(dir: &Path, generation: u8) -> io::Result<Forwarded> {
+    /// socket, so that no packet of ours finds it missing), for the endpoint reading
+    /// socket `index` of the port's group. Needs a runtime.
+    pub(crate) fn bind(dir: &Path, generation: u8, index: u8) -> io::Result<Forwarded> {
         use std::os::unix::fs::MetadataExt;
         revproxy_ca::fsutil::create_private_dir(&dir.join(FORWARD_DIR))?;
-        let path = forward_path(dir, generation);
+        let path = forward_path(dir, generation, index);
         let _ = std::fs::remove_file(&path);
         let socket = UnixDatagram::bind(&path)?;
         socket.set_nonblocking(true)?;
@@ -372,6 +393,14 @@ mod tests {
         // Another generation of the same state directory: valid (a reset is owed).
         assert!(GenerationCids::new(b"key", 8).validate(&cid).is_ok());
         assert!(GenerationCids::new(b"other", 7).validate(&cid).is_err());
+        // Steered to socket 2 of 3: every ID names it, and validates as any other.
+        let steer = Steer { index: 2, count: 3 };
+        let mut steered = GenerationCids::new(b"key", 7).steered(steer);
+        for _ in 0..64 {
+            let cid = steered.generate_cid();
+            assert_eq!((cid[0], cid[1] % 3), (7, 2));
+            assert!(mine.validate(&cid).is_ok());
+        }
         let mut short = vec![0x40];
         short.extend_from_slice(&cid[..]);
         short.extend_from_slice(b"payload");
@@ -423,8 +452,10 @@ mod tests {
     #[tokio::test]
     async fn packets_of_an_earlier_generation_reach_its_process() {
         let dir = tempfile::tempdir().unwrap();
-        let old = Forwarded::bind(dir.path(), 3).unwrap();
-        let new = Forwarder::new(dir.path(), 4, b"key").unwrap();
+        // The old process's second endpoint, and another that reads another socket.
+        let old = Forwarded::bind(dir.path(), 3, 1).unwrap();
+        let other = Forwarded::bind(dir.path(), 3, 0).unwrap();
+        let new = Forwarder::new(dir.path(), 4, b"key", 1).unwrap();
         let from: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         // A batch of four: ours, the old process's, a forged ID naming generation 3, and
         // the old process's again (shorter, last).
@@ -449,6 +480,10 @@ mod tests {
             .unwrap();
         assert_eq!((got.addr, got.stride), (from, 20));
         assert_eq!(&buf[..got.len], &[&theirs[..], &last].concat()[..]);
+        let nothing = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(other.poll_recv(cx, &mut buf, &mut got).is_pending())
+        });
+        assert!(nothing.await, "the endpoint of another socket got nothing");
         // Once the old process is gone its packets stay here.
         drop(old);
         let mut lone = theirs.clone();
@@ -464,11 +499,11 @@ mod tests {
     #[tokio::test]
     async fn a_second_bind_of_a_generation_keeps_its_file() {
         let dir = tempfile::tempdir().unwrap();
-        let first = Forwarded::bind(dir.path(), 9).unwrap();
-        let second = Forwarded::bind(dir.path(), 9).unwrap();
+        let first = Forwarded::bind(dir.path(), 9, 2).unwrap();
+        let second = Forwarded::bind(dir.path(), 9, 2).unwrap();
         drop(first);
-        assert!(forward_path(dir.path(), 9).exists());
+        assert!(forward_path(dir.path(), 9, 2).exists());
         drop(second);
-        assert!(!forward_path(dir.path(), 9).exists());
+        assert!(!forward_path(dir.path(), 9, 2).exists());
     }
 }
