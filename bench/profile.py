@@ -92,6 +92,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=8, help="how long the workload runs (perf)")
     ap.add_argument("--bindir", help="revproxy binaries to profile (default: build target/release)")
     ap.add_argument("--top", type=int, default=25, help="functions listed per process")
+    ap.add_argument("--concurrency", type=int, default=10, help="clients at once (ab -c, the keepalive and newconn workloads)")
     args = ap.parse_args()
     if args.tool != "perf" and args.workload == "stream":
         ap.error("the stream workload is measured with --tool perf")
@@ -134,7 +135,7 @@ def main():
                 return run.iperf(setup["iperf"], args.seconds)
             if requests is None:
                 return run.wrk(http, "web.bench", 10, args.seconds)[0]
-            r = subprocess.run(["ab", "-q"] + keep + ["-n", str(requests), "-c", "10", "-H", "Host: web.bench",
+            r = subprocess.run(["ab", "-q"] + keep + ["-n", str(requests), "-c", str(args.concurrency), "-H", "Host: web.bench",
                                                      f"http://127.0.0.1:{http}/"],
                                capture_output=True, text=True, timeout=3600)
             failed = re.search(r"Failed requests:\s+(\d+)", r.stdout)
@@ -148,7 +149,7 @@ def main():
             workload(args.requests)
             switches = context_switches(pids.values()) - switches0
             cpu = run.cpu_seconds(setup["pids"]) - cpu0
-            print(f"{args.transport}, {args.workload}: {args.requests} requests (ab -c 10{' -k' if keep else ''})")
+            print(f"{args.transport}, {args.workload}: {args.requests} requests (ab -c {args.concurrency}{' -k' if keep else ''})")
             print(f"  both ends: {switches / args.requests:.2f} context switches and "
                   f"{cpu * 1e6 / args.requests:.1f} us CPU per request (no tracer attached)")
             for role, pid in pids.items():
@@ -179,7 +180,7 @@ def main():
                 dumps = sorted(f for f in os.listdir(work) if f.startswith(f"callgrind.{name}.{pid}"))
                 path = f"{work}/{dumps[-1]}"
                 totals[role] = (callgrind_total(path), path)
-            print(f"callgrind, {args.transport}, {args.workload}: {args.requests} requests (ab -c 10{' -k' if keep else ''}) "
+            print(f"callgrind, {args.transport}, {args.workload}: {args.requests} requests (ab -c {args.concurrency}{' -k' if keep else ''}) "
                   f"in {took:.1f} s under valgrind")
             for role, (ir, path) in totals.items():
                 print(f"  {role}: {ir / args.requests:,.0f} instructions per request  ({path})")
@@ -197,7 +198,7 @@ def main():
             time.sleep(0.5)
             if args.workload == "newconn":
                 before = run.cpu_seconds(setup["pids"])
-                rate = run.ab(http, "web.bench", 10, 20000)
+                rate = run.ab(http, "web.bench", args.concurrency, 20000)
                 used = run.cpu_seconds(setup["pids"]) - before
                 print(f"perf, {args.transport}, newconn: {rate:.0f} connections/s, "
                       f"{used * 1e6 / 20000:.0f} us CPU per connection (both ends)")

@@ -285,6 +285,9 @@ async fn a_flow_moves_to_another_agent_when_its_own_is_narrowed_away(t: Transpor
     let _a = start_agent(dir_a.path(), &[(name.as_str(), left)], on(t));
     let _b = start_agent(dir_b.path(), &[(name.as_str(), right)], on(t));
     assert!(proxy.status.wait_for_tunnels(&name, 2, WAIT).await);
+    // The port opens once the registry says a tunnel serves it: a datagram before that
+    // finds it closed (and the connected client socket an ICMP error).
+    eventually("the granted UDP port answers", || answered(port)).await;
     let socket = client(port).await;
     let first = ask(&socket, b"x", WAIT).await.expect("answered");
     let (from, other) = match first.starts_with(b"left:") {
