@@ -73,6 +73,15 @@ impl AgentPort {
             .ok()
             .filter(|&n| usize::from(n) <= quic::steer::MAX_GROUP)
             .ok_or_else(|| std::io::Error::other("too many QUIC sockets"))?;
+        if quic.len() < lanes.all().len() {
+            info!(
+                endpoints = quic.len(),
+                lanes = lanes.all().len(),
+                "the QUIC port has fewer sockets than this process has lanes (taken over from \
+                 a process that had fewer, or a socket given without SO_REUSEPORT): its QUIC \
+                 tunnels share those lanes until the proxy is restarted"
+            );
+        }
         let generation = quic::takeover::next_generation(state_dir);
         let (mut endpoints, mut switches) = (Vec::new(), Vec::new());
         for ((index, socket), lane) in (0..).zip(quic).zip(lanes.all().iter().cycle()) {

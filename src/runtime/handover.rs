@@ -43,9 +43,10 @@ pub const SOCKET_NAME: &str = "upgrade.sock";
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the running process waits for its successor to say it serves.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// Most sockets handed over at once (the kernel passes at most 253 descriptors in one
-/// message; a proxy has its agent port, QUIC, admin and the public listeners).
-pub const MAX_SOCKETS: usize = 128;
+/// Most sockets handed over at once: the most the kernel passes in one message. A proxy
+/// has its agent port, a QUIC socket per lane (at most 64), admin, the public listeners
+/// and the granted ports.
+pub const MAX_SOCKETS: usize = 253;
 /// Largest description accepted (the JSON list of [`MAX_SOCKETS`] entries fits easily).
 const MAX_DESCRIPTION: usize = 64 * 1024;
 const REQUEST: &[u8] = b"revproxy upgrade 1\n";

@@ -41,11 +41,20 @@ impl Steer {
 }
 
 /// `count` UDP sockets bound to `addr` (a kernel-chosen port for port 0: the others then
-/// join at the first's), steered by connection ID; one when `count` is 1.
+/// join at the first's), steered by connection ID; one when `count` is 1. The first is
+/// bound alone and allows sharing only once bound: a port some other group still holds
+/// (a process not yet gone) is refused as taken, never joined.
 pub(crate) fn bind_group(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::UdpSocket>> {
-    let first = bind(addr, count > 1)?;
+    let first = bind(addr, false)?;
+    if count > 1 && STEERS {
+        socket2::SockRef::from(&first).set_reuse_port(true)?;
+    }
     grow(first, count)
 }
+
+/// Whether this OS steers by connection ID (Linux's reuseport BPF); elsewhere the port
+/// is one socket.
+const STEERS: bool = cfg!(target_os = "linux");
 
 /// `first` and, if it allows port sharing (bound with `SO_REUSEPORT`), `count - 1` more
 /// sockets at its address, steered by connection ID. A socket bound without it stays
@@ -55,8 +64,7 @@ pub(crate) fn grow(
     count: usize,
 ) -> io::Result<Vec<std::net::UdpSocket>> {
     let count = count.clamp(1, MAX_GROUP);
-    let shared = socket2::SockRef::from(&first).reuse_port()?;
-    if count == 1 || !shared {
+    if count == 1 || !STEERS || !socket2::SockRef::from(&first).reuse_port()? {
         return Ok(vec![first]);
     }
     let at = first.local_addr()?;
@@ -81,6 +89,10 @@ fn bind(addr: SocketAddr, shared: bool) -> io::Result<std::net::UdpSocket> {
 /// The group's program: the socket is the second byte of the destination connection ID
 /// modulo `count` (a short header's ID starts at byte 1, a long header's at byte 6). The
 /// program sees the UDP payload; a packet too short to hold the byte goes to socket 0.
+/// With GRO the kernel may merge datagrams of one address and port before it picks a
+/// socket, and the program sees the first: an agent's connection has a socket of its own,
+/// so merged datagrams are one connection's.
+#[cfg(target_os = "linux")]
 fn program(count: usize) -> [libc::sock_filter; 7] {
     const LDB_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
     const JSET: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
@@ -101,6 +113,7 @@ fn program(count: usize) -> [libc::sock_filter; 7] {
 }
 
 /// Puts [`program`] on the group `socket` belongs to.
+#[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 fn attach(socket: &std::net::UdpSocket, count: usize) -> io::Result<()> {
     use std::os::fd::AsRawFd;
@@ -121,11 +134,19 @@ fn attach(socket: &std::net::UdpSocket, count: usize) -> io::Result<()> {
     };
     match done {
         0 => Ok(()),
-        _ => Err(io::Error::other(format!(
-            "cannot steer QUIC packets to their lanes (SO_ATTACH_REUSEPORT_CBPF): {}",
-            io::Error::last_os_error()
-        ))),
+        _ => {
+            let e = io::Error::last_os_error();
+            Err(io::Error::new(
+                e.kind(),
+                format!("cannot steer QUIC packets to their lanes (SO_ATTACH_REUSEPORT_CBPF): {e}"),
+            ))
+        }
     }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn attach(_: &std::net::UdpSocket, _: usize) -> io::Result<()> {
+    Ok(())
 }
 
 #[cfg(test)]
@@ -185,6 +206,14 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_port_a_live_group_holds_is_refused_not_joined() {
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let at = group[0].local_addr().unwrap();
+        let taken = bind_group(at, 2).expect_err("the port is taken");
+        assert_eq!(taken.kind(), io::ErrorKind::AddrInUse);
     }
 
     #[test]
