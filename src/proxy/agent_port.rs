@@ -11,13 +11,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::LazyConfigAcceptor;
 use tracing::{debug, info, warn};
 
-use super::accept::{
-    self, AcceptCounters, Acceptor, PerSource, RefusalLog, SourceSlot, REFUSAL_LOG_EVERY,
-};
+use super::accept::{self, AcceptCounters, PerSource, RefusalLog, SourceSlot, REFUSAL_LOG_EVERY};
 use super::admit::{admit, Peer};
+use super::quic_port::{self, QuicPort};
 use super::registry::{NewTunnel, NotRegistered, Tunnel};
 use super::{enroll, mesh, Limits, Shared};
-use crate::runtime::lanes::{Lane, Lanes};
+use crate::runtime::lanes::Lanes;
 use crate::runtime::shutdown::Trigger;
 use crate::tls;
 use crate::tunnel::{self, quic, Upward, HANDSHAKE_TIMEOUT};
@@ -26,27 +25,6 @@ use crate::tunnel::{self, quic, Upward, HANDSHAKE_TIMEOUT};
 pub(super) struct AgentPort {
     tcp: TcpListener,
     quic: Option<QuicPort>,
-}
-
-/// The QUIC side of the agent port: an endpoint per socket of the port's group, each on
-/// its lane (`tunnel/quic/steer.rs`), and the switch of their reading.
-struct QuicPort {
-    endpoints: Vec<(Lane, quinn::Endpoint)>,
-    switch: quic::proxy::ReadSwitch,
-}
-
-/// The UDP sockets for QUIC tunnels at the agent listener's address: one per lane.
-pub(super) fn quic_sockets(
-    addr: SocketAddr,
-    lanes: usize,
-) -> std::io::Result<Vec<std::net::UdpSocket>> {
-    let bound = quic::steer::bind_group(addr, lanes).map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("cannot listen for QUIC on udp {addr}: {e}"),
-        )
-    })?;
-    bound.into_iter().map(quic::tune_udp_socket).collect()
 }
 
 impl AgentPort {
@@ -66,44 +44,8 @@ impl AgentPort {
         state_dir: &std::path::Path,
         lanes: &Lanes,
     ) -> std::io::Result<AgentPort> {
-        if quic.is_empty() {
-            return Ok(AgentPort { tcp, quic: None });
-        }
-        let count = u8::try_from(quic.len())
-            .ok()
-            .filter(|&n| usize::from(n) <= quic::steer::MAX_GROUP)
-            .ok_or_else(|| std::io::Error::other("too many QUIC sockets"))?;
-        if quic.len() < lanes.all().len() {
-            info!(
-                endpoints = quic.len(),
-                lanes = lanes.all().len(),
-                "the QUIC port has fewer sockets than this process has lanes (taken over from \
-                 a process that had fewer, or a socket given without SO_REUSEPORT): its QUIC \
-                 tunnels share those lanes until the proxy is restarted"
-            );
-        }
-        let generation = quic::takeover::next_generation(state_dir);
-        let (mut endpoints, mut switches) = (Vec::new(), Vec::new());
-        for ((index, socket), lane) in (0..).zip(quic).zip(lanes.all().iter().cycle()) {
-            let takeover = quic::proxy::Takeover {
-                dir: state_dir.to_path_buf(),
-                generation,
-                key: quic::proxy::cid_key(reset_secret),
-                steer: quic::steer::Steer { index, count },
-            };
-            let config = quic::proxy::endpoint_config(reset_secret, &takeover);
-            // Its socket, its driver and the connections it accepts are the lane's.
-            let _on_lane = lane.enter();
-            let (endpoint, switch) =
-                quic::proxy::endpoint(socket, tunnel_tls.clone(), reading, config, takeover)?;
-            endpoints.push((lane.clone(), endpoint));
-            switches.push(switch);
-        }
-        let switch = quic::proxy::ReadSwitch::join(switches);
-        Ok(AgentPort {
-            tcp,
-            quic: Some(QuicPort { endpoints, switch }),
-        })
+        let quic = QuicPort::new(quic, tunnel_tls, reading, reset_secret, state_dir, lanes)?;
+        Ok(AgentPort { tcp, quic })
     }
 
     pub(super) fn addr(&self) -> std::io::Result<SocketAddr> {
@@ -113,9 +55,7 @@ impl AgentPort {
     /// The QUIC endpoints and the switch that stops them reading, for an upgrade to move
     /// the agents.
     pub(super) fn quic_endpoints(&self) -> Option<(Vec<quinn::Endpoint>, quic::proxy::ReadSwitch)> {
-        let port = self.quic.as_ref()?;
-        let endpoints = port.endpoints.iter().map(|(_, e)| e.clone()).collect();
-        Some((endpoints, port.switch.clone()))
+        self.quic.as_ref().map(QuicPort::endpoints)
     }
 
     /// Accepts agents until `stop`, then waits for their connections to end (tunnels close
@@ -179,48 +119,15 @@ impl AgentPort {
             )
         };
         let quic = async {
-            let Some(port) = self.quic else {
-                return;
-            };
-            if let Some(Ok(addr)) = port.endpoints.first().map(|(_, e)| e.local_addr()) {
-                let endpoints = port.endpoints.len();
-                info!(%addr, endpoints, "QUIC tunnel listener ready (udp)");
-            }
-            let permits = Arc::new(Semaphore::new(limits.agents));
-            let per_source = PerSource::with_prefix_cap(
-                limits.handshakes_per_source,
-                limits.handshakes_per_prefix,
-            );
-            // Each endpoint accepts on its lane: a connection runs where it was accepted
-            // (quinn spawns its task there), with its streams and its clients.
-            let loops = port.endpoints.into_iter().map(|(lane, endpoint)| {
-                let (shared, budgets) = (shared.clone(), budgets.clone());
-                let handle = move |incoming: quinn::Incoming, peer: SocketAddr, slot| {
-                    let (shared, budgets) = (shared.clone(), budgets.clone());
-                    async move {
-                        let Some(unproven) = budgets.handshake(&shared, peer, slot) else {
-                            return incoming.refuse();
-                        };
-                        serve_quic(shared, budgets, incoming, peer, unproven).await
-                    }
+            if let Some(port) = self.quic {
+                let on = quic_port::On {
+                    shared,
+                    budgets,
+                    stop,
+                    grace,
+                    counters,
                 };
-                let serve = accept::serve(
-                    QuicAcceptor(endpoint.clone()),
-                    accept::Stopping::at(&stop),
-                    permits.clone(),
-                    per_source.clone(),
-                    grace * 2,
-                    counters.clone(),
-                    handle,
-                );
-                lane.run(async move {
-                    serve.await;
-                    quic::proxy::close(&endpoint, "proxy shutting down").await;
-                })
-            });
-            // Spawned on their lanes as they are collected; each then awaited.
-            for running in loops.collect::<Vec<_>>() {
-                running.await;
+                port.run(on, &limits).await;
             }
         };
         tokio::join!(tcp, quic);
@@ -231,23 +138,28 @@ impl AgentPort {
 /// verified client certificate): TLS handshakes under way, and enrollment exchanges. Kept
 /// apart from the port's connection limit, so that strangers can never take the room
 /// agents with certificates need to reconnect, renew and open mesh channels.
-struct Budgets {
+pub(super) struct Budgets {
     handshakes: Arc<Semaphore>,
     enrollments: Arc<Semaphore>,
     /// Where refusals are said: once per source and interval.
-    log: Arc<RefusalLog>,
+    pub(super) log: Arc<RefusalLog>,
 }
 
 /// What a connection holds until it proves itself: its source's slot, and its place among
 /// the handshakes (given back once TLS is done).
-struct Unproven {
-    slot: SourceSlot,
-    handshake: OwnedSemaphorePermit,
+pub(super) struct Unproven {
+    pub(super) slot: SourceSlot,
+    pub(super) handshake: OwnedSemaphorePermit,
 }
 
 impl Budgets {
     /// A place among the handshakes, or `None` (counted, said) if there is none.
-    fn handshake(&self, shared: &Shared, peer: SocketAddr, slot: SourceSlot) -> Option<Unproven> {
+    pub(super) fn handshake(
+        &self,
+        shared: &Shared,
+        peer: SocketAddr,
+        slot: SourceSlot,
+    ) -> Option<Unproven> {
         match self.handshakes.clone().try_acquire_owned() {
             Ok(handshake) => Some(Unproven { slot, handshake }),
             Err(_) => {
@@ -274,27 +186,6 @@ impl Budgets {
             }
             None => debug!(%peer, budget, "agent port: this budget is full; refusing a connection"),
         }
-    }
-}
-
-/// The QUIC endpoint as an [`Acceptor`].
-struct QuicAcceptor(quinn::Endpoint);
-
-impl Acceptor for QuicAcceptor {
-    type Conn = quinn::Incoming;
-
-    async fn accept(&mut self) -> Option<(quinn::Incoming, SocketAddr)> {
-        let incoming = quic::proxy::accept(&self.0).await?;
-        let peer = incoming.remote_address();
-        Some((incoming, peer))
-    }
-
-    fn refuse(incoming: quinn::Incoming) {
-        incoming.refuse();
-    }
-
-    fn stop(self) {
-        quic::proxy::stop_accepting(&self.0);
     }
 }
 
@@ -455,64 +346,23 @@ async fn mesh_channel(
     debug!(%peer, agent = %who.agent, result = ?ended, "mesh channel down");
 }
 
-/// One QUIC connection on the agent port: always a tunnel.
-async fn serve_quic(
-    shared: Arc<Shared>,
-    budgets: Arc<Budgets>,
-    incoming: quinn::Incoming,
-    peer: SocketAddr,
-    unproven: Unproven,
-) {
-    let accepted = tunnel::accept_quic(incoming).await;
-    let Unproven {
-        slot: unproven,
-        handshake,
-    } = unproven;
-    drop(handshake);
-    let (link, conn, der, extra) = match accepted {
-        Ok(accepted) => accepted,
-        Err(e) if e.certificate_refused() => {
-            shared.metrics.tunnel_refused("certificate");
-            return match budgets.log.loud(peer.ip()) {
-                Some(unsaid) => {
-                    warn!(%peer, error = %e, unsaid, "agent certificate refused (QUIC; further refusals from this source for {REFUSAL_LOG_EVERY:?} at debug)")
-                }
-                None => debug!(%peer, error = %e, "agent certificate refused (QUIC)"),
-            };
-        }
-        Err(e) => return debug!(%peer, error = %e, "QUIC handshake failed"),
-    };
-    let Some(who) = admit(&shared, der.as_deref(), peer).await else {
-        return conn.refuse();
-    };
-    // Counted in its lane's load, as an h2 tunnel is: new h2 tunnels go elsewhere first.
-    let _counted = Lane::here().take();
-    hold(
-        shared,
-        Held {
-            who,
-            link,
-            peer,
-            extra,
-        },
-        conn,
-        unproven,
-    )
-    .await;
-}
-
 /// A tunnel to hold: whose, on what, from where, and whether it is an extra one.
-struct Held {
-    who: Peer,
-    link: tunnel::Link,
-    peer: SocketAddr,
-    extra: bool,
+pub(super) struct Held {
+    pub(super) who: Peer,
+    pub(super) link: tunnel::Link,
+    pub(super) peer: SocketAddr,
+    pub(super) extra: bool,
 }
 
 /// Registers a tunnel under `hosts` and holds it until it closes, dies, is closed by the
 /// proxy (revocation) or the proxy shuts down; then forgets it. The source's slot is given
 /// back once the tunnel is registered (or refused).
-async fn hold(shared: Arc<Shared>, held: Held, conn: tunnel::ProxyConn, unproven: SourceSlot) {
+pub(super) async fn hold(
+    shared: Arc<Shared>,
+    held: Held,
+    conn: tunnel::ProxyConn,
+    unproven: SourceSlot,
+) {
     let Held {
         who,
         link,

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use super::{
-    admin, agent_port, metrics, ratelimit, reload, upgrade, AgentPort, AttemptLimiter, Limits,
+    admin, metrics, quic_port, ratelimit, reload, upgrade, AgentPort, AttemptLimiter, Limits,
     ListenerKind, Proxy, ProxyError, Registry, Shared, StateView, Target,
 };
 use super::{Reloader, MAX_MIN_RENEWAL_AGE_PERCENT, PEEK_TIMEOUT, SHUTDOWN_GRACE};
@@ -354,7 +354,7 @@ impl ProxyBuilder {
         let quic_sockets = match self.quic {
             QuicListener::Off => Vec::new(),
             QuicListener::SamePort => {
-                agent_port::quic_sockets(agents.local_addr()?, lanes.all().len())?
+                quic_port::quic_sockets(agents.local_addr()?, lanes.all().len())?
             }
             QuicListener::Socket(socket) => {
                 let group = tunnel::quic::steer::grow(socket, lanes.all().len())?;

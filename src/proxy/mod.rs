@@ -5,12 +5,13 @@
 //! splice), with `peek.rs` reading its first bytes for a name, `registry.rs` answering
 //! "which live tunnels serve this name", `static_route.rs` joining a `tcp://` backend and
 //! `replies.rs` telling a refused client why. Tunnels arrive on the agent port
-//! (`agent_port.rs`: TLS, then enrollment or a tunnel by ALPN; QUIC on UDP), are admitted
-//! by their certificate and the current grants (`admit.rs`) and registered. Enrollment and
-//! renewal are `enroll.rs` (with `ratelimit.rs`); `state.rs` keeps the in-memory view of
-//! revocations and grants, and `background.rs` the tasks that keep it and the server
-//! certificate fresh. `reload.rs` applies a new configuration (SIGHUP); `upgrade.rs` hands
-//! the listening sockets to a successor process (`serve --upgrade`).
+//! (`agent_port.rs`: TLS, then enrollment or a tunnel by ALPN; `quic_port.rs`: QUIC on
+//! UDP), are admitted by their certificate and the current grants (`admit.rs`) and
+//! registered. Enrollment and renewal are `enroll.rs` (with `ratelimit.rs`); `state.rs`
+//! keeps the in-memory view of revocations and grants, and `background.rs` the tasks that
+//! keep it and the server certificate fresh. `reload.rs` applies a new configuration
+//! (SIGHUP); `upgrade.rs` hands the listening sockets to a successor process (`serve
+//! --upgrade`).
 //!
 //! [`ProxyBuilder`] (`builder.rs`) opens the CA and prepares TLS; [`Proxy::run`] (here)
 //! takes already bound listeners and a shutdown future, so embedders and
@@ -30,6 +31,7 @@ mod metrics;
 mod peek;
 mod ports;
 mod public;
+mod quic_port;
 mod ratelimit;
 mod registry;
 mod reload;

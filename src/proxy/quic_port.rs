@@ -1,0 +1,220 @@
+//! The agent port's QUIC side: a UDP socket per lane, each read by a quinn endpoint on
+//! its lane (`tunnel/quic/steer.rs`), their accept loops, and one QUIC connection from
+//! its handshake to the tunnel it holds (`agent_port.rs` holds it as it holds an h2 one).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use super::accept::{self, AcceptCounters, Acceptor, PerSource, REFUSAL_LOG_EVERY};
+use super::admit::admit;
+use super::agent_port::{hold, Budgets, Held, Unproven};
+use super::{Limits, Shared};
+use crate::runtime::lanes::{Lane, Lanes};
+use crate::runtime::shutdown::Trigger;
+use crate::tunnel::{self, quic};
+
+/// An endpoint per socket of the port's group, each on its lane, and the switch of their
+/// reading.
+pub(super) struct QuicPort {
+    endpoints: Vec<(Lane, quinn::Endpoint)>,
+    switch: quic::proxy::ReadSwitch,
+}
+
+/// The UDP sockets for QUIC tunnels at the agent listener's address: one per lane.
+pub(super) fn quic_sockets(
+    addr: SocketAddr,
+    lanes: usize,
+) -> std::io::Result<Vec<std::net::UdpSocket>> {
+    let bound = quic::steer::bind_group(addr, lanes).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen for QUIC on udp {addr}: {e}"),
+        )
+    })?;
+    bound.into_iter().map(quic::tune_udp_socket).collect()
+}
+
+/// What the accept loops share with the agent port's TCP side.
+pub(super) struct On {
+    pub(super) shared: Arc<Shared>,
+    pub(super) budgets: Arc<Budgets>,
+    pub(super) stop: Trigger,
+    pub(super) grace: std::time::Duration,
+    pub(super) counters: AcceptCounters,
+}
+
+impl QuicPort {
+    /// `quic`: the sockets of the QUIC port's group in its order, each read by an
+    /// endpoint on a lane of `lanes` (round robin: as many sockets as lanes, normally);
+    /// `None` without sockets. See `AgentPort::new` for the rest.
+    pub(super) fn new(
+        quic: Vec<std::net::UdpSocket>,
+        tunnel_tls: rustls::ServerConfig,
+        reading: bool,
+        reset_secret: &[u8],
+        state_dir: &std::path::Path,
+        lanes: &Lanes,
+    ) -> std::io::Result<Option<QuicPort>> {
+        if quic.is_empty() {
+            return Ok(None);
+        }
+        let count = u8::try_from(quic.len())
+            .ok()
+            .filter(|&n| usize::from(n) <= quic::steer::MAX_GROUP)
+            .ok_or_else(|| std::io::Error::other("too many QUIC sockets"))?;
+        if quic.len() < lanes.all().len() {
+            info!(
+                endpoints = quic.len(),
+                lanes = lanes.all().len(),
+                "the QUIC port has fewer sockets than this process has lanes (taken over from \
+                 a process that had fewer, or a socket given without SO_REUSEPORT): its QUIC \
+                 tunnels share those lanes until the proxy is restarted"
+            );
+        }
+        let generation = quic::takeover::next_generation(state_dir);
+        let (mut endpoints, mut switches) = (Vec::new(), Vec::new());
+        for ((index, socket), lane) in (0..).zip(quic).zip(lanes.all().iter().cycle()) {
+            let takeover = quic::proxy::Takeover {
+                dir: state_dir.to_path_buf(),
+                generation,
+                key: quic::proxy::cid_key(reset_secret),
+                steer: quic::steer::Steer { index, count },
+            };
+            let config = quic::proxy::endpoint_config(reset_secret, &takeover);
+            // Its socket, its driver and the connections it accepts are the lane's.
+            let _on_lane = lane.enter();
+            let (endpoint, switch) =
+                quic::proxy::endpoint(socket, tunnel_tls.clone(), reading, config, takeover)?;
+            endpoints.push((lane.clone(), endpoint));
+            switches.push(switch);
+        }
+        let switch = quic::proxy::ReadSwitch::join(switches);
+        Ok(Some(QuicPort { endpoints, switch }))
+    }
+
+    /// The endpoints and the switch that stops them reading.
+    pub(super) fn endpoints(&self) -> (Vec<quinn::Endpoint>, quic::proxy::ReadSwitch) {
+        let endpoints = self.endpoints.iter().map(|(_, e)| e.clone()).collect();
+        (endpoints, self.switch.clone())
+    }
+
+    /// Accepts on every endpoint, each on its lane, until `on.stop`; then closes them
+    /// (bounded).
+    pub(super) async fn run(self, on: On, limits: &Limits) {
+        let On {
+            shared,
+            budgets,
+            stop,
+            grace,
+            counters,
+        } = on;
+        if let Some(Ok(addr)) = self.endpoints.first().map(|(_, e)| e.local_addr()) {
+            let endpoints = self.endpoints.len();
+            info!(%addr, endpoints, "QUIC tunnel listener ready (udp)");
+        }
+        let permits = Arc::new(Semaphore::new(limits.agents));
+        let per_source =
+            PerSource::with_prefix_cap(limits.handshakes_per_source, limits.handshakes_per_prefix);
+        // Each endpoint accepts on its lane: a connection runs where it was accepted
+        // (quinn spawns its task there), with its streams and its clients.
+        let loops = self.endpoints.into_iter().map(|(lane, endpoint)| {
+            let (shared, budgets) = (shared.clone(), budgets.clone());
+            let handle = move |incoming: quinn::Incoming, peer: SocketAddr, slot| {
+                let (shared, budgets) = (shared.clone(), budgets.clone());
+                async move {
+                    let Some(unproven) = budgets.handshake(&shared, peer, slot) else {
+                        return incoming.refuse();
+                    };
+                    serve_quic(shared, budgets, incoming, peer, unproven).await
+                }
+            };
+            let serve = accept::serve(
+                QuicAcceptor(endpoint.clone()),
+                accept::Stopping::at(&stop),
+                permits.clone(),
+                per_source.clone(),
+                grace * 2,
+                counters.clone(),
+                handle,
+            );
+            lane.run(async move {
+                serve.await;
+                quic::proxy::close(&endpoint, "proxy shutting down").await;
+            })
+        });
+        // Spawned on their lanes as they are collected; each then awaited.
+        for running in loops.collect::<Vec<_>>() {
+            running.await;
+        }
+    }
+}
+
+/// The QUIC endpoint as an [`Acceptor`].
+struct QuicAcceptor(quinn::Endpoint);
+
+impl Acceptor for QuicAcceptor {
+    type Conn = quinn::Incoming;
+
+    async fn accept(&mut self) -> Option<(quinn::Incoming, SocketAddr)> {
+        let incoming = quic::proxy::accept(&self.0).await?;
+        let peer = incoming.remote_address();
+        Some((incoming, peer))
+    }
+
+    fn refuse(incoming: quinn::Incoming) {
+        incoming.refuse();
+    }
+
+    fn stop(self) {
+        quic::proxy::stop_accepting(&self.0);
+    }
+}
+
+/// One QUIC connection on the agent port: always a tunnel.
+async fn serve_quic(
+    shared: Arc<Shared>,
+    budgets: Arc<Budgets>,
+    incoming: quinn::Incoming,
+    peer: SocketAddr,
+    unproven: Unproven,
+) {
+    let accepted = tunnel::accept_quic(incoming).await;
+    let Unproven {
+        slot: unproven,
+        handshake,
+    } = unproven;
+    drop(handshake);
+    let (link, conn, der, extra) = match accepted {
+        Ok(accepted) => accepted,
+        Err(e) if e.certificate_refused() => {
+            shared.metrics.tunnel_refused("certificate");
+            return match budgets.log.loud(peer.ip()) {
+                Some(unsaid) => {
+                    warn!(%peer, error = %e, unsaid, "agent certificate refused (QUIC; further refusals from this source for {REFUSAL_LOG_EVERY:?} at debug)")
+                }
+                None => debug!(%peer, error = %e, "agent certificate refused (QUIC)"),
+            };
+        }
+        Err(e) => return debug!(%peer, error = %e, "QUIC handshake failed"),
+    };
+    let Some(who) = admit(&shared, der.as_deref(), peer).await else {
+        return conn.refuse();
+    };
+    // Counted in its lane's load, as an h2 tunnel is: new h2 tunnels go elsewhere first.
+    let _counted = Lane::here().take();
+    hold(
+        shared,
+        Held {
+            who,
+            link,
+            peer,
+            extra,
+        },
+        conn,
+        unproven,
+    )
+    .await;
+}
