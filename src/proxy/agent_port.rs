@@ -28,23 +28,14 @@ pub(super) struct AgentPort {
 }
 
 impl AgentPort {
-    /// `reading`: whether QUIC reads its socket from the start (not in a process that took
-    /// the socket over, until the old one lets go). `reset_secret` keeps QUIC's stateless
-    /// reset key the same across restarts; `state_dir` holds the QUIC generation and the
-    /// sockets an upgrade forwards packets through (`tunnel/quic/takeover.rs`).
-    ///
-    /// `quic`: the sockets of the QUIC port's group in its order, each read by an
-    /// endpoint on a lane of `lanes` (round robin: as many sockets as lanes, normally).
+    /// TCP on `tcp`; QUIC as `quic` says, its endpoints on `lanes` (no QUIC without
+    /// sockets).
     pub(super) fn new(
         tcp: TcpListener,
-        quic: Vec<std::net::UdpSocket>,
-        tunnel_tls: rustls::ServerConfig,
-        reading: bool,
-        reset_secret: &[u8],
-        state_dir: &std::path::Path,
+        quic: quic_port::QuicSetup<'_>,
         lanes: &Lanes,
     ) -> std::io::Result<AgentPort> {
-        let quic = QuicPort::new(quic, tunnel_tls, reading, reset_secret, state_dir, lanes)?;
+        let quic = QuicPort::new(quic, lanes)?;
         Ok(AgentPort { tcp, quic })
     }
 

@@ -384,15 +384,14 @@ impl ProxyBuilder {
                 admin.local_addr()?,
             )?);
         }
-        let agent_port = AgentPort::new(
-            agents,
-            quic_sockets,
-            tunnel_config.clone(),
-            self.upgraded.is_none(),
-            &quic_secret(&self.state_dir)?,
-            &self.state_dir,
-            &lanes,
-        )?;
+        let quic = quic_port::QuicSetup {
+            sockets: quic_sockets,
+            tls: tunnel_config.clone(),
+            reading: self.upgraded.is_none(),
+            reset_secret: &quic_secret(&self.state_dir)?,
+            state_dir: &self.state_dir,
+        };
+        let agent_port = AgentPort::new(agents, quic, &lanes)?;
         // Beyond loopback the admin listener takes operator certificates only.
         let admin_tls = match &self.admin {
             Some(admin) if !crate::admin::is_local(admin.local_addr()?) => {

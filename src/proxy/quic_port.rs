@@ -46,18 +46,34 @@ pub(super) struct On {
     pub(super) counters: AcceptCounters,
 }
 
+/// What the QUIC side is made of.
+pub(super) struct QuicSetup<'a> {
+    /// The sockets of the QUIC port's group in its order.
+    pub(super) sockets: Vec<std::net::UdpSocket>,
+    /// The agent port's TLS configuration for tunnels.
+    pub(super) tls: rustls::ServerConfig,
+    /// Whether the endpoints read their sockets from the start (not in a process that
+    /// took them over, until the old one lets go).
+    pub(super) reading: bool,
+    /// Keeps QUIC's stateless reset key (and the connection-ID key) the same across
+    /// restarts.
+    pub(super) reset_secret: &'a [u8],
+    /// Holds the QUIC generation and the sockets an upgrade forwards packets through
+    /// (`tunnel/quic/takeover.rs`).
+    pub(super) state_dir: &'a std::path::Path,
+}
+
 impl QuicPort {
-    /// `quic`: the sockets of the QUIC port's group in its order, each read by an
-    /// endpoint on a lane of `lanes` (round robin: as many sockets as lanes, normally);
-    /// `None` without sockets. See `AgentPort::new` for the rest.
-    pub(super) fn new(
-        quic: Vec<std::net::UdpSocket>,
-        tunnel_tls: rustls::ServerConfig,
-        reading: bool,
-        reset_secret: &[u8],
-        state_dir: &std::path::Path,
-        lanes: &Lanes,
-    ) -> std::io::Result<Option<QuicPort>> {
+    /// An endpoint per socket of `setup`, each on a lane of `lanes` (round robin: as many
+    /// sockets as lanes, normally); `None` without sockets.
+    pub(super) fn new(setup: QuicSetup<'_>, lanes: &Lanes) -> std::io::Result<Option<QuicPort>> {
+        let QuicSetup {
+            sockets: quic,
+            tls: tunnel_tls,
+            reading,
+            reset_secret,
+            state_dir,
+        } = setup;
         if quic.is_empty() {
             return Ok(None);
         }
