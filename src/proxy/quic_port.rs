@@ -93,8 +93,8 @@ impl QuicPort {
                 endpoints = quic.len(),
                 lanes = lanes.all().len(),
                 "the QUIC port has fewer sockets than this process has lanes (taken over from \
-                 a process that had fewer, or a socket given without SO_REUSEPORT): its QUIC \
-                 tunnels share those lanes until the proxy is restarted"
+                 a process that had fewer, or a socket given without SO_REUSEPORT); it keeps \
+                 that many until the proxy is restarted"
             );
         }
         let generation = quic::takeover::next_generation(state_dir);
