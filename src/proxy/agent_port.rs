@@ -28,8 +28,8 @@ pub(super) struct AgentPort {
 }
 
 impl AgentPort {
-    /// TCP on `tcp`; QUIC as `quic` says, its endpoints on `lanes` (no QUIC without
-    /// sockets).
+    /// TCP on `tcp`; QUIC as `quic` says (no QUIC without sockets; normally a socket
+    /// per lane of `lanes`).
     pub(super) fn new(
         tcp: TcpListener,
         quic: quic_port::QuicSetup<'_>,
