@@ -77,6 +77,10 @@ pub(super) struct NewTunnel {
 
 impl Tunnel {
     pub(super) fn new(new: NewTunnel) -> Tunnel {
+        let most = match &new.link {
+            Link::H2(..) => MAX_STREAMS as usize,
+            Link::Quic(_) => crate::tunnel::quic::PROXY_STREAMS as usize,
+        };
         Tunnel {
             id: new.id,
             agent: new.who.agent,
@@ -90,6 +94,7 @@ impl Tunnel {
             slots: Slots {
                 used: Arc::new(AtomicUsize::new(0)),
                 room: new.room,
+                most,
             },
             lane: crate::runtime::lanes::Lane::here(),
             close: tokio::sync::Notify::new(),
@@ -121,13 +126,15 @@ impl Tunnel {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Takes one of the tunnel's [`MAX_STREAMS`] stream slots, if one is free; it is given
-    /// back as the returned [`Slot`] drops.
+    /// Takes one of the tunnel's stream slots ([`MAX_STREAMS`] on h2,
+    /// [`PROXY_STREAMS`](crate::tunnel::quic::PROXY_STREAMS) on QUIC), if one is free; it
+    /// is given back as the returned [`Slot`] drops.
     pub(super) fn claim(&self) -> Option<Slot> {
         let used = &self.slots.used;
+        let most = self.slots.most;
         let mut now = used.load(Ordering::Relaxed);
         loop {
-            if now >= MAX_STREAMS as usize {
+            if now >= most {
                 return None;
             }
             match used.compare_exchange_weak(now, now + 1, Ordering::AcqRel, Ordering::Relaxed) {
@@ -135,6 +142,7 @@ impl Tunnel {
                     return Some(Slot {
                         used: used.clone(),
                         room: self.slots.room.clone(),
+                        most,
                     })
                 }
                 Err(actual) => now = actual,
@@ -199,6 +207,8 @@ impl Tunnel {
 struct Slots {
     used: Arc<AtomicUsize>,
     room: Arc<tokio::sync::Notify>,
+    /// How many it has.
+    most: usize,
 }
 
 /// One stream's slot on a tunnel, held while the stream is opened and open.
@@ -206,12 +216,13 @@ struct Slots {
 pub(super) struct Slot {
     used: Arc<AtomicUsize>,
     room: Arc<tokio::sync::Notify>,
+    most: usize,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let was = self.used.fetch_sub(1, Ordering::AcqRel);
-        if was >= MAX_STREAMS as usize {
+        if was >= self.most {
             // The tunnel had no slot free: whoever waits for one may take this.
             self.room.notify_waiters();
         }

@@ -175,6 +175,13 @@ pub(crate) async fn read_frame<T>(
     }
 }
 
+/// Most client streams the proxy keeps open at once on one QUIC tunnel: what the agent
+/// allows ([`MAX_STREAMS`]) less an eighth. quinn raises its peer's stream limit only once
+/// more than an eighth of it has closed, so after a few streams came and went a tunnel
+/// takes fewer than [`MAX_STREAMS`] at once, and an open beyond that would wait (up to the
+/// proxy's open deadline) for streams to close. (h2's limit counts open streams exactly.)
+pub(crate) const PROXY_STREAMS: u32 = MAX_STREAMS - MAX_STREAMS / 8;
+
 /// Which end of a tunnel a transport configuration is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Role {
@@ -288,7 +295,8 @@ mod tests {
     use super::*;
 
     /// A QUIC connection over loopback between two endpoints of this process (a
-    /// self-signed certificate the client trusts), returned with both endpoints.
+    /// self-signed certificate the client trusts), returned with both endpoints: the
+    /// client with the agent's transport settings, the server with the proxy's.
     async fn pair() -> (
         quinn::Endpoint,
         quinn::Endpoint,
@@ -317,15 +325,16 @@ mod tests {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let server = quinn::Endpoint::server(
-            quinn::ServerConfig::with_crypto(server_crypto(server_tls)),
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .unwrap();
+        let mut server_config = quinn::ServerConfig::with_crypto(server_crypto(server_tls));
+        server_config.transport_config(Arc::new(transport_config(Role::Proxy)));
+        let server =
+            quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
         let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        client.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        let mut config = quinn::ClientConfig::new(Arc::new(
             quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).unwrap(),
-        )));
+        ));
+        config.transport_config(Arc::new(transport_config(Role::Agent)));
+        client.set_default_client_config(config);
         let connecting = client
             .connect(server.local_addr().unwrap(), "localhost")
             .unwrap();
@@ -344,6 +353,45 @@ mod tests {
                 Err(e) => return (got, Err(e)),
             }
         }
+    }
+
+    /// The proxy gives a QUIC tunnel [`PROXY_STREAMS`] slots: after an eighth of the
+    /// agent's limit came and went (quinn announces more only past that), that many still
+    /// open at once, and not one more.
+    #[tokio::test]
+    async fn every_slot_the_proxy_gives_a_quic_tunnel_opens_at_once() {
+        let (_client, _server, agent, proxy) = pair().await;
+        let serving = tokio::spawn(async move {
+            while let Ok((mut send, mut recv)) = agent.accept_bi().await {
+                tokio::spawn(async move {
+                    let _ = recv.read_to_end(64).await;
+                    let _ = send.finish();
+                });
+            }
+        });
+        for _ in 0..MAX_STREAMS / 8 {
+            let (mut send, mut recv) = proxy.open_bi().await.unwrap();
+            send.write_all(b"came").await.unwrap();
+            send.finish().unwrap();
+            recv.read_to_end(64).await.unwrap();
+        }
+        let mut held = Vec::new();
+        for i in 0..PROXY_STREAMS {
+            let open = proxy.open_bi();
+            let (mut send, recv) = tokio::time::timeout(Duration::from_secs(5), open)
+                .await
+                .unwrap_or_else(|_| panic!("stream {i} of {PROXY_STREAMS} found no credit"))
+                .unwrap();
+            send.write_all(b"held").await.unwrap();
+            held.push((send, recv));
+        }
+        let one_more = proxy.open_bi();
+        tokio::pin!(one_more);
+        let waits = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(one_more.as_mut(), cx).is_pending())
+        });
+        assert!(waits.await, "quinn's limit is what PROXY_STREAMS says");
+        serving.abort();
     }
 
     #[tokio::test]
