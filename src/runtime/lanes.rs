@@ -16,8 +16,9 @@
 //! QUIC tunnels are not on lanes yet. quinn runs a connection where its endpoint accepted
 //! it; the QUIC port is now a socket per lane with packets steered by connection ID
 //! (`tunnel/quic/steer.rs`), so an endpoint per lane is possible, and it made a new QUIC
-//! connection as cheap as an h2 one, but under ten thousand clients through one agent one
-//! stream went unanswered for 15 s in a third of the runs (`proxy/quic_port.rs`).
+//! connection almost as cheap as an h2 one; under ten thousand clients through one agent
+//! one stream went unanswered for 15 s in a third of the runs, a stream-credit race since
+//! fixed (`proxy/quic_port.rs`).
 //!
 //! A socket moves to a lane by leaving the runtime it was registered with and joining the
 //! lane's ([`Picked::run_with`]). Work on a lane is cancelled when the future that waits
