@@ -131,7 +131,7 @@ impl ProxyBuilder {
     /// Takes QUIC tunnels on `socket` (already bound) instead of UDP at the agent
     /// listener's address. Its buffers are enlarged as on the default socket. If it was
     /// bound with `SO_REUSEPORT`, the proxy binds more sockets at its address, one per lane
-    /// in all, each read by an endpoint of its own (as on the default port); otherwise
+    /// in all, each read by an endpoint on its lane (as on the default port); otherwise
     /// one endpoint reads it.
     pub fn quic_listener(mut self, socket: std::net::UdpSocket) -> Self {
         self.quic = QuicListener::Socket(socket);

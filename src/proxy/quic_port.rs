@@ -1,5 +1,5 @@
-//! The agent port's QUIC side: a UDP socket per lane, each read by a quinn endpoint of
-//! its own (`tunnel/quic/steer.rs`), their accept loops, and one QUIC connection from
+//! The agent port's QUIC side: a UDP socket per lane, each read by a quinn endpoint on
+//! its lane (`tunnel/quic/steer.rs`), their accept loops, and one QUIC connection from
 //! its handshake to the tunnel it holds (`agent_port.rs` holds it as it holds an h2 one).
 
 use std::net::SocketAddr;
@@ -12,22 +12,18 @@ use super::accept::{self, AcceptCounters, Acceptor, PerSource, REFUSAL_LOG_EVERY
 use super::admit::admit;
 use super::agent_port::{hold, Budgets, Held, Unproven};
 use super::{Limits, Shared};
-use crate::runtime::lanes::Lanes;
+use crate::runtime::lanes::{Lane, Lanes};
 use crate::runtime::shutdown::Trigger;
 use crate::tunnel::{self, quic};
 
-/// An endpoint per socket of the port's group, and the switch of their reading.
+/// An endpoint per socket of the port's group, each on its lane, and the switch of their
+/// reading.
 ///
-/// The endpoints run on the main runtime, as the one endpoint did before, not on the
-/// lanes: with them and their connections on the lanes (each endpoint created with its
-/// lane's runtime entered, its accept loop run there), a new connection over QUIC cost
-/// as little CPU as over h2, but `tests/stalls.rs`'s ten thousand clients through one
-/// agent saw one stream left unanswered for 15 s in about a third of the runs. Its
-/// likely cause, quinn's stream credit, is fixed since
-/// (`tunnel::quic::PROXY_STREAMS`); they move to the lanes once measured again
-/// (docs/benchmarks.md, "QUIC on the lanes").
+/// On the lanes a QUIC tunnel, its packets and its clients' streams share one thread, as
+/// an h2 tunnel's do. (A stall seen there under ten thousand clients through one agent
+/// was quinn's stream credit, not the lanes: `tunnel::quic::PROXY_STREAMS`.)
 pub(super) struct QuicPort {
-    endpoints: Vec<quinn::Endpoint>,
+    endpoints: Vec<(Lane, quinn::Endpoint)>,
     switch: quic::proxy::ReadSwitch,
 }
 
@@ -72,8 +68,8 @@ pub(super) struct QuicSetup<'a> {
 }
 
 impl QuicPort {
-    /// An endpoint per socket of `setup` (as many sockets as `lanes`, normally); `None`
-    /// without sockets.
+    /// An endpoint per socket of `setup`, each on a lane of `lanes` (round robin: as many
+    /// sockets as lanes, normally); `None` without sockets.
     pub(super) fn new(setup: QuicSetup<'_>, lanes: &Lanes) -> std::io::Result<Option<QuicPort>> {
         let QuicSetup {
             sockets: quic,
@@ -101,7 +97,7 @@ impl QuicPort {
         let generation = quic::takeover::next_generation(state_dir);
         let key = quic::proxy::cid_key(reset_secret);
         let (mut endpoints, mut switches) = (Vec::new(), Vec::new());
-        for (index, socket) in (0..).zip(quic) {
+        for ((index, socket), lane) in (0..).zip(quic).zip(lanes.all().iter().cycle()) {
             let takeover = quic::proxy::Takeover {
                 dir: state_dir.to_path_buf(),
                 generation,
@@ -109,9 +105,11 @@ impl QuicPort {
                 steer: quic::steer::Steer { index, count },
             };
             let config = quic::proxy::endpoint_config(reset_secret, &takeover);
+            // Its socket, its driver and the connections it accepts are the lane's.
+            let _on_lane = lane.enter();
             let (endpoint, switch) =
                 quic::proxy::endpoint(socket, tunnel_tls.clone(), reading, config, takeover)?;
-            endpoints.push(endpoint);
+            endpoints.push((lane.clone(), endpoint));
             switches.push(switch);
         }
         let switch = quic::proxy::ReadSwitch::join(switches);
@@ -120,10 +118,12 @@ impl QuicPort {
 
     /// The endpoints and the switch that stops them reading.
     pub(super) fn endpoints(&self) -> (Vec<quinn::Endpoint>, quic::proxy::ReadSwitch) {
-        (self.endpoints.clone(), self.switch.clone())
+        let endpoints = self.endpoints.iter().map(|(_, e)| e.clone()).collect();
+        (endpoints, self.switch.clone())
     }
 
-    /// Accepts on every endpoint until `on.stop`; then closes them (bounded).
+    /// Accepts on every endpoint, each on its lane, until `on.stop`; then closes them
+    /// (bounded).
     pub(super) async fn run(self, on: On, limits: &Limits) {
         let On {
             shared,
@@ -132,14 +132,16 @@ impl QuicPort {
             grace,
             counters,
         } = on;
-        if let Some(Ok(addr)) = self.endpoints.first().map(quinn::Endpoint::local_addr) {
+        if let Some(Ok(addr)) = self.endpoints.first().map(|(_, e)| e.local_addr()) {
             let endpoints = self.endpoints.len();
             info!(%addr, endpoints, "QUIC tunnel listener ready (udp)");
         }
         let permits = Arc::new(Semaphore::new(limits.agents));
         let per_source =
             PerSource::with_prefix_cap(limits.handshakes_per_source, limits.handshakes_per_prefix);
-        let loops = self.endpoints.into_iter().map(|endpoint| {
+        // Each endpoint accepts on its lane: a connection runs where it was accepted
+        // (quinn spawns its task there), with its streams and its clients.
+        let loops = self.endpoints.into_iter().map(|(lane, endpoint)| {
             let (shared, budgets) = (shared.clone(), budgets.clone());
             let handle = move |incoming: quinn::Incoming, peer: SocketAddr, slot| {
                 let (shared, budgets) = (shared.clone(), budgets.clone());
@@ -159,14 +161,14 @@ impl QuicPort {
                 counters.clone(),
                 handle,
             );
-            crate::runtime::lanes::spawn(async move {
+            lane.run(async move {
                 serve.await;
                 quic::proxy::close(&endpoint, "proxy shutting down").await;
             })
         });
-        // Spawned as they are collected; each then awaited.
+        // Spawned on their lanes as they are collected; each then awaited.
         for running in loops.collect::<Vec<_>>() {
-            let _ = running.await;
+            running.await;
         }
     }
 }
@@ -222,6 +224,8 @@ async fn serve_quic(
     let Some(who) = admit(&shared, der.as_deref(), peer).await else {
         return conn.refuse();
     };
+    // Counted in its lane's load, as an h2 tunnel is: new h2 tunnels go elsewhere first.
+    let _counted = Lane::here().take();
     hold(
         shared,
         Held {

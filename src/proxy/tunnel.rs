@@ -31,7 +31,7 @@ pub(super) struct Tunnel {
     pub(super) extra: bool,
     link: Link,
     slots: Slots,
-    /// Where the tunnel runs (a lane for h2, the main runtime for QUIC), and its client
+    /// Where the tunnel runs (the lane its connection runs on, either transport), and its client
     /// streams are spliced too.
     pub(super) lane: crate::runtime::lanes::Lane,
     /// Notified to close the tunnel (revocation).

@@ -9,16 +9,11 @@
 //! are local; tunnels are spread over the lanes, so the cores are still all used once there
 //! are several. On the proxy, every lane also accepts from each public listener and routes
 //! what it accepted: a client whose tunnel runs on the lane that took it never changes
-//! thread. What is no h2 tunnel's (the agent port's TCP accept, enrollment, QUIC
-//! tunnels, the admin listener, the store) stays on the main runtime; a client of a QUIC
-//! tunnel moves there.
-//!
-//! QUIC tunnels are not on lanes yet. quinn runs a connection where its endpoint accepted
-//! it; the QUIC port is now a socket per lane with packets steered by connection ID
-//! (`tunnel/quic/steer.rs`), so an endpoint per lane is possible, and it made a new QUIC
-//! connection almost as cheap as an h2 one; under ten thousand clients through one agent
-//! one stream went unanswered for 15 s in a third of the runs, a stream-credit race since
-//! fixed (`proxy/quic_port.rs`).
+//! thread. QUIC tunnels run on lanes too: the QUIC port is a socket per lane, each read
+//! by an endpoint on its lane, the kernel steering each packet to the socket its
+//! connection ID names (`tunnel/quic/steer.rs`); quinn runs a connection where its
+//! endpoint accepted it. What is no tunnel's (the agent port's TCP accept, enrollment,
+//! the admin listener, the store) stays on the main runtime.
 //!
 //! A socket moves to a lane by leaving the runtime it was registered with and joining the
 //! lane's ([`Picked::run_with`]). Work on a lane is cancelled when the future that waits
@@ -142,6 +137,13 @@ impl Lane {
                 handle: tokio::runtime::Handle::current(),
                 load: Arc::default(),
             })
+    }
+
+    /// Makes this lane's runtime the current one on this thread until the guard drops:
+    /// what is spawned or registered meanwhile (a QUIC endpoint's socket and driver) is
+    /// the lane's.
+    pub(crate) fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
+        self.handle.enter()
     }
 
     /// Whether the caller runs on this lane's runtime.

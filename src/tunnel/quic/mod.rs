@@ -182,6 +182,10 @@ pub(crate) async fn read_frame<T>(
 /// proxy's open deadline) for streams to close. (h2's limit counts open streams exactly.)
 pub(crate) const PROXY_STREAMS: u32 = MAX_STREAMS - MAX_STREAMS / 8;
 
+/// How many ack-eliciting packets the peer may take before it must acknowledge (QUIC ACK
+/// frequency extension; quinn's default is 1, an ACK for every other packet).
+const ACK_ELICITING_THRESHOLD: u32 = 4;
+
 /// Which end of a tunnel a transport configuration is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Role {
@@ -210,6 +214,9 @@ pub(crate) fn transport_config(role: Role) -> quinn::TransportConfig {
     mtu.upper_bound(MTU_UPPER_BOUND);
     let mut t = quinn::TransportConfig::default();
     t.mtu_discovery_config(Some(mtu));
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(VarInt::from_u32(ACK_ELICITING_THRESHOLD));
+    t.ack_frequency_config(Some(acks));
     t.max_concurrent_bidi_streams(VarInt::from_u32(bidi))
         .max_concurrent_uni_streams(VarInt::from_u32(uni))
         .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))

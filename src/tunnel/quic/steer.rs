@@ -1,8 +1,7 @@
-//! An endpoint per socket: the proxy's QUIC port is a group of UDP sockets sharing its
-//! number (`SO_REUSEPORT`), one per lane, each read by an endpoint of its own, so that
-//! each endpoint can run on its lane with its connections and their clients' streams, as
-//! an h2 tunnel does (`runtime::lanes`; not yet: `proxy/quic_port.rs` says why). The
-//! kernel would spread packets over the group by
+//! An endpoint per lane: the proxy's QUIC port is a group of UDP sockets sharing its
+//! number (`SO_REUSEPORT`), one per lane, each read by an endpoint running on its lane, so
+//! that a QUIC tunnel, its packets and its clients' streams stay on one thread as an h2
+//! tunnel's do (`runtime::lanes`). The kernel would spread packets over the group by
 //! address; a small classic BPF program on the group picks the socket by the second byte
 //! of the packet's destination connection ID instead, and each endpoint issues only IDs
 //! whose byte names its own socket ([`Steer`]). A packet goes to the endpoint that knows
