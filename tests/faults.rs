@@ -334,8 +334,8 @@ impl Drop for NetPath {
 }
 
 /// The agent's path to the proxy goes dark (no reset, no end: packets just stop): the
-/// proxy drops the tunnel within its keep-alive bound (h2: a PING every 10 s answered
-/// within 10 s; QUIC: 10 s of silence), and once the path heals the agent is back within
+/// proxy drops the tunnel within its keep-alive bound (h2: 12 s of silence, then a PING
+/// answered within 10 s; QUIC: 10 s of silence), and once the path heals the agent is back within
 /// the same bound.
 async fn a_blackholed_path_drops_the_tunnel_and_the_agent_returns_when_it_heals(t: Transport) {
     let proxy = TestProxy::start().await;

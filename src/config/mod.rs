@@ -75,6 +75,10 @@ pub struct ProxyConfig {
     pub max_connections_per_source: Option<usize>,
     /// Most handshakes one source address may have under way on the agent port.
     pub max_handshakes_per_source: Option<usize>,
+    /// Most connections on the agent port at once, per protocol (TCP: h2 tunnels and
+    /// enrollments; UDP: QUIC tunnels). Default: an eighth of the open-file limit, at most
+    /// 131,072.
+    pub max_agent_connections: Option<usize>,
     /// What all client streams together may hold of bytes read ahead of slow clients,
     /// e.g. "512MiB" (default: a sixteenth of memory, 64 MiB to 1 GiB).
     #[serde(default, deserialize_with = "size")]
@@ -289,6 +293,10 @@ impl ProxyConfig {
         positive(
             "max_handshakes_per_source",
             self.max_handshakes_per_source.map(|n| n as u128),
+        )?;
+        positive(
+            "max_agent_connections",
+            self.max_agent_connections.map(|n| n as u128),
         )?;
         let listeners = self.listeners()?;
         self.routes()?;

@@ -34,6 +34,7 @@ pub struct ProxyBuilder {
     max_tunnels_per_agent: usize,
     max_connections_per_source: usize,
     max_handshakes_per_source: usize,
+    max_agent_connections: Option<usize>,
     min_renewal_age_percent: u8,
     shutdown_grace: Duration,
     quic: QuicListener,
@@ -83,6 +84,7 @@ impl ProxyBuilder {
             max_tunnels_per_agent: MAX_TUNNELS_PER_AGENT,
             max_connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
             max_handshakes_per_source: MAX_HANDSHAKES_PER_SOURCE,
+            max_agent_connections: None,
             shutdown_grace: SHUTDOWN_GRACE,
             quic: QuicListener::default(),
             store: None,
@@ -292,6 +294,14 @@ impl ProxyBuilder {
         self
     }
 
+    /// Most connections on the agent port at once, per protocol (default
+    /// [`MAX_AGENT_CONNECTIONS`](super::MAX_AGENT_CONNECTIONS) or an eighth of the open-file limit, whichever is less);
+    /// lowered to seven eighths of the open-file limit.
+    pub fn max_agent_connections(mut self, max: usize) -> Self {
+        self.max_agent_connections = Some(max);
+        self
+    }
+
     /// Most tunnels one agent identity may hold at once ([`MAX_TUNNELS_PER_AGENT`]).
     pub fn max_tunnels_per_agent(mut self, max: usize) -> Self {
         self.max_tunnels_per_agent = max;
@@ -415,8 +425,11 @@ impl ProxyBuilder {
             .collect::<Result<Vec<_>, std::io::Error>>()?;
         let fd_limit = crate::runtime::fd_limit();
         let limits = Limits::sized(
-            self.max_connections_per_source,
-            self.max_handshakes_per_source,
+            super::Requested {
+                clients_per_source: self.max_connections_per_source,
+                handshakes_per_source: self.max_handshakes_per_source,
+                agents: self.max_agent_connections,
+            },
             fd_limit,
             crate::runtime::lanes::Lanes::shared()?.all().len(),
         );

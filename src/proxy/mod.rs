@@ -69,8 +69,9 @@ use registry::Registry;
 use state::StateView;
 
 /// Most connections on the agent port at once, per protocol (TCP: enrollments and h2
-/// tunnels; UDP: QUIC tunnels); lowered to fit the open-file limit.
-pub const MAX_AGENT_CONNECTIONS: usize = 4096;
+/// tunnels; UDP: QUIC tunnels) unless configured; lowered to an eighth of the open-file
+/// limit (131,060 with the systemd unit's `LimitNOFILE=1048576`).
+pub const MAX_AGENT_CONNECTIONS: usize = 131_072;
 
 /// Longest a stopping proxy waits for its QUIC endpoint to let go of the socket, after its
 /// tunnels were closed (their closes are bounded at 2 s).
@@ -118,28 +119,37 @@ const HANDSHAKE_SHARE: usize = 2;
 /// mesh channels need.
 const ENROLLMENT_SHARE: usize = 8;
 
+/// The caps a proxy was configured with, before they are fitted to the open-file limit.
+#[derive(Clone, Copy, Debug)]
+struct Requested {
+    clients_per_source: usize,
+    handshakes_per_source: usize,
+    /// Agent-port connections per protocol; `None`: [`MAX_AGENT_CONNECTIONS`] or an
+    /// eighth of the descriptors, whichever is less.
+    agents: Option<usize>,
+}
+
 impl Limits {
     /// The configured caps, lowered so that together they fit in `fd_limit` descriptors
     /// with [`FD_RESERVE`] to spare, plus the listeners' descriptors on `lanes` lanes:
     /// past that, accepting fails with EMFILE, which would stop the agent port and the
-    /// state watch along with the public listeners.
-    fn sized(
-        clients_per_source: usize,
-        handshakes_per_source: usize,
-        fd_limit: u64,
-        lanes: usize,
-    ) -> Limits {
+    /// state watch along with the public listeners. The agent port gets an eighth unless
+    /// configured, and never more than seven eighths (public clients keep the rest).
+    fn sized(requested: Requested, fd_limit: u64, lanes: usize) -> Limits {
         let reserve = FD_RESERVE + lanes * LISTENERS_PER_LANE_RESERVED;
         let usable = (fd_limit as usize).saturating_sub(reserve).max(16);
-        // The agent port gets an eighth, the public listeners the rest.
-        let agents = MAX_AGENT_CONNECTIONS.min(usable / 8).max(1);
+        let agents = requested
+            .agents
+            .unwrap_or(MAX_AGENT_CONNECTIONS.min(usable / 8))
+            .min(usable - usable / 8)
+            .max(1);
         let clients = MAX_CLIENT_CONNECTIONS.min(usable - agents).max(1);
         Limits {
             clients,
-            clients_per_source,
+            clients_per_source: requested.clients_per_source,
             agents,
-            handshakes_per_source,
-            handshakes_per_prefix: 4 * handshakes_per_source,
+            handshakes_per_source: requested.handshakes_per_source,
+            handshakes_per_prefix: 4 * requested.handshakes_per_source,
             handshakes: (agents / HANDSHAKE_SHARE).max(1),
             enrollments: (agents / ENROLLMENT_SHARE).max(1),
         }
@@ -519,5 +529,37 @@ impl Proxy {
             let _ = admin.await;
         }
         released.map_err(|e| ProxyError::Upgrade(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn requested(agents: Option<usize>) -> Requested {
+        Requested {
+            clients_per_source: MAX_CONNECTIONS_PER_SOURCE,
+            handshakes_per_source: MAX_HANDSHAKES_PER_SOURCE,
+            agents,
+        }
+    }
+
+    #[test]
+    fn the_agent_port_gets_an_eighth_of_the_descriptors_unless_configured() {
+        // 20,000 descriptors, 2 lanes: 19,904 usable.
+        let default = Limits::sized(requested(None), 20_000, 2);
+        assert_eq!((default.agents, default.clients), (2_488, 17_416));
+        let configured = Limits::sized(requested(Some(12_000)), 20_000, 2);
+        assert_eq!((configured.agents, configured.clients), (12_000, 7_904));
+        assert_eq!(configured.handshakes, 6_000);
+        // Public clients keep an eighth whatever is asked.
+        let greedy = Limits::sized(requested(Some(1_000_000)), 20_000, 2);
+        assert_eq!((greedy.agents, greedy.clients), (17_416, 2_488));
+        // The systemd unit's LimitNOFILE: an eighth, just under the cap.
+        let large = Limits::sized(requested(None), 1_048_576, 2);
+        assert_eq!(large.agents, (1_048_576 - 96) / 8);
+        let larger = Limits::sized(requested(None), 4_000_000, 2);
+        assert_eq!(larger.agents, MAX_AGENT_CONNECTIONS);
+        assert_eq!(large.clients, MAX_CLIENT_CONNECTIONS);
     }
 }

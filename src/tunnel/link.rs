@@ -81,7 +81,11 @@ pub(crate) enum TunnelStream {
 /// A tunnel connection on the proxy whose handshakes are done, to be driven until it ends.
 pub(crate) enum ProxyConn {
     /// With where to say that a window narrowing took effect.
-    H2(Box<h2::proxy::Conn>, h2::settled::Narrowed),
+    H2(
+        Box<h2::proxy::Conn>,
+        h2::settled::Narrowed,
+        Arc<h2::read_ahead::Heard>,
+    ),
     Quic(quinn::Connection),
 }
 
@@ -108,10 +112,13 @@ impl AcceptError {
 pub(crate) async fn accept_h2(
     tls: tokio_rustls::server::TlsStream<h2::TunnelIo>,
 ) -> Result<(Link, ProxyConn), AcceptError> {
-    let (sender, conn) = h2::proxy::handshake(tls).await?;
+    let done = h2::proxy::handshake(tls).await?;
     let (narrowed, settled) = h2::settled::channel();
-    let link = Link::H2(sender, settled);
-    Ok((link, ProxyConn::H2(Box::new(conn), narrowed)))
+    let link = Link::H2(done.sender, settled);
+    Ok((
+        link,
+        ProxyConn::H2(Box::new(done.conn), narrowed, done.heard),
+    ))
 }
 
 /// Completes a QUIC tunnel; returns it with the agent's (verified) certificate, and
@@ -313,7 +320,9 @@ impl ProxyConn {
         match self {
             // An h2 agent retires a tunnel with GOAWAY, which the proxy learns from the
             // next stream it tries to open there.
-            ProxyConn::H2(conn, narrowed) => h2::proxy::drive(*conn, close, budget, narrowed).await,
+            ProxyConn::H2(conn, narrowed, heard) => {
+                h2::proxy::drive(*conn, &heard, close, budget, narrowed).await
+            }
             ProxyConn::Quic(conn) => quic::proxy::drive(conn, close, retire, upward).await,
         }
     }

@@ -213,6 +213,9 @@ impl ServeArgs {
             if let Some(max) = config.max_handshakes_per_source {
                 builder = builder.max_handshakes_per_source(max);
             }
+            if let Some(max) = config.max_agent_connections {
+                builder = builder.max_agent_connections(max);
+            }
             if let Some(bytes) = config.stream_buffer_budget {
                 builder = builder.stream_buffer_budget(bytes);
             }

@@ -13,6 +13,7 @@ pub(crate) mod agent;
 pub(crate) mod gather;
 pub(crate) mod mesh;
 pub(crate) mod proxy;
+pub(crate) mod read_ahead;
 pub(crate) mod settled;
 pub(crate) mod splice;
 
@@ -107,8 +108,36 @@ pub(crate) enum KeepaliveError {
     NoAnswer,
 }
 
-/// PINGs the peer every [`PING_INTERVAL`]; returns why it stopped answering. Both ends
-/// run one, so each finds a dead path by itself.
+/// The proxy PINGs a tunnel it has heard nothing from for this long (the agent PINGs every
+/// [`PING_INTERVAL`], so a live agent is heard well within it).
+pub(crate) const SILENCE: Duration = Duration::from_secs(12);
+
+/// The proxy's keep-alive: the agent PINGs every [`PING_INTERVAL`] and the proxy answers;
+/// the proxy PINGs only a tunnel it has heard nothing from for [`SILENCE`], and gives it
+/// up if that goes unanswered for [`PING_TIMEOUT`]. A frozen agent is found within
+/// `SILENCE + PING_TIMEOUT` of its last word, at the cost of an answer per agent PING
+/// and a timer per [`SILENCE`], not a PING of its own per tunnel.
+pub(crate) async fn watch_silence(
+    mut ping: h2::PingPong,
+    heard: &read_ahead::Heard,
+) -> KeepaliveError {
+    loop {
+        let silent = heard.silent_for();
+        if silent < SILENCE {
+            tokio::time::sleep(SILENCE - silent).await;
+            continue;
+        }
+        match tokio::time::timeout(PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return KeepaliveError::Failed(e),
+            Err(_) => return KeepaliveError::NoAnswer,
+        }
+    }
+}
+
+/// PINGs the peer every [`PING_INTERVAL`]; returns why it stopped answering. The agent
+/// runs it on its tunnels (and both ends on mesh connections); the proxy watches its
+/// tunnels with [`watch_silence`].
 pub(crate) async fn keepalive(mut ping: h2::PingPong) -> KeepaliveError {
     loop {
         tokio::time::sleep(PING_INTERVAL).await;
@@ -130,18 +159,13 @@ pub(crate) fn h2_io(e: h2::Error) -> io::Error {
     }
 }
 
-/// Read buffer under a tunnel's TLS: rustls reads about one record per syscall, so a
-/// large buffer below it cuts the receive syscalls of a busy tunnel several-fold.
-pub(crate) const TUNNEL_READ_BUFFER: usize = 256 * 1024;
-
 /// Plaintext rustls may hold for encryption (its default is 64 KiB): more lets one write
 /// from h2 carry several frames.
 pub(crate) const TLS_SEND_BUFFER: usize = 1024 * 1024;
 
-/// The socket under a tunnel's TLS.
-pub(crate) type TunnelIo = tokio::io::BufReader<tokio::net::TcpStream>;
+pub(crate) use read_ahead::TunnelIo;
 
-/// Wraps a tunnel's TCP connection in the read buffer.
+/// Wraps a tunnel's TCP connection for its TLS ([`read_ahead`]).
 pub(crate) fn tunnel_io(tcp: tokio::net::TcpStream) -> TunnelIo {
-    tokio::io::BufReader::with_capacity(TUNNEL_READ_BUFFER, tcp)
+    TunnelIo::new(tcp)
 }

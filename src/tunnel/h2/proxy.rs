@@ -3,6 +3,7 @@
 //! until it ends, and opens one `CONNECT` stream per routed client.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -15,8 +16,8 @@ use tokio_rustls::server::TlsStream;
 use super::gather::Gathered;
 use super::settled::Narrowed;
 use super::{
-    keepalive, TunnelIo, CALLER_HEADER, CLIENT_ADDR_HEADER, CONTROL_AUTHORITY, CONTROL_HEADER,
-    ERROR_HEADER, MOVING, PROXIES, TLS_SEND_BUFFER,
+    read_ahead::Heard, watch_silence, TunnelIo, CALLER_HEADER, CLIENT_ADDR_HEADER,
+    CONTROL_AUTHORITY, CONTROL_HEADER, ERROR_HEADER, MOVING, PROXIES, TLS_SEND_BUFFER,
 };
 use crate::tunnel::{Budget, OpenError, OpenRequest, HANDSHAKE_TIMEOUT};
 
@@ -49,21 +50,35 @@ fn builder() -> h2::client::Builder {
 
 /// Completes the HTTP/2 handshake on an agent's TLS connection, within
 /// [`HANDSHAKE_TIMEOUT`].
-pub(crate) async fn handshake(
-    mut tls: TlsStream<TunnelIo>,
-) -> Result<(SendRequest<Bytes>, Conn), HandshakeError> {
+pub(crate) async fn handshake(mut tls: TlsStream<TunnelIo>) -> Result<Handshaken, HandshakeError> {
     tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
+    let heard = tls.get_ref().0.heard();
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, builder().handshake(Gathered::new(tls))).await {
-        Ok(done) => Ok(done?),
+        Ok(done) => {
+            let (sender, conn) = done?;
+            Ok(Handshaken {
+                sender,
+                conn,
+                heard,
+            })
+        }
         Err(_) => Err(HandshakeError::Timeout),
     }
+}
+
+/// A tunnel whose HTTP/2 handshake is done.
+pub(crate) struct Handshaken {
+    pub(crate) sender: SendRequest<Bytes>,
+    pub(crate) conn: Conn,
+    /// When the agent was last heard from ([`drive`]'s keep-alive).
+    pub(crate) heard: Arc<Heard>,
 }
 
 /// How soon a window change is tried again while the agent has not acknowledged the
 /// previous one (HTTP/2 allows one unacknowledged SETTINGS at a time here).
 const SETTINGS_RETRY: Duration = Duration::from_millis(50);
 
-/// Drives the connection until the agent closes it, it stops answering PINGs, or `close`
+/// Drives the connection until the agent closes it, falls silent ([`watch_silence`]), or `close`
 /// completes (then the connection is dropped, which closes it). Returns why it ended.
 ///
 /// Its streams' receive window follows `budget` ([`Budget`]): each change is sent as
@@ -73,12 +88,13 @@ const SETTINGS_RETRY: Duration = Duration::from_millis(50);
 /// acknowledged a narrower window, `narrowed` tells the streams (`settled.rs`).
 pub(crate) async fn drive(
     mut conn: Conn,
+    heard: &Heard,
     close: impl Future<Output = &'static str>,
     budget: &Budget,
     narrowed: Narrowed,
 ) -> String {
     let ping = conn.ping_pong().expect("ping_pong is taken once");
-    let keepalive = keepalive(ping);
+    let keepalive = watch_silence(ping, heard);
     tokio::pin!(close, keepalive);
     let mut applied = super::STREAM_WINDOW;
     // The agent has not acknowledged the previous change yet.

@@ -223,7 +223,9 @@ pub(crate) fn transport_config(role: Role) -> quinn::TransportConfig {
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u64(window).expect("fits a VarInt"))
         .send_window(u64::from(CONNECTION_WINDOW))
-        .keep_alive_interval(Some(KEEPALIVE))
+        // The agent keeps the tunnel alive (and finds a restarted proxy by it); the
+        // proxy's idle timer runs on the agent's keep-alives.
+        .keep_alive_interval((role == Role::Agent).then_some(KEEPALIVE))
         .max_idle_timeout(Some(
             IDLE_TIMEOUT.try_into().expect("idle timeout fits a VarInt"),
         ));

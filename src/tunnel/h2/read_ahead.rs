@@ -1,0 +1,231 @@
+//! The socket under a tunnel's TLS, with a read buffer only while the tunnel is busy.
+//!
+//! rustls reads about one record per system call; under load a large buffer below it cuts
+//! a busy tunnel's receive calls several-fold. But most tunnels are idle most of the time,
+//! and a buffer each would cost 256 KiB of memory per agent (zeroed, so touched). So a
+//! tunnel reads straight into rustls' buffer until a read fills it (more is likely
+//! waiting), then reads ahead into a buffer of its own, and gives that back at the first
+//! read after it was drained with no large read for a second (an idle tunnel's next
+//! keep-alive).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The read-ahead buffer of a busy tunnel.
+pub(crate) const READ_AHEAD: usize = 256 * 1024;
+/// A fill of at least this much counts as busy (a sixteenth of the buffer).
+const LARGE_FILL: usize = READ_AHEAD / 16;
+/// A drained buffer with no large fill for this long is given back.
+const QUIET: Duration = Duration::from_secs(1);
+
+/// When a tunnel last received anything (for the proxy's keep-alive, which PINGs only a
+/// silent tunnel: `h2::watch_silence`).
+#[derive(Debug, Default)]
+pub(crate) struct Heard(AtomicU64);
+
+impl Heard {
+    /// Milliseconds since the first tunnel of this process: the clock both use.
+    fn now() -> u64 {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        let epoch = *EPOCH.get_or_init(Instant::now);
+        u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Something was received now.
+    pub(crate) fn mark(&self) {
+        self.0.store(Self::now(), Ordering::Relaxed);
+    }
+
+    /// How long nothing was received (from the tunnel's start, if nothing ever was).
+    pub(crate) fn silent_for(&self) -> Duration {
+        Duration::from_millis(Self::now().saturating_sub(self.0.load(Ordering::Relaxed)))
+    }
+}
+
+/// A tunnel's TCP connection, read ahead of TLS while busy.
+#[derive(Debug)]
+pub(crate) struct TunnelIo {
+    tcp: TcpStream,
+    /// Read ahead and not yet taken: `ahead[pos..filled]`; empty while the tunnel is quiet.
+    ahead: Box<[u8]>,
+    pos: usize,
+    filled: usize,
+    /// When a read last filled the reader's buffer or a large part of ours.
+    last_large: Instant,
+    heard: Arc<Heard>,
+}
+
+impl TunnelIo {
+    pub(crate) fn new(tcp: TcpStream) -> TunnelIo {
+        TunnelIo {
+            tcp,
+            ahead: Box::default(),
+            pos: 0,
+            filled: 0,
+            last_large: Instant::now(),
+            heard: Arc::new(Heard::default()),
+        }
+    }
+
+    /// When this connection last received anything.
+    pub(crate) fn heard(&self) -> Arc<Heard> {
+        let heard = self.heard.clone();
+        heard.mark();
+        heard
+    }
+
+    /// Whether a read-ahead buffer is held (for tests).
+    #[cfg(test)]
+    fn reading_ahead(&self) -> bool {
+        !self.ahead.is_empty()
+    }
+
+    /// Gives the buffer back if it is drained and the tunnel has been quiet.
+    fn release_if_quiet(&mut self) {
+        if self.pos == self.filled && !self.ahead.is_empty() && self.last_large.elapsed() >= QUIET {
+            self.ahead = Box::default();
+            (self.pos, self.filled) = (0, 0);
+        }
+    }
+}
+
+impl AsyncRead for TunnelIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos == this.filled {
+            this.release_if_quiet();
+            if this.ahead.is_empty() || out.remaining() >= this.ahead.len() {
+                // Straight into the reader's buffer.
+                let before = out.filled().len();
+                ready!(Pin::new(&mut this.tcp).poll_read(cx, out))?;
+                if out.filled().len() > before {
+                    this.heard.mark();
+                }
+                if out.filled().len() > before && out.remaining() == 0 {
+                    this.last_large = Instant::now();
+                    if this.ahead.is_empty() {
+                        this.ahead = vec![0; READ_AHEAD].into_boxed_slice();
+                    }
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut into = ReadBuf::new(&mut this.ahead);
+            ready!(Pin::new(&mut this.tcp).poll_read(cx, &mut into))?;
+            let n = into.filled().len();
+            (this.pos, this.filled) = (0, n);
+            if n > 0 {
+                this.heard.mark();
+            }
+            if n >= LARGE_FILL {
+                this.last_large = Instant::now();
+            }
+            if n == 0 {
+                return Poll::Ready(Ok(())); // the end of the stream
+            }
+        }
+        let n = out.remaining().min(this.filled - this.pos);
+        out.put_slice(&this.ahead[this.pos..this.pos + n]);
+        this.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for TunnelIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn pair() -> (TunnelIo, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (TunnelIo::new(accepted.unwrap().0), client.unwrap())
+    }
+
+    #[tokio::test]
+    async fn small_reads_hold_no_buffer_and_a_burst_arrives_whole() {
+        let (mut io, mut peer) = pair().await;
+        peer.write_all(b"ping").await.unwrap();
+        let mut small = [0u8; 4096];
+        let n = io.read(&mut small).await.unwrap();
+        assert_eq!(&small[..n], b"ping");
+        assert!(!io.reading_ahead(), "a small read took a buffer");
+
+        // A burst larger than the reader's buffer: read ahead, every byte in order.
+        let burst: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let writer = tokio::spawn({
+            let burst = burst.clone();
+            async move {
+                peer.write_all(&burst).await.unwrap();
+                peer
+            }
+        });
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let mut ahead = false;
+        while got.len() < burst.len() {
+            let n = io.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&chunk[..n]);
+            ahead |= io.reading_ahead();
+        }
+        assert_eq!(got, burst);
+        assert!(ahead, "a burst was read without reading ahead");
+        let mut peer = writer.await.unwrap();
+
+        // Quiet for a second, then a small read: the buffer is given back.
+        tokio::time::pause();
+        tokio::time::advance(QUIET).await;
+        peer.write_all(b"pong").await.unwrap();
+        let n = io.read(&mut small).await.unwrap();
+        assert_eq!(&small[..n], b"pong");
+        assert!(!io.reading_ahead(), "a quiet tunnel kept its buffer");
+
+        // The end of the stream reads as zero bytes.
+        drop(peer);
+        assert_eq!(io.read(&mut small).await.unwrap(), 0);
+    }
+}
