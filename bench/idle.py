@@ -108,11 +108,16 @@ class Proxy:
         return metric_sum(self.admin, "revproxy_tunnels")
 
 
-def wait_tunnels(proxy, want, timeout):
-    """Seconds until the proxy holds `want` tunnels; raises after `timeout`."""
+def wait_tunnels(proxy, want, timeout, agents=()):
+    """Seconds until the proxy holds `want` tunnels; raises after `timeout`, or at once if
+    one of the `agents` processes ended (a QUIC agent's endpoint takes about 3 MiB of
+    receive buffers: too many in one machine's memory and the kernel kills one)."""
     start = time.time()
     last = None
     while time.time() - start < timeout:
+        ended = [p.args[0] for p in agents if p.poll() is not None]
+        if ended:
+            raise RuntimeError(f"{len(ended)} agent process(es) ended; {last} of {want} tunnels up")
         last = proxy.tunnels()
         if last is not None and last >= want:
             return time.time() - start
@@ -149,9 +154,10 @@ def start_library_agents(example, ids, count, processes, transport, work):
 
 def start_real_agents(bindir, ids, count, transport, work):
     env = dict(os.environ, RUST_LOG="error")
+    os.makedirs(f"{work}/real", exist_ok=True)
     return [subprocess.Popen([f"{bindir}/revproxy-agent", "run", "--state", f"{ids}/{i}", "--transport", transport,
                               "--map", f"idle{i}.bench.test=127.0.0.1:9"],
-                             stdout=subprocess.DEVNULL, stderr=open(f"{work}/real-{i}.log", "w"), env=env)
+                             stdout=subprocess.DEVNULL, stderr=open(f"{work}/real/{i}.log", "w"), env=env)
             for i in range(count)]
 
 
@@ -204,7 +210,7 @@ def main():
             rss0 = run.rss_kib(proxy.proc.pid)
             agents = start_library_agents(example, ids, args.agents, args.processes, transport, work)
             try:
-                up = wait_tunnels(proxy, args.agents, 600)
+                up = wait_tunnels(proxy, args.agents, 600, agents)
                 log(f"{transport}: {args.agents} tunnels up in {up:.1f} s")
                 row["first connect (s)"] = up
                 kib, cpu, rss = settle_and_measure(proxy, args.agents, rss0, args.settle, args.window)
@@ -214,7 +220,7 @@ def main():
                 refused0 = metric_sum(proxy.admin, "revproxy_agent_port_refused_total") or 0
                 proxy.kill()
                 proxy.start()
-                back = wait_tunnels(proxy, args.agents, 600)
+                back = wait_tunnels(proxy, args.agents, 600, agents)
                 row["all back after a proxy restart (s)"] = back
                 # Counters restart with the process.
                 refused = metric_sum(proxy.admin, "revproxy_agent_port_refused_total") or 0
