@@ -118,6 +118,12 @@ const HANDSHAKE_SHARE: usize = 2;
 /// enrollments beyond this is closed at once and never holds what tunnels, renewals and
 /// mesh channels need.
 const ENROLLMENT_SHARE: usize = 8;
+/// At most this many handshakes at once however many agents the port holds: each holds
+/// a TLS state and its buffers for up to 10 s, and anyone may start one (the shares of
+/// the 4,096 connections the port held before it could hold more).
+const MAX_HANDSHAKES: usize = 2048;
+/// At most this many enrollment exchanges at once, likewise.
+const MAX_ENROLLMENTS: usize = 512;
 
 /// The caps a proxy was configured with, before they are fitted to the open-file limit.
 #[derive(Clone, Copy, Debug)]
@@ -150,8 +156,8 @@ impl Limits {
             agents,
             handshakes_per_source: requested.handshakes_per_source,
             handshakes_per_prefix: 4 * requested.handshakes_per_source,
-            handshakes: (agents / HANDSHAKE_SHARE).max(1),
-            enrollments: (agents / ENROLLMENT_SHARE).max(1),
+            handshakes: (agents / HANDSHAKE_SHARE).clamp(1, MAX_HANDSHAKES),
+            enrollments: (agents / ENROLLMENT_SHARE).clamp(1, MAX_ENROLLMENTS),
         }
     }
 }
@@ -551,7 +557,9 @@ mod tests {
         assert_eq!((default.agents, default.clients), (2_488, 17_416));
         let configured = Limits::sized(requested(Some(12_000)), 20_000, 2);
         assert_eq!((configured.agents, configured.clients), (12_000, 7_904));
-        assert_eq!(configured.handshakes, 6_000);
+        assert_eq!(configured.handshakes, MAX_HANDSHAKES);
+        assert_eq!(configured.enrollments, MAX_ENROLLMENTS);
+        assert_eq!(default.handshakes, 1_244);
         // Public clients keep an eighth whatever is asked.
         let greedy = Limits::sized(requested(Some(1_000_000)), 20_000, 2);
         assert_eq!((greedy.agents, greedy.clients), (17_416, 2_488));

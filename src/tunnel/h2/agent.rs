@@ -68,6 +68,8 @@ pub(crate) async fn connect(
     tls.get_mut()
         .1
         .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
+    // The proxy's certificate was verified against the pinned CA.
+    tls.get_mut().0.allow_read_ahead();
     let mut conn = builder()
         .handshake::<_, Bytes>(Gathered::new(tls))
         .await

@@ -54,10 +54,12 @@ pub(crate) async fn connect(
         .await
         .map_err(ConnectError::Connect)?;
     let _ = tcp.set_nodelay(true);
-    let tls = TlsConnector::from(Arc::new(config))
+    let mut tls = TlsConnector::from(Arc::new(config))
         .connect(name, super::tunnel_io(tcp))
         .await
         .map_err(|e| ConnectError::Tls(e.to_string()))?;
+    // The proxy's certificate was verified against the pinned CA.
+    tls.get_mut().0.allow_read_ahead();
     let (sender, mut conn) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(STREAM_WINDOW * MAX_UPWARD)
@@ -92,11 +94,13 @@ pub(crate) struct Incoming {
 /// completes the channel takes no new streams (GOAWAY; the agent dials a new channel) and
 /// ends once the open ones have.
 pub(crate) async fn serve(
-    tls: TlsStream<TunnelIo>,
+    mut tls: TlsStream<TunnelIo>,
     on_stream: impl Fn(Incoming),
     retire: impl Future<Output = ()>,
     close: impl Future<Output = ()>,
 ) -> Result<(), MeshError> {
+    // The agent's certificate was verified in the TLS handshake.
+    tls.get_mut().0.allow_read_ahead();
     let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(STREAM_WINDOW * MAX_UPWARD)

@@ -52,6 +52,8 @@ fn builder() -> h2::client::Builder {
 /// [`HANDSHAKE_TIMEOUT`].
 pub(crate) async fn handshake(mut tls: TlsStream<TunnelIo>) -> Result<Handshaken, HandshakeError> {
     tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
+    // The agent's certificate was verified in the TLS handshake.
+    tls.get_mut().0.allow_read_ahead();
     let heard = tls.get_ref().0.heard();
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, builder().handshake(Gathered::new(tls))).await {
         Ok(done) => {

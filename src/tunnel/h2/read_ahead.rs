@@ -6,7 +6,9 @@
 //! tunnel reads straight into rustls' buffer until a read fills it (more is likely
 //! waiting), then reads ahead into a buffer of its own, and gives that back at the first
 //! read after it was drained with no large read for a second (an idle tunnel's next
-//! keep-alive).
+//! keep-alive). Only a connection whose TLS handshake authenticated the other end may
+//! read ahead ([`TunnelIo::allow_read_ahead`]): a stranger that sends a few KiB and falls
+//! silent must not hold 256 KiB of the proxy's memory each until its handshake times out.
 
 use std::io;
 use std::pin::Pin;
@@ -22,8 +24,9 @@ use tokio::net::TcpStream;
 
 /// The read-ahead buffer of a busy tunnel.
 pub(crate) const READ_AHEAD: usize = 256 * 1024;
-/// A fill of at least this much counts as busy (a sixteenth of the buffer).
-const LARGE_FILL: usize = READ_AHEAD / 16;
+/// A read of at least this much counts as busy: what rustls asks for at once, so a read
+/// that fills its buffer and a fill of ours are judged alike.
+const LARGE_FILL: usize = 4096;
 /// A drained buffer with no large fill for this long is given back.
 const QUIET: Duration = Duration::from_secs(1);
 
@@ -62,6 +65,8 @@ pub(crate) struct TunnelIo {
     /// When a read last filled the reader's buffer or a large part of ours.
     last_large: Instant,
     heard: Arc<Heard>,
+    /// The other end was authenticated: reading ahead is allowed.
+    allowed: bool,
 }
 
 impl TunnelIo {
@@ -73,7 +78,14 @@ impl TunnelIo {
             filled: 0,
             last_large: Instant::now(),
             heard: Arc::new(Heard::default()),
+            allowed: false,
         }
+    }
+
+    /// Lets this connection read ahead while busy: called once the TLS handshake has
+    /// authenticated the other end (the agent's certificate, or the proxy's pinned one).
+    pub(crate) fn allow_read_ahead(&mut self) {
+        self.allowed = true;
     }
 
     /// When this connection last received anything.
@@ -114,7 +126,8 @@ impl AsyncRead for TunnelIo {
                 if out.filled().len() > before {
                     this.heard.mark();
                 }
-                if out.filled().len() > before && out.remaining() == 0 {
+                let read = out.filled().len() - before;
+                if read >= LARGE_FILL.min(out.capacity()) && out.remaining() == 0 && this.allowed {
                     this.last_large = Instant::now();
                     if this.ahead.is_empty() {
                         this.ahead = vec![0; READ_AHEAD].into_boxed_slice();
@@ -182,7 +195,26 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (TunnelIo::new(accepted.unwrap().0), client.unwrap())
+        let mut io = TunnelIo::new(accepted.unwrap().0);
+        io.allow_read_ahead();
+        (io, client.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_connection_not_yet_authenticated_never_reads_ahead() {
+        let (mut io, mut peer) = pair().await;
+        io.allowed = false;
+        let burst = vec![7u8; 1_000_000];
+        let writer = tokio::spawn(async move { peer.write_all(&burst).await });
+        let mut got = 0;
+        let mut chunk = [0u8; 4096];
+        while got < 1_000_000 {
+            let n = io.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            got += n;
+            assert!(!io.reading_ahead(), "read ahead before authentication");
+        }
+        writer.await.unwrap().unwrap();
     }
 
     #[tokio::test]
