@@ -45,9 +45,10 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const UDP_BUFFER: usize = 8 * 1024 * 1024;
 
 /// The largest packets MTU discovery looks for: jumbo frames (9,000 bytes less the IPv6
-/// and UDP headers) where the path has them, instead of quinn's 1,452. A path with a
-/// smaller MTU costs a few lost probes and stays where it was; one with jumbo frames (a
-/// data centre, loopback) moves a sixth of the packets for the same bytes.
+/// and UDP headers) where the path has them, instead of quinn's 1,452. Discovery also
+/// stops at the UDP payload the peer announces (`EndpointConfig::max_udp_payload_size`,
+/// left at quinn's 1,472 on both ends), so today packets stay at 1,452 bytes
+/// (docs/protocol.md, "packet size").
 const MTU_UPPER_BOUND: u16 = 8952;
 
 /// QUIC datagrams (the UDP flows of granted ports, `tunnel/udp.rs`) received and not yet
