@@ -19,14 +19,13 @@ For each transport, against one release proxy on 127.0.0.1 (its own state, a fre
 - **Real agents** (`revproxy-agent run`, one process each, `--real`): the same memory and
   CPU figures with that many processes, as issue 33 measured them first.
 
-Prints a Markdown table for docs/benchmarks.md. The proxy keeps its default caps except the
-per-source handshake cap's effect is reported, not lifted: every agent here comes from
-127.0.0.1, one source, which is the hardest case for a storm.
+Prints a Markdown table for docs/benchmarks.md. The proxy keeps its default caps but for
+`max_agent_connections` (raised above N): the per-source handshake cap is not lifted, and
+every agent here comes from 127.0.0.1, one source, the hardest case for a storm.
 """
 
 import argparse
 import os
-import re
 import resource
 import signal
 import subprocess
@@ -237,7 +236,7 @@ def main():
                 rss0 = run.rss_kib(proxy.proc.pid)
                 agents = start_real_agents(bindir, ids, args.real, transport, work)
                 try:
-                    wait_tunnels(proxy, args.real, 300)
+                    wait_tunnels(proxy, args.real, 300, agents)
                     kib, cpu, _ = settle_and_measure(proxy, args.real, rss0, args.settle, args.window)
                     log(f"{transport}: {args.real} real agents: {kib:.1f} KiB per tunnel, {cpu:.2f}% per 10,000")
                     row[f"memory per idle tunnel, {args.real} agent processes (KiB)"] = kib
@@ -246,7 +245,7 @@ def main():
                     stop(agents)
     finally:
         proxy.kill()
-    machine = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    machine = os.cpu_count()
     print(f"\n{args.agents} library agents in {args.processes} processes, {args.real} real agents; "
           f"{args.settle:.0f} s settle, {args.window:.0f} s CPU window; {machine} cores.\n")
     names = list(dict.fromkeys(k for r in rows.values() for k in r))

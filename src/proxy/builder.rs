@@ -295,8 +295,9 @@ impl ProxyBuilder {
     }
 
     /// Most connections on the agent port at once, per protocol (default
-    /// [`MAX_AGENT_CONNECTIONS`](super::MAX_AGENT_CONNECTIONS) or an eighth of the open-file limit, whichever is less);
-    /// lowered to seven eighths of the open-file limit.
+    /// [`MAX_AGENT_CONNECTIONS`](super::MAX_AGENT_CONNECTIONS) or an eighth of the
+    /// open-file limit, whichever is less); lowered to seven eighths of the open-file
+    /// limit, with a warning.
     pub fn max_agent_connections(mut self, max: usize) -> Self {
         self.max_agent_connections = Some(max);
         self
@@ -433,6 +434,16 @@ impl ProxyBuilder {
             fd_limit,
             crate::runtime::lanes::Lanes::shared()?.all().len(),
         );
+        if let Some(asked) = self.max_agent_connections.filter(|&n| n > limits.agents) {
+            warn!(
+                asked,
+                agents = limits.agents,
+                fd_limit,
+                "max_agent_connections is more than the open-file limit allows (the agent \
+                 port takes at most seven eighths of it): raise the limit (LimitNOFILE= in \
+                 a systemd unit) to hold that many"
+            );
+        }
         info!(
             fd_limit,
             clients = limits.clients,

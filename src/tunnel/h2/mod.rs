@@ -125,13 +125,18 @@ pub(crate) async fn watch_silence(
         let silent = heard.silent_for();
         if silent < SILENCE {
             tokio::time::sleep(SILENCE - silent).await;
-            continue;
+        } else if let Err(e) = ping_once(&mut ping).await {
+            return e;
         }
-        match tokio::time::timeout(PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return KeepaliveError::Failed(e),
-            Err(_) => return KeepaliveError::NoAnswer,
-        }
+    }
+}
+
+/// One PING, answered within [`PING_TIMEOUT`].
+async fn ping_once(ping: &mut h2::PingPong) -> Result<(), KeepaliveError> {
+    match tokio::time::timeout(PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(KeepaliveError::Failed(e)),
+        Err(_) => Err(KeepaliveError::NoAnswer),
     }
 }
 
@@ -141,10 +146,8 @@ pub(crate) async fn watch_silence(
 pub(crate) async fn keepalive(mut ping: h2::PingPong) -> KeepaliveError {
     loop {
         tokio::time::sleep(PING_INTERVAL).await;
-        match tokio::time::timeout(PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return KeepaliveError::Failed(e),
-            Err(_) => return KeepaliveError::NoAnswer,
+        if let Err(e) = ping_once(&mut ping).await {
+            return e;
         }
     }
 }

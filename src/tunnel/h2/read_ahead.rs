@@ -17,13 +17,12 @@ use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// The read-ahead buffer of a busy tunnel.
-pub(crate) const READ_AHEAD: usize = 256 * 1024;
+const READ_AHEAD: usize = 256 * 1024;
 /// A read of at least this much counts as busy: what rustls asks for at once, so a read
 /// that fills its buffer and a fill of ours are judged alike.
 const LARGE_FILL: usize = 4096;
@@ -71,13 +70,16 @@ pub(crate) struct TunnelIo {
 
 impl TunnelIo {
     pub(crate) fn new(tcp: TcpStream) -> TunnelIo {
+        // Its silence counts from now.
+        let heard = Arc::new(Heard::default());
+        heard.mark();
         TunnelIo {
             tcp,
             ahead: Box::default(),
             pos: 0,
             filled: 0,
             last_large: Instant::now(),
-            heard: Arc::new(Heard::default()),
+            heard,
             allowed: false,
         }
     }
@@ -90,9 +92,7 @@ impl TunnelIo {
 
     /// When this connection last received anything.
     pub(crate) fn heard(&self) -> Arc<Heard> {
-        let heard = self.heard.clone();
-        heard.mark();
-        heard
+        self.heard.clone()
     }
 
     /// Whether a read-ahead buffer is held (for tests).
@@ -123,10 +123,10 @@ impl AsyncRead for TunnelIo {
                 // Straight into the reader's buffer.
                 let before = out.filled().len();
                 ready!(Pin::new(&mut this.tcp).poll_read(cx, out))?;
-                if out.filled().len() > before {
+                let read = out.filled().len() - before;
+                if read > 0 {
                     this.heard.mark();
                 }
-                let read = out.filled().len() - before;
                 if read >= LARGE_FILL.min(out.capacity()) && out.remaining() == 0 && this.allowed {
                     this.last_large = Instant::now();
                     if this.ahead.is_empty() {
