@@ -11,8 +11,9 @@ For each transport, against one release proxy on 127.0.0.1 (its own state, a fre
 - **Library agents** (`examples/idle_agents.rs`): N agents, each with its own identity and its
   own TCP or UDP connection, spread over a few processes. Once all N tunnels are up
   (`revproxy_tunnels` on the admin listener) and have settled, the proxy's resident memory
-  over its memory before any agent came, divided by N, and its CPU (user + system, all
-  threads) over the window, per 10,000 tunnels.
+  over its memory before any agent came, divided by N, and its CPU (all threads, the
+  scheduler's nanosecond count) over the window over what it used alone before any agent
+  came, per 10,000 tunnels.
 - **Reconnect storm**: the proxy is killed (SIGKILL, as a crash) and started again on the
   same ports; the time from its listening again to all N tunnels up, and how many
   handshakes its caps refused meanwhile.
@@ -120,20 +121,47 @@ def wait_tunnels(proxy, want, timeout, agents=()):
         last = proxy.tunnels()
         if last is not None and last >= want:
             return time.time() - start
-        time.sleep(0.2)
+        time.sleep(1)  # a scrape of thousands of agents' series costs the proxy
     raise RuntimeError(f"only {last} of {want} tunnels up after {timeout}s")
 
 
-def settle_and_measure(proxy, count, rss_before, settle, window):
+def cpu_ns(pid):
+    """Nanoseconds the threads of `pid` have run (the scheduler's own count: /proc's
+    utime and stime tick in 10 ms, too coarse for a few hundred idle tunnels)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            pass  # a thread that just ended
+    return total
+
+
+def cpu_share(pid, window):
+    """The share of a core `pid` used over `window` seconds."""
+    cpu0, t0 = cpu_ns(pid), time.time()
+    time.sleep(window)
+    return (cpu_ns(pid) - cpu0) / 1e9 / (time.time() - t0)
+
+
+def settle_and_measure(proxy, count, before, settle, window):
     """KiB of proxy memory per tunnel and % of a core per 10,000 tunnels, after `settle`
-    seconds, over `window` seconds."""
+    seconds, over `window` seconds: both over the proxy's alone (`before`: its RSS in KiB
+    and its share of a core with no agent)."""
+    rss_before, cpu_before = before
     time.sleep(settle)
     pid = proxy.proc.pid
-    cpu0, t0 = run.cpu_seconds([pid]), time.time()
-    time.sleep(window)
-    cpu = (run.cpu_seconds([pid]) - cpu0) / (time.time() - t0)
+    cpu = cpu_share(pid, window)
     rss = run.rss_kib(pid)
-    return (rss - rss_before) / count, cpu * 100 * 10000 / count, rss
+    return (rss - rss_before) / count, (cpu - cpu_before) * 100 * 10000 / count, rss
+
+
+def proxy_alone(proxy, window):
+    """The fresh proxy's RSS (KiB) and share of a core with no agent, over `window` s."""
+    time.sleep(2)
+    cpu = cpu_share(proxy.proc.pid, window)
+    return run.rss_kib(proxy.proc.pid), cpu
 
 
 def start_library_agents(example, ids, count, processes, transport, work):
@@ -205,14 +233,14 @@ def main():
             # Library agents.
             proxy.kill()
             proxy.start()
-            time.sleep(2)
-            rss0 = run.rss_kib(proxy.proc.pid)
+            alone = proxy_alone(proxy, args.window / 2)
+            row["the proxy alone, no agent (% of a core)"] = alone[1] * 100
             agents = start_library_agents(example, ids, args.agents, args.processes, transport, work)
             try:
                 up = wait_tunnels(proxy, args.agents, 600, agents)
                 log(f"{transport}: {args.agents} tunnels up in {up:.1f} s")
                 row["first connect (s)"] = up
-                kib, cpu, rss = settle_and_measure(proxy, args.agents, rss0, args.settle, args.window)
+                kib, cpu, rss = settle_and_measure(proxy, args.agents, alone, args.settle, args.window)
                 log(f"{transport}: {kib:.1f} KiB per tunnel, {cpu:.2f}% of a core per 10,000 (RSS {rss} KiB)")
                 row["memory per idle tunnel, library agents (KiB)"] = kib
                 row["CPU per 10,000 idle tunnels, library agents (% of a core)"] = cpu
@@ -232,12 +260,11 @@ def main():
             if args.real:
                 proxy.kill()
                 proxy.start()
-                time.sleep(2)
-                rss0 = run.rss_kib(proxy.proc.pid)
+                alone = proxy_alone(proxy, args.window / 2)
                 agents = start_real_agents(bindir, ids, args.real, transport, work)
                 try:
                     wait_tunnels(proxy, args.real, 300, agents)
-                    kib, cpu, _ = settle_and_measure(proxy, args.real, rss0, args.settle, args.window)
+                    kib, cpu, _ = settle_and_measure(proxy, args.real, alone, args.settle, args.window)
                     log(f"{transport}: {args.real} real agents: {kib:.1f} KiB per tunnel, {cpu:.2f}% per 10,000")
                     row[f"memory per idle tunnel, {args.real} agent processes (KiB)"] = kib
                     row[f"CPU per 10,000 idle tunnels, {args.real} agent processes (% of a core)"] = cpu

@@ -399,6 +399,7 @@ pub(super) async fn hold(
     drop(unproven);
     shared.metrics.tunnel_up(tunnel.transport());
     info!(agent = %tunnel.agent, tunnel = id, transport = %tunnel.transport(), extra = tunnel.extra.then_some(true), hosts = %crate::runtime::logging::list(&hosts.public), private = %crate::runtime::logging::list(&hosts.private), "tunnel up");
+    super::background::tell_new_tunnel(&shared, &tunnel);
     // Which of the proxy's reasons closed it, if one did (the metric's label).
     let closed_by = std::sync::OnceLock::new();
     let close = async {

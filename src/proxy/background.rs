@@ -121,15 +121,9 @@ const TELL_AT_ONCE: usize = 256;
 /// proxies share the store now, so that it opens a tunnel to one that joined within
 /// seconds, not at its next poll (`tunnel/control.rs`).
 async fn tell_agents(shared: Arc<Shared>) {
-    let list = serde_json::to_vec(&super::enroll::proxy_list(&shared)).expect("list serializes");
-    if list.len() > crate::tunnel::control::MAX_PROXY_LIST {
-        warn!(
-            bytes = list.len(),
-            "the proxy list is too long to send to agents; they poll for it"
-        );
-        return;
-    }
-    let list = bytes::Bytes::from(list);
+    let Some(list) = list_to_tell(&shared) else {
+        return warn!("the proxy list is too long to send to agents; they poll for it");
+    };
     let tunnels = shared.registry.own_tunnels();
     let total = tunnels.len();
     let (mut told, mut running) = (0usize, JoinSet::new());
@@ -146,6 +140,28 @@ async fn tell_agents(shared: Arc<Shared>) {
     if total > 0 {
         info!(told, tunnels = total, "told the agents of the proxy list");
     }
+}
+
+/// The proxy list as agents are told it; `None` if it is too long to tell.
+fn list_to_tell(shared: &Shared) -> Option<bytes::Bytes> {
+    let list = serde_json::to_vec(&super::enroll::proxy_list(shared)).expect("list serializes");
+    (list.len() <= crate::tunnel::control::MAX_PROXY_LIST).then(|| bytes::Bytes::from(list))
+}
+
+/// Tells the agent of a tunnel that just came up which proxies share the store: one
+/// whose tunnels were all down when they last changed missed that telling, and polls for
+/// the list only every [`crate::agent::PROXY_REFRESH`]. On a shared store only.
+pub(super) fn tell_new_tunnel(shared: &Arc<Shared>, tunnel: &Arc<super::tunnel::Tunnel>) {
+    if tunnel.extra || !shared.ca.state().shared() {
+        return;
+    }
+    let Some(list) = list_to_tell(shared) else {
+        return;
+    };
+    let tunnel = tunnel.clone();
+    crate::runtime::lanes::spawn(async move {
+        tunnel.tell_proxies(list).await;
+    });
 }
 
 /// Takes this proxy off the shared store's list (at shutdown), so agents stop dialing it

@@ -14,6 +14,7 @@ use super::agent_port::{hold, Budgets, Held, Unproven};
 use super::{Limits, Shared};
 use crate::runtime::lanes::{Lane, Lanes};
 use crate::runtime::shutdown::Trigger;
+use crate::tunnel::quic::peers::Peers;
 use crate::tunnel::{self, quic};
 
 /// An endpoint per socket of the port's group, each on its lane, and the switch of their
@@ -25,6 +26,20 @@ use crate::tunnel::{self, quic};
 pub(super) struct QuicPort {
     endpoints: Vec<(Lane, quinn::Endpoint)>,
     switch: quic::proxy::ReadSwitch,
+    /// This process's tunnels' agents, and where the table is written.
+    peers: Arc<Peers>,
+    table: Option<std::path::PathBuf>,
+    /// On a cold start: the agents of the process before, to be reset (its table, a
+    /// socket of the port, the reset key).
+    earlier: Option<Earlier>,
+}
+
+/// What a cold start needs to reset the last process's QUIC tunnels (`peers.rs`).
+struct Earlier {
+    /// Their agents and the IDs they send to, from the tables in the state directory.
+    peers: Vec<(SocketAddr, [u8; quic::takeover::CID_LEN])>,
+    socket: std::net::UdpSocket,
+    reset_key: ring::hmac::Key,
 }
 
 /// The UDP sockets for QUIC tunnels at the agent listener's address: one per lane.
@@ -96,6 +111,29 @@ impl QuicPort {
         }
         let generation = quic::takeover::next_generation(state_dir);
         let key = quic::proxy::cid_key(reset_secret);
+        let peers = Arc::new(Peers::new(quic::takeover::GenerationCids::new(
+            &key, generation,
+        )));
+        let table = match quic::peers::table_path(state_dir, generation) {
+            Ok(path) => Some(path),
+            Err(e) => {
+                warn!(dir = %state_dir.display(), error = %e, "cannot keep a table of the QUIC tunnels; after a crash their agents find the restarted proxy at their next keep-alive instead of at once");
+                None
+            }
+        };
+        // A process that takes the sockets over leaves the old one's tunnels be. Read
+        // before this process's table is first written (a file of tunnels younger than
+        // the idle timeout).
+        let earlier = match reading {
+            true => (quic[0].try_clone())
+                .map(|socket| Earlier {
+                    peers: quic::peers::take_earlier(state_dir, quic::IDLE_TIMEOUT),
+                    socket,
+                    reset_key: quic::proxy::reset_key(reset_secret),
+                })
+                .ok(),
+            false => None,
+        };
         let (mut endpoints, mut switches) = (Vec::new(), Vec::new());
         for ((index, socket), lane) in (0..).zip(quic).zip(lanes.all().iter().cycle()) {
             let takeover = quic::proxy::Takeover {
@@ -103,6 +141,7 @@ impl QuicPort {
                 generation,
                 key: key.clone(),
                 steer: quic::steer::Steer { index, count },
+                peers: peers.clone(),
             };
             let config = quic::proxy::endpoint_config(reset_secret, &takeover);
             // Its socket, its driver and the connections it accepts are the lane's.
@@ -113,7 +152,13 @@ impl QuicPort {
             switches.push(switch);
         }
         let switch = quic::proxy::ReadSwitch::join(switches);
-        Ok(Some(QuicPort { endpoints, switch }))
+        Ok(Some(QuicPort {
+            endpoints,
+            switch,
+            peers,
+            table,
+            earlier,
+        }))
     }
 
     /// The endpoints and the switch that stops them reading.
@@ -136,20 +181,39 @@ impl QuicPort {
             let endpoints = self.endpoints.len();
             info!(%addr, endpoints, "QUIC tunnel listener ready (udp)");
         }
+        // The agents of a crashed process before this one reconnect now, not at their
+        // next keep-alive; this process's own are written down for the next one.
+        if let Some(earlier) = self.earlier {
+            let Earlier {
+                peers,
+                socket,
+                reset_key,
+            } = earlier;
+            tokio::spawn(quic::peers::reset(peers, socket, reset_key));
+        }
+        let keeping =
+            (self.table).map(|path| tokio::spawn(self.peers.clone().keep(path, stop.clone())));
         let permits = Arc::new(Semaphore::new(limits.agents));
         let per_source =
             PerSource::with_prefix_cap(limits.handshakes_per_source, limits.handshakes_per_prefix);
         // Each endpoint accepts on its lane: a connection runs where it was accepted
         // (quinn spawns its task there), with its streams and its clients.
         let loops = self.endpoints.into_iter().map(|(lane, endpoint)| {
-            let (shared, budgets) = (shared.clone(), budgets.clone());
+            let (shared, budgets, peers) = (shared.clone(), budgets.clone(), self.peers.clone());
             let handle = move |incoming: quinn::Incoming, peer: SocketAddr, slot| {
                 let (shared, budgets) = (shared.clone(), budgets.clone());
+                let tracked = peers.track(peer);
                 async move {
                     let Some(unproven) = budgets.handshake(&shared, peer, slot) else {
                         return incoming.refuse();
                     };
-                    serve_quic(shared, budgets, incoming, peer, unproven).await
+                    let arrival = Arrival {
+                        incoming,
+                        peer,
+                        unproven,
+                        tracked,
+                    };
+                    serve_quic(shared, budgets, arrival).await
                 }
             };
             let serve = accept::serve(
@@ -169,6 +233,9 @@ impl QuicPort {
         // Spawned on their lanes as they are collected; each then awaited.
         for running in loops.collect::<Vec<_>>() {
             running.await;
+        }
+        if let Some(keeping) = keeping {
+            let _ = keeping.await;
         }
     }
 }
@@ -194,14 +261,24 @@ impl Acceptor for QuicAcceptor {
     }
 }
 
-/// One QUIC connection on the agent port: always a tunnel.
-async fn serve_quic(
-    shared: Arc<Shared>,
-    budgets: Arc<Budgets>,
+/// A QUIC connection the agent port took on.
+struct Arrival {
     incoming: quinn::Incoming,
     peer: SocketAddr,
+    /// Its share of the handshake caps.
     unproven: Unproven,
-) {
+    /// Its agent in this process's table, once it is a tunnel.
+    tracked: quic::peers::Tracked,
+}
+
+/// One QUIC connection on the agent port: always a tunnel.
+async fn serve_quic(shared: Arc<Shared>, budgets: Arc<Budgets>, arrival: Arrival) {
+    let Arrival {
+        incoming,
+        peer,
+        unproven,
+        tracked,
+    } = arrival;
     let accepted = tunnel::accept_quic(incoming).await;
     let Unproven {
         slot: unproven,
@@ -226,6 +303,7 @@ async fn serve_quic(
     };
     // Counted in its lane's load, as an h2 tunnel is: new h2 tunnels go elsewhere first.
     let _counted = Lane::here().take();
+    tracked.up();
     hold(
         shared,
         Held {

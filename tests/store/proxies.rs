@@ -62,7 +62,7 @@ async fn agents_hear_of_proxies_joining_and_leaving(t: revproxy::agent::Transpor
     let dir = tempfile::tempdir().unwrap();
     let token = d.token("web-1", &["app.example.com"], first.addr);
     revproxy::agent::enroll(&token, dir.path()).await.unwrap();
-    // The default poll, every minute: longer than anything here waits.
+    // The default poll, every 9-10 minutes: longer than anything here waits.
     let _agent = start_agent(dir.path(), &[("app.example.com", backend)], |b| {
         b.transport(t)
     });

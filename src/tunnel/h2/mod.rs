@@ -94,8 +94,9 @@ pub(crate) fn connect_target<B>(request: &http::Request<B>) -> (String, Option<&
     (name, client)
 }
 
-/// Interval between keep-alive PINGs on an idle tunnel, from either side.
-pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// Interval between the agent's keep-alive PINGs on a tunnel (and both ends' on a mesh
+/// connection): each costs the proxy a read and an answer.
+pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(15);
 /// A PING unanswered this long means the tunnel is dead.
 pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -110,7 +111,7 @@ pub(crate) enum KeepaliveError {
 
 /// The proxy PINGs a tunnel it has heard nothing from for this long (the agent PINGs every
 /// [`PING_INTERVAL`], so a live agent is heard well within it).
-pub(crate) const SILENCE: Duration = Duration::from_secs(12);
+pub(crate) const SILENCE: Duration = Duration::from_secs(17);
 
 /// The proxy's keep-alive: the agent PINGs every [`PING_INTERVAL`] and the proxy answers;
 /// the proxy PINGs only a tunnel it has heard nothing from for [`SILENCE`], and gives it

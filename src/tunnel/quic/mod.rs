@@ -10,6 +10,7 @@
 //! Here: settings, error codes, UDP sockets and the header reader both ends share.
 
 pub(crate) mod agent;
+pub(crate) mod peers;
 pub(crate) mod proxy;
 mod socket;
 pub(crate) mod splice;
@@ -32,14 +33,16 @@ use crate::wire::stream::{FrameError, Parse, MAX_FRAME};
 /// by its stream-open timeout, which is longer than the agent's backend dial timeout).
 pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// An idle tunnel sends a keep-alive this often (a PING and its ACK: about 200 bytes a
-/// second per idle tunnel, both ways together). It is also how soon an agent learns that
-/// its proxy was restarted: the new process answers the keep-alive with a stateless reset
-/// (it keeps the reset key, `proxy::endpoint_config`), so the agent is back within a second of
-/// the proxy listening again.
-pub(crate) const KEEPALIVE: Duration = Duration::from_millis(500);
-/// ...and a tunnel that heard nothing for this long is dead (a few lost keep-alives).
-pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An idle tunnel's agent sends a keep-alive this often (a PING and its ACK), which keeps
+/// NAT mappings open (most forget a silent UDP flow after 30 s or more) and the idle
+/// timers running, at a cost to the proxy of two packets per tunnel per interval. A
+/// proxy restarted after a crash does not wait for it: it resets the last process's
+/// tunnels as it starts (`peers.rs`); without that table, it answers the next keep-alive
+/// with a stateless reset (it keeps the reset key, `proxy::endpoint_config`).
+pub(crate) const KEEPALIVE: Duration = Duration::from_secs(15);
+/// ...and a tunnel that heard nothing for this long is dead: a frozen agent or proxy is
+/// found within it (a lost keep-alive is sent again within a round trip or two).
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(27);
 /// UDP socket buffer asked of the OS on both ends. Small buffers drop bursts and make
 /// QUIC throughput collapse, so the log says when the OS gives less.
 pub(crate) const UDP_BUFFER: usize = 8 * 1024 * 1024;

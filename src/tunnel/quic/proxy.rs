@@ -85,16 +85,18 @@ const MIN_RESET_INTERVAL: Duration = Duration::from_millis(1);
 /// Connection IDs carry the process's generation (`takeover.rs`), keyed with
 /// [`cid_key`], and name the endpoint's socket in the port's group (`steer.rs`).
 pub(crate) fn endpoint_config(secret: &[u8], takeover: &Takeover) -> quinn::EndpointConfig {
-    let reset = derive(secret, b"revproxy QUIC stateless reset key v1");
-    let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
-        ring::hmac::HMAC_SHA256,
-        reset.as_ref(),
-    )));
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key(secret)));
     let (key, generation, steer) = (takeover.key.clone(), takeover.generation, takeover.steer);
     config
         .cid_generator(move || Box::new(GenerationCids::new(&key, generation).steered(steer)))
         .min_reset_interval(MIN_RESET_INTERVAL);
     config
+}
+
+/// The key of the stateless resets' tokens, from the same `secret`.
+pub(crate) fn reset_key(secret: &[u8]) -> ring::hmac::Key {
+    let reset = derive(secret, b"revproxy QUIC stateless reset key v1");
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref())
 }
 
 /// The key of the connection IDs' signatures, from the same `secret`.

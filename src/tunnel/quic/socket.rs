@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::peers::Peers;
 use super::steer::Steer;
 use super::takeover::{Forwarded, Forwarder};
 use crate::runtime::shutdown::Trigger;
@@ -34,14 +35,16 @@ struct SwitchState {
 }
 
 /// This process's generation, the state directory its forwarding sockets live in, the
-/// connection-ID key (to forward only IDs this state directory's processes issued), and
-/// which socket of the port's group the endpoint reads.
+/// connection-ID key (to forward only IDs this state directory's processes issued),
+/// which socket of the port's group the endpoint reads, and the table of its tunnels'
+/// agents that a process started after a crash resets (`peers.rs`).
 #[derive(Clone)]
 pub(crate) struct Takeover {
     pub(crate) dir: std::path::PathBuf,
     pub(crate) generation: u8,
     pub(crate) key: Vec<u8>,
     pub(crate) steer: Steer,
+    pub(crate) peers: Arc<Peers>,
 }
 
 impl std::fmt::Debug for Takeover {
@@ -233,6 +236,10 @@ impl quinn::AsyncUdpSocket for Switchable {
             }
         }
         let count = std::task::ready!(self.inner.poll_recv(cx, bufs, meta))?;
+        for (buf, meta) in bufs.iter().zip(meta.iter()).take(count) {
+            // A handshake's datagrams start with its long-header packets.
+            (self.switch.takeover.peers).saw(meta.addr, &buf[..meta.len]);
+        }
         if let Some(forwarder) = &self.forwarder {
             for (buf, meta) in bufs.iter_mut().zip(meta.iter_mut()).take(count) {
                 meta.len = forwarder.sift(buf, meta);

@@ -85,6 +85,11 @@ impl GenerationCids {
         GenerationCids { steer, ..self }
     }
 
+    /// Whether `id` is one this process issued (its generation, a valid signature).
+    pub(crate) fn issued_here(&self, id: &[u8]) -> bool {
+        id.len() == CID_LEN && id[0] == self.generation && self.signature(&id[..4]) == id[4..]
+    }
+
     fn signature(&self, head: &[u8]) -> [u8; 4] {
         let tag = ring::hmac::sign(&self.key, head);
         tag.as_ref()[..4].try_into().expect("4 bytes")
@@ -121,7 +126,8 @@ impl quinn_proto::ConnectionIdGenerator for GenerationCids {
     }
 }
 
-const CID_LEN: usize = 8;
+/// The length of the connection IDs this proxy issues.
+pub(crate) const CID_LEN: usize = 8;
 
 /// The generation a packet's destination connection ID names, when it names one this
 /// proxy issued: a short-header packet, or a Handshake packet (an Initial's ID is the
