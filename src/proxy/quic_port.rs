@@ -37,7 +37,7 @@ pub(super) struct QuicPort {
 /// What a cold start needs to reset the last process's QUIC tunnels (`peers.rs`).
 struct Earlier {
     /// Their agents and the IDs they send to, from the tables in the state directory.
-    peers: Vec<(SocketAddr, [u8; quic::takeover::CID_LEN])>,
+    peers: Vec<quic::peers::Peer>,
     socket: std::net::UdpSocket,
     reset_key: ring::hmac::Key,
 }
@@ -127,7 +127,11 @@ impl QuicPort {
         let earlier = match reading {
             true => (quic[0].try_clone())
                 .map(|socket| Earlier {
-                    peers: quic::peers::take_earlier(state_dir, quic::IDLE_TIMEOUT),
+                    // A table is marked current every few seconds while unchanged.
+                    peers: quic::peers::take_earlier(
+                        state_dir,
+                        quic::IDLE_TIMEOUT + quic::peers::REFRESH,
+                    ),
                     socket,
                     reset_key: quic::proxy::reset_key(reset_secret),
                 })
@@ -277,7 +281,7 @@ async fn serve_quic(shared: Arc<Shared>, budgets: Arc<Budgets>, arrival: Arrival
         incoming,
         peer,
         unproven,
-        tracked,
+        mut tracked,
     } = arrival;
     let accepted = tunnel::accept_quic(incoming).await;
     let Unproven {
@@ -304,6 +308,18 @@ async fn serve_quic(shared: Arc<Shared>, budgets: Arc<Budgets>, arrival: Arrival
     // Counted in its lane's load, as an h2 tunnel is: new h2 tunnels go elsewhere first.
     let _counted = Lane::here().take();
     tracked.up();
+    if let tunnel::Link::Quic(conn) = &link {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let told = quic::proxy::tell_slow_keepalive(&conn);
+            if tokio::time::timeout(tunnel::control::CONTROL_TIMEOUT, told)
+                .await
+                .is_err()
+            {
+                debug!("the agent did not take the keep-alive message in time");
+            }
+        });
+    }
     hold(
         shared,
         Held {

@@ -294,6 +294,14 @@ impl AgentConn {
         }
     }
 
+    /// The QUIC connection, on a QUIC tunnel.
+    fn quic(&self) -> Option<quinn::Connection> {
+        match self {
+            AgentConn::Quic(conn) => Some(conn.connection()),
+            AgentConn::H2(_) => None,
+        }
+    }
+
     /// Whether the proxy closed the tunnel because it moved to a new process (QUIC; on h2
     /// the move is a message and the tunnel stays until the next one is up).
     fn moved(&self) -> bool {
@@ -333,6 +341,11 @@ impl AgentConn {
         let mut messages = JoinSet::new();
         let mut retiring = false;
         let mut deadline: Option<tokio::time::Instant> = None;
+        // Over QUIC, until the proxy says it keeps idle tunnels long enough for the
+        // keep-alive alone (a proxy before that times them out after 10 s).
+        let mut nudge = self
+            .quic()
+            .map(|_| tokio::time::Instant::now() + crate::tunnel::control::NUDGE_EVERY);
         let result = loop {
             let draining = retiring || deadline.is_some();
             if draining && streams.is_empty() && self.drained_when_idle() {
@@ -347,7 +360,8 @@ impl AgentConn {
                             moving.fire();
                         }
                         Some(h2::agent::Control::Proxies) => {
-                            messages.spawn(with_subscriber(told(h2::agent::read_proxy_list(s), proxies.clone())));
+                            let told = told(h2::agent::read_proxy_list(s), proxies.clone());
+                            messages.spawn(with_subscriber(async { told.await; false }));
                         }
                         Some(h2::agent::Control::Alpn) => h2::agent::answer_alpn(s, &*backends),
                         None => {
@@ -391,8 +405,18 @@ impl AgentConn {
                     self.close("drain grace over");
                     break Ok(());
                 }
+                () = sleep_until(nudge), if nudge.is_some() => {
+                    if let Some(conn) = self.quic() {
+                        messages.spawn(nudge_proxy(conn));
+                    }
+                    nudge = Some(tokio::time::Instant::now() + crate::tunnel::control::NUDGE_EVERY);
+                }
                 Some(_) = streams.join_next(), if !streams.is_empty() => {}
-                Some(_) = messages.join_next(), if !messages.is_empty() => {}
+                Some(slow) = messages.join_next(), if !messages.is_empty() => {
+                    if matches!(slow, Ok(true)) {
+                        nudge = None;
+                    }
+                }
             }
         };
         drop((streams, messages));
@@ -423,23 +447,41 @@ pub(crate) struct Serving<B> {
     pub(crate) proxies: tokio::sync::watch::Sender<Bytes>,
 }
 
-/// Hands on the proxy list a control message carries, once read.
 /// Acts on a QUIC control message: the proxy list, or the news that the proxy moves.
+/// Returns whether it said the proxy keeps idle tunnels long enough for the keep-alive
+/// alone.
 async fn told_quic(
     message: impl Future<Output = Option<quic::agent::Told>>,
     to: tokio::sync::watch::Sender<Bytes>,
     moving: Trigger,
-) {
+) -> bool {
     match message.await {
         Some(quic::agent::Told::Proxies(list)) => told(std::future::ready(Some(list)), to).await,
         Some(quic::agent::Told::Moving) => {
             info!("the proxy is moving to a new process");
             moving.fire();
         }
+        Some(quic::agent::Told::SlowKeepalive) => return true,
         None => {}
     }
+    false
 }
 
+/// An empty unidirectional stream to the proxy (bounded): a proxy before
+/// [`QUIC_SLOW_KEEPALIVE`] reads it and ignores it, and its idle timer starts again.
+///
+/// [`QUIC_SLOW_KEEPALIVE`]: crate::tunnel::control::QUIC_SLOW_KEEPALIVE
+async fn nudge_proxy(conn: quinn::Connection) -> bool {
+    let nudge = async {
+        if let Ok(mut send) = conn.open_uni().await {
+            let _ = send.finish();
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), nudge).await;
+    false
+}
+
+/// Hands on the proxy list a control message carries, once read.
 async fn told(list: impl Future<Output = Option<Bytes>>, to: tokio::sync::watch::Sender<Bytes>) {
     if let Some(list) = list.await {
         debug!("the proxy told of the proxies sharing its store");
@@ -567,5 +609,85 @@ mod tests {
             parse_client_field("garbage tls: tls:\u{7f}:x"),
             ClientField::default()
         );
+    }
+
+    /// An agent's end that has no backend.
+    struct NoBackends;
+
+    impl Backends for NoBackends {
+        async fn dial(&self, _: DialRequest<'_>) -> Result<Dialed, Refusal> {
+            Err(Refusal {
+                status: 404,
+                reason: "no backends here".into(),
+            })
+        }
+
+        fn speaks_h2c(&self, _: &str) -> Option<bool> {
+            None
+        }
+    }
+
+    /// Serves the QUIC tunnel `near` as an agent does, until the task is dropped.
+    fn serving(near: quinn::Connection, endpoint: quinn::Endpoint) -> tokio::task::JoinHandle<()> {
+        let conn = AgentConn::Quic(quic::agent::Conn::from_parts(near, endpoint));
+        tokio::spawn(async move {
+            let _ = conn
+                .serve(Serving {
+                    backends: Arc::new(NoBackends),
+                    stop: Trigger::default(),
+                    retire: Trigger::default(),
+                    moving: Trigger::default(),
+                    grace: Duration::from_secs(1),
+                    limits: StreamLimits::default(),
+                    load: Arc::default(),
+                    proxies: tokio::sync::watch::channel(Bytes::new()).0,
+                })
+                .await;
+        })
+    }
+
+    /// The empty unidirectional streams the proxy's end `far` gets within `within`,
+    /// read as a proxy reads control streams.
+    async fn nudges(far: &quinn::Connection, within: Duration) -> usize {
+        let mut count = 0;
+        let _ = tokio::time::timeout(within, async {
+            while let Ok(mut recv) = far.accept_uni().await {
+                if recv.read_to_end(16).await.is_ok_and(|got| got.is_empty()) {
+                    count += 1;
+                }
+            }
+        })
+        .await;
+        count
+    }
+
+    /// A proxy before the slow keep-alive times an idle QUIC tunnel out after 10 s, and
+    /// an agent's keep-alive is 15 s apart: the agent nudges such a proxy (which says
+    /// nothing) every few seconds and keeps its tunnel; a proxy that says it keeps idle
+    /// tunnels long enough is not nudged.
+    #[tokio::test]
+    async fn a_quic_agent_nudges_only_a_proxy_that_times_idle_tunnels_out_sooner() {
+        let mut older = quic::transport_config(quic::Role::Proxy);
+        older.max_idle_timeout(Some(Duration::from_secs(10).try_into().unwrap()));
+        let (client, _server, near, far) = quic::tests::pair_with(older).await;
+        let _old = serving(near, client);
+        let (client, _server, near, newer) =
+            quic::tests::pair_with(quic::transport_config(quic::Role::Proxy)).await;
+        quic::proxy::tell_slow_keepalive(&newer).await.unwrap();
+        let _new = serving(near, client);
+
+        let watch = Duration::from_secs(13);
+        let (to_old, to_new) = tokio::join!(nudges(&far, watch), nudges(&newer, watch));
+        assert!(
+            far.close_reason().is_none(),
+            "the idle tunnel to the older proxy timed out: {:?}",
+            far.close_reason()
+        );
+        assert!(
+            to_old >= 2,
+            "the older proxy was nudged {to_old} times in {watch:?}"
+        );
+        assert_eq!(to_new, 0, "a proxy that keeps idle tunnels was nudged");
+        assert!(newer.close_reason().is_none());
     }
 }

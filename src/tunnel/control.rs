@@ -6,6 +6,9 @@
 //! [`QUIC_PROXIES`]; the body is the JSON `GET /v1/proxies` answers. The agent checks it
 //! as it checks an answer to its poll.
 //!
+//! When a QUIC tunnel comes up the proxy says that it keeps idle tunnels for the idle
+//! timeout ([`QUIC_SLOW_KEEPALIVE`]), so the agent's keep-alive alone is enough.
+//!
 //! And one question, proxy to agent: which protocols the service for a name speaks
 //! (before a proxy offers `h2` to the clients of a name whose TLS it terminates). On h2 a
 //! control `CONNECT` (`h2::ALPN`); on QUIC a stream whose header names
@@ -40,3 +43,11 @@ pub(crate) const QUIC_PROXIES: &[u8] = b"proxies\n";
 /// new process forwards this tunnel's packets, `quic/takeover.rs`). Agents before it
 /// ignore it; the proxy then closes their tunnel with `MOVING` a moment later.
 pub(crate) const QUIC_MOVING: &[u8] = b"moving\n";
+/// The whole of a QUIC control stream the proxy sends when a tunnel comes up: it holds an
+/// idle tunnel for `quic::IDLE_TIMEOUT` (27 s), so the agent's keep-alive every 15 s is
+/// enough. A proxy before it times an idle tunnel out after 10 s: until the agent hears
+/// this, it also opens an empty unidirectional stream every [`NUDGE_EVERY`], which such a
+/// proxy reads and ignores. Agents before it ignore the message.
+pub(crate) const QUIC_SLOW_KEEPALIVE: &[u8] = b"keepalive 15s\n";
+/// How often an agent that has not heard [`QUIC_SLOW_KEEPALIVE`] nudges its proxy.
+pub(crate) const NUDGE_EVERY: Duration = Duration::from_secs(4);

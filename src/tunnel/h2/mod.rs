@@ -15,9 +15,11 @@ pub(crate) mod mesh;
 pub(crate) mod proxy;
 pub(crate) mod read_ahead;
 pub(crate) mod settled;
+pub(crate) mod silence;
 pub(crate) mod splice;
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) use super::{CONNECTION_WINDOW, MAX_STREAMS, STREAM_WINDOW};
@@ -114,19 +116,19 @@ pub(crate) enum KeepaliveError {
 pub(crate) const SILENCE: Duration = Duration::from_secs(17);
 
 /// The proxy's keep-alive: the agent PINGs every [`PING_INTERVAL`] and the proxy answers;
-/// the proxy PINGs only a tunnel it has heard nothing from for [`SILENCE`], and gives it
-/// up if that goes unanswered for [`PING_TIMEOUT`]. A frozen agent is found within
-/// `SILENCE + PING_TIMEOUT` of its last word, at the cost of an answer per agent PING
-/// and a timer per [`SILENCE`], not a PING of its own per tunnel.
+/// the proxy PINGs only a tunnel it has heard nothing from for [`SILENCE`] (one thread
+/// looks at every tunnel's silence once a second, [`silence`]), and gives it up if that
+/// goes unanswered for [`PING_TIMEOUT`]. A frozen agent is found within
+/// `SILENCE + SWEEP_EVERY + PING_TIMEOUT` (28 s) of its last word, at the cost of an
+/// answer per agent PING, not a PING of its own or a timer per tunnel.
 pub(crate) async fn watch_silence(
     mut ping: h2::PingPong,
-    heard: &read_ahead::Heard,
+    heard: Arc<read_ahead::Heard>,
 ) -> KeepaliveError {
+    let watch = silence::Watch::new(heard);
     loop {
-        let silent = heard.silent_for();
-        if silent < SILENCE {
-            tokio::time::sleep(SILENCE - silent).await;
-        } else if let Err(e) = ping_once(&mut ping).await {
+        watch.silent().await;
+        if let Err(e) = ping_once(&mut ping).await {
             return e;
         }
     }

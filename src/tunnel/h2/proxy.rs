@@ -90,7 +90,7 @@ const SETTINGS_RETRY: Duration = Duration::from_millis(50);
 /// acknowledged a narrower window, `narrowed` tells the streams (`settled.rs`).
 pub(crate) async fn drive(
     mut conn: Conn,
-    heard: &Heard,
+    heard: Arc<Heard>,
     close: impl Future<Output = &'static str>,
     budget: &Budget,
     narrowed: Narrowed,

@@ -11,7 +11,9 @@ use tracing::{debug, info, warn};
 
 use super::{code, read_frame, splice, transport_config, udp_socket, Role, GOAWAY, HEADER_TIMEOUT};
 use crate::tls::Credentials;
-use crate::tunnel::control::{CONTROL_TIMEOUT, MAX_PROXY_LIST, QUIC_MOVING, QUIC_PROXIES};
+use crate::tunnel::control::{
+    CONTROL_TIMEOUT, MAX_PROXY_LIST, QUIC_MOVING, QUIC_PROXIES, QUIC_SLOW_KEEPALIVE,
+};
 use crate::tunnel::duplex::Duplex;
 use crate::tunnel::{
     udp, Backend, Backends, ConnectError, DialRequest, Meter, StreamLimits, TunnelError,
@@ -34,6 +36,9 @@ pub(crate) enum Told {
     Proxies(bytes::Bytes),
     /// The proxy moves to a new process ([`QUIC_MOVING`]).
     Moving,
+    /// The proxy holds idle tunnels long enough for the agent's keep-alive alone
+    /// ([`QUIC_SLOW_KEEPALIVE`]).
+    SlowKeepalive,
 }
 
 /// Reads a control message: the proxy list it carries, or the news that the proxy moves,
@@ -46,6 +51,7 @@ pub(crate) async fn read_control(mut recv: quinn::RecvStream) -> Option<Told> {
             bytes::Bytes::from(msg).slice(QUIC_PROXIES.len()..),
         )),
         Ok(Ok(msg)) if msg == QUIC_MOVING => Some(Told::Moving),
+        Ok(Ok(msg)) if msg == QUIC_SLOW_KEEPALIVE => Some(Told::SlowKeepalive),
         Ok(Ok(_)) => {
             debug!("a control message this agent does not know; ignored");
             None
@@ -71,6 +77,16 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
+    /// An agent's tunnel made of `conn` on `endpoint` (tests dial their own).
+    #[cfg(test)]
+    pub(crate) fn from_parts(conn: quinn::Connection, endpoint: quinn::Endpoint) -> Conn {
+        Conn {
+            conn,
+            endpoint,
+            moved: false,
+        }
+    }
+
     /// The connection, to open mesh streams on.
     pub(crate) fn connection(&self) -> quinn::Connection {
         self.conn.clone()

@@ -304,13 +304,25 @@ pub(crate) fn server_crypto(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A QUIC connection over loopback between two endpoints of this process (a
     /// self-signed certificate the client trusts), returned with both endpoints: the
     /// client with the agent's transport settings, the server with the proxy's.
     async fn pair() -> (
+        quinn::Endpoint,
+        quinn::Endpoint,
+        quinn::Connection,
+        quinn::Connection,
+    ) {
+        pair_with(transport_config(Role::Proxy)).await
+    }
+
+    /// [`pair`] with the server's transport settings `server_transport`.
+    pub(crate) async fn pair_with(
+        server_transport: quinn::TransportConfig,
+    ) -> (
         quinn::Endpoint,
         quinn::Endpoint,
         quinn::Connection,
@@ -339,7 +351,7 @@ mod tests {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let mut server_config = quinn::ServerConfig::with_crypto(server_crypto(server_tls));
-        server_config.transport_config(Arc::new(transport_config(Role::Proxy)));
+        server_config.transport_config(Arc::new(server_transport));
         let server =
             quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
         let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();

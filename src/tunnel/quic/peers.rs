@@ -11,17 +11,19 @@
 //! HMAC-SHA256 of the ID under the endpoint's reset key, kept in the state directory),
 //! coming from the proxy's address. So what is kept per tunnel is the agent's address and
 //! that ID, which the proxy chose in the handshake: the ID an agent's Handshake packets
-//! are sent to ([`Peers::saw`], on the socket; checked to be one this state directory
-//! issued), kept once the tunnel is up ([`Peers::hold`]) until it ends.
+//! are sent to ([`Peers::saw`], on the socket, for a handshake the agent port took on;
+//! checked to be one this process issued), kept once the tunnel is up ([`Tracked::up`])
+//! until it ends, with the proxy's address the agent sends to.
 //!
 //! The table is written (`quic-peers/GENERATION` in the state directory, `0600`, a line
-//! `ADDRESS ID` per tunnel) at most every [`WRITE_EVERY`] while it changes, and removed
-//! when the process ends cleanly (its agents are told then). A file older than the idle
-//! timeout names only tunnels that ended anyway and is not used.
+//! `AGENT_ADDRESS ID [PROXY_IP]` per tunnel) at most every [`WRITE_EVERY`] while it
+//! changes, marked current every [`REFRESH`] while it does not, and removed when the
+//! process ends cleanly (its agents are told then). A file older than the idle timeout
+//! (and a refresh) names only tunnels that ended anyway and is not used.
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,15 +42,21 @@ const PEERS_DIR: &str = "quic-peers";
 /// keep-alive instead).
 pub(crate) const WRITE_EVERY: Duration = Duration::from_millis(250);
 
-/// Handshakes seen and not yet up, at most; beyond it the table of them starts again (a
-/// flood of forged handshake packets costs records, not memory).
-const SEEN_CAP: usize = 4096;
-
 /// A connection ID this proxy issued.
 type Cid = [u8; CID_LEN];
 
+/// A tunnel's agent as kept: its address, the ID it sends to, and the proxy's address it
+/// sends to (where the proxy listens on a wildcard address, the reset must come from
+/// the address the agent knows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Peer {
+    pub(crate) agent: SocketAddr,
+    pub(crate) id: Cid,
+    pub(crate) local: Option<IpAddr>,
+}
+
 /// The agents of this process's QUIC tunnels: address and the ID they send to. (As many
-/// as the agent port holds tunnels: it bounds them.)
+/// as the agent port holds tunnels and handshakes: it bounds them.)
 pub(crate) struct Peers {
     table: Mutex<Table>,
     dirty: AtomicBool,
@@ -58,17 +66,17 @@ pub(crate) struct Peers {
 
 #[derive(Default)]
 struct Table {
-    /// From the handshake's packets, until the tunnel is up or fails.
-    seen: HashMap<SocketAddr, Cid>,
+    /// Handshakes under way ([`Peers::track`]), with what their packets said once seen.
+    pending: HashMap<SocketAddr, Option<(Cid, Option<IpAddr>)>>,
     /// Tunnels up.
-    held: HashMap<SocketAddr, Cid>,
+    held: HashMap<SocketAddr, (Cid, Option<IpAddr>)>,
 }
 
 impl std::fmt::Debug for Peers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let table = self.table.lock().expect("peers lock");
         (f.debug_struct("Peers"))
-            .field("seen", &table.seen.len())
+            .field("pending", &table.pending.len())
             .field("held", &table.held.len())
             .finish()
     }
@@ -84,20 +92,16 @@ impl Peers {
         }
     }
 
-    /// Looks at a received datagram: an Initial or Handshake packet (the agent's last ones
-    /// in a handshake go to the ID the proxy chose) to an ID this process issued records
-    /// its sender. Costs a branch for any other packet (short headers are all a tunnel's
-    /// traffic).
-    pub(crate) fn saw(&self, from: SocketAddr, packet: &[u8]) {
-        let Some(&first) = packet.first() else {
-            return;
-        };
-        // Long header, type Initial (0) or Handshake (2), an ID of our length.
-        if first & 0x80 == 0 || (first >> 4) & 0x01 != 0 || packet.get(5) != Some(&(CID_LEN as u8))
-        {
+    /// Looks at a received datagram (`to`: the proxy's address it was sent to): the ID of
+    /// a Handshake packet in it (the agent's Handshake packets all go to the ID the proxy
+    /// chose, which it then keeps) is recorded for a handshake being tracked from that
+    /// address. A datagram that does not start with a long header (all of a tunnel's
+    /// traffic) costs a branch.
+    pub(crate) fn saw(&self, from: SocketAddr, to: Option<IpAddr>, datagram: &[u8]) {
+        if datagram.first().is_none_or(|first| first & 0x80 == 0) {
             return;
         }
-        let Some(id) = packet.get(6..6 + CID_LEN) else {
+        let Some(id) = handshake_id(datagram) else {
             return;
         };
         if !self.ids.issued_here(id) {
@@ -105,35 +109,32 @@ impl Peers {
         }
         let id: Cid = id.try_into().expect("CID_LEN bytes");
         let mut table = self.table.lock().expect("peers lock");
-        if table.seen.len() >= SEEN_CAP && !table.seen.contains_key(&from) {
-            table.seen.clear();
+        if let Some(slot) = table.pending.get_mut(&from) {
+            *slot = Some((id, to));
         }
-        table.seen.insert(from, id);
     }
 
-    /// Follows the handshake from `from`: [`Tracked::up`] keeps it (written) once it is a
-    /// tunnel, and dropping the guard forgets it.
+    /// Follows the handshake from `from` (before the proxy answers it, so before any of
+    /// its Handshake packets): [`Tracked::up`] keeps it (written) once it is a tunnel, and
+    /// dropping the guard forgets it.
     pub(crate) fn track(self: &Arc<Self>, from: SocketAddr) -> Tracked {
+        (self.table.lock().expect("peers lock").pending).insert(from, None);
         Tracked {
             peers: self.clone(),
             from,
-        }
-    }
-
-    fn forget(&self, from: SocketAddr) {
-        let mut table = self.table.lock().expect("peers lock");
-        table.seen.remove(&from);
-        if table.held.remove(&from).is_some() {
-            self.dirty.store(true, Ordering::Release);
+            kept: None,
         }
     }
 
     /// The table as written: a line `ADDRESS ID` (hex) per tunnel.
     fn render(&self) -> Vec<u8> {
         let table = self.table.lock().expect("peers lock");
-        let mut out = Vec::with_capacity(table.held.len() * 48);
-        for (addr, id) in &table.held {
-            let _ = writeln!(out, "{addr} {}", hex(id));
+        let mut out = Vec::with_capacity(table.held.len() * 64);
+        for (addr, (id, local)) in &table.held {
+            let _ = match local {
+                Some(local) => writeln!(out, "{addr} {} {local}", hex(id)),
+                None => writeln!(out, "{addr} {}", hex(id)),
+            };
         }
         out
     }
@@ -177,7 +178,7 @@ impl Peers {
 }
 
 /// How often an unchanged table is marked current (well within the idle timeout).
-const REFRESH: Duration = Duration::from_secs(5);
+pub(crate) const REFRESH: Duration = Duration::from_secs(5);
 
 /// Marks `path` as written now.
 fn touch(path: &Path) -> std::io::Result<()> {
@@ -190,15 +191,18 @@ fn touch(path: &Path) -> std::io::Result<()> {
 pub(crate) struct Tracked {
     peers: Arc<Peers>,
     from: SocketAddr,
+    /// What [`Self::up`] kept, to forget exactly that.
+    kept: Option<Cid>,
 }
 
 impl Tracked {
     /// The handshake became a tunnel: kept, and written, until this guard is dropped.
-    pub(crate) fn up(&self) {
+    pub(crate) fn up(&mut self) {
         let peers = &self.peers;
         let mut table = peers.table.lock().expect("peers lock");
-        if let Some(id) = table.seen.remove(&self.from) {
-            table.held.insert(self.from, id);
+        if let Some(Some(seen)) = table.pending.remove(&self.from) {
+            table.held.insert(self.from, seen);
+            self.kept = Some(seen.0);
             peers.dirty.store(true, Ordering::Release);
         }
     }
@@ -206,8 +210,68 @@ impl Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.peers.forget(self.from);
+        let peers = &self.peers;
+        let mut table = peers.table.lock().expect("peers lock");
+        match self.kept {
+            // Only its own entry: another tunnel may hold the address now.
+            Some(kept) => {
+                if table
+                    .held
+                    .get(&self.from)
+                    .is_some_and(|(id, _)| *id == kept)
+                {
+                    table.held.remove(&self.from);
+                    peers.dirty.store(true, Ordering::Release);
+                }
+            }
+            None => {
+                table.pending.remove(&self.from);
+            }
+        }
     }
+}
+
+/// The ID of the first Handshake packet among the long-header packets coalesced in
+/// `datagram` (RFC 9000 section 17.2: first byte, version, the IDs with their lengths,
+/// an Initial's token, the length of the rest of the packet).
+fn handshake_id(datagram: &[u8]) -> Option<&[u8]> {
+    let mut at = 0;
+    while let Some(&first) = datagram.get(at) {
+        if first & 0x80 == 0 {
+            return None;
+        }
+        let kind = (first >> 4) & 0x03;
+        let mut p = at + 5;
+        let dcid_len = usize::from(*datagram.get(p)?);
+        let dcid = datagram.get(p + 1..p + 1 + dcid_len)?;
+        if kind == 2 {
+            return (dcid_len == CID_LEN).then_some(dcid);
+        }
+        // Initial (0) or 0-RTT (1) go on to the next packet; a Retry (3) is the proxy's.
+        if kind == 3 {
+            return None;
+        }
+        p += 1 + dcid_len;
+        p += 1 + usize::from(*datagram.get(p)?);
+        if kind == 0 {
+            let (token_len, n) = varint(datagram.get(p..)?)?;
+            p += n + usize::try_from(token_len).ok()?;
+        }
+        let (len, n) = varint(datagram.get(p..)?)?;
+        at = p.checked_add(n)?.checked_add(usize::try_from(len).ok()?)?;
+    }
+    None
+}
+
+/// A QUIC variable-length integer at the start of `bytes`, and its length.
+fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let first = *bytes.first()?;
+    let len = 1usize << (first >> 6);
+    let mut value = u64::from(first & 0x3f);
+    for byte in bytes.get(1..len)? {
+        value = (value << 8) | u64::from(*byte);
+    }
+    Some((value, len))
 }
 
 /// Where the process of `generation` keeps its table.
@@ -235,8 +299,8 @@ fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 }
 
 /// The agents of earlier processes' tables in `dir` (those written within `fresh`: older
-/// tunnels have timed out), each with its ID; the tables are removed (each is used once).
-pub(crate) fn take_earlier(dir: &Path, fresh: Duration) -> Vec<(SocketAddr, Cid)> {
+/// tunnels have timed out); the tables are removed (each is used once).
+pub(crate) fn take_earlier(dir: &Path, fresh: Duration) -> Vec<Peer> {
     let folder = dir.join(PEERS_DIR);
     let Ok(entries) = std::fs::read_dir(&folder) else {
         return Vec::new();
@@ -244,15 +308,12 @@ pub(crate) fn take_earlier(dir: &Path, fresh: Duration) -> Vec<(SocketAddr, Cid)
     let mut peers = Vec::new();
     for entry in entries.flatten() {
         let path = entry.path();
-        if path.extension().is_some_and(|e| e == "tmp") {
-            let _ = std::fs::remove_file(&path);
-            continue;
-        }
         let recent = (entry.metadata().and_then(|m| m.modified()))
             .ok()
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age <= fresh);
-        if recent {
+        let table = path.extension().is_none_or(|e| e != "tmp");
+        if recent && table {
             if let Ok(text) = std::fs::read_to_string(&path) {
                 peers.extend(text.lines().filter_map(parse_line));
             }
@@ -262,16 +323,26 @@ pub(crate) fn take_earlier(dir: &Path, fresh: Duration) -> Vec<(SocketAddr, Cid)
     peers
 }
 
-fn parse_line(line: &str) -> Option<(SocketAddr, Cid)> {
-    let (addr, hex_id) = line.split_once(' ')?;
-    if hex_id.len() != 2 * CID_LEN {
+/// A line of a table: `AGENT_ADDRESS ID [PROXY_IP]`.
+fn parse_line(line: &str) -> Option<Peer> {
+    let mut words = line.split(' ');
+    let (agent, hex_id, local) = (words.next()?, words.next()?, words.next());
+    if hex_id.len() != 2 * CID_LEN || words.next().is_some() {
         return None;
     }
     let mut id = [0u8; CID_LEN];
     for (i, byte) in id.iter_mut().enumerate() {
         *byte = u8::from_str_radix(hex_id.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
-    Some((addr.parse().ok()?, id))
+    let local = match local {
+        Some(ip) => Some(ip.parse().ok()?),
+        None => None,
+    };
+    Some(Peer {
+        agent: agent.parse().ok()?,
+        id,
+        local,
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -293,33 +364,43 @@ pub(crate) fn reset_packet(reset_key: &ring::hmac::Key, id: &Cid) -> [u8; 41] {
 }
 
 /// Sends a stateless reset to each of `peers` (the agents of earlier processes' tables,
-/// [`take_earlier`]) from `socket` (the agent port's UDP socket, whose address the agents
-/// know), so they reconnect now. For a cold start only: after an upgrade the old
-/// process's tunnels live.
+/// [`take_earlier`]) from `socket` (the agent port's UDP socket), each from the proxy's
+/// address its agent sent to, so they reconnect now. For a cold start only: after an
+/// upgrade the old process's tunnels live.
 pub(crate) async fn reset(
-    peers: Vec<(SocketAddr, Cid)>,
+    peers: Vec<Peer>,
     socket: std::net::UdpSocket,
     reset_key: ring::hmac::Key,
 ) {
     if peers.is_empty() {
         return;
     }
-    let socket = match socket
-        .set_nonblocking(true)
-        .and_then(|()| tokio::net::UdpSocket::from_std(socket))
-    {
-        Ok(socket) => socket,
+    let opened = socket.set_nonblocking(true).and_then(|()| {
+        let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+        Ok((tokio::net::UdpSocket::from_std(socket)?, state))
+    });
+    let (socket, state) = match opened {
+        Ok(opened) => opened,
         Err(e) => return warn!(error = %e, "cannot reset the last process's QUIC tunnels"),
     };
     let mut sent = 0usize;
-    for (addr, id) in &peers {
-        let packet = reset_packet(&reset_key, id);
+    for peer in &peers {
+        let packet = reset_packet(&reset_key, &peer.id);
+        let transmit = quinn::udp::Transmit {
+            destination: peer.agent,
+            ecn: None,
+            contents: &packet,
+            segment_size: None,
+            src_ip: peer.local,
+        };
         // Bounded: a peer that cannot be sent to is skipped.
-        let send = socket.send_to(&packet, addr);
+        let send = socket.async_io(tokio::io::Interest::WRITABLE, || {
+            state.send((&socket).into(), &transmit)
+        });
         match tokio::time::timeout(Duration::from_secs(1), send).await {
-            Ok(Ok(_)) => sent += 1,
-            Ok(Err(e)) => debug!(%addr, error = %e, "stateless reset not sent"),
-            Err(_) => debug!(%addr, "stateless reset not sent in time"),
+            Ok(Ok(())) => sent += 1,
+            Ok(Err(e)) => debug!(agent = %peer.agent, error = %e, "stateless reset not sent"),
+            Err(_) => debug!(agent = %peer.agent, "stateless reset not sent in time"),
         }
     }
     info!(
@@ -334,11 +415,17 @@ mod tests {
 
     const KEY: &[u8] = b"connection id key for the tests";
 
-    /// A long-header packet of `kind` (0 Initial, 1 0-RTT, 2 Handshake, 3 Retry) to `id`.
-    fn long_header(kind: u8, id: &[u8]) -> Vec<u8> {
+    /// A long-header packet of `kind` (0 Initial, 1 0-RTT, 2 Handshake, 3 Retry) to `id`,
+    /// with `payload` bytes after its length field.
+    fn long_header(kind: u8, id: &[u8], payload: usize) -> Vec<u8> {
         let mut packet = vec![0xc0 | (kind << 4), 0, 0, 0, 1, id.len() as u8];
         packet.extend_from_slice(id);
-        packet.extend_from_slice(&[0u8; 40]);
+        packet.extend_from_slice(&[4, 9, 9, 9, 9]); // the sender's ID
+        if kind == 0 {
+            packet.extend_from_slice(&[0x40, 3, 7, 7, 7]); // a 3-byte token, 2-byte varint
+        }
+        packet.extend_from_slice(&[0x40 | (payload >> 8) as u8, payload as u8]);
+        packet.extend(std::iter::repeat_n(0u8, payload));
         packet
     }
 
@@ -348,69 +435,102 @@ mod tests {
         id[..].try_into().unwrap()
     }
 
+    fn held(peers: &Peers) -> Vec<Peer> {
+        let text = String::from_utf8(peers.render()).unwrap();
+        let mut lines: Vec<_> = text.lines().filter_map(parse_line).collect();
+        lines.sort();
+        lines
+    }
+
     #[test]
-    fn only_handshakes_to_ids_this_process_issued_are_kept_and_only_while_the_tunnel_lives() {
+    fn the_handshake_id_is_kept_for_a_tracked_handshake_once_up_and_only_while_it_lives() {
         let peers = Arc::new(Peers::new(GenerationCids::new(KEY, 7)));
         let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = (
             "192.0.2.1:4000".parse().unwrap(),
             "192.0.2.2:4000".parse().unwrap(),
             "[2001:db8::3]:4000".parse().unwrap(),
         );
-        let ours = issued(7);
-        // Not recorded: a short header, a Retry or 0-RTT packet, an ID of an earlier
-        // process, one with a bad signature.
-        peers.saw(a, &[0x40, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
-        peers.saw(a, &long_header(3, &ours));
-        peers.saw(a, &long_header(1, &ours));
-        peers.saw(b, &long_header(2, &issued(6)));
+        let local: Option<IpAddr> = Some("198.51.100.9".parse().unwrap());
+        let (ours, retry) = (issued(7), issued(7));
+        let (mut tracked_a, mut tracked_b, mut tracked_c) =
+            (peers.track(a), peers.track(b), peers.track(c));
+        // Not recorded: a short header; a Retry; an Initial alone (to the Retry's ID); an
+        // ID of an earlier process; one with a bad signature; an untracked sender.
+        peers.saw(a, local, &[0x40, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        peers.saw(a, local, &long_header(3, &ours, 20));
+        peers.saw(a, local, &long_header(0, &retry, 20));
+        peers.saw(b, local, &long_header(2, &issued(6), 20));
         let mut forged = ours;
         forged[7] ^= 1;
-        peers.saw(c, &long_header(2, &forged));
-        for from in [a, b, c] {
-            peers.track(from).up();
-        }
-        assert_eq!(peers.render(), b"");
-
-        // Recorded: an Initial and then a Handshake (the last one wins), once up.
-        let first = issued(7);
-        let (tracked_a, tracked_c) = (peers.track(a), peers.track(c));
-        peers.saw(a, &long_header(0, &first));
-        peers.saw(a, &long_header(2, &ours));
-        peers.saw(c, &long_header(2, &first));
-        assert_eq!(
-            peers.render(),
-            b"",
-            "nothing written before the tunnel is up"
+        peers.saw(c, local, &long_header(2, &forged, 20));
+        peers.saw(
+            "192.0.2.99:1".parse().unwrap(),
+            local,
+            &long_header(2, &ours, 20),
         );
+        tracked_b.up();
+        assert_eq!(held(&peers), vec![], "nothing to keep yet");
+
+        // Recorded: the Handshake packet coalesced after an Initial; a late Initial to
+        // the Retry's ID after it changes nothing; nothing is written before it is up.
+        let mut coalesced = long_header(0, &retry, 300);
+        coalesced.extend(long_header(2, &ours, 100));
+        peers.saw(a, local, &coalesced);
+        peers.saw(a, local, &long_header(0, &retry, 20));
+        let other = issued(7);
+        peers.saw(c, None, &long_header(2, &other, 20));
+        assert_eq!(held(&peers), vec![]);
         tracked_a.up();
         tracked_c.up();
-        let text = String::from_utf8(peers.render()).unwrap();
-        let mut lines: Vec<_> = text.lines().filter_map(parse_line).collect();
-        lines.sort();
-        let mut want = vec![(a, ours), (c, first)];
+        let mut want = vec![
+            Peer {
+                agent: a,
+                id: ours,
+                local,
+            },
+            Peer {
+                agent: c,
+                id: other,
+                local: None,
+            },
+        ];
         want.sort();
-        assert_eq!(lines, want);
+        assert_eq!(held(&peers), want);
         assert!(peers.dirty.load(Ordering::Acquire));
 
+        // A handshake from an address a tunnel holds (a NAT reusing a port) that fails
+        // does not take the tunnel's entry with it.
+        drop(peers.track(a));
+        assert_eq!(held(&peers).len(), 2);
         // A tunnel that ended is forgotten.
         drop(tracked_a);
-        let text = String::from_utf8(peers.render()).unwrap();
         assert_eq!(
-            text.lines().filter_map(parse_line).collect::<Vec<_>>(),
-            vec![(c, first)]
+            held(&peers),
+            vec![Peer {
+                agent: c,
+                id: other,
+                local: None
+            }]
         );
+        drop((tracked_b, tracked_c));
+        assert_eq!(held(&peers), vec![]);
+        let table = peers.table.lock().unwrap();
+        assert!(table.pending.is_empty() && table.held.is_empty());
     }
 
     #[test]
-    fn a_flood_of_handshakes_never_up_stays_bounded() {
-        let peers = Peers::new(GenerationCids::new(KEY, 1));
+    fn malformed_long_headers_are_read_safely() {
         let id = issued(1);
-        for port in 0..3 * SEEN_CAP as u32 {
-            let from =
-                SocketAddr::from(([10, (port >> 16) as u8, (port >> 8) as u8, port as u8], 1));
-            peers.saw(from, &long_header(2, &id));
+        let mut packet = long_header(0, &id, 10);
+        for cut in 0..packet.len() {
+            assert_eq!(handshake_id(&packet[..cut]), None);
         }
-        assert!(peers.table.lock().unwrap().seen.len() <= SEEN_CAP);
+        // A length field running past the end, and an 8-byte varint.
+        let last = packet.len() - 12;
+        packet[last] = 0xff;
+        assert_eq!(handshake_id(&packet), None);
+        assert_eq!(varint(&[0xc0, 0, 0, 0, 0, 0, 1, 2]), Some((258, 8)));
+        assert_eq!(varint(&[0x25]), Some((0x25, 1)));
     }
 
     #[tokio::test]
@@ -420,8 +540,8 @@ mod tests {
         let peers = Arc::new(Peers::new(GenerationCids::new(KEY, 3)));
         let from: SocketAddr = "127.0.0.1:5555".parse().unwrap();
         let id = issued(3);
-        let tracked = peers.track(from);
-        peers.saw(from, &long_header(2, &id));
+        let mut tracked = peers.track(from);
+        peers.saw(from, None, &long_header(2, &id, 20));
         tracked.up();
         let path = table_path(dir.path(), 3).unwrap();
         let stop = Trigger::default();
@@ -457,9 +577,13 @@ mod tests {
         let copy = table_path(dir.path(), 2).unwrap();
         std::fs::copy(&path, &copy).unwrap();
         let fresh = Duration::from_secs(27);
-        let mut earlier = take_earlier(dir.path(), fresh);
-        earlier.sort();
-        assert_eq!(earlier, vec![(from, id), (from, id)], "both tables read");
+        let earlier = take_earlier(dir.path(), fresh);
+        let peer = Peer {
+            agent: from,
+            id,
+            local: None,
+        };
+        assert_eq!(earlier, vec![peer, peer], "both tables read");
         assert!(!copy.exists() && !path.exists());
 
         // A clean end removes this process's table.
@@ -477,8 +601,7 @@ mod tests {
         assert!(!path.exists(), "removed at a clean end");
 
         // A table older than the idle timeout names only tunnels that ended anyway.
-        std::fs::write(&copy, format!("{from} {}\ngarbage\n", hex(&id))).unwrap();
-        let old = std::time::SystemTime::now() - Duration::from_secs(60);
+        std::fs::write(&copy, format!("{from} {} 127.0.0.1\ngarbage\n", hex(&id))).unwrap();
         (std::fs::File::options().write(true).open(&copy).unwrap())
             .set_modified(old)
             .unwrap();
@@ -499,7 +622,7 @@ mod tests {
     }
 
     #[test]
-    fn lines_that_are_not_an_address_and_an_id_are_skipped() {
+    fn lines_that_are_not_an_address_an_id_and_maybe_an_ip_are_skipped() {
         for line in [
             "",
             "127.0.0.1:1",
@@ -507,15 +630,27 @@ mod tests {
             "nowhere 0011223344556677",
             "127.0.0.1:1 00112233445566",
             "127.0.0.1:1 001122334455667788",
+            "127.0.0.1:1 0011223344556677 nowhere",
+            "127.0.0.1:1 0011223344556677 127.0.0.1 more",
         ] {
             assert_eq!(parse_line(line), None, "{line:?}");
         }
+        let id = [0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77];
         assert_eq!(
             parse_line("[::1]:9 0011223344556677"),
-            Some((
-                "[::1]:9".parse().unwrap(),
-                [0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77]
-            ))
+            Some(Peer {
+                agent: "[::1]:9".parse().unwrap(),
+                id,
+                local: None
+            })
+        );
+        assert_eq!(
+            parse_line("10.0.0.1:9 0011223344556677 10.0.0.2"),
+            Some(Peer {
+                agent: "10.0.0.1:9".parse().unwrap(),
+                id,
+                local: Some("10.0.0.2".parse().unwrap())
+            })
         );
     }
 }

@@ -359,6 +359,18 @@ pub(crate) async fn tell_moving(conn: &quinn::Connection) -> Result<(), String> 
     send.finish().map_err(|e| e.to_string())
 }
 
+/// Tells the agent that this proxy keeps idle tunnels for the idle timeout
+/// ([`QUIC_SLOW_KEEPALIVE`]); the caller bounds the wait.
+///
+/// [`QUIC_SLOW_KEEPALIVE`]: crate::tunnel::control::QUIC_SLOW_KEEPALIVE
+pub(crate) async fn tell_slow_keepalive(conn: &quinn::Connection) -> Result<(), String> {
+    let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
+    send.write_all(crate::tunnel::control::QUIC_SLOW_KEEPALIVE)
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())
+}
+
 pub(crate) async fn tell_proxies(conn: &quinn::Connection, list: Bytes) -> Result<(), String> {
     let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
     let mut chunks = [

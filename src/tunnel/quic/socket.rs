@@ -237,8 +237,9 @@ impl quinn::AsyncUdpSocket for Switchable {
         }
         let count = std::task::ready!(self.inner.poll_recv(cx, bufs, meta))?;
         for (buf, meta) in bufs.iter().zip(meta.iter()).take(count) {
-            // A handshake's datagrams start with its long-header packets.
-            (self.switch.takeover.peers).saw(meta.addr, &buf[..meta.len]);
+            // A handshake's datagrams start with its long-header packets (a GRO batch
+            // of them is one handshake's: the first is enough).
+            (self.switch.takeover.peers).saw(meta.addr, meta.dst_ip, &buf[..meta.len]);
         }
         if let Some(forwarder) = &self.forwarder {
             for (buf, meta) in bufs.iter_mut().zip(meta.iter_mut()).take(count) {
