@@ -45,6 +45,10 @@ impl Choice {
     pub(crate) fn connect_limit(&self, kind: Kind) -> Duration {
         match (self.configured, kind) {
             (Transport::Auto, Kind::Quic) => self.fallback_after,
+            // Its connection is its handshake: an attempt whose packets were lost starts
+            // again rather than waiting out QUIC's idle timeout (27 s) in backed-off
+            // retransmissions, as a proxy's restart storm would have it.
+            (_, Kind::Quic) => HANDSHAKE_TIMEOUT,
             _ => crate::runtime::CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT,
         }
     }
@@ -115,6 +119,11 @@ mod tests {
             assert_eq!(c.next(), kind);
             assert_eq!(c.probe_while_on(kind), None);
         }
+        // A QUIC attempt is its handshake, bounded as one; h2's has a TCP connect first.
+        let quic = Choice::new(Transport::Quic, Duration::from_secs(3));
+        assert_eq!(quic.connect_limit(Kind::Quic), HANDSHAKE_TIMEOUT);
+        let h2 = Choice::new(Transport::H2, Duration::from_secs(3));
+        assert!(h2.connect_limit(Kind::H2) > HANDSHAKE_TIMEOUT);
     }
 
     #[test]

@@ -363,6 +363,10 @@ pub(crate) fn reset_packet(reset_key: &ring::hmac::Key, id: &Cid) -> [u8; 41] {
     packet
 }
 
+/// Resets sent back to back, then a pause: 1,000 a second, 10,000 agents in 10 s.
+const RESET_BATCH: usize = 50;
+const RESET_PAUSE: Duration = Duration::from_millis(50);
+
 /// Sends a stateless reset to each of `peers` (the agents of earlier processes' tables,
 /// [`take_earlier`]) from `socket` (the agent port's UDP socket), each from the proxy's
 /// address its agent sent to, so they reconnect now. For a cold start only: after an
@@ -384,7 +388,12 @@ pub(crate) async fn reset(
         Err(e) => return warn!(error = %e, "cannot reset the last process's QUIC tunnels"),
     };
     let mut sent = 0usize;
-    for peer in &peers {
+    for (n, peer) in peers.iter().enumerate() {
+        // Paced: a fleet reset at once would send its handshakes at once, more than the
+        // socket's buffer holds, and lost ones wait out QUIC's retransmission backoff.
+        if n > 0 && n % RESET_BATCH == 0 {
+            tokio::time::sleep(RESET_PAUSE).await;
+        }
         let packet = reset_packet(&reset_key, &peer.id);
         let transmit = quinn::udp::Transmit {
             destination: peer.agent,
