@@ -60,7 +60,9 @@ async fn a_certificate_signed_by_the_ca_but_never_issued_is_refused(t: Transport
     let copy = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(proxy.dir.path()).unwrap() {
         let entry = entry.unwrap();
-        std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+        }
     }
     let rogue_ca = revproxy::ca::Ca::open(copy.path()).unwrap();
     let now = time::OffsetDateTime::now_utc();

@@ -28,7 +28,7 @@ pub(super) struct QuicPort {
     switch: quic::proxy::ReadSwitch,
     /// This process's tunnels' agents, and where the table is written.
     peers: Arc<Peers>,
-    table: Option<std::path::PathBuf>,
+    table: std::path::PathBuf,
     /// On a cold start: the agents of the process before, to be reset (its table, a
     /// socket of the port, the reset key).
     earlier: Option<Earlier>,
@@ -114,13 +114,7 @@ impl QuicPort {
         let peers = Arc::new(Peers::new(quic::takeover::GenerationCids::new(
             &key, generation,
         )));
-        let table = match quic::peers::table_path(state_dir, generation) {
-            Ok(path) => Some(path),
-            Err(e) => {
-                warn!(dir = %state_dir.display(), error = %e, "cannot keep a table of the QUIC tunnels; after a crash their agents find the restarted proxy at their next keep-alive instead of at once");
-                None
-            }
-        };
+        let table = quic::peers::table_path(state_dir, generation);
         // A process that takes the sockets over leaves the old one's tunnels be. Read
         // before this process's table is first written (a file of tunnels younger than
         // the idle timeout).
@@ -195,8 +189,7 @@ impl QuicPort {
             } = earlier;
             tokio::spawn(quic::peers::reset(peers, socket, reset_key));
         }
-        let keeping =
-            (self.table).map(|path| tokio::spawn(self.peers.clone().keep(path, stop.clone())));
+        let keeping = tokio::spawn(self.peers.clone().keep(self.table, stop.clone()));
         let permits = Arc::new(Semaphore::new(limits.agents));
         let per_source =
             PerSource::with_prefix_cap(limits.handshakes_per_source, limits.handshakes_per_prefix);
@@ -238,9 +231,7 @@ impl QuicPort {
         for running in loops.collect::<Vec<_>>() {
             running.await;
         }
-        if let Some(keeping) = keeping {
-            let _ = keeping.await;
-        }
+        let _ = keeping.await;
     }
 }
 

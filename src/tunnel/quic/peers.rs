@@ -274,11 +274,10 @@ fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
     Some((value, len))
 }
 
-/// Where the process of `generation` keeps its table.
-pub(crate) fn table_path(dir: &Path, generation: u8) -> std::io::Result<PathBuf> {
-    let folder = dir.join(PEERS_DIR);
-    revproxy_ca::fsutil::create_private_dir(&folder)?;
-    Ok(folder.join(generation.to_string()))
+/// Where the process of `generation` keeps its table (its folder is made at the first
+/// write).
+pub(crate) fn table_path(dir: &Path, generation: u8) -> PathBuf {
+    dir.join(PEERS_DIR).join(generation.to_string())
 }
 
 /// Writes `contents` to `path` (`0600`) through a temporary file and a rename, so a
@@ -286,6 +285,9 @@ pub(crate) fn table_path(dir: &Path, generation: u8) -> std::io::Result<PathBuf>
 /// page cache survives, not after a machine's, when the tunnels are gone anyway.
 fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
+    if let Some(folder) = path.parent() {
+        revproxy_ca::fsutil::create_private_dir(folder)?;
+    }
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()
@@ -552,7 +554,7 @@ mod tests {
         let mut tracked = peers.track(from);
         peers.saw(from, None, &long_header(2, &id, 20));
         tracked.up();
-        let path = table_path(dir.path(), 3).unwrap();
+        let path = table_path(dir.path(), 3);
         let stop = Trigger::default();
         let keeping = tokio::spawn(peers.clone().keep(path.clone(), stop.clone()));
         // Written within a tick or two.
@@ -583,7 +585,7 @@ mod tests {
         }
 
         // A copy as a crashed process would leave it: read once, then gone.
-        let copy = table_path(dir.path(), 2).unwrap();
+        let copy = table_path(dir.path(), 2);
         std::fs::copy(&path, &copy).unwrap();
         let fresh = Duration::from_secs(27);
         let earlier = take_earlier(dir.path(), fresh);
