@@ -16,6 +16,7 @@ use super::admit::{admit, Peer};
 use super::quic_port::{self, QuicPort};
 use super::registry::{NewTunnel, NotRegistered, Tunnel};
 use super::{enroll, mesh, Limits, Shared};
+use crate::runtime::beat::Beat;
 use crate::runtime::lanes::Lanes;
 use crate::runtime::shutdown::Trigger;
 use crate::tls;
@@ -454,15 +455,17 @@ pub(super) async fn hold(
 /// its new tunnel up, it retires the old one once that served for a second.
 const MOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Completes at the Unix time `at` by the wall clock (re-read every minute at most, so a
-/// clock step is noticed).
+/// Completes at the Unix time `at` by the wall clock, re-read about every minute so a
+/// clock step is noticed. The looks fall on the shared beat (`runtime::beat`): a
+/// proxy's tunnels look together, at one wake-up, instead of one wake-up each.
 async fn until_unix(at: i64) {
+    let beat = Beat::new(std::time::Duration::from_secs(60));
     loop {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         if now >= at {
             return;
         }
         let left = std::time::Duration::from_secs((at - now) as u64);
-        tokio::time::sleep(left.min(std::time::Duration::from_secs(60))).await;
+        tokio::time::sleep(left.min(beat.wait())).await;
     }
 }

@@ -3,6 +3,7 @@
 //! and time display. Nothing here knows about tunnels, routing or certificates.
 
 pub(crate) mod backoff;
+pub(crate) mod beat;
 pub mod dirs;
 pub mod handover;
 pub(crate) mod http1;

@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
 use super::{h2, quic, Kind, Link, StreamCounters, StreamLimits, MAX_STREAMS};
+use crate::runtime::beat::Beat;
 use crate::runtime::lanes::with_subscriber;
 use crate::runtime::shutdown::Trigger;
 use crate::tls::{Credentials, TlsError};
@@ -341,8 +342,13 @@ impl AgentConn {
         let mut messages = JoinSet::new();
         let mut retiring = false;
         let mut deadline: Option<tokio::time::Instant> = None;
-        // Over QUIC, until the proxy says it keeps idle tunnels long enough for the
-        // keep-alive alone (a proxy before that times them out after 10 s).
+        // Over QUIC the agent keeps an idle tunnel alive with an empty unidirectional
+        // stream on the shared beat (`runtime::beat`), so that its proxy handles many
+        // tunnels' keep-alives at one wake-up; quinn's own keep-alive is the backstop. Until
+        // the proxy says it keeps idle tunnels long enough (a proxy before that times them
+        // out after 10 s), every NUDGE_EVERY instead.
+        let beat = Beat::new(quic::KEEPALIVE);
+        let mut on_beat = false;
         let mut nudge = self
             .quic()
             .map(|_| tokio::time::Instant::now() + crate::tunnel::control::NUDGE_EVERY);
@@ -409,12 +415,14 @@ impl AgentConn {
                     if let Some(conn) = self.quic() {
                         messages.spawn(nudge_proxy(conn));
                     }
-                    nudge = Some(tokio::time::Instant::now() + crate::tunnel::control::NUDGE_EVERY);
+                    let wait = if on_beat { beat.wait() } else { crate::tunnel::control::NUDGE_EVERY };
+                    nudge = Some(tokio::time::Instant::now() + wait);
                 }
                 Some(_) = streams.join_next(), if !streams.is_empty() => {}
                 Some(slow) = messages.join_next(), if !messages.is_empty() => {
-                    if matches!(slow, Ok(true)) {
-                        nudge = None;
+                    if matches!(slow, Ok(true)) && !on_beat {
+                        on_beat = true;
+                        nudge = Some(tokio::time::Instant::now() + beat.wait());
                     }
                 }
             }
@@ -467,9 +475,11 @@ async fn told_quic(
     false
 }
 
-/// An empty unidirectional stream to the proxy (bounded): a proxy before
-/// [`QUIC_SLOW_KEEPALIVE`] reads it and ignores it, and its idle timer starts again.
+/// An empty unidirectional stream to the proxy (bounded): the QUIC agent's keep-alive on
+/// the beat. Every proxy reads it and ignores it, and its idle timer starts again (a proxy
+/// before [`QUIC_SLOW_KEEPALIVE`] needs one every [`NUDGE_EVERY`]).
 ///
+/// [`NUDGE_EVERY`]: crate::tunnel::control::NUDGE_EVERY
 /// [`QUIC_SLOW_KEEPALIVE`]: crate::tunnel::control::QUIC_SLOW_KEEPALIVE
 async fn nudge_proxy(conn: quinn::Connection) -> bool {
     let nudge = async {
@@ -646,25 +656,25 @@ mod tests {
         })
     }
 
-    /// The empty unidirectional streams the proxy's end `far` gets within `within`,
-    /// read as a proxy reads control streams.
-    async fn nudges(far: &quinn::Connection, within: Duration) -> usize {
-        let mut count = 0;
+    /// When (wall clock) the proxy's end `far` got each empty unidirectional stream within
+    /// `within`, read as a proxy reads control streams.
+    async fn nudges(far: &quinn::Connection, within: Duration) -> Vec<std::time::SystemTime> {
+        let mut got = Vec::new();
         let _ = tokio::time::timeout(within, async {
             while let Ok(mut recv) = far.accept_uni().await {
-                if recv.read_to_end(16).await.is_ok_and(|got| got.is_empty()) {
-                    count += 1;
+                if recv.read_to_end(16).await.is_ok_and(|read| read.is_empty()) {
+                    got.push(std::time::SystemTime::now());
                 }
             }
         })
         .await;
-        count
+        got
     }
 
     /// A proxy before the slow keep-alive times an idle QUIC tunnel out after 10 s, and
     /// an agent's keep-alive is 15 s apart: the agent nudges such a proxy (which says
     /// nothing) every few seconds and keeps its tunnel; a proxy that says it keeps idle
-    /// tunnels long enough is not nudged.
+    /// tunnels long enough gets the keep-alive only on the beat (`runtime::beat`).
     #[tokio::test]
     async fn a_quic_agent_nudges_only_a_proxy_that_times_idle_tunnels_out_sooner() {
         let mut older = quic::transport_config(quic::Role::Proxy);
@@ -676,7 +686,8 @@ mod tests {
         quic::proxy::tell_slow_keepalive(&newer).await.unwrap();
         let _new = serving(near, client);
 
-        let watch = Duration::from_secs(13);
+        // The first beat is 1 to 16 s away.
+        let watch = quic::KEEPALIVE + Duration::from_secs(2);
         let (to_old, to_new) = tokio::join!(nudges(&far, watch), nudges(&newer, watch));
         assert!(
             far.close_reason().is_none(),
@@ -684,10 +695,25 @@ mod tests {
             far.close_reason()
         );
         assert!(
-            to_old >= 2,
-            "the older proxy was nudged {to_old} times in {watch:?}"
+            to_old.len() >= 3,
+            "the older proxy was nudged {} times in {watch:?}",
+            to_old.len()
         );
-        assert_eq!(to_new, 0, "a proxy that keeps idle tunnels was nudged");
+        assert!(
+            (1..=2).contains(&to_new.len()),
+            "the newer proxy got {} keep-alives in {watch:?}",
+            to_new.len()
+        );
+        let every = quic::KEEPALIVE.as_millis();
+        let slack = (crate::runtime::beat::SPREAD + Duration::from_millis(500)).as_millis();
+        for at in to_new {
+            let into = at
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis()
+                % every;
+            assert!(into <= slack, "a keep-alive {into} ms after the beat");
+        }
         assert!(newer.close_reason().is_none());
     }
 }

@@ -46,8 +46,9 @@ pub(crate) const QUIC_MOVING: &[u8] = b"moving\n";
 /// The whole of a QUIC control stream the proxy sends when a tunnel comes up: it holds an
 /// idle tunnel for `quic::IDLE_TIMEOUT` (27 s), so the agent's keep-alive every 15 s is
 /// enough. A proxy before it times an idle tunnel out after 10 s: until the agent hears
-/// this, it also opens an empty unidirectional stream every [`NUDGE_EVERY`], which such a
-/// proxy reads and ignores. Agents before it ignore the message.
+/// this, it opens its keep-alive (an empty unidirectional stream, which every proxy reads
+/// and ignores) every [`NUDGE_EVERY`], not only on the beat. Agents before it ignore the
+/// message.
 pub(crate) const QUIC_SLOW_KEEPALIVE: &[u8] = b"keepalive 15s\n";
 /// How often an agent that has not heard [`QUIC_SLOW_KEEPALIVE`] nudges its proxy.
 pub(crate) const NUDGE_EVERY: Duration = Duration::from_secs(4);

@@ -84,7 +84,7 @@ pub(crate) enum ProxyConn {
     H2(
         Box<h2::proxy::Conn>,
         h2::settled::Narrowed,
-        Arc<h2::read_ahead::Heard>,
+        Arc<h2::silence::Heard>,
     ),
     Quic(quinn::Connection),
 }

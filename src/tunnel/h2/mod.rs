@@ -123,7 +123,7 @@ pub(crate) const SILENCE: Duration = Duration::from_secs(17);
 /// answer per agent PING, not a PING of its own or a timer per tunnel.
 pub(crate) async fn watch_silence(
     mut ping: h2::PingPong,
-    heard: Arc<read_ahead::Heard>,
+    heard: Arc<silence::Heard>,
 ) -> KeepaliveError {
     let watch = silence::Watch::new(heard);
     loop {
@@ -143,12 +143,13 @@ async fn ping_once(ping: &mut h2::PingPong) -> Result<(), KeepaliveError> {
     }
 }
 
-/// PINGs the peer every [`PING_INTERVAL`]; returns why it stopped answering. The agent
-/// runs it on its tunnels (and both ends on mesh connections); the proxy watches its
-/// tunnels with [`watch_silence`].
+/// PINGs the peer every [`PING_INTERVAL`], on the shared beat ([`crate::runtime::beat`]);
+/// returns why it stopped answering. The agent runs it on its tunnels (and both ends on
+/// mesh connections); the proxy watches its tunnels with [`watch_silence`].
 pub(crate) async fn keepalive(mut ping: h2::PingPong) -> KeepaliveError {
+    let beat = crate::runtime::beat::Beat::new(PING_INTERVAL);
     loop {
-        tokio::time::sleep(PING_INTERVAL).await;
+        tokio::time::sleep(beat.wait()).await;
         if let Err(e) = ping_once(&mut ping).await {
             return e;
         }

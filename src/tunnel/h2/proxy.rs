@@ -16,8 +16,8 @@ use tokio_rustls::server::TlsStream;
 use super::gather::Gathered;
 use super::settled::Narrowed;
 use super::{
-    read_ahead::Heard, watch_silence, TunnelIo, CALLER_HEADER, CLIENT_ADDR_HEADER,
-    CONTROL_AUTHORITY, CONTROL_HEADER, ERROR_HEADER, MOVING, PROXIES, TLS_SEND_BUFFER,
+    silence::Heard, watch_silence, TunnelIo, CALLER_HEADER, CLIENT_ADDR_HEADER, CONTROL_AUTHORITY,
+    CONTROL_HEADER, ERROR_HEADER, MOVING, PROXIES, TLS_SEND_BUFFER,
 };
 use crate::tunnel::{Budget, OpenError, OpenRequest, HANDSHAKE_TIMEOUT};
 

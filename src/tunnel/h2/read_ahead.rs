@@ -12,14 +12,15 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use super::silence::Heard;
 
 /// The read-ahead buffer of a busy tunnel.
 const READ_AHEAD: usize = 256 * 1024;
@@ -28,30 +29,6 @@ const READ_AHEAD: usize = 256 * 1024;
 const LARGE_FILL: usize = 4096;
 /// A drained buffer with no large fill for this long is given back.
 const QUIET: Duration = Duration::from_secs(1);
-
-/// When a tunnel last received anything (for the proxy's keep-alive, which PINGs only a
-/// silent tunnel: `h2::watch_silence`).
-#[derive(Debug, Default)]
-pub(crate) struct Heard(AtomicU64);
-
-impl Heard {
-    /// Milliseconds since the first tunnel of this process: the clock both use.
-    fn now() -> u64 {
-        static EPOCH: OnceLock<Instant> = OnceLock::new();
-        let epoch = *EPOCH.get_or_init(Instant::now);
-        u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    /// Something was received now.
-    pub(crate) fn mark(&self) {
-        self.0.store(Self::now(), Ordering::Relaxed);
-    }
-
-    /// How long nothing was received (from the tunnel's start, if nothing ever was).
-    pub(crate) fn silent_for(&self) -> Duration {
-        Duration::from_millis(Self::now().saturating_sub(self.0.load(Ordering::Relaxed)))
-    }
-}
 
 /// A tunnel's TCP connection, read ahead of TLS while busy.
 #[derive(Debug)]
@@ -71,8 +48,7 @@ pub(crate) struct TunnelIo {
 impl TunnelIo {
     pub(crate) fn new(tcp: TcpStream) -> TunnelIo {
         // Its silence counts from now.
-        let heard = Arc::new(Heard::default());
-        heard.mark();
+        let heard = Arc::new(Heard::new());
         TunnelIo {
             tcp,
             ahead: Box::default(),

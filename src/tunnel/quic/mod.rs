@@ -33,13 +33,17 @@ use crate::wire::stream::{FrameError, Parse, MAX_FRAME};
 /// by its stream-open timeout, which is longer than the agent's backend dial timeout).
 pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// An idle tunnel's agent sends a keep-alive this often (a PING and its ACK), which keeps
-/// NAT mappings open (most forget a silent UDP flow after 30 s or more) and the idle
-/// timers running, at a cost to the proxy of two packets per tunnel per interval. A
-/// proxy restarted after a crash does not wait for it: it resets the last process's
-/// tunnels as it starts (`peers.rs`); without that table, it answers the next keep-alive
-/// with a stateless reset (it keeps the reset key, `proxy::endpoint_config`).
+/// An idle tunnel's agent sends a keep-alive this often, on the shared beat
+/// (`runtime::beat`): an empty unidirectional stream, which keeps NAT mappings open (most
+/// forget a silent UDP flow after 30 s or more) and the idle timers running, at a cost to
+/// the proxy of a few packets per tunnel per interval, handled many at a wake-up. A proxy
+/// restarted after a crash does not wait for it: it resets the last process's tunnels as
+/// it starts (`peers.rs`); without that table, it answers the next keep-alive with a
+/// stateless reset (it keeps the reset key, `proxy::endpoint_config`).
 pub(crate) const KEEPALIVE: Duration = Duration::from_secs(15);
+/// quinn's own keep-alive (a PING) on the agent's side, after this long without a packet
+/// from the proxy: the backstop of the keep-alive on the beat, which comes first.
+const KEEPALIVE_BACKSTOP: Duration = Duration::from_secs(20);
 /// ...and a tunnel that heard nothing for this long is dead: a frozen agent or proxy is
 /// found within it (a lost keep-alive is sent again within a round trip or two).
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(27);
@@ -229,7 +233,7 @@ pub(crate) fn transport_config(role: Role) -> quinn::TransportConfig {
         .send_window(u64::from(CONNECTION_WINDOW))
         // The agent keeps the tunnel alive (and finds a restarted proxy by it); the
         // proxy's idle timer runs on the agent's keep-alives.
-        .keep_alive_interval((role == Role::Agent).then_some(KEEPALIVE))
+        .keep_alive_interval((role == Role::Agent).then_some(KEEPALIVE_BACKSTOP))
         .max_idle_timeout(Some(
             IDLE_TIMEOUT.try_into().expect("idle timeout fits a VarInt"),
         ));
