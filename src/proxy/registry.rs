@@ -11,9 +11,12 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
+mod index;
+
 use super::state::Snapshot;
 pub(super) use super::tunnel::{NewTunnel, Slot, Tunnel};
 use crate::tunnel::{MAX_EXTRA_TUNNELS, MAX_STREAMS};
+use index::Inner;
 
 /// The names a tunnel serves: to public clients, and only through the mesh.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -27,21 +30,6 @@ impl Served {
     pub(super) fn all(&self) -> Vec<String> {
         self.public.iter().chain(&self.private).cloned().collect()
     }
-}
-
-#[derive(Debug, Default)]
-struct Inner {
-    /// Every live tunnel and the names it serves now.
-    tunnels: HashMap<u64, (Arc<Tunnel>, Served)>,
-    /// Name pattern (exact or `*.suffix`) → tunnels serving it to public clients; rebuilt
-    /// on every change.
-    by_pattern: HashMap<String, Routes>,
-    /// The same for names served only through the mesh.
-    by_private: HashMap<String, Routes>,
-    /// Certificate serial → the tunnels its streams are spread over ([`Routes`]).
-    pools: HashMap<String, Vec<Arc<Tunnel>>>,
-    /// The granted ports some live tunnel serves (`tcp:PORT` in `by_pattern`).
-    ports: std::collections::BTreeSet<revproxy_ca::ports::GrantedPort>,
 }
 
 /// The tunnels serving one name pattern. For each certificate a pool: its newest tunnel
@@ -111,44 +99,6 @@ impl Routes {
     }
 }
 
-impl Inner {
-    fn reindex(&mut self) {
-        self.by_pattern.clear();
-        self.by_private.clear();
-        self.pools.clear();
-        self.ports.clear();
-        let mut ids: Vec<&u64> = self.tunnels.keys().collect();
-        ids.sort_by(|a, b| b.cmp(a)); // newest tunnel first
-        for id in ids {
-            let (tunnel, served) = &self.tunnels[id];
-            if tunnel.is_draining() {
-                continue;
-            }
-            let pool = self.pools.entry(tunnel.serial.clone()).or_default();
-            if is_open(pool) {
-                pool.push(tunnel.clone());
-            }
-            let ports = served
-                .public
-                .iter()
-                .filter_map(|h| revproxy_ca::ports::GrantedPort::of(h));
-            self.ports.extend(ports);
-            for host in &served.public {
-                self.by_pattern
-                    .entry(host.clone())
-                    .or_default()
-                    .push(tunnel);
-            }
-            for host in &served.private {
-                self.by_private
-                    .entry(host.clone())
-                    .or_default()
-                    .push(tunnel);
-            }
-        }
-    }
-}
-
 /// All live tunnels.
 #[derive(Debug)]
 pub(super) struct Registry {
@@ -215,10 +165,7 @@ impl Registry {
         current: impl FnOnce() -> Arc<Snapshot>,
     ) -> Result<Served, NotRegistered> {
         let mut inner = self.inner.write().expect("registry lock");
-        let held: Vec<&Arc<Tunnel>> = (inner.tunnels.values())
-            .map(|(t, _)| t)
-            .filter(|t| t.agent == tunnel.agent)
-            .collect();
+        let held: Vec<&Arc<Tunnel>> = inner.of_agent(&tunnel.agent).collect();
         if tunnel.extra {
             let extras = held.iter().filter(|t| t.extra).count();
             if extras >= MAX_EXTRA_TUNNELS {
@@ -246,8 +193,7 @@ impl Registry {
             return Err(NotRegistered::NotOnRecord);
         }
         let hosts = state.served(&tunnel.agent, &tunnel.cert_hosts);
-        inner.tunnels.insert(tunnel.id, (tunnel, hosts.clone()));
-        inner.reindex();
+        inner.add(tunnel, hosts.clone());
         drop(inner);
         self.changes.send_modify(|n| *n += 1);
         Ok(hosts)
@@ -327,7 +273,7 @@ impl Registry {
         if tunnel.draining.swap(true, Ordering::Relaxed) {
             return;
         }
-        inner.reindex();
+        inner.changed(id);
         drop(inner);
         self.changes.send_modify(|n| *n += 1);
     }
@@ -335,10 +281,9 @@ impl Registry {
     /// Forgets tunnel `id`: it has closed.
     pub(super) fn remove(&self, id: u64) {
         let mut inner = self.inner.write().expect("registry lock");
-        if inner.tunnels.remove(&id).is_none() {
+        if !inner.remove(id) {
             return;
         }
-        inner.reindex();
         drop(inner);
         self.changes.send_modify(|n| *n += 1);
     }
@@ -539,6 +484,22 @@ mod tests {
 
     /// The same, an extra tunnel or not, notifying `room` as its slots free.
     async fn tunnel_of(id: u64, extra: bool, room: Arc<tokio::sync::Notify>) -> Arc<Tunnel> {
+        let who = Peer {
+            agent: "web".into(),
+            serial: "01".into(),
+            cert_hosts: vec!["app.example.com".into()],
+            not_after: i64::MAX,
+        };
+        tunnel_with(id, extra, room, who).await
+    }
+
+    /// A tunnel of `who`.
+    pub(super) async fn tunnel_with(
+        id: u64,
+        extra: bool,
+        room: Arc<tokio::sync::Notify>,
+        who: Peer,
+    ) -> Arc<Tunnel> {
         let (client, server) = tokio::io::duplex(64 * 1024);
         tokio::spawn(async move {
             if let Ok(mut conn) = h2::server::handshake(server).await {
@@ -547,12 +508,6 @@ mod tests {
         });
         let (send, conn) = h2::client::handshake(client).await.unwrap();
         tokio::spawn(conn);
-        let who = Peer {
-            agent: "web".into(),
-            serial: "01".into(),
-            cert_hosts: vec!["app.example.com".into()],
-            not_after: i64::MAX,
-        };
         let peer = "127.0.0.1:9".parse().unwrap();
         Arc::new(Tunnel::new(NewTunnel {
             id,
