@@ -119,35 +119,50 @@ impl Inner {
     }
 
     /// Re-derives the routes of the names in `served`, the pool of certificate `serial`,
-    /// and the granted ports among the public names.
+    /// and the granted ports among the public names. (A name `k` tunnels share costs `k²`
+    /// here, as it did in a full rebuild.)
     fn refresh(&mut self, serial: &str, served: &Served) {
         for name in &served.public {
-            let mut routes = Routes::default();
-            for tunnel in Self::routable(&self.tunnels, self.ids.public.get(name)) {
-                routes.push(tunnel);
-            }
-            let live = !routes.pools.is_empty();
-            match live {
-                true => self.by_pattern.insert(name.clone(), routes),
-                false => self.by_pattern.remove(name),
-            };
-            if let Some(port) = GrantedPort::of(name) {
-                match live {
-                    true => self.ports.insert(port),
-                    false => self.ports.remove(&port),
-                };
-            }
+            self.refresh_public(name);
         }
         for name in &served.private {
-            let mut routes = Routes::default();
-            for tunnel in Self::routable(&self.tunnels, self.ids.private.get(name)) {
-                routes.push(tunnel);
-            }
-            match routes.pools.is_empty() {
-                false => self.by_private.insert(name.clone(), routes),
-                true => self.by_private.remove(name),
+            self.refresh_private(name);
+        }
+        self.refresh_pool(serial);
+    }
+
+    fn routes(&self, ids: Option<&BTreeSet<u64>>) -> Routes {
+        let mut routes = Routes::default();
+        for tunnel in Self::routable(&self.tunnels, ids) {
+            routes.push(tunnel);
+        }
+        routes
+    }
+
+    fn refresh_public(&mut self, name: &str) {
+        let routes = self.routes(self.ids.public.get(name));
+        let live = !routes.pools.is_empty();
+        match live {
+            true => self.by_pattern.insert(name.to_string(), routes),
+            false => self.by_pattern.remove(name),
+        };
+        if let Some(port) = GrantedPort::of(name) {
+            match live {
+                true => self.ports.insert(port),
+                false => self.ports.remove(&port),
             };
         }
+    }
+
+    fn refresh_private(&mut self, name: &str) {
+        let routes = self.routes(self.ids.private.get(name));
+        match routes.pools.is_empty() {
+            false => self.by_private.insert(name.to_string(), routes),
+            true => self.by_private.remove(name),
+        };
+    }
+
+    fn refresh_pool(&mut self, serial: &str) {
         let mut pool: Vec<Arc<Tunnel>> = Vec::new();
         for tunnel in Self::routable(&self.tunnels, self.ids.serial.get(serial)) {
             if is_open(&pool) {
@@ -161,21 +176,27 @@ impl Inner {
     }
 
     /// Rebuilds every index from the tunnels on record (after the state changed what
-    /// they serve).
+    /// they serve), each name and pool once.
     pub(super) fn reindex(&mut self) {
         self.by_pattern.clear();
         self.by_private.clear();
         self.pools.clear();
         self.ports.clear();
         self.ids = Ids::default();
-        let all: Vec<(String, Served)> = (self.tunnels.values())
-            .map(|(t, served)| {
-                self.ids.add(t, served);
-                (t.serial.clone(), served.clone())
-            })
-            .collect();
-        for (serial, served) in all {
-            self.refresh(&serial, &served);
+        for (tunnel, served) in self.tunnels.values() {
+            self.ids.add(tunnel, served);
+        }
+        let public: Vec<String> = self.ids.public.keys().cloned().collect();
+        let private: Vec<String> = self.ids.private.keys().cloned().collect();
+        let serials: Vec<String> = self.ids.serial.keys().cloned().collect();
+        for name in &public {
+            self.refresh_public(name);
+        }
+        for name in &private {
+            self.refresh_private(name);
+        }
+        for serial in &serials {
+            self.refresh_pool(serial);
         }
     }
 }
@@ -219,13 +240,42 @@ mod tests {
         )
     }
 
-    /// The same tunnels indexed from scratch.
+    /// The same tunnels indexed from scratch, the way the registry did before it kept its
+    /// indexes a change at a time (one pass over every tunnel, newest first): the
+    /// yardstick.
     fn rebuilt(inner: &Inner) -> Inner {
         let mut fresh = Inner {
             tunnels: inner.tunnels.clone(),
             ..Inner::default()
         };
-        fresh.reindex();
+        let mut ids: Vec<&u64> = fresh.tunnels.keys().collect();
+        ids.sort_by(|a, b| b.cmp(a));
+        for id in ids {
+            let (tunnel, served) = &fresh.tunnels[id];
+            if tunnel.is_draining() {
+                continue;
+            }
+            let pool = fresh.pools.entry(tunnel.serial.clone()).or_default();
+            if is_open(pool) {
+                pool.push(tunnel.clone());
+            }
+            let ports = served.public.iter().filter_map(|h| GrantedPort::of(h));
+            fresh.ports.extend(ports);
+            for host in &served.public {
+                fresh
+                    .by_pattern
+                    .entry(host.clone())
+                    .or_default()
+                    .push(tunnel);
+            }
+            for host in &served.private {
+                fresh
+                    .by_private
+                    .entry(host.clone())
+                    .or_default()
+                    .push(tunnel);
+            }
+        }
         fresh
     }
 

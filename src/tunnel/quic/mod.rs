@@ -42,7 +42,7 @@ pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// stateless reset (it keeps the reset key, `proxy::endpoint_config`).
 pub(crate) const KEEPALIVE: Duration = Duration::from_secs(15);
 /// quinn's own keep-alive (a PING) on the agent's side, after this long without a packet
-/// from the proxy: the backstop of the keep-alive on the beat, which comes first.
+/// either way: the backstop of the keep-alive on the beat, which comes first.
 const KEEPALIVE_BACKSTOP: Duration = Duration::from_secs(20);
 /// ...and a tunnel that heard nothing for this long is dead: a frozen agent or proxy is
 /// found within it (a lost keep-alive is sent again within a round trip or two).
