@@ -345,10 +345,8 @@ pub(super) async fn serve<A, F, Fut>(
                 let span = tracing::debug_span!("conn", %peer);
                 let work = handle(conn, peer, slot);
                 // With the loop's subscriber: a loop on a lane carries its caller's.
-                tasks.spawn(crate::runtime::lanes::with_subscriber(async move {
-                    work.await;
-                    drop(permit);
-                }.instrument(span)));
+                let work = crate::runtime::holding::Holding::new(work, permit);
+                tasks.spawn(crate::runtime::lanes::with_subscriber(work.instrument(span)));
             }
         }
     }

@@ -185,6 +185,11 @@ impl Budgets {
 /// `unproven` counts against its source until the connection is a registered tunnel or its
 /// enrollment exchange is over: a source cannot hold the port's permits with connections
 /// that finished TLS (enrollment needs no certificate) and then sit.
+///
+/// A tunnel's task holds this function's state for as long as the tunnel lives, and that
+/// state is as large as its largest branch: the rare or short ones (enrollment, a mesh
+/// channel, the HTTP/2 handshake) are boxed, so that every idle tunnel does not carry
+/// their size (issue 33).
 async fn serve_tcp(
     shared: Arc<Shared>,
     budgets: Arc<Budgets>,
@@ -195,7 +200,7 @@ async fn serve_tcp(
     let _ = tcp.set_nodelay(true);
     // Look at the ClientHello first: tunnels (ALPN h2) must present a certificate, which
     // is then checked in the handshake itself; enrollment cannot have one yet.
-    let handshake = async {
+    let handshake = Box::pin(async {
         let io = tunnel::h2::tunnel_io(tcp);
         let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
         let tunnel = tls::offers_h2(&start.client_hello());
@@ -204,8 +209,10 @@ async fn serve_tcp(
         } else {
             shared.enroll_config.clone()
         };
-        Ok::<_, std::io::Error>((tunnel, start.into_stream(config).await?))
-    };
+        // Kept boxed until it is handed on: inline, the stream would take its room in
+        // this function's state for the tunnel's life, though moved on long before.
+        Ok::<_, std::io::Error>((tunnel, Box::new(start.into_stream(config).await?)))
+    });
     let (tunnel, stream) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(done)) => done,
         Ok(Err(e)) => {
@@ -260,16 +267,16 @@ async fn serve_tcp(
                 None => return,
             },
         };
-        return enroll::serve(shared, stream, peer, client_serial).await;
+        return Box::pin(enroll::serve(shared, *stream, peer, client_serial)).await;
     }
     let Some(who) = admit(&shared, der.as_deref(), peer).await else {
         return;
     };
     if stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_CONNECT) {
-        return mesh_channel(shared, who, stream, peer, unproven).await;
+        return Box::pin(mesh_channel(shared, who, *stream, peer, unproven)).await;
     }
     let extra = stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_H2_EXTRA);
-    match tunnel::accept_h2(stream).await {
+    match Box::pin(tunnel::accept_h2(*stream)).await {
         Ok((link, conn)) => {
             let held = Held {
                 who,

@@ -274,7 +274,9 @@ async fn serve_quic(shared: Arc<Shared>, budgets: Arc<Budgets>, arrival: Arrival
         unproven,
         mut tracked,
     } = arrival;
-    let accepted = tunnel::accept_quic(incoming).await;
+    // Boxed: a tunnel's task holds this function's state for the tunnel's life, and the
+    // handshake's is larger than the rest (issue 33).
+    let accepted = Box::pin(tunnel::accept_quic(incoming)).await;
     let Unproven {
         slot: unproven,
         handshake,

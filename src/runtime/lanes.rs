@@ -176,10 +176,7 @@ impl Picked {
         work: impl Future<Output = T> + Send + 'static,
     ) -> Waiting<T> {
         let Picked { lane, load } = self;
-        let work = async move {
-            let _load = load;
-            work.await
-        };
+        let work = super::holding::Holding::new(work, load);
         if lane.is_current() {
             Box::pin(work)
         } else {

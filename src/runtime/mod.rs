@@ -6,6 +6,7 @@ pub(crate) mod backoff;
 pub(crate) mod beat;
 pub mod dirs;
 pub mod handover;
+pub(crate) mod holding;
 pub(crate) mod http1;
 pub(crate) mod lanes;
 pub mod logging;

@@ -321,7 +321,7 @@ impl ProxyConn {
             // An h2 agent retires a tunnel with GOAWAY, which the proxy learns from the
             // next stream it tries to open there.
             ProxyConn::H2(conn, narrowed, heard) => {
-                h2::proxy::drive(*conn, heard, close, budget, narrowed).await
+                h2::proxy::drive(conn, heard, close, budget, narrowed).await
             }
             ProxyConn::Quic(conn) => quic::proxy::drive(conn, close, retire, upward).await,
         }

@@ -88,8 +88,11 @@ const SETTINGS_RETRY: Duration = Duration::from_millis(50);
 /// budget wakes nobody: the connection reads its window (one atomic load) each time it
 /// wakes anyway, for a frame or at the latest the keep-alive PING. Once the agent has
 /// acknowledged a narrower window, `narrowed` tells the streams (`settled.rs`).
+///
+/// The connection stays in its box: a few KiB that the future would otherwise hold inline,
+/// for as long as the tunnel lives.
 pub(crate) async fn drive(
-    mut conn: Conn,
+    mut conn: Box<Conn>,
     heard: Arc<Heard>,
     close: impl Future<Output = &'static str>,
     budget: &Budget,
