@@ -410,7 +410,8 @@ pub(super) async fn hold(
     super::background::tell_new_tunnel(&shared, &tunnel);
     // Which of the proxy's reasons closed it, if one did (the metric's label).
     let closed_by = std::sync::OnceLock::new();
-    let close = async {
+    // Boxed: handed down through the drive functions, it would be held again at each.
+    let close = Box::pin(async {
         let (label, reason) = tokio::select! {
             () = tunnel.close.notified() => ("revoked", "closed by the proxy"),
             () = shared.close_tunnels.cancelled() => ("shutdown", "proxy shutting down"),
@@ -419,7 +420,7 @@ pub(super) async fn hold(
         };
         let _ = closed_by.set(label);
         reason
-    };
+    });
     let retire = || shared.registry.retire(id);
     // When a new process takes the sockets over, this tunnel's agent is told to move.
     let _mover = {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use super::accept::{self, AcceptCounters, Acceptor, PerSource, REFUSAL_LOG_EVERY};
+use super::accept::{self, AcceptCounters, Acceptor, PerSource, SourceSlot, REFUSAL_LOG_EVERY};
 use super::admit::admit;
 use super::agent_port::{hold, Budgets, Held, Unproven};
 use super::{Limits, Shared};
@@ -200,16 +200,18 @@ impl QuicPort {
             let handle = move |incoming: quinn::Incoming, peer: SocketAddr, slot| {
                 let (shared, budgets) = (shared.clone(), budgets.clone());
                 let tracked = peers.track(peer);
+                // Boxed, as what follows is: the task that holds the tunnel holds this.
+                let incoming = Box::new(incoming);
                 async move {
                     let Some(unproven) = budgets.handshake(&shared, peer, slot) else {
                         return incoming.refuse();
                     };
-                    let arrival = Arrival {
-                        incoming,
+                    let arrival = Box::new(Arrival {
+                        incoming: *incoming,
                         peer,
                         unproven,
                         tracked,
-                    };
+                    });
                     serve_quic(shared, budgets, arrival).await
                 }
             };
@@ -266,17 +268,43 @@ struct Arrival {
     tracked: quic::peers::Tracked,
 }
 
-/// One QUIC connection on the agent port: always a tunnel.
-async fn serve_quic(shared: Arc<Shared>, budgets: Arc<Budgets>, arrival: Arrival) {
+/// One QUIC connection on the agent port: always a tunnel. Its handshake and admission
+/// are boxed: the task holds this function's state for the tunnel's life, and theirs is
+/// larger than the rest (issue 33).
+async fn serve_quic(shared: Arc<Shared>, budgets: Arc<Budgets>, arrival: Box<Arrival>) {
+    let Some(arrived) = Box::pin(arrive(&shared, &budgets, *arrival)).await else {
+        return;
+    };
+    let Arrived {
+        held,
+        conn,
+        unproven,
+        _counted,
+        _tracked,
+    } = arrived;
+    hold(shared, held, conn, unproven).await;
+}
+
+/// A QUIC tunnel admitted, to hold.
+struct Arrived {
+    held: Held,
+    conn: tunnel::ProxyConn,
+    unproven: SourceSlot,
+    /// Counted in its lane's load, as an h2 tunnel is: new h2 tunnels go elsewhere first.
+    _counted: crate::runtime::lanes::Picked,
+    /// Its agent in this process's table.
+    _tracked: quic::peers::Tracked,
+}
+
+/// Completes a QUIC connection's handshake and admits its agent.
+async fn arrive(shared: &Arc<Shared>, budgets: &Budgets, arrival: Arrival) -> Option<Arrived> {
     let Arrival {
         incoming,
         peer,
         unproven,
         mut tracked,
     } = arrival;
-    // Boxed: a tunnel's task holds this function's state for the tunnel's life, and the
-    // handshake's is larger than the rest (issue 33).
-    let accepted = Box::pin(tunnel::accept_quic(incoming)).await;
+    let accepted = tunnel::accept_quic(incoming).await;
     let Unproven {
         slot: unproven,
         handshake,
@@ -286,20 +314,24 @@ async fn serve_quic(shared: Arc<Shared>, budgets: Arc<Budgets>, arrival: Arrival
         Ok(accepted) => accepted,
         Err(e) if e.certificate_refused() => {
             shared.metrics.tunnel_refused("certificate");
-            return match budgets.log.loud(peer.ip()) {
+            match budgets.log.loud(peer.ip()) {
                 Some(unsaid) => {
                     warn!(%peer, error = %e, unsaid, "agent certificate refused (QUIC; further refusals from this source for {REFUSAL_LOG_EVERY:?} at debug)")
                 }
                 None => debug!(%peer, error = %e, "agent certificate refused (QUIC)"),
-            };
+            }
+            return None;
         }
-        Err(e) => return debug!(%peer, error = %e, "QUIC handshake failed"),
+        Err(e) => {
+            debug!(%peer, error = %e, "QUIC handshake failed");
+            return None;
+        }
     };
-    let Some(who) = admit(&shared, der.as_deref(), peer).await else {
-        return conn.refuse();
+    let Some(who) = admit(shared, der.as_deref(), peer).await else {
+        conn.refuse();
+        return None;
     };
-    // Counted in its lane's load, as an h2 tunnel is: new h2 tunnels go elsewhere first.
-    let _counted = Lane::here().take();
+    let counted = Lane::here().take();
     tracked.up();
     if let tunnel::Link::Quic(conn) = &link {
         let conn = conn.clone();
@@ -313,9 +345,8 @@ async fn serve_quic(shared: Arc<Shared>, budgets: Arc<Budgets>, arrival: Arrival
             }
         });
     }
-    hold(
-        shared,
-        Held {
+    Some(Arrived {
+        held: Held {
             who,
             link,
             peer,
@@ -323,6 +354,7 @@ async fn serve_quic(shared: Arc<Shared>, budgets: Arc<Budgets>, arrival: Arrival
         },
         conn,
         unproven,
-    )
-    .await;
+        _counted: counted,
+        _tracked: tracked,
+    })
 }
