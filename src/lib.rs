@@ -32,8 +32,9 @@
 //! | `runtime` | what both programs need from the process: shutdown, the one backoff, logging, directories |
 //! | `admin` | the admin listener of both programs: metrics, status, readiness, the status page |
 //! | `store` | opening the CA state's store: the embedded store, or PostgreSQL shared by several proxies |
-// No unsafe code but one audited system call no safe wrapper offers: the QUIC port's
-// steering program (`tunnel/quic/steer.rs`, `SO_ATTACH_REUSEPORT_CBPF`).
+// No unsafe code but two audited calls no safe wrapper offers: the QUIC port's steering
+// program (`tunnel/quic/steer.rs`, `SO_ATTACH_REUSEPORT_CBPF`) and glibc's `malloc_trim`
+// (`runtime/memory.rs`).
 #![deny(unsafe_code)]
 
 pub mod admin;

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Shared;
+use crate::runtime::memory;
 use crate::tls;
 
 /// The running background tasks; dropping this stops them.
@@ -44,8 +45,52 @@ pub(super) fn start(shared: Arc<Shared>) -> Background {
     if let Some(settings) = shared.acme.clone() {
         tasks.spawn(crate::edge::order_certificates(orders(&shared, settings)));
     }
+    tasks.spawn(give_back_memory(shared.clone()));
     tasks.spawn(renew_server_cert(shared));
     Background { _tasks: tasks }
+}
+
+/// How often the proxy looks whether a wave of tunnels came up ([`give_back_memory`]).
+const GIVE_BACK_EVERY: Duration = Duration::from_secs(10);
+
+/// Tunnels up since memory was last given back that make it worth giving back again.
+const GIVE_BACK_AFTER: u64 = 100;
+
+/// Once a wave of tunnels came up (a fleet reconnecting, a storm of handshakes), gives the
+/// memory their handshakes used back to the system (`runtime::memory::give_back_free`).
+/// Looks every [`GIVE_BACK_EVERY`], on the shared beat; an idle proxy never gives back,
+/// one whose tunnels come and go a few at a time seldom does.
+async fn give_back_memory(shared: Arc<Shared>) {
+    let beat = crate::runtime::beat::Beat::new(GIVE_BACK_EVERY);
+    let mut last = shared.metrics.tunnels_connected();
+    let mut given_at = last;
+    loop {
+        tokio::time::sleep(beat.wait()).await;
+        let now = shared.metrics.tunnels_connected();
+        let (lately, since) = (now - last, now - given_at);
+        last = now;
+        // A wave, and mostly over: given back in the middle of one, it would be taken
+        // again at once.
+        if since < GIVE_BACK_AFTER || lately > since / 4 {
+            continue;
+        }
+        given_at = now;
+        let given = tokio::task::spawn_blocking(|| {
+            let before = memory::resident();
+            let started = std::time::Instant::now();
+            memory::give_back_free();
+            (before, memory::resident(), started.elapsed())
+        })
+        .await;
+        if let Ok((Some(before), Some(after), took)) = given {
+            debug!(
+                resident_mib = after >> 20,
+                given_back_mib = before.saturating_sub(after) >> 20,
+                ?took,
+                "a wave of tunnels came up; free memory given back"
+            );
+        }
+    }
 }
 
 /// What ordering ACME certificates needs from this proxy.

@@ -389,6 +389,17 @@ impl ProxyMetrics {
         self.tunnel_connects.with_label_values(&[transport]).inc();
     }
 
+    /// Tunnels that came up since the process started, on either transport.
+    pub(super) fn tunnels_connected(&self) -> u64 {
+        use prometheus::core::Collector;
+        self.tunnel_connects
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
     pub(super) fn tunnel_down(&self, reason: &str) {
         self.tunnel_disconnects.with_label_values(&[reason]).inc();
     }
