@@ -56,6 +56,13 @@ const GIVE_BACK_EVERY: Duration = Duration::from_secs(10);
 /// Tunnels up since memory was last given back that make it worth giving back again.
 const GIVE_BACK_AFTER: u64 = 100;
 
+/// Whether `since` tunnels up since memory was last given back make a wave, and it is
+/// mostly over: `lately`, those of the last look, are at most a quarter of it. Given back
+/// in the middle of a wave, the memory would be taken again at once.
+fn wave_over(since: u64, lately: u64) -> bool {
+    since >= GIVE_BACK_AFTER && lately <= since / 4
+}
+
 /// Once a wave of tunnels came up (a fleet reconnecting, a storm of handshakes), gives the
 /// memory their handshakes used back to the system (`runtime::memory::give_back_free`).
 /// Looks every [`GIVE_BACK_EVERY`], on the shared beat; an idle proxy never gives back,
@@ -69,9 +76,7 @@ async fn give_back_memory(shared: Arc<Shared>) {
         let now = shared.metrics.tunnels_connected();
         let (lately, since) = (now - last, now - given_at);
         last = now;
-        // A wave, and mostly over: given back in the middle of one, it would be taken
-        // again at once.
-        if since < GIVE_BACK_AFTER || lately > since / 4 {
+        if !wave_over(since, lately) {
             continue;
         }
         given_at = now;
@@ -86,7 +91,7 @@ async fn give_back_memory(shared: Arc<Shared>) {
             debug!(
                 resident_mib = after >> 20,
                 given_back_mib = before.saturating_sub(after) >> 20,
-                ?took,
+                took = %crate::runtime::logging::duration(took),
                 "a wave of tunnels came up; free memory given back"
             );
         }
@@ -269,5 +274,23 @@ async fn renew_server_cert(shared: Arc<Shared>) {
                 Err(e) => warn!(error = %e, "cannot load the renewed server certificate"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_is_given_back_once_a_wave_of_tunnels_is_mostly_up() {
+        // A fleet reconnecting: not while it pours in, once it trickles.
+        assert!(!wave_over(2_000, 1_500));
+        assert!(wave_over(3_000, 40));
+        assert!(wave_over(3_000, 0));
+        // Too few to be a wave.
+        assert!(!wave_over(GIVE_BACK_AFTER - 1, 0));
+        // Tunnels coming up one a second: given back every hundred or so.
+        assert!(!wave_over(10, 10));
+        assert!(wave_over(GIVE_BACK_AFTER, 10));
     }
 }
