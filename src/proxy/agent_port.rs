@@ -17,6 +17,7 @@ use super::quic_port::{self, QuicPort};
 use super::registry::{NewTunnel, NotRegistered, Tunnel};
 use super::{enroll, mesh, Limits, Shared};
 use crate::runtime::beat::Beat;
+use crate::runtime::holding::unbox;
 use crate::runtime::lanes::Lanes;
 use crate::runtime::shutdown::Trigger;
 use crate::tls;
@@ -267,16 +268,16 @@ async fn serve_tcp(
                 None => return,
             },
         };
-        return Box::pin(enroll::serve(shared, *stream, peer, client_serial)).await;
+        return Box::pin(enroll::serve(shared, unbox(stream), peer, client_serial)).await;
     }
     let Some(who) = admit(&shared, der.as_deref(), peer).await else {
         return;
     };
     if stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_CONNECT) {
-        return Box::pin(mesh_channel(shared, who, *stream, peer, unproven)).await;
+        return Box::pin(mesh_channel(shared, who, unbox(stream), peer, unproven)).await;
     }
     let extra = stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_H2_EXTRA);
-    match Box::pin(tunnel::accept_h2(*stream)).await {
+    match Box::pin(tunnel::accept_h2(unbox(stream))).await {
         Ok((link, conn)) => {
             let held = Held {
                 who,

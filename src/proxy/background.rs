@@ -53,33 +53,44 @@ pub(super) fn start(shared: Arc<Shared>) -> Background {
 /// How often the proxy looks whether a wave of tunnels came up ([`give_back_memory`]).
 const GIVE_BACK_EVERY: Duration = Duration::from_secs(10);
 
+/// After the beat: the looks fall between keep-alive bursts (multiples of 15 s), not on one.
+const GIVE_BACK_OFFSET: Duration = Duration::from_millis(2500);
+
 /// Tunnels up since memory was last given back that make it worth giving back again.
 const GIVE_BACK_AFTER: u64 = 100;
 
-/// Whether `since` tunnels up since memory was last given back make a wave, and it is
-/// mostly over: `lately`, those of the last look, are at most a quarter of it. Given back
-/// in the middle of a wave, the memory would be taken again at once.
-fn wave_over(since: u64, lately: u64) -> bool {
-    since >= GIVE_BACK_AFTER && lately <= since / 4
+/// Tunnels up since memory was last given back that make it worth giving back even while
+/// they still arrive at the same pace (a long storm, steady churn).
+const GIVE_BACK_ANYWAY: u64 = 10 * GIVE_BACK_AFTER;
+
+/// Whether to give memory back, given the tunnels up since it was last given back
+/// (`since`), at the last look (`lately`), and at the busiest look since (`peak`): once a
+/// wave is over, its pace fallen to a quarter of its peak. Given back in the middle of a
+/// wave, the memory would be taken again at once; but a wave that does not end (churn, a
+/// storm of many minutes) gets it every [`GIVE_BACK_ANYWAY`] tunnels.
+fn wave_over(since: u64, lately: u64, peak: u64) -> bool {
+    since >= GIVE_BACK_ANYWAY || (since >= GIVE_BACK_AFTER && lately <= peak / 4)
 }
 
 /// Once a wave of tunnels came up (a fleet reconnecting, a storm of handshakes), gives the
 /// memory their handshakes used back to the system (`runtime::memory::give_back_free`).
-/// Looks every [`GIVE_BACK_EVERY`], on the shared beat; an idle proxy never gives back,
-/// one whose tunnels come and go a few at a time seldom does.
+/// Looks every [`GIVE_BACK_EVERY`], between keep-alive bursts; an idle proxy never gives
+/// back. Only tunnels coming up count: memory freed by tunnels going, or by refused
+/// handshakes alone, waits for the next wave.
 async fn give_back_memory(shared: Arc<Shared>) {
     let beat = crate::runtime::beat::Beat::new(GIVE_BACK_EVERY);
     let mut last = shared.metrics.tunnels_connected();
-    let mut given_at = last;
+    let (mut given_at, mut peak) = (last, 0);
     loop {
-        tokio::time::sleep(beat.wait()).await;
+        tokio::time::sleep(beat.wait() + GIVE_BACK_OFFSET).await;
         let now = shared.metrics.tunnels_connected();
-        let (lately, since) = (now - last, now - given_at);
+        let (lately, since) = (now.saturating_sub(last), now.saturating_sub(given_at));
         last = now;
-        if !wave_over(since, lately) {
+        peak = peak.max(lately);
+        if !wave_over(since, lately, peak) {
             continue;
         }
-        given_at = now;
+        (given_at, peak) = (now, 0);
         let given = tokio::task::spawn_blocking(|| {
             let before = memory::resident();
             let started = std::time::Instant::now();
@@ -282,15 +293,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn memory_is_given_back_once_a_wave_of_tunnels_is_mostly_up() {
+    fn memory_is_given_back_once_a_wave_of_tunnels_is_over() {
         // A fleet reconnecting: not while it pours in, once it trickles.
-        assert!(!wave_over(2_000, 1_500));
-        assert!(wave_over(3_000, 40));
-        assert!(wave_over(3_000, 0));
+        assert!(!wave_over(300, 300, 300));
+        assert!(!wave_over(900, 300, 300), "at the same pace");
+        assert!(wave_over(950, 50, 300));
+        assert!(wave_over(900, 0, 300));
         // Too few to be a wave.
-        assert!(!wave_over(GIVE_BACK_AFTER - 1, 0));
-        // Tunnels coming up one a second: given back every hundred or so.
-        assert!(!wave_over(10, 10));
-        assert!(wave_over(GIVE_BACK_AFTER, 10));
+        assert!(!wave_over(GIVE_BACK_AFTER - 1, 0, 50));
+        // A wave that does not end.
+        assert!(!wave_over(GIVE_BACK_ANYWAY - 1, 10, 10));
+        assert!(wave_over(GIVE_BACK_ANYWAY, 10, 10));
     }
 }

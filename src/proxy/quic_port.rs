@@ -12,6 +12,7 @@ use super::accept::{self, AcceptCounters, Acceptor, PerSource, SourceSlot, REFUS
 use super::admit::admit;
 use super::agent_port::{hold, Budgets, Held, Unproven};
 use super::{Limits, Shared};
+use crate::runtime::holding::unbox;
 use crate::runtime::lanes::{Lane, Lanes};
 use crate::runtime::shutdown::Trigger;
 use crate::tunnel::quic::peers::Peers;
@@ -207,7 +208,7 @@ impl QuicPort {
                         return incoming.refuse();
                     };
                     let arrival = Box::new(Arrival {
-                        incoming: *incoming,
+                        incoming,
                         peer,
                         unproven,
                         tracked,
@@ -260,7 +261,7 @@ impl Acceptor for QuicAcceptor {
 
 /// A QUIC connection the agent port took on.
 struct Arrival {
-    incoming: quinn::Incoming,
+    incoming: Box<quinn::Incoming>,
     peer: SocketAddr,
     /// Its share of the handshake caps.
     unproven: Unproven,
@@ -272,7 +273,7 @@ struct Arrival {
 /// are boxed: the task holds this function's state for the tunnel's life, and theirs is
 /// larger than the rest (issue 33).
 async fn serve_quic(shared: Arc<Shared>, budgets: Arc<Budgets>, arrival: Box<Arrival>) {
-    let Some(arrived) = Box::pin(arrive(&shared, &budgets, *arrival)).await else {
+    let Some(arrived) = Box::pin(arrive(&shared, &budgets, arrival)).await else {
         return;
     };
     let Arrived {
@@ -297,14 +298,14 @@ struct Arrived {
 }
 
 /// Completes a QUIC connection's handshake and admits its agent.
-async fn arrive(shared: &Arc<Shared>, budgets: &Budgets, arrival: Arrival) -> Option<Arrived> {
+async fn arrive(shared: &Arc<Shared>, budgets: &Budgets, arrival: Box<Arrival>) -> Option<Arrived> {
     let Arrival {
         incoming,
         peer,
         unproven,
         mut tracked,
-    } = arrival;
-    let accepted = tunnel::accept_quic(incoming).await;
+    } = unbox(arrival);
+    let accepted = tunnel::accept_quic(unbox(incoming)).await;
     let Unproven {
         slot: unproven,
         handshake,

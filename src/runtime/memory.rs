@@ -43,8 +43,8 @@ fn cgroup_limit(max: &str) -> Option<u64> {
 /// coming up (a fleet reconnecting after a restart) leaves what their handshakes used free
 /// but scattered among the tunnels' long-lived allocations, and it stays resident: about
 /// 4 KiB per QUIC tunnel (docs/benchmarks.md, issue 33). `malloc_trim` walks the heaps and
-/// gives back every whole free page. It takes a few milliseconds on a large heap, holding
-/// each heap's lock in turn: call it after a wave, not on every connection, and off the
+/// gives back every whole free page, holding each heap's lock in turn (measured in
+/// docs/benchmarks.md): call it after a wave, not on every connection, and off the
 /// runtime's threads. Returns whether it gave anything back; a no-op (false) where the
 /// allocator is not glibc's.
 pub(crate) fn give_back_free() -> bool {
@@ -63,9 +63,10 @@ pub(crate) fn give_back_free() -> bool {
 
 /// This process's resident memory in bytes (Linux; `None` elsewhere or if unreadable).
 pub(crate) fn resident() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    pages.checked_mul(4096)
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 #[cfg(test)]
@@ -89,19 +90,21 @@ mod tests {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn memory_freed_between_live_allocations_goes_back_to_the_system() {
         // A heap of small blocks, 15 of every 16 freed: free but scattered among live
-        // ones, as a wave of handshakes leaves it, and resident until given back.
+        // ones, as a wave of handshakes leaves it, and resident until given back. (The
+        // figures are the process's: other tests would have to take 50 MiB meanwhile to
+        // hide the 60 given back.)
         let mut blocks: Vec<Vec<u8>> = (0..64 * 1024).map(|i| vec![i as u8; 1000]).collect();
         for (i, block) in blocks.iter_mut().enumerate() {
             if i % 16 != 1 {
                 *block = Vec::new();
             }
         }
-        let before = resident().expect("statm");
+        let before = resident().expect("VmRSS");
         assert!(
             give_back_free(),
             "about 60 MiB lay free between live blocks"
         );
-        let after = resident().expect("statm");
+        let after = resident().expect("VmRSS");
         assert!(
             after + 8 * 1024 * 1024 < before,
             "resident {before} bytes before, {after} after"
